@@ -1,0 +1,194 @@
+"""Command line: ``python scheduler.py [status|trigger|rerun|demo]`` and the worker.
+
+Every failure the user can fix prints one line on stderr and exits non-zero, with
+no traceback: bad arguments and bad tables exit 2, Redis problems 3, others 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import date, datetime, timezone
+from typing import Callable, NoReturn, Sequence
+from zoneinfo import ZoneInfo
+
+from redis.exceptions import RedisError
+
+from .clock import utc_now
+from .errors import ConfigError, DailyqError
+from .fanout import rerun, trigger
+from .logs import setup_logging
+from .settings import Settings, connect, redact_url
+from .status import day_status, render_table
+from .table import TaskTable, encode_param, load_table
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parse_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad date {text!r}: use YYYY-MM-DD") from None
+
+
+def default_day(table: TaskTable, now: datetime) -> date:
+    """Today in the tasks' zone when they all share one, else in UTC."""
+    zones = {task.tz for task in table.tasks}
+    zone = ZoneInfo(zones.pop()) if len(zones) == 1 else timezone.utc
+    return now.astimezone(zone).date()
+
+
+def _context(args: argparse.Namespace) -> tuple[Settings, TaskTable]:
+    settings = Settings.from_env()
+    return settings, load_table(settings.tasks_module)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from .scheduler import DailyScheduler  # noqa: PLC0415 - keeps status/trigger start-up light
+
+    settings, table = _context(args)
+    connection = connect(settings)
+    setup_logging(settings.node_name)
+    log.info("connected to %s as node %s", settings.redacted_url(), settings.node_name)
+    DailyScheduler(connection, settings, table).run(burst=args.burst)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings, table = _context(args)
+    connection = connect(settings)
+    now = utc_now()
+    status = day_status(connection, settings.keys, table, args.date or default_day(table, now), now)
+    if args.json:
+        print(json.dumps(status, ensure_ascii=False, indent=2))
+    else:
+        print(render_table(status))
+    return 0
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    from .worker import make_queue  # noqa: PLC0415
+
+    settings, table = _context(args)
+    if args.task:
+        table.get(args.task)  # unknown task: clear error before touching Redis
+    connection = connect(settings)
+    day = args.date or default_day(table, utc_now())
+    result = trigger(connection, settings.keys, make_queue(connection, settings.keys), table, day,
+                     [args.task] if args.task else None, settings.retention_s)
+    print(f"{day.isoformat()}: enqueued {len(result.enqueued)} runs, {len(result.already)} were already enqueued")
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from .worker import make_queue  # noqa: PLC0415
+
+    settings, table = _context(args)
+    task = table.get(args.task)
+    connection = connect(settings)
+    day = args.date or default_day(table, utc_now())
+    report = rerun(connection, settings.keys, make_queue(connection, settings.keys), table, task.name,
+                   args.param or [], day, args.force, settings.retention_s)
+    for label, runs in (("enqueued", report.enqueued), ("skipped, already finished (use --force)", report.finished),
+                        ("skipped, queued or running now", report.in_progress)):
+        for run in runs:
+            print(f"{label}: {run.task.name} {encode_param(run.param)} slot {run.slot.isoformat()}")
+    print(f"{day.isoformat()}: {len(report.enqueued)} enqueued, {len(report.finished)} finished skipped, "
+          f"{len(report.in_progress)} in progress skipped")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo  # noqa: PLC0415
+
+    return run_demo(timeout_s=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="scheduler.py", description="dailyq: each day's runs once, over every node. "
+                     "With no command, run this node's scheduler (one node at a time leads).")
+    parser.add_argument("--burst", action="store_true", help="one scheduler pass, then exit")
+    parser.set_defaults(handler=cmd_scheduler)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    status = sub.add_parser("status", help="every run of a day and the current leader")
+    status.add_argument("--date", type=_parse_date, help="YYYY-MM-DD (default: today in the tasks' zone)")
+    status.add_argument("--json", action="store_true", help="one JSON object (stable keys)")
+    status.set_defaults(handler=cmd_status)
+
+    trig = sub.add_parser("trigger", help="fan out a day's runs now (ad-hoc or backfill); idempotent")
+    trig.add_argument("--date", type=_parse_date)
+    trig.add_argument("--task")
+    trig.set_defaults(handler=cmd_trigger)
+
+    again = sub.add_parser("rerun", help="run a task again for a day")
+    again.add_argument("task")
+    again.add_argument("--param", action="append", help="only this param (repeatable); JSON text for non-strings")
+    again.add_argument("--date", type=_parse_date)
+    again.add_argument("--force", action="store_true", help="also rerun runs that finished")
+    again.set_defaults(handler=cmd_rerun)
+
+    demo = sub.add_parser("demo", help="private Redis + three local workers run today's example batch")
+    demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def guarded(action: Callable[[], int]) -> int:
+    """Run ``action``; turn the errors a user can fix into one stderr line and an exit code."""
+    try:
+        return action()
+    except DailyqError as exc:
+        print(f"dailyq: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RedisError as exc:
+        settings_url = redact_url(Settings.from_env().redis_url) if _env_ok() else "REDIS_URL"
+        print(f"dailyq: error: Redis at {settings_url} failed: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+def _env_ok() -> bool:
+    try:
+        Settings.from_env()
+        return True
+    except ConfigError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(lambda: args.handler(args))
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="worker_entry.py", description="Run this node's dailyq worker (an RQ worker).")
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    parser.add_argument("--simple", action="store_true",
+                        help="non-forking worker: faster for short tasks, but a crashing task takes the worker down")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        from .worker import DailySimpleWorker, DailyWorker, worker_name  # noqa: PLC0415
+
+        settings = Settings.from_env()
+        table = load_table(settings.tasks_module)
+        connection = connect(settings)
+        setup_logging(settings.node_name)
+        worker_class = DailySimpleWorker if args.simple else DailyWorker
+        worker = worker_class(settings=settings, table=table, connection=connection,
+                              name=worker_name(settings.node_name))
+        # with_scheduler: RQ's own scheduler moves retries-with-backoff back to the queue.
+        worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
+        return 0
+
+    return guarded(run)

@@ -1,0 +1,180 @@
+"""Fan-out: turn runs into RQ jobs, each run at most once per day.
+
+Every path that enqueues a run (the leader at a slot, ``trigger``, ``rerun``, a
+second scheduler, a stale leader woken from a pause) goes through ``fan_out``.
+Idempotence comes from the day's *enqueued* set: a job id is pushed to the queue in
+the same MULTI/EXEC that adds it to the set, under WATCH of that set, so two callers
+racing for the same run cannot both enqueue it. A leader also WATCHes its lease and
+checks it holds it before MULTI (fencing): a leader that lost the lease while paused
+aborts instead of writing. We use WATCH/MULTI rather than a Lua script here so that
+RQ itself writes its job hashes and queue entries, in whatever format RQ uses.
+
+Work is batched: one transaction per chunk of runs, not one round trip per run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Iterable, Sequence
+
+from redis import Redis, WatchError
+from rq import Queue, Retry
+
+from .errors import ConfigError, LeaseLost
+from .keys import Keys
+from .lease import Lease
+from .runs import FINISHED, PATCH_RECORD, QUEUED, RUNNING, Run, decode_record, runs_on
+from .table import Task, TaskTable, encode_param
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1000
+
+
+@dataclass
+class FanOutResult:
+    enqueued: list[str] = field(default_factory=list)  # job ids pushed now
+    already: list[str] = field(default_factory=list)  # job ids some earlier call pushed
+
+
+def retry_policy(retries: int, backoff_s: int) -> Retry | None:
+    """RQ retry with exponential backoff: backoff_s, 2*backoff_s, 4*backoff_s ..."""
+    if retries <= 0:
+        return None
+    return Retry(max=retries, interval=[backoff_s * (2 ** i) for i in range(retries)])
+
+
+def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *, retention_s: int,
+            fence: Lease | None = None, rerun: dict[str, int] | None = None,
+            force: bool = False) -> FanOutResult:
+    """Enqueue each run not enqueued before (per job id); return what was done.
+
+    ``rerun`` maps run id -> rerun number, which gives that run a fresh job id.
+    ``fence``: enqueue only while this lease is held (raises LeaseLost otherwise).
+    """
+    rerun = rerun or {}
+    result = FanOutResult()
+    by_day: dict[date, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_day[run.day].append(run)
+    patch_record = connection.register_script(PATCH_RECORD)
+    for day, day_runs in by_day.items():
+        for start in range(0, len(day_runs), CHUNK_SIZE):
+            chunk = day_runs[start:start + CHUNK_SIZE]
+            _fan_out_chunk(connection, keys, queue, day, chunk, retention_s, fence, rerun, force,
+                           patch_record, result)
+    return result
+
+
+def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk: list[Run],
+                   retention_s: int, fence: Lease | None, rerun: dict[str, int], force: bool,
+                   patch_record, result: FanOutResult) -> None:
+    enqueued_key = keys.day_enqueued(day)
+    runs_key = keys.day_runs(day)
+    job_ids = [run.job_id(rerun.get(run.run_id, 0)) for run in chunk]
+    with connection.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                watched = [enqueued_key] + ([fence.key] if fence else [])
+                pipe.watch(*watched)
+                if fence is not None and pipe.get(fence.key) != fence.owner.encode():
+                    raise LeaseLost(f"leader lease {fence.key} is no longer ours")
+                present = pipe.smismember(enqueued_key, job_ids)
+                fresh = [(run, job_id) for run, job_id, seen in zip(chunk, job_ids, present) if not seen]
+                pipe.multi()
+                if fresh:
+                    pipe.sadd(enqueued_key, *[job_id for _, job_id in fresh])
+                    pipe.expire(enqueued_key, retention_s)
+                    for run, job_id in fresh:
+                        patch = {"state": QUEUED, "job_id": job_id, "error": None, "ended_at": None}
+                        patch_record(keys=[runs_key],
+                                     args=[run.run_id, json.dumps(run.new_record(job_id)), json.dumps(patch), "0",
+                                           retention_s],
+                                     client=pipe)
+                    queue.enqueue_many([_job_data(queue, run, job_id, retention_s, force) for run, job_id in fresh],
+                                       pipeline=pipe)
+                pipe.execute()
+            except WatchError:
+                continue  # someone else enqueued for this day meanwhile: look again
+            result.enqueued.extend(job_id for _, job_id in fresh)
+            result.already.extend(job_id for job_id, seen in zip(job_ids, present) if seen)
+            return
+
+
+def _job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool):
+    task = run.task
+    return queue.prepare_data(
+        task.func_path,
+        args=(run.param,),
+        job_id=job_id,
+        timeout=task.timeout_s,
+        # Keep the job (and its result) as long as our own day records, so rq-dashboard
+        # and ``status`` tell the same story.
+        result_ttl=retention_s,
+        failure_ttl=retention_s,
+        description=f"{task.name}({run.param_json}) slot {run.slot.isoformat()}",
+        meta=run.job_meta(force=force),
+        retry=retry_policy(task.retries, task.retry_backoff_s),
+    )
+
+
+def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date,
+            task_names: Iterable[str] | None, retention_s: int) -> FanOutResult:
+    """Fan out every run of ``day`` now (ad-hoc or backfill). Idempotent."""
+    return fan_out(connection, keys, queue, runs_on(table, day, task_names), retention_s=retention_s)
+
+
+@dataclass
+class RerunReport:
+    enqueued: list[Run] = field(default_factory=list)
+    finished: list[Run] = field(default_factory=list)  # skipped: finished and no --force
+    in_progress: list[Run] = field(default_factory=list)  # skipped: queued or running now
+
+
+def select_params(task: Task, wanted: Sequence[str]) -> list[Any]:
+    """Table params matching the command-line strings: by value, or by JSON text for non-strings."""
+    if not wanted:
+        return list(task.params)
+    chosen = []
+    for text in wanted:
+        matches = [p for p in task.params if p == text or encode_param(p) == text]
+        if not matches:
+            shown = ", ".join(encode_param(p) for p in task.params)
+            raise ConfigError(f"task {task.name!r} has no param {text!r} (its params: {shown})")
+        chosen.extend(m for m in matches if m not in chosen)
+    return chosen
+
+
+def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_name: str, params: Sequence[str],
+          day: date, force: bool, retention_s: int) -> RerunReport:
+    """Run again. Without ``force``, finished runs and runs queued or running now are
+    skipped and reported; with it, each selected run is enqueued again (the guard still
+    keeps two copies of one run from executing at once)."""
+    task = table.get(task_name)
+    chosen = select_params(task, params)
+    slots = task.schedule.slots_on(day)
+    if not slots:
+        raise ConfigError(f"task {task.name!r} has no slot on {day.isoformat()}")
+    runs = [Run(task, param, slot) for slot in slots for param in chosen]
+    raw_records = connection.hmget(keys.day_runs(day), [run.run_id for run in runs])
+    seen_before = connection.smismember(keys.day_enqueued(day), [run.job_id() for run in runs])
+    report = RerunReport()
+    numbers: dict[str, int] = {}
+    for run, raw, seen in zip(runs, raw_records, seen_before):
+        state = decode_record(raw)["state"] if raw else None
+        if not force and state == FINISHED:
+            report.finished.append(run)
+        elif not force and state in (QUEUED, RUNNING):
+            report.in_progress.append(run)
+        else:
+            # A run never enqueued keeps its own job id, so the leader's fan-out stays a no-op.
+            numbers[run.run_id] = int(connection.hincrby(keys.day_reruns(day), run.run_id, 1)) if seen else 0
+            report.enqueued.append(run)
+    if report.enqueued:
+        connection.expire(keys.day_reruns(day), retention_s)
+        fan_out(connection, keys, queue, report.enqueued, retention_s=retention_s, rerun=numbers, force=force)
+    return report

@@ -1,0 +1,213 @@
+"""The worker-side dedup guard: a run executes at most once at a time, and not again
+once finished.
+
+It wraps the call of a task function inside the process that executes it (RQ's
+work-horse, or the worker itself for a non-forking worker):
+
+1. ``BEGIN`` (one Lua script): if the run is in the day's finished set, skip it;
+   else take the run's claim (an owner-token lease) and mark the record running.
+   A claim held by another live copy means "wait": the other copy may finish (then
+   we skip) or die (its claim expires, then we run).
+2. While the function runs, a thread renews the claim. It lives in the executing
+   process, so an orphaned work-horse whose worker parent was killed keeps its claim
+   and no second copy starts beside it.
+3. ``FINISH`` adds the run to the finished set and releases the claim atomically;
+   ``FAIL`` releases the claim and records the error.
+
+What the guard cannot prevent: a process that dies after the task's side effect but
+before FINISH leaves the run unfinished, and it runs again. Tasks must be idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, Callable
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from .clock import Clock, iso, utc_now
+from .keys import Keys
+from .lease import Lease
+from .table import encode_param
+from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash
+# ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, patch_json, retention_s
+BEGIN = PATCH_RECORD_LUA + """
+if ARGV[4] ~= '1' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
+  return 'finished'
+end
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+  return 'busy'
+end
+patch_record(KEYS[3], ARGV[1], ARGV[5], ARGV[6], '1', ARGV[7])
+return 'claimed'
+"""
+
+# KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = durations hash
+# ARGV = run_id, claim owner, base_json, patch_json, retention_s, series id, duration_s
+FINISH = PATCH_RECORD_LUA + """
+local still_ours = redis.call('GET', KEYS[2]) == ARGV[2]
+if still_ours then
+  redis.call('DEL', KEYS[2])
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+patch_record(KEYS[3], ARGV[1], ARGV[3], ARGV[4], '0', ARGV[5])
+redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
+return still_ours and 1 or 0
+"""
+
+# KEYS[1] = run claim, KEYS[2] = day runs hash; ARGV = run_id, claim owner, base_json, patch_json, retention_s
+FAIL = PATCH_RECORD_LUA + """
+if redis.call('GET', KEYS[1]) == ARGV[2] then
+  redis.call('DEL', KEYS[1])
+end
+patch_record(KEYS[2], ARGV[1], ARGV[3], ARGV[4], '0', ARGV[5])
+return 1
+"""
+
+# How often a copy waiting for another live copy of the same run looks again.
+WAIT_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What the guard needs to know about a run, read from the RQ job."""
+
+    run_id: str
+    day: date
+    task: str
+    slot: str
+    series: str
+    param_json: str
+    job_id: str
+    force: bool
+
+    @classmethod
+    def from_job(cls, job: Any) -> "RunIdentity | None":
+        meta = (job.meta or {}).get(META_KEY)
+        if not meta:
+            return None
+        param = job.args[0] if job.args else None
+        return cls(run_id=meta["run_id"], day=date.fromisoformat(meta["day"]), task=meta["task"],
+                   slot=meta.get("slot", ""), series=meta.get("series", meta["run_id"]),
+                   param_json=encode_param(param),
+                   job_id=job.id, force=bool(meta.get("force")))
+
+    def base_record(self) -> str:
+        return json.dumps({"task": self.task, "param_json": self.param_json, "slot": self.slot, "state": QUEUED,
+                           "node": None, "started_at": None, "ended_at": None, "attempts": 0, "error": None,
+                           "job_id": self.job_id}, ensure_ascii=False)
+
+
+class Guard:
+    """Runs one call under the run's claim; see the module docstring."""
+
+    def __init__(self, connection: Redis, keys: Keys, node: str, claim_ttl_s: int, retention_s: int,
+                 clock: Clock = utc_now) -> None:
+        self.connection = connection
+        self.keys = keys
+        self.node = node
+        self.claim_ttl_s = claim_ttl_s
+        self.retention_s = retention_s
+        self.clock = clock
+        self._begin = connection.register_script(BEGIN)
+        self._finish = connection.register_script(FINISH)
+        self._fail = connection.register_script(FAIL)
+
+    def execute(self, run: RunIdentity, call: Callable[[], Any], will_retry: Callable[[], bool]) -> Any:
+        owner = f"{self.node}:{os.getpid()}:{uuid.uuid4().hex}"
+        if not self._wait_for_claim(run, owner):
+            log.info("run %s already finished: skipped (job %s, node %s)", run.run_id, run.job_id, self.node)
+            return {"skipped": "already finished"}
+        log.info("run %s started on node %s (job %s)", run.run_id, self.node, run.job_id)
+        started = time.monotonic()
+        claim = Lease(self.connection, self.keys.claim(run.run_id), owner, self.claim_ttl_s * 1000)
+        stop_renewing = _start_renewing(claim, self.claim_ttl_s / 3, run.run_id)
+        try:
+            result = call()
+        except BaseException as exc:  # timeouts arrive as exceptions too; record, then let RQ handle it
+            stop_renewing()
+            retrying = will_retry()
+            error = f"{type(exc).__name__}: {exc}"
+            self._record_failure(run, owner, error, retrying)
+            log.warning("run %s %s on node %s: %s", run.run_id, "will retry" if retrying else "failed",
+                        self.node, error)
+            raise
+        stop_renewing()
+        duration_s = time.monotonic() - started
+        patch = {"state": FINISHED, "ended_at": iso(self.clock()), "error": None, "node": self.node,
+                 "duration_s": round(duration_s, 3)}
+        self._finish(keys=[self.keys.day_finished(run.day), claim.key, self.keys.day_runs(run.day),
+                           self.keys.durations],
+                     args=[run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s, run.series,
+                           f"{duration_s:.3f}"])
+        log.info("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s)
+        return result
+
+    def _wait_for_claim(self, run: RunIdentity, owner: str) -> bool:
+        """True once we hold the claim; False if the run is (or becomes) finished."""
+        patch = json.dumps({"state": RUNNING, "node": self.node, "started_at": iso(self.clock()),
+                            "ended_at": None, "error": None, "job_id": run.job_id})
+        told = False
+        while True:
+            outcome = self._begin(keys=[self.keys.day_finished(run.day), self.keys.claim(run.run_id),
+                                        self.keys.day_runs(run.day)],
+                                  args=[run.run_id, owner, self.claim_ttl_s * 1000, "1" if run.force else "0",
+                                        run.base_record(), patch, self.retention_s])
+            outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+            if outcome == "claimed":
+                return True
+            if outcome == "finished":
+                return False
+            if not told:
+                # Another live copy holds the claim (an orphaned work-horse, or a rerun
+                # beside the original): never run beside it; wait for it to end or die.
+                log.info("run %s is executing elsewhere; waiting for it (job %s)", run.run_id, run.job_id)
+                told = True
+            time.sleep(WAIT_POLL_S)
+
+    def _record_failure(self, run: RunIdentity, owner: str, error: str, retrying: bool) -> None:
+        patch = {"state": QUEUED if retrying else FAILED, "ended_at": iso(self.clock()), "error": error,
+                 "node": self.node}
+        try:
+            self._fail(keys=[self.keys.claim(run.run_id), self.keys.day_runs(run.day)],
+                       args=[run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s])
+        except RedisError as exc:
+            # The claim then expires by itself; RQ still records the failure.
+            log.error("run %s: could not record its failure (%s)", run.run_id, exc)
+
+
+def _start_renewing(claim: Lease, every_s: float, run_id: str) -> Callable[[], None]:
+    """Renew ``claim`` from a daemon thread until the returned function is called."""
+    stopped = threading.Event()
+
+    def renew() -> None:
+        lost_logged = False
+        while not stopped.wait(every_s):
+            try:
+                if not claim.renew() and not lost_logged:
+                    log.error("run %s: claim lost (expired during an outage?); another copy may start", run_id)
+                    lost_logged = True
+            except RedisError as exc:
+                log.warning("run %s: cannot renew claim (%s); retrying", run_id, exc)
+
+    thread = threading.Thread(target=renew, name=f"claim-{run_id}", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopped.set()
+        thread.join(timeout=5)
+
+    return stop

@@ -1,0 +1,68 @@
+"""Every Redis key dailyq writes, built here from one prefix.
+
+The prefix comes from ``DAILYQ_PREFIX`` (default ``dailyq``) and is passed in, never
+read at import, so two deployments (or a test and a developer) can share a server.
+RQ's own keys (``rq:job:*``, ``rq:queue:*``) belong to RQ; our queue is named after
+the prefix so that separate deployments do not pull each other's jobs.
+"""
+
+from dataclasses import dataclass
+from datetime import date
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "dailyq"
+
+    @property
+    def queue_name(self) -> str:
+        """The RQ queue every node's worker listens on."""
+        return self.prefix
+
+    @property
+    def leader(self) -> str:
+        """String: the leader lease (JSON with owner token, node, since)."""
+        return f"{self.prefix}:leader"
+
+    @property
+    def cursor(self) -> str:
+        """Hash task name -> ISO time up to which the leader has fired that task's slots."""
+        return f"{self.prefix}:cursor"
+
+    @property
+    def durations(self) -> str:
+        """Hash run key (task + param hash) -> last observed duration in seconds."""
+        return f"{self.prefix}:durations"
+
+    @property
+    def scheduled_jobs(self) -> str:
+        """Sorted set of delayed jobs (rq-scheduler's store, under our prefix)."""
+        return f"{self.prefix}:scheduler:scheduled_jobs"
+
+    @property
+    def scheduler_instance_prefix(self) -> str:
+        return f"{self.prefix}:scheduler:instance:"
+
+    def day_runs(self, day: date) -> str:
+        """Hash run id -> JSON run record (state, node, times, attempts, error)."""
+        return f"{self.prefix}:day:{day.isoformat()}:runs"
+
+    def day_enqueued(self, day: date) -> str:
+        """Set of job ids ever enqueued for that day: makes fan-out idempotent."""
+        return f"{self.prefix}:day:{day.isoformat()}:enqueued"
+
+    def day_finished(self, day: date) -> str:
+        """Set of run ids that finished that day: the worker-side dedup guard."""
+        return f"{self.prefix}:day:{day.isoformat()}:finished"
+
+    def day_reruns(self, day: date) -> str:
+        """Hash run id -> number of reruns asked for (gives each rerun its own job id)."""
+        return f"{self.prefix}:day:{day.isoformat()}:reruns"
+
+    def claim(self, run_id: str) -> str:
+        """String: owner token of the one copy of a run executing now."""
+        return f"{self.prefix}:claim:{run_id}"
+
+    def heartbeat(self, role: str, node: str) -> str:
+        """String with TTL: proof that ``role`` (scheduler|worker) on ``node`` is alive."""
+        return f"{self.prefix}:heartbeat:{role}:{node}"

@@ -1,0 +1,109 @@
+"""A run's identity and its record.
+
+A run is (task, param, slot). Its id is deterministic, so every enqueue of the same
+run, from any node, names the same thing; RQ job ids allow only [A-Za-z0-9_-], so
+the param is hashed into the id and stored in full in the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, Iterable
+
+from .schedule import Slot
+from .table import Task, TaskTable, encode_param
+
+# Run states shown by ``status``; a public contract.
+SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED = (
+    "scheduled", "queued", "running", "finished", "failed", "skipped", "missed")
+STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED)
+
+META_KEY = "dailyq"  # the RQ job.meta entry that carries a run's identity
+
+
+def param_digest(param_json: str) -> str:
+    return hashlib.sha1(param_json.encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Run:
+    task: Task
+    param: Any
+    slot: Slot
+
+    @property
+    def param_json(self) -> str:
+        return encode_param(self.param)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.task.name}-{self.slot.label}-{param_digest(self.param_json)}"
+
+    @property
+    def series_id(self) -> str:
+        """Same (task, param) across days: the key for learned durations and overlap."""
+        return f"{self.task.name}-{param_digest(self.param_json)}"
+
+    @property
+    def day(self) -> date:
+        return self.slot.day
+
+    def job_id(self, rerun: int = 0) -> str:
+        return self.run_id if rerun == 0 else f"{self.run_id}-r{rerun}"
+
+    def job_meta(self, force: bool = False) -> dict[str, Any]:
+        return {META_KEY: {"run_id": self.run_id, "day": self.day.isoformat(), "task": self.task.name,
+                           "slot": self.slot.isoformat(), "series": self.series_id, "force": force}}
+
+    def new_record(self, job_id: str, state: str = QUEUED) -> dict[str, Any]:
+        return {"task": self.task.name, "param_json": self.param_json, "slot": self.slot.isoformat(),
+                "state": state, "node": None, "started_at": None, "ended_at": None,
+                "attempts": 0, "error": None, "job_id": job_id}
+
+
+def runs_on(table: TaskTable, day: date, task_names: Iterable[str] | None = None) -> list[Run]:
+    """Every run whose slot falls on ``day`` (each task's own zone), in firing order."""
+    tasks = [table.get(n) for n in task_names] if task_names else table.tasks
+    runs = [Run(task, param, slot) for task in tasks for slot in task.schedule.slots_on(day) for param in task.params]
+    return sorted(runs, key=lambda r: r.slot.fires_at)
+
+
+def runs_of_slot(task: Task, slot: Slot) -> list[Run]:
+    return [Run(task, param, slot) for param in task.params]
+
+
+def decode_record(raw: bytes | str) -> dict[str, Any]:
+    record = json.loads(raw)
+    record["param"] = json.loads(record.get("param_json", "null"))
+    return record
+
+
+# Lua helper shared by every script that changes a run record (fan-out, guard).
+# Records are JSON in one hash per day, so ``status`` for a whole day is one HGETALL.
+# patch_record(key, run_id, base_json, patch_json, incr_attempts, retention_s):
+# starts from the stored record (or ``base`` when there is none), overlays ``patch``,
+# optionally counts an attempt, and keeps the day's hash for the retention period.
+PATCH_RECORD_LUA = """
+local function patch_record(key, run_id, base_json, patch_json, incr_attempts, retention_s)
+  local raw = redis.call('HGET', key, run_id)
+  local record = cjson.decode(raw or base_json)
+  for name, value in pairs(cjson.decode(patch_json)) do
+    record[name] = value
+  end
+  if incr_attempts == '1' then
+    record['attempts'] = (tonumber(record['attempts']) or 0) + 1
+  end
+  redis.call('HSET', key, run_id, cjson.encode(record))
+  redis.call('EXPIRE', key, retention_s)
+  return record
+end
+"""
+
+# KEYS[1] = day runs hash; ARGV = run_id, base_json, patch_json, incr_attempts, retention_s
+PATCH_RECORD = PATCH_RECORD_LUA + """
+patch_record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""

@@ -1,0 +1,198 @@
+"""Schedule maths: when a task's slots fall, as pure functions of time passed in.
+
+A *slot* is a scheduled wall-clock time in the task's IANA zone. Its local date is
+the run's date, whatever moment it actually fires. Wall times are resolved to
+instants with Python's PEP 495 rule for ``fold=0``:
+
+* spring-forward gap (e.g. 02:30 on the day New York skips 02:00-03:00): the time
+  does not exist; it resolves with the offset from before the change, i.e. it fires
+  the length of the gap later on the wall clock (02:30 -> 03:30 EDT), once;
+* fall-back repeat (e.g. 01:30 twice): fires at the first occurrence, once.
+
+No clock is read here: callers pass ``after``/``until`` instants (see clock.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+_AT_PATTERN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?$")
+
+_MONTH_NAMES = {name: i + 1 for i, name in enumerate(
+    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"])}
+_DAY_NAMES = {name: i for i, name in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])}
+_MACROS = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
+}
+# How far ahead next_slot looks: a cron such as "0 0 29 2 1" (Feb 29 or Mondays...) can
+# skip years; eight years covers every leap-day combination.
+_SEARCH_HORIZON_DAYS = 8 * 366
+
+
+def parse_zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r} (use an IANA name such as 'Europe/Berlin')") from exc
+
+
+def parse_at(text: str) -> time:
+    match = _AT_PATTERN.match(text or "")
+    if not match:
+        raise ValueError(f"bad at={text!r} (use 'HH:MM' or 'HH:MM:SS', 24-hour)")
+    hour, minute, second = match.groups()
+    return time(int(hour), int(minute), int(second or 0))
+
+
+def _parse_field(text: str, low: int, high: int, names: dict[str, int]) -> frozenset[int]:
+    values: set[int] = set()
+    for part in text.lower().split(","):
+        if not part:
+            raise ValueError("empty list item")
+        base, _, step_text = part.partition("/")
+        step = int(step_text) if step_text else 1
+        if step_text and (not step_text.isdigit() or step < 1):
+            raise ValueError(f"bad step {step_text!r}")
+        if base == "*":
+            start, end = low, high
+        else:
+            first, _, last = base.partition("-")
+            start = names.get(first, None) if first in names else _number(first)
+            end = (names.get(last) if last in names else _number(last)) if last else (high if step_text else start)
+        if not (low <= start <= high and low <= end <= high and start <= end):
+            raise ValueError(f"{part!r} is outside {low}-{high}")
+        values.update(range(start, end + 1, step))
+    return frozenset(values)
+
+
+def _number(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a number")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class CronSpec:
+    """Standard five-field cron: minute hour day-of-month month day-of-week."""
+
+    minutes: frozenset[int]
+    hours: frozenset[int]
+    days_of_month: frozenset[int]
+    months: frozenset[int]
+    days_of_week: frozenset[int]  # 0 = Sunday
+    dom_restricted: bool
+    dow_restricted: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "CronSpec":
+        expression = _MACROS.get(text.strip().lower(), text)
+        fields = expression.split()
+        if len(fields) != 5:
+            raise ValueError(f"bad cron={text!r}: need 5 fields 'minute hour day month weekday'")
+        try:
+            minutes = _parse_field(fields[0], 0, 59, {})
+            hours = _parse_field(fields[1], 0, 23, {})
+            days_of_month = _parse_field(fields[2], 1, 31, {})
+            months = _parse_field(fields[3], 1, 12, _MONTH_NAMES)
+            # 7 is Sunday too, as in Vixie cron.
+            days_of_week = frozenset(d % 7 for d in _parse_field(fields[4], 0, 7, _DAY_NAMES))
+        except ValueError as exc:
+            raise ValueError(f"bad cron={text!r}: {exc}") from None
+        return cls(minutes, hours, days_of_month, months, days_of_week,
+                   dom_restricted=not fields[2].startswith("*"),
+                   dow_restricted=not fields[4].startswith("*"))
+
+    def matches_day(self, day: date) -> bool:
+        if day.month not in self.months:
+            return False
+        dom_ok = day.day in self.days_of_month
+        dow_ok = (day.isoweekday() % 7) in self.days_of_week
+        # Vixie cron: when both day fields are restricted, either one matching is enough.
+        if self.dom_restricted and self.dow_restricted:
+            return dom_ok or dow_ok
+        return dom_ok and dow_ok
+
+    def times(self) -> list[time]:
+        return [time(h, m) for h in sorted(self.hours) for m in sorted(self.minutes)]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One scheduled firing: wall time in ``zone`` and the instant it resolves to."""
+
+    local: datetime  # naive wall-clock time in ``zone``
+    zone: str
+    fires_at: datetime  # aware UTC
+
+    @property
+    def day(self) -> date:
+        return self.local.date()
+
+    @property
+    def label(self) -> str:
+        """Compact, job-id-safe name of the slot: 20261126T093000."""
+        return self.local.strftime("%Y%m%dT%H%M%S")
+
+    def isoformat(self) -> str:
+        return self.local.replace(tzinfo=ZoneInfo(self.zone)).isoformat()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a task fires: a daily ``at`` or a ``cron`` expression, in ``zone``."""
+
+    zone: str
+    at: time | None = None
+    cron: CronSpec | None = None
+
+    @classmethod
+    def parse(cls, at: str | None, cron: str | None, zone: str) -> "Schedule":
+        if (at is None) == (cron is None):
+            raise ValueError("give exactly one of at='HH:MM' or cron='m h dom mon dow'")
+        parse_zone(zone)
+        if at is not None:
+            return cls(zone=zone, at=parse_at(at))
+        return cls(zone=zone, cron=CronSpec.parse(cron or ""))
+
+    def wall_times(self, day: date) -> list[time]:
+        if self.at is not None:
+            return [self.at]
+        assert self.cron is not None
+        return self.cron.times() if self.cron.matches_day(day) else []
+
+    def slots_on(self, day: date) -> list[Slot]:
+        """Every slot whose local date is ``day``, in firing order."""
+        tz = ZoneInfo(self.zone)
+        slots = []
+        for wall in self.wall_times(day):
+            local = datetime.combine(day, wall)
+            fires_at = local.replace(tzinfo=tz, fold=0).astimezone(timezone.utc)
+            slots.append(Slot(local=local, zone=self.zone, fires_at=fires_at))
+        return sorted(slots, key=lambda s: s.fires_at)
+
+    def slots_between(self, after: datetime, until: datetime) -> list[Slot]:
+        """Slots firing in the half-open window (after, until]."""
+        tz = ZoneInfo(self.zone)
+        # One day of slack either side: a gap-shifted slot can fire on the next local day.
+        day = after.astimezone(tz).date() - timedelta(days=1)
+        last_day = until.astimezone(tz).date() + timedelta(days=1)
+        found = []
+        while day <= last_day:
+            found.extend(s for s in self.slots_on(day) if after < s.fires_at <= until)
+            day += timedelta(days=1)
+        return sorted(found, key=lambda s: s.fires_at)
+
+    def next_slot(self, after: datetime) -> Slot | None:
+        """The first slot firing strictly after ``after``; None if none within eight years."""
+        tz = ZoneInfo(self.zone)
+        day = after.astimezone(tz).date() - timedelta(days=1)
+        for _ in range(_SEARCH_HORIZON_DAYS):
+            for slot in self.slots_on(day):
+                if slot.fires_at > after:
+                    return slot
+            day += timedelta(days=1)
+        return None

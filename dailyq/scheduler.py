@@ -1,0 +1,203 @@
+"""The leader loop: one scheduler at a time fans out each slot's runs.
+
+``python scheduler.py`` runs this on every node. ``DailyScheduler`` subclasses
+rq-scheduler's ``Scheduler`` and replaces what breaks with several nodes:
+
+* its lock is taken per polling pass, deleted without an owner check, and fails
+  over only after interval + 10 s; ours is a lease with an owner token, renewed
+  every tick, released by compare-and-delete (lease.py), held across passes;
+* its cron runs in the host's local time; our slots come from schedule.py in each
+  task's own zone;
+* it pickles the jobs it stores; ours are JSON (``DailyJob``).
+
+Delayed jobs stored through the stock API (``enqueue_at``/``enqueue_in``) still
+work: the leader moves them each tick, under our prefix and with JSON jobs.
+
+Every fan-out is fenced by the lease (fanout.py), so a leader that was paused
+past its lease and wakes up enqueues nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import uuid
+from datetime import datetime, timedelta
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq_scheduler import Scheduler
+
+from .clock import Clock, iso, utc_now
+from .errors import LeaseLost
+from .fanout import fan_out
+from .lease import Lease
+from .runs import runs_of_slot
+from .settings import Settings
+from .table import Task, TaskTable
+from .worker import DailyJob, make_queue
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+MAX_BACKOFF_S = 10.0
+
+
+class DailyScheduler(Scheduler):
+    def __init__(self, connection: Redis, settings: Settings, table: TaskTable, clock: Clock = utc_now,
+                 tick_s: float = TICK_S) -> None:
+        keys = settings.keys
+        # rq-scheduler's keys are class attributes; move them under our prefix.
+        self.redis_scheduler_namespace_prefix = keys.scheduler_instance_prefix
+        self.scheduler_lock_key = keys.leader
+        self.scheduled_jobs_key = keys.scheduled_jobs
+        super().__init__(queue_name=keys.queue_name, connection=connection, interval=tick_s,
+                         job_class=DailyJob, name=f"{settings.node_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.settings = settings
+        self.keys = keys
+        self.table = table
+        self.clock = clock
+        self.tick_s = tick_s
+        self.queue = make_queue(connection, keys)
+        self.lease = Lease(connection, keys.leader, self._new_owner(), settings.lease_ttl_s * 1000)
+        self.is_leader = False
+        self._cursors: dict[str, datetime] = {}
+        self._stop = threading.Event()
+        self._redis_down = False
+
+    # -- leadership ------------------------------------------------------------------
+
+    def _new_owner(self) -> str:
+        return json.dumps({"node": self.settings.node_name, "pid": os.getpid(), "since": iso(self.clock()),
+                           "token": uuid.uuid4().hex}, sort_keys=True)
+
+    def acquire_lock(self) -> bool:
+        """Take or renew the leader lease; log every change of leadership."""
+        if not self.is_leader:
+            self.lease.owner = self._new_owner()  # fresh token and "since" for each term
+        held = self.lease.acquire_or_renew()
+        if held and not self.is_leader:
+            log.info("node %s is now the leader", self.settings.node_name)
+            self._load_cursors()
+        elif not held and self.is_leader:
+            log.warning("node %s lost the leader lease (held by %s)", self.settings.node_name,
+                        _holder_node(self.lease.holder()))
+        self.is_leader = self._lock_acquired = held
+        return held
+
+    def remove_lock(self) -> None:
+        if self.is_leader:
+            try:
+                if self.lease.release():
+                    log.info("node %s released the leader lease", self.settings.node_name)
+            except RedisError as exc:
+                log.warning("could not release the leader lease (%s); it expires in %ss", exc,
+                            self.settings.lease_ttl_s)
+        self.is_leader = self._lock_acquired = False
+
+    # -- firing slots ----------------------------------------------------------------
+
+    def _load_cursors(self) -> None:
+        stored = self.connection.hgetall(self.keys.cursor)
+        self._cursors = {k.decode(): datetime.fromisoformat(v.decode()) for k, v in stored.items()}
+
+    def _window_start(self, task: Task, now: datetime) -> datetime:
+        """Fire slots after the task's cursor, but none older than its misfire grace."""
+        oldest_allowed = now - timedelta(seconds=task.misfire_grace_s)
+        cursor = self._cursors.get(task.name)
+        return max(cursor, oldest_allowed) if cursor else oldest_allowed
+
+    def fire_due_slots(self, now: datetime) -> int:
+        """Fan out every due slot of every task; returns the number of runs enqueued."""
+        enqueued = 0
+        for task in self.table.tasks:
+            for slot in task.schedule.slots_between(self._window_start(task, now), now):
+                result = fan_out(self.connection, self.keys, self.queue, runs_of_slot(task, slot),
+                                 retention_s=self.settings.retention_s, fence=self.lease)
+                enqueued += len(result.enqueued)
+                log.info("node %s fanned out %s slot %s: %d enqueued, %d already enqueued",
+                         self.settings.node_name, task.name, slot.isoformat(), len(result.enqueued),
+                         len(result.already))
+                self._cursors[task.name] = slot.fires_at
+                self.connection.hset(self.keys.cursor, task.name, slot.fires_at.isoformat())
+        return enqueued
+
+    def seconds_until_next_slot(self, now: datetime) -> float:
+        upcoming = [s.fires_at for t in self.table.tasks if (s := t.schedule.next_slot(now))]
+        return (min(upcoming) - now).total_seconds() if upcoming else float("inf")
+
+    def enqueue_jobs(self):  # rq-scheduler's hook, called once per pass by the leader
+        self.fire_due_slots(self.clock())
+        return super().enqueue_jobs()
+
+    # -- the loop --------------------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def heartbeat(self) -> None:
+        with self.connection.pipeline() as pipe:
+            pipe.expire(self.key, int(self._interval) + 10)
+            pipe.set(self.keys.heartbeat("scheduler", self.settings.node_name), iso(self.clock()),
+                     ex=max(10, int(self.settings.lease_ttl_s * 2)))
+            pipe.execute()
+
+    def run_once(self) -> None:
+        self.heartbeat()
+        if self.acquire_lock():
+            try:
+                self.enqueue_jobs()
+            except LeaseLost:
+                log.warning("node %s: lease lost during fan-out; enqueued nothing as leader", self.settings.node_name)
+                self.is_leader = self._lock_acquired = False
+
+    def run(self, burst: bool = False) -> None:  # type: ignore[override]
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        log.info("scheduler on node %s started (%d tasks, queue %r)", self.settings.node_name,
+                 len(self.table.tasks), self.keys.queue_name)
+        backoff_s = self.tick_s
+        registered = False
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not registered:
+                        self.register_birth()
+                        registered = True
+                    self.run_once()
+                    if self._redis_down:
+                        log.info("Redis reachable again; scheduler on node %s resumes", self.settings.node_name)
+                        self._redis_down = False
+                    backoff_s = self.tick_s
+                    wait_s = min(self.tick_s, max(0.0, self.seconds_until_next_slot(self.clock())))
+                except RedisError as exc:
+                    if not self._redis_down:
+                        log.error("Redis unavailable (%s); scheduler on node %s retrying with backoff",
+                                  exc, self.settings.node_name)
+                        self._redis_down = True
+                    # We cannot renew while Redis is away: assume the lease is gone.
+                    self.is_leader = self._lock_acquired = False
+                    wait_s = backoff_s
+                    backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
+                if burst:
+                    break
+                self._stop.wait(wait_s)
+        finally:
+            self.remove_lock()
+            try:
+                self.register_death()
+            except RedisError:
+                pass
+            log.info("scheduler on node %s stopped", self.settings.node_name)
+
+
+def _holder_node(holder: str | None) -> str:
+    if not holder:
+        return "nobody"
+    try:
+        return str(json.loads(holder).get("node"))
+    except ValueError:
+        return holder

@@ -1,0 +1,117 @@
+"""Settings read once from the environment, and the Redis connection made from them.
+
+Only the entry points call ``Settings.from_env``; everything below them takes a
+``Settings`` and a connection as arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from redis import Redis
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+
+from .errors import ConfigError, RedisUnavailable
+from .keys import Keys
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+def _int_env(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    prefix: str = "dailyq"
+    node_name: str = "node"
+    tasks_module: str = "jobs"
+    retention_days: int = 7
+    # Leader lease: renewed every second, so a dead leader is replaced within this TTL.
+    lease_ttl_s: int = 5
+    # Run claim: renewed by the executing process every claim_ttl_s / 3 seconds; a copy
+    # whose process died is presumed dead once its claim expires.
+    claim_ttl_s: int = 30
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        prefix = env.get("DAILYQ_PREFIX") or "dailyq"
+        if any(c.isspace() for c in prefix) or ":" in prefix:
+            raise ConfigError(f"DAILYQ_PREFIX={prefix!r} must not contain spaces or ':'")
+        return cls(
+            redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+            prefix=prefix,
+            node_name=env.get("NODE_NAME") or socket.gethostname(),
+            tasks_module=env.get("DAILYQ_TASKS") or "jobs",
+            retention_days=_int_env(env, "DAILYQ_RETENTION_DAYS", 7),
+            lease_ttl_s=_int_env(env, "DAILYQ_LEASE_TTL_S", 5, minimum=2),
+            claim_ttl_s=_int_env(env, "DAILYQ_CLAIM_TTL_S", 30, minimum=3),
+        )
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    @property
+    def retention_s(self) -> int:
+        return self.retention_days * 86400
+
+    def redacted_url(self) -> str:
+        return redact_url(self.redis_url)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def connect(settings: Settings, check: bool = True) -> Redis:
+    """A client for ``REDIS_URL``; with ``check``, proven to answer before returning.
+
+    Raises ConfigError for a malformed URL and RedisUnavailable when the server cannot
+    be reached or refuses us, each with one line that says what to fix.
+    """
+    url = settings.redis_url
+    shown = settings.redacted_url()
+    try:
+        # A finite socket timeout: a half-open connection must not hang a loop forever.
+        connection = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30,
+                                    health_check_interval=30)
+    except ValueError as exc:
+        raise ConfigError(
+            f"bad REDIS_URL {shown!r}: {exc} (use redis://[user:password@]host:port/db, rediss://..., "
+            "or unix:///path/to/redis.sock)") from None
+    if check:
+        try:
+            connection.ping()
+        except AuthenticationError as exc:
+            raise RedisUnavailable(f"Redis at {shown} refused the credentials: {exc}; fix the user/password in REDIS_URL") from None
+        except ResponseError as exc:
+            raise RedisUnavailable(f"Redis at {shown} refused us: {exc}; check REDIS_URL's user, password and db") from None
+        except RedisError as exc:
+            raise RedisUnavailable(
+                f"cannot reach Redis at {shown}: {exc}; start Redis or point REDIS_URL at it") from None
+    return connection

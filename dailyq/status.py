@@ -1,0 +1,89 @@
+"""What happened on a day: every run's state, plus the current leader.
+
+Expected runs come from the task table; what happened comes from the day's run
+records (one HGETALL). A run with no record is ``scheduled`` until its slot is older
+than the task's misfire grace, then ``missed`` (only ``trigger`` runs it then).
+The ``--json`` shape is a public contract: keys are added, never renamed.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from redis import Redis
+
+from .clock import iso
+from .keys import Keys
+from .runs import MISSED, SCHEDULED, STATES, decode_record, runs_on
+from .table import TaskTable
+
+RUN_FIELDS = ("task", "param", "state", "node", "started_at", "ended_at", "attempts", "error")
+
+
+def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.get(keys.leader)
+        pipe.pttl(keys.leader)
+        raw, ttl_ms = pipe.execute()
+    if raw is None:
+        return None
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        info = {"node": raw.decode(errors="replace")}
+    info.pop("token", None)
+    info["lease_expires_in_s"] = round(ttl_ms / 1000, 1) if ttl_ms and ttl_ms > 0 else None
+    return info
+
+
+def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> dict[str, Any]:
+    records = {k.decode(): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
+    runs: list[dict[str, Any]] = []
+    for run in runs_on(table, day):
+        record = records.pop(run.run_id, None)
+        if record is None:
+            overdue = now - run.slot.fires_at > timedelta(seconds=run.task.misfire_grace_s)
+            record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)  # type: ignore[arg-type]
+            record["param"] = run.param
+        runs.append(_public(run.run_id, record))
+    # Runs recorded but no longer in the table (a task renamed or params changed) still count.
+    runs.extend(_public(run_id, record) for run_id, record in sorted(records.items()))
+    return {"date": day.isoformat(), "leader": leader_info(connection, keys), "runs": runs,
+            "generated_at": iso(now)}
+
+
+def _public(run_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    shown = {name: record.get(name) for name in RUN_FIELDS}
+    shown["attempts"] = int(shown["attempts"] or 0)
+    shown.update(run_id=run_id, slot=record.get("slot"), job_id=record.get("job_id"),
+                 duration_s=record.get("duration_s"))
+    return shown
+
+
+def summary(status: dict[str, Any]) -> dict[str, int]:
+    counts = {state: 0 for state in STATES}
+    for run in status["runs"]:
+        counts[run["state"]] = counts.get(run["state"], 0) + 1
+    return {state: n for state, n in counts.items() if n}
+
+
+def render_table(status: dict[str, Any]) -> str:
+    """Plain-text table for a terminal."""
+    header = ("TASK", "PARAM", "STATE", "NODE", "STARTED", "ENDED", "ATT", "ERROR")
+    rows = [header]
+    for run in status["runs"]:
+        rows.append((run["task"], json.dumps(run["param"], ensure_ascii=False), run["state"], run["node"] or "-",
+                     _clock_time(run["started_at"]), _clock_time(run["ended_at"]), str(run["attempts"]),
+                     (run["error"] or "")[:60]))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    leader = status["leader"]
+    leader_line = f"leader: {leader['node']} (since {leader.get('since')})" if leader else "leader: none"
+    counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
+    return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}"])
+
+
+def _clock_time(value: str | None) -> str:
+    return value[11:19] if value else "-"

@@ -1,0 +1,154 @@
+"""The task table: what runs, with which params, when.
+
+The table is the attribute ``TASKS`` of the module named by ``DAILYQ_TASKS``
+(default ``jobs``): a list of ``Task``. It is validated once, when loaded, so a bad
+table stops a process at start with one line naming the task, not at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .errors import ConfigError
+from .schedule import Schedule
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+OVERLAP_POLICIES = ("skip", "wait")
+
+
+@dataclass
+class Task:
+    """One daily task: ``func`` is called once per param at each slot.
+
+    The field names are a public contract: keep them, add new ones at the end.
+    """
+
+    name: str
+    func: Callable[[Any], Any] | str
+    params: list[Any]
+    at: str | None = None
+    cron: str | None = None
+    tz: str = "UTC"
+    timeout_s: int = 3600
+    retries: int = 2
+    misfire_grace_s: int = 3600
+    overlap: str = "wait"
+    retry_backoff_s: int = 10
+    schedule: Schedule = field(init=False, repr=False, compare=False)
+
+    @property
+    def func_path(self) -> str:
+        """Dotted import path of ``func``: what RQ stores and every node imports."""
+        if isinstance(self.func, str):
+            return self.func
+        return f"{self.func.__module__}.{self.func.__qualname__}"
+
+    def validate(self) -> None:
+        """Raise ConfigError naming this task on the first thing wrong with it."""
+        if not isinstance(self.name, str) or not _NAME_PATTERN.match(self.name):
+            raise ConfigError(f"task {self.name!r}: name must match [A-Za-z0-9_-]+")
+        problem = _first_problem(self)
+        if problem:
+            raise ConfigError(f"task {self.name!r}: {problem}")
+
+    def resolve(self) -> Callable[[Any], Any]:
+        return _import_callable(self.func_path)
+
+
+def _first_problem(task: Task) -> str | None:
+    try:
+        task.schedule = Schedule.parse(task.at, task.cron, task.tz)
+    except ValueError as exc:
+        return str(exc)
+    if not isinstance(task.params, (list, tuple)):
+        return f"params must be a list, got {type(task.params).__name__}"
+    seen: set[str] = set()
+    for param in task.params:
+        try:
+            encoded = encode_param(param)
+        except (TypeError, ValueError):
+            return f"param {param!r} is not JSON-serializable (use str, int, float, bool, None, list, dict)"
+        if json.loads(encoded) != param or isinstance(param, tuple):
+            return f"param {param!r} does not survive a JSON round trip (use lists and str keys)"
+        if encoded in seen:
+            return f"param {param!r} is listed twice"
+        seen.add(encoded)
+    for attr in ("timeout_s", "retries", "misfire_grace_s", "retry_backoff_s"):
+        value = getattr(task, attr)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (attr == "timeout_s" and value == 0):
+            return f"{attr} must be a {'positive' if attr == 'timeout_s' else 'non-negative'} integer, got {value!r}"
+    if task.overlap not in OVERLAP_POLICIES:
+        return f"overlap must be one of {', '.join(OVERLAP_POLICIES)}, got {task.overlap!r}"
+    if not callable(task.func) and not isinstance(task.func, str):
+        return "func must be a callable or a dotted path 'module.function'"
+    try:
+        resolved = _import_callable(task.func_path)
+    except ImportError as exc:
+        return f"cannot import func {task.func_path!r}: {exc}"
+    if callable(task.func) and resolved is not task.func:
+        return f"func {task.func_path!r} is not importable by that name (define it at module level)"
+    return None
+
+
+def _import_callable(path: str) -> Callable[[Any], Any]:
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ImportError("need 'module.function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # a broken user module is a config problem, whatever it raised
+        raise ImportError(f"{type(exc).__name__}: {exc}") from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ImportError(f"module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ImportError(f"{path!r} is not callable")
+    return target
+
+
+def encode_param(param: Any) -> str:
+    """Canonical JSON of a param: its identity in run ids and in Redis."""
+    return json.dumps(param, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+class TaskTable:
+    """The validated table, indexed by task name."""
+
+    def __init__(self, tasks: Iterable[Task]) -> None:
+        self.tasks: list[Task] = list(tasks)
+        self.by_name: dict[str, Task] = {}
+        for task in self.tasks:
+            if not isinstance(task, Task):
+                raise ConfigError(f"TASKS holds {task!r}: every entry must be a jobs.Task")
+            task.validate()
+            if task.name in self.by_name:
+                raise ConfigError(f"task {task.name!r}: name is used twice; task names must be unique")
+            self.by_name[task.name] = task
+        # Workers refuse to execute anything else: a job naming os.system is not run.
+        self.allowed_functions: frozenset[str] = frozenset(t.func_path for t in self.tasks)
+
+    def get(self, name: str) -> Task:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            known = ", ".join(sorted(self.by_name)) or "none"
+            raise ConfigError(f"unknown task {name!r} (known: {known})") from None
+
+
+def load_table(module_name: str) -> TaskTable:
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot import task table module {module_name!r} ({type(exc).__name__}: {exc}); "
+            "set DAILYQ_TASKS to an importable module") from None
+    tasks = getattr(module, "TASKS", None)
+    if not isinstance(tasks, (list, tuple)):
+        raise ConfigError(f"module {module_name!r} has no list TASKS; define TASKS = [Task(...), ...]")
+    return TaskTable(tasks)
