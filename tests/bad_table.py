@@ -1,0 +1,24 @@
+"""Deliberately broken task tables for the CLI error tests; BAD_TABLE picks one."""
+
+import os
+
+from dailyq.table import Task
+from tests.sample_tasks import record
+
+_CASE = os.environ.get("BAD_TABLE", "duplicate")
+_OK = dict(func=record, params=["a"], at="09:00")
+
+if _CASE == "duplicate":
+    TASKS = [Task(name="twice", **_OK), Task(name="twice", **_OK)]
+elif _CASE == "bad_at":
+    TASKS = [Task(name="late", func=record, params=["a"], at="25:61")]
+elif _CASE == "bad_cron":
+    TASKS = [Task(name="cronned", func=record, params=["a"], cron="every day")]
+elif _CASE == "bad_tz":
+    TASKS = [Task(name="zoned", func=record, params=["a"], at="09:00", tz="Moon/Base")]
+elif _CASE == "non_json":
+    TASKS = [Task(name="objects", func=record, params=[object()], at="09:00")]
+elif _CASE == "unimportable":
+    TASKS = [Task(name="ghost", func="no_such_module.work", params=["a"], at="09:00")]
+elif _CASE == "syntax":
+    raise SyntaxError("simulated broken table module")

@@ -1,0 +1,111 @@
+"""Test helpers: start dailyq entry points as separate OS processes (one per node),
+wait for conditions, and read what the sample task recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from redis import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def base_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAILYQ_", "SAMPLE_")) and k != "REDIS_URL"}
+    env.update(REDIS_URL=redis_url, DAILYQ_PREFIX=prefix, DAILYQ_TASKS="tests.sample_tasks",
+               PYTHONUNBUFFERED="1", DAILYQ_LEASE_TTL_S="2", DAILYQ_CLAIM_TTL_S="3")
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "scheduler.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class ProcessGroup:
+    """Processes a test started; all are killed at teardown, whatever happened."""
+
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen[str]] = []
+        self.logs: dict[int, Path] = {}
+
+    def start(self, script: str, env: dict[str, str], *args: str, log_dir: Path | None = None) -> subprocess.Popen[str]:
+        log_dir = log_dir or Path(os.environ.get("DAILYQ_TEST_LOG_DIR", "/tmp"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{env.get('NODE_NAME', 'proc')}-{script}-{time.time_ns()}.log"
+        log_file = open(log_path, "w")  # noqa: SIM115 - handed to the child
+        process = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=log_file,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.processes.append(process)
+        self.logs[process.pid] = log_path
+        return process
+
+    def log_of(self, process: subprocess.Popen[str]) -> str:
+        return self.logs[process.pid].read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process, signal.SIGKILL)  # also orphaned work-horses in its group
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _signal_group(process: subprocess.Popen[str], sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def executions(connection: Redis, prefix: str) -> list[dict]:
+    """What tests.sample_tasks.record wrote: one 'start' and one 'end' event per execution."""
+    return [json.loads(raw) for raw in connection.lrange(f"{prefix}:test:executions", 0, -1)]
+
+
+def param_key(param: object) -> str:
+    """Params can be lists or dicts: compare them by canonical JSON."""
+    return json.dumps(param, sort_keys=True, ensure_ascii=False)
+
+
+def starts_per_param(events: list[dict]) -> Counter:
+    """Executions per param (keyed by param_key)."""
+    return Counter(param_key(e["param"]) for e in events if e["event"] == "start")
+
+
+def max_concurrent_copies(events: list[dict]) -> int:
+    """Most copies of one param executing at the same moment."""
+    live: Counter = Counter()
+    worst = 0
+    for event in sorted(events, key=lambda e: (e["t"], e["event"] == "start")):
+        key = param_key(event["param"])
+        live[key] += 1 if event["event"] == "start" else -1
+        worst = max(worst, live[key])
+    return worst

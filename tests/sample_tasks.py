@@ -1,0 +1,45 @@
+"""Task table for the tests, shaped by environment variables so that separate node
+processes share it: SAMPLE_AT / SAMPLE_TZ / SAMPLE_PARAMS / SAMPLE_SLEEP_S / SAMPLE_ONLY."""
+
+import json
+import os
+import time
+
+from redis import Redis
+
+from dailyq.table import Task
+
+
+def _log(event: str, param: object) -> None:
+    connection = Redis.from_url(os.environ["REDIS_URL"])
+    key = f"{os.environ.get('DAILYQ_PREFIX', 'dailyq')}:test:executions"
+    connection.rpush(key, json.dumps({"event": event, "param": param, "node": os.environ.get("NODE_NAME"),
+                                      "pid": os.getpid(), "t": time.time()}, ensure_ascii=False))
+    connection.close()
+
+
+def record(param: object) -> object:
+    """Logs its start and end in Redis, so tests can count executions and overlaps."""
+    _log("start", param)
+    time.sleep(float(os.environ.get("SAMPLE_SLEEP_S", "0.2")))
+    _log("end", param)
+    return param
+
+
+def explode(param: object) -> None:
+    _log("start", param)
+    raise RuntimeError(f"boom for {param}")
+
+
+PARAMS = [f"任务参数{i}" for i in range(int(os.environ.get("SAMPLE_PARAMS", "4")))]
+
+TASKS = [
+    Task(name="sample", func=record, params=PARAMS, at=os.environ.get("SAMPLE_AT", "03:00"),
+         tz=os.environ.get("SAMPLE_TZ", "UTC"), retries=0, timeout_s=60),
+]
+# SAMPLE_ONLY=1 leaves just "sample", so that live schedulers in a test fire nothing else.
+if not os.environ.get("SAMPLE_ONLY"):
+    TASKS += [
+        Task(name="numbers", func=record, params=[1, 2.5, {"k": "値"}, ["a", 1]], cron="30 4 * * *", retries=0),
+        Task(name="broken", func=explode, params=["x"], at="05:00", retries=0, retry_backoff_s=1),
+    ]

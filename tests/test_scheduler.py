@@ -1,0 +1,91 @@
+"""Schedulers and workers as separate OS processes, one NODE_NAME each, against a
+real redis-server: a slot fires once, work spreads over nodes, one leader at a time."""
+
+import json
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+
+from dailyq.clock import utc_now
+from dailyq.keys import Keys
+from tests.helpers import executions, max_concurrent_copies, run_cli, starts_per_param, wait_for
+
+
+def slot_in(seconds: float) -> datetime:
+    return (utc_now() + timedelta(seconds=seconds)).replace(microsecond=0)
+
+
+def live_env(node_env: dict, slot: datetime, params: int, sleep_s: float) -> dict:
+    return dict(node_env, SAMPLE_ONLY="1", SAMPLE_AT=slot.strftime("%H:%M:%S"), SAMPLE_TZ="UTC",
+                SAMPLE_PARAMS=str(params), SAMPLE_SLEEP_S=str(sleep_s))
+
+
+def status_of(env: dict, day: str) -> dict:
+    result = run_cli(["status", "--date", day, "--json"], env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def all_finished(env: dict, day: str) -> bool:
+    runs = status_of(env, day)["runs"]
+    return bool(runs) and all(r["state"] == "finished" for r in runs)
+
+
+def test_three_nodes_started_a_second_apart_run_every_run_once_over_several_nodes(node_env, processes, connection,
+                                                                                    prefix):
+    slot = slot_in(8)
+    env = live_env(node_env, slot, params=12, sleep_s=1.0)
+    for node in ("node-1", "node-2", "node-3"):
+        processes.start("scheduler.py", dict(env, NODE_NAME=node))
+        processes.start("worker_entry.py", dict(env, NODE_NAME=node))
+        time.sleep(1)
+    day = slot.date().isoformat()
+    wait_for(lambda: all_finished(env, day), timeout=60, what="all 12 runs finished")
+
+    events = executions(connection, prefix)
+    assert sorted(starts_per_param(events).values()) == [1] * 12
+    assert max_concurrent_copies(events) == 1
+    assert len({e["node"] for e in events}) >= 2
+    assert min(e["t"] for e in events) >= slot.timestamp()  # nothing ran before its slot
+
+    status = status_of(env, day)
+    assert status["leader"] is not None and status["leader"]["node"] in {"node-1", "node-2", "node-3"}
+    assert len(status["runs"]) == 12 and {r["state"] for r in status["runs"]} == {"finished"}
+    assert len({r["node"] for r in status["runs"]}) >= 2
+
+
+def test_two_schedulers_racing_for_one_slot_enqueue_it_once(node_env, processes, connection, prefix):
+    slot = slot_in(4)
+    env = live_env(node_env, slot, params=12, sleep_s=0.1)
+    schedulers = [processes.start("scheduler.py", dict(env, NODE_NAME=f"racer-{i}")) for i in (1, 2)]
+    day = slot.date()
+    keys = Keys(prefix)
+    wait_for(lambda: connection.scard(keys.day_enqueued(day)) == 12, timeout=30, what="the slot's fan-out")
+    time.sleep(2)  # give a second fan-out every chance to happen
+    assert connection.scard(keys.day_enqueued(day)) == 12
+    assert connection.llen(f"rq:queue:{keys.queue_name}") == 12
+    fanned = [line for p in schedulers for line in processes.log_of(p).splitlines() if "fanned out sample" in line]
+    assert len(fanned) == 1 and "12 enqueued" in fanned[0], fanned
+
+    processes.start("worker_entry.py", dict(env, NODE_NAME="worker"))
+    wait_for(lambda: all_finished(env, day.isoformat()), timeout=30, what="runs finished")
+    assert sorted(starts_per_param(executions(connection, prefix)).values()) == [1] * 12
+
+
+def test_one_leader_at_a_time_and_sigterm_hands_over_at_once(node_env, processes, connection, prefix):
+    env = live_env(node_env, slot_in(3600), params=1, sleep_s=0)
+    keys = Keys(prefix)
+    first = processes.start("scheduler.py", dict(env, NODE_NAME="first"))
+    wait_for(lambda: connection.exists(keys.leader), timeout=15, what="a leader")
+    second = processes.start("scheduler.py", dict(env, NODE_NAME="second"))
+    time.sleep(2)
+    assert json.loads(connection.get(keys.leader))["node"] == "first"
+
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=15)
+    assert "released the leader lease" in processes.log_of(first)
+    started = time.monotonic()
+    wait_for(lambda: (connection.get(keys.leader) or b"").find(b'"second"') >= 0, timeout=10, what="handover")
+    # Released, not expired: the handover takes about one tick, well inside the 2 s TTL.
+    assert time.monotonic() - started < 2
+    assert "now the leader" in processes.log_of(second)

@@ -1,0 +1,97 @@
+"""Workers as separate processes: only table functions run, JSON only, params round-trip."""
+
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from dailyq.fanout import trigger
+from dailyq.runs import runs_on
+from dailyq.table import Task, TaskTable
+from dailyq.status import day_status
+from dailyq.clock import utc_now
+from dailyq.worker import make_queue
+from tests.sample_tasks import explode
+from tests.helpers import ROOT, executions, param_key, starts_per_param
+
+DAY = date(2026, 11, 26)
+
+
+def run_burst_worker(env, node="node-a", *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "worker_entry.py", "--burst", *extra], cwd=ROOT,
+                          env=dict(env, NODE_NAME=node), capture_output=True, text=True, timeout=120)
+
+
+def test_a_job_naming_a_function_outside_the_table_is_refused_and_not_run(node_env, connection, settings, tmp_path):
+    marker = tmp_path / "pwned"
+    queue = Queue(settings.keys.queue_name, connection=connection, serializer=JSONSerializer)
+    job = queue.enqueue("os.system", f"touch {marker}")
+    finished = run_burst_worker(node_env)
+    assert finished.returncode == 0, finished.stderr
+    assert not marker.exists()
+    job = Job.fetch(job.id, connection=connection, serializer=JSONSerializer)
+    assert job.get_status() == "failed"
+    assert "refused to run 'os.system'" in job.latest_result().exc_string
+
+
+def test_a_pickled_job_is_not_unpickled(node_env, connection, settings, tmp_path):
+    marker = tmp_path / "pwned"
+    queue = Queue(settings.keys.queue_name, connection=connection)  # RQ's default: pickle
+    job = queue.enqueue("os.system", f"touch {marker}")
+    finished = run_burst_worker(node_env)
+    assert finished.returncode == 0, finished.stderr
+    assert not marker.exists()
+    assert Job.fetch(job.id, connection=connection).get_status() == "failed"
+
+
+def test_non_ascii_and_structured_params_round_trip(node_env, connection, settings, table):
+    trigger(connection, settings.keys, make_queue(connection, settings.keys), table, DAY, ["sample", "numbers"],
+            settings.retention_s)
+    assert run_burst_worker(node_env).returncode == 0
+    expected = {param_key(r.param) for r in runs_on(table, DAY, ["sample", "numbers"])}
+    assert '"任务参数0"' in expected and '{"k": "値"}' in expected
+    # Each param reached the function intact, exactly once ...
+    assert starts_per_param(executions(connection, settings.prefix)) == {key: 1 for key in expected}
+    # ... and status shows it back as the same value.
+    status = day_status(connection, settings.keys, table, DAY, utc_now())
+    shown = {param_key(r["param"]): r["state"] for r in status["runs"] if r["task"] in ("sample", "numbers")}
+    assert shown == {key: "finished" for key in expected}
+
+
+def test_rq_cli_worker_with_the_readme_flags_runs_guarded_jobs(node_env, connection, settings, table):
+    trigger(connection, settings.keys, make_queue(connection, settings.keys), table, DAY, ["sample"],
+            settings.retention_s)
+    rq = Path(sys.executable).with_name("rq")
+    finished = subprocess.run([str(rq), "worker", "-c", "worker_entry", "-w", "dailyq.worker.DailyWorker",
+                               "-S", "rq.serializers.JSONSerializer", "--with-scheduler", "--burst"],
+                              cwd=ROOT, env=dict(node_env, NODE_NAME="rq-cli-node"), capture_output=True,
+                              text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    runs = day_status(connection, settings.keys, table, DAY, utc_now())["runs"]
+    sample = [r for r in runs if r["task"] == "sample"]
+    assert {r["state"] for r in sample} == {"finished"}
+    assert {r["node"] for r in sample} == {"rq-cli-node"}
+
+
+def test_a_failing_run_is_retried_then_failed_with_its_error_while_others_go_on(node_env, connection, settings, table):
+    # Retries travel with the job, so the enqueuing side's table decides them.
+    retrying = TaskTable([Task(name="broken", func=explode, params=["x"], at="05:00", retries=1, retry_backoff_s=1),
+                          table.get("sample")])
+    trigger(connection, settings.keys, make_queue(connection, settings.keys), retrying, DAY, None,
+            settings.retention_s)
+    # The retry waits out its 1 s backoff in RQ's scheduled registry; a burst worker
+    # with the scheduler moves it back, so run bursts until nothing is left.
+    for _ in range(10):
+        run_burst_worker(node_env)
+        runs = {r["task"]: r for r in day_status(connection, settings.keys, retrying, DAY, utc_now())["runs"]}
+        if runs["broken"]["state"] == "failed":
+            break
+    broken = runs["broken"]
+    assert broken["state"] == "failed"
+    assert broken["attempts"] == 2
+    assert "RuntimeError: boom for x" in broken["error"]
+    assert runs["sample"]["state"] == "finished"
