@@ -41,8 +41,8 @@ from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash
-# ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, patch_json, retention_s
+# KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = running hash
+# ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, patch_json, retention_s, day
 BEGIN = PATCH_RECORD_LUA + """
 if ARGV[4] ~= '1' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
   return 'finished'
@@ -51,15 +51,20 @@ if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
   return 'busy'
 end
 patch_record(KEYS[3], ARGV[1], ARGV[5], ARGV[6], '1', ARGV[7])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[8])
 return 'claimed'
 """
 
-# KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = durations hash
-# ARGV = run_id, claim owner, base_json, patch_json, retention_s, series id, duration_s
+# KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = durations hash,
+# KEYS[5] = running hash; ARGV = run_id, claim owner, base_json, patch_json, retention_s, series id, duration_s
 FINISH = PATCH_RECORD_LUA + """
-local still_ours = redis.call('GET', KEYS[2]) == ARGV[2]
+local claim = redis.call('GET', KEYS[2])
+local still_ours = claim == ARGV[2]
 if still_ours then
   redis.call('DEL', KEYS[2])
+end
+if still_ours or not claim then
+  redis.call('HDEL', KEYS[5], ARGV[1])
 end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
@@ -68,10 +73,15 @@ redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
 return still_ours and 1 or 0
 """
 
-# KEYS[1] = run claim, KEYS[2] = day runs hash; ARGV = run_id, claim owner, base_json, patch_json, retention_s
+# KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash
+# ARGV = run_id, claim owner, base_json, patch_json, retention_s
 FAIL = PATCH_RECORD_LUA + """
-if redis.call('GET', KEYS[1]) == ARGV[2] then
+local claim = redis.call('GET', KEYS[1])
+if claim == ARGV[2] then
   redis.call('DEL', KEYS[1])
+end
+if claim == ARGV[2] or not claim then
+  redis.call('HDEL', KEYS[3], ARGV[1])
 end
 patch_record(KEYS[2], ARGV[1], ARGV[3], ARGV[4], '0', ARGV[5])
 return 1
@@ -150,7 +160,7 @@ class Guard:
         patch = {"state": FINISHED, "ended_at": iso(self.clock()), "error": None, "node": self.node,
                  "duration_s": round(duration_s, 3)}
         self._finish(keys=[self.keys.day_finished(run.day), claim.key, self.keys.day_runs(run.day),
-                           self.keys.durations],
+                           self.keys.durations, self.keys.running],
                      args=[run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s, run.series,
                            f"{duration_s:.3f}"])
         log.info("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s)
@@ -163,9 +173,9 @@ class Guard:
         told = False
         while True:
             outcome = self._begin(keys=[self.keys.day_finished(run.day), self.keys.claim(run.run_id),
-                                        self.keys.day_runs(run.day)],
+                                        self.keys.day_runs(run.day), self.keys.running],
                                   args=[run.run_id, owner, self.claim_ttl_s * 1000, "1" if run.force else "0",
-                                        run.base_record(), patch, self.retention_s])
+                                        run.base_record(), patch, self.retention_s, run.day.isoformat()])
             outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
             if outcome == "claimed":
                 return True
@@ -182,7 +192,7 @@ class Guard:
         patch = {"state": QUEUED if retrying else FAILED, "ended_at": iso(self.clock()), "error": error,
                  "node": self.node}
         try:
-            self._fail(keys=[self.keys.claim(run.run_id), self.keys.day_runs(run.day)],
+            self._fail(keys=[self.keys.claim(run.run_id), self.keys.day_runs(run.day), self.keys.running],
                        args=[run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s])
         except RedisError as exc:
             # The claim then expires by itself; RQ still records the failure.

@@ -43,6 +43,12 @@ class Keys:
     def scheduler_instance_prefix(self) -> str:
         return f"{self.prefix}:scheduler:instance:"
 
+    @property
+    def running(self) -> str:
+        """Hash run id -> day of every run some process has claimed and not yet ended:
+        where the leader looks for copies that died mid-run."""
+        return f"{self.prefix}:running"
+
     def day_runs(self, day: date) -> str:
         """Hash run id -> JSON run record (state, node, times, attempts, error)."""
         return f"{self.prefix}:day:{day.isoformat()}:runs"

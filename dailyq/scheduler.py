@@ -35,6 +35,7 @@ from .clock import Clock, iso, utc_now
 from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
+from .recovery import requeue_abandoned_runs
 from .runs import runs_of_slot
 from .settings import Settings
 from .table import Task, TaskTable
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 MAX_BACKOFF_S = 10.0
+# How often the leader looks for runs whose executing process died (recovery.py).
+RECOVERY_EVERY_S = 5.0
 
 
 class DailyScheduler(Scheduler):
@@ -67,6 +70,7 @@ class DailyScheduler(Scheduler):
         self._cursors: dict[str, datetime] = {}
         self._stop = threading.Event()
         self._redis_down = False
+        self._next_recovery = 0.0
 
     # -- leadership ------------------------------------------------------------------
 
@@ -129,8 +133,17 @@ class DailyScheduler(Scheduler):
         upcoming = [s.fires_at for t in self.table.tasks if (s := t.schedule.next_slot(now))]
         return (min(upcoming) - now).total_seconds() if upcoming else float("inf")
 
+    def recover_abandoned_runs(self) -> None:
+        now = self.clock().timestamp()
+        if now < self._next_recovery:
+            return
+        self._next_recovery = now + RECOVERY_EVERY_S
+        requeue_abandoned_runs(self.connection, self.keys, self.queue, self.table, self.settings.retention_s,
+                               fence=self.lease)
+
     def enqueue_jobs(self):  # rq-scheduler's hook, called once per pass by the leader
         self.fire_due_slots(self.clock())
+        self.recover_abandoned_runs()
         return super().enqueue_jobs()
 
     # -- the loop --------------------------------------------------------------------
@@ -182,6 +195,9 @@ class DailyScheduler(Scheduler):
                     self.is_leader = self._lock_acquired = False
                     wait_s = backoff_s
                     backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
+                except Exception:  # noqa: BLE001 - one bad pass must not stop the node's scheduler
+                    log.exception("scheduler pass failed on node %s; going on", self.settings.node_name)
+                    wait_s = self.tick_s
                 if burst:
                     break
                 self._stop.wait(wait_s)
