@@ -89,3 +89,49 @@ def test_one_leader_at_a_time_and_sigterm_hands_over_at_once(node_env, processes
     # Released, not expired: the handover takes about one tick, well inside the 2 s TTL.
     assert time.monotonic() - started < 2
     assert "now the leader" in processes.log_of(second)
+
+
+def leader_node(connection, keys: Keys):
+    raw = connection.get(keys.leader)
+    return json.loads(raw)["node"] if raw else None
+
+
+def test_a_killed_leader_is_replaced_and_the_next_slot_fires_once(node_env, processes, connection, prefix):
+    keys = Keys(prefix)
+    slot = slot_in(10)
+    env = live_env(node_env, slot, params=6, sleep_s=0.1)
+    first = processes.start("scheduler.py", dict(env, NODE_NAME="first"))
+    wait_for(lambda: leader_node(connection, keys) == "first", timeout=15, what="first to lead")
+    second = processes.start("scheduler.py", dict(env, NODE_NAME="second"))
+    time.sleep(1)
+    first.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_for(lambda: leader_node(connection, keys) == "second", timeout=10, what="a new leader")
+    assert time.monotonic() - killed_at < 10
+    wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 6, timeout=20, what="the slot to fire")
+    time.sleep(1.5)
+    assert connection.llen(f"rq:queue:{keys.queue_name}") == 6
+    assert sum("fanned out sample" in line for line in processes.log_of(second).splitlines()) == 1
+
+
+def test_a_paused_leader_enqueues_nothing_when_it_wakes(node_env, processes, connection, prefix):
+    keys = Keys(prefix)
+    slot = slot_in(9)
+    env = live_env(node_env, slot, params=6, sleep_s=0.1)
+    old = processes.start("scheduler.py", dict(env, NODE_NAME="old"))
+    wait_for(lambda: leader_node(connection, keys) == "old", timeout=15, what="old to lead")
+    new = processes.start("scheduler.py", dict(env, NODE_NAME="new"))
+    time.sleep(1)
+    old.send_signal(signal.SIGSTOP)  # paused past its 2 s lease, across the slot
+    try:
+        wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 6, timeout=30,
+                 what="the new leader to fire the slot")
+    finally:
+        old.send_signal(signal.SIGCONT)
+    time.sleep(3)  # the old leader runs again for a while
+    old_log = processes.log_of(old)
+    assert "fanned out" not in old_log
+    assert "lost the leader lease" in old_log
+    assert "fanned out sample" in processes.log_of(new)
+    assert connection.llen(f"rq:queue:{keys.queue_name}") == 6
+    assert leader_node(connection, keys) == "new"

@@ -1,0 +1,75 @@
+"""Crashes of real processes: a node dying mid-run, an orphaned work-horse.
+
+Claim TTL is 3 s and the lease TTL 2 s in these tests (helpers.base_env)."""
+
+import os
+import signal
+import time
+
+from dailyq.keys import Keys
+from tests.helpers import executions, wait_for
+from tests.test_scheduler import all_finished, live_env, slot_in, status_of
+
+
+def first_start(connection, prefix):
+    events = [e for e in executions(connection, prefix) if e["event"] == "start"]
+    return events[0] if events else None
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_node_death_mid_run_restarts_the_run_on_another_node(node_env, processes, connection, prefix):
+    slot = slot_in(4)
+    env = live_env(node_env, slot, params=1, sleep_s=6)
+    processes.start("scheduler.py", dict(env, NODE_NAME="node-a"))
+    doomed = processes.start("worker_entry.py", dict(env, NODE_NAME="node-a"))
+    wait_for(lambda: first_start(connection, prefix) is not None, timeout=30, what="the run to start on node-a")
+    started = first_start(connection, prefix)
+    assert started["node"] == "node-a"
+    processes.start("worker_entry.py", dict(env, NODE_NAME="node-b"))
+
+    # The whole node dies: worker parent and its work-horse (which RQ puts in its own group).
+    kill(doomed.pid)
+    kill(started["pid"])
+    died_at = time.time()
+    day = slot.date().isoformat()
+    wait_for(lambda: all_finished(env, day), timeout=60, what="the run to finish elsewhere")
+    recovered_in = time.time() - died_at
+
+    (run,) = status_of(env, day)["runs"]
+    assert run["state"] == "finished" and run["node"] == "node-b"
+    assert run["attempts"] == 2
+    starts = [e for e in executions(connection, prefix) if e["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["t"] > died_at  # re-executed only after the first copy died
+    assert recovered_in < 60
+
+
+def test_an_orphaned_work_horse_keeps_its_claim_and_no_second_copy_runs(node_env, processes, connection, prefix):
+    slot = slot_in(4)
+    env = live_env(node_env, slot, params=1, sleep_s=7)
+    keys = Keys(prefix)
+    processes.start("scheduler.py", dict(env, NODE_NAME="node-a"))
+    parent = processes.start("worker_entry.py", dict(env, NODE_NAME="node-a"))
+    wait_for(lambda: first_start(connection, prefix) is not None, timeout=30, what="the run to start")
+    horse_pid = first_start(connection, prefix)["pid"]
+    try:
+        kill(parent.pid)  # only the parent: the work-horse goes on, orphaned
+        # RQ's abandoned-job cleanup would push the job back onto the queue; do just that.
+        (run_id,) = connection.hkeys(keys.day_runs(slot.date()))
+        connection.rpush(f"rq:queue:{keys.queue_name}", run_id)
+        processes.start("worker_entry.py", dict(env, NODE_NAME="node-b"))
+        day = slot.date().isoformat()
+        wait_for(lambda: all_finished(env, day), timeout=40, what="the orphan to finish")
+        time.sleep(2)  # let node-b's copy look at the run after the orphan finished
+    finally:
+        kill(horse_pid)
+    events = executions(connection, prefix)
+    assert [e["event"] for e in events] == ["start", "end"]
+    assert {e["pid"] for e in events} == {horse_pid}
+    (run,) = status_of(env, day)["runs"]
+    assert run["state"] == "finished" and run["attempts"] == 1 and run["node"] == "node-a"
