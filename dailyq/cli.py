@@ -20,6 +20,7 @@ from .clock import utc_now
 from .errors import ConfigError, DailyqError
 from .fanout import rerun, trigger
 from .logs import setup_logging
+from .server_checks import warn_about_server
 from .settings import Settings, connect, redact_url
 from .status import day_status, render_table
 from .table import TaskTable, encode_param, load_table
@@ -58,6 +59,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     connection = connect(settings)
     setup_logging(settings.node_name)
     log.info("connected to %s as node %s", settings.redacted_url(), settings.node_name)
+    warn_about_server(connection, settings)
     DailyScheduler(connection, settings, table).run(burst=args.burst)
     return 0
 
@@ -178,17 +180,28 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
+        from .outage import OutageLog, wait_for_redis  # noqa: PLC0415
         from .worker import DailySimpleWorker, DailyWorker, worker_name  # noqa: PLC0415
 
         settings = Settings.from_env()
         table = load_table(settings.tasks_module)
         connection = connect(settings)
         setup_logging(settings.node_name)
+        warn_about_server(connection, settings)
         worker_class = DailySimpleWorker if args.simple else DailyWorker
-        worker = worker_class(settings=settings, table=table, connection=connection,
-                              name=worker_name(settings.node_name))
-        # with_scheduler: RQ's own scheduler moves retries-with-backoff back to the queue.
-        worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
-        return 0
+        generation = 0
+        while True:
+            worker = worker_class(settings=settings, table=table, connection=connection,
+                                  name=worker_name(settings.node_name, generation))
+            # with_scheduler: RQ's own scheduler moves retries-with-backoff back to the queue.
+            worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
+            if args.burst or getattr(worker, "_stop_requested", False):
+                return 0
+            # RQ's loop quits on an unexpected error (typically Redis going away
+            # between jobs); the node's worker must stay up, so start a fresh one.
+            outage = OutageLog(log, f"worker on node {settings.node_name}")
+            outage.failed(RuntimeError("the RQ work loop stopped"))
+            wait_for_redis(connection.ping, outage)
+            generation += 1
 
     return guarded(run)

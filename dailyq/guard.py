@@ -35,7 +35,8 @@ from redis.exceptions import RedisError
 
 from .clock import Clock, iso, utc_now
 from .keys import Keys
-from .lease import Lease
+from .lease import ACQUIRE_OR_RENEW, Lease
+from .outage import OutageLog, through_outage
 from .table import encode_param
 from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING
 
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 # KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = running hash
 # ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, patch_json, retention_s, day
 BEGIN = PATCH_RECORD_LUA + """
+if redis.call('GET', KEYS[2]) == ARGV[2] then
+  return 'claimed'  -- a retry after a lost reply: we already hold it
+end
 if ARGV[4] ~= '1' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
   return 'finished'
 end
@@ -89,6 +93,9 @@ return 1
 
 # How often a copy waiting for another live copy of the same run looks again.
 WAIT_POLL_S = 1.0
+# How long the executing process waits for Redis to come back to record a run
+# before giving up (the run then shows as running until the leader requeues it).
+RECORD_OUTAGE_LIMIT_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -159,10 +166,12 @@ class Guard:
         duration_s = time.monotonic() - started
         patch = {"state": FINISHED, "ended_at": iso(self.clock()), "error": None, "node": self.node,
                  "duration_s": round(duration_s, 3)}
-        self._finish(keys=[self.keys.day_finished(run.day), claim.key, self.keys.day_runs(run.day),
-                           self.keys.durations, self.keys.running],
-                     args=[run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s, run.series,
-                           f"{duration_s:.3f}"])
+        finish_keys = [self.keys.day_finished(run.day), claim.key, self.keys.day_runs(run.day),
+                       self.keys.durations, self.keys.running]
+        finish_args = [run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s, run.series,
+                       f"{duration_s:.3f}"]
+        through_outage(lambda: self._finish(keys=finish_keys, args=finish_args),
+                       OutageLog(log, f"recording run {run.run_id} as finished"), RECORD_OUTAGE_LIMIT_S)
         log.info("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s)
         return result
 
@@ -172,10 +181,12 @@ class Guard:
                             "ended_at": None, "error": None, "job_id": run.job_id})
         told = False
         while True:
-            outcome = self._begin(keys=[self.keys.day_finished(run.day), self.keys.claim(run.run_id),
-                                        self.keys.day_runs(run.day), self.keys.running],
-                                  args=[run.run_id, owner, self.claim_ttl_s * 1000, "1" if run.force else "0",
-                                        run.base_record(), patch, self.retention_s, run.day.isoformat()])
+            begin_keys = [self.keys.day_finished(run.day), self.keys.claim(run.run_id), self.keys.day_runs(run.day),
+                          self.keys.running]
+            begin_args = [run.run_id, owner, self.claim_ttl_s * 1000, "1" if run.force else "0", run.base_record(),
+                          patch, self.retention_s, run.day.isoformat()]
+            outcome = through_outage(lambda: self._begin(keys=begin_keys, args=begin_args),
+                                     OutageLog(log, f"claiming run {run.run_id}"), RECORD_OUTAGE_LIMIT_S)
             outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
             if outcome == "claimed":
                 return True
@@ -191,27 +202,39 @@ class Guard:
     def _record_failure(self, run: RunIdentity, owner: str, error: str, retrying: bool) -> None:
         patch = {"state": QUEUED if retrying else FAILED, "ended_at": iso(self.clock()), "error": error,
                  "node": self.node}
+        fail_keys = [self.keys.claim(run.run_id), self.keys.day_runs(run.day), self.keys.running]
+        fail_args = [run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s]
         try:
-            self._fail(keys=[self.keys.claim(run.run_id), self.keys.day_runs(run.day), self.keys.running],
-                       args=[run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s])
+            through_outage(lambda: self._fail(keys=fail_keys, args=fail_args),
+                           OutageLog(log, f"recording the failure of run {run.run_id}"), RECORD_OUTAGE_LIMIT_S)
         except RedisError as exc:
             # The claim then expires by itself; RQ still records the failure.
             log.error("run %s: could not record its failure (%s)", run.run_id, exc)
 
 
 def _start_renewing(claim: Lease, every_s: float, run_id: str) -> Callable[[], None]:
-    """Renew ``claim`` from a daemon thread until the returned function is called."""
+    """Keep ``claim`` alive from a daemon thread until the returned function is called.
+
+    If the claim expired (Redis was away longer than its TTL) and nobody took it, it
+    is taken back: the leader requeues a claimless run only after looking twice, more
+    than a renewal period apart (recovery.py), so a live copy always gets in first.
+    """
     stopped = threading.Event()
+    keep = claim.connection.register_script(ACQUIRE_OR_RENEW)
 
     def renew() -> None:
+        outage = OutageLog(log, f"renewing the claim of run {run_id}")
         lost_logged = False
         while not stopped.wait(every_s):
             try:
-                if not claim.renew() and not lost_logged:
-                    log.error("run %s: claim lost (expired during an outage?); another copy may start", run_id)
-                    lost_logged = True
+                held = keep(keys=[claim.key], args=[claim.owner, claim.ttl_ms])
             except RedisError as exc:
-                log.warning("run %s: cannot renew claim (%s); retrying", run_id, exc)
+                outage.failed(exc)
+                continue
+            outage.recovered()
+            if not held and not lost_logged:
+                log.error("run %s: another copy holds its claim now; two copies may be running", run_id)
+                lost_logged = True
 
     thread = threading.Thread(target=renew, name=f"claim-{run_id}", daemon=True)
     thread.start()

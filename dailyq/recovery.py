@@ -2,9 +2,11 @@
 
 A copy that starts executing records itself in the ``running`` hash, atomically with
 taking its claim (guard.py). Its claim is renewed from inside the executing process,
-so a claim that has expired while the run is still listed as running means that
-process is gone (node death, SIGKILL, OOM). The leader checks every few seconds and
-enqueues such runs again under a fresh job id; the next copy counts as a new attempt.
+so a run listed as running whose claim has expired has lost its process (node
+death, SIGKILL, OOM) -- or Redis was away longer than the claim TTL. To tell the two
+apart, the leader requeues a run only when it finds it claimless twice, at least
+half a claim TTL apart: a live copy re-takes its claim within a third of the TTL
+once Redis is back. The new copy counts as a new attempt.
 
 We do not wait for RQ's own abandoned-job handling, which by default takes the job's
 heartbeat TTL plus a 600 s maintenance interval, and then only fails the job.
@@ -37,53 +39,74 @@ return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
 
-def requeue_abandoned_runs(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, retention_s: int,
-                           fence: Lease | None) -> list[str]:
-    """Enqueue again every run whose executing process died; returns their run ids."""
-    listed = connection.hgetall(keys.running)
-    if not listed:
-        return []
-    run_ids = [raw.decode() for raw in listed]
-    with connection.pipeline(transaction=False) as pipe:
-        for run_id in run_ids:
-            pipe.exists(keys.claim(run_id))
-        claimed = pipe.execute()
-    take = connection.register_script(TAKE_IF_ABANDONED)
-    requeued = []
-    for run_id, alive in zip(run_ids, claimed):
-        if alive or not take(keys=[keys.running, keys.claim(run_id)], args=[run_id]):
-            continue
-        day = date.fromisoformat(listed[run_id.encode()].decode())
-        run = _rebuild(connection, keys, table, run_id, day)
+class AbandonedRuns:
+    """The leader's watch for runs that lost their executing process."""
+
+    def __init__(self, connection: Redis, keys: Keys, queue: Queue, table: TaskTable, retention_s: int,
+                 claim_ttl_s: float) -> None:
+        self.connection = connection
+        self.keys = keys
+        self.queue = queue
+        self.table = table
+        self.retention_s = retention_s
+        self.confirm_after_s = claim_ttl_s / 2
+        self._take = connection.register_script(TAKE_IF_ABANDONED)
+        self._suspects: dict[str, float] = {}  # run id -> when first seen claimless
+
+    def requeue(self, now_s: float, fence: Lease | None) -> list[str]:
+        """Enqueue again every run confirmed abandoned; returns their run ids."""
+        listed = {k.decode(): v.decode() for k, v in self.connection.hgetall(self.keys.running).items()}
+        if not listed:
+            self._suspects.clear()
+            return []
+        run_ids = list(listed)
+        with self.connection.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.exists(self.keys.claim(run_id))
+            claimed = pipe.execute()
+        claimless = {run_id for run_id, alive in zip(run_ids, claimed) if not alive}
+        self._suspects = {r: t for r, t in self._suspects.items() if r in claimless}
+        requeued = []
+        for run_id in sorted(claimless):
+            first_seen = self._suspects.setdefault(run_id, now_s)
+            if now_s - first_seen < self.confirm_after_s:
+                continue
+            if not self._take(keys=[self.keys.running, self.keys.claim(run_id)], args=[run_id]):
+                continue
+            del self._suspects[run_id]
+            if self._requeue_one(run_id, date.fromisoformat(listed[run_id]), fence):
+                requeued.append(run_id)
+        return requeued
+
+    def _requeue_one(self, run_id: str, day: date, fence: Lease | None) -> bool:
+        run = self._rebuild(run_id, day)
         if run is None:
             log.error("run %s died mid-run but its task or slot is no longer in the table; not requeued", run_id)
-            continue
+            return False
         try:
-            rerun_number = int(connection.hincrby(keys.day_reruns(day), run_id, 1))
-            connection.expire(keys.day_reruns(day), retention_s)
-            fan_out(connection, keys, queue, [run], retention_s=retention_s, fence=fence,
+            rerun_number = int(self.connection.hincrby(self.keys.day_reruns(day), run_id, 1))
+            self.connection.expire(self.keys.day_reruns(day), self.retention_s)
+            fan_out(self.connection, self.keys, self.queue, [run], retention_s=self.retention_s, fence=fence,
                     rerun={run_id: rerun_number})
         except BaseException:
             # Not requeued (lease lost, Redis gone): list it again for the next leader.
-            connection.hset(keys.running, run_id, day.isoformat())
+            self.connection.hset(self.keys.running, run_id, day.isoformat())
             raise
         log.warning("run %s: its executing process died mid-run; enqueued again (job %s)", run_id,
                     run.job_id(rerun_number))
-        requeued.append(run_id)
-    return requeued
+        return True
 
-
-def _rebuild(connection: Redis, keys: Keys, table: TaskTable, run_id: str, day: date) -> Run | None:
-    raw = connection.hget(keys.day_runs(day), run_id)
-    if raw is None:
+    def _rebuild(self, run_id: str, day: date) -> Run | None:
+        raw = self.connection.hget(self.keys.day_runs(day), run_id)
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        task = self.table.by_name.get(record["task"])
+        if task is None:
+            return None
+        param = json.loads(record["param_json"])
+        for slot in task.schedule.slots_on(day):
+            run = Run(task, param, slot)
+            if run.run_id == run_id:
+                return run
         return None
-    record = json.loads(raw)
-    task = table.by_name.get(record["task"])
-    if task is None:
-        return None
-    param = json.loads(record["param_json"])
-    for slot in task.schedule.slots_on(day):
-        run = Run(task, param, slot)
-        if run.run_id == run_id:
-            return run
-    return None

@@ -35,7 +35,7 @@ from .clock import Clock, iso, utc_now
 from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
-from .recovery import requeue_abandoned_runs
+from .recovery import AbandonedRuns
 from .runs import runs_of_slot
 from .settings import Settings
 from .table import Task, TaskTable
@@ -44,8 +44,9 @@ from .worker import DailyJob, make_queue
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
-MAX_BACKOFF_S = 10.0
-# How often the leader looks for runs whose executing process died (recovery.py).
+MAX_BACKOFF_S = 5.0
+# How often the leader looks for runs whose executing process died (recovery.py),
+# at most; shorter claim TTLs are checked more often (every half TTL).
 RECOVERY_EVERY_S = 5.0
 
 
@@ -71,6 +72,8 @@ class DailyScheduler(Scheduler):
         self._stop = threading.Event()
         self._redis_down = False
         self._next_recovery = 0.0
+        self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s,
+                                       settings.claim_ttl_s)
 
     # -- leadership ------------------------------------------------------------------
 
@@ -137,9 +140,8 @@ class DailyScheduler(Scheduler):
         now = self.clock().timestamp()
         if now < self._next_recovery:
             return
-        self._next_recovery = now + RECOVERY_EVERY_S
-        requeue_abandoned_runs(self.connection, self.keys, self.queue, self.table, self.settings.retention_s,
-                               fence=self.lease)
+        self._next_recovery = now + max(0.5, min(RECOVERY_EVERY_S, self.settings.claim_ttl_s / 2))
+        self.abandoned.requeue(now, fence=self.lease)
 
     def enqueue_jobs(self):  # rq-scheduler's hook, called once per pass by the leader
         self.fire_due_slots(self.clock())

@@ -45,7 +45,7 @@ class Settings:
     lease_ttl_s: int = 5
     # Run claim: renewed by the executing process every claim_ttl_s / 3 seconds; a copy
     # whose process died is presumed dead once its claim expires.
-    claim_ttl_s: int = 30
+    claim_ttl_s: int = 20
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -60,7 +60,7 @@ class Settings:
             tasks_module=env.get("DAILYQ_TASKS") or "jobs",
             retention_days=_int_env(env, "DAILYQ_RETENTION_DAYS", 7),
             lease_ttl_s=_int_env(env, "DAILYQ_LEASE_TTL_S", 5, minimum=2),
-            claim_ttl_s=_int_env(env, "DAILYQ_CLAIM_TTL_S", 30, minimum=3),
+            claim_ttl_s=_int_env(env, "DAILYQ_CLAIM_TTL_S", 20, minimum=3),
         )
 
     @property

@@ -24,10 +24,13 @@ from rq.serializers import JSONSerializer
 from .errors import DailyqError
 from .guard import Guard, RunIdentity
 from .keys import Keys
+from .outage import TRANSIENT, OutageLog, wait_for_redis
 from .settings import Settings, connect
 from .table import TaskTable, load_table
 
 log = logging.getLogger(__name__)
+
+MAINTENANCE_INTERVAL_S = 60
 
 
 class RefusedJob(DailyqError):
@@ -94,6 +97,9 @@ class _DailyWorkerMixin:
         job_class = bind_job_class(WorkerContext(settings, table))
         kwargs["job_class"] = job_class
         kwargs["serializer"] = JSONSerializer
+        # RQ restarts its retry scheduler (killed by a Redis outage) only during
+        # maintenance, every 600 s by default: too long for retries with backoff.
+        kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL_S)
         connection = kwargs.get("connection") or _connection_of(queues) or connect(settings)
         kwargs["connection"] = connection
         # Rebuild queues ourselves: the rq CLI builds them with its own (pickling) job class.
@@ -103,6 +109,23 @@ class _DailyWorkerMixin:
                    for n in names]
         self.dailyq_settings = settings
         super().__init__(rebuilt, *args, **kwargs)  # type: ignore[call-arg]
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """RQ's, except that losing Redis while a run executes does not stop the worker:
+        it waits for Redis, lets the work-horse finish (the horse records the run
+        itself, see guard.py), then goes back to pulling jobs."""
+        try:
+            super().execute_job(job, queue)  # type: ignore[misc]
+        except TRANSIENT as error:
+            outage = OutageLog(log, f"worker {self.name}")  # type: ignore[attr-defined]
+            outage.failed(error)
+            wait_for_redis(self.connection.ping, outage)  # type: ignore[attr-defined]
+            horse = getattr(self, "_horse_pid", 0)
+            if horse:
+                try:
+                    os.waitpid(horse, 0)
+                except ChildProcessError:
+                    pass
 
 
 def _connection_of(queues: Any) -> Redis | None:
@@ -124,6 +147,7 @@ class DailySimpleWorker(_DailyWorkerMixin, SimpleWorker):
     run (no fork), but a task that crashes or leaks takes the worker with it."""
 
 
-def worker_name(node: str) -> str:
-    """RQ needs unique worker names; ours start with the node so dashboards group them."""
-    return f"{node}.{os.getpid()}"
+def worker_name(node: str, generation: int = 0) -> str:
+    """RQ needs unique worker names; ours start with the node so dashboards group them.
+    ``generation`` counts restarts inside one process (after a Redis outage)."""
+    return f"{node}.{os.getpid()}" + (f".{generation}" if generation else "")

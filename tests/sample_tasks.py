@@ -6,6 +6,7 @@ import os
 import time
 
 from redis import Redis
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from dailyq.table import Task
 
@@ -13,8 +14,14 @@ from dailyq.table import Task
 def _log(event: str, param: object) -> None:
     connection = Redis.from_url(os.environ["REDIS_URL"])
     key = f"{os.environ.get('DAILYQ_PREFIX', 'dailyq')}:test:executions"
-    connection.rpush(key, json.dumps({"event": event, "param": param, "node": os.environ.get("NODE_NAME"),
-                                      "pid": os.getpid(), "t": time.time()}, ensure_ascii=False))
+    entry = json.dumps({"event": event, "param": param, "node": os.environ.get("NODE_NAME"), "pid": os.getpid(),
+                        "t": time.time()}, ensure_ascii=False)
+    for _ in range(600):  # ride out the outages the tests cause, like a careful task would
+        try:
+            connection.rpush(key, entry)
+            break
+        except (ConnectionError, TimeoutError, BusyLoadingError):
+            time.sleep(0.1)
     connection.close()
 
 

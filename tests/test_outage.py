@@ -1,0 +1,66 @@
+"""Redis outages against a redis-server of the test's own (AOF on), and start-up
+warnings about servers that may lose our keys."""
+
+import json
+import time
+
+import pytest
+from redis import Redis
+
+from dailyq.redis_server import PrivateRedis
+from dailyq.server_checks import server_warnings
+from tests.helpers import base_env, executions, max_concurrent_copies, run_cli, starts_per_param, wait_for
+
+
+@pytest.fixture
+def own_redis():
+    with PrivateRedis(appendonly=True) as server:
+        yield server
+
+
+def test_redis_killed_mid_batch_and_restarted_loses_nothing(own_redis, processes):
+    prefix = "outage"
+    # Default claim and lease TTLs: the guarantee is stated for the defaults.
+    env = base_env(own_redis.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="12", SAMPLE_SLEEP_S="1.5",
+                   DAILYQ_CLAIM_TTL_S="20", DAILYQ_LEASE_TTL_S="5")
+    started = []
+    for node in ("n1", "n2", "n3"):
+        started.append(processes.start("scheduler.py", dict(env, NODE_NAME=node)))
+        started.append(processes.start("worker_entry.py", dict(env, NODE_NAME=node)))
+    connection = Redis.from_url(own_redis.url)
+    wait_for(lambda: connection.exists(f"{prefix}:leader"), timeout=15, what="a leader")
+    assert run_cli(["trigger", "--date", "2026-11-26"], env).returncode == 0
+    wait_for(lambda: len(executions(connection, prefix)) >= 3, timeout=15, what="the batch to start")
+
+    own_redis.kill()
+    time.sleep(12)
+    own_redis.start()
+
+    def done() -> bool:
+        result = run_cli(["status", "--date", "2026-11-26", "--json"], env)
+        return result.returncode == 0 and {r["state"] for r in json.loads(result.stdout)["runs"]} == {"finished"}
+
+    wait_for(done, timeout=90, what="the batch to complete after the outage", every=1)
+    events = executions(connection, prefix)
+    assert sorted(starts_per_param(events).values()) == [1] * 12
+    assert max_concurrent_copies(events) == 1
+    assert all(p.poll() is None for p in started), "a scheduler or worker died in the outage"
+    for process in started:
+        log = processes.log_of(process)
+        outage_lines = [line for line in log.splitlines() if "Redis unavailable" in line
+                        or "could not connect to Redis" in line]
+        assert outage_lines, log  # every process noticed ...
+    for scheduler in started[::2]:  # ... and a scheduler logs it once per change of state
+        log = processes.log_of(scheduler)
+        assert log.count("Redis unavailable") == 1 and log.count("Redis reachable again") == 1, log
+
+
+def test_start_up_warns_when_redis_may_evict_or_forget_our_keys():
+    with PrivateRedis(appendonly=False, extra_args=["--maxmemory-policy", "allkeys-lru"]) as server:
+        warnings = server_warnings(Redis.from_url(server.url))
+    assert any("maxmemory-policy is allkeys-lru" in w for w in warnings)
+    assert any("persists nothing" in w for w in warnings)
+
+
+def test_a_safe_server_gets_no_warning(own_redis):
+    assert server_warnings(Redis.from_url(own_redis.url)) == []
