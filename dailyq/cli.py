@@ -195,7 +195,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
                                   name=worker_name(settings.node_name, generation))
             # with_scheduler: RQ's own scheduler moves retries-with-backoff back to the queue.
             worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
-            if args.burst or getattr(worker, "_stop_requested", False):
+            # RQ stamps a shutdown date when SIGTERM/SIGINT asked it to stop.
+            if args.burst or getattr(worker, "_shutdown_requested_date", None) is not None:
                 return 0
             # RQ's loop quits on an unexpected error (typically Redis going away
             # between jobs); the node's worker must stay up, so start a fresh one.

@@ -7,7 +7,9 @@ work-horse, or the worker itself for a non-forking worker):
 1. ``BEGIN`` (one Lua script): if the run is in the day's finished set, skip it;
    else take the run's claim (an owner-token lease) and mark the record running.
    A claim held by another live copy means "wait": the other copy may finish (then
-   we skip) or die (its claim expires, then we run).
+   we skip) or die (its claim expires, then we run). A *series* claim, held for
+   any slot of the same (task, param), applies the task's ``overlap`` policy when
+   the previous slot's run is still executing: "wait" for it, or "skip" this run.
 2. While the function runs, a thread renews the claim. It lives in the executing
    process, so an orphaned work-horse whose worker parent was killed keeps its claim
    and no second copy starts beside it.
@@ -38,12 +40,14 @@ from .keys import Keys
 from .lease import ACQUIRE_OR_RENEW, Lease
 from .outage import OutageLog, through_outage
 from .table import encode_param
-from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING
+from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING, SKIPPED
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = running hash
-# ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, patch_json, retention_s, day
+# KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = running hash,
+# KEYS[5] = series claim (same task and param, any slot)
+# ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, running_patch_json, retention_s, day,
+#        overlap ('skip'|'wait'), skipped_patch_json
 BEGIN = PATCH_RECORD_LUA + """
 if redis.call('GET', KEYS[2]) == ARGV[2] then
   return 'claimed'  -- a retry after a lost reply: we already hold it
@@ -51,25 +55,47 @@ end
 if ARGV[4] ~= '1' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
   return 'finished'
 end
-if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 'busy'  -- this very run is executing elsewhere
+end
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  -- a run of another slot of the same task and param is still executing
+  if ARGV[9] == 'skip' then
+    patch_record(KEYS[3], ARGV[1], ARGV[5], ARGV[10], '0', ARGV[7])
+    return 'skipped'
+  end
   return 'busy'
 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[3])
 patch_record(KEYS[3], ARGV[1], ARGV[5], ARGV[6], '1', ARGV[7])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[8])
 return 'claimed'
 """
 
+# Releases what BEGIN took, if still ours. A run whose claim is gone altogether
+# leaves ``running`` too (nobody else is executing it).
+RELEASE_LUA = """
+local function release(claim_key, series_key, running_key, run_id, owner)
+  local claim = redis.call('GET', claim_key)
+  if claim == owner then
+    redis.call('DEL', claim_key)
+  end
+  if redis.call('GET', series_key) == owner then
+    redis.call('DEL', series_key)
+  end
+  if claim == owner or not claim then
+    redis.call('HDEL', running_key, run_id)
+  end
+  return claim == owner
+end
+"""
+
 # KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = durations hash,
-# KEYS[5] = running hash; ARGV = run_id, claim owner, base_json, patch_json, retention_s, series id, duration_s
-FINISH = PATCH_RECORD_LUA + """
-local claim = redis.call('GET', KEYS[2])
-local still_ours = claim == ARGV[2]
-if still_ours then
-  redis.call('DEL', KEYS[2])
-end
-if still_ours or not claim then
-  redis.call('HDEL', KEYS[5], ARGV[1])
-end
+# KEYS[5] = running hash, KEYS[6] = series claim
+# ARGV = run_id, claim owner, base_json, patch_json, retention_s, series id, duration_s
+FINISH = PATCH_RECORD_LUA + RELEASE_LUA + """
+local still_ours = release(KEYS[2], KEYS[6], KEYS[5], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 patch_record(KEYS[3], ARGV[1], ARGV[3], ARGV[4], '0', ARGV[5])
@@ -77,16 +103,10 @@ redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
 return still_ours and 1 or 0
 """
 
-# KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash
+# KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash, KEYS[4] = series claim
 # ARGV = run_id, claim owner, base_json, patch_json, retention_s
-FAIL = PATCH_RECORD_LUA + """
-local claim = redis.call('GET', KEYS[1])
-if claim == ARGV[2] then
-  redis.call('DEL', KEYS[1])
-end
-if claim == ARGV[2] or not claim then
-  redis.call('HDEL', KEYS[3], ARGV[1])
-end
+FAIL = PATCH_RECORD_LUA + RELEASE_LUA + """
+release(KEYS[1], KEYS[4], KEYS[3], ARGV[1], ARGV[2])
 patch_record(KEYS[2], ARGV[1], ARGV[3], ARGV[4], '0', ARGV[5])
 return 1
 """
@@ -110,6 +130,7 @@ class RunIdentity:
     param_json: str
     job_id: str
     force: bool
+    overlap: str = "wait"
 
     @classmethod
     def from_job(cls, job: Any) -> "RunIdentity | None":
@@ -119,8 +140,8 @@ class RunIdentity:
         param = job.args[0] if job.args else None
         return cls(run_id=meta["run_id"], day=date.fromisoformat(meta["day"]), task=meta["task"],
                    slot=meta.get("slot", ""), series=meta.get("series", meta["run_id"]),
-                   param_json=encode_param(param),
-                   job_id=job.id, force=bool(meta.get("force")))
+                   param_json=encode_param(param), job_id=job.id, force=bool(meta.get("force")),
+                   overlap=meta.get("overlap", "wait"))
 
     def base_record(self) -> str:
         return json.dumps({"task": self.task, "param_json": self.param_json, "slot": self.slot, "state": QUEUED,
@@ -145,13 +166,16 @@ class Guard:
 
     def execute(self, run: RunIdentity, call: Callable[[], Any], will_retry: Callable[[], bool]) -> Any:
         owner = f"{self.node}:{os.getpid()}:{uuid.uuid4().hex}"
-        if not self._wait_for_claim(run, owner):
-            log.info("run %s already finished: skipped (job %s, node %s)", run.run_id, run.job_id, self.node)
-            return {"skipped": "already finished"}
+        outcome = self._wait_for_claim(run, owner)
+        if outcome != "claimed":
+            log.info("run %s not executed: %s (job %s, node %s)", run.run_id, outcome, run.job_id, self.node)
+            return {"skipped": outcome}
         log.info("run %s started on node %s (job %s)", run.run_id, self.node, run.job_id)
         started = time.monotonic()
-        claim = Lease(self.connection, self.keys.claim(run.run_id), owner, self.claim_ttl_s * 1000)
-        stop_renewing = _start_renewing(claim, self.claim_ttl_s / 3, run.run_id)
+        ttl_ms = self.claim_ttl_s * 1000
+        claim = Lease(self.connection, self.keys.claim(run.run_id), owner, ttl_ms)
+        series = Lease(self.connection, self.keys.series_claim(run.series), owner, ttl_ms)
+        stop_renewing = _start_renewing([claim, series], self.claim_ttl_s / 3, run.run_id)
         try:
             result = call()
         except BaseException as exc:  # timeouts arrive as exceptions too; record, then let RQ handle it
@@ -167,7 +191,7 @@ class Guard:
         patch = {"state": FINISHED, "ended_at": iso(self.clock()), "error": None, "node": self.node,
                  "duration_s": round(duration_s, 3)}
         finish_keys = [self.keys.day_finished(run.day), claim.key, self.keys.day_runs(run.day),
-                       self.keys.durations, self.keys.running]
+                       self.keys.durations, self.keys.running, series.key]
         finish_args = [run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s, run.series,
                        f"{duration_s:.3f}"]
         through_outage(lambda: self._finish(keys=finish_keys, args=finish_args),
@@ -175,34 +199,39 @@ class Guard:
         log.info("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s)
         return result
 
-    def _wait_for_claim(self, run: RunIdentity, owner: str) -> bool:
-        """True once we hold the claim; False if the run is (or becomes) finished."""
-        patch = json.dumps({"state": RUNNING, "node": self.node, "started_at": iso(self.clock()),
-                            "ended_at": None, "error": None, "job_id": run.job_id})
+    def _wait_for_claim(self, run: RunIdentity, owner: str) -> str:
+        """'claimed' once we hold the claim, or why not: 'finished' (already done) or
+        'skipped' (overlap='skip' and the previous slot's run is still executing)."""
+        begin_keys = [self.keys.day_finished(run.day), self.keys.claim(run.run_id), self.keys.day_runs(run.day),
+                      self.keys.running, self.keys.series_claim(run.series)]
+        skipped = json.dumps({"state": SKIPPED, "node": self.node, "ended_at": iso(self.clock()),
+                              "error": "overlap: the previous slot's run of this task and param was still running",
+                              "job_id": run.job_id})
         told = False
         while True:
-            begin_keys = [self.keys.day_finished(run.day), self.keys.claim(run.run_id), self.keys.day_runs(run.day),
-                          self.keys.running]
+            running = json.dumps({"state": RUNNING, "node": self.node, "started_at": iso(self.clock()),
+                                  "ended_at": None, "error": None, "job_id": run.job_id})
             begin_args = [run.run_id, owner, self.claim_ttl_s * 1000, "1" if run.force else "0", run.base_record(),
-                          patch, self.retention_s, run.day.isoformat()]
+                          running, self.retention_s, run.day.isoformat(), run.overlap, skipped]
             outcome = through_outage(lambda: self._begin(keys=begin_keys, args=begin_args),
                                      OutageLog(log, f"claiming run {run.run_id}"), RECORD_OUTAGE_LIMIT_S)
             outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
-            if outcome == "claimed":
-                return True
-            if outcome == "finished":
-                return False
+            if outcome != "busy":
+                return outcome
             if not told:
-                # Another live copy holds the claim (an orphaned work-horse, or a rerun
-                # beside the original): never run beside it; wait for it to end or die.
-                log.info("run %s is executing elsewhere; waiting for it (job %s)", run.run_id, run.job_id)
+                # Another live copy holds the claim (an orphaned work-horse, a rerun beside
+                # the original, or with overlap='wait' the previous slot's run): never run
+                # beside it; wait for it to end or die.
+                log.info("run %s: another copy of it (or of its task and param) is executing; waiting (job %s)",
+                         run.run_id, run.job_id)
                 told = True
             time.sleep(WAIT_POLL_S)
 
     def _record_failure(self, run: RunIdentity, owner: str, error: str, retrying: bool) -> None:
         patch = {"state": QUEUED if retrying else FAILED, "ended_at": iso(self.clock()), "error": error,
                  "node": self.node}
-        fail_keys = [self.keys.claim(run.run_id), self.keys.day_runs(run.day), self.keys.running]
+        fail_keys = [self.keys.claim(run.run_id), self.keys.day_runs(run.day), self.keys.running,
+                     self.keys.series_claim(run.series)]
         fail_args = [run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s]
         try:
             through_outage(lambda: self._fail(keys=fail_keys, args=fail_args),
@@ -212,22 +241,22 @@ class Guard:
             log.error("run %s: could not record its failure (%s)", run.run_id, exc)
 
 
-def _start_renewing(claim: Lease, every_s: float, run_id: str) -> Callable[[], None]:
-    """Keep ``claim`` alive from a daemon thread until the returned function is called.
+def _start_renewing(claims: list[Lease], every_s: float, run_id: str) -> Callable[[], None]:
+    """Keep ``claims`` alive from a daemon thread until the returned function is called.
 
     If the claim expired (Redis was away longer than its TTL) and nobody took it, it
     is taken back: the leader requeues a claimless run only after looking twice, more
     than a renewal period apart (recovery.py), so a live copy always gets in first.
     """
     stopped = threading.Event()
-    keep = claim.connection.register_script(ACQUIRE_OR_RENEW)
+    keep = claims[0].connection.register_script(ACQUIRE_OR_RENEW)
 
     def renew() -> None:
         outage = OutageLog(log, f"renewing the claim of run {run_id}")
         lost_logged = False
         while not stopped.wait(every_s):
             try:
-                held = keep(keys=[claim.key], args=[claim.owner, claim.ttl_ms])
+                held = all([keep(keys=[c.key], args=[c.owner, c.ttl_ms]) for c in claims])
             except RedisError as exc:
                 outage.failed(exc)
                 continue

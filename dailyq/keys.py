@@ -69,6 +69,10 @@ class Keys:
         """String: owner token of the one copy of a run executing now."""
         return f"{self.prefix}:claim:{run_id}"
 
+    def series_claim(self, series: str) -> str:
+        """String: owner token of the copy executing any slot of one (task, param)."""
+        return f"{self.prefix}:series:{series}"
+
     def heartbeat(self, role: str, node: str) -> str:
         """String with TTL: proof that ``role`` (scheduler|worker) on ``node`` is alive."""
         return f"{self.prefix}:heartbeat:{role}:{node}"

@@ -56,7 +56,8 @@ class Run:
 
     def job_meta(self, force: bool = False) -> dict[str, Any]:
         return {META_KEY: {"run_id": self.run_id, "day": self.day.isoformat(), "task": self.task.name,
-                           "slot": self.slot.isoformat(), "series": self.series_id, "force": force}}
+                           "slot": self.slot.isoformat(), "series": self.series_id, "force": force,
+                           "overlap": self.task.overlap}}
 
     def new_record(self, job_id: str, state: str = QUEUED) -> dict[str, Any]:
         return {"task": self.task.name, "param_json": self.param_json, "slot": self.slot.isoformat(),

@@ -1,7 +1,9 @@
 """Workers as separate processes: only table functions run, JSON only, params round-trip."""
 
+import signal
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -9,14 +11,14 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from dailyq.fanout import trigger
+from dailyq.fanout import fan_out, trigger
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.status import day_status
 from dailyq.clock import utc_now
 from dailyq.worker import make_queue
 from tests.sample_tasks import explode
-from tests.helpers import ROOT, executions, param_key, starts_per_param
+from tests.helpers import ROOT, executions, param_key, starts_per_param, wait_for
 
 DAY = date(2026, 11, 26)
 
@@ -95,3 +97,32 @@ def test_a_failing_run_is_retried_then_failed_with_its_error_while_others_go_on(
     assert broken["attempts"] == 2
     assert "RuntimeError: boom for x" in broken["error"]
     assert runs["sample"]["state"] == "finished"
+
+
+def test_a_run_past_its_timeout_fails_with_the_timeout_as_its_error(node_env, connection, settings):
+    quick = TaskTable([Task(name="sample", func="tests.sample_tasks.record", params=["slow"], at="03:00",
+                            timeout_s=1, retries=0)])
+    trigger(connection, settings.keys, make_queue(connection, settings.keys), quick, DAY, None, settings.retention_s)
+    assert run_burst_worker(dict(node_env, SAMPLE_SLEEP_S="5")).returncode == 0
+    (run,) = day_status(connection, settings.keys, quick, DAY, utc_now())["runs"]
+    assert run["state"] == "failed"
+    assert "JobTimeoutException" in run["error"]
+    assert [e["event"] for e in executions(connection, settings.prefix)] == ["start"]
+
+
+def test_sigterm_lets_the_worker_finish_its_run_then_exit(node_env, processes, connection, settings, table):
+    worker = processes.start("worker_entry.py", dict(node_env, NODE_NAME="node-t", SAMPLE_SLEEP_S="3"))
+    sample = TaskTable([table.get("sample")])
+    one = runs_on(sample, DAY)[:1]
+    fan_out(connection, settings.keys, make_queue(connection, settings.keys), one, retention_s=settings.retention_s)
+    wait_for(lambda: any(e["event"] == "start" and e["param"] == one[0].param
+                         for e in executions(connection, settings.prefix)), timeout=30, what="the run to start")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    exited_at = time.time()
+    ends = [e for e in executions(connection, settings.prefix) if e["event"] == "end"]
+    assert [e["param"] for e in ends] == [one[0].param] and ends[0]["t"] <= exited_at
+    record = next(r for r in day_status(connection, settings.keys, sample, DAY, utc_now())["runs"]
+                  if r["param"] == one[0].param)
+    assert record["state"] == "finished"
+    assert "warm shut down requested" in processes.log_of(worker)

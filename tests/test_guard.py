@@ -1,0 +1,105 @@
+"""The guard in-process against a real Redis: finished runs skip, one copy at a time,
+and the overlap policy between slots of the same task and param."""
+
+import threading
+import time
+from datetime import date
+
+from dailyq.guard import Guard, RunIdentity
+from dailyq.runs import decode_record
+
+DAY = date(2026, 11, 26)
+
+
+def identity(run_id: str, overlap: str = "wait", force: bool = False) -> RunIdentity:
+    return RunIdentity(run_id=run_id, day=DAY, task="t", slot=f"slot-{run_id}", series="t-series",
+                       param_json='"p"', job_id=run_id, force=force, overlap=overlap)
+
+
+def guard(connection, settings) -> Guard:
+    return Guard(connection, settings.keys, "node-x", claim_ttl_s=3, retention_s=600)
+
+
+def record(connection, settings, run_id):
+    return decode_record(connection.hget(settings.keys.day_runs(DAY), run_id))
+
+
+def run_in_thread(target) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_finished_run_is_not_executed_again_unless_forced(connection, settings):
+    calls = []
+    g = guard(connection, settings)
+    g.execute(identity("r1"), lambda: calls.append(1), will_retry=lambda: False)
+    assert g.execute(identity("r1"), lambda: calls.append(2), will_retry=lambda: False) == {"skipped": "finished"}
+    g.execute(identity("r1", force=True), lambda: calls.append(3), will_retry=lambda: False)
+    assert calls == [1, 3]
+    assert record(connection, settings, "r1")["attempts"] == 2
+
+
+def test_a_second_copy_waits_for_the_first_and_then_skips(connection, settings):
+    spans = {}
+
+    def slow(name):
+        def call():
+            spans[name] = [time.time()]
+            time.sleep(1.0)
+            spans[name].append(time.time())
+        return call
+
+    first = run_in_thread(lambda: guard(connection, settings).execute(identity("r1"), slow("first"), lambda: False))
+    time.sleep(0.3)
+    result = guard(connection, settings).execute(identity("r1"), slow("second"), lambda: False)
+    first.join()
+    assert result == {"skipped": "finished"} and "second" not in spans
+
+
+def test_overlap_skip_skips_a_slot_while_the_previous_slot_runs(connection, settings):
+    first = run_in_thread(lambda: guard(connection, settings).execute(identity("monday"), lambda: time.sleep(1.0),
+                                                                      lambda: False))
+    time.sleep(0.3)
+    calls = []
+    result = guard(connection, settings).execute(identity("tuesday", overlap="skip"), lambda: calls.append(1),
+                                                 lambda: False)
+    first.join()
+    assert result == {"skipped": "skipped"} and calls == []
+    tuesday = record(connection, settings, "tuesday")
+    assert tuesday["state"] == "skipped" and "overlap" in tuesday["error"]
+
+
+def test_overlap_wait_runs_the_next_slot_after_the_previous_one(connection, settings):
+    spans = {}
+
+    def timed(name, seconds):
+        def call():
+            start = time.time()
+            time.sleep(seconds)
+            spans[name] = (start, time.time())
+        return call
+
+    first = run_in_thread(lambda: guard(connection, settings).execute(identity("monday"), timed("monday", 1.0),
+                                                                      lambda: False))
+    time.sleep(0.3)
+    guard(connection, settings).execute(identity("tuesday", overlap="wait"), timed("tuesday", 0.1), lambda: False)
+    first.join()
+    assert spans["tuesday"][0] >= spans["monday"][1]
+    assert record(connection, settings, "tuesday")["state"] == "finished"
+
+
+def test_a_failure_releases_the_claims_and_records_the_error(connection, settings):
+    def boom():
+        raise ValueError("bad input")
+
+    g = guard(connection, settings)
+    try:
+        g.execute(identity("r1"), boom, will_retry=lambda: False)
+    except ValueError:
+        pass
+    failed = record(connection, settings, "r1")
+    assert failed["state"] == "failed" and failed["error"] == "ValueError: bad input"
+    assert not connection.exists(settings.keys.claim("r1"))
+    assert not connection.exists(settings.keys.series_claim("t-series"))
+    assert not connection.hexists(settings.keys.running, "r1")
