@@ -50,11 +50,12 @@ def retry_policy(retries: int, backoff_s: int) -> Retry | None:
 
 def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *, retention_s: int,
             fence: Lease | None = None, rerun: dict[str, int] | None = None,
-            force: bool = False) -> FanOutResult:
+            force: bool = False, at_front: bool = False) -> FanOutResult:
     """Enqueue each run not enqueued before (per job id); return what was done.
 
     ``rerun`` maps run id -> rerun number, which gives that run a fresh job id.
     ``fence``: enqueue only while this lease is held (raises LeaseLost otherwise).
+    ``at_front``: jump the queue (recovered runs must not wait behind a whole day).
     """
     rerun = rerun or {}
     result = FanOutResult()
@@ -65,13 +66,13 @@ def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *,
     for day, day_runs in by_day.items():
         for start in range(0, len(day_runs), CHUNK_SIZE):
             chunk = day_runs[start:start + CHUNK_SIZE]
-            _fan_out_chunk(connection, keys, queue, day, chunk, retention_s, fence, rerun, force,
+            _fan_out_chunk(connection, keys, queue, day, chunk, retention_s, fence, rerun, force, at_front,
                            patch_record, result)
     return result
 
 
 def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk: list[Run],
-                   retention_s: int, fence: Lease | None, rerun: dict[str, int], force: bool,
+                   retention_s: int, fence: Lease | None, rerun: dict[str, int], force: bool, at_front: bool,
                    patch_record, result: FanOutResult) -> None:
     enqueued_key = keys.day_enqueued(day)
     runs_key = keys.day_runs(day)
@@ -95,8 +96,8 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                                      args=[run.run_id, json.dumps(run.new_record(job_id)), json.dumps(patch), "0",
                                            retention_s],
                                      client=pipe)
-                    queue.enqueue_many([_job_data(queue, run, job_id, retention_s, force) for run, job_id in fresh],
-                                       pipeline=pipe)
+                    queue.enqueue_many([_job_data(queue, run, job_id, retention_s, force, at_front)
+                                        for run, job_id in fresh], pipeline=pipe)
                 pipe.execute()
             except WatchError:
                 continue  # someone else enqueued for this day meanwhile: look again
@@ -105,7 +106,7 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
             return
 
 
-def _job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool):
+def _job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool, at_front: bool):
     task = run.task
     return queue.prepare_data(
         task.func_path,
@@ -119,6 +120,7 @@ def _job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool
         description=f"{task.name}({run.param_json}) slot {run.slot.isoformat()}",
         meta=run.job_meta(force=force),
         retry=retry_policy(task.retries, task.retry_backoff_s),
+        at_front=at_front,
     )
 
 

@@ -49,6 +49,12 @@ class Keys:
         where the leader looks for copies that died mid-run."""
         return f"{self.prefix}:running"
 
+    @property
+    def abandoned_suspects(self) -> str:
+        """Hash run id -> Redis server time it was first seen running without a claim.
+        Kept in Redis so that a new leader goes on with the old one's observations."""
+        return f"{self.prefix}:abandoned-suspects"
+
     def day_runs(self, day: date) -> str:
         """Hash run id -> JSON run record (state, node, times, attempts, error)."""
         return f"{self.prefix}:day:{day.isoformat()}:runs"

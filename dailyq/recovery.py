@@ -6,7 +6,9 @@ so a run listed as running whose claim has expired has lost its process (node
 death, SIGKILL, OOM) -- or Redis was away longer than the claim TTL. To tell the two
 apart, the leader requeues a run only when it finds it claimless twice, at least
 half a claim TTL apart: a live copy re-takes its claim within a third of the TTL
-once Redis is back. The new copy counts as a new attempt.
+once Redis is back. First sightings are kept in Redis, timed by the Redis server's
+clock, so a change of leader (or clocks that disagree between nodes) does not
+restart the wait. The new copy counts as a new attempt.
 
 We do not wait for RQ's own abandoned-job handling, which by default takes the job's
 heartbeat TTL plus a 600 s maintenance interval, and then only fails the job.
@@ -51,29 +53,34 @@ class AbandonedRuns:
         self.retention_s = retention_s
         self.confirm_after_s = claim_ttl_s / 2
         self._take = connection.register_script(TAKE_IF_ABANDONED)
-        self._suspects: dict[str, float] = {}  # run id -> when first seen claimless
 
-    def requeue(self, now_s: float, fence: Lease | None) -> list[str]:
+    def requeue(self, fence: Lease | None) -> list[str]:
         """Enqueue again every run confirmed abandoned; returns their run ids."""
         listed = {k.decode(): v.decode() for k, v in self.connection.hgetall(self.keys.running).items()}
-        if not listed:
-            self._suspects.clear()
-            return []
+        suspects = {k.decode(): float(v) for k, v in self.connection.hgetall(self.keys.abandoned_suspects).items()}
         run_ids = list(listed)
         with self.connection.pipeline(transaction=False) as pipe:
             for run_id in run_ids:
                 pipe.exists(self.keys.claim(run_id))
             claimed = pipe.execute()
         claimless = {run_id for run_id, alive in zip(run_ids, claimed) if not alive}
-        self._suspects = {r: t for r, t in self._suspects.items() if r in claimless}
+        cleared = [run_id for run_id in suspects if run_id not in claimless]
+        if cleared:
+            self.connection.hdel(self.keys.abandoned_suspects, *cleared)
+        if not claimless:
+            return []
+        seconds, micros = self.connection.time()
+        now_s = seconds + micros / 1e6
         requeued = []
         for run_id in sorted(claimless):
-            first_seen = self._suspects.setdefault(run_id, now_s)
-            if now_s - first_seen < self.confirm_after_s:
+            if run_id not in suspects:
+                self.connection.hsetnx(self.keys.abandoned_suspects, run_id, now_s)
                 continue
+            if now_s - suspects[run_id] < self.confirm_after_s:
+                continue
+            self.connection.hdel(self.keys.abandoned_suspects, run_id)
             if not self._take(keys=[self.keys.running, self.keys.claim(run_id)], args=[run_id]):
                 continue
-            del self._suspects[run_id]
             if self._requeue_one(run_id, date.fromisoformat(listed[run_id]), fence):
                 requeued.append(run_id)
         return requeued
@@ -87,7 +94,7 @@ class AbandonedRuns:
             rerun_number = int(self.connection.hincrby(self.keys.day_reruns(day), run_id, 1))
             self.connection.expire(self.keys.day_reruns(day), self.retention_s)
             fan_out(self.connection, self.keys, self.queue, [run], retention_s=self.retention_s, fence=fence,
-                    rerun={run_id: rerun_number})
+                    rerun={run_id: rerun_number}, at_front=True)
         except BaseException:
             # Not requeued (lease lost, Redis gone): list it again for the next leader.
             self.connection.hset(self.keys.running, run_id, day.isoformat())

@@ -141,7 +141,7 @@ class DailyScheduler(Scheduler):
         if now < self._next_recovery:
             return
         self._next_recovery = now + max(0.5, min(RECOVERY_EVERY_S, self.settings.claim_ttl_s / 2))
-        self.abandoned.requeue(now, fence=self.lease)
+        self.abandoned.requeue(fence=self.lease)
 
     def enqueue_jobs(self):  # rq-scheduler's hook, called once per pass by the leader
         self.fire_due_slots(self.clock())

@@ -41,8 +41,9 @@ class Settings:
     node_name: str = "node"
     tasks_module: str = "jobs"
     retention_days: int = 7
-    # Leader lease: renewed every second, so a dead leader is replaced within this TTL.
-    lease_ttl_s: int = 5
+    # Leader lease: renewed every second, so a dead leader is replaced within this TTL
+    # plus one tick. Short is safe: every fan-out is fenced by the lease.
+    lease_ttl_s: int = 3
     # Run claim: renewed by the executing process every claim_ttl_s / 3 seconds; a copy
     # whose process died is presumed dead once its claim expires.
     claim_ttl_s: int = 20
@@ -59,7 +60,7 @@ class Settings:
             node_name=env.get("NODE_NAME") or socket.gethostname(),
             tasks_module=env.get("DAILYQ_TASKS") or "jobs",
             retention_days=_int_env(env, "DAILYQ_RETENTION_DAYS", 7),
-            lease_ttl_s=_int_env(env, "DAILYQ_LEASE_TTL_S", 5, minimum=2),
+            lease_ttl_s=_int_env(env, "DAILYQ_LEASE_TTL_S", 3, minimum=2),
             claim_ttl_s=_int_env(env, "DAILYQ_CLAIM_TTL_S", 20, minimum=3),
         )
 
