@@ -9,20 +9,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+import time
 from datetime import date, datetime, timezone
+from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 from zoneinfo import ZoneInfo
 
+from redis import Redis
 from redis.exceptions import RedisError
 
 from .clock import utc_now
-from .errors import ConfigError, DailyqError
+from .errors import ConfigError, DailyqError, RedisUnavailable
 from .fanout import rerun, trigger
 from .logs import setup_logging
 from .server_checks import warn_about_server
 from .settings import Settings, connect, redact_url
-from .status import day_status, render_table
+from .status import colour_wanted, day_status, render_table
 from .table import TaskTable, encode_param, load_table
 
 log = logging.getLogger(__name__)
@@ -65,14 +70,78 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.json and (args.watch or args.until_done):
+        raise ConfigError("--json prints one snapshot and cannot be watched; drop --json or --watch/--until-done")
+    settings, table = _context(args)
+    connection = connect(settings)
+    now = utc_now()
+    day = args.date or default_day(table, now)
+    if args.watch or args.until_done:
+        return _watch_status(connection, settings, table, day, args.until_done)
+    status = day_status(connection, settings.keys, table, day, now)
+    if args.json:
+        print(json.dumps(status, ensure_ascii=False, indent=2))
+    else:
+        print(render_table(status, colour=colour_wanted(sys.stdout.isatty(), os.environ)))
+    return 0
+
+
+WATCH_EVERY_S = 1.0
+
+
+def _watch_status(connection: Redis, settings: Settings, table: TaskTable, day: date, until_done: bool) -> int:
+    """Redraw the day's progress line about every second until Ctrl-C, or with
+    ``until_done`` until no run is scheduled, queued or running."""
+    from .watch import is_settled, parse_durations, progress, render_line, running_nodes  # noqa: PLC0415
+
+    tty = sys.stdout.isatty()
+    colour = colour_wanted(tty, os.environ)
+    nodes_seen: set[str] = set()  # a node seen running once is counted as a worker for the ETA
+    last_line = ""
+    try:
+        while True:
+            now = utc_now()
+            status = day_status(connection, settings.keys, table, day, now)
+            durations = parse_durations(connection.hgetall(settings.keys.durations))
+            nodes_seen |= running_nodes(status)
+            line = render_line(progress(status, durations, now, nodes_seen), colour=colour,
+                               width=shutil.get_terminal_size().columns if tty else None)
+            if tty:  # redraw in place: carriage return, the line, clear to the end of the line
+                sys.stdout.write(f"\r{line}\x1b[K")
+                sys.stdout.flush()
+            elif line != last_line:  # a pipe or a file gets a line per change
+                print(line, flush=True)
+            last_line = line
+            if until_done and is_settled(status):
+                if tty:
+                    sys.stdout.write("\n")
+                return 0
+            time.sleep(WATCH_EVERY_S)
+    except KeyboardInterrupt:
+        if tty:
+            sys.stdout.write("\n")  # leave the prompt below the last line drawn
+        return 130
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import render_report  # noqa: PLC0415
+
+    out: Path = args.out
+    # Checked before Redis is asked anything: a typo in --out should not cost a query.
+    if not out.parent.is_dir():
+        raise ConfigError(f"cannot write --out {str(out)!r}: directory {str(out.parent)!r} does not exist; "
+                          "create it or choose another path")
+    if out.is_dir():
+        raise ConfigError(f"cannot write --out {str(out)!r}: it is a directory; give a file name like report.html")
     settings, table = _context(args)
     connection = connect(settings)
     now = utc_now()
     status = day_status(connection, settings.keys, table, args.date or default_day(table, now), now)
-    if args.json:
-        print(json.dumps(status, ensure_ascii=False, indent=2))
-    else:
-        print(render_table(status))
+    try:
+        out.write_text(render_report(status), encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write --out {str(out)!r}: {exc.strerror or exc}") from None
+    print(f"{status['date']}: wrote {out} ({len(status['runs'])} runs)")
     return 0
 
 
@@ -108,6 +177,36 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when this node's heartbeats are fresh and Redis answers, else 1; one line
+    either way. Redis problems are 1 too (not 3): probes understand only 0 and 1."""
+    from .health import judge, read_beats, redis_down, roles_of  # noqa: PLC0415
+
+    settings = Settings.from_env()
+    roles = roles_of(args.role)
+    try:
+        connection = connect(settings)
+        beats = read_beats(connection, settings.keys, settings.node_name, roles)
+    except RedisUnavailable as exc:
+        verdict = redis_down(str(exc))
+    except RedisError as exc:
+        verdict = redis_down(f"Redis at {settings.redacted_url()} failed: {exc}")
+    else:
+        verdict = judge(settings.node_name, beats, utc_now(), args.max_age_s)
+    print(verdict.line)
+    return verdict.exit_code
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"bad number of seconds {text!r}: use a positive number")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # noqa: PLC0415
 
@@ -124,7 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="every run of a day and the current leader")
     status.add_argument("--date", type=_parse_date, help="YYYY-MM-DD (default: today in the tasks' zone)")
     status.add_argument("--json", action="store_true", help="one JSON object (stable keys)")
+    status.add_argument("--watch", action="store_true",
+                        help="a live progress line (done/total, running per node, ETA), redrawn every second "
+                             "until Ctrl-C")
+    status.add_argument("--until-done", action="store_true",
+                        help="with --watch (implied): stop, exit 0, once no run is scheduled, queued or running")
     status.set_defaults(handler=cmd_status)
+
+    report = sub.add_parser("report", help="a day's runs as one self-contained HTML timeline (a lane per node)")
+    report.add_argument("--date", type=_parse_date, help="YYYY-MM-DD (default: today in the tasks' zone)")
+    report.add_argument("--out", type=Path, required=True, help="HTML file to write, e.g. day.html")
+    report.set_defaults(handler=cmd_report)
 
     trig = sub.add_parser("trigger", help="fan out a day's runs now (ad-hoc or backfill); idempotent")
     trig.add_argument("--date", type=_parse_date)
@@ -141,6 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="private Redis + three local workers run today's example batch")
     demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
     demo.set_defaults(handler=cmd_demo)
+
+    health = sub.add_parser("health", help="exit 0 if this node's (NODE_NAME) processes beat and Redis answers, "
+                            "else 1; one line (for probes)")
+    health.add_argument("--role", choices=("scheduler", "worker", "both"), default="both",
+                        help="which process of this node to check (default: both)")
+    health.add_argument("--max-age-s", type=_positive_seconds, default=None,
+                        help="also require a heartbeat at most this old (default: any unexpired one; an idle "
+                             "worker beats about every 405 s, the scheduler every second)")
+    health.set_defaults(handler=cmd_health)
     return parser
 
 

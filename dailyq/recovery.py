@@ -88,7 +88,8 @@ class AbandonedRuns:
     def _requeue_one(self, run_id: str, day: date, fence: Lease | None) -> bool:
         run = self._rebuild(run_id, day)
         if run is None:
-            log.error("run %s died mid-run but its task or slot is no longer in the table; not requeued", run_id)
+            log.error("run %s died mid-run but its task or slot is no longer in the table; not requeued", run_id,
+                      extra={"run_id": run_id})
             return False
         try:
             rerun_number = int(self.connection.hincrby(self.keys.day_reruns(day), run_id, 1))
@@ -100,7 +101,7 @@ class AbandonedRuns:
             self.connection.hset(self.keys.running, run_id, day.isoformat())
             raise
         log.warning("run %s: its executing process died mid-run; enqueued again (job %s)", run_id,
-                    run.job_id(rerun_number))
+                    run.job_id(rerun_number), extra={"run_id": run_id})
         return True
 
     def _rebuild(self, run_id: str, day: date) -> Run | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, Mapping
 
 from redis import Redis
 
@@ -69,8 +69,22 @@ def summary(status: dict[str, Any]) -> dict[str, int]:
     return {state: n for state, n in counts.items() if n}
 
 
-def render_table(status: dict[str, Any]) -> str:
-    """Plain-text table for a terminal."""
+# ANSI SGR codes per state, for terminals only (see ``colour_wanted``).
+STATE_COLOURS = {"scheduled": "2", "queued": "33", "running": "1;36", "finished": "32", "failed": "1;31",
+                 "skipped": "35", "missed": "31"}
+
+
+def colour_wanted(is_tty: bool, environ: Mapping[str, str]) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return is_tty and not environ.get("NO_COLOR") and environ.get("TERM") != "dumb"
+
+
+def paint(text: str, sgr: str | None, colour: bool) -> str:
+    return f"\x1b[{sgr}m{text}\x1b[0m" if colour and sgr else text
+
+
+def render_table(status: dict[str, Any], colour: bool = False) -> str:
+    """Plain-text table for a terminal; ``colour`` paints the STATE column by state."""
     header = ("TASK", "PARAM", "STATE", "NODE", "STARTED", "ENDED", "ATT", "ERROR")
     rows = [header]
     for run in status["runs"]:
@@ -78,7 +92,17 @@ def render_table(status: dict[str, Any]) -> str:
                      _clock_time(run["started_at"]), _clock_time(run["ended_at"]), str(run["attempts"]),
                      (run["error"] or "")[:60]))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    state_column = header.index("STATE")
+
+    def cell_text(row_number: int, column: int, cell: Any, width: int) -> str:
+        padded = str(cell).ljust(width)
+        if not colour or row_number == 0 or column != state_column:
+            return padded
+        # Paint the word only, so the padding (and the widths) stay as without colour.
+        return paint(str(cell), STATE_COLOURS.get(str(cell)), colour) + padded[len(str(cell)):]
+
+    lines = ["  ".join(cell_text(n, i, cell, width) for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+             for n, row in enumerate(rows)]
     leader = status["leader"]
     leader_line = f"leader: {leader['node']} (since {leader.get('since')})" if leader else "leader: none"
     counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
