@@ -27,12 +27,13 @@ from rq import Queue, Retry
 from .errors import ConfigError, LeaseLost
 from .keys import Keys
 from .lease import Lease
-from .runs import FINISHED, PATCH_RECORD, QUEUED, RUNNING, Run, decode_record, runs_on
+from .runs import FINISHED, PATCH_RECORDS, QUEUED, RUNNING, Run, decode_record, runs_on
 from .table import Task, TaskTable, encode_param
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1000
+DURATION_LOOKUP_CHUNK = 10_000
 
 
 @dataclass
@@ -60,20 +61,43 @@ def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *,
     rerun = rerun or {}
     result = FanOutResult()
     by_day: dict[date, list[Run]] = defaultdict(list)
-    for run in runs:
+    for run in longest_first(connection, keys, runs):
         by_day[run.day].append(run)
-    patch_record = connection.register_script(PATCH_RECORD)
+    patch_records = connection.register_script(PATCH_RECORDS)
     for day, day_runs in by_day.items():
         for start in range(0, len(day_runs), CHUNK_SIZE):
             chunk = day_runs[start:start + CHUNK_SIZE]
+            # A big fan-out outlasts the lease TTL: renew between chunks (each chunk is
+            # still fenced by its own WATCH of the lease).
+            if fence is not None and start and not fence.renew():
+                raise LeaseLost(f"leader lease {fence.key} is no longer ours")
             _fan_out_chunk(connection, keys, queue, day, chunk, retention_s, fence, rerun, force, at_front,
-                           patch_record, result)
+                           patch_records, result)
     return result
+
+
+def longest_first(connection: Redis, keys: Keys, runs: Sequence[Run]) -> list[Run]:
+    """Runs ordered longest expected duration first, runs never timed before first of all.
+
+    Workers pull greedily from a FIFO queue, so this order turns the queue into LPT
+    list scheduling: the long runs start early and the short ones fill the gaps at
+    the end, which keeps the day's makespan close to max(total work / workers,
+    longest run). Unknown durations go first because they may be the longest.
+    """
+    if len(runs) < 2:
+        return list(runs)
+    series = list({run.series_id: None for run in runs})
+    expected: dict[str, float] = {}
+    for start in range(0, len(series), DURATION_LOOKUP_CHUNK):
+        part = series[start:start + DURATION_LOOKUP_CHUNK]
+        expected.update({s: float(v) for s, v in zip(part, connection.hmget(keys.durations, part)) if v is not None})
+    # sorted() is stable: unknown runs keep the table's order among themselves.
+    return sorted(runs, key=lambda run: (run.series_id in expected, -expected.get(run.series_id, 0.0)))
 
 
 def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk: list[Run],
                    retention_s: int, fence: Lease | None, rerun: dict[str, int], force: bool, at_front: bool,
-                   patch_record, result: FanOutResult) -> None:
+                   patch_records, result: FanOutResult) -> None:
     enqueued_key = keys.day_enqueued(day)
     runs_key = keys.day_runs(day)
     job_ids = [run.job_id(rerun.get(run.run_id, 0)) for run in chunk]
@@ -90,12 +114,11 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                 if fresh:
                     pipe.sadd(enqueued_key, *[job_id for _, job_id in fresh])
                     pipe.expire(enqueued_key, retention_s)
+                    record_args: list[object] = [retention_s]
                     for run, job_id in fresh:
                         patch = {"state": QUEUED, "job_id": job_id, "error": None, "ended_at": None}
-                        patch_record(keys=[runs_key],
-                                     args=[run.run_id, json.dumps(run.new_record(job_id)), json.dumps(patch), "0",
-                                           retention_s],
-                                     client=pipe)
+                        record_args += [run.run_id, json.dumps(run.new_record(job_id)), json.dumps(patch)]
+                    patch_records(keys=[runs_key], args=record_args, client=pipe)
                     queue.enqueue_many([_job_data(queue, run, job_id, retention_s, force, at_front)
                                         for run, job_id in fresh], pipeline=pipe)
                 pipe.execute()

@@ -163,30 +163,32 @@ class Guard:
         self._begin = connection.register_script(BEGIN)
         self._finish = connection.register_script(FINISH)
         self._fail = connection.register_script(FAIL)
+        self.keeper = ClaimKeeper(connection, claim_ttl_s / 3)
 
     def execute(self, run: RunIdentity, call: Callable[[], Any], will_retry: Callable[[], bool]) -> Any:
         owner = f"{self.node}:{os.getpid()}:{uuid.uuid4().hex}"
         outcome = self._wait_for_claim(run, owner)
         if outcome != "claimed":
-            log.info("run %s not executed: %s (job %s, node %s)", run.run_id, outcome, run.job_id, self.node)
+            log.info("run %s not executed: %s (job %s, node %s)", run.run_id, outcome, run.job_id, self.node,
+                     extra={"run_id": run.run_id})
             return {"skipped": outcome}
-        log.info("run %s started on node %s (job %s)", run.run_id, self.node, run.job_id)
+        log.info("run %s started on node %s (job %s)", run.run_id, self.node, run.job_id, extra={"run_id": run.run_id})
         started = time.monotonic()
         ttl_ms = self.claim_ttl_s * 1000
         claim = Lease(self.connection, self.keys.claim(run.run_id), owner, ttl_ms)
         series = Lease(self.connection, self.keys.series_claim(run.series), owner, ttl_ms)
-        stop_renewing = _start_renewing([claim, series], self.claim_ttl_s / 3, run.run_id)
+        self.keeper.hold(run.run_id, [claim, series])
         try:
             result = call()
         except BaseException as exc:  # timeouts arrive as exceptions too; record, then let RQ handle it
-            stop_renewing()
+            self.keeper.release(run.run_id)
             retrying = will_retry()
             error = f"{type(exc).__name__}: {exc}"
             self._record_failure(run, owner, error, retrying)
             log.warning("run %s %s on node %s: %s", run.run_id, "will retry" if retrying else "failed",
-                        self.node, error)
+                        self.node, error, extra={"run_id": run.run_id})
             raise
-        stop_renewing()
+        self.keeper.release(run.run_id)
         duration_s = time.monotonic() - started
         patch = {"state": FINISHED, "ended_at": iso(self.clock()), "error": None, "node": self.node,
                  "duration_s": round(duration_s, 3)}
@@ -196,7 +198,8 @@ class Guard:
                        f"{duration_s:.3f}"]
         through_outage(lambda: self._finish(keys=finish_keys, args=finish_args),
                        OutageLog(log, f"recording run {run.run_id} as finished"), RECORD_OUTAGE_LIMIT_S)
-        log.info("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s)
+        log.info("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s,
+                 extra={"run_id": run.run_id})
         return result
 
     def _wait_for_claim(self, run: RunIdentity, owner: str) -> str:
@@ -223,7 +226,7 @@ class Guard:
                 # the original, or with overlap='wait' the previous slot's run): never run
                 # beside it; wait for it to end or die.
                 log.info("run %s: another copy of it (or of its task and param) is executing; waiting (job %s)",
-                         run.run_id, run.job_id)
+                         run.run_id, run.job_id, extra={"run_id": run.run_id})
                 told = True
             time.sleep(WAIT_POLL_S)
 
@@ -238,38 +241,53 @@ class Guard:
                            OutageLog(log, f"recording the failure of run {run.run_id}"), RECORD_OUTAGE_LIMIT_S)
         except RedisError as exc:
             # The claim then expires by itself; RQ still records the failure.
-            log.error("run %s: could not record its failure (%s)", run.run_id, exc)
+            log.error("run %s: could not record its failure (%s)", run.run_id, exc, extra={"run_id": run.run_id})
 
 
-def _start_renewing(claims: list[Lease], every_s: float, run_id: str) -> Callable[[], None]:
-    """Keep ``claims`` alive from a daemon thread until the returned function is called.
+class ClaimKeeper:
+    """Keeps the claims of every run executing in this process alive, from one daemon
+    thread per process (started on first use; a forked work-horse starts its own).
 
-    If the claim expired (Redis was away longer than its TTL) and nobody took it, it
-    is taken back: the leader requeues a claimless run only after looking twice, more
+    If a claim expired (Redis was away longer than its TTL) and nobody took it, it is
+    taken back: the leader requeues a claimless run only after looking twice, more
     than a renewal period apart (recovery.py), so a live copy always gets in first.
     """
-    stopped = threading.Event()
-    keep = claims[0].connection.register_script(ACQUIRE_OR_RENEW)
 
-    def renew() -> None:
-        outage = OutageLog(log, f"renewing the claim of run {run_id}")
-        lost_logged = False
-        while not stopped.wait(every_s):
-            try:
-                held = all([keep(keys=[c.key], args=[c.owner, c.ttl_ms]) for c in claims])
-            except RedisError as exc:
-                outage.failed(exc)
-                continue
-            outage.recovered()
-            if not held and not lost_logged:
-                log.error("run %s: another copy holds its claim now; two copies may be running", run_id)
-                lost_logged = True
+    def __init__(self, connection: Redis, every_s: float) -> None:
+        self.every_s = every_s
+        self._keep = connection.register_script(ACQUIRE_OR_RENEW)
+        self._held: dict[str, list[Lease]] = {}
+        self._lost: set[str] = set()
+        # Held during each renewal pass, so that release() returns only once no pass
+        # can still re-take a claim the caller is about to delete.
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._outage = OutageLog(log, "renewing run claims")
 
-    thread = threading.Thread(target=renew, name=f"claim-{run_id}", daemon=True)
-    thread.start()
+    def hold(self, run_id: str, claims: list[Lease]) -> None:
+        with self._lock:
+            self._held[run_id] = claims
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._renew_forever, name="dailyq-claims", daemon=True)
+                self._thread.start()
 
-    def stop() -> None:
-        stopped.set()
-        thread.join(timeout=5)
+    def release(self, run_id: str) -> None:
+        with self._lock:
+            self._held.pop(run_id, None)
+            self._lost.discard(run_id)
 
-    return stop
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(self.every_s)
+            with self._lock:
+                try:
+                    for run_id, claims in self._held.items():
+                        held = all([self._keep(keys=[c.key], args=[c.owner, c.ttl_ms]) for c in claims])
+                        if not held and run_id not in self._lost:
+                            log.error("run %s: another copy holds its claim now; two copies may be running", run_id,
+                                      extra={"run_id": run_id})
+                            self._lost.add(run_id)
+                except RedisError as exc:
+                    self._outage.failed(exc)
+                    continue
+                self._outage.recovered()

@@ -103,8 +103,11 @@ local function patch_record(key, run_id, base_json, patch_json, incr_attempts, r
 end
 """
 
-# KEYS[1] = day runs hash; ARGV = run_id, base_json, patch_json, incr_attempts, retention_s
-PATCH_RECORD = PATCH_RECORD_LUA + """
-patch_record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+# KEYS[1] = day runs hash; ARGV[1] = retention_s, then (run_id, base_json, patch_json) per run.
+# One call per fan-out chunk instead of one per run.
+PATCH_RECORDS = PATCH_RECORD_LUA + """
+for i = 2, #ARGV, 3 do
+  patch_record(KEYS[1], ARGV[i], ARGV[i + 1], ARGV[i + 2], '0', ARGV[1])
+end
 return 1
 """

@@ -11,16 +11,20 @@ so that ``rq worker -w dailyq.worker.DailyWorker`` gets them too:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from redis import Redis
+from redis.client import Pipeline
 from rq import Queue, SimpleWorker, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from .clock import iso, utc_now
 from .errors import DailyqError
 from .guard import Guard, RunIdentity
 from .keys import Keys
@@ -31,16 +35,31 @@ from .table import TaskTable, load_table
 log = logging.getLogger(__name__)
 
 MAINTENANCE_INTERVAL_S = 60
+# Our heartbeat key outlives RQ's promise of the next heartbeat by this much, so that a
+# beat arriving a little late (a slow Redis round trip, a busy machine) does not make
+# a healthy worker look dead to ``scheduler.py health``.
+HEARTBEAT_MARGIN_S = 30
+HEARTBEAT_REFRESH_S = 5.0
 
 
 class RefusedJob(DailyqError):
     """A job names a function that is not in the task table."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class WorkerContext:
     settings: Settings
     table: TaskTable
+    # One Guard per process: a non-forking worker reuses it (one claim-renewal thread,
+    # scripts registered once); a forked work-horse, with another pid, makes its own.
+    _guard: tuple[int, Guard] | None = None
+
+    def guard(self, connection: Redis) -> Guard:
+        if self._guard is None or self._guard[0] != os.getpid():
+            guard = Guard(connection, self.settings.keys, self.settings.node_name, self.settings.claim_ttl_s,
+                          self.settings.retention_s)
+            self._guard = (os.getpid(), guard)
+        return self._guard[1]
 
 
 class DailyJob(Job):
@@ -65,9 +84,8 @@ class DailyJob(Job):
         run = RunIdentity.from_job(self)
         if run is None:  # an ad-hoc enqueue of a table function: run it as plain RQ would
             return super()._execute()
-        guard = Guard(self.connection, context.settings.keys, context.settings.node_name,
-                      context.settings.claim_ttl_s, context.settings.retention_s)
-        return guard.execute(run, super()._execute, will_retry=lambda: bool(self.retries_left))
+        return context.guard(self.connection).execute(run, super()._execute,
+                                                      will_retry=lambda: bool(self.retries_left))
 
 
 def bind_job_class(context: WorkerContext) -> type[DailyJob]:
@@ -109,6 +127,42 @@ class _DailyWorkerMixin:
                    for n in names]
         self.dailyq_settings = settings
         super().__init__(rebuilt, *args, **kwargs)  # type: ignore[call-arg]
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's heartbeat, plus this node's worker heartbeat key for ``scheduler.py health``.
+
+        RQ passes ``timeout`` as its own promise: "the next heartbeat comes before this".
+        With RQ 3's defaults (worker_ttl 420 s, job_monitoring_interval 30 s):
+
+        * idle, the worker blocks in BLPOP for worker_ttl - 15 = 405 s between beats and
+          promises worker_ttl + 60 = 480 s (``timeout`` is None then: same default here);
+        * while a forked work-horse runs, the parent beats every 30 s and promises 90 s;
+        * a non-forking worker beats once before a run and promises the run's timeout
+          + 60 s (a task's ``timeout_s`` defaults to 3600 s), as it cannot beat during it.
+
+        So a key kept for the promise + HEARTBEAT_MARGIN_S (510 s when idle) stays
+        present for as long as the worker is healthy, and is gone at most that long
+        after the worker died. The value carries the time, so ``health --max-age-s``
+        can be stricter. Appended after RQ's commands: RQ reads ``results[0]`` of
+        the pipeline it hands in.
+        """
+        super().heartbeat(timeout, pipeline)  # type: ignore[misc]
+        promise_s = timeout or self.worker_ttl + 60  # type: ignore[attr-defined]
+        # RQ beats several times per job; one write per HEARTBEAT_REFRESH_S is enough
+        # unless this beat promises a later deadline than the key already has (a
+        # non-forking worker about to start a long run).
+        now_s = time.monotonic()
+        expires_s = now_s + promise_s + HEARTBEAT_MARGIN_S
+        written_s, key_expires_s = getattr(self, "_beat_written", (float("-inf"), float("-inf")))
+        if now_s - written_s < HEARTBEAT_REFRESH_S and expires_s <= key_expires_s + HEARTBEAT_REFRESH_S:
+            return
+        self._beat_written = (now_s, expires_s)
+        settings = self.dailyq_settings
+        # self.pid is the worker's pid, also inside a work-horse (which beats once per run).
+        value = json.dumps({"at": iso(utc_now()), "pid": getattr(self, "pid", None) or os.getpid()})
+        target = pipeline if pipeline is not None else self.connection  # type: ignore[attr-defined]
+        target.set(settings.keys.heartbeat("worker", settings.node_name), value,
+                   ex=int(promise_s) + HEARTBEAT_MARGIN_S)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """RQ's, except that losing Redis while a run executes does not stop the worker:

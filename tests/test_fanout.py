@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import time
 import sys
 import zlib
 from datetime import date
@@ -12,7 +13,9 @@ from dailyq.errors import LeaseLost
 from dailyq.fanout import fan_out, trigger
 from dailyq.lease import Lease
 from dailyq.runs import runs_on
+from dailyq.table import Task, TaskTable
 from dailyq.worker import make_queue
+from tests.sample_tasks import record
 from tests.helpers import ROOT
 
 DAY = date(2026, 11, 26)
@@ -68,3 +71,32 @@ def test_racing_triggers_in_separate_processes_enqueue_each_run_once(node_env, c
     expected = len(runs_on(table, DAY))
     assert enqueued == expected
     assert make_queue(connection, settings.keys).count == expected
+
+
+def test_runs_are_enqueued_longest_expected_first_and_unknown_first_of_all(connection, settings):
+    table = TaskTable([Task(name="t", func=record, params=["short", "new", "long", "mid"], at="09:00")])
+    runs = runs_on(table, DAY)
+    learned = {"short": 1.0, "long": 30.0, "mid": 5.0}  # what the guard records after a day
+    connection.hset(settings.keys.durations, mapping={r.series_id: learned[r.param] for r in runs if r.param in learned})
+    queue = make_queue(connection, settings.keys)
+    fan_out(connection, settings.keys, queue, runs, retention_s=60)
+    assert [job.args[0] for job in queue.jobs] == ["new", "long", "mid", "short"]
+
+
+def test_a_fan_out_longer_than_the_lease_keeps_renewing_it(connection, settings, table, monkeypatch):
+    import dailyq.fanout
+
+    monkeypatch.setattr(dailyq.fanout, "CHUNK_SIZE", 2)
+    lease = Lease(connection, settings.keys.leader, "leader", 300)
+    assert lease.acquire_or_renew()
+    slow_queue = make_queue(connection, settings.keys)
+    original = slow_queue.enqueue_many
+
+    def slow_enqueue_many(*args, **kwargs):  # each chunk takes longer than the lease TTL
+        time.sleep(0.2)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(slow_queue, "enqueue_many", slow_enqueue_many)
+    result = fan_out(connection, settings.keys, slow_queue, runs_on(table, DAY), retention_s=60, fence=lease)
+    assert len(result.enqueued) == len(runs_on(table, DAY))
+    assert lease.holder() == "leader"

@@ -1,0 +1,346 @@
+"""dailyq benchmarks. Every figure is printed next to a baseline measured in the same
+run (plain RQ, the naive SET NX script, the lower bound) or the issue's goal.
+
+    python bench/run.py                      # all six
+    python bench/run.py --only makespan,idle # some
+    python bench/run.py --quick              # smaller sizes, for a smoke run
+
+Each benchmark starts its own redis-server and its own node processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from redis import Redis  # noqa: E402
+from rq import Queue  # noqa: E402
+from rq.serializers import JSONSerializer  # noqa: E402
+
+from dailyq.fanout import trigger  # noqa: E402
+from dailyq.keys import Keys  # noqa: E402
+from dailyq.redis_server import PrivateRedis  # noqa: E402
+from dailyq.table import Task, TaskTable  # noqa: E402
+from dailyq.worker import make_queue  # noqa: E402
+from tests.helpers import ProcessGroup  # noqa: E402
+
+PY = sys.executable
+RQ = str(Path(PY).with_name("rq"))
+LOG_DIR = Path(os.environ.get("DAILYQ_BENCH_LOG_DIR", "/tmp/dailyq-bench"))
+DAY_ONE, DAY_TWO = date(2026, 1, 5), date(2026, 1, 6)
+
+
+def env_for(server: PrivateRedis, prefix: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAILYQ_", "BENCH_")) and k != "REDIS_URL"}
+    env.update(REDIS_URL=server.url, DAILYQ_PREFIX=prefix, DAILYQ_TASKS="bench.bench_tasks", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 900) -> None:
+    subprocess.run(args, cwd=ROOT, env=env, check=True, timeout=timeout, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+def run_parallel(commands: list[list[str]], env_of: Callable[[int], dict[str, str]], timeout: float = 900) -> None:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env_of(i), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i, c in enumerate(commands)]
+    for p in procs:
+        p.wait(timeout=timeout)
+
+
+def events(connection: Redis, prefix: str) -> list[dict]:
+    return [json.loads(e) for e in connection.lrange(f"{prefix}:bench:events", 0, -1)]
+
+
+def span(evts: list[dict]) -> float:
+    return max(e["t"] for e in evts if e["event"] == "end") - min(e["t"] for e in evts if e["event"] == "start")
+
+
+# -- 1. makespan ---------------------------------------------------------------------
+
+def uneven_durations(n: int, seed: int) -> list[float]:
+    """Mostly short runs with a few long ones at random places (fixed seed)."""
+    rng = random.Random(seed)
+    durations = [round(rng.uniform(0.2, 0.9), 2) for _ in range(n)]
+    for index in rng.sample(range(n), max(3, n // 6)):
+        durations[index] = round(rng.uniform(2.0, 4.0), 2)
+    return durations
+
+
+def bench_makespan(quick: bool) -> dict:
+    durations = uneven_durations(30 if quick else 36, seed=42)
+    workers = 3
+    lower_bound = max(sum(durations) / workers, max(durations))
+    bench_env = {"BENCH_DURATIONS": json.dumps(durations)}
+    results = {}
+
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        env = env_for(server, "naive", **bench_env)
+        run_parallel([[PY, "-m", "bench.naive_task_manager"]] * workers, lambda i: dict(env, NODE_NAME=f"n{i}"))
+        results["naive SET NX script (fixed)"] = span(events(connection, "naive"))
+
+        env = env_for(server, "plainrq", **bench_env)
+        queue = Queue("plainrq", connection=connection, serializer=JSONSerializer)
+        queue.enqueue_many([Queue.prepare_data("bench.bench_tasks.work", args=({"i": i, "s": s},), timeout=600)
+                            for i, s in enumerate(durations)])
+        run_parallel([[RQ, "worker", "--burst", "-S", "rq.serializers.JSONSerializer", "plainrq"]] * workers,
+                     lambda i: dict(env, NODE_NAME=f"n{i}"))
+        results["plain RQ FIFO"] = span(events(connection, "plainrq"))
+
+        for day, prefix in ((DAY_ONE, "learn"), (DAY_TWO, "learned")):
+            # Same deployment (prefix) both days, so day two uses day one's durations.
+            env = env_for(server, "dailyq", **bench_env)
+            run([PY, "scheduler.py", "trigger", "--date", day.isoformat()], env)
+            run_parallel([[PY, "worker_entry.py", "--burst"]] * workers, lambda i: dict(env, NODE_NAME=f"n{i}"))
+            day_events = [e for e in events(connection, "dailyq")]
+            connection.delete("dailyq:bench:events")
+            results[f"dailyq, {'first day (nothing learned)' if prefix == 'learn' else 'after one learning day'}"] = \
+                span(day_events)
+    return {"runs": len(durations), "total_work_s": round(sum(durations), 2), "workers": workers,
+            "lower_bound_s": round(lower_bound, 2),
+            "makespan_s": {k: round(v, 2) for k, v in results.items()},
+            "ratio_to_lower_bound": {k: round(v / lower_bound, 3) for k, v in results.items()}}
+
+
+# -- 2. per-run overhead -------------------------------------------------------------
+
+def bench_overhead(quick: bool) -> dict:
+    n = 300 if quick else 2000
+    out = {"runs": n}
+    for mode, rq_class, dailyq_flag in (("forking", "rq.Worker", []), ("non-forking", "rq.SimpleWorker", ["--simple"])):
+        with PrivateRedis(appendonly=False) as server:
+            connection = Redis.from_url(server.url)
+            env = env_for(server, "plain", BENCH_NOOP=str(n))
+            started = time.perf_counter()
+            queue = Queue("plain", connection=connection, serializer=JSONSerializer)
+            for lo in range(0, n, 1000):
+                queue.enqueue_many([Queue.prepare_data("bench.noop.noop", args=(i,), job_id=f"noop-{i}")
+                                    for i in range(lo, min(n, lo + 1000))])
+            run([RQ, "worker", "--burst", "-w", rq_class, "-S", "rq.serializers.JSONSerializer", "plain"], env)
+            plain_s = time.perf_counter() - started
+
+            env = env_for(server, "dailyq", BENCH_NOOP=str(n))
+            table = TaskTable([Task(name="noop", func="bench.noop.noop", params=list(range(n)), at="03:00")])
+            keys = Keys("dailyq")
+            started = time.perf_counter()
+            # In-process, like the plain enqueue above: both sides pay one worker start-up.
+            trigger(connection, keys, make_queue(connection, keys), table, DAY_ONE, None, 7 * 86400)
+            run([PY, "worker_entry.py", "--burst", *dailyq_flag], dict(env, NODE_NAME="n1"))
+            dailyq_s = time.perf_counter() - started
+        out[mode] = {"plain_rq_runs_per_s": round(n / plain_s, 1), "dailyq_runs_per_s": round(n / dailyq_s, 1),
+                     "throughput_ratio": round(plain_s / dailyq_s, 3)}
+    return out
+
+
+# -- 3. fan-out of 100k ------------------------------------------------------------
+
+def fan_out_probe(kind: str, n: int, url: str) -> None:
+    """Runs in a child process so that its peak RSS is its own."""
+    from dailyq.clock import utc_now
+    from dailyq.scheduler import DailyScheduler
+    from dailyq.settings import Settings
+    from dailyq.table import Task, TaskTable
+
+    connection = Redis.from_url(url)
+    slot_at = (utc_now() - timedelta(seconds=30)).strftime("%H:%M:%S")
+    params = [f"param-{i}" for i in range(n)]
+    started = time.perf_counter()
+    if kind == "plain":
+        queue = Queue("plain", connection=connection, serializer=JSONSerializer)
+        for lo in range(0, n, 1000):
+            with connection.pipeline() as pipe:
+                queue.enqueue_many([Queue.prepare_data("bench.noop.noop", args=(p,), job_id=f"plain-{i}",
+                                                       timeout=3600, result_ttl=7 * 86400, failure_ttl=7 * 86400,
+                                                       meta={"dailyq": {"day": "x"}})
+                                    for i, p in enumerate(params[lo:lo + 1000], start=lo)], pipeline=pipe)
+                pipe.execute()
+        enqueued = n
+    else:
+        table = TaskTable([Task(name="big", func="bench.noop.noop", params=params, at=slot_at)])
+        settings = Settings(redis_url=url, prefix="dailyq", node_name="bench")
+        scheduler = DailyScheduler(connection, settings, table)
+        assert scheduler.acquire_lock()
+        enqueued = scheduler.fire_due_slots(utc_now())
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "enqueued": enqueued,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_fanout(quick: bool) -> dict:
+    n = 10_000 if quick else 100_000
+    out: dict = {"runs": n}
+    for kind in ("plain", "dailyq"):
+        with PrivateRedis(appendonly=False) as server:
+            connection = Redis.from_url(server.url)
+            before = connection.info("memory")["used_memory"]
+            result = subprocess.run([PY, str(Path(__file__)), "--fan-out-probe", kind, str(n), server.url],
+                                    cwd=ROOT, capture_output=True, text=True, check=True, timeout=1800)
+            probe = json.loads(result.stdout.strip().splitlines()[-1])
+            assert probe["enqueued"] == n, probe
+            probe["redis_bytes_per_run"] = round((connection.info("memory")["used_memory"] - before) / n)
+            out[kind] = {k: round(v, 2) if isinstance(v, float) else v for k, v in probe.items()}
+    out["time_ratio_dailyq_over_plain"] = round(out["dailyq"]["seconds"] / out["plain"]["seconds"], 3)
+    return out
+
+
+# -- 4. failover -------------------------------------------------------------------
+
+def leader_pid(connection: Redis, prefix: str) -> int | None:
+    raw = connection.get(f"{prefix}:leader")
+    return json.loads(raw)["pid"] if raw else None
+
+
+def bench_failover(quick: bool) -> dict:
+    trials = 4 if quick else 10
+    gaps = []
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        env = env_for(server, "fo")
+        group = ProcessGroup()
+        try:
+            procs = {}
+            for i in range(3):
+                p = group.start("scheduler.py", dict(env, NODE_NAME=f"n{i}"), log_dir=LOG_DIR)
+                procs[p.pid] = i
+            for _ in range(trials):
+                deadline = time.monotonic() + 30
+                while leader_pid(connection, "fo") not in procs and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                time.sleep(1.5)  # a settled leader, renewing normally
+                victim = leader_pid(connection, "fo")
+                os.kill(victim, signal.SIGKILL)
+                killed = time.monotonic()
+                while True:
+                    current = leader_pid(connection, "fo")
+                    if current is not None and current != victim:
+                        break
+                    time.sleep(0.01)
+                gaps.append(time.monotonic() - killed)
+                node = procs.pop(victim)
+                p = group.start("scheduler.py", dict(env, NODE_NAME=f"n{node}"), log_dir=LOG_DIR)
+                procs[p.pid] = node
+        finally:
+            group.stop_all()
+    return {"trials": trials, "p50_s": round(statistics.median(gaps), 2), "max_s": round(max(gaps), 2),
+            "goal_max_s": 5.0}
+
+
+# -- 5. trigger latency ---------------------------------------------------------------
+
+def bench_latency(quick: bool) -> dict:
+    count = 5 if quick else 12
+    first_slot = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=8)
+    slots = [first_slot + timedelta(seconds=3 * i) for i in range(count)]
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        env = env_for(server, "lat", BENCH_SLOTS=json.dumps([s.strftime("%H:%M:%S") for s in slots]))
+        group = ProcessGroup()
+        try:
+            for i in range(3):
+                group.start("scheduler.py", dict(env, NODE_NAME=f"n{i}"), log_dir=LOG_DIR)
+                group.start("worker_entry.py", dict(env, NODE_NAME=f"n{i}"), log_dir=LOG_DIR)
+            deadline = time.monotonic() + (slots[-1] - datetime.now(timezone.utc)).total_seconds() + 20
+            while time.monotonic() < deadline:
+                if len([e for e in events(connection, "lat") if e["event"] == "start"]) >= count:
+                    break
+                time.sleep(0.2)
+        finally:
+            group.stop_all()
+        starts = {e["param"]["i"]: e["t"] for e in events(connection, "lat") if e["event"] == "start"}
+    latencies = sorted(starts[i] - slots[i].timestamp() for i in range(count) if i in starts)
+    p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]
+    return {"slots": count, "started": len(latencies), "p50_s": round(statistics.median(latencies), 3),
+            "p95_s": round(p95, 3), "max_s": round(latencies[-1], 3), "goal_p95_s": 1.0}
+
+
+# -- 6. idle cost ------------------------------------------------------------------
+
+def total_calls(connection: Redis) -> tuple[int, dict[str, int]]:
+    stats = connection.info("commandstats")
+    per = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+    return sum(per.values()), per
+
+
+def measure_idle(commands: list[tuple[str, list[str]]], env: dict[str, str], connection: Redis,
+                 seconds: float) -> tuple[float, dict[str, float]]:
+    group = ProcessGroup()
+    try:
+        for i in range(3):
+            for name, args in commands:
+                group.start(args[0], dict(env, NODE_NAME=f"n{i}"), *args[1:], log_dir=LOG_DIR)
+        time.sleep(8)  # start-up traffic is not idle traffic
+        before, per_before = total_calls(connection)
+        time.sleep(seconds)
+        after, per_after = total_calls(connection)
+    finally:
+        group.stop_all()
+    rates = {k: round((v - per_before.get(k, 0)) / seconds, 2) for k, v in per_after.items()
+             if v - per_before.get(k, 0) > 0}
+    # The INFO calls of this measurement itself are not the nodes' traffic.
+    return (after - before - 1) / seconds, dict(sorted(rates.items(), key=lambda kv: -kv[1]))
+
+
+def bench_idle(quick: bool) -> dict:
+    seconds = 15 if quick else 30
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        env = env_for(server, "idle")
+        dailyq_rate, dailyq_by_command = measure_idle(
+            [("scheduler", ["scheduler.py"]), ("worker", ["worker_entry.py"])], env, connection, seconds)
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        env = env_for(server, "idle")
+        plain_rate, _ = measure_idle([("worker", ["-m", "rq.cli", "worker", "--with-scheduler", "idle"])], env,
+                                     connection, seconds)
+    return {"seconds": seconds, "dailyq_3_nodes_cmds_per_s": round(dailyq_rate, 2),
+            "plain_rq_3_workers_with_scheduler_cmds_per_s": round(plain_rate, 2), "goal_cmds_per_s": 20,
+            "dailyq_by_command": dailyq_by_command}
+
+
+BENCHMARKS = {"makespan": bench_makespan, "overhead": bench_overhead, "fanout": bench_fanout,
+              "failover": bench_failover, "latency": bench_latency, "idle": bench_idle}
+
+
+def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--fan-out-probe":
+        fan_out_probe(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        return 0
+    parser = argparse.ArgumentParser(description="dailyq benchmarks")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--json", dest="json_out", help="also write all results to this file")
+    args = parser.parse_args()
+    print(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.node()}: "
+          f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}", flush=True)
+    results = {}
+    for name in args.only.split(","):
+        started = time.perf_counter()
+        results[name] = BENCHMARKS[name](args.quick)
+        print(f"\n## {name} ({time.perf_counter() - started:.0f}s)\n{json.dumps(results[name], indent=2)}",
+              flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
