@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import date
 from typing import Any, Iterable
 
@@ -34,15 +35,16 @@ class Run:
     param: Any
     slot: Slot
 
-    @property
+    # Cached: a fan-out of 100k runs asks for each of these several times per run.
+    @cached_property
     def param_json(self) -> str:
         return encode_param(self.param)
 
-    @property
+    @cached_property
     def run_id(self) -> str:
         return f"{self.task.name}-{self.slot.label}-{param_digest(self.param_json)}"
 
-    @property
+    @cached_property
     def series_id(self) -> str:
         """Same (task, param) across days: the key for learned durations and overlap."""
         return f"{self.task.name}-{param_digest(self.param_json)}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -132,13 +133,18 @@ class Slot:
     def day(self) -> date:
         return self.local.date()
 
-    @property
+    @cached_property
     def label(self) -> str:
         """Compact, job-id-safe name of the slot: 20261126T093000."""
         return self.local.strftime("%Y%m%dT%H%M%S")
 
-    def isoformat(self) -> str:
+    @cached_property
+    def iso(self) -> str:
+        """The slot as ISO 8601 with its zone's offset."""
         return self.local.replace(tzinfo=ZoneInfo(self.zone)).isoformat()
+
+    def isoformat(self) -> str:
+        return self.iso
 
 
 @dataclass(frozen=True)
