@@ -5,14 +5,16 @@ import json
 import os
 import time
 
-from redis import Redis
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
+from dailyq.settings import Settings, connect
 from dailyq.table import Task
 
 
 def _log(event: str, param: object) -> None:
-    connection = Redis.from_url(os.environ["REDIS_URL"])
+    # connect() rather than Redis.from_url: it also understands redis+sentinel:// URLs.
+    # check=False: an outage is ridden out by the loop below, not raised.
+    connection = connect(Settings(redis_url=os.environ["REDIS_URL"]), check=False)
     key = f"{os.environ.get('DAILYQ_PREFIX', 'dailyq')}:test:executions"
     entry = json.dumps({"event": event, "param": param, "node": os.environ.get("NODE_NAME"), "pid": os.getpid(),
                         "t": time.time()}, ensure_ascii=False)
