@@ -114,11 +114,20 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                 if fresh:
                     pipe.sadd(enqueued_key, *[job_id for _, job_id in fresh])
                     pipe.expire(enqueued_key, retention_s)
-                    record_args: list[object] = [retention_s]
+                    # A run's first job (no rerun number) has no record yet: write it whole.
+                    # A rerun keeps its record (attempts, history): patch it in Lua.
+                    first = {run.run_id: json.dumps(run.new_record(job_id), ensure_ascii=False)
+                             for run, job_id in fresh if not rerun.get(run.run_id)}
+                    if first:
+                        pipe.hset(runs_key, mapping=first)
+                        pipe.expire(runs_key, retention_s)
+                    again: list[object] = [retention_s]
                     for run, job_id in fresh:
-                        patch = {"state": QUEUED, "job_id": job_id, "error": None, "ended_at": None}
-                        record_args += [run.run_id, json.dumps(run.new_record(job_id)), json.dumps(patch)]
-                    patch_records(keys=[runs_key], args=record_args, client=pipe)
+                        if rerun.get(run.run_id):
+                            patch = {"state": QUEUED, "job_id": job_id, "error": None, "ended_at": None}
+                            again += [run.run_id, json.dumps(run.new_record(job_id)), json.dumps(patch)]
+                    if len(again) > 1:
+                        patch_records(keys=[runs_key], args=again, client=pipe)
                     queue.enqueue_many([_job_data(queue, run, job_id, retention_s, force, at_front)
                                         for run, job_id in fresh], pipeline=pipe)
                 pipe.execute()
