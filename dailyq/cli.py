@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which process of this node to check (default: both)")
     health.add_argument("--max-age-s", type=_positive_seconds, default=None,
                         help="also require a heartbeat at most this old (default: any unexpired one; an idle "
-                             "worker beats about every 405 s, the scheduler every second)")
+                             "worker beats about every 405 s, the scheduler every 5 s)")
     health.set_defaults(handler=cmd_health)
     return parser
 

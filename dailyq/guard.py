@@ -30,14 +30,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from redis import Redis
 from redis.exceptions import RedisError
 
 from .clock import Clock, iso, utc_now
 from .keys import Keys
-from .lease import ACQUIRE_OR_RENEW, Lease
+from .lease import ACQUIRE_OR_RENEW
 from .outage import OutageLog, through_outage
 from .table import encode_param
 from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING, SKIPPED
@@ -149,6 +149,32 @@ class RunIdentity:
                            "job_id": self.job_id}, ensure_ascii=False)
 
 
+class HeldClaim(NamedTuple):
+    """A claim this process holds: renewed by ClaimKeeper with ACQUIRE_OR_RENEW."""
+
+    key: str
+    owner: str
+    ttl_ms: int
+
+
+class PendingFinish:
+    """The FINISH of a run whose function returned: idempotent, so it may be queued in
+    a transaction and, should that transaction not happen, applied again on its own."""
+
+    def __init__(self, script: Any, keys: list[str], args: list[Any], run_id: str) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
+        self.run_id = run_id
+
+    def queue_in(self, pipeline: Any) -> None:
+        self.script(keys=self.keys, args=self.args, client=pipeline)
+
+    def apply(self) -> None:
+        through_outage(lambda: self.script(keys=self.keys, args=self.args),
+                       OutageLog(log, f"recording run {self.run_id} as finished"), RECORD_OUTAGE_LIMIT_S)
+
+
 class Guard:
     """Runs one call under the run's claim; see the module docstring."""
 
@@ -165,7 +191,11 @@ class Guard:
         self._fail = connection.register_script(FAIL)
         self.keeper = ClaimKeeper(connection, claim_ttl_s / 3)
 
-    def execute(self, run: RunIdentity, call: Callable[[], Any], will_retry: Callable[[], bool]) -> Any:
+    def execute(self, run: RunIdentity, call: Callable[[], Any], will_retry: Callable[[], bool],
+                defer_finish: Callable[["PendingFinish"], None] | None = None) -> Any:
+        """Run ``call`` under the run's claim. With ``defer_finish``, recording the run
+        as finished is handed to the caller (the worker adds it to RQ's own success
+        transaction: one round trip fewer per run) instead of done here."""
         owner = f"{self.node}:{os.getpid()}:{uuid.uuid4().hex}"
         outcome = self._wait_for_claim(run, owner)
         if outcome != "claimed":
@@ -175,8 +205,8 @@ class Guard:
         log.info("run %s started on node %s (job %s)", run.run_id, self.node, run.job_id, extra={"run_id": run.run_id})
         started = time.monotonic()
         ttl_ms = self.claim_ttl_s * 1000
-        claim = Lease(self.connection, self.keys.claim(run.run_id), owner, ttl_ms)
-        series = Lease(self.connection, self.keys.series_claim(run.series), owner, ttl_ms)
+        claim = HeldClaim(self.keys.claim(run.run_id), owner, ttl_ms)
+        series = HeldClaim(self.keys.series_claim(run.series), owner, ttl_ms)
         self.keeper.hold(run.run_id, [claim, series])
         try:
             result = call()
@@ -196,8 +226,11 @@ class Guard:
                        self.keys.durations, self.keys.running, series.key]
         finish_args = [run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s, run.series,
                        f"{duration_s:.3f}"]
-        through_outage(lambda: self._finish(keys=finish_keys, args=finish_args),
-                       OutageLog(log, f"recording run {run.run_id} as finished"), RECORD_OUTAGE_LIMIT_S)
+        pending = PendingFinish(self._finish, finish_keys, finish_args, run.run_id)
+        if defer_finish is not None:
+            defer_finish(pending)
+        else:
+            pending.apply()
         log.info("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s,
                  extra={"run_id": run.run_id})
         return result
@@ -256,7 +289,7 @@ class ClaimKeeper:
     def __init__(self, connection: Redis, every_s: float) -> None:
         self.every_s = every_s
         self._keep = connection.register_script(ACQUIRE_OR_RENEW)
-        self._held: dict[str, list[Lease]] = {}
+        self._held: dict[str, list[HeldClaim]] = {}
         self._lost: set[str] = set()
         # Held during each renewal pass, so that release() returns only once no pass
         # can still re-take a claim the caller is about to delete.
@@ -264,7 +297,7 @@ class ClaimKeeper:
         self._thread: threading.Thread | None = None
         self._outage = OutageLog(log, "renewing run claims")
 
-    def hold(self, run_id: str, claims: list[Lease]) -> None:
+    def hold(self, run_id: str, claims: list[HeldClaim]) -> None:
         with self._lock:
             self._held[run_id] = claims
             if self._thread is None:

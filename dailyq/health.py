@@ -1,7 +1,7 @@
 """``scheduler.py health``: is this node's scheduler and worker alive? For probes.
 
 Each process keeps a heartbeat key (``keys.heartbeat(role, node)``) with a TTL: the
-scheduler every tick (plain ISO time), the worker every RQ heartbeat (JSON
+scheduler every 5 s (plain ISO time), the worker every RQ heartbeat (JSON
 ``{"at", "pid"}``; see ``_DailyWorkerMixin.heartbeat``). A present key means the
 process beat within its TTL; ``max_age_s`` optionally asks for a more recent beat.
 

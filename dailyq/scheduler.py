@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 MAX_BACKOFF_S = 5.0
+# How often each scheduler refreshes its heartbeat keys (they live three times that).
+HEARTBEAT_EVERY_S = 5.0
 # How often the leader looks for runs whose executing process died (recovery.py),
 # at most; shorter claim TTLs are checked more often (every half TTL).
 RECOVERY_EVERY_S = 5.0
@@ -72,6 +74,7 @@ class DailyScheduler(Scheduler):
         self._stop = threading.Event()
         self._redis_down = False
         self._next_recovery = 0.0
+        self._next_heartbeat = 0.0
         self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s,
                                        settings.claim_ttl_s)
 
@@ -154,10 +157,16 @@ class DailyScheduler(Scheduler):
         self._stop.set()
 
     def heartbeat(self) -> None:
-        with self.connection.pipeline() as pipe:
-            pipe.expire(self.key, int(self._interval) + 10)
+        """rq-scheduler's registration key and our health key, every HEARTBEAT_EVERY_S
+        (not every tick: three idle nodes should cost Redis next to nothing)."""
+        now_s = self.clock().timestamp()
+        if now_s < self._next_heartbeat:
+            return
+        self._next_heartbeat = now_s + HEARTBEAT_EVERY_S
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.expire(self.key, int(self._interval + 3 * HEARTBEAT_EVERY_S))
             pipe.set(self.keys.heartbeat("scheduler", self.settings.node_name), iso(self.clock()),
-                     ex=max(10, int(self.settings.lease_ttl_s * 2)))
+                     ex=int(3 * HEARTBEAT_EVERY_S))
             pipe.execute()
 
     def run_once(self) -> None:

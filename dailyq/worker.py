@@ -26,7 +26,7 @@ from rq.serializers import JSONSerializer
 
 from .clock import iso, utc_now
 from .errors import DailyqError
-from .guard import Guard, RunIdentity
+from .guard import Guard, PendingFinish, RunIdentity
 from .keys import Keys
 from .outage import TRANSIENT, OutageLog, wait_for_redis
 from .settings import Settings, connect
@@ -85,7 +85,15 @@ class DailyJob(Job):
         if run is None:  # an ad-hoc enqueue of a table function: run it as plain RQ would
             return super()._execute()
         return context.guard(self.connection).execute(run, super()._execute,
-                                                      will_retry=lambda: bool(self.retries_left))
+                                                      will_retry=lambda: bool(self.retries_left),
+                                                      defer_finish=self._defer_finish)
+
+    # Set while a run's FINISH waits for RQ's success transaction (see _DailyWorkerMixin).
+    pending_finish: PendingFinish | None = None
+    pending_finish_queued: bool = False
+
+    def _defer_finish(self, pending: PendingFinish) -> None:
+        self.pending_finish = pending
 
 
 def bind_job_class(context: WorkerContext) -> type[DailyJob]:
@@ -163,6 +171,40 @@ class _DailyWorkerMixin:
         target = pipeline if pipeline is not None else self.connection  # type: ignore[attr-defined]
         target.set(settings.keys.heartbeat("worker", settings.node_name), value,
                    ex=int(promise_s) + HEARTBEAT_MARGIN_S)
+
+    # -- recording a finished run in RQ's own success transaction -----------------------
+    # The guard hands the run's FINISH to the job (DailyJob._defer_finish). RQ's success
+    # handling increments the worker's counter inside its MULTI/EXEC; we add FINISH to
+    # that same transaction, so a run is marked finished together with RQ's own record
+    # of the job's success, in one round trip. Whatever happens to that transaction
+    # (another RQ version, an error), perform_job's epilogue applies a FINISH that was
+    # not committed with it; FINISH is idempotent.
+
+    def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
+        try:
+            return super().perform_job(job, queue, execution)  # type: ignore[misc]
+        finally:
+            pending = getattr(job, "pending_finish", None)
+            if pending is not None:
+                job.pending_finish = None  # type: ignore[attr-defined]
+                pending.apply()
+
+    def handle_job_success(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
+        self._job_succeeding = job
+        try:
+            super().handle_job_success(job, queue, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._job_succeeding = None
+        if getattr(job, "pending_finish_queued", False):
+            job.pending_finish = None  # type: ignore[attr-defined]  # committed with RQ's transaction
+
+    def increment_successful_job_count(self, pipeline: Pipeline | None = None) -> None:
+        super().increment_successful_job_count(pipeline)  # type: ignore[misc]
+        job = getattr(self, "_job_succeeding", None)
+        pending = getattr(job, "pending_finish", None)
+        if pending is not None and pipeline is not None:
+            pending.queue_in(pipeline)
+            job.pending_finish_queued = True  # type: ignore[union-attr]
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """RQ's, except that losing Redis while a run executes does not stop the worker:

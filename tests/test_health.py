@@ -113,7 +113,7 @@ def test_health_of_live_processes_then_of_a_killed_worker(node_env, processes, c
     dead = health(env, "--max-age-s", "2")
     assert dead.returncode == 1
     assert dead.stdout.startswith("unhealthy: no worker heartbeat from node-h for "), dead.stdout
-    # A probe per process: the scheduler, beating every second, is still fine.
+    # A probe per process: the scheduler, beating every 5 s, is still fine.
     wait_for(lambda: run_cli(["health", "--role", "scheduler", "--max-age-s", "5"], env).returncode == 0,
              timeout=30, what="the scheduler's probe to pass")
 
