@@ -96,27 +96,30 @@ def bench_makespan(quick: bool) -> dict:
         connection = Redis.from_url(server.url)
         env = env_for(server, "naive", **bench_env)
         run_parallel([[PY, "-m", "bench.naive_task_manager"]] * workers, lambda i: dict(env, NODE_NAME=f"n{i}"))
-        results["naive SET NX script (fixed)"] = span(events(connection, "naive"))
+        results["naive SET NX script (fixed), in-process"] = span(events(connection, "naive"))
 
-        env = env_for(server, "plainrq", **bench_env)
-        queue = Queue("plainrq", connection=connection, serializer=JSONSerializer)
-        queue.enqueue_many([Queue.prepare_data("bench.bench_tasks.work", args=({"i": i, "s": s},), timeout=600)
-                            for i, s in enumerate(durations)])
-        run_parallel([[RQ, "worker", "--burst", "-S", "rq.serializers.JSONSerializer", "plainrq"]] * workers,
-                     lambda i: dict(env, NODE_NAME=f"n{i}"))
-        results["plain RQ FIFO"] = span(events(connection, "plainrq"))
+        # The same worker kind on both sides, so what differs is the order of the queue.
+        for kind, rq_class, flags in (("forking", "rq.Worker", []), ("non-forking", "rq.SimpleWorker", ["--simple"])):
+            prefix = f"plain-{kind}"
+            env = env_for(server, prefix, **bench_env)
+            queue = Queue(prefix, connection=connection, serializer=JSONSerializer)
+            queue.enqueue_many([Queue.prepare_data("bench.bench_tasks.work", args=({"i": i, "s": s},), timeout=600)
+                                for i, s in enumerate(durations)])
+            run_parallel([[RQ, "worker", "--burst", "-w", rq_class, "-S", "rq.serializers.JSONSerializer", prefix]]
+                         * workers, lambda i: dict(env, NODE_NAME=f"n{i}"))
+            results[f"plain RQ FIFO, {kind}"] = span(events(connection, prefix))
 
-        for day, prefix in ((DAY_ONE, "learn"), (DAY_TWO, "learned")):
-            # Same deployment (prefix) both days, so day two uses day one's durations.
-            env = env_for(server, "dailyq", **bench_env)
-            run([PY, "scheduler.py", "trigger", "--date", day.isoformat()], env)
-            run_parallel([[PY, "worker_entry.py", "--burst"]] * workers, lambda i: dict(env, NODE_NAME=f"n{i}"))
-            day_events = [e for e in events(connection, "dailyq")]
-            connection.delete("dailyq:bench:events")
-            results[f"dailyq, {'first day (nothing learned)' if prefix == 'learn' else 'after one learning day'}"] = \
-                span(day_events)
+            # One deployment (prefix) for both days, so day two uses day one's durations.
+            prefix = f"dailyq-{kind}"
+            env = env_for(server, prefix, **bench_env)
+            for day, label in ((DAY_ONE, "first day (nothing learned)"), (DAY_TWO, "after one learning day")):
+                run([PY, "scheduler.py", "trigger", "--date", day.isoformat()], env)
+                run_parallel([[PY, "worker_entry.py", "--burst", *flags]] * workers,
+                             lambda i: dict(env, NODE_NAME=f"n{i}"))
+                results[f"dailyq {label}, {kind}"] = span(events(connection, prefix))
+                connection.delete(f"{prefix}:bench:events")
     return {"runs": len(durations), "total_work_s": round(sum(durations), 2), "workers": workers,
-            "lower_bound_s": round(lower_bound, 2),
+            "lower_bound_s": round(lower_bound, 2), "goal_ratio_dailyq_learned": 1.05,
             "makespan_s": {k: round(v, 2) for k, v in results.items()},
             "ratio_to_lower_bound": {k: round(v / lower_bound, 3) for k, v in results.items()}}
 
@@ -193,8 +196,16 @@ def fan_out_probe(kind: str, n: int, url: str) -> None:
         assert scheduler.acquire_lock()
         enqueued = scheduler.fire_due_slots(utc_now())
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "enqueued": enqueued,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    report = {"seconds": seconds, "enqueued": enqueued,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if kind == "dailyq":  # and how long `status` takes for that day
+        from dailyq.status import day_status
+
+        started = time.perf_counter()
+        status = day_status(connection, settings.keys, table, utc_now().date(), utc_now())
+        report["status_seconds"] = time.perf_counter() - started
+        assert len(status["runs"]) == n
+    print(json.dumps(report))
 
 
 def bench_fanout(quick: bool) -> dict:
@@ -215,7 +226,8 @@ def bench_fanout(quick: bool) -> dict:
     out: dict = {"runs": n, "repeats": repeats}
     for kind, probes in samples.items():
         out[kind] = {field: round(statistics.median(p[field] for p in probes), 2)
-                     for field in ("seconds", "peak_rss_mb", "redis_bytes_per_run")}
+                     for field in ("seconds", "peak_rss_mb", "redis_bytes_per_run", "status_seconds")
+                     if field in probes[0]}
         out[kind]["seconds_each"] = [round(p["seconds"], 2) for p in probes]
     out["time_ratio_dailyq_over_plain"] = round(out["dailyq"]["seconds"] / out["plain"]["seconds"], 3)
     out["goal_ratio"] = 1.2

@@ -26,7 +26,8 @@ from .errors import ConfigError, DailyqError, RedisUnavailable
 from .fanout import rerun, trigger
 from .logs import setup_logging
 from .server_checks import warn_about_server
-from .settings import Settings, connect, redact_url
+from .connection import connect, redact_url
+from .settings import Settings
 from .status import colour_wanted, day_status, render_table
 from .table import TaskTable, encode_param, load_table
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from .errors import ConfigError
-from .settings import Settings, connect
+from .connection import connect
+from .settings import Settings
 
 DEFAULT_BIND = "127.0.0.1"
 DEFAULT_PORT = 9181

@@ -21,7 +21,8 @@ from .clock import utc_now
 from .cli_support import project_root
 from .errors import DailyqError
 from .fanout import trigger
-from .settings import Settings, connect
+from .connection import connect
+from .settings import Settings
 from .status import day_status, render_table, summary
 from .table import load_table
 from .redis_server import PrivateRedis

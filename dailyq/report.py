@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from html import escape
 from typing import Any, Mapping
 
+from .clock import parse_iso
 from .runs import RUNNING, STATES
 from .watch import format_duration
 
@@ -69,15 +70,15 @@ class Timeline:
 
 def timeline(status: Mapping[str, Any]) -> Timeline:
     """Place every started run on its node's lane and compute the numbers shown."""
-    now = _parse_time(status.get("generated_at"))
+    now = parse_iso(status.get("generated_at"))
     placed: list[tuple[Mapping[str, Any], str, datetime, datetime]] = []
     unstarted: list[Mapping[str, Any]] = []
     for run in status["runs"]:
-        start = _parse_time(run.get("started_at"))
+        start = parse_iso(run.get("started_at"))
         if start is None:
             unstarted.append(run)
             continue
-        end = _parse_time(run.get("ended_at"))
+        end = parse_iso(run.get("ended_at"))
         if run["state"] == RUNNING:
             end = now  # still going: up to when the status was read
         # Nodes' clocks differ: never let a bar run backwards.
@@ -262,15 +263,6 @@ def _union_seconds(intervals: list[tuple[datetime, datetime]]) -> float:
         total += (current_end - current_start).total_seconds()
     return total
 
-
-def _parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)  # stored times are UTC
 
 
 def _css() -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
+from .clock import parse_iso
 from .runs import FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED, param_digest
 from .status import STATE_COLOURS, paint
 from .table import encode_param
@@ -102,12 +103,12 @@ def eta_seconds(runs: list[Mapping[str, Any]], durations: Mapping[str, float], n
     for run in pending:
         expected = durations.get(series_of(run), mean)
         if run["state"] == RUNNING:
-            started = _parse_time(run.get("started_at"))
+            started = parse_iso(run.get("started_at"))
             elapsed = (now - started).total_seconds() if started else 0.0
             work += max(expected - elapsed, 0.0)
             continue
         work += expected
-        slot = _parse_time(run.get("slot")) if run["state"] == SCHEDULED else None
+        slot = parse_iso(run.get("slot")) if run["state"] == SCHEDULED else None
         if slot is not None and slot > now:
             not_before = max(not_before, (slot - now).total_seconds() + expected)
     return max(work / workers, not_before)
@@ -168,12 +169,3 @@ def _cut(segments: list[tuple[str, str | None]], limit: int) -> list[tuple[str, 
     kept.append(("…", None))
     return kept
 
-
-def _parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else None  # naive times cannot be compared with aware now

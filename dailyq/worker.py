@@ -29,7 +29,8 @@ from .errors import DailyqError
 from .guard import Guard, PendingFinish, RunIdentity
 from .keys import Keys
 from .outage import TRANSIENT, OutageLog, wait_for_redis
-from .settings import Settings, connect
+from .connection import connect
+from .settings import Settings
 from .table import TaskTable, load_table
 
 log = logging.getLogger(__name__)

@@ -198,7 +198,7 @@ def start_sentinel_set(servers: Servers) -> SentinelSet:
     master_port, replica_port, sentinel_port = free_port(), free_port(), free_port()
     # min-replicas-to-write on the first master: once Sentinel promotes the replica, the
     # old master refuses writes (NOREPLICAS) instead of taking writes that are lost
-    # when it is demoted (see dailyq.settings.SentinelMasterConnection). Not on the
+    # when it is demoted (see dailyq.connection.SentinelMasterConnection). Not on the
     # replica: with a single replica, the new master would refuse writes until Sentinel
     # demotes the old one.
     master = servers.start("master", ["--port", str(master_port), *REPLICATION, "--min-replicas-to-write", "1",

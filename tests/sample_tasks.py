@@ -7,7 +7,8 @@ import time
 
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
-from dailyq.settings import Settings, connect
+from dailyq.connection import connect
+from dailyq.settings import Settings
 from dailyq.table import Task
 
 
