@@ -126,9 +126,9 @@ def bench_makespan(quick: bool) -> dict:
 
 # -- 2. per-run overhead -------------------------------------------------------------
 
-def bench_overhead(quick: bool) -> dict:
+def bench_overhead(quick: bool, repeats: int = 2) -> dict:
     n = 300 if quick else 2000
-    repeats = 2  # alternated; medians reported (fork cost on a shared VM drifts by 2x over minutes)
+    # Alternated passes, medians reported: fork cost on a shared VM drifts by 2x over minutes.
     out: dict = {"runs": n, "repeats": repeats}
     for mode, rq_class, dailyq_flag in (("forking", "rq.Worker", []), ("non-forking", "rq.SimpleWorker", ["--simple"])):
         plain_s, dailyq_s = [], []
@@ -360,13 +360,15 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--json", dest="json_out", help="also write all results to this file")
+    parser.add_argument("--repeats", type=int, default=2, help="alternated passes per side for 'overhead'")
     args = parser.parse_args()
     print(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.node()}: "
           f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}", flush=True)
     results = {}
     for name in args.only.split(","):
         started = time.perf_counter()
-        results[name] = BENCHMARKS[name](args.quick)
+        results[name] = (bench_overhead(args.quick, args.repeats) if name == "overhead"
+                         else BENCHMARKS[name](args.quick))
         print(f"\n## {name} ({time.perf_counter() - started:.0f}s)\n{json.dumps(results[name], indent=2)}",
               flush=True)
     if args.json_out:
