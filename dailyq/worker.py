@@ -131,9 +131,7 @@ class _DailyWorkerMixin:
         kwargs["connection"] = connection
         # Rebuild queues ourselves: the rq CLI builds them with its own (pickling) job class.
         names = _queue_names(queues, settings.keys.queue_name)
-        rebuilt = [make_queue(connection, settings.keys, job_class) if n == settings.keys.queue_name
-                   else Queue(n, connection=connection, job_class=job_class, serializer=JSONSerializer)
-                   for n in names]
+        rebuilt = [Queue(n, connection=connection, job_class=job_class, serializer=JSONSerializer) for n in names]
         self.dailyq_settings = settings
         super().__init__(rebuilt, *args, **kwargs)  # type: ignore[call-arg]
 
