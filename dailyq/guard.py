@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import date
 from typing import Any, Callable, NamedTuple
 
@@ -40,7 +41,7 @@ from .keys import Keys
 from .lease import ACQUIRE_OR_RENEW
 from .outage import OutageLog, through_outage
 from .table import encode_param
-from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING, SKIPPED
+from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING, SKIPPED, new_record
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,10 @@ class RunIdentity:
                    param_json=encode_param(param), job_id=job.id, force=bool(meta.get("force")),
                    overlap=meta.get("overlap", "wait"))
 
+    @cached_property
     def base_record(self) -> str:
-        return json.dumps({"task": self.task, "param_json": self.param_json, "slot": self.slot, "state": QUEUED,
-                           "node": None, "started_at": None, "ended_at": None, "attempts": 0, "error": None,
-                           "job_id": self.job_id}, ensure_ascii=False)
+        """JSON of the record to start from if the run has none (sent with every script)."""
+        return json.dumps(new_record(self.task, self.param_json, self.slot, self.job_id), ensure_ascii=False)
 
 
 class HeldClaim(NamedTuple):
@@ -224,7 +225,7 @@ class Guard:
                  "duration_s": round(duration_s, 3)}
         finish_keys = [self.keys.day_finished(run.day), claim.key, self.keys.day_runs(run.day),
                        self.keys.durations, self.keys.running, series.key]
-        finish_args = [run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s, run.series,
+        finish_args = [run.run_id, owner, run.base_record, json.dumps(patch), self.retention_s, run.series,
                        f"{duration_s:.3f}"]
         pending = PendingFinish(self._finish, finish_keys, finish_args, run.run_id)
         if defer_finish is not None:
@@ -247,7 +248,7 @@ class Guard:
         while True:
             running = json.dumps({"state": RUNNING, "node": self.node, "started_at": iso(self.clock()),
                                   "ended_at": None, "error": None, "job_id": run.job_id})
-            begin_args = [run.run_id, owner, self.claim_ttl_s * 1000, "1" if run.force else "0", run.base_record(),
+            begin_args = [run.run_id, owner, self.claim_ttl_s * 1000, "1" if run.force else "0", run.base_record,
                           running, self.retention_s, run.day.isoformat(), run.overlap, skipped]
             outcome = through_outage(lambda: self._begin(keys=begin_keys, args=begin_args),
                                      OutageLog(log, f"claiming run {run.run_id}"), RECORD_OUTAGE_LIMIT_S)
@@ -268,7 +269,7 @@ class Guard:
                  "node": self.node}
         fail_keys = [self.keys.claim(run.run_id), self.keys.day_runs(run.day), self.keys.running,
                      self.keys.series_claim(run.series)]
-        fail_args = [run.run_id, owner, run.base_record(), json.dumps(patch), self.retention_s]
+        fail_args = [run.run_id, owner, run.base_record, json.dumps(patch), self.retention_s]
         try:
             through_outage(lambda: self._fail(keys=fail_keys, args=fail_args),
                            OutageLog(log, f"recording the failure of run {run.run_id}"), RECORD_OUTAGE_LIMIT_S)

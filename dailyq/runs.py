@@ -61,10 +61,14 @@ class Run:
                            "slot": self.slot.isoformat(), "series": self.series_id, "force": force,
                            "overlap": self.task.overlap}}
 
-    def new_record(self, job_id: str, state: str = QUEUED) -> dict[str, Any]:
-        return {"task": self.task.name, "param_json": self.param_json, "slot": self.slot.isoformat(),
-                "state": state, "node": None, "started_at": None, "ended_at": None,
-                "attempts": 0, "error": None, "job_id": job_id}
+    def new_record(self, job_id: str | None, state: str = QUEUED) -> dict[str, Any]:
+        return new_record(self.task.name, self.param_json, self.slot.isoformat(), job_id, state)
+
+
+def new_record(task: str, param_json: str, slot: str, job_id: str | None, state: str = QUEUED) -> dict[str, Any]:
+    """The record of a run nothing has happened to yet: the one shape every writer starts from."""
+    return {"task": task, "param_json": param_json, "slot": slot, "state": state, "node": None,
+            "started_at": None, "ended_at": None, "attempts": 0, "error": None, "job_id": job_id}
 
 
 def runs_on(table: TaskTable, day: date, task_names: Iterable[str] | None = None) -> list[Run]:

@@ -45,7 +45,7 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
         record = records.pop(run.run_id, None)
         if record is None:
             overdue = now - run.slot.fires_at > timedelta(seconds=run.task.misfire_grace_s)
-            record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)  # type: ignore[arg-type]
+            record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
             record["param"] = run.param
         runs.append(_public(run.run_id, record))
     # Runs recorded but no longer in the table (a task renamed or params changed) still count.
