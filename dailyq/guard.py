@@ -6,6 +6,9 @@ work-horse, or the worker itself for a non-forking worker):
 
 1. ``BEGIN`` (one Lua script): if the run is in the day's finished set, skip it;
    else take the run's claim (an owner-token lease) and mark the record running.
+   On a dailyq worker it rides in RQ's own transaction that marks the job started
+   (worker.py), so it costs no round trip; it is sent on its own only when the
+   claim must be waited for, or if that reply never arrived.
    A claim held by another live copy means "wait": the other copy may finish (then
    we skip) or die (its claim expires, then we run). A *series* claim, held for
    any slot of the same (task, param), applies the task's ``overlap`` policy when
@@ -13,7 +16,8 @@ work-horse, or the worker itself for a non-forking worker):
 2. While the function runs, a thread renews the claim. It lives in the executing
    process, so an orphaned work-horse whose worker parent was killed keeps its claim
    and no second copy starts beside it.
-3. ``FINISH`` adds the run to the finished set and releases the claim atomically;
+3. ``FINISH`` adds the run to the finished set and releases the claim atomically
+   (on a worker, inside RQ's transaction that records the job's success);
    ``FAIL`` releases the claim and records the error.
 
 What the guard cannot prevent: a process that dies after the task's side effect but
@@ -34,6 +38,8 @@ from datetime import date
 from typing import Any, Callable, NamedTuple
 
 from redis import Redis
+from redis.client import Pipeline
+from redis.commands.core import Script
 from redis.exceptions import RedisError
 
 from .clock import Clock, iso, utc_now
@@ -73,6 +79,8 @@ patch_record(KEYS[3], ARGV[1], ARGV[5], ARGV[6], '1', ARGV[7])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[8])
 return 'claimed'
 """
+
+BEGIN_REPLIES = ("claimed", "finished", "busy", "skipped")
 
 # Releases what BEGIN took, if still ours. A run whose claim is gone altogether
 # leaves ``running`` too (nobody else is executing it).
@@ -158,22 +166,53 @@ class HeldClaim(NamedTuple):
     ttl_ms: int
 
 
+class ScriptCall(NamedTuple):
+    """One call of a guard script: run on its own, or queued in a transaction RQ owns."""
+
+    script: Script
+    keys: list[str]
+    args: list[Any]
+
+    def run(self) -> Any:
+        return self.script(keys=self.keys, args=self.args)
+
+    def queue_in(self, pipeline: Pipeline) -> None:
+        # EVAL with the body, not the Script object: on a pipeline, redis-py first sends
+        # SCRIPT EXISTS (a round trip of its own, the very cost queueing saves), and an
+        # EVALSHA that meets NOSCRIPT (Redis restarted since we loaded the script) would
+        # fail RQ's whole transaction. Redis caches the compiled body either way.
+        pipeline.eval(self.script.script, len(self.keys), *self.keys, *self.args)
+
+
 class PendingFinish:
     """The FINISH of a run whose function returned: idempotent, so it may be queued in
     a transaction and, should that transaction not happen, applied again on its own."""
 
-    def __init__(self, script: Any, keys: list[str], args: list[Any], run_id: str) -> None:
-        self.script = script
-        self.keys = keys
-        self.args = args
+    def __init__(self, finish: ScriptCall, run_id: str) -> None:
+        self.finish = finish
         self.run_id = run_id
 
-    def queue_in(self, pipeline: Any) -> None:
-        self.script(keys=self.keys, args=self.args, client=pipeline)
+    def queue_in(self, pipeline: Pipeline) -> None:
+        self.finish.queue_in(pipeline)
 
     def apply(self) -> None:
-        through_outage(lambda: self.script(keys=self.keys, args=self.args),
-                       OutageLog(log, f"recording run {self.run_id} as finished"), RECORD_OUTAGE_LIMIT_S)
+        through_outage(self.finish.run, OutageLog(log, f"recording run {self.run_id} as finished"),
+                       RECORD_OUTAGE_LIMIT_S)
+
+
+@dataclass
+class Attempt:
+    """This process's attempt at executing one run: the owner token its claim carries
+    and, when BEGIN rode in the worker's own preparation transaction, BEGIN's reply."""
+
+    run: RunIdentity
+    owner: str
+    begin_reply: str | None = None
+
+    def keep_begin_reply(self, reply: Any) -> None:
+        reply = reply.decode() if isinstance(reply, bytes) else reply
+        # Anything but one of BEGIN's own answers is ignored: the guard then asks again.
+        self.begin_reply = reply if reply in BEGIN_REPLIES else None
 
 
 class Guard:
@@ -192,13 +231,25 @@ class Guard:
         self._fail = connection.register_script(FAIL)
         self.keeper = ClaimKeeper(connection, claim_ttl_s / 3)
 
+    def attempt(self, run: RunIdentity) -> Attempt:
+        return Attempt(run, owner=f"{self.node}:{os.getpid()}:{uuid.uuid4().hex}")
+
+    def claim_in(self, attempt: Attempt, pipeline: Pipeline) -> None:
+        """Queue the attempt's first BEGIN in ``pipeline`` (RQ's preparation transaction),
+        so claiming costs no round trip of its own. The caller hands the reply back via
+        ``attempt.keep_begin_reply``; if it never arrives, ``execute`` sends BEGIN
+        again, which returns 'claimed' when the first one had claimed for this owner."""
+        self._begin_call(attempt).queue_in(pipeline)
+
     def execute(self, run: RunIdentity, call: Callable[[], Any], will_retry: Callable[[], bool],
-                defer_finish: Callable[["PendingFinish"], None] | None = None) -> Any:
+                defer_finish: Callable[["PendingFinish"], None] | None = None,
+                attempt: Attempt | None = None) -> Any:
         """Run ``call`` under the run's claim. With ``defer_finish``, recording the run
         as finished is handed to the caller (the worker adds it to RQ's own success
         transaction: one round trip fewer per run) instead of done here."""
-        owner = f"{self.node}:{os.getpid()}:{uuid.uuid4().hex}"
-        outcome = self._wait_for_claim(run, owner)
+        attempt = attempt or self.attempt(run)
+        owner = attempt.owner
+        outcome = self._wait_for_claim(attempt)
         if outcome != "claimed":
             log.info("run %s not executed: %s (job %s, node %s)", run.run_id, outcome, run.job_id, self.node,
                      extra={"run_id": run.run_id})
@@ -227,7 +278,7 @@ class Guard:
                        self.keys.durations, self.keys.running, series.key]
         finish_args = [run.run_id, owner, run.base_record, json.dumps(patch), self.retention_s, run.series,
                        f"{duration_s:.3f}"]
-        pending = PendingFinish(self._finish, finish_keys, finish_args, run.run_id)
+        pending = PendingFinish(ScriptCall(self._finish, finish_keys, finish_args), run.run_id)
         if defer_finish is not None:
             defer_finish(pending)
         else:
@@ -236,23 +287,31 @@ class Guard:
                  extra={"run_id": run.run_id})
         return result
 
-    def _wait_for_claim(self, run: RunIdentity, owner: str) -> str:
-        """'claimed' once we hold the claim, or why not: 'finished' (already done) or
-        'skipped' (overlap='skip' and the previous slot's run is still executing)."""
+    def _begin_call(self, attempt: Attempt) -> ScriptCall:
+        run = attempt.run
         begin_keys = [self.keys.day_finished(run.day), self.keys.claim(run.run_id), self.keys.day_runs(run.day),
                       self.keys.running, self.keys.series_claim(run.series)]
-        skipped = json.dumps({"state": SKIPPED, "node": self.node, "ended_at": iso(self.clock()),
+        now = iso(self.clock())
+        running = json.dumps({"state": RUNNING, "node": self.node, "started_at": now, "ended_at": None,
+                              "error": None, "job_id": run.job_id})
+        skipped = json.dumps({"state": SKIPPED, "node": self.node, "ended_at": now,
                               "error": "overlap: the previous slot's run of this task and param was still running",
                               "job_id": run.job_id})
+        begin_args = [run.run_id, attempt.owner, self.claim_ttl_s * 1000, "1" if run.force else "0",
+                      run.base_record, running, self.retention_s, run.day.isoformat(), run.overlap, skipped]
+        return ScriptCall(self._begin, begin_keys, begin_args)
+
+    def _wait_for_claim(self, attempt: Attempt) -> str:
+        """'claimed' once we hold the claim, or why not: 'finished' (already done) or
+        'skipped' (overlap='skip' and the previous slot's run is still executing)."""
+        run = attempt.run
+        outcome = attempt.begin_reply  # None unless BEGIN already ran in RQ's preparation transaction
         told = False
         while True:
-            running = json.dumps({"state": RUNNING, "node": self.node, "started_at": iso(self.clock()),
-                                  "ended_at": None, "error": None, "job_id": run.job_id})
-            begin_args = [run.run_id, owner, self.claim_ttl_s * 1000, "1" if run.force else "0", run.base_record,
-                          running, self.retention_s, run.day.isoformat(), run.overlap, skipped]
-            outcome = through_outage(lambda: self._begin(keys=begin_keys, args=begin_args),
-                                     OutageLog(log, f"claiming run {run.run_id}"), RECORD_OUTAGE_LIMIT_S)
-            outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+            if outcome is None:
+                reply = through_outage(self._begin_call(attempt).run, OutageLog(log, f"claiming run {run.run_id}"),
+                                       RECORD_OUTAGE_LIMIT_S)
+                outcome = reply.decode() if isinstance(reply, bytes) else reply
             if outcome != "busy":
                 return outcome
             if not told:
@@ -263,6 +322,7 @@ class Guard:
                          run.run_id, run.job_id, extra={"run_id": run.run_id})
                 told = True
             time.sleep(WAIT_POLL_S)
+            outcome = None
 
     def _record_failure(self, run: RunIdentity, owner: str, error: str, retrying: bool) -> None:
         patch = {"state": QUEUED if retrying else FAILED, "ended_at": iso(self.clock()), "error": error,

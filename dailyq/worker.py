@@ -6,7 +6,9 @@ so that ``rq worker -w dailyq.worker.DailyWorker`` gets them too:
 * jobs are JSON (``DailyJob``), never unpickled;
 * a job whose function is not in the task table fails with a clear reason, unrun
   (the check happens before the function's module is even imported);
-* a job that carries a run identity executes under the dedup guard (guard.py).
+* a job that carries a run identity executes under the dedup guard (guard.py),
+  whose claim and finish ride in RQ's own transactions: a run costs the same number
+  of Redis round trips as a plain RQ job (tests/test_worker.py counts them).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from redis import Redis
 from redis.client import Pipeline
@@ -26,7 +28,7 @@ from rq.serializers import JSONSerializer
 
 from .clock import iso, utc_now
 from .errors import DailyqError
-from .guard import Guard, PendingFinish, RunIdentity
+from .guard import Attempt, Guard, PendingFinish, RunIdentity
 from .keys import Keys
 from .outage import TRANSIENT, OutageLog, wait_for_redis
 from .connection import connect
@@ -73,21 +75,44 @@ class DailyJob(Job):
         # Redis run code on every node.
         super().__init__(id=id, connection=connection, serializer=JSONSerializer)
 
+    # Set by prepare_for_execution when the job is a run this worker may execute.
+    attempt: Attempt | None = None
+
+    def prepare_for_execution(self, worker_name: str, pipeline: Pipeline) -> None:
+        """RQ's, plus the run's first claim (guard BEGIN) in the same transaction: RQ
+        calls this inside the MULTI/EXEC that marks the job started, so claiming costs
+        no round trip of its own. Called in the process that executes the job (the
+        work-horse of a forking worker)."""
+        super().prepare_for_execution(worker_name, pipeline)
+        self.attempt = None
+        context = type(self).context
+        if context is None or not self._allowed(context):
+            return
+        run = RunIdentity.from_job(self)
+        if run is None:
+            return
+        guard = context.guard(self.connection)
+        attempt = guard.attempt(run)
+        queue_keeping_reply(pipeline, lambda p: guard.claim_in(attempt, p), attempt.keep_begin_reply)
+        self.attempt = attempt
+
+    def _allowed(self, context: WorkerContext) -> bool:
+        return self.instance is None and self.func_name in context.table.allowed_functions
+
     def _execute(self) -> Any:
         context = type(self).context
         if context is None:
             return super()._execute()
-        name = self.func_name
-        if self.instance is not None or name not in context.table.allowed_functions:
+        if not self._allowed(context):
             raise RefusedJob(
-                f"refused to run {name!r}: not a function of the task table {context.settings.tasks_module}.TASKS "
-                "(dailyq workers run only table tasks)")
-        run = RunIdentity.from_job(self)
+                f"refused to run {self.func_name!r}: not a function of the task table "
+                f"{context.settings.tasks_module}.TASKS (dailyq workers run only table tasks)")
+        run = self.attempt.run if self.attempt is not None else RunIdentity.from_job(self)
         if run is None:  # an ad-hoc enqueue of a table function: run it as plain RQ would
             return super()._execute()
         return context.guard(self.connection).execute(run, super()._execute,
                                                       will_retry=lambda: bool(self.retries_left),
-                                                      defer_finish=self._defer_finish)
+                                                      defer_finish=self._defer_finish, attempt=self.attempt)
 
     # Set while a run's FINISH waits for RQ's success transaction (see _DailyWorkerMixin).
     pending_finish: PendingFinish | None = None
@@ -95,6 +120,24 @@ class DailyJob(Job):
 
     def _defer_finish(self, pending: PendingFinish) -> None:
         self.pending_finish = pending
+
+
+def queue_keeping_reply(pipeline: Pipeline, queue: Callable[[Pipeline], None], keep: Callable[[Any], None]) -> None:
+    """``queue(pipeline)`` adds one command to a pipeline someone else executes; ``keep``
+    gets that command's reply once they do. RQ executes its preparation transaction
+    itself and drops the replies, so this wraps that one pipeline's ``execute``."""
+    index = len(pipeline.command_stack)
+    queue(pipeline)
+    if len(pipeline.command_stack) != index + 1:
+        return  # not exactly one command: no reply to pick out (the guard then asks again)
+    execute = pipeline.execute
+
+    def execute_and_keep(*args: Any, **kwargs: Any) -> Any:
+        replies = execute(*args, **kwargs)
+        keep(replies[index])
+        return replies
+
+    pipeline.execute = execute_and_keep  # type: ignore[method-assign]
 
 
 def bind_job_class(context: WorkerContext) -> type[DailyJob]:

@@ -103,3 +103,48 @@ def test_a_failure_releases_the_claims_and_records_the_error(connection, setting
     assert not connection.exists(settings.keys.claim("r1"))
     assert not connection.exists(settings.keys.series_claim("t-series"))
     assert not connection.hexists(settings.keys.running, "r1")
+
+
+def test_a_claim_taken_inside_another_transaction_is_used_without_a_second_begin(connection, settings):
+    g = guard(connection, settings)
+    attempt = g.attempt(identity("r1"))
+    with connection.pipeline() as pipe:  # as RQ's preparation transaction would be
+        pipe.set(f"{settings.prefix}:rq-own-write", 1)
+        g.claim_in(attempt, pipe)
+        attempt.keep_begin_reply(pipe.execute()[-1])
+    assert attempt.begin_reply == "claimed"
+    assert record(connection, settings, "r1")["state"] == "running"
+    # The claim is held: another copy's BEGIN finds the run busy.
+    other = g.attempt(identity("r1"))
+    with connection.pipeline() as pipe:
+        g.claim_in(other, pipe)
+        other.keep_begin_reply(pipe.execute()[-1])
+    assert other.begin_reply == "busy"
+    assert g.execute(identity("r1"), lambda: "ran", will_retry=lambda: False, attempt=attempt) == "ran"
+    assert record(connection, settings, "r1")["state"] == "finished"
+    assert record(connection, settings, "r1")["attempts"] == 1  # one BEGIN counted, not two
+
+
+def test_a_lost_begin_reply_is_recovered_by_sending_begin_again_as_the_same_owner(connection, settings):
+    g = guard(connection, settings)
+    attempt = g.attempt(identity("r1"))
+    with connection.pipeline() as pipe:
+        g.claim_in(attempt, pipe)
+        pipe.execute()  # the reply never reaches the attempt
+    assert attempt.begin_reply is None
+    assert g.execute(identity("r1"), lambda: "ran", will_retry=lambda: False, attempt=attempt) == "ran"
+    assert record(connection, settings, "r1")["state"] == "finished"
+    assert record(connection, settings, "r1")["attempts"] == 1
+
+
+def test_a_begin_reply_of_finished_skips_the_run_without_calling_it(connection, settings):
+    g = guard(connection, settings)
+    g.execute(identity("r1"), lambda: None, will_retry=lambda: False)
+    attempt = g.attempt(identity("r1"))
+    with connection.pipeline() as pipe:
+        g.claim_in(attempt, pipe)
+        attempt.keep_begin_reply(pipe.execute()[-1])
+    calls = []
+    assert g.execute(identity("r1"), lambda: calls.append(1), will_retry=lambda: False,
+                     attempt=attempt) == {"skipped": "finished"}
+    assert calls == []

@@ -4,10 +4,12 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
-from rq import Queue
+from redis import ConnectionPool, Redis
+from redis.connection import Connection
+from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -16,7 +18,7 @@ from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.status import day_status
 from dailyq.clock import utc_now
-from dailyq.worker import make_queue
+from dailyq.worker import DailySimpleWorker, make_queue, queue_keeping_reply
 from tests.sample_tasks import explode
 from tests.helpers import ROOT, executions, param_key, starts_per_param, wait_for
 
@@ -126,3 +128,55 @@ def test_sigterm_lets_the_worker_finish_its_run_then_exit(node_env, processes, c
                   if r["param"] == one[0].param)
     assert record["state"] == "finished"
     assert "warm shut down requested" in processes.log_of(worker)
+
+
+def counting_client(url: str) -> tuple[Redis, list[int]]:
+    """A real client that counts its round trips (each request it sends, a pipeline being one)."""
+    sent: list[int] = []
+
+    class CountingConnection(Connection):
+        def send_packed_command(self, command, check_health=True):
+            sent.append(1)
+            super().send_packed_command(command, check_health)
+
+    return Redis(connection_pool=ConnectionPool.from_url(url, connection_class=CountingConnection)), sent
+
+
+def test_the_guard_adds_no_round_trip_per_run_to_rqs_own(connection, settings):
+    """BEGIN rides in RQ's preparation transaction and FINISH in its success transaction,
+    so a dailyq run costs exactly the round trips of a plain RQ job: compare the growth
+    from 5 to 25 runs (start-up costs cancel out) of both workers."""
+    client, sent = counting_client(settings.redis_url)
+    plain_queue = Queue(f"{settings.prefix}-plain", connection=client, serializer=JSONSerializer)
+
+    def plain_round_trips(runs: int) -> int:
+        plain_queue.enqueue_many([Queue.prepare_data("tests.sample_tasks.noop", args=(i,)) for i in range(runs)])
+        before = len(sent)
+        SimpleWorker([plain_queue], connection=client, serializer=JSONSerializer).work(burst=True)
+        return len(sent) - before
+
+    def dailyq_round_trips(runs: int, day: date) -> int:
+        table = TaskTable([Task(name="quick", func="tests.sample_tasks.noop", params=list(range(runs)), at="03:00")])
+        trigger(connection, settings.keys, make_queue(connection, settings.keys), table, day, None,
+                settings.retention_s)
+        before = len(sent)
+        DailySimpleWorker(connection=client, settings=settings, table=table).work(burst=True)
+        statuses = day_status(connection, settings.keys, table, day, utc_now())["runs"]
+        assert [r["state"] for r in statuses] == ["finished"] * runs
+        return len(sent) - before
+
+    plain_per_20 = plain_round_trips(25) - plain_round_trips(5)
+    dailyq_per_20 = dailyq_round_trips(25, DAY) - dailyq_round_trips(5, DAY + timedelta(days=1))
+    assert plain_per_20 > 0
+    # (Seen: 400 for dailyq against 404 for plain RQ; one extra round trip per run would be +20.)
+    assert dailyq_per_20 <= plain_per_20
+
+
+def test_queue_keeping_reply_hands_over_a_reply_the_pipeline_owner_drops(connection, settings):
+    kept = []
+    with connection.pipeline() as pipe:
+        pipe.set(f"{settings.prefix}:a", "1")
+        queue_keeping_reply(pipe, lambda p: p.incrby(f"{settings.prefix}:b", 41), kept.append)
+        pipe.get(f"{settings.prefix}:a")  # the owner queues more after ours ...
+        pipe.execute()  # ... and ignores the replies
+    assert kept == [41]
