@@ -136,7 +136,7 @@ def _sentinel_client(url: str) -> Redis:
     sentinel = Sentinel(list(spec.sentinels), sentinel_kwargs={"socket_connect_timeout": 2, "socket_timeout": 5})
     return sentinel.master_for(spec.service, db=spec.db, username=spec.username, password=spec.password,
                                connection_class=SentinelMasterConnection, socket_connect_timeout=5,
-                               socket_timeout=30, health_check_interval=30)
+                               socket_timeout=30)
 
 
 def connect(settings: Settings, check: bool = True) -> Redis:
@@ -155,8 +155,10 @@ def connect(settings: Settings, check: bool = True) -> Redis:
             connection = _sentinel_client(url)
         else:
             # A finite socket timeout: a half-open connection must not hang a loop forever.
-            connection = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30,
-                                        health_check_interval=30)
+            # No health_check_interval: redis-py would PING ahead of the handshake of every
+            # new connection (one more round trip per forked work-horse, i.e. per run),
+            # and its default retry already reconnects a connection found dead on use.
+            connection = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
     except ValueError as exc:
         raise ConfigError(f"bad REDIS_URL {shown!r}: {exc} (use {URL_FORMS})") from None
     if check:

@@ -340,7 +340,8 @@ class Guard:
 
 class ClaimKeeper:
     """Keeps the claims of every run executing in this process alive, from one daemon
-    thread per process (started on first use; a forked work-horse starts its own).
+    thread per process, started on first use. A forked work-horse inherits the keeper
+    but not its thread, so the keeper starts afresh in each new process.
 
     If a claim expired (Redis was away longer than its TTL) and nobody took it, it is
     taken back: the leader requeues a claimless run only after looking twice, more
@@ -350,15 +351,22 @@ class ClaimKeeper:
     def __init__(self, connection: Redis, every_s: float) -> None:
         self.every_s = every_s
         self._keep = connection.register_script(ACQUIRE_OR_RENEW)
+        self._outage = OutageLog(log, "renewing run claims")
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        self._pid = os.getpid()
         self._held: dict[str, list[HeldClaim]] = {}
         self._lost: set[str] = set()
         # Held during each renewal pass, so that release() returns only once no pass
         # can still re-take a claim the caller is about to delete.
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._outage = OutageLog(log, "renewing run claims")
 
     def hold(self, run_id: str, claims: list[HeldClaim]) -> None:
+        if self._pid != os.getpid():
+            # A fork: the parent's claims, lock state and thread are not this process's.
+            self._start_afresh()
         with self._lock:
             self._held[run_id] = claims
             if self._thread is None:

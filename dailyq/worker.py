@@ -53,16 +53,16 @@ class RefusedJob(DailyqError):
 class WorkerContext:
     settings: Settings
     table: TaskTable
-    # One Guard per process: a non-forking worker reuses it (one claim-renewal thread,
-    # scripts registered once); a forked work-horse, with another pid, makes its own.
-    _guard: tuple[int, Guard] | None = None
+    # One Guard per worker, built by the worker before its first fork, so that every
+    # work-horse inherits it instead of building its own per run. Its ClaimKeeper
+    # starts a renewal thread in whichever process holds claims (see ClaimKeeper).
+    _guard: Guard | None = None
 
     def guard(self, connection: Redis) -> Guard:
-        if self._guard is None or self._guard[0] != os.getpid():
-            guard = Guard(connection, self.settings.keys, self.settings.node_name, self.settings.claim_ttl_s,
-                          self.settings.retention_s)
-            self._guard = (os.getpid(), guard)
-        return self._guard[1]
+        if self._guard is None:
+            self._guard = Guard(connection, self.settings.keys, self.settings.node_name, self.settings.claim_ttl_s,
+                                self.settings.retention_s)
+        return self._guard
 
 
 class DailyJob(Job):
@@ -164,7 +164,8 @@ class _DailyWorkerMixin:
                  settings: Settings | None = None, table: TaskTable | None = None, **kwargs: Any) -> None:
         settings = settings or Settings.from_env()
         table = table or load_table(settings.tasks_module)
-        job_class = bind_job_class(WorkerContext(settings, table))
+        context = WorkerContext(settings, table)
+        job_class = bind_job_class(context)
         kwargs["job_class"] = job_class
         kwargs["serializer"] = JSONSerializer
         # RQ restarts its retry scheduler (killed by a Redis outage) only during
@@ -172,6 +173,7 @@ class _DailyWorkerMixin:
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL_S)
         connection = kwargs.get("connection") or _connection_of(queues) or connect(settings)
         kwargs["connection"] = connection
+        context.guard(connection)  # now, before any fork (see WorkerContext)
         # Rebuild queues ourselves: the rq CLI builds them with its own (pickling) job class.
         names = _queue_names(queues, settings.keys.queue_name)
         rebuilt = [Queue(n, connection=connection, job_class=job_class, serializer=JSONSerializer) for n in names]
