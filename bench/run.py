@@ -126,37 +126,63 @@ def bench_makespan(quick: bool) -> dict:
 
 # -- 2. per-run overhead -------------------------------------------------------------
 
-def bench_overhead(quick: bool, repeats: int = 2) -> dict:
-    n = 300 if quick else 2000
-    # Alternated passes, medians reported: fork cost on a shared VM drifts by 2x over minutes.
-    out: dict = {"runs": n, "repeats": repeats}
-    for mode, rq_class, dailyq_flag in (("forking", "rq.Worker", []), ("non-forking", "rq.SimpleWorker", ["--simple"])):
-        plain_s, dailyq_s = [], []
-        for _ in range(repeats):
-            with PrivateRedis(appendonly=False) as server:
-                connection = Redis.from_url(server.url)
-                env = env_for(server, "plain", BENCH_NOOP=str(n))
-                started = time.perf_counter()
-                queue = Queue("plain", connection=connection, serializer=JSONSerializer)
-                for lo in range(0, n, 1000):
-                    queue.enqueue_many([Queue.prepare_data("bench.noop.noop", args=(i,), job_id=f"noop-{i}")
-                                        for i in range(lo, min(n, lo + 1000))])
-                run([RQ, "worker", "--burst", "-w", rq_class, "-S", "rq.serializers.JSONSerializer", "plain"], env)
-                plain_s.append(time.perf_counter() - started)
+def overhead_pass(side: str, rq_class: str, dailyq_flags: list[str], n: int) -> dict:
+    """One side's pass, in a Redis of its own: enqueue n no-op runs, drain them with one
+    burst worker. Returns wall seconds and the CPU seconds of everything involved
+    (this process's enqueue, the worker and its work-horses, the Redis server)."""
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        env = env_for(server, side, BENCH_NOOP=str(n), NODE_NAME="n1")
+        redis_cpu = lambda: sum(connection.info("cpu")[f] for f in ("used_cpu_user", "used_cpu_sys"))  # noqa: E731
+        cpu_before = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN) + redis_cpu()
+        started = time.perf_counter()
+        if side == "plain":
+            queue = Queue("plain", connection=connection, serializer=JSONSerializer)
+            for lo in range(0, n, 1000):
+                queue.enqueue_many([Queue.prepare_data("bench.noop.noop", args=(i,), job_id=f"noop-{i}")
+                                    for i in range(lo, min(n, lo + 1000))])
+            run([RQ, "worker", "--burst", "-w", rq_class, "-S", "rq.serializers.JSONSerializer", "plain"], env)
+        else:
+            table = TaskTable([Task(name="noop", func="bench.noop.noop", params=list(range(n)), at="03:00")])
+            keys = Keys(side)
+            # In-process, like the plain enqueue above: both sides pay one worker start-up.
+            trigger(connection, keys, make_queue(connection, keys), table, DAY_ONE, None, 7 * 86400)
+            run([PY, "worker_entry.py", "--burst", *dailyq_flags], env)
+        seconds = time.perf_counter() - started
+        cpu = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN) + redis_cpu() - cpu_before
+        return {"seconds": seconds, "cpu_seconds": cpu}
 
-                env = env_for(server, "dailyq", BENCH_NOOP=str(n))
-                table = TaskTable([Task(name="noop", func="bench.noop.noop", params=list(range(n)), at="03:00")])
-                keys = Keys("dailyq")
-                started = time.perf_counter()
-                # In-process, like the plain enqueue above: both sides pay one worker start-up.
-                trigger(connection, keys, make_queue(connection, keys), table, DAY_ONE, None, 7 * 86400)
-                run([PY, "worker_entry.py", "--burst", *dailyq_flag], dict(env, NODE_NAME="n1"))
-                dailyq_s.append(time.perf_counter() - started)
-        plain, ours = statistics.median(plain_s), statistics.median(dailyq_s)
-        out[mode] = {"plain_rq_runs_per_s": round(n / plain, 1), "dailyq_runs_per_s": round(n / ours, 1),
-                     "throughput_ratio": round(plain / ours, 3),
-                     "plain_rq_runs_per_s_each": [round(n / t, 1) for t in plain_s],
-                     "dailyq_runs_per_s_each": [round(n / t, 1) for t in dailyq_s]}
+
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench_overhead(quick: bool, repeats: int = 5) -> dict:
+    n = 300 if quick else 2000
+    # Pairs of passes in alternating order (plain first, then dailyq first, ...), each in
+    # a fresh Redis; ratios are taken within a pair, then the median over pairs: fork
+    # cost on a shared 2-core VM drifts by 2x over minutes, and a pair sees one drift.
+    # CPU seconds per run (client, worker, work-horses and Redis) are reported as well:
+    # they vary far less than wall time between passes.
+    out: dict = {"runs": n, "repeats": repeats}
+    for mode, rq_class, dailyq_flags in (("forking", "rq.Worker", []), ("non-forking", "rq.SimpleWorker", ["--simple"])):
+        pairs = []
+        for i in range(repeats):
+            order = ("plain", "dailyq") if i % 2 == 0 else ("dailyq", "plain")
+            pairs.append({side: overhead_pass(side, rq_class, dailyq_flags, n) for side in order})
+        plain_s = [p["plain"]["seconds"] for p in pairs]
+        dailyq_s = [p["dailyq"]["seconds"] for p in pairs]
+        out[mode] = {
+            "plain_rq_runs_per_s": round(n / statistics.median(plain_s), 1),
+            "dailyq_runs_per_s": round(n / statistics.median(dailyq_s), 1),
+            "throughput_ratio": round(statistics.median(p / d for p, d in zip(plain_s, dailyq_s)), 3),
+            "throughput_ratio_each": [round(p / d, 3) for p, d in zip(plain_s, dailyq_s)],
+            "plain_rq_cpu_ms_per_run": round(1000 * statistics.median(p["plain"]["cpu_seconds"] for p in pairs) / n, 3),
+            "dailyq_cpu_ms_per_run": round(1000 * statistics.median(p["dailyq"]["cpu_seconds"] for p in pairs) / n, 3),
+            "cpu_ratio": round(statistics.median(p["plain"]["cpu_seconds"] / p["dailyq"]["cpu_seconds"]
+                                                 for p in pairs), 3),
+        }
     out["goal_ratio"] = 0.9
     return out
 
@@ -360,7 +386,7 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--json", dest="json_out", help="also write all results to this file")
-    parser.add_argument("--repeats", type=int, default=2, help="alternated passes per side for 'overhead'")
+    parser.add_argument("--repeats", type=int, default=5, help="pairs of passes for 'overhead'")
     args = parser.parse_args()
     print(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.node()}: "
           f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}", flush=True)
