@@ -126,6 +126,24 @@ def bench_makespan(quick: bool) -> dict:
 
 # -- 2. per-run overhead -------------------------------------------------------------
 
+def enqueue_dailyq_jobs_with_plain_rq(connection: Redis, queue_name: str, task: Task, day: date) -> int:
+    """The jobs dailyq makes for ``task`` on ``day`` (ids, args, meta, description, retry,
+    TTLs), enqueued with plain ``enqueue_many`` in chunks of 1,000: a baseline that
+    differs from dailyq only by dailyq's own bookkeeping (records, dedup, guard)."""
+    from dailyq.fanout import _job_data
+    from dailyq.runs import runs_of_slot
+
+    queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
+    (slot,) = task.schedule.slots_on(day)
+    runs = runs_of_slot(task, slot)
+    for lo in range(0, len(runs), 1000):
+        with connection.pipeline() as pipe:
+            queue.enqueue_many([_job_data(queue, run, run.job_id(), 7 * 86400, False, False)
+                                for run in runs[lo:lo + 1000]], pipeline=pipe)
+            pipe.execute()
+    return len(runs)
+
+
 def overhead_pass(side: str, rq_class: str, dailyq_flags: list[str], n: int) -> dict:
     """One side's pass, in a Redis of its own: enqueue n no-op runs, drain them with one
     burst worker. Returns wall seconds and the CPU seconds of everything involved
@@ -136,14 +154,17 @@ def overhead_pass(side: str, rq_class: str, dailyq_flags: list[str], n: int) -> 
         redis_cpu = lambda: sum(connection.info("cpu")[f] for f in ("used_cpu_user", "used_cpu_sys"))  # noqa: E731
         cpu_before = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN) + redis_cpu()
         started = time.perf_counter()
+        table = TaskTable([Task(name="noop", func="bench.noop.noop", params=list(range(n)), at="03:00")])
         if side == "plain":
             queue = Queue("plain", connection=connection, serializer=JSONSerializer)
             for lo in range(0, n, 1000):
                 queue.enqueue_many([Queue.prepare_data("bench.noop.noop", args=(i,), job_id=f"noop-{i}")
                                     for i in range(lo, min(n, lo + 1000))])
             run([RQ, "worker", "--burst", "-w", rq_class, "-S", "rq.serializers.JSONSerializer", "plain"], env)
+        elif side == "plain_dailyq_jobs":
+            enqueue_dailyq_jobs_with_plain_rq(connection, "plain", table.tasks[0], DAY_ONE)
+            run([RQ, "worker", "--burst", "-w", rq_class, "-S", "rq.serializers.JSONSerializer", "plain"], env)
         else:
-            table = TaskTable([Task(name="noop", func="bench.noop.noop", params=list(range(n)), at="03:00")])
             keys = Keys(side)
             # In-process, like the plain enqueue above: both sides pay one worker start-up.
             trigger(connection, keys, make_queue(connection, keys), table, DAY_ONE, None, 7 * 86400)
@@ -160,28 +181,35 @@ def cpu_seconds(who: int) -> float:
 
 def bench_overhead(quick: bool, repeats: int = 5) -> dict:
     n = 300 if quick else 2000
-    # Pairs of passes in alternating order (plain first, then dailyq first, ...), each in
-    # a fresh Redis; ratios are taken within a pair, then the median over pairs: fork
-    # cost on a shared 2-core VM drifts by 2x over minutes, and a pair sees one drift.
+    # Rounds of passes in alternating order (plain first, then dailyq first, ...), each in
+    # a fresh Redis; ratios are taken within a round, then the median over rounds: fork
+    # cost on a shared 2-core VM drifts by 2x over minutes, and a round sees one drift.
     # CPU seconds per run (client, worker, work-horses and Redis) are reported as well:
-    # they vary far less than wall time between passes.
+    # they vary less than wall time between passes.
+    # A third side, plain RQ running dailyq's own jobs (meta, description, retry, TTLs),
+    # splits the difference: RQ's cost of richer jobs, and dailyq's own (guard, records).
+    sides = ("plain", "plain_dailyq_jobs", "dailyq")
     out: dict = {"runs": n, "repeats": repeats}
     for mode, rq_class, dailyq_flags in (("forking", "rq.Worker", []), ("non-forking", "rq.SimpleWorker", ["--simple"])):
-        pairs = []
+        rounds = []
         for i in range(repeats):
-            order = ("plain", "dailyq") if i % 2 == 0 else ("dailyq", "plain")
-            pairs.append({side: overhead_pass(side, rq_class, dailyq_flags, n) for side in order})
-        plain_s = [p["plain"]["seconds"] for p in pairs]
-        dailyq_s = [p["dailyq"]["seconds"] for p in pairs]
+            order = sides if i % 2 == 0 else sides[::-1]
+            rounds.append({side: overhead_pass(side, rq_class, dailyq_flags, n) for side in order})
+
+        def ratio(over: str, under: str, field: str = "seconds") -> float:
+            return round(statistics.median(r[over][field] / r[under][field] for r in rounds), 3)
+
         out[mode] = {
-            "plain_rq_runs_per_s": round(n / statistics.median(plain_s), 1),
-            "dailyq_runs_per_s": round(n / statistics.median(dailyq_s), 1),
-            "throughput_ratio": round(statistics.median(p / d for p, d in zip(plain_s, dailyq_s)), 3),
-            "throughput_ratio_each": [round(p / d, 3) for p, d in zip(plain_s, dailyq_s)],
-            "plain_rq_cpu_ms_per_run": round(1000 * statistics.median(p["plain"]["cpu_seconds"] for p in pairs) / n, 3),
-            "dailyq_cpu_ms_per_run": round(1000 * statistics.median(p["dailyq"]["cpu_seconds"] for p in pairs) / n, 3),
-            "cpu_ratio": round(statistics.median(p["plain"]["cpu_seconds"] / p["dailyq"]["cpu_seconds"]
-                                                 for p in pairs), 3),
+            **{f"{side}_runs_per_s": round(n / statistics.median(r[side]["seconds"] for r in rounds), 1)
+               for side in sides},
+            "throughput_ratio": ratio("plain", "dailyq"),
+            "throughput_ratio_each": [round(r["plain"]["seconds"] / r["dailyq"]["seconds"], 3) for r in rounds],
+            # plain RQ with dailyq's jobs against plain RQ, and dailyq against that:
+            "ratio_richer_jobs": ratio("plain", "plain_dailyq_jobs"),
+            "ratio_dailyq_bookkeeping": ratio("plain_dailyq_jobs", "dailyq"),
+            **{f"{side}_cpu_ms_per_run": round(1000 * statistics.median(r[side]["cpu_seconds"] for r in rounds) / n, 3)
+               for side in sides},
+            "cpu_ratio": ratio("plain", "dailyq", "cpu_seconds"),
         }
     out["goal_ratio"] = 0.9
     return out
@@ -202,20 +230,7 @@ def fan_out_probe(kind: str, n: int, url: str) -> None:
     table = TaskTable([Task(name="big", func="bench.noop.noop", params=params, at=slot_at)])
     started = time.perf_counter()  # both sides start from a loaded, validated table
     if kind == "plain":
-        # The same jobs (ids, args, meta, description, retry, TTLs) with plain enqueue_many:
-        # what is left of the difference is dailyq's own bookkeeping.
-        from dailyq.fanout import _job_data
-        from dailyq.runs import runs_of_slot
-
-        queue = Queue("plain", connection=connection, serializer=JSONSerializer)
-        (slot,) = table.tasks[0].schedule.slots_on(utc_now().date())
-        runs = runs_of_slot(table.tasks[0], slot)
-        for lo in range(0, n, 1000):
-            with connection.pipeline() as pipe:
-                queue.enqueue_many([_job_data(queue, run, run.job_id(), 7 * 86400, False, False)
-                                    for run in runs[lo:lo + 1000]], pipeline=pipe)
-                pipe.execute()
-        enqueued = n
+        enqueued = enqueue_dailyq_jobs_with_plain_rq(connection, "plain", table.tasks[0], utc_now().date())
     else:
         settings = Settings(redis_url=url, prefix="dailyq", node_name="bench")
         scheduler = DailyScheduler(connection, settings, table)
@@ -386,7 +401,7 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--json", dest="json_out", help="also write all results to this file")
-    parser.add_argument("--repeats", type=int, default=5, help="pairs of passes for 'overhead'")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of alternated passes for 'overhead'")
     args = parser.parse_args()
     print(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.node()}: "
           f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}", flush=True)
