@@ -256,7 +256,7 @@ class Guard:
             return {"skipped": outcome}
         # DEBUG: RQ already logs each job's start at INFO (the job's description names the
         # task, param and slot; its id is the run id), and a second INFO line per run
-        # cost 2% of a short run's throughput (bench/run.py --only overhead).
+        # cost 2% of a no-op run's throughput (measured beside plain RQ, BENCHMARKS.md).
         log.debug("run %s started on node %s (job %s)", run.run_id, self.node, run.job_id,
                   extra={"run_id": run.run_id})
         started = time.monotonic()

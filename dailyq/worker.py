@@ -133,6 +133,7 @@ def queue_keeping_reply(pipeline: Pipeline, queue: Callable[[Pipeline], None], k
     execute = pipeline.execute
 
     def execute_and_keep(*args: Any, **kwargs: Any) -> Any:
+        del pipeline.execute  # once only: a later execute of a reused pipeline is not ours
         replies = execute(*args, **kwargs)
         keep(replies[index])
         return replies

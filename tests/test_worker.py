@@ -179,4 +179,7 @@ def test_queue_keeping_reply_hands_over_a_reply_the_pipeline_owner_drops(connect
         queue_keeping_reply(pipe, lambda p: p.incrby(f"{settings.prefix}:b", 41), kept.append)
         pipe.get(f"{settings.prefix}:a")  # the owner queues more after ours ...
         pipe.execute()  # ... and ignores the replies
+        assert kept == [41]
+        pipe.incrby(f"{settings.prefix}:b", 1)  # a reused pipeline is the owner's alone
+        assert pipe.execute() == [42]
     assert kept == [41]
