@@ -96,14 +96,20 @@ def leader_node(connection, keys: Keys):
     return json.loads(raw)["node"] if raw else None
 
 
+def leader_and_standby(processes, env, connection, keys: Keys, leader: str, standby: str):
+    """Two schedulers, returned once the first leads and the second has ticked beside it."""
+    first = processes.start("scheduler.py", dict(env, NODE_NAME=leader))
+    wait_for(lambda: leader_node(connection, keys) == leader, timeout=15, what=f"{leader} to lead")
+    second = processes.start("scheduler.py", dict(env, NODE_NAME=standby))
+    time.sleep(1)
+    return first, second
+
+
 def test_a_killed_leader_is_replaced_and_the_next_slot_fires_once(node_env, processes, connection, prefix):
     keys = Keys(prefix)
     slot = slot_in(10)
     env = live_env(node_env, slot, params=6, sleep_s=0.1)
-    first = processes.start("scheduler.py", dict(env, NODE_NAME="first"))
-    wait_for(lambda: leader_node(connection, keys) == "first", timeout=15, what="first to lead")
-    second = processes.start("scheduler.py", dict(env, NODE_NAME="second"))
-    time.sleep(1)
+    first, second = leader_and_standby(processes, env, connection, keys, "first", "second")
     first.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     wait_for(lambda: leader_node(connection, keys) == "second", timeout=10, what="a new leader")
@@ -118,10 +124,7 @@ def test_a_paused_leader_enqueues_nothing_when_it_wakes(node_env, processes, con
     keys = Keys(prefix)
     slot = slot_in(9)
     env = live_env(node_env, slot, params=6, sleep_s=0.1)
-    old = processes.start("scheduler.py", dict(env, NODE_NAME="old"))
-    wait_for(lambda: leader_node(connection, keys) == "old", timeout=15, what="old to lead")
-    new = processes.start("scheduler.py", dict(env, NODE_NAME="new"))
-    time.sleep(1)
+    old, new = leader_and_standby(processes, env, connection, keys, "old", "new")
     old.send_signal(signal.SIGSTOP)  # paused past its 2 s lease, across the slot
     try:
         wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 6, timeout=30,
