@@ -161,6 +161,11 @@ def _queue_names(queues: Any, default: str) -> list[str]:
 class _DailyWorkerMixin:
     """Shared constructor for the forking and non-forking workers."""
 
+    # RQ's "job ... result is kept for N seconds" line, once per run, says nothing about
+    # a daily run; the guard's "run ... finished on node ... in ...s" line (with the run
+    # id in JSON logs) takes its place, so a run logs as many lines as a plain RQ job.
+    log_result_lifespan = False
+
     def __init__(self, queues: Sequence[str | Queue] | str | None = None, *args: Any,
                  settings: Settings | None = None, table: TaskTable | None = None, **kwargs: Any) -> None:
         settings = settings or Settings.from_env()
