@@ -52,11 +52,16 @@ from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING,
 
 log = logging.getLogger(__name__)
 
+# The error a run skipped by overlap='skip' shows in its record.
+OVERLAP_SKIPPED = "overlap: the previous slot's run of this task and param was still running"
+
 # KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = running hash,
 # KEYS[5] = series claim (same task and param, any slot)
-# ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, running_patch_json, retention_s, day,
-#        overlap ('skip'|'wait'), skipped_patch_json
-BEGIN = PATCH_RECORD_LUA + """
+# ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, retention_s, day,
+#        overlap ('skip'|'wait'), node, now (ISO), job_id
+# The record's fields are set here from plain arguments, not from a JSON patch: a run
+# then costs the worker no JSON encoding beyond its base record.
+BEGIN = PATCH_RECORD_LUA + f"""
 if redis.call('GET', KEYS[2]) == ARGV[2] then
   return 'claimed'  -- a retry after a lost reply: we already hold it
 end
@@ -68,16 +73,23 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then
   -- a run of another slot of the same task and param is still executing
-  if ARGV[9] == 'skip' then
-    patch_record(KEYS[3], ARGV[1], ARGV[5], ARGV[10], '0', ARGV[7])
+  if ARGV[8] == 'skip' then
+    local record = load_record(KEYS[3], ARGV[1], ARGV[5])
+    record.state, record.node, record.ended_at, record.job_id = '{SKIPPED}', ARGV[9], ARGV[10], ARGV[11]
+    record.error = [[{OVERLAP_SKIPPED}]]
+    save_record(KEYS[3], ARGV[1], record, ARGV[6])
     return 'skipped'
   end
   return 'busy'
 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[3])
-patch_record(KEYS[3], ARGV[1], ARGV[5], ARGV[6], '1', ARGV[7])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[8])
+local record = load_record(KEYS[3], ARGV[1], ARGV[5])
+record.state, record.node, record.started_at, record.job_id = '{RUNNING}', ARGV[9], ARGV[10], ARGV[11]
+record.ended_at, record.error = cjson.null, cjson.null
+record.attempts = (tonumber(record.attempts) or 0) + 1
+save_record(KEYS[3], ARGV[1], record, ARGV[6])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[7])
 return 'claimed'
 """
 
@@ -103,13 +115,16 @@ end
 
 # KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = durations hash,
 # KEYS[5] = running hash, KEYS[6] = series claim
-# ARGV = run_id, claim owner, base_json, patch_json, retention_s, series id, duration_s
-FINISH = PATCH_RECORD_LUA + RELEASE_LUA + """
+# ARGV = run_id, claim owner, base_json, retention_s, series id, duration_s, node, now (ISO)
+FINISH = PATCH_RECORD_LUA + RELEASE_LUA + f"""
 local still_ours = release(KEYS[2], KEYS[6], KEYS[5], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-patch_record(KEYS[3], ARGV[1], ARGV[3], ARGV[4], '0', ARGV[5])
-redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+local record = load_record(KEYS[3], ARGV[1], ARGV[3])
+record.state, record.node, record.ended_at, record.error = '{FINISHED}', ARGV[7], ARGV[8], cjson.null
+record.duration_s = tonumber(ARGV[6])
+save_record(KEYS[3], ARGV[1], record, ARGV[4])
+redis.call('HSET', KEYS[4], ARGV[5], ARGV[6])
 return still_ours and 1 or 0
 """
 
@@ -277,12 +292,10 @@ class Guard:
             raise
         self.keeper.release(run.run_id)
         duration_s = time.monotonic() - started
-        patch = {"state": FINISHED, "ended_at": iso(self.clock()), "error": None, "node": self.node,
-                 "duration_s": round(duration_s, 3)}
         finish_keys = [self.keys.day_finished(run.day), claim.key, self.keys.day_runs(run.day),
                        self.keys.durations, self.keys.running, series.key]
-        finish_args = [run.run_id, owner, run.base_record, json.dumps(patch), self.retention_s, run.series,
-                       f"{duration_s:.3f}"]
+        finish_args = [run.run_id, owner, run.base_record, self.retention_s, run.series, f"{duration_s:.3f}",
+                       self.node, iso(self.clock())]
         pending = PendingFinish(ScriptCall(self._finish, finish_keys, finish_args), run.run_id)
         if defer_finish is not None:
             defer_finish(pending)
@@ -296,14 +309,9 @@ class Guard:
         run = attempt.run
         begin_keys = [self.keys.day_finished(run.day), self.keys.claim(run.run_id), self.keys.day_runs(run.day),
                       self.keys.running, self.keys.series_claim(run.series)]
-        now = iso(self.clock())
-        running = json.dumps({"state": RUNNING, "node": self.node, "started_at": now, "ended_at": None,
-                              "error": None, "job_id": run.job_id})
-        skipped = json.dumps({"state": SKIPPED, "node": self.node, "ended_at": now,
-                              "error": "overlap: the previous slot's run of this task and param was still running",
-                              "job_id": run.job_id})
         begin_args = [run.run_id, attempt.owner, self.claim_ttl_s * 1000, "1" if run.force else "0",
-                      run.base_record, running, self.retention_s, run.day.isoformat(), run.overlap, skipped]
+                      run.base_record, self.retention_s, run.day.isoformat(), run.overlap, self.node,
+                      iso(self.clock()), run.job_id]
         return ScriptCall(self._begin, begin_keys, begin_args)
 
     def _wait_for_claim(self, attempt: Attempt) -> str:

@@ -88,23 +88,31 @@ def decode_record(raw: bytes | str) -> dict[str, Any]:
     return record
 
 
-# Lua helper shared by every script that changes a run record (fan-out, guard).
+# Lua helpers shared by every script that changes a run record (fan-out, guard).
 # Records are JSON in one hash per day, so ``status`` for a whole day is one HGETALL.
-# patch_record(key, run_id, base_json, patch_json, incr_attempts, retention_s):
-# starts from the stored record (or ``base`` when there is none), overlays ``patch``,
-# optionally counts an attempt, and keeps the day's hash for the retention period.
+# load_record(key, run_id, base_json): the stored record, or ``base`` when there is none.
+# save_record(key, run_id, record, retention_s): stores it, keeping the day's hash for
+# the retention period.
+# patch_record(key, run_id, base_json, patch_json, incr_attempts, retention_s): loads,
+# overlays ``patch``, optionally counts an attempt, saves. (The guard's scripts set
+# their few fields directly instead: no patch to encode per run in the worker.)
 PATCH_RECORD_LUA = """
+local function load_record(key, run_id, base_json)
+  return cjson.decode(redis.call('HGET', key, run_id) or base_json)
+end
+local function save_record(key, run_id, record, retention_s)
+  redis.call('HSET', key, run_id, cjson.encode(record))
+  redis.call('EXPIRE', key, retention_s)
+end
 local function patch_record(key, run_id, base_json, patch_json, incr_attempts, retention_s)
-  local raw = redis.call('HGET', key, run_id)
-  local record = cjson.decode(raw or base_json)
+  local record = load_record(key, run_id, base_json)
   for name, value in pairs(cjson.decode(patch_json)) do
     record[name] = value
   end
   if incr_attempts == '1' then
     record['attempts'] = (tonumber(record['attempts']) or 0) + 1
   end
-  redis.call('HSET', key, run_id, cjson.encode(record))
-  redis.call('EXPIRE', key, retention_s)
+  save_record(key, run_id, record, retention_s)
   return record
 end
 """

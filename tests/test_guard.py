@@ -3,7 +3,7 @@ and the overlap policy between slots of the same task and param."""
 
 import threading
 import time
-from datetime import date
+from datetime import date, datetime, timezone
 
 from dailyq.guard import Guard, RunIdentity
 from dailyq.runs import decode_record
@@ -103,6 +103,39 @@ def test_a_failure_releases_the_claims_and_records_the_error(connection, setting
     assert not connection.exists(settings.keys.claim("r1"))
     assert not connection.exists(settings.keys.series_claim("t-series"))
     assert not connection.hexists(settings.keys.running, "r1")
+
+
+def test_the_record_through_a_failure_a_retry_and_a_finish(connection, settings):
+    moments = iter([datetime(2026, 11, 26, 3, 0, 5, tzinfo=timezone.utc), datetime(2026, 11, 26, 3, 0, 9, tzinfo=timezone.utc),
+                    datetime(2026, 11, 26, 3, 1, 0, tzinfo=timezone.utc), datetime(2026, 11, 26, 3, 1, 7, tzinfo=timezone.utc)])
+    g = Guard(connection, settings.keys, "node-x", claim_ttl_s=3, retention_s=600, clock=lambda: next(moments))
+
+    def boom():
+        raise ValueError("bad input")
+
+    try:  # no record stored yet: the guard starts from the run's base record
+        g.execute(identity("r1"), boom, will_retry=lambda: True)
+    except ValueError:
+        pass
+    assert record(connection, settings, "r1") == {
+        "task": "t", "param_json": '"p"', "param": "p", "slot": "slot-r1", "state": "queued", "node": "node-x",
+        "started_at": "2026-11-26T03:00:05+00:00", "ended_at": "2026-11-26T03:00:09+00:00", "attempts": 1,
+        "error": "ValueError: bad input", "job_id": "r1"}
+    attempt = g.attempt(identity("r1"))
+    with connection.pipeline() as pipe:  # the retry claims in the worker's own transaction
+        g.claim_in(attempt, pipe)
+        attempt.keep_begin_reply(pipe.execute()[-1])
+    assert record(connection, settings, "r1") == {
+        "task": "t", "param_json": '"p"', "param": "p", "slot": "slot-r1", "state": "running", "node": "node-x",
+        "started_at": "2026-11-26T03:01:00+00:00", "ended_at": None, "attempts": 2, "error": None, "job_id": "r1"}
+    g.execute(identity("r1"), lambda: None, will_retry=lambda: False, attempt=attempt)
+    finished = record(connection, settings, "r1")
+    assert isinstance(finished.pop("duration_s"), (int, float))
+    assert finished == {
+        "task": "t", "param_json": '"p"', "param": "p", "slot": "slot-r1", "state": "finished", "node": "node-x",
+        "started_at": "2026-11-26T03:01:00+00:00", "ended_at": "2026-11-26T03:01:07+00:00", "attempts": 2,
+        "error": None, "job_id": "r1"}
+    assert connection.hget(settings.keys.day_runs(DAY), "r1").decode().count('"error":null') == 1  # null, not absent
 
 
 def test_a_claim_taken_inside_another_transaction_is_used_without_a_second_begin(connection, settings):
