@@ -301,8 +301,11 @@ class Guard:
             defer_finish(pending)
         else:
             pending.apply()
-        log.info("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s,
-                 extra={"run_id": run.run_id})
+        # DEBUG, like the start: RQ's own INFO lines say that the job succeeded and how long
+        # it took (tagged with the run id in JSON logs), and a line costs ~40 us of CPU
+        # per run in the worker (measured in-process), 1% of a no-op run.
+        log.debug("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s,
+                  extra={"run_id": run.run_id})
         return result
 
     def _begin_call(self, attempt: Attempt) -> ScriptCall:

@@ -64,6 +64,8 @@ def test_an_unknown_format_is_a_config_error():
 def test_setup_logging_in_json_keeps_the_outage_filter():
     root = logging.getLogger()
     saved, level = root.handlers[:], root.level
+    flags = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved_flags = {f: getattr(logging, f) for f in flags}  # setup_logging turns these off process-wide
     try:
         setup_logging("node-1", fmt="json")
         (handler,) = root.handlers
@@ -72,6 +74,8 @@ def test_setup_logging_in_json_keeps_the_outage_filter():
     finally:
         root.handlers[:] = saved
         root.setLevel(level)
+        for flag, value in saved_flags.items():
+            setattr(logging, flag, value)
 
 
 def run_worker(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -88,8 +92,13 @@ def test_a_json_worker_logs_only_json_lines_with_its_node_and_each_runs_id(node_
     assert entries and all(e["node"] == "node-j" for e in entries)
     assert {e["logger"].split(".")[0] for e in entries} >= {"dailyq", "rq"}
     expected = {run.run_id for run in runs_on(table, DAY, ["sample"])}
-    finished_runs = {e["run_id"] for e in entries if "finished on node" in e["message"]}
-    assert finished_runs == expected
+    # RQ's own lines while it handles a run carry that run's id: its success, with the duration.
+    succeeded = {e["run_id"] for e in entries
+                 if e["logger"] == "rq.worker" and e["message"].startswith("Successfully completed") and "run_id" in e}
+    assert succeeded == expected
+    assert all(e["run_id"] in expected for e in entries if "run_id" in e)
+    # Between runs (start-up, the idle loop, shutdown) nothing is tagged.
+    assert not any("run_id" in e for e in entries if "quitting" in e["message"] or "started with PID" in e["message"])
     # A run's start is RQ's own line naming the job, whose id is the run id.
     started = {run_id for run_id in expected for e in entries
                if e["logger"] == "rq.worker" and e["message"].endswith(f"({run_id})")}
@@ -100,3 +109,16 @@ def test_an_unknown_log_format_stops_the_worker_with_one_line(node_env):
     stopped = run_worker(dict(node_env, NODE_NAME="node-j", DAILYQ_LOG_FORMAT="yaml"))
     assert stopped.returncode == 2
     assert stopped.stderr.count("\n") == 1 and "DAILYQ_LOG_FORMAT='yaml'" in stopped.stderr, stopped.stderr
+
+
+def test_rqs_could_not_connect_line_is_kept_once_per_outage():
+    template = "Worker %s: could not connect to Redis instance: %s retrying in %d seconds..."
+
+    def rq_record(level: int, msg: str, *args: object) -> logging.LogRecord:
+        return logging.getLogger("rq.worker").makeRecord("rq.worker", level, __file__, 1, msg, args, None)
+
+    once = OncePerOutage()
+    outage = [once.filter(rq_record(logging.ERROR, template, "w1", "refused", 2)) for _ in range(3)]
+    assert outage == [True, False, False]
+    assert once.filter(rq_record(logging.INFO, "Worker %s: %s: %s", "w1", "q", "job-1"))  # back: passes, resets
+    assert once.filter(rq_record(logging.ERROR, template, "w1", "refused", 2))  # the next outage is told again
