@@ -356,8 +356,8 @@ class Guard:
 
 class ClaimKeeper:
     """Keeps the claims of every run executing in this process alive, from one
-    background thread per process, started on first use. A forked work-horse inherits the keeper
-    but not its thread, so the keeper starts afresh in each new process.
+    background thread per process, started on first use. A forked work-horse inherits
+    the keeper but not its thread, so the keeper starts afresh in each new process.
 
     If a claim expired (Redis was away longer than its TTL) and nobody took it, it is
     taken back: the leader requeues a claimless run only after looking twice, more

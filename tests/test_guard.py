@@ -106,8 +106,8 @@ def test_a_failure_releases_the_claims_and_records_the_error(connection, setting
 
 
 def test_the_record_through_a_failure_a_retry_and_a_finish(connection, settings):
-    moments = iter([datetime(2026, 11, 26, 3, 0, 5, tzinfo=timezone.utc), datetime(2026, 11, 26, 3, 0, 9, tzinfo=timezone.utc),
-                    datetime(2026, 11, 26, 3, 1, 0, tzinfo=timezone.utc), datetime(2026, 11, 26, 3, 1, 7, tzinfo=timezone.utc)])
+    # The guard reads its clock at each BEGIN and at each end (failure or finish).
+    moments = iter([datetime(2026, 11, 26, 3, m, s, tzinfo=timezone.utc) for m, s in ((0, 5), (0, 9), (1, 0), (1, 7))])
     g = Guard(connection, settings.keys, "node-x", claim_ttl_s=3, retention_s=600, clock=lambda: next(moments))
 
     def boom():
