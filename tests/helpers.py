@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,15 @@ def base_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
                PYTHONUNBUFFERED="1", DAILYQ_LEASE_TTL_S="2", DAILYQ_CLAIM_TTL_S="3")
     env.update(extra)
     return env
+
+
+def quiet_sample_at() -> str:
+    """A SAMPLE_AT 12 h away from now: a live scheduler then fires no slot of the sample
+    task by itself during a test (the default 03:00 would, from 03:00 to 04:00 UTC, the
+    task's misfire grace), so a test's triggered batch is the only work there is."""
+    from dailyq.clock import utc_now  # noqa: PLC0415
+
+    return (utc_now() + timedelta(hours=12)).strftime("%H:%M")
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -10,9 +10,8 @@ from datetime import datetime, timedelta, timezone
 
 from rq.defaults import DEFAULT_WORKER_TTL
 
-from dailyq.clock import utc_now
 from dailyq.health import Beat, judge, parse_beat, roles_of
-from tests.helpers import run_cli, wait_for
+from tests.helpers import quiet_sample_at, run_cli, wait_for
 
 NOW = datetime(2026, 11, 27, 9, 0, 0, tzinfo=timezone.utc)
 
@@ -90,8 +89,7 @@ def health(env: dict[str, str], *args: str):
 
 def test_health_of_live_processes_then_of_a_killed_worker(node_env, processes, connection, settings):
     # The one sample task's slot is 12 h away: the scheduler fires nothing, the worker stays idle.
-    quiet_at = (utc_now() + timedelta(hours=12)).strftime("%H:%M")
-    env = dict(node_env, NODE_NAME="node-h", SAMPLE_ONLY="1", SAMPLE_AT=quiet_at)
+    env = dict(node_env, NODE_NAME="node-h", SAMPLE_ONLY="1", SAMPLE_AT=quiet_sample_at())
     processes.start("scheduler.py", env)
     worker = processes.start("worker_entry.py", env)
 
