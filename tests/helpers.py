@@ -16,6 +16,8 @@ from typing import Callable
 
 from redis import Redis
 
+from dailyq.clock import utc_now
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,8 +33,6 @@ def quiet_sample_at() -> str:
     """A SAMPLE_AT 12 h away from now: a live scheduler then fires no slot of the sample
     task by itself during a test (the default 03:00 would, from 03:00 to 04:00 UTC, the
     task's misfire grace), so a test's triggered batch is the only work there is."""
-    from dailyq.clock import utc_now  # noqa: PLC0415
-
     return (utc_now() + timedelta(hours=12)).strftime("%H:%M")
 
 
