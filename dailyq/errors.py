@@ -25,3 +25,10 @@ class RedisUnavailable(DailyqError):
 
 class LeaseLost(DailyqError):
     """The caller's leader lease is gone: it must not write as leader any more."""
+
+
+class ClaimLost(DailyqError):
+    """This copy of a run no longer holds the run's claim: another copy may be executing
+    it (after a network partition or a freeze), so this one must not write anything more.
+    Raised by ``current_run().check()``; a task that lets it propagate ends quietly
+    (the run is neither finished nor failed by this copy)."""

@@ -36,6 +36,17 @@ CHUNK_SIZE = 1000
 DURATION_LOOKUP_CHUNK = 10_000
 
 
+@dataclass(frozen=True)
+class Again:
+    """How a run that was enqueued before is enqueued once more."""
+
+    number: int  # gives the job a fresh id, {run_id}-r{number}
+    rerun_id: str | None  # the run id the task sees (context.py): a user's rerun has its own
+    new_run: bool  # a user's rerun: its attempts count from 1 again
+    attempts_before: int = 0  # a user's rerun: the run's executions so far (``status`` goes on counting)
+    retries: int | None = None  # RQ retries left for this job (recovery: what the attempt budget allows)
+
+
 @dataclass
 class FanOutResult:
     enqueued: list[str] = field(default_factory=list)  # job ids pushed now
@@ -50,15 +61,15 @@ def retry_policy(retries: int, backoff_s: int) -> Retry | None:
 
 
 def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *, retention_s: int,
-            fence: Lease | None = None, rerun: dict[str, int] | None = None,
+            fence: Lease | None = None, again: dict[str, Again] | None = None,
             force: bool = False, at_front: bool = False) -> FanOutResult:
     """Enqueue each run not enqueued before (per job id); return what was done.
 
-    ``rerun`` maps run id -> rerun number, which gives that run a fresh job id.
+    ``again`` maps run id -> how a run enqueued before is enqueued once more (a fresh job id).
     ``fence``: enqueue only while this lease is held (raises LeaseLost otherwise).
     ``at_front``: jump the queue (recovered runs must not wait behind a whole day).
     """
-    rerun = rerun or {}
+    again = again or {}
     result = FanOutResult()
     by_day: dict[date, list[Run]] = defaultdict(list)
     for run in longest_first(connection, keys, runs):
@@ -71,7 +82,7 @@ def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *,
             # still fenced by its own WATCH of the lease).
             if fence is not None and start and not fence.renew():
                 raise LeaseLost(f"leader lease {fence.key} is no longer ours")
-            _fan_out_chunk(connection, keys, queue, day, chunk, retention_s, fence, rerun, force, at_front,
+            _fan_out_chunk(connection, keys, queue, day, chunk, retention_s, fence, again, force, at_front,
                            patch_records, result)
     return result
 
@@ -96,11 +107,11 @@ def longest_first(connection: Redis, keys: Keys, runs: Sequence[Run]) -> list[Ru
 
 
 def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk: list[Run],
-                   retention_s: int, fence: Lease | None, rerun: dict[str, int], force: bool, at_front: bool,
+                   retention_s: int, fence: Lease | None, again: dict[str, Again], force: bool, at_front: bool,
                    patch_records, result: FanOutResult) -> None:
     enqueued_key = keys.day_enqueued(day)
     runs_key = keys.day_runs(day)
-    job_ids = [run.job_id(rerun.get(run.run_id, 0)) for run in chunk]
+    job_ids = [run.job_id(again[run.run_id].number if run.run_id in again else 0) for run in chunk]
     with connection.pipeline(transaction=True) as pipe:
         while True:
             try:
@@ -117,19 +128,19 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                     # A run's first job (no rerun number) has no record yet: write it whole.
                     # A rerun keeps its record (attempts, history): patch it in Lua.
                     first = {run.run_id: json.dumps(run.new_record(job_id), ensure_ascii=False)
-                             for run, job_id in fresh if not rerun.get(run.run_id)}
+                             for run, job_id in fresh if run.run_id not in again}
                     if first:
                         pipe.hset(runs_key, mapping=first)
                         pipe.expire(runs_key, retention_s)
-                    again: list[object] = [retention_s]
+                    patches: list[object] = [retention_s]
                     for run, job_id in fresh:
-                        if rerun.get(run.run_id):
-                            patch = {"state": QUEUED, "job_id": job_id, "error": None, "ended_at": None}
-                            again += [run.run_id, json.dumps(run.new_record(job_id)), json.dumps(patch)]
-                    if len(again) > 1:
-                        patch_records(keys=[runs_key], args=again, client=pipe)
-                    queue.enqueue_many([_job_data(queue, run, job_id, retention_s, force, at_front)
-                                        for run, job_id in fresh], pipeline=pipe)
+                        if run.run_id in again:
+                            patches += [run.run_id, json.dumps(run.new_record(job_id)),
+                                        json.dumps(_again_patch(again[run.run_id], job_id))]
+                    if len(patches) > 1:
+                        patch_records(keys=[runs_key], args=patches, client=pipe)
+                    queue.enqueue_many([_job_data(queue, run, job_id, retention_s, force, at_front,
+                                                  again.get(run.run_id)) for run, job_id in fresh], pipeline=pipe)
                 pipe.execute()
             except WatchError:
                 continue  # someone else enqueued for this day meanwhile: look again
@@ -138,8 +149,19 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
             return
 
 
-def _job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool, at_front: bool):
+def _again_patch(again: Again, job_id: str) -> dict[str, Any]:
+    """The record fields a run enqueued once more starts from. The job id names the
+    one job of the run that may execute (older ones are skipped as superseded)."""
+    patch: dict[str, Any] = {"state": QUEUED, "job_id": job_id, "error": None, "ended_at": None}
+    if again.new_run:
+        patch.update(attempts_before=again.attempts_before, rerun_id=again.rerun_id)
+    return patch
+
+
+def _job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool, at_front: bool,
+              again: Again | None = None):
     task = run.task
+    retries = task.retries if again is None or again.retries is None else again.retries
     return queue.prepare_data(
         task.func_path,
         args=(run.param,),
@@ -150,8 +172,8 @@ def _job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool
         result_ttl=retention_s,
         failure_ttl=retention_s,
         description=f"{task.name}({run.param_json}) slot {run.slot.isoformat()}",
-        meta=run.job_meta(force=force),
-        retry=retry_policy(task.retries, task.retry_backoff_s),
+        meta=run.job_meta(force=force, rerun_id=again.rerun_id if again else None),
+        retry=retry_policy(retries, task.retry_backoff_s),
         at_front=at_front,
     )
 
@@ -197,18 +219,23 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
     raw_records = connection.hmget(keys.day_runs(day), [run.run_id for run in runs])
     seen_before = connection.smismember(keys.day_enqueued(day), [run.job_id() for run in runs])
     report = RerunReport()
-    numbers: dict[str, int] = {}
+    numbers: dict[str, Again] = {}
     for run, raw, seen in zip(runs, raw_records, seen_before):
-        state = decode_record(raw)["state"] if raw else None
+        record = decode_record(raw) if raw else {}
+        state = record.get("state")
         if not force and state == FINISHED:
             report.finished.append(run)
         elif not force and state in (QUEUED, RUNNING):
             report.in_progress.append(run)
         else:
             # A run never enqueued keeps its own job id, so the leader's fan-out stays a no-op.
-            numbers[run.run_id] = int(connection.hincrby(keys.day_reruns(day), run.run_id, 1)) if seen else 0
+            # One enqueued before is run again as a new run, with a run id of its own.
+            if seen:
+                number = int(connection.hincrby(keys.day_reruns(day), run.run_id, 1))
+                numbers[run.run_id] = Again(number, rerun_id=run.job_id(number), new_run=True,
+                                            attempts_before=int(record.get("attempts") or 0))
             report.enqueued.append(run)
     if report.enqueued:
         connection.expire(keys.day_reruns(day), retention_s)
-        fan_out(connection, keys, queue, report.enqueued, retention_s=retention_s, rerun=numbers, force=force)
+        fan_out(connection, keys, queue, report.enqueued, retention_s=retention_s, again=numbers, force=force)
     return report

@@ -1,42 +1,53 @@
-"""The worker-side dedup guard: a run executes at most once at a time, and not again
-once finished.
+"""The worker-side dedup guard: a run executes at most once at a time, not again once
+finished, and only the copy that holds the run's claim may record it.
 
 It wraps the call of a task function inside the process that executes it (RQ's
 work-horse, or the worker itself for a non-forking worker):
 
-1. ``BEGIN`` (one Lua script): if the run is in the day's finished set, skip it;
-   else take the run's claim (an owner-token lease) and mark the record running.
-   On a dailyq worker it rides in RQ's own transaction that marks the job started
-   (worker.py), so it costs no round trip; it is sent on its own only when the
-   claim must be waited for, or if that reply never arrived.
-   A claim held by another live copy means "wait": the other copy may finish (then
-   we skip) or die (its claim expires, then we run). A *series* claim, held for
-   any slot of the same (task, param), applies the task's ``overlap`` policy when
-   the previous slot's run is still executing: "wait" for it, or "skip" this run.
-2. While the function runs, a thread renews the claim. It lives in the executing
-   process, so an orphaned work-horse whose worker parent was killed keeps its claim
-   and no second copy starts beside it.
-3. ``FINISH`` adds the run to the finished set and releases the claim atomically
-   (on a worker, inside RQ's transaction that records the job's success);
-   ``FAIL`` releases the claim and records the error.
+1. ``BEGIN`` (one Lua script): if the run is in the day's finished set, skip it; if a
+   newer job of the same run was enqueued since this one (a recovery, a rerun),
+   skip this stale one; else take the run's claim (an owner-token lease), draw a
+   fencing token and mark the record running. On a dailyq worker it rides in RQ's
+   own transaction that marks the job started (worker.py), so it costs no round
+   trip. A claim held by another live copy means "wait": the other copy may finish
+   (then we skip) or stop (then we run). A *series* claim, held for any slot of the
+   same (task, param), applies the task's ``overlap`` policy.
+2. While the function runs, ``ClaimKeeper`` renews the claim from a thread of the
+   executing process, and a second thread -- which never touches the network --
+   stops the function if the claim could not be confirmed for ``claim_ttl_s -
+   claim_margin_s`` seconds (before it can lapse on the server), or was found
+   held by another copy (after a freeze). Stopping ends a forked work-horse at once
+   and interrupts the call in a non-forking worker; that copy records nothing.
+   So a copy cut off from Redis stops before any other copy can take its run over.
+3. ``FINISH`` adds the run to the finished set and releases the claim atomically (on
+   a worker, inside RQ's transaction that records the job's success); ``FAIL``
+   releases the claim and records the error, or queues the run for its retry. Both
+   are refused, touching nothing, when the claim is no longer this copy's.
+
+The task sees its run through ``dailyq.current_run()`` (context.py).
 
 What the guard cannot prevent: a process that dies after the task's side effect but
-before FINISH leaves the run unfinished, and it runs again. Tasks must be idempotent.
+before FINISH leaves the run unfinished, and it runs again; a copy frozen in the
+middle of its own external write may finish that write on resuming. Tasks must be
+idempotent, and the ``fence`` token is for the second case.
 """
 
 from __future__ import annotations
 
 import _thread
+import ctypes
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from datetime import date
+from datetime import date, datetime
 from typing import Any, Callable, NamedTuple
+from zoneinfo import ZoneInfo
 
 from redis import Redis
 from redis.client import Pipeline
@@ -44,8 +55,8 @@ from redis.commands.core import Script
 from redis.exceptions import RedisError
 
 from .clock import Clock, iso, utc_now
+from .context import RunContext, running_as
 from .keys import Keys
-from .lease import ACQUIRE_OR_RENEW
 from .outage import OutageLog, through_outage
 from .table import encode_param
 from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING, SKIPPED, new_record
@@ -56,20 +67,30 @@ log = logging.getLogger(__name__)
 OVERLAP_SKIPPED = "overlap: the previous slot's run of this task and param was still running"
 
 # KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = running hash,
-# KEYS[5] = series claim (same task and param, any slot)
+# KEYS[5] = series claim (same task and param, any slot), KEYS[6] = fence counter
 # ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, retention_s, day,
 #        overlap ('skip'|'wait'), node, now (ISO), job_id
+# Replies {'claimed', attempt, fence} | {'finished'} | {'superseded'} | {'busy'} | {'skipped'}.
 # The record's fields are set here from plain arguments, not from a JSON patch: a run
 # then costs the worker no JSON encoding beyond its base record.
 BEGIN = PATCH_RECORD_LUA + f"""
 if redis.call('GET', KEYS[2]) == ARGV[2] then
-  return 'claimed'  -- a retry after a lost reply: we already hold it
+  -- a retry after a lost reply: we already hold it; answer as the first time did
+  local record = load_record(KEYS[3], ARGV[1], ARGV[5])
+  return {{'claimed', run_attempts(record), tonumber(record.fence) or 0}}
 end
 if ARGV[4] ~= '1' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
-  return 'finished'
+  return {{'finished'}}
+end
+local stored = redis.call('HGET', KEYS[3], ARGV[1])
+if stored then
+  local job_id = cjson.decode(stored).job_id
+  if type(job_id) == 'string' and job_id ~= ARGV[11] then
+    return {{'superseded'}}  -- a later job of this run (recovery, rerun) is the one to execute
+  end
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  return 'busy'  -- this very run is executing elsewhere
+  return {{'busy'}}  -- this very run is executing elsewhere
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then
   -- a run of another slot of the same task and param is still executing
@@ -78,46 +99,45 @@ if redis.call('EXISTS', KEYS[5]) == 1 then
     record.state, record.node, record.ended_at, record.job_id = '{SKIPPED}', ARGV[9], ARGV[10], ARGV[11]
     record.error = [[{OVERLAP_SKIPPED}]]
     save_record(KEYS[3], ARGV[1], record, ARGV[6])
-    return 'skipped'
+    return {{'skipped'}}
   end
-  return 'busy'
+  return {{'busy'}}
 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[3])
+local fence = redis.call('INCR', KEYS[6])
 local record = load_record(KEYS[3], ARGV[1], ARGV[5])
 record.state, record.node, record.started_at, record.job_id = '{RUNNING}', ARGV[9], ARGV[10], ARGV[11]
 record.ended_at, record.error = cjson.null, cjson.null
 record.attempts = (tonumber(record.attempts) or 0) + 1
+record.owner, record.fence = ARGV[2], fence
 save_record(KEYS[3], ARGV[1], record, ARGV[6])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[7])
-return 'claimed'
+return {{'claimed', run_attempts(record), fence}}
 """
 
-BEGIN_REPLIES = ("claimed", "finished", "busy", "skipped")
+BEGIN_OUTCOMES = ("claimed", "finished", "superseded", "busy", "skipped")
 
-# Releases what BEGIN took, if still ours. A run whose claim is gone altogether
-# leaves ``running`` too (nobody else is executing it).
+# Releases what BEGIN took; called only while the claim is ours.
 RELEASE_LUA = """
 local function release(claim_key, series_key, running_key, run_id, owner)
-  local claim = redis.call('GET', claim_key)
-  if claim == owner then
-    redis.call('DEL', claim_key)
-  end
+  redis.call('DEL', claim_key)
   if redis.call('GET', series_key) == owner then
     redis.call('DEL', series_key)
   end
-  if claim == owner or not claim then
-    redis.call('HDEL', running_key, run_id)
-  end
-  return claim == owner
+  redis.call('HDEL', running_key, run_id)
 end
 """
 
 # KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = durations hash,
 # KEYS[5] = running hash, KEYS[6] = series claim
 # ARGV = run_id, claim owner, base_json, retention_s, series id, duration_s, node, now (ISO)
+# Returns 1, or 0 (and changes nothing) when the claim is not this owner's any more.
 FINISH = PATCH_RECORD_LUA + RELEASE_LUA + f"""
-local still_ours = release(KEYS[2], KEYS[6], KEYS[5], ARGV[1], ARGV[2])
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return 0
+end
+release(KEYS[2], KEYS[6], KEYS[5], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 local record = load_record(KEYS[3], ARGV[1], ARGV[3])
@@ -125,15 +145,43 @@ record.state, record.node, record.ended_at, record.error = '{FINISHED}', ARGV[7]
 record.duration_s = tonumber(ARGV[6])
 save_record(KEYS[3], ARGV[1], record, ARGV[4])
 redis.call('HSET', KEYS[4], ARGV[5], ARGV[6])
-return still_ours and 1 or 0
+return 1
 """
 
+# An execution that ended without finishing: the task raised (FAIL, from the executing
+# process) or its process died (the worker parent, which saw its work-horse die).
 # KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash, KEYS[4] = series claim
-# ARGV = run_id, claim owner, base_json, patch_json, retention_s
-FAIL = PATCH_RECORD_LUA + RELEASE_LUA + """
+# ARGV = run_id, claim owner, base_json, retention_s, rq_can_retry ('1'|'0'),
+#        max_attempts (0 = no limit), node, now (ISO), error
+# Returns 'retry' (recorded queued: RQ retries it), 'failed', or 'not-ours' (claim held
+# by another copy or gone: nothing changed).
+FAIL = PATCH_RECORD_LUA + RELEASE_LUA + f"""
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then
+  return 'not-ours'
+end
 release(KEYS[1], KEYS[4], KEYS[3], ARGV[1], ARGV[2])
-patch_record(KEYS[2], ARGV[1], ARGV[3], ARGV[4], '0', ARGV[5])
-return 1
+local record = load_record(KEYS[2], ARGV[1], ARGV[3])
+local attempts, max_attempts = run_attempts(record), tonumber(ARGV[6])
+local retry = ARGV[5] == '1' and (max_attempts == 0 or attempts < max_attempts)
+record.state = retry and '{QUEUED}' or '{FAILED}'
+record.node, record.ended_at, record.error = ARGV[7], ARGV[8], ARGV[9]
+save_record(KEYS[2], ARGV[1], record, ARGV[4])
+return retry and 'retry' or 'failed'
+"""
+
+# KEYS[1] = run claim, KEYS[2] = series claim; ARGV[1] = owner, ARGV[2] = ttl ms.
+# Extends both only while the run's claim is ours; never re-takes one that lapsed:
+# a copy that lost its claim must stop, whoever holds it now.
+RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if holder ~= ARGV[1] then
+  return holder and 'taken' or 'gone'
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 'ok'
 """
 
 # How often a copy waiting for another live copy of the same run looks again.
@@ -141,6 +189,20 @@ WAIT_POLL_S = 1.0
 # How long the executing process waits for Redis to come back to record a run
 # before giving up (the run then shows as running until the leader requeues it).
 RECORD_OUTAGE_LIMIT_S = 900.0
+# A forked work-horse that lost its claim exits with this code; its worker parent then
+# knows the run was not this copy's any more (worker.py) and records nothing for it.
+CLAIM_LOST_EXIT_CODE = 87
+# The watchdog's period: how late, at most, it notices a missed deadline or a resume
+# after a freeze. It only compares clock readings; it never waits on the network.
+WATCHDOG_EVERY_S = 0.2
+# A non-forking worker's running task is interrupted with this signal (handled in the
+# main thread); a task in C code that ignores it is logged about, not killed.
+INTERRUPT_SIGNAL = signal.SIGUSR2
+
+
+class RunStopped(BaseException):
+    """Raised inside a running task whose copy lost its claim (non-forking workers).
+    A BaseException, so that a task's ``except Exception`` does not swallow it."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +218,11 @@ class RunIdentity:
     job_id: str
     force: bool
     overlap: str = "wait"
+    tz: str | None = None
+    # The id the task sees: a rerun's own, else run_id (see context.py).
+    rerun_id: str | None = None
+    # retries + 1: executions allowed before the run is failed (0: no limit).
+    max_attempts: int = 0
 
     @classmethod
     def from_job(cls, job: Any) -> "RunIdentity | None":
@@ -166,20 +233,24 @@ class RunIdentity:
         return cls(run_id=meta["run_id"], day=date.fromisoformat(meta["day"]), task=meta["task"],
                    slot=meta.get("slot", ""), series=meta.get("series", meta["run_id"]),
                    param_json=encode_param(param), job_id=job.id, force=bool(meta.get("force")),
-                   overlap=meta.get("overlap", "wait"))
+                   overlap=meta.get("overlap", "wait"), tz=meta.get("tz"), rerun_id=meta.get("rerun_id"),
+                   max_attempts=int(meta.get("max_attempts") or 0))
 
     @cached_property
     def base_record(self) -> str:
         """JSON of the record to start from if the run has none (sent with every script)."""
         return json.dumps(new_record(self.task, self.param_json, self.slot, self.job_id), ensure_ascii=False)
 
+    @property
+    def context_run_id(self) -> str:
+        return self.rerun_id or self.run_id
 
-class HeldClaim(NamedTuple):
-    """A claim this process holds: renewed by ClaimKeeper with ACQUIRE_OR_RENEW."""
-
-    key: str
-    owner: str
-    ttl_ms: int
+    def slot_in_zone(self) -> datetime | None:
+        try:
+            moment = datetime.fromisoformat(self.slot)
+        except ValueError:
+            return None
+        return moment.astimezone(ZoneInfo(self.tz)) if self.tz else moment
 
 
 class ScriptCall(NamedTuple):
@@ -202,40 +273,74 @@ class ScriptCall(NamedTuple):
 
 class PendingFinish:
     """The FINISH of a run whose function returned: idempotent, so it may be queued in
-    a transaction and, should that transaction not happen, applied again on its own."""
+    a transaction and, should that transaction not happen, applied again on its own.
+    The claim stays renewed until FINISH is done: a FINISH delayed by a short outage
+    must still find the claim ours."""
 
-    def __init__(self, finish: ScriptCall, run_id: str) -> None:
+    def __init__(self, finish: ScriptCall, run_id: str, done: Callable[[], None]) -> None:
         self.finish = finish
         self.run_id = run_id
+        self._done = done
 
     def queue_in(self, pipeline: Pipeline) -> None:
         self.finish.queue_in(pipeline)
 
     def apply(self) -> None:
-        through_outage(self.finish.run, OutageLog(log, f"recording run {self.run_id} as finished"),
-                       RECORD_OUTAGE_LIMIT_S)
+        try:
+            reply = through_outage(self.finish.run,
+                                   OutageLog(log, f"recording run {self.run_id} as finished"), RECORD_OUTAGE_LIMIT_S)
+        except BaseException:
+            self._done()
+            raise
+        self.replied(reply)
+
+    def replied(self, reply: Any) -> None:
+        """FINISH's reply, whichever way it was sent; the claim is no longer renewed."""
+        self._done()
+        if reply in (0, b"0", "0"):
+            log.error("run %s: its function returned but this copy no longer held the claim; "
+                      "not recorded as finished by this copy (another copy owns the run)", self.run_id,
+                      extra={"run_id": self.run_id})
 
 
 @dataclass
 class Attempt:
-    """This process's attempt at executing one run: the owner token its claim carries
-    and, when BEGIN rode in the worker's own preparation transaction, BEGIN's reply."""
+    """This process's attempt at executing one run: the owner token its claim carries,
+    and what BEGIN answered (when it rode in the worker's own preparation transaction,
+    the worker hands the reply over with ``keep_begin_reply``)."""
 
     run: RunIdentity
     owner: str
     begin_reply: str | None = None
+    attempt: int = 0
+    fence: int = 0
+    # time.monotonic() just before BEGIN was sent: the claim's TTL on the server starts
+    # no earlier, so the local deadline computed from it is never later than the server's.
+    begin_sent_at: float = 0.0
 
     def keep_begin_reply(self, reply: Any) -> None:
-        reply = reply.decode() if isinstance(reply, bytes) else reply
         # Anything but one of BEGIN's own answers is ignored: the guard then asks again.
-        self.begin_reply = reply if reply in BEGIN_REPLIES else None
+        outcome, attempt, fence = _parse_begin(reply)
+        self.begin_reply = outcome
+        if outcome == "claimed":
+            self.attempt, self.fence = attempt, fence
+
+
+def _parse_begin(reply: Any) -> tuple[str | None, int, int]:
+    if not isinstance(reply, (list, tuple)) or not reply:
+        return None, 0, 0
+    outcome = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+    if outcome not in BEGIN_OUTCOMES:
+        return None, 0, 0
+    numbers = [int(n) for n in reply[1:3]] + [0, 0]
+    return outcome, numbers[0], numbers[1]
 
 
 class Guard:
     """Runs one call under the run's claim; see the module docstring."""
 
     def __init__(self, connection: Redis, keys: Keys, node: str, claim_ttl_s: int, retention_s: int,
-                 clock: Clock = utc_now) -> None:
+                 clock: Clock = utc_now, claim_margin_s: float | None = None, stop_by_exit: bool = False) -> None:
         self.connection = connection
         self.keys = keys
         self.node = node
@@ -245,7 +350,9 @@ class Guard:
         self._begin = connection.register_script(BEGIN)
         self._finish = connection.register_script(FINISH)
         self._fail = connection.register_script(FAIL)
-        self.keeper = ClaimKeeper(connection, claim_ttl_s / 3)
+        self.keeper = ClaimKeeper(connection, claim_ttl_s,
+                                  default_claim_margin_s(claim_ttl_s) if claim_margin_s is None else claim_margin_s,
+                                  stop_by_exit=stop_by_exit)
 
     def attempt(self, run: RunIdentity) -> Attempt:
         return Attempt(run, owner=f"{self.node}:{os.getpid()}:{uuid.uuid4().hex}")
@@ -254,162 +361,341 @@ class Guard:
         """Queue the attempt's first BEGIN in ``pipeline`` (RQ's preparation transaction),
         so claiming costs no round trip of its own. The caller hands the reply back via
         ``attempt.keep_begin_reply``; if it never arrives, ``execute`` sends BEGIN
-        again, which returns 'claimed' when the first one had claimed for this owner."""
+        again, which answers as the first one did when it had claimed for this owner."""
+        attempt.begin_sent_at = time.monotonic()
         self._begin_call(attempt).queue_in(pipeline)
 
     def execute(self, run: RunIdentity, call: Callable[[], Any], will_retry: Callable[[], bool],
                 defer_finish: Callable[["PendingFinish"], None] | None = None,
-                attempt: Attempt | None = None) -> Any:
-        """Run ``call`` under the run's claim. With ``defer_finish``, recording the run
-        as finished is handed to the caller (the worker adds it to RQ's own success
-        transaction: one round trip fewer per run) instead of done here."""
+                attempt: Attempt | None = None, cancel_retry: Callable[[], None] = lambda: None) -> Any:
+        """Run ``call`` under the run's claim. ``will_retry`` says whether RQ would retry
+        the job after a failure; ``cancel_retry`` stops it from doing so (the run is
+        failed by its attempt budget, or is no longer this copy's). With
+        ``defer_finish``, recording the run as finished is handed to the caller (the
+        worker adds it to RQ's own success transaction) instead of done here."""
         attempt = attempt or self.attempt(run)
-        owner = attempt.owner
         outcome = self._wait_for_claim(attempt)
         if outcome != "claimed":
             log.info("run %s not executed: %s (job %s, node %s)", run.run_id, outcome, run.job_id, self.node,
                      extra={"run_id": run.run_id})
             return {"skipped": outcome}
         # DEBUG: RQ already logs each job's start at INFO (the job's description names the
-        # task, param and slot; its id is the run id), and a second INFO line per run
-        # cost 2% of a no-op run's throughput (measured beside plain RQ, BENCHMARKS.md).
-        log.debug("run %s started on node %s (job %s)", run.run_id, self.node, run.job_id,
-                  extra={"run_id": run.run_id})
+        # task, param and slot; its id is the run id).
+        log.debug("run %s started on node %s (job %s, attempt %d, fence %d)", run.run_id, self.node, run.job_id,
+                  attempt.attempt, attempt.fence, extra={"run_id": run.run_id})
         started = time.monotonic()
         ttl_ms = self.claim_ttl_s * 1000
-        claim = HeldClaim(self.keys.claim(run.run_id), owner, ttl_ms)
-        series = HeldClaim(self.keys.series_claim(run.series), owner, ttl_ms)
-        self.keeper.hold(run.run_id, [claim, series])
+        held = self.keeper.hold(run.run_id, self.keys.claim(run.run_id), self.keys.series_claim(run.series),
+                                attempt.owner, ttl_ms, confirmed_at=attempt.begin_sent_at)
+        context = RunContext(task=run.task, param=_param_of(run), day=run.day, slot=run.slot_in_zone(),
+                             run_id=run.context_run_id, attempt=attempt.attempt, node=self.node,
+                             fence=attempt.fence, _lost_because=held.lost_because)
         try:
-            result = call()
+            with held.executing(), running_as(context):
+                result = call()
         except BaseException as exc:  # timeouts arrive as exceptions too; record, then let RQ handle it
+            if held.lost_because() is not None:
+                # Whatever it raised (RunStopped, ClaimLost from check(), or what the task
+                # made of them): this copy is no longer the run's owner and records nothing.
+                return self._stopped(run, held, cancel_retry)
             self.keeper.release(run.run_id)
-            retrying = will_retry()
             error = f"{type(exc).__name__}: {exc}"
-            self._record_failure(run, owner, error, retrying)
-            log.warning("run %s %s on node %s: %s", run.run_id, "will retry" if retrying else "failed",
+            decision = self._record_failure(run, attempt, error, will_retry())
+            if decision != "retry":
+                cancel_retry()
+            log.warning("run %s %s on node %s: %s", run.run_id,
+                        {"retry": "will retry", "failed": "failed"}.get(decision, "failed (not recorded: claim lost)"),
                         self.node, error, extra={"run_id": run.run_id})
             raise
-        self.keeper.release(run.run_id)
+        if held.stop_requested():
+            # The claim was lost while the call was returning: it is another copy's run now.
+            return self._stopped(run, held, cancel_retry)
         duration_s = time.monotonic() - started
-        finish_keys = [self.keys.day_finished(run.day), claim.key, self.keys.day_runs(run.day),
-                       self.keys.durations, self.keys.running, series.key]
-        finish_args = [run.run_id, owner, run.base_record, self.retention_s, run.series, f"{duration_s:.3f}",
+        finish_keys = [self.keys.day_finished(run.day), held.claim_key, self.keys.day_runs(run.day),
+                       self.keys.durations, self.keys.running, held.series_key]
+        finish_args = [run.run_id, attempt.owner, run.base_record, self.retention_s, run.series, f"{duration_s:.3f}",
                        self.node, iso(self.clock())]
-        pending = PendingFinish(ScriptCall(self._finish, finish_keys, finish_args), run.run_id)
+        pending = PendingFinish(ScriptCall(self._finish, finish_keys, finish_args), run.run_id,
+                                done=lambda: self.keeper.release(run.run_id))
         if defer_finish is not None:
             defer_finish(pending)
         else:
             pending.apply()
-        # DEBUG, like the start: RQ's own INFO lines say that the job succeeded and how long
-        # it took (tagged with the run id in JSON logs), and a line costs ~40 us of CPU
-        # per run in the worker (measured in-process), 1% of a no-op run.
         log.debug("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s,
                   extra={"run_id": run.run_id})
         return result
 
+    def _stopped(self, run: RunIdentity, held: "HeldRun", cancel_retry: Callable[[], None]) -> dict[str, str]:
+        self.keeper.release(run.run_id)
+        cancel_retry()
+        log.error("run %s stopped on node %s: %s; this copy records nothing (another copy may own the run)",
+                  run.run_id, self.node, held.lost_because(), extra={"run_id": run.run_id})
+        return {"skipped": "claim lost"}
+
     def _begin_call(self, attempt: Attempt) -> ScriptCall:
         run = attempt.run
         begin_keys = [self.keys.day_finished(run.day), self.keys.claim(run.run_id), self.keys.day_runs(run.day),
-                      self.keys.running, self.keys.series_claim(run.series)]
+                      self.keys.running, self.keys.series_claim(run.series), self.keys.fence]
         begin_args = [run.run_id, attempt.owner, self.claim_ttl_s * 1000, "1" if run.force else "0",
                       run.base_record, self.retention_s, run.day.isoformat(), run.overlap, self.node,
                       iso(self.clock()), run.job_id]
         return ScriptCall(self._begin, begin_keys, begin_args)
 
     def _wait_for_claim(self, attempt: Attempt) -> str:
-        """'claimed' once we hold the claim, or why not: 'finished' (already done) or
-        'skipped' (overlap='skip' and the previous slot's run is still executing)."""
+        """'claimed' once we hold the claim, or why not: 'finished' (already done),
+        'superseded' (a later job of the run exists) or 'skipped' (overlap='skip')."""
         run = attempt.run
         outcome = attempt.begin_reply  # None unless BEGIN already ran in RQ's preparation transaction
         told = False
         while True:
             if outcome is None:
+                sent_at = time.monotonic()
                 reply = through_outage(self._begin_call(attempt).run, OutageLog(log, f"claiming run {run.run_id}"),
                                        RECORD_OUTAGE_LIMIT_S)
-                outcome = reply.decode() if isinstance(reply, bytes) else reply
+                attempt.begin_sent_at = sent_at
+                attempt.keep_begin_reply(reply)
+                outcome = attempt.begin_reply
             if outcome != "busy":
-                return outcome
+                return outcome or "unreadable BEGIN reply"
             if not told:
                 # Another live copy holds the claim (an orphaned work-horse, a rerun beside
                 # the original, or with overlap='wait' the previous slot's run): never run
-                # beside it; wait for it to end or die.
+                # beside it; wait for it to end or stop.
                 log.info("run %s: another copy of it (or of its task and param) is executing; waiting (job %s)",
                          run.run_id, run.job_id, extra={"run_id": run.run_id})
                 told = True
             time.sleep(WAIT_POLL_S)
             outcome = None
 
-    def _record_failure(self, run: RunIdentity, owner: str, error: str, retrying: bool) -> None:
-        patch = {"state": QUEUED if retrying else FAILED, "ended_at": iso(self.clock()), "error": error,
-                 "node": self.node}
-        fail_keys = [self.keys.claim(run.run_id), self.keys.day_runs(run.day), self.keys.running,
-                     self.keys.series_claim(run.series)]
-        fail_args = [run.run_id, owner, run.base_record, json.dumps(patch), self.retention_s]
+    def _record_failure(self, run: RunIdentity, attempt: Attempt, error: str, rq_can_retry: bool) -> str:
+        """FAIL; returns 'retry', 'failed' or 'not-ours'."""
+        call = self.fail_call(run, attempt.owner, error, rq_can_retry)
         try:
-            through_outage(lambda: self._fail(keys=fail_keys, args=fail_args),
-                           OutageLog(log, f"recording the failure of run {run.run_id}"), RECORD_OUTAGE_LIMIT_S)
+            reply = through_outage(call.run, OutageLog(log, f"recording the failure of run {run.run_id}"),
+                                   RECORD_OUTAGE_LIMIT_S)
         except RedisError as exc:
-            # The claim then expires by itself; RQ still records the failure.
+            # The claim then expires by itself and the leader's recovery takes the run over.
             log.error("run %s: could not record its failure (%s)", run.run_id, exc, extra={"run_id": run.run_id})
+            return "not-ours"
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    def fail_call(self, run: RunIdentity, owner: str, error: str, rq_can_retry: bool) -> ScriptCall:
+        """FAIL for ``owner``'s execution of ``run``: also used by a worker parent whose
+        work-horse died, with the owner token it gave that work-horse."""
+        keys = [self.keys.claim(run.run_id), self.keys.day_runs(run.day), self.keys.running,
+                self.keys.series_claim(run.series)]
+        args = [run.run_id, owner, run.base_record, self.retention_s, "1" if rq_can_retry else "0",
+                run.max_attempts, self.node, iso(self.clock()), error]
+        return ScriptCall(self._fail, keys, args)
+
+
+def _param_of(run: RunIdentity) -> Any:
+    return json.loads(run.param_json)
+
+
+def default_claim_margin_s(claim_ttl_s: float) -> float:
+    """How long before a claim could lapse on the server its copy stops, if it could not
+    confirm the claim meanwhile: a fifth of the TTL, at least 2 s (a renewal's round
+    trip, the watchdog's period, clock-rate differences), never more than half."""
+    return min(max(2.0, claim_ttl_s / 5), claim_ttl_s / 2)
+
+
+class HeldRun:
+    """One run executing in this process under a claim, as the keeper sees it."""
+
+    def __init__(self, keeper: "ClaimKeeper", run_id: str, claim_key: str, series_key: str, owner: str,
+                 ttl_ms: int, confirmed_at: float) -> None:
+        self.keeper = keeper
+        self.run_id = run_id
+        self.claim_key = claim_key
+        self.series_key = series_key
+        self.owner = owner
+        self.ttl_ms = ttl_ms
+        self.confirmed_at = confirmed_at  # monotonic time the last confirmed renewal was sent
+        self.lost: str | None = None
+        self.calling = False  # the task function is executing now
+        self.thread_id = threading.get_ident()
+        self.stop_sent = False
+
+    def lost_because(self) -> str | None:
+        """Why this copy no longer holds its claim, or None while it does."""
+        if self.lost is None:
+            unconfirmed_s = time.monotonic() - self.confirmed_at
+            if unconfirmed_s > self.keeper.stop_after_s:
+                self.lost = (f"could not confirm its claim with Redis for {unconfirmed_s:.1f}s (claim TTL "
+                             f"{self.ttl_ms / 1000:g}s; it stops {self.keeper.margin_s:g}s before the claim can lapse)")
+        return self.lost
+
+    def stop_requested(self) -> bool:
+        return self.stop_sent
+
+    def executing(self) -> "_Calling":
+        return _Calling(self)
+
+
+class _Calling:
+    """Marks the span in which the task function runs: only then is it stopped."""
+
+    def __init__(self, held: HeldRun) -> None:
+        self.held = held
+
+    def __enter__(self) -> None:
+        self.held.keeper.enter_call(self.held)
+
+    def __exit__(self, *exc: object) -> None:
+        self.held.keeper.leave_call(self.held)
 
 
 class ClaimKeeper:
-    """Keeps the claims of every run executing in this process alive, from one
-    background thread per process, started on first use. A forked work-horse inherits
-    the keeper but not its thread, so the keeper starts afresh in each new process.
+    """Keeps the claims of the runs executing in this process, and stops a run whose
+    claim is no longer certain.
 
-    If a claim expired (Redis was away longer than its TTL) and nobody took it, it is
-    taken back: the leader requeues a claimless run only after looking twice, more
-    than a renewal period apart (recovery.py), so a live copy always gets in first.
+    Two background threads per process, started on first use (a forked work-horse
+    inherits the keeper but not its threads, so it starts afresh in each process):
+
+    * the renewer extends each claim every ``renew_every_s`` (RENEW: only while ours);
+      a reply that the claim is gone or taken marks the run lost at once;
+    * the watchdog compares clock readings only, so a renewal stuck on a dead network
+      cannot delay it: a run whose claim was last confirmed more than ``claim_ttl_s -
+      margin_s`` ago -- before the server could let the claim lapse and the leader
+      hand the run to another copy -- is lost, and its task is stopped.
+
+    After a freeze (SIGSTOP, a VM pause) both threads wake up late; the watchdog's
+    first look, within ``WATCHDOG_EVERY_S`` of resuming, finds the deadline passed.
     """
 
-    def __init__(self, connection: Redis, every_s: float) -> None:
-        self.every_s = every_s
-        self._keep = connection.register_script(ACQUIRE_OR_RENEW)
+    def __init__(self, connection: Redis, claim_ttl_s: float, margin_s: float, stop_by_exit: bool = False) -> None:
+        self.renew_every_s = min(1.0, claim_ttl_s / 4)
+        self.margin_s = margin_s
+        self.stop_after_s = claim_ttl_s - margin_s
+        # A forked work-horse ends itself (os._exit) to stop its task; anything else
+        # interrupts the task's thread.
+        self.stop_by_exit = stop_by_exit
+        self._renew = connection.register_script(RENEW)
         self._outage = OutageLog(log, "renewing run claims")
         self._start_afresh()
 
     def _start_afresh(self) -> None:
         self._pid = os.getpid()
-        self._held: dict[str, list[HeldClaim]] = {}
-        self._lost: set[str] = set()
-        # Held during each renewal pass, so that release() returns only once no pass
-        # can still re-take a claim the caller is about to delete.
-        self._lock = threading.Lock()
-        self._renewing = False
+        self._held: dict[str, HeldRun] = {}
+        # Reentrant: the interrupt handler runs in the main thread between any two
+        # bytecodes, possibly while that thread already holds the lock.
+        self._lock = threading.RLock()
+        self._threads_started = False
 
-    def hold(self, run_id: str, claims: list[HeldClaim]) -> None:
+    def hold(self, run_id: str, claim_key: str, series_key: str, owner: str, ttl_ms: int,
+             confirmed_at: float) -> HeldRun:
         if self._pid != os.getpid():
-            # A fork: the parent's claims, lock state and thread are not this process's.
+            # A fork: the parent's runs, lock state and threads are not this process's.
             self._start_afresh()
+        held = HeldRun(self, run_id, claim_key, series_key, owner, ttl_ms, confirmed_at)
         with self._lock:
-            self._held[run_id] = claims
-            if not self._renewing:
+            self._held[run_id] = held
+            if not self._threads_started:
                 # _thread, not threading.Thread: Thread.start() waits until the new thread
                 # has run, a handshake that cost a freshly forked work-horse about 1 ms per
-                # run (bench/run.py overhead, forking). Like a daemon thread, it never holds
-                # up the process's exit.
+                # run. Like daemon threads, they never hold up the process's exit.
                 _thread.start_new_thread(self._renew_forever, ())
-                self._renewing = True
+                _thread.start_new_thread(self._watch_forever, ())
+                self._threads_started = True
+        if not self.stop_by_exit:
+            _install_interrupt_handler(self)
+        return held
 
     def release(self, run_id: str) -> None:
         with self._lock:
             self._held.pop(run_id, None)
-            self._lost.discard(run_id)
+
+    def held_in_thread(self, thread_id: int) -> HeldRun | None:
+        with self._lock:
+            return next((h for h in self._held.values() if h.thread_id == thread_id and h.calling), None)
+
+    def enter_call(self, held: HeldRun) -> None:
+        with self._lock:
+            held.calling = True
+        if held.lost_because() is not None:  # lost before the call began (a freeze right after BEGIN)
+            self._stop(held)
+
+    def leave_call(self, held: HeldRun) -> None:
+        with self._lock:
+            held.calling = False
+            if held.stop_sent and not self.stop_by_exit and held.thread_id != threading.main_thread().ident:
+                # An interruption sent but not yet delivered must not land in the guard's own code.
+                _set_async_exc(held.thread_id, None)
 
     def _renew_forever(self) -> None:
         while True:
-            time.sleep(self.every_s)
+            time.sleep(self.renew_every_s)
             with self._lock:
-                try:
-                    for run_id, claims in self._held.items():
-                        held = all([self._keep(keys=[c.key], args=[c.owner, c.ttl_ms]) for c in claims])
-                        if not held and run_id not in self._lost:
-                            log.error("run %s: another copy holds its claim now; two copies may be running", run_id,
-                                      extra={"run_id": run_id})
-                            self._lost.add(run_id)
-                except RedisError as exc:
-                    self._outage.failed(exc)
-                    continue
-                self._outage.recovered()
+                runs = [h for h in self._held.values() if h.lost is None]
+            try:
+                for held in runs:
+                    sent_at = time.monotonic()
+                    reply = self._renew(keys=[held.claim_key, held.series_key], args=[held.owner, held.ttl_ms])
+                    reply = reply.decode() if isinstance(reply, bytes) else reply
+                    if reply == "ok":
+                        held.confirmed_at = max(held.confirmed_at, sent_at)
+                    elif held.lost is None:
+                        held.lost = ("another copy holds its claim now" if reply == "taken"
+                                     else "its claim lapsed in Redis")
+            except RedisError as exc:
+                self._outage.failed(exc)
+                continue
+            self._outage.recovered()
+
+    def _watch_forever(self) -> None:
+        while True:
+            time.sleep(WATCHDOG_EVERY_S)
+            with self._lock:
+                runs = list(self._held.values())
+            for held in runs:
+                if held.calling and not held.stop_sent and held.lost_because() is not None:
+                    self._stop(held)
+
+    def _stop(self, held: HeldRun) -> None:
+        with self._lock:
+            if held.stop_sent or not held.calling:
+                return
+            held.stop_sent = True
+            reason = held.lost_because()
+            if self.stop_by_exit:
+                log.error("run %s: stopping this work-horse: %s; it records nothing (another copy may own the run)",
+                          held.run_id, reason, extra={"run_id": held.run_id})
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os._exit(CLAIM_LOST_EXIT_CODE)
+            log.error("run %s: interrupting its task: %s", held.run_id, reason, extra={"run_id": held.run_id})
+            if held.thread_id == threading.main_thread().ident and _interrupt_handler_installed():
+                signal.pthread_kill(held.thread_id, INTERRUPT_SIGNAL)
+            else:
+                _set_async_exc(held.thread_id, RunStopped)
+
+
+_handler_state: dict[str, Any] = {"pid": None, "keeper": None}
+
+
+def _install_interrupt_handler(keeper: ClaimKeeper) -> None:
+    """SIGUSR2 -> RunStopped in the task, when it arrives while a stopped run executes in
+    the main thread. A signal (rather than only an asynchronous exception) also breaks
+    a blocking call such as ``time.sleep`` or a socket read."""
+    if _handler_state["pid"] == os.getpid() and _handler_state["keeper"] is keeper:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be installed from the main thread
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        held = keeper.held_in_thread(threading.get_ident())
+        if held is not None and held.stop_sent:
+            raise RunStopped(held.lost_because())
+
+    signal.signal(INTERRUPT_SIGNAL, on_interrupt)
+    _handler_state.update(pid=os.getpid(), keeper=keeper)
+
+
+def _interrupt_handler_installed() -> bool:
+    return _handler_state["pid"] == os.getpid()
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
+    """Raise ``exc`` in another thread at its next bytecode (None: cancel a pending one)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)

@@ -50,10 +50,10 @@ class Keys:
         return f"{self.prefix}:running"
 
     @property
-    def abandoned_suspects(self) -> str:
-        """Hash run id -> Redis server time it was first seen running without a claim.
-        Kept in Redis so that a new leader goes on with the old one's observations."""
-        return f"{self.prefix}:abandoned-suspects"
+    def fence(self) -> str:
+        """Counter (INCR, never expires): the fencing token handed to each execution that
+        takes a run's claim. One counter for all runs, so a token is never reused."""
+        return f"{self.prefix}:fence"
 
     def day_runs(self, day: date) -> str:
         """Hash run id -> JSON run record (state, node, times, attempts, error)."""

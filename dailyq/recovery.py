@@ -1,17 +1,21 @@
-"""Recovery of runs whose executing process died mid-run.
+"""Recovery of runs whose executing process is gone.
 
 A copy that starts executing records itself in the ``running`` hash, atomically with
-taking its claim (guard.py). Its claim is renewed from inside the executing process,
-so a run listed as running whose claim has expired has lost its process (node
-death, SIGKILL, OOM) -- or Redis was away longer than the claim TTL. To tell the two
-apart, the leader requeues a run only when it finds it claimless twice, at least
-half a claim TTL apart: a live copy re-takes its claim within a third of the TTL
-once Redis is back. First sightings are kept in Redis, timed by the Redis server's
-clock, so a change of leader (or clocks that disagree between nodes) does not
-restart the wait. The new copy counts as a new attempt.
+taking its claim (guard.py), and leaves it atomically with releasing the claim. Its
+claim is renewed from inside the executing process, and a copy that cannot confirm
+its claim stops *before* the claim can lapse on the server. So a run listed as
+running whose claim has expired has no live copy any more: its node died (SIGKILL,
+OOM, power), or it was cut off from Redis or frozen and has stopped itself. The
+leader then takes the run over at once.
+
+Every such execution counts as an attempt (BEGIN counted it). A run with attempts
+left (``retries + 1`` executions in all) is enqueued again, at the front of the
+queue, as a new job of the same run; one that used them all is recorded ``failed``
+and never requeued by recovery again (``rerun`` still runs it on request).
 
 We do not wait for RQ's own abandoned-job handling, which by default takes the job's
-heartbeat TTL plus a 600 s maintenance interval, and then only fails the job.
+heartbeat TTL plus a maintenance interval, and then only fails or retries the job;
+a job of it that RQ retries later is skipped by the guard as superseded.
 """
 
 from __future__ import annotations
@@ -19,25 +23,47 @@ from __future__ import annotations
 import json
 import logging
 from datetime import date
+from typing import Any
 
 from redis import Redis
 from rq import Queue
 
-from .fanout import fan_out
+from .clock import iso, utc_now, Clock
+from .fanout import Again, fan_out
 from .keys import Keys
 from .lease import Lease
-from .runs import Run
+from .runs import FAILED, PATCH_RECORD_LUA, Run
 from .table import TaskTable
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] = running hash, KEYS[2] = the run's claim; ARGV[1] = run_id.
-# Removes the run from ``running`` only if no live copy holds its claim.
-TAKE_IF_ABANDONED = """
+# KEYS[1] = running hash, KEYS[2] = the run's claim, KEYS[3] = day runs hash
+# ARGV[1] = run_id, ARGV[2] = max attempts (0: no limit), ARGV[3] = now (ISO), ARGV[4] = retention_s
+# Takes the run out of ``running`` only if no live copy holds its claim, and records it
+# failed when it has no attempts left. Replies 'alive', 'gone' (someone else took it),
+# 'failed' or 'requeue'.
+TAKE_IF_ABANDONED = PATCH_RECORD_LUA + f"""
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  return 0
+  return 'alive'
 end
-return redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+  return 'gone'
+end
+local raw = redis.call('HGET', KEYS[3], ARGV[1])
+if not raw then
+  return 'requeue'
+end
+local record = cjson.decode(raw)
+local attempts, max_attempts = run_attempts(record), tonumber(ARGV[2])
+if max_attempts > 0 and attempts >= max_attempts then
+  record.state, record.ended_at = '{FAILED}', ARGV[3]
+  record.error = 'executing process lost on node ' .. tostring(record.node) ..
+    ' (node died, killed, or cut off from Redis); ' .. attempts .. ' of ' .. max_attempts .. ' attempts used'
+  redis.call('HSET', KEYS[3], ARGV[1], cjson.encode(record))
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  return 'failed'
+end
+return 'requeue'
 """
 
 
@@ -45,48 +71,46 @@ class AbandonedRuns:
     """The leader's watch for runs that lost their executing process."""
 
     def __init__(self, connection: Redis, keys: Keys, queue: Queue, table: TaskTable, retention_s: int,
-                 claim_ttl_s: float) -> None:
+                 clock: Clock = utc_now) -> None:
         self.connection = connection
         self.keys = keys
         self.queue = queue
         self.table = table
         self.retention_s = retention_s
-        self.confirm_after_s = claim_ttl_s / 2
+        self.clock = clock
         self._take = connection.register_script(TAKE_IF_ABANDONED)
 
     def requeue(self, fence: Lease | None) -> list[str]:
-        """Enqueue again every run confirmed abandoned; returns their run ids."""
+        """Take over every run whose executing process is gone: enqueue it again, or
+        record it failed when it has no attempts left. Returns the run ids requeued."""
         listed = {k.decode(): v.decode() for k, v in self.connection.hgetall(self.keys.running).items()}
-        suspects = {k.decode(): float(v) for k, v in self.connection.hgetall(self.keys.abandoned_suspects).items()}
         run_ids = list(listed)
         with self.connection.pipeline(transaction=False) as pipe:
             for run_id in run_ids:
                 pipe.exists(self.keys.claim(run_id))
             claimed = pipe.execute()
-        claimless = {run_id for run_id, alive in zip(run_ids, claimed) if not alive}
-        cleared = [run_id for run_id in suspects if run_id not in claimless]
-        if cleared:
-            self.connection.hdel(self.keys.abandoned_suspects, *cleared)
-        if not claimless:
-            return []
-        seconds, micros = self.connection.time()
-        now_s = seconds + micros / 1e6
         requeued = []
-        for run_id in sorted(claimless):
-            if run_id not in suspects:
-                self.connection.hsetnx(self.keys.abandoned_suspects, run_id, now_s)
-                continue
-            if now_s - suspects[run_id] < self.confirm_after_s:
-                continue
-            self.connection.hdel(self.keys.abandoned_suspects, run_id)
-            if not self._take(keys=[self.keys.running, self.keys.claim(run_id)], args=[run_id]):
-                continue
-            if self._requeue_one(run_id, date.fromisoformat(listed[run_id]), fence):
+        for run_id in sorted(run_id for run_id, alive in zip(run_ids, claimed) if not alive):
+            day = date.fromisoformat(listed[run_id])
+            record = self._record(run_id, day)
+            task = self.table.by_name.get(record.get("task", "")) if record else None
+            max_attempts = task.retries + 1 if task else 0
+            outcome = self._take(keys=[self.keys.running, self.keys.claim(run_id), self.keys.day_runs(day)],
+                                 args=[run_id, max_attempts, iso(self.clock()), self.retention_s])
+            outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+            if outcome == "failed":
+                log.error("run %s: its executing process was lost and it has no attempts left; failed",
+                          run_id, extra={"run_id": run_id})
+            elif outcome == "requeue" and self._requeue_one(run_id, day, record, fence):
                 requeued.append(run_id)
         return requeued
 
-    def _requeue_one(self, run_id: str, day: date, fence: Lease | None) -> bool:
-        run = self._rebuild(run_id, day)
+    def _record(self, run_id: str, day: date) -> dict[str, Any] | None:
+        raw = self.connection.hget(self.keys.day_runs(day), run_id)
+        return json.loads(raw) if raw is not None else None
+
+    def _requeue_one(self, run_id: str, day: date, record: dict[str, Any] | None, fence: Lease | None) -> bool:
+        run = self._rebuild(run_id, day, record)
         if run is None:
             log.error("run %s died mid-run but its task or slot is no longer in the table; not requeued", run_id,
                       extra={"run_id": run_id})
@@ -94,8 +118,13 @@ class AbandonedRuns:
         try:
             rerun_number = int(self.connection.hincrby(self.keys.day_reruns(day), run_id, 1))
             self.connection.expire(self.keys.day_reruns(day), self.retention_s)
+            # The same run (its run id and attempt count go on); RQ may retry the new job
+            # as often as the attempt budget still allows after its next execution.
+            attempts = int((record or {}).get("attempts") or 0) - int((record or {}).get("attempts_before") or 0)
+            again = Again(rerun_number, rerun_id=(record or {}).get("rerun_id"), new_run=False,
+                          retries=max(0, run.task.retries - attempts))
             fan_out(self.connection, self.keys, self.queue, [run], retention_s=self.retention_s, fence=fence,
-                    rerun={run_id: rerun_number}, at_front=True)
+                    again={run_id: again}, at_front=True)
         except BaseException:
             # Not requeued (lease lost, Redis gone): list it again for the next leader.
             self.connection.hset(self.keys.running, run_id, day.isoformat())
@@ -104,11 +133,9 @@ class AbandonedRuns:
                     run.job_id(rerun_number), extra={"run_id": run_id})
         return True
 
-    def _rebuild(self, run_id: str, day: date) -> Run | None:
-        raw = self.connection.hget(self.keys.day_runs(day), run_id)
-        if raw is None:
+    def _rebuild(self, run_id: str, day: date, record: dict[str, Any] | None) -> Run | None:
+        if record is None:
             return None
-        record = json.loads(raw)
         task = self.table.by_name.get(record["task"])
         if task is None:
             return None

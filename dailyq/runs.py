@@ -56,10 +56,13 @@ class Run:
     def job_id(self, rerun: int = 0) -> str:
         return self.run_id if rerun == 0 else f"{self.run_id}-r{rerun}"
 
-    def job_meta(self, force: bool = False) -> dict[str, Any]:
-        return {META_KEY: {"run_id": self.run_id, "day": self.day.isoformat(), "task": self.task.name,
-                           "slot": self.slot.isoformat(), "series": self.series_id, "force": force,
-                           "overlap": self.task.overlap}}
+    def job_meta(self, force: bool = False, rerun_id: str | None = None) -> dict[str, Any]:
+        meta = {"run_id": self.run_id, "day": self.day.isoformat(), "task": self.task.name,
+                "slot": self.slot.isoformat(), "series": self.series_id, "force": force,
+                "overlap": self.task.overlap, "tz": self.task.tz, "max_attempts": self.task.retries + 1}
+        if rerun_id:
+            meta["rerun_id"] = rerun_id
+        return {META_KEY: meta}
 
     def new_record(self, job_id: str | None, state: str = QUEUED) -> dict[str, Any]:
         return new_record(self.task.name, self.param_json, self.slot.isoformat(), job_id, state)
@@ -103,6 +106,11 @@ end
 local function save_record(key, run_id, record, retention_s)
   redis.call('HSET', key, run_id, cjson.encode(record))
   redis.call('EXPIRE', key, retention_s)
+end
+-- Executions of the record's current run id: ``attempts`` counts every execution shown
+-- in ``status``; a user's rerun starts a new run id from ``attempts_before``.
+local function run_attempts(record)
+  return (tonumber(record.attempts) or 0) - (tonumber(record.attempts_before) or 0)
 end
 local function patch_record(key, run_id, base_json, patch_json, incr_attempts, retention_s)
   local record = load_record(key, run_id, base_json)

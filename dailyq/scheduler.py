@@ -36,6 +36,7 @@ from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
 from .recovery import AbandonedRuns
+from .retries import DueRetries
 from .runs import runs_of_slot
 from .settings import Settings
 from .table import Task, TaskTable
@@ -44,7 +45,9 @@ from .worker import DailyJob, make_queue
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
-MAX_BACKOFF_S = 5.0
+# Short: after a Redis outage the leader is back within this, and with it the slots,
+# the recovery and the retries whose backoff passed meanwhile (issue: prompt retries).
+MAX_BACKOFF_S = 2.0
 # How often each scheduler refreshes its heartbeat keys (they live three times that).
 HEARTBEAT_EVERY_S = 5.0
 # How often the leader looks for runs whose executing process died (recovery.py),
@@ -75,8 +78,8 @@ class DailyScheduler(Scheduler):
         self._redis_down = False
         self._next_recovery = 0.0
         self._next_heartbeat = 0.0
-        self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s,
-                                       settings.claim_ttl_s)
+        self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s, clock)
+        self.retries = DueRetries(connection, self.queue)
 
     # -- leadership ------------------------------------------------------------------
 
@@ -149,6 +152,7 @@ class DailyScheduler(Scheduler):
     def enqueue_jobs(self):  # rq-scheduler's hook, called once per pass by the leader
         self.fire_due_slots(self.clock())
         self.recover_abandoned_runs()
+        self.retries.move_due()
         return super().enqueue_jobs()
 
     # -- the loop --------------------------------------------------------------------

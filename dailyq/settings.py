@@ -31,6 +31,20 @@ def _int_env(environ: Mapping[str, str], name: str, default: int, minimum: int =
     return value
 
 
+def _margin_env(environ: Mapping[str, str], claim_ttl_s: int) -> float | None:
+    raw = environ.get("DAILYQ_CLAIM_MARGIN_S")
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"DAILYQ_CLAIM_MARGIN_S={raw!r} is not a number of seconds") from None
+    if not 1 <= value <= claim_ttl_s / 2:
+        raise ConfigError(f"DAILYQ_CLAIM_MARGIN_S={raw!r} must be between 1 and half of DAILYQ_CLAIM_TTL_S "
+                          f"({claim_ttl_s / 2:g})")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
@@ -41,9 +55,12 @@ class Settings:
     # Leader lease: renewed every second, so a dead leader is replaced within this TTL
     # plus one tick. Short is safe: every fan-out is fenced by the lease.
     lease_ttl_s: int = 3
-    # Run claim: renewed by the executing process every claim_ttl_s / 3 seconds; a copy
-    # whose process died is presumed dead once its claim expires.
-    claim_ttl_s: int = 20
+    # Run claim: renewed by the executing process every second (at most); the leader takes
+    # a run over once its claim expired. A copy that could not confirm its claim for
+    # claim_ttl_s - claim_margin_s stops its task, so it never runs beside its successor.
+    # See docs/failure-semantics.md for the trade-off (outages ridden out vs. recovery time).
+    claim_ttl_s: int = 30
+    claim_margin_s: float | None = None  # None: guard.default_claim_margin_s(claim_ttl_s)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -51,6 +68,7 @@ class Settings:
         prefix = env.get("DAILYQ_PREFIX") or "dailyq"
         if any(c.isspace() for c in prefix) or ":" in prefix:
             raise ConfigError(f"DAILYQ_PREFIX={prefix!r} must not contain spaces or ':'")
+        claim_ttl_s = _int_env(env, "DAILYQ_CLAIM_TTL_S", 30, minimum=3)
         return cls(
             redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
             prefix=prefix,
@@ -58,7 +76,8 @@ class Settings:
             tasks_module=env.get("DAILYQ_TASKS") or "jobs",
             retention_days=_int_env(env, "DAILYQ_RETENTION_DAYS", 7),
             lease_ttl_s=_int_env(env, "DAILYQ_LEASE_TTL_S", 3, minimum=2),
-            claim_ttl_s=_int_env(env, "DAILYQ_CLAIM_TTL_S", 20, minimum=3),
+            claim_ttl_s=claim_ttl_s,
+            claim_margin_s=_margin_env(env, claim_ttl_s),
         )
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
@@ -23,15 +24,16 @@ from typing import Any, Callable, ClassVar, Sequence
 from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker, Worker
+from rq.exceptions import DeserializationError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from .clock import iso, utc_now
 from .errors import DailyqError
-from .guard import Attempt, Guard, PendingFinish, RunIdentity
+from .guard import CLAIM_LOST_EXIT_CODE, Attempt, Guard, PendingFinish, RunIdentity
 from .keys import Keys
 from .logs import current_run_id
-from .outage import TRANSIENT, OutageLog, wait_for_redis
+from .outage import TRANSIENT, OutageLog, through_outage, wait_for_redis
 from .connection import connect
 from .settings import Settings
 from .runs import META_KEY
@@ -55,15 +57,19 @@ class RefusedJob(DailyqError):
 class WorkerContext:
     settings: Settings
     table: TaskTable
+    # A forking worker's runs execute in work-horses, which stop a run that lost its
+    # claim by ending themselves; a non-forking worker interrupts the task instead.
+    stop_by_exit: bool = False
     # One Guard per worker, built by the worker before its first fork, so that every
     # work-horse inherits it instead of building its own per run. Its ClaimKeeper
-    # starts a renewal thread in whichever process holds claims (see ClaimKeeper).
+    # starts its threads in whichever process holds claims (see ClaimKeeper).
     _guard: Guard | None = None
 
     def guard(self, connection: Redis) -> Guard:
         if self._guard is None:
             self._guard = Guard(connection, self.settings.keys, self.settings.node_name, self.settings.claim_ttl_s,
-                                self.settings.retention_s)
+                                self.settings.retention_s, claim_margin_s=self.settings.claim_margin_s,
+                                stop_by_exit=self.stop_by_exit)
         return self._guard
 
 
@@ -77,8 +83,21 @@ class DailyJob(Job):
         # Redis run code on every node.
         super().__init__(id=id, connection=connection, serializer=JSONSerializer)
 
-    # Set by prepare_for_execution when the job is a run this worker may execute.
+    # The attempt at executing this job, when it is a run this worker may execute: made
+    # by the worker before it forks (new_attempt), so that the parent knows the owner
+    # token of its work-horse's claim and can record the horse's death.
     attempt: Attempt | None = None
+
+    def new_attempt(self) -> Attempt | None:
+        context = type(self).context
+        try:
+            if context is None or not self._allowed(context):
+                return None
+        except DeserializationError:
+            return None  # not JSON (a pickle): RQ fails it when it tries to run it, unloaded
+        run = RunIdentity.from_job(self)
+        self.attempt = context.guard(self.connection).attempt(run) if run is not None else None
+        return self.attempt
 
     def prepare_for_execution(self, worker_name: str, pipeline: Pipeline) -> None:
         """RQ's, plus the run's first claim (guard BEGIN) in the same transaction: RQ
@@ -86,17 +105,12 @@ class DailyJob(Job):
         no round trip of its own. Called in the process that executes the job (the
         work-horse of a forking worker)."""
         super().prepare_for_execution(worker_name, pipeline)
-        self.attempt = None
+        attempt = self.attempt or self.new_attempt()
         context = type(self).context
-        if context is None or not self._allowed(context):
-            return
-        run = RunIdentity.from_job(self)
-        if run is None:
+        if attempt is None or context is None:
             return
         guard = context.guard(self.connection)
-        attempt = guard.attempt(run)
         queue_keeping_reply(pipeline, lambda p: guard.claim_in(attempt, p), attempt.keep_begin_reply)
-        self.attempt = attempt
 
     def _allowed(self, context: WorkerContext) -> bool:
         return self.instance is None and self.func_name in context.table.allowed_functions
@@ -114,7 +128,12 @@ class DailyJob(Job):
             return super()._execute()
         return context.guard(self.connection).execute(run, super()._execute,
                                                       will_retry=lambda: bool(self.retries_left),
-                                                      defer_finish=self._defer_finish, attempt=self.attempt)
+                                                      defer_finish=self._defer_finish, attempt=self.attempt,
+                                                      cancel_retry=self._cancel_retry)
+
+    def _cancel_retry(self) -> None:
+        # RQ reads the job's in-memory count when it handles the failure: no retry then.
+        self.retries_left = 0
 
     # Set while a run's FINISH waits for RQ's success transaction (see _DailyWorkerMixin).
     pending_finish: PendingFinish | None = None
@@ -166,12 +185,15 @@ class _DailyWorkerMixin:
     # RQ's "job ... result is kept for N seconds" line, once per run, says nothing about
     # a daily run (nothing reads results), and each line costs the worker ~40 us.
     log_result_lifespan = False
+    # True on the forking worker: its work-horses end themselves to stop a run that lost
+    # its claim (guard.ClaimKeeper); a non-forking worker interrupts the task instead.
+    stops_by_exit = False
 
     def __init__(self, queues: Sequence[str | Queue] | str | None = None, *args: Any,
                  settings: Settings | None = None, table: TaskTable | None = None, **kwargs: Any) -> None:
         settings = settings or Settings.from_env()
         table = table or load_table(settings.tasks_module)
-        context = WorkerContext(settings, table)
+        context = WorkerContext(settings, table, stop_by_exit=self.stops_by_exit)
         job_class = bind_job_class(context)
         kwargs["job_class"] = job_class
         kwargs["serializer"] = JSONSerializer
@@ -257,20 +279,52 @@ class _DailyWorkerMixin:
         job = getattr(self, "_job_succeeding", None)
         pending = getattr(job, "pending_finish", None)
         if pending is not None and pipeline is not None:
-            pending.queue_in(pipeline)
+            queue_keeping_reply(pipeline, pending.queue_in, pending.replied)
             job.pending_finish_queued = True  # type: ignore[union-attr]
+
+    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+        """RQ's hook for a work-horse that ended without finishing its job. A dying task
+        (os._exit, a segfault, the OOM killer) counts as an attempt: record it now, as
+        queued for its retry or failed, instead of leaving the run 'running' until its
+        claim expires. A horse that stopped because it lost its claim records nothing:
+        the run is another copy's, or the leader's to take over."""
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)  # type: ignore[misc]
+        attempt = getattr(job, "attempt", None)
+        context = getattr(type(job), "context", None)
+        if attempt is None or context is None:
+            return
+        if os.WIFEXITED(ret_val) and os.WEXITSTATUS(ret_val) == CLAIM_LOST_EXIT_CODE:
+            job.retries_left = 0  # not RQ's to retry: the leader takes the run over
+            log.warning("run %s: work-horse stopped after losing its claim; recorded nothing", attempt.run.run_id,
+                        extra={"run_id": attempt.run.run_id})
+            return
+        error = f"work-horse died ({describe_exit(ret_val)})"
+        guard = context.guard(self.connection)  # type: ignore[attr-defined]
+        call = guard.fail_call(attempt.run, attempt.owner, error, rq_can_retry=bool(job.retries_left))
+        reply = through_outage(call.run, OutageLog(log, f"recording the death of run {attempt.run.run_id}"),
+                               RECORD_DEATH_OUTAGE_LIMIT_S)
+        outcome = reply.decode() if isinstance(reply, bytes) else str(reply)
+        if outcome != "retry":
+            job.retries_left = 0
+        log.warning("run %s: %s on node %s; %s", attempt.run.run_id, error, guard.node,
+                    {"retry": "will retry", "failed": "failed (no attempts left)"}.get(
+                        outcome, "not recorded (its claim had passed on)"),
+                    extra={"run_id": attempt.run.run_id})
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """RQ's, except that losing Redis while a run executes does not stop the worker:
         it waits for Redis, lets the work-horse finish (the horse records the run
-        itself, see guard.py), then goes back to pulling jobs."""
+        itself, see guard.py), then goes back to pulling jobs. The run's attempt (its
+        claim's owner token) is made here, before RQ forks the work-horse."""
+        if isinstance(job, DailyJob):
+            job.new_attempt()
         try:
             super().execute_job(job, queue)  # type: ignore[misc]
         except TRANSIENT as error:
             outage = OutageLog(log, f"worker {self.name}")  # type: ignore[attr-defined]
             outage.failed(error)
             wait_for_redis(self.connection.ping, outage)  # type: ignore[attr-defined]
-            horse = getattr(self, "_horse_pid", 0)
+            horse = getattr(self, "horse_pid", 0)
             if horse:
                 try:
                     os.waitpid(horse, 0)
@@ -291,10 +345,29 @@ def _connection_of(queues: Any) -> Redis | None:
 class DailyWorker(_DailyWorkerMixin, Worker):
     """Forking worker: each run in its own work-horse process (the default)."""
 
+    stops_by_exit = True
+
 
 class DailySimpleWorker(_DailyWorkerMixin, SimpleWorker):
     """Non-forking worker: runs jobs in the worker process itself. Less overhead per
     run (no fork), but a task that crashes or leaks takes the worker with it."""
+
+
+# How long a worker parent waits for Redis to record that its work-horse died.
+RECORD_DEATH_OUTAGE_LIMIT_S = 300.0
+
+
+def describe_exit(status: int) -> str:
+    """A wait status as people say it: 'exit code 3' or 'killed by SIGKILL'."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(number).name}"
+        except ValueError:
+            return f"killed by signal {number}"
+    if os.WIFEXITED(status):
+        return f"exit code {os.WEXITSTATUS(status)}"
+    return f"wait status {status}"
 
 
 def worker_name(node: str, generation: int = 0) -> str:

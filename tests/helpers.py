@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def base_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAILYQ_", "SAMPLE_")) and k != "REDIS_URL"}
     env.update(REDIS_URL=redis_url, DAILYQ_PREFIX=prefix, DAILYQ_TASKS="tests.sample_tasks",
-               PYTHONUNBUFFERED="1", DAILYQ_LEASE_TTL_S="2", DAILYQ_CLAIM_TTL_S="3")
+               PYTHONUNBUFFERED="1", DAILYQ_LEASE_TTL_S="2", DAILYQ_CLAIM_TTL_S="6")
     env.update(extra)
     return env
 
@@ -114,8 +114,45 @@ def max_concurrent_copies(events: list[dict]) -> int:
     """Most copies of one param executing at the same moment."""
     live: Counter = Counter()
     worst = 0
-    for event in sorted(events, key=lambda e: (e["t"], e["event"] == "start")):
+    for event in sorted((e for e in events if e["event"] in ("start", "end")),
+                        key=lambda e: (e["t"], e["event"] == "start")):
         key = param_key(event["param"])
         live[key] += 1 if event["event"] == "start" else -1
         worst = max(worst, live[key])
     return worst
+
+
+def activity(events: list[dict], gap_s: float = 0.5) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """When each copy was seen working, per (param, pid): spans of its events (start,
+    ticks, end) that follow each other within ``gap_s``. A copy frozen or stopped
+    between two events is not counted as working in between."""
+    by_copy: dict[tuple[str, int], list[float]] = {}
+    for event in events:
+        by_copy.setdefault((param_key(event["param"]), event["pid"]), []).append(event["t"])
+    spans: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for copy, times in by_copy.items():
+        times.sort()
+        copy_spans = [[times[0], times[0]]]
+        for t in times[1:]:
+            if t - copy_spans[-1][1] <= gap_s:
+                copy_spans[-1][1] = t
+            else:
+                copy_spans.append([t, t])
+        spans[copy] = [(a, b) for a, b in copy_spans]
+    return spans
+
+
+def longest_overlap(events: list[dict], gap_s: float = 0.5) -> float:
+    """The longest time two copies of one param were both seen working (tasks that tick,
+    like tests.sample_tasks.progress); 0.0 when they never overlapped."""
+    spans = activity(events, gap_s)
+    longest = 0.0
+    copies = sorted(spans)
+    for i, first in enumerate(copies):
+        for second in copies[i + 1:]:
+            if first[0] != second[0]:
+                continue
+            for a_start, a_end in spans[first]:
+                for b_start, b_end in spans[second]:
+                    longest = max(longest, min(a_end, b_end) - max(a_start, b_start))
+    return longest

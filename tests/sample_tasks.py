@@ -1,5 +1,7 @@
 """Task table for the tests, shaped by environment variables so that separate node
-processes share it: SAMPLE_AT / SAMPLE_TZ / SAMPLE_PARAMS / SAMPLE_SLEEP_S / SAMPLE_ONLY.
+processes share it: SAMPLE_AT / SAMPLE_TZ / SAMPLE_PARAMS / SAMPLE_SLEEP_S / SAMPLE_ONLY /
+SAMPLE_RETRIES / SAMPLE_FUNC (record, progress, die, fail_first) / SAMPLE_LOG_URL (where
+the tasks log their executions; default REDIS_URL, which a test may route through a proxy).
 
 A test that starts a live ``scheduler.py`` sets SAMPLE_AT: with the default 03:00 UTC the
 scheduler fans out that day's slot by itself from 03:00 to 04:00 UTC (the misfire
@@ -9,21 +11,24 @@ slot 12 h away; tests of firing use a slot a few seconds ahead."""
 import json
 import os
 import time
+from typing import Any
 
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
+from dailyq import current_run
 from dailyq.connection import connect
 from dailyq.settings import Settings
 from dailyq.table import Task
 
 
-def _log(event: str, param: object) -> None:
+def _log(event: str, param: object, **extra: Any) -> None:
     # connect() rather than Redis.from_url: it also understands redis+sentinel:// URLs.
     # check=False: an outage is ridden out by the loop below, not raised.
-    connection = connect(Settings(redis_url=os.environ["REDIS_URL"]), check=False)
+    url = os.environ.get("SAMPLE_LOG_URL") or os.environ["REDIS_URL"]
+    connection = connect(Settings(redis_url=url), check=False)
     key = f"{os.environ.get('DAILYQ_PREFIX', 'dailyq')}:test:executions"
     entry = json.dumps({"event": event, "param": param, "node": os.environ.get("NODE_NAME"), "pid": os.getpid(),
-                        "t": time.time()}, ensure_ascii=False)
+                        "t": time.time(), **extra}, ensure_ascii=False)
     for _ in range(600):  # ride out the outages the tests cause, like a careful task would
         try:
             connection.rpush(key, entry)
@@ -33,9 +38,49 @@ def _log(event: str, param: object) -> None:
     connection.close()
 
 
+def _context_fields() -> dict[str, Any]:
+    run = current_run()
+    if run is None:
+        return {"context": None}
+    return {"context": {"task": run.task, "param": run.param, "day": run.day.isoformat(), "slot": run.slot.isoformat(),
+                        "slot_tz": str(run.slot.tzinfo), "run_id": run.run_id, "attempt": run.attempt,
+                        "node": run.node, "fence": run.fence}}
+
+
+def progress(param: object) -> object:
+    """Logs its run context, then a tick every 0.1 s for SAMPLE_SLEEP_S: a copy's span is
+    its first to its last tick, even when the copy is stopped without a word."""
+    _log("start", param, **_context_fields())
+    deadline = time.monotonic() + float(os.environ.get("SAMPLE_SLEEP_S", "0.2"))
+    while time.monotonic() < deadline:
+        _log("tick", param)
+        time.sleep(0.1)
+    _log("end", param)
+    return param
+
+
+def die(param: object) -> None:
+    """Ends its own process, as a segfault or the OOM killer would."""
+    _log("start", param, **_context_fields())
+    os._exit(3)
+
+
+def fail_first(param: object) -> object:
+    """Raises on the run's first attempt, then works like ``record``."""
+    run = current_run()
+    if run is not None and run.attempt == 1:
+        _log("start", param, **_context_fields())
+        raise RuntimeError(f"first attempt of {param} fails")
+    _log("start", param, **_context_fields())
+    time.sleep(float(os.environ.get("SAMPLE_SLEEP_S", "0.2")))
+    _log("end", param)
+    return param
+
+
 def record(param: object) -> object:
-    """Logs its start and end in Redis, so tests can count executions and overlaps."""
-    _log("start", param)
+    """Logs its start (with its run context) and end in Redis, so tests can count
+    executions and overlaps."""
+    _log("start", param, **_context_fields())
     time.sleep(float(os.environ.get("SAMPLE_SLEEP_S", "0.2")))
     _log("end", param)
     return param
@@ -49,8 +94,10 @@ def explode(param: object) -> None:
 PARAMS = [f"任务参数{i}" for i in range(int(os.environ.get("SAMPLE_PARAMS", "4")))]
 
 TASKS = [
-    Task(name="sample", func=record, params=PARAMS, at=os.environ.get("SAMPLE_AT", "03:00"),
-         tz=os.environ.get("SAMPLE_TZ", "UTC"), retries=0, timeout_s=60),
+    Task(name="sample", func=f"tests.sample_tasks.{os.environ.get('SAMPLE_FUNC', 'record')}", params=PARAMS,
+         at=os.environ.get("SAMPLE_AT", "03:00"), tz=os.environ.get("SAMPLE_TZ", "UTC"),
+         retries=int(os.environ.get("SAMPLE_RETRIES", "0")), retry_backoff_s=int(os.environ.get("SAMPLE_BACKOFF_S", "1")),
+         timeout_s=60),
 ]
 # SAMPLE_ONLY=1 leaves just "sample", so that live schedulers in a test fire nothing else.
 if not os.environ.get("SAMPLE_ONLY"):

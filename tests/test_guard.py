@@ -1,6 +1,7 @@
 """The guard in-process against a real Redis: finished runs skip, one copy at a time,
 and the overlap policy between slots of the same task and param."""
 
+import json
 import threading
 import time
 from datetime import date, datetime, timezone
@@ -117,24 +118,30 @@ def test_the_record_through_a_failure_a_retry_and_a_finish(connection, settings)
         g.execute(identity("r1"), boom, will_retry=lambda: True)
     except ValueError:
         pass
-    assert record(connection, settings, "r1") == {
+    first = record(connection, settings, "r1")
+    assert first.pop("owner").startswith("node-x:")  # the claim's owner token: internal
+    assert first == {
         "task": "t", "param_json": '"p"', "param": "p", "slot": "slot-r1", "state": "queued", "node": "node-x",
         "started_at": "2026-11-26T03:00:05+00:00", "ended_at": "2026-11-26T03:00:09+00:00", "attempts": 1,
-        "error": "ValueError: bad input", "job_id": "r1"}
+        "error": "ValueError: bad input", "job_id": "r1", "fence": 1}
     attempt = g.attempt(identity("r1"))
     with connection.pipeline() as pipe:  # the retry claims in the worker's own transaction
         g.claim_in(attempt, pipe)
         attempt.keep_begin_reply(pipe.execute()[-1])
-    assert record(connection, settings, "r1") == {
+    retry = record(connection, settings, "r1")
+    assert retry.pop("owner") == attempt.owner
+    assert retry == {
         "task": "t", "param_json": '"p"', "param": "p", "slot": "slot-r1", "state": "running", "node": "node-x",
-        "started_at": "2026-11-26T03:01:00+00:00", "ended_at": None, "attempts": 2, "error": None, "job_id": "r1"}
+        "started_at": "2026-11-26T03:01:00+00:00", "ended_at": None, "attempts": 2, "error": None, "job_id": "r1",
+        "fence": 2}
     g.execute(identity("r1"), lambda: None, will_retry=lambda: False, attempt=attempt)
     finished = record(connection, settings, "r1")
     assert isinstance(finished.pop("duration_s"), (int, float))
+    assert finished.pop("owner") == attempt.owner
     assert finished == {
         "task": "t", "param_json": '"p"', "param": "p", "slot": "slot-r1", "state": "finished", "node": "node-x",
         "started_at": "2026-11-26T03:01:00+00:00", "ended_at": "2026-11-26T03:01:07+00:00", "attempts": 2,
-        "error": None, "job_id": "r1"}
+        "error": None, "job_id": "r1", "fence": 2}
     assert connection.hget(settings.keys.day_runs(DAY), "r1").decode().count('"error":null') == 1  # null, not absent
 
 
@@ -180,4 +187,116 @@ def test_a_begin_reply_of_finished_skips_the_run_without_calling_it(connection, 
     calls = []
     assert g.execute(identity("r1"), lambda: calls.append(1), will_retry=lambda: False,
                      attempt=attempt) == {"skipped": "finished"}
+    assert calls == []
+
+
+# -- ownership: run context, fencing tokens, a copy that lost its claim ---------------------
+
+def test_the_task_sees_its_run_and_each_execution_a_greater_fence(connection, settings):
+    from dailyq import current_run
+
+    seen = []
+    g = guard(connection, settings)
+    run = RunIdentity(run_id="r1", day=DAY, task="t", slot="2026-11-26T09:00:00+08:00", series="t-series",
+                      param_json='{"k": "値"}', job_id="r1", force=True, tz="Asia/Shanghai", max_attempts=3)
+    for _ in range(3):
+        g.execute(run, lambda: seen.append(current_run()), will_retry=lambda: False)
+    assert current_run() is None  # outside a run
+    assert [c.attempt for c in seen] == [1, 2, 3]
+    assert seen[0].fence < seen[1].fence < seen[2].fence
+    first = seen[0]
+    assert (first.task, first.param, first.day, first.run_id, first.node) == ("t", {"k": "値"}, DAY, "r1", "node-x")
+    assert first.slot.isoformat() == "2026-11-26T09:00:00+08:00" and str(first.slot.tzinfo) == "Asia/Shanghai"
+    assert record(connection, settings, "r1")["fence"] == seen[2].fence
+
+
+def test_a_copy_whose_claim_another_copy_took_is_interrupted_and_records_nothing(connection, settings):
+    from dailyq import ClaimLost, current_run
+
+    g = guard(connection, settings)
+    checks = []
+
+    def long_task():
+        current_run().check()  # holds the claim: no error
+        checks.append("ok")
+        time.sleep(30)
+
+    def take_over():
+        time.sleep(0.5)
+        connection.set(settings.keys.claim("r1"), "another-copy", px=60_000)
+
+    run_in_thread(take_over)
+    started = time.monotonic()
+    result = g.execute(identity("r1"), long_task, will_retry=lambda: False)  # in the main thread: a signal stops it
+    assert result == {"skipped": "claim lost"} and checks == ["ok"]
+    assert time.monotonic() - started < 10  # renewal (every 1 s) saw it taken; not the task's 30 s
+    assert not connection.sismember(settings.keys.day_finished(DAY), "r1")
+    assert record(connection, settings, "r1")["state"] == "running"  # the new owner's to record
+    assert connection.get(settings.keys.claim("r1")) == b"another-copy"  # not released by the old copy
+
+    # check() in a copy that lost its claim raises ClaimLost (a DailyqError).
+    errors = []
+
+    def checking_task():
+        connection.set(settings.keys.claim("r2"), "another-copy", px=60_000)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                current_run().check()
+            except ClaimLost as exc:
+                errors.append(exc)
+                raise
+            time.sleep(0.05)
+
+    thread_result = {}
+    worker = run_in_thread(lambda: thread_result.update(r=g.execute(identity("r2"), checking_task, lambda: False)))
+    worker.join(timeout=15)
+    assert thread_result["r"] == {"skipped": "claim lost"} and len(errors) == 1
+    assert "another copy holds its claim" in str(errors[0])
+
+
+def test_finish_and_fail_from_a_copy_that_no_longer_holds_the_claim_are_refused(connection, settings):
+    g = guard(connection, settings)
+    deferred = []
+    g.execute(identity("r1"), lambda: None, will_retry=lambda: False, defer_finish=deferred.append)
+    connection.set(settings.keys.claim("r1"), "another-copy", px=60_000)  # the claim passed on meanwhile
+    before = record(connection, settings, "r1")
+    deferred[0].apply()
+    assert not connection.sismember(settings.keys.day_finished(DAY), "r1")
+    assert not connection.hexists(settings.keys.durations, "t-series")
+    assert record(connection, settings, "r1") == before
+    assert connection.get(settings.keys.claim("r1")) == b"another-copy"
+
+    fail = g.fail_call(identity("r1"), before["owner"], "late failure", rq_can_retry=True)
+    assert fail.run() == b"not-ours"
+    assert record(connection, settings, "r1") == before
+
+
+def test_a_failure_with_no_attempts_left_is_final_even_if_rq_would_retry(connection, settings):
+    g = guard(connection, settings)
+    run = RunIdentity(run_id="r1", day=DAY, task="t", slot="s", series="t-series", param_json='"p"', job_id="r1",
+                      force=False, max_attempts=2)
+    cancelled = []
+
+    def boom():
+        raise ValueError("no")
+
+    for expected_state in ("queued", "failed"):
+        try:
+            g.execute(run, boom, will_retry=lambda: True, cancel_retry=lambda: cancelled.append(1))
+        except ValueError:
+            pass
+        assert record(connection, settings, "r1")["state"] == expected_state
+    assert cancelled == [1]  # RQ told not to retry after the second (last allowed) attempt
+
+
+def test_a_stale_job_of_a_run_is_skipped_as_superseded(connection, settings):
+    g = guard(connection, settings)
+    g.execute(identity("r1"), lambda: None, will_retry=lambda: False)
+    stored = record(connection, settings, "r1")
+    stored["job_id"] = "r1-r1"  # a later job of the run was enqueued (a recovery, a rerun)
+    connection.hset(settings.keys.day_runs(DAY), "r1", json.dumps(stored))
+    calls = []
+    assert g.execute(identity("r1", force=True), lambda: calls.append(1), will_retry=lambda: False) == {
+        "skipped": "superseded"}
     assert calls == []

@@ -23,7 +23,7 @@ def test_redis_killed_mid_batch_and_restarted_loses_nothing(own_redis, processes
     prefix = "outage"
     # Default claim and lease TTLs: the guarantee is stated for the defaults.
     env = base_env(own_redis.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="12", SAMPLE_SLEEP_S="1.5",
-                   SAMPLE_AT=quiet_sample_at(), DAILYQ_CLAIM_TTL_S="20", DAILYQ_LEASE_TTL_S="5")
+                   SAMPLE_AT=quiet_sample_at(), DAILYQ_CLAIM_TTL_S="30", DAILYQ_LEASE_TTL_S="5")
     started = []
     for node in ("n1", "n2", "n3"):
         started.append(processes.start("scheduler.py", dict(env, NODE_NAME=node)))

@@ -25,7 +25,8 @@ def test_node_death_mid_run_restarts_the_run_on_another_node_within_60s_by_defau
                                                                                       prefix):
     slot = slot_in(4)
     # The default claim and lease TTLs: the 60 s promise is for the defaults.
-    env = dict(live_env(node_env, slot, params=1, sleep_s=6), DAILYQ_CLAIM_TTL_S="20", DAILYQ_LEASE_TTL_S="3")
+    env = dict(live_env(node_env, slot, params=1, sleep_s=6), DAILYQ_CLAIM_TTL_S="30", DAILYQ_LEASE_TTL_S="3",
+               SAMPLE_RETRIES="1")
     processes.start("scheduler.py", dict(env, NODE_NAME="node-a"))
     doomed = processes.start("worker_entry.py", dict(env, NODE_NAME="node-a"))
     wait_for(lambda: first_start(connection, prefix) is not None, timeout=30, what="the run to start on node-a")

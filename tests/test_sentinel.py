@@ -59,7 +59,7 @@ def test_a_failover_mid_batch_loses_nothing_and_runs_nothing_twice(sentinel_set:
     prefix = f"t{uuid.uuid4().hex[:10]}"
     # Default claim TTL: the guarantee is stated for the defaults.
     env = base_env(sentinel_set.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="12", SAMPLE_SLEEP_S="1.0",
-                   SAMPLE_AT=quiet_sample_at(), DAILYQ_CLAIM_TTL_S="20")
+                   SAMPLE_AT=quiet_sample_at(), DAILYQ_CLAIM_TTL_S="30")
     started = [processes.start("scheduler.py", dict(env, NODE_NAME="n1"))]
     started += [processes.start("worker_entry.py", dict(env, NODE_NAME=node)) for node in ("n1", "n2")]
 

@@ -1,0 +1,58 @@
+"""Retries whose backoff has passed, moved back to the queue by the leader.
+
+RQ schedules a retry with backoff in its ScheduledJobRegistry; RQ's own scheduler (a
+process each worker may start) moves it back to the queue when due. That process
+dies with a Redis outage and its lock outlives it, so another one takes over only
+after a minute or more. The leader therefore moves due retries of our queue itself,
+every tick, whatever kind of worker runs the jobs; the two movers may both run.
+
+Due is judged by the Redis server's clock (one clock for every node). The move is a
+WATCH/MULTI on the registry: two movers racing over one job push it once, or, against
+RQ's own unwatched scheduler, at worst twice -- and the guard never lets two copies
+of a run execute (the second waits for the claim, then sees the run finished).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis import Redis, WatchError
+from rq import Queue
+from rq.registry import ScheduledJobRegistry
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 500
+
+
+class DueRetries:
+    def __init__(self, connection: Redis, queue: Queue) -> None:
+        self.connection = connection
+        self.queue = queue
+        self.registry = ScheduledJobRegistry(queue=queue)
+
+    def move_due(self) -> int:
+        """Enqueue every scheduled job of our queue that is due; returns how many."""
+        now_s, _ = self.connection.time()
+        moved = 0
+        with self.connection.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.registry.key)
+                    due = [j.decode() if isinstance(j, bytes) else j
+                           for j in pipe.zrangebyscore(self.registry.key, 0, now_s, start=0, num=CHUNK_SIZE)]
+                    if not due:
+                        return moved
+                    jobs = self.queue.job_class.fetch_many(due, connection=self.connection,
+                                                           serializer=self.queue.serializer)
+                    pipe.multi()
+                    for job_id, job in zip(due, jobs):
+                        self.registry.remove(job_id, pipeline=pipe)
+                        if job is not None:
+                            self.queue.enqueue_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
+                    pipe.execute()
+                except WatchError:
+                    continue  # RQ's scheduler (or a previous leader) moved some meanwhile: look again
+                moved += len(due)
+                log.info("moved %d retr%s whose backoff has passed back to the queue", len(due),
+                         "y" if len(due) == 1 else "ies")
