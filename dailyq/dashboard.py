@@ -4,7 +4,7 @@ A thin launcher (the Procfile's ``dashboard:`` line) that reads
 
 * ``DASHBOARD_BIND`` (default 127.0.0.1) and ``DASHBOARD_PORT`` (default 9181),
 * ``DASHBOARD_USER`` / ``DASHBOARD_PASSWORD`` (HTTP basic auth, both or neither),
-* ``REDIS_URL`` (as every dailyq process),
+* ``REDIS_URL``, ``DAILYQ_PREFIX`` and ``DAILYQ_TASKS`` (as every dailyq process),
 
 and starts rq-dashboard in JSON mode (``--json``: our jobs are JSON-serialized, and
 with RQ's default pickle serializer the dashboard cannot show them). It refuses to
@@ -17,7 +17,8 @@ shows. rq-dashboard's own ``RQ_DASHBOARD_*`` variables are not read: these are.
 
 Running in this process also lets us fix what ``--json`` leaves out (``read_jobs_as_json``:
 rq-dashboard 0.9.0 still reads a worker's current job, and a job's page, with RQ's
-pickle serializer).
+pickle serializer) and add the day's timeline at ``/dailyq/`` (live_timeline.py)
+behind the same login.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .errors import ConfigError
 from .connection import connect
 from .runs import META_KEY
 from .settings import Settings
+from .table import load_table
 from .worker import DailyJob
 
 DEFAULT_BIND = "127.0.0.1"
@@ -173,9 +175,14 @@ def read_jobs_as_json(web: ModuleType) -> None:
 
 
 def run_dashboard(environ: Mapping[str, str]) -> int:
+    from .live_timeline import PATH, add_timeline  # noqa: PLC0415 - imports Flask
+
     settings = Settings.from_env(environ)
-    connect(settings, check=False)  # a malformed REDIS_URL: one line now, not a 500 on every page
+    # A malformed REDIS_URL: one line now, not a 500 on every page. This client serves
+    # /dailyq/ (rq-dashboard keeps its own).
+    connection = connect(settings, check=False)
     config = config_from_env(environ, settings.redis_url)
+    table = load_table(settings.tasks_module)  # /dailyq/ lists the table's runs; a bad table is one line here
     try:
         from rq_dashboard import web  # noqa: PLC0415 - an optional extra
         from rq_dashboard.cli import run  # noqa: PLC0415
@@ -183,8 +190,11 @@ def run_dashboard(environ: Mapping[str, str]) -> int:
         raise ConfigError(f"rq-dashboard cannot be imported ({exc}): install it with "
                           "pip install 'dailyq[dashboard]'") from None
     read_jobs_as_json(web)
-    print(f"dailyq dashboard: queue {settings.keys.queue_name!r} of {settings.redacted_url()} on "
-          f"http://{config.bind}:{config.port}/ ({'basic auth' if config.user else 'no login, loopback only'})",
+    # On rq-dashboard's blueprint, before run() registers it: behind the same login.
+    add_timeline(web.blueprint, settings, table, connection)
+    base = f"http://{config.bind}:{config.port}"
+    print(f"dailyq dashboard: queue {settings.keys.queue_name!r} of {settings.redacted_url()} on {base}/, "
+          f"the day's timeline on {base}{PATH} ({'basic auth' if config.user else 'no login, loopback only'})",
           file=sys.stderr, flush=True)
     # No auto_envvar_prefix: rq-dashboard's RQ_DASHBOARD_* variables must not override ours.
     run.main(args=rq_dashboard_args(config), prog_name="rq-dashboard", standalone_mode=False)

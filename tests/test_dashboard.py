@@ -1,6 +1,7 @@
 """The Procfile's ``dashboard:`` line, run as written: rq-dashboard on loopback, basic
 auth, JSON mode (it can read our jobs, also a busy worker's, and never unpickles),
-and a refusal to serve beyond loopback without a login. The browser tests drive headless Chromium (tests/browser.py)
+the day's timeline at /dailyq/ behind the same login, and a refusal to serve beyond
+loopback without a login. The browser tests drive headless Chromium (tests/browser.py)
 and keep screenshots in test-artifacts/."""
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
+from dailyq.cli import default_day
+from dailyq.clock import utc_now
 from dailyq.fanout import trigger
+from dailyq.live_timeline import timeline_page
 from dailyq.runs import META_KEY
 from dailyq.worker import make_queue
 from tests.browser import Browser, chromium
@@ -256,6 +261,75 @@ def test_the_dashboard_never_unpickles_a_job(dashboard, connection, settings, tm
     assert probe.stdout.splitlines() == [
         "['unserialized']", "refused: the dailyq dashboard never unpickles data from Redis (dailyq jobs are JSON)"]
     assert not marker.exists()
+
+
+# --- the day's timeline at /dailyq/ ---------------------------------------------------------------
+
+def test_the_timeline_wants_the_dashboards_login_and_a_good_date(dashboard, table):
+    day = DAY.isoformat()
+    for url in (f"{dashboard}/dailyq/", f"{dashboard}/dailyq/?date={day}", f"{dashboard}/dailyq/?date=bad"):
+        assert get(url)[0] == 401
+        assert get(url, (USER, "wrong"))[0] == 401
+
+    before = default_day(table, utc_now())
+    status, body, headers = get_response(f"{dashboard}/dailyq/", AUTH)
+    after = default_day(table, utc_now())
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    page = body.decode()
+    # Today by default, in the tasks' zone like `status` (read twice: midnight may pass).
+    assert any(f'name="date" value="{d.isoformat()}"' in page for d in (before, after))
+    assert "default-src 'none'" in headers["Content-Security-Policy"] and headers["Cache-Control"] == "no-store"
+
+    status, body = get(f"{dashboard}/dailyq/?date={day}", AUTH)
+    assert status == 200 and f"<h1>dailyq — {day}</h1>" in body.decode()
+    assert 'data-state="missed"' in body.decode()  # the table's runs of a day long gone, never triggered
+
+    for bad in ("2026-02-30", "20261127", "yesterday", "2026-11-27%0Ax"):
+        status, body, headers = get_response(f"{dashboard}/dailyq/?date={bad}", AUTH)
+        text = body.decode()
+        assert status == 400 and headers["Content-Type"].startswith("text/plain"), (bad, status)
+        assert text.count("\n") == 1 and text.startswith("bad date ") and "YYYY-MM-DD" in text, text
+
+
+def test_the_timeline_page_without_redis_is_a_503_in_one_line():
+    def redis_is_down(day: date) -> dict:
+        raise RedisConnectionError("Error 111 connecting to\nlocalhost:6379. Connection refused.")
+
+    page = timeline_page("2026-11-27", redis_is_down, today=lambda: DAY, redis_shown="redis://:***@db:6379/0")
+    assert (page.code, page.content_type) == (503, "text/plain; charset=utf-8")
+    assert page.body == ("Redis at redis://:***@db:6379/0 failed: Error 111 connecting to localhost:6379. "
+                         "Connection refused.\n")
+    asked: list[date] = []
+    page = timeline_page("", lambda day: asked.append(day) or {"date": day.isoformat(), "leader": None, "runs": []},
+                         today=lambda: DAY, redis_shown="-")
+    assert page.code == 200 and asked == [DAY] and "<form" in page.body  # ?date= (empty) is today
+
+
+def test_the_live_timeline_grows_bars_by_itself_in_chromium(node_env, processes, tmp_path):
+    chromium()
+    # Runs long enough that the first reload (5 s) finds the batch still going (see the screenshots).
+    env = slow_batch(node_env, params=4, sleep_s=2.5)
+    read = ("({origin: performance.timeOrigin, bars: document.querySelectorAll('#timeline .run').length,"
+            " picker: (document.querySelector('input[name=date]') || {}).value || null})")
+    with running_dashboard(env, tmp_path) as base:
+        with Browser(tmp_path / "profile", tmp_path / "chromium.log") as browser:
+            page = browser.open(f"{base}/dailyq/?date={DAY.isoformat()}",
+                                headers={"Authorization": basic_auth(*AUTH)})
+            first = page.wait_for(lambda r: r.get("picker") == DAY.isoformat(), read, timeout=30,
+                                  what="the timeline page")
+            assert first["bars"] == 0  # triggered, but no worker yet: nothing has started
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(ARTIFACTS / "dashboard-timeline-before.png")
+
+            for node in ("node-a", "node-b"):
+                processes.start("worker_entry.py", dict(env, NODE_NAME=node), "--burst", log_dir=tmp_path)
+            # The page reloads itself (a new document: a new timeOrigin); we never navigate again.
+            later = page.wait_for(lambda r: r.get("origin") != first["origin"] and r.get("bars", 0) > 0, read, timeout=30,
+                                  what="the page to reload itself with bars")
+            page.screenshot(ARTIFACTS / "dashboard-timeline-after.png")
+            lanes = page.evaluate("[...document.querySelectorAll('#timeline .lane')].map(l => l.dataset.node)")
+    assert later["picker"] == DAY.isoformat() and later["bars"] >= 1
+    assert set(lanes) <= {"node-a", "node-b"} and lanes
 
 
 def test_binding_beyond_loopback_without_a_login_is_refused_in_one_line(node_env):

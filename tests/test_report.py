@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from dailyq.report import render_report, timeline
+from dailyq.report import LIVE_REFRESH_S, LIVE_SCRIPT, render_report, timeline
 from tests.browser import chromium, open_in_chromium
 from tests.helpers import ROOT, run_cli
 
@@ -173,3 +173,19 @@ def test_hostile_text_stays_text_in_chromium(tmp_path):
     assert 'id="injected"' not in dom and 'id="bolded"' not in dom  # no element made from a param or node
     assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom
 
+
+def test_the_live_page_adds_a_day_picker_and_a_reload_and_the_static_page_has_neither():
+    static, live = render_report(fixed_day()), render_report(fixed_day(), live=True)
+    for extra in ("<form", "<script", 'name="date"', "refreshes every"):
+        assert extra not in static and extra in live, extra
+    assert '<input type="date" name="date" value="2026-11-27" required>' in live
+    assert 'href="?date=2026-11-26"' in live and 'href="?date=2026-11-28"' in live and 'href="./"' in live
+    assert live.count("<script") == 1 and f"<script>{LIVE_SCRIPT}</script>" in live
+    assert f"{LIVE_REFRESH_S * 1000}" in LIVE_SCRIPT
+    # Everything else is the same page: one renderer, a flag.
+    assert static.split('<p class="meta">')[1].split("</p>")[0] in live.replace(
+        f" · refreshes every {LIVE_REFRESH_S} s", "")
+    assert static.split('<p class="legend">')[1] == live.split('<p class="legend">')[1].replace(
+        f"\n<script>{LIVE_SCRIPT}</script>", "")
+    for outside in ("://", "<link", "@import", "url(", "src="):  # live or not, nothing loaded from elsewhere
+        assert outside not in live, outside
