@@ -165,10 +165,9 @@ def read_jobs_as_json(web: ModuleType) -> None:
     """Make rq-dashboard's module ``web`` read jobs, queues and workers as JSON only, and
     make RQ's pickle serializer refuse to load in this process (see above)."""
     web.config.serializer = JSONSerializer
-    web.Job = DashboardJob
-    web.Queue = DashboardQueue
-    web.Worker = DashboardWorker
-    web.requeue_job = _requeue_job
+    ours = {"Job": DashboardJob, "Queue": DashboardQueue, "Worker": DashboardWorker, "requeue_job": _requeue_job}
+    for name, replacement in ours.items():
+        setattr(web, name, replacement)
     # DefaultSerializer (also named PickleSerializer) is what RQ resolves a missing
     # serializer to; this process has no business loading pickles.
     DefaultSerializer.loads = staticmethod(_refuse_to_unpickle)  # type: ignore[assignment]

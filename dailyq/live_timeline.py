@@ -30,7 +30,7 @@ from .status import day_status
 from .table import TaskTable
 
 if TYPE_CHECKING:
-    from flask import Blueprint, Response
+    from flask import Blueprint
 
 PATH = "/dailyq/"
 HTML = "text/html; charset=utf-8"
