@@ -5,6 +5,11 @@ and loads nothing (inline CSS only), so it opens from a file, a mail attachment 
 an air-gapped machine alike. Every piece of text from Redis (params are any JSON,
 node names and errors any string) goes through ``html.escape``.
 
+``live=True`` makes the same page for the dashboard's ``/dailyq/`` (live_timeline.py):
+it adds a day picker (a plain GET form and links to the days before and after) and
+``LIVE_SCRIPT``, which reloads the page every LIVE_REFRESH_S seconds. Only the live
+page has them: ``report --out`` stays a static file with no script.
+
 The numbers under the chart:
 - utilization of a node = time it had at least one run going / the day's span
   (first start to last end over all nodes);
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from html import escape
 from typing import Any, Mapping
 
@@ -35,6 +40,14 @@ TICK_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 1
 MAX_TICKS = 10
 ROW_HEIGHT_PX = 26
 LANE_MIN_HEIGHT_PX = 44  # room for the lane label's two lines
+LIVE_REFRESH_S = 5
+# The live page's one script, inline (the dashboard's Content-Security-Policy allows
+# exactly this text by its hash). A reload, not a fetch-and-patch: the page is
+# rendered by the server in one piece. Not while the day field is being edited: a
+# reload would throw away the half-typed date (a <meta> refresh could not wait).
+LIVE_SCRIPT = ("setInterval(function () { var active = document.activeElement;"
+               " if (!active || active.name !== 'date') { location.reload(); } }, "
+               f"{LIVE_REFRESH_S * 1000});")
 
 
 @dataclass(frozen=True)
@@ -112,13 +125,15 @@ def timeline(status: Mapping[str, Any]) -> Timeline:
     return Timeline(bars, unstarted, nodes, first, last, span_s, total_s, longest_s, lower_bound)
 
 
-def render_report(status: Mapping[str, Any]) -> str:
-    """The whole HTML page for one day."""
+def render_report(status: Mapping[str, Any], live: bool = False) -> str:
+    """The whole HTML page for one day; ``live`` adds the day picker and the reload
+    every LIVE_REFRESH_S seconds (the dashboard's page), else it is a static file."""
     line = timeline(status)
     day = escape(str(status.get("date", "")))
     counts = _state_counts(status["runs"])
     leader = status.get("leader")
     leader_text = f"leader {leader.get('node')}" if leader else "no leader"
+    refresh_text = f" · refreshes every {LIVE_REFRESH_S} s" if live else ""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -126,15 +141,34 @@ def render_report(status: Mapping[str, Any]) -> str:
         f"<title>dailyq {day}</title>",
         f"<style>{_css()}</style></head><body>",
         f"<h1>dailyq — {day}</h1>",
+        *([_day_picker(str(status.get("date", "")))] if live else []),
         f'<p class="meta">{len(status["runs"])} runs: {escape(counts or "none")} · {escape(leader_text)}'
-        f' · generated {escape(str(status.get("generated_at") or "-"))} · times in UTC</p>',
+        f' · generated {escape(str(status.get("generated_at") or "-"))} · times in UTC{refresh_text}</p>',
         _legend(),
         _chart(line),
         _numbers(line),
         _unstarted(line.unstarted),
+        *([f"<script>{LIVE_SCRIPT}</script>"] if live else []),
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _day_picker(day_text: str) -> str:
+    """A GET form for ``?date=YYYY-MM-DD`` (the browser's own date field, no script),
+    between links to the day before and the day after, and one to today (no ``date``)."""
+    before_link = after_link = ""
+    try:
+        day = date.fromisoformat(day_text)
+        before, after = (day - timedelta(days=1)).isoformat(), (day + timedelta(days=1)).isoformat()
+    except (ValueError, OverflowError):
+        pass  # no neighbours to link to (not a date, or year 1 / 9999); the form still works
+    else:
+        before_link = f'<a class="before" href="?date={before}">← {before}</a>'
+        after_link = f'<a class="after" href="?date={after}">{after} →</a>'
+    return (f'<form class="pick" method="get">{before_link}'
+            f'<label>Day <input type="date" name="date" value="{escape(day_text)}" required></label>'
+            f'<button type="submit">Show</button>{after_link}<a class="today" href="./">today</a></form>')
 
 
 def _chart(line: Timeline) -> str:
@@ -291,4 +325,5 @@ table{border-collapse:collapse}th,td{text-align:left;padding:3px 10px;border-bot
   vertical-align:top;word-break:break-word}
 th{font-weight:600;color:#444}
 .makespan{margin-top:10px}
+.pick{display:flex;gap:10px;align-items:center;margin:0 0 8px}
 """

@@ -18,7 +18,9 @@ from .clock import iso
 from .keys import Keys
 from .runs import MISSED, SCHEDULED, STATES, decode_record, runs_on
 from .table import TaskTable
+from .text_width import clip, one_line, pad, width
 
+ERROR_COLUMNS = 60  # the table shows the start of an error; --json has all of it
 RUN_FIELDS = ("task", "param", "state", "node", "started_at", "ended_at", "attempts", "error")
 
 
@@ -84,27 +86,31 @@ def paint(text: str, sgr: str | None, colour: bool) -> str:
 
 
 def render_table(status: dict[str, Any], colour: bool = False) -> str:
-    """Plain-text table for a terminal; ``colour`` paints the STATE column by state."""
+    """Plain-text table for a terminal; ``colour`` paints the STATE column by state.
+
+    Columns are padded by display width (text_width), so a row whose param is
+    ``"任务参数1"`` (7 characters, 11 columns) lines up with the others."""
     header = ("TASK", "PARAM", "STATE", "NODE", "STARTED", "ENDED", "ATT", "ERROR")
     rows = [header]
     for run in status["runs"]:
         rows.append((run["task"], json.dumps(run["param"], ensure_ascii=False), run["state"], run["node"] or "-",
                      _clock_time(run["started_at"]), _clock_time(run["ended_at"]), str(run["attempts"]),
-                     (run["error"] or "")[:60]))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+                     clip(one_line(run["error"] or ""), ERROR_COLUMNS)))
+    cells = [[one_line(str(cell)) for cell in row] for row in rows]
+    widths = [max(width(row[i]) for row in cells) for i in range(len(header))]
     state_column = header.index("STATE")
 
-    def cell_text(row_number: int, column: int, cell: Any, width: int) -> str:
-        padded = str(cell).ljust(width)
+    def cell_text(row_number: int, column: int, cell: str, columns: int) -> str:
+        padded = pad(cell, columns)
         if not colour or row_number == 0 or column != state_column:
             return padded
         # Paint the word only, so the padding (and the widths) stay as without colour.
-        return paint(str(cell), STATE_COLOURS.get(str(cell)), colour) + padded[len(str(cell)):]
+        return paint(cell, STATE_COLOURS.get(cell), colour) + padded[len(cell):]
 
-    lines = ["  ".join(cell_text(n, i, cell, width) for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
-             for n, row in enumerate(rows)]
+    lines = ["  ".join(cell_text(n, i, cell, columns) for i, (cell, columns) in enumerate(zip(row, widths))).rstrip()
+             for n, row in enumerate(cells)]
     leader = status["leader"]
-    leader_line = f"leader: {leader['node']} (since {leader.get('since')})" if leader else "leader: none"
+    leader_line = f"leader: {one_line(str(leader['node']))} (since {leader.get('since')})" if leader else "leader: none"
     counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
     return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}"])
 

@@ -20,6 +20,7 @@ from .clock import parse_iso
 from .runs import FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED, param_digest
 from .status import STATE_COLOURS, paint
 from .table import encode_param
+from . import text_width
 
 DONE_STATES = (FINISHED, FAILED, SKIPPED)
 PENDING_STATES = (SCHEDULED, QUEUED, RUNNING)
@@ -118,7 +119,8 @@ def render_line(p: Progress, colour: bool = False, width: int | None = None) -> 
     """``2026-11-27 12/40 done [#####-----] 30% | ETA 3m12s on 2 nodes | running node-1:2 node-2:1``.
 
     ``width`` (a terminal's columns) cuts the line so that redrawing it in place
-    with a carriage return never wraps; colour codes do not count.
+    with a carriage return never wraps; it counts display columns (a node named
+    ``节点一`` takes six), and colour codes do not count.
     """
     filled = BAR_WIDTH if p.total == 0 else round(BAR_WIDTH * p.done / p.total)
     percent = 100 if p.total == 0 else int(100 * p.done / p.total)
@@ -137,7 +139,8 @@ def render_line(p: Progress, colour: bool = False, width: int | None = None) -> 
         plural = "s" if p.workers != 1 else ""
         segments.append((f" | ETA {eta} on {p.workers} node{plural}", None))
     # The per-node list goes last: with many nodes it is what a narrow terminal cuts.
-    running = " ".join(f"{node}:{n}" for node, n in p.running_per_node.items()) or "none"
+    # Node names are any string: one line each, so a newline cannot break the redraw.
+    running = " ".join(f"{text_width.one_line(node)}:{n}" for node, n in p.running_per_node.items()) or "none"
     segments.append((" | running ", None))
     segments.append((running, STATE_COLOURS[RUNNING] if p.running_per_node else None))
     if width is not None:
@@ -157,15 +160,18 @@ def format_duration(seconds: float) -> str:
 
 
 def _cut(segments: list[tuple[str, str | None]], limit: int) -> list[tuple[str, str | None]]:
-    if sum(len(text) for text, _ in segments) <= limit:
+    """The segments cut to ``limit`` display columns, the last one kept ending in "…"."""
+    if sum(text_width.width(text) for text, _ in segments) <= limit:
         return segments
     kept: list[tuple[str, str | None]] = []
     room = limit - 1  # for the ellipsis
     for text, sgr in segments:
         if room <= 0:
             break
-        kept.append((text[:room], sgr))
-        room -= len(text[:room])
+        part = text_width.clip(text, room)
+        kept.append((part, sgr))
+        room -= text_width.width(part)
+        if part != text:
+            break  # a wide character that did not fit must not let a narrow one after it in
     kept.append(("…", None))
     return kept
-

@@ -8,14 +8,9 @@ and open it in headless Chromium, keeping a screenshot in test-artifacts/.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
-import pytest
-
-from dailyq.report import render_report, timeline
+from dailyq.report import LIVE_REFRESH_S, LIVE_SCRIPT, render_report, timeline
+from tests.browser import chromium, open_in_chromium
 from tests.helpers import ROOT, run_cli
 
 DAY = "2024-06-03"  # long past: runs nobody triggered show as "missed"
@@ -128,26 +123,6 @@ def test_bad_out_path_is_one_line_and_exit_2(node_env, tmp_path):
 
 # --- in a real browser -------------------------------------------------------------------
 
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail("chromium is not installed; .ci/run installs it (apt-get install chromium)")
-    pytest.skip("chromium is not installed (apt-get install -y chromium) - needed to open the report in a browser")
-
-
-def open_in_chromium(page: Path, profile: Path, *mode: str) -> subprocess.CompletedProcess[str]:
-    """Headless Chromium with everything that talks to the network turned off."""
-    result = subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--window-size=1400,900", *mode, page.as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
-
-
 def test_a_real_day_renders_in_chromium(node_env, processes, tmp_path):
     browser = chromium()  # skip (or fail on CI) before doing any work
     assert browser
@@ -197,3 +172,20 @@ def test_hostile_text_stays_text_in_chromium(tmp_path):
     assert "<title>dailyq 2026-11-27</title>" in dom  # the param's script never ran
     assert 'id="injected"' not in dom and 'id="bolded"' not in dom  # no element made from a param or node
     assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom
+
+
+def test_the_live_page_adds_a_day_picker_and_a_reload_and_the_static_page_has_neither():
+    static, live = render_report(fixed_day()), render_report(fixed_day(), live=True)
+    for extra in ("<form", "<script", 'name="date"', "refreshes every"):
+        assert extra not in static and extra in live, extra
+    assert '<input type="date" name="date" value="2026-11-27" required>' in live
+    assert 'href="?date=2026-11-26"' in live and 'href="?date=2026-11-28"' in live and 'href="./"' in live
+    assert live.count("<script") == 1 and f"<script>{LIVE_SCRIPT}</script>" in live
+    assert f"{LIVE_REFRESH_S * 1000}" in LIVE_SCRIPT
+    # Everything else is the same page: one renderer, a flag.
+    assert static.split('<p class="meta">')[1].split("</p>")[0] in live.replace(
+        f" · refreshes every {LIVE_REFRESH_S} s", "")
+    assert static.split('<p class="legend">')[1] == live.split('<p class="legend">')[1].replace(
+        f"\n<script>{LIVE_SCRIPT}</script>", "")
+    for outside in ("://", "<link", "@import", "url(", "src="):  # live or not, nothing loaded from elsewhere
+        assert outside not in live, outside
