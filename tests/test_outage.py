@@ -65,3 +65,34 @@ def test_start_up_warns_when_redis_may_evict_or_forget_our_keys():
 
 def test_a_safe_server_gets_no_warning(own_redis):
     assert server_warnings(Redis.from_url(own_redis.url)) == []
+
+
+def test_a_retry_whose_backoff_ends_during_an_outage_is_back_in_the_queue_promptly(own_redis, processes):
+    prefix = "retry-outage"
+    backoff_s = 6
+    env = base_env(own_redis.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC="fail_first",
+                   SAMPLE_RETRIES="1", SAMPLE_BACKOFF_S=str(backoff_s), SAMPLE_AT=quiet_sample_at(),
+                   NODE_NAME="node-a")
+    processes.start("scheduler.py", env)
+    processes.start("worker_entry.py", env)
+    connection = Redis.from_url(own_redis.url)
+    assert run_cli(["trigger", "--date", "2026-11-26"], env).returncode == 0
+    scheduled = f"rq:scheduled:{prefix}"  # RQ's ScheduledJobRegistry of our queue
+
+    wait_for(lambda: connection.zcard(scheduled) == 1, timeout=20, what="the first attempt to fail")
+    (job_id,) = connection.zrange(scheduled, 0, -1)
+    own_redis.kill()
+    time.sleep(backoff_s + 4)  # the backoff ends while Redis is away
+    own_redis.start()
+    back_at = time.monotonic()
+    connection = Redis.from_url(own_redis.url)
+    wait_for(lambda: connection.zscore(scheduled, job_id) is None, timeout=30, what="the retry to be moved back")
+    moved_after_s = time.monotonic() - back_at
+    assert moved_after_s < 5, f"the retry waited {moved_after_s:.1f}s after Redis came back"
+
+    def finished() -> bool:
+        result = run_cli(["status", "--date", "2026-11-26", "--json"], env)
+        return result.returncode == 0 and json.loads(result.stdout)["runs"][0]["state"] == "finished"
+
+    wait_for(finished, timeout=30, what="the retry to run", every=0.5)
+    assert [e["context"]["attempt"] for e in executions(connection, prefix) if e["event"] == "start"] == [1, 2]

@@ -5,7 +5,7 @@ import signal
 import time
 
 from dailyq.keys import Keys
-from tests.helpers import executions, wait_for
+from tests.helpers import executions, quiet_sample_at, run_cli, wait_for
 from tests.test_scheduler import all_finished, live_env, slot_in, status_of
 
 
@@ -74,3 +74,39 @@ def test_an_orphaned_work_horse_keeps_its_claim_and_no_second_copy_runs(node_env
     assert {e["pid"] for e in events} == {horse_pid}
     (run,) = status_of(env, day)["runs"]
     assert run["state"] == "finished" and run["attempts"] == 1 and run["node"] == "node-a"
+
+
+def test_a_task_that_kills_its_own_process_ends_failed_after_its_attempts(node_env, processes, connection, prefix):
+    # retries=1: two executions in all, each ending its work-horse with os._exit(3).
+    env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC="die", SAMPLE_RETRIES="1",
+               SAMPLE_BACKOFF_S="1", SAMPLE_AT=quiet_sample_at())
+    for node in ("node-a", "node-b"):
+        processes.start("scheduler.py", dict(env, NODE_NAME=node))
+        processes.start("worker_entry.py", dict(env, NODE_NAME=node))
+    assert run_cli(["trigger", "--date", "2026-11-20"], env).returncode == 0
+
+    def state() -> str:
+        return status_of(env, "2026-11-20")["runs"][0]["state"]
+
+    wait_for(lambda: state() == "failed", timeout=40, what="the run to end failed", every=0.5)
+    (run,) = status_of(env, "2026-11-20")["runs"]
+    assert run["attempts"] == 2 and run["error"] == "work-horse died (exit code 3)"
+    starts = [e for e in executions(connection, prefix) if e["event"] == "start"]
+    assert len(starts) == 2
+    assert [s["context"]["attempt"] for s in starts] == [1, 2]
+    time.sleep(60)  # neither recovery nor RQ runs it again
+    assert len([e for e in executions(connection, prefix) if e["event"] == "start"]) == 2
+    assert status_of(env, "2026-11-20")["runs"][0]["state"] == "failed"
+
+
+def test_a_killed_work_horse_is_recorded_at_once_and_retried(node_env, processes, connection, prefix):
+    env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_SLEEP_S="5", SAMPLE_RETRIES="1",
+               SAMPLE_BACKOFF_S="30", SAMPLE_AT=quiet_sample_at(), NODE_NAME="node-a")
+    processes.start("worker_entry.py", env)
+    assert run_cli(["trigger", "--date", "2026-11-20"], env).returncode == 0
+    wait_for(lambda: first_start(connection, prefix) is not None, timeout=30, what="the run to start")
+    kill(first_start(connection, prefix)["pid"])  # the work-horse only: its worker parent sees it die
+    wait_for(lambda: status_of(env, "2026-11-20")["runs"][0]["state"] == "queued", timeout=10,
+             what="the death to be recorded")
+    (run,) = status_of(env, "2026-11-20")["runs"]
+    assert run["error"] == "work-horse died (killed by SIGKILL)" and run["attempts"] == 1
