@@ -1,11 +1,17 @@
 """Chaos run: three nodes (scheduler + worker each) work through a day of runs while
-workers and the leader are SIGKILLed every few seconds and Redis is restarted once.
+workers and the leader are SIGKILLed every few seconds, nodes are cut off from Redis
+(each node reaches Redis through its own TCP proxy, which stops forwarding), workers
+are frozen (SIGSTOP of the worker and its work-horse, then SIGCONT), and Redis is
+restarted once.
 
     python bench/chaos.py [--runs 120] [--sleep 0.8] [--seed 7] [--kill-every 3]
 
-Prints runs, finished, lost (must be 0), concurrent duplicates (must be 0),
-re-executions after a mid-run death, and the longest recovery. A process manager
-is simulated: every killed process is started again after a second.
+Prints runs, finished, lost (must be 0), the longest overlap of two copies of a run
+(0 for cut-off nodes and kills; at most 2 s for a frozen worker, which stops within
+a moment of resuming), re-executions after a mid-run death, the longest recovery,
+and how many of each fault happened. A process manager is simulated: every killed
+process is started again after a second. The runs tick into a Redis the proxies do
+not cut, every 0.1 s, so an overlap is measured, not inferred.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from redis import Redis  # noqa: E402
 
 from dailyq.clock import utc_now  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
-from tests.helpers import ProcessGroup, base_env, executions, param_key  # noqa: E402
+from tests.helpers import ProcessGroup, activity, base_env, executions, param_key  # noqa: E402
+from tests.tcp_proxy import TcpProxy  # noqa: E402
 
 PREFIX = "chaos"
 NODES = ("node-1", "node-2", "node-3")
+FAULTS = ("redis", "cut", "freeze", "leader", "worker")
 
 
 @dataclass
@@ -37,21 +45,32 @@ class ChaosReport:
     runs: int
     finished: int = 0
     lost: int = 0
-    concurrent_duplicates: int = 0
+    longest_overlap_s: dict[str, float] = field(default_factory=lambda: {"cut": 0.0, "freeze": 0.0, "other": 0.0})
     reexecutions: int = 0
+    midrun_kills: int = 0
     worker_kills: int = 0
     leader_kills: int = 0
     redis_restarts: int = 0
+    cuts: int = 0
+    freezes: int = 0
     longest_recovery_s: float = 0.0
     longest_leader_gap_s: float = 0.0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def concurrent_duplicates(self) -> int:
+        """Overlaps that must never happen (freezes may overlap for at most 2 s)."""
+        return int(self.longest_overlap_s["cut"] > 0) + int(self.longest_overlap_s["other"] > 0)
+
     def lines(self) -> list[str]:
+        overlap = self.longest_overlap_s
         return [f"runs: {self.runs}", f"finished: {self.finished}", f"lost: {self.lost}",
-                f"concurrent duplicates: {self.concurrent_duplicates}",
-                f"re-executions after a mid-run death: {self.reexecutions}",
-                f"kills: {self.worker_kills} workers (with their work-horses), {self.leader_kills} leaders; "
+                f"longest overlap of two copies: {max(overlap.values()):.2f}s (cut-off nodes {overlap['cut']:.2f}s, "
+                f"frozen workers {overlap['freeze']:.2f}s, kills and the rest {overlap['other']:.2f}s)",
+                f"re-executions after a mid-run death or stop: {self.reexecutions}",
+                f"kills: {self.worker_kills} workers (with their work-horses; {self.midrun_kills} mid-run), "
+                f"{self.leader_kills} leaders; cuts: {self.cuts}; freezes: {self.freezes}; "
                 f"redis restarts: {self.redis_restarts}",
                 f"longest recovery (run killed -> restarted elsewhere): {self.longest_recovery_s:.1f}s",
                 f"longest time without a leader after a leader kill: {self.longest_leader_gap_s:.1f}s",
@@ -79,120 +98,198 @@ def kill(pid: int) -> None:
 
 
 def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s: float = 3.0,
-              restart_redis: bool = True, timeout_s: float = 600.0, log_dir: Path | None = None) -> ChaosReport:
+              restart_redis: bool = True, timeout_s: float = 600.0, log_dir: Path | None = None,
+              claim_ttl_s: int = 6) -> ChaosReport:
+    """A cut or a freeze lasts claim_ttl_s + 3 s: past the claim, so the run is taken over."""
     rng = random.Random(seed)
     log_dir = log_dir or Path("/tmp/dailyq-chaos")
     report = ChaosReport(runs=runs)
     server = PrivateRedis(appendonly=True).start()
+    proxies = {node: TcpProxy("127.0.0.1", server.port) for node in NODES}
     group = ProcessGroup()
     started = time.monotonic()
+    fault_s = claim_ttl_s + 3
     try:
         slot = (utc_now().replace(microsecond=0)).timestamp() + 6
         slot_text = time.strftime("%H:%M:%S", time.gmtime(slot))
         day = time.strftime("%Y-%m-%d", time.gmtime(slot))
+        # Every run may die many times here: a generous attempt budget (deaths count).
         env = base_env(server.url, PREFIX, SAMPLE_ONLY="1", SAMPLE_PARAMS=str(runs), SAMPLE_SLEEP_S=str(sleep_s),
-                       SAMPLE_AT=slot_text, SAMPLE_TZ="UTC", DAILYQ_LEASE_TTL_S="3", DAILYQ_CLAIM_TTL_S="20")
+                       SAMPLE_AT=slot_text, SAMPLE_TZ="UTC", SAMPLE_FUNC="progress", SAMPLE_RETRIES="100",
+                       SAMPLE_LOG_URL=server.url, DAILYQ_LEASE_TTL_S="3", DAILYQ_CLAIM_TTL_S=str(claim_ttl_s))
+        node_env = {node: dict(env, NODE_NAME=node, REDIS_URL=proxies[node].url()) for node in NODES}
         connection = Redis.from_url(server.url, socket_timeout=5)
         procs = {}
         for node in NODES:
             for role, script in (("scheduler", "scheduler.py"), ("worker", "worker_entry.py")):
-                procs[(node, role)] = group.start(script, dict(env, NODE_NAME=node), log_dir=log_dir)
+                procs[(node, role)] = group.start(script, node_env[node], log_dir=log_dir)
 
         runs_key = f"{PREFIX}:day:{day}:runs"
         kill_log: dict[int, float] = {}  # horse pid -> when it was killed
-        pending_restarts: list[tuple[float, str, str]] = []
+        frozen_pids: set[int] = set()
+        cut_windows: list[tuple[str, float, float]] = []  # node, from, to (wall clock)
+        pending: list[tuple[float, str, str]] = []  # (due, action, node): restarts, heals, thaws
+        faulty: set[str] = set()  # nodes cut off or frozen right now
         leader_gaps: list[float] = []
-        redis_restarted = not restart_redis
-        next_kill = time.monotonic() + 6 + kill_every_s
+        to_do = [f for f in FAULTS if restart_redis or f != "redis"]  # each fault at least once, first
+        next_fault = time.monotonic() + 6 + kill_every_s
 
         def states() -> dict[str, str]:
             return {k.decode(): json.loads(v)["state"] for k, v in connection.hgetall(runs_key).items()}
 
         while time.monotonic() - started < timeout_s:
             now = time.monotonic()
-            for due, node, role in [p for p in pending_restarts if p[0] <= now]:
-                pending_restarts.remove((due, node, role))
-                script = "scheduler.py" if role == "scheduler" else "worker_entry.py"
-                procs[(node, role)] = group.start(script, dict(env, NODE_NAME=node), log_dir=log_dir)
+            for due, action, node in [p for p in pending if p[0] <= now]:
+                pending.remove((due, action, node))
+                if action in ("scheduler", "worker"):
+                    script = "scheduler.py" if action == "scheduler" else "worker_entry.py"
+                    procs[(node, action)] = group.start(script, node_env[node], log_dir=log_dir)
+                elif action == "heal":
+                    proxies[node].heal()
+                    opened = max(i for i, window in enumerate(cut_windows) if window[0] == node)
+                    cut_windows[opened] = (node, cut_windows[opened][1], time.time())
+                    faulty.discard(node)
+                elif action == "thaw":
+                    for pid in [procs[(node, "worker")].pid, *children_of(procs[(node, "worker")].pid)]:
+                        _signal(pid, signal.SIGCONT)
+                    faulty.discard(node)
             try:
                 current = states()
             except Exception:  # noqa: BLE001 - Redis is down during the restart
                 time.sleep(0.5)
                 continue
-            if len(current) == runs and all(s == "finished" for s in current.values()):
+            if len(current) == runs and all(s == "finished" for s in current.values()) and not faulty:
                 break
-            if now >= next_kill and len(current) == runs:
-                next_kill = now + kill_every_s * rng.uniform(0.7, 1.3)
-                busy = [k for k, v in current.items() if v == "running"]
-                if not redis_restarted and rng.random() < 0.25 and busy:
-                    server.kill()
-                    time.sleep(rng.uniform(5, 8))
-                    server.start()
-                    report.redis_restarts += 1
-                    redis_restarted = True
-                    continue
+            busy = [k for k, v in current.items() if v == "running"]
+            if now < next_fault or len(current) < runs or not busy:
+                time.sleep(0.2)
+                continue
+            next_fault = now + kill_every_s * rng.uniform(0.7, 1.3)
+            healthy = [n for n in NODES if n not in faulty]
+            planned = bool(to_do)
+            fault = to_do.pop(0) if planned else rng.choice(("cut", "freeze", "leader", "worker", "worker"))
+            if fault == "redis":
+                server.kill()
+                time.sleep(rng.uniform(5, 8))
+                server.start()
+                report.redis_restarts += 1
+                continue
+            if not healthy:
+                continue
+            if fault == "leader":
                 leader = connection.get(f"{PREFIX}:leader")
-                if leader and rng.random() < 0.3:
-                    node = json.loads(leader)["node"]
-                    kill(procs[(node, "scheduler")].pid)
-                    killed_at = time.monotonic()
-                    report.leader_kills += 1
-                    pending_restarts.append((killed_at + 1, node, "scheduler"))
-                    while time.monotonic() - killed_at < 30:
-                        raw = connection.get(f"{PREFIX}:leader")
-                        if raw and json.loads(raw).get("pid") != procs[(node, "scheduler")].pid:
-                            break
-                        time.sleep(0.05)
-                    leader_gaps.append(time.monotonic() - killed_at)
+                node = json.loads(leader)["node"] if leader else None
+                if node is None or faulty:
+                    # Only while every node can take over: the gap measures failover alone.
+                    if planned:
+                        to_do.append("leader")
                     continue
-                node = rng.choice(NODES)
-                worker = procs[(node, "worker")]
-                horses = children_of(worker.pid)
+                kill(procs[(node, "scheduler")].pid)
+                killed_at = time.monotonic()
+                report.leader_kills += 1
+                pending.append((killed_at + 1, "scheduler", node))
+                while time.monotonic() - killed_at < 30:
+                    raw = connection.get(f"{PREFIX}:leader")
+                    if raw and json.loads(raw).get("pid") != procs[(node, "scheduler")].pid:
+                        break
+                    time.sleep(0.05)
+                leader_gaps.append(time.monotonic() - killed_at)
+                continue
+            node = rng.choice(healthy)
+            worker = procs[(node, "worker")]
+            horses = children_of(worker.pid)
+            if fault == "cut":
+                proxies[node].cut()
+                cut_windows.append((node, time.time(), float("inf")))
+                faulty.add(node)
+                report.cuts += 1
+                pending.append((time.monotonic() + fault_s, "heal", node))
+            elif fault == "freeze":
+                for pid in [worker.pid, *horses]:
+                    _signal(pid, signal.SIGSTOP)
+                frozen_pids.update(horses)
+                faulty.add(node)
+                report.freezes += 1
+                pending.append((time.monotonic() + fault_s, "thaw", node))
+            else:
                 kill(worker.pid)
                 for horse in horses:
                     kill(horse)
                     kill_log[horse] = time.time()
                 report.worker_kills += 1
-                pending_restarts.append((time.monotonic() + 1, node, "worker"))
-            time.sleep(0.2)
+                report.midrun_kills += bool(horses)
+                pending.append((time.monotonic() + 1, "worker", node))
 
         report.wall_s = time.monotonic() - started
         final = states()
         report.finished = sum(s == "finished" for s in final.values())
         report.lost = runs - report.finished
         events = executions(connection, PREFIX)
-        report.concurrent_duplicates, report.reexecutions, report.longest_recovery_s = _analyse(events, kill_log)
+        report.longest_overlap_s = _overlaps(events, frozen_pids, cut_windows)
+        report.reexecutions, report.longest_recovery_s = _reexecutions(events, kill_log)
         report.longest_leader_gap_s = max(leader_gaps, default=0.0)
     finally:
+        for proxy in proxies.values():
+            proxy.heal()
         group.stop_all()
         for pid in list(kill_log):
             kill(pid)
+        for proxy in proxies.values():
+            proxy.close()
         server.cleanup()
     return report
 
 
-def _analyse(events: list[dict], kills: dict[int, float]) -> tuple[int, int, float]:
-    """(params with overlapping copies, re-executions, longest kill -> restart gap)."""
-    by_param: dict[str, list[dict]] = {}
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _overlaps(events: list[dict], frozen: set[int], cuts: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Longest time two copies of one run were both seen working, by cause: a frozen copy
+    that resumed, a copy on a node cut off from Redis, or anything else."""
+    spans = activity(events)
+    node_of = {e["pid"]: e["node"] for e in events}
+    longest = {"cut": 0.0, "freeze": 0.0, "other": 0.0}
+    copies = sorted(spans)
+    for i, first in enumerate(copies):
+        for second in copies[i + 1:]:
+            if first[0] != second[0]:
+                continue
+            for a_start, a_end in spans[first]:
+                for b_start, b_end in spans[second]:
+                    overlap = min(a_end, b_end) - max(a_start, b_start)
+                    if overlap <= 0:
+                        continue
+                    pids = {first[1], second[1]}
+                    if pids & frozen:
+                        cause = "freeze"
+                    elif any(node_of.get(pid) == node and begin <= max(a_start, b_start) + overlap
+                             and max(a_start, b_start) <= end + 2 for pid in pids for node, begin, end in cuts):
+                        cause = "cut"
+                    else:
+                        cause = "other"
+                    longest[cause] = max(longest[cause], overlap)
+    return longest
+
+
+def _reexecutions(events: list[dict], kills: dict[int, float]) -> tuple[int, float]:
+    """(copies beyond the first of each run, longest kill -> next copy's start)."""
+    starts: dict[str, list[dict]] = {}
     for event in events:
-        by_param.setdefault(param_key(event["param"]), []).append(event)
-    duplicates = reexecutions = 0
+        if event["event"] == "start":
+            starts.setdefault(param_key(event["param"]), []).append(event)
+    reexecutions = 0
     longest = 0.0
-    for param_events in by_param.values():
-        intervals = []
-        for start in (e for e in param_events if e["event"] == "start"):
-            end = next((e["t"] for e in param_events if e["event"] == "end" and e["pid"] == start["pid"]
-                        and e["t"] >= start["t"]), None)
-            end = end if end is not None else kills.get(start["pid"], float("inf"))
-            intervals.append((start["t"], end, start["pid"]))
-        intervals.sort()
-        reexecutions += max(0, len(intervals) - 1)
-        if any(later[0] < earlier[1] for earlier, later in zip(intervals, intervals[1:])):
-            duplicates += 1
-        for earlier, later in zip(intervals, intervals[1:]):
-            if earlier[2] in kills:
-                longest = max(longest, later[0] - kills[earlier[2]])
-    return duplicates, reexecutions, longest
+    for param_starts in starts.values():
+        param_starts.sort(key=lambda e: e["t"])
+        reexecutions += len(param_starts) - 1
+        for earlier, later in zip(param_starts, param_starts[1:]):
+            if earlier["pid"] in kills:
+                longest = max(longest, later["t"] - kills[earlier["pid"]])
+    return reexecutions, longest
 
 
 def main() -> int:
@@ -202,10 +299,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--kill-every", type=float, default=3.0, help="mean seconds between kills")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--claim-ttl", type=int, default=6, help="DAILYQ_CLAIM_TTL_S of the nodes (s)")
     args = parser.parse_args()
-    report = run_chaos(args.runs, args.sleep, args.seed, args.kill_every, timeout_s=args.timeout)
+    report = run_chaos(args.runs, args.sleep, args.seed, args.kill_every, timeout_s=args.timeout,
+                       claim_ttl_s=args.claim_ttl)
     print("\n".join(report.lines()))
-    return 0 if report.lost == 0 and report.concurrent_duplicates == 0 else 1
+    ok = report.lost == 0 and report.concurrent_duplicates == 0 and report.longest_overlap_s["freeze"] <= 2.0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
