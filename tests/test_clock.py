@@ -142,3 +142,18 @@ def test_against_a_real_server_the_offset_is_the_hosts_error(connection):
     assert abs(fast.offset_s - 90.0) < 0.5
     assert abs((now - server_now(connection)).total_seconds()) < 0.5
 
+
+def test_a_scheduler_logs_once_when_its_clock_goes_off_and_once_when_it_is_back(connection, settings, table, caplog):
+    from dailyq.scheduler import DailyScheduler
+
+    scheduler = DailyScheduler(connection, settings, table)
+    with caplog.at_level(logging.INFO, logger="dailyq.scheduler"):
+        for offset_s in (0.2, 1.9, 90.0, 90.1, 2.5, 1.8, -1.0, -2.1, -90.0):
+            scheduler._note_offset(offset_s)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the clock of node test-node is 90.0s ahead of Redis's (more than 2s); slots still fire by Redis's clock, "
+        "but fix this node's time sync (NTP)",
+        "the clock of node test-node is back within 1.5s of Redis's (-1.0s)",
+        "the clock of node test-node is 2.1s behind Redis's (more than 2s); slots still fire by Redis's clock, "
+        "but fix this node's time sync (NTP)",
+    ]
