@@ -1,5 +1,6 @@
 """A node whose clock is off: real scheduler processes under libfaketime, a real
-redis-server and the real clock everywhere else. Slots fire by Redis's clock."""
+redis-server and the real clock everywhere else. Slots fire by Redis's clock, and
+status and health show each process's offset, warning above 2 s."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from dailyq.clock import server_now
 from dailyq.keys import Keys
-from tests.helpers import faketime_library, wait_for, with_clock_off
+from tests.helpers import faketime_library, quiet_sample_at, run_cli, wait_for, with_clock_off
 
 # The slot is this far ahead of Redis's clock when the scheduler starts: room for the
 # process to start (about 1 s here) before it.
@@ -73,3 +74,38 @@ def test_a_scheduler_whose_clock_is_off_fires_the_slot_within_1s_of_redis_time(
     assert len(warned) == 1, log
     assert "fanned out sample slot" in log
 
+
+def test_status_and_health_show_each_process_offset_and_warn_above_2s(libfaketime, node_env, processes):
+    env = dict(node_env, NODE_NAME="node-fast", SAMPLE_ONLY="1", SAMPLE_AT=quiet_sample_at())
+    scheduler = processes.start("scheduler.py", with_clock_off(env, 90, libfaketime))
+    processes.start("worker_entry.py", env)  # the same node's worker keeps the right time
+    wait_for(lambda: run_cli(["health"], env).returncode == 0, timeout=30, what="both heartbeats")
+
+    health = run_cli(["health"], env)
+    assert health.returncode == 0, health.stdout  # an offset warns; it does not make the node unhealthy
+    assert health.stdout.count("\n") == 1
+    offsets = re.search(r"clock offsets from Redis ([+-]\d+\.\d)s and ([+-]\d+\.\d)s\)", health.stdout)
+    assert offsets, health.stdout
+    assert abs(float(offsets[1]) - 90) < 1 and abs(float(offsets[2])) < 1
+    assert re.search(r"; warning: scheduler clock of node-fast is (89|90)\.\ds ahead of Redis's \(more than 2s\)",
+                     health.stdout), health.stdout
+    assert "worker clock" not in health.stdout
+
+    result = run_cli(["status", "--json"], env)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert {"date", "leader", "runs"} <= set(status)  # the old keys are all there
+    by_role = {p["role"]: p for p in status["nodes"] if p["node"] == "node-fast"}
+    assert set(by_role) == {"scheduler", "worker"}
+    assert abs(by_role["scheduler"]["offset_s"] - 90) < 1 and by_role["scheduler"]["clock_off"] is True
+    assert abs(by_role["worker"]["offset_s"]) < 1 and by_role["worker"]["clock_off"] is False
+    assert by_role["scheduler"]["pid"] == scheduler.pid
+    (warning,) = status["clock_warnings"]
+    assert warning.startswith("scheduler clock of node-fast is ") and "ahead of Redis's" in warning
+
+    text = run_cli(["status"], env)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert re.fullmatch(r"clock offsets from Redis \(warned beyond 2s\): node-fast scheduler \+(89|90)\.\ds, "
+                        r"node-fast worker [+-]0\.\ds", lines[-2]), lines[-2:]
+    assert lines[-1].startswith("warning: scheduler clock of node-fast is "), lines[-1]
