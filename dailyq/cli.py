@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .clock import utc_now
+from .clock import RedisClock, server_now
 from .errors import ConfigError, DailyqError, RedisUnavailable
 from .fanout import rerun, trigger
 from .logs import setup_logging
@@ -75,7 +75,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise ConfigError("--json prints one snapshot and cannot be watched; drop --json or --watch/--until-done")
     settings, table = _context(args)
     connection = connect(settings)
-    now = utc_now()
+    # Redis's clock, not this host's: the one the leader fires slots by and heartbeats carry.
+    now = server_now(connection)
     day = args.date or default_day(table, now)
     if args.watch or args.until_done:
         return _watch_status(connection, settings, table, day, args.until_done)
@@ -99,9 +100,10 @@ def _watch_status(connection: Redis, settings: Settings, table: TaskTable, day: 
     colour = colour_wanted(tty, os.environ)
     nodes_seen: set[str] = set()  # a node seen running once is counted as a worker for the ETA
     last_line = ""
+    clock = RedisClock(connection)
     try:
         while True:
-            now = utc_now()
+            now = clock()
             status = day_status(connection, settings.keys, table, day, now)
             durations = parse_durations(connection.hgetall(settings.keys.durations))
             nodes_seen |= running_nodes(status)
@@ -136,7 +138,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot write --out {str(out)!r}: it is a directory; give a file name like report.html")
     settings, table = _context(args)
     connection = connect(settings)
-    now = utc_now()
+    now = server_now(connection)
     status = day_status(connection, settings.keys, table, args.date or default_day(table, now), now)
     try:
         out.write_text(render_report(status), encoding="utf-8")
@@ -153,7 +155,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     if args.task:
         table.get(args.task)  # unknown task: clear error before touching Redis
     connection = connect(settings)
-    day = args.date or default_day(table, utc_now())
+    day = args.date or default_day(table, server_now(connection))
     result = trigger(connection, settings.keys, make_queue(connection, settings.keys), table, day,
                      [args.task] if args.task else None, settings.retention_s)
     print(f"{day.isoformat()}: enqueued {len(result.enqueued)} runs, {len(result.already)} were already enqueued")
@@ -166,7 +168,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     settings, table = _context(args)
     task = table.get(args.task)
     connection = connect(settings)
-    day = args.date or default_day(table, utc_now())
+    day = args.date or default_day(table, server_now(connection))
     report = rerun(connection, settings.keys, make_queue(connection, settings.keys), table, task.name,
                    args.param or [], day, args.force, settings.retention_s)
     for label, runs in (("enqueued", report.enqueued), ("skipped, already finished (use --force)", report.finished),
@@ -188,12 +190,14 @@ def cmd_health(args: argparse.Namespace) -> int:
     try:
         connection = connect(settings)
         beats = read_beats(connection, settings.keys, settings.node_name, roles)
+        # Beats are stamped by Redis's clock: their age is measured on it too, not on ours.
+        now = server_now(connection)
     except RedisUnavailable as exc:
         verdict = redis_down(str(exc))
     except RedisError as exc:
         verdict = redis_down(f"Redis at {settings.redacted_url()} failed: {exc}")
     else:
-        verdict = judge(settings.node_name, beats, utc_now(), args.max_age_s)
+        verdict = judge(settings.node_name, beats, now, args.max_age_s)
     print(verdict.line)
     return verdict.exit_code
 

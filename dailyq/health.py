@@ -1,9 +1,15 @@
 """``scheduler.py health``: is this node's scheduler and worker alive? For probes.
 
 Each process keeps a heartbeat key (``keys.heartbeat(role, node)``) with a TTL: the
-scheduler every 5 s (plain ISO time), the worker every RQ heartbeat (JSON
-``{"at", "pid"}``; see ``_DailyWorkerMixin.heartbeat``). A present key means the
-process beat within its TTL; ``max_age_s`` optionally asks for a more recent beat.
+scheduler every 5 s, the worker every RQ heartbeat (see ``_DailyWorkerMixin.heartbeat``);
+its value (beats.py) carries the beat's time and the process's clock offset from
+Redis. A present key means the process beat within its TTL; ``max_age_s`` optionally
+asks for a more recent beat.
+
+A clock more than 2 s off Redis's is named on the line but stays healthy (exit 0): the
+process does its work right anyway (slots fire by Redis's clock, leases and claims
+expire by Redis's), and a probe that failed would only get it restarted, which does not
+set a clock.
 
 ``judge`` is pure (values read + now in, verdict out) so it is tested with fixed
 times; ``read_beats`` is the one Redis read. Probes want 0 or 1, so every problem
@@ -12,22 +18,16 @@ here, Redis included, is "unhealthy" with exit 1.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Mapping, Sequence
 
 from redis import Redis
 
+from .beats import ROLES, Beat, clock_is_off, format_offset, offset_warning, parse_beat
 from .keys import Keys
 
-ROLES = ("scheduler", "worker")
-
-
-@dataclass(frozen=True)
-class Beat:
-    at: datetime
-    pid: int | None = None
+__all__ = ["ROLES", "Beat", "Verdict", "judge", "parse_beat", "read_beats", "redis_down", "roles_of"]
 
 
 @dataclass(frozen=True)
@@ -45,24 +45,6 @@ def roles_of(choice: str) -> tuple[str, ...]:
     return ROLES if choice == "both" else (choice,)
 
 
-def parse_beat(raw: bytes | str | None) -> Beat | None:
-    """A heartbeat value, either form; None when absent. Raises ValueError if unreadable."""
-    if raw is None:
-        return None
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    if text.lstrip().startswith("{"):
-        data = json.loads(text)
-        pid = data.get("pid")
-        return Beat(_aware(datetime.fromisoformat(data["at"])), int(pid) if pid is not None else None)
-    return Beat(_aware(datetime.fromisoformat(text)))
-
-
-def _aware(moment: datetime) -> datetime:
-    if moment.tzinfo is None:
-        raise ValueError(f"time {moment.isoformat()} has no UTC offset")
-    return moment
-
-
 def read_beats(connection: Redis, keys: Keys, node: str, roles: Sequence[str]) -> dict[str, bytes | None]:
     """The raw heartbeat values of ``roles`` on ``node``, in one round trip."""
     values = connection.mget([keys.heartbeat(role, node) for role in roles])
@@ -72,9 +54,12 @@ def read_beats(connection: Redis, keys: Keys, node: str, roles: Sequence[str]) -
 def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
           max_age_s: float | None = None) -> Verdict:
     """Healthy when every role in ``raw_beats`` has a heartbeat (and, with
-    ``max_age_s``, one at most that old). The line names every problem found."""
+    ``max_age_s``, one at most that old). The line names every problem found, and
+    every clock more than 2 s off Redis's (a warning, not a problem)."""
     problems: list[str] = []
     ages: list[str] = []
+    offsets: list[str] = []
+    warnings: list[str] = []
     for role, raw in raw_beats.items():
         try:
             beat = parse_beat(raw)
@@ -84,6 +69,9 @@ def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
         if beat is None:
             problems.append(f"no {role} heartbeat from {node} (none within its TTL, or it never started)")
             continue
+        offsets.append(format_offset(beat.offset_s))  # "unknown" from a process of an earlier version
+        if beat.offset_s is not None and clock_is_off(beat.offset_s):
+            warnings.append("warning: " + offset_warning(node, role, beat.offset_s))
         # A beat stamped slightly in the future (clocks of two containers) counts as fresh.
         age_s = max(0.0, (now - beat.at).total_seconds())
         if max_age_s is not None and age_s > max_age_s:
@@ -91,10 +79,14 @@ def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
             continue
         ages.append(f"{age_s:.0f}s")
     if problems:
-        return Verdict(False, "unhealthy: " + "; ".join(problems))
+        return Verdict(False, "; ".join(["unhealthy: " + "; ".join(problems), *warnings]))
     roles = " and ".join(raw_beats)
     beats = "last heartbeats" if len(ages) > 1 else "last heartbeat"
-    return Verdict(True, f"ok: {roles} of {node} alive, Redis answers ({beats} {' and '.join(ages)} ago)")
+    clocks = ""
+    if any(offset != "unknown" for offset in offsets):
+        clocks = f"; clock {'offsets' if len(offsets) > 1 else 'offset'} from Redis {' and '.join(offsets)}"
+    line = f"ok: {roles} of {node} alive, Redis answers ({beats} {' and '.join(ages)} ago{clocks})"
+    return Verdict(True, "; ".join([line, *warnings]))
 
 
 def redis_down(reason: str) -> Verdict:

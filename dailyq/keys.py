@@ -79,6 +79,12 @@ class Keys:
         """String: owner token of the copy executing any slot of one (task, param)."""
         return f"{self.prefix}:series:{series}"
 
+    @property
+    def nodes(self) -> str:
+        """Sorted set node name -> Redis time of its last heartbeat (any role): where
+        ``status`` finds the live nodes' heartbeat keys without a SCAN."""
+        return f"{self.prefix}:nodes"
+
     def heartbeat(self, role: str, node: str) -> str:
         """String with TTL: proof that ``role`` (scheduler|worker) on ``node`` is alive."""
         return f"{self.prefix}:heartbeat:{role}:{node}"

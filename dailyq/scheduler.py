@@ -7,7 +7,8 @@ rq-scheduler's ``Scheduler`` and replaces what breaks with several nodes:
   over only after interval + 10 s; ours is a lease with an owner token, renewed
   every tick, released by compare-and-delete (lease.py), held across passes;
 * its cron runs in the host's local time; our slots come from schedule.py in each
-  task's own zone;
+  task's own zone, and fall due by the Redis server's clock (clock.RedisClock), which
+  every node shares, not by this host's, which may be minutes off;
 * it pickles the jobs it stores; ours are JSON (``DailyJob``).
 
 Delayed jobs stored through the stock API (``enqueue_at``/``enqueue_in``) still
@@ -30,8 +31,11 @@ from datetime import datetime, timedelta
 from redis import Redis
 from redis.exceptions import RedisError
 from rq_scheduler import Scheduler
+from rq_scheduler.utils import to_unix
 
-from .clock import Clock, iso, utc_now
+from .beats import (OFFSET_WARN_S, beat_value, describe_offset, forget_silent_nodes, format_offset,
+                    register_node)
+from .clock import Clock, RedisClock, iso
 from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
@@ -53,11 +57,17 @@ HEARTBEAT_EVERY_S = 5.0
 # How often the leader looks for runs whose executing process died (recovery.py),
 # at most; shorter claim TTLs are checked more often (every half TTL).
 RECOVERY_EVERY_S = 5.0
+# Once warned that this host's clock is more than OFFSET_WARN_S off Redis's, say it is
+# fine again only below this: an offset hovering about the threshold logs once.
+OFFSET_CLEAR_S = OFFSET_WARN_S * 0.75
 
 
 class DailyScheduler(Scheduler):
-    def __init__(self, connection: Redis, settings: Settings, table: TaskTable, clock: Clock = utc_now,
+    def __init__(self, connection: Redis, settings: Settings, table: TaskTable, clock: Clock | None = None,
                  tick_s: float = TICK_S) -> None:
+        """``clock`` is what slots fall due by: Redis's (the default), or in tests any
+        callable returning fixed datetimes. This host's offset from Redis is measured
+        either way, for the heartbeat."""
         keys = settings.keys
         # rq-scheduler's keys are class attributes; move them under our prefix.
         self.redis_scheduler_namespace_prefix = keys.scheduler_instance_prefix
@@ -68,7 +78,9 @@ class DailyScheduler(Scheduler):
         self.settings = settings
         self.keys = keys
         self.table = table
-        self.clock = clock
+        self.redis_clock = clock if isinstance(clock, RedisClock) else RedisClock(connection)
+        self.clock: Clock = clock if clock is not None else self.redis_clock
+        self._clock_off = False
         self.tick_s = tick_s
         self.queue = make_queue(connection, keys)
         self.lease = Lease(connection, keys.leader, self._new_owner(), settings.lease_ttl_s * 1000)
@@ -139,6 +151,8 @@ class DailyScheduler(Scheduler):
         return enqueued
 
     def seconds_until_next_slot(self, now: datetime) -> float:
+        """From ``now`` by our clock (Redis's), which runs at the pace of the loop's
+        waits: waiting this long wakes the loop at the slot, not before or after."""
         upcoming = [s.fires_at for t in self.table.tasks if (s := t.schedule.next_slot(now))]
         return (min(upcoming) - now).total_seconds() if upcoming else float("inf")
 
@@ -148,6 +162,10 @@ class DailyScheduler(Scheduler):
             return
         self._next_recovery = now + max(0.5, min(RECOVERY_EVERY_S, self.settings.claim_ttl_s / 2))
         self.abandoned.requeue(fence=self.lease)
+
+    def get_jobs_to_queue(self, with_times: bool = False):
+        """rq-scheduler's, with "due" read on our clock (Redis's) instead of the host's."""
+        return self.get_jobs(to_unix(self.clock()), with_times=with_times)
 
     def enqueue_jobs(self):  # rq-scheduler's hook, called once per pass by the leader
         self.fire_due_slots(self.clock())
@@ -162,16 +180,38 @@ class DailyScheduler(Scheduler):
 
     def heartbeat(self) -> None:
         """rq-scheduler's registration key and our health key, every HEARTBEAT_EVERY_S
-        (not every tick: three idle nodes should cost Redis next to nothing)."""
-        now_s = self.clock().timestamp()
-        if now_s < self._next_heartbeat:
+        (not every tick: three idle nodes should cost Redis next to nothing). The health
+        key carries this host's clock offset from Redis, for status and health."""
+        now = self.clock()
+        if now.timestamp() < self._next_heartbeat:
             return
-        self._next_heartbeat = now_s + HEARTBEAT_EVERY_S
+        self._next_heartbeat = now.timestamp() + HEARTBEAT_EVERY_S
+        self.redis_clock.refresh_if_due()  # the default clock just did; an injected one does not
+        offset_s = self.redis_clock.offset_s
+        self._note_offset(offset_s)
+        node = self.settings.node_name
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.expire(self.key, int(self._interval + 3 * HEARTBEAT_EVERY_S))
-            pipe.set(self.keys.heartbeat("scheduler", self.settings.node_name), iso(self.clock()),
+            pipe.set(self.keys.heartbeat("scheduler", node), beat_value(now, os.getpid(), offset_s),
                      ex=int(3 * HEARTBEAT_EVERY_S))
+            register_node(pipe, self.keys, node, now)
+            forget_silent_nodes(pipe, self.keys, now, self.settings.retention_s)
             pipe.execute()
+
+    def _note_offset(self, offset_s: float | None) -> None:
+        """Log once when this host's clock goes more than OFFSET_WARN_S off Redis's, and
+        once when it is back (below OFFSET_CLEAR_S)."""
+        if offset_s is None:
+            return
+        node = self.settings.node_name
+        if not self._clock_off and abs(offset_s) > OFFSET_WARN_S:
+            self._clock_off = True
+            log.warning("the clock of node %s is %s Redis's (more than %gs); slots still fire by Redis's clock, "
+                        "but fix this node's time sync (NTP)", node, describe_offset(offset_s), OFFSET_WARN_S)
+        elif self._clock_off and abs(offset_s) < OFFSET_CLEAR_S:
+            self._clock_off = False
+            log.info("the clock of node %s is back within %gs of Redis's (%s)", node, OFFSET_CLEAR_S,
+                     format_offset(offset_s))
 
     def run_once(self) -> None:
         self.heartbeat()

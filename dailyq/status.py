@@ -1,8 +1,10 @@
-"""What happened on a day: every run's state, plus the current leader.
+"""What happened on a day: every run's state, plus the current leader and the live nodes.
 
 Expected runs come from the task table; what happened comes from the day's run
 records (one HGETALL). A run with no record is ``scheduled`` until its slot is older
 than the task's misfire grace, then ``missed`` (only ``trigger`` runs it then).
+The live nodes are every scheduler and worker with a heartbeat (beats.py), each with
+its clock's offset from Redis's; ``clock_warnings`` names those more than 2 s off.
 The ``--json`` shape is a public contract: keys are added, never renamed.
 """
 
@@ -14,6 +16,7 @@ from typing import Any, Mapping
 
 from redis import Redis
 
+from .beats import OFFSET_WARN_S, clock_warnings, format_offset, live_processes
 from .clock import iso
 from .keys import Keys
 from .runs import MISSED, SCHEDULED, STATES, decode_record, runs_on
@@ -52,8 +55,9 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
         runs.append(_public(run.run_id, record))
     # Runs recorded but no longer in the table (a task renamed or params changed) still count.
     runs.extend(_public(run_id, record) for run_id, record in sorted(records.items()))
+    nodes = live_processes(connection, keys)
     return {"date": day.isoformat(), "leader": leader_info(connection, keys), "runs": runs,
-            "generated_at": iso(now)}
+            "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes)}
 
 
 def _public(run_id: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +116,18 @@ def render_table(status: dict[str, Any], colour: bool = False) -> str:
     leader = status["leader"]
     leader_line = f"leader: {one_line(str(leader['node']))} (since {leader.get('since')})" if leader else "leader: none"
     counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
-    return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}"])
+    return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}",
+                      *render_nodes(status, colour)])
+
+
+def render_nodes(status: dict[str, Any], colour: bool = False) -> list[str]:
+    """The live processes' clock offsets on one line, then a warning line per clock
+    more than OFFSET_WARN_S off (nothing for a status dict without ``nodes``)."""
+    if "nodes" not in status:
+        return []
+    shown = [f"{p['node']} {p['role']} {format_offset(p['offset_s'])}" for p in status["nodes"]]
+    line = f"clock offsets from Redis (warned beyond {OFFSET_WARN_S:g}s): " + (", ".join(shown) or "no live nodes")
+    return [line, *(paint(f"warning: {text}", "1;33", colour) for text in status.get("clock_warnings", []))]
 
 
 def _clock_time(value: str | None) -> str:

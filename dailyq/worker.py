@@ -226,7 +226,15 @@ class _DailyWorkerMixin:
         after the worker died. The value carries the time, so ``health --max-age-s``
         can be stricter. Appended after RQ's commands: RQ reads ``results[0]`` of
         the pipeline it hands in.
+
+        The value's time is Redis's, and it carries this host's clock offset from Redis
+        (beats.py), measured by one TIME when a beat is written and the last reading is
+        over 5 s old. Never in a forked work-horse: it inherits the parent's reading, so
+        a run costs no extra round trip.
         """
+        from .beats import beat_value, register_node  # noqa: PLC0415
+        from .clock import RedisClock  # noqa: PLC0415
+
         super().heartbeat(timeout, pipeline)  # type: ignore[misc]
         promise_s = timeout or self.worker_ttl + 60  # type: ignore[attr-defined]
         # RQ beats several times per job; one write per HEARTBEAT_REFRESH_S is enough
@@ -240,10 +248,22 @@ class _DailyWorkerMixin:
         self._beat_written = (now_s, expires_s)
         settings = self.dailyq_settings
         # self.pid is the worker's pid, also inside a work-horse (which beats once per run).
-        value = json.dumps({"at": iso(utc_now()), "pid": getattr(self, "pid", None) or os.getpid()})
-        target = pipeline if pipeline is not None else self.connection  # type: ignore[attr-defined]
-        target.set(settings.keys.heartbeat("worker", settings.node_name), value,
-                   ex=int(promise_s) + HEARTBEAT_MARGIN_S)
+        worker_pid = getattr(self, "pid", None) or os.getpid()
+        clock = self.__dict__.get("_dailyq_clock")
+        if clock is None:
+            clock = self._dailyq_clock = RedisClock(self.connection)  # type: ignore[attr-defined]
+        # A forked work-horse (its pid is not the worker's) keeps the parent's reading.
+        if worker_pid == os.getpid():
+            clock.refresh_if_due()
+        now = clock.estimate()
+        # Without RQ's pipeline, a pipeline of our own: still one round trip per beat.
+        connection: Redis = self.connection  # type: ignore[attr-defined]
+        target = pipeline if pipeline is not None else connection.pipeline(transaction=False)
+        target.set(settings.keys.heartbeat("worker", settings.node_name),
+                   beat_value(now, worker_pid, clock.offset_s), ex=int(promise_s) + HEARTBEAT_MARGIN_S)
+        register_node(target, settings.keys, settings.node_name, now)
+        if pipeline is None:
+            target.execute()
 
     # -- recording a finished run in RQ's own success transaction -----------------------
     # The guard hands the run's FINISH to the job (DailyJob._defer_finish). RQ's success

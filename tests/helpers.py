@@ -3,6 +3,7 @@ wait for conditions, and read what the sample task recorded."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -34,6 +35,33 @@ def quiet_sample_at() -> str:
     task by itself during a test (the default 03:00 would, from 03:00 to 04:00 UTC, the
     task's misfire grace), so a test's triggered batch is the only work there is."""
     return (utc_now() + timedelta(hours=12)).strftime("%H:%M")
+
+
+# Where Debian's libfaketime package (a dependency of `faketime`) puts the library.
+FAKETIME_LIBRARIES = ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
+                      "/usr/local/lib/faketime/libfaketime.so.1")
+
+
+def faketime_library() -> str | None:
+    """libfaketime's path, or None when it is not installed."""
+    for pattern in FAKETIME_LIBRARIES:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def with_clock_off(env: dict[str, str], offset_s: int, library: str) -> dict[str, str]:
+    """``env`` for a process whose wall clock (time.time(), datetime.now()) is
+    ``offset_s`` off, through libfaketime, while Redis and the test keep the real time.
+
+    The monotonic clock is left alone (FAKETIME_DONT_FAKE_MONOTONIC): libfaketime 0.9.10
+    fakes it as a wall-clock-like value that Python 3.11's timed waits (sem_clockwait,
+    used by threading.Event.wait) hand to the kernel unchanged, so they never return.
+    The other way round has a flaw too (wolfcw/libfaketime#426): time.sleep() raises
+    EINVAL; a scheduler sleeps only through redis-py's retry of a failed command, which
+    these tests do not cause."""
+    return dict(env, LD_PRELOAD=library, FAKETIME=f"{offset_s:+d}s", FAKETIME_DONT_FAKE_MONOTONIC="1")
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 from rq.defaults import DEFAULT_WORKER_TTL
 
+from dailyq.beats import beat_value
 from dailyq.health import Beat, judge, parse_beat, roles_of
 from tests.helpers import quiet_sample_at, run_cli, wait_for
 
@@ -73,10 +74,40 @@ def test_an_unreadable_beat_is_unhealthy():
     assert "unreadable scheduler heartbeat" in verdict.line and "unreadable worker heartbeat" in verdict.line
 
 
-def test_both_heartbeat_forms_parse():
-    assert parse_beat(ago(3).encode()) == Beat(NOW - timedelta(seconds=3))
-    assert parse_beat(worker_beat(3, pid=7)) == Beat(NOW - timedelta(seconds=3), 7)
+def test_every_heartbeat_form_parses():
+    assert parse_beat(ago(3).encode()) == Beat(NOW - timedelta(seconds=3))  # a scheduler of an earlier version
+    assert parse_beat(worker_beat(3, pid=7)) == Beat(NOW - timedelta(seconds=3), 7)  # a worker of one
+    assert parse_beat(beat_value(NOW, 7, 90.01234)) == Beat(NOW, 7, 90.012)
+    assert parse_beat(beat_value(NOW, 7, None)) == Beat(NOW, 7, None)
     assert parse_beat(None) is None
+
+
+def beat(seconds: float, offset_s: float | None) -> str:
+    return beat_value(NOW - timedelta(seconds=seconds), 4242, offset_s)
+
+
+def test_the_ok_line_shows_each_clock_offset_from_redis():
+    verdict = judge("node-1", {"scheduler": beat(1, 0.004), "worker": beat(40, -0.3)}, NOW)
+    assert verdict.line == ("ok: scheduler and worker of node-1 alive, Redis answers (last heartbeats 1s and 40s ago; "
+                            "clock offsets from Redis +0.0s and -0.3s)")
+    old_worker = judge("node-1", {"scheduler": beat(1, 0.004), "worker": worker_beat(40)}, NOW)
+    assert old_worker.line.endswith("(last heartbeats 1s and 40s ago; clock offsets from Redis +0.0s and unknown)")
+
+
+def test_a_clock_more_than_2s_off_warns_on_the_line_but_stays_healthy():
+    verdict = judge("node-1", {"scheduler": beat(1, 90.0), "worker": beat(40, -2.5)}, NOW)
+    assert verdict.healthy and verdict.exit_code == 0
+    assert "\n" not in verdict.line
+    assert verdict.line == (
+        "ok: scheduler and worker of node-1 alive, Redis answers (last heartbeats 1s and 40s ago; clock offsets "
+        "from Redis +90.0s and -2.5s); warning: scheduler clock of node-1 is 90.0s ahead of Redis's (more than 2s); "
+        "fix the node's time sync (NTP); warning: worker clock of node-1 is 2.5s behind Redis's (more than 2s); "
+        "fix the node's time sync (NTP)")
+    assert judge("node-1", {"scheduler": beat(1, 2.0)}, NOW).line.endswith("offset from Redis +2.0s)")  # 2 s is fine
+    stale = judge("node-1", {"scheduler": beat(60, 90.0)}, NOW, max_age_s=10)
+    assert not stale.healthy
+    assert stale.line.startswith("unhealthy: no scheduler heartbeat from node-1 for 60s (--max-age-s 10); "
+                                 "warning: scheduler clock of node-1 is 90.0s ahead")
 
 
 # -- real processes ----------------------------------------------------------------------
