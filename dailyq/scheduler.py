@@ -90,7 +90,7 @@ class DailyScheduler(Scheduler):
         self._redis_down = False
         self._next_recovery = 0.0
         self._next_heartbeat = 0.0
-        self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s, clock)
+        self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s, self.clock)
         self.retries = DueRetries(connection, self.queue)
 
     # -- leadership ------------------------------------------------------------------
