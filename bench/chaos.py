@@ -134,6 +134,12 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
         to_do = [f for f in FAULTS if restart_redis or f != "redis"]  # each fault at least once, first
         next_fault = time.monotonic() + 6 + kill_every_s
 
+        fault_log = open(log_dir / "faults.log", "a")  # noqa: SIM115 - closed below
+
+        def note(what: str, node: str = "") -> None:
+            fault_log.write(f"{time.time():.3f} {what} {node}\n")
+            fault_log.flush()
+
         def states() -> dict[str, str]:
             return {k.decode(): json.loads(v)["state"] for k, v in connection.hgetall(runs_key).items()}
 
@@ -144,12 +150,15 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
                 if action in ("scheduler", "worker"):
                     script = "scheduler.py" if action == "scheduler" else "worker_entry.py"
                     procs[(node, action)] = group.start(script, node_env[node], log_dir=log_dir)
+                    note(f"restart {action}", node)
                 elif action == "heal":
+                    note("heal", node)
                     proxies[node].heal()
                     opened = max(i for i, window in enumerate(cut_windows) if window[0] == node)
                     cut_windows[opened] = (node, cut_windows[opened][1], time.time())
                     faulty.discard(node)
                 elif action == "thaw":
+                    note("thaw", node)
                     for pid in [procs[(node, "worker")].pid, *children_of(procs[(node, "worker")].pid)]:
                         _signal(pid, signal.SIGCONT)
                     faulty.discard(node)
@@ -169,9 +178,11 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
             planned = bool(to_do)
             fault = to_do.pop(0) if planned else rng.choice(("cut", "freeze", "leader", "worker", "worker"))
             if fault == "redis":
+                note("redis down")
                 server.kill()
                 time.sleep(rng.uniform(5, 8))
                 server.start()
+                note("redis up")
                 report.redis_restarts += 1
                 continue
             if not healthy:
@@ -185,6 +196,7 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
                         to_do.append("leader")
                     continue
                 kill(procs[(node, "scheduler")].pid)
+                note("kill leader", node)
                 killed_at = time.monotonic()
                 report.leader_kills += 1
                 pending.append((killed_at + 1, "scheduler", node))
@@ -198,6 +210,7 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
             node = rng.choice(healthy)
             worker = procs[(node, "worker")]
             horses = children_of(worker.pid)
+            note(f"{fault} (horses {horses})", node)
             if fault == "cut":
                 proxies[node].cut()
                 cut_windows.append((node, time.time(), float("inf")))
@@ -220,6 +233,7 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
                 report.midrun_kills += bool(horses)
                 pending.append((time.monotonic() + 1, "worker", node))
 
+        fault_log.close()
         report.wall_s = time.monotonic() - started
         final = states()
         report.finished = sum(s == "finished" for s in final.values())

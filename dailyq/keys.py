@@ -55,6 +55,12 @@ class Keys:
         takes a run's claim. One counter for all runs, so a token is never reused."""
         return f"{self.prefix}:fence"
 
+    @property
+    def stranded(self) -> str:
+        """Hash job id -> Redis server time it was first seen in RQ's intermediate queue
+        (taken off the queue by a worker, not yet started): see recovery.StrandedJobs."""
+        return f"{self.prefix}:stranded"
+
     def day_runs(self, day: date) -> str:
         """Hash run id -> JSON run record (state, node, times, attempts, error)."""
         return f"{self.prefix}:day:{day.isoformat()}:runs"

@@ -32,7 +32,7 @@ from .clock import iso, utc_now, Clock
 from .fanout import Again, fan_out
 from .keys import Keys
 from .lease import Lease
-from .runs import FAILED, PATCH_RECORD_LUA, Run
+from .runs import FAILED, META_KEY, PATCH_RECORD_LUA, QUEUED, Run
 from .table import TaskTable
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,75 @@ if max_attempts > 0 and attempts >= max_attempts then
 end
 return 'requeue'
 """
+
+
+# KEYS[1] = RQ's intermediate queue, KEYS[2] = our queue, KEYS[3] = day runs hash
+# ARGV[1] = job id, ARGV[2] = run id
+# Puts a stranded job back at the front of the queue, once, if its run still waits for
+# exactly this job (queued, not begun by any copy since).
+REQUEUE_STRANDED = f"""
+local raw = redis.call('HGET', KEYS[3], ARGV[2])
+if raw then
+  local record = cjson.decode(raw)
+  if record.state ~= '{QUEUED}' or record.job_id ~= ARGV[1] then
+    return 0
+  end
+end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
+  return 0
+end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+class StrandedJobs:
+    """Jobs a worker took off the queue but never started: it died (or froze) between
+    RQ's dequeue, which moves the job to RQ's intermediate queue, and the transaction
+    that marks it started and claims the run. No claim was taken, so recovery of
+    abandoned runs cannot see them, and RQ's own clean-up takes minutes and may just
+    fail the job. A job seen there for longer than a claim TTL (first sightings kept
+    in Redis, on its clock) goes back to the front of the queue. Should its worker
+    resume after all, the guard lets only one copy run (the other waits for the
+    claim, then sees the run finished)."""
+
+    def __init__(self, connection: Redis, keys: Keys, queue: Queue, stuck_after_s: float) -> None:
+        self.connection = connection
+        self.keys = keys
+        self.queue = queue
+        self.stuck_after_s = stuck_after_s
+        self._requeue = connection.register_script(REQUEUE_STRANDED)
+
+    def requeue(self) -> list[str]:
+        waiting = [j.decode() for j in self.connection.lrange(self.queue.intermediate_queue_key, 0, -1)]
+        seen = {k.decode(): float(v) for k, v in self.connection.hgetall(self.keys.stranded).items()}
+        gone = [job_id for job_id in seen if job_id not in waiting]
+        if gone:
+            self.connection.hdel(self.keys.stranded, *gone)
+        if not waiting:
+            return []
+        seconds, micros = self.connection.time()
+        now_s = seconds + micros / 1e6
+        requeued = []
+        for job_id in waiting:
+            if job_id not in seen:
+                self.connection.hsetnx(self.keys.stranded, job_id, now_s)
+                continue
+            if now_s - seen[job_id] < self.stuck_after_s:
+                continue
+            job = self.queue.fetch_job(job_id)
+            meta = ((job.meta or {}).get(META_KEY) or {}) if job is not None else {}
+            if not meta:
+                continue  # not a run of ours (an ad-hoc job): RQ's own clean-up handles it
+            day = date.fromisoformat(meta["day"])
+            if self._requeue(keys=[self.queue.intermediate_queue_key, self.queue.key, self.keys.day_runs(day)],
+                             args=[job_id, meta["run_id"]]):
+                self.connection.hdel(self.keys.stranded, job_id)
+                log.warning("run %s: its job %s was taken off the queue by a worker that never started it; "
+                            "put back at the front of the queue", meta["run_id"], job_id,
+                            extra={"run_id": meta["run_id"]})
+                requeued.append(job_id)
+        return requeued
 
 
 class AbandonedRuns:

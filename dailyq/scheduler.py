@@ -39,7 +39,7 @@ from .clock import Clock, RedisClock, iso
 from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
-from .recovery import AbandonedRuns
+from .recovery import AbandonedRuns, StrandedJobs
 from .retries import DueRetries
 from .runs import runs_of_slot
 from .settings import Settings
@@ -92,6 +92,7 @@ class DailyScheduler(Scheduler):
         self._next_heartbeat = 0.0
         self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s, self.clock)
         self.retries = DueRetries(connection, self.queue)
+        self.stranded = StrandedJobs(connection, keys, self.queue, stuck_after_s=settings.claim_ttl_s)
 
     # -- leadership ------------------------------------------------------------------
 
@@ -162,6 +163,7 @@ class DailyScheduler(Scheduler):
             return
         self._next_recovery = now + max(0.5, min(RECOVERY_EVERY_S, self.settings.claim_ttl_s / 2))
         self.abandoned.requeue(fence=self.lease)
+        self.stranded.requeue()
 
     def get_jobs_to_queue(self, with_times: bool = False):
         """rq-scheduler's, with "due" read on our clock (Redis's) instead of the host's."""

@@ -4,7 +4,7 @@ Each Task calls ``func`` once per param at each slot; every node runs the same
 code, and each run executes once, on whichever node's worker pulls it first.
 """
 
-from dailyq.table import Task
+from dailyq import Task
 
 from jobs.example import crunch
 

@@ -5,7 +5,7 @@ import signal
 import time
 
 from dailyq.keys import Keys
-from tests.helpers import executions, quiet_sample_at, run_cli, wait_for
+from tests.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
 from tests.test_scheduler import all_finished, live_env, slot_in, status_of
 
 
@@ -110,3 +110,17 @@ def test_a_killed_work_horse_is_recorded_at_once_and_retried(node_env, processes
              what="the death to be recorded")
     (run,) = status_of(env, "2026-11-20")["runs"]
     assert run["error"] == "work-horse died (killed by SIGKILL)" and run["attempts"] == 1
+
+
+def test_a_job_whose_worker_died_between_dequeue_and_start_is_put_back(node_env, processes, connection, prefix):
+    env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="2", SAMPLE_AT=quiet_sample_at())
+    processes.start("scheduler.py", dict(env, NODE_NAME="node-a"))
+    assert run_cli(["trigger", "--date", "2026-11-20"], env).returncode == 0
+    queue_key = f"rq:queue:{Keys(prefix).queue_name}"
+    # What a worker SIGKILLed right after RQ's dequeue leaves behind: the job moved to
+    # RQ's intermediate queue, never started, no claim taken.
+    stranded = connection.lmove(queue_key, f"{queue_key}:intermediate", "LEFT", "RIGHT")
+    assert stranded is not None
+    processes.start("worker_entry.py", dict(env, NODE_NAME="node-b"))
+    wait_for(lambda: all_finished(env, "2026-11-20"), timeout=40, what="the stranded run to be put back and run")
+    assert sorted(starts_per_param(executions(connection, prefix)).values()) == [1, 1]
