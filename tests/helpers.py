@@ -13,6 +13,7 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
+from zoneinfo import ZoneInfo
 
 from redis import Redis
 
@@ -34,6 +35,23 @@ def quiet_sample_at() -> str:
     task by itself during a test (the default 03:00 would, from 03:00 to 04:00 UTC, the
     task's misfire grace), so a test's triggered batch is the only work there is."""
     return (utc_now() + timedelta(hours=12)).strftime("%H:%M")
+
+
+def noon_zone() -> str:
+    """A fixed-offset zone (``Etc/GMT±N``) in which it is now between 12:00 and 13:00:
+    a test that fires a slot a few seconds ahead, or sets a deadline a minute ahead,
+    in it, never crosses midnight, whatever the time of day it runs at."""
+    offset = 12 - utc_now().hour  # hours east of UTC; from -11 to +12, all of which exist
+    return "UTC" if offset == 0 else f"Etc/GMT{-offset:+d}"  # POSIX signs: Etc/GMT-3 is UTC+3
+
+
+def wall_time_in(zone: str, seconds: float) -> str:
+    """HH:MM:SS in ``zone``, ``seconds`` from now: a slot or a deadline for SAMPLE_AT/SAMPLE_DEADLINE."""
+    return (utc_now() + timedelta(seconds=seconds)).astimezone(ZoneInfo(zone)).strftime("%H:%M:%S")
+
+
+def today_in(zone: str) -> str:
+    return utc_now().astimezone(ZoneInfo(zone)).date().isoformat()
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
