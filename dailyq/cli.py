@@ -67,8 +67,16 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     scheduler = DailyScheduler(connection, settings, table)
     alerts = AlertService(connection, settings, table)
     scheduler.tick_hooks.append(alerts.on_tick)
+    metrics = None
+    if settings.metrics_port is not None and not args.burst:
+        from .metrics import serve_metrics  # noqa: PLC0415 - imports prometheus_client
+
+        # Before logging starts: a port already taken is one line on stderr, like any bad setting.
+        metrics = serve_metrics(settings, connection, table, lambda: scheduler.is_leader)
     setup_logging(settings.node_name)
     log.info("connected to %s as node %s", settings.redacted_url(), settings.node_name)
+    if metrics is not None:
+        log.info("metrics at %s", metrics.where)
     warn_about_server(connection, settings)
     if not args.burst:
         alerts.start()
@@ -76,6 +84,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
         scheduler.run(burst=args.burst)
     finally:
         alerts.stop()  # after run() released the lease: a POST under way may finish and be acked
+        if metrics is not None:
+            metrics.stop()
     return 0
 
 
