@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -99,7 +100,8 @@ def test_a_run_unfinished_at_the_deadline_is_alerted_once_as_day_late(node_env, 
                                                                        prefix):
     webhook.start()
     zone = noon_zone()
-    deadline = wall_time_in(zone, 20)
+    deadline_ts = int(time.time()) + 20  # HH:MM:SS cuts the fraction: the deadline is this second
+    deadline = wall_time_in(zone, deadline_ts - time.time())
     env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_FUNC="record", SAMPLE_SLEEP_S="60", SAMPLE_PARAMS="1",
                SAMPLE_TZ=zone, SAMPLE_AT=wall_time_in(zone, 3), SAMPLE_DEADLINE=deadline,
                DAILYQ_ALERT_URL=webhook.url, **FAST_RETRIES)
@@ -111,11 +113,12 @@ def test_a_run_unfinished_at_the_deadline_is_alerted_once_as_day_late(node_env, 
     wait_for(lambda: webhook.events("day_late"), timeout=30, what="the day_late alert")
     time.sleep(5)
     assert [a["event"] for a in webhook.received] == ["day_late"], webhook.received
+    assert webhook.times[0] >= deadline_ts  # not before the deadline
     alert = webhook.received[0]
     assert list(alert) == list(PAYLOAD_KEYS)
     assert alert["task"] == "sample" and alert["day"] == day
     assert alert["param"] is None and alert["run_id"] is None and alert["node"] is None and alert["error"] is None
-    assert alert["at"].endswith("+00:00")
+    assert alert["at"] == datetime.fromtimestamp(deadline_ts, timezone.utc).isoformat()
     assert f"sample is late for {day}: 1 of 1 run not finished by its deadline {deadline} {zone} (1 running)" \
         in alert["text"]
     kill_group(worker)  # rather than waiting out the 60 s run at teardown
