@@ -109,3 +109,19 @@ def test_runs_by_state_counts_as_status_does(connection, settings, table):
         totals[state] = totals.get(state, 0) + n
     assert {state: n for state, n in totals.items() if n} == summary(status)
     assert counted[("sample", "queued")] == 4 and counted[("broken", "missed")] == 1
+
+
+def test_the_grafana_dashboard_is_json_and_queries_only_metrics_we_serve():
+    import re
+
+    from dailyq.metrics import Collector
+    from tests.helpers import ROOT
+
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text(encoding="utf-8"))
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name.removesuffix("_bucket") for e in exprs for name in re.findall(r"\b(dailyq_[a-z_]+)", e)}
+    served = {family.name for family in Collector.describe(None)}  # type: ignore[arg-type]
+    assert used <= served
+    assert {"dailyq_leader", "dailyq_runs", "dailyq_queue_jobs", "dailyq_run_duration_seconds",
+            "dailyq_slot_last_fired_timestamp_seconds"} <= used
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
