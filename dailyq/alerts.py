@@ -65,6 +65,7 @@ IDLE_WAIT_S = 1.0
 # The outbox is looked at this often even when nothing is known to be due there.
 OUTBOX_POLL_S = 30.0
 MARK_EVERY_S = 5.0
+MARK_EVERY_WITHOUT_ALERTS_S = 30.0
 
 
 class AlertService:
@@ -91,14 +92,17 @@ class AlertService:
         self._claim_at = 0.0
         self._next_mark = 0.0
         # How often the leader notes that it leads (MARK_HELD): a few times within the
-        # no_leader threshold, so a leader that ticks never looks absent; at most every
-        # MARK_EVERY_S, which is what keeps a cluster without alerts nearly free of it.
-        self.mark_every_s = min(MARK_EVERY_S, max(1.0, settings.alert_no_leader_s / 4))
+        # no_leader threshold, so a leader that ticks never looks absent, and at most every
+        # MARK_EVERY_S. Without alerts only seldom (the record is then kept only for a
+        # node whose alerts are turned on later): idle Redis traffic is a budget.
+        self.mark_every_s = (min(MARK_EVERY_S, max(1.0, settings.alert_no_leader_s / 4)) if self.enabled
+                             else MARK_EVERY_WITHOUT_ALERTS_S)
         # What this process already knows is in Redis, so each pass sends only news:
         # alert ids raised, and (kind, task, day) judged for good. Per day, and only for the
         # days still watched. A new leader starts empty; Redis's day sets keep it right.
         self._known: dict[date, set[str]] = {}
         self._settled: dict[date, set[tuple[str, str]]] = {}
+        self._watched_since: datetime | None = None
         self._tick_outage = OutageLog(log, f"alert bookkeeping on node {settings.node_name}")
         self._outage = OutageLog(log, f"alert delivery on node {settings.node_name}")
         self._last_failure_log = 0.0
@@ -202,13 +206,13 @@ class AlertService:
     def detect(self) -> list[str]:
         """Look at the watched days once; put what is new into the outbox. Returns the ids
         that entered it."""
-        with self.connection.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.hget(self.keys.leadership, "first_ms")
-            (seconds, micros), first_raw = pipe.execute()
+        seconds, micros = self.connection.time()
         now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
-        watched_since = (datetime.fromtimestamp(float(first_raw) / 1000, timezone.utc)
-                         if first_raw is not None else None)
+        if self._watched_since is None:  # set once for good by the first leader: read until known
+            first_ms = self.outbox.first_held_ms()
+            if first_ms is not None:
+                self._watched_since = datetime.fromtimestamp(first_ms / 1000, timezone.utc)
+        watched_since = self._watched_since
         days = watched_days(self.table, now)
         for memory in (self._known, self._settled):
             for day in [d for d in memory if d not in days]:
