@@ -187,25 +187,22 @@ def fired_slots(records: Iterable[Mapping[str, Any]]) -> set[tuple[str, str]]:
     return {(str(r.get("task")), str(r.get("slot"))) for r in records}
 
 
-def missed_slot_alerts(task: Task, day: date, fired: set[tuple[str, str]], now: datetime,
-                       watched_since: datetime | None) -> tuple[list[Alert], bool]:
-    """Alerts for the task's slots of ``day`` that passed their misfire grace with no run
-    recorded; and whether the day is settled (no slot of it can still be fired).
+def overdue_slots(task: Task, day: date, now: datetime) -> list[Slot]:
+    """The task's slots of ``day`` past their misfire grace: fired by now, or never."""
+    grace = timedelta(seconds=task.misfire_grace_s)
+    return [slot for slot in task.schedule.slots_on(day) if now - slot.fires_at > grace]
+
+
+def missed_slot_alerts(task: Task, overdue: Iterable[Slot], fired: set[tuple[str, str]],
+                       watched_since: datetime | None) -> list[Alert]:
+    """Alerts for the ``overdue`` slots with no run recorded (``fired_slots``).
 
     Slots before ``watched_since`` (the first tick any dailyq leader ever made with
     this prefix) are not reported: a fresh deployment did not miss them."""
-    grace = timedelta(seconds=task.misfire_grace_s)
-    alerts = []
-    settled = True
-    for slot in task.schedule.slots_on(day):
-        if now - slot.fires_at <= grace:
-            settled = False
-            continue
-        if watched_since is None or slot.fires_at < watched_since:
-            continue
-        if (task.name, slot.isoformat()) not in fired:
-            alerts.append(slot_missed_alert(task, slot))
-    return alerts, settled
+    if watched_since is None:
+        return []
+    return [slot_missed_alert(task, slot) for slot in overdue
+            if slot.fires_at >= watched_since and (task.name, slot.isoformat()) not in fired]
 
 
 def slot_missed_alert(task: Task, slot: Slot) -> Alert:

@@ -28,20 +28,20 @@ import os
 import threading
 import time
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING
 
 from redis import Redis
 from redis.exceptions import RedisError
 
 from .alert_events import (DAY_LATE, SLOT_MISSED, Alert, day_late_alert, deadline_at, failed_run_alerts, fired_slots,
-                           lateness, missed_slot_alerts, no_leader_alert, watched_days)
+                           lateness, missed_slot_alerts, no_leader_alert, overdue_slots, watched_days)
 from .alert_outbox import Claimed, Idle, Outbox
 from .alert_sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
 from .day_scan import DayRecords
 from .outage import OutageLog
 from .settings import Settings
-from .table import Task, TaskTable
+from .table import TaskTable
 
 if TYPE_CHECKING:
     from .scheduler import DailyScheduler
@@ -98,10 +98,11 @@ class AlertService:
         self.mark_every_s = (min(MARK_EVERY_S, max(1.0, settings.alert_no_leader_s / 4)) if self.enabled
                              else MARK_EVERY_WITHOUT_ALERTS_S)
         # What this process already knows is in Redis, so each pass sends only news:
-        # alert ids raised, and (kind, task, day) judged for good. Per day, and only for the
-        # days still watched. A new leader starts empty; Redis's day sets keep it right.
+        # alert ids raised, and what was judged for good (a task's day against its deadline,
+        # a slot past its grace). Per day, and only for the days still watched. A new
+        # leader starts empty; Redis's day sets keep it right.
         self._known: dict[date, set[str]] = {}
-        self._settled: dict[date, set[tuple[str, str]]] = {}
+        self._settled: dict[date, set[tuple[str, ...]]] = {}
         self._watched_since: datetime | None = None
         self._tick_outage = OutageLog(log, f"alert bookkeeping on node {settings.node_name}")
         self._outage = OutageLog(log, f"alert delivery on node {settings.node_name}")
@@ -218,13 +219,14 @@ class AlertService:
             for day in [d for d in memory if d not in days]:
                 del memory[day]
         alerts: list[Alert] = []
-        settled: list[tuple[date, tuple[str, str]]] = []
+        settled: list[tuple[date, tuple[str, ...]]] = []
         for day, tasks in days.items():
             records = DayRecords.read(self.connection, self.keys.day_runs(day))
             known = self._known.get(day, set())
             done = self._settled.get(day, set())
             alerts += [a for a in failed_run_alerts(day, records.containing(b"failed"), now)
                        if a.alert_id not in known]
+            fired: set[tuple[str, str]] | None = None  # decoded only if a slot is to be judged
             for task in tasks:
                 if (DAY_LATE, task.name) not in done:
                     deadline = deadline_at(task, day)
@@ -236,12 +238,13 @@ class AlertService:
                             if found.late:
                                 alerts.append(day_late_alert(task, day, found))
                         settled.append((day, (DAY_LATE, task.name)))
-                if (SLOT_MISSED, task.name) not in done and self._some_slot_past_grace(task, day, now):
-                    missed, over = missed_slot_alerts(task, day, fired_slots(records.all.values()), now,
-                                                      watched_since)
-                    alerts += [a for a in missed if a.alert_id not in known]
-                    if over:
-                        settled.append((day, (SLOT_MISSED, task.name)))
+                # Each slot is judged once, when its grace has passed: fired by then, or missed.
+                overdue = [slot for slot in overdue_slots(task, day, now)
+                           if (SLOT_MISSED, task.name, slot.label) not in done]
+                if overdue:
+                    fired = fired if fired is not None else fired_slots(records.all.values())
+                    alerts += missed_slot_alerts(task, overdue, fired, watched_since)
+                    settled += [(day, (SLOT_MISSED, task.name, slot.label)) for slot in overdue]
         raised = self._raise(alerts)
         # Only now that the alerts are in Redis: a pass that failed half-way is redone whole.
         for alert in alerts:
@@ -249,11 +252,6 @@ class AlertService:
         for day, what in settled:
             self._settled.setdefault(day, set()).add(what)
         return raised
-
-    @staticmethod
-    def _some_slot_past_grace(task: Task, day: date, now: datetime) -> bool:
-        grace = timedelta(seconds=task.misfire_grace_s)
-        return any(now - slot.fires_at > grace for slot in task.schedule.slots_on(day))
 
     def _raise(self, alerts: list[Alert]) -> list[str]:
         if not alerts:

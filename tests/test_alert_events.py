@@ -8,7 +8,7 @@ from datetime import date, datetime, timezone
 import pytest
 
 from dailyq.alert_events import (PAYLOAD_KEYS, deadline_at, encode_payload, failed_run_alerts, fired_slots,
-                                 lateness, day_late_alert, missed_slot_alerts, no_leader_alert, span_text,
+                                 lateness, day_late_alert, missed_slot_alerts, no_leader_alert, overdue_slots, span_text,
                                  watched_days)
 from dailyq.errors import ConfigError
 from dailyq.runs import runs_of_slot
@@ -97,20 +97,22 @@ def test_missed_slots_are_those_past_their_grace_with_no_run_recorded():
     eight, ten = report.schedule.slots_on(DAY)
     watched = utc("2026-11-26T00:00:00+00:00")
     now = utc("2026-11-27T10:05:00+08:00")
-    alerts, settled = missed_slot_alerts(report, DAY, set(), now, watched)
-    assert [a.alert_id for a in alerts] == [f"slot_missed:report:{eight.label}"] and not settled
+    assert overdue_slots(report, DAY, now) == [eight]
+    alerts = missed_slot_alerts(report, [eight], set(), watched)
+    assert [a.alert_id for a in alerts] == [f"slot_missed:report:{eight.label}"]
     assert alerts[0].payload["text"] == (f"dailyq: report slot {eight.isoformat()} never fired (no leader within its "
                                          "misfire grace of 10m00s); run it with: scheduler.py trigger --date "
                                          "2026-11-27 --task report")
     assert alerts[0].payload["at"] == "2026-11-27T00:10:00+00:00"
     later = utc("2026-11-27T11:00:00+08:00")
+    assert overdue_slots(report, DAY, later) == [eight, ten]
     fired = fired_slots([{"task": "report", "slot": ten.isoformat()}])
-    alerts, settled = missed_slot_alerts(report, DAY, fired, later, watched)
-    assert [a.alert_id for a in alerts] == [f"slot_missed:report:{eight.label}"] and settled
+    assert [a.alert_id for a in missed_slot_alerts(report, [eight, ten], fired, watched)] == [
+        f"slot_missed:report:{eight.label}"]
     # A slot before any dailyq leader ever ran here was not missed by dailyq.
-    alerts, _ = missed_slot_alerts(report, DAY, set(), later, utc("2026-11-27T09:00:00+08:00"))
+    alerts = missed_slot_alerts(report, [eight, ten], set(), utc("2026-11-27T09:00:00+08:00"))
     assert [a.alert_id for a in alerts] == [f"slot_missed:report:{ten.label}"]
-    assert missed_slot_alerts(report, DAY, set(), later, None)[0] == []
+    assert missed_slot_alerts(report, [eight, ten], set(), None) == []
 
 
 def test_no_leader_names_the_gap_and_the_node_back():
