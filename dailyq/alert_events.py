@@ -36,6 +36,7 @@ PAYLOAD_KEYS = ("event", "task", "param", "day", "run_id", "node", "error", "at"
 # A Slack message is meant to be read at a glance: the line shows the start of a long
 # error; the payload's ``error`` carries more of it (but not a whole log).
 TEXT_ERROR_CHARS = 300
+TEXT_PARAM_CHARS = 120
 PAYLOAD_ERROR_CHARS = 4000
 
 
@@ -93,7 +94,7 @@ def run_failed_alert(day: date, run_id: str, record: Mapping[str, Any], now: dat
     param = record.get("param")
     node = record.get("node")
     error = record.get("error")
-    call = f"{task}({encode_param(param)})" if _is_json(param) else task
+    call = _cut(f"{task}({encode_param(param)})", TEXT_PARAM_CHARS) if _is_json(param) else task
     text = (f"dailyq: run failed: {call} of {day.isoformat()} on {node or 'unknown node'} after "
             f"{attempts} attempt{'s' if attempts != 1 else ''}: {_cut(_line(str(error or 'no error recorded')), TEXT_ERROR_CHARS)}")
     return Alert(f"{RUN_FAILED}:{run_id}:{attempts}", day,
