@@ -17,8 +17,8 @@ Only the leader detects and sends, to keep the other nodes quiet; nothing depend
 it. Two schedulers that both believe they lead (one paused past its lease) raise
 the same ids, which enter once, and each outbox entry has one holder at a time.
 
-Nothing here runs inside the tick but ``on_tick`` (one Lua call), and nothing here
-stops the scheduler: the thread logs a failed pass and goes on.
+Nothing here runs inside the tick but ``on_tick`` (one Lua call every few seconds),
+and nothing here stops the scheduler: the thread logs a failed pass and goes on.
 """
 
 from __future__ import annotations
@@ -292,20 +292,20 @@ class AlertService:
         assert self.url is not None
         if time.monotonic() - claimed_at > self.claim_ms / 2000:
             # Frozen (SIGSTOP, a VM pause) since the claim: another sender may hold the
-            # alert by now. Not sending keeps a freeze from turning into a duplicate.
-            log.warning("alert %s: this sender was held up since claiming it; leaving it to the outbox",
+            # alert by now. Hand it back (only if still ours) and claim anew rather than
+            # POST on a stale claim: a freeze must not turn into a duplicate.
+            log.warning("alert %s: this sender was held up since claiming it; claiming it anew before sending",
                         claimed.alert_id)
             self.outbox.retry(claimed.alert_id, self.owner, 0)
             return None
         acks: list[str] = []
         result = post_alert(self.url, claimed.payload_json, claimed.alert_id,
                             lambda: acks.append(self._ack(claimed.alert_id, claimed_at)))
-        started = claimed_at
         event = claimed.alert_id.split(":", 1)[0]
         if result.outcome == DELIVERED:
             if acks and acks[0] == "taken":
                 log.warning("alert %s was taken over by another sender while this POST to %s took %.1fs; "
-                            "it may arrive twice", claimed.alert_id, self.shown_url, time.monotonic() - started)
+                            "it may arrive twice", claimed.alert_id, self.shown_url, time.monotonic() - claimed_at)
             log.info("alert %s delivered to %s (%s)", claimed.alert_id, self.shown_url, result.reason)
             return None
         attempts = claimed.attempts + 1
