@@ -59,14 +59,33 @@ def _context(args: argparse.Namespace) -> tuple[Settings, TaskTable]:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    from .scheduler import DailyScheduler  # noqa: PLC0415 - keeps status/trigger start-up light
+    from .alerts import AlertService  # noqa: PLC0415 - keeps status/trigger start-up light
+    from .scheduler import DailyScheduler  # noqa: PLC0415
 
     settings, table = _context(args)
     connection = connect(settings)
+    scheduler = DailyScheduler(connection, settings, table)
+    alerts = AlertService(connection, settings, table)
+    scheduler.tick_hooks.append(alerts.on_tick)
+    metrics = None
+    if settings.metrics_port is not None and not args.burst:
+        from .metrics import serve_metrics  # noqa: PLC0415 - imports prometheus_client
+
+        # Before logging starts: a port already taken is one line on stderr, like any bad setting.
+        metrics = serve_metrics(settings, connection, table, lambda: scheduler.is_leader)
     setup_logging(settings.node_name)
     log.info("connected to %s as node %s", settings.redacted_url(), settings.node_name)
+    if metrics is not None:
+        log.info("metrics at %s", metrics.where)
     warn_about_server(connection, settings)
-    DailyScheduler(connection, settings, table).run(burst=args.burst)
+    if not args.burst:
+        alerts.start()
+    try:
+        scheduler.run(burst=args.burst)
+    finally:
+        alerts.stop()  # after run() released the lease: a POST under way may finish and be acked
+        if metrics is not None:
+            metrics.stop()
     return 0
 
 
@@ -81,11 +100,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.watch or args.until_done:
         return _watch_status(connection, settings, table, day, args.until_done)
     status = day_status(connection, settings.keys, table, day, now)
+    alerts = _alert_summary(connection, settings)
     if args.json:
+        status["alerts"] = alerts
         print(json.dumps(status, ensure_ascii=False, indent=2))
     else:
         print(render_table(status, colour=colour_wanted(sys.stdout.isatty(), os.environ)))
+        if alerts["url"] or alerts["pending"] or alerts["in_flight"]:
+            print(f"alerts: to {alerts['url'] or 'nowhere (DAILYQ_ALERT_URL is not set)'}, "
+                  f"{alerts['pending']} pending, {alerts['in_flight']} in flight")
     return 0
+
+
+def _alert_summary(connection: Redis, settings: Settings) -> dict[str, object]:
+    """Where alerts go (the URL redacted: it holds a token) and how many wait (the
+    outbox is cluster-wide, not per day)."""
+    from .alert_outbox import Outbox  # noqa: PLC0415
+
+    pending, in_flight = Outbox(connection, settings.keys, settings.retention_s).counts()
+    return {"url": settings.redacted_alert_url(), "pending": pending, "in_flight": in_flight}
 
 
 WATCH_EVERY_S = 1.0

@@ -61,6 +61,31 @@ class Keys:
         (taken off the queue by a worker, not yet started): see recovery.StrandedJobs."""
         return f"{self.prefix}:stranded"
 
+    @property
+    def leadership(self) -> str:
+        """Hash: ``first_ms`` and ``last_ms``, Redis-clock milliseconds of the first and the
+        latest scheduler tick under a held lease (the ``no_leader`` alert, slot_missed's start)."""
+        return f"{self.prefix}:leadership"
+
+    @property
+    def alert_outbox(self) -> str:
+        """Sorted set alert id -> when its next delivery attempt is due (ms, Redis clock)."""
+        return f"{self.prefix}:alerts:outbox"
+
+    @property
+    def alert_in_flight(self) -> str:
+        """Sorted set alert id -> until when a sender's claim on it holds (ms, Redis clock)."""
+        return f"{self.prefix}:alerts:in_flight"
+
+    @property
+    def alert_entries(self) -> str:
+        """Hash alert id -> JSON: the payload to POST, created_ms, attempts, owner of the claim."""
+        return f"{self.prefix}:alerts:entries"
+
+    def day_alerts(self, day: date) -> str:
+        """Set of alert ids ever raised for that day: each alert enters the outbox once."""
+        return f"{self.prefix}:day:{day.isoformat()}:alerts"
+
     def day_runs(self, day: date) -> str:
         """Hash run id -> JSON run record (state, node, times, attempts, error)."""
         return f"{self.prefix}:day:{day.isoformat()}:runs"

@@ -27,6 +27,7 @@ import signal
 import threading
 import uuid
 from datetime import datetime, timedelta
+from typing import Callable
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -93,6 +94,9 @@ class DailyScheduler(Scheduler):
         self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s, self.clock)
         self.retries = DueRetries(connection, self.queue)
         self.stranded = StrandedJobs(connection, keys, self.queue, stuck_after_s=settings.claim_ttl_s)
+        # Called at the end of every tick, leader or not (alerts.py's leadership record).
+        # A hook must not raise, nor take long: it runs inside the tick.
+        self.tick_hooks: list[Callable[[DailyScheduler], None]] = []
 
     # -- leadership ------------------------------------------------------------------
 
@@ -223,6 +227,8 @@ class DailyScheduler(Scheduler):
             except LeaseLost:
                 log.warning("node %s: lease lost during fan-out; enqueued nothing as leader", self.settings.node_name)
                 self.is_leader = self._lock_acquired = False
+        for hook in self.tick_hooks:
+            hook(self)
 
     def run(self, burst: bool = False) -> None:  # type: ignore[override]
         signal.signal(signal.SIGTERM, self.request_stop)

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from .connection import redact_url
 from .errors import ConfigError
 from .keys import Keys
+from .webhook_url import check_alert_url, redact_webhook_url
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_METRICS_BIND = "127.0.0.1"
 
 
 def _int_env(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -45,6 +47,19 @@ def _margin_env(environ: Mapping[str, str], claim_ttl_s: int) -> float | None:
     return value
 
 
+def _port_env(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{name}={raw!r} is not a port: use a number from 1 to 65535, or leave it unset")
+    return port
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
@@ -61,6 +76,18 @@ class Settings:
     # See docs/failure-semantics.md for the trade-off (outages ridden out vs. recovery time).
     claim_ttl_s: int = 30
     claim_margin_s: float | None = None  # None: guard.default_claim_margin_s(claim_ttl_s)
+    # Alerts (alerts.py): POSTed to this URL, a secret (see webhook_url.py); None: off.
+    # Left out of repr(): a Settings that ends up in a log must not carry the token.
+    alert_url: str | None = field(default=None, repr=False)
+    # A leaderless stretch longer than this is reported (no_leader) when a leader is back.
+    alert_no_leader_s: int = 60
+    # A failed delivery is retried after alert_retry_s, then twice that, ... at most
+    # alert_retry_max_s apart, until the alert is an hour old.
+    alert_retry_s: int = 5
+    alert_retry_max_s: int = 300
+    # Prometheus metrics of the scheduler process (metrics.py); None: not served.
+    metrics_port: int | None = None
+    metrics_bind: str = DEFAULT_METRICS_BIND
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -69,6 +96,8 @@ class Settings:
         if any(c.isspace() for c in prefix) or ":" in prefix:
             raise ConfigError(f"DAILYQ_PREFIX={prefix!r} must not contain spaces or ':'")
         claim_ttl_s = _int_env(env, "DAILYQ_CLAIM_TTL_S", 30, minimum=3)
+        raw_alert_url = env.get("DAILYQ_ALERT_URL") or ""
+        retry_s = _int_env(env, "DAILYQ_ALERT_RETRY_S", 5)
         return cls(
             redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
             prefix=prefix,
@@ -78,6 +107,12 @@ class Settings:
             lease_ttl_s=_int_env(env, "DAILYQ_LEASE_TTL_S", 3, minimum=2),
             claim_ttl_s=claim_ttl_s,
             claim_margin_s=_margin_env(env, claim_ttl_s),
+            alert_url=check_alert_url(raw_alert_url) if raw_alert_url.strip() else None,
+            alert_no_leader_s=_int_env(env, "DAILYQ_ALERT_NO_LEADER_S", 60),
+            alert_retry_s=retry_s,
+            alert_retry_max_s=_int_env(env, "DAILYQ_ALERT_RETRY_MAX_S", max(300, retry_s), minimum=retry_s),
+            metrics_port=_port_env(env, "DAILYQ_METRICS_PORT"),
+            metrics_bind=(env.get("DAILYQ_METRICS_BIND") or DEFAULT_METRICS_BIND).strip(),
         )
 
     @property
@@ -90,3 +125,7 @@ class Settings:
 
     def redacted_url(self) -> str:
         return redact_url(self.redis_url)
+
+    def redacted_alert_url(self) -> str | None:
+        """The alert URL as it may be shown: ``scheme://host/…``."""
+        return redact_webhook_url(self.alert_url) if self.alert_url else None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .errors import ConfigError
-from .schedule import Schedule
+from .schedule import Schedule, parse_at
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 OVERLAP_POLICIES = ("skip", "wait")
@@ -38,6 +38,9 @@ class Task:
     misfire_grace_s: int = 3600
     overlap: str = "wait"
     retry_backoff_s: int = 10
+    # "HH:MM" (or "HH:MM:SS") in ``tz``: a run of the day not finished by then raises a
+    # ``day_late`` alert (alert_events.deadline_at says which moment that is).
+    deadline: str | None = None
     schedule: Schedule = field(init=False, repr=False, compare=False)
 
     @property
@@ -81,6 +84,11 @@ def _first_problem(task: Task) -> str | None:
         value = getattr(task, attr)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (attr == "timeout_s" and value == 0):
             return f"{attr} must be a {'positive' if attr == 'timeout_s' else 'non-negative'} integer, got {value!r}"
+    if task.deadline is not None:
+        try:
+            parse_at(task.deadline if isinstance(task.deadline, str) else "")
+        except ValueError:
+            return f"bad deadline={task.deadline!r} (use 'HH:MM' or 'HH:MM:SS', 24-hour, in the task's tz)"
     if task.overlap not in OVERLAP_POLICIES:
         return f"overlap must be one of {', '.join(OVERLAP_POLICIES)}, got {task.overlap!r}"
     if not callable(task.func) and not isinstance(task.func, str):

@@ -20,5 +20,7 @@ elif _CASE == "non_json":
     TASKS = [Task(name="objects", func=record, params=[object()], at="09:00")]
 elif _CASE == "unimportable":
     TASKS = [Task(name="ghost", func="no_such_module.work", params=["a"], at="09:00")]
+elif _CASE == "bad_deadline":
+    TASKS = [Task(name="tardy", func=record, params=["a"], at="09:00", deadline="9h")]
 elif _CASE == "syntax":
     raise SyntaxError("simulated broken table module")

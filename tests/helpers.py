@@ -14,6 +14,7 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
+from zoneinfo import ZoneInfo
 
 from redis import Redis
 
@@ -62,6 +63,23 @@ def with_clock_off(env: dict[str, str], offset_s: int, library: str) -> dict[str
     EINVAL; a scheduler sleeps only through redis-py's retry of a failed command, which
     these tests do not cause."""
     return dict(env, LD_PRELOAD=library, FAKETIME=f"{offset_s:+d}s", FAKETIME_DONT_FAKE_MONOTONIC="1")
+
+
+def noon_zone() -> str:
+    """A fixed-offset zone (``Etc/GMT±N``) in which it is now between 12:00 and 13:00:
+    a test that fires a slot a few seconds ahead, or sets a deadline a minute ahead,
+    in it, never crosses midnight, whatever the time of day it runs at."""
+    offset = 12 - utc_now().hour  # hours east of UTC; from -11 to +12, all of which exist
+    return "UTC" if offset == 0 else f"Etc/GMT{-offset:+d}"  # POSIX signs: Etc/GMT-3 is UTC+3
+
+
+def wall_time_in(zone: str, seconds: float) -> str:
+    """HH:MM:SS in ``zone``, ``seconds`` from now: a slot or a deadline for SAMPLE_AT/SAMPLE_DEADLINE."""
+    return (utc_now() + timedelta(seconds=seconds)).astimezone(ZoneInfo(zone)).strftime("%H:%M:%S")
+
+
+def today_in(zone: str) -> str:
+    return utc_now().astimezone(ZoneInfo(zone)).date().isoformat()
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -1,7 +1,9 @@
 """Task table for the tests, shaped by environment variables so that separate node
 processes share it: SAMPLE_AT / SAMPLE_TZ / SAMPLE_PARAMS / SAMPLE_SLEEP_S / SAMPLE_ONLY /
-SAMPLE_RETRIES / SAMPLE_FUNC (record, progress, die, fail_first) / SAMPLE_LOG_URL (where
-the tasks log their executions; default REDIS_URL, which a test may route through a proxy).
+SAMPLE_RETRIES / SAMPLE_FUNC (record, progress, die, fail_first, explode, fail_some) /
+SAMPLE_FAIL (the params fail_some fails, comma-separated) / SAMPLE_DEADLINE (the sample
+task's deadline) / SAMPLE_LOG_URL (where the tasks log their executions; default
+REDIS_URL, which a test may route through a proxy).
 
 A test that starts a live ``scheduler.py`` sets SAMPLE_AT: with the default 03:00 UTC the
 scheduler fans out that day's slot by itself from 03:00 to 04:00 UTC (the misfire
@@ -91,13 +93,20 @@ def explode(param: object) -> None:
     raise RuntimeError(f"boom for {param}")
 
 
+def fail_some(param: object) -> object:
+    """Raises for the params listed in SAMPLE_FAIL, else works like ``record``."""
+    if str(param) in os.environ.get("SAMPLE_FAIL", "").split(","):
+        explode(param)
+    return record(param)
+
+
 PARAMS = [f"任务参数{i}" for i in range(int(os.environ.get("SAMPLE_PARAMS", "4")))]
 
 TASKS = [
     Task(name="sample", func=f"tests.sample_tasks.{os.environ.get('SAMPLE_FUNC', 'record')}", params=PARAMS,
          at=os.environ.get("SAMPLE_AT", "03:00"), tz=os.environ.get("SAMPLE_TZ", "UTC"),
          retries=int(os.environ.get("SAMPLE_RETRIES", "0")), retry_backoff_s=int(os.environ.get("SAMPLE_BACKOFF_S", "1")),
-         timeout_s=60),
+         timeout_s=60, deadline=os.environ.get("SAMPLE_DEADLINE") or None),
 ]
 # SAMPLE_ONLY=1 leaves just "sample", so that live schedulers in a test fire nothing else.
 if not os.environ.get("SAMPLE_ONLY"):

@@ -49,6 +49,7 @@ def test_bad_input_gives_one_clean_line(node_env, args, env_changes, code, fragm
     ("bad_tz", "task 'zoned': unknown time zone 'Moon/Base'"),
     ("non_json", "task 'objects': param"),
     ("unimportable", "task 'ghost': cannot import func 'no_such_module.work'"),
+    ("bad_deadline", "task 'tardy': bad deadline='9h'"),
     ("syntax", "cannot import task table module 'tests.bad_table'"),
 ])
 def test_a_bad_table_stops_every_entry_point_with_the_task_named(node_env, case, fragment):

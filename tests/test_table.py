@@ -39,11 +39,19 @@ def test_func_may_be_a_dotted_path():
     (dict(timeout_s=0), "timeout_s"),
     (dict(retries=-1), "retries"),
     (dict(overlap="sometimes"), "overlap"),
+    (dict(deadline="24:00"), "bad deadline='24:00'"),
+    (dict(deadline=930), "bad deadline=930"),
 ])
 def test_bad_entries_name_the_task_and_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
         table_of(**overrides)
     assert "task " in str(error.value)
+
+
+def test_a_deadline_is_read_like_at():
+    assert table_of(deadline="17:30").get("t").deadline == "17:30"
+    assert table_of(deadline="17:30:15").get("t").deadline == "17:30:15"
+    assert table_of().get("t").deadline is None
 
 
 def test_duplicate_names_are_refused():

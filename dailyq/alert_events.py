@@ -1,0 +1,243 @@
+"""What is worth an alert, and what it says: pure functions of run records and times.
+
+Four events (``EVENTS``); each alert is one JSON object with exactly ``PAYLOAD_KEYS``
+(null where a key does not apply), whose ``text`` is one human line, so a Slack- or
+Mattermost-style incoming webhook shows it as it is.
+
+Each alert has an id that names the event itself, not the moment it was seen
+(``run_failed:<run id>:<attempts>``, ``day_late:<task>:<day>``,
+``slot_missed:<task>:<slot>``, ``no_leader:<last held ms>``): whichever leader sees
+it, however often, the outbox takes it once (alert_outbox.py).
+
+No Redis and no clock here: alerts.py reads the records and the Redis server's time
+and passes them in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Iterable, Mapping
+from zoneinfo import ZoneInfo
+
+from .clock import iso, parse_iso
+from .runs import FAILED, FINISHED, runs_of_slot
+from .schedule import Slot, parse_at
+from .table import Task, TaskTable, encode_param
+from .text_width import one_line
+
+RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER = "run_failed", "day_late", "slot_missed", "no_leader"
+EVENTS = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER)
+# The payload's keys: a public contract (receivers parse them), exactly these.
+PAYLOAD_KEYS = ("event", "task", "param", "day", "run_id", "node", "error", "at", "text")
+
+# A Slack message is meant to be read at a glance: the line shows the start of a long
+# error; the payload's ``error`` carries more of it (but not a whole log).
+TEXT_ERROR_CHARS = 300
+TEXT_PARAM_CHARS = 120
+PAYLOAD_ERROR_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class Alert:
+    alert_id: str  # names the event; the outbox takes each id once
+    day: date  # the day whose alert set remembers the id (kept as long as the day's runs)
+    payload: dict[str, Any]
+
+    @property
+    def event(self) -> str:
+        return str(self.payload["event"])
+
+
+def _payload(event: str, text: str, at: datetime | str | None, *, task: str | None = None, param: Any = None,
+             day: date | None = None, run_id: str | None = None, node: str | None = None,
+             error: str | None = None) -> dict[str, Any]:
+    return {"event": event, "task": task, "param": param, "day": day.isoformat() if day else None,
+            "run_id": run_id, "node": node, "error": _cut(error, PAYLOAD_ERROR_CHARS) if error is not None else None,
+            "at": at if isinstance(at, str) or at is None else iso(at), "text": _line(text)}
+
+
+def _line(text: str) -> str:
+    """One line: control characters (newlines in a traceback) become spaces, runs of
+    spaces one."""
+    return " ".join(one_line(text).split())
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def span_text(seconds: float) -> str:
+    """``45s``, ``2m05s``, ``3h07m``: how long, at a glance."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# -- run_failed ------------------------------------------------------------------------
+
+def failed_run_alerts(day: date, records: Mapping[str, Mapping[str, Any]], now: datetime) -> list[Alert]:
+    """One alert per run recorded ``failed`` (it has used its retries). A run failed
+    again after a ``rerun`` has more attempts, hence a new alert."""
+    return [run_failed_alert(day, run_id, record, now) for run_id, record in records.items()
+            if record.get("state") == FAILED]
+
+
+def run_failed_alert(day: date, run_id: str, record: Mapping[str, Any], now: datetime) -> Alert:
+    attempts = int(record.get("attempts") or 0)
+    task = str(record.get("task"))
+    param = record.get("param")
+    node = record.get("node")
+    error = record.get("error")
+    call = _cut(f"{task}({encode_param(param)})", TEXT_PARAM_CHARS) if _is_json(param) else task
+    text = (f"dailyq: run failed: {call} of {day.isoformat()} on {node or 'unknown node'} after "
+            f"{attempts} attempt{'s' if attempts != 1 else ''}: {_cut(_line(str(error or 'no error recorded')), TEXT_ERROR_CHARS)}")
+    return Alert(f"{RUN_FAILED}:{run_id}:{attempts}", day,
+                 _payload(RUN_FAILED, text, record.get("ended_at") or now, task=task, param=param, day=day,
+                          run_id=run_id, node=node, error=None if error is None else str(error)))
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        encode_param(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# -- day_late --------------------------------------------------------------------------
+
+def deadline_at(task: Task, day: date) -> datetime | None:
+    """When ``task``'s runs of ``day`` should all be finished: its ``deadline`` on that
+    day in its zone, or on the next day when that is not after the day's first slot
+    (``at="23:00", deadline="01:00"`` means 01:00 the next morning). None without a
+    deadline or without slots that day."""
+    if task.deadline is None:
+        return None
+    slots = task.schedule.slots_on(day)
+    if not slots:
+        return None
+    zone = ZoneInfo(task.tz)
+    wall = parse_at(task.deadline)
+    moment = _resolve(datetime.combine(day, wall), zone)
+    if moment <= slots[0].fires_at:
+        moment = _resolve(datetime.combine(day + timedelta(days=1), wall), zone)
+    return moment
+
+
+def _resolve(local: datetime, zone: ZoneInfo) -> datetime:
+    # The same rule as schedule.py: a wall time in a spring-forward gap comes the gap's
+    # length later, a repeated one at its first occurrence.
+    return local.replace(tzinfo=zone, fold=0).astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Lateness:
+    """The runs of a task's day due by its deadline, and those not finished by then."""
+
+    deadline: datetime
+    due: int
+    late: Counter  # state (or "finished late") -> runs
+
+
+def lateness(task: Task, day: date, records: Mapping[str, Mapping[str, Any]], deadline: datetime) -> Lateness:
+    """Runs whose slot is at or before ``deadline`` and that had not finished by it. Only
+    records decide, never when we looked: a run that finished after the deadline is
+    late even if it was finished when we looked, so every leader judges alike."""
+    late: Counter = Counter()
+    due = 0
+    for slot in task.schedule.slots_on(day):
+        if slot.fires_at > deadline:
+            continue
+        for run in runs_of_slot(task, slot):
+            due += 1
+            record = records.get(run.run_id)
+            if record is None:
+                late["not started"] += 1
+                continue
+            ended = parse_iso(record.get("ended_at"))
+            if record.get("state") != FINISHED:
+                late[str(record.get("state"))] += 1
+            elif ended is None or ended > deadline:
+                late["finished late"] += 1
+    return Lateness(deadline, due, late)
+
+
+def day_late_alert(task: Task, day: date, found: Lateness) -> Alert:
+    late = sum(found.late.values())
+    local = found.deadline.astimezone(ZoneInfo(task.tz))
+    shown = local.strftime("%H:%M:%S" if local.second else "%H:%M")
+    if local.date() != day:
+        shown += f" on {local.date().isoformat()}"
+    states = ", ".join(f"{n} {state}" for state, n in sorted(found.late.items(), key=lambda item: (-item[1], item[0])))
+    text = (f"dailyq: {task.name} is late for {day.isoformat()}: {late} of {found.due} "
+            f"run{'s' if found.due != 1 else ''} not finished by its deadline {shown} {task.tz} ({states})")
+    return Alert(f"{DAY_LATE}:{task.name}:{day.isoformat()}", day,
+                 _payload(DAY_LATE, text, found.deadline, task=task.name, day=day))
+
+
+# -- slot_missed -----------------------------------------------------------------------
+
+def fired_slots(records: Iterable[Mapping[str, Any]]) -> set[tuple[str, str]]:
+    """(task, slot) of every run recorded: a slot with any record was fired (or triggered)."""
+    return {(str(r.get("task")), str(r.get("slot"))) for r in records}
+
+
+def overdue_slots(task: Task, day: date, now: datetime) -> list[Slot]:
+    """The task's slots of ``day`` past their misfire grace: fired by now, or never."""
+    grace = timedelta(seconds=task.misfire_grace_s)
+    return [slot for slot in task.schedule.slots_on(day) if now - slot.fires_at > grace]
+
+
+def missed_slot_alerts(task: Task, overdue: Iterable[Slot], fired: set[tuple[str, str]],
+                       watched_since: datetime | None) -> list[Alert]:
+    """Alerts for the ``overdue`` slots with no run recorded (``fired_slots``).
+
+    Slots before ``watched_since`` (the first tick any dailyq leader ever made with
+    this prefix) are not reported: a fresh deployment did not miss them."""
+    if watched_since is None:
+        return []
+    return [slot_missed_alert(task, slot) for slot in overdue
+            if slot.fires_at >= watched_since and (task.name, slot.isoformat()) not in fired]
+
+
+def slot_missed_alert(task: Task, slot: Slot) -> Alert:
+    missed_at = slot.fires_at + timedelta(seconds=task.misfire_grace_s)
+    day = slot.day.isoformat()
+    text = (f"dailyq: {task.name} slot {slot.isoformat()} never fired (no leader within its misfire grace of "
+            f"{span_text(task.misfire_grace_s)}); run it with: scheduler.py trigger --date {day} --task {task.name}")
+    return Alert(f"{SLOT_MISSED}:{task.name}:{slot.label}", slot.day,
+                 _payload(SLOT_MISSED, text, missed_at, task=task.name, day=slot.day))
+
+
+# -- no_leader -------------------------------------------------------------------------
+
+def no_leader_alert(last_held_ms: int, back_ms: int, node: str) -> Alert:
+    last = datetime.fromtimestamp(last_held_ms / 1000, timezone.utc)
+    back = datetime.fromtimestamp(back_ms / 1000, timezone.utc)
+    text = (f"dailyq: no scheduler held the leader lease for {span_text((back_ms - last_held_ms) / 1000)} "
+            f"(from {iso(last)} to {iso(back)}); {node} leads again")
+    return Alert(f"{NO_LEADER}:{last_held_ms}", back.date(), _payload(NO_LEADER, text, back, node=node))
+
+
+# -- which days to look at -------------------------------------------------------------
+
+def watched_days(table: TaskTable, now: datetime) -> dict[date, list[Task]]:
+    """Today and yesterday in each task's zone, with the tasks whose day it is: a run
+    that failed a second before midnight, or a deadline past midnight, is still seen."""
+    days: dict[date, list[Task]] = {}
+    for task in table.tasks:
+        today = now.astimezone(ZoneInfo(task.tz)).date()
+        for day in (today - timedelta(days=1), today):
+            days.setdefault(day, []).append(task)
+    return dict(sorted(days.items()))
+
+
+def encode_payload(payload: Mapping[str, Any]) -> str:
+    """The body POSTed: the keys in their documented order, non-ASCII as is."""
+    return json.dumps({key: payload.get(key) for key in PAYLOAD_KEYS}, ensure_ascii=False)

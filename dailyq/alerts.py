@@ -1,0 +1,353 @@
+"""Alerts: the leading scheduler tells a webhook when something went wrong.
+
+Three parts, each with one job:
+
+* ``on_tick`` -- called by every scheduler on every tick (scheduler.py's tick hook).
+  Under the lease it records the tick's Redis time as the latest held one; when the
+  previous one is older than ``DAILYQ_ALERT_NO_LEADER_S``, nobody led in between and
+  it raises ``no_leader`` (once: the alert's id is that previous time).
+* detection -- in the background thread, every ``DETECT_EVERY_S`` (more seldom on big
+  days), while this scheduler leads: reads today's and yesterday's run records of
+  each task's zone (HSCAN, day_scan.py) and the Redis time, and puts every alert
+  found (alert_events.py) into the outbox, where each id enters once.
+* delivery -- in the same thread: claims due alerts one at a time, POSTs each
+  (alert_sender.py), and acks, retries with backoff, or drops it (alert_outbox.py).
+
+Only the leader detects and sends, to keep the other nodes quiet; nothing depends on
+it. Two schedulers that both believe they lead (one paused past its lease) raise
+the same ids, which enter once, and each outbox entry has one holder at a time.
+
+Nothing here runs inside the tick but ``on_tick`` (one Lua call every few seconds),
+and nothing here stops the scheduler: the thread logs a failed pass and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from .alert_events import (DAY_LATE, SLOT_MISSED, Alert, day_late_alert, deadline_at, failed_run_alerts, fired_slots,
+                           lateness, missed_slot_alerts, no_leader_alert, overdue_slots, watched_days)
+from .alert_outbox import Claimed, Idle, Outbox
+from .alert_sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
+from .day_scan import DayRecords
+from .outage import OutageLog
+from .settings import Settings
+from .table import TaskTable
+
+if TYPE_CHECKING:
+    from .scheduler import DailyScheduler
+
+log = logging.getLogger(__name__)
+
+# How often the leader looks for new alerts, at least; a scan of a big day that took
+# t seconds waits DETECT_DUTY * t before the next, so detection takes at most 1/DETECT_DUTY
+# of the time (a 100k-run day is looked at every ~10 s instead of every 2 s).
+DETECT_EVERY_S = 2.0
+DETECT_DUTY = 20
+# A sender's hold on an alert: far longer than one POST can take (connect and read
+# timeouts of TIMEOUT_S each), so a live sender's claim never runs out mid-POST; and the
+# delay before another sender takes over the alerts of a sender that died.
+CLAIM_S = 30.0
+# An alert not delivered this long after it was raised is dropped (logged).
+GIVE_UP_S = 3600.0
+# The longest the thread sleeps (it is woken for new alerts); it asks Redis nothing
+# when it wakes with nothing due.
+IDLE_WAIT_S = 1.0
+# The outbox is looked at this often even when nothing is known to be due there.
+OUTBOX_POLL_S = 30.0
+MARK_EVERY_S = 5.0
+MARK_EVERY_WITHOUT_ALERTS_S = 30.0
+
+
+class AlertService:
+    def __init__(self, connection: Redis, settings: Settings, table: TaskTable, *, give_up_s: float = GIVE_UP_S,
+                 claim_s: float = CLAIM_S, detect_every_s: float = DETECT_EVERY_S) -> None:
+        self.connection = connection
+        self.settings = settings
+        self.table = table
+        self.keys = settings.keys
+        self.url = settings.alert_url
+        self.shown_url = settings.redacted_alert_url()
+        self.outbox = Outbox(connection, self.keys, settings.retention_s)
+        self.give_up_ms = int(give_up_s * 1000)
+        self.claim_ms = int(claim_s * 1000)
+        self.detect_every_s = detect_every_s
+        self.owner = f"{settings.node_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._leader_until = 0.0  # monotonic: on_tick saw us hold the lease until about then
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_detect = 0.0
+        # When to look at the outbox next (monotonic): when its earliest entry falls due,
+        # after a failed delivery when the endpoint's rest ends, at once for a new alert.
+        self._claim_at = 0.0
+        self._next_mark = 0.0
+        # How often the leader notes that it leads (MARK_HELD): a few times within the
+        # no_leader threshold, so a leader that ticks never looks absent, and at most every
+        # MARK_EVERY_S. Without alerts only seldom (the record is then kept only for a
+        # node whose alerts are turned on later): idle Redis traffic is a budget.
+        self.mark_every_s = (min(MARK_EVERY_S, max(1.0, settings.alert_no_leader_s / 4)) if self.enabled
+                             else MARK_EVERY_WITHOUT_ALERTS_S)
+        # What this process already knows is in Redis, so each pass sends only news:
+        # alert ids raised, and what was judged for good (a task's day against its deadline,
+        # a slot past its grace). Per day, and only for the days still watched. A new
+        # leader starts empty; Redis's day sets keep it right.
+        self._known: dict[date, set[str]] = {}
+        self._settled: dict[date, set[tuple[str, ...]]] = {}
+        self._watched_since: datetime | None = None
+        self._tick_outage = OutageLog(log, f"alert bookkeeping on node {settings.node_name}")
+        self._outage = OutageLog(log, f"alert delivery on node {settings.node_name}")
+        self._last_failure_log = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+    # -- the tick hook ---------------------------------------------------------------
+
+    def on_tick(self, scheduler: "DailyScheduler") -> None:
+        """Keep the leadership record; raise no_leader after a gap. Never raises: a
+        problem here must not cost the scheduler its tick or its lease."""
+        if not scheduler.is_leader:
+            self._leader_until = 0.0
+            self._next_mark = 0.0  # a new term marks on its first tick
+            return
+        if not self.leading():
+            self._claim_at = 0.0  # a new term: look at once for what the last leader left
+        # The scheduler renewed its lease in this tick: it leads for as long as that lease.
+        # A scheduler that stops ticking (stopped, frozen, cut off) stops detecting and
+        # claiming about when another one may lead.
+        self._leader_until = time.monotonic() + self.settings.lease_ttl_s
+        if time.monotonic() < self._next_mark:
+            return
+        gap_ms = self.settings.alert_no_leader_s * 1000 if self.enabled else 0
+        try:
+            outcome, last_ms, now_ms = self.outbox.mark_held(scheduler.lease.key, scheduler.lease.owner, gap_ms)
+            if outcome == "gap" and last_ms is not None and now_ms is not None:
+                self._raise([no_leader_alert(last_ms, now_ms, self.settings.node_name)])
+                outcome, _, _ = self.outbox.mark_held(scheduler.lease.key, scheduler.lease.owner, 0)
+            self._tick_outage.recovered()
+        except RedisError as exc:
+            self._tick_outage.failed(exc)
+            return
+        except Exception:  # noqa: BLE001 - see the docstring
+            self._log_failure("alert bookkeeping failed on node %s; going on")
+            return
+        if outcome == "not-leader":
+            self._leader_until = 0.0
+        else:
+            self._next_mark = time.monotonic() + self.mark_every_s
+
+    def leading(self) -> bool:
+        return time.monotonic() < self._leader_until
+
+    # -- the background thread ---------------------------------------------------------
+
+    def start(self) -> None:
+        if not self.enabled or self._thread is not None:
+            return
+        log.info("alerts to %s (no_leader after %ss without a leader)", self.shown_url,
+                 self.settings.alert_no_leader_s)
+        self._thread = threading.Thread(target=self._run, name="dailyq-alerts", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 2 * TIMEOUT_S + 1) -> None:
+        """Stop the thread, letting a POST under way finish and be acked (after the
+        lease was released: waiting here holds up nobody's takeover)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            wait_s = IDLE_WAIT_S
+            try:
+                if self.leading():
+                    self.detect_if_due()
+                    wait_s = min(wait_s, self.deliver_due(), max(0.05, self._next_detect - time.monotonic()))
+                self._outage.recovered()
+            except RedisError as exc:
+                self._outage.failed(exc)
+                wait_s = 2.0
+            except Exception:  # noqa: BLE001 - a failing pass must not end alerting, nor the scheduler
+                self._log_failure("an alert pass failed on node %s; going on")
+                wait_s = 5.0
+            self._wake.wait(wait_s)
+            self._wake.clear()
+
+    def _log_failure(self, message: str) -> None:
+        """An unexpected error, with its traceback, at most once a minute (a bug that
+        fails every pass must not flood the log)."""
+        if time.monotonic() - self._last_failure_log > 60:
+            self._last_failure_log = time.monotonic()
+            log.exception(message, self.settings.node_name)
+
+    # -- detection ---------------------------------------------------------------------
+
+    def detect_if_due(self) -> list[str]:
+        if not self.enabled or time.monotonic() < self._next_detect:
+            return []
+        started = time.monotonic()
+        raised = self.detect()
+        took = time.monotonic() - started
+        self._next_detect = time.monotonic() + max(self.detect_every_s, DETECT_DUTY * took)
+        return raised
+
+    def detect(self) -> list[str]:
+        """Look at the watched days once; put what is new into the outbox. Returns the ids
+        that entered it."""
+        seconds, micros = self.connection.time()
+        now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
+        if self._watched_since is None:  # set once for good by the first leader: read until known
+            first_ms = self.outbox.first_held_ms()
+            if first_ms is not None:
+                self._watched_since = datetime.fromtimestamp(first_ms / 1000, timezone.utc)
+        watched_since = self._watched_since
+        days = watched_days(self.table, now)
+        for memory in (self._known, self._settled):
+            for day in [d for d in memory if d not in days]:
+                del memory[day]
+        alerts: list[Alert] = []
+        settled: list[tuple[date, tuple[str, ...]]] = []
+        for day, tasks in days.items():
+            records = DayRecords.read(self.connection, self.keys.day_runs(day))
+            known = self._known.get(day, set())
+            done = self._settled.get(day, set())
+            alerts += [a for a in failed_run_alerts(day, records.containing(b"failed"), now)
+                       if a.alert_id not in known]
+            fired: set[tuple[str, str]] | None = None  # decoded only if a slot is to be judged
+            for task in tasks:
+                if (DAY_LATE, task.name) not in done:
+                    deadline = deadline_at(task, day)
+                    if deadline is None or now >= deadline:
+                        # A deadline that passed before any dailyq leader ran here was not
+                        # missed by dailyq: a fresh deployment is not late for yesterday.
+                        if deadline is not None and watched_since is not None and deadline >= watched_since:
+                            found = lateness(task, day, records.all, deadline)
+                            if found.late:
+                                alerts.append(day_late_alert(task, day, found))
+                        settled.append((day, (DAY_LATE, task.name)))
+                # Each slot is judged once, when its grace has passed: fired by then, or missed.
+                overdue = [slot for slot in overdue_slots(task, day, now)
+                           if (SLOT_MISSED, task.name, slot.label) not in done]
+                if overdue:
+                    fired = fired if fired is not None else fired_slots(records.all.values())
+                    alerts += missed_slot_alerts(task, overdue, fired, watched_since)
+                    settled += [(day, (SLOT_MISSED, task.name, slot.label)) for slot in overdue]
+        raised = self._raise(alerts)
+        # Only now that the alerts are in Redis: a pass that failed half-way is redone whole.
+        for alert in alerts:
+            self._known.setdefault(alert.day, set()).add(alert.alert_id)
+        for day, what in settled:
+            self._settled.setdefault(day, set()).add(what)
+        return raised
+
+    def _raise(self, alerts: list[Alert]) -> list[str]:
+        if not alerts:
+            return []
+        new = set(self.outbox.enqueue(alerts))
+        for alert in alerts:
+            if alert.alert_id in new:
+                # The log has every alert too, whether or not the webhook takes it.
+                log.warning("alert %s: %s", alert.event, alert.payload["text"])
+        if new:
+            self._claim_at = 0.0
+            self._wake.set()
+        return [a.alert_id for a in alerts if a.alert_id in new]
+
+    # -- delivery ----------------------------------------------------------------------
+
+    def deliver_due(self) -> float:
+        """Send every due alert (stopping at the first failure); returns how long the
+        thread may sleep before something is due."""
+        while not self._stop.is_set() and self.leading():
+            rest_s = self._claim_at - time.monotonic()
+            if rest_s > 0:
+                return rest_s
+            got = self.outbox.claim(self.owner, self.claim_ms)
+            claimed_at = time.monotonic()
+            if isinstance(got, Idle):
+                due_in_s = OUTBOX_POLL_S if got.next_ms is None else max(0.05, (got.next_ms - got.now_ms) / 1000)
+                self._claim_at = time.monotonic() + min(OUTBOX_POLL_S, due_in_s)
+                continue
+            wait_s = self.deliver(got, claimed_at)
+            if wait_s is not None:
+                self._claim_at = time.monotonic() + wait_s  # the endpoint gets a rest
+        return IDLE_WAIT_S
+
+    def deliver(self, claimed: Claimed, claimed_at: float) -> float | None:
+        """POST one claimed alert; ack, drop or retry it. Returns the rest the endpoint
+        gets after a retryable failure, else None."""
+        assert self.url is not None
+        if time.monotonic() - claimed_at > self.claim_ms / 2000:
+            # Frozen (SIGSTOP, a VM pause) since the claim: another sender may hold the
+            # alert by now. Hand it back (only if still ours) and claim anew rather than
+            # POST on a stale claim: a freeze must not turn into a duplicate.
+            log.warning("alert %s: this sender was held up since claiming it; claiming it anew before sending",
+                        claimed.alert_id)
+            self.outbox.retry(claimed.alert_id, self.owner, 0)
+            return None
+        acks: list[str] = []
+        result = post_alert(self.url, claimed.payload_json, claimed.alert_id,
+                            lambda: acks.append(self._ack(claimed.alert_id, claimed_at)))
+        event = claimed.alert_id.split(":", 1)[0]
+        if result.outcome == DELIVERED:
+            if acks and acks[0] == "taken":
+                log.warning("alert %s was taken over by another sender while this POST to %s took %.1fs; "
+                            "it may arrive twice", claimed.alert_id, self.shown_url, time.monotonic() - claimed_at)
+            log.info("alert %s delivered to %s (%s)", claimed.alert_id, self.shown_url, result.reason)
+            return None
+        attempts = claimed.attempts + 1
+        age_ms = claimed.now_ms - claimed.created_ms
+        if result.outcome == REFUSED:
+            self.outbox.drop(claimed.alert_id, self.owner)
+            log.error("alert %s (%s) dropped: %s refused it with %s, which a retry would not change",
+                      claimed.alert_id, event, self.shown_url, result.reason)
+            return None
+        if age_ms >= self.give_up_ms:
+            self.outbox.drop(claimed.alert_id, self.owner)
+            log.error("alert %s (%s) dropped: not delivered to %s within %s of being raised, %d attempts "
+                      "(last: %s)", claimed.alert_id, event, self.shown_url, _hours(self.give_up_ms), attempts,
+                      result.reason)
+            return None
+        wait_s = min(self.settings.alert_retry_max_s, self.settings.alert_retry_s * 2 ** min(attempts - 1, 30))
+        if result.retry_after_s is not None:
+            wait_s = max(wait_s, result.retry_after_s)
+        # The last attempt comes when the alert turns give_up_s old, not a backoff later.
+        wait_s = max(0.0, min(wait_s, (self.give_up_ms - age_ms) / 1000))
+        self.outbox.retry(claimed.alert_id, self.owner, int(wait_s * 1000))
+        log.warning("alert %s (%s) not delivered to %s (%s), attempt %d; next in %.0fs", claimed.alert_id, event,
+                    self.shown_url, result.reason, attempts, wait_s)
+        return wait_s
+
+    def _ack(self, alert_id: str, started: float) -> str:
+        """Forget the delivered alert, trying through a Redis hiccup for as long as our
+        claim holds (after that, another sender may send it again anyway)."""
+        deadline = started + self.claim_ms / 1000
+        pause_s = 0.1
+        while True:
+            try:
+                return self.outbox.ack(alert_id, self.owner)
+            except RedisError as exc:
+                if time.monotonic() + pause_s > deadline:
+                    log.error("alert %s was delivered but Redis did not take note (%s); it will be sent again",
+                              alert_id, exc)
+                    return "unrecorded"
+                time.sleep(pause_s)
+                pause_s = min(2.0, pause_s * 2)
+
+
+def _hours(ms: int) -> str:
+    seconds = ms // 1000
+    return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds}s"

@@ -1,0 +1,285 @@
+"""Prometheus metrics of a scheduler process (``DAILYQ_METRICS_PORT``).
+
+Served with prometheus_client on ``DAILYQ_METRICS_BIND:DAILYQ_METRICS_PORT`` (any
+path; ``/metrics`` by convention), from a thread of the scheduler process:
+
+* ``dailyq_leader`` -- 1 on the node whose scheduler holds the lease, else 0;
+* ``dailyq_runs{task,state}`` -- today's runs of each task (today in the task's zone),
+  by state, as ``status`` counts them (every state listed, 0 included);
+* ``dailyq_queue_jobs`` -- jobs waiting in our RQ queue;
+* ``dailyq_run_duration_seconds{task}`` -- histogram of finished runs' durations: those
+  finished today when this process started, then every run finished since;
+* ``dailyq_slot_last_fired_timestamp_seconds{task}`` -- the time of the last slot the
+  leader fanned out (its scheduled time, Unix seconds);
+* ``dailyq_alert_outbox{state}`` -- alerts waiting (``pending``) or being sent
+  (``in_flight``);
+* ``dailyq_redis_up`` -- 0 when this scrape could not read Redis (the cluster-wide
+  figures are then left out rather than shown stale);
+* prometheus_client's ``process_*``, ``python_gc_*`` and ``python_info``.
+
+Everything but ``dailyq_leader`` is the same cluster-wide figure on every node: it is
+read from Redis when scraped, by the ``Collector`` below, and kept for ``CACHE_S``
+(longer on big days: a refresh that took t seconds is kept ``CACHE_DUTY * t``), so
+that scrapes from several Prometheus servers of a 100,000-run day cost Redis one
+HSCAN of the day every few seconds, not one per scrape.
+
+A scrape that fails answers without the cluster-wide figures and is logged once per
+outage; it never touches the scheduler's loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+from zoneinfo import ZoneInfo
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from redis import Redis
+from redis.exceptions import RedisError
+
+from .clock import parse_iso
+from .day_scan import DayRecords
+from .errors import ConfigError
+from .keys import Keys
+from .outage import OutageLog
+from .runs import FINISHED, MISSED, SCHEDULED, STATES
+from .settings import Settings
+from .table import Task, TaskTable
+from .worker import make_queue
+
+log = logging.getLogger(__name__)
+
+CACHE_S = 5.0
+CACHE_DUTY = 10
+DURATION_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
+
+
+@dataclass
+class _Histogram:
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))  # last: +Inf
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if value <= bound:
+                self.buckets[i] += 1
+                break
+        else:
+            self.buckets[-1] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip([*map(_bound_text, DURATION_BUCKETS), "+Inf"], self.buckets):
+            running += count
+            out.append((bound, float(running)))
+        return out
+
+
+def _bound_text(bound: float) -> str:
+    return f"{bound:g}" if bound != int(bound) else f"{bound:.1f}"
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """The cluster-wide figures at one moment (read from Redis)."""
+
+    runs: dict[tuple[str, str], int]  # (task, state) -> runs today
+    queue_jobs: int
+    last_fired: dict[str, float]  # task -> Unix time of its last fired slot
+    outbox: tuple[int, int]  # pending, in flight
+
+
+def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime) -> Counter:
+    """(task, state) -> runs of ``tasks`` on the day of ``records``, as status.day_status
+    counts them: a run with a record in its state; one without, ``scheduled`` or, past its
+    misfire grace, ``missed``. Counted per slot, without building every run's id."""
+    names = {task.name for task in tasks}
+    counts: Counter = Counter()
+    recorded: Counter = Counter()
+    for record in records.values():
+        task = record.get("task")
+        if task in names:
+            counts[(task, str(record.get("state")))] += 1
+            recorded[(task, record.get("slot"))] += 1
+    return counts + _unrecorded(tasks, records, recorded, now)
+
+
+def _unrecorded(tasks: list[Task], records: dict[str, dict], recorded: Counter, now: datetime) -> Counter:
+    counts: Counter = Counter()
+    if not tasks:
+        return counts
+    for task in tasks:
+        day = now.astimezone(ZoneInfo(task.tz)).date()
+        for slot in task.schedule.slots_on(day):
+            missing = max(0, len(task.params) - recorded[(task.name, slot.isoformat())])
+            if missing:
+                overdue = now - slot.fires_at > timedelta(seconds=task.misfire_grace_s)
+                counts[(task.name, MISSED if overdue else SCHEDULED)] += missing
+    return counts
+
+
+class Collector:
+    """prometheus_client collector: the leader flag from this process, the rest from Redis."""
+
+    def __init__(self, connection: Redis, keys: Keys, table: TaskTable, is_leader: Callable[[], bool],
+                 cache_s: float = CACHE_S) -> None:
+        self.connection = connection
+        self.keys = keys
+        self.table = table
+        self.is_leader = is_leader
+        self.cache_s = cache_s
+        self.queue_key = make_queue(connection, keys).key
+        self._lock = threading.Lock()
+        self._view: ClusterView | None = None
+        self._fresh_until = 0.0
+        self._durations: dict[str, _Histogram] = {task.name: _Histogram() for task in table.tasks}
+        self._observed: dict[date, set[str]] = {}  # runs whose duration is in the histogram, per day
+        self._outage = OutageLog(log, "a metrics scrape")
+        self._last_failure_log = 0.0
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only (no Redis read when registering).
+        yield GaugeMetricFamily("dailyq_leader", "")
+        yield GaugeMetricFamily("dailyq_redis_up", "")
+        yield GaugeMetricFamily("dailyq_runs", "", labels=["task", "state"])
+        yield GaugeMetricFamily("dailyq_queue_jobs", "")
+        yield GaugeMetricFamily("dailyq_slot_last_fired_timestamp_seconds", "", labels=["task"])
+        yield GaugeMetricFamily("dailyq_alert_outbox", "", labels=["state"])
+        yield HistogramMetricFamily("dailyq_run_duration_seconds", "", labels=["task"])
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("dailyq_leader", "1 when this node's scheduler holds the leader lease, else 0",
+                                value=1.0 if self.is_leader() else 0.0)
+        view = self.refresh()
+        yield GaugeMetricFamily("dailyq_redis_up", "1 when this scrape read Redis, else 0 (then the cluster-wide "
+                                "figures are left out)", value=1.0 if view else 0.0)
+        if view is None:
+            return
+        runs = GaugeMetricFamily("dailyq_runs", "Today's runs of each task (today in the task's zone), by state",
+                                 labels=["task", "state"])
+        for task in self.table.tasks:
+            for state in STATES:
+                runs.add_metric([task.name, state], float(view.runs.get((task.name, state), 0)))
+        yield runs
+        yield GaugeMetricFamily("dailyq_queue_jobs", "Jobs waiting in dailyq's RQ queue", value=float(view.queue_jobs))
+        fired = GaugeMetricFamily("dailyq_slot_last_fired_timestamp_seconds",
+                                  "Scheduled time of the last slot the leader fanned out, per task (Unix seconds)",
+                                  labels=["task"])
+        for name, seconds in sorted(view.last_fired.items()):
+            fired.add_metric([name], seconds)
+        yield fired
+        outbox = GaugeMetricFamily("dailyq_alert_outbox", "Alerts waiting to be sent (pending) or being sent "
+                                   "(in_flight)", labels=["state"])
+        outbox.add_metric(["pending"], float(view.outbox[0]))
+        outbox.add_metric(["in_flight"], float(view.outbox[1]))
+        yield outbox
+        durations = HistogramMetricFamily("dailyq_run_duration_seconds", "Durations of finished runs seen since this "
+                                          "scheduler started (and today's before)", labels=["task"])
+        with self._lock:
+            for name, histogram in sorted(self._durations.items()):
+                durations.add_metric([name], histogram.cumulative(), histogram.total)
+        yield durations
+
+    def refresh(self) -> ClusterView | None:
+        """The cached view, read again when older than the cache time; None when Redis
+        failed (logged once per outage)."""
+        with self._lock:
+            if self._view is not None and time.monotonic() < self._fresh_until:
+                return self._view
+            started = time.monotonic()
+            try:
+                view = self._read()
+            except RedisError as exc:
+                self._outage.failed(exc)
+                self._view = None
+                return None
+            except Exception:  # noqa: BLE001 - a scrape must answer, and must not end the scheduler
+                if time.monotonic() - self._last_failure_log > 60:
+                    self._last_failure_log = time.monotonic()
+                    log.exception("reading the metrics from Redis failed; this scrape has no cluster-wide figures")
+                self._view = None
+                return None
+            self._outage.recovered()
+            self._view = view
+            self._fresh_until = time.monotonic() + max(self.cache_s, CACHE_DUTY * (time.monotonic() - started))
+            return view
+
+    def _read(self) -> ClusterView:
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.llen(self.queue_key)
+            pipe.hgetall(self.keys.cursor)
+            pipe.zcard(self.keys.alert_outbox)
+            pipe.zcard(self.keys.alert_in_flight)
+            (seconds, micros), queue_jobs, cursor, pending, in_flight = pipe.execute()
+        now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
+        by_day: dict[date, list[Task]] = {}
+        for task in self.table.tasks:
+            by_day.setdefault(now.astimezone(ZoneInfo(task.tz)).date(), []).append(task)
+        runs: Counter = Counter()
+        for day, tasks in by_day.items():
+            records = DayRecords.read(self.connection, self.keys.day_runs(day)).all
+            runs += runs_by_state(tasks, records, now)
+            self._observe(day, {t.name for t in tasks}, records)
+        for day in [d for d in self._observed if d not in by_day]:
+            del self._observed[day]
+        last_fired = {}
+        for name, value in cursor.items():
+            moment = parse_iso(value.decode() if isinstance(value, bytes) else value)
+            if moment is not None:
+                last_fired[name.decode() if isinstance(name, bytes) else str(name)] = moment.timestamp()
+        return ClusterView(dict(runs), int(queue_jobs), last_fired, (int(pending), int(in_flight)))
+
+    def _observe(self, day: date, tasks: set[str], records: dict[str, dict]) -> None:
+        """Add each finished run not seen before to its task's histogram (a rerun that
+        finished again is a new observation: it has a new end)."""
+        seen = self._observed.setdefault(day, set())
+        for run_id, record in records.items():
+            if record.get("state") != FINISHED or record.get("task") not in tasks:
+                continue
+            duration = record.get("duration_s")
+            if not isinstance(duration, (int, float)):
+                continue
+            key = f"{run_id}@{record.get('ended_at')}"
+            if key in seen:
+                continue
+            seen.add(key)
+            self._durations.setdefault(str(record["task"]), _Histogram()).observe(float(duration))
+
+
+class MetricsServer:
+    def __init__(self, server: WSGIServer, thread: threading.Thread, where: str) -> None:
+        self.server = server
+        self.thread = thread
+        self.where = where
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve_metrics(settings: Settings, connection: Redis, table: TaskTable, is_leader: Callable[[], bool]) -> MetricsServer:
+    """Start serving on ``DAILYQ_METRICS_BIND:DAILYQ_METRICS_PORT``; ConfigError (one line)
+    when that address cannot be bound."""
+    assert settings.metrics_port is not None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(connection, settings.keys, table, is_leader))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    bind, port = settings.metrics_bind, settings.metrics_port
+    try:
+        server, thread = start_http_server(port, addr=bind, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {bind}:{port} ({exc.strerror or exc}): set DAILYQ_METRICS_PORT "
+                          "to a free port, or DAILYQ_METRICS_BIND to an address of this machine") from None
+    host = f"[{bind}]" if ":" in bind else bind
+    return MetricsServer(server, thread, f"http://{host}:{port}/metrics")

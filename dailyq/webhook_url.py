@@ -1,0 +1,58 @@
+"""``DAILYQ_ALERT_URL``: checked at start, and never shown whole.
+
+A webhook URL is a secret: Slack's and Mattermost's carry the token that lets anyone
+post to the channel in their path. Messages, logs and ``status`` show it as
+``scheme://host/…`` (``redact_webhook_url``); a value that does not even parse as
+``scheme://host`` shows as ``…``, since its token could be anywhere in it.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+ALERT_SCHEMES = ("http", "https")
+_FORM = "use http(s)://host/path, e.g. a Slack incoming webhook's https://hooks.slack.com/services/..."
+
+
+def redact_webhook_url(url: str) -> str:
+    """``scheme://host[:port]/…``: path, query, fragment and any user:password hidden."""
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+    except ValueError:
+        return "…"
+    if not parts.scheme or "/" in parts.scheme:
+        return "…"
+    if not host:
+        return f"{parts.scheme}://…"
+    shown_host = f"[{host}]" if ":" in host else host
+    try:
+        if parts.port is not None:
+            shown_host += f":{parts.port}"
+    except ValueError:
+        shown_host += ":?"  # not a port: its text is not shown, it could be a mistyped token
+    hidden = parts.path not in ("", "/") or parts.query or parts.fragment or parts.username is not None
+    return f"{parts.scheme}://{shown_host}/…" if hidden else f"{parts.scheme}://{shown_host}/"
+
+
+def check_alert_url(raw: str) -> str:
+    """The URL, stripped, if it is ``http(s)://host...``; else ConfigError (one line,
+    the URL redacted)."""
+    url = raw.strip()
+    shown = redact_webhook_url(url)
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise ConfigError(f"bad DAILYQ_ALERT_URL {shown!r}: it contains a space or a control character; {_FORM}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ConfigError(f"bad DAILYQ_ALERT_URL {shown!r}: unreadable host or port; {_FORM}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ALERT_SCHEMES:
+        what = f"scheme {scheme!r}" if scheme else "no scheme"
+        raise ConfigError(f"bad DAILYQ_ALERT_URL {shown!r}: {what}, not http or https; {_FORM}")
+    if not parts.hostname:
+        raise ConfigError(f"bad DAILYQ_ALERT_URL {shown!r}: no host; {_FORM}")
+    return url
