@@ -176,7 +176,7 @@ class DailyScheduler(Scheduler):
     def enqueue_jobs(self):  # rq-scheduler's hook, called once per pass by the leader
         self.fire_due_slots(self.clock())
         self.recover_abandoned_runs()
-        self.retries.move_due()
+        self.retries.move_due(self.clock())
         return super().enqueue_jobs()
 
     # -- the loop --------------------------------------------------------------------

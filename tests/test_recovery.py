@@ -48,6 +48,10 @@ def test_node_death_mid_run_restarts_the_run_on_another_node_within_60s_by_defau
     assert run["attempts"] == 2
     starts = [e for e in executions(connection, prefix) if e["event"] == "start"]
     assert len(starts) == 2 and starts[1]["t"] > died_at  # re-executed only after the first copy died
+    # The recovered copy is the same run: same run id, the next attempt, a greater fencing token.
+    first, recovered = starts[0]["context"], starts[1]["context"]
+    assert recovered["run_id"] == first["run_id"] == run["run_id"]
+    assert (first["attempt"], recovered["attempt"]) == (1, 2) and recovered["fence"] > first["fence"]
     assert recovered_in < 60
 
 

@@ -79,6 +79,11 @@ def test_rq_cli_worker_with_the_readme_flags_runs_guarded_jobs(node_env, connect
     sample = [r for r in runs if r["task"] == "sample"]
     assert {r["state"] for r in sample} == {"finished"}
     assert {r["node"] for r in sample} == {"rq-cli-node"}
+    # The task saw its run there too (tests.sample_tasks.record logs current_run()).
+    contexts = [e["context"] for e in executions(connection, settings.prefix) if e["event"] == "start"]
+    assert len(contexts) == len(sample)
+    assert {c["day"] for c in contexts} == {DAY.isoformat()} and {c["node"] for c in contexts} == {"rq-cli-node"}
+    assert {c["run_id"] for c in contexts} == {r["run_id"] for r in sample}
 
 
 def test_a_failing_run_is_retried_then_failed_with_its_error_while_others_go_on(node_env, connection, settings, table):
