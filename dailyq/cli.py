@@ -2,8 +2,9 @@
 the ``dailyq`` console script) and the worker.
 
 The commands' work is done by dailyq/api.py, which scripts call too; here they are
-parsed and printed. Every failure the user can fix prints one line on stderr and exits non-zero, with
-no traceback: bad arguments and bad tables exit 2, Redis problems 3, others 1.
+parsed and printed. Every failure the user can fix prints one line on stderr and exits
+non-zero, with no traceback: bad arguments and bad tables exit 2, Redis problems 3,
+others 1.
 """
 
 from __future__ import annotations
