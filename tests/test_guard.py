@@ -2,14 +2,20 @@
 and the overlap policy between slots of the same task and param."""
 
 import json
+import logging
 import threading
 import time
+from contextlib import contextmanager
 from datetime import date, datetime, timezone
+from typing import Iterator
 
 from dailyq.guard import Guard, RunIdentity
 from dailyq.runs import decode_record
+from tests.helpers import wait_for
 
 DAY = date(2026, 11, 26)
+# Bounds on waits for events that take milliseconds; reached only when something is broken.
+EVENT_TIMEOUT_S = 30
 
 
 def identity(run_id: str, overlap: str = "wait", force: bool = False) -> RunIdentity:
@@ -31,6 +37,42 @@ def run_in_thread(target) -> threading.Thread:
     return thread
 
 
+def start_first_copy(connection, settings, run_id: str, task) -> threading.Thread:
+    """Execute ``run_id`` in a thread; return once its claim is in Redis (the first copy
+    is then executing for sure, whatever the machine's load), not after a guessed head start."""
+    thread = run_in_thread(lambda: guard(connection, settings).execute(identity(run_id), task, lambda: False))
+    wait_for(lambda: connection.exists(settings.keys.claim(run_id)), timeout=EVENT_TIMEOUT_S,
+             what=f"the first copy of {run_id} to hold its claim", every=0.01)
+    return thread
+
+
+class _WaitingSeen(logging.Handler):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(logging.INFO)
+        self.run_id = run_id
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "run_id", None) == self.run_id and "waiting" in record.getMessage():
+            self.event.set()
+
+
+@contextmanager
+def when_waiting(run_id: str) -> Iterator[threading.Event]:
+    """An event set once a copy of ``run_id`` says it waits for another copy (the guard's
+    INFO line): the moment a test can let the other copy end, with no sleep."""
+    logger = logging.getLogger("dailyq.guard")
+    handler = _WaitingSeen(run_id)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler.event
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def test_a_finished_run_is_not_executed_again_unless_forced(connection, settings):
     calls = []
     g = guard(connection, settings)
@@ -42,51 +84,49 @@ def test_a_finished_run_is_not_executed_again_unless_forced(connection, settings
 
 
 def test_a_second_copy_waits_for_the_first_and_then_skips(connection, settings):
-    spans = {}
+    calls = []
+    with when_waiting("r1") as second_waits:
+        def first_copy():
+            calls.append("first")
+            # Still executing when the second copy looks, and until it says it waits.
+            assert second_waits.wait(EVENT_TIMEOUT_S)
 
-    def slow(name):
-        def call():
-            spans[name] = [time.time()]
-            time.sleep(1.0)
-            spans[name].append(time.time())
-        return call
-
-    first = run_in_thread(lambda: guard(connection, settings).execute(identity("r1"), slow("first"), lambda: False))
-    time.sleep(0.3)
-    result = guard(connection, settings).execute(identity("r1"), slow("second"), lambda: False)
-    first.join()
-    assert result == {"skipped": "finished"} and "second" not in spans
+        first = start_first_copy(connection, settings, "r1", first_copy)
+        result = guard(connection, settings).execute(identity("r1"), lambda: calls.append("second"), lambda: False)
+        first.join(EVENT_TIMEOUT_S)
+    assert second_waits.is_set() and not first.is_alive()
+    assert result == {"skipped": "finished"} and calls == ["first"]
 
 
 def test_overlap_skip_skips_a_slot_while_the_previous_slot_runs(connection, settings):
-    first = run_in_thread(lambda: guard(connection, settings).execute(identity("monday"), lambda: time.sleep(1.0),
-                                                                      lambda: False))
-    time.sleep(0.3)
+    tuesday_done = threading.Event()
+    # Monday executes until Tuesday has been dealt with: no race with Monday's end.
+    first = start_first_copy(connection, settings, "monday", lambda: tuesday_done.wait(EVENT_TIMEOUT_S))
     calls = []
-    result = guard(connection, settings).execute(identity("tuesday", overlap="skip"), lambda: calls.append(1),
-                                                 lambda: False)
-    first.join()
+    try:
+        result = guard(connection, settings).execute(identity("tuesday", overlap="skip"), lambda: calls.append(1),
+                                                     lambda: False)
+    finally:
+        tuesday_done.set()
+    first.join(EVENT_TIMEOUT_S)
     assert result == {"skipped": "skipped"} and calls == []
     tuesday = record(connection, settings, "tuesday")
     assert tuesday["state"] == "skipped" and "overlap" in tuesday["error"]
 
 
 def test_overlap_wait_runs_the_next_slot_after_the_previous_one(connection, settings):
-    spans = {}
+    order = []
+    with when_waiting("tuesday") as tuesday_waits:
+        def monday():
+            order.append("monday started")
+            assert tuesday_waits.wait(EVENT_TIMEOUT_S)  # Tuesday came while Monday executed
+            order.append("monday ended")
 
-    def timed(name, seconds):
-        def call():
-            start = time.time()
-            time.sleep(seconds)
-            spans[name] = (start, time.time())
-        return call
-
-    first = run_in_thread(lambda: guard(connection, settings).execute(identity("monday"), timed("monday", 1.0),
-                                                                      lambda: False))
-    time.sleep(0.3)
-    guard(connection, settings).execute(identity("tuesday", overlap="wait"), timed("tuesday", 0.1), lambda: False)
-    first.join()
-    assert spans["tuesday"][0] >= spans["monday"][1]
+        first = start_first_copy(connection, settings, "monday", monday)
+        guard(connection, settings).execute(identity("tuesday", overlap="wait"), lambda: order.append("tuesday"),
+                                            lambda: False)
+        first.join(EVENT_TIMEOUT_S)
+    assert order == ["monday started", "monday ended", "tuesday"]
     assert record(connection, settings, "tuesday")["state"] == "finished"
 
 
@@ -215,15 +255,17 @@ def test_a_copy_whose_claim_another_copy_took_is_interrupted_and_records_nothing
 
     g = guard(connection, settings)
     checks = []
+    checked = threading.Event()
 
     def long_task():
         current_run().check()  # holds the claim: no error
         checks.append("ok")
+        checked.set()
         time.sleep(30)
 
-    def take_over():
-        time.sleep(0.5)
-        connection.set(settings.keys.claim("r1"), "another-copy", px=60_000)
+    def take_over():  # once the task runs, however long it took to start
+        if checked.wait(EVENT_TIMEOUT_S):
+            connection.set(settings.keys.claim("r1"), "another-copy", px=60_000)
 
     run_in_thread(take_over)
     started = time.monotonic()

@@ -11,8 +11,24 @@ from dailyq.keys import Keys
 from tests.helpers import executions, max_concurrent_copies, run_cli, starts_per_param, wait_for
 
 
+# How far ahead of a test's start its slot lies. What must happen before the slot
+# (processes started, a leader elected, killed or paused) takes one to four seconds on an
+# idle machine; the slot leaves ten seconds more for a loaded one, not a few hundred ms.
+SETUP_S = 15
+
+
 def slot_in(seconds: float) -> datetime:
     return (utc_now() + timedelta(seconds=seconds)).replace(microsecond=0)
+
+
+def seconds_until(slot: datetime) -> float:
+    return max(0.0, (slot - utc_now()).total_seconds())
+
+
+def assert_before(slot: datetime, what: str) -> None:
+    """The setup a test needs before its slot is done, and said so if it is not."""
+    left = seconds_until(slot)
+    assert left > 0, f"{what} took until after the slot ({slot.isoformat()}): this machine was too slow for the test"
 
 
 def live_env(node_env: dict, slot: datetime, params: int, sleep_s: float) -> dict:
@@ -33,14 +49,19 @@ def all_finished(env: dict, day: str) -> bool:
 
 def test_three_nodes_started_a_second_apart_run_every_run_once_over_several_nodes(node_env, processes, connection,
                                                                                     prefix):
-    slot = slot_in(8)
+    slot = slot_in(SETUP_S)
     env = live_env(node_env, slot, params=12, sleep_s=1.0)
+    keys = Keys(prefix)
     for node in ("node-1", "node-2", "node-3"):
         processes.start("scheduler.py", dict(env, NODE_NAME=node))
         processes.start("worker_entry.py", dict(env, NODE_NAME=node))
         time.sleep(1)
+    for node in ("node-1", "node-2", "node-3"):  # every node's worker is up before the slot
+        wait_for(lambda: connection.exists(keys.heartbeat("worker", node)), timeout=seconds_until(slot) + 30,
+                 what=f"the worker of {node}")
+    assert_before(slot, "starting three nodes")
     day = slot.date().isoformat()
-    wait_for(lambda: all_finished(env, day), timeout=60, what="all 12 runs finished")
+    wait_for(lambda: all_finished(env, day), timeout=seconds_until(slot) + 60, what="all 12 runs finished")
 
     events = executions(connection, prefix)
     assert sorted(starts_per_param(events).values()) == [1] * 12
@@ -55,12 +76,17 @@ def test_three_nodes_started_a_second_apart_run_every_run_once_over_several_node
 
 
 def test_two_schedulers_racing_for_one_slot_enqueue_it_once(node_env, processes, connection, prefix):
-    slot = slot_in(4)
+    slot = slot_in(SETUP_S / 2)
     env = live_env(node_env, slot, params=12, sleep_s=0.1)
     schedulers = [processes.start("scheduler.py", dict(env, NODE_NAME=f"racer-{i}")) for i in (1, 2)]
     day = slot.date()
     keys = Keys(prefix)
-    wait_for(lambda: connection.scard(keys.day_enqueued(day)) == 12, timeout=30, what="the slot's fan-out")
+    for racer in ("racer-1", "racer-2"):  # both tick before the slot: they really race for it
+        wait_for(lambda: connection.exists(keys.heartbeat("scheduler", racer)), timeout=seconds_until(slot) + 30,
+                 what=f"scheduler {racer}")
+    assert_before(slot, "starting two schedulers")
+    wait_for(lambda: connection.scard(keys.day_enqueued(day)) == 12, timeout=seconds_until(slot) + 30,
+             what="the slot's fan-out")
     time.sleep(2)  # give a second fan-out every chance to happen
     assert connection.scard(keys.day_enqueued(day)) == 12
     assert connection.llen(f"rq:queue:{keys.queue_name}") == 12
@@ -97,44 +123,51 @@ def leader_node(connection, keys: Keys):
 
 
 def leader_and_standby(processes, env, connection, keys: Keys, leader: str, standby: str):
-    """Two schedulers, returned once the first leads and the second has ticked beside it."""
+    """Two schedulers, returned once the first leads and the second has ticked beside it
+    (its first tick writes its heartbeat)."""
     first = processes.start("scheduler.py", dict(env, NODE_NAME=leader))
     wait_for(lambda: leader_node(connection, keys) == leader, timeout=15, what=f"{leader} to lead")
     second = processes.start("scheduler.py", dict(env, NODE_NAME=standby))
-    time.sleep(1)
+    wait_for(lambda: connection.exists(keys.heartbeat("scheduler", standby)), timeout=15, what=f"{standby} to tick")
+    assert leader_node(connection, keys) == leader
     return first, second
 
 
 def test_a_killed_leader_is_replaced_and_the_next_slot_fires_once(node_env, processes, connection, prefix):
     keys = Keys(prefix)
-    slot = slot_in(10)
+    slot = slot_in(SETUP_S)
     env = live_env(node_env, slot, params=6, sleep_s=0.1)
     first, second = leader_and_standby(processes, env, connection, keys, "first", "second")
     first.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
+    assert_before(slot, "electing a leader, starting a standby and killing the leader")
     wait_for(lambda: leader_node(connection, keys) == "second", timeout=10, what="a new leader")
     assert time.monotonic() - killed_at < 10
-    wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 6, timeout=20, what="the slot to fire")
-    time.sleep(1.5)
+    wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 6, timeout=seconds_until(slot) + 20,
+             what="the slot to fire")
+    time.sleep(2)  # a second fan-out, if any, would come within a tick or two
     assert connection.llen(f"rq:queue:{keys.queue_name}") == 6
     assert sum("fanned out sample" in line for line in processes.log_of(second).splitlines()) == 1
 
 
 def test_a_paused_leader_enqueues_nothing_when_it_wakes(node_env, processes, connection, prefix):
     keys = Keys(prefix)
-    slot = slot_in(9)
+    slot = slot_in(SETUP_S)
     env = live_env(node_env, slot, params=6, sleep_s=0.1)
     old, new = leader_and_standby(processes, env, connection, keys, "old", "new")
     old.send_signal(signal.SIGSTOP)  # paused past its 2 s lease, across the slot
     try:
-        wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 6, timeout=30,
+        assert_before(slot, "electing a leader, starting a standby and pausing the leader")
+        wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 6, timeout=seconds_until(slot) + 30,
                  what="the new leader to fire the slot")
     finally:
         old.send_signal(signal.SIGCONT)
-    time.sleep(3)  # the old leader runs again for a while
+    # The old leader runs again: it finds the lease gone (and says so) instead of fanning out.
+    wait_for(lambda: "lost the leader lease" in processes.log_of(old), timeout=30,
+             what="the old leader to notice it lost the lease")
+    time.sleep(2)  # and a tick or two more, in which it must not fan out either
     old_log = processes.log_of(old)
     assert "fanned out" not in old_log
-    assert "lost the leader lease" in old_log
     assert "fanned out sample" in processes.log_of(new)
     assert connection.llen(f"rq:queue:{keys.queue_name}") == 6
     assert leader_node(connection, keys) == "new"

@@ -7,8 +7,10 @@ import json
 import os
 import pty
 import re
+import select
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 
 from dailyq.keys import Keys
@@ -137,22 +139,38 @@ def finished_day(env: dict) -> None:
 
 
 def run_in_pty(args: list[str], env: dict, timeout: float = 60) -> tuple[int, str]:
-    """Run the CLI with its stdout on a pseudo-terminal (isatty() is true), as in a shell."""
+    """Run the CLI with its stdout on a pseudo-terminal (isatty() is true), as in a shell.
+    Every read waits at most until ``timeout`` after the start: a CLI that never ends
+    (a --watch that does not stop) fails the test with what it printed, instead of
+    blocking it forever."""
     master, slave = pty.openpty()
     process = subprocess.Popen([sys.executable, "scheduler.py", *args], cwd=ROOT, env=env, stdout=slave,
-                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     os.close(slave)
     chunks: list[bytes] = []
-    while True:
-        try:
-            data = os.read(master, 65536)  # returns what is there; EIO once the child closed its end
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    code = process.wait(timeout=timeout)
-    os.close(master)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"scheduler.py {' '.join(args)} still running after {timeout}s; "
+                                     f"it printed {b''.join(chunks)[-500:]!r}")
+            readable, _, _ = select.select([master], [], [], left)
+            if not readable:
+                continue
+            try:
+                data = os.read(master, 65536)  # what is there; EIO once the child closed its end
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     return code, b"".join(chunks).decode("utf-8", errors="replace")
 
 

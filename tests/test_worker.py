@@ -1,9 +1,11 @@
 """Workers as separate processes: only table functions run, JSON only, params round-trip."""
 
+import pickle
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -42,14 +44,32 @@ def test_a_job_naming_a_function_outside_the_table_is_refused_and_not_run(node_e
     assert "refused to run 'os.system'" in job.latest_result().exc_string
 
 
+class LeavesAMark:
+    """A job argument whose mere unpickling writes a file: what a pickle written into
+    Redis by someone else does to whoever loads it (no function needs to run)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return Path.write_text, (self.path, "unpickled")
+
+
 def test_a_pickled_job_is_not_unpickled(node_env, connection, settings, tmp_path):
-    marker = tmp_path / "pwned"
+    marker = tmp_path / "unpickled"
     queue = Queue(settings.keys.queue_name, connection=connection)  # RQ's default: pickle
-    job = queue.enqueue("os.system", f"touch {marker}")
+    # A function of the table: only refusing to unpickle stands between this job and the node.
+    job = queue.enqueue("tests.sample_tasks.record", LeavesAMark(marker))
+    payload = connection.hget(job.key, "data")
+    assert not marker.exists()  # pickling it left nothing
     finished = run_burst_worker(node_env)
     assert finished.returncode == 0, finished.stderr
-    assert not marker.exists()
-    assert Job.fetch(job.id, connection=connection).get_status() == "failed"
+    assert not marker.exists()  # the worker never unpickled it ...
+    assert executions(connection, settings.prefix) == []  # ... nor ran the function
+    assert connection.hget(job.key, "status") == b"failed"
+    # The payload the worker read does leave the mark when it is unpickled.
+    pickle.loads(zlib.decompress(payload))
+    assert marker.read_text() == "unpickled"
 
 
 def test_non_ascii_and_structured_params_round_trip(node_env, connection, settings, table):

@@ -1,0 +1,187 @@
+"""The commands as functions, for scripts and web apps: ``trigger``, ``rerun`` and
+``day_status`` do what ``scheduler.py trigger|rerun|status --json`` do, and return
+data instead of printing it.
+
+Each takes a Redis client or a ``REDIS_URL``-style string (``redis://``, ``rediss://``,
+``unix://``, ``redis+sentinel://``). Whatever is not given comes from the environment,
+as for every dailyq process: ``settings`` from ``Settings.from_env()`` (the key prefix,
+``DAILYQ_PREFIX``, above all), ``table`` from the module ``DAILYQ_TASKS`` names. A
+client given is used and left open; one made from a URL is closed before returning.
+
+Errors are ``dailyq.DailyqError``s with one line that says what to fix: ``ConfigError``
+for a bad date, an unknown task or param, a bad table or URL; ``RedisUnavailable`` when
+the server cannot be reached or refuses us. (Redis failing in the middle of a call
+raises redis-py's own ``RedisError``.)
+
+"Today" and "now" are read from Redis's clock (``TIME``), as the CLI does: every node
+shares it, whatever the caller's own clock says.
+
+Imported lazily by ``dailyq/__init__.py``: task modules import ``dailyq`` and must
+not pull in redis and RQ for it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import date, datetime, timezone
+from typing import Any, Iterable, Iterator, Sequence, Union
+from zoneinfo import ZoneInfo
+
+from redis import Redis
+
+from .clock import server_now
+from .connection import connect
+from .errors import ConfigError
+from .fanout import rerun as _fan_out_rerun
+from .fanout import select_params
+from .fanout import trigger as _fan_out_trigger
+from .runs import Run, decode_record, runs_on
+from .settings import Settings
+from .status import day_status as _day_status
+from .table import Task, TaskTable, load_table
+
+__all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "day_status", "default_day", "rerun", "trigger"]
+
+ConnectionOrUrl = Union[Redis, str]
+DayLike = Union[date, str, None]  # a date, "YYYY-MM-DD", or None for today in the tasks' zone
+TableLike = Union[TaskTable, Sequence[Task], None]
+
+
+def default_day(table: TaskTable, now: datetime) -> date:
+    """Today in the tasks' zone when they all share one, else in UTC."""
+    zones = {task.tz for task in table.tasks}
+    zone = ZoneInfo(zones.pop()) if len(zones) == 1 else timezone.utc
+    return now.astimezone(zone).date()
+
+
+def trigger(connection_or_url: ConnectionOrUrl, day: DayLike = None, tasks: Iterable[str] | str | None = None, *,
+            settings: Settings | None = None, table: TableLike = None) -> dict[str, Any]:
+    """Fan out every run of ``day`` now (ad-hoc or a backfill), like ``scheduler.py
+    trigger``. Idempotent: a run enqueued before, by anyone, is not enqueued again.
+
+    ``tasks``: task names (or one name); None for every task in the table.
+
+    Returns ``{"date": "YYYY-MM-DD", "tasks": [names], "enqueued": [run, ...],
+    "already": [run, ...]}``, each run ``{"task", "param", "slot", "run_id", "job_id"}``:
+    ``enqueued`` were pushed by this call, ``already`` by an earlier one. The job id is
+    the RQ job's id.
+    """
+    settings, table_ = _settings_and_table(settings, table)
+    names = [tasks] if isinstance(tasks, str) else (list(tasks) if tasks is not None else None)
+    # Unknown task: a clear error before Redis is asked anything.
+    chosen = [table_.get(name).name for name in names] if names else [task.name for task in table_.tasks]
+    parsed_day = _parse_day(day)
+    from .worker import make_queue  # noqa: PLC0415 - RQ's worker machinery only where a queue is needed
+
+    with _connection(connection_or_url, settings) as connection:
+        day_ = parsed_day or default_day(table_, server_now(connection))
+        result = _fan_out_trigger(connection, settings.keys, make_queue(connection, settings.keys), table_, day_,
+                                  names, settings.retention_s)
+    # Trigger enqueues each run's first job, whose id is the run id (runs.Run.job_id).
+    by_job_id = {run.job_id(): run for run in runs_on(table_, day_, names)}
+    return {"date": day_.isoformat(), "tasks": chosen,
+            "enqueued": [_run_entry(by_job_id[job_id], job_id) for job_id in result.enqueued],
+            "already": [_run_entry(by_job_id[job_id], job_id) for job_id in result.already]}
+
+
+def rerun(connection_or_url: ConnectionOrUrl, task: str, params: Iterable[Any] = (), day: DayLike = None,
+          force: bool = False, *, settings: Settings | None = None, table: TableLike = None) -> dict[str, Any]:
+    """Run ``task`` again for ``day``, like ``scheduler.py rerun``.
+
+    ``params``: which of the task's params (their values, or their JSON text as on the
+    command line: ``3`` or ``"3"`` for the param 3; one string is one param); empty for
+    all of them. Without
+    ``force``, runs that finished, and runs queued or running now, are skipped; with it
+    they run again (still never two copies of one run at once).
+
+    Returns ``{"date", "task", "force", "enqueued": [run, ...], "finished": [run, ...],
+    "in_progress": [run, ...]}`` (the last two: skipped), each run ``{"task", "param",
+    "slot", "run_id", "job_id"}``. ``job_id`` is the run's current RQ job (a rerun of a
+    run enqueued before gets a new one, ``{run_id}-rN``), None if it never had one.
+    """
+    settings, table_ = _settings_and_table(settings, table)
+    task_ = table_.get(task)
+    # One string is one param, not its characters.
+    wanted = [params] if isinstance(params, str) else list(params)
+    select_params(task_, wanted)  # an unknown param: a clear error before Redis is asked anything
+    parsed_day = _parse_day(day)
+    from .worker import make_queue  # noqa: PLC0415
+
+    with _connection(connection_or_url, settings) as connection:
+        day_ = parsed_day or default_day(table_, server_now(connection))
+        report = _fan_out_rerun(connection, settings.keys, make_queue(connection, settings.keys), table_,
+                                task_.name, wanted, day_, force, settings.retention_s)
+        groups = {"enqueued": report.enqueued, "finished": report.finished, "in_progress": report.in_progress}
+        every = [run for runs in groups.values() for run in runs]
+        # The job ids fan_out chose (a rerun's -rN) are in the records it just wrote.
+        raw = connection.hmget(settings.keys.day_runs(day_), [run.run_id for run in every]) if every else []
+    job_ids = {run.run_id: decode_record(record).get("job_id") if record else None for run, record in zip(every, raw)}
+    return {"date": day_.isoformat(), "task": task_.name, "force": force,
+            **{name: [_run_entry(run, job_ids[run.run_id]) for run in runs] for name, runs in groups.items()}}
+
+
+def day_status(connection_or_url: ConnectionOrUrl, day: DayLike = None, *, settings: Settings | None = None,
+               table: TableLike = None) -> dict[str, Any]:
+    """Every run of ``day`` with its state, the leader and the live nodes: the object
+    ``scheduler.py status --json`` prints (its keys are a public contract)."""
+    settings, table_ = _settings_and_table(settings, table)
+    parsed_day = _parse_day(day)
+    with _connection(connection_or_url, settings) as connection:
+        now = server_now(connection)
+        status = _day_status(connection, settings.keys, table_, parsed_day or default_day(table_, now), now)
+        status["alerts"] = _alert_summary(connection, settings)
+        return status
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _alert_summary(connection: Redis, settings: Settings) -> dict[str, object]:
+    """Where alerts go (the URL redacted: it holds a token) and how many wait (the
+    outbox is cluster-wide, not per day)."""
+    from .alert_outbox import Outbox  # noqa: PLC0415
+
+    pending, in_flight = Outbox(connection, settings.keys, settings.retention_s).counts()
+    return {"url": settings.redacted_alert_url(), "pending": pending, "in_flight": in_flight}
+
+
+def _settings_and_table(settings: Settings | None, table: TableLike) -> tuple[Settings, TaskTable]:
+    settings = settings or Settings.from_env()
+    if table is None:
+        return settings, load_table(settings.tasks_module)
+    # A list of Task is validated like a table module's TASKS.
+    return settings, table if isinstance(table, TaskTable) else TaskTable(table)
+
+
+def _parse_day(day: DayLike) -> date | None:
+    if day is None or isinstance(day, date):
+        # datetime is a date too: take its date, not a moment.
+        return day.date() if isinstance(day, datetime) else day
+    if isinstance(day, str):
+        try:
+            return date.fromisoformat(day)
+        except ValueError:
+            raise ConfigError(f"bad date {day!r}: use YYYY-MM-DD") from None
+    raise ConfigError(f"bad date {day!r}: give a datetime.date or 'YYYY-MM-DD'")
+
+
+@contextmanager
+def _connection(connection_or_url: ConnectionOrUrl, settings: Settings) -> Iterator[Redis]:
+    """The caller's client as it is, or a client for the URL (checked, one-line errors,
+    like every dailyq process's), closed afterwards."""
+    if isinstance(connection_or_url, str):
+        connection = connect(replace(settings, redis_url=connection_or_url))
+        try:
+            yield connection
+        finally:
+            connection.close()
+    elif isinstance(connection_or_url, Redis):
+        yield connection_or_url
+    else:
+        raise ConfigError(f"need a redis.Redis client or a Redis URL string, not {type(connection_or_url).__name__}")
+
+
+def _run_entry(run: Run, job_id: str | None) -> dict[str, Any]:
+    return {"task": run.task.name, "param": run.param, "slot": run.slot.isoformat(), "run_id": run.run_id,
+            "job_id": job_id}
