@@ -195,7 +195,9 @@ def test_workers_json_shows_each_busy_workers_run_while_runs_execute(node_env, p
 
 def test_the_workers_page_shows_the_busy_worker_in_chromium(node_env, processes, tmp_path):
     chromium()  # skip (or fail on CI) before doing any work
-    env = slow_batch(node_env, params=1, sleep_s=5)  # still running when the page asks
+    # Long enough to be still running when a slow (loaded) machine has started Chromium and
+    # the page asks; the test ends as soon as the row shows.
+    env = slow_batch(node_env, params=1, sleep_s=60)
     with running_dashboard(env, tmp_path) as base:
         processes.start("worker_entry.py", dict(env, NODE_NAME="node-a"), "--burst", log_dir=tmp_path)
         wait_for(lambda: bool(busy_workers(base)), timeout=60, what="the worker to start its run")
