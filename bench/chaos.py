@@ -207,7 +207,9 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
                     time.sleep(0.05)
                 leader_gaps.append(time.monotonic() - killed_at)
                 continue
-            node = rng.choice(healthy)
+            # A node in the middle of a run, when there is one: that is where faults hurt.
+            busy_nodes = [n for n in healthy if children_of(procs[(n, "worker")].pid)]
+            node = rng.choice(busy_nodes or healthy)
             worker = procs[(node, "worker")]
             horses = children_of(worker.pid)
             note(f"{fault} (horses {horses})", node)
