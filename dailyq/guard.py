@@ -82,12 +82,9 @@ end
 if ARGV[4] ~= '1' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
   return {{'finished'}}
 end
-local stored = redis.call('HGET', KEYS[3], ARGV[1])
-if stored then
-  local job_id = cjson.decode(stored).job_id
-  if type(job_id) == 'string' and job_id ~= ARGV[11] then
-    return {{'superseded'}}  -- a later job of this run (recovery, rerun) is the one to execute
-  end
+local record = load_record(KEYS[3], ARGV[1], ARGV[5])  -- decoded once, for the check and the update
+if type(record.job_id) == 'string' and record.job_id ~= ARGV[11] then
+  return {{'superseded'}}  -- a later job of this run (recovery, rerun) is the one to execute
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {{'busy'}}  -- this very run is executing elsewhere
@@ -95,7 +92,6 @@ end
 if redis.call('EXISTS', KEYS[5]) == 1 then
   -- a run of another slot of the same task and param is still executing
   if ARGV[8] == 'skip' then
-    local record = load_record(KEYS[3], ARGV[1], ARGV[5])
     record.state, record.node, record.ended_at, record.job_id = '{SKIPPED}', ARGV[9], ARGV[10], ARGV[11]
     record.error = [[{OVERLAP_SKIPPED}]]
     save_record(KEYS[3], ARGV[1], record, ARGV[6])
@@ -106,7 +102,6 @@ end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[3])
 local fence = redis.call('INCR', KEYS[6])
-local record = load_record(KEYS[3], ARGV[1], ARGV[5])
 record.state, record.node, record.started_at, record.job_id = '{RUNNING}', ARGV[9], ARGV[10], ARGV[11]
 record.ended_at, record.error = cjson.null, cjson.null
 record.attempts = (tonumber(record.attempts) or 0) + 1
