@@ -32,7 +32,7 @@ from redis import Redis  # noqa: E402
 
 from dailyq.clock import utc_now  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
-from tests.helpers import ProcessGroup, activity, base_env, executions, param_key  # noqa: E402
+from tests.helpers import ProcessGroup, base_env, executions, overlaps, param_key  # noqa: E402
 from tests.tcp_proxy import TcpProxy  # noqa: E402
 
 PREFIX = "chaos"
@@ -265,29 +265,20 @@ def _signal(pid: int, sig: int) -> None:
 
 def _overlaps(events: list[dict], frozen: set[int], cuts: list[tuple[str, float, float]]) -> dict[str, float]:
     """Longest time two copies of one run were both seen working, by cause: a frozen copy
-    that resumed, a copy on a node cut off from Redis, or anything else."""
-    spans = activity(events)
+    that resumed, a copy on a node cut off from Redis (during the cut or within 2 s of
+    its healing), or anything else."""
     node_of = {e["pid"]: e["node"] for e in events}
     longest = {"cut": 0.0, "freeze": 0.0, "other": 0.0}
-    copies = sorted(spans)
-    for i, first in enumerate(copies):
-        for second in copies[i + 1:]:
-            if first[0] != second[0]:
-                continue
-            for a_start, a_end in spans[first]:
-                for b_start, b_end in spans[second]:
-                    overlap = min(a_end, b_end) - max(a_start, b_start)
-                    if overlap <= 0:
-                        continue
-                    pids = {first[1], second[1]}
-                    if pids & frozen:
-                        cause = "freeze"
-                    elif any(node_of.get(pid) == node and begin <= max(a_start, b_start) + overlap
-                             and max(a_start, b_start) <= end + 2 for pid in pids for node, begin, end in cuts):
-                        cause = "cut"
-                    else:
-                        cause = "other"
-                    longest[cause] = max(longest[cause], overlap)
+    for pid, other, begin, seconds in overlaps(events):
+        pids = {pid, other}
+        if pids & frozen:
+            cause = "freeze"
+        elif any(node_of.get(p) == node and cut_from <= begin + seconds and begin <= cut_to + 2
+                 for p in pids for node, cut_from, cut_to in cuts):
+            cause = "cut"
+        else:
+            cause = "other"
+        longest[cause] = max(longest[cause], seconds)
     return longest
 
 

@@ -188,11 +188,11 @@ def activity(events: list[dict], gap_s: float = 0.5) -> dict[tuple[str, int], li
     return spans
 
 
-def longest_overlap(events: list[dict], gap_s: float = 0.5) -> float:
-    """The longest time two copies of one param were both seen working (tasks that tick,
-    like tests.sample_tasks.progress); 0.0 when they never overlapped."""
+def overlaps(events: list[dict], gap_s: float = 0.5) -> list[tuple[int, int, float, float]]:
+    """Every moment two copies of one param were both seen working (tasks that tick,
+    like tests.sample_tasks.progress), as (pid, other pid, from, seconds)."""
     spans = activity(events, gap_s)
-    longest = 0.0
+    found = []
     copies = sorted(spans)
     for i, first in enumerate(copies):
         for second in copies[i + 1:]:
@@ -200,5 +200,13 @@ def longest_overlap(events: list[dict], gap_s: float = 0.5) -> float:
                 continue
             for a_start, a_end in spans[first]:
                 for b_start, b_end in spans[second]:
-                    longest = max(longest, min(a_end, b_end) - max(a_start, b_start))
-    return longest
+                    begin = max(a_start, b_start)
+                    if min(a_end, b_end) > begin:
+                        found.append((first[1], second[1], begin, min(a_end, b_end) - begin))
+    return found
+
+
+def longest_overlap(events: list[dict], gap_s: float = 0.5) -> float:
+    """The longest time two copies of one param were both seen working; 0.0 when they
+    never overlapped."""
+    return max((seconds for *_, seconds in overlaps(events, gap_s)), default=0.0)
