@@ -28,7 +28,8 @@ from rq.exceptions import DeserializationError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from .clock import iso, utc_now
+from .beats import beat_value, register_node
+from .clock import RedisClock
 from .errors import DailyqError
 from .guard import CLAIM_LOST_EXIT_CODE, Attempt, Guard, PendingFinish, RunIdentity
 from .keys import Keys
@@ -232,9 +233,6 @@ class _DailyWorkerMixin:
         over 5 s old. Never in a forked work-horse: it inherits the parent's reading, so
         a run costs no extra round trip.
         """
-        from .beats import beat_value, register_node  # noqa: PLC0415
-        from .clock import RedisClock  # noqa: PLC0415
-
         super().heartbeat(timeout, pipeline)  # type: ignore[misc]
         promise_s = timeout or self.worker_ttl + 60  # type: ignore[attr-defined]
         # RQ beats several times per job; one write per HEARTBEAT_REFRESH_S is enough
