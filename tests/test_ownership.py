@@ -43,7 +43,7 @@ def run_record(env: dict, day: str = DAY) -> dict:
 
 def test_a_node_cut_off_from_redis_stops_its_copy_before_another_node_takes_the_run_over(
         redis_server, prefix, connection, processes):
-    direct = node_env(redis_server.url, prefix, SAMPLE_SLEEP_S="14")
+    direct = node_env(redis_server.url, prefix, SAMPLE_SLEEP_S="11")
     with TcpProxy("127.0.0.1", redis_server.port) as proxy:
         cut_off = dict(direct, REDIS_URL=proxy.url(), NODE_NAME="node-a")
         a_scheduler = processes.start("scheduler.py", cut_off)
@@ -58,7 +58,7 @@ def test_a_node_cut_off_from_redis_stops_its_copy_before_another_node_takes_the_
         cut_at = time.time()
         wait_for(lambda: first_event(connection, prefix, "node-b") is not None, 40, "node-b to take the run over")
         # Keep node-a cut off well past the claim TTL, while node-b runs the task.
-        time.sleep(max(0.0, cut_at + 12 - time.time()))
+        time.sleep(max(0.0, cut_at + 10 - time.time()))
         proxy.heal()
         wait_for(lambda: run_record(direct)["state"] == "finished", 60, "the run to finish", every=0.5)
 
@@ -85,7 +85,7 @@ def test_a_node_cut_off_from_redis_stops_its_copy_before_another_node_takes_the_
 
 def test_a_frozen_worker_stops_its_copy_on_resuming_and_records_nothing(redis_server, prefix, connection,
                                                                         processes):
-    env = node_env(redis_server.url, prefix, SAMPLE_SLEEP_S="14")
+    env = node_env(redis_server.url, prefix, SAMPLE_SLEEP_S="11")
     processes.start("scheduler.py", dict(env, NODE_NAME="node-a"))
     frozen_worker = processes.start("worker_entry.py", dict(env, NODE_NAME="node-a"))
     assert run_cli(["trigger", "--date", DAY], env).returncode == 0
