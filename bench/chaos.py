@@ -32,7 +32,7 @@ from redis import Redis  # noqa: E402
 
 from dailyq.clock import utc_now  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
-from tests.helpers import ProcessGroup, base_env, executions, overlaps, param_key  # noqa: E402
+from tests.helpers import ProcessGroup, base_env, children_of, executions, overlaps, param_key  # noqa: E402
 from tests.tcp_proxy import TcpProxy  # noqa: E402
 
 PREFIX = "chaos"
@@ -75,19 +75,6 @@ class ChaosReport:
                 f"longest recovery (run killed -> restarted elsewhere): {self.longest_recovery_s:.1f}s",
                 f"longest time without a leader after a leader kill: {self.longest_leader_gap_s:.1f}s",
                 f"wall time: {self.wall_s:.1f}s", *self.notes]
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def kill(pid: int) -> None:

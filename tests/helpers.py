@@ -210,3 +210,17 @@ def longest_overlap(events: list[dict], gap_s: float = 0.5) -> float:
     """The longest time two copies of one param were both seen working; 0.0 when they
     never overlapped."""
     return max((seconds for *_, seconds in overlaps(events, gap_s)), default=0.0)
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (an RQ worker's work-horse), read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found

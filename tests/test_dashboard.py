@@ -33,7 +33,7 @@ from dailyq.live_timeline import timeline_page
 from dailyq.runs import META_KEY
 from dailyq.worker import make_queue
 from tests.browser import Browser, chromium
-from tests.helpers import ROOT, run_cli, wait_for
+from tests.helpers import ROOT, children_of, run_cli, wait_for
 
 USER, PASSWORD = "ops", "s3cret-ä"
 AUTH = (USER, PASSWORD)
@@ -199,16 +199,22 @@ def test_the_workers_page_shows_the_busy_worker_in_chromium(node_env, processes,
     # the page asks; the test ends as soon as the row shows.
     env = slow_batch(node_env, params=1, sleep_s=60)
     with running_dashboard(env, tmp_path) as base:
-        processes.start("worker_entry.py", dict(env, NODE_NAME="node-a"), "--burst", log_dir=tmp_path)
+        worker = processes.start("worker_entry.py", dict(env, NODE_NAME="node-a"), "--burst", log_dir=tmp_path)
         wait_for(lambda: bool(busy_workers(base)), timeout=60, what="the worker to start its run")
-        with Browser(tmp_path / "profile", tmp_path / "chromium.log") as browser:
-            page = browser.open(f"{base}/0/view/workers", headers={"Authorization": basic_auth(*AUTH)})
-            row = page.wait_for(
-                bool, "(document.querySelector('#workers tr[data-role=worker]') || {}).innerText",
-                timeout=30, what="the Workers page to list the worker")
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(ARTIFACTS / "dashboard-workers.png")
-            table_text = page.evaluate("document.querySelector('#workers').innerText")
+        try:
+            with Browser(tmp_path / "profile", tmp_path / "chromium.log") as browser:
+                page = browser.open(f"{base}/0/view/workers", headers={"Authorization": basic_auth(*AUTH)})
+                row = page.wait_for(
+                    bool, "(document.querySelector('#workers tr[data-role=worker]') || {}).innerText",
+                    timeout=30, what="the Workers page to list the worker")
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(ARTIFACTS / "dashboard-workers.png")
+                table_text = page.evaluate("document.querySelector('#workers').innerText")
+        finally:
+            # The long run's work-horse (a process group of its own): end it, so the
+            # worker's warm shutdown at teardown does not wait out the run.
+            for horse in children_of(worker.pid):
+                os.kill(horse, signal.SIGKILL)
     assert row.startswith("node-a.")
     assert f'sample("任务参数0") slot {DAY.isoformat()}' in row  # its current run, not "idle"
     assert "Loading..." not in table_text
