@@ -179,8 +179,8 @@ class AbandonedRuns:
         return json.loads(raw) if raw is not None else None
 
     def _requeue_one(self, run_id: str, day: date, record: dict[str, Any] | None, fence: Lease | None) -> bool:
-        run = self._rebuild(run_id, day, record)
-        if run is None:
+        run = self._rebuild(run_id, day, record) if record is not None else None
+        if run is None or record is None:
             log.error("run %s died mid-run but its task or slot is no longer in the table; not requeued", run_id,
                       extra={"run_id": run_id})
             return False
@@ -189,8 +189,8 @@ class AbandonedRuns:
             self.connection.expire(self.keys.day_reruns(day), self.retention_s)
             # The same run (its run id and attempt count go on); RQ may retry the new job
             # as often as the attempt budget still allows after its next execution.
-            attempts = int((record or {}).get("attempts") or 0) - int((record or {}).get("attempts_before") or 0)
-            again = Again(rerun_number, rerun_id=(record or {}).get("rerun_id"), new_run=False,
+            attempts = int(record.get("attempts") or 0) - int(record.get("attempts_before") or 0)
+            again = Again(rerun_number, rerun_id=record.get("rerun_id"), new_run=False,
                           retries=max(0, run.task.retries - attempts))
             fan_out(self.connection, self.keys, self.queue, [run], retention_s=self.retention_s, fence=fence,
                     again={run_id: again}, at_front=True)
@@ -202,9 +202,7 @@ class AbandonedRuns:
                     run.job_id(rerun_number), extra={"run_id": run_id})
         return True
 
-    def _rebuild(self, run_id: str, day: date, record: dict[str, Any] | None) -> Run | None:
-        if record is None:
-            return None
+    def _rebuild(self, run_id: str, day: date, record: dict[str, Any]) -> Run | None:
         task = self.table.by_name.get(record["task"])
         if task is None:
             return None
