@@ -69,8 +69,8 @@ OVERLAP_SKIPPED = "overlap: the previous slot's run of this task and param was s
 # KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = running hash,
 # KEYS[5] = series claim (same task and param, any slot), KEYS[6] = fence counter
 # ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, retention_s, day,
-#        overlap ('skip'|'wait'), node, now (ISO), job_id
-# Replies {'claimed', attempt, fence} | {'finished'} | {'superseded'} | {'busy'} | {'skipped'}.
+#        overlap ('skip'|'wait'), node, now (ISO), job_id, max_attempts (0 = no limit)
+# Replies {'claimed', attempt, fence} | {'finished'} | {'superseded'} | {'exhausted'} | {'busy'} | {'skipped'}.
 # The record's fields are set here from plain arguments, not from a JSON patch: a run
 # then costs the worker no JSON encoding beyond its base record.
 BEGIN = PATCH_RECORD_LUA + f"""
@@ -85,6 +85,11 @@ end
 local record = load_record(KEYS[3], ARGV[1], ARGV[5])  -- decoded once, for the check and the update
 if type(record.job_id) == 'string' and record.job_id ~= ARGV[11] then
   return {{'superseded'}}  -- a later job of this run (recovery, rerun) is the one to execute
+end
+if ARGV[4] ~= '1' and tonumber(ARGV[12]) > 0 and run_attempts(record) >= tonumber(ARGV[12]) then
+  -- every attempt used (a second queue entry of the same job, say, pushed by two movers of
+  -- one retry): the run stays failed; a rerun gives it a new budget
+  return {{'exhausted'}}
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {{'busy'}}  -- this very run is executing elsewhere
@@ -111,7 +116,7 @@ redis.call('HSET', KEYS[4], ARGV[1], ARGV[7])
 return {{'claimed', run_attempts(record), fence}}
 """
 
-BEGIN_OUTCOMES = ("claimed", "finished", "superseded", "busy", "skipped")
+BEGIN_OUTCOMES = ("claimed", "finished", "superseded", "exhausted", "busy", "skipped")
 
 # Releases what BEGIN took; called only while the claim is ours.
 RELEASE_LUA = """
@@ -433,7 +438,7 @@ class Guard:
                       self.keys.running, self.keys.series_claim(run.series), self.keys.fence]
         begin_args = [run.run_id, attempt.owner, self.claim_ttl_s * 1000, "1" if run.force else "0",
                       run.base_record, self.retention_s, run.day.isoformat(), run.overlap, self.node,
-                      iso(self.clock()), run.job_id]
+                      iso(self.clock()), run.job_id, run.max_attempts]
         return ScriptCall(self._begin, begin_keys, begin_args)
 
     def _wait_for_claim(self, attempt: Attempt) -> str:

@@ -342,3 +342,21 @@ def test_a_stale_job_of_a_run_is_skipped_as_superseded(connection, settings):
     assert g.execute(identity("r1", force=True), lambda: calls.append(1), will_retry=lambda: False) == {
         "skipped": "superseded"}
     assert calls == []
+
+
+def test_a_run_with_every_attempt_used_is_not_executed_again_by_a_second_queue_entry(connection, settings):
+    # Two movers of one retry can push the same job twice; the second entry must not run a failed run.
+    g = guard(connection, settings)
+    run = RunIdentity(run_id="r1", day=DAY, task="t", slot="s", series="t-series", param_json='"p"', job_id="r1",
+                      force=False, max_attempts=1)
+
+    def boom():
+        raise ValueError("no")
+
+    try:
+        g.execute(run, boom, will_retry=lambda: False)
+    except ValueError:
+        pass
+    calls = []
+    assert g.execute(run, lambda: calls.append(1), will_retry=lambda: False) == {"skipped": "exhausted"}
+    assert calls == [] and record(connection, settings, "r1")["state"] == "failed"
