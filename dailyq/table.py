@@ -11,7 +11,8 @@ import importlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from datetime import date
+from typing import Any, Callable, Iterable, Sequence
 
 from .errors import ConfigError
 from .schedule import Schedule, parse_at
@@ -29,7 +30,10 @@ class Task:
 
     name: str
     func: Callable[[Any], Any] | str
-    params: list[Any]
+    # A list of JSON values, or a callable (or its dotted path) taking the run's day and
+    # returning one: the leader calls it once when the slot fires and stores the list
+    # with the day's runs (params_book.py); everyone else reads the stored list.
+    params: list[Any] | Callable[[date], list[Any]] | str
     at: str | None = None
     cron: str | None = None
     tz: str = "UTC"
@@ -41,6 +45,13 @@ class Task:
     # "HH:MM" (or "HH:MM:SS") in ``tz``: a run of the day not finished by then raises a
     # ``day_late`` alert (alert_events.deadline_at says which moment that is).
     deadline: str | None = None
+    # Names of tasks whose every run of the same day must have finished before a run of
+    # this one starts (dependencies.py). Until then this task's runs are 'waiting'.
+    after: list[str] = field(default_factory=list)
+    # At most this many runs of this task execute at once across all nodes / on any one
+    # node (limits.py); None: no limit.
+    max_running: int | None = None
+    max_per_node: int | None = None
     schedule: Schedule = field(init=False, repr=False, compare=False)
 
     @property
@@ -61,25 +72,56 @@ class Task:
     def resolve(self) -> Callable[[Any], Any]:
         return _import_callable(self.func_path)
 
+    @property
+    def params_computed(self) -> bool:
+        """True when params come from a callable called at the slot, not a fixed list."""
+        return not isinstance(self.params, (list, tuple))
+
+    @property
+    def has_limits(self) -> bool:
+        return self.max_running is not None or self.max_per_node is not None
+
+    def compute_params(self, day: date) -> list[Any]:
+        """Call the params callable for ``day``; raise ValueError with a readable reason
+        when it fails or returns something that is not a list of distinct JSON values."""
+        if not self.params_computed:
+            return list(self.params)  # type: ignore[arg-type]
+        try:
+            produce = self.params if callable(self.params) else _import_callable(str(self.params))
+            produced = produce(day)
+        except Exception as exc:  # noqa: BLE001 - the user's code: any failure is reported, not raised
+            raise ValueError(f"params callable {self.params_path} raised {type(exc).__name__}: {exc}") from None
+        if not isinstance(produced, list):
+            raise ValueError(f"params callable {self.params_path} returned {type(produced).__name__}, not a list")
+        problem = params_problem(produced)
+        if problem:
+            raise ValueError(f"params callable {self.params_path} returned a bad list: {problem}")
+        return produced
+
+    @property
+    def params_path(self) -> str:
+        if isinstance(self.params, str):
+            return self.params
+        return f"{getattr(self.params, '__module__', '?')}.{getattr(self.params, '__qualname__', '?')}"
+
 
 def _first_problem(task: Task) -> str | None:
     try:
         task.schedule = Schedule.parse(task.at, task.cron, task.tz)
     except ValueError as exc:
         return str(exc)
-    if not isinstance(task.params, (list, tuple)):
-        return f"params must be a list, got {type(task.params).__name__}"
-    seen: set[str] = set()
-    for param in task.params:
+    if isinstance(task.params, str):
         try:
-            encoded = encode_param(param)
-        except (TypeError, ValueError):
-            return f"param {param!r} is not JSON-serializable (use str, int, float, bool, None, list, dict)"
-        if json.loads(encoded) != param or isinstance(param, tuple):
-            return f"param {param!r} does not survive a JSON round trip (use lists and str keys)"
-        if encoded in seen:
-            return f"param {param!r} is listed twice"
-        seen.add(encoded)
+            _import_callable(task.params)
+        except ImportError as exc:
+            return (f"params must be a list or a callable (or its dotted path 'module.function'); "
+                    f"cannot import params {task.params!r}: {exc}")
+    elif not isinstance(task.params, (list, tuple)) and not callable(task.params):
+        return f"params must be a list or a callable taking the day, got {type(task.params).__name__}"
+    elif isinstance(task.params, (list, tuple)):
+        problem = params_problem(task.params)
+        if problem:
+            return problem
     for attr in ("timeout_s", "retries", "misfire_grace_s", "retry_backoff_s"):
         value = getattr(task, attr)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (attr == "timeout_s" and value == 0):
@@ -91,6 +133,12 @@ def _first_problem(task: Task) -> str | None:
             return f"bad deadline={task.deadline!r} (use 'HH:MM' or 'HH:MM:SS', 24-hour, in the task's tz)"
     if task.overlap not in OVERLAP_POLICIES:
         return f"overlap must be one of {', '.join(OVERLAP_POLICIES)}, got {task.overlap!r}"
+    if not isinstance(task.after, (list, tuple)) or not all(isinstance(n, str) for n in task.after):
+        return f"after must be a list of task names, got {task.after!r}"
+    for attr in ("max_running", "max_per_node"):
+        value = getattr(task, attr)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            return f"{attr} must be a positive integer or None, got {value!r}"
     if not callable(task.func) and not isinstance(task.func, str):
         return "func must be a callable or a dotted path 'module.function'"
     try:
@@ -99,6 +147,22 @@ def _first_problem(task: Task) -> str | None:
         return f"cannot import func {task.func_path!r}: {exc}"
     if callable(task.func) and resolved is not task.func:
         return f"func {task.func_path!r} is not importable by that name (define it at module level)"
+    return None
+
+
+def params_problem(params: Sequence[Any]) -> str | None:
+    """What is wrong with a list of params (not JSON, not round-tripping, repeated), or None."""
+    seen: set[str] = set()
+    for param in params:
+        try:
+            encoded = encode_param(param)
+        except (TypeError, ValueError):
+            return f"param {param!r} is not JSON-serializable (use str, int, float, bool, None, list, dict)"
+        if json.loads(encoded) != param or isinstance(param, tuple):
+            return f"param {param!r} does not survive a JSON round trip (use lists and str keys)"
+        if encoded in seen:
+            return f"param {param!r} is listed twice"
+        seen.add(encoded)
     return None
 
 
@@ -133,11 +197,12 @@ class TaskTable:
         self.by_name: dict[str, Task] = {}
         for task in self.tasks:
             if not isinstance(task, Task):
-                raise ConfigError(f"TASKS holds {task!r}: every entry must be a jobs.Task")
+                raise ConfigError(f"TASKS holds {task!r}: every entry must be a dailyq.Task")
             task.validate()
             if task.name in self.by_name:
                 raise ConfigError(f"task {task.name!r}: name is used twice; task names must be unique")
             self.by_name[task.name] = task
+        _check_dependencies(self.tasks, self.by_name)
         # Workers refuse to execute anything else: a job naming os.system is not run.
         self.allowed_functions: frozenset[str] = frozenset(t.func_path for t in self.tasks)
 
@@ -147,6 +212,38 @@ class TaskTable:
         except KeyError:
             known = ", ".join(sorted(self.by_name)) or "none"
             raise ConfigError(f"unknown task {name!r} (known: {known})") from None
+
+
+def _check_dependencies(tasks: list[Task], by_name: dict[str, Task]) -> None:
+    """Every name in ``after`` is a task of the table, and ``after`` has no cycle: a run
+    waiting on itself, directly or not, would wait forever."""
+    for task in tasks:
+        for name in task.after:
+            if name not in by_name:
+                known = ", ".join(sorted(by_name))
+                raise ConfigError(f"task {task.name!r}: after names unknown task {name!r} (known: {known})")
+            if name == task.name:
+                raise ConfigError(f"task {task.name!r}: after names the task itself")
+    done: set[str] = set()
+    for task in tasks:
+        path: list[str] = []
+        _walk_after(task.name, by_name, path, set(), done)
+
+
+def _walk_after(name: str, by_name: dict[str, Task], path: list[str], on_path: set[str], done: set[str]) -> None:
+    if name in done:
+        return
+    if name in on_path:
+        cycle = path[path.index(name):] + [name]
+        raise ConfigError(f"tasks {' -> '.join(repr(n) for n in cycle)}: a cycle in after; "
+                          "remove one of these dependencies")
+    on_path.add(name)
+    path.append(name)
+    for upstream in by_name[name].after:
+        _walk_after(upstream, by_name, path, on_path, done)
+    path.pop()
+    on_path.discard(name)
+    done.add(name)
 
 
 def load_table(module_name: str) -> TaskTable:

@@ -22,5 +22,11 @@ elif _CASE == "unimportable":
     TASKS = [Task(name="ghost", func="no_such_module.work", params=["a"], at="09:00")]
 elif _CASE == "bad_deadline":
     TASKS = [Task(name="tardy", func=record, params=["a"], at="09:00", deadline="9h")]
+elif _CASE == "unknown_after":
+    TASKS = [Task(name="report", after=["ingest"], **_OK)]
+elif _CASE == "after_cycle":
+    TASKS = [Task(name="a", after=["c"], **_OK), Task(name="b", after=["a"], **_OK), Task(name="c", after=["b"], **_OK)]
+elif _CASE == "bad_limit":
+    TASKS = [Task(name="greedy", max_running=0, **_OK)]
 elif _CASE == "syntax":
     raise SyntaxError("simulated broken table module")

@@ -50,6 +50,9 @@ def test_bad_input_gives_one_clean_line(node_env, args, env_changes, code, fragm
     ("non_json", "task 'objects': param"),
     ("unimportable", "task 'ghost': cannot import func 'no_such_module.work'"),
     ("bad_deadline", "task 'tardy': bad deadline='9h'"),
+    ("unknown_after", "task 'report': after names unknown task 'ingest'"),
+    ("after_cycle", "tasks 'a' -> 'c' -> 'b' -> 'a': a cycle in after"),
+    ("bad_limit", "task 'greedy': max_running must be a positive integer"),
     ("syntax", "cannot import task table module 'tests.bad_table'"),
 ])
 def test_a_bad_table_stops_every_entry_point_with_the_task_named(node_env, case, fragment):

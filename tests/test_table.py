@@ -33,7 +33,14 @@ def test_func_may_be_a_dotted_path():
     (dict(params=[(1, 2)]), "JSON round trip"),
     (dict(params=[{1: "a"}]), "JSON round trip"),
     (dict(params=["a", "a"]), "listed twice"),
-    (dict(params="abc"), "params must be a list"),
+    (dict(params="abc"), "cannot import params 'abc'"),
+    (dict(params="tests.sample_tasks.missing_params"), "has no attribute"),
+    (dict(params=42), "params must be a list or a callable"),
+    (dict(after="ingest"), "after must be a list of task names"),
+    (dict(after=["t"]), "after names the task itself"),
+    (dict(after=["nope"]), "after names unknown task 'nope'"),
+    (dict(max_running=0), "max_running must be a positive integer"),
+    (dict(max_per_node=True), "max_per_node must be a positive integer"),
     (dict(func="no_such_module.fn"), "cannot import func"),
     (dict(func="tests.sample_tasks.missing"), "has no attribute"),
     (dict(timeout_s=0), "timeout_s"),
@@ -74,3 +81,38 @@ def test_missing_module_or_tasks_attribute():
         load_table("no_such_tasks_module")
     with pytest.raises(ConfigError, match="has no list TASKS"):
         load_table("tests.helpers")
+
+
+def test_after_names_tasks_of_the_table_without_cycles():
+    ok = dict(func=record, params=["a"], at="09:00")
+    table = TaskTable([Task(name="ingest", **ok), Task(name="report", after=["ingest"], **ok)])
+    assert table.get("report").after == ["ingest"]
+    with pytest.raises(ConfigError, match="tasks 'a' -> 'b' -> 'a': a cycle in after"):
+        TaskTable([Task(name="a", after=["b"], **ok), Task(name="b", after=["a"], **ok)])
+
+
+def days_params(day):
+    return [day.isoformat(), "all"]
+
+
+def test_params_may_be_a_callable_or_its_dotted_path_computed_per_day():
+    from datetime import date
+    by_callable = table_of(params=days_params).get("t")
+    by_path = table_of(params="tests.test_table.days_params").get("t")
+    for task in (by_callable, by_path):
+        assert task.params_computed
+        assert task.compute_params(date(2026, 3, 1)) == ["2026-03-01", "all"]
+    assert not table_of().get("t").params_computed
+    assert table_of().get("t").compute_params(date(2026, 3, 1)) == ["a"]
+
+
+@pytest.mark.parametrize("produce, message", [
+    (lambda day: 1 / 0, "raised ZeroDivisionError: division by zero"),
+    (lambda day: "a,b", "returned str, not a list"),
+    (lambda day: [object()], "not JSON-serializable"),
+    (lambda day: ["x", "x"], "listed twice"),
+])
+def test_a_params_callable_that_fails_or_returns_a_bad_list_is_a_clear_error(produce, message):
+    from datetime import date
+    with pytest.raises(ValueError, match=message):
+        table_of(params=produce).get("t").compute_params(date(2026, 3, 1))
