@@ -29,7 +29,8 @@ from .clock import RedisClock, server_now
 from .errors import ConfigError, DailyqError, RedisUnavailable
 from .logs import setup_logging
 from .server_checks import warn_about_server
-from .connection import connect, redact_url
+from .connection import connect
+from .redact import redact_url
 from .settings import Settings
 from .status import colour_wanted, day_status, render_table
 from .table import TaskTable, encode_param, load_table
