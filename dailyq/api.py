@@ -24,9 +24,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from typing import Any, Iterable, Iterator, Sequence, Union
-from zoneinfo import ZoneInfo
 
 from redis import Redis
 
@@ -39,20 +38,13 @@ from .fanout import trigger as _fan_out_trigger
 from .runs import Run, decode_record, runs_on
 from .settings import Settings
 from .status import day_status as _day_status
-from .table import Task, TaskTable, load_table
+from .table import Task, TaskTable, default_day, load_table
 
 __all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "day_status", "default_day", "rerun", "trigger"]
 
 ConnectionOrUrl = Union[Redis, str]
 DayLike = Union[date, str, None]  # a date, "YYYY-MM-DD", or None for today in the tasks' zone
 TableLike = Union[TaskTable, Sequence[Task], None]
-
-
-def default_day(table: TaskTable, now: datetime) -> date:
-    """Today in the tasks' zone when they all share one, else in UTC."""
-    zones = {task.tz for task in table.tasks}
-    zone = ZoneInfo(zones.pop()) if len(zones) == 1 else timezone.utc
-    return now.astimezone(zone).date()
 
 
 def trigger(connection_or_url: ConnectionOrUrl, day: DayLike = None, tasks: Iterable[str] | str | None = None, *,

@@ -24,7 +24,6 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from . import api
-from .api import default_day
 from .clock import RedisClock, server_now
 from .errors import ConfigError, DailyqError, RedisUnavailable
 from .logs import setup_logging
@@ -33,7 +32,7 @@ from .connection import connect
 from .redact import redact_url
 from .settings import Settings
 from .status import colour_wanted, day_status, render_table
-from .table import TaskTable, encode_param, load_table
+from .table import TaskTable, default_day, encode_param, load_table
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from dailyq.cli import default_day
+from dailyq.table import default_day
 from dailyq.clock import utc_now
 from dailyq.fanout import trigger
 from dailyq.live_timeline import timeline_page
