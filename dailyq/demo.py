@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .clock import utc_now
 from .cli_support import project_root
+from .commands import trigger
 from .errors import DailyqError
-from .fanout import trigger
 from .connection import connect
 from .settings import Settings
 from .status import day_status, render_table, summary

@@ -94,7 +94,7 @@ def test_a_port_already_taken_is_one_line_and_exit_2(node_env):
 
 
 def test_runs_by_state_counts_as_status_does(connection, settings, table):
-    from dailyq.fanout import trigger
+    from dailyq.commands import trigger
     from dailyq.worker import make_queue
 
     day = date(2026, 11, 26)
