@@ -31,7 +31,8 @@ from .server_checks import warn_about_server
 from .connection import connect
 from .redact import redact_url
 from .settings import Settings
-from .status import colour_wanted, day_status, render_table
+from .render import colour_wanted, render_table
+from .status import day_status
 from .table import TaskTable, default_day, encode_param, load_table
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from .commands import trigger
 from .errors import DailyqError
 from .connection import connect
 from .settings import Settings
-from .status import day_status, render_table, summary
+from .render import render_table, summary
+from .status import day_status
 from .table import default_day, load_table
 from .redis_server import PrivateRedis
 

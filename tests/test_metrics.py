@@ -14,7 +14,8 @@ from dailyq.keys import Keys
 from dailyq.metrics import runs_by_state
 from dailyq.redis_server import free_port
 from dailyq.runs import STATES
-from dailyq.status import day_status, summary
+from dailyq.render import summary
+from dailyq.status import day_status
 from tests.helpers import noon_zone, run_cli, today_in, wait_for, wall_time_in
 
 
