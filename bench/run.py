@@ -32,7 +32,7 @@ from redis import Redis  # noqa: E402
 from rq import Queue  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
-from dailyq.fanout import trigger  # noqa: E402
+from dailyq.commands import trigger  # noqa: E402
 from dailyq.keys import Keys  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
 from dailyq.table import Task, TaskTable  # noqa: E402

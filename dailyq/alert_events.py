@@ -22,11 +22,11 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
-from .clock import iso, parse_iso
 from .runs import FAILED, FINISHED, runs_of_slot
 from .schedule import Slot, parse_at
 from .table import Task, TaskTable, encode_param
 from .text_width import one_line
+from .timestamps import iso, parse_iso
 
 RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER = "run_failed", "day_late", "slot_missed", "no_leader"
 EVENTS = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER)

@@ -24,35 +24,27 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from typing import Any, Iterable, Iterator, Sequence, Union
-from zoneinfo import ZoneInfo
 
 from redis import Redis
 
 from .clock import server_now
 from .connection import connect
 from .errors import ConfigError
-from .fanout import rerun as _fan_out_rerun
-from .fanout import select_params
-from .fanout import trigger as _fan_out_trigger
+from .commands import rerun as _rerun_command
+from .commands import select_params
+from .commands import trigger as _trigger_command
 from .runs import Run, decode_record, runs_on
 from .settings import Settings
 from .status import day_status as _day_status
-from .table import Task, TaskTable, load_table
+from .table import Task, TaskTable, default_day, load_table
 
 __all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "day_status", "default_day", "rerun", "trigger"]
 
 ConnectionOrUrl = Union[Redis, str]
 DayLike = Union[date, str, None]  # a date, "YYYY-MM-DD", or None for today in the tasks' zone
 TableLike = Union[TaskTable, Sequence[Task], None]
-
-
-def default_day(table: TaskTable, now: datetime) -> date:
-    """Today in the tasks' zone when they all share one, else in UTC."""
-    zones = {task.tz for task in table.tasks}
-    zone = ZoneInfo(zones.pop()) if len(zones) == 1 else timezone.utc
-    return now.astimezone(zone).date()
 
 
 def trigger(connection_or_url: ConnectionOrUrl, day: DayLike = None, tasks: Iterable[str] | str | None = None, *,
@@ -76,7 +68,7 @@ def trigger(connection_or_url: ConnectionOrUrl, day: DayLike = None, tasks: Iter
 
     with _connection(connection_or_url, settings) as connection:
         day_ = parsed_day or default_day(table_, server_now(connection))
-        result = _fan_out_trigger(connection, settings.keys, make_queue(connection, settings.keys), table_, day_,
+        result = _trigger_command(connection, settings.keys, make_queue(connection, settings.keys), table_, day_,
                                   names, settings.retention_s)
     # Trigger enqueues each run's first job, whose id is the run id (runs.Run.job_id).
     by_job_id = {run.job_id(): run for run in runs_on(table_, day_, names)}
@@ -110,7 +102,7 @@ def rerun(connection_or_url: ConnectionOrUrl, task: str, params: Iterable[Any] =
 
     with _connection(connection_or_url, settings) as connection:
         day_ = parsed_day or default_day(table_, server_now(connection))
-        report = _fan_out_rerun(connection, settings.keys, make_queue(connection, settings.keys), table_,
+        report = _rerun_command(connection, settings.keys, make_queue(connection, settings.keys), table_,
                                 task_.name, wanted, day_, force, settings.retention_s)
         groups = {"enqueued": report.enqueued, "finished": report.finished, "in_progress": report.in_progress}
         every = [run for runs in groups.values() for run in runs]

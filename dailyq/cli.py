@@ -1,10 +1,11 @@
 """Command line: ``python scheduler.py [status|trigger|rerun|demo]`` (also installed as
 the ``dailyq`` console script) and the worker.
 
-The commands' work is done by dailyq/api.py, which scripts call too; here they are
-parsed and printed. Every failure the user can fix prints one line on stderr and exits
-non-zero, with no traceback: bad arguments and bad tables exit 2, Redis problems 3,
-others 1.
+The commands' work is done by dailyq/api.py (over commands.py), which scripts call
+too; the watch loop is watch_loop.py's and the worker's restart loop
+worker_supervisor.py's. Here they are parsed and printed. Every failure the user can
+fix prints one line on stderr and exits non-zero, with no traceback: bad arguments and
+bad tables exit 2, Redis problems 3, others 1.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from datetime import date
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
@@ -24,15 +24,15 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from . import api
-from .api import default_day
-from .clock import RedisClock, server_now
+from .clock import server_now
 from .errors import ConfigError, DailyqError, RedisUnavailable
 from .logs import setup_logging
 from .server_checks import warn_about_server
-from .connection import connect, redact_url
+from .connection import connect
+from .redact import redact_url
+from .render import colour_wanted, render_table
 from .settings import Settings
-from .status import colour_wanted, day_status, render_table
-from .table import TaskTable, encode_param, load_table
+from .table import TaskTable, default_day, encode_param, load_table
 
 log = logging.getLogger(__name__)
 
@@ -106,42 +106,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-WATCH_EVERY_S = 1.0
-
-
 def _watch_status(connection: Redis, settings: Settings, table: TaskTable, day: date, until_done: bool) -> int:
     """Redraw the day's progress line about every second until Ctrl-C, or with
     ``until_done`` until no run is scheduled, queued or running."""
-    from .watch import is_settled, parse_durations, progress, render_line, running_nodes  # noqa: PLC0415
+    from .watch_loop import watch_frames  # noqa: PLC0415
 
     tty = sys.stdout.isatty()
-    colour = colour_wanted(tty, os.environ)
-    nodes_seen: set[str] = set()  # a node seen running once is counted as a worker for the ETA
     last_line = ""
-    clock = RedisClock(connection)
+    frames = watch_frames(connection, settings, table, day, colour=colour_wanted(tty, os.environ),
+                          width=lambda: shutil.get_terminal_size().columns if tty else None)
     try:
-        while True:
-            now = clock()
-            status = day_status(connection, settings.keys, table, day, now)
-            durations = parse_durations(connection.hgetall(settings.keys.durations))
-            nodes_seen |= running_nodes(status)
-            line = render_line(progress(status, durations, now, nodes_seen), colour=colour,
-                               width=shutil.get_terminal_size().columns if tty else None)
+        for frame in frames:
             if tty:  # redraw in place: carriage return, the line, clear to the end of the line
-                sys.stdout.write(f"\r{line}\x1b[K")
+                sys.stdout.write(f"\r{frame.line}\x1b[K")
                 sys.stdout.flush()
-            elif line != last_line:  # a pipe or a file gets a line per change
-                print(line, flush=True)
-            last_line = line
-            if until_done and is_settled(status):
+            elif frame.line != last_line:  # a pipe or a file gets a line per change
+                print(frame.line, flush=True)
+            last_line = frame.line
+            if until_done and frame.settled:
                 if tty:
                     sys.stdout.write("\n")
                 return 0
-            time.sleep(WATCH_EVERY_S)
     except KeyboardInterrupt:
         if tty:
             sys.stdout.write("\n")  # leave the prompt below the last line drawn
         return 130
+    return 0  # not reached: the frames never end
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -314,29 +304,13 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
-        from .outage import OutageLog, wait_for_redis  # noqa: PLC0415
-        from .worker import DailySimpleWorker, DailyWorker, worker_name  # noqa: PLC0415
+        from .worker_supervisor import supervise_worker  # noqa: PLC0415 - RQ's worker only in the worker
 
         settings = Settings.from_env()
         table = load_table(settings.tasks_module)
         connection = connect(settings)
         setup_logging(settings.node_name)
         warn_about_server(connection, settings)
-        worker_class = DailySimpleWorker if args.simple else DailyWorker
-        generation = 0
-        while True:
-            worker = worker_class(settings=settings, table=table, connection=connection,
-                                  name=worker_name(settings.node_name, generation))
-            # with_scheduler: RQ's own scheduler moves retries-with-backoff back to the queue.
-            worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
-            # RQ stamps a shutdown date when SIGTERM/SIGINT asked it to stop.
-            if args.burst or getattr(worker, "_shutdown_requested_date", None) is not None:
-                return 0
-            # RQ's loop quits on an unexpected error (typically Redis going away
-            # between jobs); the node's worker must stay up, so start a fresh one.
-            outage = OutageLog(log, f"worker on node {settings.node_name}")
-            outage.failed(RuntimeError("the RQ work loop stopped"))
-            wait_for_redis(connection.ping, outage)
-            generation += 1
+        return supervise_worker(connection, settings, table, simple=args.simple, burst=args.burst)
 
     return guarded(run)

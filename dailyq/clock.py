@@ -17,6 +17,8 @@ from typing import Any, Callable, Protocol
 
 from redis.exceptions import RedisError
 
+from .timestamps import iso, parse_iso  # noqa: F401 - kept importable from here, where callers look
+
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
@@ -127,22 +129,3 @@ class RedisClock:
         if self.reading is None:
             return self._wall()
         return self.reading.server + timedelta(seconds=self._monotonic() - self.reading.monotonic_s)
-
-
-def iso(moment: datetime | None) -> str | None:
-    """ISO 8601 with offset, second precision: the form every stored time uses."""
-    if moment is None:
-        return None
-    return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
-
-
-def parse_iso(value: Any) -> datetime | None:
-    """A stored time read back: aware, or None when absent or unreadable. Every time we
-    store carries its offset; a naive one can only have come from UTC."""
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from redis import Redis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from .errors import ConfigError, RedisUnavailable
+from .redact import redact_url
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -22,19 +23,6 @@ SENTINEL_SCHEME = "redis+sentinel"
 DEFAULT_SENTINEL_PORT = 26379
 URL_FORMS = ("redis://[user:password@]host:port/db, rediss://...?ssl_ca_certs=/path/ca.crt, "
              "unix:///path/to/redis.sock, or redis+sentinel://[user:password@]host:port[,host:port]/service[/db]")
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 @dataclass(frozen=True)

@@ -19,19 +19,19 @@ from pathlib import Path
 
 from .clock import utc_now
 from .cli_support import project_root
+from .commands import trigger
 from .errors import DailyqError
-from .fanout import trigger
 from .connection import connect
 from .settings import Settings
-from .status import day_status, render_table, summary
-from .table import load_table
+from .render import render_table, summary
+from .status import day_status
+from .table import default_day, load_table
 from .redis_server import PrivateRedis
 
 NODES = ("node-1", "node-2", "node-3")
 
 
 def run_demo(timeout_s: float = 120.0) -> int:
-    from .cli import default_day  # noqa: PLC0415
     from .worker import make_queue  # noqa: PLC0415
 
     with ExitStack() as stack:

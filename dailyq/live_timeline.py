@@ -27,7 +27,7 @@ from .errors import DailyqError
 from .report import LIVE_SCRIPT, render_report
 from .settings import Settings
 from .status import day_status
-from .table import TaskTable
+from .table import TaskTable, default_day
 
 if TYPE_CHECKING:
     from flask import Blueprint
@@ -84,7 +84,6 @@ def timeline_page(date_text: str | None, read_status: Callable[[date], Mapping[s
 def add_timeline(blueprint: Blueprint, settings: Settings, table: TaskTable, connection: Redis) -> None:
     """Serve ``/dailyq/`` from ``blueprint`` (before it is registered on the app)."""
     from flask import Response, request  # noqa: PLC0415 - the dashboard extra
-    from .cli import default_day  # noqa: PLC0415 - cli imports much; only the dashboard needs this
 
     def view() -> Response:
         page = timeline_page(

@@ -28,8 +28,8 @@ from datetime import date, datetime, timedelta, timezone
 from html import escape
 from typing import Any, Mapping
 
-from .clock import parse_iso
 from .runs import RUNNING, STATES
+from .timestamps import parse_iso
 from .watch import format_duration
 
 # Fill colour and text colour of each state (bars, legend, list).

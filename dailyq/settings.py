@@ -11,9 +11,9 @@ import socket
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .connection import redact_url
 from .errors import ConfigError
 from .keys import Keys
+from .redact import redact_url
 from .webhook_url import check_alert_url, redact_webhook_url
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"

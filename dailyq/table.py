@@ -11,8 +11,9 @@ import importlib
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
+from zoneinfo import ZoneInfo
 
 from .errors import ConfigError
 from .schedule import Schedule, parse_at
@@ -257,3 +258,11 @@ def load_table(module_name: str) -> TaskTable:
     if not isinstance(tasks, (list, tuple)):
         raise ConfigError(f"module {module_name!r} has no list TASKS; define TASKS = [Task(...), ...]")
     return TaskTable(tasks)
+
+
+def default_day(table: TaskTable, now: datetime) -> date:
+    """Today in the tasks' zone when they all share one, else in UTC: the day every
+    command, the watch and the dashboard mean when no date is given."""
+    zones = {task.tz for task in table.tasks}
+    zone = ZoneInfo(zones.pop()) if len(zones) == 1 else timezone.utc
+    return now.astimezone(zone).date()

@@ -2,7 +2,7 @@
 
 Pure: everything here takes the status dict (status.day_status), the learned
 durations (the guard's ``keys.durations`` hash, already read) and ``now``, so the
-line can be tested with fixed values; the refresh loop lives in cli.py.
+line can be tested with fixed values; the refresh loop lives in watch_loop.py.
 
 ETA = expected work left / workers. A run's expected duration is the last one the
 guard recorded for its (task, param) series; a run never seen before counts as the
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
-from .clock import parse_iso
+from .render import STATE_COLOURS, paint
 from .runs import FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED, param_digest
-from .status import STATE_COLOURS, paint
 from .table import encode_param
+from .timestamps import parse_iso
 from . import text_width
 
 DONE_STATES = (FINISHED, FAILED, SKIPPED)

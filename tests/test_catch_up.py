@@ -2,7 +2,7 @@
 
 from datetime import date, datetime, timedelta, timezone
 
-from dailyq.fanout import trigger
+from dailyq.commands import trigger
 from dailyq.scheduler import DailyScheduler
 from dailyq.status import day_status
 from dailyq.table import Task, TaskTable

@@ -26,11 +26,11 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from dailyq.cli import default_day
 from dailyq.clock import utc_now
-from dailyq.fanout import trigger
+from dailyq.commands import trigger
 from dailyq.live_timeline import timeline_page
 from dailyq.runs import META_KEY
+from dailyq.table import default_day
 from dailyq.worker import make_queue
 from tests.browser import Browser, chromium
 from tests.helpers import ROOT, children_of, run_cli, wait_for

@@ -14,7 +14,8 @@ from redis import Redis, WatchError
 from redis.client import Pipeline
 
 from dailyq.errors import LeaseLost
-from dailyq.fanout import fan_out, trigger
+from dailyq.commands import trigger
+from dailyq.fanout import fan_out
 from dailyq.lease import Lease
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable

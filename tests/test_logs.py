@@ -11,7 +11,7 @@ from datetime import date
 import pytest
 
 from dailyq.errors import ConfigError
-from dailyq.fanout import trigger
+from dailyq.commands import trigger
 from dailyq.logs import JsonFormatter, OncePerOutage, log_format, make_formatter, setup_logging
 from dailyq.runs import runs_on
 from dailyq.worker import make_queue

@@ -14,7 +14,8 @@ from dailyq.keys import Keys
 from dailyq.metrics import runs_by_state
 from dailyq.redis_server import free_port
 from dailyq.runs import STATES
-from dailyq.status import day_status, summary
+from dailyq.render import summary
+from dailyq.status import day_status
 from tests.helpers import noon_zone, run_cli, today_in, wait_for, wall_time_in
 
 
@@ -94,7 +95,7 @@ def test_a_port_already_taken_is_one_line_and_exit_2(node_env):
 
 
 def test_runs_by_state_counts_as_status_does(connection, settings, table):
-    from dailyq.fanout import trigger
+    from dailyq.commands import trigger
     from dailyq.worker import make_queue
 
     day = date(2026, 11, 26)

@@ -10,7 +10,7 @@ import re
 
 from wcwidth import wcswidth
 
-from dailyq.status import render_table
+from dailyq.render import render_table
 from dailyq.text_width import clip, one_line, pad, width
 from dailyq.watch import Progress, render_line
 

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 from dailyq.keys import Keys
 from dailyq.runs import runs_on
-from dailyq.status import colour_wanted, render_table
+from dailyq.render import colour_wanted, render_table
 from dailyq.watch import (Progress, eta_seconds, format_duration, is_settled, parse_durations, progress, render_line,
                           running_nodes, series_of)
 from tests.helpers import ROOT, run_cli

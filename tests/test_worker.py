@@ -15,7 +15,8 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from dailyq.fanout import fan_out, trigger
+from dailyq.commands import trigger
+from dailyq.fanout import fan_out
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.status import day_status

@@ -1,0 +1,83 @@
+"""``status`` as text: the day's table, the clock offsets, colour on a terminal.
+
+Pure: the status dict (status.day_status) in, text out. status.py reads Redis;
+this renders what it read, so the table can be tested with fixed values and
+imported by pure modules (watch.py takes its colours from here).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from .offsets import OFFSET_WARN_S, format_offset
+from .runs import STATES
+from .text_width import clip, one_line, pad, width
+
+ERROR_COLUMNS = 60  # the table shows the start of an error; --json has all of it
+
+
+def summary(status: dict[str, Any]) -> dict[str, int]:
+    counts = {state: 0 for state in STATES}
+    for run in status["runs"]:
+        counts[run["state"]] = counts.get(run["state"], 0) + 1
+    return {state: n for state, n in counts.items() if n}
+
+
+# ANSI SGR codes per state, for terminals only (see ``colour_wanted``).
+STATE_COLOURS = {"scheduled": "2", "queued": "33", "running": "1;36", "finished": "32", "failed": "1;31",
+                 "skipped": "35", "missed": "31"}
+
+
+def colour_wanted(is_tty: bool, environ: Mapping[str, str]) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return is_tty and not environ.get("NO_COLOR") and environ.get("TERM") != "dumb"
+
+
+def paint(text: str, sgr: str | None, colour: bool) -> str:
+    return f"\x1b[{sgr}m{text}\x1b[0m" if colour and sgr else text
+
+
+def render_table(status: dict[str, Any], colour: bool = False) -> str:
+    """Plain-text table for a terminal; ``colour`` paints the STATE column by state.
+
+    Columns are padded by display width (text_width), so a row whose param is
+    ``"任务参数1"`` (7 characters, 11 columns) lines up with the others."""
+    header = ("TASK", "PARAM", "STATE", "NODE", "STARTED", "ENDED", "ATT", "ERROR")
+    rows = [header]
+    for run in status["runs"]:
+        rows.append((run["task"], json.dumps(run["param"], ensure_ascii=False), run["state"], run["node"] or "-",
+                     _clock_time(run["started_at"]), _clock_time(run["ended_at"]), str(run["attempts"]),
+                     clip(one_line(run["error"] or ""), ERROR_COLUMNS)))
+    cells = [[one_line(str(cell)) for cell in row] for row in rows]
+    widths = [max(width(row[i]) for row in cells) for i in range(len(header))]
+    state_column = header.index("STATE")
+
+    def cell_text(row_number: int, column: int, cell: str, columns: int) -> str:
+        padded = pad(cell, columns)
+        if not colour or row_number == 0 or column != state_column:
+            return padded
+        # Paint the word only, so the padding (and the widths) stay as without colour.
+        return paint(cell, STATE_COLOURS.get(cell), colour) + padded[len(cell):]
+
+    lines = ["  ".join(cell_text(n, i, cell, columns) for i, (cell, columns) in enumerate(zip(row, widths))).rstrip()
+             for n, row in enumerate(cells)]
+    leader = status["leader"]
+    leader_line = f"leader: {one_line(str(leader['node']))} (since {leader.get('since')})" if leader else "leader: none"
+    counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
+    return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}",
+                      *render_nodes(status, colour)])
+
+
+def render_nodes(status: dict[str, Any], colour: bool = False) -> list[str]:
+    """The live processes' clock offsets on one line, then a warning line per clock
+    more than OFFSET_WARN_S off (nothing for a status dict without ``nodes``)."""
+    if "nodes" not in status:
+        return []
+    shown = [f"{p['node']} {p['role']} {format_offset(p['offset_s'])}" for p in status["nodes"]]
+    line = f"clock offsets from Redis (warned beyond {OFFSET_WARN_S:g}s): " + (", ".join(shown) or "no live nodes")
+    return [line, *(paint(f"warning: {text}", "1;33", colour) for text in status.get("clock_warnings", []))]
+
+
+def _clock_time(value: str | None) -> str:
+    return value[11:19] if value else "-"

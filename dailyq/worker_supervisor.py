@@ -1,0 +1,43 @@
+"""This node's worker process: RQ workers run one after another, for as long as the
+node is up.
+
+RQ's work loop quits on an unexpected error (typically Redis going away between
+jobs); a node's worker must stay up, so a fresh RQ worker (a new generation, so a
+new name) starts once Redis answers again. It stops for good only when RQ was asked
+to stop (SIGTERM/SIGINT) or in burst mode. cli.py's ``worker_main`` parses the
+arguments and sets the process up; worker.py is the RQ worker itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis import Redis
+
+from .outage import OutageLog, wait_for_redis
+from .settings import Settings
+from .table import TaskTable
+from .worker import DailySimpleWorker, DailyWorker, worker_name
+
+# The logger these lines had when the loop lived in cli.py: log filters (and the JSON
+# logs' "logger" field) may match on it.
+log = logging.getLogger("dailyq.cli")
+
+
+def supervise_worker(connection: Redis, settings: Settings, table: TaskTable, *, simple: bool, burst: bool) -> int:
+    """Run RQ workers until one is asked to stop (or, with ``burst``, until the queue is
+    empty); return the process's exit code."""
+    worker_class = DailySimpleWorker if simple else DailyWorker
+    generation = 0
+    while True:
+        worker = worker_class(settings=settings, table=table, connection=connection,
+                              name=worker_name(settings.node_name, generation))
+        # with_scheduler: RQ's own scheduler moves retries-with-backoff back to the queue.
+        worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        # RQ stamps a shutdown date when SIGTERM/SIGINT asked it to stop.
+        if burst or getattr(worker, "_shutdown_requested_date", None) is not None:
+            return 0
+        outage = OutageLog(log, f"worker on node {settings.node_name}")
+        outage.failed(RuntimeError("the RQ work loop stopped"))
+        wait_for_redis(connection.ping, outage)
+        generation += 1
