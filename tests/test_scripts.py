@@ -44,7 +44,9 @@ def finished_key(keys: Keys) -> str:
 
 
 def stored(connection: Redis, keys: Keys, run_id: str) -> dict[str, Any]:
-    return dict(json.loads(connection.hget(runs_key(keys), run_id)))
+    raw = connection.hget(runs_key(keys), run_id)
+    assert isinstance(raw, bytes)
+    return dict(json.loads(raw))
 
 
 def test_scripts_are_registered_once_per_connection(connection: Redis, settings) -> None:
