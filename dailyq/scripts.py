@@ -634,11 +634,21 @@ class ScriptCall(Generic[T]):
         pipeline.eval(self.script.script, len(self.keys), *self.keys, *self.args)  # type: ignore[arg-type]
 
 
+def compact(lua: str) -> str:
+    """The script as sent: without its comment lines and indentation. BEGIN and FINISH
+    travel as EVAL bodies with every run (ScriptCall.queue_in), and their documentation
+    would otherwise more than double what each run sends."""
+    kept = (line.strip() for line in lua.splitlines())
+    return "\n".join(line for line in kept if line and not (line.startswith("--") and not line.startswith("--[[")))
+
+
 class Scripts:
     """Every script, registered on one connection: get it with ``scripts_for``."""
 
     def __init__(self, connection: Redis) -> None:
-        register = connection.register_script
+        def register(lua: str) -> Script:
+            return connection.register_script(compact(lua))
+
         self._lease_acquire_or_renew = register(LEASE_ACQUIRE_OR_RENEW)
         self._lease_renew = register(LEASE_RENEW)
         self._lease_release = register(LEASE_RELEASE)
