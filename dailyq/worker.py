@@ -181,7 +181,6 @@ class _DailyWorkerMixin(GuardedWorker):
         connection = kwargs.pop("connection", None) or _connection_of(queues) or connect(settings)
         # The guard is built now, before any fork (see WorkerContext).
         context = WorkerContext(settings, table, connection, stop_by_exit=self.stops_by_exit)
-        self.dailyq_settings = settings
         super().__init__(queues, hooks=context, default_queue=settings.keys.queue_name,
                          connection=connection, **kwargs)
 
