@@ -52,7 +52,7 @@ from .outage import OutageLog
 from .runs import FINISHED, MISSED, SCHEDULED, STATES
 from .settings import Settings
 from .table import Task, TaskTable
-from .worker import make_queue
+from .rq_seam import make_queue
 
 log = logging.getLogger(__name__)
 
