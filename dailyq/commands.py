@@ -16,16 +16,20 @@ from redis import Redis
 from rq import Queue
 
 from .errors import ConfigError
+from .dependencies import release_ready
 from .fanout import Again, FanOutResult, fan_out
 from .keys import Keys
-from .runs import FINISHED, QUEUED, RUNNING, Run, decode_record, runs_on
+from .runs import FINISHED, QUEUED, RUNNING, WAITING, Run, decode_record, runs_on
 from .table import Task, TaskTable, encode_param
 
 
 def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date,
             task_names: Iterable[str] | None, retention_s: int) -> FanOutResult:
     """Fan out every run of ``day`` now (ad-hoc or backfill). Idempotent."""
-    return fan_out(connection, keys, queue, runs_on(table, day, task_names), retention_s=retention_s)
+    result = fan_out(connection, keys, queue, runs_on(table, day, task_names), retention_s=retention_s)
+    if result.waiting:  # their upstream runs may have finished already (a past day)
+        release_ready(connection, keys, queue, table, day, retention_s=retention_s)
+    return result
 
 
 @dataclass
@@ -69,7 +73,7 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
         state = record.get("state")
         if not force and state == FINISHED:
             report.finished.append(run)
-        elif not force and state in (QUEUED, RUNNING):
+        elif not force and state in (QUEUED, RUNNING, WAITING):
             report.in_progress.append(run)
         else:
             # A run never enqueued keeps its own job id, so the leader's fan-out stays a no-op.
@@ -81,5 +85,7 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
             report.enqueued.append(run)
     if report.enqueued:
         connection.expire(keys.day_reruns(day), retention_s)
-        fan_out(connection, keys, queue, report.enqueued, retention_s=retention_s, again=numbers, force=force)
+        if fan_out(connection, keys, queue, report.enqueued, retention_s=retention_s, again=numbers,
+                   force=force).waiting:
+            release_ready(connection, keys, queue, table, day, retention_s=retention_s)
     return report

@@ -12,6 +12,13 @@ aborts instead of writing. We use WATCH/MULTI rather than a Lua script here so t
 RQ itself writes its job hashes and queue entries, in whatever format RQ uses.
 
 Work is batched: one transaction per chunk of runs, not one round trip per run.
+
+A run of a task with ``after`` is fanned out like any other (its job id enters the
+enqueued set, its record is written) but *held*: recorded ``waiting`` and parked in the
+day's waiting hash (``Held``) instead of the RQ queue, in the same MULTI/EXEC, so it
+occupies no worker. dependencies.py releases it (``job_data`` below) once its upstream
+runs have finished; the caller of a fan-out that held runs asks it at once
+(``FanOutResult.waiting``), as the upstream runs may be done already.
 """
 
 from __future__ import annotations
@@ -19,17 +26,18 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date
-from typing import Sequence
+from typing import Any, Sequence
 
 from redis import Redis, WatchError
+from redis.client import Pipeline
 from rq import Queue, Retry
 
 from .errors import LeaseLost
 from .keys import Keys
 from .lease import Lease
-from .runs import Run
+from .runs import QUEUED, WAITING, Run
 from .scripts import Requeued, Scripts, scripts_for
 
 log = logging.getLogger(__name__)
@@ -51,8 +59,32 @@ class Again:
 
 @dataclass
 class FanOutResult:
-    enqueued: list[str] = field(default_factory=list)  # job ids pushed now
+    enqueued: list[str] = field(default_factory=list)  # job ids pushed now (or held, see ``waiting``)
     already: list[str] = field(default_factory=list)  # job ids some earlier call pushed
+    waiting: list[str] = field(default_factory=list)  # of ``enqueued``: held for their upstream runs
+
+
+@dataclass(frozen=True)
+class Held:
+    """A run held for its upstream runs: what enqueueing it later needs (one entry of
+    ``keys.day_waiting``). The run itself is rebuilt from the table by task and slot."""
+
+    task: str
+    param_json: str
+    slot: str  # ISO, as Slot.isoformat()
+    job_id: str
+    force: bool = False
+    at_front: bool = False
+    again: Again | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "Held":
+        data = json.loads(raw)
+        again = data.pop("again", None)
+        return cls(**data, again=Again(**again) if again else None)
 
 
 def retry_policy(retries: int, backoff_s: int) -> Retry | None:
@@ -64,12 +96,14 @@ def retry_policy(retries: int, backoff_s: int) -> Retry | None:
 
 def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *, retention_s: int,
             fence: Lease | None = None, again: dict[str, Again] | None = None,
-            force: bool = False, at_front: bool = False) -> FanOutResult:
+            force: bool = False, at_front: bool = False, hold_dependent: bool = True) -> FanOutResult:
     """Enqueue each run not enqueued before (per job id); return what was done.
 
     ``again`` maps run id -> how a run enqueued before is enqueued once more (a fresh job id).
     ``fence``: enqueue only while this lease is held (raises LeaseLost otherwise).
     ``at_front``: jump the queue (recovered runs must not wait behind a whole day).
+    ``hold_dependent``: hold the runs of tasks with ``after`` (see the module docstring);
+    recovery passes False: a run that was executing had been released already.
     """
     again = again or {}
     result = FanOutResult()
@@ -85,7 +119,7 @@ def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *,
             if fence is not None and start and not fence.renew():
                 raise LeaseLost(f"leader lease {fence.key} is no longer ours")
             _fan_out_chunk(connection, keys, queue, day, chunk, retention_s, fence, again, force, at_front,
-                           scripts, result)
+                           hold_dependent, scripts, result)
     return result
 
 
@@ -110,7 +144,7 @@ def longest_first(connection: Redis, keys: Keys, runs: Sequence[Run]) -> list[Ru
 
 def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk: list[Run],
                    retention_s: int, fence: Lease | None, again: dict[str, Again], force: bool, at_front: bool,
-                   scripts: Scripts, result: FanOutResult) -> None:
+                   hold_dependent: bool, scripts: Scripts, result: FanOutResult) -> None:
     enqueued_key = keys.day_enqueued(day)
     runs_key = keys.day_runs(day)
     job_ids = [run.job_id(again[run.run_id].number if run.run_id in again else 0) for run in chunk]
@@ -123,6 +157,7 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                     raise LeaseLost(f"leader lease {fence.key} is no longer ours")
                 present = pipe.smismember(enqueued_key, job_ids)
                 fresh = [(run, job_id) for run, job_id, seen in zip(chunk, job_ids, present) if not seen]
+                held = {run.run_id for run, _ in fresh if hold_dependent and run.task.after}
                 pipe.multi()
                 if fresh:
                     pipe.sadd(enqueued_key, *[job_id for _, job_id in fresh])
@@ -131,18 +166,40 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                     # A run enqueued once more keeps its record (attempts, history).
                     scripts.queue_records(
                         runs_key=runs_key, retention_s=retention_s,
-                        fresh=[(run.run_id, json.dumps(run.new_record(job_id), ensure_ascii=False))
+                        fresh=[(run.run_id, json.dumps(run.new_record(job_id, WAITING if run.run_id in held
+                                                                      else QUEUED), ensure_ascii=False))
                                for run, job_id in fresh if run.run_id not in again],
                         again=[_requeued(run, job_id, again[run.run_id]) for run, job_id in fresh
                                if run.run_id in again]).queue_in(pipe)
-                    queue.enqueue_many([_job_data(queue, run, job_id, retention_s, force, at_front,
-                                                  again.get(run.run_id)) for run, job_id in fresh], pipeline=pipe)
+                    queue.enqueue_many([job_data(queue, run, job_id, retention_s, force, at_front,
+                                                 again.get(run.run_id)) for run, job_id in fresh
+                                        if run.run_id not in held], pipeline=pipe)
+                    if held:
+                        _hold(pipe, keys, scripts, day, [(run, job_id) for run, job_id in fresh if run.run_id in held],
+                              retention_s, again, force, at_front)
                 pipe.execute()
             except WatchError:
                 continue  # someone else enqueued for this day meanwhile: look again
             result.enqueued.extend(job_id for _, job_id in fresh)
+            result.waiting.extend(job_id for run, job_id in fresh if run.run_id in held)
             result.already.extend(job_id for job_id, seen in zip(job_ids, present) if seen)
             return
+
+
+def _hold(pipe: Pipeline, keys: Keys, scripts: Scripts, day: date, held: list[tuple[Run, str]], retention_s: int,
+          again: dict[str, Again], force: bool, at_front: bool) -> None:
+    """Park held runs in the day's waiting hash (queued in the chunk's MULTI). A run
+    enqueued before keeps its record, which QUEUE_RECORDS just marked queued: 'waiting' now."""
+    waiting_key = keys.day_waiting(day)
+    pipe.hset(waiting_key, mapping={
+        run.run_id: Held(run.task.name, run.param_json, run.slot.isoformat(), job_id, force, at_front,
+                         again.get(run.run_id)).to_json() for run, job_id in held})
+    pipe.expire(waiting_key, retention_s)
+    pipe.sadd(keys.waiting_days, day.isoformat())
+    requeued = [run.run_id for run, _ in held if run.run_id in again]
+    if requeued:
+        scripts.set_run_state(runs_key=keys.day_runs(day), retention_s=retention_s, state=WAITING,
+                              run_ids=requeued).queue_in(pipe)
 
 
 def _requeued(run: Run, job_id: str, again: Again) -> Requeued:
@@ -154,8 +211,9 @@ def _requeued(run: Run, job_id: str, again: Again) -> Requeued:
     return Requeued(run.run_id, base_json, job_id)
 
 
-def _job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool, at_front: bool,
-              again: Again | None = None):
+def job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool, at_front: bool,
+             again: Again | None = None) -> Any:
+    """What ``Queue.enqueue_many`` takes for one run's job (also dependencies.py's, at release)."""
     task = run.task
     retries = task.retries if again is None or again.retries is None else again.retries
     return queue.prepare_data(

@@ -138,10 +138,12 @@ class PendingFinish:
     The claim stays renewed until FINISH is done: a FINISH delayed by a short outage
     must still find the claim ours."""
 
-    def __init__(self, finish: ScriptCall[bool], run_id: str, done: Callable[[], None]) -> None:
+    def __init__(self, finish: ScriptCall[bool], run_id: str, done: Callable[[], None],
+                 recorded: Callable[[], None] = lambda: None) -> None:
         self.finish = finish
         self.run_id = run_id
         self._done = done
+        self._recorded = recorded
 
     def queue_in(self, pipeline: Pipeline) -> None:
         self.finish.queue_in(pipeline)
@@ -162,7 +164,9 @@ class PendingFinish:
     def _ended(self, recorded: bool) -> None:
         # The claim is no longer renewed, whichever way FINISH was sent.
         self._done()
-        if not recorded:
+        if recorded:
+            self._recorded()
+        else:
             log.error("run %s: its function returned but this copy no longer held the claim; "
                       "not recorded as finished by this copy (another copy owns the run)", self.run_id,
                       extra={"run_id": self.run_id})
@@ -209,6 +213,9 @@ class Guard:
         self.keeper = ClaimKeeper(connection, claim_ttl_s,
                                   default_claim_margin_s(claim_ttl_s) if claim_margin_s is None else claim_margin_s,
                                   stop_by_exit=stop_by_exit)
+        # Called in the executing process once a run is recorded finished or failed for
+        # good (the worker releases or blocks the runs waiting for it: dependencies.py).
+        self.on_ended: Callable[[RunIdentity], None] | None = None
 
     def attempt(self, run: RunIdentity) -> Attempt:
         return Attempt(run, owner=f"{self.node}:{os.getpid()}:{uuid.uuid4().hex}")
@@ -259,6 +266,8 @@ class Guard:
             decision = self._record_failure(run, attempt, error, will_retry())
             if decision != "retry":
                 cancel_retry()
+            if decision == "failed":
+                self.run_ended(run)
             log.warning("run %s %s on node %s: %s", run.run_id,
                         {"retry": "will retry", "failed": "failed"}.get(decision, "failed (not recorded: claim lost)"),
                         self.node, error, extra={"run_id": run.run_id})
@@ -273,7 +282,8 @@ class Guard:
             series_key=held.series_key, run_id=run.run_id, owner=attempt.owner, base_json=run.base_record,
             retention_s=self.retention_s, series=run.series, duration_s=duration_s, node=self.node,
             now_iso=iso(self.clock()))
-        pending = PendingFinish(finish, run.run_id, done=lambda: self.keeper.release(run.run_id))
+        pending = PendingFinish(finish, run.run_id, done=lambda: self.keeper.release(run.run_id),
+                                recorded=lambda: self.run_ended(run))
         if defer_finish is not None:
             defer_finish(pending)
         else:
@@ -281,6 +291,16 @@ class Guard:
         log.debug("run %s finished on node %s in %.1fs", run.run_id, self.node, duration_s,
                   extra={"run_id": run.run_id})
         return result
+
+    def run_ended(self, run: RunIdentity) -> None:
+        """``on_ended``, which must not break the recording around it: its errors are logged."""
+        if self.on_ended is None:
+            return
+        try:
+            self.on_ended(run)
+        except Exception:  # noqa: BLE001 - the leader's next tick does the same (dependencies.py)
+            log.exception("run %s: could not look at the runs waiting for it; the leader will",
+                          run.run_id, extra={"run_id": run.run_id})
 
     def _stopped(self, run: RunIdentity, held: "HeldRun", cancel_retry: Callable[[], None]) -> dict[str, str]:
         self.keeper.release(run.run_id)

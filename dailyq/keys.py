@@ -98,6 +98,17 @@ class Keys:
         """Set of run ids that finished that day: the worker-side dedup guard."""
         return f"{self.prefix}:day:{day.isoformat()}:finished"
 
+    def day_waiting(self, day: date) -> str:
+        """Hash run id -> JSON of a run held back until its upstream runs have finished
+        (fanout.Held: what enqueueing it later needs). Not in any RQ queue meanwhile."""
+        return f"{self.prefix}:day:{day.isoformat()}:waiting"
+
+    @property
+    def waiting_days(self) -> str:
+        """Set of ISO days whose ``day_waiting`` hash may hold runs: where the leader looks
+        each tick (dependencies.py)."""
+        return f"{self.prefix}:waiting-days"
+
     def day_reruns(self, day: date) -> str:
         """Hash run id -> number of reruns asked for (gives each rerun its own job id)."""
         return f"{self.prefix}:day:{day.isoformat()}:reruns"

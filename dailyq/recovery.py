@@ -146,7 +146,7 @@ class AbandonedRuns:
             again = Again(rerun_number, rerun_id=record.get("rerun_id"), new_run=False,
                           retries=max(0, run.task.retries - attempts))
             fan_out(self.connection, self.keys, self.queue, [run], retention_s=self.retention_s, fence=fence,
-                    again={run_id: again}, at_front=True)
+                    again={run_id: again}, at_front=True, hold_dependent=False)
         except BaseException:
             # Not requeued (lease lost, Redis gone): list it again for the next leader.
             self.connection.hset(self.keys.running, run_id, day.isoformat())

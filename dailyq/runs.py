@@ -20,7 +20,10 @@ from .table import Task, TaskTable, encode_param
 # Run states shown by ``status``; a public contract.
 SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED = (
     "scheduled", "queued", "running", "finished", "failed", "skipped", "missed")
-STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED)
+# A run of a task with ``after`` whose upstream runs have not all finished; ``blocked``:
+# one of them failed (dependencies.py).
+WAITING, BLOCKED = "waiting", "blocked"
+STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED, WAITING, BLOCKED)
 
 META_KEY = "dailyq"  # the RQ job.meta entry that carries a run's identity
 

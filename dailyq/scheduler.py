@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 from .beats import (OFFSET_WARN_S, beat_value, describe_offset, forget_silent_nodes, format_offset,
                     register_node)
 from .clock import Clock, RedisClock, iso
+from .dependencies import WaitingRuns
 from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
@@ -91,6 +92,7 @@ class DailyScheduler:
         self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s, self.clock)
         self.retries = DueRetries(connection, self.queue)
         self.stranded = StrandedJobs(connection, keys, self.queue, stuck_after_s=settings.claim_ttl_s)
+        self.waiting = WaitingRuns(connection, keys, self.queue, table, settings.retention_s)
         # Called at the end of every tick, leader or not (alerts.py's leadership record).
         # A hook must not raise, nor take long: it runs inside the tick.
         self.tick_hooks: list[Callable[[DailyScheduler], None]] = []
@@ -168,10 +170,12 @@ class DailyScheduler:
         self.stranded.requeue()
 
     def enqueue_jobs(self) -> None:
-        """The leader's pass: slots, recovery, retries, and rq-scheduler's delayed jobs,
-        each "due" by our clock (Redis's), not the host's."""
+        """The leader's pass: slots, recovery, runs held for upstream runs that finished
+        (dependencies.py; also those this pass held), retries, and rq-scheduler's delayed
+        jobs, each "due" by our clock (Redis's), not the host's."""
         self.fire_due_slots(self.clock())
         self.recover_abandoned_runs()
+        self.waiting.release_all()
         self.retries.move_due(self.clock())
         self.delayed.move_due(self.clock())
 

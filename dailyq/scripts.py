@@ -30,7 +30,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.commands.core import Script
 
-from .runs import FAILED, FINISHED, QUEUED, RUNNING, SKIPPED
+from .runs import BLOCKED, FAILED, FINISHED, QUEUED, RUNNING, SKIPPED, WAITING
 
 T = TypeVar("T")
 
@@ -338,6 +338,63 @@ redis.call('LPUSH', queue_key, job_id)
 return 1
 """, RECORD_LUA)
 
+SET_RUN_STATE = _lua("""
+-- Sets the state of runs held back for their upstream runs (dependencies.py): 'waiting'
+-- when a fan-out holds a run enqueued before (its record kept), 'queued' when released.
+-- The error goes (a released run was maybe 'blocked'). A run without a record is left alone.
+-- KEYS[1] = day runs hash
+-- ARGV[1] = retention (s), ARGV[2] = state, ARGV[3..] = run ids
+-- Returns the number of records changed.
+local runs_key = KEYS[1]
+local retention_s, state = ARGV[1], ARGV[2]
+local changed = 0
+for i = 3, #ARGV do
+  local record = load_record(runs_key, ARGV[i])
+  if record then
+    record.state, record.error = state, cjson.null
+    save_record(runs_key, ARGV[i], record, retention_s)
+    changed = changed + 1
+  end
+end
+return changed
+""", RECORD_LUA)
+
+HOLD_WAITING = _lua(f"""
+-- Held runs of one task whose upstream runs have not all finished: 'blocked', with an
+-- error naming the upstream run, while one of those is failed, skipped or blocked itself;
+-- 'waiting' again once none is (a rerun queued it). Checked and set in one step: only
+-- records now 'waiting' or 'blocked' change (a run released or begun meanwhile stays as
+-- it is), and a record already right is not rewritten.
+-- KEYS[1] = day runs hash (upstream and downstream runs of one day share it)
+-- ARGV[1] = retention (s), ARGV[2] = n, then n upstream run ids (those not in the day's
+--   finished set), then the held run ids
+-- Returns {{blocking upstream run id or '', number of records changed}}.
+local runs_key = KEYS[1]
+local retention_s, n = ARGV[1], tonumber(ARGV[2])
+local blocker, error_text = '', cjson.null
+for i = 3, 2 + n do
+  local upstream = load_record(runs_key, ARGV[i])
+  if upstream and (upstream.state == '{FAILED}' or upstream.state == '{SKIPPED}' or upstream.state == '{BLOCKED}') then
+    blocker = ARGV[i]
+    error_text = 'upstream run ' .. tostring(upstream.task) .. '(' .. tostring(upstream.param_json) .. ') ' ..
+      upstream.state .. ': ' .. blocker
+    break
+  end
+end
+local target = blocker ~= '' and '{BLOCKED}' or '{WAITING}'
+local changed = 0
+for i = 3 + n, #ARGV do
+  local record = load_record(runs_key, ARGV[i])
+  if record and (record.state == '{WAITING}' or record.state == '{BLOCKED}')
+      and (record.state ~= target or record.error ~= error_text) then
+    record.state, record.error = target, error_text
+    save_record(runs_key, ARGV[i], record, retention_s)
+    changed = changed + 1
+  end
+end
+return {{blocker, changed}}
+""", RECORD_LUA)
+
 OUTBOX_ENQUEUE = _lua("""
 -- Puts each alert not seen before into the outbox (due now), atomically with
 -- remembering its id in its day's alert set: an alert enters once, however often raised.
@@ -506,6 +563,8 @@ FailOutcome = Literal["retry", "failed", "not-ours"]
 RenewOutcome = Literal["ok", "taken", "gone"]
 TakeOutcome = Literal["alive", "gone", "failed", "requeue"]
 AckOutcome = Literal["ours", "taken", "gone"]
+# HOLD_WAITING's answer: (the upstream run blocking the held runs or None, records changed).
+HoldReply = tuple["str | None", int]
 
 
 @dataclass(frozen=True)
@@ -602,6 +661,11 @@ def _parse_claim(reply: Any) -> Claimed | Idle:
                    int(entry.get("attempts") or 0), now_ms)
 
 
+def _parse_hold(reply: Any) -> HoldReply:
+    blocker = _text(reply[0])
+    return (blocker or None), int(reply[1])
+
+
 def _parse_mark_held(reply: Any) -> HeldMark:
     outcome = _text(reply[0])
     if outcome == "gap":
@@ -665,6 +729,8 @@ class Scripts:
         self._outbox_retry = register(OUTBOX_RETRY)
         self._outbox_drop = register(OUTBOX_DROP)
         self._mark_held = register(MARK_HELD)
+        self._set_run_state = register(SET_RUN_STATE)
+        self._hold_waiting = register(HOLD_WAITING)
 
     # -- owner-token leases (lease.py) --
 
@@ -689,6 +755,20 @@ class Scripts:
             args += [run.run_id, run.base_json, run.job_id,
                      "" if run.attempts_before is None else run.attempts_before, run.rerun_id or ""]
         return ScriptCall(self._queue_records, [runs_key], args, lambda reply: None)
+
+    # -- runs held for their upstream runs (fanout.py, dependencies.py) --
+
+    def set_run_state(self, *, runs_key: str, retention_s: int, state: str,
+                      run_ids: Sequence[str]) -> ScriptCall[int]:
+        """Returns how many of the runs had a record (and now have ``state``)."""
+        return ScriptCall(self._set_run_state, [runs_key], [retention_s, state, *run_ids], int)
+
+    def hold_waiting(self, *, runs_key: str, retention_s: int, unfinished_upstream: Sequence[str],
+                     held: Sequence[str]) -> ScriptCall[HoldReply]:
+        """``held`` runs of one task, ``unfinished_upstream`` their upstream runs not in the
+        day's finished set. Returns (the upstream run blocking them or None, records changed)."""
+        return ScriptCall(self._hold_waiting, [runs_key],
+                          [retention_s, len(unfinished_upstream), *unfinished_upstream, *held], _parse_hold)
 
     # -- the worker-side guard (guard.py) --
 

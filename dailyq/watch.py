@@ -17,13 +17,15 @@ from datetime import datetime
 from typing import Any, Iterable, Mapping
 
 from .render import STATE_COLOURS, paint
-from .runs import FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED, param_digest
+from .runs import BLOCKED, FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED, WAITING, param_digest
 from .table import encode_param
 from .timestamps import parse_iso
 from . import text_width
 
-DONE_STATES = (FINISHED, FAILED, SKIPPED)
-PENDING_STATES = (SCHEDULED, QUEUED, RUNNING)
+# Blocked runs wait for a rerun of a failed upstream run: like a failed run, nothing
+# more happens to them by itself. Waiting runs will run once their upstream runs finish.
+DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED)
+PENDING_STATES = (SCHEDULED, QUEUED, RUNNING, WAITING)
 BAR_WIDTH = 24
 
 
@@ -33,13 +35,14 @@ class Progress:
 
     day: str
     total: int
-    done: int  # finished + failed + skipped: nothing more will happen to them
+    done: int  # finished + failed + skipped + blocked: nothing more will happen to them by itself
     failed: int
     missed: int  # past the misfire grace: only ``trigger`` runs them, so not waited for
-    pending: int  # scheduled + queued + running
+    pending: int  # scheduled + queued + running + waiting
     running_per_node: dict[str, int] = field(default_factory=dict)
     workers: int = 1
     eta_s: float | None = None  # None when pending work has no duration to go by
+    blocked: int = 0  # waiting for a rerun of a failed upstream run (dependencies.py)
 
 
 def series_of(run: Mapping[str, Any]) -> str:
@@ -62,7 +65,7 @@ def parse_durations(raw: Mapping[bytes | str, bytes | str]) -> dict[str, float]:
 
 
 def is_settled(status: Mapping[str, Any]) -> bool:
-    """True when no run of the day is scheduled, queued or running (what --until-done waits for)."""
+    """True when no run of the day is scheduled, queued, running or waiting (what --until-done waits for)."""
     return not any(run["state"] in PENDING_STATES for run in status["runs"])
 
 
@@ -84,7 +87,7 @@ def progress(status: Mapping[str, Any], durations: Mapping[str, float], now: dat
         day=status["date"], total=len(runs), done=sum(run["state"] in DONE_STATES for run in runs),
         failed=sum(run["state"] == FAILED for run in runs), missed=sum(run["state"] == MISSED for run in runs),
         pending=len(pending), running_per_node=dict(sorted(per_node.items())), workers=workers,
-        eta_s=eta_seconds(runs, durations, now, workers))
+        eta_s=eta_seconds(runs, durations, now, workers), blocked=sum(run["state"] == BLOCKED for run in runs))
 
 
 def eta_seconds(runs: list[Mapping[str, Any]], durations: Mapping[str, float], now: datetime,
@@ -130,6 +133,8 @@ def render_line(p: Progress, colour: bool = False, width: int | None = None) -> 
         (f"] {percent:3d}%", None)]
     if p.failed:
         segments.append((f" {p.failed} failed", STATE_COLOURS[FAILED]))
+    if p.blocked:
+        segments.append((f" {p.blocked} blocked", STATE_COLOURS[BLOCKED]))
     if p.missed:
         segments.append((f" {p.missed} missed", STATE_COLOURS[MISSED]))
     if p.pending == 0:

@@ -1,0 +1,237 @@
+"""Dependencies between tasks: ``Task(after=["ingest", ...])``.
+
+A run of a task with ``after`` for day D executes only once every run of each named
+(upstream) task for D has finished -- D and "every run" as ``status`` has them
+(``runs.runs_on``: each task's slots on D in its own zone, times its params).
+
+Held runs
+---------
+fan_out (fanout.py) writes such a run's record as ``waiting`` and parks the run in the
+day's waiting hash (``keys.day_waiting``: run id -> ``fanout.Held``, what enqueueing it
+later takes), in the same MULTI/EXEC that adds its job id to the enqueued set; the day
+enters ``keys.waiting_days``. The run is in no RQ queue, so it holds no worker: a
+worker never sits on a run that cannot start while other runs are queued.
+
+Release
+-------
+``release_ready`` looks at a day's held runs, task by task. A task's upstream runs are
+ready when every one of their run ids is in the day's finished set (FINISH adds it
+atomically with recording the run, and nothing removes it, so "ready" never turns
+false again). Ready runs are released in one WATCH/MULTI on the waiting hash: HDEL
+them, records ``queued`` (SET_RUN_STATE), and their jobs pushed through
+``fanout.job_data``, the path fan_out itself uses (RQ writes its own job hashes).
+Two callers racing over one day: the second one's EXEC fails on the WATCH, it looks
+again and finds the runs gone, so each held run is enqueued exactly once. Held runs
+that are not ready are checked by HOLD_WAITING (Lua, one check-and-set on the records):
+``blocked``, with the upstream run named in ``error``, while an unfinished upstream run
+is ``failed`` or ``skipped`` (or ``blocked`` itself, further up a chain); ``waiting``
+again once none is -- a ``rerun`` of the upstream run queued it, and its finishing
+releases them.
+
+Who calls it, and why that keeps "released within 2 s of the last upstream run
+finishing", whatever dies:
+
+a. the worker that recorded a run of an upstream task finished or failed, right after
+   FINISH/FAIL (worker.WorkerContext, through the guard's ``on_ended`` hook): one
+   round trip more, only for tasks that have downstream tasks. Of two upstream runs
+   finishing at once, the one whose FINISH came last sees both in the finished set.
+b. the leader, every tick, for each day in ``keys.waiting_days`` (``WaitingRuns``): the
+   backstop for a worker that died between its FINISH and its release, and for a
+   leader change (it keeps nothing in memory: a new leader's first tick does it).
+c. whoever fanned out held runs, right after (``FanOutResult.waiting``): the upstream
+   runs may be finished already (a trigger, rerun or backfill of a past day). The
+   leader does so in the tick that fanned out; ``commands.trigger``/``rerun`` at once.
+
+Transitive chains need nothing more: a downstream task's upstream runs that are held
+themselves are not in the finished set.
+
+Deviations from the brief, and edge cases
+-----------------------------------------
+* Recovery (recovery.py) requeues an abandoned run of a downstream task directly
+  (``hold_dependent=False``): it was executing, so it had been released; holding it
+  again would only add a round trip.
+* An upstream run ``skipped`` (overlap='skip') blocks like a failed one: it will not
+  run, and its output is missing. A rerun of it releases as for a failed one.
+* An upstream task with no slot on D has no runs on D: its downstream runs are not
+  held back by it.
+* An upstream run never fanned out (``scheduled``, or ``missed`` past its misfire grace)
+  keeps its downstream runs ``waiting``; ``trigger`` runs it, and its finishing
+  releases them.
+* A held run whose task left the table, or whose slot is no longer one of its task's
+  on D, is dropped from the waiting hash with an error in the log (no job to build).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Iterable
+
+from redis import Redis, WatchError
+from rq import Queue
+
+from .fanout import Held, job_data, longest_first
+from .keys import Keys
+from .runs import QUEUED, Run, runs_on
+from .scripts import Scripts, scripts_for
+from .table import TaskTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReleaseResult:
+    released: list[str] = field(default_factory=list)  # run ids enqueued now
+    blocked: dict[str, str] = field(default_factory=dict)  # held run id -> the upstream run blocking it
+    still_waiting: list[str] = field(default_factory=list)  # held run ids whose upstream runs are not done
+
+
+def downstream_of(table: TaskTable) -> dict[str, list[str]]:
+    """Task name -> the tasks that name it in ``after`` (only tasks that have some)."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for task in table.tasks:
+        for upstream in task.after:
+            found[upstream].append(task.name)
+    return dict(found)
+
+
+def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date, *,
+                  retention_s: int, tasks: Iterable[str] | None = None) -> ReleaseResult:
+    """Release the held runs of ``day`` whose upstream runs have all finished, and mark
+    the others ``blocked`` or ``waiting`` (see the module docstring). ``tasks``: only
+    the held runs of these tasks (a worker that just finished a run of their upstream).
+    Safe to call from any process at any time, concurrently: each held run is enqueued once."""
+    only = set(tasks) if tasks is not None else None
+    waiting_key = keys.day_waiting(day)
+    finished_key = keys.day_finished(day)
+    scripts = scripts_for(connection)
+    result = ReleaseResult()
+    pending: list[tuple[list[str], list[str]]] = []  # (held run ids of one task, its unfinished upstream)
+    with connection.pipeline(transaction=True) as pipe:
+        while True:
+            result, pending = ReleaseResult(), []
+            try:
+                pipe.watch(waiting_key)
+                entries = {_text(run_id): Held.from_json(raw) for run_id, raw in pipe.hgetall(waiting_key).items()}
+                by_task: dict[str, list[str]] = defaultdict(list)
+                for run_id, held in entries.items():
+                    if only is None or held.task in only:
+                        by_task[held.task].append(run_id)
+                ready: list[str] = []
+                for task_name, run_ids in sorted(by_task.items()):
+                    unfinished = _unfinished_upstream(pipe, table, task_name, day, finished_key)
+                    if unfinished:
+                        pending.append((run_ids, unfinished))
+                    else:
+                        ready.extend(run_ids)
+                if not ready:
+                    if not entries:
+                        # Forget the day, unless a fan-out holds a run for it meanwhile (WATCH).
+                        pipe.multi()
+                        pipe.srem(keys.waiting_days, day.isoformat())
+                        pipe.execute()
+                    else:
+                        pipe.unwatch()
+                    break
+                runs, dropped = _rebuild(table, day, {run_id: entries[run_id] for run_id in ready})
+                pipe.multi()
+                pipe.hdel(waiting_key, *ready)
+                if len(ready) == len(entries):
+                    pipe.srem(keys.waiting_days, day.isoformat())
+                if runs:
+                    scripts.set_run_state(runs_key=keys.day_runs(day), retention_s=retention_s, state=QUEUED,
+                                          run_ids=[run.run_id for run in runs]).queue_in(pipe)
+                    # Longest expected first, as at fan-out (fanout.longest_first).
+                    ordered = longest_first(connection, keys, runs)
+                    queue.enqueue_many([_job_of(queue, run, entries[run.run_id], retention_s) for run in ordered],
+                                       pipeline=pipe)
+                pipe.execute()
+            except WatchError:
+                continue  # another caller released (or a fan-out held) runs of this day meanwhile: look again
+            result.released = [run.run_id for run in runs]
+            for run_id in dropped:
+                log.error("run %s was held for its upstream runs, but its task or slot is no longer in the table "
+                          "on %s; dropped", run_id, day.isoformat(), extra={"run_id": run_id})
+            break
+    if result.released:
+        log.info("released %d run%s of %s whose upstream runs have finished", len(result.released),
+                 "" if len(result.released) == 1 else "s", day.isoformat())
+    _mark_held(scripts, keys, day, retention_s, pending, result)
+    return result
+
+
+def _unfinished_upstream(pipe: Redis, table: TaskTable, task_name: str, day: date,
+                         finished_key: str) -> list[str]:
+    """Run ids of the task's upstream runs on ``day`` not in the finished set (none for a
+    task no longer in the table: its held runs are then dropped, see ``_rebuild``)."""
+    task = table.by_name.get(task_name)
+    upstream = [run.run_id for run in runs_on(table, day, task.after)] if task and task.after else []
+    if not upstream:
+        return []
+    done = pipe.smismember(finished_key, upstream)
+    return [run_id for run_id, is_done in zip(upstream, done) if not is_done]
+
+
+def _rebuild(table: TaskTable, day: date, held: dict[str, Held]) -> tuple[list[Run], list[str]]:
+    """The runs to enqueue, rebuilt from the table (task and slot) and the held param;
+    and the run ids that cannot be rebuilt."""
+    runs: list[Run] = []
+    dropped: list[str] = []
+    for run_id, entry in held.items():
+        task = table.by_name.get(entry.task)
+        slot = next((s for s in task.schedule.slots_on(day) if s.isoformat() == entry.slot), None) if task else None
+        run = Run(task, json.loads(entry.param_json), slot) if task and slot else None
+        if run is None or run.run_id != run_id:
+            dropped.append(run_id)
+        else:
+            runs.append(run)
+    return runs, dropped
+
+
+def _job_of(queue: Queue, run: Run, held: Held, retention_s: int) -> Any:
+    return job_data(queue, run, held.job_id, retention_s, held.force, held.at_front, held.again)
+
+
+def _mark_held(scripts: Scripts, keys: Keys, day: date, retention_s: int,
+               pending: list[tuple[list[str], list[str]]], result: ReleaseResult) -> None:
+    """``blocked`` or ``waiting`` for the held runs not released (HOLD_WAITING checks and
+    sets the records atomically; no WATCH needed here)."""
+    for run_ids, unfinished in pending:
+        blocker, _ = scripts.hold_waiting(runs_key=keys.day_runs(day), retention_s=retention_s,
+                                          unfinished_upstream=unfinished, held=run_ids).run()
+        if blocker is None:
+            result.still_waiting.extend(run_ids)
+        else:
+            result.blocked.update((run_id, blocker) for run_id in run_ids)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class WaitingRuns:
+    """The leader's look, every tick, at each day with held runs (caller b above)."""
+
+    def __init__(self, connection: Redis, keys: Keys, queue: Queue, table: TaskTable, retention_s: int) -> None:
+        self.connection = connection
+        self.keys = keys
+        self.queue = queue
+        self.table = table
+        self.retention_s = retention_s
+
+    def release_all(self) -> list[str]:
+        """Release what is ready on every day with held runs; returns the run ids released.
+        One SMEMBERS when nothing is held."""
+        released: list[str] = []
+        for raw in sorted(self.connection.smembers(self.keys.waiting_days)):
+            try:
+                day = date.fromisoformat(_text(raw))
+            except ValueError:
+                self.connection.srem(self.keys.waiting_days, raw)
+                continue
+            released += release_ready(self.connection, self.keys, self.queue, self.table, day,
+                                      retention_s=self.retention_s).released
+        return released
