@@ -3,7 +3,9 @@ processes share it: SAMPLE_AT / SAMPLE_TZ / SAMPLE_PARAMS / SAMPLE_SLEEP_S / SAM
 SAMPLE_RETRIES / SAMPLE_FUNC (record, progress, die, fail_first, explode, fail_some) /
 SAMPLE_FAIL (the params fail_some fails, comma-separated) / SAMPLE_DEADLINE (the sample
 task's deadline) / SAMPLE_LOG_URL (where the tasks log their executions; default
-REDIS_URL, which a test may route through a proxy).
+REDIS_URL, which a test may route through a proxy) / SAMPLE_DOWNSTREAM (N: a task
+"downstream" with N params and ``after=["sample"]``, also with SAMPLE_ONLY) /
+SAMPLE_MARKER (fail_until_marker fails the SAMPLE_FAIL params while this file is absent).
 
 A test that starts a live ``scheduler.py`` sets SAMPLE_AT: with the default 03:00 UTC the
 scheduler fans out that day's slot by itself from 03:00 to 04:00 UTC (the misfire
@@ -93,6 +95,13 @@ def explode(param: object) -> None:
     raise RuntimeError(f"boom for {param}")
 
 
+def fail_until_marker(param: object) -> object:
+    """Like ``fail_some`` until the file SAMPLE_MARKER exists (a test "fixes" the task)."""
+    if not os.path.exists(os.environ.get("SAMPLE_MARKER", "")):
+        return fail_some(param)
+    return record(param)
+
+
 def fail_some(param: object) -> object:
     """Raises for the params listed in SAMPLE_FAIL, else works like ``record``."""
     if str(param) in os.environ.get("SAMPLE_FAIL", "").split(","):
@@ -108,7 +117,11 @@ TASKS = [
          retries=int(os.environ.get("SAMPLE_RETRIES", "0")), retry_backoff_s=int(os.environ.get("SAMPLE_BACKOFF_S", "1")),
          timeout_s=60, deadline=os.environ.get("SAMPLE_DEADLINE") or None),
 ]
-# SAMPLE_ONLY=1 leaves just "sample", so that live schedulers in a test fire nothing else.
+if os.environ.get("SAMPLE_DOWNSTREAM"):
+    TASKS.append(Task(name="downstream", func=record, params=[f"下游{i}" for i in range(int(os.environ["SAMPLE_DOWNSTREAM"]))],
+                      at=os.environ.get("SAMPLE_AT", "03:00"), tz=os.environ.get("SAMPLE_TZ", "UTC"), retries=0,
+                      timeout_s=60, after=["sample"]))
+# SAMPLE_ONLY=1 leaves just "sample" (and "downstream"), so that live schedulers in a test fire nothing else.
 if not os.environ.get("SAMPLE_ONLY"):
     TASKS += [
         Task(name="numbers", func=record, params=[1, 2.5, {"k": "値"}, ["a", 1]], cron="30 4 * * *", retries=0),

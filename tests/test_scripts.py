@@ -324,6 +324,72 @@ def test_a_rerun_supersedes_the_old_job_and_gets_a_new_attempt_budget(scripts, c
     assert stored(connection, keys, "r1")["attempts"] == 2  # ``status`` goes on counting
 
 
+# -- runs held for their upstream runs (dependencies.py) ------------------------------------------
+
+def put_record(connection: Redis, keys: Keys, run_id: str, state: str, **fields: Any) -> dict[str, Any]:
+    record = dict(json.loads(base_json(run_id)), state=state, **fields)
+    connection.hset(runs_key(keys), run_id, json.dumps(record))
+    return record
+
+
+def test_set_run_state_sets_the_state_of_recorded_runs_and_clears_their_error(scripts, connection, keys) -> None:
+    before = put_record(connection, keys, "d1", "blocked", error="upstream run ...", attempts=2)
+    put_record(connection, keys, "d2", "queued")
+    changed = scripts.set_run_state(runs_key=runs_key(keys), retention_s=RETENTION_S, state="waiting",
+                                    run_ids=["d1", "d2", "no-record"]).run()
+    assert changed == 2
+    assert stored(connection, keys, "d1") == dict(before, state="waiting", error=None)  # history kept
+    assert stored(connection, keys, "d2")["state"] == "waiting"
+    assert connection.hget(runs_key(keys), "no-record") is None  # not made up
+    assert 0 < connection.ttl(runs_key(keys)) <= RETENTION_S
+
+
+def hold(scripts: Scripts, keys: Keys, unfinished: list[str], held: list[str]) -> tuple[str | None, int]:
+    return scripts.hold_waiting(runs_key=runs_key(keys), retention_s=RETENTION_S, unfinished_upstream=unfinished,
+                                held=held).run()
+
+
+def test_hold_waiting_blocks_while_an_upstream_run_failed_naming_it(scripts, connection, keys) -> None:
+    put_record(connection, keys, "u1", "running")
+    connection.hset(runs_key(keys), "u2", json.dumps(dict(new_record("ingest", '"東"', "slot", "u2"),
+                                                         state="failed", error="ValueError: boom")))
+    put_record(connection, keys, "d1", "waiting")
+    put_record(connection, keys, "d2", "blocked", error="upstream run old: x")
+    assert hold(scripts, keys, ["u1", "u2", "u-missing"], ["d1", "d2"]) == ("u2", 2)
+    for run_id in ("d1", "d2"):
+        record = stored(connection, keys, run_id)
+        assert record["state"] == "blocked"
+        assert record["error"] == 'upstream run ingest("東") failed: u2'
+    # Already right: nothing rewritten.
+    assert hold(scripts, keys, ["u1", "u2"], ["d1", "d2"]) == ("u2", 0)
+
+
+def test_hold_waiting_counts_a_skipped_or_blocked_upstream_run_as_blocking(scripts, connection, keys) -> None:
+    put_record(connection, keys, "u1", "skipped")
+    put_record(connection, keys, "m1", "blocked", error="upstream run ...")  # further up a chain
+    put_record(connection, keys, "d1", "waiting")
+    assert hold(scripts, keys, ["u1"], ["d1"])[0] == "u1"
+    assert stored(connection, keys, "d1")["error"] == 'upstream run t("p") skipped: u1'
+    assert hold(scripts, keys, ["m1"], ["d1"])[0] == "m1"
+    assert stored(connection, keys, "d1")["error"] == 'upstream run t("p") blocked: m1'
+
+
+def test_hold_waiting_unblocks_once_no_upstream_run_is_failed(scripts, connection, keys) -> None:
+    put_record(connection, keys, "u1", "queued")  # a rerun queued the failed upstream run
+    put_record(connection, keys, "d1", "blocked", error="upstream run t(\"p\") failed: u1")
+    assert hold(scripts, keys, ["u1"], ["d1"]) == (None, 1)
+    assert stored(connection, keys, "d1")["state"] == "waiting" and stored(connection, keys, "d1")["error"] is None
+
+
+def test_hold_waiting_leaves_runs_no_longer_held_alone(scripts, connection, keys) -> None:
+    put_record(connection, keys, "u1", "failed")
+    released = put_record(connection, keys, "d1", "queued")  # released (or begun) meanwhile
+    done = put_record(connection, keys, "d2", "finished")
+    assert hold(scripts, keys, ["u1"], ["d1", "d2", "d-missing"]) == ("u1", 0)
+    assert stored(connection, keys, "d1") == released and stored(connection, keys, "d2") == done
+    assert connection.hget(runs_key(keys), "d-missing") is None
+
+
 # -- recovery ------------------------------------------------------------------------------------
 
 def take(scripts: Scripts, keys: Keys, max_attempts: int) -> str:
