@@ -84,7 +84,7 @@ def rerun(connection_or_url: ConnectionOrUrl, task: str, params: Iterable[Any] =
     ``params``: which of the task's params (their values, or their JSON text as on the
     command line: ``3`` or ``"3"`` for the param 3; one string is one param); empty for
     all of them. Without
-    ``force``, runs that finished, and runs queued or running now, are skipped; with it
+    ``force``, runs that finished, and runs queued, running or waiting now, are skipped; with it
     they run again (still never two copies of one run at once).
 
     Returns ``{"date", "task", "force", "enqueued": [run, ...], "finished": [run, ...],

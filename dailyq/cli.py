@@ -108,7 +108,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _watch_status(connection: Redis, settings: Settings, table: TaskTable, day: date, until_done: bool) -> int:
     """Redraw the day's progress line about every second until Ctrl-C, or with
-    ``until_done`` until no run is scheduled, queued or running."""
+    ``until_done`` until no run is scheduled, queued, running or waiting."""
     from .watch_loop import watch_frames  # noqa: PLC0415
 
     tty = sys.stdout.isatty()
@@ -167,7 +167,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     report = api.rerun(settings.redis_url, args.task, args.param or [], args.date, args.force, settings=settings,
                        table=table)
     for label, key in (("enqueued", "enqueued"), ("skipped, already finished (use --force)", "finished"),
-                       ("skipped, queued or running now", "in_progress")):
+                       ("skipped, queued, running or waiting now", "in_progress")):
         for run in report[key]:
             print(f"{label}: {run['task']} {encode_param(run['param'])} slot {run['slot']}")
     print(f"{report['date']}: {len(report['enqueued'])} enqueued, {len(report['finished'])} finished skipped, "
@@ -227,7 +227,7 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
                         help="a live progress line (done/total, running per node, ETA), redrawn every second "
                              "until Ctrl-C")
     status.add_argument("--until-done", action="store_true",
-                        help="with --watch (implied): stop, exit 0, once no run is scheduled, queued or running")
+                        help="with --watch (implied): stop, exit 0, once no run is scheduled, queued, running or waiting")
     status.set_defaults(handler=cmd_status)
 
     report = sub.add_parser("report", help="a day's runs as one self-contained HTML timeline (a lane per node)")

@@ -56,6 +56,17 @@ def test_progress_counts_states_and_running_per_node():
     assert running_nodes(status) == {"n1", "n2"}
 
 
+def test_waiting_runs_are_pending_and_blocked_runs_settle_like_failed_ones():
+    status = day(run("up", 1, "failed", "n1"), run("down", 1, "blocked"), run("down", 2, "waiting"))
+    p = progress(status, {}, NOW)
+    assert (p.total, p.done, p.failed, p.blocked, p.pending) == (3, 2, 1, 1, 1)
+    assert not is_settled(status)  # a waiting run will still run
+    assert " 1 failed 1 blocked | ETA" in render_line(p)
+    assert is_settled(day(run("up", 1, "failed", "n1"), run("down", 1, "blocked")))  # --until-done ends
+    coloured = render_table(dict(day(run("down", 1, "blocked"), run("down", 2, "waiting")), nodes=[]), colour=True)
+    assert "\x1b[1;35mblocked\x1b[0m" in coloured and "\x1b[34mwaiting\x1b[0m" in coloured
+
+
 def test_eta_is_remaining_expected_work_over_nodes_seen_with_unknowns_at_the_mean():
     a, b, c = run("t", "a", "queued"), run("t", "b", "running", "n1", iso(NOW - timedelta(seconds=30))), \
         run("t", "c", "queued")
