@@ -16,7 +16,7 @@ from redis import Redis
 from rq import Queue
 
 from .errors import ConfigError
-from .dependencies import release_ready
+from .dependencies import downstream_of, release_ready
 from .fanout import Again, FanOutResult, fan_out
 from .keys import Keys
 from .runs import FINISHED, QUEUED, RUNNING, WAITING, Run, decode_record, runs_on
@@ -85,7 +85,9 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
             report.enqueued.append(run)
     if report.enqueued:
         connection.expire(keys.day_reruns(day), retention_s)
-        if fan_out(connection, keys, queue, report.enqueued, retention_s=retention_s, again=numbers,
-                   force=force).waiting:
+        result = fan_out(connection, keys, queue, report.enqueued, retention_s=retention_s, again=numbers,
+                         force=force)
+        # Held runs may be ready at once; runs blocked by this task's failed runs are 'waiting' again.
+        if result.waiting or task.name in downstream_of(table):
             release_ready(connection, keys, queue, table, day, retention_s=retention_s)
     return report

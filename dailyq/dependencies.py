@@ -22,11 +22,13 @@ them, records ``queued`` (SET_RUN_STATE), and their jobs pushed through
 ``fanout.job_data``, the path fan_out itself uses (RQ writes its own job hashes).
 Two callers racing over one day: the second one's EXEC fails on the WATCH, it looks
 again and finds the runs gone, so each held run is enqueued exactly once. Held runs
-that are not ready are checked by HOLD_WAITING (Lua, one check-and-set on the records):
-``blocked``, with the upstream run named in ``error``, while an unfinished upstream run
-is ``failed`` or ``skipped`` (or ``blocked`` itself, further up a chain); ``waiting``
-again once none is -- a ``rerun`` of the upstream run queued it, and its finishing
-releases them.
+that are not ready are ``blocked``, with the upstream run named in ``error``, while an
+unfinished upstream run is ``failed`` or ``skipped`` (or ``blocked`` itself, further up a
+chain); ``waiting`` again once none is -- a ``rerun`` of the upstream run queued it, and
+its finishing releases them. The upstream records are read in chunks and the blocking
+run found is checked again by HOLD_WAITING (Lua), which sets the held records in the
+same step (``_mark_held`` says why not all in Lua). Blocked/waiting is for people to
+see; the release never depends on it, only on the finished set.
 
 Who calls it, and why that keeps "released within 2 s of the last upstream run
 finishing", whatever dies:
@@ -75,11 +77,16 @@ from rq import Queue
 
 from .fanout import Held, job_data, longest_first
 from .keys import Keys
-from .runs import QUEUED, Run, runs_on
+from .runs import BLOCKED, FAILED, QUEUED, SKIPPED, Run, runs_on
 from .scripts import Scripts, scripts_for
 from .table import TaskTable
 
 log = logging.getLogger(__name__)
+
+# Upstream states that hold their downstream runs back for good, until a rerun
+# (HOLD_WAITING checks the same three).
+BLOCKING_STATES = (FAILED, SKIPPED, BLOCKED)
+READ_CHUNK = 10_000
 
 
 @dataclass
@@ -159,7 +166,7 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
     if result.released:
         log.info("released %d run%s of %s whose upstream runs have finished", len(result.released),
                  "" if len(result.released) == 1 else "s", day.isoformat())
-    _mark_held(scripts, keys, day, retention_s, pending, result)
+    _mark_held(connection, scripts, keys, day, retention_s, pending, result)
     return result
 
 
@@ -195,17 +202,37 @@ def _job_of(queue: Queue, run: Run, held: Held, retention_s: int) -> Any:
     return job_data(queue, run, held.job_id, retention_s, held.force, held.at_front, held.again)
 
 
-def _mark_held(scripts: Scripts, keys: Keys, day: date, retention_s: int,
+def _mark_held(connection: Redis, scripts: Scripts, keys: Keys, day: date, retention_s: int,
                pending: list[tuple[list[str], list[str]]], result: ReleaseResult) -> None:
-    """``blocked`` or ``waiting`` for the held runs not released (HOLD_WAITING checks and
-    sets the records atomically; no WATCH needed here)."""
+    """``blocked`` or ``waiting`` for the held runs not released.
+
+    The upstream records are read here, in chunks, and only the blocking run found (if
+    any) goes to HOLD_WAITING, which checks it again and sets the held records in one
+    step. Reading them all inside the script would hold Redis for the whole day's
+    upstream runs on every leader tick. The price: an upstream run that fails between
+    this read and the script leaves the held runs ``waiting`` until the next look (its
+    worker's own look right after its FAIL, or the leader's next tick)."""
+    runs_key = keys.day_runs(day)
     for run_ids, unfinished in pending:
-        blocker, _ = scripts.hold_waiting(runs_key=keys.day_runs(day), retention_s=retention_s,
-                                          unfinished_upstream=unfinished, held=run_ids).run()
+        found = _first_blocking(connection, runs_key, unfinished)
+        blocker, _ = scripts.hold_waiting(runs_key=runs_key, retention_s=retention_s,
+                                          unfinished_upstream=[found] if found else [], held=run_ids).run()
         if blocker is None:
             result.still_waiting.extend(run_ids)
         else:
             result.blocked.update((run_id, blocker) for run_id in run_ids)
+
+
+def _first_blocking(connection: Redis, runs_key: str, run_ids: list[str]) -> str | None:
+    """The first of ``run_ids`` whose record is failed, skipped or blocked, or None."""
+    for start in range(0, len(run_ids), READ_CHUNK):
+        chunk = run_ids[start:start + READ_CHUNK]
+        for run_id, raw in zip(chunk, connection.hmget(runs_key, chunk)):
+            # Most records are queued or running: decode only those that may be blocking.
+            if raw and any(state.encode() in raw for state in BLOCKING_STATES):
+                if json.loads(raw).get("state") in BLOCKING_STATES:
+                    return run_id
+    return None
 
 
 def _text(value: bytes | str) -> str:
