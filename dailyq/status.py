@@ -21,10 +21,9 @@ from redis import Redis
 from .beats import clock_warnings, live_processes
 from .clock import iso
 from .keys import Keys
-from .runs import MISSED, SCHEDULED, decode_record, runs_on
+from .runs import MISSED, PUBLIC_RUN_FIELDS, SCHEDULED, RunRecord, decode_record, runs_on
 from .table import TaskTable
 
-RUN_FIELDS = ("task", "param", "state", "node", "started_at", "ended_at", "attempts", "error")
 
 
 def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
@@ -60,9 +59,8 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
             "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes)}
 
 
-def _public(run_id: str, record: dict[str, Any]) -> dict[str, Any]:
-    shown = {name: record.get(name) for name in RUN_FIELDS}
+def _public(run_id: str, record: RunRecord) -> dict[str, Any]:
+    shown: dict[str, Any] = {name: record.get(name) for name in PUBLIC_RUN_FIELDS}
     shown["attempts"] = int(shown["attempts"] or 0)
-    shown.update(run_id=run_id, slot=record.get("slot"), job_id=record.get("job_id"),
-                 duration_s=record.get("duration_s"))
+    shown["run_id"] = run_id
     return shown
