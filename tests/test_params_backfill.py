@@ -224,3 +224,23 @@ def test_day_summary_and_its_line():
     assert summary["total"] == 4 and summary["done"] == 2 and summary["failed"] == 1
     assert summary["states"]["running"] == 1 and summary["states"]["missed"] == 0
     assert render_days([summary]) == "2026-11-26  2/4 done  1 failed  1 running"
+
+
+def test_alerts_and_metrics_count_a_computed_slot_by_its_stored_list():
+    from dailyq.alert_events import lateness
+    from dailyq.metrics import runs_by_state
+    from dailyq.params_book import ParamsBook, SlotParams, field_of
+
+    task = load_table("tests.computed_tasks").get("computed")
+    slot = task.schedule.slots_on(DAY)[0]
+    after = SLOT + timedelta(minutes=5)  # within the misfire grace
+    nothing = ParamsBook(DAY, {})
+    failed = ParamsBook(DAY, {field_of(task, slot): SlotParams("computed", slot.isoformat(), error="boom",
+                                                               attempts=1)})
+    listed = ParamsBook(DAY, {field_of(task, slot): SlotParams("computed", slot.isoformat(), params=["p", "q"])})
+    assert runs_by_state([task], {}, after, nothing) == {("computed", "scheduled"): 1}
+    assert runs_by_state([task], {}, after, failed) == {("computed", "failed"): 1}
+    assert runs_by_state([task], {}, after, listed) == {("computed", "scheduled"): 2}
+    assert lateness(task, DAY, {}, after, failed).late == {"without params": 1}
+    assert lateness(task, DAY, {}, after, listed).due == 2
+    assert listed.fired_slots() == failed.fired_slots() == {("computed", slot.isoformat())}
