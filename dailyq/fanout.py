@@ -21,7 +21,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Sequence
+from typing import Sequence
 
 from redis import Redis, WatchError
 from rq import Queue, Retry
@@ -29,7 +29,8 @@ from rq import Queue, Retry
 from .errors import LeaseLost
 from .keys import Keys
 from .lease import Lease
-from .runs import PATCH_RECORDS, QUEUED, Run
+from .runs import Run
+from .scripts import Requeued, Scripts, scripts_for
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *,
     by_day: dict[date, list[Run]] = defaultdict(list)
     for run in longest_first(connection, keys, runs):
         by_day[run.day].append(run)
-    patch_records = connection.register_script(PATCH_RECORDS)
+    scripts = scripts_for(connection)
     for day, day_runs in by_day.items():
         for start in range(0, len(day_runs), CHUNK_SIZE):
             chunk = day_runs[start:start + CHUNK_SIZE]
@@ -84,7 +85,7 @@ def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *,
             if fence is not None and start and not fence.renew():
                 raise LeaseLost(f"leader lease {fence.key} is no longer ours")
             _fan_out_chunk(connection, keys, queue, day, chunk, retention_s, fence, again, force, at_front,
-                           patch_records, result)
+                           scripts, result)
     return result
 
 
@@ -109,7 +110,7 @@ def longest_first(connection: Redis, keys: Keys, runs: Sequence[Run]) -> list[Ru
 
 def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk: list[Run],
                    retention_s: int, fence: Lease | None, again: dict[str, Again], force: bool, at_front: bool,
-                   patch_records, result: FanOutResult) -> None:
+                   scripts: Scripts, result: FanOutResult) -> None:
     enqueued_key = keys.day_enqueued(day)
     runs_key = keys.day_runs(day)
     job_ids = [run.job_id(again[run.run_id].number if run.run_id in again else 0) for run in chunk]
@@ -126,20 +127,14 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                 if fresh:
                     pipe.sadd(enqueued_key, *[job_id for _, job_id in fresh])
                     pipe.expire(enqueued_key, retention_s)
-                    # A run's first job (no rerun number) has no record yet: write it whole.
-                    # A rerun keeps its record (attempts, history): patch it in Lua.
-                    first = {run.run_id: json.dumps(run.new_record(job_id), ensure_ascii=False)
-                             for run, job_id in fresh if run.run_id not in again}
-                    if first:
-                        pipe.hset(runs_key, mapping=first)
-                        pipe.expire(runs_key, retention_s)
-                    patches: list[object] = [retention_s]
-                    for run, job_id in fresh:
-                        if run.run_id in again:
-                            patches += [run.run_id, json.dumps(run.new_record(job_id)),
-                                        json.dumps(_again_patch(again[run.run_id], job_id))]
-                    if len(patches) > 1:
-                        patch_records(keys=[runs_key], args=patches, client=pipe)
+                    # A run's first job (no rerun number) has no record yet: it is written whole.
+                    # A run enqueued once more keeps its record (attempts, history).
+                    scripts.queue_records(
+                        runs_key=runs_key, retention_s=retention_s,
+                        fresh=[(run.run_id, json.dumps(run.new_record(job_id), ensure_ascii=False))
+                               for run, job_id in fresh if run.run_id not in again],
+                        again=[_requeued(run, job_id, again[run.run_id]) for run, job_id in fresh
+                               if run.run_id in again]).queue_in(pipe)
                     queue.enqueue_many([_job_data(queue, run, job_id, retention_s, force, at_front,
                                                   again.get(run.run_id)) for run, job_id in fresh], pipeline=pipe)
                 pipe.execute()
@@ -150,13 +145,13 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
             return
 
 
-def _again_patch(again: Again, job_id: str) -> dict[str, Any]:
-    """The record fields a run enqueued once more starts from. The job id names the
-    one job of the run that may execute (older ones are skipped as superseded)."""
-    patch: dict[str, Any] = {"state": QUEUED, "job_id": job_id, "error": None, "ended_at": None}
+def _requeued(run: Run, job_id: str, again: Again) -> Requeued:
+    """A run enqueued once more: queued again under ``job_id``, the one job of the run
+    that may execute (older ones are skipped as superseded)."""
+    base_json = json.dumps(run.new_record(job_id))
     if again.new_run:
-        patch.update(attempts_before=again.attempts_before, rerun_id=again.rerun_id)
-    return patch
+        return Requeued(run.run_id, base_json, job_id, attempts_before=again.attempts_before, rerun_id=again.rerun_id)
+    return Requeued(run.run_id, base_json, job_id)
 
 
 def _job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool, at_front: bool,

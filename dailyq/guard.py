@@ -4,7 +4,7 @@ finished, and only the copy that holds the run's claim may record it.
 It wraps the call of a task function inside the process that executes it (RQ's
 work-horse, or the worker itself for a non-forking worker):
 
-1. ``BEGIN`` (one Lua script): if the run is in the day's finished set, skip it; if a
+1. ``BEGIN`` (one Lua script; all are in scripts.py): if the run is in the day's finished set, skip it; if a
    newer job of the same run was enqueued since this one (a recovery, a rerun),
    skip this stale one; else take the run's claim (an owner-token lease), draw a
    fencing token and mark the record running. On a dailyq worker it rides in RQ's
@@ -43,15 +43,14 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from datetime import date, datetime
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
 from redis import Redis
 from redis.client import Pipeline
-from redis.commands.core import Script
 from redis.exceptions import RedisError
 
 from .clock import Clock, iso, utc_now
@@ -59,130 +58,10 @@ from .context import RunContext, running_as
 from .keys import Keys
 from .outage import OutageLog, through_outage
 from .table import encode_param
-from .runs import FAILED, FINISHED, META_KEY, PATCH_RECORD_LUA, QUEUED, RUNNING, SKIPPED, new_record
+from .runs import META_KEY, new_record
+from .scripts import BeginReply, FailOutcome, ScriptCall, parse_begin, scripts_for
 
 log = logging.getLogger(__name__)
-
-# The error a run skipped by overlap='skip' shows in its record.
-OVERLAP_SKIPPED = "overlap: the previous slot's run of this task and param was still running"
-
-# KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = running hash,
-# KEYS[5] = series claim (same task and param, any slot), KEYS[6] = fence counter
-# ARGV = run_id, claim owner, claim ttl ms, force ('1'|'0'), base_json, retention_s, day,
-#        overlap ('skip'|'wait'), node, now (ISO), job_id, max_attempts (0 = no limit)
-# Replies {'claimed', attempt, fence} | {'finished'} | {'superseded'} | {'exhausted'} | {'busy'} | {'skipped'}.
-# The record's fields are set here from plain arguments, not from a JSON patch: a run
-# then costs the worker no JSON encoding beyond its base record.
-BEGIN = PATCH_RECORD_LUA + f"""
-if redis.call('GET', KEYS[2]) == ARGV[2] then
-  -- a retry after a lost reply: we already hold it; answer as the first time did
-  local record = load_record(KEYS[3], ARGV[1], ARGV[5])
-  return {{'claimed', run_attempts(record), tonumber(record.fence) or 0}}
-end
-if ARGV[4] ~= '1' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
-  return {{'finished'}}
-end
-local record = load_record(KEYS[3], ARGV[1], ARGV[5])  -- decoded once, for the check and the update
-if type(record.job_id) == 'string' and record.job_id ~= ARGV[11] then
-  return {{'superseded'}}  -- a later job of this run (recovery, rerun) is the one to execute
-end
-if ARGV[4] ~= '1' and tonumber(ARGV[12]) > 0 and run_attempts(record) >= tonumber(ARGV[12]) then
-  -- every attempt used (a second queue entry of the same job, say, pushed by two movers of
-  -- one retry): the run stays failed; a rerun gives it a new budget
-  return {{'exhausted'}}
-end
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return {{'busy'}}  -- this very run is executing elsewhere
-end
-if redis.call('EXISTS', KEYS[5]) == 1 then
-  -- a run of another slot of the same task and param is still executing
-  if ARGV[8] == 'skip' then
-    record.state, record.node, record.ended_at, record.job_id = '{SKIPPED}', ARGV[9], ARGV[10], ARGV[11]
-    record.error = [[{OVERLAP_SKIPPED}]]
-    save_record(KEYS[3], ARGV[1], record, ARGV[6])
-    return {{'skipped'}}
-  end
-  return {{'busy'}}
-end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[3])
-local fence = redis.call('INCR', KEYS[6])
-record.state, record.node, record.started_at, record.job_id = '{RUNNING}', ARGV[9], ARGV[10], ARGV[11]
-record.ended_at, record.error = cjson.null, cjson.null
-record.attempts = (tonumber(record.attempts) or 0) + 1
-record.owner, record.fence = ARGV[2], fence
-save_record(KEYS[3], ARGV[1], record, ARGV[6])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[7])
-return {{'claimed', run_attempts(record), fence}}
-"""
-
-BEGIN_OUTCOMES = ("claimed", "finished", "superseded", "exhausted", "busy", "skipped")
-
-# Releases what BEGIN took; called only while the claim is ours.
-RELEASE_LUA = """
-local function release(claim_key, series_key, running_key, run_id, owner)
-  redis.call('DEL', claim_key)
-  if redis.call('GET', series_key) == owner then
-    redis.call('DEL', series_key)
-  end
-  redis.call('HDEL', running_key, run_id)
-end
-"""
-
-# KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash, KEYS[4] = durations hash,
-# KEYS[5] = running hash, KEYS[6] = series claim
-# ARGV = run_id, claim owner, base_json, retention_s, series id, duration_s, node, now (ISO)
-# Returns 1, or 0 (and changes nothing) when the claim is not this owner's any more.
-FINISH = PATCH_RECORD_LUA + RELEASE_LUA + f"""
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then
-  return 0
-end
-release(KEYS[2], KEYS[6], KEYS[5], ARGV[1], ARGV[2])
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-local record = load_record(KEYS[3], ARGV[1], ARGV[3])
-record.state, record.node, record.ended_at, record.error = '{FINISHED}', ARGV[7], ARGV[8], cjson.null
-record.duration_s = tonumber(ARGV[6])
-save_record(KEYS[3], ARGV[1], record, ARGV[4])
-redis.call('HSET', KEYS[4], ARGV[5], ARGV[6])
-return 1
-"""
-
-# An execution that ended without finishing: the task raised (FAIL, from the executing
-# process) or its process died (the worker parent, which saw its work-horse die).
-# KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash, KEYS[4] = series claim
-# ARGV = run_id, claim owner, base_json, retention_s, rq_can_retry ('1'|'0'),
-#        max_attempts (0 = no limit), node, now (ISO), error
-# Returns 'retry' (recorded queued: RQ retries it), 'failed', or 'not-ours' (claim held
-# by another copy or gone: nothing changed).
-FAIL = PATCH_RECORD_LUA + RELEASE_LUA + f"""
-if redis.call('GET', KEYS[1]) ~= ARGV[2] then
-  return 'not-ours'
-end
-release(KEYS[1], KEYS[4], KEYS[3], ARGV[1], ARGV[2])
-local record = load_record(KEYS[2], ARGV[1], ARGV[3])
-local attempts, max_attempts = run_attempts(record), tonumber(ARGV[6])
-local retry = ARGV[5] == '1' and (max_attempts == 0 or attempts < max_attempts)
-record.state = retry and '{QUEUED}' or '{FAILED}'
-record.node, record.ended_at, record.error = ARGV[7], ARGV[8], ARGV[9]
-save_record(KEYS[2], ARGV[1], record, ARGV[4])
-return retry and 'retry' or 'failed'
-"""
-
-# KEYS[1] = run claim, KEYS[2] = series claim; ARGV[1] = owner, ARGV[2] = ttl ms.
-# Extends both only while the run's claim is ours; never re-takes one that lapsed:
-# a copy that lost its claim must stop, whoever holds it now.
-RENEW = """
-local holder = redis.call('GET', KEYS[1])
-if holder ~= ARGV[1] then
-  return holder and 'taken' or 'gone'
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-end
-return 'ok'
-"""
 
 # How often a copy waiting for another live copy of the same run looks again.
 WAIT_POLL_S = 1.0
@@ -253,31 +132,13 @@ class RunIdentity:
         return moment.astimezone(ZoneInfo(self.tz)) if self.tz else moment
 
 
-class ScriptCall(NamedTuple):
-    """One call of a guard script: run on its own, or queued in a transaction RQ owns."""
-
-    script: Script
-    keys: list[str]
-    args: list[Any]
-
-    def run(self) -> Any:
-        return self.script(keys=self.keys, args=self.args)
-
-    def queue_in(self, pipeline: Pipeline) -> None:
-        # EVAL with the body, not the Script object: on a pipeline, redis-py first sends
-        # SCRIPT EXISTS (a round trip of its own, the very cost queueing saves), and an
-        # EVALSHA that meets NOSCRIPT (Redis restarted since we loaded the script) would
-        # fail RQ's whole transaction. Redis caches the compiled body either way.
-        pipeline.eval(self.script.script, len(self.keys), *self.keys, *self.args)
-
-
 class PendingFinish:
     """The FINISH of a run whose function returned: idempotent, so it may be queued in
     a transaction and, should that transaction not happen, applied again on its own.
     The claim stays renewed until FINISH is done: a FINISH delayed by a short outage
     must still find the claim ours."""
 
-    def __init__(self, finish: ScriptCall, run_id: str, done: Callable[[], None]) -> None:
+    def __init__(self, finish: ScriptCall[bool], run_id: str, done: Callable[[], None]) -> None:
         self.finish = finish
         self.run_id = run_id
         self._done = done
@@ -287,17 +148,21 @@ class PendingFinish:
 
     def apply(self) -> None:
         try:
-            reply = through_outage(self.finish.run,
-                                   OutageLog(log, f"recording run {self.run_id} as finished"), RECORD_OUTAGE_LIMIT_S)
+            recorded = through_outage(self.finish.run, OutageLog(log, f"recording run {self.run_id} as finished"),
+                                      RECORD_OUTAGE_LIMIT_S)
         except BaseException:
             self._done()
             raise
-        self.replied(reply)
+        self._ended(recorded)
 
     def replied(self, reply: Any) -> None:
-        """FINISH's reply, whichever way it was sent; the claim is no longer renewed."""
+        """FINISH's raw reply, from the transaction it was queued in."""
+        self._ended(self.finish.parse(reply))
+
+    def _ended(self, recorded: bool) -> None:
+        # The claim is no longer renewed, whichever way FINISH was sent.
         self._done()
-        if reply in (0, b"0", "0"):
+        if not recorded:
             log.error("run %s: its function returned but this copy no longer held the claim; "
                       "not recorded as finished by this copy (another copy owns the run)", self.run_id,
                       extra={"run_id": self.run_id})
@@ -319,21 +184,14 @@ class Attempt:
     begin_sent_at: float = 0.0
 
     def keep_begin_reply(self, reply: Any) -> None:
+        """BEGIN's raw reply, from the transaction it was queued in."""
+        self.keep_begin(parse_begin(reply))
+
+    def keep_begin(self, reply: BeginReply) -> None:
         # Anything but one of BEGIN's own answers is ignored: the guard then asks again.
-        outcome, attempt, fence = _parse_begin(reply)
-        self.begin_reply = outcome
-        if outcome == "claimed":
-            self.attempt, self.fence = attempt, fence
-
-
-def _parse_begin(reply: Any) -> tuple[str | None, int, int]:
-    if not isinstance(reply, (list, tuple)) or not reply:
-        return None, 0, 0
-    outcome = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
-    if outcome not in BEGIN_OUTCOMES:
-        return None, 0, 0
-    numbers = [int(n) for n in reply[1:3]] + [0, 0]
-    return outcome, numbers[0], numbers[1]
+        self.begin_reply = reply.outcome
+        if reply.outcome == "claimed":
+            self.attempt, self.fence = reply.attempt, reply.fence
 
 
 class Guard:
@@ -347,9 +205,7 @@ class Guard:
         self.claim_ttl_s = claim_ttl_s
         self.retention_s = retention_s
         self.clock = clock
-        self._begin = connection.register_script(BEGIN)
-        self._finish = connection.register_script(FINISH)
-        self._fail = connection.register_script(FAIL)
+        self.scripts = scripts_for(connection)
         self.keeper = ClaimKeeper(connection, claim_ttl_s,
                                   default_claim_margin_s(claim_ttl_s) if claim_margin_s is None else claim_margin_s,
                                   stop_by_exit=stop_by_exit)
@@ -411,12 +267,13 @@ class Guard:
             # The claim was lost while the call was returning: it is another copy's run now.
             return self._stopped(run, held, cancel_retry)
         duration_s = time.monotonic() - started
-        finish_keys = [self.keys.day_finished(run.day), held.claim_key, self.keys.day_runs(run.day),
-                       self.keys.durations, self.keys.running, held.series_key]
-        finish_args = [run.run_id, attempt.owner, run.base_record, self.retention_s, run.series, f"{duration_s:.3f}",
-                       self.node, iso(self.clock())]
-        pending = PendingFinish(ScriptCall(self._finish, finish_keys, finish_args), run.run_id,
-                                done=lambda: self.keeper.release(run.run_id))
+        finish = self.scripts.finish(
+            finished_key=self.keys.day_finished(run.day), claim_key=held.claim_key,
+            runs_key=self.keys.day_runs(run.day), durations_key=self.keys.durations, running_key=self.keys.running,
+            series_key=held.series_key, run_id=run.run_id, owner=attempt.owner, base_json=run.base_record,
+            retention_s=self.retention_s, series=run.series, duration_s=duration_s, node=self.node,
+            now_iso=iso(self.clock()))
+        pending = PendingFinish(finish, run.run_id, done=lambda: self.keeper.release(run.run_id))
         if defer_finish is not None:
             defer_finish(pending)
         else:
@@ -432,14 +289,15 @@ class Guard:
                   run.run_id, self.node, held.lost_because(), extra={"run_id": run.run_id})
         return {"skipped": "claim lost"}
 
-    def _begin_call(self, attempt: Attempt) -> ScriptCall:
+    def _begin_call(self, attempt: Attempt) -> ScriptCall[BeginReply]:
         run = attempt.run
-        begin_keys = [self.keys.day_finished(run.day), self.keys.claim(run.run_id), self.keys.day_runs(run.day),
-                      self.keys.running, self.keys.series_claim(run.series), self.keys.fence]
-        begin_args = [run.run_id, attempt.owner, self.claim_ttl_s * 1000, "1" if run.force else "0",
-                      run.base_record, self.retention_s, run.day.isoformat(), run.overlap, self.node,
-                      iso(self.clock()), run.job_id, run.max_attempts]
-        return ScriptCall(self._begin, begin_keys, begin_args)
+        return self.scripts.begin(
+            finished_key=self.keys.day_finished(run.day), claim_key=self.keys.claim(run.run_id),
+            runs_key=self.keys.day_runs(run.day), running_key=self.keys.running,
+            series_key=self.keys.series_claim(run.series), fence_key=self.keys.fence, run_id=run.run_id,
+            owner=attempt.owner, claim_ttl_ms=self.claim_ttl_s * 1000, force=run.force, base_json=run.base_record,
+            retention_s=self.retention_s, day=run.day.isoformat(), overlap=run.overlap, node=self.node,
+            now_iso=iso(self.clock()), job_id=run.job_id, max_attempts=run.max_attempts)
 
     def _wait_for_claim(self, attempt: Attempt) -> str:
         """'claimed' once we hold the claim, or why not: 'finished' (already done),
@@ -453,7 +311,7 @@ class Guard:
                 reply = through_outage(self._begin_call(attempt).run, OutageLog(log, f"claiming run {run.run_id}"),
                                        RECORD_OUTAGE_LIMIT_S)
                 attempt.begin_sent_at = sent_at
-                attempt.keep_begin_reply(reply)
+                attempt.keep_begin(reply)
                 outcome = attempt.begin_reply
             if outcome != "busy":
                 return outcome or "unreadable BEGIN reply"
@@ -467,26 +325,25 @@ class Guard:
             time.sleep(WAIT_POLL_S)
             outcome = None
 
-    def _record_failure(self, run: RunIdentity, attempt: Attempt, error: str, rq_can_retry: bool) -> str:
+    def _record_failure(self, run: RunIdentity, attempt: Attempt, error: str, rq_can_retry: bool) -> FailOutcome:
         """FAIL; returns 'retry', 'failed' or 'not-ours'."""
         call = self.fail_call(run, attempt.owner, error, rq_can_retry)
         try:
-            reply = through_outage(call.run, OutageLog(log, f"recording the failure of run {run.run_id}"),
-                                   RECORD_OUTAGE_LIMIT_S)
+            return through_outage(call.run, OutageLog(log, f"recording the failure of run {run.run_id}"),
+                                  RECORD_OUTAGE_LIMIT_S)
         except RedisError as exc:
             # The claim then expires by itself and the leader's recovery takes the run over.
             log.error("run %s: could not record its failure (%s)", run.run_id, exc, extra={"run_id": run.run_id})
             return "not-ours"
-        return reply.decode() if isinstance(reply, bytes) else str(reply)
 
-    def fail_call(self, run: RunIdentity, owner: str, error: str, rq_can_retry: bool) -> ScriptCall:
+    def fail_call(self, run: RunIdentity, owner: str, error: str, rq_can_retry: bool) -> ScriptCall[FailOutcome]:
         """FAIL for ``owner``'s execution of ``run``: also used by a worker parent whose
         work-horse died, with the owner token it gave that work-horse."""
-        keys = [self.keys.claim(run.run_id), self.keys.day_runs(run.day), self.keys.running,
-                self.keys.series_claim(run.series)]
-        args = [run.run_id, owner, run.base_record, self.retention_s, "1" if rq_can_retry else "0",
-                run.max_attempts, self.node, iso(self.clock()), error]
-        return ScriptCall(self._fail, keys, args)
+        return self.scripts.fail(
+            claim_key=self.keys.claim(run.run_id), runs_key=self.keys.day_runs(run.day),
+            running_key=self.keys.running, series_key=self.keys.series_claim(run.series), run_id=run.run_id,
+            owner=owner, base_json=run.base_record, retention_s=self.retention_s, rq_can_retry=rq_can_retry,
+            max_attempts=run.max_attempts, node=self.node, now_iso=iso(self.clock()), error=error)
 
 
 def _param_of(run: RunIdentity) -> Any:
@@ -571,7 +428,7 @@ class ClaimKeeper:
         # A forked work-horse ends itself (os._exit) to stop its task; anything else
         # interrupts the task's thread.
         self.stop_by_exit = stop_by_exit
-        self._renew = connection.register_script(RENEW)
+        self._scripts = scripts_for(connection)
         self._outage = OutageLog(log, "renewing run claims")
         self._start_afresh()
 
@@ -631,8 +488,8 @@ class ClaimKeeper:
             try:
                 for held in runs:
                     sent_at = time.monotonic()
-                    reply = self._renew(keys=[held.claim_key, held.series_key], args=[held.owner, held.ttl_ms])
-                    reply = reply.decode() if isinstance(reply, bytes) else reply
+                    reply = self._scripts.renew_claim(claim_key=held.claim_key, series_key=held.series_key,
+                                                      owner=held.owner, ttl_ms=held.ttl_ms).run()
                     if reply == "ok":
                         held.confirmed_at = max(held.confirmed_at, sent_at)
                     elif held.lost is None:

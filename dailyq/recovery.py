@@ -32,60 +32,11 @@ from .clock import iso, utc_now, Clock
 from .fanout import Again, fan_out
 from .keys import Keys
 from .lease import Lease
-from .runs import FAILED, META_KEY, PATCH_RECORD_LUA, QUEUED, Run
+from .runs import META_KEY, Run
+from .scripts import scripts_for
 from .table import TaskTable
 
 log = logging.getLogger(__name__)
-
-# KEYS[1] = running hash, KEYS[2] = the run's claim, KEYS[3] = day runs hash
-# ARGV[1] = run_id, ARGV[2] = max attempts (0: no limit), ARGV[3] = now (ISO), ARGV[4] = retention_s
-# Takes the run out of ``running`` only if no live copy holds its claim, and records it
-# failed when it has no attempts left. Replies 'alive', 'gone' (someone else took it),
-# 'failed' or 'requeue'.
-TAKE_IF_ABANDONED = PATCH_RECORD_LUA + f"""
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return 'alive'
-end
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
-  return 'gone'
-end
-local raw = redis.call('HGET', KEYS[3], ARGV[1])
-if not raw then
-  return 'requeue'
-end
-local record = cjson.decode(raw)
-local attempts, max_attempts = run_attempts(record), tonumber(ARGV[2])
-if max_attempts > 0 and attempts >= max_attempts then
-  record.state, record.ended_at = '{FAILED}', ARGV[3]
-  record.error = 'executing process lost on node ' .. tostring(record.node) ..
-    ' (node died, killed, or cut off from Redis); ' .. attempts .. ' of ' .. max_attempts .. ' attempts used'
-  redis.call('HSET', KEYS[3], ARGV[1], cjson.encode(record))
-  redis.call('EXPIRE', KEYS[3], ARGV[4])
-  return 'failed'
-end
-return 'requeue'
-"""
-
-
-# KEYS[1] = RQ's intermediate queue, KEYS[2] = our queue, KEYS[3] = day runs hash
-# ARGV[1] = job id, ARGV[2] = run id
-# Puts a stranded job back at the front of the queue, once, if its run still waits for
-# exactly this job (queued, not begun by any copy since).
-REQUEUE_STRANDED = f"""
-local raw = redis.call('HGET', KEYS[3], ARGV[2])
-if raw then
-  local record = cjson.decode(raw)
-  if record.state ~= '{QUEUED}' or record.job_id ~= ARGV[1] then
-    return 0
-  end
-end
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
-  return 0
-end
-redis.call('LPUSH', KEYS[2], ARGV[1])
-return 1
-"""
-
 
 class StrandedJobs:
     """Jobs a worker took off the queue but never started: it died (or froze) between
@@ -102,7 +53,7 @@ class StrandedJobs:
         self.keys = keys
         self.queue = queue
         self.stuck_after_s = stuck_after_s
-        self._requeue = connection.register_script(REQUEUE_STRANDED)
+        self._scripts = scripts_for(connection)
 
     def requeue(self) -> list[str]:
         waiting = [j.decode() for j in self.connection.lrange(self.queue.intermediate_queue_key, 0, -1)]
@@ -126,8 +77,9 @@ class StrandedJobs:
             if not meta:
                 continue  # not a run of ours (an ad-hoc job): RQ's own clean-up handles it
             day = date.fromisoformat(meta["day"])
-            if self._requeue(keys=[self.queue.intermediate_queue_key, self.queue.key, self.keys.day_runs(day)],
-                             args=[job_id, meta["run_id"]]):
+            if self._scripts.requeue_stranded(intermediate_queue_key=self.queue.intermediate_queue_key,
+                                              queue_key=self.queue.key, runs_key=self.keys.day_runs(day),
+                                              job_id=job_id, run_id=meta["run_id"]).run():
                 self.connection.hdel(self.keys.stranded, job_id)
                 log.warning("run %s: its job %s was taken off the queue by a worker that never started it; "
                             "put back at the front of the queue", meta["run_id"], job_id,
@@ -147,7 +99,7 @@ class AbandonedRuns:
         self.table = table
         self.retention_s = retention_s
         self.clock = clock
-        self._take = connection.register_script(TAKE_IF_ABANDONED)
+        self._scripts = scripts_for(connection)
 
     def requeue(self, fence: Lease | None) -> list[str]:
         """Take over every run whose executing process is gone: enqueue it again, or
@@ -164,9 +116,10 @@ class AbandonedRuns:
             record = self._record(run_id, day)
             task = self.table.by_name.get(record.get("task", "")) if record else None
             max_attempts = task.retries + 1 if task else 0
-            outcome = self._take(keys=[self.keys.running, self.keys.claim(run_id), self.keys.day_runs(day)],
-                                 args=[run_id, max_attempts, iso(self.clock()), self.retention_s])
-            outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+            outcome = self._scripts.take_if_abandoned(
+                running_key=self.keys.running, claim_key=self.keys.claim(run_id), runs_key=self.keys.day_runs(day),
+                run_id=run_id, max_attempts=max_attempts, now_iso=iso(self.clock()),
+                retention_s=self.retention_s).run()
             if outcome == "failed":
                 log.error("run %s: its executing process was lost and it has no attempts left; failed",
                           run_id, extra={"run_id": run_id})

@@ -7,9 +7,13 @@ report, alert_events) can read and write times without importing a Redis client.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, overload
 
 
+@overload
+def iso(moment: datetime) -> str: ...
+@overload
+def iso(moment: None) -> None: ...
 def iso(moment: datetime | None) -> str | None:
     """ISO 8601 with offset, second precision: the form every stored time uses."""
     if moment is None:

@@ -310,7 +310,7 @@ def test_finish_and_fail_from_a_copy_that_no_longer_holds_the_claim_are_refused(
     assert connection.get(settings.keys.claim("r1")) == b"another-copy"
 
     fail = g.fail_call(identity("r1"), before["owner"], "late failure", rq_can_retry=True)
-    assert fail.run() == b"not-ours"
+    assert fail.run() == "not-ours"
     assert record(connection, settings, "r1") == before
 
 

@@ -1,0 +1,779 @@
+"""Every Lua script dailyq runs, and one typed wrapper per script.
+
+Each script documents its ``KEYS`` and ``ARGV`` in a header inside the Lua, and binds
+them to named locals at its top. Scripts are built from a few shared helpers (Redis
+runs no includes, so the helpers a script uses are prepended to it):
+
+* ``holds`` / ``del_if_owner`` / ``pexpire_if_owner``: the one compare-and-delete and
+  the one extend-if-owner of an owner-token lease (the leader lease, a run's claim and
+  its series claim);
+* ``load_record`` / ``save_record`` / ``store_record``: the one way a run record
+  changes -- load it (or start from its base), set fields, save it; a brand-new
+  record is stored as the JSON its writer sent;
+* ``redis_now_ms``: the Redis server's clock, the one clock every node shares.
+
+A wrapper method takes named, typed arguments and returns a ``ScriptCall``: ``run()``
+sends it now and returns the parsed reply; ``queue_in(pipeline)`` adds it to a
+pipeline someone else executes (RQ's own MULTI/EXEC), and ``parse`` reads the reply
+taken from there. ``scripts_for(connection)`` registers every script once per
+connection object.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Literal, Sequence, TypeVar
+
+from redis import Redis
+from redis.client import Pipeline
+from redis.commands.core import Script
+
+from .runs import FAILED, FINISHED, QUEUED, RUNNING, SKIPPED
+
+T = TypeVar("T")
+
+# The error a run skipped by overlap='skip' shows in its record.
+OVERLAP_SKIPPED = "overlap: the previous slot's run of this task and param was still running"
+
+# -- shared helpers ---------------------------------------------------------------------
+
+OWNER_LUA = """
+-- Owner-token leases: a key whose value names its holder.
+local function holds(key, owner)
+  return redis.call('GET', key) == owner
+end
+-- The one compare-and-delete: 1 when the key was ours and is gone now, else 0.
+local function del_if_owner(key, owner)
+  if holds(key, owner) then
+    return redis.call('DEL', key)
+  end
+  return 0
+end
+-- Extends the key only while it is ours; never takes a free or foreign one.
+local function pexpire_if_owner(key, owner, ttl_ms)
+  if holds(key, owner) then
+    redis.call('PEXPIRE', key, ttl_ms)
+    return 1
+  end
+  return 0
+end
+"""
+
+RECORD_LUA = """
+-- Run records: JSON, one hash per day (``status`` reads a whole day with one HGETALL).
+-- Every change is load_record, set fields, save_record; a new record is stored whole.
+local function store_record(runs_key, run_id, record_json, retention_s)
+  redis.call('HSET', runs_key, run_id, record_json)
+  redis.call('EXPIRE', runs_key, retention_s)
+end
+-- The stored record, else the one decoded from base_json (nil when neither exists).
+local function load_record(runs_key, run_id, base_json)
+  local raw = redis.call('HGET', runs_key, run_id) or base_json
+  return raw and cjson.decode(raw)
+end
+local function save_record(runs_key, run_id, record, retention_s)
+  store_record(runs_key, run_id, cjson.encode(record), retention_s)
+end
+-- Executions of the record's current run id: ``attempts`` counts every execution shown
+-- in ``status``; a user's rerun starts a new run id from ``attempts_before``.
+local function run_attempts(record)
+  return (tonumber(record.attempts) or 0) - (tonumber(record.attempts_before) or 0)
+end
+"""
+
+NOW_LUA = """
+-- Milliseconds of the Redis server's clock.
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+
+def _lua(body: str, *helpers: str) -> str:
+    return "".join(helpers) + body
+
+
+# -- the scripts --------------------------------------------------------------------------
+
+LEASE_ACQUIRE_OR_RENEW = _lua("""
+-- Takes a free lease or extends our own. Returns 1 when we hold it afterwards, else 0.
+-- KEYS[1] = lease key
+-- ARGV[1] = owner token, ARGV[2] = ttl (ms)
+local lease_key = KEYS[1]
+local owner, ttl_ms = ARGV[1], ARGV[2]
+if pexpire_if_owner(lease_key, owner, ttl_ms) == 1 then
+  return 1
+end
+if redis.call('SET', lease_key, owner, 'NX', 'PX', ttl_ms) then
+  return 1
+end
+return 0
+""", OWNER_LUA)
+
+LEASE_RENEW = _lua("""
+-- Extends the lease only while we own it; never takes a free one. Returns 1 or 0.
+-- KEYS[1] = lease key
+-- ARGV[1] = owner token, ARGV[2] = ttl (ms)
+return pexpire_if_owner(KEYS[1], ARGV[1], ARGV[2])
+""", OWNER_LUA)
+
+LEASE_RELEASE = _lua("""
+-- Deletes the lease only while we own it. Returns 1 when deleted, else 0.
+-- KEYS[1] = lease key
+-- ARGV[1] = owner token
+return del_if_owner(KEYS[1], ARGV[1])
+""", OWNER_LUA)
+
+QUEUE_RECORDS = _lua(f"""
+-- The records of runs a fan-out enqueues (one call per chunk, in its MULTI/EXEC).
+-- KEYS[1] = day runs hash
+-- ARGV[1] = retention (s), ARGV[2] = n, the number of new records, then
+--   n times: run_id, record JSON (a run's first job: its record is written whole),
+--   then per run enqueued once more (a recovery, a rerun; its record and history stay):
+--   run_id, base record JSON (if it has none), job_id,
+--   attempts_before ('' unless a user's rerun, which counts attempts afresh), rerun_id ('' = none)
+-- Returns 1.
+local runs_key = KEYS[1]
+local retention_s, fresh = ARGV[1], tonumber(ARGV[2])
+local again_from = 3 + 2 * fresh
+for i = 3, again_from - 1, 2 do
+  store_record(runs_key, ARGV[i], ARGV[i + 1], retention_s)
+end
+for i = again_from, #ARGV, 5 do
+  local run_id, base_json, job_id, attempts_before, rerun_id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local record = load_record(runs_key, run_id, base_json)
+  -- the job id names the one job of the run that may execute (older ones are superseded)
+  record.state, record.job_id, record.error, record.ended_at = '{QUEUED}', job_id, cjson.null, cjson.null
+  if attempts_before ~= '' then
+    record.attempts_before = tonumber(attempts_before)
+    record.rerun_id = rerun_id ~= '' and rerun_id or cjson.null
+  end
+  save_record(runs_key, run_id, record, retention_s)
+end
+return 1
+""", RECORD_LUA)
+
+BEGIN = _lua(f"""
+-- A copy of a run asks to execute it: takes the run's claim and its series claim, draws a
+-- fencing token and marks the record running -- unless the run is finished, superseded
+-- by a later job, out of attempts, or executing elsewhere.
+-- KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash,
+-- KEYS[4] = running hash, KEYS[5] = series claim (same task and param, any slot),
+-- KEYS[6] = fence counter
+-- ARGV[1] = run_id, ARGV[2] = claim owner, ARGV[3] = claim ttl (ms), ARGV[4] = force ('1'|'0'),
+-- ARGV[5] = base record JSON, ARGV[6] = retention (s), ARGV[7] = day, ARGV[8] = overlap ('skip'|'wait'),
+-- ARGV[9] = node, ARGV[10] = now (ISO), ARGV[11] = job_id, ARGV[12] = max attempts (0 = no limit)
+-- Replies {{'claimed', attempt, fence}} | {{'finished'}} | {{'superseded'}} | {{'exhausted'}} | {{'busy'}} | {{'skipped'}}.
+-- Fields are set from plain arguments (no JSON patch): a run costs the worker no JSON
+-- encoding beyond its base record.
+local finished_key, claim_key, runs_key, running_key, series_key, fence_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local run_id, owner, ttl_ms, force, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6]
+local day, overlap, node, now, job_id, max_attempts = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], tonumber(ARGV[12])
+if holds(claim_key, owner) then
+  -- a retry after a lost reply: we already hold it; answer as the first time did
+  local record = load_record(runs_key, run_id, base_json)
+  return {{'claimed', run_attempts(record), tonumber(record.fence) or 0}}
+end
+if not force and redis.call('SISMEMBER', finished_key, run_id) == 1 then
+  return {{'finished'}}
+end
+local record = load_record(runs_key, run_id, base_json)  -- decoded once, for the checks and the update
+if type(record.job_id) == 'string' and record.job_id ~= job_id then
+  return {{'superseded'}}  -- a later job of this run (recovery, rerun) is the one to execute
+end
+if not force and max_attempts > 0 and run_attempts(record) >= max_attempts then
+  -- every attempt used (a second queue entry of the same job, say, pushed by two movers of
+  -- one retry): the run stays failed; a rerun gives it a new budget
+  return {{'exhausted'}}
+end
+if redis.call('EXISTS', claim_key) == 1 then
+  return {{'busy'}}  -- this very run is executing elsewhere
+end
+if redis.call('EXISTS', series_key) == 1 then
+  -- a run of another slot of the same task and param is still executing
+  if overlap == 'skip' then
+    record.state, record.node, record.ended_at, record.job_id = '{SKIPPED}', node, now, job_id
+    record.error = [[{OVERLAP_SKIPPED}]]
+    save_record(runs_key, run_id, record, retention_s)
+    return {{'skipped'}}
+  end
+  return {{'busy'}}
+end
+redis.call('SET', claim_key, owner, 'PX', ttl_ms)
+redis.call('SET', series_key, owner, 'PX', ttl_ms)
+local fence = redis.call('INCR', fence_key)
+record.state, record.node, record.started_at, record.job_id = '{RUNNING}', node, now, job_id
+record.ended_at, record.error = cjson.null, cjson.null
+record.attempts = (tonumber(record.attempts) or 0) + 1
+record.owner, record.fence = owner, fence
+save_record(runs_key, run_id, record, retention_s)
+redis.call('HSET', running_key, run_id, day)
+return {{'claimed', run_attempts(record), fence}}
+""", OWNER_LUA, RECORD_LUA)
+
+# Releases what BEGIN took, only while the run's claim is ours: returns false, having
+# changed nothing, when it is not.
+RELEASE_RUN_LUA = """
+local function release_run(claim_key, series_key, running_key, run_id, owner)
+  if del_if_owner(claim_key, owner) == 0 then
+    return false
+  end
+  del_if_owner(series_key, owner)
+  redis.call('HDEL', running_key, run_id)
+  return true
+end
+"""
+
+FINISH = _lua(f"""
+-- The owner of a run's claim records it finished and releases the claim. Idempotent.
+-- KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash,
+-- KEYS[4] = durations hash, KEYS[5] = running hash, KEYS[6] = series claim
+-- ARGV[1] = run_id, ARGV[2] = claim owner, ARGV[3] = base record JSON, ARGV[4] = retention (s),
+-- ARGV[5] = series id, ARGV[6] = duration (s), ARGV[7] = node, ARGV[8] = now (ISO)
+-- Returns 1, or 0 (and changes nothing) when the claim is not this owner's any more.
+local finished_key, claim_key, runs_key, durations_key, running_key, series_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local run_id, owner, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local series, duration_s, node, now = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+if not release_run(claim_key, series_key, running_key, run_id, owner) then
+  return 0
+end
+redis.call('SADD', finished_key, run_id)
+redis.call('EXPIRE', finished_key, retention_s)
+local record = load_record(runs_key, run_id, base_json)
+record.state, record.node, record.ended_at, record.error = '{FINISHED}', node, now, cjson.null
+record.duration_s = tonumber(duration_s)
+save_record(runs_key, run_id, record, retention_s)
+redis.call('HSET', durations_key, series, duration_s)
+return 1
+""", OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA)
+
+FAIL = _lua(f"""
+-- An execution that ended without finishing: the task raised (from the executing process)
+-- or its process died (from the worker parent, which saw its work-horse die).
+-- KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash, KEYS[4] = series claim
+-- ARGV[1] = run_id, ARGV[2] = claim owner, ARGV[3] = base record JSON, ARGV[4] = retention (s),
+-- ARGV[5] = RQ can retry ('1'|'0'), ARGV[6] = max attempts (0 = no limit), ARGV[7] = node,
+-- ARGV[8] = now (ISO), ARGV[9] = error
+-- Returns 'retry' (recorded queued: RQ retries it), 'failed', or 'not-ours' (claim held by
+-- another copy or gone: nothing changed).
+local claim_key, runs_key, running_key, series_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local run_id, owner, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local rq_can_retry, max_attempts, node, now, error_text = ARGV[5] == '1', tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
+if not release_run(claim_key, series_key, running_key, run_id, owner) then
+  return 'not-ours'
+end
+local record = load_record(runs_key, run_id, base_json)
+local retry = rq_can_retry and (max_attempts == 0 or run_attempts(record) < max_attempts)
+record.state = retry and '{QUEUED}' or '{FAILED}'
+record.node, record.ended_at, record.error = node, now, error_text
+save_record(runs_key, run_id, record, retention_s)
+return retry and 'retry' or 'failed'
+""", OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA)
+
+RENEW_CLAIM = _lua("""
+-- Extends a run's claim and its series claim only while the run's claim is ours; never
+-- re-takes one that lapsed: a copy that lost its claim must stop, whoever holds it now.
+-- KEYS[1] = run claim, KEYS[2] = series claim
+-- ARGV[1] = owner, ARGV[2] = ttl (ms)
+-- Returns 'ok', 'taken' (another copy holds it) or 'gone'.
+local claim_key, series_key = KEYS[1], KEYS[2]
+local owner, ttl_ms = ARGV[1], ARGV[2]
+if pexpire_if_owner(claim_key, owner, ttl_ms) == 0 then
+  return redis.call('EXISTS', claim_key) == 1 and 'taken' or 'gone'
+end
+pexpire_if_owner(series_key, owner, ttl_ms)
+return 'ok'
+""", OWNER_LUA)
+
+TAKE_IF_ABANDONED = _lua(f"""
+-- The leader takes over a run listed as running: only if no live copy holds its claim.
+-- It records the run failed when it has no attempts left.
+-- KEYS[1] = running hash, KEYS[2] = the run's claim, KEYS[3] = day runs hash
+-- ARGV[1] = run_id, ARGV[2] = max attempts (0 = no limit), ARGV[3] = now (ISO), ARGV[4] = retention (s)
+-- Returns 'alive', 'gone' (someone else took it), 'failed' or 'requeue'.
+local running_key, claim_key, runs_key = KEYS[1], KEYS[2], KEYS[3]
+local run_id, max_attempts, now, retention_s = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+if redis.call('EXISTS', claim_key) == 1 then
+  return 'alive'
+end
+if redis.call('HDEL', running_key, run_id) == 0 then
+  return 'gone'
+end
+local record = load_record(runs_key, run_id)
+if not record then
+  return 'requeue'  -- its record expired with its day: the caller finds no run to rebuild
+end
+local attempts = run_attempts(record)
+if max_attempts > 0 and attempts >= max_attempts then
+  record.state, record.ended_at = '{FAILED}', now
+  record.error = 'executing process lost on node ' .. tostring(record.node) ..
+    ' (node died, killed, or cut off from Redis); ' .. attempts .. ' of ' .. max_attempts .. ' attempts used'
+  save_record(runs_key, run_id, record, retention_s)
+  return 'failed'
+end
+return 'requeue'
+""", RECORD_LUA)
+
+REQUEUE_STRANDED = _lua(f"""
+-- Puts a job a worker took off the queue but never started back at the front of the
+-- queue, once, if its run still waits for exactly this job (queued, not begun since).
+-- KEYS[1] = RQ's intermediate queue, KEYS[2] = our queue, KEYS[3] = day runs hash
+-- ARGV[1] = job id, ARGV[2] = run id
+-- Returns 1 when requeued, else 0.
+local intermediate_key, queue_key, runs_key = KEYS[1], KEYS[2], KEYS[3]
+local job_id, run_id = ARGV[1], ARGV[2]
+local record = load_record(runs_key, run_id)
+if record and (record.state ~= '{QUEUED}' or record.job_id ~= job_id) then
+  return 0
+end
+if redis.call('LREM', intermediate_key, 1, job_id) == 0 then
+  return 0
+end
+redis.call('LPUSH', queue_key, job_id)
+return 1
+""", RECORD_LUA)
+
+OUTBOX_ENQUEUE = _lua("""
+-- Puts each alert not seen before into the outbox (due now), atomically with
+-- remembering its id in its day's alert set: an alert enters once, however often raised.
+-- KEYS[1] = outbox, KEYS[2] = entries, KEYS[3..] = the alerts' day sets
+-- ARGV[1] = day set TTL (s), then per alert: index of its day set in KEYS, id, payload JSON
+-- Returns the ids that were new.
+local outbox_key, entries_key = KEYS[1], KEYS[2]
+local day_set_ttl_s = ARGV[1]
+local now = redis_now_ms()
+local added = {}
+for i = 2, #ARGV, 3 do
+  local day_set, id, payload = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('SADD', day_set, id) == 1 then
+    redis.call('EXPIRE', day_set, day_set_ttl_s)
+    redis.call('HSET', entries_key, id, cjson.encode({payload = payload, created_ms = tostring(now), attempts = 0}))
+    redis.call('ZADD', outbox_key, now, id)
+    added[#added + 1] = id
+  end
+end
+return added
+""", NOW_LUA)
+
+OUTBOX_CLAIM = _lua("""
+-- First, entries whose sender's claim ran out go back to the outbox; then the oldest due
+-- entry moves to the in-flight set until now + claim, marked with the sender's token.
+-- KEYS[1] = outbox, KEYS[2] = in-flight, KEYS[3] = entries
+-- ARGV[1] = claim (ms), ARGV[2] = owner token
+-- Returns {now, id, entry JSON}, or {now, next} when nothing is due: next is when
+-- something may be (the earliest due time or claim deadline; -1 when both sets are empty).
+local outbox_key, in_flight_key, entries_key = KEYS[1], KEYS[2], KEYS[3]
+local claim_ms, owner = tonumber(ARGV[1]), ARGV[2]
+local now = redis_now_ms()
+local lapsed = redis.call('ZRANGEBYSCORE', in_flight_key, '-inf', now, 'LIMIT', 0, 100)
+for _, id in ipairs(lapsed) do
+  redis.call('ZREM', in_flight_key, id)
+  redis.call('ZADD', outbox_key, now, id)
+end
+while true do
+  local due = redis.call('ZRANGEBYSCORE', outbox_key, '-inf', now, 'LIMIT', 0, 1)
+  if #due == 0 then
+    local next = -1
+    for _, key in ipairs({outbox_key, in_flight_key}) do
+      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      if #first == 2 and (next < 0 or tonumber(first[2]) < next) then
+        next = tonumber(first[2])
+      end
+    end
+    return {tostring(now), tostring(next)}
+  end
+  local id = due[1]
+  redis.call('ZREM', outbox_key, id)
+  local raw = redis.call('HGET', entries_key, id)
+  if raw then  -- (an id without its entry cannot be sent: it is just removed)
+    local entry = cjson.decode(raw)
+    entry.owner = owner
+    raw = cjson.encode(entry)
+    redis.call('HSET', entries_key, id, raw)
+    redis.call('ZADD', in_flight_key, now + claim_ms, id)
+    return {tostring(now), id, raw}
+  end
+end
+""", NOW_LUA)
+
+OUTBOX_ACK = """
+-- A delivered entry leaves the outbox, whoever holds it: nothing must send it again.
+-- KEYS[1] = outbox, KEYS[2] = in-flight, KEYS[3] = entries
+-- ARGV[1] = id, ARGV[2] = owner token
+-- Returns 'ours', 'taken' (another sender claimed it since) or 'gone'.
+local outbox_key, in_flight_key, entries_key = KEYS[1], KEYS[2], KEYS[3]
+local id, owner = ARGV[1], ARGV[2]
+local raw = redis.call('HGET', entries_key, id)
+redis.call('ZREM', outbox_key, id)
+redis.call('ZREM', in_flight_key, id)
+redis.call('HDEL', entries_key, id)
+if not raw then
+  return 'gone'
+end
+return cjson.decode(raw).owner == owner and 'ours' or 'taken'
+"""
+
+# The outbox entry a sender holds (its claim not lapsed), or nil.
+OUTBOX_HELD_LUA = """
+local function held_entry(in_flight_key, entries_key, id, owner)
+  local raw = redis.call('HGET', entries_key, id)
+  if not raw or not redis.call('ZSCORE', in_flight_key, id) then
+    return nil
+  end
+  local entry = cjson.decode(raw)
+  if entry.owner ~= owner then
+    return nil
+  end
+  return entry
+end
+"""
+
+OUTBOX_RETRY = _lua("""
+-- Back to the outbox with its next due time and one more attempt; only by the sender
+-- still holding the claim.
+-- KEYS[1] = outbox, KEYS[2] = in-flight, KEYS[3] = entries
+-- ARGV[1] = id, ARGV[2] = owner token, ARGV[3] = wait before the next attempt (ms)
+-- Returns 1, or 0 when the claim is not ours.
+local outbox_key, in_flight_key, entries_key = KEYS[1], KEYS[2], KEYS[3]
+local id, owner, wait_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local entry = held_entry(in_flight_key, entries_key, id, owner)
+if not entry then
+  return 0
+end
+entry.owner = nil
+entry.attempts = (tonumber(entry.attempts) or 0) + 1
+redis.call('HSET', entries_key, id, cjson.encode(entry))
+redis.call('ZREM', in_flight_key, id)
+redis.call('ZADD', outbox_key, redis_now_ms() + wait_ms, id)
+return 1
+""", NOW_LUA, OUTBOX_HELD_LUA)
+
+OUTBOX_DROP = _lua("""
+-- Gives an entry up (deleted); only by the sender still holding the claim.
+-- KEYS[1] = outbox, KEYS[2] = in-flight, KEYS[3] = entries
+-- ARGV[1] = id, ARGV[2] = owner token
+-- Returns 1, or 0 when the claim is not ours.
+local in_flight_key, entries_key = KEYS[2], KEYS[3]
+local id, owner = ARGV[1], ARGV[2]
+if not held_entry(in_flight_key, entries_key, id, owner) then
+  return 0
+end
+redis.call('ZREM', in_flight_key, id)
+redis.call('HDEL', entries_key, id)
+return 1
+""", OUTBOX_HELD_LUA)
+
+MARK_HELD = _lua("""
+-- Under our lease only: records this scheduler tick as the latest held one. When the
+-- previous one is older than the gap, it is left as is and reported: the caller enqueues
+-- the no_leader alert, then calls again with gap 0 (so an alert that could not be
+-- enqueued is tried again on the next tick, not lost).
+-- KEYS[1] = leader lease, KEYS[2] = leadership hash
+-- ARGV[1] = lease owner, ARGV[2] = longest tolerated gap (ms; 0: report none)
+-- Returns {'not-leader'} | {'ok', now} | {'gap', last_ms, now}.
+local lease_key, leadership_key = KEYS[1], KEYS[2]
+local owner, gap = ARGV[1], tonumber(ARGV[2])
+if not holds(lease_key, owner) then
+  return {'not-leader'}
+end
+local now = redis_now_ms()
+local held = redis.call('HMGET', leadership_key, 'first_ms', 'last_ms')
+local last = tonumber(held[2])
+if last and gap > 0 and now - last > gap then
+  return {'gap', tostring(last), tostring(now)}
+end
+if held[1] then
+  redis.call('HSET', leadership_key, 'last_ms', now)
+else
+  redis.call('HSET', leadership_key, 'last_ms', now, 'first_ms', now)
+end
+return {'ok', tostring(now)}
+""", OWNER_LUA, NOW_LUA)
+
+
+# -- parsed replies -----------------------------------------------------------------------
+
+# MARK_HELD's answer: ('ok', None, now_ms), ('gap', last_ms, now_ms) or ('not-leader', None, None).
+HeldMark = tuple[str, "int | None", "int | None"]
+BeginOutcome = Literal["claimed", "finished", "superseded", "exhausted", "busy", "skipped"]
+BEGIN_OUTCOMES: tuple[BeginOutcome, ...] = ("claimed", "finished", "superseded", "exhausted", "busy", "skipped")
+FailOutcome = Literal["retry", "failed", "not-ours"]
+RenewOutcome = Literal["ok", "taken", "gone"]
+TakeOutcome = Literal["alive", "gone", "failed", "requeue"]
+AckOutcome = Literal["ours", "taken", "gone"]
+
+
+@dataclass(frozen=True)
+class BeginReply:
+    """BEGIN's answer; ``outcome`` is None for anything else (an error a pipeline
+    handed back instead): the guard then asks again."""
+
+    outcome: BeginOutcome | None
+    attempt: int = 0
+    fence: int = 0
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An outbox entry a sender holds: deliver it, then ack, retry or drop it."""
+
+    alert_id: str
+    payload_json: str
+    created_ms: int
+    attempts: int  # failed deliveries so far
+    now_ms: int  # the Redis clock when it was claimed
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return dict(json.loads(self.payload_json))
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Nothing due: the Redis time, and when something may be (None: the outbox is empty)."""
+
+    now_ms: int
+    next_ms: int | None
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """A run enqueued once more (QUEUE_RECORDS): its record keeps its history."""
+
+    run_id: str
+    base_json: str  # its record if it has none
+    job_id: str
+    # A user's rerun (a new run id, attempts counted afresh): the executions so far, and
+    # the id the task sees. None for a recovery, which goes on with the same run.
+    attempts_before: int | None = None
+    rerun_id: str | None = None
+
+
+@dataclass(frozen=True)
+class OutboxAlert:
+    """One alert for OUTBOX_ENQUEUE."""
+
+    day_key: str  # keys.day_alerts(day)
+    alert_id: str
+    payload_json: str
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def lua_ms(value: Any) -> int:
+    """Milliseconds as Lua wrote them (``tostring`` of a number: digits, maybe a float form)."""
+    return int(float(_text(value)))
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
+def parse_begin(reply: Any) -> BeginReply:
+    if not isinstance(reply, (list, tuple)) or not reply:
+        return BeginReply(None)
+    outcome = _text(reply[0])
+    if outcome not in BEGIN_OUTCOMES:
+        return BeginReply(None)
+    numbers = [int(n) for n in reply[1:3]] + [0, 0]
+    return BeginReply(outcome, numbers[0], numbers[1])  # type: ignore[arg-type]
+
+
+def _parse_finish(reply: Any) -> bool:
+    # Only FINISH's 0 means "refused"; anything else a pipeline hands back is not read
+    # as a refusal (FINISH is idempotent: the worker applies it again on its own).
+    return _text(reply) != "0"
+
+
+def _parse_claim(reply: Any) -> Claimed | Idle:
+    now_ms = lua_ms(reply[0])
+    if len(reply) == 2:
+        next_ms = lua_ms(reply[1])
+        return Idle(now_ms, next_ms if next_ms >= 0 else None)
+    entry = json.loads(_text(reply[2]))
+    return Claimed(_text(reply[1]), str(entry["payload"]), lua_ms(entry["created_ms"]),
+                   int(entry.get("attempts") or 0), now_ms)
+
+
+def _parse_mark_held(reply: Any) -> HeldMark:
+    outcome = _text(reply[0])
+    if outcome == "gap":
+        return outcome, lua_ms(reply[1]), lua_ms(reply[2])
+    if outcome == "ok":
+        return outcome, None, lua_ms(reply[1])
+    return outcome, None, None
+
+
+# -- calls --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScriptCall(Generic[T]):
+    """One call of a script: sent now (``run``), or queued in a pipeline someone else
+    executes (``queue_in``), whose reply ``parse`` then reads."""
+
+    script: Script
+    keys: Sequence[str]
+    args: Sequence[Any]
+    parse: Callable[[Any], T]
+
+    def run(self) -> T:
+        return self.parse(self.script(keys=self.keys, args=self.args))
+
+    def queue_in(self, pipeline: Pipeline) -> None:
+        # EVAL with the body, not the Script object: on a pipeline, redis-py first sends
+        # SCRIPT EXISTS (a round trip of its own, the very cost queueing saves), and an
+        # EVALSHA that meets NOSCRIPT (Redis restarted since we loaded the script) would
+        # fail the caller's whole transaction. Redis caches the compiled body either way.
+        pipeline.eval(self.script.script, len(self.keys), *self.keys, *self.args)  # type: ignore[arg-type]
+
+
+def compact(lua: str) -> str:
+    """The script as sent: without its comment lines and indentation. BEGIN and FINISH
+    travel as EVAL bodies with every run (ScriptCall.queue_in), and their documentation
+    would otherwise more than double what each run sends."""
+    kept = (line.strip() for line in lua.splitlines())
+    return "\n".join(line for line in kept if line and not (line.startswith("--") and not line.startswith("--[[")))
+
+
+class Scripts:
+    """Every script, registered on one connection: get it with ``scripts_for``."""
+
+    def __init__(self, connection: Redis) -> None:
+        def register(lua: str) -> Script:
+            return connection.register_script(compact(lua))
+
+        self._lease_acquire_or_renew = register(LEASE_ACQUIRE_OR_RENEW)
+        self._lease_renew = register(LEASE_RENEW)
+        self._lease_release = register(LEASE_RELEASE)
+        self._queue_records = register(QUEUE_RECORDS)
+        self._begin = register(BEGIN)
+        self._finish = register(FINISH)
+        self._fail = register(FAIL)
+        self._renew_claim = register(RENEW_CLAIM)
+        self._take_if_abandoned = register(TAKE_IF_ABANDONED)
+        self._requeue_stranded = register(REQUEUE_STRANDED)
+        self._outbox_enqueue = register(OUTBOX_ENQUEUE)
+        self._outbox_claim = register(OUTBOX_CLAIM)
+        self._outbox_ack = register(OUTBOX_ACK)
+        self._outbox_retry = register(OUTBOX_RETRY)
+        self._outbox_drop = register(OUTBOX_DROP)
+        self._mark_held = register(MARK_HELD)
+
+    # -- owner-token leases (lease.py) --
+
+    def lease_acquire_or_renew(self, *, lease_key: str, owner: str, ttl_ms: int) -> ScriptCall[bool]:
+        return ScriptCall(self._lease_acquire_or_renew, [lease_key], [owner, ttl_ms], bool)
+
+    def lease_renew(self, *, lease_key: str, owner: str, ttl_ms: int) -> ScriptCall[bool]:
+        return ScriptCall(self._lease_renew, [lease_key], [owner, ttl_ms], bool)
+
+    def lease_release(self, *, lease_key: str, owner: str) -> ScriptCall[bool]:
+        return ScriptCall(self._lease_release, [lease_key], [owner], bool)
+
+    # -- run records at fan-out (fanout.py) --
+
+    def queue_records(self, *, runs_key: str, retention_s: int, fresh: Sequence[tuple[str, str]],
+                      again: Sequence[Requeued]) -> ScriptCall[None]:
+        """``fresh``: (run_id, record JSON) of runs enqueued for the first time."""
+        args: list[Any] = [retention_s, len(fresh)]
+        for run_id, record_json in fresh:
+            args += [run_id, record_json]
+        for run in again:
+            args += [run.run_id, run.base_json, run.job_id,
+                     "" if run.attempts_before is None else run.attempts_before, run.rerun_id or ""]
+        return ScriptCall(self._queue_records, [runs_key], args, lambda reply: None)
+
+    # -- the worker-side guard (guard.py) --
+
+    def begin(self, *, finished_key: str, claim_key: str, runs_key: str, running_key: str, series_key: str,
+              fence_key: str, run_id: str, owner: str, claim_ttl_ms: int, force: bool, base_json: str,
+              retention_s: int, day: str, overlap: str, node: str, now_iso: str, job_id: str,
+              max_attempts: int) -> ScriptCall[BeginReply]:
+        return ScriptCall(self._begin, [finished_key, claim_key, runs_key, running_key, series_key, fence_key],
+                          [run_id, owner, claim_ttl_ms, _flag(force), base_json, retention_s, day, overlap, node,
+                           now_iso, job_id, max_attempts], parse_begin)
+
+    def finish(self, *, finished_key: str, claim_key: str, runs_key: str, durations_key: str, running_key: str,
+               series_key: str, run_id: str, owner: str, base_json: str, retention_s: int, series: str,
+               duration_s: float, node: str, now_iso: str) -> ScriptCall[bool]:
+        """False (nothing changed) when the claim is not ``owner``'s any more."""
+        return ScriptCall(self._finish, [finished_key, claim_key, runs_key, durations_key, running_key, series_key],
+                          [run_id, owner, base_json, retention_s, series, f"{duration_s:.3f}", node, now_iso],
+                          _parse_finish)
+
+    def fail(self, *, claim_key: str, runs_key: str, running_key: str, series_key: str, run_id: str, owner: str,
+             base_json: str, retention_s: int, rq_can_retry: bool, max_attempts: int, node: str, now_iso: str,
+             error: str) -> ScriptCall[FailOutcome]:
+        return ScriptCall(self._fail, [claim_key, runs_key, running_key, series_key],
+                          [run_id, owner, base_json, retention_s, _flag(rq_can_retry), max_attempts, node, now_iso,
+                           error], _text)  # type: ignore[arg-type]
+
+    def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int) -> ScriptCall[RenewOutcome]:
+        return ScriptCall(self._renew_claim, [claim_key, series_key], [owner, ttl_ms], _text)  # type: ignore[arg-type]
+
+    # -- recovery (recovery.py) --
+
+    def take_if_abandoned(self, *, running_key: str, claim_key: str, runs_key: str, run_id: str, max_attempts: int,
+                          now_iso: str, retention_s: int) -> ScriptCall[TakeOutcome]:
+        return ScriptCall(self._take_if_abandoned, [running_key, claim_key, runs_key],
+                          [run_id, max_attempts, now_iso, retention_s], _text)  # type: ignore[arg-type]
+
+    def requeue_stranded(self, *, intermediate_queue_key: str, queue_key: str, runs_key: str, job_id: str,
+                         run_id: str) -> ScriptCall[bool]:
+        return ScriptCall(self._requeue_stranded, [intermediate_queue_key, queue_key, runs_key], [job_id, run_id],
+                          bool)
+
+    # -- the alert outbox (alert_outbox.py) --
+
+    def outbox_enqueue(self, *, outbox_key: str, entries_key: str, day_set_ttl_s: int,
+                       alerts: Sequence[OutboxAlert]) -> ScriptCall[list[str]]:
+        day_keys: list[str] = []
+        args: list[Any] = [day_set_ttl_s]
+        for alert in alerts:
+            if alert.day_key not in day_keys:
+                day_keys.append(alert.day_key)
+            args += [3 + day_keys.index(alert.day_key), alert.alert_id, alert.payload_json]
+        return ScriptCall(self._outbox_enqueue, [outbox_key, entries_key, *day_keys], args,
+                          lambda reply: [_text(alert_id) for alert_id in reply])
+
+    def outbox_claim(self, *, outbox_key: str, in_flight_key: str, entries_key: str, claim_ms: int,
+                     owner: str) -> ScriptCall[Claimed | Idle]:
+        return ScriptCall(self._outbox_claim, [outbox_key, in_flight_key, entries_key], [claim_ms, owner],
+                          _parse_claim)
+
+    def outbox_ack(self, *, outbox_key: str, in_flight_key: str, entries_key: str, alert_id: str,
+                   owner: str) -> ScriptCall[AckOutcome]:
+        return ScriptCall(self._outbox_ack, [outbox_key, in_flight_key, entries_key], [alert_id, owner],
+                          _text)  # type: ignore[arg-type]
+
+    def outbox_retry(self, *, outbox_key: str, in_flight_key: str, entries_key: str, alert_id: str, owner: str,
+                     wait_ms: int) -> ScriptCall[bool]:
+        return ScriptCall(self._outbox_retry, [outbox_key, in_flight_key, entries_key],
+                          [alert_id, owner, max(0, int(wait_ms))], bool)
+
+    def outbox_drop(self, *, outbox_key: str, in_flight_key: str, entries_key: str, alert_id: str,
+                    owner: str) -> ScriptCall[bool]:
+        return ScriptCall(self._outbox_drop, [outbox_key, in_flight_key, entries_key], [alert_id, owner], bool)
+
+    def mark_held(self, *, lease_key: str, leadership_key: str, owner: str, gap_ms: int) -> ScriptCall[HeldMark]:
+        return ScriptCall(self._mark_held, [lease_key, leadership_key], [owner, gap_ms], _parse_mark_held)
+
+
+# One Scripts per connection object, dropped with it. A cache, not shared state: building
+# one twice is harmless, so no lock.
+_registered: "weakref.WeakKeyDictionary[Redis, Scripts]" = weakref.WeakKeyDictionary()
+
+
+def scripts_for(connection: Redis) -> Scripts:
+    """The scripts registered on ``connection`` (once per connection object)."""
+    scripts = _registered.get(connection)
+    if scripts is None:
+        scripts = _registered[connection] = Scripts(connection)
+    return scripts

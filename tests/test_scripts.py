@@ -1,0 +1,483 @@
+"""Every Lua script through its wrapper, against the tests' own redis-server: each
+branch of each script, without workers or schedulers around it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from dailyq.keys import Keys
+from dailyq.runs import new_record
+from dailyq.scripts import (OVERLAP_SKIPPED, BeginReply, Claimed, FailOutcome, Idle, OutboxAlert, RenewOutcome,
+                            Requeued, ScriptCall, Scripts, parse_begin, scripts_for)
+
+DAY = "2026-11-26"
+RETENTION_S = 600
+TTL_MS = 5000
+
+
+@pytest.fixture
+def scripts(connection: Redis) -> Scripts:
+    return scripts_for(connection)
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix)
+
+
+def base_json(run_id: str, job_id: str | None = None) -> str:
+    return json.dumps(new_record("t", '"p"', "slot", job_id or run_id))
+
+
+def runs_key(keys: Keys) -> str:
+    return keys.day_runs(date.fromisoformat(DAY))
+
+
+def finished_key(keys: Keys) -> str:
+    return keys.day_finished(date.fromisoformat(DAY))
+
+
+def stored(connection: Redis, keys: Keys, run_id: str) -> dict[str, Any]:
+    raw = connection.hget(runs_key(keys), run_id)
+    assert isinstance(raw, bytes)
+    return dict(json.loads(raw))
+
+
+def test_scripts_are_registered_once_per_connection(connection: Redis, settings) -> None:
+    assert scripts_for(connection) is scripts_for(connection)
+    other = Redis.from_url(settings.redis_url)
+    try:
+        assert scripts_for(other) is not scripts_for(connection)
+    finally:
+        other.close()
+
+
+# -- leases ---------------------------------------------------------------------------------
+
+def test_lease_acquire_renew_and_release_by_the_owner_only(scripts: Scripts, connection: Redis, prefix: str) -> None:
+    lease = f"{prefix}:lease"
+    assert scripts.lease_acquire_or_renew(lease_key=lease, owner="a", ttl_ms=TTL_MS).run() is True
+    assert scripts.lease_acquire_or_renew(lease_key=lease, owner="b", ttl_ms=TTL_MS).run() is False
+    connection.pexpire(lease, 1000)
+    assert scripts.lease_acquire_or_renew(lease_key=lease, owner="a", ttl_ms=TTL_MS).run() is True  # renews own
+    assert connection.pttl(lease) > 1000
+    connection.pexpire(lease, 1000)
+    assert scripts.lease_renew(lease_key=lease, owner="b", ttl_ms=TTL_MS).run() is False
+    assert connection.pttl(lease) <= 1000
+    assert scripts.lease_renew(lease_key=lease, owner="a", ttl_ms=TTL_MS).run() is True
+    assert connection.pttl(lease) > 1000
+    assert scripts.lease_release(lease_key=lease, owner="b").run() is False
+    assert connection.get(lease) == b"a"
+    assert scripts.lease_release(lease_key=lease, owner="a").run() is True
+    assert not connection.exists(lease)
+    # Renew never takes a free lease.
+    assert scripts.lease_renew(lease_key=lease, owner="a", ttl_ms=TTL_MS).run() is False
+    assert not connection.exists(lease)
+
+
+# -- the guard: BEGIN, FINISH, FAIL, RENEW_CLAIM -----------------------------------------------
+
+@dataclass
+class RunKeys:
+    """The keys and fixed arguments of one run (run id ``r1``, series ``s1``)."""
+
+    keys: Keys
+    run_id: str = "r1"
+    series: str = "s1"
+
+    def begin(self, scripts: Scripts, owner: str, *, job_id: str = "r1", force: bool = False,
+              overlap: str = "wait", max_attempts: int = 0) -> ScriptCall[BeginReply]:
+        return scripts.begin(finished_key=finished_key(self.keys), claim_key=self.keys.claim(self.run_id),
+                             runs_key=runs_key(self.keys), running_key=self.keys.running,
+                             series_key=self.keys.series_claim(self.series), fence_key=self.keys.fence,
+                             run_id=self.run_id, owner=owner, claim_ttl_ms=TTL_MS, force=force,
+                             base_json=base_json(self.run_id, job_id), retention_s=RETENTION_S, day=DAY,
+                             overlap=overlap, node="node-x", now_iso="2026-11-26T10:00:00+00:00", job_id=job_id,
+                             max_attempts=max_attempts)
+
+    def finish(self, scripts: Scripts, owner: str) -> ScriptCall[bool]:
+        return scripts.finish(finished_key=finished_key(self.keys), claim_key=self.keys.claim(self.run_id),
+                              runs_key=runs_key(self.keys), durations_key=self.keys.durations,
+                              running_key=self.keys.running, series_key=self.keys.series_claim(self.series),
+                              run_id=self.run_id, owner=owner, base_json=base_json(self.run_id),
+                              retention_s=RETENTION_S, series=self.series, duration_s=1.25, node="node-x",
+                              now_iso="2026-11-26T10:01:00+00:00")
+
+    def fail(self, scripts: Scripts, owner: str, *, rq_can_retry: bool = True,
+             max_attempts: int = 0) -> ScriptCall[FailOutcome]:
+        return scripts.fail(claim_key=self.keys.claim(self.run_id), runs_key=runs_key(self.keys),
+                            running_key=self.keys.running, series_key=self.keys.series_claim(self.series),
+                            run_id=self.run_id, owner=owner, base_json=base_json(self.run_id),
+                            retention_s=RETENTION_S, rq_can_retry=rq_can_retry, max_attempts=max_attempts,
+                            node="node-y", now_iso="2026-11-26T10:02:00+00:00", error="ValueError: boom")
+
+    def renew(self, scripts: Scripts, owner: str) -> ScriptCall[RenewOutcome]:
+        return scripts.renew_claim(claim_key=self.keys.claim(self.run_id),
+                                   series_key=self.keys.series_claim(self.series), owner=owner, ttl_ms=TTL_MS)
+
+
+@pytest.fixture
+def run(keys: Keys) -> RunKeys:
+    return RunKeys(keys)
+
+
+def test_begin_claims_a_free_run_and_marks_it_running(scripts, connection, keys, run) -> None:
+    reply = run.begin(scripts, "a").run()
+    assert reply.outcome == "claimed" and reply.attempt == 1 and reply.fence > 0
+    assert connection.get(keys.claim("r1")) == b"a" and connection.get(keys.series_claim("s1")) == b"a"
+    assert 0 < connection.pttl(keys.claim("r1")) <= TTL_MS
+    assert connection.hget(keys.running, "r1") == DAY.encode()
+    record = stored(connection, keys, "r1")
+    assert record["state"] == "running" and record["node"] == "node-x" and record["attempts"] == 1
+    assert record["owner"] == "a" and record["fence"] == reply.fence and record["ended_at"] is None
+    assert 0 < connection.ttl(runs_key(keys)) <= RETENTION_S
+
+
+def test_begin_again_by_the_holder_answers_as_the_first_time(scripts, run) -> None:
+    first = run.begin(scripts, "a").run()
+    assert run.begin(scripts, "a").run() == first  # a retry after a lost reply: no second attempt, same fence
+
+
+def test_begin_skips_a_finished_run_unless_forced(scripts, connection, keys, run) -> None:
+    connection.sadd(finished_key(keys), "r1")
+    assert run.begin(scripts, "a").run() == BeginReply("finished")
+    assert not connection.exists(keys.claim("r1"))
+    assert run.begin(scripts, "a", force=True).run().outcome == "claimed"
+
+
+def test_begin_skips_a_job_superseded_by_a_later_one(scripts, connection, keys, run) -> None:
+    connection.hset(runs_key(keys), "r1", base_json("r1", job_id="r1-r1"))
+    assert run.begin(scripts, "a", job_id="r1").run() == BeginReply("superseded")
+    assert run.begin(scripts, "a", job_id="r1-r1").run().outcome == "claimed"
+
+
+def test_begin_refuses_a_run_with_every_attempt_used(scripts, connection, keys, run) -> None:
+    record = dict(json.loads(base_json("r1")), attempts=2, state="failed")
+    connection.hset(runs_key(keys), "r1", json.dumps(record))
+    assert run.begin(scripts, "a", max_attempts=2).run() == BeginReply("exhausted")
+    assert stored(connection, keys, "r1")["state"] == "failed"
+    assert run.begin(scripts, "a", max_attempts=3).run().outcome == "claimed"
+
+
+def test_begin_waits_while_another_copy_holds_the_run_or_its_series(scripts, connection, keys, run) -> None:
+    connection.set(keys.claim("r1"), "other")
+    assert run.begin(scripts, "a").run() == BeginReply("busy")
+    connection.delete(keys.claim("r1"))
+    connection.set(keys.series_claim("s1"), "previous-slot")
+    assert run.begin(scripts, "a", overlap="wait").run() == BeginReply("busy")
+    assert not connection.exists(keys.claim("r1"))
+
+
+def test_begin_with_overlap_skip_records_the_run_skipped(scripts, connection, keys, run) -> None:
+    connection.set(keys.series_claim("s1"), "previous-slot")
+    assert run.begin(scripts, "a", overlap="skip").run() == BeginReply("skipped")
+    record = stored(connection, keys, "r1")
+    assert record["state"] == "skipped" and record["error"] == OVERLAP_SKIPPED and record["attempts"] == 0
+    assert not connection.exists(keys.claim("r1"))
+
+
+def test_begin_queued_in_a_transaction_someone_else_executes(scripts, connection, run) -> None:
+    with connection.pipeline(transaction=True) as pipe:
+        pipe.ping()
+        run.begin(scripts, "a").queue_in(pipe)
+        replies = pipe.execute()
+    assert parse_begin(replies[-1]).outcome == "claimed"
+    assert parse_begin(None) == BeginReply(None)  # anything else: the guard asks again
+    assert parse_begin([b"nonsense"]) == BeginReply(None)
+
+
+def test_finish_by_the_holder_records_the_run_and_releases_what_begin_took(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    assert run.finish(scripts, "a").run() is True
+    assert not connection.exists(keys.claim("r1"), keys.series_claim("s1"))
+    assert connection.hget(keys.running, "r1") is None
+    assert connection.sismember(finished_key(keys), "r1")
+    assert connection.hget(keys.durations, "s1") == b"1.250"
+    record = stored(connection, keys, "r1")
+    assert record["state"] == "finished" and record["duration_s"] == 1.25 and record["error"] is None
+    assert record["attempts"] == 1  # what BEGIN set stays
+
+
+def test_finish_is_refused_when_the_claim_is_not_ours(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    connection.set(keys.claim("r1"), "b")  # our claim lapsed and another copy took it
+    before = stored(connection, keys, "r1")
+    assert run.finish(scripts, "a").run() is False
+    assert connection.get(keys.claim("r1")) == b"b" and connection.get(keys.series_claim("s1")) == b"a"
+    assert not connection.sismember(finished_key(keys), "r1")
+    assert stored(connection, keys, "r1") == before
+    connection.delete(keys.claim("r1"))
+    assert run.finish(scripts, "a").run() is False  # gone altogether
+
+
+def test_finish_keeps_a_series_claim_another_copy_holds(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    connection.set(keys.series_claim("s1"), "next-slot")
+    assert run.finish(scripts, "a").run() is True
+    assert connection.get(keys.series_claim("s1")) == b"next-slot"
+
+
+def test_finish_queued_in_a_transaction_reads_its_reply(scripts, connection, run) -> None:
+    run.begin(scripts, "a").run()
+    call = run.finish(scripts, "a")
+    with connection.pipeline(transaction=True) as pipe:
+        call.queue_in(pipe)
+        (reply,) = pipe.execute()
+    assert call.parse(reply) is True
+    assert call.parse(0) is False
+
+
+def test_fail_queues_a_run_with_attempts_left_for_its_retry(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    assert run.fail(scripts, "a", max_attempts=2).run() == "retry"
+    record = stored(connection, keys, "r1")
+    assert record["state"] == "queued" and record["error"] == "ValueError: boom" and record["node"] == "node-y"
+    assert not connection.exists(keys.claim("r1"), keys.series_claim("s1"))
+    assert connection.hget(keys.running, "r1") is None
+
+
+def test_fail_records_failed_when_attempts_are_used_or_rq_will_not_retry(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    assert run.fail(scripts, "a", max_attempts=1).run() == "failed"
+    assert stored(connection, keys, "r1")["state"] == "failed"
+    run.begin(scripts, "b", force=True).run()
+    assert run.fail(scripts, "b", rq_can_retry=False).run() == "failed"
+
+
+def test_fail_is_refused_when_the_claim_is_not_ours(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    connection.set(keys.claim("r1"), "b")
+    assert run.fail(scripts, "a").run() == "not-ours"
+    assert stored(connection, keys, "r1")["state"] == "running"
+    assert connection.hget(keys.running, "r1") == DAY.encode()
+
+
+def test_renew_claim_ok_taken_gone(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    connection.pexpire(keys.claim("r1"), 1000)
+    connection.pexpire(keys.series_claim("s1"), 1000)
+    assert run.renew(scripts, "a").run() == "ok"
+    assert connection.pttl(keys.claim("r1")) > 1000 and connection.pttl(keys.series_claim("s1")) > 1000
+    connection.set(keys.series_claim("s1"), "next-slot", px=1000)
+    assert run.renew(scripts, "a").run() == "ok"
+    assert connection.pttl(keys.series_claim("s1")) <= 1000  # not ours: left alone
+    connection.set(keys.claim("r1"), "b", px=1000)
+    assert run.renew(scripts, "a").run() == "taken"
+    assert connection.pttl(keys.claim("r1")) <= 1000
+    connection.delete(keys.claim("r1"))
+    assert run.renew(scripts, "a").run() == "gone"
+    assert not connection.exists(keys.claim("r1"))  # never re-taken
+
+
+# -- fan-out records and the rerun path ----------------------------------------------------------
+
+def test_queue_records_stores_a_first_record_whole(scripts, connection, keys) -> None:
+    text = json.dumps(new_record("t", '"é"', "slot", "r1"), ensure_ascii=False)
+    connection.hset(runs_key(keys), "r1", json.dumps({"state": "finished", "attempts": 3}))
+    scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[("r1", text)], again=[]).run()
+    assert connection.hget(runs_key(keys), "r1").decode() == text  # the writer's JSON, byte for byte
+    assert 0 < connection.ttl(runs_key(keys)) <= RETENTION_S
+
+
+def test_queue_records_requeues_a_recovered_run_keeping_its_history(scripts, connection, keys) -> None:
+    record = dict(json.loads(base_json("r1")), state="running", attempts=1, node="node-a", owner="a", fence=7,
+                  error=None, ended_at=None, started_at="2026-11-26T10:00:00+00:00")
+    connection.hset(runs_key(keys), "r1", json.dumps(record))
+    scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[],
+                          again=[Requeued("r1", base_json("r1", "r1-r1"), "r1-r1")]).run()
+    after = stored(connection, keys, "r1")
+    assert after == dict(record, state="queued", job_id="r1-r1")
+    assert "attempts_before" not in after and "rerun_id" not in after
+
+
+def test_queue_records_starts_a_rerun_from_the_record_or_its_base(scripts, connection, keys) -> None:
+    record = dict(json.loads(base_json("r1")), state="failed", attempts=2, error="ValueError: boom",
+                  ended_at="2026-11-26T10:02:00+00:00")
+    connection.hset(runs_key(keys), "r1", json.dumps(record))
+    scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[], again=[
+        Requeued("r1", base_json("r1", "r1-r1"), "r1-r1", attempts_before=2, rerun_id="r1-r1"),
+        Requeued("r2", base_json("r2", "r2-r1"), "r2-r1", attempts_before=0, rerun_id="r2-r1"),
+    ]).run()
+    assert stored(connection, keys, "r1") == dict(record, state="queued", job_id="r1-r1", error=None, ended_at=None,
+                                                  attempts_before=2, rerun_id="r1-r1")
+    assert stored(connection, keys, "r2") == dict(json.loads(base_json("r2", "r2-r1")), attempts_before=0,
+                                                  rerun_id="r2-r1")
+
+
+def test_a_rerun_supersedes_the_old_job_and_gets_a_new_attempt_budget(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a", max_attempts=1).run()
+    assert run.fail(scripts, "a", max_attempts=1).run() == "failed"
+    assert run.begin(scripts, "b", max_attempts=1).run() == BeginReply("exhausted")
+    with connection.pipeline(transaction=True) as pipe:  # as fan-out does: inside its MULTI/EXEC
+        scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[], again=[
+            Requeued("r1", base_json("r1", "r1-r1"), "r1-r1", attempts_before=1, rerun_id="r1-r1")]).queue_in(pipe)
+        pipe.execute()
+    assert run.begin(scripts, "c", job_id="r1", max_attempts=1).run() == BeginReply("superseded")
+    reply = run.begin(scripts, "c", job_id="r1-r1", max_attempts=1).run()
+    assert reply.outcome == "claimed" and reply.attempt == 1
+    assert stored(connection, keys, "r1")["attempts"] == 2  # ``status`` goes on counting
+
+
+# -- recovery ------------------------------------------------------------------------------------
+
+def take(scripts: Scripts, keys: Keys, max_attempts: int) -> str:
+    return scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     run_id="r1", max_attempts=max_attempts, now_iso="2026-11-26T11:00:00+00:00",
+                                     retention_s=RETENTION_S).run()
+
+
+def test_take_if_abandoned_leaves_a_run_whose_claim_is_alive(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    assert take(scripts, keys, 3) == "alive"
+    assert connection.hget(keys.running, "r1") == DAY.encode()
+
+
+def test_take_if_abandoned_requeues_a_dead_run_with_attempts_left_once(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    connection.delete(keys.claim("r1"))  # its process died: the claim lapsed
+    assert take(scripts, keys, 3) == "requeue"
+    assert connection.hget(keys.running, "r1") is None
+    assert stored(connection, keys, "r1")["state"] == "running"  # the requeue's fan-out rewrites it
+    assert take(scripts, keys, 3) == "gone"  # another leader took it first
+
+
+def test_take_if_abandoned_fails_a_dead_run_without_attempts_left(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    connection.delete(keys.claim("r1"))
+    assert take(scripts, keys, 1) == "failed"
+    record = stored(connection, keys, "r1")
+    assert record["state"] == "failed" and record["ended_at"] == "2026-11-26T11:00:00+00:00"
+    assert record["error"] == ("executing process lost on node node-x (node died, killed, or cut off from Redis); "
+                               "1 of 1 attempts used")
+
+
+def test_take_if_abandoned_without_a_record_requeues(scripts, connection, keys) -> None:
+    connection.hset(keys.running, "r1", DAY)
+    assert take(scripts, keys, 1) == "requeue"
+
+
+def requeue_stranded(scripts: Scripts, keys: Keys, prefix: str, job_id: str = "r1") -> bool:
+    return scripts.requeue_stranded(intermediate_queue_key=f"{prefix}:intermediate", queue_key=f"{prefix}:queue",
+                                    runs_key=runs_key(keys), job_id=job_id, run_id="r1").run()
+
+
+def test_requeue_stranded_puts_a_waiting_job_back_at_the_front_once(scripts, connection, keys, prefix) -> None:
+    connection.rpush(f"{prefix}:queue", "other")
+    connection.rpush(f"{prefix}:intermediate", "r1")
+    connection.hset(runs_key(keys), "r1", base_json("r1"))
+    assert requeue_stranded(scripts, keys, prefix) is True
+    assert connection.lrange(f"{prefix}:queue", 0, -1) == [b"r1", b"other"]
+    assert connection.llen(f"{prefix}:intermediate") == 0
+    assert requeue_stranded(scripts, keys, prefix) is False  # no longer stranded
+
+
+def test_requeue_stranded_leaves_a_job_whose_run_moved_on(scripts, connection, keys, run, prefix) -> None:
+    connection.rpush(f"{prefix}:intermediate", "r1")
+    connection.hset(runs_key(keys), "r1", base_json("r1", job_id="r1-r1"))
+    assert requeue_stranded(scripts, keys, prefix) is False  # a later job of the run
+    connection.hset(runs_key(keys), "r1", base_json("r1"))
+    run.begin(scripts, "a").run()
+    assert requeue_stranded(scripts, keys, prefix) is False  # begun by some copy since
+    assert connection.lrange(f"{prefix}:intermediate", 0, -1) == [b"r1"]
+    assert not connection.exists(f"{prefix}:queue")
+
+
+def test_requeue_stranded_without_a_record_requeues(scripts, connection, keys, prefix) -> None:
+    connection.rpush(f"{prefix}:intermediate", "r1")
+    assert requeue_stranded(scripts, keys, prefix) is True
+
+
+# -- the alert outbox ------------------------------------------------------------------------------
+
+@dataclass
+class OutboxKeys:
+    keys: Keys
+
+    def named(self) -> dict[str, str]:
+        return {"outbox_key": self.keys.alert_outbox, "in_flight_key": self.keys.alert_in_flight,
+                "entries_key": self.keys.alert_entries}
+
+
+def enqueue(scripts: Scripts, keys: Keys, *alerts: OutboxAlert) -> list[str]:
+    return scripts.outbox_enqueue(outbox_key=keys.alert_outbox, entries_key=keys.alert_entries, day_set_ttl_s=100,
+                                  alerts=list(alerts)).run()
+
+
+def test_outbox_enqueue_takes_each_alert_once(scripts, connection, keys, prefix) -> None:
+    one, two = OutboxAlert(f"{prefix}:day1", "a1", '{"n": 1}'), OutboxAlert(f"{prefix}:day2", "a2", '{"n": 2}')
+    assert enqueue(scripts, keys, one, two) == ["a1", "a2"]
+    assert enqueue(scripts, keys, one, OutboxAlert(f"{prefix}:day1", "a3", "{}")) == ["a3"]
+    assert connection.smembers(f"{prefix}:day1") == {b"a1", b"a3"} and 0 < connection.ttl(f"{prefix}:day1") <= 100
+    assert connection.zcard(keys.alert_outbox) == 3
+    entry = json.loads(connection.hget(keys.alert_entries, "a2"))
+    assert entry["payload"] == '{"n": 2}' and entry["attempts"] == 0 and int(entry["created_ms"]) > 0
+
+
+def test_outbox_claim_ack_retry_drop_by_the_holder(scripts, connection, keys, prefix) -> None:
+    named = OutboxKeys(keys).named()
+    empty = scripts.outbox_claim(**named, claim_ms=30_000, owner="s1").run()
+    assert isinstance(empty, Idle) and empty.next_ms is None
+    enqueue(scripts, keys, OutboxAlert(f"{prefix}:day", "a1", '{"n": 1}'))
+    claimed = scripts.outbox_claim(**named, claim_ms=30_000, owner="s1").run()
+    assert isinstance(claimed, Claimed) and claimed.alert_id == "a1" and claimed.payload == {"n": 1}
+    idle = scripts.outbox_claim(**named, claim_ms=30_000, owner="s2").run()
+    assert isinstance(idle, Idle) and idle.next_ms is not None and 29_000 <= idle.next_ms - idle.now_ms <= 30_000
+
+    assert scripts.outbox_retry(**named, alert_id="a1", owner="s2", wait_ms=0).run() is False
+    assert scripts.outbox_drop(**named, alert_id="a1", owner="s2").run() is False
+    assert scripts.outbox_retry(**named, alert_id="a1", owner="s1", wait_ms=0).run() is True
+    again = scripts.outbox_claim(**named, claim_ms=30_000, owner="s2").run()
+    assert isinstance(again, Claimed) and again.attempts == 1
+    assert scripts.outbox_retry(**named, alert_id="a1", owner="s1", wait_ms=0).run() is False  # s2's now
+    assert scripts.outbox_ack(**named, alert_id="a1", owner="s1").run() == "taken"  # delivered all the same
+    assert connection.hget(keys.alert_entries, "a1") is None and connection.zcard(keys.alert_in_flight) == 0
+    assert scripts.outbox_ack(**named, alert_id="a1", owner="s2").run() == "gone"
+
+    enqueue(scripts, keys, OutboxAlert(f"{prefix}:day", "a2", "{}"))
+    scripts.outbox_claim(**named, claim_ms=30_000, owner="s1").run()
+    assert scripts.outbox_ack(**named, alert_id="a2", owner="s1").run() == "ours"
+    enqueue(scripts, keys, OutboxAlert(f"{prefix}:day", "a3", "{}"))
+    scripts.outbox_claim(**named, claim_ms=30_000, owner="s1").run()
+    assert scripts.outbox_drop(**named, alert_id="a3", owner="s1").run() is True
+    assert connection.hget(keys.alert_entries, "a3") is None
+
+
+def test_outbox_claim_takes_back_an_entry_whose_sender_lapsed(scripts, connection, keys, prefix) -> None:
+    named = OutboxKeys(keys).named()
+    enqueue(scripts, keys, OutboxAlert(f"{prefix}:day", "a1", "{}"))
+    assert isinstance(scripts.outbox_claim(**named, claim_ms=0, owner="dead").run(), Claimed)
+    taken = scripts.outbox_claim(**named, claim_ms=30_000, owner="s2").run()
+    assert isinstance(taken, Claimed) and taken.alert_id == "a1"
+    assert scripts.outbox_retry(**named, alert_id="a1", owner="dead", wait_ms=0).run() is False
+
+
+def test_outbox_claim_removes_an_id_without_its_entry(scripts, connection, keys) -> None:
+    named = OutboxKeys(keys).named()
+    connection.zadd(keys.alert_outbox, {"orphan": 0})
+    idle = scripts.outbox_claim(**named, claim_ms=30_000, owner="s1").run()
+    assert isinstance(idle, Idle) and idle.next_ms is None and connection.zcard(keys.alert_outbox) == 0
+
+
+def test_mark_held_only_under_our_lease_and_reports_a_gap(scripts, connection, keys) -> None:
+    def mark(owner: str, gap_ms: int) -> tuple[str, int | None, int | None]:
+        return scripts.mark_held(lease_key=keys.leader, leadership_key=keys.leadership, owner=owner,
+                                 gap_ms=gap_ms).run()
+
+    assert mark("a", 0) == ("not-leader", None, None)
+    connection.set(keys.leader, "a")
+    outcome, last, now = mark("a", 10_000)
+    assert outcome == "ok" and last is None and now is not None
+    assert connection.hget(keys.leadership, "first_ms") == connection.hget(keys.leadership, "last_ms")
+    connection.hset(keys.leadership, "last_ms", now - 60_000)
+    outcome, last, _ = mark("a", 10_000)
+    assert outcome == "gap" and last == now - 60_000
+    assert int(connection.hget(keys.leadership, "last_ms")) == now - 60_000  # left as is until the alert is in
+    outcome, _, later = mark("a", 0)
+    assert outcome == "ok" and int(connection.hget(keys.leadership, "last_ms")) == later
+    assert int(connection.hget(keys.leadership, "first_ms")) == now  # the first held tick stays
