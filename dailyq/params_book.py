@@ -18,7 +18,7 @@ When the callable is called:
 * by ``rerun --refresh-params``, always: the new list replaces the stored one (a
   refresh that fails keeps the old list and says why).
 
-Every write is one Lua check-and-set (``STORE_LUA``): a stored list is replaced only by
+Every write is one Lua check-and-set (``scripts.PARAMS_STORE``): a stored list is replaced only by
 a refresh, a failure only by a later attempt or by a list. Two callers racing (the
 leader at the slot and a user's ``trigger``) thus end with one stored list and both
 fan out that one; the callable may have been called by both (only what is stored is
@@ -48,6 +48,7 @@ from .keys import Keys
 from .lease import Lease
 from .runs import FAILED, MISSED, SCHEDULED, Run, new_record, runs_of_slot
 from .schedule import Slot
+from .scripts import scripts_for
 from .table import Task, TaskTable
 from .timestamps import iso
 
@@ -56,40 +57,6 @@ from .timestamps import iso
 # "failed" also when a failure is stored (retries, trigger, rerun);
 # "always" calls it whatever is stored (rerun --refresh-params).
 When = Literal["unset", "failed", "always"]
-
-STORE_LUA = """
--- KEYS[1] = the day's params hash; KEYS[2] = the retry schedule (sorted set);
--- KEYS[3] = the leader lease
-local field = ARGV[1]           -- '{task}|{slot label}'
-local entry = ARGV[2]           -- the entry to store (JSON)
-local retention_s = ARGV[3]
-local replace = ARGV[4]         -- '1': store whatever is there (a refresh)
-local member = ARGV[5]          -- '{day}|{task}|{slot label}' in the retry schedule
-local next_try_ms = ARGV[6]     -- when to call again, or '' for never
-local fence_owner = ARGV[7]     -- '' or the lease value the caller must still hold
-if fence_owner ~= '' and redis.call('GET', KEYS[3]) ~= fence_owner then
-  return {0, 'lease'}
-end
-local current = redis.call('HGET', KEYS[1], field)
-if current and replace ~= '1' then
-  local old = cjson.decode(current)
-  if old['params'] ~= nil then
-    return {0, current}         -- a list is stored: it stays
-  end
-  local new = cjson.decode(entry)
-  if new['params'] == nil and (tonumber(new['attempts']) or 0) <= (tonumber(old['attempts']) or 0) then
-    return {0, current}         -- a failure no later than the stored one
-  end
-end
-redis.call('HSET', KEYS[1], field, entry)
-redis.call('EXPIRE', KEYS[1], retention_s)
-if next_try_ms ~= '' then
-  redis.call('ZADD', KEYS[2], next_try_ms, member)
-else
-  redis.call('ZREM', KEYS[2], member)
-end
-return {1, entry}
-"""
 
 
 class ParamsFailed(DailyqError):
@@ -117,7 +84,7 @@ class SlotParams:
         fields = asdict(self)
         if self.ok:
             return json.dumps({k: fields[k] for k in ("task", "slot", "params", "at")}, ensure_ascii=False)
-        fields.pop("params")  # absent, not null: STORE_LUA tells a failure by the missing key
+        fields.pop("params")  # absent, not null: PARAMS_STORE tells a failure by the missing key
         return json.dumps(fields, ensure_ascii=False)
 
     @classmethod
@@ -233,14 +200,14 @@ def settle(connection: Redis, keys: Keys, task: Task, slot: Slot, now: datetime,
 
 def store(connection: Redis, keys: Keys, task: Task, slot: Slot, entry: SlotParams, retention_s: int, *,
           replace: bool = False, next_try: datetime | None = None, fence: Lease | None = None) -> SlotParams:
-    """Store ``entry`` unless STORE_LUA's rules keep what is there; returns what is stored."""
-    script = connection.register_script(STORE_LUA)
-    stored, raw = script(keys=[keys.day_params(slot.day), keys.params_retries, keys.leader],
-                         args=[field_of(task, slot), entry.encode(), retention_s, "1" if replace else "0",
-                               _retry_member(task, slot),
-                               "" if next_try is None else int(next_try.timestamp() * 1000),
-                               fence.owner if fence is not None else ""])
-    if not stored and raw in (b"lease", "lease"):
+    """Store ``entry`` unless PARAMS_STORE's rules keep what is there; returns what is stored."""
+    stored, raw = scripts_for(connection).params_store(
+        params_key=keys.day_params(slot.day), retries_key=keys.params_retries, lease_key=keys.leader,
+        field=field_of(task, slot), entry_json=entry.encode(), retention_s=retention_s, replace=replace,
+        retry_member=_retry_member(task, slot),
+        next_try_ms=None if next_try is None else int(next_try.timestamp() * 1000),
+        fence_owner=fence.owner if fence is not None else None).run()
+    if not stored and raw == "lease":
         raise LeaseLost(f"leader lease {keys.leader} is no longer ours")
     return SlotParams.decode(raw)
 

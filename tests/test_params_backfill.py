@@ -244,3 +244,28 @@ def test_alerts_and_metrics_count_a_computed_slot_by_its_stored_list():
     assert lateness(task, DAY, {}, after, failed).late == {"without params": 1}
     assert lateness(task, DAY, {}, after, listed).due == 2
     assert listed.fired_slots() == failed.fired_slots() == {("computed", slot.isoformat())}
+
+
+def test_params_store_script_keeps_a_list_and_takes_only_later_failures(connection, settings):
+    from dailyq.scripts import scripts_for
+
+    keys = settings.keys
+    connection.set(keys.leader, "me")
+
+    def put(entry: dict, replace: bool = False, next_try_ms: int | None = None, owner: str | None = None):
+        return scripts_for(connection).params_store(
+            params_key=keys.day_params(DAY), retries_key=keys.params_retries, lease_key=keys.leader,
+            field="t|20261126T030000", entry_json=json.dumps(entry), retention_s=60, replace=replace,
+            retry_member="2026-11-26|t|20261126T030000", next_try_ms=next_try_ms, fence_owner=owner).run()
+
+    assert put({"error": "e1", "attempts": 1}, next_try_ms=5000, owner="me")[0]
+    assert connection.zscore(keys.params_retries, "2026-11-26|t|20261126T030000") == 5000
+    assert put({"error": "late", "attempts": 1}) == (False, json.dumps({"error": "e1", "attempts": 1}))
+    assert put({"error": "e2", "attempts": 2}, next_try_ms=9000)[0]
+    assert put({"params": []})[0]  # a list, even an empty one, ends the retries
+    assert connection.zcard(keys.params_retries) == 0
+    assert put({"params": ["other"]}) == (False, json.dumps({"params": []}))
+    assert put({"error": "e3", "attempts": 3}) == (False, json.dumps({"params": []}))
+    assert put({"params": ["new"]}, replace=True)[0]
+    assert put({"params": ["x"]}, replace=True, owner="not me") == (False, "lease")
+    assert json.loads(connection.hget(keys.day_params(DAY), "t|20261126T030000")) == {"params": ["new"]}
