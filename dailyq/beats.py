@@ -1,7 +1,7 @@
 """Heartbeat values, and the live nodes that write them.
 
 Each scheduler and each worker keeps a key ``keys.heartbeat(role, node)`` with a TTL
-(its refresh schedules are in scheduler.py and ``_DailyWorkerMixin.heartbeat``). Its
+(its refresh schedules are in scheduler.py and ``worker.WorkerContext.beat``). Its
 value is JSON ``{"at", "pid", "offset_s"}``: when it beat, by Redis's clock; the
 process; and how far that process's host clock is from Redis's (host minus Redis, in
 seconds, + = ahead). Schedulers of earlier versions wrote a plain ISO time, and

@@ -41,7 +41,7 @@ from .connection import connect
 from .runs import META_KEY
 from .settings import Settings
 from .table import load_table
-from .worker import DailyJob
+from .rq_seam import DailyJob
 
 DEFAULT_BIND = "127.0.0.1"
 DEFAULT_PORT = 9181

@@ -8,7 +8,7 @@ work-horse, or the worker itself for a non-forking worker):
    newer job of the same run was enqueued since this one (a recovery, a rerun),
    skip this stale one; else take the run's claim (an owner-token lease), draw a
    fencing token and mark the record running. On a dailyq worker it rides in RQ's
-   own transaction that marks the job started (worker.py), so it costs no round
+   own transaction that marks the job started (rq_seam.py), so it costs no round
    trip. A claim held by another live copy means "wait": the other copy may finish
    (then we skip) or stop (then we run). A *series* claim, held for any slot of the
    same (task, param), applies the task's ``overlap`` policy.

@@ -1,7 +1,7 @@
 """``scheduler.py health``: is this node's scheduler and worker alive? For probes.
 
 Each process keeps a heartbeat key (``keys.heartbeat(role, node)``) with a TTL: the
-scheduler every 5 s, the worker every RQ heartbeat (see ``_DailyWorkerMixin.heartbeat``);
+scheduler every 5 s, the worker every RQ heartbeat (see ``worker.WorkerContext.beat``);
 its value (beats.py) carries the beat's time and the process's clock offset from
 Redis. A present key means the process beat within its TTL; ``max_age_s`` optionally
 asks for a more recent beat.

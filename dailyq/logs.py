@@ -21,7 +21,7 @@ from .errors import ConfigError
 LOG_FORMATS = ("text", "json")
 
 # The run this thread's worker is handling (set around RQ's handling of each job, in
-# worker.py): records logged meanwhile, RQ's own included, carry its id in JSON logs.
+# rq_seam.py): records logged meanwhile, RQ's own included, carry its id in JSON logs.
 current_run_id: ContextVar[str | None] = ContextVar("dailyq_current_run_id", default=None)
 
 

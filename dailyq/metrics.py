@@ -53,7 +53,7 @@ from .params_book import ParamsBook, placeholder_record
 from .runs import FINISHED, MISSED, SCHEDULED, STATES
 from .settings import Settings
 from .table import Task, TaskTable
-from .worker import make_queue
+from .rq_seam import make_queue
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
 """The leader loop: one scheduler at a time fans out each slot's runs.
 
-``python scheduler.py`` runs this on every node. ``DailyScheduler`` subclasses
-rq-scheduler's ``Scheduler`` and replaces what breaks with several nodes:
+``python scheduler.py`` runs this on every node. ``DailyScheduler`` is our own loop; of
+rq-scheduler it uses only the registration of a scheduler process and the moving of
+delayed jobs, by composition (rq_seam.DelayedJobs). Its loop, lock and heartbeat are
+not used, because with several nodes they break:
 
 * its lock is taken per polling pass, deleted without an owner check, and fails
   over only after interval + 10 s; ours is a lease with an owner token, renewed
@@ -27,12 +29,10 @@ import signal
 import threading
 import uuid
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, cast
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq_scheduler import Scheduler
-from rq_scheduler.utils import to_unix
 
 from .beats import (OFFSET_WARN_S, beat_value, describe_offset, forget_silent_nodes, format_offset,
                     register_node)
@@ -45,7 +45,7 @@ from .retries import DueRetries
 from .params_book import retry_due, slot_runs
 from .settings import Settings
 from .table import Task, TaskTable
-from .worker import DailyJob, make_queue
+from .rq_seam import DelayedJobs, make_queue
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +63,16 @@ RECOVERY_EVERY_S = 5.0
 OFFSET_CLEAR_S = OFFSET_WARN_S * 0.75
 
 
-class DailyScheduler(Scheduler):
+class DailyScheduler:
     def __init__(self, connection: Redis, settings: Settings, table: TaskTable, clock: Clock | None = None,
                  tick_s: float = TICK_S) -> None:
         """``clock`` is what slots fall due by: Redis's (the default), or in tests any
         callable returning fixed datetimes. This host's offset from Redis is measured
         either way, for the heartbeat."""
         keys = settings.keys
-        # rq-scheduler's keys are class attributes; move them under our prefix.
-        self.redis_scheduler_namespace_prefix = keys.scheduler_instance_prefix
-        self.scheduler_lock_key = keys.leader
-        self.scheduled_jobs_key = keys.scheduled_jobs
-        super().__init__(queue_name=keys.queue_name, connection=connection, interval=tick_s,
-                         job_class=DailyJob, name=f"{settings.node_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.connection = connection
+        self.delayed = DelayedJobs(connection, keys, f"{settings.node_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                                   interval_s=tick_s)
         self.settings = settings
         self.keys = keys
         self.table = table
@@ -115,7 +112,7 @@ class DailyScheduler(Scheduler):
         elif not held and self.is_leader:
             log.warning("node %s lost the leader lease (held by %s)", self.settings.node_name,
                         _holder_node(self.lease.holder()))
-        self.is_leader = self._lock_acquired = held
+        self.is_leader = held
         return held
 
     def remove_lock(self) -> None:
@@ -126,12 +123,13 @@ class DailyScheduler(Scheduler):
             except RedisError as exc:
                 log.warning("could not release the leader lease (%s); it expires in %ss", exc,
                             self.settings.lease_ttl_s)
-        self.is_leader = self._lock_acquired = False
+        self.is_leader = False
 
     # -- firing slots ----------------------------------------------------------------
 
     def _load_cursors(self) -> None:
-        stored = self.connection.hgetall(self.keys.cursor)
+        # The client does not decode replies (no decode_responses): keys and values are bytes.
+        stored = cast("dict[bytes, bytes]", self.connection.hgetall(self.keys.cursor))
         self._cursors = {k.decode(): datetime.fromisoformat(v.decode()) for k, v in stored.items()}
 
     def _window_start(self, task: Task, now: datetime) -> datetime:
@@ -177,15 +175,13 @@ class DailyScheduler(Scheduler):
         self.abandoned.requeue(fence=self.lease)
         self.stranded.requeue()
 
-    def get_jobs_to_queue(self, with_times: bool = False):
-        """rq-scheduler's, with "due" read on our clock (Redis's) instead of the host's."""
-        return self.get_jobs(to_unix(self.clock()), with_times=with_times)
-
-    def enqueue_jobs(self):  # rq-scheduler's hook, called once per pass by the leader
+    def enqueue_jobs(self) -> None:
+        """The leader's pass: slots, recovery, retries, and rq-scheduler's delayed jobs,
+        each "due" by our clock (Redis's), not the host's."""
         self.fire_due_slots(self.clock())
         self.recover_abandoned_runs()
         self.retries.move_due(self.clock())
-        return super().enqueue_jobs()
+        self.delayed.move_due(self.clock())
 
     # -- the loop --------------------------------------------------------------------
 
@@ -193,7 +189,7 @@ class DailyScheduler(Scheduler):
         self._stop.set()
 
     def heartbeat(self) -> None:
-        """rq-scheduler's registration key and our health key, every HEARTBEAT_EVERY_S
+        """Our rq-scheduler registration key and our health key, every HEARTBEAT_EVERY_S
         (not every tick: three idle nodes should cost Redis next to nothing). The health
         key carries this host's clock offset from Redis, for status and health."""
         now = self.clock()
@@ -205,7 +201,7 @@ class DailyScheduler(Scheduler):
         self._note_offset(offset_s)
         node = self.settings.node_name
         with self.connection.pipeline(transaction=False) as pipe:
-            pipe.expire(self.key, int(self._interval + 3 * HEARTBEAT_EVERY_S))
+            self.delayed.keep_registered(pipe, int(self.tick_s + 3 * HEARTBEAT_EVERY_S))
             pipe.set(self.keys.heartbeat("scheduler", node), beat_value(now, os.getpid(), offset_s),
                      ex=int(3 * HEARTBEAT_EVERY_S))
             register_node(pipe, self.keys, node, now)
@@ -234,11 +230,11 @@ class DailyScheduler(Scheduler):
                 self.enqueue_jobs()
             except LeaseLost:
                 log.warning("node %s: lease lost during fan-out; enqueued nothing as leader", self.settings.node_name)
-                self.is_leader = self._lock_acquired = False
+                self.is_leader = False
         for hook in self.tick_hooks:
             hook(self)
 
-    def run(self, burst: bool = False) -> None:  # type: ignore[override]
+    def run(self, burst: bool = False) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         log.info("scheduler on node %s started (%d tasks, queue %r)", self.settings.node_name,
@@ -249,7 +245,7 @@ class DailyScheduler(Scheduler):
             while not self._stop.is_set():
                 try:
                     if not registered:
-                        self.register_birth()
+                        self.delayed.register_birth()
                         registered = True
                     self.run_once()
                     if self._redis_down:
@@ -263,7 +259,7 @@ class DailyScheduler(Scheduler):
                                   exc, self.settings.node_name)
                         self._redis_down = True
                     # We cannot renew while Redis is away: assume the lease is gone.
-                    self.is_leader = self._lock_acquired = False
+                    self.is_leader = False
                     wait_s = backoff_s
                     backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
                 except Exception:  # noqa: BLE001 - one bad pass must not stop the node's scheduler
@@ -275,7 +271,7 @@ class DailyScheduler(Scheduler):
         finally:
             self.remove_lock()
             try:
-                self.register_death()
+                self.delayed.register_death()
             except RedisError:
                 pass
             log.info("scheduler on node %s stopped", self.settings.node_name)

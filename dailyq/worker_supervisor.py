@@ -34,8 +34,8 @@ def supervise_worker(connection: Redis, settings: Settings, table: TaskTable, *,
                               name=worker_name(settings.node_name, generation))
         # with_scheduler: RQ's own scheduler moves retries-with-backoff back to the queue.
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
-        # RQ stamps a shutdown date when SIGTERM/SIGINT asked it to stop.
-        if burst or getattr(worker, "_shutdown_requested_date", None) is not None:
+        # SIGTERM/SIGINT asked it to stop (rq_seam.GuardedWorker.handle_warm_shutdown_request).
+        if burst or worker.shutdown_requested:
             return 0
         outage = OutageLog(log, f"worker on node {settings.node_name}")
         outage.failed(RuntimeError("the RQ work loop stopped"))

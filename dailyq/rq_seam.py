@@ -1,0 +1,363 @@
+"""The one seam between dailyq and RQ / rq-scheduler: everything dailyq overrides in
+them lives here, and no other dailyq module subclasses an RQ or rq-scheduler class.
+
+What is here
+------------
+* ``DailyJob`` -- an RQ job that is always JSON. On a worker, a subclass bound to the
+  worker's ``WorkerHooks`` (``bind_job_class``) refuses functions outside the task
+  table and runs guarded runs under the guard.
+* ``RunExecution`` -- the per-run state of one job on one worker, in one object: made
+  when the worker takes the job (``GuardedWorker.execute_job``, before RQ forks, so
+  the worker and its work-horse share it; lazily by the job if RQ skipped that step),
+  held by the job (``DailyJob.run_execution``), carrying the guard attempt (its claim's
+  owner token and BEGIN's reply) and the FINISH that waits for RQ's success
+  transaction.
+* ``GuardedWorker`` -- the worker overrides, typed against ``rq.worker.BaseWorker``;
+  ``dailyq.worker`` combines it with RQ's ``Worker``/``SimpleWorker`` and supplies the
+  dailyq side (``WorkerHooks``: table check, guard, death records, heartbeat key).
+* ``DelayedJobs`` -- rq-scheduler, by composition. The leader loop
+  (scheduler.DailyScheduler) is ours: rq-scheduler's lock (no owner token, failover
+  after interval + 10 s), heartbeat and loop would all be replaced, so it is not
+  subclassed; from rq-scheduler we use its scheduler registration and the moving of
+  jobs stored through its API (``enqueue_at``/``enqueue_in``), under our prefix.
+* ``make_queue``.
+
+Run-time imports are RQ, rq-scheduler, redis-py and leaf modules of dailyq only (the
+guard is named for type checking alone): the leader process imports ``DailyJob`` and
+``make_queue`` from here without loading the worker stack (a test checks it).
+
+RQ and rq-scheduler behaviour relied on (tests/test_rq_seam.py pins each)
+-------------------------------------------------------------------------
+Public hooks, and when RQ calls them -- the when is what we depend on:
+
+1. ``Job.prepare_for_execution(worker_name, pipeline)``: called by
+   ``Worker.prepare_job_execution`` in the executing process, inside the MULTI/EXEC
+   that marks the job started. The run's BEGIN (claim) rides in it: no round trip.
+2. ``Worker.cleanup_execution(job, pipeline, execution)``: called by
+   ``handle_job_success`` with its transaction's pipeline, after MULTI and before EXEC
+   (again on each WatchError retry). The run's FINISH rides in it. The job is handed
+   in, so no per-run state has to sit on the worker. (RQ also calls it in its failure
+   transactions; a FINISH is pending there only if RQ failed the job after the
+   function returned, and FINISH is idempotent: the run is finished either way.)
+3. ``Worker.handle_work_horse_killed(job, retpid, ret_val, rusage)``: called in the
+   worker process when its work-horse ended without finishing the job; ``ret_val`` is
+   the horse's wait status.
+4. ``Worker.execute_job(job, queue)``: called in the worker process, before any fork.
+5. ``Worker.perform_job(job, queue, execution)``: wraps one job in the executing process.
+6. ``Worker.heartbeat(timeout, pipeline)``: RQ reads ``results[0]`` of a pipeline it
+   passes, so our commands go after its own.
+7. ``Worker.handle_warm_shutdown_request()``: called when SIGTERM/SIGINT asks for a
+   warm stop (``GuardedWorker.shutdown_requested``).
+8. ``Worker.horse_pid``, ``Job.retries_left``, ``Worker.log_result_lifespan``, the
+   ``maintenance_interval``/``job_class``/``serializer`` constructor arguments.
+
+Internals still relied on, and why:
+
+a. ``Job._execute()``: the call of the function, inside RQ's death penalty. The guard
+   must wrap exactly this call (a timeout must reach the guard as an exception, to be
+   recorded), and a non-table function must be refused before its module is imported
+   (``Job.func`` imports it). RQ offers no public hook there: callbacks run after.
+b. redis-py ``Pipeline.execute`` of RQ's preparation and success transactions, wrapped
+   once per pipeline (``queue_keeping_reply``): RQ executes them and drops the replies,
+   and we need BEGIN's and FINISH's.
+c. rq-scheduler's ``redis_scheduler_namespace_prefix`` and ``scheduled_jobs_key``:
+   class attributes, not constructor arguments; set on our instance to move its keys
+   under our prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Protocol, Sequence
+
+from redis import Redis
+from redis.client import Pipeline
+from rq import Queue
+from rq.executions import Execution
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.worker import BaseWorker
+from rq_scheduler import Scheduler
+from rq_scheduler.utils import to_unix
+
+from .keys import Keys
+from .logs import current_run_id
+from .outage import TRANSIENT, OutageLog, wait_for_redis
+from .runs import META_KEY
+
+if TYPE_CHECKING:  # the leader imports this module: no guard at run time
+    from .guard import Attempt, Guard, PendingFinish
+
+log = logging.getLogger(__name__)
+
+# RQ restarts its retry scheduler (killed by a Redis outage) only during maintenance,
+# every 600 s by default: too long for retries with backoff.
+MAINTENANCE_INTERVAL_S = 60
+
+
+# -- the job ---------------------------------------------------------------------------
+
+@dataclass
+class RunExecution:
+    """One execution of one guarded run on this worker (see the module docstring)."""
+
+    guard: Guard
+    attempt: Attempt
+    # Set by the guard when the function returned; FINISH then waits for RQ's success
+    # transaction, and is applied on its own should that transaction not carry it.
+    pending_finish: PendingFinish | None = None
+    finish_committed: bool = False
+
+    def claim_in(self, pipeline: Pipeline) -> None:
+        """BEGIN in RQ's preparation transaction, its reply handed to the attempt."""
+        queue_keeping_reply(pipeline, lambda p: self.guard.claim_in(self.attempt, p), self.attempt.keep_begin_reply)
+
+    def defer_finish(self, pending: PendingFinish) -> None:
+        self.pending_finish = pending
+
+    def finish_in(self, pipeline: Pipeline) -> None:
+        """FINISH in RQ's success transaction (queued again if RQ retries it)."""
+        pending = self.pending_finish
+        if pending is None or self.finish_committed:
+            return
+
+        def committed(reply: Any) -> None:
+            self.finish_committed = True
+            pending.replied(reply)
+
+        queue_keeping_reply(pipeline, pending.queue_in, committed)
+
+    def finish_if_not_committed(self) -> None:
+        """After the job: a FINISH that no RQ transaction carried is applied now."""
+        pending, self.pending_finish = self.pending_finish, None
+        if pending is not None and not self.finish_committed:
+            pending.apply()
+
+
+class WorkerHooks(Protocol):
+    """What the seam asks of dailyq for a worker's jobs (``worker.WorkerContext``)."""
+
+    def check_allowed(self, job: DailyJob) -> None:
+        """Raise if this worker must not run the job's function (never imports it)."""
+
+    def take(self, job: DailyJob) -> RunExecution | None:
+        """The job's run execution, or None when it is not a guarded run of ours."""
+
+    def record_death(self, execution: RunExecution, wait_status: int, rq_can_retry: bool) -> bool:
+        """Record that the work-horse executing ``execution`` died; True if RQ may retry it."""
+
+    def beat(self, worker_pid: int, promise_s: float, pipeline: Pipeline | None) -> None:
+        """Write this node's worker heartbeat, in ``pipeline`` when given."""
+
+
+class DailyJob(Job):
+    """An RQ job that is always JSON-serialized and, on a worker, checked before it runs."""
+
+    hooks: ClassVar[WorkerHooks | None] = None  # set on the subclass a worker binds
+
+    def __init__(self, id: str | None = None, connection: Redis | None = None, serializer: Any = None) -> None:
+        # Ignore any serializer handed in: pickle would let anyone who can write to
+        # Redis run code on every node.
+        super().__init__(id=id, connection=connection, serializer=JSONSerializer)
+        self.run_execution: RunExecution | None = None
+        self._taken = False
+
+    def take(self) -> RunExecution | None:
+        """Make this job's run execution, once (the worker does it before it forks)."""
+        hooks = type(self).hooks
+        if not self._taken and hooks is not None:
+            self.run_execution = hooks.take(self)
+            self._taken = True
+        return self.run_execution
+
+    def prepare_for_execution(self, worker_name: str, pipeline: Pipeline) -> None:
+        """RQ's, plus the run's first claim (BEGIN) in the same transaction."""
+        super().prepare_for_execution(worker_name, pipeline)
+        execution = self.take()
+        if execution is not None:
+            execution.claim_in(pipeline)
+
+    def _execute(self) -> Any:
+        hooks = type(self).hooks
+        if hooks is None:
+            return super()._execute()
+        hooks.check_allowed(self)
+        execution = self.take()
+        if execution is None:  # an ad-hoc enqueue of a table function: run it as plain RQ would
+            return super()._execute()
+        return execution.guard.execute(execution.attempt.run, super()._execute,
+                                       will_retry=lambda: bool(self.retries_left),
+                                       defer_finish=execution.defer_finish, attempt=execution.attempt,
+                                       cancel_retry=self._cancel_retry)
+
+    def _cancel_retry(self) -> None:
+        # RQ reads the job's in-memory count when it handles the failure: no retry then.
+        self.retries_left = 0
+
+
+def bind_job_class(hooks: WorkerHooks) -> type[DailyJob]:
+    """A DailyJob subclass that knows this worker's hooks (no globals)."""
+    return type("BoundDailyJob", (DailyJob,), {"hooks": hooks})
+
+
+def make_queue(connection: Redis, keys: Keys, job_class: type[Job] = DailyJob) -> Queue:
+    return Queue(keys.queue_name, connection=connection, job_class=job_class, serializer=JSONSerializer)
+
+
+def queue_keeping_reply(pipeline: Pipeline, queue: Callable[[Pipeline], None], keep: Callable[[Any], None]) -> None:
+    """``queue(pipeline)`` adds one command to a pipeline someone else executes; ``keep``
+    gets that command's reply once they do. RQ executes its transactions itself and
+    drops the replies, so this wraps that one pipeline's ``execute`` (internal b)."""
+    index = len(pipeline.command_stack)
+    queue(pipeline)
+    if len(pipeline.command_stack) != index + 1:
+        return  # not exactly one command: no reply to pick out (the guard then asks again)
+    execute = pipeline.execute
+
+    def execute_and_keep(raise_on_error: bool = True) -> list[Any]:
+        del pipeline.__dict__["execute"]  # once only: a later execute of a reused pipeline is not ours
+        replies = execute(raise_on_error)
+        keep(replies[index])
+        return replies
+
+    # An instance attribute shadows the method for this one pipeline object.
+    pipeline.__dict__["execute"] = execute_and_keep
+
+
+# -- the worker --------------------------------------------------------------------------
+
+def queue_names(queues: Sequence[str | Queue] | str | Queue | None, default: str) -> list[str]:
+    if not queues:
+        return [default]
+    if isinstance(queues, (str, Queue)):
+        queues = [queues]
+    return [q.name if isinstance(q, Queue) else str(q) for q in queues]
+
+
+class GuardedWorker(BaseWorker):
+    """RQ's worker with dailyq's hooks; combined with ``rq.Worker`` or ``rq.SimpleWorker``.
+
+    Everything it changes is made in its constructor or in a public hook, so that
+    ``rq worker -w dailyq.worker.DailyWorker`` gets it too.
+    """
+
+    # RQ's "job ... result is kept for N seconds" line, once per run, says nothing about
+    # a daily run (nothing reads results), and each line costs the worker ~40 us.
+    log_result_lifespan = False
+
+    def __init__(self, queues: Sequence[str | Queue] | str | Queue | None, *, hooks: WorkerHooks,
+                 default_queue: str, connection: Redis, **kwargs: Any) -> None:
+        job_class = bind_job_class(hooks)
+        # Ours replace whatever the caller (the rq CLI) passes: a pickling job class or serializer.
+        kwargs.pop("job_class", None)
+        kwargs.pop("serializer", None)
+        kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL_S)
+        # Rebuild queues ourselves: the rq CLI builds them with its own (pickling) job class.
+        rebuilt = [Queue(name, connection=connection, job_class=job_class, serializer=JSONSerializer)
+                   for name in queue_names(queues, default_queue)]
+        self.hooks = hooks
+        self.shutdown_requested = False
+        super().__init__(rebuilt, connection=connection, job_class=job_class, serializer=JSONSerializer, **kwargs)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """RQ's, except that losing Redis while a run executes does not stop the worker:
+        it waits for Redis, lets the work-horse finish (the horse records the run
+        itself, see guard.py), then goes back to pulling jobs. The run's execution (its
+        claim's owner token) is made here, before RQ forks the work-horse, so that this
+        process can record the horse's death."""
+        if isinstance(job, DailyJob):
+            job.take()
+        try:
+            super().execute_job(job, queue)
+        except TRANSIENT as error:
+            outage = OutageLog(log, f"worker {self.name}")
+            outage.failed(error)
+            wait_for_redis(self.connection.ping, outage)
+            if self.horse_pid:
+                try:
+                    os.waitpid(self.horse_pid, 0)
+                except ChildProcessError:
+                    pass
+
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        # RQ's lines about this job (its result, its duration) carry the run id in JSON logs.
+        tagged = current_run_id.set(((job.meta or {}).get(META_KEY) or {}).get("run_id"))
+        try:
+            return super().perform_job(job, queue, execution)
+        finally:
+            current_run_id.reset(tagged)
+            if isinstance(job, DailyJob) and job.run_execution is not None:
+                job.run_execution.finish_if_not_committed()
+
+    def cleanup_execution(self, job: Job, pipeline: Pipeline, execution: Execution | None = None) -> None:
+        """RQ's, plus the run's FINISH: on success RQ calls this inside the transaction
+        that records the job's success, so the run is marked finished together with it,
+        in the same round trip (behaviour 2 in the module docstring)."""
+        super().cleanup_execution(job, pipeline, execution)
+        if isinstance(job, DailyJob) and job.run_execution is not None:
+            job.run_execution.finish_in(pipeline)
+
+    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+        """RQ's hook for a work-horse that ended without finishing its job: a dying task
+        counts as an attempt, recorded now (``WorkerHooks.record_death``)."""
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        if not isinstance(job, DailyJob) or job.run_execution is None:
+            return
+        if not self.hooks.record_death(job.run_execution, ret_val, rq_can_retry=bool(job.retries_left)):
+            job.retries_left = 0  # not RQ's to retry: failed, or the leader's to take over
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's heartbeat, plus this node's worker heartbeat key (``WorkerHooks.beat``).
+
+        ``timeout`` is RQ's promise: "the next heartbeat comes before this"; None when
+        idle, meaning worker_ttl + 60 (RQ's own default for it)."""
+        super().heartbeat(timeout, pipeline)
+        # self.pid is the worker's pid, also inside a work-horse (which beats once per run).
+        self.hooks.beat(self.pid or os.getpid(), timeout or self.worker_ttl + 60, pipeline)
+
+    def handle_warm_shutdown_request(self) -> None:
+        super().handle_warm_shutdown_request()
+        self.shutdown_requested = True  # SIGTERM/SIGINT asked this worker to stop
+
+
+# -- the leader ----------------------------------------------------------------------------
+
+class DelayedJobs:
+    """rq-scheduler's registration of a scheduler process and its store of delayed jobs
+    (``enqueue_at``/``enqueue_in``), under our prefix and with JSON jobs. The leader
+    loop, its lock (our ``Lease``) and its clock are the caller's; this never touches
+    rq-scheduler's lock."""
+
+    def __init__(self, connection: Redis, keys: Keys, name: str, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._scheduler = Scheduler(queue_name=keys.queue_name, connection=connection, interval=interval_s,
+                                    job_class=DailyJob, name=name)
+        # Class attributes in rq-scheduler (internal c): set on this instance only.
+        self._scheduler.redis_scheduler_namespace_prefix = keys.scheduler_instance_prefix
+        self._scheduler.scheduled_jobs_key = keys.scheduled_jobs
+
+    @property
+    def key(self) -> str:
+        """This process's registration hash."""
+        return str(self._scheduler.key)
+
+    def register_birth(self) -> None:
+        self._scheduler.register_birth()
+
+    def register_death(self) -> None:
+        self._scheduler.register_death()
+
+    def keep_registered(self, pipeline: Pipeline, ttl_s: int) -> None:
+        pipeline.expire(self.key, ttl_s)
+
+    def move_due(self, now: datetime) -> list[Job]:
+        """Move the jobs due by ``now`` (our clock, Redis's) into their queues."""
+        due: Iterable[Job] = self._scheduler.get_jobs(to_unix(now))
+        moved = []
+        for job in due:
+            self._scheduler.enqueue_job(job)
+            moved.append(job)
+        return moved

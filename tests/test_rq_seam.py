@@ -1,0 +1,234 @@
+"""Pins the RQ and rq-scheduler behaviours that dailyq/rq_seam.py relies on (its module
+docstring lists them): an upgrade that changes one of them fails here, by name,
+instead of somewhere in the guard. Plain RQ classes with recording subclasses, a real
+redis-server (conftest), no mocks."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterator
+
+import pytest
+from redis.client import Pipeline
+from rq import Queue, SimpleWorker, Worker
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.worker import BaseWorker
+from rq_scheduler import Scheduler
+
+from dailyq.rq_seam import DailyJob, DelayedJobs, GuardedWorker
+from tests.helpers import ROOT
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers() -> Iterator[None]:
+    """RQ's work loop installs SIGINT/SIGTERM handlers in the test process: restore them."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for number, handler in saved.items():
+        signal.signal(number, handler)
+
+
+def queue_of(connection, settings, job_class: type[Job] = Job) -> Queue:
+    return Queue(f"{settings.prefix}-pin", connection=connection, job_class=job_class, serializer=JSONSerializer)
+
+
+def status_in_redis(connection, job_id: str) -> bytes | None:
+    return connection.hget(f"rq:job:{job_id}", "status")
+
+
+# -- 1. BEGIN rides in the transaction that marks the job started ----------------------
+
+def test_prepare_for_execution_is_called_inside_the_transaction_that_marks_the_job_started(connection, settings):
+    seen: list[dict[str, Any]] = []
+
+    class Probe(Job):
+        def prepare_for_execution(self, worker_name: str, pipeline: Pipeline) -> None:
+            super().prepare_for_execution(worker_name, pipeline)
+            seen.append({"transaction": pipeline.transaction, "queued": len(pipeline.command_stack),
+                         "status_now": status_in_redis(connection, self.id), "pid": os.getpid()})
+            pipeline.set(f"{settings.prefix}:rode-along", self.id)
+
+    queue = queue_of(connection, settings, Probe)
+    job = queue.enqueue("tests.sample_tasks.noop", 1)
+    SimpleWorker([queue], connection=connection, job_class=Probe, serializer=JSONSerializer).work(burst=True)
+    (call,) = seen
+    assert call["transaction"] and call["queued"] > 0  # a MULTI/EXEC pipeline RQ fills and executes
+    assert call["status_now"] != b"started"  # not yet: RQ marks it started in that same transaction
+    assert call["pid"] == os.getpid()  # in the process that executes the job
+    assert connection.get(f"{settings.prefix}:rode-along") == job.id.encode()  # our command was executed
+    assert status_in_redis(connection, job.id) == b"finished"
+
+
+# -- 2. FINISH rides in the transaction that records the job's success -----------------
+
+def test_cleanup_execution_gets_the_success_transaction_before_it_is_executed(connection, settings):
+    seen: list[dict[str, Any]] = []
+
+    class Probe(SimpleWorker):
+        def cleanup_execution(self, job: Job, pipeline: Pipeline, execution: Any = None) -> None:
+            super().cleanup_execution(job, pipeline, execution)
+            seen.append({"job": job.id, "in_multi": pipeline.explicit_transaction,
+                         "status_now": status_in_redis(connection, job.id)})
+            pipeline.set(f"{settings.prefix}:finish-rode-along", job.id)
+
+    queue = queue_of(connection, settings)
+    job = queue.enqueue("tests.sample_tasks.noop", 1)
+    Probe([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+    (call,) = seen
+    assert call["job"] == job.id and call["in_multi"]
+    assert call["status_now"] == b"started"  # the success is not recorded yet ...
+    assert status_in_redis(connection, job.id) == b"finished"  # ... and is, with our command
+    assert connection.get(f"{settings.prefix}:finish-rode-along") == job.id.encode()
+
+
+# -- 3. a work-horse that dies ----------------------------------------------------------
+
+def test_handle_work_horse_killed_gets_the_job_and_the_horses_wait_status(connection, settings):
+    seen: list[tuple[Any, ...]] = []
+
+    class Probe(Worker):
+        def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+            super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+            seen.append((job.id, retpid, ret_val, os.getpid(), self.horse_pid))
+
+    queue = queue_of(connection, settings)
+    job = queue.enqueue("os._exit", 3)
+    worker = Probe([queue], connection=connection, serializer=JSONSerializer)
+    assert worker.horse_pid == 0  # public, and 0 without a horse
+    worker.work(burst=True)
+    (call,) = seen
+    job_id, retpid, ret_val, pid, horse_pid = call
+    assert job_id == job.id and retpid > 0 and retpid != os.getpid()
+    assert os.WIFEXITED(ret_val) and os.WEXITSTATUS(ret_val) == 3  # a wait status
+    assert pid == os.getpid()  # called in the worker process, not the horse
+    assert horse_pid == 0  # reset before the hook: the hook must take the horse from retpid
+
+
+# -- 4. the function call: Job._execute -----------------------------------------------------
+
+def test_job_execute_is_the_call_inside_the_timeout_and_before_the_function_is_imported(connection, settings):
+    assert list(inspect.signature(Job._execute).parameters) == ["self"]
+    seen: list[str] = []
+
+    class Probe(Job):
+        def _execute(self) -> Any:
+            if self.func_name.startswith("no_such_module"):
+                raise LookupError("refused before import")
+            try:
+                return super()._execute()
+            except BaseException as exc:
+                seen.append(type(exc).__name__)
+                raise
+
+    queue = queue_of(connection, settings, Probe)
+    refused = queue.enqueue("no_such_module.f", 1)
+    slow = queue.enqueue("time.sleep", 5, job_timeout=1)
+    ok = queue.enqueue("tests.sample_tasks.noop", 7)
+    SimpleWorker([queue], connection=connection, job_class=Probe, serializer=JSONSerializer).work(burst=True)
+    refused_result = Job.fetch(refused.id, connection=connection, serializer=JSONSerializer).latest_result()
+    assert refused_result is not None and "LookupError: refused before import" in refused_result.exc_string
+    assert "ModuleNotFoundError" not in refused_result.exc_string  # Job.func was never resolved
+    assert seen == ["JobTimeoutException"]  # RQ's timeout reaches whatever wraps the call
+    assert status_in_redis(connection, slow.id) == b"failed"
+    assert Job.fetch(ok.id, connection=connection, serializer=JSONSerializer).return_value() == 7
+
+
+# -- 5. heartbeat and warm shutdown ---------------------------------------------------------
+
+def test_heartbeat_takes_a_promise_and_a_pipeline_rq_executes(connection, settings):
+    seen: list[tuple[int | None, bool]] = []
+
+    class Probe(SimpleWorker):
+        def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+            super().heartbeat(timeout, pipeline)
+            seen.append((timeout, pipeline is not None))
+            if pipeline is not None:
+                pipeline.incr(f"{settings.prefix}:beats-in-rq-pipelines")
+
+    queue = queue_of(connection, settings)
+    queue.enqueue("tests.sample_tasks.noop", 1, job_timeout=100)
+    worker = Probe([queue], connection=connection, serializer=JSONSerializer)
+    worker.work(burst=True)
+    # Before a run, RQ beats in its preparation transaction, promising the job's timeout + 60.
+    assert (160, True) in seen
+    assert int(connection.get(f"{settings.prefix}:beats-in-rq-pipelines") or 0) >= 1
+    # Without a timeout RQ's own promise is worker_ttl + 60 (WorkerContext.beat assumes it).
+    worker.heartbeat()
+    assert worker.worker_ttl + 50 < connection.ttl(worker.key) <= worker.worker_ttl + 60
+
+
+def test_a_warm_stop_request_calls_handle_warm_shutdown_request(connection, settings):
+    called: list[int] = []
+
+    class Probe(SimpleWorker):
+        def handle_warm_shutdown_request(self) -> None:
+            super().handle_warm_shutdown_request()
+            called.append(os.getpid())
+
+    worker = Probe([queue_of(connection, settings)], connection=connection, serializer=JSONSerializer)
+    from rq.worker.base import StopRequested
+
+    with pytest.raises(StopRequested):  # idle: RQ stops at once
+        worker.request_stop(signal.SIGTERM, None)
+    assert called == [os.getpid()]
+
+
+# -- 6. what GuardedWorker overrides still exists, with the signatures it assumes ----------
+
+def test_the_overridden_rq_methods_exist_with_the_signatures_the_seam_uses():
+    expected = {
+        "execute_job": ["self", "job", "queue"],
+        "perform_job": ["self", "job", "queue", "execution"],
+        "cleanup_execution": ["self", "job", "pipeline", "execution"],
+        "handle_work_horse_killed": ["self", "job", "retpid", "ret_val", "rusage"],
+        "heartbeat": ["self", "timeout", "pipeline"],
+        "handle_warm_shutdown_request": ["self"],
+    }
+    for name, parameters in expected.items():
+        assert list(inspect.signature(getattr(BaseWorker, name)).parameters) == parameters, name
+        assert name in GuardedWorker.__dict__, name  # and the seam overrides each
+    assert list(inspect.signature(Job.prepare_for_execution).parameters) == ["self", "worker_name", "pipeline"]
+    assert isinstance(BaseWorker.__dict__["horse_pid"], property)
+    assert {"maintenance_interval", "job_class", "serializer", "connection"} <= set(
+        inspect.signature(BaseWorker.__init__).parameters)
+    assert "log_result_lifespan" in vars(BaseWorker)
+
+
+# -- 7. rq-scheduler, by composition ----------------------------------------------------------
+
+def test_rq_scheduler_stores_and_moves_delayed_jobs_under_our_keys(connection, settings):
+    keys = settings.keys
+    delayed = DelayedJobs(connection, keys, name="pin", interval_s=1.0)
+    delayed.register_birth()
+    assert delayed.key.startswith(keys.scheduler_instance_prefix)
+    assert 0 < connection.ttl(delayed.key) <= 11  # rq-scheduler: interval + 10
+    # Someone stores a job through rq-scheduler's stock API, with our keys and job class.
+    stock = Scheduler(queue_name=keys.queue_name, connection=connection, job_class=DailyJob)
+    stock.redis_scheduler_namespace_prefix = keys.scheduler_instance_prefix
+    stock.scheduled_jobs_key = keys.scheduled_jobs
+    now = datetime.now(timezone.utc)
+    due = stock.enqueue_at(now - timedelta(seconds=5), "tests.sample_tasks.noop", 1)
+    later = stock.enqueue_at(now + timedelta(hours=1), "tests.sample_tasks.noop", 2)
+    assert connection.zcard(keys.scheduled_jobs) == 2
+    assert [j.id for j in delayed.move_due(now)] == [due.id]
+    assert connection.lrange(f"rq:queue:{keys.queue_name}", 0, -1) == [due.id.encode()]
+    assert connection.zrange(keys.scheduled_jobs, 0, -1) == [later.id.encode()]
+    assert DailyJob.fetch(due.id, connection=connection).func_name == "tests.sample_tasks.noop"  # JSON
+    delayed.register_death()
+    assert connection.hexists(delayed.key, "death")
+
+
+# -- 8. the leader does not load the worker stack ------------------------------------------
+
+def test_the_leader_imports_no_worker_code():
+    probe = ("import sys, dailyq.scheduler, dailyq.metrics\n"
+             "print(sorted(m for m in ('dailyq.worker', 'dailyq.guard') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
