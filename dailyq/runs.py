@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from datetime import date
-from typing import Any, Iterable, TypedDict
+from typing import Any, Iterable, Protocol, Sequence, TypedDict
 
 from .errors import ConfigError
 from .schedule import Slot
@@ -188,15 +188,34 @@ def new_record(task: str, param_json: str, slot: str, job_id: str | None, state:
             "started_at": None, "ended_at": None, "attempts": 0, "error": None, "job_id": job_id}
 
 
-def runs_on(table: TaskTable, day: date, task_names: Iterable[str] | None = None) -> list[Run]:
+class ParamsLookup(Protocol):
+    """Where computed params are read from (params_book.ParamsBook): the list stored for a
+    task's slot, or None while nothing (or only a failure) is stored."""
+
+    def params_of(self, task: Task, slot: Slot) -> Sequence[Any] | None: ...
+
+
+def slot_params(task: Task, slot: Slot, book: ParamsLookup | None = None) -> Sequence[Any]:
+    """The params of one slot: a fixed list as it is; a computed one as stored for that
+    slot, and none while nothing is stored (never called here: only the leader, trigger
+    and rerun call a params callable, params_book.py)."""
+    if not task.params_computed:
+        return task.params  # type: ignore[return-value]
+    stored = book.params_of(task, slot) if book is not None else None
+    return stored or ()
+
+
+def runs_on(table: TaskTable, day: date, task_names: Iterable[str] | None = None,
+            book: ParamsLookup | None = None) -> list[Run]:
     """Every run whose slot falls on ``day`` (each task's own zone), in firing order."""
     tasks = [table.get(n) for n in task_names] if task_names else table.tasks
-    runs = [Run(task, param, slot) for task in tasks for slot in task.schedule.slots_on(day) for param in task.params]
+    runs = [Run(task, param, slot) for task in tasks for slot in task.schedule.slots_on(day)
+            for param in slot_params(task, slot, book)]
     return sorted(runs, key=lambda r: r.slot.fires_at)
 
 
-def runs_of_slot(task: Task, slot: Slot) -> list[Run]:
-    return [Run(task, param, slot) for param in task.params]
+def runs_of_slot(task: Task, slot: Slot, book: ParamsLookup | None = None) -> list[Run]:
+    return [Run(task, param, slot) for param in slot_params(task, slot, book)]
 
 
 def decode_record(raw: bytes | str) -> RunRecord:

@@ -21,6 +21,7 @@ from redis import Redis
 from .beats import clock_warnings, live_processes
 from .clock import iso
 from .keys import Keys
+from .params_book import ParamsBook
 from .runs import MISSED, PUBLIC_RUN_FIELDS, SCHEDULED, RunRecord, decode_record, runs_on
 from .table import TaskTable
 
@@ -43,20 +44,33 @@ def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
 
 
 def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> dict[str, Any]:
+    runs = day_runs(connection, keys, table, day, now)
+    nodes = live_processes(connection, keys)
+    return {"date": day.isoformat(), "leader": leader_info(connection, keys), "runs": runs,
+            "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes)}
+
+
+def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> list[dict[str, Any]]:
+    """Every run of ``day`` as ``status --json`` shows it, in firing order.
+
+    A computed task's runs are those of the list stored for the slot (params_book.py);
+    a slot of it with no list yet is one entry (``params_book.placeholder_record``)."""
     records = {k.decode(): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
-    runs: list[dict[str, Any]] = []
-    for run in runs_on(table, day):
+    book = ParamsBook.read(connection, keys, day)
+    shown: list[tuple[datetime, dict[str, Any]]] = []
+    for run in runs_on(table, day, book=book):
         record = records.pop(run.run_id, None)
         if record is None:
             overdue = now - run.slot.fires_at > timedelta(seconds=run.task.misfire_grace_s)
             record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
             record["param"] = run.param
-        runs.append(_public(run.run_id, record))
+        shown.append((run.slot.fires_at, _public(run.run_id, record)))
+    shown += [(slot.fires_at, _public(run_id, record)) for slot, run_id, record in book.placeholders(table, day, now)]
+    shown.sort(key=lambda item: item[0])  # stable: each slot's runs keep their order
+    runs = [run for _, run in shown]
     # Runs recorded but no longer in the table (a task renamed or params changed) still count.
     runs.extend(_public(run_id, record) for run_id, record in sorted(records.items()))
-    nodes = live_processes(connection, keys)
-    return {"date": day.isoformat(), "leader": leader_info(connection, keys), "runs": runs,
-            "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes)}
+    return runs
 
 
 def _public(run_id: str, record: RunRecord) -> dict[str, Any]:
