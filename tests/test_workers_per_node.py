@@ -8,7 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
+
+from dailyq.health import judge
+from dailyq.render import render_nodes
 
 from tests.helpers import ROOT, executions, quiet_sample_at, run_cli, wait_for
 
@@ -128,3 +131,44 @@ def test_bad_concurrency_is_one_line_exit_2(node_env):
         assert result.stderr.count("\n") == 1 and "--concurrency" in result.stderr, result.stderr
     bad = run_cli(["health", "--role", "scheduler", "--min-workers", "2"], node_env)
     assert bad.returncode == 2 and "--min-workers" in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+
+
+# -- pure: the verdict and the text ------------------------------------------------------
+
+NOW = datetime(2026, 11, 27, 9, 0, tzinfo=timezone.utc)
+
+
+def beat(seconds_ago: float) -> str:
+    return json.dumps({"at": (NOW - timedelta(seconds=seconds_ago)).isoformat(), "pid": 7, "offset_s": 0.0})
+
+
+def test_the_verdict_counts_workers_and_holds_them_to_min_workers():
+    beats = {"worker": beat(3)}
+    assert judge("n", beats, NOW).line == "ok: worker of n alive, Redis answers (last heartbeat 3s ago; " \
+                                          "clock offset from Redis +0.0s)"  # no count read: as before
+    assert judge("n", beats, NOW, workers=1).line.endswith("+0.0s); 1 worker alive")
+    assert judge("n", beats, NOW, workers=3, min_workers=3).line.endswith("; 3 workers alive")
+    short = judge("n", beats, NOW, workers=2, min_workers=3)
+    assert not short.healthy and short.line == "unhealthy: 2 of at least 3 workers alive on n (--min-workers)"
+    # Without --min-workers a live heartbeat key is enough, as with one worker per node.
+    assert judge("n", beats, NOW, workers=0).healthy
+
+
+def test_status_text_gives_workers_per_node_before_the_clock_offsets():
+    nodes = [{"node": "a", "role": "scheduler", "offset_s": 0.0, "workers": None},
+             {"node": "a", "role": "worker", "offset_s": 0.0, "workers": 3},
+             {"node": "b", "role": "worker", "offset_s": None, "workers": 2}]
+    lines = render_nodes({"nodes": nodes, "clock_warnings": []})
+    assert lines[0] == "workers per node: a 3, b 2"
+    assert lines[1].startswith("clock offsets from Redis")
+    # A status dict from before the count (no "workers") renders as it did.
+    assert render_nodes({"nodes": [{"node": "a", "role": "worker", "offset_s": 0.0}]})[0].startswith("clock offsets")
+
+
+def test_the_template_unit_is_the_one_the_docs_point_to():
+    unit = (ROOT / "deploy" / "dailyq-worker@.service").read_text()
+    assert "ExecStart=/opt/dailyq/.venv/bin/python -u worker_entry.py" in unit
+    assert "KillMode=mixed" in unit  # SIGTERM to the worker, never to its work-horse
+    for doc in ("README.md", "docs/deploy.md"):
+        text = (ROOT / doc).read_text()
+        assert "deploy/dailyq-worker@.service" in text and "--concurrency" in text, doc
