@@ -32,8 +32,9 @@ from .beats import beat_value, register_node, register_worker, worker_member
 from .clock import RedisClock
 from .connection import connect
 from .errors import DailyqError
-from .guard import CLAIM_LOST_EXIT_CODE, Guard, RunIdentity
+from .guard import CLAIM_LOST_EXIT_CODE, Guard
 from .outage import OutageLog, through_outage
+from .runs import RunJob, StaleJob
 from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
 from .settings import Settings
 from .table import TaskTable, load_table
@@ -89,6 +90,8 @@ class WorkerContext:
             raise RefusedJob(
                 f"refused to run {job.func_name!r}: not a function of the task table "
                 f"{self.settings.tasks_module}.TASKS (dailyq workers run only table tasks)")
+        if job.run_execution is None:
+            RunJob.from_job(job, self.table)  # raises StaleJob, naming the job, if the table moved on
 
     def take(self, job: DailyJob) -> RunExecution | None:
         try:
@@ -96,7 +99,10 @@ class WorkerContext:
                 return None
         except DeserializationError:
             return None  # not JSON (a pickle): RQ fails it when it tries to run it, unloaded
-        run = RunIdentity.from_job(job)
+        try:
+            run = RunJob.from_job(job, self.table)
+        except StaleJob:
+            return None  # check_allowed fails the job with the reason before it can run
         return RunExecution(self.guard, self.guard.attempt(run)) if run is not None else None
 
     def record_death(self, execution: RunExecution, wait_status: int, rq_can_retry: bool) -> bool:
