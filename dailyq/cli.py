@@ -211,23 +211,38 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when this node's heartbeats are fresh and Redis answers, else 1; one line
     either way. Redis problems are 1 too (not 3): probes understand only 0 and 1."""
-    from .health import judge, read_beats, redis_down, roles_of  # noqa: PLC0415
+    from .health import judge, read_beats, read_worker_count, redis_down, roles_of  # noqa: PLC0415
 
     settings = Settings.from_env()
     roles = roles_of(args.role)
+    if args.min_workers is not None and "worker" not in roles:
+        raise ConfigError("--min-workers counts workers: drop --role scheduler")
+    workers = None
     try:
         connection = connect(settings)
         beats = read_beats(connection, settings.keys, settings.node_name, roles)
         # Beats are stamped by Redis's clock: their age is measured on it too, not on ours.
         now = server_now(connection)
+        if "worker" in roles:
+            workers = read_worker_count(connection, settings.keys, settings.node_name, now)
     except RedisUnavailable as exc:
         verdict = redis_down(str(exc))
     except RedisError as exc:
         verdict = redis_down(f"Redis at {settings.redacted_url()} failed: {exc}")
     else:
-        verdict = judge(settings.node_name, beats, now, args.max_age_s)
+        verdict = judge(settings.node_name, beats, now, args.max_age_s, workers, args.min_workers)
     print(verdict.line)
     return verdict.exit_code
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"bad count {text!r}: use a whole number of at least 1")
+    return value
 
 
 def _positive_seconds(text: str) -> float:
@@ -302,6 +317,9 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
     health.add_argument("--max-age-s", type=_positive_seconds, default=None,
                         help="also require a heartbeat at most this old (default: any unexpired one; an idle "
                              "worker beats about every 405 s, the scheduler every 5 s)")
+    health.add_argument("--min-workers", type=_positive_int, default=None, metavar="N",
+                        help="also require at least N live worker processes on this node (with --concurrency N "
+                             "or N worker units; default: any live worker)")
     health.set_defaults(handler=cmd_health)
     return parser
 
@@ -345,6 +363,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--simple", action="store_true",
                         help="non-forking worker: faster for short tasks, but a crashing task takes the worker down")
+    parser.add_argument("--concurrency", type=_positive_int, default=1, metavar="N",
+                        help="run N workers in this process group, restarting any that dies (default: 1)")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -355,6 +375,14 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         connection = connect(settings)
         setup_logging(settings.node_name)
         warn_about_server(connection, settings)
-        return supervise_worker(connection, settings, table, simple=args.simple, burst=args.burst)
+        if args.concurrency == 1:
+            return supervise_worker(connection, settings, table, simple=args.simple, burst=args.burst)
+        from .worker_pool import supervise_pool  # noqa: PLC0415
+
+        def child() -> int:  # in a forked child: a connection of its own
+            return guarded(lambda: supervise_worker(connect(settings), settings, table, simple=args.simple,
+                                                    burst=args.burst))
+
+        return supervise_pool(connection, settings, args.concurrency, child, burst=args.burst)
 
     return guarded(run)

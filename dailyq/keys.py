@@ -130,3 +130,8 @@ class Keys:
     def heartbeat(self, role: str, node: str) -> str:
         """String with TTL: proof that ``role`` (scheduler|worker) on ``node`` is alive."""
         return f"{self.prefix}:heartbeat:{role}:{node}"
+
+    def node_workers(self, node: str) -> str:
+        """Sorted set worker process (``beats.worker_member``) -> Redis time (s) until which
+        its last heartbeat promises it is alive: counts a node's workers without a SCAN."""
+        return f"{self.prefix}:workers:{node}"

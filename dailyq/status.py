@@ -4,7 +4,8 @@ Expected runs come from the task table; what happened comes from the day's run
 records (one HGETALL). A run with no record is ``scheduled`` until its slot is older
 than the task's misfire grace, then ``missed`` (only ``trigger`` runs it then).
 The live nodes are every scheduler and worker with a heartbeat (beats.py), each with
-its clock's offset from Redis's; ``clock_warnings`` names those more than 2 s off.
+its clock's offset from Redis's (and, for a node's worker, how many worker processes
+run there); ``clock_warnings`` names those more than 2 s off.
 The ``--json`` shape is a public contract: keys are added, never renamed.
 
 This module reads Redis; the text table made from its dict is render.py's (pure).
@@ -45,7 +46,7 @@ def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
 
 def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> dict[str, Any]:
     runs = day_runs(connection, keys, table, day, now)
-    nodes = live_processes(connection, keys)
+    nodes = live_processes(connection, keys, now)
     return {"date": day.isoformat(), "leader": leader_info(connection, keys), "runs": runs,
             "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes)}
 

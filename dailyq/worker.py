@@ -28,7 +28,7 @@ from redis.client import Pipeline
 from rq import Queue, SimpleWorker, Worker
 from rq.exceptions import DeserializationError
 
-from .beats import beat_value, register_node
+from .beats import beat_value, register_node, register_worker, worker_member
 from .clock import RedisClock
 from .connection import connect
 from .errors import DailyqError
@@ -169,6 +169,9 @@ class WorkerContext:
         target.set(settings.keys.heartbeat("worker", settings.node_name),
                    beat_value(now, worker_pid, self.clock.offset_s), ex=int(promise_s) + HEARTBEAT_MARGIN_S)
         register_node(target, settings.keys, settings.node_name, now)
+        # The node's key is shared by all its workers; this counts each one (beats.py).
+        register_worker(target, settings.keys, settings.node_name, worker_member(worker_pid), now,
+                        int(promise_s) + HEARTBEAT_MARGIN_S)
         if pipeline is None:
             target.execute()
 
