@@ -2,7 +2,8 @@
 
 A run of a task with ``after`` for day D executes only once every run of each named
 (upstream) task for D has finished -- D and "every run" as ``status`` has them
-(``runs.runs_on``: each task's slots on D in its own zone, times its params).
+(``runs.runs_on``: each task's slots on D in its own zone, times its params -- for
+computed params, the list stored for the slot, params_book.py).
 
 Held runs
 ---------
@@ -77,6 +78,7 @@ from rq import Queue
 
 from .fanout import Held, job_data, longest_first
 from .keys import Keys
+from .params_book import ParamsBook, params_run_id
 from .runs import BLOCKED, FAILED, QUEUED, SKIPPED, Run, runs_on
 from .scripts import Scripts, scripts_for
 from .table import TaskTable
@@ -128,8 +130,9 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                     if only is None or held.task in only:
                         by_task[held.task].append(run_id)
                 ready: list[str] = []
+                book = ParamsBook.read(pipe, keys, day) if by_task else None
                 for task_name, run_ids in sorted(by_task.items()):
-                    unfinished = _unfinished_upstream(pipe, table, task_name, day, finished_key)
+                    unfinished = _unfinished_upstream(pipe, table, book, task_name, day, finished_key)
                     if unfinished:
                         pending.append((run_ids, unfinished))
                     else:
@@ -170,12 +173,18 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
     return result
 
 
-def _unfinished_upstream(pipe: Redis, table: TaskTable, task_name: str, day: date,
+def _unfinished_upstream(pipe: Redis, table: TaskTable, book: ParamsBook | None, task_name: str, day: date,
                          finished_key: str) -> list[str]:
     """Run ids of the task's upstream runs on ``day`` not in the finished set (none for a
-    task no longer in the table: its held runs are then dropped, see ``_rebuild``)."""
+    task no longer in the table: its held runs are then dropped, see ``_rebuild``). A
+    computed upstream slot with no list stored yet (or only a failure) counts as one
+    unfinished run, under the id ``status`` shows it by: its runs are not known yet."""
     task = table.by_name.get(task_name)
-    upstream = [run.run_id for run in runs_on(table, day, task.after)] if task and task.after else []
+    upstream = [run.run_id for run in runs_on(table, day, task.after, book=book)] if task and task.after else []
+    if task and book is not None:
+        upstream += [params_run_id(up, slot) for up in (table.get(name) for name in task.after)
+                     if up.params_computed for slot in up.schedule.slots_on(day)
+                     if (entry := book.entry(up, slot)) is None or not entry.ok]
     if not upstream:
         return []
     done = pipe.smismember(finished_key, upstream)

@@ -28,13 +28,14 @@ from redis.client import Pipeline
 from rq import Queue, SimpleWorker, Worker
 from rq.exceptions import DeserializationError
 
-from .beats import beat_value, register_node
+from .beats import beat_value, register_node, register_worker, worker_member
 from .clock import RedisClock
 from .connection import connect
 from .dependencies import downstream_of, release_ready
 from .errors import DailyqError
-from .guard import CLAIM_LOST_EXIT_CODE, Guard, RunIdentity
+from .guard import CLAIM_LOST_EXIT_CODE, Guard
 from .outage import OutageLog, through_outage
+from .runs import RunJob, StaleJob
 from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
 from .settings import Settings
 from .table import TaskTable, load_table
@@ -86,11 +87,11 @@ class WorkerContext:
         self.clock = RedisClock(self.connection)
         self.downstream = downstream_of(self.table)
 
-    def upstream_ended(self, run: RunIdentity) -> None:
+    def upstream_ended(self, run: RunJob) -> None:
         """A run was recorded finished or failed: release (or block) the runs of its
         downstream tasks now, not at the leader's next tick. A few round trips more, only for
         a task that some task names in ``after``."""
-        downstream = self.downstream.get(run.task)
+        downstream = self.downstream.get(run.run.task.name)
         if downstream:
             s = self.settings
             release_ready(self.connection, s.keys, make_queue(self.connection, s.keys), self.table, run.day,
@@ -104,6 +105,8 @@ class WorkerContext:
             raise RefusedJob(
                 f"refused to run {job.func_name!r}: not a function of the task table "
                 f"{self.settings.tasks_module}.TASKS (dailyq workers run only table tasks)")
+        if job.run_execution is None:
+            RunJob.from_job(job, self.table)  # raises StaleJob, naming the job, if the table moved on
 
     def take(self, job: DailyJob) -> RunExecution | None:
         try:
@@ -111,7 +114,10 @@ class WorkerContext:
                 return None
         except DeserializationError:
             return None  # not JSON (a pickle): RQ fails it when it tries to run it, unloaded
-        run = RunIdentity.from_job(job)
+        try:
+            run = RunJob.from_job(job, self.table)
+        except StaleJob:
+            return None  # check_allowed fails the job with the reason before it can run
         return RunExecution(self.guard, self.guard.attempt(run)) if run is not None else None
 
     def record_death(self, execution: RunExecution, wait_status: int, rq_can_retry: bool) -> bool:
@@ -180,6 +186,9 @@ class WorkerContext:
         target.set(settings.keys.heartbeat("worker", settings.node_name),
                    beat_value(now, worker_pid, self.clock.offset_s), ex=int(promise_s) + HEARTBEAT_MARGIN_S)
         register_node(target, settings.keys, settings.node_name, now)
+        # The node's key is shared by all its workers; this counts each one (beats.py).
+        register_worker(target, settings.keys, settings.node_name, worker_member(worker_pid), now,
+                        int(promise_s) + HEARTBEAT_MARGIN_S)
         if pipeline is None:
             target.execute()
 

@@ -118,7 +118,8 @@ TASKS = [
          timeout_s=60, deadline=os.environ.get("SAMPLE_DEADLINE") or None),
 ]
 if os.environ.get("SAMPLE_DOWNSTREAM"):
-    TASKS.append(Task(name="downstream", func=record, params=[f"下游{i}" for i in range(int(os.environ["SAMPLE_DOWNSTREAM"]))],
+    DOWNSTREAM_PARAMS = [f"下游{i}" for i in range(int(os.environ["SAMPLE_DOWNSTREAM"]))]
+    TASKS.append(Task(name="downstream", func=record, params=DOWNSTREAM_PARAMS,
                       at=os.environ.get("SAMPLE_AT", "03:00"), tz=os.environ.get("SAMPLE_TZ", "UTC"), retries=0,
                       timeout_s=60, after=["sample"]))
 # SAMPLE_ONLY=1 leaves just "sample" (and "downstream"), so that live schedulers in a test fire nothing else.

@@ -19,7 +19,7 @@ from dailyq.dependencies import WaitingRuns, release_ready
 from dailyq.fanout import fan_out
 from dailyq.keys import Keys
 from dailyq.rq_seam import make_queue
-from dailyq.runs import Run, decode_record, runs_on
+from dailyq.runs import decode_record, runs_on
 from dailyq.table import Task, TaskTable
 from tests.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
 
@@ -222,7 +222,7 @@ def test_a_chain_across_three_nodes_runs_downstream_only_after_upstream_with_the
         schedulers[node] = processes.start("scheduler.py", dict(env, NODE_NAME=node))
         processes.start("worker_entry.py", dict(env, NODE_NAME=node))
     for node in schedulers:
-        wait_for(lambda: connection.exists(keys.heartbeat("worker", node)), 30, f"the worker of {node}")
+        wait_for(lambda node=node: connection.exists(keys.heartbeat("worker", node)), 30, f"the worker of {node}")
     wait_for(lambda: connection.exists(keys.leader), 30, "a leader")
     assert run_cli(["trigger", "--date", NODE_DAY], env).returncode == 0
 
