@@ -19,7 +19,7 @@ from dailyq.dependencies import WaitingRuns, release_ready
 from dailyq.fanout import fan_out
 from dailyq.keys import Keys
 from dailyq.rq_seam import make_queue
-from dailyq.runs import decode_record, runs_on
+from dailyq.runs import Run, decode_record, runs_on
 from dailyq.table import Task, TaskTable
 from tests.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
 
@@ -173,6 +173,31 @@ def test_a_recovered_downstream_run_is_enqueued_directly(connection, keys):
     result = fan_out(connection, keys, make_queue(connection, keys), [run], retention_s=RETENTION_S,
                      hold_dependent=False)
     assert result.waiting == [] and queued_job_ids(connection, keys)[run.run_id] == 1
+
+
+def computed_regions(day: date) -> list[str]:
+    return ["eu", "us"]
+
+
+def test_a_computed_upstream_slot_without_its_list_holds_downstream_runs_until_its_runs_finish(connection, keys):
+    from dailyq.params_book import settle
+
+    table = TaskTable([Task(name="up", func=RECORD, params="tests.test_dependencies.computed_regions", at="03:00"),
+                       Task(name="down", func=RECORD, params=["x"], at="03:00", after=["up"])])
+    queue = make_queue(connection, keys)
+    fan_out(connection, keys, queue, runs_on(table, DAY, ["down"]), retention_s=RETENTION_S)
+    # No list stored for up's slot: its runs are unknown, so nothing is released (not "no runs").
+    assert release(connection, keys, table).released == []
+    (slot,) = table.get("up").schedule.slots_on(DAY)
+    now = datetime(2026, 11, 20, 3, 0, tzinfo=slot.fires_at.tzinfo)
+    assert settle(connection, keys, table.get("up"), slot, now, RETENTION_S, when="failed").params == ["eu", "us"]
+    up_ids = [Run(table.get("up"), region, slot).run_id for region in ("eu", "us")]
+    fan_out(connection, keys, queue, [Run(table.get("up"), region, slot) for region in ("eu", "us")],
+            retention_s=RETENTION_S)
+    finish(connection, keys, up_ids[:1])
+    assert release(connection, keys, table).released == []
+    finish(connection, keys, up_ids[1:])
+    assert release(connection, keys, table).released == ids(table, "down")
 
 
 # -- real node processes ---------------------------------------------------------------------------
