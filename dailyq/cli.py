@@ -282,7 +282,8 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
                         help="a live progress line (done/total, running per node, ETA), redrawn every second "
                              "until Ctrl-C")
     status.add_argument("--until-done", action="store_true",
-                        help="with --watch (implied): stop, exit 0, once no run is scheduled, queued, running or waiting")
+                        help="with --watch (implied): stop, exit 0, once no run is scheduled, queued, running "
+                             "or waiting")
     status.set_defaults(handler=cmd_status)
 
     report = sub.add_parser("report", help="a day's runs as one self-contained HTML timeline (a lane per node)")
