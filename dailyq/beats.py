@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 from redis import Redis
 
+from .redis_values import as_text
 from .clock import iso, server_now
 from .keys import Keys
 # Pure, and shown by render.py too; kept importable from here.
@@ -117,7 +118,7 @@ def live_processes(connection: Redis, keys: Keys, now: datetime | None = None) -
     pid, beat_at, offset_s (None when unknown), clock_off, and workers: for a worker
     entry the number of worker processes alive on its node at ``now`` (Redis time; read
     from Redis when not given), None for a scheduler."""
-    nodes = sorted(name.decode() for name in connection.zrange(keys.nodes, 0, -1))
+    nodes = sorted(as_text(name) for name in connection.zrange(keys.nodes, 0, -1))
     if not nodes:
         return []
     now = now or server_now(connection)

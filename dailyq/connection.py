@@ -107,9 +107,10 @@ class SentinelMasterConnection(SentinelManagedConnection):
     answer to the next command, and the worker's warm shutdown hangs.
     """
 
-    def read_response(self, *args: Any, disconnect_on_error: bool = True, **kwargs: Any) -> Any:
+    def read_response(self, disable_decoding: Any = False, *, disconnect_on_error: bool | None = True,
+                      **kwargs: Any) -> Any:
         try:
-            return super().read_response(*args, disconnect_on_error=disconnect_on_error, **kwargs)
+            return super().read_response(disable_decoding, disconnect_on_error=disconnect_on_error, **kwargs)
         except ResponseError as error:
             if str(error).startswith(_MASTER_GONE_REPLIES):
                 self.disconnect()

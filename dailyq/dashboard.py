@@ -170,7 +170,7 @@ def read_jobs_as_json(web: ModuleType) -> None:
         setattr(web, name, replacement)
     # DefaultSerializer (also named PickleSerializer) is what RQ resolves a missing
     # serializer to; this process has no business loading pickles.
-    DefaultSerializer.loads = staticmethod(_refuse_to_unpickle)  # type: ignore[assignment]
+    DefaultSerializer.loads = staticmethod(_refuse_to_unpickle)
 
 
 def run_dashboard(environ: Mapping[str, str]) -> int:

@@ -31,6 +31,7 @@ from redis import Redis
 
 from .beats import ROLES, Beat, clock_is_off, count_live_workers, format_offset, offset_warning, parse_beat
 from .keys import Keys
+from .redis_values import as_bytes
 
 __all__ = ["ROLES", "Beat", "Verdict", "judge", "parse_beat", "read_beats", "read_worker_count", "redis_down",
            "roles_of"]
@@ -54,7 +55,7 @@ def roles_of(choice: str) -> tuple[str, ...]:
 def read_beats(connection: Redis, keys: Keys, node: str, roles: Sequence[str]) -> dict[str, bytes | None]:
     """The raw heartbeat values of ``roles`` on ``node``, in one round trip."""
     values = connection.mget([keys.heartbeat(role, node) for role in roles])
-    return dict(zip(roles, values))
+    return {role: None if value is None else as_bytes(value) for role, value in zip(roles, values)}
 
 
 def read_worker_count(connection: Redis, keys: Keys, node: str, now: datetime) -> int:

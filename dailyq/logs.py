@@ -112,5 +112,5 @@ def setup_logging(node: str, level: int = logging.INFO, fmt: str | None = None) 
     # Neither format shows where a record was logged from, its thread or its process, so
     # don't collect them for every record (the logging HOWTO's "Optimization" section):
     # a worker logs several lines per run, and each cost ~8 us less without them.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

@@ -46,7 +46,7 @@ from redis import Redis
 from .errors import DailyqError, LeaseLost
 from .keys import Keys
 from .lease import Lease
-from .runs import FAILED, MISSED, SCHEDULED, Run, new_record, runs_of_slot
+from .runs import FAILED, MISSED, SCHEDULED, Run, RunRecord, new_record, runs_of_slot
 from .schedule import Slot
 from .scripts import scripts_for
 from .table import Task, TaskTable
@@ -135,7 +135,7 @@ class ParamsBook:
         return {(entry.task, entry.slot) for entry in self.entries.values()}
 
     def placeholders(self, table: TaskTable, day: date, now: datetime,
-                     task_names: Iterable[str] | None = None) -> list[tuple[Slot, str, dict[str, Any]]]:
+                     task_names: Iterable[str] | None = None) -> list[tuple[Slot, str, RunRecord]]:
         """(slot, run id, record) of the one entry shown per computed slot without a list."""
         tasks = [table.get(n) for n in task_names] if task_names else table.tasks
         shown = []
@@ -150,13 +150,14 @@ class ParamsBook:
         return shown
 
 
-def placeholder_record(task: Task, slot: Slot, entry: SlotParams | None, now: datetime) -> dict[str, Any]:
+def placeholder_record(task: Task, slot: Slot, entry: SlotParams | None, now: datetime) -> RunRecord:
     if entry is None:
         overdue = now - slot.fires_at > timedelta(seconds=task.misfire_grace_s)
         record = new_record(task.name, "null", slot.isoformat(), None, MISSED if overdue else SCHEDULED)
     else:
         record = new_record(task.name, "null", slot.isoformat(), None, FAILED)
-        record.update(error=entry.error, attempts=entry.attempts, ended_at=entry.at, next_try_at=entry.next_try_at)
+        record["error"], record["attempts"] = entry.error, entry.attempts
+        record["ended_at"], record["next_try_at"] = entry.at, entry.next_try_at
     record["param"] = None
     return record
 

@@ -28,6 +28,7 @@ from typing import Any
 from redis import Redis
 from rq import Queue
 
+from .redis_values import as_text
 from .clock import iso, utc_now, Clock
 from .fanout import Again, fan_out
 from .keys import Keys
@@ -56,8 +57,8 @@ class StrandedJobs:
         self._scripts = scripts_for(connection)
 
     def requeue(self) -> list[str]:
-        waiting = [j.decode() for j in self.connection.lrange(self.queue.intermediate_queue_key, 0, -1)]
-        seen = {k.decode(): float(v) for k, v in self.connection.hgetall(self.keys.stranded).items()}
+        waiting = [as_text(j) for j in self.connection.lrange(self.queue.intermediate_queue_key, 0, -1)]
+        seen = {as_text(k): float(v) for k, v in self.connection.hgetall(self.keys.stranded).items()}
         gone = [job_id for job_id in seen if job_id not in waiting]
         if gone:
             self.connection.hdel(self.keys.stranded, *gone)
@@ -104,7 +105,7 @@ class AbandonedRuns:
     def requeue(self, fence: Lease | None) -> list[str]:
         """Take over every run whose executing process is gone: enqueue it again, or
         record it failed when it has no attempts left. Returns the run ids requeued."""
-        listed = {k.decode(): v.decode() for k, v in self.connection.hgetall(self.keys.running).items()}
+        listed = {as_text(k): as_text(v) for k, v in self.connection.hgetall(self.keys.running).items()}
         run_ids = list(listed)
         with self.connection.pipeline(transaction=False) as pipe:
             for run_id in run_ids:

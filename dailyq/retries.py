@@ -18,6 +18,8 @@ import logging
 from datetime import datetime
 
 from redis import Redis, WatchError
+
+from .redis_values import as_text
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
@@ -43,8 +45,7 @@ class DueRetries:
             while True:
                 try:
                     pipe.watch(self.registry.key)
-                    due = [j.decode() if isinstance(j, bytes) else j
-                           for j in pipe.zrangebyscore(self.registry.key, 0, now_s, start=0, num=CHUNK_SIZE)]
+                    due = [as_text(j) for j in pipe.zrangebyscore(self.registry.key, 0, now_s, start=0, num=CHUNK_SIZE)]
                     if not due:
                         return moved
                     jobs = self.queue.job_class.fetch_many(due, connection=self.connection,

@@ -174,6 +174,9 @@ class RunRecord(TypedDict, total=False):
     # Set by a user's rerun: a new run, counted afresh from here.
     attempts_before: int
     rerun_id: str | None
+    # Only on the stand-in record ``status`` shows for a computed slot whose params
+    # callable failed (params_book.placeholder_record): when it is tried again.
+    next_try_at: str | None
     # Not stored: decode_record adds the param itself.
     param: Any
 

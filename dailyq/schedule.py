@@ -62,8 +62,8 @@ def _parse_field(text: str, low: int, high: int, names: dict[str, int]) -> froze
             start, end = low, high
         else:
             first, _, last = base.partition("-")
-            start = names.get(first, None) if first in names else _number(first)
-            end = (names.get(last) if last in names else _number(last)) if last else (high if step_text else start)
+            start = names[first] if first in names else _number(first)
+            end = (names[last] if last in names else _number(last)) if last else (high if step_text else start)
         if not (low <= start <= high and low <= end <= high and start <= end):
             raise ValueError(f"{part!r} is outside {low}-{high}")
         values.update(range(start, end + 1, step))
@@ -199,7 +199,7 @@ class Schedule:
         # One day of slack either side: a gap-shifted slot can fire on the next local day.
         day = after.astimezone(tz).date() - timedelta(days=1)
         last_day = until.astimezone(tz).date() + timedelta(days=1)
-        found = []
+        found: list[Slot] = []
         while day <= last_day:
             found.extend(s for s in self.slots_on(day) if after < s.fires_at <= until)
             day += timedelta(days=1)

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 def server_warnings(connection: Redis) -> list[str]:
     warnings = []
     try:
-        policy = connection.config_get("maxmemory-policy").get("maxmemory-policy", "")
-        save = connection.config_get("save").get("save", "")
+        policy = str(connection.config_get("maxmemory-policy").get("maxmemory-policy") or "")
+        save = str(connection.config_get("save").get("save") or "")
         aof = str(connection.config_get("appendonly").get("appendonly", "no"))
     except RedisError as exc:  # CONFIG is often disabled on managed services
         return [f"could not read the server's config ({exc}); make sure maxmemory-policy is noeviction "
