@@ -46,7 +46,8 @@ for index, at in enumerate(json.loads(os.environ.get("BENCH_SLOTS", "[]"))):
 if os.environ.get("BENCH_WORKFLOW"):
     flow = json.loads(os.environ["BENCH_WORKFLOW"])
     for name in ("ingest", "report", "heavy", "light"):
-        TASKS.append(Task(name=name, func=work, params=[{"task": name, "i": i, "s": s} for i, s in enumerate(flow[name])],
+        params = [{"task": name, "i": i, "s": s} for i, s in enumerate(flow[name])]
+        TASKS.append(Task(name=name, func=work, params=params,
                           at="03:00", retries=0, timeout_s=600, after=["ingest"] if name == "report" else [],
                           max_running=flow["heavy_max_running"] if name == "heavy" else None))
 if not TASKS:  # importable with no settings (e.g. by a worker that only needs the allow-list)

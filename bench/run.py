@@ -106,7 +106,7 @@ def bench_makespan(quick: bool) -> dict:
             queue.enqueue_many([Queue.prepare_data("bench.bench_tasks.work", args=({"i": i, "s": s},), timeout=600)
                                 for i, s in enumerate(durations)])
             run_parallel([[RQ, "worker", "--burst", "-w", rq_class, "-S", "rq.serializers.JSONSerializer", prefix]]
-                         * workers, lambda i: dict(env, NODE_NAME=f"n{i}"))
+                         * workers, lambda i, env=env: dict(env, NODE_NAME=f"n{i}"))
             results[f"plain RQ FIFO, {kind}"] = span(events(connection, prefix))
 
             # One deployment (prefix) for both days, so day two uses day one's durations.
@@ -115,7 +115,7 @@ def bench_makespan(quick: bool) -> dict:
             for day, label in ((DAY_ONE, "first day (nothing learned)"), (DAY_TWO, "after one learning day")):
                 run([PY, "scheduler.py", "trigger", "--date", day.isoformat()], env)
                 run_parallel([[PY, "worker_entry.py", "--burst", *flags]] * workers,
-                             lambda i: dict(env, NODE_NAME=f"n{i}"))
+                             lambda i, env=env: dict(env, NODE_NAME=f"n{i}"))
                 results[f"dailyq {label}, {kind}"] = span(events(connection, prefix))
                 connection.delete(f"{prefix}:bench:events")
     return {"runs": len(durations), "total_work_s": round(sum(durations), 2), "workers": workers,
@@ -253,13 +253,14 @@ def bench_overhead(quick: bool, repeats: int = 5) -> dict:
     # splits the difference: RQ's cost of richer jobs, and dailyq's own (guard, records).
     sides = ("plain", "plain_dailyq_jobs", "dailyq")
     out: dict = {"runs": n, "repeats": repeats}
-    for mode, rq_class, dailyq_flags in (("forking", "rq.Worker", []), ("non-forking", "rq.SimpleWorker", ["--simple"])):
+    modes = (("forking", "rq.Worker", []), ("non-forking", "rq.SimpleWorker", ["--simple"]))
+    for mode, rq_class, dailyq_flags in modes:
         rounds = []
         for i in range(repeats):
             order = sides if i % 2 == 0 else sides[::-1]
             rounds.append({side: overhead_pass(side, rq_class, dailyq_flags, n) for side in order})
 
-        def ratio(over: str, under: str, field: str = "seconds") -> float:
+        def ratio(over: str, under: str, field: str = "seconds", rounds: list = rounds) -> float:
             return round(statistics.median(r[over][field] / r[under][field] for r in rounds), 3)
 
         out[mode] = {
@@ -421,7 +422,7 @@ def measure_idle(commands: list[tuple[str, list[str]]], env: dict[str, str], con
     group = ProcessGroup()
     try:
         for i in range(3):
-            for name, args in commands:
+            for _name, args in commands:
                 group.start(args[0], dict(env, NODE_NAME=f"n{i}"), *args[1:], log_dir=LOG_DIR)
         time.sleep(8)  # start-up traffic is not idle traffic
         before, per_before = total_calls(connection)

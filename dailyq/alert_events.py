@@ -95,8 +95,9 @@ def run_failed_alert(day: date, run_id: str, record: Mapping[str, Any], now: dat
     node = record.get("node")
     error = record.get("error")
     call = _cut(f"{task}({encode_param(param)})", TEXT_PARAM_CHARS) if _is_json(param) else task
+    reason = _cut(_line(str(error or "no error recorded")), TEXT_ERROR_CHARS)
     text = (f"dailyq: run failed: {call} of {day.isoformat()} on {node or 'unknown node'} after "
-            f"{attempts} attempt{'s' if attempts != 1 else ''}: {_cut(_line(str(error or 'no error recorded')), TEXT_ERROR_CHARS)}")
+            f"{attempts} attempt{'s' if attempts != 1 else ''}: {reason}")
     return Alert(f"{RUN_FAILED}:{run_id}:{attempts}", day,
                  _payload(RUN_FAILED, text, record.get("ended_at") or now, task=task, param=param, day=day,
                           run_id=run_id, node=node, error=None if error is None else str(error)))

@@ -30,6 +30,7 @@ from redis import Redis
 
 from .alert_events import Alert, encode_payload
 from .keys import Keys
+
 # Claimed and Idle are the outbox's public reply types (alerts.py imports them from here).
 from .scripts import Claimed, Idle, OutboxAlert, lua_ms, scripts_for
 

@@ -34,8 +34,20 @@ from typing import TYPE_CHECKING
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .alert_events import (DAY_LATE, SLOT_MISSED, Alert, day_late_alert, deadline_at, failed_run_alerts, fired_slots,
-                           lateness, missed_slot_alerts, no_leader_alert, overdue_slots, watched_days)
+from .alert_events import (
+    DAY_LATE,
+    SLOT_MISSED,
+    Alert,
+    day_late_alert,
+    deadline_at,
+    failed_run_alerts,
+    fired_slots,
+    lateness,
+    missed_slot_alerts,
+    no_leader_alert,
+    overdue_slots,
+    watched_days,
+)
 from .alert_outbox import Claimed, Idle, Outbox
 from .alert_sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
 from .day_scan import DayRecords

@@ -163,7 +163,8 @@ def connect(settings: Settings, check: bool = True) -> Redis:
             raise RedisUnavailable(f"Redis at {shown} refused us: {reason} and REDIS_URL has no credentials; "
                                    "use redis://user:password@host:port/db") from None
         except ResponseError as exc:
-            raise RedisUnavailable(f"Redis at {shown} refused us: {exc}; check REDIS_URL's user, password and db") from None
+            raise RedisUnavailable(
+                f"Redis at {shown} refused us: {exc}; check REDIS_URL's user, password and db") from None
         except RedisError as exc:
             if "SSL" in str(exc):  # e.g. [SSL: CERTIFICATE_VERIFY_FAILED]: say where the CA is set
                 raise RedisUnavailable(

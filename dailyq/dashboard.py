@@ -36,12 +36,12 @@ from rq.exceptions import DeserializationError
 from rq.job import Job
 from rq.serializers import DefaultSerializer, JSONSerializer
 
-from .errors import ConfigError
 from .connection import connect
+from .errors import ConfigError
+from .rq_seam import DailyJob
 from .runs import META_KEY
 from .settings import Settings
 from .table import load_table
-from .rq_seam import DailyJob
 
 DEFAULT_BIND = "127.0.0.1"
 DEFAULT_PORT = 9181

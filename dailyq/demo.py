@@ -17,16 +17,16 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
-from .clock import utc_now
 from .cli_support import project_root
+from .clock import utc_now
 from .commands import trigger
-from .errors import DailyqError
 from .connection import connect
-from .settings import Settings
+from .errors import DailyqError
+from .redis_server import PrivateRedis
 from .render import render_table, summary
+from .settings import Settings
 from .status import day_status
 from .table import default_day, load_table
-from .redis_server import PrivateRedis
 
 NODES = ("node-1", "node-2", "node-3")
 

@@ -50,10 +50,10 @@ from .errors import ConfigError
 from .keys import Keys
 from .outage import OutageLog
 from .params_book import ParamsBook, placeholder_record
+from .rq_seam import make_queue
 from .runs import FINISHED, MISSED, SCHEDULED, STATES
 from .settings import Settings
 from .table import Task, TaskTable
-from .rq_seam import make_queue
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,8 @@ class MetricsServer:
         self.server.server_close()
 
 
-def serve_metrics(settings: Settings, connection: Redis, table: TaskTable, is_leader: Callable[[], bool]) -> MetricsServer:
+def serve_metrics(settings: Settings, connection: Redis, table: TaskTable,
+                  is_leader: Callable[[], bool]) -> MetricsServer:
     """Start serving on ``DAILYQ_METRICS_BIND:DAILYQ_METRICS_PORT``; ConfigError (one line)
     when that address cannot be bound."""
     assert settings.metrics_port is not None

@@ -28,11 +28,11 @@ from typing import Any
 from redis import Redis
 from rq import Queue
 
-from .redis_values import as_text
-from .clock import iso, utc_now, Clock
+from .clock import Clock, iso, utc_now
 from .fanout import Again, fan_out
 from .keys import Keys
 from .lease import Lease
+from .redis_values import as_text
 from .runs import META_KEY, Run
 from .scripts import scripts_for
 from .table import TaskTable

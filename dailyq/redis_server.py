@@ -76,7 +76,7 @@ class PrivateRedis:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     log_path = self.dir / "redis.log"
                     log_text = log_path.read_text(errors="replace")[-500:] if log_path.exists() else ""
-                    raise DailyqError(f"private redis-server did not start on port {self.port}: {log_text}")
+                    raise DailyqError(f"private redis-server did not start on port {self.port}: {log_text}") from None
                 time.sleep(0.05)
             finally:
                 client.close()

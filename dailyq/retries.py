@@ -18,10 +18,10 @@ import logging
 from datetime import datetime
 
 from redis import Redis, WatchError
-
-from .redis_values import as_text
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
+
+from .redis_values import as_text
 
 log = logging.getLogger(__name__)
 

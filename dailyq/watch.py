@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
+from . import text_width
 from .render import STATE_COLOURS, paint
 from .runs import BLOCKED, FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED, WAITING, param_digest
 from .table import encode_param
 from .timestamps import parse_iso
-from . import text_width
 
 # Blocked runs wait for a rerun of a failed upstream run: like a failed run, nothing
 # more happens to them by itself. Waiting runs will run once their upstream runs finish.

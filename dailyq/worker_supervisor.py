@@ -11,7 +11,6 @@ arguments and sets the process up; worker.py is the RQ worker itself.
 from __future__ import annotations
 
 import logging
-
 import os
 
 from redis import Redis

@@ -5,7 +5,6 @@ code, and each run executes once, on whichever node's worker pulls it first.
 """
 
 from dailyq import Task
-
 from jobs.example import crunch
 
 __all__ = ["TASKS", "Task"]

@@ -11,7 +11,6 @@ from redis import Redis
 
 from dailyq.redis_server import PrivateRedis
 from dailyq.settings import Settings
-
 from tests.helpers import ProcessGroup
 
 

@@ -114,7 +114,8 @@ PARAMS = [f"任务参数{i}" for i in range(int(os.environ.get("SAMPLE_PARAMS", 
 TASKS = [
     Task(name="sample", func=f"tests.sample_tasks.{os.environ.get('SAMPLE_FUNC', 'record')}", params=PARAMS,
          at=os.environ.get("SAMPLE_AT", "03:00"), tz=os.environ.get("SAMPLE_TZ", "UTC"),
-         retries=int(os.environ.get("SAMPLE_RETRIES", "0")), retry_backoff_s=int(os.environ.get("SAMPLE_BACKOFF_S", "1")),
+         retries=int(os.environ.get("SAMPLE_RETRIES", "0")),
+         retry_backoff_s=int(os.environ.get("SAMPLE_BACKOFF_S", "1")),
          timeout_s=60, deadline=os.environ.get("SAMPLE_DEADLINE") or None),
 ]
 if os.environ.get("SAMPLE_DOWNSTREAM"):

@@ -7,9 +7,20 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from dailyq.alert_events import (PAYLOAD_KEYS, deadline_at, encode_payload, failed_run_alerts, fired_slots,
-                                 lateness, day_late_alert, missed_slot_alerts, no_leader_alert, overdue_slots, span_text,
-                                 watched_days)
+from dailyq.alert_events import (
+    PAYLOAD_KEYS,
+    day_late_alert,
+    deadline_at,
+    encode_payload,
+    failed_run_alerts,
+    fired_slots,
+    lateness,
+    missed_slot_alerts,
+    no_leader_alert,
+    overdue_slots,
+    span_text,
+    watched_days,
+)
 from dailyq.errors import ConfigError
 from dailyq.runs import runs_of_slot
 from dailyq.table import Task, TaskTable

@@ -2,9 +2,8 @@
 
 import json
 import os
-import sys
 import subprocess
-from datetime import date
+import sys
 
 import pytest
 

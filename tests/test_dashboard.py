@@ -263,7 +263,8 @@ def test_the_dashboard_never_unpickles_a_job(dashboard, connection, settings, tm
         "job = rq.job.Job.fetch(sys.argv[2], connection=redis.Redis.from_url(sys.argv[1]))\n"
         "print(sorted(job.meta))\n"
         "try:\n    job.func_name\nexcept rq.exceptions.DeserializationError as exc:\n"
-        "    print('refused:', exc.__cause__)\n"), settings.redis_url, job.id], cwd=ROOT, capture_output=True, text=True,
+        "    print('refused:', exc.__cause__)\n"), settings.redis_url, job.id], cwd=ROOT, capture_output=True,
+        text=True,
         timeout=60)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.splitlines() == [
@@ -332,7 +333,8 @@ def test_the_live_timeline_grows_bars_by_itself_in_chromium(node_env, processes,
             for node in ("node-a", "node-b"):
                 processes.start("worker_entry.py", dict(env, NODE_NAME=node), "--burst", log_dir=tmp_path)
             # The page reloads itself (a new document: a new timeOrigin); we never navigate again.
-            later = page.wait_for(lambda r: r.get("origin") != first["origin"] and r.get("bars", 0) > 0, read, timeout=30,
+            later = page.wait_for(lambda r: r.get("origin") != first["origin"] and r.get("bars", 0) > 0, read,
+                                  timeout=30,
                                   what="the page to reload itself with bars")
             page.screenshot(ARTIFACTS / "dashboard-timeline-after.png")
             lanes = page.evaluate("[...document.querySelectorAll('#timeline .lane')].map(l => l.dataset.node)")

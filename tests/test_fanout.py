@@ -2,9 +2,9 @@
 
 import json
 import subprocess
+import sys
 import threading
 import time
-import sys
 import zlib
 from datetime import date
 from typing import Callable
@@ -13,15 +13,15 @@ import pytest
 from redis import Redis, WatchError
 from redis.client import Pipeline
 
-from dailyq.errors import LeaseLost
 from dailyq.commands import trigger
+from dailyq.errors import LeaseLost
 from dailyq.fanout import fan_out
 from dailyq.lease import Lease
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.worker import make_queue
-from tests.sample_tasks import record
 from tests.helpers import ROOT
+from tests.sample_tasks import record
 
 DAY = date(2026, 11, 26)
 
@@ -82,7 +82,8 @@ def test_runs_are_enqueued_longest_expected_first_and_unknown_first_of_all(conne
     table = TaskTable([Task(name="t", func=record, params=["short", "new", "long", "mid"], at="09:00")])
     runs = runs_on(table, DAY)
     learned = {"short": 1.0, "long": 30.0, "mid": 5.0}  # what the guard records after a day
-    connection.hset(settings.keys.durations, mapping={r.series_id: learned[r.param] for r in runs if r.param in learned})
+    connection.hset(settings.keys.durations,
+                    mapping={r.series_id: learned[r.param] for r in runs if r.param in learned})
     queue = make_queue(connection, settings.keys)
     fan_out(connection, settings.keys, queue, runs, retention_s=60)
     assert [job.args[0] for job in queue.jobs] == ["new", "long", "mid", "short"]

@@ -13,8 +13,8 @@ from dailyq.guard import Guard
 from dailyq.runs import Run, RunJob, decode_record
 from dailyq.schedule import Slot
 from dailyq.table import Task, TaskTable
-from tests.sample_tasks import record as sample_record
 from tests.helpers import wait_for
+from tests.sample_tasks import record as sample_record
 
 DAY = date(2026, 11, 26)
 # Bounds on waits for events that take milliseconds; reached only when something is broken.
@@ -201,7 +201,8 @@ def test_the_record_through_a_failure_a_retry_and_a_finish(connection, settings)
         "task": "t", "param_json": '"p"', "param": "p", "slot": slot_of("r1"), "state": "finished", "node": "node-x",
         "started_at": "2026-11-26T03:01:00+00:00", "ended_at": "2026-11-26T03:01:07+00:00", "attempts": 2,
         "error": None, "job_id": rid("r1"), "fence": 2}
-    assert connection.hget(settings.keys.day_runs(DAY), rid("r1")).decode().count('"error":null') == 1  # null, not absent
+    stored = connection.hget(settings.keys.day_runs(DAY), rid("r1")).decode()
+    assert stored.count('"error":null') == 1  # null, not absent
 
 
 def test_a_claim_taken_inside_another_transaction_is_used_without_a_second_begin(connection, settings):
@@ -256,7 +257,8 @@ def test_the_task_sees_its_run_and_each_execution_a_greater_fence(connection, se
 
     seen = []
     g = guard(connection, settings)
-    task = TaskTable([Task(name="t", func=sample_record, params=[{"k": "値"}], at="09:00", tz="Asia/Shanghai")]).get("t")
+    zoned = Task(name="t", func=sample_record, params=[{"k": "値"}], at="09:00", tz="Asia/Shanghai")
+    task = TaskTable([zoned]).get("t")
     slot = task.schedule.slots_on(DAY)[0]
     run = RunJob(Run(task, {"k": "値"}, slot), "job-1", force=True, max_attempts=3)
     for _ in range(3):
@@ -265,7 +267,8 @@ def test_the_task_sees_its_run_and_each_execution_a_greater_fence(connection, se
     assert [c.attempt for c in seen] == [1, 2, 3]
     assert seen[0].fence < seen[1].fence < seen[2].fence
     first = seen[0]
-    assert (first.task, first.param, first.day, first.run_id, first.node) == ("t", {"k": "値"}, DAY, run.run_id, "node-x")
+    assert (first.task, first.param, first.day, first.run_id, first.node) == (
+        "t", {"k": "値"}, DAY, run.run_id, "node-x")
     assert first.slot.isoformat() == "2026-11-26T09:00:00+08:00" and str(first.slot.tzinfo) == "Asia/Shanghai"
     assert record(connection, settings, run.run_id)["fence"] == seen[2].fence
 

@@ -10,8 +10,8 @@ from datetime import date
 
 import pytest
 
-from dailyq.errors import ConfigError
 from dailyq.commands import trigger
+from dailyq.errors import ConfigError
 from dailyq.logs import JsonFormatter, OncePerOutage, log_format, make_formatter, setup_logging
 from dailyq.runs import runs_on
 from dailyq.worker import make_queue

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from dailyq.keys import Keys
 from dailyq.metrics import runs_by_state
 from dailyq.redis_server import free_port
-from dailyq.runs import STATES
 from dailyq.render import summary
+from dailyq.runs import STATES
 from dailyq.status import day_status
 from tests.helpers import noon_zone, run_cli, today_in, wait_for, wall_time_in
 
@@ -64,7 +64,7 @@ def test_two_schedulers_serve_the_same_cluster_figures_and_one_leader(node_env, 
     wait_for(lambda: settled(connection, prefix, day), timeout=40, what="the slot's three runs to end")
     expected = {**{s: 0.0 for s in STATES}, "finished": 2.0, "failed": 1.0}
     for port in ports.values():  # cached for 5 s at most: wait for a fresh view
-        wait_for(lambda: runs_of(scrape(port), "sample") == expected, timeout=15, what="the runs by state")
+        wait_for(lambda port=port: runs_of(scrape(port), "sample") == expected, timeout=15, what="the runs by state")
     for port in ports.values():
         samples = scrape(port)
         assert samples["dailyq_redis_up"][()] == 1.0

@@ -9,8 +9,15 @@ from redis import Redis
 
 from dailyq.redis_server import PrivateRedis
 from dailyq.server_checks import server_warnings
-from tests.helpers import base_env, executions, max_concurrent_copies, quiet_sample_at, run_cli, \
-    starts_per_param, wait_for
+from tests.helpers import (
+    base_env,
+    executions,
+    max_concurrent_copies,
+    quiet_sample_at,
+    run_cli,
+    starts_per_param,
+    wait_for,
+)
 
 
 @pytest.fixture

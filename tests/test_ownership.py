@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.helpers import (base_env, executions, longest_overlap, quiet_sample_at, run_cli, wait_for)
+from tests.helpers import base_env, executions, longest_overlap, quiet_sample_at, run_cli, wait_for
 from tests.tcp_proxy import TcpProxy
 
 DAY = "2026-11-20"

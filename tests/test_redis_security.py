@@ -13,8 +13,21 @@ import pytest
 from redis import Redis
 
 from tests.helpers import run_cli
-from tests.redis_servers import ACL_USER, DAY, Certs, Server, ServerFailed, Servers, batch_env, burst_worker, \
-    make_certs, one_line_error, run_whole_batch, start_acl_server, start_tls_server
+from tests.redis_servers import (
+    ACL_USER,
+    DAY,
+    Certs,
+    Server,
+    ServerFailed,
+    Servers,
+    batch_env,
+    burst_worker,
+    make_certs,
+    one_line_error,
+    run_whole_batch,
+    start_acl_server,
+    start_tls_server,
+)
 
 NO_TLS_BUILD = re.compile(r"(?i)not supported|bad directive|built without|unrecognized")
 PASSWORD = "pw-" + uuid.uuid4().hex  # unique, so finding it in any output is never a coincidence

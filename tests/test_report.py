@@ -19,7 +19,9 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 def run(task: str, param, state: str, node: str | None, start: str | None, end: str | None = None,
         error: str | None = None) -> dict:
-    t = (lambda hms: f"2026-11-27T{hms}+00:00" if hms else None)
+    def t(hms: str | None) -> str | None:
+        return f"2026-11-27T{hms}+00:00" if hms else None
+
     return {"task": task, "param": param, "state": state, "node": node, "started_at": t(start), "ended_at": t(end),
             "attempts": 1 if start else 0, "error": error, "run_id": f"{task}-{json.dumps(param)}",
             "slot": "2026-11-27T00:00:00+00:00", "job_id": None, "duration_s": None}

@@ -4,12 +4,11 @@ real redis-server: a slot fires once, work spreads over nodes, one leader at a t
 import json
 import signal
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from dailyq.clock import utc_now
 from dailyq.keys import Keys
 from tests.helpers import executions, max_concurrent_copies, run_cli, starts_per_param, wait_for
-
 
 # How far ahead of a test's start its slot lies. What must happen before the slot
 # (processes started, a leader elected, killed or paused) takes one to four seconds on an
@@ -57,7 +56,7 @@ def test_three_nodes_started_a_second_apart_run_every_run_once_over_several_node
         processes.start("worker_entry.py", dict(env, NODE_NAME=node))
         time.sleep(1)
     for node in ("node-1", "node-2", "node-3"):  # every node's worker is up before the slot
-        wait_for(lambda: connection.exists(keys.heartbeat("worker", node)), timeout=seconds_until(slot) + 30,
+        wait_for(lambda node=node: connection.exists(keys.heartbeat("worker", node)), timeout=seconds_until(slot) + 30,
                  what=f"the worker of {node}")
     assert_before(slot, "starting three nodes")
     day = slot.date().isoformat()
@@ -82,8 +81,8 @@ def test_two_schedulers_racing_for_one_slot_enqueue_it_once(node_env, processes,
     day = slot.date()
     keys = Keys(prefix)
     for racer in ("racer-1", "racer-2"):  # both tick before the slot: they really race for it
-        wait_for(lambda: connection.exists(keys.heartbeat("scheduler", racer)), timeout=seconds_until(slot) + 30,
-                 what=f"scheduler {racer}")
+        wait_for(lambda racer=racer: connection.exists(keys.heartbeat("scheduler", racer)),
+                 timeout=seconds_until(slot) + 30, what=f"scheduler {racer}")
     assert_before(slot, "starting two schedulers")
     wait_for(lambda: connection.scard(keys.day_enqueued(day)) == 12, timeout=seconds_until(slot) + 30,
              what="the slot's fan-out")

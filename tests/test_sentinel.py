@@ -13,13 +13,30 @@ from typing import Iterator
 import pytest
 from redis import Redis
 
-from dailyq.redis_server import free_port
 from dailyq.connection import connect
+from dailyq.redis_server import free_port
 from dailyq.settings import Settings
-from tests.helpers import ProcessGroup, base_env, executions, max_concurrent_copies, quiet_sample_at, run_cli, \
-    starts_per_param, wait_for
-from tests.redis_servers import DAY, SERVICE, SentinelSet, Servers, batch_env, burst_worker, one_line_error, \
-    run_whole_batch, start_sentinel_set
+from tests.helpers import (
+    ProcessGroup,
+    base_env,
+    executions,
+    max_concurrent_copies,
+    quiet_sample_at,
+    run_cli,
+    starts_per_param,
+    wait_for,
+)
+from tests.redis_servers import (
+    DAY,
+    SERVICE,
+    SentinelSet,
+    Servers,
+    batch_env,
+    burst_worker,
+    one_line_error,
+    run_whole_batch,
+    start_sentinel_set,
+)
 
 
 @pytest.fixture

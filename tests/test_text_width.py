@@ -72,7 +72,8 @@ def test_a_newline_in_an_error_stays_on_its_row():
 
 
 def test_width_pad_and_clip():
-    assert [width(t) for t in ("abc", "任务参数1", "パラメータ", "🚀", "👨‍👩‍👧", "cafe\u0301", "")] == [3, 9, 10, 2, 2, 4, 0]
+    samples = ("abc", "任务参数1", "パラメータ", "🚀", "👨‍👩‍👧", "cafe\u0301", "")
+    assert [width(t) for t in samples] == [3, 9, 10, 2, 2, 4, 0]
     assert pad("任务", 6) == "任务  " and width(pad("任务", 6)) == 6
     assert pad("toolong", 3) == "toolong"  # never cut by padding
     assert clip("任务参数", 5) == "任务"  # a wide character is never cut in half

@@ -14,10 +14,19 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from dailyq.keys import Keys
-from dailyq.runs import runs_on
 from dailyq.render import colour_wanted, render_table
-from dailyq.watch import (Progress, eta_seconds, format_duration, is_settled, parse_durations, progress, render_line,
-                          running_nodes, series_of)
+from dailyq.runs import runs_on
+from dailyq.watch import (
+    Progress,
+    eta_seconds,
+    format_duration,
+    is_settled,
+    parse_durations,
+    progress,
+    render_line,
+    running_nodes,
+    series_of,
+)
 from tests.helpers import ROOT, run_cli
 
 NOW = datetime(2026, 11, 27, 10, 0, 0, tzinfo=timezone.utc)

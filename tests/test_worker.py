@@ -15,15 +15,15 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from dailyq.clock import utc_now
 from dailyq.commands import trigger
 from dailyq.fanout import fan_out
 from dailyq.runs import runs_on
-from dailyq.table import Task, TaskTable
 from dailyq.status import day_status
-from dailyq.clock import utc_now
+from dailyq.table import Task, TaskTable
 from dailyq.worker import DailySimpleWorker, make_queue, queue_keeping_reply
-from tests.sample_tasks import explode
 from tests.helpers import ROOT, executions, param_key, starts_per_param, wait_for
+from tests.sample_tasks import explode
 
 DAY = date(2026, 11, 26)
 

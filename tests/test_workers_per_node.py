@@ -12,7 +12,6 @@ from datetime import datetime, timedelta, timezone
 
 from dailyq.health import judge
 from dailyq.render import render_nodes
-
 from tests.helpers import ROOT, executions, quiet_sample_at, run_cli, wait_for
 
 DAY = "2026-11-26"
