@@ -20,7 +20,9 @@ from .table import Task, TaskTable, encode_param
 # Run states shown by ``status``; a public contract.
 SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED = (
     "scheduled", "queued", "running", "finished", "failed", "skipped", "missed")
-STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED)
+# A queued run of a paused task (pause.py): shown so by status, stored as queued.
+PAUSED = "paused"
+STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED, PAUSED)
 
 META_KEY = "dailyq"  # the RQ job.meta entry that carries a run's identity
 

@@ -40,6 +40,8 @@ from .clock import Clock, RedisClock, iso
 from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
+from .limits import SlotSweep
+from .pause import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
 from .retries import DueRetries
 from .runs import runs_of_slot
@@ -91,6 +93,7 @@ class DailyScheduler:
         self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s, self.clock)
         self.retries = DueRetries(connection, self.queue)
         self.stranded = StrandedJobs(connection, keys, self.queue, stuck_after_s=settings.claim_ttl_s)
+        self.slots = SlotSweep(connection, keys, self.queue.key, table)
         # Called at the end of every tick, leader or not (alerts.py's leadership record).
         # A hook must not raise, nor take long: it runs inside the tick.
         self.tick_hooks: list[Callable[[DailyScheduler], None]] = []
@@ -141,7 +144,12 @@ class DailyScheduler:
     def fire_due_slots(self, now: datetime) -> int:
         """Fan out every due slot of every task; returns the number of runs enqueued."""
         enqueued = 0
+        paused = paused_names(self.connection, self.keys)
         for task in self.table.tasks:
+            if task.name in paused:
+                # Neither fanned out nor its cursor moved: on resume, the slots that fell due
+                # meanwhile fire if within misfire_grace_s, older ones are missed (pause.py).
+                continue
             for slot in task.schedule.slots_between(self._window_start(task, now), now):
                 result = fan_out(self.connection, self.keys, self.queue, runs_of_slot(task, slot),
                                  retention_s=self.settings.retention_s, fence=self.lease)
@@ -171,6 +179,7 @@ class DailyScheduler:
         """The leader's pass: slots, recovery, retries, and rq-scheduler's delayed jobs,
         each "due" by our clock (Redis's), not the host's."""
         self.fire_due_slots(self.clock())
+        self.slots.sweep()  # every tick: a dead holder's slot serves held runs within a tick of lapsing
         self.recover_abandoned_runs()
         self.retries.move_due(self.clock())
         self.delayed.move_due(self.clock())

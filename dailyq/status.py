@@ -5,6 +5,8 @@ records (one HGETALL). A run with no record is ``scheduled`` until its slot is o
 than the task's misfire grace, then ``missed`` (only ``trigger`` runs it then).
 The live nodes are every scheduler and worker with a heartbeat (beats.py), each with
 its clock's offset from Redis's; ``clock_warnings`` names those more than 2 s off.
+``paused`` maps each paused task to ``{"since", "by"}`` (pause.py), and a queued run of
+a paused task shows ``paused``; a run held back by a limit of its task stays ``queued``.
 The ``--json`` shape is a public contract: keys are added, never renamed.
 
 This module reads Redis; the text table made from its dict is render.py's (pure).
@@ -21,7 +23,8 @@ from redis import Redis
 from .beats import clock_warnings, live_processes
 from .clock import iso
 from .keys import Keys
-from .runs import MISSED, SCHEDULED, decode_record, runs_on
+from .pause import paused_tasks
+from .runs import MISSED, PAUSED, QUEUED, SCHEDULED, decode_record, runs_on
 from .table import TaskTable
 
 RUN_FIELDS = ("task", "param", "state", "node", "started_at", "ended_at", "attempts", "error")
@@ -45,6 +48,10 @@ def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
 
 def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> dict[str, Any]:
     records = {k.decode(): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
+    paused = paused_tasks(connection, keys)
+    for record in records.values():
+        if record.get("state") == QUEUED and record.get("task") in paused:
+            record["state"] = PAUSED
     runs: list[dict[str, Any]] = []
     for run in runs_on(table, day):
         record = records.pop(run.run_id, None)
@@ -57,7 +64,7 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
     runs.extend(_public(run_id, record) for run_id, record in sorted(records.items()))
     nodes = live_processes(connection, keys)
     return {"date": day.isoformat(), "leader": leader_info(connection, keys), "runs": runs,
-            "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes)}
+            "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes), "paused": paused}
 
 
 def _public(run_id: str, record: dict[str, Any]) -> dict[str, Any]:

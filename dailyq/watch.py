@@ -17,13 +17,14 @@ from datetime import datetime
 from typing import Any, Iterable, Mapping
 
 from .render import STATE_COLOURS, paint
-from .runs import FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED, param_digest
+from .runs import FAILED, FINISHED, MISSED, PAUSED, QUEUED, RUNNING, SCHEDULED, SKIPPED, param_digest
 from .table import encode_param
 from .timestamps import parse_iso
 from . import text_width
 
 DONE_STATES = (FINISHED, FAILED, SKIPPED)
-PENDING_STATES = (SCHEDULED, QUEUED, RUNNING)
+# A paused run is still to do: --until-done waits for it (resume it, or stop watching).
+PENDING_STATES = (SCHEDULED, QUEUED, RUNNING, PAUSED)
 BAR_WIDTH = 24
 
 

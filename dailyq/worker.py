@@ -33,7 +33,9 @@ from .clock import RedisClock
 from .connection import connect
 from .errors import DailyqError
 from .guard import CLAIM_LOST_EXIT_CODE, Guard, RunIdentity
+from .limits import Admissions
 from .outage import OutageLog, through_outage
+from .pause import PausedCache
 from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
 from .settings import Settings
 from .table import TaskTable, load_table
@@ -72,6 +74,9 @@ class WorkerContext:
     guard: Guard = field(init=False)
     # This host's offset from Redis's clock, for the heartbeat value (see beat).
     clock: RedisClock = field(init=False)
+    # Whether a run may start now: limits and pause (limits.py, pause.py). In the worker
+    # process, before it forks, so its view of the paused tasks lasts across runs.
+    admissions: Admissions = field(init=False)
     # (monotonic time, key expiry) of the last heartbeat key written.
     beat_written: tuple[float, float] = (float("-inf"), float("-inf"))
 
@@ -80,6 +85,8 @@ class WorkerContext:
         self.guard = Guard(self.connection, s.keys, s.node_name, s.claim_ttl_s, s.retention_s,
                            claim_margin_s=s.claim_margin_s, stop_by_exit=self.stop_by_exit)
         self.clock = RedisClock(self.connection)
+        self.admissions = Admissions(self.connection, s.keys, self.table, s.node_name, s.claim_ttl_s,
+                                     PausedCache(self.connection, s.keys))
 
     def _allowed(self, job: DailyJob) -> bool:
         return job.instance is None and job.func_name in self.table.allowed_functions
@@ -98,6 +105,21 @@ class WorkerContext:
             return None  # not JSON (a pickle): RQ fails it when it tries to run it, unloaded
         run = RunIdentity.from_job(job)
         return RunExecution(self.guard, self.guard.attempt(run)) if run is not None else None
+
+    def admit(self, execution: RunExecution, queue: Queue) -> bool:
+        attempt = execution.attempt
+        run = attempt.run
+        outcome, slot = self.admissions.admit(run, attempt.owner, queue.intermediate_queue_key, queue.key)
+        if outcome != "admitted":
+            why = "its task is paused" if outcome == "paused" else "its task is at its max_running/max_per_node limit"
+            log.info("run %s held back, not started: %s (job %s stays queued)", run.run_id, why, run.job_id,
+                     extra={"run_id": run.run_id})
+            return False
+        if slot is not None:
+            execution.slot = slot
+            attempt.slots_key = slot.slots_key
+            attempt.while_waiting = slot.touch
+        return True
 
     def record_death(self, execution: RunExecution, wait_status: int, rq_can_retry: bool) -> bool:
         """A dying task (os._exit, a segfault, the OOM killer) counts as an attempt:
