@@ -10,7 +10,10 @@ runs no includes, so the helpers a script uses are prepended to it):
 * ``load_record`` / ``save_record`` / ``store_record``: the one way a run record
   changes -- load it (or start from its base), set fields, save it; a brand-new
   record is stored as the JSON its writer sent;
-* ``redis_now_ms``: the Redis server's clock, the one clock every node shares.
+* ``redis_now_ms``: the Redis server's clock, the one clock every node shares;
+* ``purge_slots`` / ``room`` / ``extend_slot`` / ``promote``: the slots of a task with
+  limits and its held runs (limits.py), shared by ADMIT, RELEASE_SLOT, SWEEP_SLOTS,
+  TOUCH_SLOT, RESUME and RENEW_CLAIM.
 
 A wrapper method takes named, typed arguments and returns a ``ScriptCall``: ``run()``
 sends it now and returns the parsed reply; ``queue_in(pipeline)`` adds it to a
