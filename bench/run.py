@@ -1,7 +1,7 @@
 """dailyq benchmarks. Every figure is printed next to a baseline measured in the same
 run (plain RQ, the naive SET NX script, the lower bound) or the issue's goal.
 
-    python bench/run.py                      # all six
+    python bench/run.py                      # all seven
     python bench/run.py --only makespan,idle # some
     python bench/run.py --quick              # smaller sizes, for a smoke run
 
@@ -122,6 +122,69 @@ def bench_makespan(quick: bool) -> dict:
             "lower_bound_s": round(lower_bound, 2), "goal_ratio_dailyq_learned": 1.05,
             "makespan_s": {k: round(v, 2) for k, v in results.items()},
             "ratio_to_lower_bound": {k: round(v / lower_bound, 3) for k, v in results.items()}}
+
+
+# -- 1b. makespan of a day with a dependency chain and a limited task ------------------
+
+def workflow_lower_bound(flow: dict, workers: int) -> dict[str, float]:
+    """No schedule can beat any of these: every run's work spread over all workers; the
+    chain (report starts after the longest ingest run ends); the limited task's work
+    spread over its K slots (and its longest run)."""
+    total = sum(sum(flow[name]) for name in ("ingest", "report", "heavy", "light"))
+    return {"work / workers": total / workers,
+            "critical path ingest -> report": max(flow["ingest"]) + max(flow["report"]),
+            "heavy work / max_running": max(sum(flow["heavy"]) / flow["heavy_max_running"], max(flow["heavy"]))}
+
+
+def bench_workflow(quick: bool) -> dict:
+    """A day of four tasks on 3 nodes x 2 workers: ingest (uneven), report after ingest,
+    heavy limited to max_running=2, light. Nodes run a scheduler and a 2-worker supervisor
+    each, as deployed; the day is triggered and timed from the first start to the last end."""
+    rng = random.Random(7)
+    scale = 0.5 if quick else 1.0
+    flow = {"ingest": [round(rng.uniform(1.0, 3.0) * scale, 2) for _ in range(8)],
+            "report": [round(rng.uniform(0.5, 1.5) * scale, 2) for _ in range(4)],
+            "heavy": [round(rng.uniform(1.5, 2.5) * scale, 2) for _ in range(8)],
+            "light": [round(rng.uniform(0.3, 1.0) * scale, 2) for _ in range(12)],
+            "heavy_max_running": 2}
+    nodes, per_node = 3, 2
+    bounds = workflow_lower_bound(flow, nodes * per_node)
+    lower_bound = max(bounds.values())
+    runs = sum(len(flow[n]) for n in ("ingest", "report", "heavy", "light"))
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        prefix = "workflow"
+        env = env_for(server, prefix, BENCH_WORKFLOW=json.dumps(flow))
+        group = ProcessGroup()
+        try:
+            for i in range(nodes):
+                node_env = dict(env, NODE_NAME=f"n{i}")
+                group.start("scheduler.py", node_env, log_dir=LOG_DIR)
+                group.start("worker_entry.py", node_env, "--concurrency", str(per_node), log_dir=LOG_DIR)
+            run([PY, "scheduler.py", "trigger", "--date", DAY_ONE.isoformat()], env)
+            deadline = time.monotonic() + 300
+            while len([e for e in events(connection, prefix) if e["event"] == "end"]) < runs:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("workflow day did not finish within 300 s")
+                time.sleep(0.2)
+        finally:
+            group.stop_all()
+        evts = events(connection, prefix)
+    started = {json.dumps(e["param"], sort_keys=True): e["t"] for e in evts if e["event"] == "start"}
+    ended = {json.dumps(e["param"], sort_keys=True): e["t"] for e in evts if e["event"] == "end"}
+    last_ingest_end = max(t for k, t in ended.items() if '"ingest"' in k)
+    first_report_start = min(t for k, t in started.items() if '"report"' in k)
+    heavy = sorted((started[k], ended[k]) for k in started if '"heavy"' in k)
+    most_heavy = max(sum(1 for s, e in heavy if s <= moment < e) for moment, _ in heavy)
+    makespan = span(evts)
+    return {"runs": runs, "workers": nodes * per_node, "flow": flow,
+            "lower_bounds_s": {k: round(v, 2) for k, v in bounds.items()}, "lower_bound_s": round(lower_bound, 2),
+            "makespan_s": round(makespan, 2), "ratio_to_lower_bound": round(makespan / lower_bound, 3),
+            "goal_ratio": 1.10,
+            "checks": {"report started after the last ingest ended": first_report_start >= last_ingest_end,
+                       "release delay s (last ingest end -> first report start)":
+                           round(first_report_start - last_ingest_end, 3),
+                       "most heavy runs at once": most_heavy}}
 
 
 # -- 2. per-run overhead -------------------------------------------------------------
@@ -389,8 +452,8 @@ def bench_idle(quick: bool) -> dict:
             "dailyq_by_command": dailyq_by_command}
 
 
-BENCHMARKS = {"makespan": bench_makespan, "overhead": bench_overhead, "fanout": bench_fanout,
-              "failover": bench_failover, "latency": bench_latency, "idle": bench_idle}
+BENCHMARKS = {"makespan": bench_makespan, "workflow": bench_workflow, "overhead": bench_overhead,
+              "fanout": bench_fanout, "failover": bench_failover, "latency": bench_latency, "idle": bench_idle}
 
 
 def main() -> int:

@@ -25,17 +25,17 @@ from .errors import ClaimLost, ConfigError, DailyqError
 from .table import Task
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ below imports them
-    from .api import day_status, pause, rerun, resume, trigger
+    from .api import day_status, days_status, pause, rerun, resume, trigger, trigger_range
 
 # The one version source: pyproject.toml reads it from here (setuptools' dynamic version).
 __version__ = "0.1.0"
 
 __all__ = ["ClaimLost", "ConfigError", "DailyqError", "RunContext", "Task", "__version__", "current_run",
-           "day_status", "pause", "rerun", "resume", "trigger"]
+           "day_status", "days_status", "pause", "rerun", "resume", "trigger", "trigger_range"]
 
 # Task modules import this package on every worker; redis and RQ come only with the
 # first use of a command function (PEP 562 module __getattr__).
-_LAZY = {"trigger", "rerun", "day_status", "pause", "resume"}
+_LAZY = {"trigger", "trigger_range", "rerun", "day_status", "days_status", "pause", "resume"}
 
 
 def __getattr__(name: str) -> Any:

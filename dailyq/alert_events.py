@@ -22,7 +22,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
-from .runs import FAILED, FINISHED, runs_of_slot
+from .runs import FAILED, FINISHED, ParamsLookup, runs_of_slot
 from .schedule import Slot, parse_at
 from .table import Task, TaskTable, encode_param
 from .text_width import one_line
@@ -145,16 +145,22 @@ class Lateness:
     late: Counter  # state (or "finished late") -> runs
 
 
-def lateness(task: Task, day: date, records: Mapping[str, Mapping[str, Any]], deadline: datetime) -> Lateness:
+def lateness(task: Task, day: date, records: Mapping[str, Mapping[str, Any]], deadline: datetime,
+             book: ParamsLookup | None = None) -> Lateness:
     """Runs whose slot is at or before ``deadline`` and that had not finished by it. Only
     records decide, never when we looked: a run that finished after the deadline is
-    late even if it was finished when we looked, so every leader judges alike."""
+    late even if it was finished when we looked, so every leader judges alike. A
+    computed task's slot with no stored list (``book``) counts as one run not started."""
     late: Counter = Counter()
     due = 0
     for slot in task.schedule.slots_on(day):
         if slot.fires_at > deadline:
             continue
-        for run in runs_of_slot(task, slot):
+        if task.params_computed and (book is None or book.params_of(task, slot) is None):
+            due += 1
+            late["without params"] += 1
+            continue
+        for run in runs_of_slot(task, slot, book):
             due += 1
             record = records.get(run.run_id)
             if record is None:

@@ -40,6 +40,7 @@ from .alert_outbox import Claimed, Idle, Outbox
 from .alert_sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
 from .day_scan import DayRecords
 from .outage import OutageLog
+from .params_book import ParamsBook
 from .settings import Settings
 from .table import TaskTable
 
@@ -222,6 +223,9 @@ class AlertService:
         settled: list[tuple[date, tuple[str, ...]]] = []
         for day, tasks in days.items():
             records = DayRecords.read(self.connection, self.keys.day_runs(day))
+            # Computed params (params_book.py): read only for a table that has any.
+            book = ParamsBook.read(self.connection, self.keys, day) \
+                if any(task.params_computed for task in tasks) else None
             known = self._known.get(day, set())
             done = self._settled.get(day, set())
             alerts += [a for a in failed_run_alerts(day, records.containing(b"failed"), now)
@@ -234,7 +238,7 @@ class AlertService:
                         # A deadline that passed before any dailyq leader ran here was not
                         # missed by dailyq: a fresh deployment is not late for yesterday.
                         if deadline is not None and watched_since is not None and deadline >= watched_since:
-                            found = lateness(task, day, records.all, deadline)
+                            found = lateness(task, day, records.all, deadline, book)
                             if found.late:
                                 alerts.append(day_late_alert(task, day, found))
                         settled.append((day, (DAY_LATE, task.name)))
@@ -242,7 +246,9 @@ class AlertService:
                 overdue = [slot for slot in overdue_slots(task, day, now)
                            if (SLOT_MISSED, task.name, slot.label) not in done]
                 if overdue:
-                    fired = fired if fired is not None else fired_slots(records.all.values())
+                    if fired is None:
+                        # A computed slot whose callable was called fired, runs or not.
+                        fired = fired_slots(records.all.values()) | (book.fired_slots() if book else set())
                     alerts += missed_slot_alerts(task, overdue, fired, watched_since)
                     settled += [(day, (SLOT_MISSED, task.name, slot.label)) for slot in overdue]
         raised = self._raise(alerts)

@@ -1,6 +1,8 @@
 """The commands as functions, for scripts and web apps: ``trigger``, ``rerun``,
 ``day_status``, ``pause`` and ``resume`` do what ``scheduler.py
-trigger|rerun|status --json|pause|resume`` do, and return data instead of printing it.
+trigger|rerun|status --json|pause|resume`` do, and ``trigger_range`` and
+``days_status`` what ``trigger --from --to`` and ``status --from --to --json`` do; they
+return data instead of printing it.
 
 Each takes a Redis client or a ``REDIS_URL``-style string (``redis://``, ``rediss://``,
 ``unix://``, ``redis+sentinel://``). Whatever is not given comes from the environment,
@@ -37,13 +39,15 @@ from .commands import rerun as _rerun_command
 from .commands import resume as _resume_command
 from .commands import select_params
 from .commands import trigger as _trigger_command
-from .runs import Run, decode_record, runs_on
+from .backfill import day_range, day_summary
+from .runs import Run, decode_record
 from .settings import Settings
+from .status import day_runs as _day_runs
 from .status import day_status as _day_status
 from .table import Task, TaskTable, default_day, load_table
 
-__all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "day_status", "default_day", "pause", "rerun", "resume",
-           "trigger"]
+__all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "day_status", "days_status", "default_day", "pause", "rerun",
+           "resume", "trigger", "trigger_range"]
 
 ConnectionOrUrl = Union[Redis, str]
 DayLike = Union[date, str, None]  # a date, "YYYY-MM-DD", or None for today in the tasks' zone
@@ -58,30 +62,61 @@ def trigger(connection_or_url: ConnectionOrUrl, day: DayLike = None, tasks: Iter
     ``tasks``: task names (or one name); None for every task in the table.
 
     Returns ``{"date": "YYYY-MM-DD", "tasks": [names], "enqueued": [run, ...],
-    "already": [run, ...]}``, each run ``{"task", "param", "slot", "run_id", "job_id"}``:
-    ``enqueued`` were pushed by this call, ``already`` by an earlier one. The job id is
-    the RQ job's id.
+    "already": [run, ...], "params_failed": [failure, ...]}``, each run ``{"task",
+    "param", "slot", "run_id", "job_id"}``: ``enqueued`` were pushed by this call,
+    ``already`` by an earlier one. The job id is the RQ job's id. A computed task's
+    runs are those of the list stored for the day (made now when none is stored);
+    ``params_failed`` are its slots whose callable failed, each ``{"task", "slot",
+    "error", "attempts", "next_try_at"}``: they have no runs (the leader retries them).
     """
     settings, table_ = _settings_and_table(settings, table)
-    names = [tasks] if isinstance(tasks, str) else (list(tasks) if tasks is not None else None)
-    # Unknown task: a clear error before Redis is asked anything.
-    chosen = [table_.get(name).name for name in names] if names else [task.name for task in table_.tasks]
+    names = _task_names(table_, tasks)
     parsed_day = _parse_day(day)
     from .worker import make_queue  # noqa: PLC0415 - RQ's worker machinery only where a queue is needed
 
     with _connection(connection_or_url, settings) as connection:
-        day_ = parsed_day or default_day(table_, server_now(connection))
-        result = _trigger_command(connection, settings.keys, make_queue(connection, settings.keys), table_, day_,
-                                  names, settings.retention_s)
+        now = server_now(connection)
+        day_ = parsed_day or default_day(table_, now)
+        return _trigger_day(connection, settings, make_queue(connection, settings.keys), table_, day_, names, now)
+
+
+def trigger_range(connection_or_url: ConnectionOrUrl, start: DayLike, end: DayLike,
+                  tasks: Iterable[str] | str | None = None, *, settings: Settings | None = None,
+                  table: TableLike = None) -> dict[str, Any]:
+    """Backfill: ``trigger`` each day from ``start`` to ``end``, both included, at most
+    ``backfill.MAX_RANGE_DAYS`` days (``scheduler.py trigger --from D1 --to D2``). Each
+    run carries its own day (``current_run().day``); idempotent like ``trigger``.
+
+    Returns ``{"from", "to", "tasks", "days": [trigger's object per day, in order]}``.
+    """
+    settings, table_ = _settings_and_table(settings, table)
+    names = _task_names(table_, tasks)
+    days = _range(start, end)
+    from .worker import make_queue  # noqa: PLC0415
+
+    with _connection(connection_or_url, settings) as connection:
+        now = server_now(connection)
+        queue = make_queue(connection, settings.keys)
+        results = [_trigger_day(connection, settings, queue, table_, day_, names, now) for day_ in days]
+    return {"from": days[0].isoformat(), "to": days[-1].isoformat(),
+            "tasks": names or [task.name for task in table_.tasks], "days": results}
+
+
+def _trigger_day(connection: Redis, settings: Settings, queue: Any, table: TaskTable, day: date,
+                 names: list[str] | None, now: datetime) -> dict[str, Any]:
+    result = _trigger_command(connection, settings.keys, queue, table, day, names, settings.retention_s, now)
     # Trigger enqueues each run's first job, whose id is the run id (runs.Run.job_id).
-    by_job_id = {run.job_id(): run for run in runs_on(table_, day_, names)}
-    return {"date": day_.isoformat(), "tasks": chosen,
+    by_job_id = {run.job_id(): run for run in result.runs}
+    return {"date": day.isoformat(), "tasks": names or [task.name for task in table.tasks],
             "enqueued": [_run_entry(by_job_id[job_id], job_id) for job_id in result.enqueued],
-            "already": [_run_entry(by_job_id[job_id], job_id) for job_id in result.already]}
+            "already": [_run_entry(by_job_id[job_id], job_id) for job_id in result.already],
+            "params_failed": [{"task": f.task, "slot": f.slot, "error": f.error, "attempts": f.attempts,
+                               "next_try_at": f.next_try_at} for f in result.params_failed]}
 
 
 def rerun(connection_or_url: ConnectionOrUrl, task: str, params: Iterable[Any] = (), day: DayLike = None,
-          force: bool = False, *, settings: Settings | None = None, table: TableLike = None) -> dict[str, Any]:
+          force: bool = False, *, refresh_params: bool = False, settings: Settings | None = None,
+          table: TableLike = None) -> dict[str, Any]:
     """Run ``task`` again for ``day``, like ``scheduler.py rerun``.
 
     ``params``: which of the task's params (their values, or their JSON text as on the
@@ -94,19 +129,24 @@ def rerun(connection_or_url: ConnectionOrUrl, task: str, params: Iterable[Any] =
     "in_progress": [run, ...]}`` (the last two: skipped), each run ``{"task", "param",
     "slot", "run_id", "job_id"}``. ``job_id`` is the run's current RQ job (a rerun of a
     run enqueued before gets a new one, ``{run_id}-rN``), None if it never had one.
+
+    A computed task's params are those stored for the day (its callable is not called
+    again); ``refresh_params`` calls it again and replaces the stored list first (a
+    failure raises ``DailyqError`` and keeps the old list).
     """
     settings, table_ = _settings_and_table(settings, table)
     task_ = table_.get(task)
     # One string is one param, not its characters.
     wanted = [params] if isinstance(params, str) else list(params)
-    select_params(task_, wanted)  # an unknown param: a clear error before Redis is asked anything
+    if not task_.params_computed:  # a computed task's params are known only from Redis
+        select_params(task_, wanted)  # an unknown param: a clear error before Redis is asked anything
     parsed_day = _parse_day(day)
     from .worker import make_queue  # noqa: PLC0415
 
     with _connection(connection_or_url, settings) as connection:
         day_ = parsed_day or default_day(table_, server_now(connection))
         report = _rerun_command(connection, settings.keys, make_queue(connection, settings.keys), table_,
-                                task_.name, wanted, day_, force, settings.retention_s)
+                                task_.name, wanted, day_, force, settings.retention_s, refresh_params)
         groups = {"enqueued": report.enqueued, "finished": report.finished, "in_progress": report.in_progress}
         every = [run for runs in groups.values() for run in runs]
         # The job ids fan_out chose (a rerun's -rN) are in the records it just wrote.
@@ -167,6 +207,19 @@ def resume(connection_or_url: ConnectionOrUrl, tasks: Iterable[str] | str | None
     return {"resumed": [{"task": r.task, "was_paused": r.was_paused, "requeued": r.requeued} for r in results]}
 
 
+def days_status(connection_or_url: ConnectionOrUrl, start: DayLike, end: DayLike, *,
+                settings: Settings | None = None, table: TableLike = None) -> list[dict[str, Any]]:
+    """One summary per day from ``start`` to ``end`` (both included, at most
+    ``backfill.MAX_RANGE_DAYS``), what ``scheduler.py status --from D1 --to D2 --json``
+    prints: ``[{"date", "total", "done", "failed", "states": {state: runs}}, ...]``
+    (``done``: finished runs; ``states`` has every state of ``status``)."""
+    settings, table_ = _settings_and_table(settings, table)
+    days = _range(start, end)
+    with _connection(connection_or_url, settings) as connection:
+        now = server_now(connection)
+        return [day_summary(day_, _day_runs(connection, settings.keys, table_, day_, now)) for day_ in days]
+
+
 # -- helpers ----------------------------------------------------------------------------
 
 
@@ -195,6 +248,20 @@ def _settings_and_table(settings: Settings | None, table: TableLike) -> tuple[Se
         return settings, load_table(settings.tasks_module)
     # A list of Task is validated like a table module's TASKS.
     return settings, table if isinstance(table, TaskTable) else TaskTable(table)
+
+
+def _task_names(table: TaskTable, tasks: Iterable[str] | str | None) -> list[str] | None:
+    """The names asked for (one string is one name), each checked: an unknown task is a
+    clear error before Redis is asked anything. None: every task."""
+    names = [tasks] if isinstance(tasks, str) else (list(tasks) if tasks is not None else None)
+    return [table.get(name).name for name in names] if names else None
+
+
+def _range(start: DayLike, end: DayLike) -> list[date]:
+    first, last = _parse_day(start), _parse_day(end)
+    if first is None or last is None:
+        raise ConfigError("a range needs both ends: --from YYYY-MM-DD --to YYYY-MM-DD")
+    return day_range(first, last)
 
 
 def _parse_day(day: DayLike) -> date | None:

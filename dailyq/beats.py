@@ -10,6 +10,13 @@ workers ``{"at", "pid"}``; both still parse (offset unknown).
 Every beat also puts its node in ``keys.nodes`` (score: the beat's time), so ``status``
 finds the live nodes' keys without a SCAN over the whole keyspace.
 
+Several workers may run on one node (``worker_entry.py --concurrency N``, ``honcho start
+-c worker=N``, a systemd template unit); they share the node's one heartbeat key, so
+each worker process is also a member of ``keys.node_workers(node)``, scored with the
+Redis time its beat promises it is alive until. ``count_live_workers`` counts the
+members not past that time: no SCAN, and a reader writes nothing. Members are pruned by
+the beats themselves, and a worker that stops cleanly removes its own (``forget_worker``).
+
 ``parse_beat``, ``offset_warning`` and ``clock_warnings`` are pure; ``live_processes``
 is the one read.
 """
@@ -17,18 +24,25 @@ is the one read.
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable
 
 from redis import Redis
 
-from .clock import iso
+from .clock import iso, server_now
 from .keys import Keys
 # Pure, and shown by render.py too; kept importable from here.
 from .offsets import OFFSET_WARN_S, clock_is_off, describe_offset, format_offset, offset_warning  # noqa: F401
 
 ROLES = ("scheduler", "worker")
+
+# A node's worker set lives at least this long after its last beat (each beat resets it).
+# Generous on purpose: Redis before 7 has no EXPIRE GT, so a beat promising little (an
+# idle worker) must not cut short the set of a neighbour that promised a long run
+# (a non-forking worker promises the run's timeout); members expire by their own score.
+WORKER_SET_TTL_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -73,14 +87,48 @@ def forget_silent_nodes(pipe: Any, keys: Keys, now: datetime, after_s: float) ->
     pipe.zremrangebyscore(keys.nodes, "-inf", now.timestamp() - after_s)
 
 
-def live_processes(connection: Redis, keys: Keys) -> list[dict[str, Any]]:
+def worker_member(pid: int) -> str:
+    """A worker process's member in its node's worker set. The host name too: two
+    containers given one NODE_NAME may well run their workers under the same pid."""
+    return f"{socket.gethostname()}:{pid}"
+
+
+def register_worker(pipe: Any, keys: Keys, node: str, member: str, now: datetime, alive_s: float) -> None:
+    """Queue, on ``pipe``, the writes that count ``member`` among ``node``'s live workers
+    for ``alive_s`` from ``now`` (Redis time), and drop members whose time has passed."""
+    key = keys.node_workers(node)
+    pipe.zadd(key, {member: now.timestamp() + alive_s})
+    pipe.zremrangebyscore(key, "-inf", now.timestamp())
+    pipe.expire(key, max(int(alive_s) + 1, WORKER_SET_TTL_S))
+
+
+def forget_worker(connection: Redis, keys: Keys, node: str, member: str) -> None:
+    """``member`` stopped (cleanly, or its supervisor saw it die): count it no longer."""
+    connection.zrem(keys.node_workers(node), member)
+
+
+def count_live_workers(pipe: Any, keys: Keys, node: str, now: datetime) -> Any:
+    """Queue (or, on a connection, send) the count of ``node``'s workers alive at ``now``."""
+    return pipe.zcount(keys.node_workers(node), now.timestamp(), "+inf")
+
+
+def live_processes(connection: Redis, keys: Keys, now: datetime | None = None) -> list[dict[str, Any]]:
     """One entry per process with a live heartbeat key, by node then role: node, role,
-    pid, beat_at, offset_s (None when unknown) and clock_off."""
+    pid, beat_at, offset_s (None when unknown), clock_off, and workers: for a worker
+    entry the number of worker processes alive on its node at ``now`` (Redis time; read
+    from Redis when not given), None for a scheduler."""
     nodes = sorted(name.decode() for name in connection.zrange(keys.nodes, 0, -1))
     if not nodes:
         return []
+    now = now or server_now(connection)
     pairs = [(node, role) for node in nodes for role in ROLES]
-    values = connection.mget([keys.heartbeat(role, node) for node, role in pairs])
+    # One round trip for every heartbeat and every node's worker count.
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.mget([keys.heartbeat(role, node) for node, role in pairs])
+        for node in nodes:
+            count_live_workers(pipe, keys, node, now)
+        values, *counts = pipe.execute()
+    workers = dict(zip(nodes, counts))
     shown = []
     for (node, role), raw in zip(pairs, values):
         if raw is None:
@@ -92,7 +140,8 @@ def live_processes(connection: Redis, keys: Keys) -> list[dict[str, Any]]:
         offset = beat.offset_s if beat else None
         shown.append({"node": node, "role": role, "pid": beat.pid if beat else None,
                       "beat_at": iso(beat.at) if beat else None, "offset_s": offset,
-                      "clock_off": clock_is_off(offset)})
+                      "clock_off": clock_is_off(offset),
+                      "workers": int(workers[node]) if role == "worker" else None})
     return shown
 
 

@@ -24,6 +24,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from . import api
+from .backfill import MAX_RANGE_DAYS, render_days
 from .clock import server_now
 from .errors import ConfigError, DailyqError, RedisUnavailable
 from .logs import setup_logging
@@ -85,9 +86,27 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _range_asked(args: argparse.Namespace) -> bool:
+    """True for --from/--to (a range of days), checked against --date: one or the other."""
+    if args.from_day is None and args.to_day is None:
+        return False
+    if args.date is not None:
+        raise ConfigError("--date and --from/--to cannot go together: give one day or a range")
+    if args.from_day is None or args.to_day is None:
+        raise ConfigError("a range needs both --from YYYY-MM-DD and --to YYYY-MM-DD")
+    return True
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.json and (args.watch or args.until_done):
         raise ConfigError("--json prints one snapshot and cannot be watched; drop --json or --watch/--until-done")
+    if _range_asked(args):
+        if args.watch or args.until_done:
+            raise ConfigError("--from/--to prints one line per day and cannot be watched; drop --watch/--until-done")
+        settings, table = _context(args)
+        days = api.days_status(settings.redis_url, args.from_day, args.to_day, settings=settings, table=table)
+        print(json.dumps(days, ensure_ascii=False, indent=2) if args.json else render_days(days))
+        return 0
     settings, table = _context(args)
     if args.watch or args.until_done:
         connection = connect(settings)
@@ -155,17 +174,31 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
-    settings, table = _context(args)
-    result = api.trigger(settings.redis_url, args.date, [args.task] if args.task else None, settings=settings,
-                         table=table)
-    print(f"{result['date']}: enqueued {len(result['enqueued'])} runs, {len(result['already'])} were already enqueued")
+    tasks = [args.task] if args.task else None
+    if _range_asked(args):
+        settings, table = _context(args)
+        days = api.trigger_range(settings.redis_url, args.from_day, args.to_day, tasks, settings=settings,
+                                 table=table)["days"]
+    else:
+        settings, table = _context(args)
+        days = [api.trigger(settings.redis_url, args.date, tasks, settings=settings, table=table)]
+    for result in days:
+        print(f"{result['date']}: enqueued {len(result['enqueued'])} runs, "
+              f"{len(result['already'])} were already enqueued")
+        for failed in result["params_failed"]:
+            retry = f"retried at {failed['next_try_at']}" if failed["next_try_at"] else "no retries left"
+            print(f"{result['date']}: params of {failed['task']} slot {failed['slot']} failed "
+                  f"(attempt {failed['attempts']}, {retry}): {failed['error']}")
+    if len(days) > 1:
+        print(f"{len(days)} days: enqueued {sum(len(d['enqueued']) for d in days)} runs, "
+              f"{sum(len(d['already']) for d in days)} were already enqueued")
     return 0
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     settings, table = _context(args)
-    report = api.rerun(settings.redis_url, args.task, args.param or [], args.date, args.force, settings=settings,
-                       table=table)
+    report = api.rerun(settings.redis_url, args.task, args.param or [], args.date, args.force,
+                       refresh_params=args.refresh_params, settings=settings, table=table)
     for label, key in (("enqueued", "enqueued"), ("skipped, already finished (use --force)", "finished"),
                        ("skipped, queued or running now", "in_progress")):
         for run in report[key]:
@@ -198,23 +231,38 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when this node's heartbeats are fresh and Redis answers, else 1; one line
     either way. Redis problems are 1 too (not 3): probes understand only 0 and 1."""
-    from .health import judge, read_beats, redis_down, roles_of  # noqa: PLC0415
+    from .health import judge, read_beats, read_worker_count, redis_down, roles_of  # noqa: PLC0415
 
     settings = Settings.from_env()
     roles = roles_of(args.role)
+    if args.min_workers is not None and "worker" not in roles:
+        raise ConfigError("--min-workers counts workers: drop --role scheduler")
+    workers = None
     try:
         connection = connect(settings)
         beats = read_beats(connection, settings.keys, settings.node_name, roles)
         # Beats are stamped by Redis's clock: their age is measured on it too, not on ours.
         now = server_now(connection)
+        if "worker" in roles:
+            workers = read_worker_count(connection, settings.keys, settings.node_name, now)
     except RedisUnavailable as exc:
         verdict = redis_down(str(exc))
     except RedisError as exc:
         verdict = redis_down(f"Redis at {settings.redacted_url()} failed: {exc}")
     else:
-        verdict = judge(settings.node_name, beats, now, args.max_age_s)
+        verdict = judge(settings.node_name, beats, now, args.max_age_s, workers, args.min_workers)
     print(verdict.line)
     return verdict.exit_code
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"bad count {text!r}: use a whole number of at least 1")
+    return value
 
 
 def _positive_seconds(text: str) -> float:
@@ -233,6 +281,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(timeout_s=args.timeout)
 
 
+def _add_range(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--from", dest="from_day", type=_parse_date, metavar="D1",
+                        help=f"with --to: the days D1 to D2, both included, at most {MAX_RANGE_DAYS}: {what}")
+    parser.add_argument("--to", dest="to_day", type=_parse_date, metavar="D2", help="the range's last day")
+
+
 def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="dailyq: each day's runs once, over every node. "
                      "With no command, run this node's scheduler (one node at a time leads).")
@@ -242,6 +296,7 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="every run of a day and the current leader")
     status.add_argument("--date", type=_parse_date, help="YYYY-MM-DD (default: today in the tasks' zone)")
+    _add_range(status, "one summary line per day (done/total, failed); with --json a list of day objects")
     status.add_argument("--json", action="store_true", help="one JSON object (stable keys)")
     status.add_argument("--watch", action="store_true",
                         help="a live progress line (done/total, running per node, ETA), redrawn every second "
@@ -257,6 +312,7 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
 
     trig = sub.add_parser("trigger", help="fan out a day's runs now (ad-hoc or backfill); idempotent")
     trig.add_argument("--date", type=_parse_date)
+    _add_range(trig, "every day's runs, each with its own day (a backfill)")
     trig.add_argument("--task")
     trig.set_defaults(handler=cmd_trigger)
 
@@ -265,6 +321,9 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
     again.add_argument("--param", action="append", help="only this param (repeatable); JSON text for non-strings")
     again.add_argument("--date", type=_parse_date)
     again.add_argument("--force", action="store_true", help="also rerun runs that finished")
+    again.add_argument("--refresh-params", action="store_true",
+                       help="a task with computed params: call its params callable again and use the new list "
+                            "(default: the list stored when the slot fired)")
     again.set_defaults(handler=cmd_rerun)
 
     for name, handler, text in (
@@ -288,6 +347,9 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
     health.add_argument("--max-age-s", type=_positive_seconds, default=None,
                         help="also require a heartbeat at most this old (default: any unexpired one; an idle "
                              "worker beats about every 405 s, the scheduler every 5 s)")
+    health.add_argument("--min-workers", type=_positive_int, default=None, metavar="N",
+                        help="also require at least N live worker processes on this node (with --concurrency N "
+                             "or N worker units; default: any live worker)")
     health.set_defaults(handler=cmd_health)
     return parser
 
@@ -331,6 +393,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--simple", action="store_true",
                         help="non-forking worker: faster for short tasks, but a crashing task takes the worker down")
+    parser.add_argument("--concurrency", type=_positive_int, default=1, metavar="N",
+                        help="run N workers in this process group, restarting any that dies (default: 1)")
     args = parser.parse_args(argv)
 
     def run() -> int:
@@ -341,6 +405,14 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         connection = connect(settings)
         setup_logging(settings.node_name)
         warn_about_server(connection, settings)
-        return supervise_worker(connection, settings, table, simple=args.simple, burst=args.burst)
+        if args.concurrency == 1:
+            return supervise_worker(connection, settings, table, simple=args.simple, burst=args.burst)
+        from .worker_pool import supervise_pool  # noqa: PLC0415
+
+        def child() -> int:  # in a forked child: a connection of its own
+            return guarded(lambda: supervise_worker(connect(settings), settings, table, simple=args.simple,
+                                                    burst=args.burst))
+
+        return supervise_pool(connection, settings, args.concurrency, child, burst=args.burst)
 
     return guarded(run)

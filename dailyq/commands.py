@@ -10,12 +10,13 @@ prints what api.py returns.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from typing import Any, Iterable, Sequence
 
 from redis import Redis
 from rq import Queue
 
+from .clock import server_now
 from .errors import ConfigError
 from .fanout import Again, FanOutResult, fan_out
 from .keys import Keys
@@ -23,8 +24,15 @@ from .pause import PauseResult, ResumeResult
 from .pause import pause as _pause
 from .pause import paused_names
 from .pause import resume as _resume
-from .runs import FINISHED, QUEUED, RUNNING, Run, decode_record, runs_on
+from .params_book import ParamsFailed, SlotParams, settle
+from .runs import FINISHED, QUEUED, RUNNING, Run, decode_record, runs_of_slot
 from .table import Task, TaskTable, encode_param
+
+
+@dataclass
+class TriggerResult(FanOutResult):
+    runs: list[Run] = field(default_factory=list)  # every run of the day chosen (enqueued now or before)
+    params_failed: list[SlotParams] = field(default_factory=list)  # computed slots with no list: no runs
 
 
 def pause(connection: Redis, keys: Keys, table: TaskTable, task_names: Sequence[str] | None,
@@ -49,9 +57,29 @@ def resume(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
 
 
 def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date,
-            task_names: Iterable[str] | None, retention_s: int) -> FanOutResult:
-    """Fan out every run of ``day`` now (ad-hoc or backfill). Idempotent."""
-    return fan_out(connection, keys, queue, runs_on(table, day, task_names), retention_s=retention_s)
+            task_names: Iterable[str] | None, retention_s: int, now: datetime | None = None) -> TriggerResult:
+    """Fan out every run of ``day`` now (ad-hoc or backfill). Idempotent.
+
+    A computed task's runs are those of its stored list for each slot; with nothing (or
+    only a failure) stored, its callable is called for that day now and the outcome
+    stored, as the leader would at the slot (params_book.py). ``now``: the time the
+    outcome is stored with and a failure's retry counted from (default: Redis's)."""
+    now = now or server_now(connection)
+    tasks = [table.get(name) for name in task_names] if task_names else table.tasks
+    runs: list[Run] = []
+    failed: list[SlotParams] = []
+    for task in tasks:
+        for slot in task.schedule.slots_on(day):
+            if not task.params_computed:
+                runs += runs_of_slot(task, slot)
+                continue
+            entry = settle(connection, keys, task, slot, now, retention_s, when="failed")
+            runs += [Run(task, param, slot) for param in entry.params or ()]
+            if not entry.ok:
+                failed.append(entry)
+    runs.sort(key=lambda run: run.slot.fires_at)
+    result = fan_out(connection, keys, queue, runs, retention_s=retention_s)
+    return TriggerResult(enqueued=result.enqueued, already=result.already, runs=runs, params_failed=failed)
 
 
 @dataclass
@@ -61,31 +89,58 @@ class RerunReport:
     in_progress: list[Run] = field(default_factory=list)  # skipped: queued or running now
 
 
-def select_params(task: Task, wanted: Sequence[str]) -> list[Any]:
-    """Table params matching the command-line strings: by value, or by JSON text for non-strings."""
+def select_params(task: Task, wanted: Sequence[str], available: Sequence[Any] | None = None) -> list[Any]:
+    """Params matching the command-line strings, by value, or by JSON text for
+    non-strings: among ``available`` (a computed task's stored list), else the table's."""
+    params = list(task.params if available is None else available)  # type: ignore[arg-type]
     if not wanted:
-        return list(task.params)
+        return params
     chosen = []
     for text in wanted:
-        matches = [p for p in task.params if p == text or encode_param(p) == text]
+        matches = [p for p in params if p == text or encode_param(p) == text]
         if not matches:
-            shown = ", ".join(encode_param(p) for p in task.params)
+            shown = ", ".join(encode_param(p) for p in params)
             raise ConfigError(f"task {task.name!r} has no param {text!r} (its params: {shown})")
         chosen.extend(m for m in matches if m not in chosen)
     return chosen
 
 
-def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_name: str, params: Sequence[str],
-          day: date, force: bool, retention_s: int) -> RerunReport:
-    """Run again. Without ``force``, finished runs and runs queued or running now are
-    skipped and reported; with it, each selected run is enqueued again (the guard still
-    keeps two copies of one run from executing at once)."""
-    task = table.get(task_name)
-    chosen = select_params(task, params)
+def rerun_candidates(connection: Redis, keys: Keys, task: Task, wanted: Sequence[str], day: date, retention_s: int,
+                     refresh_params: bool = False, now: datetime | None = None) -> list[Run]:
+    """The runs a rerun of ``task`` on ``day`` is about. A computed task's come from the
+    list stored for each slot (its callable is not called again); ``refresh_params``
+    calls it again and stores the new list first. Nothing or a failure stored: called
+    now (the same once-only rule as ``trigger``); still failing raises ParamsFailed."""
     slots = task.schedule.slots_on(day)
     if not slots:
         raise ConfigError(f"task {task.name!r} has no slot on {day.isoformat()}")
-    runs = [Run(task, param, slot) for slot in slots for param in chosen]
+    if not task.params_computed:
+        chosen = select_params(task, wanted)
+        return [Run(task, param, slot) for slot in slots for param in chosen]
+    now = now or server_now(connection)
+    lists = []
+    for slot in slots:
+        entry = settle(connection, keys, task, slot, now, retention_s, when="always" if refresh_params else "failed")
+        if not entry.ok:
+            raise ParamsFailed(f"{entry.error} (task {task.name!r}, slot {slot.isoformat()}, attempt "
+                               f"{entry.attempts}); the slot has no runs to rerun")
+        lists.append((slot, entry.params or []))
+    union = list({encode_param(p): p for _, params in lists for p in params}.values())
+    chosen_json = {encode_param(p) for p in select_params(task, wanted, union)}
+    return [Run(task, param, slot) for slot, params in lists for param in params if encode_param(param) in chosen_json]
+
+
+def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_name: str, params: Sequence[str],
+          day: date, force: bool, retention_s: int, refresh_params: bool = False,
+          now: datetime | None = None) -> RerunReport:
+    """Run again. Without ``force``, finished runs and runs queued or running now are
+    skipped and reported; with it, each selected run is enqueued again (the guard still
+    keeps two copies of one run from executing at once). ``refresh_params``: a computed
+    task's list is made anew first (rerun_candidates)."""
+    task = table.get(task_name)
+    runs = rerun_candidates(connection, keys, task, params, day, retention_s, refresh_params, now)
+    if not runs:
+        return RerunReport()
     raw_records = connection.hmget(keys.day_runs(day), [run.run_id for run in runs])
     seen_before = connection.smismember(keys.day_enqueued(day), [run.job_id() for run in runs])
     report = RerunReport()

@@ -168,7 +168,7 @@ def _job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool
         result_ttl=retention_s,
         failure_ttl=retention_s,
         description=f"{task.name}({run.param_json}) slot {run.slot.isoformat()}",
-        meta=run.job_meta(force=force, rerun_id=again.rerun_id if again else None),
+        meta=run.job(job_id, force=force, rerun_id=again.rerun_id if again else None).meta(),
         retry=retry_policy(retries, task.retry_backoff_s),
         at_front=at_front,
     )

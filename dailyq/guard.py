@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import _thread
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -44,10 +43,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from functools import cached_property
-from datetime import date, datetime
 from typing import Any, Callable
-from zoneinfo import ZoneInfo
 
 from redis import Redis
 from redis.client import Pipeline
@@ -57,8 +53,7 @@ from .clock import Clock, iso, utc_now
 from .context import RunContext, running_as
 from .keys import Keys
 from .outage import OutageLog, through_outage
-from .table import encode_param
-from .runs import META_KEY, new_record
+from .runs import RunJob
 from .scripts import BeginReply, FailOutcome, ScriptCall, parse_begin, scripts_for
 
 log = logging.getLogger(__name__)
@@ -82,54 +77,6 @@ INTERRUPT_SIGNAL = signal.SIGUSR2
 class RunStopped(BaseException):
     """Raised inside a running task whose copy lost its claim (non-forking workers).
     A BaseException, so that a task's ``except Exception`` does not swallow it."""
-
-
-@dataclass(frozen=True)
-class RunIdentity:
-    """What the guard needs to know about a run, read from the RQ job."""
-
-    run_id: str
-    day: date
-    task: str
-    slot: str
-    series: str
-    param_json: str
-    job_id: str
-    force: bool
-    overlap: str = "wait"
-    tz: str | None = None
-    # The id the task sees: a rerun's own, else run_id (see context.py).
-    rerun_id: str | None = None
-    # retries + 1: executions allowed before the run is failed (0: no limit).
-    max_attempts: int = 0
-
-    @classmethod
-    def from_job(cls, job: Any) -> "RunIdentity | None":
-        meta = (job.meta or {}).get(META_KEY)
-        if not meta:
-            return None
-        param = job.args[0] if job.args else None
-        return cls(run_id=meta["run_id"], day=date.fromisoformat(meta["day"]), task=meta["task"],
-                   slot=meta.get("slot", ""), series=meta.get("series", meta["run_id"]),
-                   param_json=encode_param(param), job_id=job.id, force=bool(meta.get("force")),
-                   overlap=meta.get("overlap", "wait"), tz=meta.get("tz"), rerun_id=meta.get("rerun_id"),
-                   max_attempts=int(meta.get("max_attempts") or 0))
-
-    @cached_property
-    def base_record(self) -> str:
-        """JSON of the record to start from if the run has none (sent with every script)."""
-        return json.dumps(new_record(self.task, self.param_json, self.slot, self.job_id), ensure_ascii=False)
-
-    @property
-    def context_run_id(self) -> str:
-        return self.rerun_id or self.run_id
-
-    def slot_in_zone(self) -> datetime | None:
-        try:
-            moment = datetime.fromisoformat(self.slot)
-        except ValueError:
-            return None
-        return moment.astimezone(ZoneInfo(self.tz)) if self.tz else moment
 
 
 class PendingFinish:
@@ -174,7 +121,7 @@ class Attempt:
     and what BEGIN answered (when it rode in the worker's own preparation transaction,
     the worker hands the reply over with ``keep_begin_reply``)."""
 
-    run: RunIdentity
+    run: RunJob
     owner: str
     begin_reply: str | None = None
     attempt: int = 0
@@ -214,7 +161,7 @@ class Guard:
                                   default_claim_margin_s(claim_ttl_s) if claim_margin_s is None else claim_margin_s,
                                   stop_by_exit=stop_by_exit)
 
-    def attempt(self, run: RunIdentity) -> Attempt:
+    def attempt(self, run: RunJob) -> Attempt:
         return Attempt(run, owner=f"{self.node}:{os.getpid()}:{uuid.uuid4().hex}")
 
     def claim_in(self, attempt: Attempt, pipeline: Pipeline) -> None:
@@ -225,7 +172,7 @@ class Guard:
         attempt.begin_sent_at = time.monotonic()
         self._begin_call(attempt).queue_in(pipeline)
 
-    def execute(self, run: RunIdentity, call: Callable[[], Any], will_retry: Callable[[], bool],
+    def execute(self, run: RunJob, call: Callable[[], Any], will_retry: Callable[[], bool],
                 defer_finish: Callable[["PendingFinish"], None] | None = None,
                 attempt: Attempt | None = None, cancel_retry: Callable[[], None] = lambda: None) -> Any:
         """Run ``call`` under the run's claim. ``will_retry`` says whether RQ would retry
@@ -248,7 +195,7 @@ class Guard:
         held = self.keeper.hold(run.run_id, self.keys.claim(run.run_id), self.keys.series_claim(run.series),
                                 attempt.owner, ttl_ms, confirmed_at=attempt.begin_sent_at,
                                 slots_key=attempt.slots_key)
-        context = RunContext(task=run.task, param=_param_of(run), day=run.day, slot=run.slot_in_zone(),
+        context = RunContext(task=run.run.task.name, param=run.run.param, day=run.day, slot=run.run.slot.in_zone,
                              run_id=run.context_run_id, attempt=attempt.attempt, node=self.node,
                              fence=attempt.fence, _lost_because=held.lost_because)
         try:
@@ -287,7 +234,7 @@ class Guard:
                   extra={"run_id": run.run_id})
         return result
 
-    def _stopped(self, run: RunIdentity, held: "HeldRun", cancel_retry: Callable[[], None]) -> dict[str, str]:
+    def _stopped(self, run: RunJob, held: "HeldRun", cancel_retry: Callable[[], None]) -> dict[str, str]:
         self.keeper.release(run.run_id)
         cancel_retry()
         log.error("run %s stopped on node %s: %s; this copy records nothing (another copy may own the run)",
@@ -301,7 +248,7 @@ class Guard:
             runs_key=self.keys.day_runs(run.day), running_key=self.keys.running,
             series_key=self.keys.series_claim(run.series), fence_key=self.keys.fence, run_id=run.run_id,
             owner=attempt.owner, claim_ttl_ms=self.claim_ttl_s * 1000, force=run.force, base_json=run.base_record,
-            retention_s=self.retention_s, day=run.day.isoformat(), overlap=run.overlap, node=self.node,
+            retention_s=self.retention_s, day=run.day.isoformat(), overlap=run.run.task.overlap, node=self.node,
             now_iso=iso(self.clock()), job_id=run.job_id, max_attempts=run.max_attempts)
 
     def _wait_for_claim(self, attempt: Attempt) -> str:
@@ -332,7 +279,7 @@ class Guard:
                 attempt.while_waiting()
             outcome = None
 
-    def _record_failure(self, run: RunIdentity, attempt: Attempt, error: str, rq_can_retry: bool) -> FailOutcome:
+    def _record_failure(self, run: RunJob, attempt: Attempt, error: str, rq_can_retry: bool) -> FailOutcome:
         """FAIL; returns 'retry', 'failed' or 'not-ours'."""
         call = self.fail_call(run, attempt.owner, error, rq_can_retry)
         try:
@@ -343,7 +290,7 @@ class Guard:
             log.error("run %s: could not record its failure (%s)", run.run_id, exc, extra={"run_id": run.run_id})
             return "not-ours"
 
-    def fail_call(self, run: RunIdentity, owner: str, error: str, rq_can_retry: bool) -> ScriptCall[FailOutcome]:
+    def fail_call(self, run: RunJob, owner: str, error: str, rq_can_retry: bool) -> ScriptCall[FailOutcome]:
         """FAIL for ``owner``'s execution of ``run``: also used by a worker parent whose
         work-horse died, with the owner token it gave that work-horse."""
         return self.scripts.fail(
@@ -352,9 +299,6 @@ class Guard:
             owner=owner, base_json=run.base_record, retention_s=self.retention_s, rq_can_retry=rq_can_retry,
             max_attempts=run.max_attempts, node=self.node, now_iso=iso(self.clock()), error=error)
 
-
-def _param_of(run: RunIdentity) -> Any:
-    return json.loads(run.param_json)
 
 
 def default_claim_margin_s(claim_ttl_s: float) -> float:

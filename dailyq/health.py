@@ -6,6 +6,11 @@ its value (beats.py) carries the beat's time and the process's clock offset from
 Redis. A present key means the process beat within its TTL; ``max_age_s`` optionally
 asks for a more recent beat.
 
+The line also says how many worker processes the node runs (beats.py's worker set:
+several per node with ``worker_entry.py --concurrency N`` or one unit per worker);
+``min_workers`` makes fewer than that many unhealthy. Without it, any live worker
+will do, as with one worker per node.
+
 A clock more than 2 s off Redis's is named on the line but stays healthy (exit 0): the
 process does its work right anyway (slots fire by Redis's clock, leases and claims
 expire by Redis's), and a probe that failed would only get it restarted, which does not
@@ -24,10 +29,11 @@ from typing import Mapping, Sequence
 
 from redis import Redis
 
-from .beats import ROLES, Beat, clock_is_off, format_offset, offset_warning, parse_beat
+from .beats import ROLES, Beat, clock_is_off, count_live_workers, format_offset, offset_warning, parse_beat
 from .keys import Keys
 
-__all__ = ["ROLES", "Beat", "Verdict", "judge", "parse_beat", "read_beats", "redis_down", "roles_of"]
+__all__ = ["ROLES", "Beat", "Verdict", "judge", "parse_beat", "read_beats", "read_worker_count", "redis_down",
+           "roles_of"]
 
 
 @dataclass(frozen=True)
@@ -51,11 +57,18 @@ def read_beats(connection: Redis, keys: Keys, node: str, roles: Sequence[str]) -
     return dict(zip(roles, values))
 
 
+def read_worker_count(connection: Redis, keys: Keys, node: str, now: datetime) -> int:
+    """How many worker processes of ``node`` are alive at ``now`` (Redis time)."""
+    return int(count_live_workers(connection, keys, node, now))
+
+
 def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
-          max_age_s: float | None = None) -> Verdict:
+          max_age_s: float | None = None, workers: int | None = None, min_workers: int | None = None) -> Verdict:
     """Healthy when every role in ``raw_beats`` has a heartbeat (and, with
-    ``max_age_s``, one at most that old). The line names every problem found, and
-    every clock more than 2 s off Redis's (a warning, not a problem)."""
+    ``max_age_s``, one at most that old) and, with ``min_workers``, ``workers`` (the
+    node's live worker processes) is at least that. The line names every problem found,
+    the worker count when given, and every clock more than 2 s off Redis's (a warning,
+    not a problem)."""
     problems: list[str] = []
     ages: list[str] = []
     offsets: list[str] = []
@@ -78,6 +91,10 @@ def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
             problems.append(f"no {role} heartbeat from {node} for {age_s:.0f}s (--max-age-s {max_age_s:g})")
             continue
         ages.append(f"{age_s:.0f}s")
+    counted = [] if workers is None else [f"{workers} worker{'' if workers == 1 else 's'} alive"]
+    if min_workers is not None and (workers or 0) < min_workers:
+        problems.append(f"{workers or 0} of at least {min_workers} workers alive on {node} (--min-workers)")
+        counted = []
     if problems:
         return Verdict(False, "; ".join(["unhealthy: " + "; ".join(problems), *warnings]))
     roles = " and ".join(raw_beats)
@@ -86,7 +103,7 @@ def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
     if any(offset != "unknown" for offset in offsets):
         clocks = f"; clock {'offsets' if len(offsets) > 1 else 'offset'} from Redis {' and '.join(offsets)}"
     line = f"ok: {roles} of {node} alive, Redis answers ({beats} {' and '.join(ages)} ago{clocks})"
-    return Verdict(True, "; ".join([line, *warnings]))
+    return Verdict(True, "; ".join([line, *counted, *warnings]))
 
 
 def redis_down(reason: str) -> Verdict:

@@ -102,6 +102,17 @@ class Keys:
         """Hash run id -> number of reruns asked for (gives each rerun its own job id)."""
         return f"{self.prefix}:day:{day.isoformat()}:reruns"
 
+    def day_params(self, day: date) -> str:
+        """Hash '{task}|{slot label}' -> JSON: the params list a computed task's slot got,
+        or why it has none yet (error, attempts, next try); see params_book.py."""
+        return f"{self.prefix}:day:{day.isoformat()}:params"
+
+    @property
+    def params_retries(self) -> str:
+        """Sorted set '{day}|{task}|{slot label}' -> when (ms, the leader's clock) a failed
+        params callable is to be called again (params_book.retry_due)."""
+        return f"{self.prefix}:params:retries"
+
     def claim(self, run_id: str) -> str:
         """String: owner token of the one copy of a run executing now."""
         return f"{self.prefix}:claim:{run_id}"
@@ -139,3 +150,8 @@ class Keys:
     def heartbeat(self, role: str, node: str) -> str:
         """String with TTL: proof that ``role`` (scheduler|worker) on ``node`` is alive."""
         return f"{self.prefix}:heartbeat:{role}:{node}"
+
+    def node_workers(self, node: str) -> str:
+        """Sorted set worker process (``beats.worker_member``) -> Redis time (s) until which
+        its last heartbeat promises it is alive: counts a node's workers without a SCAN."""
+        return f"{self.prefix}:workers:{node}"

@@ -59,7 +59,7 @@ from .scripts import AdmitOutcome, LimitedTask, ScriptCall, scripts_for
 from .table import Task, TaskTable
 
 if TYPE_CHECKING:
-    from .guard import RunIdentity
+    from .runs import RunJob
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +119,19 @@ class SlotHold:
 class Admissions:
     """The worker's side: whether a run may start now (see the module docstring)."""
 
-    def __init__(self, connection: Redis, keys: Keys, table: TaskTable, node: str, claim_ttl_s: float,
-                 paused: PausedCache) -> None:
+    def __init__(self, connection: Redis, keys: Keys, node: str, claim_ttl_s: float, paused: PausedCache) -> None:
         self.connection = connection
         self.keys = keys
-        self.table = table
         self.node = node
         self.ttl_ms = int(claim_ttl_s * 1000)
         self.paused = paused
         self._scripts = scripts_for(connection)
 
-    def admit(self, run: RunIdentity, owner: str, intermediate_queue_key: str,
+    def admit(self, run: RunJob, owner: str, intermediate_queue_key: str,
               queue_key: str) -> tuple[AdmitOutcome, SlotHold | None]:
         """'admitted' (with the slot taken, for a task with limits), 'held' or 'paused'."""
-        task = self.table.by_name.get(run.task)
-        if task is None or (not task.has_limits and not self.paused.contains(task.name)):
+        task = run.run.task  # the worker's table's (RunJob.from_job)
+        if not task.has_limits and not self.paused.contains(task.name):
             return "admitted", None  # no round trip: the common case
         keys = self.keys
         outcome = self._scripts.admit(

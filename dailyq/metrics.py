@@ -49,6 +49,7 @@ from .day_scan import DayRecords
 from .errors import ConfigError
 from .keys import Keys
 from .outage import OutageLog
+from .params_book import ParamsBook, placeholder_record
 from .runs import FINISHED, MISSED, SCHEDULED, STATES
 from .settings import Settings
 from .table import Task, TaskTable
@@ -97,10 +98,13 @@ class ClusterView:
     outbox: tuple[int, int]  # pending, in flight
 
 
-def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime) -> Counter:
+def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime,
+                  book: ParamsBook | None = None) -> Counter:
     """(task, state) -> runs of ``tasks`` on the day of ``records``, as status.day_status
     counts them: a run with a record in its state; one without, ``scheduled`` or, past its
-    misfire grace, ``missed``. Counted per slot, without building every run's id."""
+    misfire grace, ``missed``. Counted per slot, without building every run's id. A
+    computed task's slot counts its stored list (``book``, that day's), or one entry
+    while it has none (params_book.placeholder_record)."""
     names = {task.name for task in tasks}
     counts: Counter = Counter()
     recorded: Counter = Counter()
@@ -109,17 +113,23 @@ def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime) ->
         if task in names:
             counts[(task, str(record.get("state")))] += 1
             recorded[(task, record.get("slot"))] += 1
-    return counts + _unrecorded(tasks, records, recorded, now)
+    return counts + _unrecorded(tasks, records, recorded, now, book)
 
 
-def _unrecorded(tasks: list[Task], records: dict[str, dict], recorded: Counter, now: datetime) -> Counter:
+def _unrecorded(tasks: list[Task], records: dict[str, dict], recorded: Counter, now: datetime,
+                book: ParamsBook | None) -> Counter:
     counts: Counter = Counter()
     if not tasks:
         return counts
     for task in tasks:
         day = now.astimezone(ZoneInfo(task.tz)).date()
         for slot in task.schedule.slots_on(day):
-            missing = max(0, len(task.params) - recorded[(task.name, slot.isoformat())])
+            entry = book.entry(task, slot) if book is not None and task.params_computed else None
+            if task.params_computed and (entry is None or not entry.ok):
+                counts[(task.name, str(placeholder_record(task, slot, entry, now)["state"]))] += 1
+                continue
+            expected = len(entry.params or []) if entry is not None else len(task.params)  # type: ignore[arg-type]
+            missing = max(0, expected - recorded[(task.name, slot.isoformat())])
             if missing:
                 overdue = now - slot.fires_at > timedelta(seconds=task.misfire_grace_s)
                 counts[(task.name, MISSED if overdue else SCHEDULED)] += missing
@@ -227,7 +237,9 @@ class Collector:
         runs: Counter = Counter()
         for day, tasks in by_day.items():
             records = DayRecords.read(self.connection, self.keys.day_runs(day)).all
-            runs += runs_by_state(tasks, records, now)
+            computed = any(task.params_computed for task in tasks)  # no read for a table of fixed lists
+            runs += runs_by_state(tasks, records, now,
+                                  ParamsBook.read(self.connection, self.keys, day) if computed else None)
             self._observe(day, {t.name for t in tasks}, records)
         for day in [d for d in self._observed if d not in by_day]:
             del self._observed[day]

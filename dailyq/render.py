@@ -80,13 +80,17 @@ def render_paused(status: dict[str, Any]) -> list[str]:
 
 
 def render_nodes(status: dict[str, Any], colour: bool = False) -> list[str]:
-    """The live processes' clock offsets on one line, then a warning line per clock
-    more than OFFSET_WARN_S off (nothing for a status dict without ``nodes``)."""
+    """The live worker processes per node on one line (when any node reports them), the
+    live processes' clock offsets on the next, then a warning line per clock more than
+    OFFSET_WARN_S off (nothing for a status dict without ``nodes``)."""
     if "nodes" not in status:
         return []
+    counted = [f"{one_line(str(p['node']))} {p['workers']}" for p in status["nodes"]
+               if p["role"] == "worker" and p.get("workers") is not None]
+    workers = [f"workers per node: {', '.join(counted)}"] if counted else []
     shown = [f"{p['node']} {p['role']} {format_offset(p['offset_s'])}" for p in status["nodes"]]
     line = f"clock offsets from Redis (warned beyond {OFFSET_WARN_S:g}s): " + (", ".join(shown) or "no live nodes")
-    return [line, *(paint(f"warning: {text}", "1;33", colour) for text in status.get("clock_warnings", []))]
+    return [*workers, line, *(paint(f"warning: {text}", "1;33", colour) for text in status.get("clock_warnings", []))]
 
 
 def _clock_time(value: str | None) -> str:

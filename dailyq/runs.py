@@ -1,8 +1,14 @@
 """A run's identity and its record.
 
-A run is (task, param, slot). Its id is deterministic, so every enqueue of the same
-run, from any node, names the same thing; RQ job ids allow only [A-Za-z0-9_-], so
-the param is hashed into the id and stored in full in the record.
+A run is (task, param, slot): ``Run``, the one identity every module uses -- fan-out
+makes them from the table, the worker rebuilds them from a job (``RunJob.from_job``),
+status, watch and report show them. Its id is deterministic, so every enqueue of the
+same run, from any node, names the same thing; RQ job ids allow only [A-Za-z0-9_-],
+so the param is hashed into the id and stored in full in the record.
+
+``RunJob`` is one RQ job of a run: the run plus what that job was enqueued with (its
+job id, force, a rerun's own id, the attempt budget). Its ``meta()`` is what the job
+carries and ``from_job`` reads it back: the one place the job meta format lives.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from datetime import date
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol, Sequence, TypedDict
 
+from .errors import ConfigError
 from .schedule import Slot
 from .table import Task, TaskTable, encode_param
 
@@ -58,36 +65,162 @@ class Run:
     def job_id(self, rerun: int = 0) -> str:
         return self.run_id if rerun == 0 else f"{self.run_id}-r{rerun}"
 
-    def job_meta(self, force: bool = False, rerun_id: str | None = None) -> dict[str, Any]:
-        meta = {"run_id": self.run_id, "day": self.day.isoformat(), "task": self.task.name,
-                "slot": self.slot.isoformat(), "series": self.series_id, "force": force,
-                "overlap": self.task.overlap, "tz": self.task.tz, "max_attempts": self.task.retries + 1}
-        if rerun_id:
-            meta["rerun_id"] = rerun_id
-        return {META_KEY: meta}
+    def job(self, job_id: str, force: bool = False, rerun_id: str | None = None) -> "RunJob":
+        """A job of this run, with the task's attempt budget (retries + 1)."""
+        return RunJob(self, job_id, force=force, rerun_id=rerun_id, max_attempts=self.task.retries + 1)
 
-    def new_record(self, job_id: str | None, state: str = QUEUED) -> dict[str, Any]:
+    def new_record(self, job_id: str | None, state: str = QUEUED) -> "RunRecord":
         return new_record(self.task.name, self.param_json, self.slot.isoformat(), job_id, state)
 
 
-def new_record(task: str, param_json: str, slot: str, job_id: str | None, state: str = QUEUED) -> dict[str, Any]:
+class StaleJob(ConfigError):
+    """A job whose run the task table no longer describes (task gone, or renamed)."""
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """One RQ job of a run: what the guard executes and records."""
+
+    run: Run
+    job_id: str
+    force: bool = False
+    # The id the task sees: a user's rerun has its own, else the run's (context.py).
+    rerun_id: str | None = None
+    # retries + 1 when enqueued: executions allowed before the run is failed (0: no limit).
+    max_attempts: int = 0
+
+    def meta(self) -> dict[str, Any]:
+        """The job's ``meta`` entry. ``run_id``, ``day``, ``series`` and ``overlap`` are
+        not read back (``from_job`` derives them from the table) but are kept for people
+        and tools that read jobs in rq-dashboard or Redis."""
+        run = self.run
+        meta: dict[str, Any] = {"run_id": run.run_id, "day": run.day.isoformat(), "task": run.task.name,
+                                "slot": run.slot.isoformat(), "series": run.series_id, "force": self.force,
+                                "overlap": run.task.overlap, "tz": run.slot.zone, "max_attempts": self.max_attempts}
+        if self.rerun_id:
+            meta["rerun_id"] = self.rerun_id
+        return {META_KEY: meta}
+
+    @classmethod
+    def from_job(cls, job: Any, table: TaskTable) -> "RunJob | None":
+        """The run job an RQ job carries, or None for an ad-hoc job (no dailyq meta).
+        Raises StaleJob when the table cannot rebuild the same run (its id differs)."""
+        meta = (job.meta or {}).get(META_KEY)
+        if not meta:
+            return None
+        try:
+            task = table.get(meta["task"])
+            slot = Slot.from_iso(meta["slot"], meta.get("tz") or task.tz)
+        except (ConfigError, KeyError, ValueError) as exc:
+            raise StaleJob(f"job {job.id}: its run is not one of the task table's ({exc})") from None
+        run = Run(task, job.args[0] if job.args else None, slot)
+        if run.run_id != meta.get("run_id"):
+            # Never execute under an id the records do not use: its guard would miss them.
+            raise StaleJob(f"job {job.id}: run id {meta.get('run_id')!r} does not match its task, slot and param "
+                           f"({run.run_id!r}); enqueue runs with trigger or rerun")
+        return cls(run, job.id, force=bool(meta.get("force")), rerun_id=meta.get("rerun_id"),
+                   max_attempts=int(meta.get("max_attempts") or 0))
+
+    # The run's identity, as the guard's scripts and logs name it.
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    @property
+    def day(self) -> date:
+        return self.run.day
+
+    @property
+    def series(self) -> str:
+        return self.run.series_id
+
+    @property
+    def param_json(self) -> str:
+        return self.run.param_json
+
+    @property
+    def context_run_id(self) -> str:
+        return self.rerun_id or self.run.run_id
+
+    @cached_property
+    def base_record(self) -> str:
+        """JSON of the record to start from if the run has none (sent with every script)."""
+        return json.dumps(self.run.new_record(self.job_id), ensure_ascii=False)
+
+
+class RunRecord(TypedDict, total=False):
+    """A run's record: JSON, one field of the day's runs hash (keys.day_runs), so a
+    whole day is one HGETALL. The one schema of it: ``new_record`` starts every record
+    with the first group; the Lua in scripts.py (fan-out, guard, recovery) sets only
+    these fields (tests/test_runs.py reads the field names out of the scripts);
+    ``status`` shows ``PUBLIC_RUN_FIELDS`` of it."""
+
+    # Set for every record from the start.
+    task: str
+    param_json: str  # canonical JSON of the param (table.encode_param)
+    slot: str  # ISO 8601 with the task zone's offset
+    state: str  # one of STATES
+    node: str | None  # the node of the last execution (or of the skip)
+    started_at: str | None  # ISO, Redis clock: the last execution's start
+    ended_at: str | None
+    attempts: int  # executions ever (``status`` goes on counting across reruns)
+    error: str | None  # why the last execution failed, or why the run is skipped
+    job_id: str | None  # the one job of the run that may execute (older ones are superseded)
+    # Set by the guard while and after the run executes.
+    owner: str  # owner token of the claim of the last execution
+    fence: int  # its fencing token (context.RunContext.fence)
+    duration_s: float  # of the execution that finished it
+    # Set by a user's rerun: a new run, counted afresh from here.
+    attempts_before: int
+    rerun_id: str | None
+    # Not stored: decode_record adds the param itself.
+    param: Any
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(RunRecord.__annotations__)
+# What ``status`` shows of a record (a public contract: add, never rename), besides the
+# run id it is stored under.
+PUBLIC_RUN_FIELDS = ("task", "param", "state", "node", "started_at", "ended_at", "attempts", "error", "slot",
+                     "job_id", "duration_s")
+
+
+def new_record(task: str, param_json: str, slot: str, job_id: str | None, state: str = QUEUED) -> RunRecord:
     """The record of a run nothing has happened to yet: the one shape every writer starts from."""
     return {"task": task, "param_json": param_json, "slot": slot, "state": state, "node": None,
             "started_at": None, "ended_at": None, "attempts": 0, "error": None, "job_id": job_id}
 
 
-def runs_on(table: TaskTable, day: date, task_names: Iterable[str] | None = None) -> list[Run]:
+class ParamsLookup(Protocol):
+    """Where computed params are read from (params_book.ParamsBook): the list stored for a
+    task's slot, or None while nothing (or only a failure) is stored."""
+
+    def params_of(self, task: Task, slot: Slot) -> Sequence[Any] | None: ...
+
+
+def slot_params(task: Task, slot: Slot, book: ParamsLookup | None = None) -> Sequence[Any]:
+    """The params of one slot: a fixed list as it is; a computed one as stored for that
+    slot, and none while nothing is stored (never called here: only the leader, trigger
+    and rerun call a params callable, params_book.py)."""
+    if not task.params_computed:
+        return task.params  # type: ignore[return-value]
+    stored = book.params_of(task, slot) if book is not None else None
+    return stored or ()
+
+
+def runs_on(table: TaskTable, day: date, task_names: Iterable[str] | None = None,
+            book: ParamsLookup | None = None) -> list[Run]:
     """Every run whose slot falls on ``day`` (each task's own zone), in firing order."""
     tasks = [table.get(n) for n in task_names] if task_names else table.tasks
-    runs = [Run(task, param, slot) for task in tasks for slot in task.schedule.slots_on(day) for param in task.params]
+    runs = [Run(task, param, slot) for task in tasks for slot in task.schedule.slots_on(day)
+            for param in slot_params(task, slot, book)]
     return sorted(runs, key=lambda r: r.slot.fires_at)
 
 
-def runs_of_slot(task: Task, slot: Slot) -> list[Run]:
-    return [Run(task, param, slot) for param in task.params]
+def runs_of_slot(task: Task, slot: Slot, book: ParamsLookup | None = None) -> list[Run]:
+    return [Run(task, param, slot) for param in slot_params(task, slot, book)]
 
 
-def decode_record(raw: bytes | str) -> dict[str, Any]:
-    record = json.loads(raw)
+def decode_record(raw: bytes | str) -> RunRecord:
+    record: RunRecord = json.loads(raw)
     record["param"] = json.loads(record.get("param_json", "null"))
     return record

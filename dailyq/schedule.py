@@ -146,6 +146,19 @@ class Slot:
     def isoformat(self) -> str:
         return self.iso
 
+    @property
+    def in_zone(self) -> datetime:
+        """The slot as an aware datetime in its zone (what a task sees)."""
+        return self.local.replace(tzinfo=ZoneInfo(self.zone))
+
+    @classmethod
+    def from_iso(cls, iso: str, zone: str) -> "Slot":
+        """The slot an ``isoformat()`` string names (as carried in a job's meta)."""
+        moment = datetime.fromisoformat(iso)
+        if moment.tzinfo is None:
+            raise ValueError(f"slot {iso!r} has no UTC offset")
+        return cls(local=moment.replace(tzinfo=None), zone=zone, fires_at=moment.astimezone(timezone.utc))
+
 
 @dataclass(frozen=True)
 class Schedule:

@@ -44,7 +44,7 @@ from .limits import SlotSweep
 from .pause import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
 from .retries import DueRetries
-from .runs import runs_of_slot
+from .params_book import retry_due, slot_runs
 from .settings import Settings
 from .table import Task, TaskTable
 from .rq_seam import DelayedJobs, make_queue
@@ -145,13 +145,22 @@ class DailyScheduler:
         """Fan out every due slot of every task; returns the number of runs enqueued."""
         enqueued = 0
         paused = paused_names(self.connection, self.keys)
+        # Computed params whose callable failed earlier and is due again (params_book.py).
+        # (Of a paused task too: its runs are then held by the workers, shown paused.)
+        retried = retry_due(self.connection, self.keys, self.table, now, self.settings.retention_s, fence=self.lease)
+        if retried:
+            enqueued += len(fan_out(self.connection, self.keys, self.queue, retried,
+                                    retention_s=self.settings.retention_s, fence=self.lease).enqueued)
         for task in self.table.tasks:
             if task.name in paused:
                 # Neither fanned out nor its cursor moved: on resume, the slots that fell due
                 # meanwhile fire if within misfire_grace_s, older ones are missed (pause.py).
                 continue
             for slot in task.schedule.slots_between(self._window_start(task, now), now):
-                result = fan_out(self.connection, self.keys, self.queue, runs_of_slot(task, slot),
+                # A computed task's list is made here, once per slot, and stored (params_book.py).
+                runs = slot_runs(self.connection, self.keys, task, slot, now, self.settings.retention_s,
+                                 fence=self.lease)
+                result = fan_out(self.connection, self.keys, self.queue, runs,
                                  retention_s=self.settings.retention_s, fence=self.lease)
                 enqueued += len(result.enqueued)
                 log.info("node %s fanned out %s slot %s: %d enqueued, %d already enqueued",

@@ -805,6 +805,50 @@ def _parse_mark_held(reply: Any) -> HeldMark:
     return outcome, None, None
 
 
+PARAMS_STORE = _lua("""
+-- The one write of a computed task's params for a slot (params_book.py): a list, or a
+-- failure of its params callable. A stored list is replaced only by a refresh; a stored
+-- failure only by a list or by a failure of a later attempt. The retry schedule follows
+-- the entry stored by this call.
+-- KEYS[1] = the day's params hash, KEYS[2] = the params retry schedule (sorted set),
+-- KEYS[3] = the leader lease
+-- ARGV[1] = field '{task}|{slot label}', ARGV[2] = entry JSON (a failure has no 'params'),
+-- ARGV[3] = retention (s), ARGV[4] = '1' to replace whatever is stored (a refresh),
+-- ARGV[5] = retry member '{day}|{task}|{slot label}', ARGV[6] = next try (ms) or '' for none,
+-- ARGV[7] = the lease owner the caller must still be ('' = no fence)
+-- Returns {1, entry} when stored, {0, stored entry} when kept, {0, 'lease'} when fenced off.
+local params_key, retries_key, lease_key = KEYS[1], KEYS[2], KEYS[3]
+local field, entry, retention_s, replace = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local member, next_try_ms, fence_owner = ARGV[5], ARGV[6], ARGV[7]
+if fence_owner ~= '' and not holds(lease_key, fence_owner) then
+  return {0, 'lease'}
+end
+local current = redis.call('HGET', params_key, field)
+if current and replace ~= '1' then
+  local old = cjson.decode(current)
+  if old['params'] ~= nil then
+    return {0, current}
+  end
+  local new = cjson.decode(entry)
+  if new['params'] == nil and (tonumber(new['attempts']) or 0) <= (tonumber(old['attempts']) or 0) then
+    return {0, current}
+  end
+end
+redis.call('HSET', params_key, field, entry)
+redis.call('EXPIRE', params_key, retention_s)
+if next_try_ms ~= '' then
+  redis.call('ZADD', retries_key, next_try_ms, member)
+else
+  redis.call('ZREM', retries_key, member)
+end
+return {1, entry}
+""", OWNER_LUA)
+
+
+def _parse_params_store(reply: Any) -> tuple[bool, str]:
+    return bool(int(reply[0])), _text(reply[1])
+
+
 # -- calls --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -859,6 +903,7 @@ class Scripts:
         self._outbox_retry = register(OUTBOX_RETRY)
         self._outbox_drop = register(OUTBOX_DROP)
         self._mark_held = register(MARK_HELD)
+        self._params_store = register(PARAMS_STORE)
         self._admit = register(ADMIT)
         self._release_slot = register(RELEASE_SLOT)
         self._sweep_slots = register(SWEEP_SLOTS)
@@ -1000,6 +1045,18 @@ class Scripts:
 
     def mark_held(self, *, lease_key: str, leadership_key: str, owner: str, gap_ms: int) -> ScriptCall[HeldMark]:
         return ScriptCall(self._mark_held, [lease_key, leadership_key], [owner, gap_ms], _parse_mark_held)
+
+
+    # -- computed params (params_book.py) --
+
+    def params_store(self, *, params_key: str, retries_key: str, lease_key: str, field: str, entry_json: str,
+                     retention_s: int, replace: bool, retry_member: str, next_try_ms: int | None,
+                     fence_owner: str | None) -> ScriptCall[tuple[bool, str]]:
+        """(stored, entry): whether ``entry_json`` was stored, and the entry stored now
+        (``'lease'`` when ``fence_owner`` no longer holds the lease)."""
+        return ScriptCall(self._params_store, [params_key, retries_key, lease_key],
+                          [field, entry_json, retention_s, _flag(replace), retry_member,
+                           "" if next_try_ms is None else next_try_ms, fence_owner or ""], _parse_params_store)
 
 
 # One Scripts per connection object, dropped with it. A cache, not shared state: building

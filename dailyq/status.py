@@ -4,7 +4,8 @@ Expected runs come from the task table; what happened comes from the day's run
 records (one HGETALL). A run with no record is ``scheduled`` until its slot is older
 than the task's misfire grace, then ``missed`` (only ``trigger`` runs it then).
 The live nodes are every scheduler and worker with a heartbeat (beats.py), each with
-its clock's offset from Redis's; ``clock_warnings`` names those more than 2 s off.
+its clock's offset from Redis's (and, for a node's worker, how many worker processes
+run there); ``clock_warnings`` names those more than 2 s off.
 ``paused`` maps each paused task to ``{"since", "by"}`` (pause.py), and a queued run of
 a paused task shows ``paused``; a run held back by a limit of its task stays ``queued``.
 The ``--json`` shape is a public contract: keys are added, never renamed.
@@ -23,11 +24,11 @@ from redis import Redis
 from .beats import clock_warnings, live_processes
 from .clock import iso
 from .keys import Keys
+from .params_book import ParamsBook
 from .pause import paused_tasks
-from .runs import MISSED, PAUSED, QUEUED, SCHEDULED, decode_record, runs_on
+from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, RunRecord, decode_record, runs_on
 from .table import TaskTable
 
-RUN_FIELDS = ("task", "param", "state", "node", "started_at", "ended_at", "attempts", "error")
 
 
 def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
@@ -47,29 +48,43 @@ def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
 
 
 def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> dict[str, Any]:
-    records = {k.decode(): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
     paused = paused_tasks(connection, keys)
+    runs = day_runs(connection, keys, table, day, now, paused)
+    nodes = live_processes(connection, keys, now)
+    return {"date": day.isoformat(), "leader": leader_info(connection, keys), "runs": runs,
+            "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes), "paused": paused}
+
+
+def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,
+             paused: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every run of ``day`` as ``status --json`` shows it, in firing order.
+
+    A computed task's runs are those of the list stored for the slot (params_book.py);
+    a slot of it with no list yet is one entry (``params_book.placeholder_record``)."""
+    records = {k.decode(): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
+    paused = paused_tasks(connection, keys) if paused is None else paused
     for record in records.values():
         if record.get("state") == QUEUED and record.get("task") in paused:
             record["state"] = PAUSED
-    runs: list[dict[str, Any]] = []
-    for run in runs_on(table, day):
+    book = ParamsBook.read(connection, keys, day)
+    shown: list[tuple[datetime, dict[str, Any]]] = []
+    for run in runs_on(table, day, book=book):
         record = records.pop(run.run_id, None)
         if record is None:
             overdue = now - run.slot.fires_at > timedelta(seconds=run.task.misfire_grace_s)
             record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
             record["param"] = run.param
-        runs.append(_public(run.run_id, record))
+        shown.append((run.slot.fires_at, _public(run.run_id, record)))
+    shown += [(slot.fires_at, _public(run_id, record)) for slot, run_id, record in book.placeholders(table, day, now)]
+    shown.sort(key=lambda item: item[0])  # stable: each slot's runs keep their order
+    runs = [run for _, run in shown]
     # Runs recorded but no longer in the table (a task renamed or params changed) still count.
     runs.extend(_public(run_id, record) for run_id, record in sorted(records.items()))
-    nodes = live_processes(connection, keys)
-    return {"date": day.isoformat(), "leader": leader_info(connection, keys), "runs": runs,
-            "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes), "paused": paused}
+    return runs
 
 
-def _public(run_id: str, record: dict[str, Any]) -> dict[str, Any]:
-    shown = {name: record.get(name) for name in RUN_FIELDS}
+def _public(run_id: str, record: RunRecord) -> dict[str, Any]:
+    shown: dict[str, Any] = {name: record.get(name) for name in PUBLIC_RUN_FIELDS}
     shown["attempts"] = int(shown["attempts"] or 0)
-    shown.update(run_id=run_id, slot=record.get("slot"), job_id=record.get("job_id"),
-                 duration_s=record.get("duration_s"))
+    shown["run_id"] = run_id
     return shown

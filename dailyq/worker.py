@@ -28,14 +28,15 @@ from redis.client import Pipeline
 from rq import Queue, SimpleWorker, Worker
 from rq.exceptions import DeserializationError
 
-from .beats import beat_value, register_node
+from .beats import beat_value, register_node, register_worker, worker_member
 from .clock import RedisClock
 from .connection import connect
 from .errors import DailyqError
-from .guard import CLAIM_LOST_EXIT_CODE, Guard, RunIdentity
+from .guard import CLAIM_LOST_EXIT_CODE, Guard
 from .limits import Admissions
 from .outage import OutageLog, through_outage
 from .pause import PausedCache
+from .runs import RunJob, StaleJob
 from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
 from .settings import Settings
 from .table import TaskTable, load_table
@@ -85,7 +86,7 @@ class WorkerContext:
         self.guard = Guard(self.connection, s.keys, s.node_name, s.claim_ttl_s, s.retention_s,
                            claim_margin_s=s.claim_margin_s, stop_by_exit=self.stop_by_exit)
         self.clock = RedisClock(self.connection)
-        self.admissions = Admissions(self.connection, s.keys, self.table, s.node_name, s.claim_ttl_s,
+        self.admissions = Admissions(self.connection, s.keys, s.node_name, s.claim_ttl_s,
                                      PausedCache(self.connection, s.keys))
 
     def _allowed(self, job: DailyJob) -> bool:
@@ -96,6 +97,8 @@ class WorkerContext:
             raise RefusedJob(
                 f"refused to run {job.func_name!r}: not a function of the task table "
                 f"{self.settings.tasks_module}.TASKS (dailyq workers run only table tasks)")
+        if job.run_execution is None:
+            RunJob.from_job(job, self.table)  # raises StaleJob, naming the job, if the table moved on
 
     def take(self, job: DailyJob) -> RunExecution | None:
         try:
@@ -103,7 +106,10 @@ class WorkerContext:
                 return None
         except DeserializationError:
             return None  # not JSON (a pickle): RQ fails it when it tries to run it, unloaded
-        run = RunIdentity.from_job(job)
+        try:
+            run = RunJob.from_job(job, self.table)
+        except StaleJob:
+            return None  # check_allowed fails the job with the reason before it can run
         return RunExecution(self.guard, self.guard.attempt(run)) if run is not None else None
 
     def admit(self, execution: RunExecution, queue: Queue) -> bool:
@@ -185,6 +191,9 @@ class WorkerContext:
         target.set(settings.keys.heartbeat("worker", settings.node_name),
                    beat_value(now, worker_pid, self.clock.offset_s), ex=int(promise_s) + HEARTBEAT_MARGIN_S)
         register_node(target, settings.keys, settings.node_name, now)
+        # The node's key is shared by all its workers; this counts each one (beats.py).
+        register_worker(target, settings.keys, settings.node_name, worker_member(worker_pid), now,
+                        int(promise_s) + HEARTBEAT_MARGIN_S)
         if pipeline is None:
             target.execute()
 

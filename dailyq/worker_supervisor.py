@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import logging
 
-from redis import Redis
+import os
 
+from redis import Redis
+from redis.exceptions import RedisError
+
+from .beats import forget_worker, worker_member
 from .outage import OutageLog, wait_for_redis
 from .settings import Settings
 from .table import TaskTable
@@ -36,8 +40,18 @@ def supervise_worker(connection: Redis, settings: Settings, table: TaskTable, *,
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
         # SIGTERM/SIGINT asked it to stop (rq_seam.GuardedWorker.handle_warm_shutdown_request).
         if burst or worker.shutdown_requested:
+            _forget_self(connection, settings)
             return 0
         outage = OutageLog(log, f"worker on node {settings.node_name}")
         outage.failed(RuntimeError("the RQ work loop stopped"))
         wait_for_redis(connection.ping, outage)
         generation += 1
+
+
+def _forget_self(connection: Redis, settings: Settings) -> None:
+    """A clean stop leaves the node's worker count at once, not when its beat expires.
+    Best effort: if Redis cannot be told, the beat expires anyway."""
+    try:
+        forget_worker(connection, settings.keys, settings.node_name, worker_member(os.getpid()))
+    except RedisError as exc:
+        log.warning("could not remove this worker from node %s's live workers: %s", settings.node_name, exc)

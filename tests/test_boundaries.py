@@ -29,6 +29,7 @@ REDIS_PACKAGES = frozenset({"redis", "rq", "rq_scheduler"})
 PURE_MODULES = frozenset({
     "dailyq",  # the package: task modules import it on every worker; commands load lazily
     "dailyq.alert_events",
+    "dailyq.backfill",
     "dailyq.cli_support",
     "dailyq.context",
     "dailyq.errors",

@@ -9,8 +9,11 @@ from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from typing import Iterator
 
-from dailyq.guard import Guard, RunIdentity
-from dailyq.runs import decode_record
+from dailyq.guard import Guard
+from dailyq.runs import Run, RunJob, decode_record
+from dailyq.schedule import Slot
+from dailyq.table import Task, TaskTable
+from tests.sample_tasks import record as sample_record
 from tests.helpers import wait_for
 
 DAY = date(2026, 11, 26)
@@ -18,9 +21,25 @@ DAY = date(2026, 11, 26)
 EVENT_TIMEOUT_S = 30
 
 
-def identity(run_id: str, overlap: str = "wait", force: bool = False) -> RunIdentity:
-    return RunIdentity(run_id=run_id, day=DAY, task="t", slot=f"slot-{run_id}", series="t-series",
-                       param_json='"p"', job_id=run_id, force=force, overlap=overlap)
+# Each named run is task t's param "p" at its own slot of DAY: distinct runs, one series
+# (the same task and param), as two days' runs of one series would be.
+SLOT_MINUTE = {"r1": 0, "r2": 1, "monday": 2, "tuesday": 3}
+
+
+def identity(name: str, overlap: str = "wait", force: bool = False, max_attempts: int = 0) -> RunJob:
+    task = TaskTable([Task(name="t", func=sample_record, params=["p"], at="09:00", overlap=overlap)]).get("t")
+    local = datetime(DAY.year, DAY.month, DAY.day, 9, SLOT_MINUTE[name])
+    run = Run(task, "p", Slot(local=local, zone="UTC", fires_at=local.replace(tzinfo=timezone.utc)))
+    return RunJob(run, run.run_id, force=force, max_attempts=max_attempts)
+
+
+def rid(name: str) -> str:
+    """The run id of a named run of these tests."""
+    return identity(name).run_id
+
+
+def slot_of(name: str) -> str:
+    return identity(name).run.slot.isoformat()
 
 
 def guard(connection, settings) -> Guard:
@@ -41,7 +60,7 @@ def start_first_copy(connection, settings, run_id: str, task) -> threading.Threa
     """Execute ``run_id`` in a thread; return once its claim is in Redis (the first copy
     is then executing for sure, whatever the machine's load), not after a guessed head start."""
     thread = run_in_thread(lambda: guard(connection, settings).execute(identity(run_id), task, lambda: False))
-    wait_for(lambda: connection.exists(settings.keys.claim(run_id)), timeout=EVENT_TIMEOUT_S,
+    wait_for(lambda: connection.exists(settings.keys.claim(rid(run_id))), timeout=EVENT_TIMEOUT_S,
              what=f"the first copy of {run_id} to hold its claim", every=0.01)
     return thread
 
@@ -53,7 +72,7 @@ class _WaitingSeen(logging.Handler):
         self.event = threading.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "run_id", None) == self.run_id and "waiting" in record.getMessage():
+        if getattr(record, "run_id", None) == rid(self.run_id) and "waiting" in record.getMessage():
             self.event.set()
 
 
@@ -80,7 +99,7 @@ def test_a_finished_run_is_not_executed_again_unless_forced(connection, settings
     assert g.execute(identity("r1"), lambda: calls.append(2), will_retry=lambda: False) == {"skipped": "finished"}
     g.execute(identity("r1", force=True), lambda: calls.append(3), will_retry=lambda: False)
     assert calls == [1, 3]
-    assert record(connection, settings, "r1")["attempts"] == 2
+    assert record(connection, settings, rid("r1"))["attempts"] == 2
 
 
 def test_a_second_copy_waits_for_the_first_and_then_skips(connection, settings):
@@ -110,7 +129,7 @@ def test_overlap_skip_skips_a_slot_while_the_previous_slot_runs(connection, sett
         tuesday_done.set()
     first.join(EVENT_TIMEOUT_S)
     assert result == {"skipped": "skipped"} and calls == []
-    tuesday = record(connection, settings, "tuesday")
+    tuesday = record(connection, settings, rid("tuesday"))
     assert tuesday["state"] == "skipped" and "overlap" in tuesday["error"]
 
 
@@ -127,7 +146,7 @@ def test_overlap_wait_runs_the_next_slot_after_the_previous_one(connection, sett
                                             lambda: False)
         first.join(EVENT_TIMEOUT_S)
     assert order == ["monday started", "monday ended", "tuesday"]
-    assert record(connection, settings, "tuesday")["state"] == "finished"
+    assert record(connection, settings, rid("tuesday"))["state"] == "finished"
 
 
 def test_a_failure_releases_the_claims_and_records_the_error(connection, settings):
@@ -139,11 +158,11 @@ def test_a_failure_releases_the_claims_and_records_the_error(connection, setting
         g.execute(identity("r1"), boom, will_retry=lambda: False)
     except ValueError:
         pass
-    failed = record(connection, settings, "r1")
+    failed = record(connection, settings, rid("r1"))
     assert failed["state"] == "failed" and failed["error"] == "ValueError: bad input"
-    assert not connection.exists(settings.keys.claim("r1"))
+    assert not connection.exists(settings.keys.claim(rid("r1")))
     assert not connection.exists(settings.keys.series_claim("t-series"))
-    assert not connection.hexists(settings.keys.running, "r1")
+    assert not connection.hexists(settings.keys.running, rid("r1"))
 
 
 def test_the_record_through_a_failure_a_retry_and_a_finish(connection, settings):
@@ -158,31 +177,31 @@ def test_the_record_through_a_failure_a_retry_and_a_finish(connection, settings)
         g.execute(identity("r1"), boom, will_retry=lambda: True)
     except ValueError:
         pass
-    first = record(connection, settings, "r1")
+    first = record(connection, settings, rid("r1"))
     assert first.pop("owner").startswith("node-x:")  # the claim's owner token: internal
     assert first == {
-        "task": "t", "param_json": '"p"', "param": "p", "slot": "slot-r1", "state": "queued", "node": "node-x",
+        "task": "t", "param_json": '"p"', "param": "p", "slot": slot_of("r1"), "state": "queued", "node": "node-x",
         "started_at": "2026-11-26T03:00:05+00:00", "ended_at": "2026-11-26T03:00:09+00:00", "attempts": 1,
-        "error": "ValueError: bad input", "job_id": "r1", "fence": 1}
+        "error": "ValueError: bad input", "job_id": rid("r1"), "fence": 1}
     attempt = g.attempt(identity("r1"))
     with connection.pipeline() as pipe:  # the retry claims in the worker's own transaction
         g.claim_in(attempt, pipe)
         attempt.keep_begin_reply(pipe.execute()[-1])
-    retry = record(connection, settings, "r1")
+    retry = record(connection, settings, rid("r1"))
     assert retry.pop("owner") == attempt.owner
     assert retry == {
-        "task": "t", "param_json": '"p"', "param": "p", "slot": "slot-r1", "state": "running", "node": "node-x",
-        "started_at": "2026-11-26T03:01:00+00:00", "ended_at": None, "attempts": 2, "error": None, "job_id": "r1",
+        "task": "t", "param_json": '"p"', "param": "p", "slot": slot_of("r1"), "state": "running", "node": "node-x",
+        "started_at": "2026-11-26T03:01:00+00:00", "ended_at": None, "attempts": 2, "error": None, "job_id": rid("r1"),
         "fence": 2}
     g.execute(identity("r1"), lambda: None, will_retry=lambda: False, attempt=attempt)
-    finished = record(connection, settings, "r1")
+    finished = record(connection, settings, rid("r1"))
     assert isinstance(finished.pop("duration_s"), (int, float))
     assert finished.pop("owner") == attempt.owner
     assert finished == {
-        "task": "t", "param_json": '"p"', "param": "p", "slot": "slot-r1", "state": "finished", "node": "node-x",
+        "task": "t", "param_json": '"p"', "param": "p", "slot": slot_of("r1"), "state": "finished", "node": "node-x",
         "started_at": "2026-11-26T03:01:00+00:00", "ended_at": "2026-11-26T03:01:07+00:00", "attempts": 2,
-        "error": None, "job_id": "r1", "fence": 2}
-    assert connection.hget(settings.keys.day_runs(DAY), "r1").decode().count('"error":null') == 1  # null, not absent
+        "error": None, "job_id": rid("r1"), "fence": 2}
+    assert connection.hget(settings.keys.day_runs(DAY), rid("r1")).decode().count('"error":null') == 1  # null, not absent
 
 
 def test_a_claim_taken_inside_another_transaction_is_used_without_a_second_begin(connection, settings):
@@ -193,7 +212,7 @@ def test_a_claim_taken_inside_another_transaction_is_used_without_a_second_begin
         g.claim_in(attempt, pipe)
         attempt.keep_begin_reply(pipe.execute()[-1])
     assert attempt.begin_reply == "claimed"
-    assert record(connection, settings, "r1")["state"] == "running"
+    assert record(connection, settings, rid("r1"))["state"] == "running"
     # The claim is held: another copy's BEGIN finds the run busy.
     other = g.attempt(identity("r1"))
     with connection.pipeline() as pipe:
@@ -201,8 +220,8 @@ def test_a_claim_taken_inside_another_transaction_is_used_without_a_second_begin
         other.keep_begin_reply(pipe.execute()[-1])
     assert other.begin_reply == "busy"
     assert g.execute(identity("r1"), lambda: "ran", will_retry=lambda: False, attempt=attempt) == "ran"
-    assert record(connection, settings, "r1")["state"] == "finished"
-    assert record(connection, settings, "r1")["attempts"] == 1  # one BEGIN counted, not two
+    assert record(connection, settings, rid("r1"))["state"] == "finished"
+    assert record(connection, settings, rid("r1"))["attempts"] == 1  # one BEGIN counted, not two
 
 
 def test_a_lost_begin_reply_is_recovered_by_sending_begin_again_as_the_same_owner(connection, settings):
@@ -213,8 +232,8 @@ def test_a_lost_begin_reply_is_recovered_by_sending_begin_again_as_the_same_owne
         pipe.execute()  # the reply never reaches the attempt
     assert attempt.begin_reply is None
     assert g.execute(identity("r1"), lambda: "ran", will_retry=lambda: False, attempt=attempt) == "ran"
-    assert record(connection, settings, "r1")["state"] == "finished"
-    assert record(connection, settings, "r1")["attempts"] == 1
+    assert record(connection, settings, rid("r1"))["state"] == "finished"
+    assert record(connection, settings, rid("r1"))["attempts"] == 1
 
 
 def test_a_begin_reply_of_finished_skips_the_run_without_calling_it(connection, settings):
@@ -237,17 +256,18 @@ def test_the_task_sees_its_run_and_each_execution_a_greater_fence(connection, se
 
     seen = []
     g = guard(connection, settings)
-    run = RunIdentity(run_id="r1", day=DAY, task="t", slot="2026-11-26T09:00:00+08:00", series="t-series",
-                      param_json='{"k": "値"}', job_id="r1", force=True, tz="Asia/Shanghai", max_attempts=3)
+    task = TaskTable([Task(name="t", func=sample_record, params=[{"k": "値"}], at="09:00", tz="Asia/Shanghai")]).get("t")
+    slot = task.schedule.slots_on(DAY)[0]
+    run = RunJob(Run(task, {"k": "値"}, slot), "job-1", force=True, max_attempts=3)
     for _ in range(3):
         g.execute(run, lambda: seen.append(current_run()), will_retry=lambda: False)
     assert current_run() is None  # outside a run
     assert [c.attempt for c in seen] == [1, 2, 3]
     assert seen[0].fence < seen[1].fence < seen[2].fence
     first = seen[0]
-    assert (first.task, first.param, first.day, first.run_id, first.node) == ("t", {"k": "値"}, DAY, "r1", "node-x")
+    assert (first.task, first.param, first.day, first.run_id, first.node) == ("t", {"k": "値"}, DAY, run.run_id, "node-x")
     assert first.slot.isoformat() == "2026-11-26T09:00:00+08:00" and str(first.slot.tzinfo) == "Asia/Shanghai"
-    assert record(connection, settings, "r1")["fence"] == seen[2].fence
+    assert record(connection, settings, run.run_id)["fence"] == seen[2].fence
 
 
 def test_a_copy_whose_claim_another_copy_took_is_interrupted_and_records_nothing(connection, settings):
@@ -265,22 +285,22 @@ def test_a_copy_whose_claim_another_copy_took_is_interrupted_and_records_nothing
 
     def take_over():  # once the task runs, however long it took to start
         if checked.wait(EVENT_TIMEOUT_S):
-            connection.set(settings.keys.claim("r1"), "another-copy", px=60_000)
+            connection.set(settings.keys.claim(rid("r1")), "another-copy", px=60_000)
 
     run_in_thread(take_over)
     started = time.monotonic()
     result = g.execute(identity("r1"), long_task, will_retry=lambda: False)  # in the main thread: a signal stops it
     assert result == {"skipped": "claim lost"} and checks == ["ok"]
     assert time.monotonic() - started < 10  # renewal (every 1 s) saw it taken; not the task's 30 s
-    assert not connection.sismember(settings.keys.day_finished(DAY), "r1")
-    assert record(connection, settings, "r1")["state"] == "running"  # the new owner's to record
-    assert connection.get(settings.keys.claim("r1")) == b"another-copy"  # not released by the old copy
+    assert not connection.sismember(settings.keys.day_finished(DAY), rid("r1"))
+    assert record(connection, settings, rid("r1"))["state"] == "running"  # the new owner's to record
+    assert connection.get(settings.keys.claim(rid("r1"))) == b"another-copy"  # not released by the old copy
 
     # check() in a copy that lost its claim raises ClaimLost (a DailyqError).
     errors = []
 
     def checking_task():
-        connection.set(settings.keys.claim("r2"), "another-copy", px=60_000)
+        connection.set(settings.keys.claim(rid("r2")), "another-copy", px=60_000)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -301,23 +321,22 @@ def test_finish_and_fail_from_a_copy_that_no_longer_holds_the_claim_are_refused(
     g = guard(connection, settings)
     deferred = []
     g.execute(identity("r1"), lambda: None, will_retry=lambda: False, defer_finish=deferred.append)
-    connection.set(settings.keys.claim("r1"), "another-copy", px=60_000)  # the claim passed on meanwhile
-    before = record(connection, settings, "r1")
+    connection.set(settings.keys.claim(rid("r1")), "another-copy", px=60_000)  # the claim passed on meanwhile
+    before = record(connection, settings, rid("r1"))
     deferred[0].apply()
-    assert not connection.sismember(settings.keys.day_finished(DAY), "r1")
+    assert not connection.sismember(settings.keys.day_finished(DAY), rid("r1"))
     assert not connection.hexists(settings.keys.durations, "t-series")
-    assert record(connection, settings, "r1") == before
-    assert connection.get(settings.keys.claim("r1")) == b"another-copy"
+    assert record(connection, settings, rid("r1")) == before
+    assert connection.get(settings.keys.claim(rid("r1"))) == b"another-copy"
 
     fail = g.fail_call(identity("r1"), before["owner"], "late failure", rq_can_retry=True)
     assert fail.run() == "not-ours"
-    assert record(connection, settings, "r1") == before
+    assert record(connection, settings, rid("r1")) == before
 
 
 def test_a_failure_with_no_attempts_left_is_final_even_if_rq_would_retry(connection, settings):
     g = guard(connection, settings)
-    run = RunIdentity(run_id="r1", day=DAY, task="t", slot="s", series="t-series", param_json='"p"', job_id="r1",
-                      force=False, max_attempts=2)
+    run = identity("r1", max_attempts=2)
     cancelled = []
 
     def boom():
@@ -328,16 +347,16 @@ def test_a_failure_with_no_attempts_left_is_final_even_if_rq_would_retry(connect
             g.execute(run, boom, will_retry=lambda: True, cancel_retry=lambda: cancelled.append(1))
         except ValueError:
             pass
-        assert record(connection, settings, "r1")["state"] == expected_state
+        assert record(connection, settings, rid("r1"))["state"] == expected_state
     assert cancelled == [1]  # RQ told not to retry after the second (last allowed) attempt
 
 
 def test_a_stale_job_of_a_run_is_skipped_as_superseded(connection, settings):
     g = guard(connection, settings)
     g.execute(identity("r1"), lambda: None, will_retry=lambda: False)
-    stored = record(connection, settings, "r1")
-    stored["job_id"] = "r1-r1"  # a later job of the run was enqueued (a recovery, a rerun)
-    connection.hset(settings.keys.day_runs(DAY), "r1", json.dumps(stored))
+    stored = record(connection, settings, rid("r1"))
+    stored["job_id"] = rid("r1") + "-r1"  # a later job of the run was enqueued (a recovery, a rerun)
+    connection.hset(settings.keys.day_runs(DAY), rid("r1"), json.dumps(stored))
     calls = []
     assert g.execute(identity("r1", force=True), lambda: calls.append(1), will_retry=lambda: False) == {
         "skipped": "superseded"}
@@ -347,8 +366,7 @@ def test_a_stale_job_of_a_run_is_skipped_as_superseded(connection, settings):
 def test_a_run_with_every_attempt_used_is_not_executed_again_by_a_second_queue_entry(connection, settings):
     # Two movers of one retry can push the same job twice; the second entry must not run a failed run.
     g = guard(connection, settings)
-    run = RunIdentity(run_id="r1", day=DAY, task="t", slot="s", series="t-series", param_json='"p"', job_id="r1",
-                      force=False, max_attempts=1)
+    run = identity("r1", max_attempts=1)
 
     def boom():
         raise ValueError("no")
@@ -359,4 +377,4 @@ def test_a_run_with_every_attempt_used_is_not_executed_again_by_a_second_queue_e
         pass
     calls = []
     assert g.execute(run, lambda: calls.append(1), will_retry=lambda: False) == {"skipped": "exhausted"}
-    assert calls == [] and record(connection, settings, "r1")["state"] == "failed"
+    assert calls == [] and record(connection, settings, rid("r1"))["state"] == "failed"
