@@ -20,11 +20,10 @@ from .clock import server_now
 from .errors import ConfigError
 from .fanout import Again, FanOutResult, fan_out
 from .keys import Keys
-from .pause import PauseResult, ResumeResult
-from .pause import pause as _pause
-from .pause import paused_names
-from .pause import resume as _resume
 from .params_book import ParamsFailed, SlotParams, settle
+from .pause import PauseResult, ResumeResult, paused_names
+from .pause import pause as _pause
+from .pause import resume as _resume
 from .runs import FINISHED, QUEUED, RUNNING, Run, decode_record, runs_of_slot
 from .table import Task, TaskTable, encode_param
 

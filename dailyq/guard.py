@@ -13,7 +13,8 @@ work-horse, or the worker itself for a non-forking worker):
    (then we skip) or stop (then we run). A *series* claim, held for any slot of the
    same (task, param), applies the task's ``overlap`` policy.
 2. While the function runs, ``ClaimKeeper`` renews the claim (and, for a task with
-   limits, the run's slot: limits.py) from a thread of the executing process, and a second thread -- which never touches the network --
+   limits, the run's slot: limits.py) from a thread of the executing process, and a
+   second thread -- which never touches the network --
    stops the function if the claim could not be confirmed for ``claim_ttl_s -
    claim_margin_s`` seconds (before it can lapse on the server), or was found
    held by another copy (after a freeze). Stopping ends a forked work-horse at once

@@ -63,9 +63,9 @@ def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: da
     a slot of it with no list yet is one entry (``params_book.placeholder_record``)."""
     records = {k.decode(): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
     paused = paused_tasks(connection, keys) if paused is None else paused
-    for record in records.values():
-        if record.get("state") == QUEUED and record.get("task") in paused:
-            record["state"] = PAUSED
+    for stored in records.values():
+        if stored.get("state") == QUEUED and stored.get("task") in paused:
+            stored["state"] = PAUSED
     book = ParamsBook.read(connection, keys, day)
     shown: list[tuple[datetime, dict[str, Any]]] = []
     for run in runs_on(table, day, book=book):

@@ -33,7 +33,8 @@ def start_workers(processes: ProcessGroup, env: dict[str, str], nodes: list[str]
     workers = [processes.start("worker_entry.py", dict(env, NODE_NAME=node)) for node in nodes
                for _ in range(per_node)]
     for node in nodes:
-        wait_for(lambda: connection.exists(keys.heartbeat("worker", node)), timeout=30, what=f"{node}'s worker")
+        wait_for(lambda node=node: connection.exists(keys.heartbeat("worker", node)), timeout=30,
+                 what=f"{node}'s worker")
     return workers
 
 
@@ -59,7 +60,8 @@ def enqueue(connection: Redis, settings, env: dict[str, str], tasks: list[str]) 
 
 def spans(events: list[dict], prefix: str) -> dict[str, tuple[float, float, str]]:
     """param -> (start, end, node) of each finished execution of params starting with ``prefix``."""
-    starts = {e["param"]: (e["t"], e["node"]) for e in events if e["event"] == "start" and e["param"].startswith(prefix)}
+    starts = {e["param"]: (e["t"], e["node"]) for e in events
+              if e["event"] == "start" and e["param"].startswith(prefix)}
     ends = {e["param"]: e["t"] for e in events if e["event"] == "end" and e["param"].startswith(prefix)}
     return {p: (t, ends[p], node) for p, (t, node) in starts.items() if p in ends}
 

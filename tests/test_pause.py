@@ -17,8 +17,7 @@ from dailyq.scheduler import DailyScheduler
 from dailyq.status import day_status
 from dailyq.table import Task, TaskTable
 from dailyq.worker import make_queue
-from tests.helpers import (base_env, executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for,
-                           wall_time_in)
+from tests.helpers import base_env, executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
 from tests.sample_tasks import record
 
 UTC = timezone.utc
