@@ -1,7 +1,8 @@
-"""The commands as functions, for scripts and web apps: ``trigger``, ``rerun`` and
-``day_status`` do what ``scheduler.py trigger|rerun|status --json`` do, and
-``trigger_range`` and ``days_status`` what ``trigger --from --to`` and ``status --from
---to --json`` do; they return data instead of printing it.
+"""The commands as functions, for scripts and web apps: ``trigger``, ``rerun``,
+``day_status``, ``pause`` and ``resume`` do what ``scheduler.py
+trigger|rerun|status --json|pause|resume`` do, and ``trigger_range`` and
+``days_status`` what ``trigger --from --to`` and ``status --from --to --json`` do; they
+return data instead of printing it.
 
 Each takes a Redis client or a ``REDIS_URL``-style string (``redis://``, ``rediss://``,
 ``unix://``, ``redis+sentinel://``). Whatever is not given comes from the environment,
@@ -33,7 +34,9 @@ from redis import Redis
 from .clock import server_now
 from .connection import connect
 from .errors import ConfigError
+from .commands import pause as _pause_command
 from .commands import rerun as _rerun_command
+from .commands import resume as _resume_command
 from .commands import select_params
 from .commands import trigger as _trigger_command
 from .backfill import day_range, day_summary
@@ -43,8 +46,8 @@ from .status import day_runs as _day_runs
 from .status import day_status as _day_status
 from .table import Task, TaskTable, default_day, load_table
 
-__all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "day_status", "days_status", "default_day", "rerun", "trigger",
-           "trigger_range"]
+__all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "day_status", "days_status", "default_day", "pause", "rerun",
+           "resume", "trigger", "trigger_range"]
 
 ConnectionOrUrl = Union[Redis, str]
 DayLike = Union[date, str, None]  # a date, "YYYY-MM-DD", or None for today in the tasks' zone
@@ -166,6 +169,44 @@ def day_status(connection_or_url: ConnectionOrUrl, day: DayLike = None, *, setti
         return status
 
 
+def pause(connection_or_url: ConnectionOrUrl, tasks: Iterable[str] | str | None = None, *, all_tasks: bool = False,
+          settings: Settings | None = None, table: TableLike = None) -> dict[str, Any]:
+    """Pause ``tasks`` (a name or names), or with ``all_tasks`` every task, like
+    ``scheduler.py pause``: their slots are not fanned out and their queued runs not
+    started until ``resume``; runs executing now finish (see dailyq/pause.py).
+
+    Returns ``{"paused": [{"task", "since", "by", "already"}, ...]}``: ``since`` (ISO,
+    Redis's clock) and ``by`` (the node, ``NODE_NAME``) of the pause in force;
+    ``already`` when the task was paused before this call (its first pause is kept).
+    """
+    settings, table_ = _settings_and_table(settings, table)
+    names = _chosen_tasks(table_, tasks, all_tasks)
+    with _connection(connection_or_url, settings) as connection:
+        results = _pause_command(connection, settings.keys, table_, names, settings.node_name)
+    return {"paused": [{"task": r.task, "since": r.since, "by": r.by, "already": r.already} for r in results]}
+
+
+def resume(connection_or_url: ConnectionOrUrl, tasks: Iterable[str] | str | None = None, *, all_tasks: bool = False,
+           settings: Settings | None = None, table: TableLike = None) -> dict[str, Any]:
+    """Resume ``tasks`` (a name or names), or with ``all_tasks`` every paused task, like
+    ``scheduler.py resume``: slots that fell due while paused fire if within the task's
+    ``misfire_grace_s`` (older ones are missed), and its held runs go back to the front
+    of the queue.
+
+    Returns ``{"resumed": [{"task", "was_paused", "requeued"}, ...]}``: ``requeued`` is
+    the number of held runs put back in the queue.
+    """
+    settings, table_ = _settings_and_table(settings, table)
+    names = _chosen_tasks(table_, tasks, all_tasks)
+    from .worker import make_queue  # noqa: PLC0415
+
+    with _connection(connection_or_url, settings) as connection:
+        results = _resume_command(connection, settings.keys, make_queue(connection, settings.keys), table_, names)
+    if names is None:  # --all: report the tasks that were paused (every task would be noise)
+        results = [r for r in results if r.was_paused or r.requeued]
+    return {"resumed": [{"task": r.task, "was_paused": r.was_paused, "requeued": r.requeued} for r in results]}
+
+
 def days_status(connection_or_url: ConnectionOrUrl, start: DayLike, end: DayLike, *,
                 settings: Settings | None = None, table: TableLike = None) -> list[dict[str, Any]]:
     """One summary per day from ``start`` to ``end`` (both included, at most
@@ -180,6 +221,16 @@ def days_status(connection_or_url: ConnectionOrUrl, start: DayLike, end: DayLike
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+def _chosen_tasks(table: TaskTable, tasks: Iterable[str] | str | None, all_tasks: bool) -> list[str] | None:
+    """Task names (checked against the table), or None for every task."""
+    names = [tasks] if isinstance(tasks, str) else (list(tasks) if tasks is not None else [])
+    if all_tasks == bool(names):
+        raise ConfigError("name the tasks or ask for all of them (--all), not both or neither")
+    if all_tasks:
+        return None
+    return [table.get(name).name for name in names]
 
 
 def _alert_summary(connection: Redis, settings: Settings) -> dict[str, object]:

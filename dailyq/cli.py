@@ -1,4 +1,4 @@
-"""Command line: ``python scheduler.py [status|trigger|rerun|demo]`` (also installed as
+"""Command line: ``python scheduler.py [status|trigger|rerun|pause|resume|demo]`` (also installed as
 the ``dailyq`` console script) and the worker.
 
 The commands' work is done by dailyq/api.py (over commands.py), which scripts call
@@ -208,6 +208,26 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pause(args: argparse.Namespace) -> int:
+    settings, table = _context(args)
+    result = api.pause(settings.redis_url, args.task, all_tasks=args.all, settings=settings, table=table)
+    for entry in result["paused"]:
+        print(f"{entry['task']}: {'already paused' if entry['already'] else 'paused'} "
+              f"since {entry['since']} by {entry['by']}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    settings, table = _context(args)
+    result = api.resume(settings.redis_url, args.task, all_tasks=args.all, settings=settings, table=table)
+    for entry in result["resumed"]:
+        print(f"{entry['task']}: {'resumed' if entry['was_paused'] else 'was not paused'}, "
+              f"{entry['requeued']} held runs back in the queue")
+    if not result["resumed"]:
+        print("no task was paused")
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when this node's heartbeats are fresh and Redis answers, else 1; one line
     either way. Redis problems are 1 too (not 3): probes understand only 0 and 1."""
@@ -306,6 +326,16 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
                        help="a task with computed params: call its params callable again and use the new list "
                             "(default: the list stored when the slot fired)")
     again.set_defaults(handler=cmd_rerun)
+
+    for name, handler, text in (
+            ("pause", cmd_pause, "pause a task: its slots are not fanned out and its queued runs not started "
+                                 "(runs executing now finish)"),
+            ("resume", cmd_resume, "resume a paused task: slots within misfire_grace_s fire, its held runs "
+                                   "go back to the queue")):
+        hold = sub.add_parser(name, help=text)
+        hold.add_argument("task", nargs="?", help="the task's name")
+        hold.add_argument("--all", action="store_true", help="every task")
+        hold.set_defaults(handler=handler)
 
     demo = sub.add_parser("demo", help="private Redis + three local workers run today's example batch")
     demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")

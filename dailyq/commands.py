@@ -1,4 +1,5 @@
-"""The ``trigger`` and ``rerun`` commands: which runs of a day to enqueue, and why.
+"""The ``trigger`` and ``rerun`` commands: which runs of a day to enqueue, and why; and
+``pause``/``resume``, which choose the tasks pause.py acts on.
 
 They choose runs and report on them; enqueueing itself, once per run under WATCH
 (and the leader's fencing), is fanout.py's ``fan_out``, which every path shares.
@@ -21,6 +22,9 @@ from .errors import ConfigError
 from .fanout import Again, FanOutResult, fan_out
 from .keys import Keys
 from .params_book import ParamsFailed, SlotParams, settle
+from .pause import PauseResult, ResumeResult, paused_names
+from .pause import pause as _pause
+from .pause import resume as _resume
 from .runs import FINISHED, QUEUED, RUNNING, WAITING, Run, decode_record, runs_of_slot
 from .table import Task, TaskTable, encode_param
 
@@ -29,6 +33,27 @@ from .table import Task, TaskTable, encode_param
 class TriggerResult(FanOutResult):
     runs: list[Run] = field(default_factory=list)  # every run of the day chosen (enqueued now or before)
     params_failed: list[SlotParams] = field(default_factory=list)  # computed slots with no list: no runs
+
+
+def pause(connection: Redis, keys: Keys, table: TaskTable, task_names: Sequence[str] | None,
+          node: str) -> list[PauseResult]:
+    """Pause the named tasks (None: every task of the table); an unknown name is a
+    ConfigError before anything is paused."""
+    names = [table.get(name).name for name in task_names] if task_names is not None else \
+        [task.name for task in table.tasks]
+    return _pause(connection, keys, names, node)
+
+
+def resume(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
+           task_names: Sequence[str] | None) -> list[ResumeResult]:
+    """Resume the named tasks (None: every task of the table, and any paused task the
+    table no longer has, so that its held runs are not stranded)."""
+    if task_names is not None:
+        names = [table.get(name).name for name in task_names]
+    else:
+        names = [task.name for task in table.tasks]
+        names += sorted(paused_names(connection, keys) - set(names))
+    return _resume(connection, keys, queue.key, names)
 
 
 def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date,

@@ -12,8 +12,9 @@ work-horse, or the worker itself for a non-forking worker):
    trip. A claim held by another live copy means "wait": the other copy may finish
    (then we skip) or stop (then we run). A *series* claim, held for any slot of the
    same (task, param), applies the task's ``overlap`` policy.
-2. While the function runs, ``ClaimKeeper`` renews the claim from a thread of the
-   executing process, and a second thread -- which never touches the network --
+2. While the function runs, ``ClaimKeeper`` renews the claim (and, for a task with
+   limits, the run's slot: limits.py) from a thread of the executing process, and a
+   second thread -- which never touches the network --
    stops the function if the claim could not be confirmed for ``claim_ttl_s -
    claim_margin_s`` seconds (before it can lapse on the server), or was found
    held by another copy (after a freeze). Stopping ends a forked work-horse at once
@@ -133,6 +134,10 @@ class Attempt:
     # time.monotonic() just before BEGIN was sent: the claim's TTL on the server starts
     # no earlier, so the local deadline computed from it is never later than the server's.
     begin_sent_at: float = 0.0
+    # A run of a task with limits (limits.py): the slots key its claim renewals also
+    # extend, and what keeps its slot while BEGIN says busy (it has no claim yet).
+    slots_key: str | None = None
+    while_waiting: Callable[[], None] | None = None
 
     def keep_begin_reply(self, reply: Any) -> None:
         """BEGIN's raw reply, from the transaction it was queued in."""
@@ -196,7 +201,8 @@ class Guard:
         started = time.monotonic()
         ttl_ms = self.claim_ttl_s * 1000
         held = self.keeper.hold(run.run_id, self.keys.claim(run.run_id), self.keys.series_claim(run.series),
-                                attempt.owner, ttl_ms, confirmed_at=attempt.begin_sent_at)
+                                attempt.owner, ttl_ms, confirmed_at=attempt.begin_sent_at,
+                                slots_key=attempt.slots_key)
         context = RunContext(task=run.run.task.name, param=run.run.param, day=run.day, slot=run.run.slot.in_zone,
                              run_id=run.context_run_id, attempt=attempt.attempt, node=self.node,
                              fence=attempt.fence, _lost_because=held.lost_because)
@@ -290,6 +296,8 @@ class Guard:
                          run.run_id, run.job_id, extra={"run_id": run.run_id})
                 told = True
             time.sleep(WAIT_POLL_S)
+            if attempt.while_waiting is not None:
+                attempt.while_waiting()
             outcome = None
 
     def _record_failure(self, run: RunJob, attempt: Attempt, error: str, rq_can_retry: bool) -> FailOutcome:
@@ -325,8 +333,9 @@ class HeldRun:
     """One run executing in this process under a claim, as the keeper sees it."""
 
     def __init__(self, keeper: "ClaimKeeper", run_id: str, claim_key: str, series_key: str, owner: str,
-                 ttl_ms: int, confirmed_at: float) -> None:
+                 ttl_ms: int, confirmed_at: float, slots_key: str | None = None) -> None:
         self.keeper = keeper
+        self.slots_key = slots_key
         self.run_id = run_id
         self.claim_key = claim_key
         self.series_key = series_key
@@ -405,11 +414,11 @@ class ClaimKeeper:
         self._threads_started = False
 
     def hold(self, run_id: str, claim_key: str, series_key: str, owner: str, ttl_ms: int,
-             confirmed_at: float) -> HeldRun:
+             confirmed_at: float, slots_key: str | None = None) -> HeldRun:
         if self._pid != os.getpid():
             # A fork: the parent's runs, lock state and threads are not this process's.
             self._start_afresh()
-        held = HeldRun(self, run_id, claim_key, series_key, owner, ttl_ms, confirmed_at)
+        held = HeldRun(self, run_id, claim_key, series_key, owner, ttl_ms, confirmed_at, slots_key)
         with self._lock:
             self._held[run_id] = held
             if not self._threads_started:
@@ -453,7 +462,8 @@ class ClaimKeeper:
                 for held in runs:
                     sent_at = time.monotonic()
                     reply = self._scripts.renew_claim(claim_key=held.claim_key, series_key=held.series_key,
-                                                      owner=held.owner, ttl_ms=held.ttl_ms).run()
+                                                      owner=held.owner, ttl_ms=held.ttl_ms,
+                                                      slots_key=held.slots_key).run()
                     if reply == "ok":
                         held.confirmed_at = max(held.confirmed_at, sent_at)
                     elif held.lost is None:

@@ -133,6 +133,26 @@ class Keys:
         return f"{self.prefix}:series:{series}"
 
     @property
+    def paused(self) -> str:
+        """Hash task name -> JSON {since (ISO, Redis clock), by (node)} of every paused task
+        (pause.py)."""
+        return f"{self.prefix}:paused"
+
+    def limit_slots(self, task: str) -> str:
+        """Sorted set: claim owner token -> until when (ms, Redis clock) that execution holds
+        one of the task's slots (limits.py); lapsed members are dropped at every check."""
+        return f"{self.prefix}:limit:{task}:slots"
+
+    def limit_slot_nodes(self, task: str) -> str:
+        """Hash claim owner token -> node of each member of ``limit_slots(task)``."""
+        return f"{self.prefix}:limit:{task}:nodes"
+
+    def held(self, task: str) -> str:
+        """List of job ids of the task's runs a worker took off the queue but held back
+        (over a limit, or the task paused), oldest first; put back at the queue's front."""
+        return f"{self.prefix}:held:{task}"
+
+    @property
     def nodes(self) -> str:
         """Sorted set node name -> Redis time of its last heartbeat (any role): where
         ``status`` finds the live nodes' heartbeat keys without a SCAN."""

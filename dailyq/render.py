@@ -26,7 +26,7 @@ def summary(status: dict[str, Any]) -> dict[str, int]:
 
 # ANSI SGR codes per state, for terminals only (see ``colour_wanted``).
 STATE_COLOURS = {"scheduled": "2", "queued": "33", "running": "1;36", "finished": "32", "failed": "1;31",
-                 "skipped": "35", "missed": "31", "waiting": "34", "blocked": "1;35"}
+                 "skipped": "35", "missed": "31", "waiting": "34", "blocked": "1;35", "paused": "36"}
 
 
 def colour_wanted(is_tty: bool, environ: Mapping[str, str]) -> bool:
@@ -66,7 +66,17 @@ def render_table(status: dict[str, Any], colour: bool = False) -> str:
     leader_line = f"leader: {one_line(str(leader['node']))} (since {leader.get('since')})" if leader else "leader: none"
     counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
     return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}",
-                      *render_nodes(status, colour)])
+                      *render_paused(status), *render_nodes(status, colour)])
+
+
+def render_paused(status: dict[str, Any]) -> list[str]:
+    """One line naming the paused tasks, since when and by which node (none: no line)."""
+    paused = status.get("paused") or {}
+    if not paused:
+        return []
+    shown = [f"{one_line(task)} (since {info.get('since') or '?'} by {one_line(str(info.get('by') or '?'))})"
+             for task, info in sorted(paused.items())]
+    return ["paused: " + ", ".join(shown)]
 
 
 def render_nodes(status: dict[str, Any], colour: bool = False) -> list[str]:

@@ -42,7 +42,9 @@ Public hooks, and when RQ calls them -- the when is what we depend on:
 3. ``Worker.handle_work_horse_killed(job, retpid, ret_val, rusage)``: called in the
    worker process when its work-horse ended without finishing the job; ``ret_val`` is
    the horse's wait status.
-4. ``Worker.execute_job(job, queue)``: called in the worker process, before any fork.
+4. ``Worker.execute_job(job, queue)``: called in the worker process, before any fork;
+   returning without calling RQ's lets the work loop go on to the next job (a run held
+   back by ADMIT, limits.py, is not executed and leaves no Execution behind).
 5. ``Worker.perform_job(job, queue, execution)``: wraps one job in the executing process.
 6. ``Worker.heartbeat(timeout, pipeline)``: RQ reads ``results[0]`` of a pipeline it
    passes, so our commands go after its own.
@@ -60,7 +62,11 @@ a. ``Job._execute()``: the call of the function, inside RQ's death penalty. The 
 b. redis-py ``Pipeline.execute`` of RQ's preparation and success transactions, wrapped
    once per pipeline (``queue_keeping_reply``): RQ executes them and drops the replies,
    and we need BEGIN's and FINISH's.
-c. rq-scheduler's ``redis_scheduler_namespace_prefix`` and ``scheduled_jobs_key``:
+c. ``Queue.intermediate_queue_key``: RQ 3 dequeues (BLMOVE, one queue, Redis >= 6.2) by
+   moving the job id from the queue into this list, and the work-horse removes it in
+   its preparation transaction. A held run never gets there, so ADMIT removes it, or
+   RQ's clean-up and ours (recovery.StrandedJobs) would take it for stranded.
+d. rq-scheduler's ``redis_scheduler_namespace_prefix`` and ``scheduled_jobs_key``:
    class attributes, not constructor arguments; set on our instance to move its keys
    under our prefix.
 """
@@ -90,6 +96,7 @@ from .runs import META_KEY
 
 if TYPE_CHECKING:  # the leader imports this module: no guard at run time
     from .guard import Attempt, Guard, PendingFinish
+    from .limits import SlotHold
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +117,9 @@ class RunExecution:
     # transaction, and is applied on its own should that transaction not carry it.
     pending_finish: PendingFinish | None = None
     finish_committed: bool = False
+    # The slot ADMIT gave a run of a task with limits (limits.py); released when the
+    # execution ends, whichever way.
+    slot: SlotHold | None = None
 
     def claim_in(self, pipeline: Pipeline) -> None:
         """BEGIN in RQ's preparation transaction, its reply handed to the attempt."""
@@ -124,17 +134,36 @@ class RunExecution:
         if pending is None or self.finish_committed:
             return
 
+        slot = self.slot if self.slot is not None and not self.slot.released else None
+
         def committed(reply: Any) -> None:
             self.finish_committed = True
+            if slot is not None:
+                slot.released = True  # RELEASE_SLOT rode in the same transaction
             pending.replied(reply)
 
         queue_keeping_reply(pipeline, pending.queue_in, committed)
+        if slot is not None:
+            # The slot frees with FINISH, in RQ's transaction: no round trip of its own.
+            slot.release_call().queue_in(pipeline)
 
     def finish_if_not_committed(self) -> None:
         """After the job: a FINISH that no RQ transaction carried is applied now."""
         pending, self.pending_finish = self.pending_finish, None
         if pending is not None and not self.finish_committed:
             pending.apply()
+
+    def end(self) -> None:
+        """After the job, in the executing process: FINISH if still due, then the slot
+        frees (after FAIL, or a BEGIN that did not claim, it is still held)."""
+        try:
+            self.finish_if_not_committed()
+        finally:
+            self.release_slot()
+
+    def release_slot(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
 
 
 class WorkerHooks(Protocol):
@@ -145,6 +174,11 @@ class WorkerHooks(Protocol):
 
     def take(self, job: DailyJob) -> RunExecution | None:
         """The job's run execution, or None when it is not a guarded run of ours."""
+
+    def admit(self, execution: RunExecution, queue: Queue) -> bool:
+        """Before the run starts (before any fork): False when it is held back, over a
+        limit of its task or the task paused (limits.py); the job is then off the queue,
+        held, and the worker goes on without executing it."""
 
     def record_death(self, execution: RunExecution, wait_status: int, rq_can_retry: bool) -> bool:
         """Record that the work-horse executing ``execution`` died; True if RQ may retry it."""
@@ -268,9 +302,11 @@ class GuardedWorker(BaseWorker):
         itself, see guard.py), then goes back to pulling jobs. The run's execution (its
         claim's owner token) is made here, before RQ forks the work-horse, so that this
         process can record the horse's death."""
-        if isinstance(job, DailyJob):
-            job.take()
         try:
+            if isinstance(job, DailyJob):
+                execution = job.take()
+                if execution is not None and not self.hooks.admit(execution, queue):
+                    return  # held back: RQ's work loop goes on to the next job
             super().execute_job(job, queue)
         except TRANSIENT as error:
             outage = OutageLog(log, f"worker {self.name}")
@@ -290,7 +326,7 @@ class GuardedWorker(BaseWorker):
         finally:
             current_run_id.reset(tagged)
             if isinstance(job, DailyJob) and job.run_execution is not None:
-                job.run_execution.finish_if_not_committed()
+                job.run_execution.end()
 
     def cleanup_execution(self, job: Job, pipeline: Pipeline, execution: Execution | None = None) -> None:
         """RQ's, plus the run's FINISH: on success RQ calls this inside the transaction
@@ -306,8 +342,11 @@ class GuardedWorker(BaseWorker):
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
         if not isinstance(job, DailyJob) or job.run_execution is None:
             return
-        if not self.hooks.record_death(job.run_execution, ret_val, rq_can_retry=bool(job.retries_left)):
-            job.retries_left = 0  # not RQ's to retry: failed, or the leader's to take over
+        try:
+            if not self.hooks.record_death(job.run_execution, ret_val, rq_can_retry=bool(job.retries_left)):
+                job.retries_left = 0  # not RQ's to retry: failed, or the leader's to take over
+        finally:
+            job.run_execution.release_slot()  # the horse is gone: its slot with it
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         """RQ's heartbeat, plus this node's worker heartbeat key (``WorkerHooks.beat``).
@@ -335,7 +374,7 @@ class DelayedJobs:
         self.interval_s = interval_s
         self._scheduler = Scheduler(queue_name=keys.queue_name, connection=connection, interval=interval_s,
                                     job_class=DailyJob, name=name)
-        # Class attributes in rq-scheduler (internal c): set on this instance only.
+        # Class attributes in rq-scheduler (internal d): set on this instance only.
         self._scheduler.redis_scheduler_namespace_prefix = keys.scheduler_instance_prefix
         self._scheduler.scheduled_jobs_key = keys.scheduled_jobs
 

@@ -30,7 +30,9 @@ SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED = (
 # A run of a task with ``after`` whose upstream runs have not all finished; ``blocked``:
 # one of them failed (dependencies.py).
 WAITING, BLOCKED = "waiting", "blocked"
-STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED, WAITING, BLOCKED)
+# A queued run of a paused task (pause.py): shown so by status, stored as queued.
+PAUSED = "paused"
+STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED, WAITING, BLOCKED, PAUSED)
 
 META_KEY = "dailyq"  # the RQ job.meta entry that carries a run's identity
 

@@ -41,6 +41,8 @@ from .dependencies import WaitingRuns
 from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
+from .limits import SlotSweep
+from .pause import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
 from .retries import DueRetries
 from .params_book import retry_due, slot_runs
@@ -93,6 +95,7 @@ class DailyScheduler:
         self.retries = DueRetries(connection, self.queue)
         self.stranded = StrandedJobs(connection, keys, self.queue, stuck_after_s=settings.claim_ttl_s)
         self.waiting = WaitingRuns(connection, keys, self.queue, table, settings.retention_s)
+        self.slots = SlotSweep(connection, keys, self.queue.key, table)
         # Called at the end of every tick, leader or not (alerts.py's leadership record).
         # A hook must not raise, nor take long: it runs inside the tick.
         self.tick_hooks: list[Callable[[DailyScheduler], None]] = []
@@ -143,12 +146,18 @@ class DailyScheduler:
     def fire_due_slots(self, now: datetime) -> int:
         """Fan out every due slot of every task; returns the number of runs enqueued."""
         enqueued = 0
+        paused = paused_names(self.connection, self.keys)
         # Computed params whose callable failed earlier and is due again (params_book.py).
+        # (Of a paused task too: its runs are then held by the workers, shown paused.)
         retried = retry_due(self.connection, self.keys, self.table, now, self.settings.retention_s, fence=self.lease)
         if retried:
             enqueued += len(fan_out(self.connection, self.keys, self.queue, retried,
                                     retention_s=self.settings.retention_s, fence=self.lease).enqueued)
         for task in self.table.tasks:
+            if task.name in paused:
+                # Neither fanned out nor its cursor moved: on resume, the slots that fell due
+                # meanwhile fire if within misfire_grace_s, older ones are missed (pause.py).
+                continue
             for slot in task.schedule.slots_between(self._window_start(task, now), now):
                 # A computed task's list is made here, once per slot, and stored (params_book.py).
                 runs = slot_runs(self.connection, self.keys, task, slot, now, self.settings.retention_s,
@@ -182,6 +191,7 @@ class DailyScheduler:
         (dependencies.py; also those this pass held), retries, and rq-scheduler's delayed
         jobs, each "due" by our clock (Redis's), not the host's."""
         self.fire_due_slots(self.clock())
+        self.slots.sweep()  # every tick: a dead holder's slot serves held runs within a tick of lapsing
         self.recover_abandoned_runs()
         self.waiting.release_all()
         self.retries.move_due(self.clock())

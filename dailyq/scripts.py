@@ -10,7 +10,10 @@ runs no includes, so the helpers a script uses are prepended to it):
 * ``load_record`` / ``save_record`` / ``store_record``: the one way a run record
   changes -- load it (or start from its base), set fields, save it; a brand-new
   record is stored as the JSON its writer sent;
-* ``redis_now_ms``: the Redis server's clock, the one clock every node shares.
+* ``redis_now_ms``: the Redis server's clock, the one clock every node shares;
+* ``purge_slots`` / ``room`` / ``extend_slot`` / ``promote``: the slots of a task with
+  limits and its held runs (limits.py), shared by ADMIT, RELEASE_SLOT, SWEEP_SLOTS,
+  TOUCH_SLOT, RESUME and RENEW_CLAIM.
 
 A wrapper method takes named, typed arguments and returns a ``ScriptCall``: ``run()``
 sends it now and returns the parsed reply; ``queue_in(pipeline)`` adds it to a
@@ -88,6 +91,69 @@ NOW_LUA = """
 local function redis_now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+
+SLOTS_LUA = """
+-- Slots of a task with limits (limits.py): a sorted set owner -> expiry (ms, Redis clock)
+-- and a hash owner -> node. A member whose expiry passed is a dead or cut-off holder's:
+-- every check drops those first, so its slot frees when its claim would lapse.
+local function purge_slots(slots_key, nodes_key, now)
+  for _, owner in ipairs(redis.call('ZRANGEBYSCORE', slots_key, '-inf', now)) do
+    redis.call('ZREM', slots_key, owner)
+    redis.call('HDEL', nodes_key, owner)
+  end
+end
+local function slots_on(nodes_key, node)
+  local n = 0
+  for _, holder in ipairs(redis.call('HVALS', nodes_key)) do
+    if holder == node then
+      n = n + 1
+    end
+  end
+  return n
+end
+-- How many more runs may start: by the task-wide limit, and by the per-node one on
+-- ``nodes`` (each node's room added up; a huge number when a limit is not set).
+local function room(slots_key, nodes_key, max_running, max_per_node, nodes)
+  local free = 1000000000
+  if max_running > 0 then
+    free = max_running - redis.call('ZCARD', slots_key)
+  end
+  if max_per_node > 0 then
+    local on_nodes = 0
+    for _, node in ipairs(nodes) do
+      on_nodes = on_nodes + math.max(0, max_per_node - slots_on(nodes_key, node))
+    end
+    free = math.min(free, on_nodes)
+  end
+  return free
+end
+-- Extends a live slot only: a released or lapsed one is not taken back by a late renewal.
+local function extend_slot(slots_key, owner, ttl_ms)
+  local now = redis_now_ms()
+  local expiry = tonumber(redis.call('ZSCORE', slots_key, owner))
+  if expiry and expiry > now then
+    redis.call('ZADD', slots_key, 'XX', now + ttl_ms, owner)
+    return 1
+  end
+  return 0
+end
+-- Moves up to n held job ids to the front of the queue, the oldest held first in line.
+local function promote(held_key, queue_key, n)
+  local moved = {}
+  while #moved < n do
+    local job_id = redis.call('LPOP', held_key)
+    if not job_id then
+      break
+    end
+    moved[#moved + 1] = job_id
+  end
+  for i = #moved, 1, -1 do
+    redis.call('LPUSH', queue_key, moved[i])
+  end
+  return moved
 end
 """
 
@@ -278,17 +344,21 @@ return retry and 'retry' or 'failed'
 RENEW_CLAIM = _lua("""
 -- Extends a run's claim and its series claim only while the run's claim is ours; never
 -- re-takes one that lapsed: a copy that lost its claim must stop, whoever holds it now.
--- KEYS[1] = run claim, KEYS[2] = series claim
+-- A run of a task with limits also extends its slot (limits.py) in the same call.
+-- KEYS[1] = run claim, KEYS[2] = series claim, KEYS[3] = the task's slots (optional)
 -- ARGV[1] = owner, ARGV[2] = ttl (ms)
 -- Returns 'ok', 'taken' (another copy holds it) or 'gone'.
-local claim_key, series_key = KEYS[1], KEYS[2]
+local claim_key, series_key, slots_key = KEYS[1], KEYS[2], KEYS[3]
 local owner, ttl_ms = ARGV[1], ARGV[2]
 if pexpire_if_owner(claim_key, owner, ttl_ms) == 0 then
   return redis.call('EXISTS', claim_key) == 1 and 'taken' or 'gone'
 end
 pexpire_if_owner(series_key, owner, ttl_ms)
+if slots_key then
+  extend_slot(slots_key, owner, ttl_ms)
+end
 return 'ok'
-""", OWNER_LUA)
+""", OWNER_LUA, NOW_LUA, SLOTS_LUA)
 
 TAKE_IF_ABANDONED = _lua(f"""
 -- The leader takes over a run listed as running: only if no live copy holds its claim.
@@ -553,6 +623,113 @@ return {'ok', tostring(now)}
 """, OWNER_LUA, NOW_LUA)
 
 
+ADMIT = _lua("""
+-- A worker asks, before it starts a run of a task with limits or a paused task, whether it
+-- may: if the task is paused or has no room, the job is held back -- off RQ's intermediate
+-- queue (so nothing takes it for stranded) and onto the task's held list, its RQ job left
+-- queued -- else the run takes a slot (when the task has limits).
+-- KEYS[1] = paused hash, KEYS[2] = the task's slots, KEYS[3] = slot nodes, KEYS[4] = held list,
+-- KEYS[5] = RQ's intermediate queue
+-- ARGV[1] = task, ARGV[2] = owner (the attempt's claim owner token), ARGV[3] = node,
+-- ARGV[4] = job id, ARGV[5] = slot ttl (ms, the claim's), ARGV[6] = max_running (0: none),
+-- ARGV[7] = max_per_node (0: none)
+-- Returns 'admitted', 'paused' or 'held'.
+local paused_key, slots_key, nodes_key, held_key, intermediate_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local task, owner, node, job_id, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local max_running, max_per_node = tonumber(ARGV[6]), tonumber(ARGV[7])
+local now = redis_now_ms()
+purge_slots(slots_key, nodes_key, now)
+local why = nil
+if redis.call('HEXISTS', paused_key, task) == 1 then
+  why = 'paused'
+elseif room(slots_key, nodes_key, max_running, max_per_node, {node}) < 1 then
+  why = 'held'
+end
+if why then
+  redis.call('LREM', intermediate_key, 1, job_id)
+  redis.call('LREM', held_key, 0, job_id)  -- once in the list, however often held
+  redis.call('RPUSH', held_key, job_id)
+  return why
+end
+if max_running > 0 or max_per_node > 0 then
+  redis.call('ZADD', slots_key, now + ttl_ms, owner)
+  redis.call('HSET', nodes_key, owner, node)
+end
+return 'admitted'
+""", NOW_LUA, SLOTS_LUA)
+
+RELEASE_SLOT = _lua("""
+-- An admitted execution ended (finished, failed, not executed after all, or its work-horse
+-- died): its slot frees, and held runs move to the queue's front while there is room --
+-- in the same script as every hold, so no held run misses the wake-up.
+-- KEYS[1] = paused hash, KEYS[2] = the task's slots, KEYS[3] = slot nodes, KEYS[4] = held list,
+-- KEYS[5] = queue
+-- ARGV[1] = task, ARGV[2] = owner, ARGV[3] = node (whose room the freed slot is),
+-- ARGV[4] = max_running (0: none), ARGV[5] = max_per_node (0: none)
+-- Returns the job ids moved to the queue.
+local paused_key, slots_key, nodes_key, held_key, queue_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local task, owner, node = ARGV[1], ARGV[2], ARGV[3]
+local max_running, max_per_node = tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('ZREM', slots_key, owner)
+redis.call('HDEL', nodes_key, owner)
+purge_slots(slots_key, nodes_key, redis_now_ms())
+if redis.call('HEXISTS', paused_key, task) == 1 then
+  return {}
+end
+return promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node, {node}))
+""", NOW_LUA, SLOTS_LUA)
+
+SWEEP_SLOTS = _lua("""
+-- The leader, every tick: drops lapsed slots (holders that died or were cut off) and moves
+-- held runs of tasks with limits to the queue's front while there is room. Per-node room
+-- is counted on every node that beat within the last ``live_s`` seconds.
+-- KEYS[1] = paused hash, KEYS[2] = queue, KEYS[3] = nodes registry (node -> last beat, s),
+-- then per task: its slots, slot nodes, held list
+-- ARGV[1] = live_s, then per task: name, max_running (0: none), max_per_node (0: none)
+-- Returns the job ids moved to the queue.
+local paused_key, queue_key, registry_key = KEYS[1], KEYS[2], KEYS[3]
+local now = redis_now_ms()
+local nodes = redis.call('ZRANGEBYSCORE', registry_key, now / 1000 - tonumber(ARGV[1]), '+inf')
+local moved = {}
+for i = 2, #ARGV, 3 do
+  local k = 4 + (i - 2)
+  local slots_key, nodes_key, held_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local task, max_running, max_per_node = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  purge_slots(slots_key, nodes_key, now)
+  if redis.call('HEXISTS', paused_key, task) == 0 and redis.call('LLEN', held_key) > 0 then
+    -- no node known: count one, so held runs are not stuck behind an empty registry
+    local where = #nodes > 0 and nodes or {''}
+    for _, job_id in ipairs(promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node,
+                                                            where))) do
+      moved[#moved + 1] = job_id
+    end
+  end
+end
+return moved
+""", NOW_LUA, SLOTS_LUA)
+
+TOUCH_SLOT = _lua("""
+-- Keeps the slot of an admitted run alive while it waits for another copy of the run
+-- (BEGIN said busy): it has no claim yet for RENEW_CLAIM to extend the slot with.
+-- KEYS[1] = the task's slots
+-- ARGV[1] = owner, ARGV[2] = ttl (ms)
+-- Returns 1, or 0 when the slot is gone.
+return extend_slot(KEYS[1], ARGV[1], ARGV[2])
+""", NOW_LUA, SLOTS_LUA)
+
+RESUME = _lua("""
+-- Resumes a task: no longer paused, and every run held back (paused or over a limit) goes
+-- to the queue's front, in the order held; ADMIT holds again any still over a limit.
+-- KEYS[1] = paused hash, KEYS[2] = held list, KEYS[3] = queue
+-- ARGV[1] = task
+-- Returns {1 if it was paused else 0, number of runs moved}.
+local paused_key, held_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
+local was_paused = redis.call('HDEL', paused_key, ARGV[1])
+local moved = promote(held_key, queue_key, redis.call('LLEN', held_key))
+return {was_paused, #moved}
+""", NOW_LUA, SLOTS_LUA)
+
+
 # -- parsed replies -----------------------------------------------------------------------
 
 # MARK_HELD's answer: ('ok', None, now_ms), ('gap', last_ms, now_ms) or ('not-leader', None, None).
@@ -565,6 +742,20 @@ TakeOutcome = Literal["alive", "gone", "failed", "requeue"]
 AckOutcome = Literal["ours", "taken", "gone"]
 # HOLD_WAITING's answer: (the upstream run blocking the held runs or None, records changed).
 HoldReply = tuple["str | None", int]
+
+AdmitOutcome = Literal["admitted", "paused", "held"]
+
+
+@dataclass(frozen=True)
+class LimitedTask:
+    """One task's limits and keys, for SWEEP_SLOTS."""
+
+    name: str
+    max_running: int | None
+    max_per_node: int | None
+    slots_key: str
+    slot_nodes_key: str
+    held_key: str
 
 
 @dataclass(frozen=True)
@@ -624,6 +815,10 @@ class OutboxAlert:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _texts(reply: Any) -> list[str]:
+    return [_text(item) for item in reply or []]
 
 
 def lua_ms(value: Any) -> int:
@@ -776,6 +971,11 @@ class Scripts:
         self._params_store = register(PARAMS_STORE)
         self._set_run_state = register(SET_RUN_STATE)
         self._hold_waiting = register(HOLD_WAITING)
+        self._admit = register(ADMIT)
+        self._release_slot = register(RELEASE_SLOT)
+        self._sweep_slots = register(SWEEP_SLOTS)
+        self._touch_slot = register(TOUCH_SLOT)
+        self._resume = register(RESUME)
 
     # -- owner-token leases (lease.py) --
 
@@ -840,8 +1040,45 @@ class Scripts:
                           [run_id, owner, base_json, retention_s, _flag(rq_can_retry), max_attempts, node, now_iso,
                            error], _text)  # type: ignore[arg-type]
 
-    def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int) -> ScriptCall[RenewOutcome]:
-        return ScriptCall(self._renew_claim, [claim_key, series_key], [owner, ttl_ms], _text)  # type: ignore[arg-type]
+    def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int,
+                    slots_key: str | None = None) -> ScriptCall[RenewOutcome]:
+        """``slots_key``: the task's slots, for a run of a task with limits (extended too)."""
+        keys = [claim_key, series_key] + ([slots_key] if slots_key else [])
+        return ScriptCall(self._renew_claim, keys, [owner, ttl_ms], _text)  # type: ignore[arg-type]
+
+    # -- limits and pause (limits.py, pause.py) --
+
+    def admit(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
+              intermediate_queue_key: str, task: str, owner: str, node: str, job_id: str, ttl_ms: int,
+              max_running: int | None, max_per_node: int | None) -> ScriptCall[AdmitOutcome]:
+        return ScriptCall(self._admit, [paused_key, slots_key, slot_nodes_key, held_key, intermediate_queue_key],
+                          [task, owner, node, job_id, ttl_ms, max_running or 0, max_per_node or 0],
+                          _text)  # type: ignore[arg-type]
+
+    def release_slot(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str, queue_key: str,
+                     task: str, owner: str, node: str, max_running: int | None,
+                     max_per_node: int | None) -> ScriptCall[list[str]]:
+        """The job ids it moved from the held list to the queue."""
+        return ScriptCall(self._release_slot, [paused_key, slots_key, slot_nodes_key, held_key, queue_key],
+                          [task, owner, node, max_running or 0, max_per_node or 0], _texts)
+
+    def sweep_slots(self, *, paused_key: str, queue_key: str, nodes_key: str, live_s: int,
+                    tasks: Sequence[LimitedTask]) -> ScriptCall[list[str]]:
+        """The job ids it moved from held lists to the queue."""
+        keys = [paused_key, queue_key, nodes_key]
+        args: list[Any] = [live_s]
+        for task in tasks:
+            keys += [task.slots_key, task.slot_nodes_key, task.held_key]
+            args += [task.name, task.max_running or 0, task.max_per_node or 0]
+        return ScriptCall(self._sweep_slots, keys, args, _texts)
+
+    def touch_slot(self, *, slots_key: str, owner: str, ttl_ms: int) -> ScriptCall[bool]:
+        return ScriptCall(self._touch_slot, [slots_key], [owner, ttl_ms], bool)
+
+    def resume(self, *, paused_key: str, held_key: str, queue_key: str, task: str) -> ScriptCall[tuple[bool, int]]:
+        """(whether the task was paused, how many held runs went back to the queue)."""
+        return ScriptCall(self._resume, [paused_key, held_key, queue_key], [task],
+                          lambda reply: (bool(int(reply[0])), int(reply[1])))
 
     # -- recovery (recovery.py) --
 

@@ -6,6 +6,8 @@ than the task's misfire grace, then ``missed`` (only ``trigger`` runs it then).
 The live nodes are every scheduler and worker with a heartbeat (beats.py), each with
 its clock's offset from Redis's (and, for a node's worker, how many worker processes
 run there); ``clock_warnings`` names those more than 2 s off.
+``paused`` maps each paused task to ``{"since", "by"}`` (pause.py), and a queued run of
+a paused task shows ``paused``; a run held back by a limit of its task stays ``queued``.
 The ``--json`` shape is a public contract: keys are added, never renamed.
 
 This module reads Redis; the text table made from its dict is render.py's (pure).
@@ -23,7 +25,8 @@ from .beats import clock_warnings, live_processes
 from .clock import iso
 from .keys import Keys
 from .params_book import ParamsBook
-from .runs import MISSED, PUBLIC_RUN_FIELDS, SCHEDULED, RunRecord, decode_record, runs_on
+from .pause import paused_tasks
+from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, RunRecord, decode_record, runs_on
 from .table import TaskTable
 
 
@@ -45,18 +48,24 @@ def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
 
 
 def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> dict[str, Any]:
-    runs = day_runs(connection, keys, table, day, now)
+    paused = paused_tasks(connection, keys)
+    runs = day_runs(connection, keys, table, day, now, paused)
     nodes = live_processes(connection, keys, now)
     return {"date": day.isoformat(), "leader": leader_info(connection, keys), "runs": runs,
-            "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes)}
+            "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes), "paused": paused}
 
 
-def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> list[dict[str, Any]]:
+def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,
+             paused: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every run of ``day`` as ``status --json`` shows it, in firing order.
 
     A computed task's runs are those of the list stored for the slot (params_book.py);
     a slot of it with no list yet is one entry (``params_book.placeholder_record``)."""
     records = {k.decode(): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
+    paused = paused_tasks(connection, keys) if paused is None else paused
+    for stored in records.values():
+        if stored.get("state") == QUEUED and stored.get("task") in paused:
+            stored["state"] = PAUSED
     book = ParamsBook.read(connection, keys, day)
     shown: list[tuple[datetime, dict[str, Any]]] = []
     for run in runs_on(table, day, book=book):

@@ -34,7 +34,9 @@ from .connection import connect
 from .dependencies import downstream_of, release_ready
 from .errors import DailyqError
 from .guard import CLAIM_LOST_EXIT_CODE, Guard
+from .limits import Admissions
 from .outage import OutageLog, through_outage
+from .pause import PausedCache
 from .runs import RunJob, StaleJob
 from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
 from .settings import Settings
@@ -74,6 +76,9 @@ class WorkerContext:
     guard: Guard = field(init=False)
     # This host's offset from Redis's clock, for the heartbeat value (see beat).
     clock: RedisClock = field(init=False)
+    # Whether a run may start now: limits and pause (limits.py, pause.py). In the worker
+    # process, before it forks, so its view of the paused tasks lasts across runs.
+    admissions: Admissions = field(init=False)
     # (monotonic time, key expiry) of the last heartbeat key written.
     beat_written: tuple[float, float] = (float("-inf"), float("-inf"))
     # Task name -> the tasks that name it in ``after`` (dependencies.py).
@@ -85,6 +90,8 @@ class WorkerContext:
                            claim_margin_s=s.claim_margin_s, stop_by_exit=self.stop_by_exit)
         self.guard.on_ended = self.upstream_ended
         self.clock = RedisClock(self.connection)
+        self.admissions = Admissions(self.connection, s.keys, s.node_name, s.claim_ttl_s,
+                                     PausedCache(self.connection, s.keys))
         self.downstream = downstream_of(self.table)
 
     def upstream_ended(self, run: RunJob) -> None:
@@ -119,6 +126,21 @@ class WorkerContext:
         except StaleJob:
             return None  # check_allowed fails the job with the reason before it can run
         return RunExecution(self.guard, self.guard.attempt(run)) if run is not None else None
+
+    def admit(self, execution: RunExecution, queue: Queue) -> bool:
+        attempt = execution.attempt
+        run = attempt.run
+        outcome, slot = self.admissions.admit(run, attempt.owner, queue.intermediate_queue_key, queue.key)
+        if outcome != "admitted":
+            why = "its task is paused" if outcome == "paused" else "its task is at its max_running/max_per_node limit"
+            log.info("run %s held back, not started: %s (job %s stays queued)", run.run_id, why, run.job_id,
+                     extra={"run_id": run.run_id})
+            return False
+        if slot is not None:
+            execution.slot = slot
+            attempt.slots_key = slot.slots_key
+            attempt.while_waiting = slot.touch
+        return True
 
     def record_death(self, execution: RunExecution, wait_status: int, rq_can_retry: bool) -> bool:
         """A dying task (os._exit, a segfault, the OOM killer) counts as an attempt:

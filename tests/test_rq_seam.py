@@ -110,6 +110,35 @@ def test_handle_work_horse_killed_gets_the_job_and_the_horses_wait_status(connec
     assert horse_pid == 0  # reset before the hook: the hook must take the horse from retpid
 
 
+# -- execute_job before the fork; a held run (limits.py) -----------------------------------
+
+def test_a_dequeued_job_waits_in_the_intermediate_queue_and_an_execute_job_that_returns_is_skipped(connection,
+                                                                                                    settings):
+    """RQ 3 moves a dequeued job id into ``queue.intermediate_queue_key`` (internal c),
+    where ADMIT takes a held run from; ``execute_job`` runs in the worker before any
+    fork, and returning from it without RQ's lets the loop go on to the next job with
+    the skipped job still ``queued`` (behaviour 4)."""
+    seen: list[tuple[str, list[bytes], int]] = []
+
+    class Probe(Worker):
+        def execute_job(self, job: Job, queue: Queue) -> None:
+            seen.append((job.id, connection.lrange(queue.intermediate_queue_key, 0, -1), os.getpid()))
+            if job.args == ["hold"]:
+                connection.lrem(queue.intermediate_queue_key, 1, job.id)  # what ADMIT does
+                return
+            super().execute_job(job, queue)
+
+    queue = queue_of(connection, settings)
+    held = queue.enqueue("builtins.print", "hold")
+    ran = queue.enqueue("builtins.print", "run")
+    Probe([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+    assert [(job_id, waiting) for job_id, waiting, _ in seen] == [(held.id, [held.id.encode()]),
+                                                                 (ran.id, [ran.id.encode()])]
+    assert {pid for *_, pid in seen} == {os.getpid()}
+    assert status_in_redis(connection, held.id) == b"queued" and status_in_redis(connection, ran.id) == b"finished"
+    assert connection.llen(queue.intermediate_queue_key) == 0 and queue.count == 0
+
+
 # -- 4. the function call: Job._execute -----------------------------------------------------
 
 def test_job_execute_is_the_call_inside_the_timeout_and_before_the_function_is_imported(connection, settings):

@@ -4,6 +4,7 @@ branch of each script, without workers or schedulers around it."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -547,3 +548,161 @@ def test_mark_held_only_under_our_lease_and_reports_a_gap(scripts, connection, k
     outcome, _, later = mark("a", 0)
     assert outcome == "ok" and int(connection.hget(keys.leadership, "last_ms")) == later
     assert int(connection.hget(keys.leadership, "first_ms")) == now  # the first held tick stays
+
+
+# -- limits and pause (limits.py, pause.py) ------------------------------------------------
+
+@dataclass
+class LimitKeys:
+    keys: Keys
+    task: str = "lim"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.keys.prefix}:q"
+
+    @property
+    def intermediate(self) -> str:
+        return f"{self.keys.prefix}:q:intermediate"
+
+    def admit(self, scripts: Scripts, owner: str, node: str = "n1", job_id: str | None = None,
+              max_running: int | None = 2, max_per_node: int | None = None, ttl_ms: int = TTL_MS) -> str:
+        return scripts.admit(paused_key=self.keys.paused, slots_key=self.keys.limit_slots(self.task),
+                             slot_nodes_key=self.keys.limit_slot_nodes(self.task), held_key=self.keys.held(self.task),
+                             intermediate_queue_key=self.intermediate, task=self.task, owner=owner, node=node,
+                             job_id=job_id or f"job-{owner}", ttl_ms=ttl_ms, max_running=max_running,
+                             max_per_node=max_per_node).run()
+
+    def release(self, scripts: Scripts, owner: str, node: str = "n1", max_running: int | None = 2,
+                max_per_node: int | None = None) -> list[str]:
+        return scripts.release_slot(paused_key=self.keys.paused, slots_key=self.keys.limit_slots(self.task),
+                                    slot_nodes_key=self.keys.limit_slot_nodes(self.task),
+                                    held_key=self.keys.held(self.task), queue_key=self.queue, task=self.task,
+                                    owner=owner, node=node, max_running=max_running,
+                                    max_per_node=max_per_node).run()
+
+    def held(self, connection: Redis) -> list[str]:
+        return [j.decode() for j in connection.lrange(self.keys.held(self.task), 0, -1)]
+
+    def queued(self, connection: Redis) -> list[str]:
+        return [j.decode() for j in connection.lrange(self.queue, 0, -1)]
+
+    def slots(self, connection: Redis) -> set[str]:
+        return {m.decode() for m in connection.zrange(self.keys.limit_slots(self.task), 0, -1)}
+
+
+@pytest.fixture
+def lim(keys: Keys) -> LimitKeys:
+    return LimitKeys(keys)
+
+
+def test_admit_takes_slots_up_to_max_running_then_holds_off_the_intermediate_queue(scripts, connection, lim) -> None:
+    connection.rpush(lim.intermediate, "job-c", "other")
+    assert lim.admit(scripts, "a") == "admitted"
+    assert lim.admit(scripts, "b", node="n2") == "admitted"
+    assert lim.slots(connection) == {"a", "b"}
+    assert lim.admit(scripts, "c") == "held"
+    assert lim.admit(scripts, "c") == "held"  # held twice (queued twice): listed once
+    assert lim.held(connection) == ["job-c"]
+    assert connection.lrange(lim.intermediate, 0, -1) == [b"other"]  # never seen as stranded
+    assert lim.slots(connection) == {"a", "b"}
+
+
+def test_admit_counts_per_node(scripts, connection, lim) -> None:
+    assert lim.admit(scripts, "a", node="n1", max_running=None, max_per_node=1) == "admitted"
+    assert lim.admit(scripts, "b", node="n1", max_running=None, max_per_node=1) == "held"
+    assert lim.admit(scripts, "c", node="n2", max_running=None, max_per_node=1) == "admitted"
+
+
+def test_admit_holds_a_paused_task_and_takes_no_slot_without_limits(scripts, connection, lim, keys) -> None:
+    assert lim.admit(scripts, "a", max_running=None) == "admitted"
+    assert lim.slots(connection) == set()  # no limits: nothing to count
+    connection.hset(keys.paused, lim.task, "{}")
+    assert lim.admit(scripts, "b", max_running=None) == "paused"
+    assert lim.admit(scripts, "c", max_running=5) == "paused"
+    assert lim.held(connection) == ["job-b", "job-c"]
+
+
+def test_a_lapsed_slot_frees_at_the_next_check(scripts, connection, lim) -> None:
+    assert lim.admit(scripts, "dead", max_running=1, ttl_ms=50) == "admitted"
+    assert lim.admit(scripts, "b", max_running=1) == "held"
+    time.sleep(0.1)  # the holder's claim TTL passes
+    assert lim.admit(scripts, "c", max_running=1) == "admitted"
+    assert lim.slots(connection) == {"c"}
+
+
+def test_release_frees_the_slot_and_moves_held_runs_to_the_front_in_order(scripts, connection, lim) -> None:
+    for owner in ("a", "b"):
+        assert lim.admit(scripts, owner) == "admitted"
+    for owner in ("c", "d", "e"):
+        assert lim.admit(scripts, owner) == "held"
+    connection.rpush(lim.queue, "later")
+    assert lim.release(scripts, "a") == ["job-c"]
+    assert lim.queued(connection) == ["job-c", "later"]
+    assert lim.slots(connection) == {"b"}
+    assert lim.release(scripts, "b") == ["job-d", "job-e"]  # two free now
+    assert lim.queued(connection) == ["job-d", "job-e", "job-c", "later"]
+    assert lim.held(connection) == []
+    assert lim.release(scripts, "b") == []  # idempotent
+
+
+def test_release_moves_nothing_while_the_task_is_paused(scripts, connection, lim, keys) -> None:
+    assert lim.admit(scripts, "a", max_running=1) == "admitted"
+    assert lim.admit(scripts, "b", max_running=1) == "held"
+    connection.hset(keys.paused, lim.task, "{}")
+    assert lim.release(scripts, "a", max_running=1) == []
+    assert lim.held(connection) == ["job-b"]
+
+
+def test_renew_claim_extends_a_live_slot_only(scripts, connection, keys, run, lim) -> None:
+    slots = keys.limit_slots(lim.task)
+    assert lim.admit(scripts, "a", ttl_ms=1000) == "admitted"
+    connection.set(keys.claim(run.run_id), "a")
+    before = connection.zscore(slots, "a")
+    assert scripts.renew_claim(claim_key=keys.claim(run.run_id), series_key=keys.series_claim(run.series),
+                               owner="a", ttl_ms=60_000, slots_key=slots).run() == "ok"
+    assert connection.zscore(slots, "a") > before + 50_000
+    lim.release(scripts, "a")
+    assert scripts.renew_claim(claim_key=keys.claim(run.run_id), series_key=keys.series_claim(run.series),
+                               owner="a", ttl_ms=60_000, slots_key=slots).run() == "ok"
+    assert connection.zscore(slots, "a") is None  # a released slot is not taken back
+    assert scripts.touch_slot(slots_key=slots, owner="a", ttl_ms=1000).run() is False
+    assert lim.admit(scripts, "b", ttl_ms=1000) == "admitted"
+    assert scripts.touch_slot(slots_key=slots, owner="b", ttl_ms=60_000).run() is True
+
+
+def test_sweep_frees_lapsed_slots_and_counts_room_on_live_nodes(scripts, connection, keys, lim) -> None:
+    from dailyq.scripts import LimitedTask
+
+    task = LimitedTask(lim.task, None, 1, keys.limit_slots(lim.task), keys.limit_slot_nodes(lim.task),
+                       keys.held(lim.task))
+
+    def sweep() -> list[str]:
+        return scripts.sweep_slots(paused_key=keys.paused, queue_key=lim.queue, nodes_key=keys.nodes, live_s=600,
+                                   tasks=[task]).run()
+
+    seconds, _ = connection.time()
+    connection.zadd(keys.nodes, {"n1": seconds, "n2": seconds, "gone": seconds - 3600})
+    assert lim.admit(scripts, "a", node="n1", max_running=None, max_per_node=1) == "admitted"
+    assert lim.admit(scripts, "b", node="n2", max_running=None, max_per_node=1, ttl_ms=50) == "admitted"
+    assert lim.admit(scripts, "c", node="n1", max_running=None, max_per_node=1) == "held"
+    assert sweep() == []  # both live nodes full ("gone" beat an hour ago: not counted)
+    time.sleep(0.1)  # b's holder died: its slot lapses
+    assert sweep() == ["job-c"]
+    assert lim.queued(connection) == ["job-c"] and lim.slots(connection) == {"a"}
+    connection.hset(keys.paused, lim.task, "{}")
+    assert lim.admit(scripts, "d", node="n2", max_running=None, max_per_node=1) == "paused"
+    assert sweep() == []  # paused: held runs stay
+
+
+def test_resume_unpauses_and_puts_every_held_run_back_at_the_front(scripts, connection, keys, lim) -> None:
+    connection.hset(keys.paused, lim.task, "{}")
+    for owner in ("a", "b"):
+        assert lim.admit(scripts, owner) == "paused"
+    connection.rpush(lim.queue, "later")
+    assert scripts.resume(paused_key=keys.paused, held_key=keys.held(lim.task), queue_key=lim.queue,
+                          task=lim.task).run() == (True, 2)
+    assert lim.queued(connection) == ["job-a", "job-b", "later"]
+    assert connection.hexists(keys.paused, lim.task) == 0
+    assert scripts.resume(paused_key=keys.paused, held_key=keys.held(lim.task), queue_key=lim.queue,
+                          task=lim.task).run() == (False, 0)

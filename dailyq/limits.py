@@ -1,0 +1,168 @@
+"""Per-task limits: ``Task(max_running=K)``, at most K runs of the task execute at the
+same moment across all nodes; ``Task(max_per_node=K)``, at most K on any one node.
+
+Slots
+-----
+A task with limits has one sorted set of slots, ``keys.limit_slots(task)``: member the
+claim owner token of an admitted execution (guard.Attempt.owner, unique per execution),
+score the moment (ms, Redis's clock) the slot lapses; and a hash owner -> node
+(``keys.limit_slot_nodes``), from which the per-node count is taken. One set per task
+rather than one per (task, node): the leader's sweep then sees every node's slots with
+keys it can name without first listing the nodes (one round trip per tick, not two).
+
+A slot lapses with the claim: it is taken for the claim TTL and extended by the same
+RENEW_CLAIM that extends the claim (ClaimKeeper, every second, no extra round trip). So
+the slot of a holder that died or was cut off from Redis lapses when its claim would,
+and every check (ADMIT, RELEASE_SLOT, SWEEP_SLOTS) first drops lapsed members.
+
+Who holds and who releases
+--------------------------
+* ``ADMIT`` (scripts.py), by the worker in ``execute_job``, before it forks or sends
+  BEGIN, only for runs of tasks with limits and of tasks it believes paused
+  (pause.PausedCache): a run of any other task costs no round trip more. Over a limit
+  (or paused) the job is *held*: taken off RQ's intermediate queue and put on the
+  task's held list, its RQ job left ``queued``; the worker does not execute it and
+  goes on with the next job. Else the run takes its slot, atomically with the check.
+* ``RELEASE_SLOT``, when an admitted execution ends: in RQ's success transaction with
+  FINISH; after FAIL or any BEGIN outcome but "claimed" (finished, superseded,
+  exhausted, skipped), from the executing process; from the worker parent when its
+  work-horse died. It frees the slot and moves held runs to the queue's front while
+  there is room, in one script: a hold and a release are serialized by Redis, so a
+  held run never misses the wake-up of the slot that frees after it was held.
+* ``SWEEP_SLOTS``, by the leader every tick (``SlotSweep``): drops lapsed slots and
+  moves held runs while there is room. It is what frees the slot of a dead holder
+  (within a tick of its claim lapsing), and what moves a run held by a node that was
+  full while another node had room (per-node room is counted over the nodes that beat).
+
+A copy that BEGIN answers "busy" (another copy of the run, or with overlap='wait' the
+previous slot's run, is executing) keeps its slot while it waits, renewed each poll
+(TOUCH_SLOT): releasing it and executing later without one could exceed the limit.
+
+Latency: a held run goes back to the queue's front the moment a slot frees by a run's
+end, or within a leader tick (1 s) of a dead holder's slot lapsing, and starts as soon
+as a worker is free. A run moved to the queue can still be held again (a run dequeued
+meanwhile took the room, or a full node's worker dequeued it): it is then moved again
+by the next release or sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from .keys import Keys
+from .pause import PausedCache
+from .scripts import AdmitOutcome, LimitedTask, ScriptCall, scripts_for
+from .table import Task, TaskTable
+
+if TYPE_CHECKING:
+    from .runs import RunJob
+
+log = logging.getLogger(__name__)
+
+# SWEEP_SLOTS counts per-node room on nodes that beat this recently: an idle worker beats
+# about every 405 s (worker.WorkerContext.beat), so this is "alive", not "busy".
+LIVE_NODE_S = 600
+
+
+class SlotHold:
+    """The slot one admitted execution holds (owner = its claim owner token)."""
+
+    def __init__(self, connection: Redis, keys: Keys, task: Task, owner: str, node: str, queue_key: str,
+                 ttl_ms: int) -> None:
+        self.keys = keys
+        self.task = task
+        self.owner = owner
+        self.node = node
+        self.queue_key = queue_key
+        self.ttl_ms = ttl_ms
+        self.released = False
+        self._scripts = scripts_for(connection)
+
+    @property
+    def slots_key(self) -> str:
+        return self.keys.limit_slots(self.task.name)
+
+    def touch(self) -> None:
+        """Keep the slot while the run waits for another copy (no claim to renew it with)."""
+        try:
+            self._scripts.touch_slot(slots_key=self.slots_key, owner=self.owner, ttl_ms=self.ttl_ms).run()
+        except RedisError as exc:
+            log.warning("could not extend the slot of a waiting run of %s (%s)", self.task.name, exc)
+
+    def release_call(self) -> ScriptCall[list[str]]:
+        task = self.task
+        return self._scripts.release_slot(
+            paused_key=self.keys.paused, slots_key=self.slots_key, slot_nodes_key=self.keys.limit_slot_nodes(task.name),
+            held_key=self.keys.held(task.name), queue_key=self.queue_key, task=task.name, owner=self.owner,
+            node=self.node, max_running=task.max_running, max_per_node=task.max_per_node)
+
+    def release(self) -> None:
+        """Free the slot now (idempotent). Redis failing: the slot lapses with its TTL
+        instead, and the leader's sweep moves the held runs then."""
+        if self.released:
+            return
+        try:
+            moved = self.release_call().run()
+        except RedisError as exc:
+            log.warning("could not release a slot of %s (%s); it lapses within %gs", self.task.name, exc,
+                        self.ttl_ms / 1000)
+            return
+        self.released = True
+        if moved:
+            log.info("%s: a slot freed; %d held run(s) back at the front of the queue", self.task.name, len(moved))
+
+
+class Admissions:
+    """The worker's side: whether a run may start now (see the module docstring)."""
+
+    def __init__(self, connection: Redis, keys: Keys, node: str, claim_ttl_s: float, paused: PausedCache) -> None:
+        self.connection = connection
+        self.keys = keys
+        self.node = node
+        self.ttl_ms = int(claim_ttl_s * 1000)
+        self.paused = paused
+        self._scripts = scripts_for(connection)
+
+    def admit(self, run: RunJob, owner: str, intermediate_queue_key: str,
+              queue_key: str) -> tuple[AdmitOutcome, SlotHold | None]:
+        """'admitted' (with the slot taken, for a task with limits), 'held' or 'paused'."""
+        task = run.run.task  # the worker's table's (RunJob.from_job)
+        if not task.has_limits and not self.paused.contains(task.name):
+            return "admitted", None  # no round trip: the common case
+        keys = self.keys
+        outcome = self._scripts.admit(
+            paused_key=keys.paused, slots_key=keys.limit_slots(task.name),
+            slot_nodes_key=keys.limit_slot_nodes(task.name), held_key=keys.held(task.name),
+            intermediate_queue_key=intermediate_queue_key, task=task.name, owner=owner, node=self.node,
+            job_id=run.job_id, ttl_ms=self.ttl_ms, max_running=task.max_running,
+            max_per_node=task.max_per_node).run()
+        if outcome == "paused":
+            self.paused.saw(task.name)
+        if outcome != "admitted" or not task.has_limits:
+            return outcome, None
+        return outcome, SlotHold(self.connection, keys, task, owner, self.node, queue_key, self.ttl_ms)
+
+
+class SlotSweep:
+    """The leader's side: every tick, lapsed slots go and held runs move while there is room."""
+
+    def __init__(self, connection: Redis, keys: Keys, queue_key: str, table: TaskTable) -> None:
+        self.keys = keys
+        self.queue_key = queue_key
+        self.tasks = [LimitedTask(task.name, task.max_running, task.max_per_node, keys.limit_slots(task.name),
+                                  keys.limit_slot_nodes(task.name), keys.held(task.name))
+                      for task in table.tasks if task.has_limits]
+        self._scripts = scripts_for(connection)
+
+    def sweep(self) -> list[str]:
+        if not self.tasks:
+            return []  # no task with limits: no round trip
+        moved = self._scripts.sweep_slots(paused_key=self.keys.paused, queue_key=self.queue_key,
+                                          nodes_key=self.keys.nodes, live_s=LIVE_NODE_S, tasks=self.tasks).run()
+        if moved:
+            log.info("%d held run(s) back at the front of the queue (slots free)", len(moved))
+        return moved
