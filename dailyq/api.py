@@ -31,15 +31,15 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 
 from redis import Redis
 
+from .backfill import day_range, day_summary
 from .clock import server_now
-from .connection import connect
-from .errors import ConfigError
 from .commands import pause as _pause_command
 from .commands import rerun as _rerun_command
 from .commands import resume as _resume_command
 from .commands import select_params
 from .commands import trigger as _trigger_command
-from .backfill import day_range, day_summary
+from .connection import connect
+from .errors import ConfigError
 from .runs import Run, decode_record
 from .settings import Settings
 from .status import day_runs as _day_runs

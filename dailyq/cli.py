@@ -26,12 +26,12 @@ from redis.exceptions import RedisError
 from . import api
 from .backfill import MAX_RANGE_DAYS, render_days
 from .clock import server_now
+from .connection import connect
 from .errors import ConfigError, DailyqError, RedisUnavailable
 from .logs import setup_logging
-from .server_checks import warn_about_server
-from .connection import connect
 from .redact import redact_url
 from .render import colour_wanted, render_table
+from .server_checks import warn_about_server
 from .settings import Settings
 from .table import TaskTable, default_day, encode_param, load_table
 

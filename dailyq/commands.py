@@ -98,7 +98,7 @@ def select_params(task: Task, wanted: Sequence[str], available: Sequence[Any] | 
     params = list(task.params if available is None else available)  # type: ignore[arg-type]
     if not wanted:
         return params
-    chosen = []
+    chosen: list[Any] = []
     for text in wanted:
         matches = [p for p in params if p == text or encode_param(p) == text]
         if not matches:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import cached_property
 from datetime import date
+from functools import cached_property
 from typing import Any, Iterable, Protocol, Sequence, TypedDict
 
 from .errors import ConfigError

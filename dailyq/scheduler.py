@@ -34,21 +34,20 @@ from typing import Callable, cast
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .beats import (OFFSET_WARN_S, beat_value, describe_offset, forget_silent_nodes, format_offset,
-                    register_node)
+from .beats import OFFSET_WARN_S, beat_value, describe_offset, forget_silent_nodes, format_offset, register_node
 from .clock import Clock, RedisClock, iso
 from .dependencies import WaitingRuns
 from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
 from .limits import SlotSweep
+from .params_book import retry_due, slot_runs
 from .pause import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
 from .retries import DueRetries
-from .params_book import retry_due, slot_runs
+from .rq_seam import DelayedJobs, make_queue
 from .settings import Settings
 from .table import Task, TaskTable
-from .rq_seam import DelayedJobs, make_queue
 
 log = logging.getLogger(__name__)
 

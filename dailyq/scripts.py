@@ -209,7 +209,8 @@ for i = 3, again_from - 1, 2 do
   store_record(runs_key, ARGV[i], ARGV[i + 1], retention_s)
 end
 for i = again_from, #ARGV, 5 do
-  local run_id, base_json, job_id, attempts_before, rerun_id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local run_id, base_json, job_id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local attempts_before, rerun_id = ARGV[i + 3], ARGV[i + 4]
   local record = load_record(runs_key, run_id, base_json)
   -- the job id names the one job of the run that may execute (older ones are superseded)
   record.state, record.job_id, record.error, record.ended_at = '{QUEUED}', job_id, cjson.null, cjson.null
@@ -232,7 +233,8 @@ BEGIN = _lua(f"""
 -- ARGV[1] = run_id, ARGV[2] = claim owner, ARGV[3] = claim ttl (ms), ARGV[4] = force ('1'|'0'),
 -- ARGV[5] = base record JSON, ARGV[6] = retention (s), ARGV[7] = day, ARGV[8] = overlap ('skip'|'wait'),
 -- ARGV[9] = node, ARGV[10] = now (ISO), ARGV[11] = job_id, ARGV[12] = max attempts (0 = no limit)
--- Replies {{'claimed', attempt, fence}} | {{'finished'}} | {{'superseded'}} | {{'exhausted'}} | {{'busy'}} | {{'skipped'}}.
+-- Replies {{'claimed', attempt, fence}} | {{'finished'}} | {{'superseded'}} | {{'exhausted'}} | {{'busy'}}
+--   | {{'skipped'}}.
 -- Fields are set from plain arguments (no JSON patch): a run costs the worker no JSON
 -- encoding beyond its base record.
 local finished_key, claim_key, runs_key, running_key, series_key, fence_key =
@@ -837,7 +839,7 @@ def parse_begin(reply: Any) -> BeginReply:
     if outcome not in BEGIN_OUTCOMES:
         return BeginReply(None)
     numbers = [int(n) for n in reply[1:3]] + [0, 0]
-    return BeginReply(outcome, numbers[0], numbers[1])  # type: ignore[arg-type]
+    return BeginReply(outcome, numbers[0], numbers[1])
 
 
 def _parse_finish(reply: Any) -> bool:

@@ -26,9 +26,9 @@ from .clock import iso
 from .keys import Keys
 from .params_book import ParamsBook
 from .pause import paused_tasks
+from .redis_values import as_text
 from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, RunRecord, decode_record, runs_on
 from .table import TaskTable
-
 
 
 def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
@@ -61,7 +61,7 @@ def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: da
 
     A computed task's runs are those of the list stored for the slot (params_book.py);
     a slot of it with no list yet is one entry (``params_book.placeholder_record``)."""
-    records = {k.decode(): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
+    records = {as_text(k): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
     paused = paused_tasks(connection, keys) if paused is None else paused
     for stored in records.values():
         if stored.get("state") == QUEUED and stored.get("task") in paused:

@@ -37,8 +37,8 @@ from .guard import CLAIM_LOST_EXIT_CODE, Guard
 from .limits import Admissions
 from .outage import OutageLog, through_outage
 from .pause import PausedCache
-from .runs import RunJob, StaleJob
 from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
+from .runs import RunJob, StaleJob
 from .settings import Settings
 from .table import TaskTable, load_table
 

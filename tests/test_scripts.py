@@ -14,8 +14,20 @@ from redis import Redis
 
 from dailyq.keys import Keys
 from dailyq.runs import new_record
-from dailyq.scripts import (OVERLAP_SKIPPED, BeginReply, Claimed, FailOutcome, Idle, OutboxAlert, RenewOutcome,
-                            Requeued, ScriptCall, Scripts, parse_begin, scripts_for)
+from dailyq.scripts import (
+    OVERLAP_SKIPPED,
+    BeginReply,
+    Claimed,
+    FailOutcome,
+    Idle,
+    OutboxAlert,
+    RenewOutcome,
+    Requeued,
+    ScriptCall,
+    Scripts,
+    parse_begin,
+    scripts_for,
+)
 
 DAY = "2026-11-26"
 RETENTION_S = 600
