@@ -257,12 +257,15 @@ class WaitingRuns:
         self.queue = queue
         self.table = table
         self.retention_s = retention_s
+        self.days_held = 0
 
     def release_all(self) -> list[str]:
         """Release what is ready on every day with held runs; returns the run ids released.
-        One SMEMBERS when nothing is held."""
+        One SMEMBERS when nothing is held. ``days_held`` says how many days had held runs."""
         released: list[str] = []
-        for raw in sorted(self.connection.smembers(self.keys.waiting_days)):
+        days = sorted(self.connection.smembers(self.keys.waiting_days))
+        self.days_held = len(days)
+        for raw in days:
             try:
                 day = date.fromisoformat(_text(raw))
             except ValueError:

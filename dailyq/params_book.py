@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Literal
 
 from redis import Redis
@@ -222,6 +222,14 @@ def slot_runs(connection: Redis, keys: Keys, task: Task, slot: Slot, now: dateti
         return runs_of_slot(task, slot)
     entry = settle(connection, keys, task, slot, now, retention_s, when="unset", fence=fence)
     return [Run(task, param, slot) for param in entry.params or ()]
+
+
+def next_retry_at(connection: Redis, keys: Keys) -> datetime | None:
+    """When the earliest failed params callable is due to be called again, if any."""
+    earliest = connection.zrange(keys.params_retries, 0, 0, withscores=True)
+    if not earliest:
+        return None
+    return datetime.fromtimestamp(float(earliest[0][1]) / 1000, tz=timezone.utc)
 
 
 def retry_due(connection: Redis, keys: Keys, table: TaskTable, now: datetime, retention_s: int,

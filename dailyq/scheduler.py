@@ -41,7 +41,7 @@ from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
 from .limits import SlotSweep
-from .params_book import retry_due, slot_runs
+from .params_book import next_retry_at, retry_due, slot_runs
 from .pause import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
 from .retries import DueRetries
@@ -63,6 +63,30 @@ RECOVERY_EVERY_S = 5.0
 # Once warned that this host's clock is more than OFFSET_WARN_S off Redis's, say it is
 # fine again only below this: an offset hovering about the threshold logs once.
 OFFSET_CLEAR_S = OFFSET_WARN_S * 0.75
+
+
+# How often the leader looks for work that others may have left (runs held for upstream
+# runs by a trigger; params callables failed in a trigger) when its last look found none.
+LOOK_AGAIN_S = 5.0
+
+
+class Look:
+    """When the leader next looks at something that is usually empty: each tick while it
+    has work, at its next known due time, else every LOOK_AGAIN_S. Keeps an idle
+    leader's tick to a few commands (bench/run.py's idle cost)."""
+
+    def __init__(self) -> None:
+        self.next_at: datetime | None = None  # None: at the next tick
+
+    def due(self, now: datetime) -> bool:
+        return self.next_at is None or now >= self.next_at
+
+    def after(self, now: datetime, next_due: datetime | None) -> None:
+        again = now + timedelta(seconds=LOOK_AGAIN_S)
+        self.next_at = min(again, next_due) if next_due is not None else again
+
+    def now(self) -> None:
+        self.next_at = None
 
 
 class DailyScheduler:
@@ -90,6 +114,8 @@ class DailyScheduler:
         self._redis_down = False
         self._next_recovery = 0.0
         self._next_heartbeat = 0.0
+        self._params_look = Look()
+        self._waiting_look = Look()
         self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s, self.clock)
         self.retries = DueRetries(connection, self.queue)
         self.stranded = StrandedJobs(connection, keys, self.queue, stuck_after_s=settings.claim_ttl_s)
@@ -145,25 +171,38 @@ class DailyScheduler:
     def fire_due_slots(self, now: datetime) -> int:
         """Fan out every due slot of every task; returns the number of runs enqueued."""
         enqueued = 0
-        paused = paused_names(self.connection, self.keys)
-        # Computed params whose callable failed earlier and is due again (params_book.py).
-        # (Of a paused task too: its runs are then held by the workers, shown paused.)
-        retried = retry_due(self.connection, self.keys, self.table, now, self.settings.retention_s, fence=self.lease)
-        if retried:
-            enqueued += len(fan_out(self.connection, self.keys, self.queue, retried,
-                                    retention_s=self.settings.retention_s, fence=self.lease).enqueued)
-        for task in self.table.tasks:
+        if self._params_look.due(now):
+            # Computed params whose callable failed earlier and is due again (params_book.py).
+            # (Of a paused task too: its runs are then held by the workers, shown paused.)
+            retried = retry_due(self.connection, self.keys, self.table, now, self.settings.retention_s,
+                                fence=self.lease)
+            if retried:
+                result = fan_out(self.connection, self.keys, self.queue, retried,
+                                 retention_s=self.settings.retention_s, fence=self.lease)
+                enqueued += len(result.enqueued)
+                if result.waiting:
+                    self._waiting_look.now()
+            self._params_look.after(now, next_retry_at(self.connection, self.keys))
+        due = [(task, slots) for task in self.table.tasks
+               if (slots := task.schedule.slots_between(self._window_start(task, now), now))]
+        # Read only when some slot is due: an idle leader's tick asks nothing about pauses.
+        paused = paused_names(self.connection, self.keys) if due else set()
+        for task, slots in due:
             if task.name in paused:
                 # Neither fanned out nor its cursor moved: on resume, the slots that fell due
                 # meanwhile fire if within misfire_grace_s, older ones are missed (pause.py).
                 continue
-            for slot in task.schedule.slots_between(self._window_start(task, now), now):
+            for slot in slots:
                 # A computed task's list is made here, once per slot, and stored (params_book.py).
                 runs = slot_runs(self.connection, self.keys, task, slot, now, self.settings.retention_s,
                                  fence=self.lease)
+                if task.params_computed and not runs:
+                    self._params_look.now()  # it may have failed: its retry is due in backoff seconds
                 result = fan_out(self.connection, self.keys, self.queue, runs,
                                  retention_s=self.settings.retention_s, fence=self.lease)
                 enqueued += len(result.enqueued)
+                if result.waiting:
+                    self._waiting_look.now()  # released in this very tick if upstream is done
                 log.info("node %s fanned out %s slot %s: %d enqueued, %d already enqueued",
                          self.settings.node_name, task.name, slot.isoformat(), len(result.enqueued),
                          len(result.already))
@@ -189,10 +228,16 @@ class DailyScheduler:
         """The leader's pass: slots, recovery, runs held for upstream runs that finished
         (dependencies.py; also those this pass held), retries, and rq-scheduler's delayed
         jobs, each "due" by our clock (Redis's), not the host's."""
-        self.fire_due_slots(self.clock())
+        now = self.clock()
+        self.fire_due_slots(now)
         self.slots.sweep()  # every tick: a dead holder's slot serves held runs within a tick of lapsing
         self.recover_abandoned_runs()
-        self.waiting.release_all()
+        if self._waiting_look.due(now):
+            self.waiting.release_all()
+            # Every tick while some day has held runs (the backstop for a worker that died
+            # between an upstream FINISH and its release); else a look for days that others
+            # (trigger, rerun) held runs on, every LOOK_AGAIN_S.
+            self._waiting_look.after(now, now if self.waiting.days_held else None)
         self.retries.move_due(self.clock())
         self.delayed.move_due(self.clock())
 
