@@ -193,7 +193,7 @@ def enqueue_dailyq_jobs_with_plain_rq(connection: Redis, queue_name: str, task: 
     """The jobs dailyq makes for ``task`` on ``day`` (ids, args, meta, description, retry,
     TTLs), enqueued with plain ``enqueue_many`` in chunks of 1,000: a baseline that
     differs from dailyq only by dailyq's own bookkeeping (records, dedup, guard)."""
-    from dailyq.fanout import _job_data
+    from dailyq.fanout import job_data
     from dailyq.runs import runs_of_slot
 
     queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
@@ -201,7 +201,7 @@ def enqueue_dailyq_jobs_with_plain_rq(connection: Redis, queue_name: str, task: 
     runs = runs_of_slot(task, slot)
     for lo in range(0, len(runs), 1000):
         with connection.pipeline() as pipe:
-            queue.enqueue_many([_job_data(queue, run, run.job_id(), 7 * 86400, False, False)
+            queue.enqueue_many([job_data(queue, run, run.job_id(), 7 * 86400, False, False)
                                 for run in runs[lo:lo + 1000]], pipeline=pipe)
             pipe.execute()
     return len(runs)
