@@ -130,6 +130,13 @@ def longest_first(connection: Redis, keys: Keys, runs: Sequence[Run]) -> list[Ru
     list scheduling: the long runs start early and the short ones fill the gaps at
     the end, which keeps the day's makespan close to max(total work / workers,
     longest run). Unknown durations go first because they may be the longest.
+
+    A task limited to K runs at once (``max_running``) cannot finish sooner than its
+    runs' work / K, however many workers are free: its backlog is the day's critical
+    path when that is the longest. Each of its runs is ranked by that backlog (or its own
+    duration, if longer), so the limited runs start first and keep their K slots busy
+    while the other runs fill the remaining workers. (Runs over the limit cost nothing
+    while they wait: a worker sets them aside, limits.py.)
     """
     if len(runs) < 2:
         return list(runs)
@@ -138,8 +145,32 @@ def longest_first(connection: Redis, keys: Keys, runs: Sequence[Run]) -> list[Ru
     for start in range(0, len(series), DURATION_LOOKUP_CHUNK):
         part = series[start:start + DURATION_LOOKUP_CHUNK]
         expected.update({s: float(v) for s, v in zip(part, connection.hmget(keys.durations, part)) if v is not None})
+    backlog = limited_backlog_s(runs, expected)
+
+    def rank(run: Run) -> tuple[bool, float, float]:
+        own_s = expected.get(run.series_id, 0.0)
+        task_backlog_s = backlog.get(run.task.name, 0.0)
+        return run.series_id in expected, -max(own_s, task_backlog_s), -task_backlog_s
+
     # sorted() is stable: unknown runs keep the table's order among themselves.
-    return sorted(runs, key=lambda run: (run.series_id in expected, -expected.get(run.series_id, 0.0)))
+    return sorted(runs, key=rank)
+
+
+def limited_backlog_s(runs: Sequence[Run], expected: dict[str, float]) -> dict[str, float]:
+    """Task name -> its runs' expected work / max_running, for the limited tasks among
+    ``runs``. A run never timed counts as its task's mean known duration, else 1 s: all
+    that matters is how tasks compare."""
+    limited = [run for run in runs if run.task.max_running]
+    slots = {run.task.name: run.task.max_running or 1 for run in limited}
+    known: dict[str, list[float]] = defaultdict(list)
+    for run in limited:
+        if run.series_id in expected:
+            known[run.task.name].append(expected[run.series_id])
+    work: dict[str, float] = defaultdict(float)
+    for run in limited:
+        timed = known[run.task.name]
+        work[run.task.name] += expected.get(run.series_id, sum(timed) / len(timed) if timed else 1.0)
+    return {name: total / slots[name] for name, total in work.items()}
 
 
 def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk: list[Run],

@@ -46,6 +46,8 @@ from .pause import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
 from .retries import DueRetries
 from .rq_seam import DelayedJobs, make_queue
+from .runs import Run
+from .schedule import Slot
 from .settings import Settings
 from .table import Task, TaskTable
 
@@ -174,19 +176,26 @@ class DailyScheduler:
         if self._params_look.due(now):
             # Computed params whose callable failed earlier and is due again (params_book.py).
             # (Of a paused task too: its runs are then held by the workers, shown paused.)
-            retried = retry_due(self.connection, self.keys, self.table, now, self.settings.retention_s,
-                                fence=self.lease)
-            if retried:
-                result = fan_out(self.connection, self.keys, self.queue, retried,
-                                 retention_s=self.settings.retention_s, fence=self.lease)
-                enqueued += len(result.enqueued)
-                if result.waiting:
-                    self._waiting_look.now()
-            self._params_look.after(now, next_retry_at(self.connection, self.keys))
+            next_retry = next_retry_at(self.connection, self.keys)
+            if next_retry is not None and next_retry <= now:
+                retried = retry_due(self.connection, self.keys, self.table, now, self.settings.retention_s,
+                                    fence=self.lease)
+                if retried:
+                    result = fan_out(self.connection, self.keys, self.queue, retried,
+                                     retention_s=self.settings.retention_s, fence=self.lease)
+                    enqueued += len(result.enqueued)
+                    if result.waiting:
+                        self._waiting_look.now()
+                next_retry = next_retry_at(self.connection, self.keys)
+            self._params_look.after(now, next_retry)
         due = [(task, slots) for task in self.table.tasks
                if (slots := task.schedule.slots_between(self._window_start(task, now), now))]
         # Read only when some slot is due: an idle leader's tick asks nothing about pauses.
         paused = paused_names(self.connection, self.keys) if due else set()
+        # Every slot due now in one fan-out: the queue's order is then decided over all of
+        # them (longest first, a limited task's backlog first; fanout.longest_first), not
+        # task by task in table order.
+        fired: list[tuple[Task, Slot, list[Run]]] = []
         for task, slots in due:
             if task.name in paused:
                 # Neither fanned out nor its cursor moved: on resume, the slots that fell due
@@ -198,16 +207,22 @@ class DailyScheduler:
                                  fence=self.lease)
                 if task.params_computed and not runs:
                     self._params_look.now()  # it may have failed: its retry is due in backoff seconds
-                result = fan_out(self.connection, self.keys, self.queue, runs,
-                                 retention_s=self.settings.retention_s, fence=self.lease)
-                enqueued += len(result.enqueued)
-                if result.waiting:
-                    self._waiting_look.now()  # released in this very tick if upstream is done
-                log.info("node %s fanned out %s slot %s: %d enqueued, %d already enqueued",
-                         self.settings.node_name, task.name, slot.isoformat(), len(result.enqueued),
-                         len(result.already))
-                self._cursors[task.name] = slot.fires_at
-                self.connection.hset(self.keys.cursor, task.name, slot.fires_at.isoformat())
+                fired.append((task, slot, runs))
+        if not fired:
+            return enqueued
+        result = fan_out(self.connection, self.keys, self.queue, [run for _, _, runs in fired for run in runs],
+                         retention_s=self.settings.retention_s, fence=self.lease)
+        enqueued += len(result.enqueued)
+        if result.waiting:
+            self._waiting_look.now()  # released in this very tick if upstream is done
+        pushed = set(result.enqueued)
+        for task, slot, runs in fired:
+            new = sum(run.job_id() in pushed for run in runs)
+            log.info("node %s fanned out %s slot %s: %d enqueued, %d already enqueued",
+                     self.settings.node_name, task.name, slot.isoformat(), new, len(runs) - new)
+            self._cursors[task.name] = max(self._cursors.get(task.name, slot.fires_at), slot.fires_at)
+        self.connection.hset(self.keys.cursor, mapping={task.name: self._cursors[task.name].isoformat()
+                                                        for task, _, _ in fired})
         return enqueued
 
     def seconds_until_next_slot(self, now: datetime) -> float:
