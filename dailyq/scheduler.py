@@ -69,7 +69,7 @@ OFFSET_CLEAR_S = OFFSET_WARN_S * 0.75
 
 # How often the leader looks for work that others may have left (runs held for upstream
 # runs by a trigger; params callables failed in a trigger) when its last look found none.
-LOOK_AGAIN_S = 5.0
+LOOK_AGAIN_S = 10.0
 
 
 class Look:

@@ -210,8 +210,11 @@ QUEUE_RECORDS = _lua(f"""
 local runs_key = KEYS[1]
 local retention_s, fresh = ARGV[1], tonumber(ARGV[2])
 local again_from = 3 + 2 * fresh
-for i = 3, again_from - 1, 2 do
-  store_record(runs_key, ARGV[i], ARGV[i + 1], retention_s)
+if fresh > 0 then
+  -- one HSET and one EXPIRE for all of them, not two commands per run: a fan-out chunk
+  -- holds at most fanout.CHUNK_SIZE runs, 2 arguments each, well within unpack's limit
+  redis.call('HSET', runs_key, unpack(ARGV, 3, again_from - 1))
+  redis.call('EXPIRE', runs_key, retention_s)
 end
 for i = again_from, #ARGV, 5 do
   local run_id, base_json, job_id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
