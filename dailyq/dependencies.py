@@ -80,6 +80,7 @@ from .fanout import Held, job_data, longest_first
 from .keys import Keys
 from .params_book import ParamsBook, params_run_id
 from .runs import BLOCKED, FAILED, QUEUED, SKIPPED, Run, runs_on
+from .schedule import Slot
 from .scripts import Scripts, scripts_for
 from .table import TaskTable
 
@@ -169,7 +170,8 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
     if result.released:
         log.info("released %d run%s of %s whose upstream runs have finished", len(result.released),
                  "" if len(result.released) == 1 else "s", day.isoformat())
-    _mark_held(connection, scripts, keys, day, retention_s, pending, result)
+    _mark_held(connection, scripts, keys, day, retention_s, pending, result,
+               _failed_for_good(table, book) if pending and book is not None else {})
     return result
 
 
@@ -211,8 +213,26 @@ def _job_of(queue: Queue, run: Run, held: Held, retention_s: int) -> Any:
     return job_data(queue, run, held.job_id, retention_s, held.force, held.at_front, held.again)
 
 
+def _failed_for_good(table: TaskTable, book: ParamsBook) -> dict[str, str]:
+    """Stand-in id -> error, for the computed slots whose params callable failed and has
+    no retry left: they have no run record, yet their downstream runs are blocked."""
+    dead: dict[str, str] = {}
+    for entry in book.entries.values():
+        task = table.by_name.get(entry.task)
+        if task is None or entry.ok or entry.next_try_at is not None:
+            continue
+        try:
+            slot = Slot.from_iso(entry.slot, task.tz)
+        except ValueError:
+            continue
+        dead[params_run_id(task, slot)] = (f"upstream {task.name} slot {entry.slot}: its params callable failed "
+                                           f"after {entry.attempts} attempts ({entry.error})")
+    return dead
+
+
 def _mark_held(connection: Redis, scripts: Scripts, keys: Keys, day: date, retention_s: int,
-               pending: list[tuple[list[str], list[str]]], result: ReleaseResult) -> None:
+               pending: list[tuple[list[str], list[str]]], result: ReleaseResult,
+               failed_for_good: dict[str, str]) -> None:
     """``blocked`` or ``waiting`` for the held runs not released.
 
     The upstream records are read here, in chunks, and only the blocking run found (if
@@ -223,9 +243,11 @@ def _mark_held(connection: Redis, scripts: Scripts, keys: Keys, day: date, reten
     worker's own look right after its FAIL, or the leader's next tick)."""
     runs_key = keys.day_runs(day)
     for run_ids, unfinished in pending:
-        found = _first_blocking(connection, runs_key, unfinished)
+        dead = next((run_id for run_id in unfinished if run_id in failed_for_good), None)
+        found = None if dead else _first_blocking(connection, runs_key, unfinished)
         blocker, _ = scripts.hold_waiting(runs_key=runs_key, retention_s=retention_s,
-                                          unfinished_upstream=[found] if found else [], held=run_ids).run()
+                                          unfinished_upstream=[found] if found else [], held=run_ids,
+                                          given_blocker=(dead, failed_for_good[dead]) if dead else None).run()
         if blocker is None:
             result.still_waiting.extend(run_ids)
         else:

@@ -168,11 +168,13 @@ def read_entry(connection: Redis, keys: Keys, task: Task, slot: Slot) -> SlotPar
 
 
 def settle(connection: Redis, keys: Keys, task: Task, slot: Slot, now: datetime, retention_s: int, *,
-           when: When, fence: Lease | None = None) -> SlotParams:
+           when: When, fence: Lease | None = None, keep_retry: bool = False) -> SlotParams:
     """The params of ``task``'s ``slot``: the stored entry when ``when`` accepts it, else
     the callable's answer (or its failure), stored; returns what is stored afterwards,
     which is another caller's list when one got there first. A fixed list is returned
-    as it is, nothing stored. Raises LeaseLost when ``fence`` is no longer held."""
+    as it is, nothing stored. Raises LeaseLost when ``fence`` is no longer held.
+    ``keep_retry``: a list stored now leaves the slot's retry entry due (the retry path:
+    the entry goes only once the runs are fanned out, ``retried``)."""
     if not task.params_computed:
         return SlotParams(task.name, slot.isoformat(), params=list(task.params))  # type: ignore[arg-type]
     current = read_entry(connection, keys, task, slot)
@@ -194,7 +196,11 @@ def settle(connection: Redis, keys: Keys, task: Task, slot: Slot, now: datetime,
         entry = SlotParams(task.name, slot.isoformat(), error=str(exc), attempts=attempts,
                            max_attempts=max_attempts, next_try_at=iso(next_try), at=iso(now))
     else:
-        next_try = None
+        next_try = now if keep_retry else None
+    if fence is not None and not fence.acquire_or_renew():
+        # The callable may outlast the lease (3 s by default): renewed here, before the
+        # store it fences; lost only if another scheduler took the lease meanwhile.
+        raise LeaseLost(f"leader lease {keys.leader} is no longer ours")
     return store(connection, keys, task, slot, entry, retention_s, replace=when == "always" and entry.ok,
                  next_try=next_try, fence=fence)
 
@@ -235,7 +241,10 @@ def next_retry_at(connection: Redis, keys: Keys) -> datetime | None:
 def retry_due(connection: Redis, keys: Keys, table: TaskTable, now: datetime, retention_s: int,
               fence: Lease | None = None) -> list[Run]:
     """Call again the params callables whose retry is due; the runs of those that now
-    gave a list, to fan out. One ZRANGEBYSCORE per tick when nothing is due."""
+    gave a list, to fan out. Their retry entries stay due until ``retried`` is called
+    after the fan-out: a fan-out that fails (lease lost, Redis gone, the leader killed)
+    is done by the next look, from the stored list. One ZRANGEBYSCORE per tick when
+    nothing is due."""
     due = connection.zrangebyscore(keys.params_retries, "-inf", int(now.timestamp() * 1000))
     runs: list[Run] = []
     for raw in due:
@@ -245,11 +254,18 @@ def retry_due(connection: Redis, keys: Keys, table: TaskTable, now: datetime, re
             connection.zrem(keys.params_retries, member)
             continue
         task, slot = found
-        entry = settle(connection, keys, task, slot, now, retention_s, when="failed", fence=fence)
+        entry = settle(connection, keys, task, slot, now, retention_s, when="failed", fence=fence, keep_retry=True)
         runs += [Run(task, param, slot) for param in entry.params or ()]
-        if entry.ok or entry.next_try_at is None:
-            connection.zrem(keys.params_retries, member)  # also when another caller settled it
+        if (entry.ok and not entry.params) or (not entry.ok and entry.next_try_at is None):
+            connection.zrem(keys.params_retries, member)  # nothing to fan out, or no attempt left
     return runs
+
+
+def retried(connection: Redis, keys: Keys, runs: Iterable[Run]) -> None:
+    """``retry_due``'s runs are fanned out: their slots need no retry any more."""
+    members = {_retry_member(run.task, run.slot) for run in runs}
+    if members:
+        connection.zrem(keys.params_retries, *members)
 
 
 def _slot_of(table: TaskTable, member: str) -> tuple[Task, Slot] | None:

@@ -41,7 +41,7 @@ from .errors import LeaseLost
 from .fanout import fan_out
 from .lease import Lease
 from .limits import SlotSweep
-from .params_book import next_retry_at, retry_due, slot_runs
+from .params_book import next_retry_at, retried, retry_due, slot_runs
 from .pause import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
 from .retries import DueRetries
@@ -178,14 +178,15 @@ class DailyScheduler:
             # (Of a paused task too: its runs are then held by the workers, shown paused.)
             next_retry = next_retry_at(self.connection, self.keys)
             if next_retry is not None and next_retry <= now:
-                retried = retry_due(self.connection, self.keys, self.table, now, self.settings.retention_s,
-                                    fence=self.lease)
-                if retried:
-                    result = fan_out(self.connection, self.keys, self.queue, retried,
+                retried_runs = retry_due(self.connection, self.keys, self.table, now, self.settings.retention_s,
+                                         fence=self.lease)
+                if retried_runs:
+                    result = fan_out(self.connection, self.keys, self.queue, retried_runs,
                                      retention_s=self.settings.retention_s, fence=self.lease)
                     enqueued += len(result.enqueued)
                     if result.waiting:
                         self._waiting_look.now()
+                    retried(self.connection, self.keys, runs=retried_runs)
                 next_retry = next_retry_at(self.connection, self.keys)
             self._params_look.after(now, next_retry)
         due = [(task, slots) for task in self.table.tasks

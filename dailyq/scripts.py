@@ -446,13 +446,19 @@ HOLD_WAITING = _lua(f"""
 -- records now 'waiting' or 'blocked' change (a run released or begun meanwhile stays as
 -- it is), and a record already right is not rewritten.
 -- KEYS[1] = day runs hash (upstream and downstream runs of one day share it)
--- ARGV[1] = retention (s), ARGV[2] = n, then n upstream run ids (those not in the day's
---   finished set), then the held run ids
+-- ARGV[1] = retention (s), ARGV[2] = a blocker the caller found ('' = none: an upstream
+--   slot with no run record, whose params callable failed for good), ARGV[3] = its error,
+--   ARGV[4] = n, then n upstream run ids (those not in the day's finished set), then the
+--   held run ids
 -- Returns {{blocking upstream run id or '', number of records changed}}.
 local runs_key = KEYS[1]
-local retention_s, n = ARGV[1], tonumber(ARGV[2])
-local blocker, error_text = '', cjson.null
-for i = 3, 2 + n do
+local retention_s, n = ARGV[1], tonumber(ARGV[4])
+local blocker, error_text = ARGV[2], cjson.null
+if blocker ~= '' then
+  error_text = ARGV[3]
+  n = 0
+end
+for i = 5, 4 + n do
   local upstream = load_record(runs_key, ARGV[i])
   if upstream and (upstream.state == '{FAILED}' or upstream.state == '{SKIPPED}' or upstream.state == '{BLOCKED}') then
     blocker = ARGV[i]
@@ -463,7 +469,7 @@ for i = 3, 2 + n do
 end
 local target = blocker ~= '' and '{BLOCKED}' or '{WAITING}'
 local changed = 0
-for i = 3 + n, #ARGV do
+for i = 5 + tonumber(ARGV[4]), #ARGV do
   local record = load_record(runs_key, ARGV[i])
   if record and (record.state == '{WAITING}' or record.state == '{BLOCKED}')
       and (record.state ~= target or record.error ~= error_text) then
@@ -1019,11 +1025,14 @@ class Scripts:
         return ScriptCall(self._set_run_state, [runs_key], [retention_s, state, *run_ids], int)
 
     def hold_waiting(self, *, runs_key: str, retention_s: int, unfinished_upstream: Sequence[str],
-                     held: Sequence[str]) -> ScriptCall[HoldReply]:
+                     held: Sequence[str], given_blocker: tuple[str, str] | None = None) -> ScriptCall[HoldReply]:
         """``held`` runs of one task, ``unfinished_upstream`` their upstream runs not in the
-        day's finished set. Returns (the upstream run blocking them or None, records changed)."""
+        day's finished set; ``given_blocker`` (id, error) blocks them whatever the records say.
+        Returns (the upstream run blocking them or None, records changed)."""
+        blocker_id, blocker_error = given_blocker or ("", "")
         return ScriptCall(self._hold_waiting, [runs_key],
-                          [retention_s, len(unfinished_upstream), *unfinished_upstream, *held], _parse_hold)
+                          [retention_s, blocker_id, blocker_error, len(unfinished_upstream), *unfinished_upstream,
+                           *held], _parse_hold)
 
     # -- the worker-side guard (guard.py) --
 

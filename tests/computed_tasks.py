@@ -5,11 +5,13 @@ tests.computed_tasks), shared by the test and its node processes.
 does is steered through Redis, so a test can change it while processes run:
 ``{prefix}:test:params_mode`` ``list`` (default) or ``raise``; ``{prefix}:test:params_version``
 (default 1) goes into each param, so a list made later differs from one made before.
+``{prefix}:test:params_sleep_s`` (default 0): how long a call takes.
 Every call is counted in ``{prefix}:test:params_calls``. ``fixed`` has a plain list:
 the other task, which goes on whatever ``computed`` does.
 """
 
 import os
+import time
 from datetime import date
 
 from dailyq.connection import connect
@@ -27,8 +29,10 @@ def day_params(day: date) -> list[str]:
         connection.incr(test_key("params_calls"))
         mode = (connection.get(test_key("params_mode")) or b"list").decode()
         version = int(connection.get(test_key("params_version")) or 1)
+        sleep_s = float(connection.get(test_key("params_sleep_s")) or 0)
     finally:
         connection.close()
+    time.sleep(sleep_s)
     if mode == "raise":
         raise RuntimeError(f"inventory for {day.isoformat()} is not ready")
     return [f"{day.isoformat()}-a-v{version}", f"{day.isoformat()}-b-v{version}"]

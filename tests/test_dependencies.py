@@ -200,6 +200,27 @@ def test_a_computed_upstream_slot_without_its_list_holds_downstream_runs_until_i
     assert release(connection, keys, table).released == ids(table, "down")
 
 
+def failing_regions(day: date) -> list[str]:
+    raise RuntimeError("no regions today")
+
+
+def test_downstream_runs_of_a_computed_slot_whose_callable_failed_for_good_are_blocked(connection, keys):
+    from dailyq.params_book import settle
+
+    table = TaskTable([Task(name="up", func=RECORD, params="tests.test_dependencies.failing_regions", at="03:00",
+                            retries=0),
+                       Task(name="down", func=RECORD, params=["x"], at="03:00", after=["up"])])
+    fan_out(connection, keys, make_queue(connection, keys), runs_on(table, DAY, ["down"]), retention_s=RETENTION_S)
+    (slot,) = table.get("up").schedule.slots_on(DAY)
+    now = datetime(2026, 11, 20, 3, 0, tzinfo=slot.fires_at.tzinfo)
+    assert settle(connection, keys, table.get("up"), slot, now, RETENTION_S, when="failed").next_try_at is None
+    assert release(connection, keys, table).released == []
+    (down,) = ids(table, "down")
+    record = records(connection, keys)[down]
+    assert record["state"] == "blocked"  # not 'waiting' for a list that will never come
+    assert "its params callable failed after 1 attempts" in record["error"] and "no regions today" in record["error"]
+
+
 # -- real node processes ---------------------------------------------------------------------------
 
 NODE_DAY = "2026-11-20"

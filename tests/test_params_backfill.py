@@ -142,6 +142,40 @@ def test_a_params_callable_failing_every_retry_stays_failed(env, connection, set
     assert connection.zcard(settings.keys.params_retries) == 0
 
 
+def test_a_params_callable_slower_than_the_leader_lease_still_gets_its_slot_fanned_out(env, connection, settings,
+                                                                                    prefix):
+    # The lease (2 s here) is renewed once per tick; the callable takes 3 s, inside the tick.
+    connection.set(f"{prefix}:test:params_sleep_s", "3")
+    leader, _ = leader_at(connection, replace(settings, lease_ttl_s=2), SLOT + timedelta(seconds=1))
+    leader.run_once()
+    assert calls(connection, prefix) == 1 and leader.is_leader
+    assert [r["state"] for r in status_runs(env)] == ["queued"] * 4  # both tasks' runs, none lost
+
+
+def test_a_retry_whose_fan_out_never_happened_is_fanned_out_by_the_next_look(env, connection, settings, prefix):
+    # The list is stored by the retry, then the leader dies before its fan-out: the retry
+    # entry stays due, and the next look fans out the stored list without calling again.
+    from dailyq.params_book import retried, retry_due
+
+    connection.set(f"{prefix}:test:params_mode", "raise")
+    leader, clock = leader_at(connection, settings, SLOT + timedelta(seconds=1))
+    leader.run_once()
+    connection.set(f"{prefix}:test:params_mode", "list")
+    later = SLOT + timedelta(seconds=600)
+    table = leader.table
+    first = retry_due(connection, settings.keys, table, later, settings.retention_s)  # ...and no fan-out
+    assert len(first) == 2 and calls(connection, prefix) == 2
+    assert connection.zcard(settings.keys.params_retries) == 1  # still due
+    again = retry_due(connection, settings.keys, table, later, settings.retention_s)
+    assert [r.run_id for r in again] == [r.run_id for r in first] and calls(connection, prefix) == 2
+    clock.now = later
+    leader.run_once()  # the leader's look: fans them out, then forgets the retry
+    assert calls(connection, prefix) == 2
+    assert connection.zcard(settings.keys.params_retries) == 0
+    assert {r["state"] for r in status_runs(env) if r["task"] == "computed"} == {"queued"}
+    retried(connection, settings.keys, first)  # idempotent
+
+
 def test_rerun_keeps_the_stored_list_unless_refresh_params(env, connection, prefix):
     first = run_cli(["trigger", "--date", DAY.isoformat(), "--task", "computed"], env)
     assert "enqueued 2 runs, 0 were already enqueued" in first.stdout, first.stdout + first.stderr

@@ -387,6 +387,16 @@ def test_hold_waiting_counts_a_skipped_or_blocked_upstream_run_as_blocking(scrip
     assert stored(connection, keys, "d1")["error"] == 'upstream run t("p") blocked: m1'
 
 
+def test_hold_waiting_blocks_on_a_blocker_the_caller_names(scripts, connection, keys) -> None:
+    # A computed upstream slot whose params callable failed for good has no run record.
+    put_record(connection, keys, "u1", "running")
+    put_record(connection, keys, "d1", "waiting")
+    reason = "upstream ingest slot s: its params callable failed after 3 attempts (boom)"
+    assert scripts.hold_waiting(runs_key=runs_key(keys), retention_s=RETENTION_S, unfinished_upstream=["u1"],
+                                held=["d1"], given_blocker=("ingest-s-params", reason)).run() == ("ingest-s-params", 1)
+    assert stored(connection, keys, "d1")["state"] == "blocked" and stored(connection, keys, "d1")["error"] == reason
+
+
 def test_hold_waiting_unblocks_once_no_upstream_run_is_failed(scripts, connection, keys) -> None:
     put_record(connection, keys, "u1", "queued")  # a rerun queued the failed upstream run
     put_record(connection, keys, "d1", "blocked", error="upstream run t(\"p\") failed: u1")
