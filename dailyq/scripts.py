@@ -261,10 +261,15 @@ local record = load_record(runs_key, run_id, base_json)  -- decoded once, for th
 if type(record.job_id) == 'string' and record.job_id ~= job_id then
   return {{'superseded'}}  -- a later job of this run (recovery, rerun) is the one to execute
 end
-if not force and max_attempts > 0 and run_attempts(record) >= max_attempts then
-  -- every attempt used (a second queue entry of the same job, say, pushed by two movers of
-  -- one retry): the run stays failed; a rerun gives it a new budget
-  return {{'exhausted'}}
+-- A second queue entry of this very job (two movers of one retry can push it twice) after
+-- the job finished, or used every attempt: not executed again. Also for a forced rerun:
+-- force skips the finished set (the run finished before), never this job's own outcome,
+-- and a rerun is a new job whose record counts its attempts afresh (attempts_before).
+if record.job_id == job_id and record.state == '{FINISHED}' then
+  return {{'finished'}}
+end
+if max_attempts > 0 and run_attempts(record) >= max_attempts then
+  return {{'exhausted'}}  -- the run stays failed; a rerun gives it a new budget
 end
 if redis.call('EXISTS', claim_key) == 1 then
   return {{'busy'}}  -- this very run is executing elsewhere

@@ -26,11 +26,12 @@ EVENT_TIMEOUT_S = 30
 SLOT_MINUTE = {"r1": 0, "r2": 1, "monday": 2, "tuesday": 3}
 
 
-def identity(name: str, overlap: str = "wait", force: bool = False, max_attempts: int = 0) -> RunJob:
+def identity(name: str, overlap: str = "wait", force: bool = False, max_attempts: int = 0,
+             rerun: int = 0) -> RunJob:
     task = TaskTable([Task(name="t", func=sample_record, params=["p"], at="09:00", overlap=overlap)]).get("t")
     local = datetime(DAY.year, DAY.month, DAY.day, 9, SLOT_MINUTE[name])
     run = Run(task, "p", Slot(local=local, zone="UTC", fires_at=local.replace(tzinfo=timezone.utc)))
-    return RunJob(run, run.run_id, force=force, max_attempts=max_attempts)
+    return RunJob(run, run.job_id(rerun), force=force, max_attempts=max_attempts)
 
 
 def rid(name: str) -> str:
@@ -97,7 +98,15 @@ def test_a_finished_run_is_not_executed_again_unless_forced(connection, settings
     g = guard(connection, settings)
     g.execute(identity("r1"), lambda: calls.append(1), will_retry=lambda: False)
     assert g.execute(identity("r1"), lambda: calls.append(2), will_retry=lambda: False) == {"skipped": "finished"}
-    g.execute(identity("r1", force=True), lambda: calls.append(3), will_retry=lambda: False)
+    # A forced rerun is a new job of the run, which fan-out names in the record (queued).
+    forced = identity("r1", force=True, rerun=1)
+    stored = record(connection, settings, rid("r1"))
+    stored.pop("param")
+    connection.hset(settings.keys.day_runs(DAY), rid("r1"),
+                    json.dumps(dict(stored, job_id=forced.job_id, state="queued")))
+    g.execute(forced, lambda: calls.append(3), will_retry=lambda: False)
+    # A second queue entry of that job (two movers of one retry): not executed again.
+    assert g.execute(forced, lambda: calls.append(4), will_retry=lambda: False) == {"skipped": "finished"}
     assert calls == [1, 3]
     assert record(connection, settings, rid("r1"))["attempts"] == 2
 
@@ -261,8 +270,16 @@ def test_the_task_sees_its_run_and_each_execution_a_greater_fence(connection, se
     task = TaskTable([zoned]).get("t")
     slot = task.schedule.slots_on(DAY)[0]
     run = RunJob(Run(task, {"k": "値"}, slot), "job-1", force=True, max_attempts=3)
+    def task() -> None:  # fails twice, then succeeds: three executions of one job
+        seen.append(current_run())
+        if len(seen) < 3:
+            raise ValueError("not yet")
+
     for _ in range(3):
-        g.execute(run, lambda: seen.append(current_run()), will_retry=lambda: False)
+        try:
+            g.execute(run, task, will_retry=lambda: True)
+        except ValueError:
+            pass
     assert current_run() is None  # outside a run
     assert [c.attempt for c in seen] == [1, 2, 3]
     assert seen[0].fence < seen[1].fence < seen[2].fence

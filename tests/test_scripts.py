@@ -164,6 +164,20 @@ def test_begin_skips_a_finished_run_unless_forced(scripts, connection, keys, run
     assert run.begin(scripts, "a", force=True).run().outcome == "claimed"
 
 
+def test_a_second_queue_entry_of_a_forced_job_does_not_run_it_again(scripts, connection, keys, run) -> None:
+    # Force skips the finished set (the run finished before the rerun), never the rerun
+    # job's own outcome: two movers of one retry may push the same job twice.
+    connection.sadd(finished_key(keys), "r1")
+    claimed = run.begin(scripts, "a", job_id="r1-r1", force=True).run()
+    assert claimed.outcome == "claimed"
+    assert run.finish(scripts, "a").run()
+    assert run.begin(scripts, "b", job_id="r1-r1", force=True).run() == BeginReply("finished")
+    record = dict(stored(connection, keys, "r1"), state="failed", attempts=3, attempts_before=1)
+    record.pop("param", None)
+    connection.hset(runs_key(keys), "r1", json.dumps(record))
+    assert run.begin(scripts, "b", job_id="r1-r1", force=True, max_attempts=2).run() == BeginReply("exhausted")
+
+
 def test_begin_skips_a_job_superseded_by_a_later_one(scripts, connection, keys, run) -> None:
     connection.hset(runs_key(keys), "r1", base_json("r1", job_id="r1-r1"))
     assert run.begin(scripts, "a", job_id="r1").run() == BeginReply("superseded")
