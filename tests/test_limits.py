@@ -138,3 +138,6 @@ def test_a_sigkilled_holders_slot_frees_when_its_claim_lapses(settings, processe
     # Claim TTL 6 s (base_env), renewed every second: the slot lapses 5 to 6 s after the
     # kill, and the leader's next tick (1 s) moves the held run; slack for a loaded machine.
     assert 4.0 <= waited_s <= 12.0, waited_s
+    # The second run sleeps 30 s: end its work-horse now, so that the teardown's warm stop
+    # of its worker does not wait for it (15 s of suite time).
+    os.kill(starts()[1]["pid"], signal.SIGKILL)
