@@ -79,6 +79,7 @@ from rq import Queue
 from .fanout import Held, job_data, longest_first
 from .keys import Keys
 from .params_book import ParamsBook, params_run_id
+from .redis_values import as_text
 from .runs import BLOCKED, FAILED, QUEUED, SKIPPED, Run, runs_on
 from .schedule import Slot
 from .scripts import Scripts, scripts_for
@@ -125,7 +126,7 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
             result, pending = ReleaseResult(), []
             try:
                 pipe.watch(waiting_key)
-                entries = {_text(run_id): Held.from_json(raw) for run_id, raw in pipe.hgetall(waiting_key).items()}
+                entries = {as_text(run_id): Held.from_json(raw) for run_id, raw in pipe.hgetall(waiting_key).items()}
                 by_task: dict[str, list[str]] = defaultdict(list)
                 for run_id, held in entries.items():
                     if only is None or held.task in only:
@@ -266,9 +267,6 @@ def _first_blocking(connection: Redis, runs_key: str, run_ids: list[str]) -> str
     return None
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
 
 class WaitingRuns:
     """The leader's look, every tick, at each day with held runs (caller b above)."""
@@ -289,7 +287,7 @@ class WaitingRuns:
         self.days_held = len(days)
         for raw in days:
             try:
-                day = date.fromisoformat(_text(raw))
+                day = date.fromisoformat(as_text(raw))
             except ValueError:
                 self.connection.srem(self.keys.waiting_days, raw)
                 continue

@@ -46,6 +46,7 @@ from redis import Redis
 from .errors import DailyqError, LeaseLost
 from .keys import Keys
 from .lease import Lease
+from .redis_values import as_text
 from .runs import FAILED, MISSED, SCHEDULED, Run, RunRecord, new_record, runs_of_slot
 from .schedule import Slot
 from .scripts import scripts_for
@@ -119,7 +120,7 @@ class ParamsBook:
     @classmethod
     def read(cls, connection: Redis, keys: Keys, day: date) -> "ParamsBook":
         raw = connection.hgetall(keys.day_params(day))
-        return cls(day, {(k.decode() if isinstance(k, bytes) else str(k)): SlotParams.decode(v)
+        return cls(day, {as_text(k): SlotParams.decode(v)
                          for k, v in raw.items()})
 
     def entry(self, task: Task, slot: Slot) -> SlotParams | None:
@@ -248,7 +249,7 @@ def retry_due(connection: Redis, keys: Keys, table: TaskTable, now: datetime, re
     due = connection.zrangebyscore(keys.params_retries, "-inf", int(now.timestamp() * 1000))
     runs: list[Run] = []
     for raw in due:
-        member = raw.decode() if isinstance(raw, bytes) else str(raw)
+        member = as_text(raw)
         found = _slot_of(table, member)
         if found is None:  # the task left the table (or the member is not ours): forget it
             connection.zrem(keys.params_retries, member)

@@ -31,6 +31,7 @@ from redis import Redis
 
 from .clock import server_now
 from .keys import Keys
+from .redis_values import as_text
 from .scripts import scripts_for
 from .timestamps import iso
 
@@ -61,7 +62,7 @@ def pause(connection: Redis, keys: Keys, task_names: Iterable[str], node: str) -
         entry = json.dumps({"since": since, "by": node})
         # HSETNX is the check-and-set: the first pause stays the one shown.
         added = connection.hsetnx(keys.paused, name, entry)
-        stored = entry if added else _text(connection.hget(keys.paused, name) or entry)
+        stored = entry if added else as_text(connection.hget(keys.paused, name) or entry)
         info = _decode(stored)
         results.append(PauseResult(name, info["since"], info["by"], already=not added))
     return results
@@ -79,11 +80,11 @@ def resume(connection: Redis, keys: Keys, queue_key: str, task_names: Iterable[s
 
 def paused_tasks(connection: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
     """Every paused task -> {"since", "by"}."""
-    return {_text(name): _decode(_text(raw)) for name, raw in connection.hgetall(keys.paused).items()}
+    return {as_text(name): _decode(as_text(raw)) for name, raw in connection.hgetall(keys.paused).items()}
 
 
 def paused_names(connection: Redis, keys: Keys) -> set[str]:
-    return {_text(name) for name in connection.hkeys(keys.paused)}
+    return {as_text(name) for name in connection.hkeys(keys.paused)}
 
 
 class PausedCache:
@@ -110,9 +111,6 @@ class PausedCache:
         """ADMIT found the task paused: the next runs of it go to ADMIT too."""
         self._names.add(task)
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _decode(raw: str) -> dict[str, Any]:

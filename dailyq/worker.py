@@ -155,9 +155,9 @@ class WorkerContext:
             return False
         error = f"work-horse died ({describe_exit(wait_status)})"
         call = self.guard.fail_call(attempt.run, attempt.owner, error, rq_can_retry=rq_can_retry)
-        reply = through_outage(call.run, OutageLog(log, f"recording the death of run {run_id}"),
-                               RECORD_DEATH_OUTAGE_LIMIT_S)
-        outcome = reply.decode() if isinstance(reply, bytes) else str(reply)
+        # FAIL's wrapper parses the reply: 'retry', 'failed' or 'not-ours'.
+        outcome = through_outage(call.run, OutageLog(log, f"recording the death of run {run_id}"),
+                                 RECORD_DEATH_OUTAGE_LIMIT_S)
         if outcome == "failed":
             self.guard.run_ended(attempt.run)
         log.warning("run %s: %s on node %s; %s", run_id, error, self.guard.node,
