@@ -52,12 +52,18 @@ class Beat:
     at: datetime
     pid: int | None = None
     offset_s: float | None = None
+    # The fingerprint of the process's task table (fingerprint.py); None from versions
+    # before it was carried.
+    table: str | None = None
 
 
-def beat_value(at: datetime, pid: int, offset_s: float | None) -> str:
+def beat_value(at: datetime, pid: int, offset_s: float | None, table: str | None = None) -> str:
     # Milliseconds are all a TIME round trip can tell; "+ 0.0" turns a rounded -0.0 into 0.0.
     offset = None if offset_s is None else round(offset_s, 3) + 0.0
-    return json.dumps({"at": iso(at), "pid": pid, "offset_s": offset})
+    value: dict[str, Any] = {"at": iso(at), "pid": pid, "offset_s": offset}
+    if table is not None:
+        value["table"] = table
+    return json.dumps(value)
 
 
 def parse_beat(raw: bytes | str | None) -> Beat | None:
@@ -67,9 +73,9 @@ def parse_beat(raw: bytes | str | None) -> Beat | None:
     text = raw.decode() if isinstance(raw, bytes) else raw
     if text.lstrip().startswith("{"):
         data = json.loads(text)
-        pid, offset = data.get("pid"), data.get("offset_s")
+        pid, offset, table = data.get("pid"), data.get("offset_s"), data.get("table")
         return Beat(_aware(datetime.fromisoformat(data["at"])), int(pid) if pid is not None else None,
-                    float(offset) if offset is not None else None)
+                    float(offset) if offset is not None else None, str(table) if table is not None else None)
     return Beat(_aware(datetime.fromisoformat(text)))
 
 
@@ -116,7 +122,8 @@ def count_live_workers(pipe: Any, keys: Keys, node: str, now: datetime) -> Any:
 
 def live_processes(connection: Redis, keys: Keys, now: datetime | None = None) -> list[dict[str, Any]]:
     """One entry per process with a live heartbeat key, by node then role: node, role,
-    pid, beat_at, offset_s (None when unknown), clock_off, and workers: for a worker
+    pid, beat_at, offset_s (None when unknown), clock_off, table (its table's
+    fingerprint, None when unknown), and workers: for a worker
     entry the number of worker processes alive on its node at ``now`` (Redis time; read
     from Redis when not given), None for a scheduler."""
     nodes = sorted(as_text(name) for name in connection.zrange(keys.nodes, 0, -1))
@@ -142,7 +149,7 @@ def live_processes(connection: Redis, keys: Keys, now: datetime | None = None) -
         offset = beat.offset_s if beat else None
         shown.append({"node": node, "role": role, "pid": beat.pid if beat else None,
                       "beat_at": iso(beat.at) if beat else None, "offset_s": offset,
-                      "clock_off": clock_is_off(offset),
+                      "clock_off": clock_is_off(offset), "table": beat.table if beat else None,
                       "workers": int(workers[node]) if role == "worker" else None})
     return shown
 

@@ -152,6 +152,45 @@ class Keys:
         (over a limit, or the task paused), oldest first; put back at the queue's front."""
         return f"{self.prefix}:held:{task}"
 
+    def table(self, fingerprint: str) -> str:
+        """String JSON: the description of one task table (fingerprint.describe), named by
+        its fingerprint, so it never changes once written. Each process publishes its own
+        at start and its heartbeats keep it alive; heartbeats name it (``"table"``)."""
+        return f"{self.prefix}:table:{fingerprint}"
+
+    @property
+    def left(self) -> str:
+        """Sorted set job id -> when (ms, Redis clock) it goes back to the queue: jobs a
+        worker left for a node whose table has their run (its table lacks the task, the
+        param or the function; see deploys.py)."""
+        return f"{self.prefix}:left"
+
+    @property
+    def left_info(self) -> str:
+        """Hash job id -> JSON: the left job's run (run_id, day, task, param_json, func), the
+        tables that left it, how often, since when (ms), why: what the leader decides
+        ``removed`` from (deploys.py)."""
+        return f"{self.prefix}:left:info"
+
+    def day_slots(self, day: date) -> str:
+        """Hash task -> JSON {slot, tz}: the slot of a once-a-day task (``at``) fanned out
+        for that day. A schedule edit maps the day's runs of the task onto it, so moving
+        ``at`` after the slot ran does not run the day again (runs.py)."""
+        return f"{self.prefix}:day:{day.isoformat()}:slots"
+
+    @property
+    def fired(self) -> str:
+        """Hash task -> the task's digest (fingerprint.task_digest) in the table of the
+        leader that last fired its slots: a leader whose table differs fans the slots
+        within the grace out again, adding the runs its table has and the day lacks."""
+        return f"{self.prefix}:fired"
+
+    @property
+    def rq_failed_seen(self) -> str:
+        """String: the score up to which the leader has read RQ's failed job registry
+        (settle.py): runs of jobs RQ failed outside the guard are settled from there."""
+        return f"{self.prefix}:rq-failed-seen"
+
     @property
     def nodes(self) -> str:
         """Sorted set node name -> Redis time of its last heartbeat (any role): where

@@ -32,7 +32,11 @@ SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED = (
 WAITING, BLOCKED = "waiting", "blocked"
 # A queued run of a paused task (pause.py): shown so by status, stored as queued.
 PAUSED = "paused"
-STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED, WAITING, BLOCKED, PAUSED)
+# A run no live node's table has had for longer than DAILYQ_REMOVED_GRACE_S: a deploy
+# took its task, param or function away (deploys.py). Final, like finished: not failed,
+# no alert, and its downstream runs go on as if it had finished.
+REMOVED = "removed"
+STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED, WAITING, BLOCKED, PAUSED, REMOVED)
 
 META_KEY = "dailyq"  # the RQ job.meta entry that carries a run's identity
 

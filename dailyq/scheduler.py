@@ -39,6 +39,8 @@ from .clock import Clock, RedisClock, iso
 from .dependencies import WaitingRuns
 from .errors import LeaseLost
 from .fanout import fan_out
+from .fingerprint import keep_published, table_fingerprint
+from .fingerprint import publish as publish_table
 from .lease import Lease
 from .limits import SlotSweep
 from .params_book import next_retry_at, retried, retry_due, slot_runs
@@ -117,6 +119,10 @@ class DailyScheduler:
         self._next_recovery = 0.0
         self._next_heartbeat = 0.0
         self._params_look = Look()
+        # This table's fingerprint, named by every heartbeat; its description is published
+        # at the first heartbeat and again whenever its key is found gone (fingerprint.py).
+        self.table_fingerprint = table_fingerprint(table)
+        self._table_published = False
         self._waiting_look = Look()
         self.abandoned = AbandonedRuns(connection, keys, self.queue, table, settings.retention_s, self.clock)
         self.retries = DueRetries(connection, self.queue)
@@ -274,13 +280,20 @@ class DailyScheduler:
         offset_s = self.redis_clock.offset_s
         self._note_offset(offset_s)
         node = self.settings.node_name
+        if not self._table_published:
+            publish_table(self.connection, self.keys, self.table)
+            self._table_published = True
         with self.connection.pipeline(transaction=False) as pipe:
+            keep_published(pipe, self.keys, self.table_fingerprint)
             self.delayed.keep_registered(pipe, int(self.tick_s + 3 * HEARTBEAT_EVERY_S))
-            pipe.set(self.keys.heartbeat("scheduler", node), beat_value(now, os.getpid(), offset_s),
+            pipe.set(self.keys.heartbeat("scheduler", node),
+                     beat_value(now, os.getpid(), offset_s, table=self.table_fingerprint),
                      ex=int(3 * HEARTBEAT_EVERY_S))
             register_node(pipe, self.keys, node, now)
             forget_silent_nodes(pipe, self.keys, now, self.settings.retention_s)
-            pipe.execute()
+            kept, *_ = pipe.execute()
+        # The description's key was gone (Redis lost it): published again at the next beat.
+        self._table_published = bool(kept)
 
     def _note_offset(self, offset_s: float | None) -> None:
         """Log once when this host's clock goes more than OFFSET_WARN_S off Redis's, and

@@ -88,6 +88,11 @@ class Settings:
     # Prometheus metrics of the scheduler process (metrics.py); None: not served.
     metrics_port: int | None = None
     metrics_bind: str = DEFAULT_METRICS_BIND
+    # Rolling deploys (deploys.py): a run that no live node's table has had for this long
+    # ends ``removed``; nodes whose tables differ for longer than table_skew_alert_s raise
+    # ``tables_differ``.
+    removed_grace_s: int = 600
+    table_skew_alert_s: int = 900
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -113,6 +118,8 @@ class Settings:
             alert_retry_max_s=_int_env(env, "DAILYQ_ALERT_RETRY_MAX_S", max(300, retry_s), minimum=retry_s),
             metrics_port=_port_env(env, "DAILYQ_METRICS_PORT"),
             metrics_bind=(env.get("DAILYQ_METRICS_BIND") or DEFAULT_METRICS_BIND).strip(),
+            removed_grace_s=_int_env(env, "DAILYQ_REMOVED_GRACE_S", 600),
+            table_skew_alert_s=_int_env(env, "DAILYQ_TABLE_SKEW_ALERT_S", 900),
         )
 
     @property

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, Worker
 from rq.exceptions import DeserializationError
 
@@ -33,6 +34,8 @@ from .clock import RedisClock
 from .connection import connect
 from .dependencies import downstream_of, release_ready
 from .errors import DailyqError
+from .fingerprint import keep_published, table_fingerprint
+from .fingerprint import publish as publish_table
 from .guard import CLAIM_LOST_EXIT_CODE, Guard
 from .limits import Admissions
 from .outage import OutageLog, through_outage
@@ -93,6 +96,12 @@ class WorkerContext:
         self.admissions = Admissions(self.connection, s.keys, s.node_name, s.claim_ttl_s,
                                      PausedCache(self.connection, s.keys))
         self.downstream = downstream_of(self.table)
+        # Named by every beat; published once here, kept alive by the beats (fingerprint.py).
+        self.table_fingerprint = table_fingerprint(self.table)
+        try:
+            publish_table(self.connection, s.keys, self.table)
+        except RedisError as exc:  # the scheduler on this node publishes it too, at its beats
+            log.warning("could not publish this worker's task table description (%s)", exc)
 
     def upstream_ended(self, run: RunJob) -> None:
         """A run was recorded finished or failed: release (or block) the runs of its
@@ -206,7 +215,9 @@ class WorkerContext:
         # Without RQ's pipeline, a pipeline of our own: still one round trip per beat.
         target = pipeline if pipeline is not None else self.connection.pipeline(transaction=False)
         target.set(settings.keys.heartbeat("worker", settings.node_name),
-                   beat_value(now, worker_pid, self.clock.offset_s), ex=int(promise_s) + HEARTBEAT_MARGIN_S)
+                   beat_value(now, worker_pid, self.clock.offset_s, table=self.table_fingerprint),
+                   ex=int(promise_s) + HEARTBEAT_MARGIN_S)
+        keep_published(target, settings.keys, self.table_fingerprint)
         register_node(target, settings.keys, settings.node_name, now)
         # The node's key is shared by all its workers; this counts each one (beats.py).
         register_worker(target, settings.keys, settings.node_name, worker_member(worker_pid), now,
