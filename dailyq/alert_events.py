@@ -22,7 +22,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
-from .runs import FAILED, FINISHED, ParamsLookup, runs_of_slot
+from .runs import FAILED, FINISHED, DaySlots, ParamsLookup, runs_of_slot, task_slots_on
 from .schedule import Slot, parse_at
 from .table import Task, TaskTable, encode_param
 from .text_width import one_line
@@ -147,14 +147,16 @@ class Lateness:
 
 
 def lateness(task: Task, day: date, records: Mapping[str, Mapping[str, Any]], deadline: datetime,
-             book: ParamsLookup | None = None) -> Lateness:
+             book: ParamsLookup | None = None, slots: DaySlots | None = None) -> Lateness:
     """Runs whose slot is at or before ``deadline`` and that had not finished by it. Only
     records decide, never when we looked: a run that finished after the deadline is
     late even if it was finished when we looked, so every leader judges alike. A
-    computed task's slot with no stored list (``book``) counts as one run not started."""
+    computed task's slot with no stored list (``book``) counts as one run not started.
+    ``slots``: the day's stored once-a-day slots (runs.DaySlots): a task whose ``at``
+    moved after it ran is judged by the runs it ran."""
     late: Counter = Counter()
     due = 0
-    for slot in task.schedule.slots_on(day):
+    for slot in task_slots_on(task, day, slots):
         if slot.fires_at > deadline:
             continue
         if task.params_computed and (book is None or book.params_of(task, slot) is None):
@@ -195,10 +197,12 @@ def fired_slots(records: Iterable[Mapping[str, Any]]) -> set[tuple[str, str]]:
     return {(str(r.get("task")), str(r.get("slot"))) for r in records}
 
 
-def overdue_slots(task: Task, day: date, now: datetime) -> list[Slot]:
-    """The task's slots of ``day`` past their misfire grace: fired by now, or never."""
+def overdue_slots(task: Task, day: date, now: datetime, slots: DaySlots | None = None) -> list[Slot]:
+    """The task's slots of ``day`` past their misfire grace: fired by now, or never. A
+    once-a-day task's slot is the one its day was fanned out under, when ``slots`` (the
+    day's stored slots) has one: a slot moved after it ran was not missed."""
     grace = timedelta(seconds=task.misfire_grace_s)
-    return [slot for slot in task.schedule.slots_on(day) if now - slot.fires_at > grace]
+    return [slot for slot in task_slots_on(task, day, slots) if now - slot.fires_at > grace]
 
 
 def missed_slot_alerts(task: Task, overdue: Iterable[Slot], fired: set[tuple[str, str]],

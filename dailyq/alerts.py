@@ -53,6 +53,7 @@ from .alert_sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
 from .day_scan import DayRecords
 from .outage import OutageLog
 from .params_book import ParamsBook
+from .runs import DaySlots
 from .settings import Settings
 from .table import TaskTable
 
@@ -238,6 +239,9 @@ class AlertService:
             # Computed params (params_book.py): read only for a table that has any.
             book = ParamsBook.read(self.connection, self.keys, day) \
                 if any(task.params_computed for task in tasks) else None
+            # Once-a-day tasks' slots as their day was fanned out (runs.DaySlots): an ``at`` moved
+            # after the slot ran is neither late nor missed at its new time.
+            slots = DaySlots.read(self.connection, self.keys, day) if any(task.at for task in tasks) else None
             known = self._known.get(day, set())
             done = self._settled.get(day, set())
             alerts += [a for a in failed_run_alerts(day, records.containing(b"failed"), now)
@@ -250,12 +254,12 @@ class AlertService:
                         # A deadline that passed before any dailyq leader ran here was not
                         # missed by dailyq: a fresh deployment is not late for yesterday.
                         if deadline is not None and watched_since is not None and deadline >= watched_since:
-                            found = lateness(task, day, records.all, deadline, book)
+                            found = lateness(task, day, records.all, deadline, book, slots)
                             if found.late:
                                 alerts.append(day_late_alert(task, day, found))
                         settled.append((day, (DAY_LATE, task.name)))
                 # Each slot is judged once, when its grace has passed: fired by then, or missed.
-                overdue = [slot for slot in overdue_slots(task, day, now)
+                overdue = [slot for slot in overdue_slots(task, day, now, slots)
                            if (SLOT_MISSED, task.name, slot.label) not in done]
                 if overdue:
                     if fired is None:

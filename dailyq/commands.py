@@ -25,7 +25,7 @@ from .params_book import ParamsFailed, SlotParams, settle
 from .pause import PauseResult, ResumeResult, paused_names
 from .pause import pause as _pause
 from .pause import resume as _resume
-from .runs import FINISHED, QUEUED, RUNNING, WAITING, Run, decode_record, runs_of_slot
+from .runs import FINISHED, QUEUED, RUNNING, WAITING, DaySlots, Run, decode_record, runs_of_slot
 from .table import Task, TaskTable, encode_param
 
 
@@ -68,8 +68,10 @@ def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: 
     tasks = [table.get(name) for name in task_names] if task_names else table.tasks
     runs: list[Run] = []
     failed: list[SlotParams] = []
+    # A once-a-day task's runs of the day use the slot it was first fanned out under (runs.DaySlots).
+    day_slots = DaySlots.read(connection, keys, day)
     for task in tasks:
-        for slot in task.schedule.slots_on(day):
+        for slot in day_slots.slots_on(task):
             if not task.params_computed:
                 runs += runs_of_slot(task, slot)
                 continue
@@ -114,7 +116,8 @@ def rerun_candidates(connection: Redis, keys: Keys, task: Task, wanted: Sequence
     list stored for each slot (its callable is not called again); ``refresh_params``
     calls it again and stores the new list first. Nothing or a failure stored: called
     now (the same once-only rule as ``trigger``); still failing raises ParamsFailed."""
-    slots = task.schedule.slots_on(day)
+    # A once-a-day task's runs of the day use the slot it was first fanned out under (runs.DaySlots).
+    slots = DaySlots.read(connection, keys, day).slots_on(task)
     if not slots:
         raise ConfigError(f"task {task.name!r} has no slot on {day.isoformat()}")
     if not task.params_computed:

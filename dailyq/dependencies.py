@@ -80,7 +80,7 @@ from .fanout import Held, job_data, longest_first
 from .keys import Keys
 from .params_book import ParamsBook, params_run_id
 from .redis_values import as_text
-from .runs import BLOCKED, FAILED, QUEUED, SKIPPED, Run, runs_on
+from .runs import BLOCKED, FAILED, QUEUED, SKIPPED, DaySlots, Run, runs_on, task_slots_on
 from .schedule import Slot
 from .scripts import Scripts, scripts_for
 from .table import TaskTable
@@ -133,8 +133,9 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                         by_task[held.task].append(run_id)
                 ready: list[str] = []
                 book = ParamsBook.read(pipe, keys, day) if by_task else None
+                slots = DaySlots.read(pipe, keys, day) if by_task else None
                 for task_name, run_ids in sorted(by_task.items()):
-                    unfinished = _unfinished_upstream(pipe, table, book, task_name, day, finished_key)
+                    unfinished = _unfinished_upstream(pipe, table, book, task_name, day, finished_key, slots)
                     if unfinished:
                         pending.append((run_ids, unfinished))
                     else:
@@ -148,7 +149,7 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                     else:
                         pipe.unwatch()
                     break
-                runs, dropped = _rebuild(table, day, {run_id: entries[run_id] for run_id in ready})
+                runs, dropped = _rebuild(table, day, {run_id: entries[run_id] for run_id in ready}, slots)
                 pipe.multi()
                 pipe.hdel(waiting_key, *ready)
                 if len(ready) == len(entries):
@@ -177,16 +178,18 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
 
 
 def _unfinished_upstream(pipe: Redis, table: TaskTable, book: ParamsBook | None, task_name: str, day: date,
-                         finished_key: str) -> list[str]:
+                         finished_key: str, slots: DaySlots | None = None) -> list[str]:
     """Run ids of the task's upstream runs on ``day`` not in the finished set (none for a
     task no longer in the table: its held runs are then dropped, see ``_rebuild``). A
     computed upstream slot with no list stored yet (or only a failure) counts as one
-    unfinished run, under the id ``status`` shows it by: its runs are not known yet."""
+    unfinished run, under the id ``status`` shows it by: its runs are not known yet.
+    ``slots``: the day's stored once-a-day slots (runs.DaySlots), which the upstream runs use."""
     task = table.by_name.get(task_name)
-    upstream = [run.run_id for run in runs_on(table, day, task.after, book=book)] if task and task.after else []
+    upstream = [run.run_id for run in runs_on(table, day, task.after, book=book, slots=slots)] \
+        if task and task.after else []
     if task and book is not None:
         upstream += [params_run_id(up, slot) for up in (table.get(name) for name in task.after)
-                     if up.params_computed for slot in up.schedule.slots_on(day)
+                     if up.params_computed for slot in task_slots_on(up, day, slots)
                      if (entry := book.entry(up, slot)) is None or not entry.ok]
     if not upstream:
         return []
@@ -194,14 +197,16 @@ def _unfinished_upstream(pipe: Redis, table: TaskTable, book: ParamsBook | None,
     return [run_id for run_id, is_done in zip(upstream, done) if not is_done]
 
 
-def _rebuild(table: TaskTable, day: date, held: dict[str, Held]) -> tuple[list[Run], list[str]]:
-    """The runs to enqueue, rebuilt from the table (task and slot) and the held param;
-    and the run ids that cannot be rebuilt."""
+def _rebuild(table: TaskTable, day: date, held: dict[str, Held],
+             slots: DaySlots | None = None) -> tuple[list[Run], list[str]]:
+    """The runs to enqueue, rebuilt from the table (task and slot, as the day's stored
+    once-a-day slots map it) and the held param; and the run ids that cannot be rebuilt."""
     runs: list[Run] = []
     dropped: list[str] = []
     for run_id, entry in held.items():
         task = table.by_name.get(entry.task)
-        slot = next((s for s in task.schedule.slots_on(day) if s.isoformat() == entry.slot), None) if task else None
+        slot = next((s for s in task_slots_on(task, day, slots) if s.isoformat() == entry.slot), None) \
+            if task else None
         run = Run(task, json.loads(entry.param_json), slot) if task and slot else None
         if run is None or run.run_id != run_id:
             dropped.append(run_id)

@@ -19,6 +19,13 @@ day's waiting hash (``Held``) instead of the RQ queue, in the same MULTI/EXEC, s
 occupies no worker. dependencies.py releases it (``job_data`` below) once its upstream
 runs have finished; the caller of a fan-out that held runs asks it at once
 (``FanOutResult.waiting``), as the upstream runs may be done already.
+
+The slot a once-a-day task (``Task.at``) is fanned out under on a day is recorded in the
+day's slots hash (``keys.day_slots``, HSETNX: the first stays), in the same MULTI/EXEC,
+once per task per chunk. Callers map their slots onto it (runs.DaySlots), so an ``at``
+or ``tz`` edited after the slot ran does not run the day again; the chunk WATCHes that
+hash and follows it too, so two callers with different tables racing for the day's
+first fan-out still end with one slot (the loser's runs are mapped onto the winner's).
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from rq import Queue, Retry
 from .errors import LeaseLost
 from .keys import Keys
 from .lease import Lease
-from .runs import QUEUED, WAITING, Run
+from .runs import QUEUED, WAITING, Run, day_slot_json, decode_day_slot
+from .schedule import Slot
 from .scripts import Requeued, Scripts, scripts_for
 
 log = logging.getLogger(__name__)
@@ -178,18 +186,35 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                    hold_dependent: bool, scripts: Scripts, result: FanOutResult) -> None:
     enqueued_key = keys.day_enqueued(day)
     runs_key = keys.day_runs(day)
-    job_ids = [run.job_id(again[run.run_id].number if run.run_id in again else 0) for run in chunk]
+    slots_key = keys.day_slots(day)
+    once_names = list(dict.fromkeys(run.task.name for run in chunk if run.task.at is not None))
+    given, given_again = chunk, again
     with connection.pipeline(transaction=True) as pipe:
         while True:
             try:
-                watched = [enqueued_key] + ([fence.key] if fence else [])
+                watched = [enqueued_key] + ([slots_key] if once_names else []) + ([fence.key] if fence else [])
                 pipe.watch(*watched)
                 if fence is not None and pipe.get(fence.key) != fence.owner.encode():
                     raise LeaseLost(f"leader lease {fence.key} is no longer ours")
+                stored = dict(zip(once_names, (decode_day_slot(raw) for raw in pipe.hmget(slots_key, once_names)))) \
+                    if once_names else {}
+                chunk, again = _follow_day_slots(day, given, given_again, stored) if stored else (given, given_again)
+                job_ids = [run.job_id(again[run.run_id].number if run.run_id in again else 0) for run in chunk]
                 present = pipe.smismember(enqueued_key, job_ids)
                 fresh = [(run, job_id) for run, job_id, seen in zip(chunk, job_ids, present) if not seen]
                 held = {run.run_id for run, _ in fresh if hold_dependent and run.task.after}
                 pipe.multi()
+                # Written only when a task has no entry yet, or runs are added (the hash lives as
+                # long as the day's records): a chunk that adds nothing writes nothing.
+                unset = {name for name, slot in stored.items() if slot is None}
+                if unset or (fresh and stored):
+                    first_slots: dict[str, str] = {}
+                    for run in chunk:
+                        if run.task.name in unset:
+                            first_slots.setdefault(run.task.name, day_slot_json(run.slot))
+                    for name, entry in first_slots.items():
+                        pipe.hsetnx(slots_key, name, entry)
+                    pipe.expire(slots_key, retention_s)
                 if fresh:
                     pipe.sadd(enqueued_key, *[job_id for _, job_id in fresh])
                     pipe.expire(enqueued_key, retention_s)
@@ -215,6 +240,43 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
             result.waiting.extend(job_id for run, job_id in fresh if run.run_id in held)
             result.already.extend(job_id for job_id, seen in zip(job_ids, present) if seen)
             return
+
+
+def note_day_slot(connection: Redis, keys: Keys, slot: Slot, task_name: str, retention_s: int) -> None:
+    """Record ``slot`` as the day's slot of a once-a-day task that fired without runs (a
+    computed list that was empty or failed): its stored params entry is that slot's, so a
+    schedule edit must map onto it as onto fanned-out runs. HSETNX: the first stays."""
+    with connection.pipeline(transaction=True) as pipe:
+        pipe.hsetnx(keys.day_slots(slot.day), task_name, day_slot_json(slot))
+        pipe.expire(keys.day_slots(slot.day), retention_s)
+        pipe.execute()
+
+
+def _follow_day_slots(day: date, chunk: list[Run], again: dict[str, Again],
+                      stored: dict[str, Slot | None]) -> tuple[list[Run], dict[str, Again]]:
+    """The chunk with each once-a-day task's runs moved onto the slot stored for the day
+    (when one is, and it differs), and ``again`` keyed by the moved runs' ids. Callers
+    map slots themselves (runs.DaySlots): this is the net for one that raced another
+    caller's first fan-out of the day, or did not map."""
+    moved: list[Run] = []
+    out: dict[str, Run] = {}
+    again = dict(again)
+    for run in chunk:
+        slot = stored.get(run.task.name) if run.task.at is not None else None
+        if slot is None or slot.day != day or slot == run.slot:
+            out.setdefault(run.run_id, run)
+            continue
+        follower = Run(run.task, run.param, slot)
+        if run.run_id in again:
+            again.setdefault(follower.run_id, again[run.run_id])
+        out.setdefault(follower.run_id, follower)
+        moved.append(run)
+    if not moved:
+        return chunk, again
+    for name in sorted({run.task.name for run in moved}):
+        log.warning("task %s: %s's runs use slot %s (fanned out first that day); runs for another slot of it "
+                    "were mapped onto it", name, day.isoformat(), stored[name].isoformat())  # type: ignore[union-attr]
+    return list(out.values()), again
 
 
 def _hold(pipe: Pipeline, keys: Keys, scripts: Scripts, day: date, held: list[tuple[Run, str]], retention_s: int,

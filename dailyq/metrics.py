@@ -51,7 +51,7 @@ from .keys import Keys
 from .outage import OutageLog
 from .params_book import ParamsBook, placeholder_record
 from .rq_seam import make_queue
-from .runs import FINISHED, MISSED, SCHEDULED, STATES
+from .runs import FINISHED, MISSED, SCHEDULED, STATES, DaySlots, task_slots_on
 from .settings import Settings
 from .table import Task, TaskTable
 
@@ -99,12 +99,13 @@ class ClusterView:
 
 
 def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime,
-                  book: ParamsBook | None = None) -> Counter:
+                  book: ParamsBook | None = None, slots: DaySlots | None = None) -> Counter:
     """(task, state) -> runs of ``tasks`` on the day of ``records``, as status.day_status
     counts them: a run with a record in its state; one without, ``scheduled`` or, past its
     misfire grace, ``missed``. Counted per slot, without building every run's id. A
     computed task's slot counts its stored list (``book``, that day's), or one entry
-    while it has none (params_book.placeholder_record)."""
+    while it has none (params_book.placeholder_record). ``slots``: that day's stored
+    once-a-day slots (runs.DaySlots), which its runs use."""
     names = {task.name for task in tasks}
     counts: Counter = Counter()
     recorded: Counter = Counter()
@@ -113,17 +114,17 @@ def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime,
         if task in names:
             counts[(task, str(record.get("state")))] += 1
             recorded[(task, record.get("slot"))] += 1
-    return counts + _unrecorded(tasks, records, recorded, now, book)
+    return counts + _unrecorded(tasks, records, recorded, now, book, slots)
 
 
 def _unrecorded(tasks: list[Task], records: dict[str, dict], recorded: Counter, now: datetime,
-                book: ParamsBook | None) -> Counter:
+                book: ParamsBook | None, slots: DaySlots | None = None) -> Counter:
     counts: Counter = Counter()
     if not tasks:
         return counts
     for task in tasks:
         day = now.astimezone(ZoneInfo(task.tz)).date()
-        for slot in task.schedule.slots_on(day):
+        for slot in task_slots_on(task, day, slots):
             entry = book.entry(task, slot) if book is not None and task.params_computed else None
             if task.params_computed and (entry is None or not entry.ok):
                 counts[(task.name, str(placeholder_record(task, slot, entry, now)["state"]))] += 1
@@ -239,7 +240,8 @@ class Collector:
             records = DayRecords.read(self.connection, self.keys.day_runs(day)).all
             computed = any(task.params_computed for task in tasks)  # no read for a table of fixed lists
             runs += runs_by_state(tasks, records, now,
-                                  ParamsBook.read(self.connection, self.keys, day) if computed else None)
+                                  ParamsBook.read(self.connection, self.keys, day) if computed else None,
+                                  DaySlots.read(self.connection, self.keys, day) if any(t.at for t in tasks) else None)
             self._observe(day, {t.name for t in tasks}, records)
         for day in [d for d in self._observed if d not in by_day]:
             del self._observed[day]

@@ -47,7 +47,7 @@ from .errors import DailyqError, LeaseLost
 from .keys import Keys
 from .lease import Lease
 from .redis_values import as_text
-from .runs import FAILED, MISSED, SCHEDULED, Run, RunRecord, new_record, runs_of_slot
+from .runs import FAILED, MISSED, SCHEDULED, DaySlots, Run, RunRecord, new_record, runs_of_slot, task_slots_on
 from .schedule import Slot
 from .scripts import scripts_for
 from .table import Task, TaskTable
@@ -135,15 +135,16 @@ class ParamsBook:
         when it gave an empty list or failed (no run record says so)."""
         return {(entry.task, entry.slot) for entry in self.entries.values()}
 
-    def placeholders(self, table: TaskTable, day: date, now: datetime,
-                     task_names: Iterable[str] | None = None) -> list[tuple[Slot, str, RunRecord]]:
-        """(slot, run id, record) of the one entry shown per computed slot without a list."""
+    def placeholders(self, table: TaskTable, day: date, now: datetime, task_names: Iterable[str] | None = None,
+                     slots: DaySlots | None = None) -> list[tuple[Slot, str, RunRecord]]:
+        """(slot, run id, record) of the one entry shown per computed slot without a list.
+        ``slots``: the day's stored once-a-day slots, which the entries are then of."""
         tasks = [table.get(n) for n in task_names] if task_names else table.tasks
         shown = []
         for task in tasks:
             if not task.params_computed:
                 continue
-            for slot in task.schedule.slots_on(day):
+            for slot in task_slots_on(task, day, slots):
                 entry = self.entry(task, slot)
                 if entry is not None and entry.ok:
                     continue
@@ -248,9 +249,10 @@ def retry_due(connection: Redis, keys: Keys, table: TaskTable, now: datetime, re
     nothing is due."""
     due = connection.zrangebyscore(keys.params_retries, "-inf", int(now.timestamp() * 1000))
     runs: list[Run] = []
+    day_slots: dict[str, DaySlots] = {}
     for raw in due:
         member = as_text(raw)
-        found = _slot_of(table, member)
+        found = _slot_of(table, member, connection, keys, day_slots)
         if found is None:  # the task left the table (or the member is not ours): forget it
             connection.zrem(keys.params_retries, member)
             continue
@@ -269,7 +271,10 @@ def retried(connection: Redis, keys: Keys, runs: Iterable[Run]) -> None:
         connection.zrem(keys.params_retries, *members)
 
 
-def _slot_of(table: TaskTable, member: str) -> tuple[Task, Slot] | None:
+def _slot_of(table: TaskTable, member: str, connection: Redis, keys: Keys,
+             day_slots: dict[str, DaySlots]) -> tuple[Task, Slot] | None:
+    """The (task, slot) a retry member names. A once-a-day task's slot is the one its day
+    was fanned out under (runs.DaySlots), which an ``at`` moved since no longer names."""
     day_text, _, rest = member.partition("|")
     name, _, label = rest.partition("|")
     task = table.by_name.get(name)
@@ -279,4 +284,7 @@ def _slot_of(table: TaskTable, member: str) -> tuple[Task, Slot] | None:
         return None
     if task is None or not task.params_computed:
         return None
-    return next(((task, slot) for slot in task.schedule.slots_on(day) if slot.label == label), None)
+    if task.at is not None and day_text not in day_slots:
+        day_slots[day_text] = DaySlots.read(connection, keys, day)
+    slots = task_slots_on(task, day, day_slots.get(day_text))
+    return next(((task, slot) for slot in slots if slot.label == label), None)

@@ -18,10 +18,13 @@ import json
 from dataclasses import dataclass
 from datetime import date
 from functools import cached_property
-from typing import Any, Iterable, Protocol, Sequence, TypedDict
+from typing import Any, Iterable, Mapping, Protocol, Sequence, TypedDict
+
+from redis import Redis
 
 from .errors import ConfigError
-from .schedule import Slot
+from .keys import Keys
+from .schedule import Slot, parse_zone
 from .table import Task, TaskTable, encode_param
 
 # Run states shown by ``status``; a public contract.
@@ -217,11 +220,92 @@ def slot_params(task: Task, slot: Slot, book: ParamsLookup | None = None) -> Seq
     return stored or ()
 
 
+class DaySlots:
+    """The once-a-day slots fanned out on one day (``keys.day_slots``), read once.
+
+    The rule a schedule edit keeps: *the runs of a once-a-day task (``Task.at``) on day D
+    use the slot first fanned out for D.* A run's id names its slot, so without this,
+    moving ``at`` from 03:00 to 05:00 (or changing ``tz``) after 03:00 ran would make the
+    05:00 slot a new set of runs and run the day again. fan_out records the slot it
+    used (HSETNX: the first stays); every path that builds a day's runs from the table
+    maps the task's slot on D through ``slot_of`` (or ``slots_on``): the leader at the
+    new slot time (which then finds every run enqueued), trigger, rerun, status,
+    alerts, dependencies, metrics, params_book. Cron tasks (several slots a day) are
+    never mapped: each slot is its own set of runs."""
+
+    def __init__(self, day: date, stored: Mapping[str, Slot] | None = None) -> None:
+        self.day = day
+        self.stored: dict[str, Slot] = dict(stored or {})
+
+    @classmethod
+    def read(cls, connection: Redis, keys: Keys, day: date) -> "DaySlots":
+        return cls.decode(day, connection.hgetall(keys.day_slots(day)))
+
+    @classmethod
+    def read_days(cls, connection: Redis, keys: Keys, days: Iterable[date]) -> "dict[date, DaySlots]":
+        """Several days at once (one round trip): the leader's due slots may span two."""
+        wanted = sorted(set(days))
+        if not wanted:
+            return {}
+        with connection.pipeline(transaction=False) as pipe:
+            for day in wanted:
+                pipe.hgetall(keys.day_slots(day))
+            replies = pipe.execute()
+        return {day: cls.decode(day, raw) for day, raw in zip(wanted, replies)}
+
+    @classmethod
+    def decode(cls, day: date, raw: Mapping[Any, Any]) -> "DaySlots":
+        stored: dict[str, Slot] = {}
+        for name, value in raw.items():
+            slot = decode_day_slot(value)
+            # An entry that does not name a slot of this very day is not ours to follow.
+            if slot is not None and slot.day == day:
+                stored[name.decode() if isinstance(name, bytes) else str(name)] = slot
+        return cls(day, stored)
+
+    def slot_of(self, task: Task, slot: Slot) -> Slot:
+        """The slot the day's runs of ``task`` use for the table's ``slot``: for a once-a-day
+        task, the one first fanned out that day, if there was one (zone included: a ``tz``
+        changed after the slot ran keeps the old one); else ``slot`` itself."""
+        if task.at is None or slot.day != self.day:
+            return slot
+        return self.stored.get(task.name, slot)
+
+    def slots_on(self, task: Task) -> list[Slot]:
+        """The task's slots on this day, each as ``slot_of`` maps it."""
+        return [self.slot_of(task, slot) for slot in task.schedule.slots_on(self.day)]
+
+
+def day_slot_json(slot: Slot) -> str:
+    """One ``keys.day_slots`` entry: the slot as in run records, and its zone."""
+    return json.dumps({"slot": slot.isoformat(), "tz": slot.zone})
+
+
+def decode_day_slot(raw: bytes | str | None) -> Slot | None:
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        zone = str(data["tz"])
+        parse_zone(zone)  # a zone this host does not know names no slot it can use
+        return Slot.from_iso(str(data["slot"]), zone)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def task_slots_on(task: Task, day: date, slots: DaySlots | None = None) -> list[Slot]:
+    """``task``'s slots on ``day``, mapped through the day's stored slots when given."""
+    if slots is None or slots.day != day:
+        return task.schedule.slots_on(day)
+    return slots.slots_on(task)
+
+
 def runs_on(table: TaskTable, day: date, task_names: Iterable[str] | None = None,
-            book: ParamsLookup | None = None) -> list[Run]:
-    """Every run whose slot falls on ``day`` (each task's own zone), in firing order."""
+            book: ParamsLookup | None = None, slots: DaySlots | None = None) -> list[Run]:
+    """Every run whose slot falls on ``day`` (each task's own zone), in firing order.
+    ``slots``: the day's stored once-a-day slots (``DaySlots``), which the runs then use."""
     tasks = [table.get(n) for n in task_names] if task_names else table.tasks
-    runs = [Run(task, param, slot) for task in tasks for slot in task.schedule.slots_on(day)
+    runs = [Run(task, param, slot) for task in tasks for slot in task_slots_on(task, day, slots)
             for param in slot_params(task, slot, book)]
     return sorted(runs, key=lambda r: r.slot.fires_at)
 

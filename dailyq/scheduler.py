@@ -28,7 +28,7 @@ import os
 import signal
 import threading
 import uuid
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Callable, cast
 
 from redis import Redis
@@ -38,8 +38,8 @@ from .beats import OFFSET_WARN_S, beat_value, describe_offset, forget_silent_nod
 from .clock import Clock, RedisClock, iso
 from .dependencies import WaitingRuns
 from .errors import LeaseLost
-from .fanout import fan_out
-from .fingerprint import keep_published, table_fingerprint
+from .fanout import fan_out, note_day_slot
+from .fingerprint import keep_published, table_fingerprint, task_digest
 from .fingerprint import publish as publish_table
 from .lease import Lease
 from .limits import SlotSweep
@@ -48,7 +48,7 @@ from .pause import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
 from .retries import DueRetries
 from .rq_seam import DelayedJobs, make_queue
-from .runs import Run
+from .runs import DaySlots, Run, runs_of_slot
 from .schedule import Slot
 from .settings import Settings
 from .table import Task, TaskTable
@@ -114,6 +114,11 @@ class DailyScheduler:
         self.lease = Lease(connection, keys.leader, self._new_owner(), settings.lease_ttl_s * 1000)
         self.is_leader = False
         self._cursors: dict[str, datetime] = {}
+        # Each task's definition (fingerprint.task_digest), written to ``keys.fired`` with the
+        # cursor: a later leader with another definition fans its fired slots out again.
+        self._digests = {task.name: task_digest(task) for task in table.tasks}
+        self._fired_digests: dict[str, str] = {}
+        self._refire_due = False  # set at the start of each term (_load_cursors)
         self._stop = threading.Event()
         self._redis_down = False
         self._next_recovery = 0.0
@@ -167,8 +172,13 @@ class DailyScheduler:
 
     def _load_cursors(self) -> None:
         # The client does not decode replies (no decode_responses): keys and values are bytes.
-        stored = cast("dict[bytes, bytes]", self.connection.hgetall(self.keys.cursor))
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.cursor)
+            pipe.hgetall(self.keys.fired)
+            stored, fired = cast("tuple[dict[bytes, bytes], dict[bytes, bytes]]", pipe.execute())
         self._cursors = {k.decode(): datetime.fromisoformat(v.decode()) for k, v in stored.items()}
+        self._fired_digests = {k.decode(): v.decode() for k, v in fired.items()}
+        self._refire_due = True  # done in the term's first fan-out pass (fire_due_slots), fenced
 
     def _window_start(self, task: Task, now: datetime) -> datetime:
         """Fire slots after the task's cursor, but none older than its misfire grace."""
@@ -176,9 +186,49 @@ class DailyScheduler:
         cursor = self._cursors.get(task.name)
         return max(cursor, oldest_allowed) if cursor else oldest_allowed
 
+    def refire_changed_tasks(self, now: datetime) -> int:
+        """At the start of a term: fan out again, for each task whose definition differs
+        from the one of the leader that last fired it (``keys.fired``), its slots within
+        the misfire grace that are at or before its cursor (fired already). fan_out is
+        idempotent per job id, so only the runs this table has and the day lacks are
+        added: new params of a slot an old leader fired during a rolling deploy. Then
+        the task's digest is ours. A task never fired (no cursor) needs none of this: its
+        slots within the grace fire as usual. Computed params are settled once per slot
+        (params_book.py), so a computed task's slots add nothing: left as they are."""
+        changed = [task for task in self.table.tasks
+                   if self._fired_digests.get(task.name) != self._digests[task.name] and task.name in self._cursors]
+        if not changed:
+            return 0
+        fired: list[tuple[Task, list[Run]]] = []
+        for task in changed:
+            cursor = self._cursors[task.name]
+            slots = [] if task.params_computed else task.schedule.slots_between(
+                now - timedelta(seconds=task.misfire_grace_s), min(cursor, now))
+            fired.append((task, [run for slot in slots for run in runs_of_slot(task, slot)]))
+        day_slots = DaySlots.read_days(self.connection, self.keys,
+                                       {run.day for _, runs in fired for run in runs if run.task.at is not None})
+        fired = [(task, [_mapped(run, day_slots) for run in runs]) for task, runs in fired]
+        result = fan_out(self.connection, self.keys, self.queue, [run for _, runs in fired for run in runs],
+                         retention_s=self.settings.retention_s, fence=self.lease)
+        if result.waiting:
+            self._waiting_look.now()
+        pushed = set(result.enqueued)
+        for task, runs in fired:
+            if runs:
+                added = sum(run.job_id() in pushed for run in runs)
+                log.info("node %s leads with another definition of task %s than the leader that fired its slots: "
+                         "%d run%s of its slots within the misfire grace added, %d there already",
+                         self.settings.node_name, task.name, added, "" if added == 1 else "s", len(runs) - added)
+        self.connection.hset(self.keys.fired, mapping={task.name: self._digests[task.name] for task in changed})
+        self._fired_digests.update({task.name: self._digests[task.name] for task in changed})
+        return len(result.enqueued)
+
     def fire_due_slots(self, now: datetime) -> int:
         """Fan out every due slot of every task; returns the number of runs enqueued."""
         enqueued = 0
+        if self._refire_due:
+            enqueued += self.refire_changed_tasks(now)
+            self._refire_due = False
         if self._params_look.due(now):
             # Computed params whose callable failed earlier and is due again (params_book.py).
             # (Of a paused task too: its runs are then held by the workers, shown paused.)
@@ -202,34 +252,50 @@ class DailyScheduler:
         # Every slot due now in one fan-out: the queue's order is then decided over all of
         # them (longest first, a limited task's backlog first; fanout.longest_first), not
         # task by task in table order.
-        fired: list[tuple[Task, Slot, list[Run]]] = []
+        # A once-a-day task's runs of a day use the slot first fanned out that day (runs.DaySlots):
+        # an ``at`` or ``tz`` edited after it ran fans out under the stored slot (a no-op).
+        day_slots = DaySlots.read_days(self.connection, self.keys, {
+            slot.day for task, slots in due if task.at is not None and task.name not in paused for slot in slots})
+        fired: list[tuple[Task, Slot, Slot, list[Run]]] = []  # (task, its slot due now, the slot fanned out, runs)
         for task, slots in due:
             if task.name in paused:
                 # Neither fanned out nor its cursor moved: on resume, the slots that fell due
                 # meanwhile fire if within misfire_grace_s, older ones are missed (pause.py).
                 continue
-            for slot in slots:
+            for due_slot in slots:
+                slot = day_slots[due_slot.day].slot_of(task, due_slot) if due_slot.day in day_slots else due_slot
+                if slot != due_slot:
+                    log.info("task %s already ran today (%s) at slot %s and its schedule changed (now %s): its "
+                             "runs of the day stay those of %s", task.name, slot.day.isoformat(), slot.isoformat(),
+                             due_slot.isoformat(), slot.isoformat())
                 # A computed task's list is made here, once per slot, and stored (params_book.py).
                 runs = slot_runs(self.connection, self.keys, task, slot, now, self.settings.retention_s,
                                  fence=self.lease)
                 if task.params_computed and not runs:
                     self._params_look.now()  # it may have failed: its retry is due in backoff seconds
-                fired.append((task, slot, runs))
+                    if task.at is not None:  # no fan-out records the slot its params entry is of
+                        note_day_slot(self.connection, self.keys, slot, task.name, self.settings.retention_s)
+                fired.append((task, due_slot, slot, runs))
         if not fired:
             return enqueued
-        result = fan_out(self.connection, self.keys, self.queue, [run for _, _, runs in fired for run in runs],
+        result = fan_out(self.connection, self.keys, self.queue, [run for *_, runs in fired for run in runs],
                          retention_s=self.settings.retention_s, fence=self.lease)
         enqueued += len(result.enqueued)
         if result.waiting:
             self._waiting_look.now()  # released in this very tick if upstream is done
         pushed = set(result.enqueued)
-        for task, slot, runs in fired:
+        for task, due_slot, slot, runs in fired:
             new = sum(run.job_id() in pushed for run in runs)
             log.info("node %s fanned out %s slot %s: %d enqueued, %d already enqueued",
                      self.settings.node_name, task.name, slot.isoformat(), new, len(runs) - new)
-            self._cursors[task.name] = max(self._cursors.get(task.name, slot.fires_at), slot.fires_at)
-        self.connection.hset(self.keys.cursor, mapping={task.name: self._cursors[task.name].isoformat()
-                                                        for task, _, _ in fired})
+            # The cursor follows the table's slot (the one due now), so it is not due again.
+            self._cursors[task.name] = max(self._cursors.get(task.name, due_slot.fires_at), due_slot.fires_at)
+        names = {task.name for task, *_ in fired}
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hset(self.keys.cursor, mapping={name: self._cursors[name].isoformat() for name in names})
+            pipe.hset(self.keys.fired, mapping={name: self._digests[name] for name in names})
+            pipe.execute()
+        self._fired_digests.update({name: self._digests[name] for name in names})
         return enqueued
 
     def seconds_until_next_slot(self, now: datetime) -> float:
@@ -362,6 +428,13 @@ class DailyScheduler:
             except RedisError:
                 pass
             log.info("scheduler on node %s stopped", self.settings.node_name)
+
+
+def _mapped(run: Run, day_slots: dict[date, DaySlots]) -> Run:
+    """``run`` on the slot its day's runs use (runs.DaySlots.slot_of)."""
+    found = day_slots.get(run.day)
+    slot = found.slot_of(run.task, run.slot) if found is not None else run.slot
+    return run if slot == run.slot else Run(run.task, run.param, slot)
 
 
 def _holder_node(holder: str | None) -> str:

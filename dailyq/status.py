@@ -27,7 +27,7 @@ from .keys import Keys
 from .params_book import ParamsBook
 from .pause import paused_tasks
 from .redis_values import as_text
-from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, RunRecord, decode_record, runs_on
+from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, decode_record, runs_on
 from .table import TaskTable
 
 
@@ -67,18 +67,23 @@ def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: da
         if stored.get("state") == QUEUED and stored.get("task") in paused:
             stored["state"] = PAUSED
     book = ParamsBook.read(connection, keys, day)
+    # A once-a-day task whose ``at`` or ``tz`` changed after its slot ran: its runs are
+    # those of the slot first fanned out (runs.DaySlots), not new ones at the new time.
+    slots = DaySlots.read(connection, keys, day)
     shown: list[tuple[datetime, dict[str, Any]]] = []
-    for run in runs_on(table, day, book=book):
+    for run in runs_on(table, day, book=book, slots=slots):
         record = records.pop(run.run_id, None)
         if record is None:
             overdue = now - run.slot.fires_at > timedelta(seconds=run.task.misfire_grace_s)
             record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
             record["param"] = run.param
         shown.append((run.slot.fires_at, _public(run.run_id, record)))
-    shown += [(slot.fires_at, _public(run_id, record)) for slot, run_id, record in book.placeholders(table, day, now)]
+    shown += [(slot.fires_at, _public(run_id, record))
+              for slot, run_id, record in book.placeholders(table, day, now, slots=slots)]
     shown.sort(key=lambda item: item[0])  # stable: each slot's runs keep their order
     runs = [run for _, run in shown]
-    # Runs recorded but no longer in the table (a task renamed or params changed) still count.
+    # Runs recorded but no longer in the table (a task renamed or params changed) still count:
+    # a renamed task is a new task, the old name's records stay listed under it.
     runs.extend(_public(run_id, record) for run_id, record in sorted(records.items()))
     return runs
 
