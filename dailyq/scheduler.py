@@ -265,9 +265,9 @@ class DailyScheduler:
             for due_slot in slots:
                 slot = day_slots[due_slot.day].slot_of(task, due_slot) if due_slot.day in day_slots else due_slot
                 if slot != due_slot:
-                    log.info("task %s already ran today (%s) at slot %s and its schedule changed (now %s): its "
-                             "runs of the day stay those of %s", task.name, slot.day.isoformat(), slot.isoformat(),
-                             due_slot.isoformat(), slot.isoformat())
+                    log.info("task %s already ran today at slot %s and its schedule changed (its slot now: %s): "
+                             "the day's runs stay those of %s", task.name, slot.isoformat(), due_slot.isoformat(),
+                             slot.isoformat())
                 # A computed task's list is made here, once per slot, and stored (params_book.py).
                 runs = slot_runs(self.connection, self.keys, task, slot, now, self.settings.retention_s,
                                  fence=self.lease)
