@@ -258,21 +258,24 @@ def _follow_day_slots(day: date, chunk: list[Run], again: dict[str, Again],
     (when one is, and it differs), and ``again`` keyed by the moved runs' ids. Callers
     map slots themselves (runs.DaySlots): this is the net for one that raced another
     caller's first fan-out of the day, or did not map."""
-    moved: list[Run] = []
-    out: dict[str, Run] = {}
+    def target(run: Run) -> Slot | None:
+        slot = stored.get(run.task.name) if run.task.at is not None else None
+        return slot if slot is not None and slot.day == day and slot != run.slot else None
+
+    moved = [run for run in chunk if target(run) is not None]
+    if not moved:  # the usual case: the caller mapped (or nothing is stored yet)
+        return chunk, again
+    out: dict[str, Run] = {}  # by run id: a run given on both slots is fanned out once
     again = dict(again)
     for run in chunk:
-        slot = stored.get(run.task.name) if run.task.at is not None else None
-        if slot is None or slot.day != day or slot == run.slot:
+        slot = target(run)
+        if slot is None:
             out.setdefault(run.run_id, run)
             continue
         follower = Run(run.task, run.param, slot)
         if run.run_id in again:
             again.setdefault(follower.run_id, again[run.run_id])
         out.setdefault(follower.run_id, follower)
-        moved.append(run)
-    if not moved:
-        return chunk, again
     for name in sorted({run.task.name for run in moved}):
         log.warning("task %s: %s's runs use slot %s (fanned out first that day); runs for another slot of it "
                     "were mapped onto it", name, day.isoformat(), stored[name].isoformat())  # type: ignore[union-attr]

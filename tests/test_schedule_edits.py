@@ -17,6 +17,7 @@ from dailyq.alert_events import missed_slot_alerts, overdue_slots
 from dailyq.alerts import AlertService
 from dailyq.commands import rerun, trigger
 from dailyq.dependencies import release_ready
+from dailyq.fanout import fan_out
 from dailyq.fingerprint import task_digest
 from dailyq.keys import Keys
 from dailyq.runs import DaySlots, Run, day_slot_json, runs_on
@@ -257,6 +258,40 @@ def test_alerts_do_not_report_the_moved_slot_of_a_task_that_ran(connection, sett
     connection.hset(keys.leadership, "first_ms", int((now - timedelta(hours=5)).timestamp() * 1000))
     raised = AlertService(connection, settings, v2).detect()
     assert not [a for a in raised if a.startswith("slot_missed")], raised
+
+
+def test_a_fan_out_of_another_slot_of_a_once_a_day_task_follows_the_stored_one(connection, settings, caplog):
+    """The net under callers: one that did not map (or raced the day's first fan-out)."""
+    keys = settings.keys
+    queue = make_queue(connection, keys)
+    v1, v2 = TaskTable([task(at="03:00")]), TaskTable([task(at="05:00", params=["a", "b", "c"])])
+    fan_out(connection, keys, queue, runs_on(v1, DAY), retention_s=settings.retention_s)
+    with caplog.at_level(logging.WARNING, logger="dailyq.fanout"):
+        result = fan_out(connection, keys, queue, runs_on(v2, DAY), retention_s=settings.retention_s)
+    (three,) = v1.get("t").schedule.slots_on(DAY)
+    assert result.enqueued == [Run(v2.get("t"), "c", three).run_id] and len(result.already) == 2
+    assert sorted(queue.job_ids) == sorted(Run(v2.get("t"), p, three).run_id for p in ("a", "b", "c"))
+    assert any("were mapped onto it" in m for m in caplog.messages)
+
+
+PARAMS_CALLS: list[date] = []
+
+
+def no_params_today(day: date) -> list[str]:
+    PARAMS_CALLS.append(day)
+    return []
+
+
+def test_a_computed_task_that_fired_without_runs_is_not_called_again_at_its_moved_time(connection, settings):
+    PARAMS_CALLS.clear()
+    v1 = TaskTable([Task(name="t", func=record, params=no_params_today, at="03:00")])
+    v2 = TaskTable([Task(name="t", func=record, params=no_params_today, at="05:00")])
+    first, _ = leader(connection, settings, v1, at(3, 0, 1))
+    first.run_once()
+    second, _ = leader(connection, settings, v2, at(5, 0, 1))
+    second.run_once()
+    assert PARAMS_CALLS == [DAY]  # its list for the day (empty) was made once, at 03:00
+    assert day_status(connection, settings.keys, v2, DAY, at(6))["runs"] == []
 
 
 # -- live processes (test b) -----------------------------------------------------------
