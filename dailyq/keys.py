@@ -172,6 +172,13 @@ class Keys:
         ``removed`` from (deploys.py)."""
         return f"{self.prefix}:left:info"
 
+    @property
+    def absent(self) -> str:
+        """Hash ``left:{job id}`` (or ``waiting:{day}:{run id}``) -> Redis-clock seconds since
+        which the leader has found that run in no live node's table (deploys.py): kept in
+        Redis so that a change of leader does not restart the grace before ``removed``."""
+        return f"{self.prefix}:absent"
+
     def day_slots(self, day: date) -> str:
         """Hash task -> JSON {slot, tz}: the slot of a once-a-day task (``at``) fanned out
         for that day. A schedule edit maps the day's runs of the task onto it, so moving
