@@ -22,7 +22,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
-from .runs import FAILED, FINISHED, ParamsLookup, runs_of_slot
+from .runs import FAILED, FINISHED, REMOVED, ParamsLookup, runs_of_slot
 from .schedule import Slot, parse_at
 from .table import Task, TaskTable, encode_param
 from .text_width import one_line
@@ -168,6 +168,8 @@ def lateness(task: Task, day: date, records: Mapping[str, Mapping[str, Any]], de
                 late["not started"] += 1
                 continue
             ended = parse_iso(record.get("ended_at"))
+            if record.get("state") == REMOVED:
+                continue  # a deploy took it away: it will never run, and is not late
             if record.get("state") != FINISHED:
                 late[str(record.get("state"))] += 1
             elif ended is None or ended > deadline:

@@ -18,14 +18,27 @@ from typing import Any, Iterable, Mapping
 
 from . import text_width
 from .render import STATE_COLOURS, paint
-from .runs import BLOCKED, FAILED, FINISHED, MISSED, PAUSED, QUEUED, RUNNING, SCHEDULED, SKIPPED, WAITING, param_digest
+from .runs import (
+    BLOCKED,
+    FAILED,
+    FINISHED,
+    MISSED,
+    PAUSED,
+    QUEUED,
+    REMOVED,
+    RUNNING,
+    SCHEDULED,
+    SKIPPED,
+    WAITING,
+    param_digest,
+)
 from .table import encode_param
 from .timestamps import parse_iso
 
 # Blocked runs wait for a rerun of a failed upstream run: like a failed run, nothing
 # more happens to them by itself. Waiting runs will run once their upstream runs finish;
 # a paused run is still to do: --until-done waits for it (resume it, or stop watching).
-DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED)
+DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED, REMOVED)
 PENDING_STATES = (SCHEDULED, QUEUED, RUNNING, WAITING, PAUSED)
 BAR_WIDTH = 24
 

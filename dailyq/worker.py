@@ -158,7 +158,7 @@ class WorkerContext:
             return None
         return RunExecution(self.guard, self.guard.attempt(run))
 
-    def _lacks(self, run: RunJob, func_name: str) -> str | None:
+    def _lacks(self, run: RunJob, func_name: str | None) -> str | None:
         """Why this worker's table cannot run ``run`` (its job names ``func_name``), or None.
         A set lookup: the common case costs no round trip and no JSON."""
         task = run.run.task

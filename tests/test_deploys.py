@@ -6,10 +6,11 @@ import json
 import signal
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import date, timedelta
 
 from dailyq.clock import utc_now
 from dailyq.keys import Keys
+from dailyq.runs import new_record
 from tests.helpers import executions, run_cli, wait_for
 
 V2_ONLY = {"p7", "p8", "n1", "n2", "n3"}
@@ -122,3 +123,84 @@ def test_runs_no_live_table_has_end_removed_and_rerun_runs_them(node_env, proces
     wait_for(lambda: {states(v2_cli, day)[p] for p in ("n1", "n2", "n3")} == {"finished"}, timeout=40,
              what="the rerun of nt")
     assert {e["node"] for e in executions(connection, prefix) if e["param"] in {"n1", "n2", "n3"}} == {"new"}
+
+
+# -- the scripts, directly against the real Redis ---------------------------------------
+
+SCRIPT_DAY = "2026-11-26"
+
+
+def _leave(connection, keys: Keys, prefix: str, job_id: str = "j1", table: str = "aaaa") -> int:
+    from dailyq.scripts import scripts_for
+
+    info = json.dumps({"run_id": "r1", "day": SCRIPT_DAY, "task": "nt", "param_json": '"n1"', "func": "m.f"})
+    return scripts_for(connection).leave(
+        left_key=keys.left, left_info_key=keys.left_info, intermediate_queue_key=f"{prefix}:intermediate",
+        runs_key=keys.day_runs(date.fromisoformat(SCRIPT_DAY)), job_id=job_id, info_json=info, table=table,
+        node="old", why="no task 'nt'", first_wait_ms=1000, longest_wait_ms=4000, retention_s=600).run()
+
+
+def _record(connection, keys: Keys, run_id: str = "r1") -> dict:
+    return json.loads(connection.hget(keys.day_runs(date.fromisoformat(SCRIPT_DAY)), run_id))
+
+
+def test_leave_parks_the_job_off_the_intermediate_queue_with_a_doubling_wait(connection, prefix):
+    keys = Keys(prefix)
+    connection.rpush(f"{prefix}:intermediate", "j1")
+    connection.hset(keys.day_runs(date.fromisoformat(SCRIPT_DAY)), "r1",
+                    json.dumps(new_record("nt", '"n1"', "slot", "j1")))
+    assert [_leave(connection, keys, prefix) for _ in range(4)] == [1000, 2000, 4000, 4000]
+    assert connection.llen(f"{prefix}:intermediate") == 0
+    assert connection.zscore(keys.left, "j1") is not None
+    info = json.loads(connection.hget(keys.left_info, "j1"))
+    assert info["count"] == 4 and info["tables"] == ["aaaa"] and info["reason"] == "no task 'nt'"
+    _leave(connection, keys, prefix, table="bbbb")
+    assert json.loads(connection.hget(keys.left_info, "j1"))["tables"] == ["aaaa", "bbbb"]
+    record = _record(connection, keys)
+    assert record["state"] == "queued" and "left by node old (its table: no task 'nt')" in record["error"]
+
+
+def test_return_left_moves_due_runnable_jobs_to_the_front_and_keeps_the_others(connection, prefix):
+    from dailyq.scripts import scripts_for
+
+    keys = Keys(prefix)
+    now_ms = int(time.time() * 1000)  # the test's Redis runs on this host's clock
+    connection.zadd(keys.left, {"due-runnable": now_ms - 5000, "due-kept": now_ms - 5000,
+                                "later-runnable": now_ms + 60_000})
+    connection.rpush(f"{prefix}:q", "other")
+    next_ms, moved = scripts_for(connection).return_left(
+        left_key=keys.left, queue_key=f"{prefix}:q", runnable=["due-runnable", "later-runnable"], kept=["due-kept"],
+        keep_ms=10_000).run()
+    assert moved == ["due-runnable"]
+    assert connection.lrange(f"{prefix}:q", 0, -1) == [b"due-runnable", b"other"]
+    kept_until = connection.zscore(keys.left, "due-kept")
+    assert kept_until is not None and kept_until > now_ms + 5000  # waits once more: nothing would run it
+    assert next_ms is not None and next_ms >= now_ms
+
+
+def test_remove_left_removes_a_run_still_waiting_for_the_job_and_forgets_others(connection, prefix):
+    from dailyq.scripts import scripts_for
+
+    keys = Keys(prefix)
+    day = date.fromisoformat(SCRIPT_DAY)
+    runs = keys.day_runs(day)
+    connection.hset(runs, "r1", json.dumps(new_record("nt", '"n1"', "slot", "j1")))
+    connection.hset(runs, "r2", json.dumps(new_record("nt", '"n2"', "slot", "j2-r1")))  # a later job is the one
+    for job_id in ("j1", "j2"):
+        connection.zadd(keys.left, {job_id: 1})
+        connection.hset(keys.left_info, job_id, "{}")
+
+    def remove(job_id: str, run_id: str, really: bool = True) -> str:
+        return scripts_for(connection).remove_left(
+            left_key=keys.left, left_info_key=keys.left_info, runs_key=runs, finished_key=keys.day_finished(day),
+            job_id=job_id, run_id=run_id, now_iso="2026-11-26T10:00:00+00:00", why="removed: because",
+            retention_s=600, remove=really).run()
+
+    assert remove("j2", "r2") == "forgotten"
+    assert _record(connection, keys, "r2")["state"] == "queued"
+    assert remove("j1", "r1") == "removed"
+    record = _record(connection, keys, "r1")
+    assert record["state"] == "removed" and record["error"] == "removed: because" and record["ended_at"]
+    assert connection.sismember(keys.day_finished(day), "r1")
+    assert connection.zcard(keys.left) == 0 and connection.hlen(keys.left_info) == 0
+    assert remove("j1", "r1") == "forgotten"  # once only: it no longer waits for the job
