@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Callable
 
@@ -50,7 +51,7 @@ from rq import Queue
 
 from .beats import live_processes
 from .clock import iso
-from .fingerprint import Descriptions, has_run
+from .fingerprint import Description, Descriptions, has_run
 from .keys import Keys
 from .redis_values import as_text
 from .runs import META_KEY, QUEUED
@@ -105,6 +106,74 @@ def _param_json(param: Any) -> str:
         return json.dumps(param, default=str)
 
 
+@dataclass(frozen=True)
+class LiveTables:
+    """The task tables of the live processes at one look of the leader."""
+
+    descriptions: dict[str | None, Description | None]  # fingerprint (None: not named) -> description
+    worker_tables: frozenset[str | None]  # the fingerprints live workers run
+
+    @classmethod
+    def read(cls, connection: Redis, keys: Keys, known: Descriptions, now: datetime) -> "LiveTables":
+        processes = live_processes(connection, keys, now)
+        names = {p["table"] for p in processes}
+        return cls({name: known.get(name) if name else None for name in names},
+                   frozenset(p["table"] for p in processes if p["role"] == "worker"))
+
+    def find(self, task: str, param_json: str, func: str | None) -> tuple[bool, bool, list[str]]:
+        """(whether some live table may have the run, whether some live worker's may, why the
+        others do not). A process whose table is unknown (an older dailyq, a description not
+        published) may have any run: nothing is removed on a guess."""
+        reasons: list[str] = []
+        having: set[str | None] = set()
+        for name, description in self.descriptions.items():
+            reason = None if description is None else has_run(description, task, param_json, func)
+            if reason is None:
+                having.add(name)
+            else:
+                reasons.append(reason)
+        return bool(having), bool(having & self.worker_tables), sorted(set(reasons))
+
+
+class Absence:
+    """Since when each candidate run has been in no live table (``keys.absent``, Redis-clock
+    seconds: a leader change does not restart the grace), and which are past the grace."""
+
+    def __init__(self, connection: Redis, keys: Keys, grace_s: float, retention_s: int) -> None:
+        self.connection = connection
+        self.keys = keys
+        self.grace_s = grace_s
+        self.retention_s = retention_s
+
+    def judge(self, looked_at: list[str], absent: dict[str, list[str]], now: datetime) -> dict[str, str]:
+        """``looked_at``: the fields (``left:{job}``, ``waiting:{day}:{run}``) of every candidate
+        looked at; ``absent``: those no live table has, with why. Returns the fields past the
+        grace, each with the error its run is removed with; their entries are forgotten here."""
+        if not looked_at:
+            return {}
+        since = {field: float(value) for field, value in zip(looked_at, self.connection.hmget(self.keys.absent,
+                                                                                              looked_at))
+                 if value is not None}
+        due: dict[str, str] = {}
+        for field, reasons in absent.items():
+            first_s = since.get(field)
+            if first_s is not None and now.timestamp() - first_s >= self.grace_s:
+                due[field] = (f"removed: no live node's table has had this run for {self.grace_s:g}s "
+                              f"(since {iso(datetime.fromtimestamp(first_s, now.tzinfo))}: {'; '.join(reasons)}); "
+                              "rerun runs it again")
+        newly = [field for field in absent if field not in since]
+        gone = [field for field in since if field not in absent or field in due]
+        with self.connection.pipeline(transaction=False) as pipe:
+            for field in newly:
+                pipe.hsetnx(self.keys.absent, field, now.timestamp())
+            if newly:
+                pipe.expire(self.keys.absent, self.retention_s)
+            if gone:
+                pipe.hdel(self.keys.absent, *gone)
+            pipe.execute()
+        return due
+
+
 class LeftJobs:
     """The leader's side: return left jobs when due, and remove runs no live table has."""
 
@@ -114,9 +183,9 @@ class LeftJobs:
         self.keys = keys
         self.queue = queue
         self.retention_s = retention_s
-        self.removed_grace_s = removed_grace_s
         self.clock = clock
         self.descriptions = Descriptions(connection, keys)
+        self.absence = Absence(connection, keys, removed_grace_s, retention_s)
         self._scripts = scripts_for(connection)
         self._next_look: float | None = None  # Redis-clock seconds; None: at the next tick
 
@@ -140,23 +209,23 @@ class LeftJobs:
         for job_id in self._no_longer_awaited(entries):
             self._remove(job_id, entries.pop(job_id), "", remove=False)
         now = self.clock()
-        processes = live_processes(self.connection, self.keys, now)
-        by_table = {name: self.descriptions.get(name) if name else None for name in {p["table"] for p in processes}}
-        worker_tables = {p["table"] for p in processes if p["role"] == "worker"}
+        tables = LiveTables.read(self.connection, self.keys, self.descriptions, now)
         runnable: list[str] = []
         kept: list[str] = []
-        absent: dict[str, list[str]] = {}  # job id -> why no live table has its run
+        absent: dict[str, list[str]] = {}  # field -> why no live table has its run
         for job_id, info in entries.items():
-            reasons = {name: None if description is None else
-                       has_run(description, str(info.get("task")), str(info.get("param_json")), info.get("func"))
-                       for name, description in by_table.items()}
-            # A live process whose table is unknown might have any run: never removed on a guess.
-            unknown = {name for name, description in by_table.items() if description is None}
-            having = {name for name, reason in reasons.items() if reason is None}
-            (runnable if (having | unknown) & worker_tables else kept).append(job_id)
-            if not having:
-                absent[job_id] = sorted({reason for reason in reasons.values() if reason})
-        removed = self._remove_absent(entries, absent, now)
+            anywhere, on_a_worker, reasons = tables.find(str(info.get("task")), str(info.get("param_json")),
+                                                         info.get("func"))
+            (runnable if on_a_worker else kept).append(job_id)
+            if not anywhere:
+                absent[f"left:{job_id}"] = reasons
+        removed = set()
+        for field, why in self.absence.judge([f"left:{job_id}" for job_id in entries], absent, now).items():
+            job_id = field.removeprefix("left:")
+            info = entries[job_id]
+            if self._remove(job_id, info, why, remove=True) == "removed":
+                log.warning("run %s %s", info.get("run_id"), why, extra={"run_id": info.get("run_id")})
+            removed.add(job_id)
         _, moved = self._scripts.return_left(
             left_key=self.keys.left, queue_key=self.queue.key, runnable=[j for j in runnable if j not in removed],
             kept=[j for j in kept if j not in removed], keep_ms=int(LOOK_AGAIN_S * 1000)).run()
@@ -164,38 +233,6 @@ class LeftJobs:
             log.info("%d left job(s) back at the front of the queue, for a worker whose table has their runs",
                      len(moved))
         return bool(entries)
-
-    def _remove_absent(self, entries: dict[str, dict[str, Any]], absent: dict[str, list[str]],
-                       now: datetime) -> set[str]:
-        """Remove the runs of the ``absent`` left jobs once their grace has passed; keep in
-        ``keys.absent`` since when each was absent. Returns the job ids removed or forgotten."""
-        fields = {job_id: f"left:{job_id}" for job_id in entries}
-        since_raw = self.connection.hmget(self.keys.absent, list(fields.values())) if fields else []
-        since = {job_id: float(value) for job_id, value in zip(fields, since_raw) if value is not None}
-        done: set[str] = set()
-        newly_absent = {fields[job_id]: now.timestamp() for job_id in absent if job_id not in since}
-        present_again = [fields[job_id] for job_id in since if job_id not in absent]
-        for job_id, reasons in absent.items():
-            first_s = since.get(job_id)
-            if first_s is None or now.timestamp() - first_s < self.removed_grace_s:
-                continue
-            info = entries[job_id]
-            why = (f"removed: no live node's table has had this run for {self.removed_grace_s:g}s "
-                   f"(since {iso(datetime.fromtimestamp(first_s, now.tzinfo))}: {'; '.join(reasons)}); "
-                   "rerun runs it again")
-            if self._remove(job_id, info, why, remove=True) == "removed":
-                log.warning("run %s %s", info.get("run_id"), why, extra={"run_id": info.get("run_id")})
-            present_again.append(fields[job_id])
-            done.add(job_id)
-        with self.connection.pipeline(transaction=False) as pipe:
-            for field, at in newly_absent.items():
-                pipe.hsetnx(self.keys.absent, field, at)
-            if newly_absent:
-                pipe.expire(self.keys.absent, self.retention_s)
-            if present_again:
-                pipe.hdel(self.keys.absent, *present_again)
-            pipe.execute()
-        return done
 
     def _no_longer_awaited(self, entries: dict[str, dict[str, Any]]) -> list[str]:
         """Left jobs whose run no longer waits for them: it finished, was removed or failed,
