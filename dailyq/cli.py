@@ -58,12 +58,16 @@ def _context(args: argparse.Namespace) -> tuple[Settings, TaskTable]:
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from .alerts import AlertService  # noqa: PLC0415 - keeps status/trigger start-up light
     from .scheduler import DailyScheduler  # noqa: PLC0415
+    from .table_watch import TableWatch  # noqa: PLC0415
 
     settings, table = _context(args)
     connection = connect(settings)
     scheduler = DailyScheduler(connection, settings, table)
     alerts = AlertService(connection, settings, table)
     scheduler.tick_hooks.append(alerts.on_tick)
+    # The record of table differences is kept with alerts off too: status and health read it.
+    tables = TableWatch(connection, settings, table, raise_alerts=alerts.raise_alerts if alerts.enabled else None)
+    scheduler.tick_hooks.append(tables.on_tick)
     metrics = None
     if settings.metrics_port is not None and not args.burst:
         from .metrics import serve_metrics  # noqa: PLC0415 - imports prometheus_client
@@ -232,6 +236,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when this node's heartbeats are fresh and Redis answers, else 1; one line
     either way. Redis problems are 1 too (not 3): probes understand only 0 and 1."""
     from .health import judge, read_beats, read_worker_count, redis_down, roles_of  # noqa: PLC0415
+    from .table_watch import read_node_tables  # noqa: PLC0415
 
     settings = Settings.from_env()
     roles = roles_of(args.role)
@@ -245,12 +250,14 @@ def cmd_health(args: argparse.Namespace) -> int:
         now = server_now(connection)
         if "worker" in roles:
             workers = read_worker_count(connection, settings.keys, settings.node_name, now)
+        tables = read_node_tables(connection, settings.keys, settings.node_name, now)
     except RedisUnavailable as exc:
         verdict = redis_down(str(exc))
     except RedisError as exc:
         verdict = redis_down(f"Redis at {settings.redacted_url()} failed: {exc}")
     else:
-        verdict = judge(settings.node_name, beats, now, args.max_age_s, workers, args.min_workers)
+        verdict = judge(settings.node_name, beats, now, args.max_age_s, workers, args.min_workers, tables,
+                        settings.table_skew_alert_s)
     print(verdict.line)
     return verdict.exit_code
 

@@ -193,6 +193,14 @@ class Keys:
         return f"{self.prefix}:fired"
 
     @property
+    def table_skew(self) -> str:
+        """Hash difference id (table_skew.difference_id: the two tables' fingerprints) ->
+        when (ms, Redis clock) the leader first saw live processes run both: ``since`` in
+        ``status``'s ``tables``, and what ``tables_differ`` is raised from (table_watch.py).
+        Kept by the leader; a difference no longer seen is dropped."""
+        return f"{self.prefix}:table-skew"
+
+    @property
     def rq_failed_seen(self) -> str:
         """String: the score up to which the leader has read RQ's failed job registry
         (settle.py): runs of jobs RQ failed outside the guard are settled from there."""

@@ -1037,6 +1037,48 @@ return {1, entry}
 """, OWNER_LUA)
 
 
+TABLE_SKEW_SYNC = _lua("""
+-- The leader's record of the table differences it sees (table_watch.py): each current
+-- one keeps the time it was first seen, any other is dropped. Under the lease only, so
+-- a leader that lost it (paused past it) does not undo its successor's record.
+-- KEYS[1] = table skew hash, KEYS[2] = lease key
+-- ARGV[1] = owner token, ARGV[2] = TTL of the hash (s), ARGV[3..] = current difference ids
+-- Returns {} when not the lease holder, else {now_ms, id, first_ms, id, first_ms, ...}.
+local skew_key, lease_key = KEYS[1], KEYS[2]
+local owner, ttl_s = ARGV[1], tonumber(ARGV[2])
+if not holds(lease_key, owner) then
+  return {}
+end
+local now = redis_now_ms()
+local current = {}
+for i = 3, #ARGV do
+  current[ARGV[i]] = true
+end
+for _, id in ipairs(redis.call('HKEYS', skew_key)) do
+  if not current[id] then
+    redis.call('HDEL', skew_key, id)
+  end
+end
+local reply = {tostring(now)}
+for i = 3, #ARGV do
+  redis.call('HSETNX', skew_key, ARGV[i], tostring(now))
+  reply[#reply + 1] = ARGV[i]
+  reply[#reply + 1] = redis.call('HGET', skew_key, ARGV[i])
+end
+if #ARGV >= 3 then
+  -- Forgotten if no leader looks for that long: a later difference starts afresh.
+  redis.call('EXPIRE', skew_key, ttl_s)
+end
+return reply
+""", OWNER_LUA, NOW_LUA)
+
+
+def _parse_table_skew(reply: Any) -> tuple[int, dict[str, int]] | None:
+    if not reply:
+        return None
+    return lua_ms(reply[0]), {_text(reply[i]): lua_ms(reply[i + 1]) for i in range(1, len(reply), 2)}
+
+
 def _parse_params_store(reply: Any) -> tuple[bool, str]:
     return bool(int(reply[0])), _text(reply[1])
 
@@ -1106,6 +1148,7 @@ class Scripts:
         self._leave = register(LEAVE)
         self._return_left = register(RETURN_LEFT)
         self._remove_left = register(REMOVE_LEFT)
+        self._table_skew_sync = register(TABLE_SKEW_SYNC)
 
     # -- owner-token leases (lease.py) --
 
@@ -1297,6 +1340,16 @@ class Scripts:
         return ScriptCall(self._params_store, [params_key, retries_key, lease_key],
                           [field, entry_json, retention_s, _flag(replace), retry_member,
                            "" if next_try_ms is None else next_try_ms, fence_owner or ""], _parse_params_store)
+
+
+    # -- table differences (table_watch.py) --
+
+    def table_skew_sync(self, *, skew_key: str, lease_key: str, owner: str, ttl_s: int,
+                        differences: Sequence[str]) -> ScriptCall[tuple[int, dict[str, int]] | None]:
+        """None when ``owner`` does not hold the lease, else (Redis now in ms, difference
+        id -> first seen ms) for ``differences``."""
+        return ScriptCall(self._table_skew_sync, [skew_key, lease_key], [owner, ttl_s, *differences],
+                          _parse_table_skew)
 
 
 # One Scripts per connection object, dropped with it. A cache, not shared state: building
