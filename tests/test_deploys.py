@@ -91,6 +91,14 @@ def test_nodes_on_two_tables_run_every_v2_run_once_on_a_node_whose_table_has_it(
     status = status_of(new_env, day)
     assert len(status["runs"]) == 11 and {r["state"] for r in status["runs"]} == {"finished"}
     assert old_scheduler.poll() is None
+    # status names the nodes whose table differs from the leader's (old), and what differs.
+    tables = status["tables"]
+    assert tables["same"] is False and tables["reference_from"] == "leader"
+    (difference,) = tables["differences"]
+    assert difference["nodes"] == ["new"] and difference["tasks_added"] == ["nt"]
+    assert difference["params"] == {"hb": {"added": ['"p7"', '"p8"'], "removed": []}}
+    text = run_cli(["status", "--date", day], new_env).stdout
+    assert "tables differ: new" in text and "task nt added" in text
 
 
 def test_runs_no_live_table_has_end_removed_and_rerun_runs_them(node_env, processes, connection, prefix):
