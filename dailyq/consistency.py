@@ -55,10 +55,13 @@ Reads and repairs
 ``read`` takes one snapshot in one MULTI/EXEC (each list and set read once, with the
 day's records), so a job moving from one structure to the next meanwhile cannot look
 absent from both; then one pipeline asks for the claims of running runs and for RQ's
-job hashes. ``find_problems`` is pure: plain sets and dicts in, problems out. Each
-repair is a Lua check-and-set (scripts.py, "doctor" section) that acts only while the
-record (state and job id) and the entry are still as read: a repair never overwrites
-a record that changed meanwhile, it is left alone and says so.
+job hashes. A problem found is looked for again at once and kept only if seen twice
+(``confirmed``: a mover that is not atomic leaves a job nowhere for a moment).
+``find_problems`` is pure: plain sets and dicts in, problems out. Each repair is a Lua
+check-and-set (scripts.py, "doctor" section) that acts only while the record (state and
+job id) and the entry are still as read: a repair never overwrites a record that
+changed meanwhile, it is left alone and says so. Stale entries are removed first
+(that changes no record, which another repair of the same run then checks).
 """
 
 from __future__ import annotations
@@ -536,12 +539,28 @@ def repair(connection: Redis, keys: Keys, queue: Queue, day: date, problem: Prob
 CHANGED = "left alone: the record or the entry changed since it was read"
 
 
+def confirmed(look: Callable[[], list[Problem]]) -> list[Problem]:
+    """The problems found twice in a row. Each look is one atomic snapshot, but some
+    movers are not atomic (rq-scheduler takes a due job off its set, then pushes it: for
+    a moment the job is in neither), so a problem seen once is looked at again at once
+    and kept only if the second look, whose words are shown, sees it too."""
+    first = look()
+    if not first:
+        return first
+    seen = {_identity(p) for p in first}
+    return [p for p in look() if _identity(p) in seen]
+
+
+def _identity(problem: Problem) -> tuple[str, str, str | None, str, str]:
+    return problem.run_id, problem.kind, problem.job_id, problem.read_state, problem.read_job
+
+
 def examine(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date, *, fix: bool,
             retention_s: int, now_iso: str) -> dict[str, Any]:
     """``doctor``'s object: {"date", "problems": [...], "repaired"}; with ``fix`` each
     problem is repaired and has an ``outcome``."""
-    snap = read(connection, keys, queue, day, [task.name for task in table.tasks])
-    problems = find_problems(snap, table_rebuild(table, day))
+    problems = confirmed(lambda: find_problems(read(connection, keys, queue, day, [t.name for t in table.tasks]),
+                                               table_rebuild(table, day)))
     shown = [problem.public() for problem in problems]
     if fix:
         # Stale entries first: removing one changes no record, while a record's repair

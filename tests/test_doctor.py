@@ -241,3 +241,13 @@ def test_the_core_names_each_kind_from_plain_data_and_leaves_backed_runs_alone()
     assert found[("r-norecord", "running_entry_stale")].state is None
     assert found[("l-moved", "left_stale")].job_id == "l-moved"
     assert [p.kind for p in problems] == sorted((p.kind for p in problems), key=doctor.KINDS.index)
+
+
+def test_a_problem_is_kept_only_when_a_second_look_sees_it_too():
+    def problem(run_id: str) -> doctor.Problem:
+        return doctor.Problem(run_id, "queued_unbacked", "queued", run_id, "", "", doctor.Requeue(run_id, ""),
+                              read_state="queued", read_job=run_id)
+
+    looks = iter([[problem("a"), problem("b")], [problem("b"), problem("c")]])
+    assert [p.run_id for p in doctor.confirmed(lambda: next(looks))] == ["b"]  # "a" was a job between two places
+    assert doctor.confirmed(lambda: []) == []
