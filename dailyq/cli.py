@@ -1,4 +1,4 @@
-"""Command line: ``python scheduler.py [status|trigger|rerun|pause|resume|demo]`` (also installed as
+"""Command line: ``python scheduler.py [status|trigger|rerun|pause|resume|doctor|demo]`` (also installed as
 the ``dailyq`` console script) and the worker.
 
 The commands' work is done by dailyq/api.py (over commands.py), which scripts call
@@ -232,6 +232,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 1 when any inconsistency was found (also when --repair repaired it), else 0."""
+    from .consistency import render  # noqa: PLC0415
+
+    settings, table = _context(args)
+    report = api.doctor(settings.redis_url, args.date, repair=args.repair, settings=settings, table=table)
+    print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else render(report))
+    return 1 if report["problems"] else 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when this node's heartbeats are fresh and Redis answers, else 1; one line
     either way. Redis problems are 1 too (not 3): probes understand only 0 and 1."""
@@ -343,6 +353,14 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
         hold.add_argument("task", nargs="?", help="the task's name")
         hold.add_argument("--all", action="store_true", help="every task")
         hold.set_defaults(handler=handler)
+
+    doctor = sub.add_parser("doctor", help="list every run record of a day that its queue, registries, claims, "
+                            "waiting and held lists do not back (exit 1 if any), and what --repair does")
+    doctor.add_argument("--date", type=_parse_date, help="YYYY-MM-DD (default: today in the tasks' zone)")
+    doctor.add_argument("--repair", action="store_true",
+                        help="apply each repair (a check-and-set: a record changed since it was read is left alone)")
+    doctor.add_argument("--json", action="store_true", help="one JSON object: date, problems, repaired")
+    doctor.set_defaults(handler=cmd_doctor)
 
     demo = sub.add_parser("demo", help="private Redis + three local workers run today's example batch")
     demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
