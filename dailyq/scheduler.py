@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 from .beats import OFFSET_WARN_S, beat_value, describe_offset, forget_silent_nodes, format_offset, register_node
 from .clock import Clock, RedisClock, iso
 from .dependencies import WaitingRuns
+from .deploys import LeftJobs
 from .errors import LeaseLost
 from .fanout import fan_out, note_day_slot
 from .fingerprint import keep_published, table_fingerprint, task_digest
@@ -134,6 +135,7 @@ class DailyScheduler:
         self.stranded = StrandedJobs(connection, keys, self.queue, stuck_after_s=settings.claim_ttl_s)
         self.waiting = WaitingRuns(connection, keys, self.queue, table, settings.retention_s)
         self.slots = SlotSweep(connection, keys, self.queue.key, table)
+        self.left = LeftJobs(connection, keys, self.queue, settings.retention_s, settings.removed_grace_s, self.clock)
         # Called at the end of every tick, leader or not (alerts.py's leadership record).
         # A hook must not raise, nor take long: it runs inside the tick.
         self.tick_hooks: list[Callable[[DailyScheduler], None]] = []
@@ -328,6 +330,7 @@ class DailyScheduler:
             self._waiting_look.after(now, now if self.waiting.days_held else None)
         self.retries.move_due(self.clock())
         self.delayed.move_due(self.clock())
+        self.left.look_if_due()  # jobs workers left for another table (deploys.py)
 
     # -- the loop --------------------------------------------------------------------
 
