@@ -80,7 +80,20 @@ from .fanout import Again, Held
 from .keys import Keys
 from .redis_values import as_text
 from .rq_seam import DailyJob
-from .runs import BLOCKED, FAILED, FINISHED, META_KEY, PAUSED, QUEUED, REMOVED, RUNNING, WAITING, Run
+from .runs import (
+    BLOCKED,
+    FAILED,
+    FINISHED,
+    META_KEY,
+    PAUSED,
+    QUEUED,
+    REMOVED,
+    RUNNING,
+    WAITING,
+    DaySlots,
+    Run,
+    task_slots_on,
+)
 from .scripts import scripts_for
 from .table import TaskTable
 
@@ -387,7 +400,7 @@ def _entry_job(raw: str | None) -> str | None:
 RERUN_SUFFIX = re.compile(r"-r(\d+)$")
 
 
-def table_rebuild(table: TaskTable, day: date) -> Rebuild:
+def table_rebuild(table: TaskTable, day: date, slots: DaySlots | None = None) -> Rebuild:
     """A held run's waiting entry rebuilt from ``table``, as dependencies.py rebuilds the
     run at release: its task, one of the task's slots on ``day`` and its param must give
     the same run id. A rerun's job ({run_id}-rN) keeps its number and rerun id (force: a
@@ -398,7 +411,8 @@ def table_rebuild(table: TaskTable, day: date) -> Rebuild:
         job_id = _job_of(record)
         if task is None or not job_id:
             return None
-        slot = next((s for s in task.schedule.slots_on(day) if s.isoformat() == record.get("slot")), None)
+        # A once-a-day task's slot as its day was fanned out (runs.DaySlots: ``at`` may have moved since).
+        slot = next((s for s in task_slots_on(task, day, slots) if s.isoformat() == record.get("slot")), None)
         try:
             run = Run(task, json.loads(str(record.get("param_json"))), slot) if slot else None
         except ValueError:
@@ -560,7 +574,7 @@ def examine(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: 
     """``doctor``'s object: {"date", "problems": [...], "repaired"}; with ``fix`` each
     problem is repaired and has an ``outcome``."""
     problems = confirmed(lambda: find_problems(read(connection, keys, queue, day, [t.name for t in table.tasks]),
-                                               table_rebuild(table, day)))
+                                               table_rebuild(table, day, DaySlots.read(connection, keys, day))))
     shown = [problem.public() for problem in problems]
     if fix:
         # Stale entries first: removing one changes no record, while a record's repair

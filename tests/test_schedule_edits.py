@@ -13,6 +13,7 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+from dailyq import consistency
 from dailyq.alert_events import missed_slot_alerts, overdue_slots
 from dailyq.alerts import AlertService
 from dailyq.commands import rerun, trigger
@@ -244,6 +245,21 @@ def test_downstream_runs_of_a_moved_upstream_are_released_by_the_runs_it_ran(con
     connection.sadd(keys.day_finished(DAY), *[r.run_id for r in up_runs])  # as FINISH records them
     result = release_ready(connection, keys, make_queue(connection, keys), v2, DAY, retention_s=settings.retention_s)
     assert result.released == [Run(v1.get("down"), "d", up_runs[0].slot).run_id]
+
+
+def test_doctor_parks_a_held_run_of_a_moved_task_again_instead_of_failing_it(connection, settings):
+    keys = settings.keys
+    v1 = TaskTable([task("up", at="03:00"), task("down", params=["d"], at="03:00", after=["up"])])
+    v2 = TaskTable([task("up", at="05:00"), task("down", params=["d"], at="05:00", after=["up"])])
+    first, _ = leader(connection, settings, v1, at(3, 0, 1))
+    first.run_once()
+    (held,) = [r.run_id for r in runs_on(v1, DAY, ["down"])]
+    connection.hdel(keys.day_waiting(DAY), held)  # planted: a held run nothing would release
+    report = consistency.examine(connection, keys, make_queue(connection, keys), v2, DAY, fix=True,
+                                 retention_s=settings.retention_s, now_iso="2026-11-26T06:00:00+00:00")
+    (problem,) = report["problems"]
+    assert problem["run_id"] == held and problem["repair"].startswith("park it again"), problem
+    assert connection.hexists(keys.day_waiting(DAY), held)
 
 
 def test_alerts_do_not_report_the_moved_slot_of_a_task_that_ran(connection, settings):
