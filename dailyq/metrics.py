@@ -142,7 +142,8 @@ def _unrecorded(tasks: list[Task], records: dict[str, dict], recorded: Counter, 
             expected = len(entry.params or []) if entry is not None else len(task.params)  # type: ignore[arg-type]
             missing = max(0, expected - recorded[(task.name, slot.isoformat())])
             if missing:
-                overdue = now - slot.fires_at > timedelta(seconds=task.misfire_grace_s)
+                due_at = slots.due_at(task, slot) if slots is not None else slot.fires_at
+                overdue = now - due_at > timedelta(seconds=task.misfire_grace_s)
                 counts[(task.name, MISSED if overdue else SCHEDULED)] += missing
     return counts
 

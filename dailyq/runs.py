@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from functools import cached_property
 from typing import Any, Iterable, Mapping, Protocol, Sequence, TypedDict
 
@@ -270,6 +270,14 @@ class DaySlots:
         if task.at is None or slot.day != self.day:
             return slot
         return self.stored.get(task.name, slot)
+
+    def due_at(self, task: Task, slot: Slot) -> datetime:
+        """When the leader fans out a run of ``slot`` (one ``slot_of`` gave) that is not
+        fanned out yet: at the later of the stored slot and the table's own slot that day,
+        which the leader maps onto the stored one when it comes."""
+        if task.at is None or slot.day != self.day or self.stored.get(task.name) != slot:
+            return slot.fires_at
+        return max([slot.fires_at] + [own.fires_at for own in task.schedule.slots_on(self.day)])
 
     def slots_on(self, task: Task) -> list[Slot]:
         """The task's slots on this day, each as ``slot_of`` maps it."""

@@ -83,7 +83,10 @@ def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: da
     for run in runs_on(table, day, book=book, slots=slots):
         record = records.pop(run.run_id, None)
         if record is None:
-            overdue = now - run.slot.fires_at > timedelta(seconds=run.task.misfire_grace_s)
+            # A run not fanned out yet is fanned out when the table's slot comes (a new param
+            # of a moved task: under the stored slot, at the new time), so it is missed only
+            # past the grace of the later of the two.
+            overdue = now - slots.due_at(run.task, run.slot) > timedelta(seconds=run.task.misfire_grace_s)
             record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
             record["param"] = run.param
         shown.append((run.slot.fires_at, _public(run.run_id, record)))

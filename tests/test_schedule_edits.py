@@ -143,6 +143,21 @@ def test_at_moved_later_after_the_slot_ran_does_not_run_the_day_again(connection
     assert report.enqueued == [] and sorted(r.run_id for r in report.in_progress) == sorted(ran)
 
 
+def test_a_param_added_with_the_move_is_scheduled_until_the_new_time_then_joins_the_days_slot(connection, settings):
+    keys = settings.keys
+    v1, v2 = TaskTable([task(at="03:00")]), TaskTable([task(at="05:00", params=["a", "b", "c"])])
+    first, _ = leader(connection, settings, v1, at(3, 0, 1))
+    first.run_once()
+    states = {r["param"]: r["state"] for r in day_status(connection, keys, v2, DAY, at(4, 30))["runs"]}
+    assert states == {"a": "queued", "b": "queued", "c": "scheduled"}  # not missed: it fans out at 05:00
+    second, _ = leader(connection, settings, v2, at(5, 0, 1))
+    second.run_once()
+    (three,) = v1.get("t").schedule.slots_on(DAY)
+    assert sorted(enqueued(connection, settings)) == sorted(Run(v2.get("t"), p, three).run_id for p in "abc")
+    late = {r["param"]: r["state"] for r in day_status(connection, keys, v2, DAY, at(6, 0, 2))["runs"]}
+    assert late == {"a": "queued", "b": "queued", "c": "queued"}
+
+
 def test_at_moved_later_before_the_slot_fired_fires_once_at_the_new_time(connection, settings):
     v1, v2 = TaskTable([task(at="03:00")]), TaskTable([task(at="05:00")])
     first, _ = leader(connection, settings, v1, at(2))
