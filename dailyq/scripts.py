@@ -321,6 +321,12 @@ local finished_key, claim_key, runs_key, durations_key, running_key, series_key 
 local run_id, owner, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local series, duration_s, node, now = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 if not release_run(claim_key, series_key, running_key, run_id, owner) then
+  -- A replay of this very call (its reply was lost; the guard sends the same arguments
+  -- again): the claim is gone because the first call released it. Answer as it did.
+  local record = load_record(runs_key, run_id)
+  if record and record.owner == owner and record.state == '{FINISHED}' and record.ended_at == now then
+    return 1
+  end
   return 0
 end
 redis.call('SADD', finished_key, run_id)
@@ -341,11 +347,24 @@ FAIL = _lua(f"""
 -- ARGV[5] = RQ can retry ('1'|'0'), ARGV[6] = max attempts (0 = no limit), ARGV[7] = node,
 -- ARGV[8] = now (ISO), ARGV[9] = error
 -- Returns 'retry' (recorded queued: RQ retries it), 'failed', or 'not-ours' (claim held by
--- another copy or gone: nothing changed).
+-- another copy or gone: nothing changed). Replay-safe: sent again with the same arguments
+-- after its reply was lost, it answers as the first call did.
 local claim_key, runs_key, running_key, series_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local run_id, owner, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local rq_can_retry, max_attempts, node, now, error_text = ARGV[5] == '1', tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
 if not release_run(claim_key, series_key, running_key, run_id, owner) then
+  -- The first call released the claim and wrote this owner's end (its time and error)
+  -- into the record. Anything since -- a requeue by recovery or a rerun (which clears
+  -- ended_at), a later execution (a new owner), recovery failing the run (its own time
+  -- and error) -- makes it not this call's any more.
+  local record = load_record(runs_key, run_id)
+  if record and record.owner == owner and record.ended_at == now and record.error == error_text then
+    if record.state == '{QUEUED}' then
+      return 'retry'
+    elseif record.state == '{FAILED}' then
+      return 'failed'
+    end
+  end
   return 'not-ours'
 end
 local record = load_record(runs_key, run_id, base_json)

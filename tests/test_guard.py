@@ -9,9 +9,14 @@ from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from typing import Iterator
 
+import pytest
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from dailyq.guard import Guard
 from dailyq.runs import Run, RunJob, decode_record
 from dailyq.schedule import Slot
+from dailyq.scripts import scripts_for
 from dailyq.table import Task, TaskTable
 from tests.helpers import wait_for
 from tests.sample_tasks import record as sample_record
@@ -398,3 +403,56 @@ def test_a_run_with_every_attempt_used_is_not_executed_again_by_a_second_queue_e
     calls = []
     assert g.execute(run, lambda: calls.append(1), will_retry=lambda: False) == {"skipped": "exhausted"}
     assert calls == [] and record(connection, settings, rid("r1"))["state"] == "failed"
+
+
+# -- replies lost on the way back ---------------------------------------------------------
+
+class LosesAReply(Redis):
+    """A client whose first call of one script (by its SHA) runs on the server, but whose
+    reply never arrives: what a connection dropped after the command leaves behind."""
+
+    lose_sha: str = ""
+    lost = False
+
+    def execute_command(self, *args, **options):
+        reply = super().execute_command(*args, **options)
+        if not self.lost and args[:2] == ("EVALSHA", self.lose_sha):
+            self.lost = True
+            raise RedisConnectionError("connection dropped before the reply")
+        return reply
+
+
+def losing_the_reply_of(settings, script: str) -> LosesAReply:
+    client = LosesAReply.from_url(settings.redis_url)
+    client.lose_sha = getattr(scripts_for(client), script).sha
+    return client
+
+
+def test_a_failure_whose_reply_was_lost_is_recorded_once_and_rq_still_retries(settings):
+    client = losing_the_reply_of(settings, "_fail")
+    cancelled = []
+
+    def boom():
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError):
+        guard(client, settings).execute(identity("r1", max_attempts=2), boom, will_retry=lambda: True,
+                                        cancel_retry=lambda: cancelled.append(1))
+    assert client.lost
+    assert cancelled == []  # the record says queued for RQ's retry, and RQ does retry it
+    stored = record(client, settings, rid("r1"))
+    assert stored["state"] == "queued" and stored["error"] == "ValueError: bad input" and stored["attempts"] == 1
+    client.close()
+
+
+def test_a_finish_whose_reply_was_lost_is_recorded_and_releases_its_downstream(settings):
+    client = losing_the_reply_of(settings, "_finish")
+    g = guard(client, settings)
+    ended = []
+    g.on_ended = ended.append
+    run = identity("r1")
+    assert g.execute(run, lambda: "ran", will_retry=lambda: False) == "ran"
+    assert client.lost
+    assert ended == [run]  # recorded finished by this copy: its downstream runs are looked at
+    assert record(client, settings, rid("r1"))["state"] == "finished"
+    client.close()

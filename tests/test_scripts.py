@@ -285,6 +285,51 @@ def test_fail_is_refused_when_the_claim_is_not_ours(scripts, connection, keys, r
     assert connection.hget(keys.running, "r1") == DAY.encode()
 
 
+def test_fail_sent_again_after_a_lost_reply_answers_as_the_first_call(scripts, connection, keys, run) -> None:
+    # The guard sends the very same call again (through_outage) when its reply was lost.
+    run.begin(scripts, "a").run()
+    fail = run.fail(scripts, "a", max_attempts=2)
+    assert fail.run() == "retry"
+    assert fail.run() == "retry"  # not 'not-ours': RQ's retry must not be cancelled
+    assert stored(connection, keys, "r1")["state"] == "queued"
+    run.begin(scripts, "b").run()
+    fail = run.fail(scripts, "b", max_attempts=2)
+    assert fail.run() == "failed"
+    assert fail.run() == "failed"
+    assert stored(connection, keys, "r1")["state"] == "failed"
+
+
+def test_a_late_fail_of_an_execution_someone_else_ended_is_still_not_ours(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    first = run.fail(scripts, "a", max_attempts=3)
+    assert first.run() == "retry"
+    # Recovery or a rerun enqueued the run again: its record is queued, ended_at cleared.
+    scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[],
+                          again=[Requeued("r1", base_json("r1", "r1-r1"), "r1-r1")]).run()
+    assert first.run() == "not-ours"
+    # The leader failed a run whose copy it found dead: its own end time and error.
+    run.begin(scripts, "c", job_id="r1-r1").run()
+    connection.delete(keys.claim("r1"))
+    assert scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     run_id="r1", max_attempts=2, now_iso="2026-11-26T10:05:00+00:00",
+                                     retention_s=RETENTION_S).run() == "failed"
+    assert run.fail(scripts, "c").run() == "not-ours"
+    assert stored(connection, keys, "r1")["state"] == "failed"
+
+
+def test_finish_sent_again_after_a_lost_reply_answers_1(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    finish = run.finish(scripts, "a")
+    assert finish.run() is True
+    assert finish.run() is True  # a replay of this owner's finish, not "no longer held the claim"
+    # A forced rerun executes the run again: the old owner's FINISH is refused.
+    scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[], again=[
+        Requeued("r1", base_json("r1", "r1-r1"), "r1-r1", attempts_before=1, rerun_id="r1-r1")]).run()
+    assert run.finish(scripts, "a").run() is False  # the rerun cleared ended_at: not a replay
+    assert run.begin(scripts, "b", job_id="r1-r1", force=True).run().outcome == "claimed"
+    assert finish.run() is False
+
+
 def test_renew_claim_ok_taken_gone(scripts, connection, keys, run) -> None:
     run.begin(scripts, "a").run()
     connection.pexpire(keys.claim("r1"), 1000)
