@@ -396,31 +396,41 @@ return 'ok'
 
 TAKE_IF_ABANDONED = _lua(f"""
 -- The leader takes over a run listed as running: only if no live copy holds its claim.
--- It records the run failed when it has no attempts left.
+-- It records the run failed when it has no attempts left, or when the caller cannot
+-- requeue it (ARGV[5] says why). A run to requeue stays listed as running: the caller's
+-- requeue removes it in the same MULTI/EXEC that enqueues its new job (recovery.py), so
+-- a leader that dies or loses Redis in between leaves it listed for the next look.
 -- KEYS[1] = running hash, KEYS[2] = the run's claim, KEYS[3] = day runs hash
--- ARGV[1] = run_id, ARGV[2] = max attempts (0 = no limit), ARGV[3] = now (ISO), ARGV[4] = retention (s)
--- Returns 'alive', 'gone' (someone else took it), 'failed' or 'requeue'.
+-- ARGV[1] = run_id, ARGV[2] = max attempts (0 = no limit), ARGV[3] = now (ISO), ARGV[4] = retention (s),
+-- ARGV[5] = why the caller cannot requeue it ('' = it can)
+-- Returns 'alive', 'gone' (someone else took it, or its day's records expired), 'failed' or 'requeue'.
 local running_key, claim_key, runs_key = KEYS[1], KEYS[2], KEYS[3]
-local run_id, max_attempts, now, retention_s = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local run_id, max_attempts, now, retention_s, cannot = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5] or ''
 if redis.call('EXISTS', claim_key) == 1 then
   return 'alive'
 end
-if redis.call('HDEL', running_key, run_id) == 0 then
+if redis.call('HEXISTS', running_key, run_id) == 0 then
   return 'gone'
 end
 local record = load_record(runs_key, run_id)
 if not record then
-  return 'requeue'  -- its record expired with its day: the caller finds no run to rebuild
+  redis.call('HDEL', running_key, run_id)
+  return 'gone'  -- its record expired with its day: no run left to requeue or to show
 end
+local lost = 'executing process lost on node ' .. tostring(record.node) ..
+  ' (node died, killed, or cut off from Redis); '
 local attempts = run_attempts(record)
 if max_attempts > 0 and attempts >= max_attempts then
-  record.state, record.ended_at = '{FAILED}', now
-  record.error = 'executing process lost on node ' .. tostring(record.node) ..
-    ' (node died, killed, or cut off from Redis); ' .. attempts .. ' of ' .. max_attempts .. ' attempts used'
-  save_record(runs_key, run_id, record, retention_s)
-  return 'failed'
+  lost = lost .. attempts .. ' of ' .. max_attempts .. ' attempts used'
+elseif cannot ~= '' then
+  lost = lost .. 'not requeued: ' .. cannot
+else
+  return 'requeue'
 end
-return 'requeue'
+redis.call('HDEL', running_key, run_id)
+record.state, record.ended_at, record.error = '{FAILED}', now, lost
+save_record(runs_key, run_id, record, retention_s)
+return 'failed'
 """, RECORD_LUA)
 
 REQUEUE_STRANDED = _lua(f"""
@@ -1126,9 +1136,10 @@ class Scripts:
     # -- recovery (recovery.py) --
 
     def take_if_abandoned(self, *, running_key: str, claim_key: str, runs_key: str, run_id: str, max_attempts: int,
-                          now_iso: str, retention_s: int) -> ScriptCall[TakeOutcome]:
+                          now_iso: str, retention_s: int, cannot_requeue: str = "") -> ScriptCall[TakeOutcome]:
+        """``cannot_requeue``: why the caller could not requeue the run (it is failed then)."""
         return ScriptCall(self._take_if_abandoned, [running_key, claim_key, runs_key],
-                          [run_id, max_attempts, now_iso, retention_s], _text)  # type: ignore[arg-type]
+                          [run_id, max_attempts, now_iso, retention_s, cannot_requeue], _text)  # type: ignore[arg-type]
 
     def requeue_stranded(self, *, intermediate_queue_key: str, queue_key: str, runs_key: str, job_id: str,
                          run_id: str) -> ScriptCall[bool]:

@@ -486,13 +486,31 @@ def test_take_if_abandoned_leaves_a_run_whose_claim_is_alive(scripts, connection
     assert connection.hget(keys.running, "r1") == DAY.encode()
 
 
-def test_take_if_abandoned_requeues_a_dead_run_with_attempts_left_once(scripts, connection, keys, run) -> None:
+def test_take_if_abandoned_leaves_a_dead_run_with_attempts_left_listed_for_its_requeue(scripts, connection, keys,
+                                                                                        run) -> None:
     run.begin(scripts, "a").run()
     connection.delete(keys.claim("r1"))  # its process died: the claim lapsed
     assert take(scripts, keys, 3) == "requeue"
-    assert connection.hget(keys.running, "r1") is None
-    assert stored(connection, keys, "r1")["state"] == "running"  # the requeue's fan-out rewrites it
+    # Still listed: the requeue's own transaction removes it with enqueueing the new job
+    # (recovery.py), so a leader that dies in between leaves it to the next look.
+    assert connection.hget(keys.running, "r1") == DAY.encode()
+    assert stored(connection, keys, "r1")["state"] == "running"
+    assert take(scripts, keys, 3) == "requeue"
+    connection.hdel(keys.running, "r1")  # what the requeue does
     assert take(scripts, keys, 3) == "gone"  # another leader took it first
+
+
+def test_take_if_abandoned_fails_a_dead_run_the_caller_cannot_requeue(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    connection.delete(keys.claim("r1"))
+    assert scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     run_id="r1", max_attempts=3, now_iso="2026-11-26T11:00:00+00:00",
+                                     retention_s=RETENTION_S, cannot_requeue="its job is gone").run() == "failed"
+    record = stored(connection, keys, "r1")
+    assert record["state"] == "failed" and record["ended_at"] == "2026-11-26T11:00:00+00:00"
+    assert record["error"] == ("executing process lost on node node-x (node died, killed, or cut off from Redis); "
+                               "not requeued: its job is gone")
+    assert connection.hget(keys.running, "r1") is None
 
 
 def test_take_if_abandoned_fails_a_dead_run_without_attempts_left(scripts, connection, keys, run) -> None:
@@ -503,11 +521,13 @@ def test_take_if_abandoned_fails_a_dead_run_without_attempts_left(scripts, conne
     assert record["state"] == "failed" and record["ended_at"] == "2026-11-26T11:00:00+00:00"
     assert record["error"] == ("executing process lost on node node-x (node died, killed, or cut off from Redis); "
                                "1 of 1 attempts used")
+    assert connection.hget(keys.running, "r1") is None  # failed and unlisted in one step
 
 
-def test_take_if_abandoned_without_a_record_requeues(scripts, connection, keys) -> None:
-    connection.hset(keys.running, "r1", DAY)
-    assert take(scripts, keys, 1) == "requeue"
+def test_take_if_abandoned_without_a_record_forgets_the_run(scripts, connection, keys) -> None:
+    connection.hset(keys.running, "r1", DAY)  # its day's records expired: nothing to requeue or show
+    assert take(scripts, keys, 1) == "gone"
+    assert connection.hget(keys.running, "r1") is None
 
 
 def requeue_stranded(scripts: Scripts, keys: Keys, prefix: str, job_id: str = "r1") -> bool:
