@@ -375,6 +375,32 @@ save_record(runs_key, run_id, record, retention_s)
 return retry and 'retry' or 'failed'
 """, OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA)
 
+END_WAIT = _lua(f"""
+-- A copy that never got the run's claim stopped waiting for it: its job timed out (RQ's
+-- death penalty) while another copy of the run, or with overlap='wait' the previous
+-- slot's run of its task and param, held the claim. RQ then retries or fails the job
+-- outside the guard, so the record says which, now -- only while it still names this job
+-- and says queued (a record another copy or a later job moved on is left as it is).
+-- KEYS[1] = day runs hash, KEYS[2] = run claim
+-- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = base record JSON, ARGV[4] = retention (s),
+-- ARGV[5] = RQ will retry ('1'|'0'), ARGV[6] = node, ARGV[7] = now (ISO),
+-- ARGV[8] = error while the run's own claim is held (another copy of the run),
+-- ARGV[9] = error otherwise (the series claim: the previous slot's run)
+-- Returns 'retry' (recorded queued, with the error: RQ retries it), 'failed' or 'not-ours'.
+local runs_key, claim_key = KEYS[1], KEYS[2]
+local run_id, job_id, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local retry, node, now = ARGV[5] == '1', ARGV[6], ARGV[7]
+local record = load_record(runs_key, run_id, base_json)
+if (type(record.job_id) == 'string' and record.job_id ~= job_id) or record.state ~= '{QUEUED}' then
+  return 'not-ours'
+end
+record.state = retry and '{QUEUED}' or '{FAILED}'
+record.node, record.ended_at = node, now
+record.error = redis.call('EXISTS', claim_key) == 1 and ARGV[8] or ARGV[9]
+save_record(runs_key, run_id, record, retention_s)
+return retry and 'retry' or 'failed'
+""", RECORD_LUA)
+
 RENEW_CLAIM = _lua("""
 -- Extends a run's claim and its series claim only while the run's claim is ours; never
 -- re-takes one that lapsed: a copy that lost its claim must stop, whoever holds it now.
@@ -1009,6 +1035,7 @@ class Scripts:
         self._begin = register(BEGIN)
         self._finish = register(FINISH)
         self._fail = register(FAIL)
+        self._end_wait = register(END_WAIT)
         self._renew_claim = register(RENEW_CLAIM)
         self._take_if_abandoned = register(TAKE_IF_ABANDONED)
         self._requeue_stranded = register(REQUEUE_STRANDED)
@@ -1092,6 +1119,14 @@ class Scripts:
         return ScriptCall(self._fail, [claim_key, runs_key, running_key, series_key],
                           [run_id, owner, base_json, retention_s, _flag(rq_can_retry), max_attempts, node, now_iso,
                            error], _text)  # type: ignore[arg-type]
+
+    def end_wait(self, *, runs_key: str, claim_key: str, run_id: str, job_id: str, base_json: str,
+                 retention_s: int, rq_will_retry: bool, node: str, now_iso: str, error_if_run_busy: str,
+                 error_if_series_busy: str) -> ScriptCall[FailOutcome]:
+        """'retry', 'failed' or 'not-ours' (the record no longer says queued for this job)."""
+        return ScriptCall(self._end_wait, [runs_key, claim_key],
+                          [run_id, job_id, base_json, retention_s, _flag(rq_will_retry), node, now_iso,
+                           error_if_run_busy, error_if_series_busy], _text)  # type: ignore[arg-type]
 
     def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int,
                     slots_key: str | None = None) -> ScriptCall[RenewOutcome]:

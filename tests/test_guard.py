@@ -12,6 +12,7 @@ from typing import Iterator
 import pytest
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from dailyq.guard import Guard
 from dailyq.runs import Run, RunJob, decode_record
@@ -161,6 +162,58 @@ def test_overlap_wait_runs_the_next_slot_after_the_previous_one(connection, sett
         first.join(EVENT_TIMEOUT_S)
     assert order == ["monday started", "monday ended", "tuesday"]
     assert record(connection, settings, rid("tuesday"))["state"] == "finished"
+
+
+def timing_out_after(seconds: int):
+    """RQ's own timeout of a job (the death penalty its work-horse runs the job under)."""
+    return UnixSignalDeathPenalty(seconds, JobTimeoutException, job_id="test")
+
+
+def test_a_job_that_times_out_waiting_for_the_previous_slots_run_is_recorded_retrying_or_failed(connection,
+                                                                                                  settings):
+    monday_may_end = threading.Event()
+    first = start_first_copy(connection, settings, "monday", lambda: monday_may_end.wait(EVENT_TIMEOUT_S))
+    calls = []
+    try:
+        for rq_retries, state, cancels in ((True, "queued", []), (False, "failed", [1])):
+            cancelled = []
+            with pytest.raises(JobTimeoutException), timing_out_after(1):
+                guard(connection, settings).execute(identity("tuesday", overlap="wait"), lambda: calls.append(1),
+                                                    will_retry=lambda: rq_retries,
+                                                    cancel_retry=lambda: cancelled.append(1))
+            tuesday = record(connection, settings, rid("tuesday"))
+            assert tuesday["state"] == state and tuesday["node"] == "node-x" and tuesday["attempts"] == 0
+            assert tuesday["error"] == ("JobTimeoutException: timed out after 1 s waiting for the previous slot's "
+                                        "run of its task and param")
+            assert cancelled == cancels  # RQ retries exactly when the record says queued
+    finally:
+        monday_may_end.set()
+        first.join(EVENT_TIMEOUT_S)
+    assert calls == [] and record(connection, settings, rid("monday"))["state"] == "finished"
+
+
+def test_a_job_that_times_out_waiting_for_another_copy_of_its_run_says_so(connection, settings):
+    # A later job of the run (a rerun) is queued while an earlier copy still holds the run's claim.
+    connection.set(settings.keys.claim(rid("r1")), "earlier-copy", px=60_000)
+    with pytest.raises(JobTimeoutException), timing_out_after(1):
+        guard(connection, settings).execute(identity("r1"), lambda: None, will_retry=lambda: False)
+    r1 = record(connection, settings, rid("r1"))
+    assert r1["state"] == "failed"
+    assert r1["error"] == "JobTimeoutException: timed out after 1 s waiting for another copy of the run"
+
+
+def test_a_timed_out_wait_leaves_a_record_another_copy_moved_on_as_it_is(connection, settings):
+    # The run's record says running: the copy holding the claim records it, not this one.
+    first_may_end = threading.Event()
+    first = start_first_copy(connection, settings, "r1", lambda: first_may_end.wait(EVENT_TIMEOUT_S))
+    try:
+        with pytest.raises(JobTimeoutException), timing_out_after(1):
+            guard(connection, settings).execute(identity("r1"), lambda: None, will_retry=lambda: True)
+        assert record(connection, settings, rid("r1"))["state"] == "running"
+    finally:
+        first_may_end.set()
+        first.join(EVENT_TIMEOUT_S)
+    assert record(connection, settings, rid("r1"))["state"] == "finished"
 
 
 def test_a_failure_releases_the_claims_and_records_the_error(connection, settings):
