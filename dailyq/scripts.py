@@ -806,6 +806,37 @@ return {was_paused, #moved}
 """, NOW_LUA, SLOTS_LUA)
 
 
+SETTLE_FAILED = _lua(f"""
+-- The leader settles the run of a job RQ failed outside the guard (settle.py): the record
+-- is failed with RQ's reason, only while nothing else backs what it says -- it names this
+-- job and says queued, running or waiting, RQ still has the job failed, no copy holds the
+-- run's claim, recovery does not list it as running (recovery takes those over), and no
+-- waiting entry or left job (deploys) stands behind it.
+-- KEYS[1] = day runs hash, KEYS[2] = the run's claim, KEYS[3] = running hash,
+-- KEYS[4] = day waiting hash, KEYS[5] = RQ's job hash, KEYS[6] = left jobs (sorted set)
+-- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = error, ARGV[4] = now (ISO), ARGV[5] = retention (s)
+-- Returns 1 when it settled the run, else 0.
+local runs_key, claim_key, running_key, waiting_key, job_key, left_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  KEYS[5], KEYS[6]
+local run_id, job_id, error_text, now, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local record = load_record(runs_key, run_id)
+if not record or record.job_id ~= job_id then
+  return 0
+end
+if record.state ~= '{QUEUED}' and record.state ~= '{RUNNING}' and record.state ~= '{WAITING}' then
+  return 0
+end
+if redis.call('HGET', job_key, 'status') ~= 'failed' or redis.call('EXISTS', claim_key) == 1
+    or redis.call('HEXISTS', running_key, run_id) == 1 or redis.call('HEXISTS', waiting_key, run_id) == 1
+    or redis.call('ZSCORE', left_key, job_id) then
+  return 0
+end
+record.state, record.error, record.ended_at = '{FAILED}', error_text, now
+save_record(runs_key, run_id, record, retention_s)
+return 1
+""", RECORD_LUA)
+
+
 # -- parsed replies -----------------------------------------------------------------------
 
 # MARK_HELD's answer: ('ok', None, now_ms), ('gap', last_ms, now_ms) or ('not-leader', None, None).
@@ -1039,6 +1070,7 @@ class Scripts:
         self._renew_claim = register(RENEW_CLAIM)
         self._take_if_abandoned = register(TAKE_IF_ABANDONED)
         self._requeue_stranded = register(REQUEUE_STRANDED)
+        self._settle_failed = register(SETTLE_FAILED)
         self._outbox_enqueue = register(OUTBOX_ENQUEUE)
         self._outbox_claim = register(OUTBOX_CLAIM)
         self._outbox_ack = register(OUTBOX_ACK)
@@ -1180,6 +1212,13 @@ class Scripts:
                          run_id: str) -> ScriptCall[bool]:
         return ScriptCall(self._requeue_stranded, [intermediate_queue_key, queue_key, runs_key], [job_id, run_id],
                           bool)
+
+    def settle_failed(self, *, runs_key: str, claim_key: str, running_key: str, waiting_key: str, job_key: str,
+                      left_key: str, run_id: str, job_id: str, error: str, now_iso: str,
+                      retention_s: int) -> ScriptCall[bool]:
+        """True when the run's record was failed with ``error`` (settle.py)."""
+        return ScriptCall(self._settle_failed, [runs_key, claim_key, running_key, waiting_key, job_key, left_key],
+                          [run_id, job_id, error, now_iso, retention_s], bool)
 
     # -- the alert outbox (alert_outbox.py) --
 
