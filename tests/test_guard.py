@@ -179,8 +179,8 @@ def test_a_job_that_times_out_waiting_for_the_previous_slots_run_is_recorded_ret
             cancelled = []
             with pytest.raises(JobTimeoutException), timing_out_after(1):
                 guard(connection, settings).execute(identity("tuesday", overlap="wait"), lambda: calls.append(1),
-                                                    will_retry=lambda: rq_retries,
-                                                    cancel_retry=lambda: cancelled.append(1))
+                                                    will_retry=lambda retries=rq_retries: retries,
+                                                    cancel_retry=lambda seen=cancelled: seen.append(1))
             tuesday = record(connection, settings, rid("tuesday"))
             assert tuesday["state"] == state and tuesday["node"] == "node-x" and tuesday["attempts"] == 0
             assert tuesday["error"] == ("JobTimeoutException: timed out after 1 s waiting for the previous slot's "
