@@ -1,12 +1,13 @@
 """What is worth an alert, and what it says: pure functions of run records and times.
 
-Four events (``EVENTS``); each alert is one JSON object with exactly ``PAYLOAD_KEYS``
+Five events (``EVENTS``); each alert is one JSON object with exactly ``PAYLOAD_KEYS``
 (null where a key does not apply), whose ``text`` is one human line, so a Slack- or
 Mattermost-style incoming webhook shows it as it is.
 
 Each alert has an id that names the event itself, not the moment it was seen
 (``run_failed:<run id>:<attempts>``, ``day_late:<task>:<day>``,
-``slot_missed:<task>:<slot>``, ``no_leader:<last held ms>``): whichever leader sees
+``slot_missed:<task>:<slot>``, ``no_leader:<last held ms>``,
+``tables_differ:<difference id>:<first seen ms>``): whichever leader sees
 it, however often, the outbox takes it once (alert_outbox.py).
 
 No Redis and no clock here: alerts.py reads the records and the Redis server's time
@@ -22,16 +23,19 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
-from .runs import FAILED, FINISHED, ParamsLookup, runs_of_slot
+from .runs import FAILED, FINISHED, REMOVED, ParamsLookup, runs_of_slot
 from .schedule import Slot, parse_at
 from .table import Task, TaskTable, encode_param
+from .table_skew import difference_text
 from .text_width import one_line
 from .timestamps import iso, parse_iso
 
 RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER = "run_failed", "day_late", "slot_missed", "no_leader"
-EVENTS = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER)
-# The payload's keys: a public contract (receivers parse them), exactly these.
-PAYLOAD_KEYS = ("event", "task", "param", "day", "run_id", "node", "error", "at", "text")
+TABLES_DIFFER = "tables_differ"
+EVENTS = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER, TABLES_DIFFER)
+# The payload's keys: a public contract (receivers parse them), exactly these. Added to
+# at the end, never renamed: ``tables`` (null but for tables_differ) came with it.
+PAYLOAD_KEYS = ("event", "task", "param", "day", "run_id", "node", "error", "at", "text", "tables")
 
 # A Slack message is meant to be read at a glance: the line shows the start of a long
 # error; the payload's ``error`` carries more of it (but not a whole log).
@@ -53,10 +57,10 @@ class Alert:
 
 def _payload(event: str, text: str, at: datetime | str | None, *, task: str | None = None, param: Any = None,
              day: date | None = None, run_id: str | None = None, node: str | None = None,
-             error: str | None = None) -> dict[str, Any]:
+             error: str | None = None, tables: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"event": event, "task": task, "param": param, "day": day.isoformat() if day else None,
             "run_id": run_id, "node": node, "error": _cut(error, PAYLOAD_ERROR_CHARS) if error is not None else None,
-            "at": at if isinstance(at, str) or at is None else iso(at), "text": _line(text)}
+            "at": at if isinstance(at, str) or at is None else iso(at), "text": _line(text), "tables": tables}
 
 
 def _line(text: str) -> str:
@@ -168,6 +172,8 @@ def lateness(task: Task, day: date, records: Mapping[str, Mapping[str, Any]], de
                 late["not started"] += 1
                 continue
             ended = parse_iso(record.get("ended_at"))
+            if record.get("state") == REMOVED:
+                continue  # a deploy took it away: it will never run, and is not late
             if record.get("state") != FINISHED:
                 late[str(record.get("state"))] += 1
             elif ended is None or ended > deadline:
@@ -230,6 +236,26 @@ def no_leader_alert(last_held_ms: int, back_ms: int, node: str) -> Alert:
     text = (f"dailyq: no scheduler held the leader lease for {span_text((back_ms - last_held_ms) / 1000)} "
             f"(from {iso(last)} to {iso(back)}); {node} leads again")
     return Alert(f"{NO_LEADER}:{last_held_ms}", back.date(), _payload(NO_LEADER, text, back, node=node))
+
+
+# -- tables_differ ---------------------------------------------------------------------
+
+def tables_differ_alert(view: Mapping[str, Any], difference: Mapping[str, Any], first_ms: int,
+                        alert_s: float) -> Alert:
+    """A difference of ``view`` (table_skew.tables_view) first seen at ``first_ms`` that
+    lasted ``alert_s``. Its id names the difference and when it began, so it is sent
+    once however long it lasts, and again only for a difference that went and came back."""
+    since = datetime.fromtimestamp(first_ms / 1000, timezone.utc)
+    text = (f"dailyq: tables differ for more than {span_text(alert_s)} (since {iso(since)}): "
+            f"{difference_text(view, difference)}")
+    tables = {"id": difference["id"], "nodes": list(difference["nodes"]), "processes": list(difference["processes"]),
+              "reference": view.get("reference"), "reference_from": view.get("reference_from"),
+              "table": difference["table"],
+              "diff": {key: difference[key] for key in ("tasks_added", "tasks_removed", "params", "schedules",
+                                                         "other")},
+              "text": difference["text"], "since": iso(since)}
+    return Alert(f"{TABLES_DIFFER}:{difference['id']}:{first_ms}", since.date(),
+                 _payload(TABLES_DIFFER, text, since + timedelta(seconds=alert_s), tables=tables))
 
 
 # -- which days to look at -------------------------------------------------------------

@@ -10,6 +10,8 @@ Three parts, each with one job:
   days), while this scheduler leads: reads today's and yesterday's run records of
   each task's zone (HSCAN, day_scan.py) and the Redis time, and puts every alert
   found (alert_events.py) into the outbox, where each id enters once.
+* ``tables_differ`` -- found by table_watch.TableWatch (a tick hook of its own, every
+  few seconds under the lease), handed to ``raise_alerts``.
 * delivery -- in the same thread: claims due alerts one at a time, POSTs each
   (alert_sender.py), and acks, retries with backoff, or drops it (alert_outbox.py).
 
@@ -270,6 +272,11 @@ class AlertService:
         for day, what in settled:
             self._settled.setdefault(day, set()).add(what)
         return raised
+
+    def raise_alerts(self, alerts: list[Alert]) -> list[str]:
+        """Put alerts found elsewhere (table_watch.py's ``tables_differ``) into the outbox,
+        each id once, and wake the sender; returns the ids that entered it."""
+        return self._raise(alerts)
 
     def _raise(self, alerts: list[Alert]) -> list[str]:
         if not alerts:

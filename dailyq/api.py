@@ -1,6 +1,6 @@
 """The commands as functions, for scripts and web apps: ``trigger``, ``rerun``,
-``day_status``, ``pause`` and ``resume`` do what ``scheduler.py
-trigger|rerun|status --json|pause|resume`` do, and ``trigger_range`` and
+``day_status``, ``pause``, ``resume`` and ``doctor`` do what ``scheduler.py
+trigger|rerun|status --json|pause|resume|doctor --json`` do, and ``trigger_range`` and
 ``days_status`` what ``trigger --from --to`` and ``status --from --to --json`` do; they
 return data instead of printing it.
 
@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 from redis import Redis
 
 from .backfill import day_range, day_summary
-from .clock import server_now
+from .clock import iso, server_now
 from .commands import pause as _pause_command
 from .commands import rerun as _rerun_command
 from .commands import resume as _resume_command
@@ -46,8 +46,8 @@ from .status import day_runs as _day_runs
 from .status import day_status as _day_status
 from .table import Task, TaskTable, default_day, load_table
 
-__all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "day_status", "days_status", "default_day", "pause", "rerun",
-           "resume", "trigger", "trigger_range"]
+__all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "day_status", "days_status", "default_day", "doctor", "pause",
+           "rerun", "resume", "trigger", "trigger_range"]
 
 ConnectionOrUrl = Union[Redis, str]
 DayLike = Union[date, str, None]  # a date, "YYYY-MM-DD", or None for today in the tasks' zone
@@ -167,6 +167,30 @@ def day_status(connection_or_url: ConnectionOrUrl, day: DayLike = None, *, setti
         status = _day_status(connection, settings.keys, table_, parsed_day or default_day(table_, now), now)
         status["alerts"] = _alert_summary(connection, settings)
         return status
+
+
+def doctor(connection_or_url: ConnectionOrUrl, day: DayLike = None, *, repair: bool = False,
+           settings: Settings | None = None, table: TableLike = None) -> dict[str, Any]:
+    """Every inconsistency between ``day``'s run records and what should back them (the
+    queue, RQ's registries, rq-scheduler's delayed jobs, claims, the running hash, the
+    day's waiting hash, held lists, left jobs), like ``scheduler.py doctor --json``
+    (the kinds: dailyq/consistency.py).
+
+    Returns ``{"date", "problems": [{"run_id", "kind", "state", "job_id", "detail",
+    "repair"}, ...], "repaired"}``. With ``repair`` each problem's repair is applied, in
+    a check-and-set that leaves a record changed since it was read alone, and the
+    problem has an ``"outcome"`` saying what happened; ``repaired`` is then true.
+    """
+    from .consistency import examine  # noqa: PLC0415 - RQ's queue only where one is needed
+    from .rq_seam import make_queue  # noqa: PLC0415
+
+    settings, table_ = _settings_and_table(settings, table)
+    parsed_day = _parse_day(day)
+    with _connection(connection_or_url, settings) as connection:
+        now = server_now(connection)
+        return examine(connection, settings.keys, make_queue(connection, settings.keys), table_,
+                       parsed_day or default_day(table_, now), fix=repair, retention_s=settings.retention_s,
+                       now_iso=iso(now))
 
 
 def pause(connection_or_url: ConnectionOrUrl, tasks: Iterable[str] | str | None = None, *, all_tasks: bool = False,

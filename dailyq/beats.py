@@ -120,22 +120,27 @@ def count_live_workers(pipe: Any, keys: Keys, node: str, now: datetime) -> Any:
     return pipe.zcount(keys.node_workers(node), now.timestamp(), "+inf")
 
 
-def live_processes(connection: Redis, keys: Keys, now: datetime | None = None) -> list[dict[str, Any]]:
+def live_processes(connection: Redis, keys: Keys, now: datetime | None = None,
+                   count_workers: bool = True) -> list[dict[str, Any]]:
     """One entry per process with a live heartbeat key, by node then role: node, role,
     pid, beat_at, offset_s (None when unknown), clock_off, table (its table's
     fingerprint, None when unknown), and workers: for a worker
     entry the number of worker processes alive on its node at ``now`` (Redis time; read
-    from Redis when not given), None for a scheduler."""
+    from Redis when not given), None for a scheduler. ``count_workers=False`` leaves the
+    counts None and reads only the heartbeats (the leader's table check, every few
+    seconds: an idle cluster's traffic is a budget)."""
     nodes = sorted(as_text(name) for name in connection.zrange(keys.nodes, 0, -1))
     if not nodes:
         return []
-    now = now or server_now(connection)
+    if count_workers:
+        now = now or server_now(connection)
     pairs = [(node, role) for node in nodes for role in ROLES]
     # One round trip for every heartbeat and every node's worker count.
     with connection.pipeline(transaction=False) as pipe:
         pipe.mget([keys.heartbeat(role, node) for node, role in pairs])
-        for node in nodes:
-            count_live_workers(pipe, keys, node, now)
+        if count_workers and now is not None:
+            for node in nodes:
+                count_live_workers(pipe, keys, node, now)
         values, *counts = pipe.execute()
     workers = dict(zip(nodes, counts))
     shown = []
@@ -150,7 +155,7 @@ def live_processes(connection: Redis, keys: Keys, now: datetime | None = None) -
         shown.append({"node": node, "role": role, "pid": beat.pid if beat else None,
                       "beat_at": iso(beat.at) if beat else None, "offset_s": offset,
                       "clock_off": clock_is_off(offset), "table": beat.table if beat else None,
-                      "workers": int(workers[node]) if role == "worker" else None})
+                      "workers": int(workers[node]) if role == "worker" and node in workers else None})
     return shown
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``python scheduler.py [status|trigger|rerun|pause|resume|demo]`` (also installed as
+"""Command line: ``python scheduler.py [status|trigger|rerun|pause|resume|doctor|demo]`` (also installed as
 the ``dailyq`` console script) and the worker.
 
 The commands' work is done by dailyq/api.py (over commands.py), which scripts call
@@ -58,12 +58,16 @@ def _context(args: argparse.Namespace) -> tuple[Settings, TaskTable]:
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from .alerts import AlertService  # noqa: PLC0415 - keeps status/trigger start-up light
     from .scheduler import DailyScheduler  # noqa: PLC0415
+    from .table_watch import TableWatch  # noqa: PLC0415
 
     settings, table = _context(args)
     connection = connect(settings)
     scheduler = DailyScheduler(connection, settings, table)
     alerts = AlertService(connection, settings, table)
     scheduler.tick_hooks.append(alerts.on_tick)
+    # The record of table differences is kept with alerts off too: status and health read it.
+    tables = TableWatch(connection, settings, table, raise_alerts=alerts.raise_alerts if alerts.enabled else None)
+    scheduler.tick_hooks.append(tables.on_tick)
     metrics = None
     if settings.metrics_port is not None and not args.burst:
         from .metrics import serve_metrics  # noqa: PLC0415 - imports prometheus_client
@@ -228,10 +232,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 1 when any inconsistency was found (also when --repair repaired it), else 0."""
+    from .consistency import render  # noqa: PLC0415
+
+    settings, table = _context(args)
+    report = api.doctor(settings.redis_url, args.date, repair=args.repair, settings=settings, table=table)
+    print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else render(report))
+    return 1 if report["problems"] else 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when this node's heartbeats are fresh and Redis answers, else 1; one line
     either way. Redis problems are 1 too (not 3): probes understand only 0 and 1."""
     from .health import judge, read_beats, read_worker_count, redis_down, roles_of  # noqa: PLC0415
+    from .table_watch import read_node_tables  # noqa: PLC0415
 
     settings = Settings.from_env()
     roles = roles_of(args.role)
@@ -245,12 +260,14 @@ def cmd_health(args: argparse.Namespace) -> int:
         now = server_now(connection)
         if "worker" in roles:
             workers = read_worker_count(connection, settings.keys, settings.node_name, now)
+        tables = read_node_tables(connection, settings.keys, settings.node_name, now)
     except RedisUnavailable as exc:
         verdict = redis_down(str(exc))
     except RedisError as exc:
         verdict = redis_down(f"Redis at {settings.redacted_url()} failed: {exc}")
     else:
-        verdict = judge(settings.node_name, beats, now, args.max_age_s, workers, args.min_workers)
+        verdict = judge(settings.node_name, beats, now, args.max_age_s, workers, args.min_workers, tables,
+                        settings.table_skew_alert_s)
     print(verdict.line)
     return verdict.exit_code
 
@@ -336,6 +353,14 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
         hold.add_argument("task", nargs="?", help="the task's name")
         hold.add_argument("--all", action="store_true", help="every task")
         hold.set_defaults(handler=handler)
+
+    doctor = sub.add_parser("doctor", help="list every run record of a day that its queue, registries, claims, "
+                            "waiting and held lists do not back (exit 1 if any), and what --repair does")
+    doctor.add_argument("--date", type=_parse_date, help="YYYY-MM-DD (default: today in the tasks' zone)")
+    doctor.add_argument("--repair", action="store_true",
+                        help="apply each repair (a check-and-set: a record changed since it was read is left alone)")
+    doctor.add_argument("--json", action="store_true", help="one JSON object: date, problems, repaired")
+    doctor.set_defaults(handler=cmd_doctor)
 
     demo = sub.add_parser("demo", help="private Redis + three local workers run today's example batch")
     demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")

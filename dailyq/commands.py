@@ -148,6 +148,7 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
     seen_before = connection.smismember(keys.day_enqueued(day), [run.job_id() for run in runs])
     report = RerunReport()
     numbers: dict[str, Again] = {}
+    unfinished: list[str] = []
     for run, raw, seen in zip(runs, raw_records, seen_before):
         record = decode_record(raw) if raw else {}
         state = record.get("state")
@@ -163,6 +164,14 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
                 numbers[run.run_id] = Again(number, rerun_id=run.job_id(number), new_run=True,
                                             attempts_before=int(record.get("attempts") or 0))
             report.enqueued.append(run)
+            if state != FINISHED:
+                unfinished.append(run.run_id)
+    if unfinished and not force:
+        # A run rerun because it is not finished may still be in the day's finished set: a
+        # removed run (deploys.py), or one that failed after a forced rerun of a finished
+        # run. Out of it, or BEGIN would skip the unforced rerun as finished and the
+        # record would stay queued.
+        connection.srem(keys.day_finished(day), *unfinished)
     if report.enqueued:
         connection.expire(keys.day_reruns(day), retention_s)
         result = fan_out(connection, keys, queue, report.enqueued, retention_s=retention_s, again=numbers,

@@ -123,7 +123,7 @@ def diff(base: Mapping[str, TaskDescription], other: Mapping[str, TaskDescriptio
 
 
 def is_empty(found: TableDiff) -> bool:
-    return not any(found.values())  # type: ignore[arg-type]
+    return not any(found.values())
 
 
 def diff_text(found: TableDiff) -> str:

@@ -16,6 +16,19 @@ process does its work right anyway (slots fire by Redis's clock, leases and clai
 expire by Redis's), and a probe that failed would only get it restarted, which does not
 set a clock.
 
+Tables (a rolling deploy, table_skew.py): every table difference among the live
+processes is named on the line (``warning: tables differ: node-old (worker) runs table
+..., not the leader's ... for 40s: task nt removed``). A difference involving one of the
+processes checked here (this node's, of the roles asked) makes the node unhealthy
+(exit 1) only once it is older than ``DAILYQ_TABLE_SKEW_ALERT_S`` (default 900 s, by the
+leader's record of when it first saw it): an ordinary rolling deploy runs two tables for
+minutes, and a probe that failed then would have Kubernetes restart pods in the middle
+of it. Past that, the node's process runs a table other than the leader's for longer than
+any deploy should take (a process not restarted after its code changed, a deploy stuck):
+a restart loads the table deployed. The leader's node and the nodes that agree with it
+stay healthy: restarting them would not change the odd node's table. A difference the
+leader has not recorded yet (no ``since``: no leader, or seen for under 5 s) counts as young.
+
 ``judge`` is pure (values read + now in, verdict out) so it is tested with fixed
 times; ``read_beats`` is the one Redis read. Probes want 0 or 1, so every problem
 here, Redis included, is "unhealthy" with exit 1.
@@ -25,16 +38,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from redis import Redis
 
 from .beats import ROLES, Beat, clock_is_off, count_live_workers, format_offset, offset_warning, parse_beat
 from .keys import Keys
 from .redis_values import as_bytes
+from .table_skew import difference_text
+from .timestamps import parse_iso
 
 __all__ = ["ROLES", "Beat", "Verdict", "judge", "parse_beat", "read_beats", "read_worker_count", "redis_down",
-           "roles_of"]
+           "roles_of", "table_findings"]
 
 
 @dataclass(frozen=True)
@@ -64,12 +79,15 @@ def read_worker_count(connection: Redis, keys: Keys, node: str, now: datetime) -
 
 
 def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
-          max_age_s: float | None = None, workers: int | None = None, min_workers: int | None = None) -> Verdict:
+          max_age_s: float | None = None, workers: int | None = None, min_workers: int | None = None,
+          tables: Mapping[str, Any] | None = None, table_skew_alert_s: float = 900) -> Verdict:
     """Healthy when every role in ``raw_beats`` has a heartbeat (and, with
     ``max_age_s``, one at most that old) and, with ``min_workers``, ``workers`` (the
-    node's live worker processes) is at least that. The line names every problem found,
-    the worker count when given, and every clock more than 2 s off Redis's (a warning,
-    not a problem)."""
+    node's live worker processes) is at least that, and no process checked has run a
+    table other than the reference of ``tables`` (status' ``tables`` view) for longer
+    than ``table_skew_alert_s``. The line names every problem found, the worker count
+    when given, every clock more than 2 s off Redis's and every table difference (warnings,
+    not problems)."""
     problems: list[str] = []
     ages: list[str] = []
     offsets: list[str] = []
@@ -96,6 +114,9 @@ def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
     if min_workers is not None and (workers or 0) < min_workers:
         problems.append(f"{workers or 0} of at least {min_workers} workers alive on {node} (--min-workers)")
         counted = []
+    table_problems, table_warnings = table_findings(node, tuple(raw_beats), tables, now, table_skew_alert_s)
+    problems += table_problems
+    warnings += table_warnings
     if problems:
         return Verdict(False, "; ".join(["unhealthy: " + "; ".join(problems), *warnings]))
     roles = " and ".join(raw_beats)
@@ -105,6 +126,25 @@ def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
         clocks = f"; clock {'offsets' if len(offsets) > 1 else 'offset'} from Redis {' and '.join(offsets)}"
     line = f"ok: {roles} of {node} alive, Redis answers ({beats} {' and '.join(ages)} ago{clocks})"
     return Verdict(True, "; ".join([line, *counted, *warnings]))
+
+
+def table_findings(node: str, roles: Sequence[str], tables: Mapping[str, Any] | None, now: datetime,
+                   alert_s: float) -> tuple[list[str], list[str]]:
+    """(problems, warnings) from the ``tables`` view: a difference of one of ``node``'s
+    ``roles`` older than ``alert_s`` is a problem, any other difference a warning."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    checked = {f"{node}/{role}" for role in roles}
+    for difference in (tables or {}).get("differences", []):
+        since = parse_iso(difference.get("since"))
+        age_s = None if since is None else max(0.0, (now - since).total_seconds())
+        text = "tables differ: " + difference_text(tables or {}, difference,
+                                                   "" if age_s is None else f" for {age_s:.0f}s")
+        if checked & set(difference["processes"]) and age_s is not None and age_s > alert_s:
+            problems.append(f"{text} (longer than DAILYQ_TABLE_SKEW_ALERT_S={alert_s:g}s)")
+        else:
+            warnings.append(f"warning: {text}")
+    return problems, warnings
 
 
 def redis_down(reason: str) -> Verdict:

@@ -172,6 +172,13 @@ class Keys:
         ``removed`` from (deploys.py)."""
         return f"{self.prefix}:left:info"
 
+    @property
+    def absent(self) -> str:
+        """Hash ``left:{job id}`` (or ``waiting:{day}:{run id}``) -> Redis-clock seconds since
+        which the leader has found that run in no live node's table (deploys.py): kept in
+        Redis so that a change of leader does not restart the grace before ``removed``."""
+        return f"{self.prefix}:absent"
+
     def day_slots(self, day: date) -> str:
         """Hash task -> JSON {slot, tz}: the slot of a once-a-day task (``at``) fanned out
         for that day. A schedule edit maps the day's runs of the task onto it, so moving
@@ -184,6 +191,14 @@ class Keys:
         leader that last fired its slots: a leader whose table differs fans the slots
         within the grace out again, adding the runs its table has and the day lacks."""
         return f"{self.prefix}:fired"
+
+    @property
+    def table_skew(self) -> str:
+        """Hash difference id (table_skew.difference_id: the two tables' fingerprints) ->
+        when (ms, Redis clock) the leader first saw live processes run both: ``since`` in
+        ``status``'s ``tables``, and what ``tables_differ`` is raised from (table_watch.py).
+        Kept by the leader; a difference no longer seen is dropped."""
+        return f"{self.prefix}:table-skew"
 
     @property
     def rq_failed_seen(self) -> str:

@@ -13,6 +13,11 @@ path; ``/metrics`` by convention), from a thread of the scheduler process:
   leader fanned out (its scheduled time, Unix seconds);
 * ``dailyq_alert_outbox{state}`` -- alerts waiting (``pending``) or being sent
   (``in_flight``);
+* ``dailyq_tables`` -- how many distinct task tables the live processes run (1 but
+  during a rolling deploy; processes of versions that name none are not counted);
+* ``dailyq_table_differs{node,role,table}`` -- per live process naming its table: 1 when
+  that table differs from the reference (the leader's scheduler's, else this process's),
+  else 0 (table_skew.py);
 * ``dailyq_redis_up`` -- 0 when this scrape could not read Redis (the cluster-wide
   figures are then left out rather than shown stale);
 * prometheus_client's ``process_*``, ``python_gc_*`` and ``python_info``.
@@ -44,9 +49,11 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from redis import Redis
 from redis.exceptions import RedisError
 
+from .beats import live_processes
 from .clock import parse_iso
 from .day_scan import DayRecords
 from .errors import ConfigError
+from .fingerprint import table_fingerprint
 from .keys import Keys
 from .outage import OutageLog
 from .params_book import ParamsBook, placeholder_record
@@ -54,6 +61,7 @@ from .rq_seam import make_queue
 from .runs import FINISHED, MISSED, SCHEDULED, STATES
 from .settings import Settings
 from .table import Task, TaskTable
+from .table_skew import lease_node, reference_of
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +104,8 @@ class ClusterView:
     queue_jobs: int
     last_fired: dict[str, float]  # task -> Unix time of its last fired slot
     outbox: tuple[int, int]  # pending, in flight
+    tables: int = 0  # distinct tables the live processes name
+    table_differs: tuple[tuple[str, str, str, bool], ...] = ()  # (node, role, table, differs from the reference)
 
 
 def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime,
@@ -147,6 +157,7 @@ class Collector:
         self.is_leader = is_leader
         self.cache_s = cache_s
         self.queue_key = make_queue(connection, keys).key
+        self.table_fingerprint = table_fingerprint(table)
         self._lock = threading.Lock()
         self._view: ClusterView | None = None
         self._fresh_until = 0.0
@@ -163,6 +174,8 @@ class Collector:
         yield GaugeMetricFamily("dailyq_queue_jobs", "")
         yield GaugeMetricFamily("dailyq_slot_last_fired_timestamp_seconds", "", labels=["task"])
         yield GaugeMetricFamily("dailyq_alert_outbox", "", labels=["state"])
+        yield GaugeMetricFamily("dailyq_tables", "")
+        yield GaugeMetricFamily("dailyq_table_differs", "", labels=["node", "role", "table"])
         yield HistogramMetricFamily("dailyq_run_duration_seconds", "", labels=["task"])
 
     def collect(self) -> Iterator[Metric]:
@@ -191,6 +204,13 @@ class Collector:
         outbox.add_metric(["pending"], float(view.outbox[0]))
         outbox.add_metric(["in_flight"], float(view.outbox[1]))
         yield outbox
+        yield GaugeMetricFamily("dailyq_tables", "Distinct task tables the live processes run (more than 1 during a "
+                                "rolling deploy)", value=float(view.tables))
+        differs = GaugeMetricFamily("dailyq_table_differs", "1 for a live process whose task table differs from the "
+                                    "leader's, else 0", labels=["node", "role", "table"])
+        for node, role, table, differ in view.table_differs:
+            differs.add_metric([node, role, table], 1.0 if differ else 0.0)
+        yield differs
         durations = HistogramMetricFamily("dailyq_run_duration_seconds", "Durations of finished runs seen since this "
                                           "scheduler started (and today's before)", labels=["task"])
         with self._lock:
@@ -229,7 +249,8 @@ class Collector:
             pipe.hgetall(self.keys.cursor)
             pipe.zcard(self.keys.alert_outbox)
             pipe.zcard(self.keys.alert_in_flight)
-            (seconds, micros), queue_jobs, cursor, pending, in_flight = pipe.execute()
+            pipe.get(self.keys.leader)
+            (seconds, micros), queue_jobs, cursor, pending, in_flight, leader = pipe.execute()
         now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
         by_day: dict[date, list[Task]] = {}
         for task in self.table.tasks:
@@ -248,7 +269,16 @@ class Collector:
             moment = parse_iso(value.decode() if isinstance(value, bytes) else value)
             if moment is not None:
                 last_fired[name.decode() if isinstance(name, bytes) else str(name)] = moment.timestamp()
-        return ClusterView(dict(runs), int(queue_jobs), last_fired, (int(pending), int(in_flight)))
+        tables, differs = self._tables(leader)
+        return ClusterView(dict(runs), int(queue_jobs), last_fired, (int(pending), int(in_flight)), tables, differs)
+
+    def _tables(self, leader: bytes | None) -> tuple[int, tuple[tuple[str, str, str, bool], ...]]:
+        """(distinct tables, per process naming one: node, role, table, differs): one read
+        of the heartbeats."""
+        processes = [p for p in live_processes(self.connection, self.keys, count_workers=False) if p.get("table")]
+        reference, _ = reference_of(processes, lease_node(leader), self.table_fingerprint)
+        differs = tuple((str(p["node"]), str(p["role"]), str(p["table"]), p["table"] != reference) for p in processes)
+        return len({p["table"] for p in processes}), differs
 
     def _observe(self, day: date, tasks: set[str], records: dict[str, dict]) -> None:
         """Add each finished run not seen before to its task's histogram (a rerun that

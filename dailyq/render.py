@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from .offsets import OFFSET_WARN_S, format_offset
 from .runs import STATES
+from .table_skew import difference_text
 from .text_width import clip, one_line, pad, width
 
 ERROR_COLUMNS = 60  # the table shows the start of an error; --json has all of it
@@ -26,7 +27,8 @@ def summary(status: dict[str, Any]) -> dict[str, int]:
 
 # ANSI SGR codes per state, for terminals only (see ``colour_wanted``).
 STATE_COLOURS = {"scheduled": "2", "queued": "33", "running": "1;36", "finished": "32", "failed": "1;31",
-                 "skipped": "35", "missed": "31", "waiting": "34", "blocked": "1;35", "paused": "36"}
+                 "skipped": "35", "missed": "31", "waiting": "34", "blocked": "1;35", "paused": "36",
+                 "removed": "2;37"}
 
 
 def colour_wanted(is_tty: bool, environ: Mapping[str, str]) -> bool:
@@ -66,7 +68,7 @@ def render_table(status: dict[str, Any], colour: bool = False) -> str:
     leader_line = f"leader: {one_line(str(leader['node']))} (since {leader.get('since')})" if leader else "leader: none"
     counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
     return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}",
-                      *render_paused(status), *render_nodes(status, colour)])
+                      *render_paused(status), *render_tables(status, colour), *render_nodes(status, colour)])
 
 
 def render_paused(status: dict[str, Any]) -> list[str]:
@@ -77,6 +79,23 @@ def render_paused(status: dict[str, Any]) -> list[str]:
     shown = [f"{one_line(task)} (since {info.get('since') or '?'} by {one_line(str(info.get('by') or '?'))})"
              for task, info in sorted(paused.items())]
     return ["paused: " + ", ".join(shown)]
+
+
+def render_tables(status: dict[str, Any], colour: bool = False) -> list[str]:
+    """A line per table that differs from the reference (the leader's), naming the nodes
+    and what differs, and one naming the processes whose table is unknown; nothing while
+    every process runs one table (or for a status dict without ``tables``)."""
+    view = status.get("tables")
+    if not view or view.get("same"):
+        return []
+    lines = []
+    for difference in view["differences"]:
+        when = f" since {difference['since']}" if difference.get("since") else ""
+        lines.append(paint(one_line(f"tables differ: {difference_text(view, difference, when)}"), "1;33", colour))
+    if view.get("unknown"):
+        lines.append(one_line(f"tables unknown: {', '.join(view['unknown'])} (a heartbeat of an earlier version "
+                              "names none, or its description is not published)"))
+    return lines
 
 
 def render_nodes(status: dict[str, Any], colour: bool = False) -> list[str]:

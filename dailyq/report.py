@@ -29,6 +29,7 @@ from html import escape
 from typing import Any, Mapping
 
 from .runs import RUNNING, STATES
+from .table_skew import difference_text
 from .timestamps import parse_iso
 from .watch import format_duration
 
@@ -36,7 +37,7 @@ from .watch import format_duration
 STATE_STYLE = {"scheduled": ("#9aa0a6", "#111"), "queued": ("#f2c94c", "#111"), "running": ("#2d9cdb", "#fff"),
                "finished": ("#27ae60", "#fff"), "failed": ("#eb5757", "#fff"), "skipped": ("#bb6bd9", "#fff"),
                "missed": ("#8d3b38", "#fff"), "waiting": ("#c9d6e3", "#111"), "blocked": ("#6d2c91", "#fff"),
-               "paused": ("#56ccf2", "#111")}
+               "paused": ("#56ccf2", "#111"), "removed": ("#d9d9d9", "#555")}
 TICK_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 MAX_TICKS = 10
 ROW_HEIGHT_PX = 26
@@ -145,6 +146,7 @@ def render_report(status: Mapping[str, Any], live: bool = False) -> str:
         *([_day_picker(str(status.get("date", "")))] if live else []),
         f'<p class="meta">{len(status["runs"])} runs: {escape(counts or "none")} · {escape(leader_text)}'
         f' · generated {escape(str(status.get("generated_at") or "-"))} · times in UTC{refresh_text}</p>',
+        _tables_banner(status.get("tables")),
         _legend(),
         _chart(line),
         _numbers(line),
@@ -153,6 +155,22 @@ def render_report(status: Mapping[str, Any], live: bool = False) -> str:
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _tables_banner(view: Mapping[str, Any] | None) -> str:
+    """A banner naming each node whose task table differs from the reference (the
+    leader's) and what differs (a rolling deploy under way, or stuck); nothing while
+    every process runs one table."""
+    if not view or view.get("same"):
+        return ""
+    items = []
+    for difference in view.get("differences", []):
+        when = f" since {difference['since']}" if difference.get("since") else ""
+        items.append(f'<li data-table="{escape(str(difference["table"]))}">'
+                     f"{escape(difference_text(view, difference, when))}</li>")
+    if view.get("unknown"):
+        items.append(f"<li>table unknown: {escape(', '.join(view['unknown']))}</li>")
+    return f'<section class="tables-differ"><b>Task tables differ</b><ul>{"".join(items)}</ul></section>'
 
 
 def _day_picker(day_text: str) -> str:
@@ -327,4 +345,6 @@ table{border-collapse:collapse}th,td{text-align:left;padding:3px 10px;border-bot
 th{font-weight:600;color:#444}
 .makespan{margin-top:10px}
 .pick{display:flex;gap:10px;align-items:center;margin:0 0 8px}
+.tables-differ{background:#fff4d6;border:1px solid #e0b84c;border-radius:6px;padding:8px 12px;margin:0 0 12px}
+.tables-differ ul{margin:4px 0 0;padding-left:20px}
 """

@@ -175,6 +175,10 @@ class WorkerHooks(Protocol):
     def take(self, job: DailyJob) -> RunExecution | None:
         """The job's run execution, or None when it is not a guarded run of ours."""
 
+    def leave(self, job: DailyJob, queue: Queue) -> None:
+        """Leave a job whose run this worker's table lacks (``job.foreign_reason`` says why)
+        for a node whose table has it (deploys.py): off the queue, not executed, not failed."""
+
     def admit(self, execution: RunExecution, queue: Queue) -> bool:
         """Before the run starts (before any fork): False when it is held back, over a
         limit of its task or the task paused (limits.py); the job is then off the queue,
@@ -198,6 +202,9 @@ class DailyJob(Job):
         super().__init__(id=id, connection=connection, serializer=JSONSerializer)
         self.run_execution: RunExecution | None = None
         self._taken = False
+        # Set by ``take`` when this worker's table lacks the job's task, param or function:
+        # the worker leaves the job for another node (deploys.py) instead of running it.
+        self.foreign_reason: str | None = None
 
     def take(self) -> RunExecution | None:
         """Make this job's run execution, once (the worker does it before it forks)."""
@@ -305,6 +312,9 @@ class GuardedWorker(BaseWorker):
         try:
             if isinstance(job, DailyJob):
                 execution = job.take()
+                if execution is None and job.foreign_reason is not None:
+                    self.hooks.leave(job, queue)
+                    return  # left for a node whose table has its run: the work loop goes on
                 if execution is not None and not self.hooks.admit(execution, queue):
                     return  # held back: RQ's work loop goes on to the next job
             super().execute_job(job, queue)

@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 from .beats import OFFSET_WARN_S, beat_value, describe_offset, forget_silent_nodes, format_offset, register_node
 from .clock import Clock, RedisClock, iso
 from .dependencies import WaitingRuns
+from .deploys import LeftJobs
 from .errors import LeaseLost
 from .fanout import fan_out
 from .fingerprint import keep_published, table_fingerprint
@@ -133,6 +134,7 @@ class DailyScheduler:
         # Runs of jobs RQ failed outside the guard (settle.py): by Redis's clock, which
         # RQ's scores follow, also when slots fall due by an injected clock.
         self.failed_jobs = FailedJobs(connection, keys, self.queue, settings.retention_s, self.redis_clock)
+        self.left = LeftJobs(connection, keys, self.queue, settings.retention_s, settings.removed_grace_s, self.clock)
         # Called at the end of every tick, leader or not (alerts.py's leadership record).
         # A hook must not raise, nor take long: it runs inside the tick.
         self.tick_hooks: list[Callable[[DailyScheduler], None]] = []
@@ -268,6 +270,7 @@ class DailyScheduler:
             self._waiting_look.after(now, now if self.waiting.days_held else None)
         self.retries.move_due(self.clock())
         self.delayed.move_due(self.clock())
+        self.left.look_if_due()  # jobs workers left for another table (deploys.py)
 
     # -- the loop --------------------------------------------------------------------
 

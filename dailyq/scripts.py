@@ -33,7 +33,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.commands.core import Script
 
-from .runs import BLOCKED, FAILED, FINISHED, QUEUED, RUNNING, SKIPPED, WAITING
+from .runs import BLOCKED, FAILED, FINISHED, QUEUED, REMOVED, RUNNING, SKIPPED, WAITING
 
 T = TypeVar("T")
 
@@ -836,6 +836,111 @@ save_record(runs_key, run_id, record, retention_s)
 return 1
 """, RECORD_LUA)
 
+# -- rolling deploys (deploys.py) ----------------------------------------------------------
+
+LEAVE = _lua(f"""
+-- A worker whose table lacks a job's task, param or function leaves the job for a node
+-- whose table has it: off RQ's intermediate queue (so no clean-up takes it for stranded)
+-- and into the left set, due back in the queue after a wait that doubles with each leave
+-- (so no worker spins on it); its RQ job stays queued. The run's record, while it still
+-- waits for exactly this job, says why in its error (status shows it).
+-- KEYS[1] = left set, KEYS[2] = left info hash, KEYS[3] = RQ's intermediate queue,
+-- KEYS[4] = day runs hash
+-- ARGV[1] = job id, ARGV[2] = info JSON for a first leave (run_id, day, task, param_json,
+-- func), ARGV[3] = this worker's table fingerprint, ARGV[4] = node, ARGV[5] = why (words),
+-- ARGV[6] = first wait (ms), ARGV[7] = longest wait (ms), ARGV[8] = retention (s)
+-- Returns the wait (ms) before the job is back in the queue.
+local left_key, info_key, intermediate_key, runs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local job_id, base_json, table_fp, node, why = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local first_wait, longest_wait, retention_s = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local now = redis_now_ms()
+redis.call('LREM', intermediate_key, 1, job_id)
+local raw = redis.call('HGET', info_key, job_id)
+local info = cjson.decode(raw or base_json)
+info.count = (tonumber(info.count) or 0) + 1
+info.first_ms = info.first_ms or now
+info.reason, info.node = why, node
+local tables = info.tables or {{}}
+local seen = false
+for _, fp in ipairs(tables) do
+  if fp == table_fp then
+    seen = true
+  end
+end
+if not seen then
+  tables[#tables + 1] = table_fp
+end
+info.tables = tables
+redis.call('HSET', info_key, job_id, cjson.encode(info))
+local wait = math.min(longest_wait, first_wait * 2 ^ math.min(info.count - 1, 20))
+redis.call('ZADD', left_key, now + wait, job_id)
+local record = load_record(runs_key, info.run_id)
+if record and record.job_id == job_id and record.state == '{QUEUED}' then
+  record.error = 'left by node ' .. node .. ' (its table: ' .. why .. '); waiting for a node whose table has it'
+  save_record(runs_key, info.run_id, record, retention_s)
+end
+return wait
+""", NOW_LUA, RECORD_LUA)
+
+RETURN_LEFT = _lua("""
+-- The leader puts left jobs whose wait has passed back at the front of the queue: those
+-- some live worker's table can run; the others wait once more (nothing would run them).
+-- KEYS[1] = left set, KEYS[2] = queue
+-- ARGV[1] = wait (ms) for the ones kept, ARGV[2] = n, then n job ids to return when due,
+--   then the job ids to keep when due
+-- Returns {next due (ms; -1 when the set is empty), job ids moved...}.
+local left_key, queue_key = KEYS[1], KEYS[2]
+local wait, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = redis_now_ms()
+local moved = {}
+for i = 3, #ARGV do
+  local job_id = ARGV[i]
+  local due = tonumber(redis.call('ZSCORE', left_key, job_id))
+  if due and due <= now then
+    if i <= 2 + n then
+      redis.call('ZREM', left_key, job_id)
+      moved[#moved + 1] = job_id
+    else
+      redis.call('ZADD', left_key, 'XX', now + wait, job_id)
+    end
+  end
+end
+for i = #moved, 1, -1 do
+  redis.call('LPUSH', queue_key, moved[i])
+end
+local first = redis.call('ZRANGE', left_key, 0, 0, 'WITHSCORES')
+local reply = {#first == 2 and first[2] or '-1'}
+for _, job_id in ipairs(moved) do
+  reply[#reply + 1] = job_id
+end
+return reply
+""", NOW_LUA)
+
+REMOVE_LEFT = _lua(f"""
+-- A left job's run that no live node's table has had for the grace ends 'removed': final,
+-- not failed; its run id joins the day's finished set, so no copy executes it and its
+-- downstream runs go on as if it had finished. A left job whose run no longer waits for
+-- it (finished, superseded by a later job, failed...) is just forgotten.
+-- KEYS[1] = left set, KEYS[2] = left info hash, KEYS[3] = day runs hash, KEYS[4] = day
+-- finished set
+-- ARGV[1] = job id, ARGV[2] = run id, ARGV[3] = now (ISO), ARGV[4] = why (the record's
+-- error), ARGV[5] = retention (s), ARGV[6] = '1' to remove the run, '0' only to forget
+-- Returns 'removed' or 'forgotten'.
+local left_key, info_key, runs_key, finished_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local job_id, run_id, now, why, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+redis.call('ZREM', left_key, job_id)
+redis.call('HDEL', info_key, job_id)
+local record = load_record(runs_key, run_id)
+if ARGV[6] ~= '1' or not record or record.job_id ~= job_id or record.state ~= '{QUEUED}' then
+  return 'forgotten'
+end
+record.state, record.ended_at, record.error = '{REMOVED}', now, why
+save_record(runs_key, run_id, record, retention_s)
+redis.call('SADD', finished_key, run_id)
+redis.call('EXPIRE', finished_key, retention_s)
+return 'removed'
+""", RECORD_LUA)
+
 
 # -- parsed replies -----------------------------------------------------------------------
 
@@ -1017,6 +1122,48 @@ return {1, entry}
 """, OWNER_LUA)
 
 
+TABLE_SKEW_SYNC = _lua("""
+-- The leader's record of the table differences it sees (table_watch.py): each current
+-- one keeps the time it was first seen, any other is dropped. Under the lease only, so
+-- a leader that lost it (paused past it) does not undo its successor's record.
+-- KEYS[1] = table skew hash, KEYS[2] = lease key
+-- ARGV[1] = owner token, ARGV[2] = TTL of the hash (s), ARGV[3..] = current difference ids
+-- Returns {} when not the lease holder, else {now_ms, id, first_ms, id, first_ms, ...}.
+local skew_key, lease_key = KEYS[1], KEYS[2]
+local owner, ttl_s = ARGV[1], tonumber(ARGV[2])
+if not holds(lease_key, owner) then
+  return {}
+end
+local now = redis_now_ms()
+local current = {}
+for i = 3, #ARGV do
+  current[ARGV[i]] = true
+end
+for _, id in ipairs(redis.call('HKEYS', skew_key)) do
+  if not current[id] then
+    redis.call('HDEL', skew_key, id)
+  end
+end
+local reply = {tostring(now)}
+for i = 3, #ARGV do
+  redis.call('HSETNX', skew_key, ARGV[i], tostring(now))
+  reply[#reply + 1] = ARGV[i]
+  reply[#reply + 1] = redis.call('HGET', skew_key, ARGV[i])
+end
+if #ARGV >= 3 then
+  -- Forgotten if no leader looks for that long: a later difference starts afresh.
+  redis.call('EXPIRE', skew_key, ttl_s)
+end
+return reply
+""", OWNER_LUA, NOW_LUA)
+
+
+def _parse_table_skew(reply: Any) -> tuple[int, dict[str, int]] | None:
+    if not reply:
+        return None
+    return lua_ms(reply[0]), {_text(reply[i]): lua_ms(reply[i + 1]) for i in range(1, len(reply), 2)}
+
+
 def _parse_params_store(reply: Any) -> tuple[bool, str]:
     return bool(int(reply[0])), _text(reply[1])
 
@@ -1085,6 +1232,15 @@ class Scripts:
         self._sweep_slots = register(SWEEP_SLOTS)
         self._touch_slot = register(TOUCH_SLOT)
         self._resume = register(RESUME)
+        self._leave = register(LEAVE)
+        self._return_left = register(RETURN_LEFT)
+        self._remove_left = register(REMOVE_LEFT)
+        self._table_skew_sync = register(TABLE_SKEW_SYNC)
+        self._doctor_requeue = register(DOCTOR_REQUEUE)
+        self._doctor_settle = register(DOCTOR_SETTLE)
+        self._doctor_park = register(DOCTOR_PARK)
+        self._doctor_list_running = register(DOCTOR_LIST_RUNNING)
+        self._doctor_drop_entry = register(DOCTOR_DROP_ENTRY)
 
     # -- owner-token leases (lease.py) --
 
@@ -1256,6 +1412,32 @@ class Scripts:
         return ScriptCall(self._mark_held, [lease_key, leadership_key], [owner, gap_ms], _parse_mark_held)
 
 
+    # -- rolling deploys (deploys.py) --
+
+    def leave(self, *, left_key: str, left_info_key: str, intermediate_queue_key: str, runs_key: str, job_id: str,
+              info_json: str, table: str, node: str, why: str, first_wait_ms: int, longest_wait_ms: int,
+              retention_s: int) -> ScriptCall[int]:
+        """The wait (ms) before the left job is back in the queue."""
+        return ScriptCall(self._leave, [left_key, left_info_key, intermediate_queue_key, runs_key],
+                          [job_id, info_json, table, node, why, first_wait_ms, longest_wait_ms, retention_s],
+                          lambda reply: lua_ms(reply))
+
+    def return_left(self, *, left_key: str, queue_key: str, runnable: Sequence[str], kept: Sequence[str],
+                    keep_ms: int) -> ScriptCall[tuple[int | None, list[str]]]:
+        """(when the next left job is due, ms, or None when none is left; the job ids moved)."""
+        def parse(reply: Any) -> tuple[int | None, list[str]]:
+            next_ms = lua_ms(reply[0])
+            return (next_ms if next_ms >= 0 else None), _texts(reply[1:])
+
+        return ScriptCall(self._return_left, [left_key, queue_key], [keep_ms, len(runnable), *runnable, *kept],
+                          parse)
+
+    def remove_left(self, *, left_key: str, left_info_key: str, runs_key: str, finished_key: str, job_id: str,
+                    run_id: str, now_iso: str, why: str, retention_s: int,
+                    remove: bool) -> ScriptCall[Literal["removed", "forgotten"]]:
+        return ScriptCall(self._remove_left, [left_key, left_info_key, runs_key, finished_key],
+                          [job_id, run_id, now_iso, why, retention_s, _flag(remove)], _text)  # type: ignore[arg-type]
+
     # -- computed params (params_book.py) --
 
     def params_store(self, *, params_key: str, retries_key: str, lease_key: str, field: str, entry_json: str,
@@ -1266,6 +1448,48 @@ class Scripts:
         return ScriptCall(self._params_store, [params_key, retries_key, lease_key],
                           [field, entry_json, retention_s, _flag(replace), retry_member,
                            "" if next_try_ms is None else next_try_ms, fence_owner or ""], _parse_params_store)
+
+    # -- doctor --repair (consistency.py): each acts only while the record is as doctor read it --
+
+    def doctor_requeue(self, *, runs_key: str, queue_key: str, intermediate_queue_key: str, job_key: str,
+                       failed_registry_key: str, run_id: str, job_id: str, error: str, now_iso: str,
+                       retention_s: int) -> ScriptCall[RequeueOutcome]:
+        """``error``: the record's, should RQ's job hash be gone."""
+        return ScriptCall(self._doctor_requeue,
+                          [runs_key, queue_key, intermediate_queue_key, job_key, failed_registry_key],
+                          [run_id, job_id, error, now_iso, retention_s], _text)  # type: ignore[arg-type]
+
+    def doctor_settle(self, *, runs_key: str, waiting_key: str, finished_key: str, run_id: str, state: str,
+                      job_id: str, new_state: str, error: str, entry: str, now_iso: str,
+                      retention_s: int) -> ScriptCall[bool]:
+        """``state``/``job_id``: the record as read; ``entry``: its waiting entry to remove ('' = none)."""
+        return ScriptCall(self._doctor_settle, [runs_key, waiting_key, finished_key],
+                          [run_id, state, job_id, new_state, error, entry, now_iso, retention_s], bool)
+
+    def doctor_park(self, *, runs_key: str, waiting_key: str, waiting_days_key: str, run_id: str, job_id: str,
+                    entry: str, old_entry: str, day: str, retention_s: int) -> ScriptCall[bool]:
+        return ScriptCall(self._doctor_park, [runs_key, waiting_key, waiting_days_key],
+                          [run_id, job_id, entry, old_entry, day, retention_s], bool)
+
+    def doctor_list_running(self, *, runs_key: str, running_key: str, run_id: str, day: str, owner: str,
+                            job_id: str) -> ScriptCall[bool]:
+        return ScriptCall(self._doctor_list_running, [runs_key, running_key], [run_id, day, owner, job_id], bool)
+
+    def doctor_drop_entry(self, *, hash_key: str, runs_key: str, field: str, value: str, run_id: str, state: str,
+                          job_id: str, zset_key: str | None = None) -> ScriptCall[bool]:
+        """``zset_key``: left, for an entry of left's info hash (its member goes too)."""
+        keys = [hash_key, runs_key] + ([zset_key] if zset_key else [])
+        return ScriptCall(self._doctor_drop_entry, keys, [field, value, run_id, state, job_id], bool)
+
+
+    # -- table differences (table_watch.py) --
+
+    def table_skew_sync(self, *, skew_key: str, lease_key: str, owner: str, ttl_s: int,
+                        differences: Sequence[str]) -> ScriptCall[tuple[int, dict[str, int]] | None]:
+        """None when ``owner`` does not hold the lease, else (Redis now in ms, difference
+        id -> first seen ms) for ``differences``."""
+        return ScriptCall(self._table_skew_sync, [skew_key, lease_key], [owner, ttl_s, *differences],
+                          _parse_table_skew)
 
 
 # One Scripts per connection object, dropped with it. A cache, not shared state: building
@@ -1279,3 +1503,162 @@ def scripts_for(connection: Redis) -> Scripts:
     if scripts is None:
         scripts = _registered[connection] = Scripts(connection)
     return scripts
+
+
+# -- doctor --repair (consistency.py) ---------------------------------------------------------
+# doctor reads a day, decides, and only then repairs: each script first checks that the
+# run's record is still as read (its state and job id) and that the entry it touches still
+# holds the value read, else does nothing and says so. A repair never overwrites a record
+# that changed meanwhile.
+
+DOCTOR_LUA = f"""
+-- The leader turns held runs waiting <-> blocked as their upstream runs change: one
+-- state for this check.
+local function held_state(state)
+  return state == '{WAITING}' or state == '{BLOCKED}'
+end
+-- The record (nil: none) still as doctor read it: ``state`` ('' = no record) and the job
+-- it names (``job_id``, '' = none).
+local function still_as_read(record, state, job_id)
+  if not record then
+    return state == ''
+  end
+  local job = type(record.job_id) == 'string' and record.job_id or ''
+  return job == job_id and (record.state == state or (held_state(state) and held_state(record.state)))
+end
+"""
+
+DOCTOR_REQUEUE = _lua(f"""
+-- A queued run whose job is in no queue, registry, held list or left: its job id back at
+-- the queue's front while RQ still has the job's hash (and off RQ's failed registry, so
+-- that RQ's registries do not call a waiting job failed), else the run recorded failed.
+-- Only while the record still says queued with this job and the job is in neither the
+-- queue nor RQ's intermediate queue (pushed or taken meanwhile): never a second entry.
+-- KEYS[1] = day runs hash, KEYS[2] = queue, KEYS[3] = RQ's intermediate queue,
+-- KEYS[4] = RQ's job hash of the job, KEYS[5] = RQ's failed job registry
+-- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = the error to record if RQ's job hash is gone,
+-- ARGV[4] = now (ISO), ARGV[5] = retention (s)
+-- Returns 'requeued', 'failed', 'in-queue' or 'changed' (the record; nothing done).
+local runs_key, queue_key, intermediate_key, job_key, failed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local run_id, job_id, error_text, now, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local record = load_record(runs_key, run_id)
+if not still_as_read(record, '{QUEUED}', job_id) then
+  return 'changed'
+end
+if redis.call('LPOS', queue_key, job_id) or redis.call('LPOS', intermediate_key, job_id) then
+  return 'in-queue'
+end
+if redis.call('EXISTS', job_key) == 1 then
+  redis.call('ZREM', failed_key, job_id)
+  redis.call('LPUSH', queue_key, job_id)
+  return 'requeued'
+end
+record.state, record.ended_at, record.error = '{FAILED}', now, error_text
+save_record(runs_key, run_id, record, retention_s)
+return 'failed'
+""", RECORD_LUA, DOCTOR_LUA)
+
+DOCTOR_SETTLE = _lua(f"""
+-- A run's record set to what backs it: 'failed' with the reason (nothing can run it),
+-- 'queued' (a held run whose job is pushed already), or 'finished' (a queued run in the
+-- day's finished set, whose job BEGIN skips: only while it is in that set); its waiting
+-- entry, if given, removed in the same step.
+-- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = day finished set
+-- ARGV[1] = run_id, ARGV[2] = its state as read, ARGV[3] = its job id as read ('' = none),
+-- ARGV[4] = the new state ('failed' | 'queued' | 'finished'), ARGV[5] = the error (for 'failed'),
+-- ARGV[6] = its waiting entry to remove, as read ('' = none), ARGV[7] = now (ISO), ARGV[8] = retention (s)
+-- Returns 1, or 0 when the record or the entry changed since (nothing done).
+local runs_key, waiting_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
+local run_id, state, job_id, new_state, error_text, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local now, retention_s = ARGV[7], ARGV[8]
+local record = load_record(runs_key, run_id)
+if not still_as_read(record, state, job_id) then
+  return 0
+end
+if new_state == '{FINISHED}' and redis.call('SISMEMBER', finished_key, run_id) == 0 then
+  return 0
+end
+if entry ~= '' then
+  if redis.call('HGET', waiting_key, run_id) ~= entry then
+    return 0
+  end
+  redis.call('HDEL', waiting_key, run_id)
+end
+record.state = new_state
+if new_state == '{FAILED}' then
+  record.ended_at, record.error = now, error_text
+else
+  record.error = cjson.null
+end
+save_record(runs_key, run_id, record, retention_s)
+return 1
+""", RECORD_LUA, DOCTOR_LUA)
+
+DOCTOR_PARK = _lua(f"""
+-- A held run (waiting or blocked) parked again in the day's waiting hash, as fan-out
+-- parks it (fanout._hold): the leader releases it once its upstream runs have finished.
+-- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = waiting days set
+-- ARGV[1] = run_id, ARGV[2] = its job id as read, ARGV[3] = the entry (fanout.Held JSON),
+-- ARGV[4] = the entry it replaces, as read ('' = none), ARGV[5] = day (ISO), ARGV[6] = retention (s)
+-- Returns 1, or 0 when the record or the entry changed since (nothing done).
+local runs_key, waiting_key, days_key = KEYS[1], KEYS[2], KEYS[3]
+local run_id, job_id, entry, old, day, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+if not still_as_read(load_record(runs_key, run_id), '{WAITING}', job_id) then
+  return 0
+end
+local current = redis.call('HGET', waiting_key, run_id)
+if (old == '' and current) or (old ~= '' and current ~= old) then
+  return 0
+end
+redis.call('HSET', waiting_key, run_id, entry)
+redis.call('EXPIRE', waiting_key, retention_s)
+redis.call('SADD', days_key, day)
+return 1
+""", RECORD_LUA, DOCTOR_LUA)
+
+DOCTOR_LIST_RUNNING = _lua(f"""
+-- A running run listed in the running hash, where recovery looks for runs whose copy died
+-- (BEGIN lists every run it claims; this one is missing): only while its record still says
+-- running with the same job and claim owner.
+-- KEYS[1] = day runs hash, KEYS[2] = running hash
+-- ARGV[1] = run_id, ARGV[2] = day (ISO), ARGV[3] = the claim owner its record names ('' = none),
+-- ARGV[4] = its job id as read ('' = none)
+-- Returns 1, or 0 when the record changed since (nothing done).
+local runs_key, running_key = KEYS[1], KEYS[2]
+local run_id, day, owner, job_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local record = load_record(runs_key, run_id)
+if not still_as_read(record, '{RUNNING}', job_id) then
+  return 0
+end
+if (type(record.owner) == 'string' and record.owner or '') ~= owner then
+  return 0
+end
+redis.call('HSET', running_key, run_id, day)
+return 1
+""", RECORD_LUA, DOCTOR_LUA)
+
+DOCTOR_DROP_ENTRY = _lua("""
+-- A stale entry removed: a field of the running hash, of a day's waiting hash, or of
+-- left's info hash together with its member of left -- only while the field still holds
+-- the value read and the run's record is still as read.
+-- KEYS[1] = the hash, KEYS[2] = day runs hash, KEYS[3] = left (only for a left entry)
+-- ARGV[1] = field, ARGV[2] = its value as read, ARGV[3] = run_id,
+-- ARGV[4] = the record's state as read ('' = no record), ARGV[5] = its job id as read ('' = none)
+-- Returns 1 when removed, else 0.
+local hash_key, runs_key, left_key = KEYS[1], KEYS[2], KEYS[3]
+local field, value, run_id, state, job_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if redis.call('HGET', hash_key, field) ~= value then
+  return 0
+end
+if not still_as_read(load_record(runs_key, run_id), state, job_id) then
+  return 0
+end
+redis.call('HDEL', hash_key, field)
+if left_key then
+  redis.call('ZREM', left_key, field)
+end
+return 1
+""", RECORD_LUA, DOCTOR_LUA)
+
+# DOCTOR_REQUEUE's answer.
+RequeueOutcome = Literal["requeued", "failed", "in-queue", "changed"]

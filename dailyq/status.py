@@ -8,6 +8,8 @@ its clock's offset from Redis's (and, for a node's worker, how many worker proce
 run there); ``clock_warnings`` names those more than 2 s off.
 ``paused`` maps each paused task to ``{"since", "by"}`` (pause.py), and a queued run of
 a paused task shows ``paused``; a run held back by a limit of its task stays ``queued``.
+``tables`` says which live process runs which task table and what differs from the
+leader's (table_skew.py's view, read by table_watch.read_tables).
 The ``--json`` shape is a public contract: keys are added, never renamed.
 
 This module reads Redis; the text table made from its dict is render.py's (pure).
@@ -23,12 +25,14 @@ from redis import Redis
 
 from .beats import clock_warnings, live_processes
 from .clock import iso
+from .fingerprint import describe, fingerprint
 from .keys import Keys
 from .params_book import ParamsBook
 from .pause import paused_tasks
 from .redis_values import as_text
 from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, RunRecord, decode_record, runs_on
 from .table import TaskTable
+from .table_watch import read_tables
 
 
 def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
@@ -51,8 +55,13 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
     paused = paused_tasks(connection, keys)
     runs = day_runs(connection, keys, table, day, now, paused)
     nodes = live_processes(connection, keys, now)
-    return {"date": day.isoformat(), "leader": leader_info(connection, keys), "runs": runs,
-            "generated_at": iso(now), "nodes": nodes, "clock_warnings": clock_warnings(nodes), "paused": paused}
+    leader = leader_info(connection, keys)
+    description = describe(table)
+    leader_node = leader.get("node") if leader else None
+    tables = read_tables(connection, keys, nodes, leader_node=None if leader_node is None else str(leader_node),
+                         own_table=fingerprint(description), own_description=description)
+    return {"date": day.isoformat(), "leader": leader, "runs": runs, "generated_at": iso(now), "nodes": nodes,
+            "clock_warnings": clock_warnings(nodes), "paused": paused, "tables": tables}
 
 
 def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,

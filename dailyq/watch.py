@@ -18,14 +18,28 @@ from typing import Any, Iterable, Mapping
 
 from . import text_width
 from .render import STATE_COLOURS, paint
-from .runs import BLOCKED, FAILED, FINISHED, MISSED, PAUSED, QUEUED, RUNNING, SCHEDULED, SKIPPED, WAITING, param_digest
+from .runs import (
+    BLOCKED,
+    FAILED,
+    FINISHED,
+    MISSED,
+    PAUSED,
+    QUEUED,
+    REMOVED,
+    RUNNING,
+    SCHEDULED,
+    SKIPPED,
+    WAITING,
+    param_digest,
+)
 from .table import encode_param
+from .table_skew import differing_nodes
 from .timestamps import parse_iso
 
 # Blocked runs wait for a rerun of a failed upstream run: like a failed run, nothing
 # more happens to them by itself. Waiting runs will run once their upstream runs finish;
 # a paused run is still to do: --until-done waits for it (resume it, or stop watching).
-DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED)
+DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED, REMOVED)
 PENDING_STATES = (SCHEDULED, QUEUED, RUNNING, WAITING, PAUSED)
 BAR_WIDTH = 24
 
@@ -44,6 +58,9 @@ class Progress:
     workers: int = 1
     eta_s: float | None = None  # None when pending work has no duration to go by
     blocked: int = 0  # waiting for a rerun of a failed upstream run (dependencies.py)
+    # Nodes running a task table other than the leader's (status' ``tables``): a deploy
+    # under way, or one stuck.
+    tables_differ: tuple[str, ...] = ()
 
 
 def series_of(run: Mapping[str, Any]) -> str:
@@ -88,7 +105,8 @@ def progress(status: Mapping[str, Any], durations: Mapping[str, float], now: dat
         day=status["date"], total=len(runs), done=sum(run["state"] in DONE_STATES for run in runs),
         failed=sum(run["state"] == FAILED for run in runs), missed=sum(run["state"] == MISSED for run in runs),
         pending=len(pending), running_per_node=dict(sorted(per_node.items())), workers=workers,
-        eta_s=eta_seconds(runs, durations, now, workers), blocked=sum(run["state"] == BLOCKED for run in runs))
+        eta_s=eta_seconds(runs, durations, now, workers), blocked=sum(run["state"] == BLOCKED for run in runs),
+        tables_differ=tuple(differing_nodes(status.get("tables"))))
 
 
 def eta_seconds(runs: list[Mapping[str, Any]], durations: Mapping[str, float], now: datetime,
@@ -144,6 +162,9 @@ def render_line(p: Progress, colour: bool = False, width: int | None = None) -> 
         eta = "?" if p.eta_s is None else format_duration(p.eta_s)
         plural = "s" if p.workers != 1 else ""
         segments.append((f" | ETA {eta} on {p.workers} node{plural}", None))
+    if p.tables_differ:
+        shown = " ".join(text_width.one_line(node) for node in p.tables_differ)
+        segments.append((f" | tables differ: {shown}", "1;33"))
     # The per-node list goes last: with many nodes it is what a narrow terminal cuts.
     # Node names are any string: one line each, so a newline cannot break the redraw.
     running = " ".join(f"{text_width.one_line(node)}:{n}" for node, n in p.running_per_node.items()) or "none"

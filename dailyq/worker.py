@@ -33,6 +33,7 @@ from .beats import beat_value, register_node, register_worker, worker_member
 from .clock import RedisClock
 from .connection import connect
 from .dependencies import downstream_of, release_ready
+from .deploys import Leaver
 from .errors import DailyqError
 from .fingerprint import keep_published, table_fingerprint
 from .fingerprint import publish as publish_table
@@ -41,9 +42,9 @@ from .limits import Admissions
 from .outage import OutageLog, through_outage
 from .pause import PausedCache
 from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
-from .runs import RunJob, StaleJob
+from .runs import META_KEY, RunJob, StaleJob
 from .settings import Settings
-from .table import TaskTable, load_table
+from .table import TaskTable, encode_param, load_table
 
 # Re-exported: ``dailyq.worker.DailyJob`` and ``make_queue`` are where users found them.
 __all__ = ["DailyJob", "DailySimpleWorker", "DailyWorker", "RefusedJob", "WorkerContext", "describe_exit",
@@ -86,6 +87,9 @@ class WorkerContext:
     beat_written: tuple[float, float] = (float("-inf"), float("-inf"))
     # Task name -> the tasks that name it in ``after`` (dependencies.py).
     downstream: dict[str, list[str]] = field(init=False)
+    table_fingerprint: str = field(init=False)
+    fixed_params: dict[str, frozenset[str]] = field(init=False)
+    leaver: Leaver = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -98,6 +102,11 @@ class WorkerContext:
         self.downstream = downstream_of(self.table)
         # Named by every beat; published once here, kept alive by the beats (fingerprint.py).
         self.table_fingerprint = table_fingerprint(self.table)
+        # Task -> the canonical JSON of its fixed params: a job of a param not in it is left
+        # for a node whose table has it (deploys.py).
+        self.fixed_params = {task.name: frozenset(encode_param(p) for p in task.params)  # type: ignore[union-attr]
+                             for task in self.table.tasks if not task.params_computed}
+        self.leaver = Leaver(self.connection, s.keys, s.node_name, self.table_fingerprint, s.retention_s)
         try:
             publish_table(self.connection, s.keys, self.table)
         except RedisError as exc:  # the scheduler on this node publishes it too, at its beats
@@ -127,14 +136,41 @@ class WorkerContext:
     def take(self, job: DailyJob) -> RunExecution | None:
         try:
             if not self._allowed(job):
+                if job.instance is None and _run_meta(job):
+                    job.foreign_reason = f"no task with function {job.func_name}"
                 return None
         except DeserializationError:
             return None  # not JSON (a pickle): RQ fails it when it tries to run it, unloaded
+        meta = _run_meta(job)
+        if meta and meta.get("task") not in self.table.by_name:
+            job.foreign_reason = f"no task {meta.get('task')!r}"
+            return None
         try:
             run = RunJob.from_job(job, self.table)
-        except StaleJob:
-            return None  # check_allowed fails the job with the reason before it can run
-        return RunExecution(self.guard, self.guard.attempt(run)) if run is not None else None
+        except StaleJob as exc:
+            job.foreign_reason = str(exc)
+            return None
+        if run is None:
+            return None
+        why = self._lacks(run, job.func_name)
+        if why is not None:
+            job.foreign_reason = why
+            return None
+        return RunExecution(self.guard, self.guard.attempt(run))
+
+    def _lacks(self, run: RunJob, func_name: str | None) -> str | None:
+        """Why this worker's table cannot run ``run`` (its job names ``func_name``), or None.
+        A set lookup: the common case costs no round trip and no JSON."""
+        task = run.run.task
+        if func_name != task.func_path:
+            return f"task {task.name!r} runs {task.func_path}, not {func_name}"
+        fixed = self.fixed_params.get(task.name)
+        if fixed is not None and run.param_json not in fixed:
+            return f"task {task.name!r} has no param {run.param_json}"
+        return None
+
+    def leave(self, job: DailyJob, queue: Queue) -> None:
+        self.leaver.leave(job, queue.intermediate_queue_key, job.foreign_reason or "cannot run it")
 
     def admit(self, execution: RunExecution, queue: Queue) -> bool:
         attempt = execution.attempt
@@ -242,6 +278,10 @@ class _DailyWorkerMixin(GuardedWorker):
         context = WorkerContext(settings, table, connection, stop_by_exit=self.stops_by_exit)
         super().__init__(queues, hooks=context, default_queue=settings.keys.queue_name,
                          connection=connection, **kwargs)
+
+
+def _run_meta(job: DailyJob) -> dict[str, Any]:
+    return (job.meta or {}).get(META_KEY) or {}
 
 
 def _connection_of(queues: Any) -> Redis | None:

@@ -133,6 +133,23 @@ def test_rerun_runs_a_missed_or_failed_run_without_force(node_env, connection, p
     assert broken["attempts"] == 2 and "boom" in broken["error"]
 
 
+def test_rerun_without_force_runs_a_run_that_failed_after_a_forced_rerun(node_env, connection, prefix):
+    """The run finished once (its id is in the day's finished set); a forced rerun failed; a
+    plain rerun must run it, not leave it queued behind BEGIN's finished check."""
+    env = dict(node_env, SAMPLE_FUNC="fail_some")
+    run_cli(["trigger", "--date", DAY, "--task", "sample"], env)
+    burst_worker(env)
+    forced = run_cli(["rerun", "sample", "--date", DAY, "--param", "任务参数1", "--force"], env)
+    assert "1 enqueued" in forced.stdout, forced.stdout
+    burst_worker(dict(env, SAMPLE_FAIL="任务参数1"))
+    assert next(r for r in status_json(env)["runs"] if r["param"] == "任务参数1")["state"] == "failed"
+    plain = run_cli(["rerun", "sample", "--date", DAY, "--param", "任务参数1"], env)
+    assert "1 enqueued" in plain.stdout, plain.stdout
+    burst_worker(env)
+    record = next(r for r in status_json(env)["runs"] if r["param"] == "任务参数1")
+    assert record["state"] == "finished" and record["attempts"] == 3
+
+
 def test_demo_runs_on_a_machine_without_redis_url(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("DAILYQ_")}
     env.update(DAILYQ_EXAMPLE_SLEEP_S="0.5", DAILYQ_DEMO_LOG_DIR=str(tmp_path))
