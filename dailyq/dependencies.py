@@ -60,8 +60,10 @@ Deviations from the brief, and edge cases
 * An upstream run never fanned out (``scheduled``, or ``missed`` past its misfire grace)
   keeps its downstream runs ``waiting``; ``trigger`` runs it, and its finishing
   releases them.
-* A held run whose task left the table, or whose slot is no longer one of its task's
-  on D, is dropped from the waiting hash with an error in the log (no job to build).
+* A held run whose task is not in the caller's table, or whose slot is not one of its
+  task's on D, stays in the waiting hash (logged once per process): during a rolling
+  deploy another node's table has it, and that node releases it (a worker after an
+  upstream FINISH, or a leader with the new table). It is never dropped here.
 """
 
 from __future__ import annotations
@@ -149,25 +151,28 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                     else:
                         pipe.unwatch()
                     break
-                runs, dropped = _rebuild(table, day, {run_id: entries[run_id] for run_id in ready}, slots)
+                runs, unknown = _rebuild(table, day, {run_id: entries[run_id] for run_id in ready}, slots)
+                if not runs:
+                    pipe.unwatch()
+                    _report_unknown(keys, day, unknown)
+                    break
                 pipe.multi()
-                pipe.hdel(waiting_key, *ready)
-                if len(ready) == len(entries):
+                # Only what is enqueued now leaves the waiting hash: a held run this table
+                # cannot rebuild stays for a node whose table has its task (see _rebuild).
+                pipe.hdel(waiting_key, *[run.run_id for run in runs])
+                if len(runs) == len(entries):
                     pipe.srem(keys.waiting_days, day.isoformat())
-                if runs:
-                    scripts.set_run_state(runs_key=keys.day_runs(day), retention_s=retention_s, state=QUEUED,
-                                          run_ids=[run.run_id for run in runs]).queue_in(pipe)
-                    # Longest expected first, as at fan-out (fanout.longest_first).
-                    ordered = longest_first(connection, keys, runs)
-                    queue.enqueue_many([_job_of(queue, run, entries[run.run_id], retention_s) for run in ordered],
-                                       pipeline=pipe)
+                scripts.set_run_state(runs_key=keys.day_runs(day), retention_s=retention_s, state=QUEUED,
+                                      run_ids=[run.run_id for run in runs]).queue_in(pipe)
+                # Longest expected first, as at fan-out (fanout.longest_first).
+                ordered = longest_first(connection, keys, runs)
+                queue.enqueue_many([_job_of(queue, run, entries[run.run_id], retention_s) for run in ordered],
+                                   pipeline=pipe)
                 pipe.execute()
             except WatchError:
                 continue  # another caller released (or a fan-out held) runs of this day meanwhile: look again
             result.released = [run.run_id for run in runs]
-            for run_id in dropped:
-                log.error("run %s was held for its upstream runs, but its task or slot is no longer in the table "
-                          "on %s; dropped", run_id, day.isoformat(), extra={"run_id": run_id})
+            _report_unknown(keys, day, unknown)
             break
     if result.released:
         log.info("released %d run%s of %s whose upstream runs have finished", len(result.released),
@@ -180,7 +185,7 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
 def _unfinished_upstream(pipe: Redis, table: TaskTable, book: ParamsBook | None, task_name: str, day: date,
                          finished_key: str, slots: DaySlots | None = None) -> list[str]:
     """Run ids of the task's upstream runs on ``day`` not in the finished set (none for a
-    task no longer in the table: its held runs are then dropped, see ``_rebuild``). A
+    task not in the table: its held runs then stay held, see ``_rebuild``). A
     computed upstream slot with no list stored yet (or only a failure) counts as one
     unfinished run, under the id ``status`` shows it by: its runs are not known yet.
     ``slots``: the day's stored once-a-day slots (runs.DaySlots), which the upstream runs use."""
@@ -197,10 +202,31 @@ def _unfinished_upstream(pipe: Redis, table: TaskTable, book: ParamsBook | None,
     return [run_id for run_id, is_done in zip(upstream, done) if not is_done]
 
 
+# Held runs this process's table could not rebuild, already logged about: (prefix, day, run
+# id). Such a run is looked at every leader tick while it waits; one line per run is enough.
+_reported_unknown: set[tuple[str, str, str]] = set()
+REPORTED_UNKNOWN_MAX = 100_000
+
+
+def _report_unknown(keys: Keys, day: date, run_ids: list[str]) -> None:
+    for run_id in run_ids:
+        seen = (keys.prefix, day.isoformat(), run_id)
+        if seen in _reported_unknown:
+            continue
+        if len(_reported_unknown) >= REPORTED_UNKNOWN_MAX:
+            _reported_unknown.clear()  # a bound, not a history: at worst a line is logged again
+        _reported_unknown.add(seen)
+        log.warning("run %s of %s is held for its upstream runs, but this node's task table has no such run (its "
+                    "task, or its slot that day); left waiting for a node whose table has it", run_id,
+                    day.isoformat(), extra={"run_id": run_id})
+
+
 def _rebuild(table: TaskTable, day: date, held: dict[str, Held],
              slots: DaySlots | None = None) -> tuple[list[Run], list[str]]:
     """The runs to enqueue, rebuilt from the table (task and slot, as the day's stored
-    once-a-day slots map it) and the held param; and the run ids that cannot be rebuilt."""
+    once-a-day slots map it) and the held param; and the run ids that cannot be rebuilt:
+    they stay held (a rolling deploy: another node's table may have them; whether a run
+    no table has is ``removed`` is decided from the live tables, deploys.py)."""
     runs: list[Run] = []
     dropped: list[str] = []
     for run_id, entry in held.items():

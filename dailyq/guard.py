@@ -49,6 +49,7 @@ from typing import Any, Callable
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import RedisError
+from rq.timeouts import BaseTimeoutException
 
 from .clock import Clock, iso, utc_now
 from .context import RunContext, running_as
@@ -138,6 +139,8 @@ class Attempt:
     # extend, and what keeps its slot while BEGIN says busy (it has no claim yet).
     slots_key: str | None = None
     while_waiting: Callable[[], None] | None = None
+    # BEGIN said busy at least once: this copy waited for another one (guard._gave_up_waiting).
+    waited_busy: bool = False
 
     def keep_begin_reply(self, reply: Any) -> None:
         """BEGIN's raw reply, from the transaction it was queued in."""
@@ -189,7 +192,12 @@ class Guard:
         ``defer_finish``, recording the run as finished is handed to the caller (the
         worker adds it to RQ's own success transaction) instead of done here."""
         attempt = attempt or self.attempt(run)
-        outcome = self._wait_for_claim(attempt)
+        waiting_since = time.monotonic()
+        try:
+            outcome = self._wait_for_claim(attempt)
+        except Exception as exc:  # RQ's timeout (its death penalty) while waiting for a busy claim, mostly
+            self._gave_up_waiting(run, attempt, exc, time.monotonic() - waiting_since, will_retry(), cancel_retry)
+            raise
         if outcome != "claimed":
             log.info("run %s not executed: %s (job %s, node %s)", run.run_id, outcome, run.job_id, self.node,
                      extra={"run_id": run.run_id})
@@ -288,6 +296,7 @@ class Guard:
                 outcome = attempt.begin_reply
             if outcome != "busy":
                 return outcome or "unreadable BEGIN reply"
+            attempt.waited_busy = True
             if not told:
                 # Another live copy holds the claim (an orphaned work-horse, a rerun beside
                 # the original, or with overlap='wait' the previous slot's run): never run
@@ -299,6 +308,41 @@ class Guard:
             if attempt.while_waiting is not None:
                 attempt.while_waiting()
             outcome = None
+
+    def _gave_up_waiting(self, run: RunJob, attempt: Attempt, exc: Exception, waited_s: float, rq_can_retry: bool,
+                         cancel_retry: Callable[[], None]) -> None:
+        """The wait for the claim ended in an exception, the claim never ours: RQ's timeout
+        for the job (RQ then retries or fails the job itself, outside the guard). The
+        record, still queued for this job, says so at once (END_WAIT): queued for RQ's
+        retry, else failed with the reason; RQ's retry is cancelled when the record does
+        not say it retries."""
+        if attempt.waited_busy:
+            how = f"timed out after {waited_s:.0f} s" if isinstance(exc, BaseTimeoutException) else \
+                f"{exc} after {waited_s:.0f} s"
+            why = f"{type(exc).__name__}: {how} waiting for "
+            run_busy = why + "another copy of the run"
+            series_busy = why + "the previous slot's run of its task and param"
+        else:
+            run_busy = series_busy = f"{type(exc).__name__}: {exc} (while claiming the run)"
+        call = self.scripts.end_wait(
+            runs_key=self.keys.day_runs(run.day), claim_key=self.keys.claim(run.run_id), run_id=run.run_id,
+            job_id=run.job_id, base_json=run.base_record, retention_s=self.retention_s, rq_will_retry=rq_can_retry,
+            node=self.node, now_iso=iso(self.clock()), error_if_run_busy=run_busy, error_if_series_busy=series_busy)
+        try:
+            decision = through_outage(call.run, OutageLog(log, f"recording that run {run.run_id} stopped waiting"),
+                                      RECORD_OUTAGE_LIMIT_S)
+        except RedisError as error:
+            # RQ fails the job; the leader settles the run from RQ's failed jobs (settle.py).
+            log.error("run %s: could not record that it stopped waiting (%s)", run.run_id, error,
+                      extra={"run_id": run.run_id})
+            decision = "not-ours"
+        if decision != "retry":
+            cancel_retry()
+        if decision == "failed":
+            self.run_ended(run)
+        log.warning("run %s stopped waiting for its claim on node %s: %s; %s", run.run_id, self.node, run_busy,
+                    {"retry": "will retry", "failed": "failed"}.get(decision, "its record had moved on"),
+                    extra={"run_id": run.run_id})
 
     def _record_failure(self, run: RunJob, attempt: Attempt, error: str, rq_can_retry: bool) -> FailOutcome:
         """FAIL; returns 'retry', 'failed' or 'not-ours'."""

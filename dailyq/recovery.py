@@ -10,8 +10,11 @@ leader then takes the run over at once.
 
 Every such execution counts as an attempt (BEGIN counted it). A run with attempts
 left (``retries + 1`` executions in all) is enqueued again, at the front of the
-queue, as a new job of the same run; one that used them all is recorded ``failed``
-and never requeued by recovery again (``rerun`` still runs it on request).
+queue, as a new job of the same run, made from the dead job's own RQ data (so a
+leader whose table lacks the run's task requeues it too); one that used them all is
+recorded ``failed`` and never requeued by recovery again (``rerun`` still runs it on
+request). Taking the run off the running hash and enqueueing its new job are one
+MULTI/EXEC: a leader killed in between leaves the run listed for the next look.
 
 We do not wait for RQ's own abandoned-job handling, which by default takes the job's
 heartbeat TTL plus a maintenance interval, and then only fails or retries the job;
@@ -22,19 +25,23 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from redis import Redis
-from rq import Queue
+from redis import Redis, WatchError
+from rq import Queue, Retry
+from rq.exceptions import DeserializationError
+from rq.job import Job
 
 from .clock import Clock, iso, utc_now
-from .fanout import Again, fan_out
+from .errors import LeaseLost
+from .fanout import Again, job_data
 from .keys import Keys
 from .lease import Lease
 from .redis_values import as_text
-from .runs import META_KEY, Run
-from .scripts import scripts_for
+from .runs import META_KEY, Run, new_record
+from .scripts import Requeued, scripts_for
 from .table import TaskTable
 
 log = logging.getLogger(__name__)
@@ -90,7 +97,16 @@ class StrandedJobs:
 
 
 class AbandonedRuns:
-    """The leader's watch for runs that lost their executing process."""
+    """The leader's watch for runs that lost their executing process.
+
+    The new job of a run is built from the dead job's own RQ data (its function, param,
+    timeout, meta), not from this leader's task table: any leader requeues any run, also
+    one of a task its table does not have (an old leader during a rolling deploy). The
+    table serves only when that job's data is gone; when neither has the run, it is
+    recorded ``failed`` with the reason. TAKE_IF_ABANDONED (Lua) decides, and the
+    requeue -- new job, record, and the run's removal from the running hash -- is one
+    MULTI/EXEC: a leader that dies or loses Redis in between leaves the run listed as
+    running, for the next look."""
 
     def __init__(self, connection: Redis, keys: Keys, queue: Queue, table: TaskTable, retention_s: int,
                  clock: Clock = utc_now) -> None:
@@ -115,45 +131,83 @@ class AbandonedRuns:
         for run_id in sorted(run_id for run_id, alive in zip(run_ids, claimed) if not alive):
             day = date.fromisoformat(listed[run_id])
             record = self._record(run_id, day)
-            task = self.table.by_name.get(record.get("task", "")) if record else None
-            max_attempts = task.retries + 1 if task else 0
+            again = self._replacement(run_id, day, record) if record is not None else None
             outcome = self._scripts.take_if_abandoned(
                 running_key=self.keys.running, claim_key=self.keys.claim(run_id), runs_key=self.keys.day_runs(day),
-                run_id=run_id, max_attempts=max_attempts, now_iso=iso(self.clock()),
-                retention_s=self.retention_s).run()
+                run_id=run_id, max_attempts=again.max_attempts if isinstance(again, Replacement) else 0,
+                now_iso=iso(self.clock()), retention_s=self.retention_s,
+                cannot_requeue=again if isinstance(again, str) else "").run()
             if outcome == "failed":
-                log.error("run %s: its executing process was lost and it has no attempts left; failed",
-                          run_id, extra={"run_id": run_id})
-            elif outcome == "requeue" and self._requeue_one(run_id, day, record, fence):
-                requeued.append(run_id)
+                log.error("run %s: its executing process was lost and it %s; failed", run_id,
+                          f"cannot be requeued ({again})" if isinstance(again, str) else "has no attempts left",
+                          extra={"run_id": run_id})
+            elif outcome == "requeue" and isinstance(again, Replacement) and record is not None:
+                if self._requeue_one(run_id, day, record, again, fence):
+                    requeued.append(run_id)
         return requeued
 
     def _record(self, run_id: str, day: date) -> dict[str, Any] | None:
         raw = self.connection.hget(self.keys.day_runs(day), run_id)
         return json.loads(raw) if raw is not None else None
 
-    def _requeue_one(self, run_id: str, day: date, record: dict[str, Any] | None, fence: Lease | None) -> bool:
-        run = self._rebuild(run_id, day, record) if record is not None else None
-        if run is None or record is None:
-            log.error("run %s died mid-run but its task or slot is no longer in the table; not requeued", run_id,
-                      extra={"run_id": run_id})
-            return False
+    def _replacement(self, run_id: str, day: date, record: dict[str, Any]) -> "Replacement | str":
+        """How to enqueue the run again: from its dead job's RQ data, else from the table;
+        or why it cannot be (a text for its record)."""
+        attempts = int(record.get("attempts") or 0) - int(record.get("attempts_before") or 0)
+        job_id = record.get("job_id")
+        dead = self._job(job_id) if isinstance(job_id, str) else None
+        if dead is not None:
+            return Replacement.of_job(dead, attempts)
+        run = self._rebuild(run_id, day, record)
+        if run is not None:
+            return Replacement.of_run(run, attempts, rerun_id=record.get("rerun_id"))
+        return (f"its job {job_id} is gone from Redis and this leader's task table has no run "
+                f"{record.get('task')}({record.get('param_json')}) at slot {record.get('slot')}")
+
+    def _job(self, job_id: str) -> Job | None:
+        """The dead job, when its data is still in Redis and carries its run (dailyq meta)."""
         try:
-            rerun_number = int(self.connection.hincrby(self.keys.day_reruns(day), run_id, 1))
-            self.connection.expire(self.keys.day_reruns(day), self.retention_s)
-            # The same run (its run id and attempt count go on); RQ may retry the new job
-            # as often as the attempt budget still allows after its next execution.
-            attempts = int(record.get("attempts") or 0) - int(record.get("attempts_before") or 0)
-            again = Again(rerun_number, rerun_id=record.get("rerun_id"), new_run=False,
-                          retries=max(0, run.task.retries - attempts))
-            fan_out(self.connection, self.keys, self.queue, [run], retention_s=self.retention_s, fence=fence,
-                    again={run_id: again}, at_front=True, hold_dependent=False)
-        except BaseException:
-            # Not requeued (lease lost, Redis gone): list it again for the next leader.
-            self.connection.hset(self.keys.running, run_id, day.isoformat())
-            raise
-        log.warning("run %s: its executing process died mid-run; enqueued again (job %s)", run_id,
-                    run.job_id(rerun_number), extra={"run_id": run_id})
+            job = self.queue.fetch_job(job_id)
+            usable = job is not None and bool((job.meta or {}).get(META_KEY)) and bool(job.func_name)
+        except (DeserializationError, ValueError, TypeError, KeyError):
+            return None  # unreadable: the table is the next best source
+        return job if usable else None
+
+    def _requeue_one(self, run_id: str, day: date, record: dict[str, Any], again: "Replacement",
+                     fence: Lease | None) -> bool:
+        """Enqueue the run's new job at the front of the queue, its record queued under
+        that job, and the run off the running hash: all in one MULTI/EXEC, fenced by the
+        lease, and only while no copy has claimed the run meanwhile (WATCH of its claim)."""
+        rerun_number = int(self.connection.hincrby(self.keys.day_reruns(day), run_id, 1))
+        self.connection.expire(self.keys.day_reruns(day), self.retention_s)
+        job_id = f"{run_id}-r{rerun_number}"  # Run.job_id's form: the same run, a fresh job
+        base_json = json.dumps(new_record(str(record.get("task")), str(record.get("param_json")),
+                                          str(record.get("slot")), job_id), ensure_ascii=False)
+        claim_key = self.keys.claim(run_id)
+        enqueued_key = self.keys.day_enqueued(day)
+        with self.connection.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(claim_key, *([fence.key] if fence else []))
+                    if fence is not None and pipe.get(fence.key) != fence.owner.encode():
+                        raise LeaseLost(f"leader lease {fence.key} is no longer ours")
+                    if pipe.exists(claim_key) or not pipe.hexists(self.keys.running, run_id):
+                        pipe.unwatch()  # a copy claimed it meanwhile, or it was settled: not ours to requeue
+                        return False
+                    pipe.multi()
+                    pipe.sadd(enqueued_key, job_id)
+                    pipe.expire(enqueued_key, self.retention_s)
+                    # The same run: its record and attempts go on (QUEUE_RECORDS' "again" entry).
+                    self._scripts.queue_records(runs_key=self.keys.day_runs(day), retention_s=self.retention_s,
+                                                fresh=[], again=[Requeued(run_id, base_json, job_id)]).queue_in(pipe)
+                    self.queue.enqueue_many([again.job_data(self.queue, job_id, self.retention_s)], pipeline=pipe)
+                    pipe.hdel(self.keys.running, run_id)
+                    pipe.execute()
+                except WatchError:
+                    continue  # the claim or the lease changed: look again
+                break
+        log.warning("run %s: its executing process died mid-run; enqueued again (job %s)", run_id, job_id,
+                    extra={"run_id": run_id})
         return True
 
     def _rebuild(self, run_id: str, day: date, record: dict[str, Any]) -> Run | None:
@@ -166,3 +220,44 @@ class AbandonedRuns:
             if run.run_id == run_id:
                 return run
         return None
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """What the new job of a recovered run is made of: the dead job's own RQ data (any
+    leader can requeue any run), or, when that is gone, the leader's table."""
+
+    max_attempts: int  # the run's attempt budget (0: no limit), as its job carried it
+    job: Job | None = None
+    run: Run | None = None
+    retries: int = 0  # RQ retries the new job gets: what the attempt budget still allows
+    rerun_id: str | None = None
+
+    @classmethod
+    def of_job(cls, job: Job, attempts: int) -> "Replacement":
+        max_attempts = int((job.meta or {}).get(META_KEY, {}).get("max_attempts") or 0)
+        # After the next execution, as many retries as the budget still allows; a job
+        # without a budget (0) keeps what RQ had left of its retries.
+        retries = max(0, max_attempts - attempts - 1) if max_attempts else int(job.retries_left or 0)
+        return cls(max_attempts, job=job, retries=retries)
+
+    @classmethod
+    def of_run(cls, run: Run, attempts: int, rerun_id: str | None) -> "Replacement":
+        return cls(run.task.retries + 1, run=run, retries=max(0, run.task.retries - attempts), rerun_id=rerun_id)
+
+    def job_data(self, queue: Queue, job_id: str, retention_s: int) -> Any:
+        """``Queue.enqueue_many``'s entry for the new job, at the front of the queue."""
+        if self.run is not None:
+            return job_data(queue, self.run, job_id, retention_s, force=False, at_front=True,
+                            again=Again(0, rerun_id=self.rerun_id, new_run=False, retries=self.retries))
+        job = self.job
+        assert job is not None
+        intervals = list(job.retry_intervals or [0])
+        # The dead job's intervals in full: RQ picks the interval by the retries left, so
+        # the new job's retries go on with the backoffs the dead job had still ahead.
+        retry = Retry(max=self.retries, interval=intervals) if self.retries > 0 else None
+        timeout = int(job.timeout) if job.timeout is not None else None
+        return queue.prepare_data(str(job.func_name), args=job.args, kwargs=job.kwargs, timeout=timeout,
+                                  result_ttl=job.result_ttl, failure_ttl=job.failure_ttl,
+                                  description=job.description, job_id=job_id, at_front=True,
+                                  meta=dict(job.meta or {}), retry=retry)

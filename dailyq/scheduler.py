@@ -52,6 +52,7 @@ from .rq_seam import DelayedJobs, make_queue
 from .runs import DaySlots, Run, runs_of_slot
 from .schedule import Slot
 from .settings import Settings
+from .settle import FailedJobs
 from .table import Task, TaskTable
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,9 @@ class DailyScheduler:
         self.stranded = StrandedJobs(connection, keys, self.queue, stuck_after_s=settings.claim_ttl_s)
         self.waiting = WaitingRuns(connection, keys, self.queue, table, settings.retention_s)
         self.slots = SlotSweep(connection, keys, self.queue.key, table)
+        # Runs of jobs RQ failed outside the guard (settle.py): by Redis's clock, which
+        # RQ's scores follow, also when slots fall due by an injected clock.
+        self.failed_jobs = FailedJobs(connection, keys, self.queue, settings.retention_s, self.redis_clock)
         self.left = LeftJobs(connection, keys, self.queue, settings.retention_s, settings.removed_grace_s, self.clock)
         # Called at the end of every tick, leader or not (alerts.py's leadership record).
         # A hook must not raise, nor take long: it runs inside the tick.
@@ -154,6 +158,7 @@ class DailyScheduler:
         if held and not self.is_leader:
             log.info("node %s is now the leader", self.settings.node_name)
             self._load_cursors()
+            self.failed_jobs.forget()  # go on from where the last leader stopped
         elif not held and self.is_leader:
             log.warning("node %s lost the leader lease (held by %s)", self.settings.node_name,
                         _holder_node(self.lease.holder()))
@@ -322,6 +327,7 @@ class DailyScheduler:
         self.fire_due_slots(now)
         self.slots.sweep()  # every tick: a dead holder's slot serves held runs within a tick of lapsing
         self.recover_abandoned_runs()
+        self.failed_jobs.settle()  # one command every few seconds when RQ failed nothing
         if self._waiting_look.due(now):
             self.waiting.release_all()
             # Every tick while some day has held runs (the backstop for a worker that died

@@ -321,6 +321,12 @@ local finished_key, claim_key, runs_key, durations_key, running_key, series_key 
 local run_id, owner, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local series, duration_s, node, now = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 if not release_run(claim_key, series_key, running_key, run_id, owner) then
+  -- A replay of this very call (its reply was lost; the guard sends the same arguments
+  -- again): the claim is gone because the first call released it. Answer as it did.
+  local record = load_record(runs_key, run_id)
+  if record and record.owner == owner and record.state == '{FINISHED}' and record.ended_at == now then
+    return 1
+  end
   return 0
 end
 redis.call('SADD', finished_key, run_id)
@@ -341,11 +347,24 @@ FAIL = _lua(f"""
 -- ARGV[5] = RQ can retry ('1'|'0'), ARGV[6] = max attempts (0 = no limit), ARGV[7] = node,
 -- ARGV[8] = now (ISO), ARGV[9] = error
 -- Returns 'retry' (recorded queued: RQ retries it), 'failed', or 'not-ours' (claim held by
--- another copy or gone: nothing changed).
+-- another copy or gone: nothing changed). Replay-safe: sent again with the same arguments
+-- after its reply was lost, it answers as the first call did.
 local claim_key, runs_key, running_key, series_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local run_id, owner, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local rq_can_retry, max_attempts, node, now, error_text = ARGV[5] == '1', tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
 if not release_run(claim_key, series_key, running_key, run_id, owner) then
+  -- The first call released the claim and wrote this owner's end (its time and error)
+  -- into the record. Anything since -- a requeue by recovery or a rerun (which clears
+  -- ended_at), a later execution (a new owner), recovery failing the run (its own time
+  -- and error) -- makes it not this call's any more.
+  local record = load_record(runs_key, run_id)
+  if record and record.owner == owner and record.ended_at == now and record.error == error_text then
+    if record.state == '{QUEUED}' then
+      return 'retry'
+    elseif record.state == '{FAILED}' then
+      return 'failed'
+    end
+  end
   return 'not-ours'
 end
 local record = load_record(runs_key, run_id, base_json)
@@ -355,6 +374,32 @@ record.node, record.ended_at, record.error = node, now, error_text
 save_record(runs_key, run_id, record, retention_s)
 return retry and 'retry' or 'failed'
 """, OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA)
+
+END_WAIT = _lua(f"""
+-- A copy that never got the run's claim stopped waiting for it: its job timed out (RQ's
+-- death penalty) while another copy of the run, or with overlap='wait' the previous
+-- slot's run of its task and param, held the claim. RQ then retries or fails the job
+-- outside the guard, so the record says which, now -- only while it still names this job
+-- and says queued (a record another copy or a later job moved on is left as it is).
+-- KEYS[1] = day runs hash, KEYS[2] = run claim
+-- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = base record JSON, ARGV[4] = retention (s),
+-- ARGV[5] = RQ will retry ('1'|'0'), ARGV[6] = node, ARGV[7] = now (ISO),
+-- ARGV[8] = error while the run's own claim is held (another copy of the run),
+-- ARGV[9] = error otherwise (the series claim: the previous slot's run)
+-- Returns 'retry' (recorded queued, with the error: RQ retries it), 'failed' or 'not-ours'.
+local runs_key, claim_key = KEYS[1], KEYS[2]
+local run_id, job_id, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local retry, node, now = ARGV[5] == '1', ARGV[6], ARGV[7]
+local record = load_record(runs_key, run_id, base_json)
+if (type(record.job_id) == 'string' and record.job_id ~= job_id) or record.state ~= '{QUEUED}' then
+  return 'not-ours'
+end
+record.state = retry and '{QUEUED}' or '{FAILED}'
+record.node, record.ended_at = node, now
+record.error = redis.call('EXISTS', claim_key) == 1 and ARGV[8] or ARGV[9]
+save_record(runs_key, run_id, record, retention_s)
+return retry and 'retry' or 'failed'
+""", RECORD_LUA)
 
 RENEW_CLAIM = _lua("""
 -- Extends a run's claim and its series claim only while the run's claim is ours; never
@@ -377,31 +422,41 @@ return 'ok'
 
 TAKE_IF_ABANDONED = _lua(f"""
 -- The leader takes over a run listed as running: only if no live copy holds its claim.
--- It records the run failed when it has no attempts left.
+-- It records the run failed when it has no attempts left, or when the caller cannot
+-- requeue it (ARGV[5] says why). A run to requeue stays listed as running: the caller's
+-- requeue removes it in the same MULTI/EXEC that enqueues its new job (recovery.py), so
+-- a leader that dies or loses Redis in between leaves it listed for the next look.
 -- KEYS[1] = running hash, KEYS[2] = the run's claim, KEYS[3] = day runs hash
--- ARGV[1] = run_id, ARGV[2] = max attempts (0 = no limit), ARGV[3] = now (ISO), ARGV[4] = retention (s)
--- Returns 'alive', 'gone' (someone else took it), 'failed' or 'requeue'.
+-- ARGV[1] = run_id, ARGV[2] = max attempts (0 = no limit), ARGV[3] = now (ISO), ARGV[4] = retention (s),
+-- ARGV[5] = why the caller cannot requeue it ('' = it can)
+-- Returns 'alive', 'gone' (someone else took it, or its day's records expired), 'failed' or 'requeue'.
 local running_key, claim_key, runs_key = KEYS[1], KEYS[2], KEYS[3]
-local run_id, max_attempts, now, retention_s = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local run_id, max_attempts, now, retention_s, cannot = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5] or ''
 if redis.call('EXISTS', claim_key) == 1 then
   return 'alive'
 end
-if redis.call('HDEL', running_key, run_id) == 0 then
+if redis.call('HEXISTS', running_key, run_id) == 0 then
   return 'gone'
 end
 local record = load_record(runs_key, run_id)
 if not record then
-  return 'requeue'  -- its record expired with its day: the caller finds no run to rebuild
+  redis.call('HDEL', running_key, run_id)
+  return 'gone'  -- its record expired with its day: no run left to requeue or to show
 end
+local lost = 'executing process lost on node ' .. tostring(record.node) ..
+  ' (node died, killed, or cut off from Redis); '
 local attempts = run_attempts(record)
 if max_attempts > 0 and attempts >= max_attempts then
-  record.state, record.ended_at = '{FAILED}', now
-  record.error = 'executing process lost on node ' .. tostring(record.node) ..
-    ' (node died, killed, or cut off from Redis); ' .. attempts .. ' of ' .. max_attempts .. ' attempts used'
-  save_record(runs_key, run_id, record, retention_s)
-  return 'failed'
+  lost = lost .. attempts .. ' of ' .. max_attempts .. ' attempts used'
+elseif cannot ~= '' then
+  lost = lost .. 'not requeued: ' .. cannot
+else
+  return 'requeue'
 end
-return 'requeue'
+redis.call('HDEL', running_key, run_id)
+record.state, record.ended_at, record.error = '{FAILED}', now, lost
+save_record(runs_key, run_id, record, retention_s)
+return 'failed'
 """, RECORD_LUA)
 
 REQUEUE_STRANDED = _lua(f"""
@@ -750,6 +805,36 @@ local moved = promote(held_key, queue_key, redis.call('LLEN', held_key))
 return {was_paused, #moved}
 """, NOW_LUA, SLOTS_LUA)
 
+
+SETTLE_FAILED = _lua(f"""
+-- The leader settles the run of a job RQ failed outside the guard (settle.py): the record
+-- is failed with RQ's reason, only while nothing else backs what it says -- it names this
+-- job and says queued, running or waiting, RQ still has the job failed, no copy holds the
+-- run's claim, recovery does not list it as running (recovery takes those over), and no
+-- waiting entry or left job (deploys) stands behind it.
+-- KEYS[1] = day runs hash, KEYS[2] = the run's claim, KEYS[3] = running hash,
+-- KEYS[4] = day waiting hash, KEYS[5] = RQ's job hash, KEYS[6] = left jobs (sorted set)
+-- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = error, ARGV[4] = now (ISO), ARGV[5] = retention (s)
+-- Returns 1 when it settled the run, else 0.
+local runs_key, claim_key, running_key, waiting_key, job_key, left_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  KEYS[5], KEYS[6]
+local run_id, job_id, error_text, now, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local record = load_record(runs_key, run_id)
+if not record or record.job_id ~= job_id then
+  return 0
+end
+if record.state ~= '{QUEUED}' and record.state ~= '{RUNNING}' and record.state ~= '{WAITING}' then
+  return 0
+end
+if redis.call('HGET', job_key, 'status') ~= 'failed' or redis.call('EXISTS', claim_key) == 1
+    or redis.call('HEXISTS', running_key, run_id) == 1 or redis.call('HEXISTS', waiting_key, run_id) == 1
+    or redis.call('ZSCORE', left_key, job_id) then
+  return 0
+end
+record.state, record.error, record.ended_at = '{FAILED}', error_text, now
+save_record(runs_key, run_id, record, retention_s)
+return 1
+""", RECORD_LUA)
 
 # -- rolling deploys (deploys.py) ----------------------------------------------------------
 
@@ -1128,9 +1213,11 @@ class Scripts:
         self._begin = register(BEGIN)
         self._finish = register(FINISH)
         self._fail = register(FAIL)
+        self._end_wait = register(END_WAIT)
         self._renew_claim = register(RENEW_CLAIM)
         self._take_if_abandoned = register(TAKE_IF_ABANDONED)
         self._requeue_stranded = register(REQUEUE_STRANDED)
+        self._settle_failed = register(SETTLE_FAILED)
         self._outbox_enqueue = register(OUTBOX_ENQUEUE)
         self._outbox_claim = register(OUTBOX_CLAIM)
         self._outbox_ack = register(OUTBOX_ACK)
@@ -1221,6 +1308,14 @@ class Scripts:
                           [run_id, owner, base_json, retention_s, _flag(rq_can_retry), max_attempts, node, now_iso,
                            error], _text)  # type: ignore[arg-type]
 
+    def end_wait(self, *, runs_key: str, claim_key: str, run_id: str, job_id: str, base_json: str,
+                 retention_s: int, rq_will_retry: bool, node: str, now_iso: str, error_if_run_busy: str,
+                 error_if_series_busy: str) -> ScriptCall[FailOutcome]:
+        """'retry', 'failed' or 'not-ours' (the record no longer says queued for this job)."""
+        return ScriptCall(self._end_wait, [runs_key, claim_key],
+                          [run_id, job_id, base_json, retention_s, _flag(rq_will_retry), node, now_iso,
+                           error_if_run_busy, error_if_series_busy], _text)  # type: ignore[arg-type]
+
     def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int,
                     slots_key: str | None = None) -> ScriptCall[RenewOutcome]:
         """``slots_key``: the task's slots, for a run of a task with limits (extended too)."""
@@ -1264,14 +1359,22 @@ class Scripts:
     # -- recovery (recovery.py) --
 
     def take_if_abandoned(self, *, running_key: str, claim_key: str, runs_key: str, run_id: str, max_attempts: int,
-                          now_iso: str, retention_s: int) -> ScriptCall[TakeOutcome]:
+                          now_iso: str, retention_s: int, cannot_requeue: str = "") -> ScriptCall[TakeOutcome]:
+        """``cannot_requeue``: why the caller could not requeue the run (it is failed then)."""
         return ScriptCall(self._take_if_abandoned, [running_key, claim_key, runs_key],
-                          [run_id, max_attempts, now_iso, retention_s], _text)  # type: ignore[arg-type]
+                          [run_id, max_attempts, now_iso, retention_s, cannot_requeue], _text)  # type: ignore[arg-type]
 
     def requeue_stranded(self, *, intermediate_queue_key: str, queue_key: str, runs_key: str, job_id: str,
                          run_id: str) -> ScriptCall[bool]:
         return ScriptCall(self._requeue_stranded, [intermediate_queue_key, queue_key, runs_key], [job_id, run_id],
                           bool)
+
+    def settle_failed(self, *, runs_key: str, claim_key: str, running_key: str, waiting_key: str, job_key: str,
+                      left_key: str, run_id: str, job_id: str, error: str, now_iso: str,
+                      retention_s: int) -> ScriptCall[bool]:
+        """True when the run's record was failed with ``error`` (settle.py)."""
+        return ScriptCall(self._settle_failed, [runs_key, claim_key, running_key, waiting_key, job_key, left_key],
+                          [run_id, job_id, error, now_iso, retention_s], bool)
 
     # -- the alert outbox (alert_outbox.py) --
 

@@ -126,6 +126,28 @@ def test_a_failed_upstream_run_blocks_its_downstream_runs_until_a_rerun_of_it_fi
     assert release(connection, keys, table, tasks=["down"]).released == [down]
 
 
+def test_held_runs_of_a_task_the_leaders_table_lacks_stay_held_for_a_table_that_has_it(connection, keys, caplog):
+    old = TaskTable([Task(name="up", func=RECORD, params=["a"], at="03:00", retries=0),
+                     Task(name="down", func=RECORD, params=["x"], at="03:00", after=["up"])])
+    new = TaskTable([*old.tasks, Task(name="nd", func=RECORD, params=["n"], at="03:00", after=["up"])])
+    queue = make_queue(connection, keys)
+    fan_out(connection, keys, queue, runs_on(new, DAY), retention_s=RETENTION_S)  # the new leader fanned out
+    finish(connection, keys, ids(new, "up"))
+    (held,) = ids(new, "nd")
+    old_leader = WaitingRuns(connection, keys, queue, old, RETENTION_S)
+    with caplog.at_level("WARNING", logger="dailyq.dependencies"):
+        assert old_leader.release_all() == ids(old, "down")
+        assert old_leader.release_all() == []  # looked at every tick ...
+    assert sum(held in r.getMessage() for r in caplog.records) == 1  # ... and said once
+    # Still held, waiting, its day still looked at: a node whose table has nd releases it.
+    assert connection.hkeys(keys.day_waiting(DAY)) == [held.encode()]
+    assert records(connection, keys)[held]["state"] == "waiting"
+    assert connection.smembers(keys.waiting_days) == {DAY.isoformat().encode()}
+    assert release(connection, keys, new).released == [held]
+    assert records(connection, keys)[held]["state"] == "queued" and held in queued_job_ids(connection, keys)
+    assert not connection.exists(keys.day_waiting(DAY)) and not connection.smembers(keys.waiting_days)
+
+
 def test_concurrent_callers_enqueue_each_held_run_exactly_once(connection, keys, settings):
     table = chain_table()
     rounds = 12

@@ -9,9 +9,15 @@ from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from typing import Iterator
 
+import pytest
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+
 from dailyq.guard import Guard
 from dailyq.runs import Run, RunJob, decode_record
 from dailyq.schedule import Slot
+from dailyq.scripts import scripts_for
 from dailyq.table import Task, TaskTable
 from tests.helpers import wait_for
 from tests.sample_tasks import record as sample_record
@@ -156,6 +162,58 @@ def test_overlap_wait_runs_the_next_slot_after_the_previous_one(connection, sett
         first.join(EVENT_TIMEOUT_S)
     assert order == ["monday started", "monday ended", "tuesday"]
     assert record(connection, settings, rid("tuesday"))["state"] == "finished"
+
+
+def timing_out_after(seconds: int):
+    """RQ's own timeout of a job (the death penalty its work-horse runs the job under)."""
+    return UnixSignalDeathPenalty(seconds, JobTimeoutException, job_id="test")
+
+
+def test_a_job_that_times_out_waiting_for_the_previous_slots_run_is_recorded_retrying_or_failed(connection,
+                                                                                                  settings):
+    monday_may_end = threading.Event()
+    first = start_first_copy(connection, settings, "monday", lambda: monday_may_end.wait(EVENT_TIMEOUT_S))
+    calls = []
+    try:
+        for rq_retries, state, cancels in ((True, "queued", []), (False, "failed", [1])):
+            cancelled = []
+            with pytest.raises(JobTimeoutException), timing_out_after(1):
+                guard(connection, settings).execute(identity("tuesday", overlap="wait"), lambda: calls.append(1),
+                                                    will_retry=lambda retries=rq_retries: retries,
+                                                    cancel_retry=lambda seen=cancelled: seen.append(1))
+            tuesday = record(connection, settings, rid("tuesday"))
+            assert tuesday["state"] == state and tuesday["node"] == "node-x" and tuesday["attempts"] == 0
+            assert tuesday["error"] == ("JobTimeoutException: timed out after 1 s waiting for the previous slot's "
+                                        "run of its task and param")
+            assert cancelled == cancels  # RQ retries exactly when the record says queued
+    finally:
+        monday_may_end.set()
+        first.join(EVENT_TIMEOUT_S)
+    assert calls == [] and record(connection, settings, rid("monday"))["state"] == "finished"
+
+
+def test_a_job_that_times_out_waiting_for_another_copy_of_its_run_says_so(connection, settings):
+    # A later job of the run (a rerun) is queued while an earlier copy still holds the run's claim.
+    connection.set(settings.keys.claim(rid("r1")), "earlier-copy", px=60_000)
+    with pytest.raises(JobTimeoutException), timing_out_after(1):
+        guard(connection, settings).execute(identity("r1"), lambda: None, will_retry=lambda: False)
+    r1 = record(connection, settings, rid("r1"))
+    assert r1["state"] == "failed"
+    assert r1["error"] == "JobTimeoutException: timed out after 1 s waiting for another copy of the run"
+
+
+def test_a_timed_out_wait_leaves_a_record_another_copy_moved_on_as_it_is(connection, settings):
+    # The run's record says running: the copy holding the claim records it, not this one.
+    first_may_end = threading.Event()
+    first = start_first_copy(connection, settings, "r1", lambda: first_may_end.wait(EVENT_TIMEOUT_S))
+    try:
+        with pytest.raises(JobTimeoutException), timing_out_after(1):
+            guard(connection, settings).execute(identity("r1"), lambda: None, will_retry=lambda: True)
+        assert record(connection, settings, rid("r1"))["state"] == "running"
+    finally:
+        first_may_end.set()
+        first.join(EVENT_TIMEOUT_S)
+    assert record(connection, settings, rid("r1"))["state"] == "finished"
 
 
 def test_a_failure_releases_the_claims_and_records_the_error(connection, settings):
@@ -398,3 +456,56 @@ def test_a_run_with_every_attempt_used_is_not_executed_again_by_a_second_queue_e
     calls = []
     assert g.execute(run, lambda: calls.append(1), will_retry=lambda: False) == {"skipped": "exhausted"}
     assert calls == [] and record(connection, settings, rid("r1"))["state"] == "failed"
+
+
+# -- replies lost on the way back ---------------------------------------------------------
+
+class LosesAReply(Redis):
+    """A client whose first call of one script (by its SHA) runs on the server, but whose
+    reply never arrives: what a connection dropped after the command leaves behind."""
+
+    lose_sha: str = ""
+    lost = False
+
+    def execute_command(self, *args, **options):
+        reply = super().execute_command(*args, **options)
+        if not self.lost and args[:2] == ("EVALSHA", self.lose_sha):
+            self.lost = True
+            raise RedisConnectionError("connection dropped before the reply")
+        return reply
+
+
+def losing_the_reply_of(settings, script: str) -> LosesAReply:
+    client = LosesAReply.from_url(settings.redis_url)
+    client.lose_sha = getattr(scripts_for(client), script).sha
+    return client
+
+
+def test_a_failure_whose_reply_was_lost_is_recorded_once_and_rq_still_retries(settings):
+    client = losing_the_reply_of(settings, "_fail")
+    cancelled = []
+
+    def boom():
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError):
+        guard(client, settings).execute(identity("r1", max_attempts=2), boom, will_retry=lambda: True,
+                                        cancel_retry=lambda: cancelled.append(1))
+    assert client.lost
+    assert cancelled == []  # the record says queued for RQ's retry, and RQ does retry it
+    stored = record(client, settings, rid("r1"))
+    assert stored["state"] == "queued" and stored["error"] == "ValueError: bad input" and stored["attempts"] == 1
+    client.close()
+
+
+def test_a_finish_whose_reply_was_lost_is_recorded_and_releases_its_downstream(settings):
+    client = losing_the_reply_of(settings, "_finish")
+    g = guard(client, settings)
+    ended = []
+    g.on_ended = ended.append
+    run = identity("r1")
+    assert g.execute(run, lambda: "ran", will_retry=lambda: False) == "ran"
+    assert client.lost
+    assert ended == [run]  # recorded finished by this copy: its downstream runs are looked at
+    assert record(client, settings, rid("r1"))["state"] == "finished"
+    client.close()

@@ -1,10 +1,24 @@
-"""Crashes of real processes: a node dying mid-run, an orphaned work-horse."""
+"""Crashes of real processes: a node dying mid-run, an orphaned work-horse; and the
+leader's recovery of a dead run driven in-process against the real Redis, where the
+path needs a leader killed at an exact point or a table that lacks the run's task."""
 
+import json
 import os
 import signal
 import time
+from datetime import date, datetime, timezone
 
+from redis import Redis
+from rq import Queue
+
+from dailyq.fanout import fan_out
+from dailyq.guard import Guard
 from dailyq.keys import Keys
+from dailyq.recovery import AbandonedRuns
+from dailyq.rq_seam import make_queue
+from dailyq.runs import Run, runs_on
+from dailyq.table import Task, TaskTable
+from dailyq.worker import DailySimpleWorker
 from tests.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
 from tests.test_scheduler import all_finished, live_env, slot_in, status_of
 
@@ -129,3 +143,97 @@ def test_a_job_whose_worker_died_between_dequeue_and_start_is_put_back(node_env,
     processes.start("worker_entry.py", dict(env, NODE_NAME="node-b"))
     wait_for(lambda: all_finished(env, "2026-11-20"), timeout=40, what="the stranded run to be put back and run")
     assert sorted(starts_per_param(executions(connection, prefix)).values()) == [1, 1]
+
+
+# -- the leader's recovery, in-process ------------------------------------------------------
+
+DAY = date(2026, 11, 26)
+HB = Task(name="hb", func="tests.sample_tasks.noop", params=["p1"], at="09:00", retries=2)
+NT = Task(name="nt", func="tests.sample_tasks.noop", params=["n1"], at="09:00", retries=2, timeout_s=77,
+          retry_backoff_s=3)
+V1 = TaskTable([HB])  # an old table: no task nt
+V2 = TaskTable([HB, NT])
+
+
+def recovery(connection, settings, table: TaskTable) -> AbandonedRuns:
+    return AbandonedRuns(connection, settings.keys, make_queue(connection, settings.keys), table,
+                         settings.retention_s, clock=lambda: datetime(2026, 11, 26, 9, 5, tzinfo=timezone.utc))
+
+
+def stored_record(connection, settings, run_id: str) -> dict:
+    return json.loads(connection.hget(settings.keys.day_runs(DAY), run_id))
+
+
+def died_mid_run(connection, settings, table: TaskTable, task: str) -> Run:
+    """A run fanned out by ``table``'s leader, begun by a worker whose node then died: its
+    record says running, it is listed as running, and its claim has lapsed."""
+    (run,) = [r for r in runs_on(table, DAY) if r.task.name == task]
+    queue = make_queue(connection, settings.keys)
+    fan_out(connection, settings.keys, queue, [run], retention_s=settings.retention_s)
+    assert connection.lpop(queue.key) == run.job_id().encode()  # a worker took the job...
+    guard = Guard(connection, settings.keys, "node-dead", settings.claim_ttl_s, settings.retention_s)
+    attempt = guard.attempt(run.job(run.job_id()))
+    with connection.pipeline() as pipe:  # ...and began the run, as in RQ's preparation transaction
+        guard.claim_in(attempt, pipe)
+        attempt.keep_begin_reply(pipe.execute()[-1])
+    assert attempt.begin_reply == "claimed"
+    connection.delete(settings.keys.claim(run.run_id))  # then its node died: the claim lapsed
+    return run
+
+
+def test_a_leader_killed_between_taking_a_dead_run_and_requeueing_it_leaves_it_for_the_next(connection, settings):
+    run = died_mid_run(connection, settings, V1, "hb")
+    pid = os.fork()
+    if pid == 0:  # the leader, SIGKILLed in the middle of its requeue (before its transaction is sent)
+        try:
+            Queue.enqueue_many = lambda *args, **kwargs: os._exit(9)
+            recovery(Redis.from_url(settings.redis_url), settings, V1).requeue(fence=None)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 9  # it did die there
+    # Still listed as running with no claim: the next look takes it over.
+    assert connection.hget(settings.keys.running, run.run_id) == DAY.isoformat().encode()
+    assert recovery(connection, settings, V1).requeue(fence=None) == [run.run_id]
+    record = stored_record(connection, settings, run.run_id)
+    assert record["state"] == "queued" and record["job_id"] == f"{run.run_id}-r2" and record["attempts"] == 1
+    assert not connection.hexists(settings.keys.running, run.run_id)
+    assert make_queue(connection, settings.keys).get_job_ids() == [f"{run.run_id}-r2"]
+
+
+def test_an_old_leader_requeues_a_dead_run_of_a_task_its_table_lacks_from_the_dead_job(connection, settings):
+    run = died_mid_run(connection, settings, V2, "nt")
+    queue = make_queue(connection, settings.keys)
+    dead = queue.fetch_job(run.job_id())
+    assert recovery(connection, settings, V1).requeue(fence=None) == [run.run_id]
+    record = stored_record(connection, settings, run.run_id)
+    assert record["state"] == "queued" and record["job_id"] == f"{run.run_id}-r1" and record["attempts"] == 1
+    assert not connection.hexists(settings.keys.running, run.run_id)
+    (new,) = [queue.fetch_job(job_id) for job_id in queue.get_job_ids()]
+    assert new.id == f"{run.run_id}-r1"
+    assert (new.func_name, new.args, new.timeout, new.meta, new.description, new.failure_ttl) == (
+        dead.func_name, dead.args, 77, dead.meta, dead.description, dead.failure_ttl)
+    # 3 attempts in all, 1 used: one RQ retry after its next execution, with the backoffs ahead.
+    assert new.retries_left == 1 and new.retry_intervals == dead.retry_intervals == [3, 6]
+    # The worker whose table has the task runs it.
+    DailySimpleWorker(connection=connection, settings=settings, table=V2).work(burst=True)
+    record = stored_record(connection, settings, run.run_id)
+    assert record["state"] == "finished" and record["attempts"] == 2
+
+
+def test_a_dead_run_whose_job_is_gone_is_requeued_from_the_table_or_failed_with_the_reason(connection, settings):
+    queue = make_queue(connection, settings.keys)
+    hb = died_mid_run(connection, settings, V2, "hb")
+    nt = died_mid_run(connection, settings, V2, "nt")
+    for run in (hb, nt):
+        connection.delete(queue.fetch_job(run.job_id()).key)  # its job expired, or was deleted
+    assert recovery(connection, settings, V1).requeue(fence=None) == [hb.run_id]
+    assert stored_record(connection, settings, hb.run_id)["state"] == "queued"
+    assert queue.fetch_job(f"{hb.run_id}-r1").meta == hb.job(f"{hb.run_id}-r1").meta()  # rebuilt from the table
+    record = stored_record(connection, settings, nt.run_id)
+    assert record["state"] == "failed"
+    assert record["error"] == (
+        "executing process lost on node node-dead (node died, killed, or cut off from Redis); not requeued: "
+        f'its job {nt.job_id()} is gone from Redis and this leader\'s task table has no run nt("n1") at slot '
+        f"{nt.slot.isoformat()}")
+    assert not connection.hexists(settings.keys.running, nt.run_id)

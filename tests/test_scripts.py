@@ -285,6 +285,51 @@ def test_fail_is_refused_when_the_claim_is_not_ours(scripts, connection, keys, r
     assert connection.hget(keys.running, "r1") == DAY.encode()
 
 
+def test_fail_sent_again_after_a_lost_reply_answers_as_the_first_call(scripts, connection, keys, run) -> None:
+    # The guard sends the very same call again (through_outage) when its reply was lost.
+    run.begin(scripts, "a").run()
+    fail = run.fail(scripts, "a", max_attempts=2)
+    assert fail.run() == "retry"
+    assert fail.run() == "retry"  # not 'not-ours': RQ's retry must not be cancelled
+    assert stored(connection, keys, "r1")["state"] == "queued"
+    run.begin(scripts, "b").run()
+    fail = run.fail(scripts, "b", max_attempts=2)
+    assert fail.run() == "failed"
+    assert fail.run() == "failed"
+    assert stored(connection, keys, "r1")["state"] == "failed"
+
+
+def test_a_late_fail_of_an_execution_someone_else_ended_is_still_not_ours(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    first = run.fail(scripts, "a", max_attempts=3)
+    assert first.run() == "retry"
+    # Recovery or a rerun enqueued the run again: its record is queued, ended_at cleared.
+    scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[],
+                          again=[Requeued("r1", base_json("r1", "r1-r1"), "r1-r1")]).run()
+    assert first.run() == "not-ours"
+    # The leader failed a run whose copy it found dead: its own end time and error.
+    run.begin(scripts, "c", job_id="r1-r1").run()
+    connection.delete(keys.claim("r1"))
+    assert scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     run_id="r1", max_attempts=2, now_iso="2026-11-26T10:05:00+00:00",
+                                     retention_s=RETENTION_S).run() == "failed"
+    assert run.fail(scripts, "c").run() == "not-ours"
+    assert stored(connection, keys, "r1")["state"] == "failed"
+
+
+def test_finish_sent_again_after_a_lost_reply_answers_1(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    finish = run.finish(scripts, "a")
+    assert finish.run() is True
+    assert finish.run() is True  # a replay of this owner's finish, not "no longer held the claim"
+    # A forced rerun executes the run again: the old owner's FINISH is refused.
+    scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[], again=[
+        Requeued("r1", base_json("r1", "r1-r1"), "r1-r1", attempts_before=1, rerun_id="r1-r1")]).run()
+    assert run.finish(scripts, "a").run() is False  # the rerun cleared ended_at: not a replay
+    assert run.begin(scripts, "b", job_id="r1-r1", force=True).run().outcome == "claimed"
+    assert finish.run() is False
+
+
 def test_renew_claim_ok_taken_gone(scripts, connection, keys, run) -> None:
     run.begin(scripts, "a").run()
     connection.pexpire(keys.claim("r1"), 1000)
@@ -441,13 +486,31 @@ def test_take_if_abandoned_leaves_a_run_whose_claim_is_alive(scripts, connection
     assert connection.hget(keys.running, "r1") == DAY.encode()
 
 
-def test_take_if_abandoned_requeues_a_dead_run_with_attempts_left_once(scripts, connection, keys, run) -> None:
+def test_take_if_abandoned_leaves_a_dead_run_with_attempts_left_listed_for_its_requeue(scripts, connection, keys,
+                                                                                        run) -> None:
     run.begin(scripts, "a").run()
     connection.delete(keys.claim("r1"))  # its process died: the claim lapsed
     assert take(scripts, keys, 3) == "requeue"
-    assert connection.hget(keys.running, "r1") is None
-    assert stored(connection, keys, "r1")["state"] == "running"  # the requeue's fan-out rewrites it
+    # Still listed: the requeue's own transaction removes it with enqueueing the new job
+    # (recovery.py), so a leader that dies in between leaves it to the next look.
+    assert connection.hget(keys.running, "r1") == DAY.encode()
+    assert stored(connection, keys, "r1")["state"] == "running"
+    assert take(scripts, keys, 3) == "requeue"
+    connection.hdel(keys.running, "r1")  # what the requeue does
     assert take(scripts, keys, 3) == "gone"  # another leader took it first
+
+
+def test_take_if_abandoned_fails_a_dead_run_the_caller_cannot_requeue(scripts, connection, keys, run) -> None:
+    run.begin(scripts, "a").run()
+    connection.delete(keys.claim("r1"))
+    assert scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     run_id="r1", max_attempts=3, now_iso="2026-11-26T11:00:00+00:00",
+                                     retention_s=RETENTION_S, cannot_requeue="its job is gone").run() == "failed"
+    record = stored(connection, keys, "r1")
+    assert record["state"] == "failed" and record["ended_at"] == "2026-11-26T11:00:00+00:00"
+    assert record["error"] == ("executing process lost on node node-x (node died, killed, or cut off from Redis); "
+                               "not requeued: its job is gone")
+    assert connection.hget(keys.running, "r1") is None
 
 
 def test_take_if_abandoned_fails_a_dead_run_without_attempts_left(scripts, connection, keys, run) -> None:
@@ -458,11 +521,13 @@ def test_take_if_abandoned_fails_a_dead_run_without_attempts_left(scripts, conne
     assert record["state"] == "failed" and record["ended_at"] == "2026-11-26T11:00:00+00:00"
     assert record["error"] == ("executing process lost on node node-x (node died, killed, or cut off from Redis); "
                                "1 of 1 attempts used")
+    assert connection.hget(keys.running, "r1") is None  # failed and unlisted in one step
 
 
-def test_take_if_abandoned_without_a_record_requeues(scripts, connection, keys) -> None:
-    connection.hset(keys.running, "r1", DAY)
-    assert take(scripts, keys, 1) == "requeue"
+def test_take_if_abandoned_without_a_record_forgets_the_run(scripts, connection, keys) -> None:
+    connection.hset(keys.running, "r1", DAY)  # its day's records expired: nothing to requeue or show
+    assert take(scripts, keys, 1) == "gone"
+    assert connection.hget(keys.running, "r1") is None
 
 
 def requeue_stranded(scripts: Scripts, keys: Keys, prefix: str, job_id: str = "r1") -> bool:
