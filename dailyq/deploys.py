@@ -51,11 +51,12 @@ from rq import Queue
 
 from .beats import live_processes
 from .clock import iso
-from .fingerprint import Description, Descriptions, has_run
+from .fingerprint import Description, has_run
 from .keys import Keys
 from .redis_values import as_text
 from .runs import META_KEY, QUEUED
 from .scripts import scripts_for
+from .table_store import Descriptions
 
 log = logging.getLogger(__name__)
 

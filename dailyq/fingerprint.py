@@ -12,7 +12,7 @@ each fixed param, or the path of its params callable), its schedule, ``after`` a
 limits. The fingerprint is a digest of that JSON, so equal tables have equal
 fingerprints on every node, and a published description never changes.
 
-Everything here but ``publish``/``read_description`` is pure.
+Everything here is pure; the descriptions in Redis are table_store.py's.
 """
 
 from __future__ import annotations
@@ -21,14 +21,7 @@ import hashlib
 import json
 from typing import Any, Mapping, TypedDict
 
-from redis import Redis
-
-from .keys import Keys
 from .table import Task, TaskTable, encode_param
-
-# A published description lives this long after the last heartbeat of a process that
-# runs it: the tables of nodes long gone are forgotten.
-TABLE_TTL_S = 86400
 
 
 class TaskDescription(TypedDict):
@@ -136,41 +129,3 @@ def diff_text(found: TableDiff) -> str:
     parts += [f"{name}: {change['from']} -> {change['to']}" for name, change in found["schedules"].items()]
     parts += [f"{name}: {', '.join(fields)} changed" for name, fields in found["other"].items()]
     return "; ".join(parts) or "no difference"
-
-
-# -- in Redis ---------------------------------------------------------------------------
-
-def publish(connection: Redis, keys: Keys, table: TaskTable, ttl_s: int = TABLE_TTL_S) -> str:
-    """Store this table's description under its fingerprint (for ``ttl_s``; heartbeats
-    keep it alive with ``keep_published``); returns the fingerprint."""
-    description = describe(table)
-    name = fingerprint(description)
-    connection.set(keys.table(name), json.dumps(description, sort_keys=True, ensure_ascii=False), ex=ttl_s)
-    return name
-
-
-def keep_published(pipe: Any, keys: Keys, name: str, ttl_s: int = TABLE_TTL_S) -> None:
-    """Queue, on ``pipe``, the EXPIRE that keeps a published description alive."""
-    pipe.expire(keys.table(name), ttl_s)
-
-
-class Descriptions:
-    """Published descriptions read by fingerprint, cached for good: a fingerprint names
-    one content, so what was read once never changes."""
-
-    def __init__(self, connection: Redis, keys: Keys) -> None:
-        self.connection = connection
-        self.keys = keys
-        self._known: dict[str, Description] = {}
-
-    def get(self, name: str) -> Description | None:
-        """The description named ``name``, or None when none is published (yet, or any more)."""
-        if name not in self._known:
-            raw = self.connection.get(self.keys.table(name))
-            if raw is None:
-                return None
-            self._known[name] = json.loads(raw)
-        return self._known[name]
-
-    def remember(self, name: str, description: Description) -> None:
-        self._known[name] = description

@@ -20,8 +20,6 @@ from datetime import date, datetime
 from functools import cached_property
 from typing import Any, Iterable, Mapping, Protocol, Sequence, TypedDict
 
-from redis import Redis
-
 from .errors import ConfigError
 from .keys import Keys
 from .schedule import Slot, parse_zone
@@ -238,11 +236,12 @@ class DaySlots:
         self.stored: dict[str, Slot] = dict(stored or {})
 
     @classmethod
-    def read(cls, connection: Redis, keys: Keys, day: date) -> "DaySlots":
+    def read(cls, connection: Any, keys: Keys, day: date) -> "DaySlots":
+        # ``connection``: a redis.Redis (or pipeline), not named here: runs.py stays pure.
         return cls.decode(day, connection.hgetall(keys.day_slots(day)))
 
     @classmethod
-    def read_days(cls, connection: Redis, keys: Keys, days: Iterable[date]) -> "dict[date, DaySlots]":
+    def read_days(cls, connection: Any, keys: Keys, days: Iterable[date]) -> "dict[date, DaySlots]":
         """Several days at once (one round trip): the leader's due slots may span two."""
         wanted = sorted(set(days))
         if not wanted:

@@ -40,8 +40,7 @@ from .dependencies import WaitingRuns
 from .deploys import LeftJobs
 from .errors import LeaseLost
 from .fanout import fan_out, note_day_slot
-from .fingerprint import keep_published, table_fingerprint, task_digest
-from .fingerprint import publish as publish_table
+from .fingerprint import table_fingerprint, task_digest
 from .lease import Lease
 from .limits import SlotSweep
 from .params_book import next_retry_at, retried, retry_due, slot_runs
@@ -54,6 +53,8 @@ from .schedule import Slot
 from .settings import Settings
 from .settle import FailedJobs
 from .table import Task, TaskTable
+from .table_store import keep_published
+from .table_store import publish as publish_table
 
 log = logging.getLogger(__name__)
 

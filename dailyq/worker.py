@@ -35,8 +35,7 @@ from .connection import connect
 from .dependencies import downstream_of, release_ready
 from .deploys import Leaver
 from .errors import DailyqError
-from .fingerprint import keep_published, table_fingerprint
-from .fingerprint import publish as publish_table
+from .fingerprint import table_fingerprint
 from .guard import CLAIM_LOST_EXIT_CODE, Guard
 from .limits import Admissions
 from .outage import OutageLog, through_outage
@@ -45,6 +44,8 @@ from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_ke
 from .runs import META_KEY, RunJob, StaleJob
 from .settings import Settings
 from .table import TaskTable, encode_param, load_table
+from .table_store import keep_published
+from .table_store import publish as publish_table
 
 # Re-exported: ``dailyq.worker.DailyJob`` and ``make_queue`` are where users found them.
 __all__ = ["DailyJob", "DailySimpleWorker", "DailyWorker", "RefusedJob", "WorkerContext", "describe_exit",
