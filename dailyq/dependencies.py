@@ -100,6 +100,9 @@ class ReleaseResult:
     released: list[str] = field(default_factory=list)  # run ids enqueued now
     blocked: dict[str, str] = field(default_factory=dict)  # held run id -> the upstream run blocking it
     still_waiting: list[str] = field(default_factory=list)  # held run ids whose upstream runs are not done
+    # Held runs this table cannot rebuild (a rolling deploy): left held; whether no live
+    # table has them, and they end ``removed``, is the leader's to decide (deploys.py).
+    unknown: dict[str, Held] = field(default_factory=dict)
 
 
 def downstream_of(table: TaskTable) -> dict[str, list[str]]:
@@ -155,6 +158,7 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                 if not runs:
                     pipe.unwatch()
                     _report_unknown(keys, day, unknown)
+                    result.unknown = {run_id: entries[run_id] for run_id in unknown}
                     break
                 pipe.multi()
                 # Only what is enqueued now leaves the waiting hash: a held run this table
@@ -172,6 +176,7 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
             except WatchError:
                 continue  # another caller released (or a fan-out held) runs of this day meanwhile: look again
             result.released = [run.run_id for run in runs]
+            result.unknown = {run_id: entries[run_id] for run_id in unknown}
             _report_unknown(keys, day, unknown)
             break
     if result.released:
@@ -309,11 +314,15 @@ class WaitingRuns:
         self.table = table
         self.retention_s = retention_s
         self.days_held = 0
+        # (day, run id) -> held run this table cannot rebuild, at the last look (deploys.py
+        # decides whether no live table has them).
+        self.unknown: dict[tuple[date, str], Held] = {}
 
     def release_all(self) -> list[str]:
         """Release what is ready on every day with held runs; returns the run ids released.
         One SMEMBERS when nothing is held. ``days_held`` says how many days had held runs."""
         released: list[str] = []
+        self.unknown = {}
         days = sorted(self.connection.smembers(self.keys.waiting_days))
         self.days_held = len(days)
         for raw in days:
@@ -322,6 +331,8 @@ class WaitingRuns:
             except ValueError:
                 self.connection.srem(self.keys.waiting_days, raw)
                 continue
-            released += release_ready(self.connection, self.keys, self.queue, self.table, day,
-                                      retention_s=self.retention_s).released
+            result = release_ready(self.connection, self.keys, self.queue, self.table, day,
+                                   retention_s=self.retention_s)
+            released += result.released
+            self.unknown.update(((day, run_id), held) for run_id, held in result.unknown.items())
         return released

@@ -44,7 +44,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from redis import Redis
 from rq import Queue
@@ -57,6 +57,9 @@ from .redis_values import as_text
 from .runs import META_KEY, QUEUED
 from .scripts import scripts_for
 from .table_store import Descriptions
+
+if TYPE_CHECKING:
+    from .fanout import Held
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +237,34 @@ class LeftJobs:
             log.info("%d left job(s) back at the front of the queue, for a worker whose table has their runs",
                      len(moved))
         return bool(entries)
+
+    def settle_waiting(self, unknown: Mapping[tuple[date, str], Held]) -> list[str]:
+        """Held runs (``after``) that this leader's table cannot rebuild stay held for a node
+        whose table has them; one that no live table has had for the grace ends ``removed``.
+        ``unknown``: what the leader's last release look found (dependencies.WaitingRuns).
+        Returns the run ids removed."""
+        if not unknown:
+            return []
+        now = self.clock()
+        tables = LiveTables.read(self.connection, self.keys, self.descriptions, now)
+        fields = {f"waiting:{day.isoformat()}:{run_id}": (day, run_id) for day, run_id in unknown}
+        absent = {}
+        for field, key in fields.items():
+            held = unknown[key]
+            anywhere, _, reasons = tables.find(held.task, held.param_json, None)
+            if not anywhere:
+                absent[field] = reasons
+        removed = []
+        for field, why in self.absence.judge(list(fields), absent, now).items():
+            day, run_id = fields[field]
+            outcome = self._scripts.remove_waiting(
+                waiting_key=self.keys.day_waiting(day), runs_key=self.keys.day_runs(day),
+                finished_key=self.keys.day_finished(day), run_id=run_id, now_iso=iso(now), why=why,
+                retention_s=self.retention_s).run()
+            if outcome == "removed":
+                removed.append(run_id)
+                log.warning("run %s %s", run_id, why, extra={"run_id": run_id})
+        return removed
 
     def _no_longer_awaited(self, entries: dict[str, dict[str, Any]]) -> list[str]:
         """Left jobs whose run no longer waits for them: it finished, was removed or failed,

@@ -331,6 +331,7 @@ class DailyScheduler:
         self.failed_jobs.settle()  # one command every few seconds when RQ failed nothing
         if self._waiting_look.due(now):
             self.waiting.release_all()
+            self.left.settle_waiting(self.waiting.unknown)  # held runs no live table has (deploys.py)
             # Every tick while some day has held runs (the backstop for a worker that died
             # between an upstream FINISH and its release); else a look for days that others
             # (trigger, rerun) held runs on, every LOOK_AGAIN_S.

@@ -941,6 +941,28 @@ redis.call('EXPIRE', finished_key, retention_s)
 return 'removed'
 """, RECORD_LUA)
 
+REMOVE_WAITING = _lua(f"""
+-- A held run (waiting for its upstream runs) that no live node's table has had for the
+-- grace ends 'removed', as REMOVE_LEFT does for a left job: out of the waiting hash, its
+-- run id in the day's finished set. Only while it is still held and waiting or blocked.
+-- KEYS[1] = day waiting hash, KEYS[2] = day runs hash, KEYS[3] = day finished set
+-- ARGV[1] = run id, ARGV[2] = now (ISO), ARGV[3] = why (the record's error), ARGV[4] = retention (s)
+-- Returns 'removed' or 'kept'.
+local waiting_key, runs_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
+local run_id, now, why, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local record = load_record(runs_key, run_id)
+if redis.call('HEXISTS', waiting_key, run_id) == 0 or not record
+    or (record.state ~= '{WAITING}' and record.state ~= '{BLOCKED}') then
+  return 'kept'
+end
+redis.call('HDEL', waiting_key, run_id)
+record.state, record.ended_at, record.error = '{REMOVED}', now, why
+save_record(runs_key, run_id, record, retention_s)
+redis.call('SADD', finished_key, run_id)
+redis.call('EXPIRE', finished_key, retention_s)
+return 'removed'
+""", RECORD_LUA)
+
 
 # -- parsed replies -----------------------------------------------------------------------
 
@@ -1235,6 +1257,7 @@ class Scripts:
         self._leave = register(LEAVE)
         self._return_left = register(RETURN_LEFT)
         self._remove_left = register(REMOVE_LEFT)
+        self._remove_waiting = register(REMOVE_WAITING)
         self._table_skew_sync = register(TABLE_SKEW_SYNC)
         self._doctor_requeue = register(DOCTOR_REQUEUE)
         self._doctor_settle = register(DOCTOR_SETTLE)
@@ -1437,6 +1460,11 @@ class Scripts:
                     remove: bool) -> ScriptCall[Literal["removed", "forgotten"]]:
         return ScriptCall(self._remove_left, [left_key, left_info_key, runs_key, finished_key],
                           [job_id, run_id, now_iso, why, retention_s, _flag(remove)], _text)  # type: ignore[arg-type]
+
+    def remove_waiting(self, *, waiting_key: str, runs_key: str, finished_key: str, run_id: str, now_iso: str,
+                       why: str, retention_s: int) -> ScriptCall[Literal["removed", "kept"]]:
+        return ScriptCall(self._remove_waiting, [waiting_key, runs_key, finished_key],
+                          [run_id, now_iso, why, retention_s], _text)  # type: ignore[arg-type]
 
     # -- computed params (params_book.py) --
 

@@ -13,8 +13,8 @@ from dailyq.keys import Keys
 from dailyq.runs import new_record
 from tests.helpers import executions, run_cli, wait_for
 
-V2_ONLY = {"p7", "p8", "n1", "n2", "n3"}
-ALL_V2 = {f"p{i}" for i in range(1, 9)} | {"n1", "n2", "n3"}
+V2_ONLY = {"p7", "p8", "n1", "n2", "n3", "d1"}  # d1: task nd, after hb
+ALL_V2 = {f"p{i}" for i in range(1, 9)} | {"n1", "n2", "n3", "d1"}
 
 
 def deploy_env(node_env: dict, version: str, node: str, **extra: str) -> dict:
@@ -57,8 +57,9 @@ def test_nodes_on_two_tables_run_every_v2_run_once_on_a_node_whose_table_has_it(
     processes.start("worker_entry.py", old_env)
     wait_for(lambda: connection.exists(keys.heartbeat("worker", "old")), timeout=20, what="old's worker")
 
-    # New fires the slot (11 runs); old's worker runs p1..p6 and leaves the other five.
-    wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 11, timeout=40, what="the v2 fan-out")
+    # New fires the slot (12 runs; d1 held for hb); old's worker runs p1..p6 and leaves the
+    # other five.
+    wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 12, timeout=40, what="the v2 fan-out")
     wait_for(lambda: connection.hlen(keys.left_info) == 5, timeout=30, what="old's worker leaving 5 jobs")
     wait_for(lambda: sum(s == "finished" for s in states(new_env, day).values()) == 6, timeout=30,
              what="p1..p6 finished on old")
@@ -69,9 +70,11 @@ def test_nodes_on_two_tables_run_every_v2_run_once_on_a_node_whose_table_has_it(
     wait_for(lambda: leader_node(connection, keys) == "old", timeout=20, what="node old leading")
     time.sleep(4)
     shown = states(new_env, day)
-    assert {p for p, s in shown.items() if s == "queued"} == V2_ONLY, shown
+    assert {p for p, s in shown.items() if s == "queued"} == V2_ONLY - {"d1"}, shown
+    # nd's run waits for hb p7, p8; the old leader, whose table has no nd, leaves it held.
+    assert shown["d1"] == "waiting"
     info = {json.loads(v)["param_json"]: json.loads(v) for v in connection.hvals(keys.left_info)}
-    assert set(info) == {json.dumps(p) for p in V2_ONLY}
+    assert set(info) == {json.dumps(p) for p in V2_ONLY - {"d1"}}
     # Left, not spun on: a handful of leaves each in ~10 s, with the wait doubling.
     assert all(1 <= entry["count"] <= 6 for entry in info.values()), info
     queued = [r for r in status_of(new_env, day)["runs"] if r["state"] == "queued"]
@@ -89,22 +92,23 @@ def test_nodes_on_two_tables_run_every_v2_run_once_on_a_node_whose_table_has_it(
     wait_for(lambda: connection.hlen(keys.left_info) == 0 and connection.zcard(keys.left) == 0, timeout=5,
              what="the left set emptied")
     status = status_of(new_env, day)
-    assert len(status["runs"]) == 11 and {r["state"] for r in status["runs"]} == {"finished"}
+    assert len(status["runs"]) == 12 and {r["state"] for r in status["runs"]} == {"finished"}
     assert old_scheduler.poll() is None
     # status names the nodes whose table differs from the leader's (old), and what differs.
     tables = status["tables"]
     assert tables["same"] is False and tables["reference_from"] == "leader"
     (difference,) = tables["differences"]
-    assert difference["nodes"] == ["new"] and difference["tasks_added"] == ["nt"]
+    assert difference["nodes"] == ["new"] and difference["tasks_added"] == ["nd", "nt"]
     assert difference["params"] == {"hb": {"added": ['"p7"', '"p8"'], "removed": []}}
     text = run_cli(["status", "--date", day], new_env).stdout
-    assert "tables differ: new" in text and "task nt added" in text
+    assert "tables differ: new" in text and "task nd added; task nt added" in text
 
 
 def test_runs_no_live_table_has_end_removed_and_rerun_runs_them(node_env, processes, connection, prefix):
-    """A deploy that takes p7, p8 and task nt away: their queued runs (fanned out by a v2
-    trigger) end 'removed' after DAILYQ_REMOVED_GRACE_S once no live node's table has them,
-    saying why; not failed, no alert; the rest finish. A rerun (v2) runs a removed run again."""
+    """A deploy that takes p7, p8 and tasks nt, nd away: their runs (fanned out by a v2
+    trigger: queued, and nd's held for hb) end 'removed' after DAILYQ_REMOVED_GRACE_S once no
+    live node's table has them, saying why; not failed, no alert; the rest finish. A rerun
+    (v2) runs a removed run again."""
     keys = Keys(prefix)
     far = (utc_now() + timedelta(hours=12)).strftime("%H:%M")
     day = utc_now().date().isoformat()
@@ -120,6 +124,8 @@ def test_runs_no_live_table_has_end_removed_and_rerun_runs_them(node_env, proces
     assert {p for p, r in runs.items() if r["state"] == "removed"} == V2_ONLY
     assert all("no live node's table has had this run" in runs[p]["error"] for p in V2_ONLY)
     assert "no task 'nt'" in runs["n1"]["error"] and "has no param \"p7\"" in runs["p7"]["error"]
+    assert "no task 'nd'" in runs["d1"]["error"]  # held for hb, never queued: removed from waiting
+    assert not connection.hexists(keys.day_waiting(utc_now().date()), runs["d1"]["run_id"])
     assert not any(e["param"] in V2_ONLY for e in executions(connection, prefix))
     finished_ids = {m.decode() for m in connection.smembers(keys.day_finished(utc_now().date()))}
     assert {runs[p]["run_id"] for p in V2_ONLY} <= finished_ids  # downstream runs go on as if it finished
