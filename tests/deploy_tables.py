@@ -1,8 +1,9 @@
 """Two versions of one task table, for rolling-deploy tests: DEPLOY_TABLE=v1 or v2.
 
 v1: task ``hb`` with params p1..p6. v2, the next deploy: ``hb`` gains p7 and p8, a new
-task ``nt`` (n1..n3) appears, and a new task ``nd`` (d1) runs after ``hb``. Both run tests.sample_tasks.record (which logs each
-execution with its node), once a day at DEPLOY_AT (HH:MM:SS) in DEPLOY_TZ.
+task ``nt`` (n1..n3) appears, and a new task ``nd`` (d1) runs after ``hb``. Both run
+tests.sample_tasks.record (which logs each execution with its node), once a day at
+DEPLOY_AT (HH:MM:SS) in DEPLOY_TZ.
 """
 
 import os
