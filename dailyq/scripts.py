@@ -443,6 +443,12 @@ if not record then
   redis.call('HDEL', running_key, run_id)
   return 'gone'  -- its record expired with its day: no run left to requeue or to show
 end
+if record.state ~= '{RUNNING}' then
+  -- a stale entry (the run finished, failed or was requeued meanwhile): nothing executes
+  -- it, and requeueing it would leave a job that BEGIN skips and a record stuck queued
+  redis.call('HDEL', running_key, run_id)
+  return 'gone'
+end
 local lost = 'executing process lost on node ' .. tostring(record.node) ..
   ' (node died, killed, or cut off from Redis); '
 local attempts = run_attempts(record)

@@ -530,6 +530,18 @@ def test_take_if_abandoned_without_a_record_forgets_the_run(scripts, connection,
     assert connection.hget(keys.running, "r1") is None
 
 
+def test_take_if_abandoned_forgets_a_stale_entry_of_a_run_not_running(scripts, connection, keys) -> None:
+    """A running entry whose record finished (or failed, or was requeued) is stale: dropped,
+    not requeued -- a new job would be skipped by BEGIN and leave the record queued."""
+    record = json.loads(base_json("r1"))
+    record["state"] = "finished"
+    connection.hset(runs_key(keys), "r1", json.dumps(record))
+    connection.hset(keys.running, "r1", DAY)
+    assert take(scripts, keys, 3) == "gone"
+    assert connection.hget(keys.running, "r1") is None
+    assert stored(connection, keys, "r1")["state"] == "finished"
+
+
 def requeue_stranded(scripts: Scripts, keys: Keys, prefix: str, job_id: str = "r1") -> bool:
     return scripts.requeue_stranded(intermediate_queue_key=f"{prefix}:intermediate", queue_key=f"{prefix}:queue",
                                     runs_key=runs_key(keys), job_id=job_id, run_id="r1").run()
