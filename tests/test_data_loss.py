@@ -17,7 +17,7 @@ from redis import Redis
 from dailyq.alert_events import PAYLOAD_KEYS
 from dailyq.commands import pause
 from dailyq.data_lost_alert import DataLostAlerts
-from dailyq.generation import GenerationWatch, parse_generation, read_data_loss
+from dailyq.generation import GenerationWatch, NodeMemory, parse_generation, read_data_loss
 from dailyq.redis_server import PrivateRedis
 from dailyq.render import render_table
 from dailyq.scheduler import DailyScheduler
@@ -108,6 +108,21 @@ def test_a_mark_written_by_a_process_started_after_the_loss_is_completed_by_one_
     lost = running.check()
     assert lost is not None and lost.token == fresh.seen.token  # type: ignore[union-attr]
     assert read_data_loss(connection, keys)["node"] == "node-a"  # type: ignore[index]
+
+
+def test_written_back_cursors_are_only_raised_and_pauses_only_added(own):
+    settings, connection = own
+    keys = settings.keys
+    connection.hset(keys.cursor, mapping={"t": "2026-11-26T09:00:00+00:00", "u": "2026-11-26T08:00:00+00:00"})
+    connection.hset(keys.paused, "t", json.dumps({"since": "2026-11-26T09:30:00+00:00", "by": "node-now"}))
+    memory = NodeMemory(connection, keys)
+    memory.paused = {"t": json.dumps({"since": "old", "by": "node-old"}),
+                     "v": json.dumps({"since": "2026-11-26T07:00:00+00:00", "by": "node-old"})}
+    memory.cursors = {"t": "2026-11-26T08:30:00+00:00", "u": "2026-11-26T08:00:00.500000+00:00"}
+    cursors, restored = memory.restore({"w": at(6, 0)})
+    assert cursors == {"t": at(9, 0), "u": datetime(2026, 11, 26, 8, 0, 0, 500000, tzinfo=UTC), "w": at(6, 0)}
+    assert restored == ["v"]  # t's pause in force since the loss stays as it is
+    assert json.loads(connection.hget(keys.paused, "t"))["by"] == "node-now"  # type: ignore[arg-type]
 
 
 def test_a_leader_fires_nothing_again_after_a_flush_and_keeps_the_pause(own):
