@@ -239,7 +239,7 @@ def test_d_a_redis_restarted_empty_mid_day_is_told_and_fires_nothing_again(own_r
             return sum(json.loads(v)["state"] == "finished" for v in data.hvals(f"{prefix}:day:{day}:runs"))
 
         wait_for(lambda: finished() == 2, timeout=40, what="the slot's two runs to finish")
-        time.sleep(6)  # every scheduler's beat (5 s) has read the cursors and the pause since
+        time.sleep(7)  # every scheduler's beat (every 5 s) has read the cursors and the pause since
         assert [e["param"] for e in executions(logs, prefix) if e["event"] == "start"].count("L0") == 1
 
         own_redis.restart()  # the same port, empty: every client reconnects
