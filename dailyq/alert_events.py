@@ -32,7 +32,7 @@ from .timestamps import iso, parse_iso
 
 RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER = "run_failed", "day_late", "slot_missed", "no_leader"
 TABLES_DIFFER = "tables_differ"
-EVENTS = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER, TABLES_DIFFER)
+EVENTS: tuple[str, ...] = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER, TABLES_DIFFER)
 # The payload's keys: a public contract (receivers parse them), exactly these. Added to
 # at the end, never renamed: ``tables`` (null but for tables_differ) came with it.
 PAYLOAD_KEYS = ("event", "task", "param", "day", "run_id", "node", "error", "at", "text", "tables")
@@ -278,3 +278,33 @@ def watched_days(table: TaskTable, now: datetime) -> dict[date, list[Task]]:
 def encode_payload(payload: Mapping[str, Any]) -> str:
     """The body POSTed: the keys in their documented order, non-ASCII as is."""
     return json.dumps({key: payload.get(key) for key in PAYLOAD_KEYS}, ensure_ascii=False)
+
+
+# -- redis_data_lost -------------------------------------------------------------------
+
+REDIS_DATA_LOST = "redis_data_lost"
+# Appended here rather than in the tuple above: each event's section adds its own.
+EVENTS = EVENTS + (REDIS_DATA_LOST,)
+
+
+
+def loss_text(view: Mapping[str, Any]) -> str:
+    """One line for people about a loss of Redis's data (``view``: status's
+    ``redis_data_lost``): the alert's text, ``status``'s line and the log's."""
+    seen = f", last seen before that at {view['last_seen']}" if view.get("last_seen") else ""
+    return (f"Redis lost dailyq's data: noticed at {view['since']} by {view.get('node') or 'a node'} "
+            f"(generation {view['previous']} gone{seen}; now {view['generation']}); runs recorded, queued or "
+            f"paused before then may be gone, and finished runs are not known as finished: rerun deliberately "
+            f"(scheduler.py trigger/rerun), see README 'When Redis loses its data'")
+
+
+def redis_data_lost_alert(view: Mapping[str, Any]) -> Alert:
+    """The mark of Redis's data changed (generation.py): ``view`` is status's
+    ``redis_data_lost`` (since, generation, previous, node, last_seen). Its id names the
+    new generation: one alert per loss, whichever leader sends it. Sent directly, not
+    through the outbox, which the loss emptied (data_lost_alert.py)."""
+    since = parse_iso(view["since"])
+    assert since is not None  # the view exists only for a mark with lost_since_ms
+    return Alert(f"{REDIS_DATA_LOST}:{view['generation']}", since.date(),
+                 _payload(REDIS_DATA_LOST, f"dailyq: {loss_text(view)}", since, day=since.date(),
+                          node=view.get("node")))

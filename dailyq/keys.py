@@ -220,3 +220,18 @@ class Keys:
         """Sorted set worker process (``beats.worker_member``) -> Redis time (s) until which
         its last heartbeat promises it is alive: counts a node's workers without a SCAN."""
         return f"{self.prefix}:workers:{node}"
+
+    @property
+    def generation(self) -> str:
+        """String JSON, never expires: dailyq's mark in this Redis (generation.py). ``token``
+        and ``created_ms`` (Redis clock) of the first process that found none; after a loss
+        also ``previous`` (the token the noticing process remembered), ``lost_since_ms``,
+        ``noticed_by`` and ``last_seen_ms``: what ``status`` shows as ``redis_data_lost``."""
+        return f"{self.prefix}:generation"
+
+    @property
+    def generation_alert(self) -> str:
+        """String JSON {generation, state, owner}: the ``redis_data_lost`` alert of one
+        generation, claimed (``sending``, with a PX) by the one leader POSTing it, then
+        ``delivered``, ``refused`` or ``given-up`` for good (data_lost_alert.py)."""
+        return f"{self.prefix}:generation:alert"

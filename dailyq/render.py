@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+from .alert_events import loss_text
 from .offsets import OFFSET_WARN_S, format_offset
 from .runs import STATES
 from .table_skew import difference_text
@@ -68,7 +69,14 @@ def render_table(status: dict[str, Any], colour: bool = False) -> str:
     leader_line = f"leader: {one_line(str(leader['node']))} (since {leader.get('since')})" if leader else "leader: none"
     counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
     return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}",
-                      *render_paused(status), *render_tables(status, colour), *render_nodes(status, colour)])
+                      *render_paused(status), *render_tables(status, colour), *render_nodes(status, colour),
+                      *render_data_loss(status)])
+
+
+def render_data_loss(status: dict[str, Any]) -> list[str]:
+    """One line when Redis lost dailyq's data (status's ``redis_data_lost``), else none."""
+    view = status.get("redis_data_lost")
+    return [f"warning: {loss_text(view)}"] if view else []
 
 
 def render_paused(status: dict[str, Any]) -> list[str]:

@@ -36,16 +36,20 @@ from redis.exceptions import RedisError
 
 from .beats import OFFSET_WARN_S, beat_value, describe_offset, forget_silent_nodes, format_offset, register_node
 from .clock import Clock, RedisClock, iso
+from .data_lost_alert import GIVE_UP_S as DATA_LOST_ALERT_S
+from .data_lost_alert import DataLostAlerts
 from .dependencies import WaitingRuns
 from .deploys import LeftJobs
 from .errors import LeaseLost
 from .fanout import fan_out, note_day_slot
 from .fingerprint import table_fingerprint, task_digest
+from .generation import Generation, GenerationWatch, NodeMemory, data_loss_view
 from .lease import Lease
 from .limits import SlotSweep
 from .params_book import next_retry_at, retried, retry_due, slot_runs
 from .pause import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
+from .redis_values import as_text
 from .retries import DueRetries
 from .rq_seam import DelayedJobs, make_queue
 from .runs import DaySlots, Run, runs_of_slot
@@ -144,6 +148,11 @@ class DailyScheduler:
         # Called at the end of every tick, leader or not (alerts.py's leadership record).
         # A hook must not raise, nor take long: it runs inside the tick.
         self.tick_hooks: list[Callable[[DailyScheduler], None]] = []
+        # Redis's data lost (generation.py): the mark this process saw, the paused tasks
+        # and cursors it last read, and the leader's direct alert (data_lost_alert.py).
+        self.generation = GenerationWatch(connection, keys, settings.node_name, "scheduler")
+        self.memory = NodeMemory(connection, keys)
+        self.data_lost = DataLostAlerts(connection, settings)
 
     # -- leadership ------------------------------------------------------------------
 
@@ -179,6 +188,9 @@ class DailyScheduler:
     # -- firing slots ----------------------------------------------------------------
 
     def _load_cursors(self) -> None:
+        # What this process knew stays known: if Redis lost the cursors, the loss is
+        # noticed (at the first due slot, or the next beat) and these are written back.
+        self.memory.remember_cursors(self._cursors)
         # The client does not decode replies (no decode_responses): keys and values are bytes.
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.keys.cursor)
@@ -196,15 +208,20 @@ class DailyScheduler:
 
     def refire_changed_tasks(self, now: datetime) -> int:
         """At the start of a term: fan out again, for each task whose definition differs
-        from the one of the leader that last fired it (``keys.fired``), its slots within
+        from the one of the leader that last fired it (``keys.fired``; a task with no digest
+        stored is left alone), its slots within
         the misfire grace that are at or before its cursor (fired already). fan_out is
         idempotent per job id, so only the runs this table has and the day lacks are
         added: new params of a slot an old leader fired during a rolling deploy. Then
         the task's digest is ours. A task never fired (no cursor) needs none of this: its
         slots within the grace fire as usual. Computed params are settled once per slot
         (params_book.py), so a computed task's slots add nothing: left as they are."""
+        # Only a digest stored and different: none stored (a first term of this version, or
+        # Redis lost its data, generation.py) says nothing about the table that fired, and
+        # fanning the slots out again then could run a day whose enqueued set is gone.
         changed = [task for task in self.table.tasks
-                   if self._fired_digests.get(task.name) != self._digests[task.name] and task.name in self._cursors]
+                   if self._fired_digests.get(task.name) not in (None, self._digests[task.name])
+                   and task.name in self._cursors]
         if not changed:
             return 0
         fired: list[tuple[Task, list[Run]]] = []
@@ -256,7 +273,10 @@ class DailyScheduler:
         due = [(task, slots) for task in self.table.tasks
                if (slots := task.schedule.slots_between(self._window_start(task, now), now))]
         # Read only when some slot is due: an idle leader's tick asks nothing about pauses.
-        paused = paused_names(self.connection, self.keys) if due else set()
+        paused, lost = self._paused_checked() if due else (set(), False)
+        if lost:  # cursors written back after a loss: due is only what fires after them
+            due = [(task, slots) for task, _ in due
+                   if (slots := task.schedule.slots_between(self._window_start(task, now), now))]
         # Every slot due now in one fan-out: the queue's order is then decided over all of
         # them (longest first, a limited task's backlog first; fanout.longest_first), not
         # task by task in table order.
@@ -368,9 +388,58 @@ class DailyScheduler:
                      ex=int(3 * HEARTBEAT_EVERY_S))
             register_node(pipe, self.keys, node, now)
             forget_silent_nodes(pipe, self.keys, now, self.settings.retention_s)
-            kept, *_ = pipe.execute()
+            reads = self.memory.queue_reads(pipe, cursors=not self.is_leader)
+            self.generation.queue_read(pipe)  # last: a loss before it is seen in it (generation.py)
+            kept, *replies = pipe.execute()
+        self._note_generation(replies[-1], replies[-1 - reads:-1])
         # The description's key was gone (Redis lost it): published again at the next beat.
         self._table_published = bool(kept)
+
+    # -- Redis's data lost (generation.py) ----------------------------------------------
+
+    def _paused_checked(self) -> tuple[set[str], bool]:
+        """The paused tasks, read with the generation mark in one round trip, so that no
+        slot is fanned out by a leader that has not seen Redis keep its data; and whether
+        this read found a loss (cursors and pauses were then written back)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hkeys(self.keys.paused)
+            self.generation.queue_read(pipe)
+            names, raw = pipe.execute()
+        lost = self.generation.observe(raw, self.redis_clock.estimate())
+        if lost is None:
+            self._alert_loss_if_leader()
+            return {as_text(name) for name in names}, False
+        self._after_loss(lost)
+        return paused_names(self.connection, self.keys), True
+
+    def _note_generation(self, raw: bytes | None, reads: list[object]) -> None:
+        lost = self.generation.observe(raw, self.redis_clock.estimate())
+        if lost is None:
+            self.memory.take(reads)  # same generation: what Redis holds now is what to remember
+            self._alert_loss_if_leader()
+        else:
+            self._after_loss(lost)  # the reads came from the emptied Redis: keep what we knew
+
+    def _after_loss(self, lost: Generation) -> None:
+        """Write back the cursors (the leader's own, else the last read) and the pauses
+        this process remembers; go on from the highest cursors any node wrote back."""
+        self._cursors, restored = self.memory.restore(self._cursors)
+        log.warning("scheduler on node %s wrote back after the loss: cursors of %s; pauses of %s",
+                    self.settings.node_name, ", ".join(sorted(self._cursors)) or "no task",
+                    ", ".join(restored) or "no task")
+        self._alert_loss_if_leader()
+
+    def _alert_loss_if_leader(self) -> None:
+        """The leader sends ``redis_data_lost`` for a mark written after a loss, once
+        (data_lost_alert.py dedups across leaders), while the loss is under an hour old."""
+        seen = self.generation.seen
+        if not self.is_leader or seen is None or seen.lost_since_ms is None:
+            return
+        if self.redis_clock.estimate().timestamp() * 1000 - seen.lost_since_ms > DATA_LOST_ALERT_S * 1000:
+            return
+        view = data_loss_view(seen)
+        if view is not None:
+            self.data_lost.raise_for(view)
 
     def _note_offset(self, offset_s: float | None) -> None:
         """Log once when this host's clock goes more than OFFSET_WARN_S off Redis's, and
@@ -434,6 +503,7 @@ class DailyScheduler:
                 self._stop.wait(wait_s)
         finally:
             self.remove_lock()
+            self.data_lost.stop()
             try:
                 self.delayed.register_death()
             except RedisError:

@@ -1196,6 +1196,98 @@ def _parse_params_store(reply: Any) -> tuple[bool, str]:
     return bool(int(reply[0])), _text(reply[1])
 
 
+# -- the generation mark and what a node remembers past a loss (generation.py) -----------
+
+GENERATION_ENSURE = _lua("""
+-- dailyq's mark in this Redis: read it, and write it where it is gone or not ours.
+-- KEYS[1] = generation key
+-- ARGV[1] = a fresh token, ARGV[2] = the token this process remembers ('' at its start),
+-- ARGV[3] = this node, ARGV[4] = when this process last saw its token (ms, Redis clock; '')
+-- Returns the mark in force afterwards (JSON). Check and set in one script, so that of
+-- two processes noticing a loss at once one writes the new mark and both adopt it.
+local key = KEYS[1]
+local token, remembered, node, last_seen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local raw = redis.call('GET', key)
+local entry = nil
+if raw then
+  local ok, decoded = pcall(cjson.decode, raw)
+  if ok and type(decoded) == 'table' and type(decoded.token) == 'string' then
+    entry = decoded
+  end
+end
+-- Ours, or a process with nothing to compare found one, or the loss was noted already.
+if entry and (remembered == '' or entry.token == remembered or entry.lost_since_ms) then
+  return raw
+end
+local now = redis_now_ms()
+if not entry then
+  entry = {token = token, created_ms = now}
+end
+if remembered ~= '' then
+  -- A mark gone, unreadable, or made by a process that started after the loss (it had
+  -- nothing to compare): this process is the first to know what was lost.
+  entry.previous = remembered
+  entry.lost_since_ms = now
+  entry.noticed_by = node
+  if last_seen ~= '' then
+    entry.last_seen_ms = tonumber(last_seen)
+  end
+end
+raw = cjson.encode(entry)
+redis.call('SET', key, raw)
+return raw
+""", NOW_LUA)
+
+RESTORE_MEMORY = _lua("""
+-- After a loss of Redis's data: writes back what one process remembers.
+-- KEYS[1] = cursor hash, KEYS[2] = paused hash
+-- ARGV[1] = n, then n pairs (task, ISO cursor), then pairs (task, pause JSON)
+-- A cursor is raised, never lowered: each is an aware UTC time written by isoformat(),
+-- so string order is time order, and of several nodes writing back the latest wins.
+-- A pause is added only where none is (HSETNX): a pause or resume since the loss stays.
+-- Returns {the cursor hash afterwards (flat pairs), the tasks whose pause was written}.
+local cursor_key, paused_key = KEYS[1], KEYS[2]
+local n = tonumber(ARGV[1])
+for i = 0, n - 1 do
+  local task, cursor = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local stored = redis.call('HGET', cursor_key, task)
+  if not stored or stored < cursor then
+    redis.call('HSET', cursor_key, task, cursor)
+  end
+end
+local restored = {}
+for i = 2 + 2 * n, #ARGV - 1, 2 do
+  if redis.call('HSETNX', paused_key, ARGV[i], ARGV[i + 1]) == 1 then
+    restored[#restored + 1] = ARGV[i]
+  end
+end
+return {redis.call('HGETALL', cursor_key), restored}
+""")
+
+DATA_LOST_ALERT_CLAIM = _lua("""
+-- The redis_data_lost alert of one generation: one leader POSTs it at a time.
+-- KEYS[1] = the alert's key
+-- ARGV[1] = generation token, ARGV[2] = sender (owner), ARGV[3] = claim (ms)
+-- Returns 'claimed' (ours to send now), 'held' (another sender's claim holds), or the
+-- state it ended in for good: 'delivered', 'refused' or 'given-up'.
+local key, generation, owner, claim_ms = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local raw = redis.call('GET', key)
+if raw then
+  local ok, entry = pcall(cjson.decode, raw)
+  if ok and type(entry) == 'table' and entry.generation == generation then
+    if entry.state ~= 'sending' then
+      return entry.state
+    end
+    if entry.owner ~= owner then
+      return 'held'
+    end
+  end
+end
+redis.call('SET', key, cjson.encode({generation = generation, state = 'sending', owner = owner}), 'PX', claim_ms)
+return 'claimed'
+""")
+
+
 # -- calls --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -1270,6 +1362,9 @@ class Scripts:
         self._doctor_park = register(DOCTOR_PARK)
         self._doctor_list_running = register(DOCTOR_LIST_RUNNING)
         self._doctor_drop_entry = register(DOCTOR_DROP_ENTRY)
+        self._generation_ensure = register(GENERATION_ENSURE)
+        self._restore_memory = register(RESTORE_MEMORY)
+        self._data_lost_alert_claim = register(DATA_LOST_ALERT_CLAIM)
 
     # -- owner-token leases (lease.py) --
 
@@ -1524,6 +1619,34 @@ class Scripts:
         id -> first seen ms) for ``differences``."""
         return ScriptCall(self._table_skew_sync, [skew_key, lease_key], [owner, ttl_s, *differences],
                           _parse_table_skew)
+
+
+    # -- the generation mark (generation.py, data_lost_alert.py) --
+
+    def generation_ensure(self, *, generation_key: str, token: str, remembered: str | None, node: str,
+                          last_seen_ms: int | None) -> ScriptCall[str]:
+        """The mark in force afterwards (its JSON)."""
+        return ScriptCall(self._generation_ensure, [generation_key],
+                          [token, remembered or "", node, "" if last_seen_ms is None else last_seen_ms], _text)
+
+    def restore_memory(self, *, cursor_key: str, paused_key: str, cursors: Sequence[tuple[str, str]],
+                       paused: Sequence[tuple[str, str]]) -> ScriptCall[tuple[dict[str, str], list[str]]]:
+        """(the cursor hash afterwards, the tasks whose pause was written back)."""
+        args: list[Any] = [len(cursors)]
+        for task, cursor in cursors:
+            args += [task, cursor]
+        for task, entry in paused:
+            args += [task, entry]
+
+        def parse(reply: Any) -> tuple[dict[str, str], list[str]]:
+            flat = _texts(reply[0])
+            return dict(zip(flat[::2], flat[1::2])), _texts(reply[1])
+
+        return ScriptCall(self._restore_memory, [cursor_key, paused_key], args, parse)
+
+    def data_lost_alert_claim(self, *, alert_key: str, generation: str, owner: str,
+                              claim_ms: int) -> ScriptCall[str]:
+        return ScriptCall(self._data_lost_alert_claim, [alert_key], [generation, owner, claim_ms], _text)
 
 
 # One Scripts per connection object, dropped with it. A cache, not shared state: building

@@ -10,6 +10,8 @@ run there); ``clock_warnings`` names those more than 2 s off.
 a paused task shows ``paused``; a run held back by a limit of its task stays ``queued``.
 ``tables`` says which live process runs which task table and what differs from the
 leader's (table_skew.py's view, read by table_watch.read_tables).
+``redis_data_lost`` is ``{"since", "generation", "previous", "node", "last_seen"}`` when
+the mark of Redis's data was written after a loss (generation.py), else null.
 The ``--json`` shape is a public contract: keys are added, never renamed.
 
 This module reads Redis; the text table made from its dict is render.py's (pure).
@@ -26,6 +28,7 @@ from redis import Redis
 from .beats import clock_warnings, live_processes
 from .clock import iso
 from .fingerprint import describe, fingerprint
+from .generation import read_data_loss
 from .keys import Keys
 from .params_book import ParamsBook
 from .pause import paused_tasks
@@ -60,8 +63,12 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
     leader_node = leader.get("node") if leader else None
     tables = read_tables(connection, keys, nodes, leader_node=None if leader_node is None else str(leader_node),
                          own_table=fingerprint(description), own_description=description)
-    return {"date": day.isoformat(), "leader": leader, "runs": runs, "generated_at": iso(now), "nodes": nodes,
-            "clock_warnings": clock_warnings(nodes), "paused": paused, "tables": tables}
+    status = {"date": day.isoformat(), "leader": leader, "runs": runs, "generated_at": iso(now), "nodes": nodes,
+              "clock_warnings": clock_warnings(nodes), "paused": paused, "tables": tables}
+    # Since when Redis has lost dailyq's data, or None (generation.py): the records shown
+    # may lack runs that did run before then.
+    status["redis_data_lost"] = read_data_loss(connection, keys)
+    return status
 
 
 def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,

@@ -36,6 +36,7 @@ from .dependencies import downstream_of, release_ready
 from .deploys import Leaver
 from .errors import DailyqError
 from .fingerprint import table_fingerprint
+from .generation import GenerationWatch
 from .guard import CLAIM_LOST_EXIT_CODE, Guard
 from .limits import Admissions
 from .outage import OutageLog, through_outage
@@ -75,6 +76,9 @@ class WorkerContext:
     # A forking worker's runs execute in work-horses, which stop a run that lost its
     # claim by ending themselves; a non-forking worker interrupts the task instead.
     stop_by_exit: bool = False
+    # The mark of Redis's data this process saw (generation.py). Given by the worker's
+    # supervisor, so that it outlives each RQ worker it starts after an outage.
+    generation: GenerationWatch | None = None
     # One Guard per worker, built with the worker, before its first fork, so that every
     # work-horse inherits it instead of building its own per run. Its ClaimKeeper
     # starts its threads in whichever process holds claims (see ClaimKeeper).
@@ -112,6 +116,23 @@ class WorkerContext:
             publish_table(self.connection, s.keys, self.table)
         except RedisError as exc:  # the scheduler on this node publishes it too, at its beats
             log.warning("could not publish this worker's task table description (%s)", exc)
+        if self.generation is None:
+            self.generation = GenerationWatch(self.connection, s.keys, s.node_name, "worker")
+        self._saw_generation(None, read=True)
+
+    def _saw_generation(self, raw: bytes | None, read: bool = False) -> None:
+        """One read of the mark (``read``: make it now): a loss is logged once by the watch.
+        Never raises: it runs inside RQ's heartbeat, and a worker only tells of a loss."""
+        assert self.generation is not None
+        try:
+            if read:
+                self.generation.check(self.clock.estimate())
+            else:
+                self.generation.observe(raw, self.clock.estimate())
+        except RedisError as exc:
+            log.warning("could not read dailyq's mark in Redis (%s); looking again at the next beat", exc)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("reading dailyq's mark in Redis failed; looking again at the next beat")
 
     def upstream_ended(self, run: RunJob) -> None:
         """A run was recorded finished or failed: release (or block) the runs of its
@@ -260,7 +281,15 @@ class WorkerContext:
         register_worker(target, settings.keys, settings.node_name, worker_member(worker_pid), now,
                         int(promise_s) + HEARTBEAT_MARGIN_S)
         if pipeline is None:
-            target.execute()
+            # The mark read in this beat's round trip (generation.py): in the beats on our own
+            # pipeline, which include every beat of an idle worker and the first after an
+            # outage (RQ's dequeue loop beats without one); never in a work-horse.
+            watch = self.generation if worker_pid == os.getpid() else None
+            if watch is not None:
+                watch.queue_read(target)
+            replies = target.execute()
+            if watch is not None:
+                self._saw_generation(replies[-1])
 
 
 class _DailyWorkerMixin(GuardedWorker):
@@ -271,12 +300,13 @@ class _DailyWorkerMixin(GuardedWorker):
     stops_by_exit = False
 
     def __init__(self, queues: Sequence[str | Queue] | str | Queue | None = None, *,
-                 settings: Settings | None = None, table: TaskTable | None = None, **kwargs: Any) -> None:
+                 settings: Settings | None = None, table: TaskTable | None = None,
+                 generation: GenerationWatch | None = None, **kwargs: Any) -> None:
         settings = settings or Settings.from_env()
         table = table or load_table(settings.tasks_module)
         connection = kwargs.pop("connection", None) or _connection_of(queues) or connect(settings)
         # The guard is built now, before any fork (see WorkerContext).
-        context = WorkerContext(settings, table, connection, stop_by_exit=self.stops_by_exit)
+        context = WorkerContext(settings, table, connection, stop_by_exit=self.stops_by_exit, generation=generation)
         super().__init__(queues, hooks=context, default_queue=settings.keys.queue_name,
                          connection=connection, **kwargs)
 

@@ -17,6 +17,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from .beats import forget_worker, worker_member
+from .generation import GenerationWatch
 from .outage import OutageLog, wait_for_redis
 from .settings import Settings
 from .table import TaskTable
@@ -32,9 +33,12 @@ def supervise_worker(connection: Redis, settings: Settings, table: TaskTable, *,
     empty); return the process's exit code."""
     worker_class = DailySimpleWorker if simple else DailyWorker
     generation = 0
+    # One for the process: a loss of Redis's data is noticed (and logged once) across the
+    # RQ workers started after an outage (generation.py).
+    watch = GenerationWatch(connection, settings.keys, settings.node_name, "worker")
     while True:
         worker = worker_class(settings=settings, table=table, connection=connection,
-                              name=worker_name(settings.node_name, generation))
+                              name=worker_name(settings.node_name, generation), generation=watch)
         # with_scheduler: RQ's own scheduler moves retries-with-backoff back to the queue.
         worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
         # SIGTERM/SIGINT asked it to stop (rq_seam.GuardedWorker.handle_warm_shutdown_request).

@@ -3,7 +3,7 @@ environment variables so that separate node processes share it:
 
 * ``limited``: LIMIT_PARAMS runs (L0, L1, ...), LIMIT_MAX_RUNNING / LIMIT_MAX_PER_NODE
   (unset: no limit), slot LIMIT_AT in LIMIT_TZ with misfire grace LIMIT_GRACE_S;
-* ``other``: OTHER_PARAMS runs (O0, ...), no limits, slot OTHER_AT.
+* ``other``: OTHER_PARAMS runs (O0, ...), no limits, slot OTHER_AT in OTHER_TZ (default UTC).
 
 Both run tests.sample_tasks.record (SAMPLE_SLEEP_S long), which logs each execution's
 start and end with its node and pid. The default slots are 12 h from import time in
@@ -33,5 +33,5 @@ TASKS = [
          max_running=_limit("LIMIT_MAX_RUNNING"), max_per_node=_limit("LIMIT_MAX_PER_NODE")),
     Task(name="other", func="tests.sample_tasks.record",
          params=[f"O{i}" for i in range(int(os.environ.get("OTHER_PARAMS", "6")))],
-         at=os.environ.get("OTHER_AT") or _QUIET, retries=0, timeout_s=120),
+         at=os.environ.get("OTHER_AT") or _QUIET, tz=os.environ.get("OTHER_TZ", "UTC"), retries=0, timeout_s=120),
 ]
