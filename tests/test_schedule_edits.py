@@ -220,6 +220,20 @@ def test_a_new_leader_adds_new_params_and_new_tasks_within_the_grace(connection,
     assert len(queued_job_ids(connection, settings)) == 6
 
 
+def test_a_leader_with_no_digest_stored_fans_nothing_out_again(connection, settings):
+    """No ``fired`` digest (Redis lost its data and a node wrote its cursors back, or a
+    first term of this version): nothing tells that another table fired the slots, and
+    fanning them out again would run the day again once the enqueued set is gone too."""
+    table = TaskTable([task("hb", params=["p1", "p2"], at="03:00")])
+    first, _ = leader(connection, settings, table, at(3, 0, 1))
+    first.run_once()
+    assert len(queued_job_ids(connection, settings)) == 2
+    connection.delete(settings.keys.fired, settings.keys.day_enqueued(DAY), settings.keys.day_runs(DAY))
+    second, _ = leader(connection, settings, table, at(3, 10))
+    second.run_once()
+    assert len(queued_job_ids(connection, settings)) == 2 and not enqueued(connection, settings)
+
+
 def test_past_the_grace_a_new_leader_adds_nothing(connection, settings):
     v1 = TaskTable([task("hb", params=["p1", "p2", "p3"], at="03:00")])
     v2 = TaskTable([task("hb", params=["p1", "p2", "p3", "p4", "p5"], at="03:00"),
