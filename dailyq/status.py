@@ -10,6 +10,10 @@ run there); ``clock_warnings`` names those more than 2 s off.
 a paused task shows ``paused``; a run held back by a limit of its task stays ``queued``.
 ``tables`` says which live process runs which task table and what differs from the
 leader's (table_skew.py's view, read by table_watch.read_tables).
+``redis`` is Redis's memory (redis_memory.redis_view: ``used_memory``, ``maxmemory``,
+``full``...); while Redis refuses writes, a run of a slot whose fan-out it refused shows
+``scheduled``, not ``missed``: the leader fans it out once writes work again, and
+``late_slots`` lists those fanned out late for that reason.
 The ``--json`` shape is a public contract: keys are added, never renamed.
 
 This module reads Redis; the text table made from its dict is render.py's (pure).
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import json
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, Collection
 
 from redis import Redis
 
@@ -29,6 +33,7 @@ from .fingerprint import describe, fingerprint
 from .keys import Keys
 from .params_book import ParamsBook
 from .pause import paused_tasks
+from .redis_memory import redis_view
 from .redis_values import as_text
 from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, RunRecord, decode_record, runs_on
 from .table import TaskTable
@@ -53,7 +58,9 @@ def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
 
 def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> dict[str, Any]:
     paused = paused_tasks(connection, keys)
-    runs = day_runs(connection, keys, table, day, now, paused)
+    redis = redis_view(connection, keys)
+    refused = {(entry["task"], entry["slot"]) for entry in redis["refused_slots"]}
+    runs = day_runs(connection, keys, table, day, now, paused, refused=refused)
     nodes = live_processes(connection, keys, now)
     leader = leader_info(connection, keys)
     description = describe(table)
@@ -61,11 +68,27 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
     tables = read_tables(connection, keys, nodes, leader_node=None if leader_node is None else str(leader_node),
                          own_table=fingerprint(description), own_description=description)
     return {"date": day.isoformat(), "leader": leader, "runs": runs, "generated_at": iso(now), "nodes": nodes,
-            "clock_warnings": clock_warnings(nodes), "paused": paused, "tables": tables}
+            "clock_warnings": clock_warnings(nodes), "paused": paused, "tables": tables, "redis": redis,
+            "late_slots": late_slots(connection, keys, day)}
+
+
+def late_slots(connection: Redis, keys: Keys, day: date) -> list[dict[str, Any]]:
+    """The day's slots fanned out late because Redis had refused their fan-out (memory
+    full), in slot order: ``{task, slot, due_at, refused_since, fanned_out_at, past_grace, why}``."""
+    found = []
+    for raw in connection.hvals(keys.day_late(day)):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            found.append(entry)
+    return sorted(found, key=lambda entry: str(entry.get("due_at")))
 
 
 def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,
-             paused: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+             paused: dict[str, Any] | None = None,
+             refused: Collection[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """Every run of ``day`` as ``status --json`` shows it, in firing order.
 
     A computed task's runs are those of the list stored for the slot (params_book.py);
@@ -80,7 +103,9 @@ def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: da
     for run in runs_on(table, day, book=book):
         record = records.pop(run.run_id, None)
         if record is None:
-            overdue = now - run.slot.fires_at > timedelta(seconds=run.task.misfire_grace_s)
+            # (A slot whose fan-out Redis refused, ``refused`` (task, slot ISO), is still to come.)
+            overdue = (now - run.slot.fires_at > timedelta(seconds=run.task.misfire_grace_s)
+                       and (run.task.name, run.slot.isoformat()) not in refused)
             record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
             record["param"] = run.param
         shown.append((run.slot.fires_at, _public(run.run_id, record)))

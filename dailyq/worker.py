@@ -21,7 +21,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from redis import Redis
 from redis.client import Pipeline
@@ -39,8 +39,9 @@ from .fingerprint import keep_published, table_fingerprint
 from .fingerprint import publish as publish_table
 from .guard import CLAIM_LOST_EXIT_CODE, Guard
 from .limits import Admissions
-from .outage import OutageLog, through_outage
+from .outage import MEMORY, OutageLog, through_outage
 from .pause import PausedCache
+from .redis_memory import describer, wait_for_writes
 from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
 from .runs import META_KEY, RunJob, StaleJob
 from .settings import Settings
@@ -111,6 +112,18 @@ class WorkerContext:
             publish_table(self.connection, s.keys, self.table)
         except RedisError as exc:  # the scheduler on this node publishes it too, at its beats
             log.warning("could not publish this worker's task table description (%s)", exc)
+        try:
+            # Before any fork: the work-horses inherit the answer (scripts.Scripts.flags_supported).
+            self.guard.scripts.flags_supported()
+        except RedisError:
+            pass  # asked again at the first script that needs it
+
+    def wait_for_writes(self, what: str, stopping: Callable[[], bool]) -> bool:
+        MEMORY.refused(what)
+        if not wait_for_writes(self.connection, self.settings.keys, stopping):
+            return False
+        MEMORY.accepted()
+        return True
 
     def upstream_ended(self, run: RunJob) -> None:
         """A run was recorded finished or failed: release (or block) the runs of its
@@ -276,6 +289,7 @@ class _DailyWorkerMixin(GuardedWorker):
         connection = kwargs.pop("connection", None) or _connection_of(queues) or connect(settings)
         # The guard is built now, before any fork (see WorkerContext).
         context = WorkerContext(settings, table, connection, stop_by_exit=self.stops_by_exit)
+        MEMORY.name(f"worker on node {settings.node_name} (pid {os.getpid()})", describer(connection))
         super().__init__(queues, hooks=context, default_queue=settings.keys.queue_name,
                          connection=connection, **kwargs)
 
