@@ -357,7 +357,9 @@ class DailyScheduler:
         self._refusable(self.heartbeat)
         if self.acquire_lock():
             try:
-                if self._writes_work():
+                if not self._writes_work():
+                    self._hold_due_slots()
+                else:
                     self.enqueue_jobs()
                     if self._clear_mark:
                         # Only now: a leader that died before the refused slots went out left
@@ -439,6 +441,21 @@ class DailyScheduler:
         self._clear_mark = True  # by the leader, once its pass went through (run_once)
         self.memory_mark = None
         return True
+
+    def _hold_due_slots(self) -> None:
+        """While Redis refuses writes the pass is not even tried; the slots that fall due
+        meanwhile count as refused, so that they are fanned out once writes work, however
+        long that takes (reads still work: the schedule and the paused tasks)."""
+        now = self.clock()
+        due = [(task, slot) for task in self.table.tasks
+               for slot in task.schedule.slots_between(self._window_start(task, now), now)
+               if (task.name, slot.label) not in self.refused_slots]
+        if not due:
+            return
+        paused = paused_names(self.connection, self.keys)
+        self._firing = [(task, slot) for task, slot in due if task.name not in paused]
+        if self._firing:
+            self._writes_refused()
 
     def _slot_list(self) -> list[dict[str, str]]:
         return [{"task": name, "slot": slot.isoformat(), "tz": slot.zone}
