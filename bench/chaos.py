@@ -1,8 +1,10 @@
 """Chaos run: three nodes (scheduler + worker each) work through a day of runs while
 workers and the leader are SIGKILLed every few seconds, nodes are cut off from Redis
 (each node reaches Redis through its own TCP proxy, which stops forwarding), workers
-are frozen (SIGSTOP of the worker and its work-horse, then SIGCONT), and Redis is
-restarted once.
+are frozen (SIGSTOP of the worker and its work-horse, then SIGCONT), Redis is
+restarted once, and Redis runs out of memory once (maxmemory with noeviction, held past
+the claim TTL while runs execute: every process must stay up, every executing run renew
+its claim and record its end, and all go on once memory is raised).
 
     python bench/chaos.py [--runs 120] [--sleep 0.8] [--seed 7] [--kill-every 3]
 
@@ -10,8 +12,9 @@ Prints runs, finished, lost (must be 0), the longest overlap of two copies of a 
 (0 for cut-off nodes and kills; at most 2 s for a frozen worker, which stops within
 a moment of resuming), re-executions after a mid-run death, the longest recovery,
 and how many of each fault happened. A process manager is simulated: every killed
-process is started again after a second. The runs tick into a Redis the proxies do
-not cut, every 0.1 s, so an overlap is measured, not inferred.
+process is started again after a second. The runs tick into a Redis of their own, which
+the proxies do not cut and which neither restarts nor fills up, every 0.1 s, so an
+overlap is measured, not inferred.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from tests.tcp_proxy import TcpProxy  # noqa: E402
 
 PREFIX = "chaos"
 NODES = ("node-1", "node-2", "node-3")
-FAULTS = ("redis", "cut", "freeze", "leader", "worker")
+FAULTS = ("redis", "memory", "cut", "freeze", "leader", "worker")
 
 
 @dataclass
@@ -53,6 +56,9 @@ class ChaosReport:
     redis_restarts: int = 0
     cuts: int = 0
     freezes: int = 0
+    memory_fulls: int = 0
+    memory_full_s: float = 0.0
+    exits_while_full: int = 0  # processes that ended while Redis was out of memory (must be 0)
     longest_recovery_s: float = 0.0
     longest_leader_gap_s: float = 0.0
     wall_s: float = 0.0
@@ -71,7 +77,8 @@ class ChaosReport:
                 f"re-executions after a mid-run death or stop: {self.reexecutions}",
                 f"kills: {self.worker_kills} workers (with their work-horses; {self.midrun_kills} mid-run), "
                 f"{self.leader_kills} leaders; cuts: {self.cuts}; freezes: {self.freezes}; "
-                f"redis restarts: {self.redis_restarts}",
+                f"redis restarts: {self.redis_restarts}; memory full: {self.memory_fulls} "
+                f"({self.memory_full_s:.1f}s; processes that exited meanwhile: {self.exits_while_full})",
                 f"longest recovery (run killed -> restarted elsewhere): {self.longest_recovery_s:.1f}s",
                 f"longest time without a leader after a leader kill: {self.longest_leader_gap_s:.1f}s",
                 f"wall time: {self.wall_s:.1f}s", *self.notes]
@@ -84,14 +91,28 @@ def kill(pid: int) -> None:
         pass
 
 
+def fill_memory(connection: Redis, hold_s: float) -> None:
+    """Redis out of memory for ``hold_s``: maxmemory set to what it uses, then a little
+    more written past it (a script flagged allow-oom may), as a day's results would; then
+    maxmemory off again (raised) and the filler gone."""
+    connection.config_set("maxmemory", int(connection.info("memory")["used_memory"]))
+    connection.eval("#!lua flags=allow-oom\nredis.call('SET', KEYS[1], string.rep('x', 262144))", 1,
+                    f"{PREFIX}:chaos:filler")
+    time.sleep(hold_s)
+    connection.config_set("maxmemory", 0)
+    connection.delete(f"{PREFIX}:chaos:filler")
+
+
 def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s: float = 3.0,
               restart_redis: bool = True, timeout_s: float = 600.0, log_dir: Path | None = None,
-              claim_ttl_s: int = 6) -> ChaosReport:
-    """A cut or a freeze lasts claim_ttl_s + 3 s: past the claim, so the run is taken over."""
+              claim_ttl_s: int = 6, memory_full: bool = True) -> ChaosReport:
+    """A cut, a freeze or Redis out of memory lasts claim_ttl_s + 3 s: past the claim, so
+    a cut or frozen run is taken over (and one on a full Redis must not be)."""
     rng = random.Random(seed)
     log_dir = log_dir or Path("/tmp/dailyq-chaos")
     report = ChaosReport(runs=runs)
-    server = PrivateRedis(appendonly=True).start()
+    server = PrivateRedis(appendonly=True, extra_args=["--maxmemory-policy", "noeviction"]).start()
+    log_server = PrivateRedis(appendonly=False).start()  # where the runs tick: never cut, restarted or full
     proxies = {node: TcpProxy("127.0.0.1", server.port) for node in NODES}
     group = ProcessGroup()
     started = time.monotonic()
@@ -103,7 +124,7 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
         # Every run may die many times here: a generous attempt budget (deaths count).
         env = base_env(server.url, PREFIX, SAMPLE_ONLY="1", SAMPLE_PARAMS=str(runs), SAMPLE_SLEEP_S=str(sleep_s),
                        SAMPLE_AT=slot_text, SAMPLE_TZ="UTC", SAMPLE_FUNC="progress", SAMPLE_RETRIES="100",
-                       SAMPLE_LOG_URL=server.url, DAILYQ_LEASE_TTL_S="3", DAILYQ_CLAIM_TTL_S=str(claim_ttl_s))
+                       SAMPLE_LOG_URL=log_server.url, DAILYQ_LEASE_TTL_S="3", DAILYQ_CLAIM_TTL_S=str(claim_ttl_s))
         node_env = {node: dict(env, NODE_NAME=node, REDIS_URL=proxies[node].url()) for node in NODES}
         connection = Redis.from_url(server.url, socket_timeout=5)
         procs = {}
@@ -118,7 +139,8 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
         pending: list[tuple[float, str, str]] = []  # (due, action, node): restarts, heals, thaws
         faulty: set[str] = set()  # nodes cut off or frozen right now
         leader_gaps: list[float] = []
-        to_do = [f for f in FAULTS if restart_redis or f != "redis"]  # each fault at least once, first
+        # Each fault at least once, first.
+        to_do = [f for f in FAULTS if (restart_redis or f != "redis") and (memory_full or f != "memory")]
         next_fault = time.monotonic() + 6 + kill_every_s
 
         fault_log = open(log_dir / "faults.log", "a")  # noqa: SIM115 - closed below
@@ -171,6 +193,16 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
                 server.start()
                 note("redis up")
                 report.redis_restarts += 1
+                continue
+            if fault == "memory":
+                alive = [p for p in procs.values() if p.poll() is None]
+                note("memory full")
+                began = time.monotonic()
+                fill_memory(connection, fault_s)
+                note("memory raised")
+                report.memory_fulls += 1
+                report.memory_full_s += time.monotonic() - began
+                report.exits_while_full += sum(p.poll() is not None for p in alive)
                 continue
             if not healthy:
                 continue
@@ -227,7 +259,7 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
         final = states()
         report.finished = sum(s == "finished" for s in final.values())
         report.lost = runs - report.finished
-        events = executions(connection, PREFIX)
+        events = executions(Redis.from_url(log_server.url), PREFIX)
         report.longest_overlap_s = _overlaps(events, frozen_pids, cut_windows)
         report.reexecutions, report.longest_recovery_s = _reexecutions(events, kill_log)
         report.longest_leader_gap_s = max(leader_gaps, default=0.0)
@@ -240,6 +272,7 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
         for proxy in proxies.values():
             proxy.close()
         server.cleanup()
+        log_server.cleanup()
     return report
 
 
@@ -298,7 +331,8 @@ def main() -> int:
     report = run_chaos(args.runs, args.sleep, args.seed, args.kill_every, timeout_s=args.timeout,
                        claim_ttl_s=args.claim_ttl)
     print("\n".join(report.lines()))
-    ok = report.lost == 0 and report.concurrent_duplicates == 0 and report.longest_overlap_s["freeze"] <= 2.0
+    ok = (report.lost == 0 and report.concurrent_duplicates == 0 and report.longest_overlap_s["freeze"] <= 2.0
+          and report.exits_while_full == 0)
     return 0 if ok else 1
 
 

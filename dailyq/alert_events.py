@@ -1,13 +1,13 @@
 """What is worth an alert, and what it says: pure functions of run records and times.
 
-Five events (``EVENTS``); each alert is one JSON object with exactly ``PAYLOAD_KEYS``
+Six events (``EVENTS``); each alert is one JSON object with exactly ``PAYLOAD_KEYS``
 (null where a key does not apply), whose ``text`` is one human line, so a Slack- or
 Mattermost-style incoming webhook shows it as it is.
 
 Each alert has an id that names the event itself, not the moment it was seen
 (``run_failed:<run id>:<attempts>``, ``day_late:<task>:<day>``,
 ``slot_missed:<task>:<slot>``, ``no_leader:<last held ms>``,
-``tables_differ:<difference id>:<first seen ms>``): whichever leader sees
+``tables_differ:<difference id>:<first seen ms>``, ``redis_full:<first refused ms>``): whichever leader sees
 it, however often, the outbox takes it once (alert_outbox.py).
 
 No Redis and no clock here: alerts.py reads the records and the Redis server's time
@@ -32,7 +32,9 @@ from .timestamps import iso, parse_iso
 
 RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER = "run_failed", "day_late", "slot_missed", "no_leader"
 TABLES_DIFFER = "tables_differ"
-EVENTS: tuple[str, ...] = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER, TABLES_DIFFER)
+# Sent directly by the leader, not through the outbox (alerts.AlertService.send_direct).
+REDIS_FULL = "redis_full"
+EVENTS: tuple[str, ...] = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER, TABLES_DIFFER, REDIS_FULL)
 # The payload's keys: a public contract (receivers parse them), exactly these. Added to
 # at the end, never renamed: ``tables`` (null but for tables_differ) came with it.
 PAYLOAD_KEYS = ("event", "task", "param", "day", "run_id", "node", "error", "at", "text", "tables")
@@ -260,6 +262,20 @@ def tables_differ_alert(view: Mapping[str, Any], difference: Mapping[str, Any], 
               "text": difference["text"], "since": iso(since)}
     return Alert(f"{TABLES_DIFFER}:{difference['id']}:{first_ms}", since.date(),
                  _payload(TABLES_DIFFER, text, since + timedelta(seconds=alert_s), tables=tables))
+
+
+# -- redis_full ------------------------------------------------------------------------
+
+def redis_full_alert(since_ms: int, node: str, memory: str) -> Alert:
+    """Redis refuses writes for memory since ``since_ms`` (the episode's first sighting,
+    Redis clock: also the id, so an episode is told once whichever node leads);
+    ``memory``: its figures in words (redis_memory.RedisMemory.describe)."""
+    since = datetime.fromtimestamp(since_ms / 1000, timezone.utc)
+    error = f"Redis is out of memory ({memory}) and refuses writes"
+    text = (f"dailyq: Redis is out of memory since {iso(since)} ({memory}) and refuses writes: no slot is fanned "
+            f"out and no run starts until maxmemory is raised or memory freed (runs executing now finish and are "
+            f"recorded; refused slots are fanned out then); {node} leads")
+    return Alert(f"{REDIS_FULL}:{since_ms}", since.date(), _payload(REDIS_FULL, text, since, node=node, error=error))
 
 
 # -- which days to look at -------------------------------------------------------------

@@ -14,6 +14,9 @@ Three parts, each with one job:
   few seconds under the lease), handed to ``raise_alerts``.
 * delivery -- in the same thread: claims due alerts one at a time, POSTs each
   (alert_sender.py), and acks, retries with backoff, or drops it (alert_outbox.py).
+* direct alerts (``send_direct``) -- for what Redis cannot keep: ``redis_full`` (Redis out
+  of memory refuses the outbox's writes). Held in this process's memory and POSTed by
+  the same thread, before it touches Redis, with the same backoff; once per id.
 
 Only the leader detects and sends, to keep the other nodes quiet; nothing depends on
 it. Two schedulers that both believe they lead (one paused past its lease) raise
@@ -30,8 +33,9 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -42,12 +46,14 @@ from .alert_events import (
     Alert,
     day_late_alert,
     deadline_at,
+    encode_payload,
     failed_run_alerts,
     fired_slots,
     lateness,
     missed_slot_alerts,
     no_leader_alert,
     overdue_slots,
+    redis_full_alert,
     watched_days,
 )
 from .alert_outbox import Claimed, Idle, Outbox
@@ -55,6 +61,7 @@ from .alert_sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
 from .day_scan import DayRecords
 from .outage import OutageLog
 from .params_book import ParamsBook
+from .redis_memory import note_delivered
 from .runs import DaySlots
 from .settings import Settings
 from .table import TaskTable
@@ -82,6 +89,17 @@ IDLE_WAIT_S = 1.0
 OUTBOX_POLL_S = 30.0
 MARK_EVERY_S = 5.0
 MARK_EVERY_WITHOUT_ALERTS_S = 30.0
+
+
+@dataclass
+class _Direct:
+    """An alert sent without the outbox (``AlertService.send_direct``), until delivered."""
+
+    alert: Alert
+    raised_at: float  # monotonic
+    on_delivered: Callable[[], None] | None = None
+    attempts: int = 0  # failed deliveries so far
+    due_at: float = 0.0  # monotonic
 
 
 class AlertService:
@@ -121,6 +139,15 @@ class AlertService:
         self._settled: dict[date, set[tuple[str, ...]]] = {}
         self._watched_since: datetime | None = None
         self._tick_outage = OutageLog(log, f"alert bookkeeping on node {settings.node_name}")
+        # Direct alerts (send_direct): waiting, and every id ever raised by this process.
+        self._direct: list[_Direct] = []
+        self._direct_ids: set[str] = set()
+        self._direct_lock = threading.Lock()
+        # (task, slot label) of slots whose fan-out Redis refused and the leader still holds:
+        # not judged missed while it does (it fans them out once writes work again).
+        self._held_slots: set[tuple[str, str]] = set()
+        # A local episode id for a Redis without the marker (Redis 6): (episode start, ms).
+        self._memory_episode: tuple[float, int] | None = None
         self._outage = OutageLog(log, f"alert delivery on node {settings.node_name}")
         self._last_failure_log = 0.0
 
@@ -143,6 +170,8 @@ class AlertService:
         # A scheduler that stops ticking (stopped, frozen, cut off) stops detecting and
         # claiming about when another one may lead.
         self._leader_until = time.monotonic() + self.settings.lease_ttl_s
+        self._held_slots = {(name, label) for name, label in getattr(scheduler, "refused_slots", {})}
+        self._tell_memory_full(scheduler)
         if time.monotonic() < self._next_mark:
             return
         gap_ms = self.settings.alert_no_leader_s * 1000 if self.enabled else 0
@@ -166,6 +195,101 @@ class AlertService:
     def leading(self) -> bool:
         return time.monotonic() < self._leader_until
 
+    def _tell_memory_full(self, scheduler: "DailyScheduler") -> None:
+        """While the leader sees Redis refuse writes for memory: ``redis_full``, sent
+        directly (the outbox is one of the things refused), once per episode. The episode
+        is the marker's (redis_memory.py), which every leader reads, so a new leader does
+        not send it again; without a marker (Redis 6) it is this process's own."""
+        since = getattr(scheduler, "memory_full_since", None)
+        if since is None:
+            self._memory_episode = None
+            return
+        if not self.enabled:
+            return
+        mark = scheduler.memory_mark or {}
+        if mark.get("alerted"):
+            return
+        if mark.get("since_ms") is not None:
+            since_ms = int(str(mark["since_ms"]))
+        else:
+            if self._memory_episode is None or self._memory_episode[0] != since:
+                self._memory_episode = (since, int(scheduler.clock().timestamp() * 1000))
+            since_ms = self._memory_episode[1]
+        memory = scheduler.redis_memory.describe() if scheduler.redis_memory is not None else "memory figures unknown"
+
+        def delivered() -> None:
+            try:
+                note_delivered(self.connection, self.keys, self.settings.node_name, since_ms)
+            except RedisError as exc:  # Redis 6 cannot take it either; this process still sends it once
+                log.debug("could not note redis_full as delivered: %s", exc)
+
+        self.send_direct(redis_full_alert(since_ms, self.settings.node_name, memory), on_delivered=delivered)
+
+    # -- direct alerts (no outbox) -----------------------------------------------------
+
+    def send_direct(self, alert: Alert, on_delivered: Callable[[], None] | None = None) -> bool:
+        """Send ``alert`` to the webhook without the outbox: for what Redis cannot keep
+        (``redis_full``: a Redis out of memory refuses the outbox's writes; also a Redis that
+        lost its data). Kept in this process's memory and POSTed by the alert thread at once,
+        retried like an outbox alert (``DAILYQ_ALERT_RETRY_S`` doubling, at most
+        ``DAILYQ_ALERT_RETRY_MAX_S`` apart) until delivered, refused or GIVE_UP_S old;
+        ``on_delivered`` runs (in that thread) after a 2xx. Logged when raised, like every
+        alert. Each id once per process: False when it was raised before, or alerts are off.
+        Unlike the outbox, a leader that dies before delivering takes the alert with it (the
+        next leader raises its own, when it sees the same)."""
+        if not self.enabled:
+            return False
+        with self._direct_lock:
+            if alert.alert_id in self._direct_ids:
+                return False
+            self._direct_ids.add(alert.alert_id)
+            self._direct.append(_Direct(alert, time.monotonic(), on_delivered))
+        log.warning("alert %s: %s", alert.event, alert.payload["text"])
+        self._wake.set()
+        return True
+
+    def deliver_direct(self) -> float:
+        """POST the direct alerts that are due; returns how long until the next one is."""
+        assert self.url is not None
+        with self._direct_lock:
+            due = [d for d in self._direct if d.due_at <= time.monotonic()]
+        for direct in due:
+            if self._stop.is_set():
+                break
+            alert = direct.alert
+            result = post_alert(self.url, encode_payload(alert.payload), alert.alert_id, lambda: None)
+            done = True
+            if result.outcome == DELIVERED:
+                log.info("alert %s delivered to %s (%s; sent directly, not through the outbox)", alert.alert_id,
+                         self.shown_url, result.reason)
+                if direct.on_delivered is not None:
+                    try:
+                        direct.on_delivered()
+                    except Exception:  # noqa: BLE001 - delivered is delivered
+                        log.exception("after delivering alert %s", alert.alert_id)
+            elif result.outcome == REFUSED:
+                log.error("alert %s (%s) dropped: %s refused it with %s, which a retry would not change",
+                          alert.alert_id, alert.event, self.shown_url, result.reason)
+            elif (time.monotonic() - direct.raised_at) * 1000 >= self.give_up_ms:
+                log.error("alert %s (%s) dropped: not delivered to %s within %s of being raised, %d attempts "
+                          "(last: %s)", alert.alert_id, alert.event, self.shown_url, _hours(self.give_up_ms),
+                          direct.attempts + 1, result.reason)
+            else:
+                done = False
+                direct.attempts += 1
+                wait_s = min(self.settings.alert_retry_max_s,
+                             self.settings.alert_retry_s * 2 ** min(direct.attempts - 1, 30))
+                if result.retry_after_s is not None:
+                    wait_s = max(wait_s, result.retry_after_s)
+                direct.due_at = time.monotonic() + wait_s
+                log.warning("alert %s (%s) not delivered to %s (%s), attempt %d; next in %.0fs", alert.alert_id,
+                            alert.event, self.shown_url, result.reason, direct.attempts, wait_s)
+            if done:
+                with self._direct_lock:
+                    self._direct.remove(direct)
+        with self._direct_lock:
+            return min((max(0.05, d.due_at - time.monotonic()) for d in self._direct), default=IDLE_WAIT_S)
+
     # -- the background thread ---------------------------------------------------------
 
     def start(self) -> None:
@@ -187,7 +311,8 @@ class AlertService:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            wait_s = IDLE_WAIT_S
+            # First what needs no Redis: direct alerts (send_direct).
+            wait_s = min(IDLE_WAIT_S, self.deliver_direct())
             try:
                 if self.leading():
                     self.detect_if_due()
@@ -261,8 +386,10 @@ class AlertService:
                                 alerts.append(day_late_alert(task, day, found))
                         settled.append((day, (DAY_LATE, task.name)))
                 # Each slot is judged once, when its grace has passed: fired by then, or missed.
+                # (Not a slot whose fan-out Redis refused: the leader fans it out once it can.)
                 overdue = [slot for slot in overdue_slots(task, day, now, slots)
-                           if (SLOT_MISSED, task.name, slot.label) not in done]
+                           if (SLOT_MISSED, task.name, slot.label) not in done
+                           and (task.name, slot.label) not in self._held_slots]
                 if overdue:
                     if fired is None:
                         # A computed slot whose callable was called fired, runs or not.

@@ -246,6 +246,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when this node's heartbeats are fresh and Redis answers, else 1; one line
     either way. Redis problems are 1 too (not 3): probes understand only 0 and 1."""
     from .health import judge, read_beats, read_worker_count, redis_down, roles_of  # noqa: PLC0415
+    from .redis_memory import redis_view  # noqa: PLC0415
     from .table_watch import read_node_tables  # noqa: PLC0415
 
     settings = Settings.from_env()
@@ -261,13 +262,14 @@ def cmd_health(args: argparse.Namespace) -> int:
         if "worker" in roles:
             workers = read_worker_count(connection, settings.keys, settings.node_name, now)
         tables = read_node_tables(connection, settings.keys, settings.node_name, now)
+        redis = redis_view(connection, settings.keys)
     except RedisUnavailable as exc:
         verdict = redis_down(str(exc))
     except RedisError as exc:
         verdict = redis_down(f"Redis at {settings.redacted_url()} failed: {exc}")
     else:
         verdict = judge(settings.node_name, beats, now, args.max_age_s, workers, args.min_workers, tables,
-                        settings.table_skew_alert_s)
+                        settings.table_skew_alert_s, redis)
     print(verdict.line)
     return verdict.exit_code
 

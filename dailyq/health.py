@@ -29,6 +29,11 @@ a restart loads the table deployed. The leader's node and the nodes that agree w
 stay healthy: restarting them would not change the odd node's table. A difference the
 leader has not recorded yet (no ``since``: no leader, or seen for under 5 s) counts as young.
 
+Redis out of memory (``redis``: status's ``redis`` view, redis_memory.redis_view) makes
+every node unhealthy, the line naming Redis's memory first: no run starts and no slot
+is fanned out until memory is raised or freed. (A probe that restarts processes then does
+no harm: none of them exits by itself, and a restarted one waits like the others.)
+
 ``judge`` is pure (values read + now in, verdict out) so it is tested with fixed
 times; ``read_beats`` is the one Redis read. Probes want 0 or 1, so every problem
 here, Redis included, is "unhealthy" with exit 1.
@@ -45,6 +50,7 @@ from redis import Redis
 from .beats import ROLES, Beat, clock_is_off, count_live_workers, format_offset, offset_warning, parse_beat
 from .keys import Keys
 from .redis_values import as_bytes
+from .render import human_bytes
 from .table_skew import difference_text
 from .timestamps import parse_iso
 
@@ -80,7 +86,8 @@ def read_worker_count(connection: Redis, keys: Keys, node: str, now: datetime) -
 
 def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
           max_age_s: float | None = None, workers: int | None = None, min_workers: int | None = None,
-          tables: Mapping[str, Any] | None = None, table_skew_alert_s: float = 900) -> Verdict:
+          tables: Mapping[str, Any] | None = None, table_skew_alert_s: float = 900,
+          redis: Mapping[str, Any] | None = None) -> Verdict:
     """Healthy when every role in ``raw_beats`` has a heartbeat (and, with
     ``max_age_s``, one at most that old) and, with ``min_workers``, ``workers`` (the
     node's live worker processes) is at least that, and no process checked has run a
@@ -89,6 +96,8 @@ def judge(node: str, raw_beats: Mapping[str, bytes | str | None], now: datetime,
     when given, every clock more than 2 s off Redis's and every table difference (warnings,
     not problems)."""
     problems: list[str] = []
+    if redis is not None and redis.get("full"):
+        problems.append(redis_full_problem(redis))
     ages: list[str] = []
     offsets: list[str] = []
     warnings: list[str] = []
@@ -145,6 +154,21 @@ def table_findings(node: str, roles: Sequence[str], tables: Mapping[str, Any] | 
         else:
             warnings.append(f"warning: {text}")
     return problems, warnings
+
+
+def redis_full_problem(redis: Mapping[str, Any]) -> str:
+    """``Redis is out of memory (used ... of maxmemory ...) and refuses writes since ...``."""
+    if redis.get("used_memory") is None:
+        memory = "memory figures unreadable"
+    elif redis.get("maxmemory"):
+        memory = (f"used_memory {redis['used_memory']} ({human_bytes(int(redis['used_memory']))}) of maxmemory "
+                  f"{redis['maxmemory']} ({human_bytes(int(redis['maxmemory']))}), maxmemory-policy "
+                  f"{redis.get('maxmemory_policy')}")
+    else:
+        memory = f"used_memory {redis['used_memory']}, no maxmemory"
+    since = f" since {redis['full_since']}" if redis.get("full_since") else ""
+    return (f"Redis is out of memory ({memory}) and refuses writes{since}: no run starts and no slot is fanned out "
+            "until maxmemory is raised or memory freed")
 
 
 def redis_down(reason: str) -> Verdict:

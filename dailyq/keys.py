@@ -235,3 +235,25 @@ class Keys:
         generation, claimed (``sending``, with a PX) by the one leader POSTing it, then
         ``delivered``, ``refused`` or ``given-up`` for good (data_lost_alert.py)."""
         return f"{self.prefix}:generation:alert"
+
+    @property
+    def memory_full(self) -> str:
+        """String JSON with a short TTL, while Redis refuses dailyq's writes for memory
+        (redis_memory.py): since when (Redis clock), the node that saw it first, the slots
+        whose fan-out it refused, whether ``redis_full`` was sent. Written by schedulers
+        with an allow-oom script (it is one small key), dropped by the leader once writes
+        are accepted again."""
+        return f"{self.prefix}:memory-full"
+
+    @property
+    def memory_probe(self) -> str:
+        """Never created: ``SETRANGE`` of an empty string on it is a write that Redis
+        refuses when out of memory and that changes nothing when it does not
+        (redis_memory.probe_writes)."""
+        return f"{self.prefix}:memory-probe"
+
+    def day_late(self, day: date) -> str:
+        """Hash '{task}|{slot label}' -> JSON {task, slot, due_at, refused_since,
+        fanned_out_at, why}: slots of that day fanned out late because Redis had refused
+        their fan-out (memory full), even past their misfire grace (scheduler.py)."""
+        return f"{self.prefix}:day:{day.isoformat()}:late"

@@ -69,8 +69,8 @@ def render_table(status: dict[str, Any], colour: bool = False) -> str:
     leader_line = f"leader: {one_line(str(leader['node']))} (since {leader.get('since')})" if leader else "leader: none"
     counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
     return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}",
-                      *render_paused(status), *render_tables(status, colour), *render_nodes(status, colour),
-                      *render_data_loss(status)])
+                      *render_paused(status), *render_tables(status, colour), *render_redis(status, colour),
+                      *render_nodes(status, colour), *render_data_loss(status)])
 
 
 def render_data_loss(status: dict[str, Any]) -> list[str]:
@@ -103,6 +103,47 @@ def render_tables(status: dict[str, Any], colour: bool = False) -> list[str]:
     if view.get("unknown"):
         lines.append(one_line(f"tables unknown: {', '.join(view['unknown'])} (a heartbeat of an earlier version "
                               "names none, or its description is not published)"))
+    return lines
+
+
+def human_bytes(count: int) -> str:
+    """``20.1 MiB``: a byte count at a glance."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def render_redis(status: dict[str, Any], colour: bool = False) -> list[str]:
+    """Redis's memory on one line (``out of memory`` while it refuses writes), then a line
+    per slot fanned out late because Redis had refused its fan-out (nothing for a status
+    dict without ``redis``)."""
+    view = status.get("redis")
+    if not view:
+        return []
+    if view.get("used_memory") is None:
+        memory = "memory figures unreadable (INFO memory)"
+    elif view.get("maxmemory"):
+        memory = (f"used {human_bytes(view['used_memory'])} of maxmemory {human_bytes(view['maxmemory'])} "
+                  f"({100 * view['used_memory'] / view['maxmemory']:.0f}%, maxmemory-policy "
+                  f"{view.get('maxmemory_policy')})")
+    else:
+        memory = f"used {human_bytes(view['used_memory'])}, no maxmemory"
+    if view.get("full"):
+        since = f" since {view['full_since']} (seen by {view.get('seen_by')})" if view.get("full_since") else ""
+        waiting = view.get("refused_slots") or []
+        slots = f"; {len(waiting)} slot{'' if len(waiting) == 1 else 's'} wait for their fan-out" if waiting else ""
+        lines = [paint(one_line(f"redis: OUT OF MEMORY{since}, {memory}: it refuses writes, no run starts{slots}; "
+                                "raise maxmemory or free memory"), "1;31", colour)]
+    else:
+        lines = [f"redis: memory {memory}"]
+    for late in status.get("late_slots") or []:
+        grace = ", past its misfire grace" if late.get("past_grace") else ""
+        lines.append(one_line(f"late: {late.get('task')} slot {late.get('slot')} fanned out at "
+                              f"{late.get('fanned_out_at')}{grace} (due {late.get('due_at')}; Redis had refused its "
+                              "fan-out: out of memory)"))
     return lines
 
 

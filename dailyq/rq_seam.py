@@ -52,6 +52,14 @@ Public hooks, and when RQ calls them -- the when is what we depend on:
    warm stop (``GuardedWorker.shutdown_requested``).
 8. ``Worker.horse_pid``, ``Job.retries_left``, ``Worker.log_result_lifespan``, the
    ``maintenance_interval``/``job_class``/``serializer`` constructor arguments.
+9. Redis out of memory refuses RQ's own writes (its heartbeats, its state, the dequeue,
+   its transactions) with ``OutOfMemoryError``, and RQ's work loop ends on any error but
+   a connection timeout. So the places its loop meets them are wrapped, each a public
+   method: ``register_birth`` and ``check_for_suspension`` (wait for writes),
+   ``dequeue_job_and_maintain_ttl`` (waits, then dequeues), ``heartbeat``, ``maintain_heartbeats`` and
+   ``run_maintenance_tasks`` (skipped this once), ``register_death`` (skipped: the key
+   expires), ``perform_job`` (in the work-horse: the run's own end is recorded, see
+   ``GuardedWorker.perform_job``). The waiting is the hooks' (``WorkerHooks.wait_for_writes``).
 
 Internals still relied on, and why:
 
@@ -81,6 +89,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Protocol, S
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.executions import Execution
 from rq.job import Job
@@ -91,7 +100,7 @@ from rq_scheduler.utils import to_unix
 
 from .keys import Keys
 from .logs import current_run_id
-from .outage import TRANSIENT, OutageLog, wait_for_redis
+from .outage import MEMORY, OutageLog, refused_for_memory, transient, wait_for_redis
 from .runs import META_KEY
 
 if TYPE_CHECKING:  # the leader imports this module: no guard at run time
@@ -189,6 +198,11 @@ class WorkerHooks(Protocol):
 
     def beat(self, worker_pid: int, promise_s: float, pipeline: Pipeline | None) -> None:
         """Write this node's worker heartbeat, in ``pipeline`` when given."""
+
+    def wait_for_writes(self, what: str, stopping: Callable[[], bool]) -> bool:
+        """Redis refused a write for memory: note it (one line per process and episode) and
+        wait, with backoff, until Redis accepts writes again (True), or ``stopping()``
+        (False)."""
 
 
 class DailyJob(Job):
@@ -318,7 +332,11 @@ class GuardedWorker(BaseWorker):
                 if execution is not None and not self.hooks.admit(execution, queue):
                     return  # held back: RQ's work loop goes on to the next job
             super().execute_job(job, queue)
-        except TRANSIENT as error:
+        except RedisError as error:
+            # Away, or out of memory (RQ's heartbeats and records are refused; the horse
+            # renews its claim and records its run with scripts that a full Redis runs).
+            if not transient(error):
+                raise
             outage = OutageLog(log, f"worker {self.name}")
             outage.failed(error)
             wait_for_redis(self.connection.ping, outage)
@@ -329,14 +347,89 @@ class GuardedWorker(BaseWorker):
                     pass
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        """RQ's, in the executing process, and then the run's end (FINISH if still due).
+
+        When Redis is out of memory RQ cannot record the job's end (its transactions are
+        refused, and it raises out of its own failure handling), but the run's end is
+        ours and is recorded (FINISH and FAIL run on a full Redis). That is not a crash of
+        the work-horse: it returns, so its worker does not take it for a death. RQ's job
+        stays ``started`` until RQ's own clean-up of abandoned jobs retries it (then BEGIN
+        skips it: finished) or fails it."""
+        if self.is_horse:
+            MEMORY.quiet = True  # its worker logs the memory episode for it (outage.MemoryNotice)
         # RQ's lines about this job (its result, its duration) carry the run id in JSON logs.
         tagged = current_run_id.set(((job.meta or {}).get(META_KEY) or {}).get("run_id"))
+        ours = isinstance(job, DailyJob) and job.run_execution is not None
         try:
             return super().perform_job(job, queue, execution)
+        except RedisError as error:
+            if not (ours and refused_for_memory(error)):
+                raise
+            MEMORY.refused(f"recording job {job.id} in RQ")
         finally:
             current_run_id.reset(tagged)
             if isinstance(job, DailyJob) and job.run_execution is not None:
                 job.run_execution.end()
+        return False
+
+    def register_birth(self) -> None:
+        """RQ's; while Redis refuses it for memory, wait for writes and try again."""
+        while True:
+            try:
+                return super().register_birth()
+            except RedisError as error:
+                if not refused_for_memory(error):
+                    raise
+                self.hooks.wait_for_writes(f"worker {self.name} starting", lambda: False)
+
+    def register_death(self) -> None:
+        """RQ's; refused for memory, it is left out (the worker's key expires by itself)."""
+        try:
+            super().register_death()
+        except RedisError as error:
+            if not refused_for_memory(error):
+                raise
+            MEMORY.refused(f"worker {self.name} stopping")
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """RQ's; a refusal for memory (of its state, its heartbeat, the dequeue itself)
+        waits until Redis accepts writes again, then dequeues. None when asked to stop
+        meanwhile (RQ's loop then ends as for an empty burst)."""
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except RedisError as error:
+                if not refused_for_memory(error):
+                    raise
+                if not self.hooks.wait_for_writes(f"worker {self.name}", lambda: self.shutdown_requested):
+                    return None
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's (its check beats in a transaction); refused for memory, it waits for writes."""
+        try:
+            super().check_for_suspension(burst)
+        except RedisError as error:
+            if not refused_for_memory(error):
+                raise
+            self.hooks.wait_for_writes(f"worker {self.name}", lambda: self.shutdown_requested)
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()
+        except RedisError as error:  # refused for memory: done at the next maintenance
+            if not refused_for_memory(error):
+                raise
+            MEMORY.refused(f"worker {self.name} maintenance")
+
+    def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
+        """RQ's beat while a work-horse runs; refused for memory, skipped this once (the
+        horse renews its own claim)."""
+        try:
+            super().maintain_heartbeats(job, execution)
+        except RedisError as error:
+            if not refused_for_memory(error):
+                raise
+            MEMORY.refused(f"worker {self.name} heartbeat")
 
     def cleanup_execution(self, job: Job, pipeline: Pipeline, execution: Execution | None = None) -> None:
         """RQ's, plus the run's FINISH: on success RQ calls this inside the transaction
@@ -363,9 +456,15 @@ class GuardedWorker(BaseWorker):
 
         ``timeout`` is RQ's promise: "the next heartbeat comes before this"; None when
         idle, meaning worker_ttl + 60 (RQ's own default for it)."""
-        super().heartbeat(timeout, pipeline)
-        # self.pid is the worker's pid, also inside a work-horse (which beats once per run).
-        self.hooks.beat(self.pid or os.getpid(), timeout or self.worker_ttl + 60, pipeline)
+        try:
+            super().heartbeat(timeout, pipeline)
+            # self.pid is the worker's pid, also inside a work-horse (which beats once per run).
+            self.hooks.beat(self.pid or os.getpid(), timeout or self.worker_ttl + 60, pipeline)
+        except RedisError as error:
+            # Refused for memory: skipped this once (a pipeline of RQ's raises later, in RQ).
+            if pipeline is not None or not refused_for_memory(error):
+                raise
+            MEMORY.refused(f"worker {self.name} heartbeat")
 
     def handle_warm_shutdown_request(self) -> None:
         super().handle_warm_shutdown_request()

@@ -18,6 +18,14 @@ work: the leader moves them each tick, under our prefix and with JSON jobs.
 
 Every fan-out is fenced by the lease (fanout.py), so a leader that was paused
 past its lease and wakes up enqueues nothing.
+
+A Redis out of memory refuses the fan-out, the heartbeat and most of the leader's pass,
+but not the lease (scripts.allow_oom): every scheduler goes on ticking, the leader keeps
+its lease (or one is elected), and a refused pass is tried again with backoff once
+Redis takes writes (redis_memory.writes_accepted). A slot whose fan-out Redis refused
+is remembered (here, and in the marker other leaders read) and fanned out then, even
+past its misfire grace, and says so (a log line, and the day's ``late`` record that
+``status`` shows).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from datetime import date, datetime, timedelta
 from typing import Callable, cast
@@ -46,9 +55,11 @@ from .fingerprint import table_fingerprint, task_digest
 from .generation import Generation, GenerationWatch, NodeMemory, data_loss_view
 from .lease import Lease
 from .limits import SlotSweep
+from .outage import MEMORY, refused_for_memory
 from .params_book import next_retry_at, retried, retry_due, slot_runs
 from .pause import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
+from .redis_memory import RedisMemory, clear_mark, describer, mark_full, read_mark, read_memory, writes_accepted
 from .redis_values import as_text
 from .retries import DueRetries
 from .rq_seam import DelayedJobs, make_queue
@@ -153,6 +164,19 @@ class DailyScheduler:
         self.generation = GenerationWatch(connection, keys, settings.node_name, "scheduler")
         self.memory = NodeMemory(connection, keys)
         self.data_lost = DataLostAlerts(connection, settings)
+        # Redis out of memory (redis_memory.py): this scheduler saw a write refused and has
+        # not seen writes accepted since; when to probe again, and the backoff.
+        self.memory_full_since: float | None = None  # monotonic
+        self.redis_memory: RedisMemory | None = None  # INFO memory, read at the last refusal
+        self.memory_mark: dict[str, object] | None = None  # the marker (since_ms, alerted, node)
+        self._probe_at = 0.0
+        self._probe_backoff_s = tick_s
+        self._marked_at = 0.0
+        self._clear_mark = False
+        # Slots whose fan-out Redis refused: (task, slot label) -> (slot, Redis time first refused).
+        self.refused_slots: dict[tuple[str, str], tuple[Slot, datetime]] = {}
+        self._firing: list[tuple[Task, Slot]] = []
+        MEMORY.name(f"scheduler on node {settings.node_name}", describer(connection))
 
     # -- leadership ------------------------------------------------------------------
 
@@ -169,6 +193,7 @@ class DailyScheduler:
             log.info("node %s is now the leader", self.settings.node_name)
             self._load_cursors()
             self.failed_jobs.forget()  # go on from where the last leader stopped
+            self._adopt_refused_slots()
         elif not held and self.is_leader:
             log.warning("node %s lost the leader lease (held by %s)", self.settings.node_name,
                         _holder_node(self.lease.holder()))
@@ -248,6 +273,14 @@ class DailyScheduler:
         self._fired_digests.update({task.name: self._digests[task.name] for task in changed})
         return len(result.enqueued)
 
+    def _with_refused(self, task: Task, slots: list[Slot]) -> list[Slot]:
+        """``slots``, plus the task's slots whose fan-out Redis refused (any age)."""
+        refused = [slot for (name, _), (slot, _) in self.refused_slots.items() if name == task.name]
+        if not refused:
+            return slots
+        by_label = {slot.label: slot for slot in [*refused, *slots]}
+        return sorted(by_label.values(), key=lambda slot: slot.fires_at)
+
     def fire_due_slots(self, now: datetime) -> int:
         """Fan out every due slot of every task; returns the number of runs enqueued."""
         enqueued = 0
@@ -271,12 +304,14 @@ class DailyScheduler:
                 next_retry = next_retry_at(self.connection, self.keys)
             self._params_look.after(now, next_retry)
         due = [(task, slots) for task in self.table.tasks
-               if (slots := task.schedule.slots_between(self._window_start(task, now), now))]
+               if (slots := self._with_refused(task, task.schedule.slots_between(self._window_start(task, now), now)))]
         # Read only when some slot is due: an idle leader's tick asks nothing about pauses.
         paused, lost = self._paused_checked() if due else (set(), False)
         if lost:  # cursors written back after a loss: due is only what fires after them
             due = [(task, slots) for task, _ in due
                    if (slots := task.schedule.slots_between(self._window_start(task, now), now))]
+        # Remembered should Redis refuse this fan-out for memory (_writes_refused).
+        self._firing = [(task, slot) for task, slots in due if task.name not in paused for slot in slots]
         # Every slot due now in one fan-out: the queue's order is then decided over all of
         # them (longest first, a limited task's backlog first; fanout.longest_first), not
         # task by task in table order.
@@ -308,6 +343,7 @@ class DailyScheduler:
             return enqueued
         result = fan_out(self.connection, self.keys, self.queue, [run for *_, runs in fired for run in runs],
                          retention_s=self.settings.retention_s, fence=self.lease)
+        self._firing = []  # fanned out: what follows is bookkeeping a refusal does not undo
         enqueued += len(result.enqueued)
         if result.waiting:
             self._waiting_look.now()  # released in this very tick if upstream is done
@@ -324,6 +360,10 @@ class DailyScheduler:
             pipe.hset(self.keys.fired, mapping={name: self._digests[name] for name in names})
             pipe.execute()
         self._fired_digests.update({name: self._digests[name] for name in names})
+        self._fanned_out_late([(task, due_slot) for task, due_slot, _, runs in fired
+                               if any(run.job_id() in pushed for run in runs)], now)
+        for task, due_slot, _, _ in fired:  # refused, but (a day of an earlier transaction) in before the refusal
+            self.refused_slots.pop((task.name, due_slot.label), None)
         return enqueued
 
     def seconds_until_next_slot(self, now: datetime) -> float:
@@ -457,15 +497,154 @@ class DailyScheduler:
                      format_offset(offset_s))
 
     def run_once(self) -> None:
-        self.heartbeat()
+        self._refusable(self.heartbeat)
         if self.acquire_lock():
             try:
-                self.enqueue_jobs()
+                if not self._writes_work():
+                    self._hold_due_slots()
+                else:
+                    self.enqueue_jobs()
+                    if self._clear_mark:
+                        # Only now: a leader that died before the refused slots went out left
+                        # them in the marker for the next one.
+                        clear_mark(self.connection, self.keys)
+                        self._clear_mark = False
             except LeaseLost:
                 log.warning("node %s: lease lost during fan-out; enqueued nothing as leader", self.settings.node_name)
                 self.is_leader = False
+            except RedisError as exc:
+                if not refused_for_memory(exc):
+                    raise
+                # The pass is tried again after a backoff, once a probe finds writes accepted.
+                self._probe_at = time.monotonic() + self._probe_backoff_s
+                self._writes_refused()
+        else:
+            self._writes_work()  # a follower ends its episode too (its own log line)
         for hook in self.tick_hooks:
             hook(self)
+
+    # -- Redis out of memory (redis_memory.py) -------------------------------------------
+
+    def _refusable(self, step: Callable[[], object]) -> bool:
+        """``step()``; False when Redis refused it for memory (noted; the tick goes on)."""
+        try:
+            step()
+        except RedisError as exc:
+            if not refused_for_memory(exc):
+                raise
+            self._writes_refused()
+            return False
+        return True
+
+    def _writes_refused(self) -> None:
+        """Redis refused one of our writes for memory: log it (once per episode, for the
+        process), probe again after a backoff, and keep the marker other processes read."""
+        now_s = time.monotonic()
+        if self.memory_full_since is None:
+            self.memory_full_since = now_s
+            self._probe_backoff_s = self.tick_s
+            self._probe_at = now_s + self._probe_backoff_s
+            self._clear_mark = False
+        MEMORY.refused("the scheduler pass")
+        new_slots = bool(self._firing)
+        if self._firing:
+            now = self.clock()
+            for task, slot in self._firing:
+                self.refused_slots.setdefault((task.name, slot.label), (slot, now))
+            self._firing = []
+        if not new_slots and now_s - self._marked_at < self.tick_s / 2:
+            return  # one marker write per tick is plenty
+        self._marked_at = now_s
+        try:
+            self.redis_memory = read_memory(self.connection)
+            mark = mark_full(self.connection, self.keys, self.settings.node_name, self.redis_memory,
+                             slots=self._slot_list() if self.is_leader else None)
+            self.memory_mark = {"since_ms": mark.since_ms, "alerted": mark.alerted, "node": mark.node}
+            if self.is_leader:
+                self._adopt(mark.slots)
+        except RedisError as exc:  # Redis 6 refuses the marker too; status then goes by INFO alone
+            log.debug("could not keep the memory-full marker: %s", exc)
+
+    def _writes_work(self) -> bool:
+        """True unless Redis refused a write and still does: while it does, one probe per
+        backoff (redis_memory.writes_accepted) and False. A probe that passes ends the
+        episode and the pass goes on at once (after it, the leader drops the marker)."""
+        if self.memory_full_since is None:
+            return True
+        if time.monotonic() < self._probe_at:
+            return False
+        if not writes_accepted(self.connection, self.keys):
+            self._probe_at = time.monotonic() + self._probe_backoff_s
+            self._probe_backoff_s = min(MAX_BACKOFF_S, self._probe_backoff_s * 2)
+            self._writes_refused()
+            return False
+        MEMORY.accepted()
+        self.memory_full_since = None
+        self._probe_at = 0.0
+        self._clear_mark = True  # by the leader, once its pass went through (run_once)
+        self.memory_mark = None
+        return True
+
+    def _hold_due_slots(self) -> None:
+        """While Redis refuses writes the pass is not even tried; the slots that fall due
+        meanwhile count as refused, so that they are fanned out once writes work, however
+        long that takes (reads still work: the schedule and the paused tasks)."""
+        now = self.clock()
+        due = [(task, slot) for task in self.table.tasks
+               for slot in task.schedule.slots_between(self._window_start(task, now), now)
+               if (task.name, slot.label) not in self.refused_slots]
+        if not due:
+            return
+        paused = paused_names(self.connection, self.keys)
+        self._firing = [(task, slot) for task, slot in due if task.name not in paused]
+        if self._firing:
+            self._writes_refused()
+
+    def _slot_list(self) -> list[dict[str, str]]:
+        return [{"task": name, "slot": slot.isoformat(), "tz": slot.zone}
+                for (name, _), (slot, _) in sorted(self.refused_slots.items())]
+
+    def _adopt(self, stored: list[dict[str, str]]) -> None:
+        """Refused slots another leader left in the marker: ours to fan out too."""
+        now = self.clock()
+        for entry in stored:
+            task = self.table.by_name.get(entry.get("task", ""))
+            if task is None:
+                continue
+            try:
+                slot = Slot.from_iso(entry["slot"], entry.get("tz") or task.tz)
+            except (KeyError, ValueError):
+                continue
+            self.refused_slots.setdefault((task.name, slot.label), (slot, now))
+
+    def _adopt_refused_slots(self) -> None:
+        """A new term: the slots whose fan-out Redis refused an earlier leader (its marker)."""
+        try:
+            mark = read_mark(self.connection, self.keys)
+        except RedisError:
+            return
+        if mark and isinstance(mark.get("slots"), list):
+            self._adopt([{k: str(v) for k, v in item.items()} for item in mark["slots"] if isinstance(item, dict)])
+
+    def _fanned_out_late(self, fired: list[tuple[Task, Slot]], now: datetime) -> None:
+        """The refused slots among ``fired`` (those with runs enqueued now) went out now:
+        say so (a WARNING line and the day's ``late`` record, which status shows)."""
+        late = [(task, slot, self.refused_slots.pop((task.name, slot.label))[1]) for task, slot in fired
+                if (task.name, slot.label) in self.refused_slots]
+        for task, slot, refused_at in late:
+            after_s = (now - slot.fires_at).total_seconds()
+            past = after_s > task.misfire_grace_s
+            log.warning("node %s fanned out %s slot %s late, %.0fs after it fell due%s: Redis had refused its "
+                        "fan-out for memory (from %s)", self.settings.node_name, task.name, slot.isoformat(), after_s,
+                        f", past its misfire grace of {task.misfire_grace_s}s" if past else "", iso(refused_at))
+            try:
+                self.connection.hset(self.keys.day_late(slot.day), f"{task.name}|{slot.label}", json.dumps(
+                    {"task": task.name, "slot": slot.isoformat(), "due_at": iso(slot.fires_at),
+                     "refused_since": iso(refused_at), "fanned_out_at": iso(now), "past_grace": past,
+                     "why": "Redis refused its fan-out: out of memory"}))
+                self.connection.expire(self.keys.day_late(slot.day), self.settings.retention_s)
+            except RedisError as exc:  # the log line says it; status just lacks the note
+                log.warning("could not record that slot %s of %s went out late: %s", slot.isoformat(), task.name, exc)
 
     def run(self, burst: bool = False) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -478,8 +657,8 @@ class DailyScheduler:
             while not self._stop.is_set():
                 try:
                     if not registered:
-                        self.delayed.register_birth()
-                        registered = True
+                        # Refused for memory: registered at a later tick; the tick goes on (the lease).
+                        registered = self._refusable(self.delayed.register_birth)
                     self.run_once()
                     if self._redis_down:
                         log.info("Redis reachable again; scheduler on node %s resumes", self.settings.node_name)

@@ -15,6 +15,12 @@ runs no includes, so the helpers a script uses are prepended to it):
   limits and its held runs (limits.py), shared by ADMIT, RELEASE_SLOT, SWEEP_SLOTS,
   TOUCH_SLOT, RESUME and RENEW_CLAIM.
 
+A few scripts run on a Redis out of memory (``allow_oom``): the lease, the leadership
+mark, and what lets a run that executes now renew its claim and record its end. Each
+writes a handful of small keys that exist already or go away with it, so a full Redis
+grows by a few hundred bytes per executing run at most, while everything that adds a
+run's worth of data (fan-out, BEGIN, the outbox) stays refused.
+
 A wrapper method takes named, typed arguments and returns a ``ScriptCall``: ``run()``
 sends it now and returns the parsed reply; ``queue_in(pipeline)`` adds it to a
 pipeline someone else executes (RQ's own MULTI/EXEC), and ``parse`` reads the reply
@@ -162,9 +168,23 @@ def _lua(body: str, *helpers: str) -> str:
     return "".join(helpers) + body
 
 
+# Redis 7's script flags, on the script's first line ("shebang"; EVAL script flags). Without
+# flags a script that starts while Redis is out of memory is refused at its first write
+# that may add data (SET, HSET, SADD...); ``allow-oom`` lets it run. Only for scripts that
+# write little and to keys that exist or go away with the run (see the module docstring).
+# Redis 6 cannot compile the line (Lua sees a syntax error): there the script is sent
+# without it (_Flagged), and runs as before.
+ALLOW_OOM = "#!lua flags=allow-oom\n"
+
+
+def allow_oom(script: str) -> str:
+    """``script`` with the ``allow-oom`` flag (must be its very first line)."""
+    return ALLOW_OOM + script
+
+
 # -- the scripts --------------------------------------------------------------------------
 
-LEASE_ACQUIRE_OR_RENEW = _lua("""
+LEASE_ACQUIRE_OR_RENEW = allow_oom(_lua("""
 -- Takes a free lease or extends our own. Returns 1 when we hold it afterwards, else 0.
 -- KEYS[1] = lease key
 -- ARGV[1] = owner token, ARGV[2] = ttl (ms)
@@ -182,21 +202,21 @@ if holder then
 end
 redis.call('SET', lease_key, owner, 'PX', ttl_ms)
 return 1
-""")
+"""))
 
-LEASE_RENEW = _lua("""
+LEASE_RENEW = allow_oom(_lua("""
 -- Extends the lease only while we own it; never takes a free one. Returns 1 or 0.
 -- KEYS[1] = lease key
 -- ARGV[1] = owner token, ARGV[2] = ttl (ms)
 return pexpire_if_owner(KEYS[1], ARGV[1], ARGV[2])
-""", OWNER_LUA)
+""", OWNER_LUA))
 
-LEASE_RELEASE = _lua("""
+LEASE_RELEASE = allow_oom(_lua("""
 -- Deletes the lease only while we own it. Returns 1 when deleted, else 0.
 -- KEYS[1] = lease key
 -- ARGV[1] = owner token
 return del_if_owner(KEYS[1], ARGV[1])
-""", OWNER_LUA)
+""", OWNER_LUA))
 
 QUEUE_RECORDS = _lua(f"""
 -- The records of runs a fan-out enqueues (one call per chunk, in its MULTI/EXEC).
@@ -309,7 +329,7 @@ local function release_run(claim_key, series_key, running_key, run_id, owner)
 end
 """
 
-FINISH = _lua(f"""
+FINISH = allow_oom(_lua(f"""
 -- The owner of a run's claim records it finished and releases the claim. Idempotent.
 -- KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash,
 -- KEYS[4] = durations hash, KEYS[5] = running hash, KEYS[6] = series claim
@@ -337,9 +357,9 @@ record.duration_s = tonumber(duration_s)
 save_record(runs_key, run_id, record, retention_s)
 redis.call('HSET', durations_key, series, duration_s)
 return 1
-""", OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA)
+""", OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA))
 
-FAIL = _lua(f"""
+FAIL = allow_oom(_lua(f"""
 -- An execution that ended without finishing: the task raised (from the executing process)
 -- or its process died (from the worker parent, which saw its work-horse die).
 -- KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash, KEYS[4] = series claim
@@ -373,7 +393,7 @@ record.state = retry and '{QUEUED}' or '{FAILED}'
 record.node, record.ended_at, record.error = node, now, error_text
 save_record(runs_key, run_id, record, retention_s)
 return retry and 'retry' or 'failed'
-""", OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA)
+""", OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA))
 
 END_WAIT = _lua(f"""
 -- A copy that never got the run's claim stopped waiting for it: its job timed out (RQ's
@@ -401,7 +421,7 @@ save_record(runs_key, run_id, record, retention_s)
 return retry and 'retry' or 'failed'
 """, RECORD_LUA)
 
-RENEW_CLAIM = _lua("""
+RENEW_CLAIM = allow_oom(_lua("""
 -- Extends a run's claim and its series claim only while the run's claim is ours; never
 -- re-takes one that lapsed: a copy that lost its claim must stop, whoever holds it now.
 -- A run of a task with limits also extends its slot (limits.py) in the same call.
@@ -418,7 +438,7 @@ if slots_key then
   extend_slot(slots_key, owner, ttl_ms)
 end
 return 'ok'
-""", OWNER_LUA, NOW_LUA, SLOTS_LUA)
+""", OWNER_LUA, NOW_LUA, SLOTS_LUA))
 
 TAKE_IF_ABANDONED = _lua(f"""
 -- The leader takes over a run listed as running: only if no live copy holds its claim.
@@ -677,7 +697,7 @@ redis.call('HDEL', entries_key, id)
 return 1
 """, OUTBOX_HELD_LUA)
 
-MARK_HELD = _lua("""
+MARK_HELD = allow_oom(_lua("""
 -- Under our lease only: records this scheduler tick as the latest held one. When the
 -- previous one is older than the gap, it is left as is and reported: the caller enqueues
 -- the no_leader alert, then calls again with gap 0 (so an alert that could not be
@@ -702,7 +722,7 @@ else
   redis.call('HSET', leadership_key, 'last_ms', now, 'first_ms', now)
 end
 return {'ok', tostring(now)}
-""", OWNER_LUA, NOW_LUA)
+""", OWNER_LUA, NOW_LUA))
 
 
 ADMIT = _lua("""
@@ -740,7 +760,7 @@ end
 return 'admitted'
 """, NOW_LUA, SLOTS_LUA)
 
-RELEASE_SLOT = _lua("""
+RELEASE_SLOT = allow_oom(_lua("""
 -- An admitted execution ended (finished, failed, not executed after all, or its work-horse
 -- died): its slot frees, and held runs move to the queue's front while there is room --
 -- in the same script as every hold, so no held run misses the wake-up.
@@ -759,7 +779,7 @@ if redis.call('HEXISTS', paused_key, task) == 1 then
   return {}
 end
 return promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node, {node}))
-""", NOW_LUA, SLOTS_LUA)
+""", NOW_LUA, SLOTS_LUA))
 
 SWEEP_SLOTS = _lua("""
 -- The leader, every tick: drops lapsed slots (holders that died or were cut off) and moves
@@ -790,14 +810,14 @@ end
 return moved
 """, NOW_LUA, SLOTS_LUA)
 
-TOUCH_SLOT = _lua("""
+TOUCH_SLOT = allow_oom(_lua("""
 -- Keeps the slot of an admitted run alive while it waits for another copy of the run
 -- (BEGIN said busy): it has no claim yet for RENEW_CLAIM to extend the slot with.
 -- KEYS[1] = the task's slots
 -- ARGV[1] = owner, ARGV[2] = ttl (ms)
 -- Returns 1, or 0 when the slot is gone.
 return extend_slot(KEYS[1], ARGV[1], ARGV[2])
-""", NOW_LUA, SLOTS_LUA)
+""", NOW_LUA, SLOTS_LUA))
 
 RESUME = _lua("""
 -- Resumes a task: no longer paused, and every run held back (paused or over a limit) goes
@@ -968,6 +988,43 @@ redis.call('SADD', finished_key, run_id)
 redis.call('EXPIRE', finished_key, retention_s)
 return 'removed'
 """, RECORD_LUA)
+
+
+# -- Redis out of memory (redis_memory.py) ---------------------------------------------------
+
+MEMORY_FULL_MARK = allow_oom(_lua("""
+-- A scheduler saw Redis refuse a write for memory: keeps the one small key that says so
+-- (status, health and the leader read it), since the episode's first sighting. Allowed on
+-- a full Redis: it is what a full Redis must still be able to tell.
+-- KEYS[1] = memory-full marker
+-- ARGV[1] = node, ARGV[2] = ttl (ms), ARGV[3] = used_memory, ARGV[4] = maxmemory,
+-- ARGV[5] = JSON list of the slots whose fan-out was refused ('' = leave them as they are),
+-- ARGV[6] = '' for a refusal seen, or the since (ms) of the episode whose redis_full was
+-- delivered: that marker (only) remembers it; none is made (the episode may be over).
+-- Returns {since (ms), '1' if redis_full was delivered else '0', the marker JSON}, or
+-- {'0', '0', '{}'} when there was no marker to note a delivery in.
+local marker_key = KEYS[1]
+local node, ttl_ms, used, maxmemory, slots, delivered = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local now = redis_now_ms()
+local raw = redis.call('GET', marker_key)
+local mark = raw and cjson.decode(raw)
+if delivered ~= '' then
+  if not mark or tostring(mark.since_ms) ~= delivered then
+    return {'0', '0', '{}'}
+  end
+  mark.alerted = true
+else
+  mark = mark or {since_ms = now, node = node, alerted = false}
+  mark.last_ms, mark.last_node = now, node
+  mark.used_memory, mark.maxmemory = tonumber(used), tonumber(maxmemory)
+  if slots ~= '' then
+    mark.slots = cjson.decode(slots)
+  end
+end
+raw = cjson.encode(mark)
+redis.call('SET', marker_key, raw, 'PX', ttl_ms)
+return {tostring(mark.since_ms), mark.alerted and '1' or '0', raw}
+""", NOW_LUA))
 
 
 # -- parsed replies -----------------------------------------------------------------------
@@ -1290,12 +1347,34 @@ return 'claimed'
 
 # -- calls --------------------------------------------------------------------------------
 
+class _Flagged:
+    """A script with Redis 7 flags on its first line (``allow_oom``), and the same script
+    without that line for an older Redis, which cannot compile it. Which one is sent is
+    decided by the server's version, read once per connection (``Scripts.flags_supported``).
+    Looks like a redis-py ``Script`` to ScriptCall: called, or its ``script`` queued."""
+
+    def __init__(self, owner: "Scripts", flagged: Script, plain: Script) -> None:
+        self.owner = owner
+        self.flagged = flagged
+        self.plain = plain
+
+    def chosen(self) -> Script:
+        return self.flagged if self.owner.flags_supported() else self.plain
+
+    @property
+    def script(self) -> str:
+        return str(self.chosen().script)
+
+    def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return self.chosen()(keys=keys, args=args)
+
+
 @dataclass(frozen=True)
 class ScriptCall(Generic[T]):
     """One call of a script: sent now (``run``), or queued in a pipeline someone else
     executes (``queue_in``), whose reply ``parse`` then reads."""
 
-    script: Script
+    script: Script | _Flagged
     keys: Sequence[str]
     args: Sequence[Any]
     parse: Callable[[Any], T]
@@ -1316,14 +1395,35 @@ def compact(lua: str) -> str:
     travel as EVAL bodies with every run (ScriptCall.queue_in), and their documentation
     would otherwise more than double what each run sends."""
     kept = (line.strip() for line in lua.splitlines())
+    # (A flags line, "#!lua flags=...", is no comment: it stays, and stays first.)
     return "\n".join(line for line in kept if line and not (line.startswith("--") and not line.startswith("--[[")))
+
+
+# The first Redis major version that reads script flags (EVAL's "#!lua flags=..." line).
+FLAGS_SINCE_MAJOR = 7
+
+
+def redis_major(version: str) -> int:
+    """``7`` for "7.0.15"; 0 when unreadable (then no flags are sent)."""
+    try:
+        return int(str(version).split(".", 1)[0])
+    except ValueError:
+        return 0
 
 
 class Scripts:
     """Every script, registered on one connection: get it with ``scripts_for``."""
 
     def __init__(self, connection: Redis) -> None:
-        def register(lua: str) -> Script:
+        self.connection = connection
+        # Whether the server reads script flags (Redis >= 7): asked on first need, not here
+        # (Redis may be away when a process builds its Scripts).
+        self._flags: bool | None = None
+
+        def register(lua: str) -> Any:
+            if lua.startswith(ALLOW_OOM):
+                return _Flagged(self, connection.register_script(compact(lua)),
+                                connection.register_script(compact(lua[len(ALLOW_OOM):])))
             return connection.register_script(compact(lua))
 
         self._lease_acquire_or_renew = register(LEASE_ACQUIRE_OR_RENEW)
@@ -1365,6 +1465,18 @@ class Scripts:
         self._generation_ensure = register(GENERATION_ENSURE)
         self._restore_memory = register(RESTORE_MEMORY)
         self._data_lost_alert_claim = register(DATA_LOST_ALERT_CLAIM)
+        self._memory_full_mark = register(MEMORY_FULL_MARK)
+
+    def flags_supported(self) -> bool:
+        """Whether this connection's server reads script flags (Redis >= 7); one INFO the
+        first time, then remembered for the connection. A worker asks before it forks
+        (worker.WorkerContext), so its work-horses inherit the answer and a run costs no
+        round trip for it. (A Sentinel failover to a server of another version would need a
+        restart of the process to be seen.)"""
+        if self._flags is None:
+            info = self.connection.info("server")
+            self._flags = redis_major(str(info.get("redis_version", "0"))) >= FLAGS_SINCE_MAJOR
+        return self._flags
 
     # -- owner-token leases (lease.py) --
 
@@ -1610,6 +1722,18 @@ class Scripts:
         keys = [hash_key, runs_key] + ([zset_key] if zset_key else [])
         return ScriptCall(self._doctor_drop_entry, keys, [field, value, run_id, state, job_id], bool)
 
+
+    # -- Redis out of memory (redis_memory.py) --
+
+    def memory_full_mark(self, *, marker_key: str, node: str, ttl_ms: int, used_memory: int, maxmemory: int,
+                         slots_json: str | None, delivered_since_ms: int | None = None,
+                         ) -> ScriptCall[tuple[int, bool, str]]:
+        """(since ms, whether redis_full was delivered, the marker JSON); with
+        ``delivered_since_ms``, only notes that delivery on that episode's marker."""
+        return ScriptCall(self._memory_full_mark, [marker_key],
+                          [node, ttl_ms, used_memory, maxmemory, "" if slots_json is None else slots_json,
+                           "" if delivered_since_ms is None else delivered_since_ms],
+                          lambda reply: (lua_ms(reply[0]), _text(reply[1]) == "1", _text(reply[2])))
 
     # -- table differences (table_watch.py) --
 

@@ -12,6 +12,11 @@ a paused task shows ``paused``; a run held back by a limit of its task stays ``q
 leader's (table_skew.py's view, read by table_watch.read_tables).
 ``redis_data_lost`` is ``{"since", "generation", "previous", "node", "last_seen"}`` when
 the mark of Redis's data was written after a loss (generation.py), else null.
+
+``redis`` is Redis's memory (redis_memory.redis_view: ``used_memory``, ``maxmemory``,
+``full``...); while Redis refuses writes, a run of a slot whose fan-out it refused shows
+``scheduled``, not ``missed``: the leader fans it out once writes work again, and
+``late_slots`` lists those fanned out late for that reason.
 The ``--json`` shape is a public contract: keys are added, never renamed.
 
 This module reads Redis; the text table made from its dict is render.py's (pure).
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import json
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, Collection
 
 from redis import Redis
 
@@ -32,6 +37,7 @@ from .generation import read_data_loss
 from .keys import Keys
 from .params_book import ParamsBook
 from .pause import paused_tasks
+from .redis_memory import redis_view
 from .redis_values import as_text
 from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, decode_record, runs_on
 from .table import TaskTable
@@ -56,7 +62,9 @@ def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
 
 def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> dict[str, Any]:
     paused = paused_tasks(connection, keys)
-    runs = day_runs(connection, keys, table, day, now, paused)
+    redis = redis_view(connection, keys)
+    refused = {(entry["task"], entry["slot"]) for entry in redis["refused_slots"]}
+    runs = day_runs(connection, keys, table, day, now, paused, refused=refused)
     nodes = live_processes(connection, keys, now)
     leader = leader_info(connection, keys)
     description = describe(table)
@@ -64,15 +72,31 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
     tables = read_tables(connection, keys, nodes, leader_node=None if leader_node is None else str(leader_node),
                          own_table=fingerprint(description), own_description=description)
     status = {"date": day.isoformat(), "leader": leader, "runs": runs, "generated_at": iso(now), "nodes": nodes,
-              "clock_warnings": clock_warnings(nodes), "paused": paused, "tables": tables}
+              "clock_warnings": clock_warnings(nodes), "paused": paused, "tables": tables, "redis": redis,
+              "late_slots": late_slots(connection, keys, day)}
     # Since when Redis has lost dailyq's data, or None (generation.py): the records shown
     # may lack runs that did run before then.
     status["redis_data_lost"] = read_data_loss(connection, keys)
     return status
 
 
+def late_slots(connection: Redis, keys: Keys, day: date) -> list[dict[str, Any]]:
+    """The day's slots fanned out late because Redis had refused their fan-out (memory
+    full), in slot order: ``{task, slot, due_at, refused_since, fanned_out_at, past_grace, why}``."""
+    found = []
+    for raw in connection.hvals(keys.day_late(day)):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            found.append(entry)
+    return sorted(found, key=lambda entry: str(entry.get("due_at")))
+
+
 def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,
-             paused: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+             paused: dict[str, Any] | None = None,
+             refused: Collection[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """Every run of ``day`` as ``status --json`` shows it, in firing order.
 
     A computed task's runs are those of the list stored for the slot (params_book.py);
@@ -92,8 +116,10 @@ def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: da
         if record is None:
             # A run not fanned out yet is fanned out when the table's slot comes (a new param
             # of a moved task: under the stored slot, at the new time), so it is missed only
-            # past the grace of the later of the two.
-            overdue = now - slots.due_at(run.task, run.slot) > timedelta(seconds=run.task.misfire_grace_s)
+            # past the grace of the later of the two; a slot whose fan-out Redis refused,
+            # ``refused`` (task, slot ISO), is still to come.
+            overdue = (now - slots.due_at(run.task, run.slot) > timedelta(seconds=run.task.misfire_grace_s)
+                       and (run.task.name, run.slot.isoformat()) not in refused)
             record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
             record["param"] = run.param
         shown.append((run.slot.fires_at, _public(run.run_id, record)))

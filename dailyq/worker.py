@@ -21,7 +21,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from redis import Redis
 from redis.client import Pipeline
@@ -39,8 +39,9 @@ from .fingerprint import table_fingerprint
 from .generation import GenerationWatch
 from .guard import CLAIM_LOST_EXIT_CODE, Guard
 from .limits import Admissions
-from .outage import OutageLog, through_outage
+from .outage import MEMORY, OutageLog, through_outage
 from .pause import PausedCache
+from .redis_memory import describer, wait_for_writes
 from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
 from .runs import META_KEY, RunJob, StaleJob
 from .settings import Settings
@@ -119,6 +120,11 @@ class WorkerContext:
         if self.generation is None:
             self.generation = GenerationWatch(self.connection, s.keys, s.node_name, "worker")
         self._saw_generation(None, read=True)
+        try:
+            # Before any fork: the work-horses inherit the answer (scripts.Scripts.flags_supported).
+            self.guard.scripts.flags_supported()
+        except RedisError:
+            pass  # asked again at the first script that needs it
 
     def _saw_generation(self, raw: bytes | None, read: bool = False) -> None:
         """One read of the mark (``read``: make it now): a loss is logged once by the watch.
@@ -133,6 +139,13 @@ class WorkerContext:
             log.warning("could not read dailyq's mark in Redis (%s); looking again at the next beat", exc)
         except Exception:  # noqa: BLE001 - see the docstring
             log.exception("reading dailyq's mark in Redis failed; looking again at the next beat")
+
+    def wait_for_writes(self, what: str, stopping: Callable[[], bool]) -> bool:
+        MEMORY.refused(what)
+        if not wait_for_writes(self.connection, self.settings.keys, stopping):
+            return False
+        MEMORY.accepted()
+        return True
 
     def upstream_ended(self, run: RunJob) -> None:
         """A run was recorded finished or failed: release (or block) the runs of its
@@ -307,6 +320,7 @@ class _DailyWorkerMixin(GuardedWorker):
         connection = kwargs.pop("connection", None) or _connection_of(queues) or connect(settings)
         # The guard is built now, before any fork (see WorkerContext).
         context = WorkerContext(settings, table, connection, stop_by_exit=self.stops_by_exit, generation=generation)
+        MEMORY.name(f"worker on node {settings.node_name} (pid {os.getpid()})", describer(connection))
         super().__init__(queues, hooks=context, default_queue=settings.keys.queue_name,
                          connection=connection, **kwargs)
 

@@ -15,10 +15,12 @@ import os
 
 from redis import Redis
 from redis.exceptions import RedisError
+from rq.exceptions import StopRequested
 
 from .beats import forget_worker, worker_member
 from .generation import GenerationWatch
-from .outage import OutageLog, wait_for_redis
+from .outage import MEMORY, OutageLog, refused_for_memory, transient, wait_for_redis
+from .redis_memory import wait_for_writes
 from .settings import Settings
 from .table import TaskTable
 from .worker import DailySimpleWorker, DailyWorker, worker_name
@@ -39,15 +41,32 @@ def supervise_worker(connection: Redis, settings: Settings, table: TaskTable, *,
     while True:
         worker = worker_class(settings=settings, table=table, connection=connection,
                               name=worker_name(settings.node_name, generation), generation=watch)
-        # with_scheduler: RQ's own scheduler moves retries-with-backoff back to the queue.
-        worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        stopped_by: Exception = RuntimeError("the RQ work loop stopped")
+        try:
+            # with_scheduler: RQ's own scheduler moves retries-with-backoff back to the queue.
+            worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        except RedisError as exc:  # away, or out of memory: this process waits, it does not exit
+            if not transient(exc):
+                raise
+            stopped_by = exc
+        except StopRequested:
+            # SIGTERM while a fresh worker still waited to register (its handler is RQ's,
+            # raising when the worker is not busy): a stop like any other.
+            worker.shutdown_requested = True
         # SIGTERM/SIGINT asked it to stop (rq_seam.GuardedWorker.handle_warm_shutdown_request).
         if burst or worker.shutdown_requested:
             _forget_self(connection, settings)
             return 0
-        outage = OutageLog(log, f"worker on node {settings.node_name}")
-        outage.failed(RuntimeError("the RQ work loop stopped"))
-        wait_for_redis(connection.ping, outage)
+        if refused_for_memory(stopped_by) or MEMORY.full:
+            # Redis answers pings while it refuses writes: wait for writes, not for a ping
+            # (and no "reachable again" line: the memory notice has the episode's lines).
+            MEMORY.refused(f"worker on node {settings.node_name}")
+            wait_for_writes(connection, settings.keys)
+            MEMORY.accepted()
+        else:
+            outage = OutageLog(log, f"worker on node {settings.node_name}")
+            outage.failed(stopped_by)
+            wait_for_redis(connection.ping, outage)
         generation += 1
 
 
