@@ -259,6 +259,14 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
         final = states()
         report.finished = sum(s == "finished" for s in final.values())
         report.lost = runs - report.finished
+        # What a run not finished in time was left as: the record says why (a true state) or
+        # shows a bug; either way the report names it.
+        for run_id, raw in sorted(connection.hgetall(runs_key).items()):
+            record = json.loads(raw)
+            if record.get("state") != "finished":
+                report.notes.append(f"not finished: {run_id.decode()} {record.get('state')} on "
+                                    f"{record.get('node')}, attempts {record.get('attempts')}, "
+                                    f"error {record.get('error')!r}")
         events = executions(Redis.from_url(log_server.url), PREFIX)
         report.longest_overlap_s = _overlaps(events, frozen_pids, cut_windows)
         report.reexecutions, report.longest_recovery_s = _reexecutions(events, kill_log)
