@@ -20,6 +20,11 @@ work-horse, or the worker itself for a non-forking worker):
    held by another copy (after a freeze). Stopping ends a forked work-horse at once
    and interrupts the call in a non-forking worker; that copy records nothing.
    So a copy cut off from Redis stops before any other copy can take its run over.
+   A task holding the GIL (a long C call) stops both threads; in the forking worker the
+   parent process, which the task cannot block, reads the horse's claim deadline from
+   shared memory and kills the horse once it passed (claim_watch.py). A non-forking
+   worker has no such process: there a task that holds the GIL past ``claim_ttl_s -
+   claim_margin_s`` can run beside the copy that takes its run over.
 3. ``FINISH`` adds the run to the finished set and releases the claim atomically (on
    a worker, inside RQ's transaction that records the job's success); ``FAIL``
    releases the claim and records the error, or queues the run for its retry. Both
@@ -51,6 +56,7 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq.timeouts import BaseTimeoutException
 
+from .claim_watch import ClaimDeadline
 from .clock import Clock, iso, utc_now
 from .context import RunContext, running_as
 from .keys import Keys
@@ -141,6 +147,9 @@ class Attempt:
     while_waiting: Callable[[], None] | None = None
     # BEGIN said busy at least once: this copy waited for another one (guard._gave_up_waiting).
     waited_busy: bool = False
+    # In a forked work-horse: where its claim's deadline is shared with the worker parent,
+    # which kills the horse once it passed (claim_watch.py).
+    shared_deadline: ClaimDeadline | None = None
 
     def keep_begin_reply(self, reply: Any) -> None:
         """BEGIN's raw reply, from the transaction it was queued in."""
@@ -210,7 +219,7 @@ class Guard:
         ttl_ms = self.claim_ttl_s * 1000
         held = self.keeper.hold(run.run_id, self.keys.claim(run.run_id), self.keys.series_claim(run.series),
                                 attempt.owner, ttl_ms, confirmed_at=attempt.begin_sent_at,
-                                slots_key=attempt.slots_key)
+                                slots_key=attempt.slots_key, shared_deadline=attempt.shared_deadline)
         context = RunContext(task=run.run.task.name, param=run.run.param, day=run.day, slot=run.run.slot.in_zone,
                              run_id=run.context_run_id, attempt=attempt.attempt, node=self.node,
                              fence=attempt.fence, _lost_because=held.lost_because)
@@ -377,19 +386,32 @@ class HeldRun:
     """One run executing in this process under a claim, as the keeper sees it."""
 
     def __init__(self, keeper: "ClaimKeeper", run_id: str, claim_key: str, series_key: str, owner: str,
-                 ttl_ms: int, confirmed_at: float, slots_key: str | None = None) -> None:
+                 ttl_ms: int, confirmed_at: float, slots_key: str | None = None,
+                 shared_deadline: ClaimDeadline | None = None) -> None:
         self.keeper = keeper
+        self.shared_deadline = shared_deadline
         self.slots_key = slots_key
         self.run_id = run_id
         self.claim_key = claim_key
         self.series_key = series_key
         self.owner = owner
         self.ttl_ms = ttl_ms
-        self.confirmed_at = confirmed_at  # monotonic time the last confirmed renewal was sent
+        self.confirmed_at = confirmed_at
         self.lost: str | None = None
         self.calling = False  # the task function is executing now
         self.thread_id = threading.get_ident()
         self.stop_sent = False
+
+    @property
+    def confirmed_at(self) -> float:
+        """The monotonic time the last confirmed renewal (or BEGIN) was sent."""
+        return self._confirmed_at
+
+    @confirmed_at.setter
+    def confirmed_at(self, at: float) -> None:
+        self._confirmed_at = at
+        if self.shared_deadline is not None:  # the worker parent's copy of the deadline
+            self.shared_deadline.set(at + self.keeper.stop_after_s)
 
     def lost_because(self) -> str | None:
         """Why this copy no longer holds its claim, or None while it does."""
@@ -458,11 +480,13 @@ class ClaimKeeper:
         self._threads_started = False
 
     def hold(self, run_id: str, claim_key: str, series_key: str, owner: str, ttl_ms: int,
-             confirmed_at: float, slots_key: str | None = None) -> HeldRun:
+             confirmed_at: float, slots_key: str | None = None,
+             shared_deadline: ClaimDeadline | None = None) -> HeldRun:
         if self._pid != os.getpid():
             # A fork: the parent's runs, lock state and threads are not this process's.
             self._start_afresh()
-        held = HeldRun(self, run_id, claim_key, series_key, owner, ttl_ms, confirmed_at, slots_key)
+        held = HeldRun(self, run_id, claim_key, series_key, owner, ttl_ms, confirmed_at, slots_key,
+                       shared_deadline)
         with self._lock:
             self._held[run_id] = held
             if not self._threads_started:
@@ -478,7 +502,9 @@ class ClaimKeeper:
 
     def release(self, run_id: str) -> None:
         with self._lock:
-            self._held.pop(run_id, None)
+            held = self._held.pop(run_id, None)
+        if held is not None and held.shared_deadline is not None:
+            held.shared_deadline.clear()  # no claim held: the worker parent stops watching
 
     def held_in_thread(self, thread_id: int) -> HeldRun | None:
         with self._lock:

@@ -50,7 +50,14 @@ Public hooks, and when RQ calls them -- the when is what we depend on:
    passes, so our commands go after its own.
 7. ``Worker.handle_warm_shutdown_request()``: called when SIGTERM/SIGINT asks for a
    warm stop (``GuardedWorker.shutdown_requested``).
-8. ``Worker.horse_pid``, ``Job.retries_left``, ``Worker.log_result_lifespan``, the
+8. ``Worker.wait_for_horse()``: called by ``Worker.monitor_work_horse`` in the worker
+   process while the horse runs, again after each ``job_monitoring_interval`` (30 s,
+   its alarm interrupting the wait); it returns ``os.wait4``'s (pid, status, rusage),
+   which RQ acts on as for any horse that ended (3 above). Ours waits in a polling loop
+   that also kills a horse whose claim deadline passed (claim_watch.py): the horse
+   cannot stop itself while its task holds the GIL. ``Worker.kill_horse(sig)`` kills
+   the horse's process group.
+9. ``Worker.horse_pid``, ``Job.retries_left``, ``Worker.log_result_lifespan``, the
    ``maintenance_interval``/``job_class``/``serializer`` constructor arguments.
 9. Redis out of memory refuses RQ's own writes (its heartbeats, its state, the dequeue,
    its transactions) with ``OutOfMemoryError``, and RQ's work loop ends on any error but
@@ -83,6 +90,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Protocol, Sequence
@@ -98,6 +106,7 @@ from rq.worker import BaseWorker
 from rq_scheduler import Scheduler
 from rq_scheduler.utils import to_unix
 
+from .claim_watch import wait_watching
 from .keys import Keys
 from .logs import current_run_id
 from .outage import MEMORY, OutageLog, refused_for_memory, transient, wait_for_redis
@@ -129,6 +138,9 @@ class RunExecution:
     # The slot ADMIT gave a run of a task with limits (limits.py); released when the
     # execution ends, whichever way.
     slot: SlotHold | None = None
+    # Set in the worker process when it killed the work-horse because the horse's claim
+    # deadline passed (GuardedWorker.wait_for_horse): that copy records nothing.
+    killed_because: str | None = None
 
     def claim_in(self, pipeline: Pipeline) -> None:
         """BEGIN in RQ's preparation transaction, its reply handed to the attempt."""
@@ -315,6 +327,8 @@ class GuardedWorker(BaseWorker):
                    for name in queue_names(queues, default_queue)]
         self.hooks = hooks
         self.shutdown_requested = False
+        # The execution whose work-horse runs now, if its claim is watched (wait_for_horse).
+        self._watched: RunExecution | None = None
         super().__init__(rebuilt, connection=connection, job_class=job_class, serializer=JSONSerializer, **kwargs)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -325,7 +339,7 @@ class GuardedWorker(BaseWorker):
         process can record the horse's death."""
         try:
             if isinstance(job, DailyJob):
-                execution = job.take()
+                execution = self._watched = job.take()
                 if execution is None and job.foreign_reason is not None:
                     self.hooks.leave(job, queue)
                     return  # left for a node whose table has its run: the work loop goes on
@@ -341,10 +355,11 @@ class GuardedWorker(BaseWorker):
             outage.failed(error)
             wait_for_redis(self.connection.ping, outage)
             if self.horse_pid:
-                try:
-                    os.waitpid(self.horse_pid, 0)
-                except ChildProcessError:
-                    pass
+                self.wait_for_horse()  # still watching its claim
+        finally:
+            watched, self._watched = self._watched, None
+            if watched is not None and watched.attempt.shared_deadline is not None:
+                watched.attempt.shared_deadline.close()  # this process's mapping only (the horse's is its own)
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         """RQ's, in the executing process, and then the run's end (FINISH if still due).
@@ -450,6 +465,27 @@ class GuardedWorker(BaseWorker):
                 job.retries_left = 0  # not RQ's to retry: failed, or the leader's to take over
         finally:
             job.run_execution.release_slot()  # the horse is gone: its slot with it
+
+    def wait_for_horse(self) -> tuple[Any, Any, Any]:
+        """RQ's wait for the work-horse (behaviour 8), watching the horse's claim: a horse
+        whose claim deadline passed (its task holds the GIL, so neither its renewer nor
+        its watchdog runs) is killed with SIGKILL before the claim can lapse, and its
+        copy records nothing (``killed_because``; WorkerHooks.record_death)."""
+        execution = self._watched
+        deadline = execution.attempt.shared_deadline if execution is not None else None
+        if execution is None or deadline is None or not self.horse_pid:
+            return super().wait_for_horse()
+        horse_pid = self.horse_pid
+        run_id = execution.attempt.run.run_id
+
+        def kill(overdue_s: float) -> None:
+            execution.killed_because = f"its claim was not confirmed in time ({overdue_s:.1f}s past its deadline)"
+            log.error("run %s: killing its work-horse (pid %d): %s; its task holds the interpreter (a C call "
+                      "holding the GIL?), so the horse could not stop itself; this copy records nothing",
+                      run_id, horse_pid, execution.killed_because, extra={"run_id": run_id})
+            self.kill_horse(signal.SIGKILL)
+
+        return wait_watching(horse_pid, deadline, kill)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         """RQ's heartbeat, plus this node's worker heartbeat key (``WorkerHooks.beat``).

@@ -30,6 +30,7 @@ from rq import Queue, SimpleWorker, Worker
 from rq.exceptions import DeserializationError
 
 from .beats import beat_value, register_node, register_worker, worker_member
+from .claim_watch import ClaimDeadline
 from .clock import RedisClock
 from .connection import connect
 from .dependencies import downstream_of, release_ready
@@ -191,7 +192,11 @@ class WorkerContext:
         if why is not None:
             job.foreign_reason = why
             return None
-        return RunExecution(self.guard, self.guard.attempt(run))
+        attempt = self.guard.attempt(run)
+        if self.stop_by_exit:
+            # Mapped now, before RQ forks the horse, so that both see it (claim_watch.py).
+            attempt.shared_deadline = ClaimDeadline(self.guard.keeper.margin_s)
+        return RunExecution(self.guard, attempt)
 
     def _lacks(self, run: RunJob, func_name: str | None) -> str | None:
         """Why this worker's table cannot run ``run`` (its job names ``func_name``), or None.
@@ -231,6 +236,12 @@ class WorkerContext:
         run_id = attempt.run.run_id
         if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == CLAIM_LOST_EXIT_CODE:
             log.warning("run %s: work-horse stopped after losing its claim; recorded nothing", run_id,
+                        extra={"run_id": run_id})
+            return False
+        if execution.killed_because is not None:
+            # Killed by this process for its claim (rq_seam.GuardedWorker.wait_for_horse): as
+            # for CLAIM_LOST_EXIT_CODE, the run is the leader's to take over once the claim lapses.
+            log.warning("run %s: work-horse killed: %s; recorded nothing", run_id, execution.killed_because,
                         extra={"run_id": run_id})
             return False
         error = f"work-horse died ({describe_exit(wait_status)})"

@@ -1,11 +1,13 @@
 """Task table for the tests, shaped by environment variables so that separate node
 processes share it: SAMPLE_AT / SAMPLE_TZ / SAMPLE_PARAMS / SAMPLE_SLEEP_S / SAMPLE_ONLY /
-SAMPLE_RETRIES / SAMPLE_FUNC (record, progress, die, fail_first, explode, fail_some) /
+SAMPLE_RETRIES / SAMPLE_FUNC (record, progress, hold_gil, die, fail_first, explode, fail_some) /
 SAMPLE_FAIL (the params fail_some fails, comma-separated) / SAMPLE_DEADLINE (the sample
 task's deadline) / SAMPLE_LOG_URL (where the tasks log their executions; default
 REDIS_URL, which a test may route through a proxy) / SAMPLE_DOWNSTREAM (N: a task
 "downstream" with N params and ``after=["sample"]``, also with SAMPLE_ONLY) /
-SAMPLE_MARKER (fail_until_marker fails the SAMPLE_FAIL params while this file is absent).
+SAMPLE_MARKER (fail_until_marker fails the SAMPLE_FAIL params while this file is absent) /
+SAMPLE_GIL_N, SAMPLE_GIL_ATTEMPTS (hold_gil: the input size of its GIL-holding call, and
+on which attempts it makes it).
 
 A test that starts a live ``scheduler.py`` sets SAMPLE_AT: with the default 03:00 UTC the
 scheduler fans out that day's slot by itself from 03:00 to 04:00 UTC (the misfire
@@ -14,6 +16,7 @@ slot 12 h away; tests of firing use a slot a few seconds ahead."""
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -55,6 +58,25 @@ def progress(param: object) -> object:
     """Logs its run context, then a tick every 0.1 s for SAMPLE_SLEEP_S: a copy's span is
     its first to its last tick, even when the copy is stopped without a word."""
     _log("start", param, **_context_fields())
+    deadline = time.monotonic() + float(os.environ.get("SAMPLE_SLEEP_S", "0.2"))
+    while time.monotonic() < deadline:
+        _log("tick", param)
+        time.sleep(0.1)
+    _log("end", param)
+    return param
+
+
+def hold_gil(param: object) -> object:
+    """Logs its start, then, on the run's first SAMPLE_GIL_ATTEMPTS attempts (default 1),
+    holds the GIL in one C call: ``re`` backtracking catastrophically over SAMPLE_GIL_N
+    characters (each one more takes about 1.35 times as long; on an idle 2-core machine
+    34 took 2 s, so the default 42 takes 20 s or more). No other thread of its process
+    runs meanwhile. Then it ticks like ``progress``."""
+    _log("start", param, **_context_fields())
+    run = current_run()
+    if run is None or run.attempt <= int(os.environ.get("SAMPLE_GIL_ATTEMPTS", "1")):
+        re.match(r"(a|aa)+$", "a" * int(os.environ.get("SAMPLE_GIL_N", "42")) + "b")
+        _log("held", param)
     deadline = time.monotonic() + float(os.environ.get("SAMPLE_SLEEP_S", "0.2"))
     while time.monotonic() < deadline:
         _log("tick", param)

@@ -509,3 +509,45 @@ def test_a_finish_whose_reply_was_lost_is_recorded_and_releases_its_downstream(s
     assert ended == [run]  # recorded finished by this copy: its downstream runs are looked at
     assert record(client, settings, rid("r1"))["state"] == "finished"
     client.close()
+
+
+def test_the_claim_deadline_shared_with_a_worker_parent_follows_the_claim_from_begin_to_release(connection,
+                                                                                               settings):
+    """What a forking worker's parent reads (claim_watch.py): nothing while the copy waits
+    for a busy claim, then the keeper's own deadline (the last confirmation + TTL - margin),
+    moved on by each renewal, and nothing again once FINISH released the claim."""
+    from dailyq.claim_watch import ClaimDeadline
+
+    g = guard(connection, settings)
+    deadline = ClaimDeadline(g.keeper.margin_s)
+    attempt = g.attempt(identity("r1"))
+    attempt.shared_deadline = deadline
+    connection.set(settings.keys.claim(rid("r1")), "another-copy", px=1500)  # busy at first
+    seen_while_waiting: list[float] = []
+    calling = threading.Event()
+
+    def sample_until_called() -> None:
+        while not calling.is_set():
+            seen_while_waiting.append(deadline.get())
+            time.sleep(0.05)
+
+    sampler = run_in_thread(sample_until_called)
+    readings: list[tuple[float, float]] = []
+
+    def task() -> str:
+        calling.set()
+        for _ in range(2):
+            readings.append((time.monotonic(), deadline.get()))
+            time.sleep(g.keeper.renew_every_s + 0.3)
+        return "done"
+
+    with when_waiting("r1") as waiting:
+        begun = time.monotonic()
+        assert g.execute(identity("r1"), task, lambda: False, attempt=attempt) == "done"
+    sampler.join(EVENT_TIMEOUT_S)
+    assert waiting.is_set() and seen_while_waiting and set(seen_while_waiting) == {0.0}
+    (first_at, first), (later_at, later) = readings
+    stop_after_s = g.keeper.stop_after_s
+    assert begun + stop_after_s < first <= first_at + stop_after_s  # from the BEGIN that claimed
+    assert first < later <= later_at + stop_after_s  # a renewal moved it on
+    assert deadline.get() == 0.0  # released with FINISH: the parent stops watching

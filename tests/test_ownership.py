@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.helpers import base_env, executions, longest_overlap, quiet_sample_at, run_cli, wait_for
+from tests.helpers import base_env, children_of, executions, longest_overlap, quiet_sample_at, run_cli, wait_for
 from tests.tcp_proxy import TcpProxy
 
 DAY = "2026-11-20"
@@ -117,6 +117,66 @@ def test_a_frozen_worker_stops_its_copy_on_resuming_and_records_nothing(redis_se
     assert run_record(env) == run  # nothing recorded by the resumed copy afterwards
     assert frozen_worker.poll() is None
     assert "stopping this work-horse" in processes.log_of(frozen_worker)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended: it only waits to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_task_holding_the_gil_is_killed_by_its_worker_before_another_copy_starts(redis_server, prefix,
+                                                                                   connection, processes):
+    # The first attempt holds the GIL in one regular-expression call for 20 s or more (60 s
+    # on a busy machine), far past the claim TTL (6 s): its work-horse can neither renew its claim nor stop itself.
+    # Later attempts tick for 1 s, so that the run can finish.
+    env = dict(node_env(redis_server.url, prefix, SAMPLE_SLEEP_S="1"), SAMPLE_FUNC="hold_gil", SAMPLE_GIL_N="42")
+    a_worker = processes.start("worker_entry.py", dict(env, NODE_NAME="node-a"))
+    processes.start("scheduler.py", dict(env, NODE_NAME="node-a"))
+    assert run_cli(["trigger", "--date", DAY], env).returncode == 0
+    wait_for(lambda: first_event(connection, prefix, "node-a") is not None, 30, "the run to start on node-a")
+    horse = first_event(connection, prefix, "node-a")["pid"]
+    try:
+        assert horse in children_of(a_worker.pid)  # the work-horse, in the GIL-holding call now
+        processes.start("worker_entry.py", dict(env, NODE_NAME="node-b"))
+        processes.start("scheduler.py", dict(env, NODE_NAME="node-b"))
+        # When the first copy's process ended, read from /proc (every 20 ms: an upper bound).
+        gone_at = None
+        watch_until = time.monotonic() + 90
+        while gone_at is None and time.monotonic() < watch_until:
+            if not alive(horse):
+                gone_at = time.time()
+            time.sleep(0.02)
+        wait_for(lambda: run_record(env)["state"] == "finished", 60, "the run to finish", every=0.5)
+    finally:
+        try:
+            os.kill(horse, signal.SIGKILL)  # in its own process group: teardown would miss it
+        except ProcessLookupError:
+            pass
+
+    events = events_of(connection, prefix)
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 2, events
+    first, second = starts
+    if gone_at is not None:
+        print(f"GIL-holding copy: process gone {gone_at - first['t']:.1f}s after its start; "
+              f"second copy started {second['t'] - gone_at:.1f}s after that")
+    assert first["pid"] == horse and second["pid"] != horse
+    assert gone_at is not None and gone_at < second["t"], (
+        f"the second copy started {(gone_at or time.time()) - second['t']:.1f}s before the first one's "
+        "process ended")
+    # Killed inside its C call: it never got past it, and recorded nothing.
+    assert [e["event"] for e in events if e["pid"] == horse] == ["start"]
+    assert second["context"]["attempt"] == 2 and second["context"]["fence"] > first["context"]["fence"]
+    run = run_record(env)
+    assert run["state"] == "finished" and run["attempts"] == 2
+    assert f"killing its work-horse (pid {horse})" in processes.log_of(a_worker)
+    assert a_worker.poll() is None  # the worker itself goes on
+    time.sleep(1)
+    assert run_record(env) == run
 
 
 def contexts(connection, prefix: str) -> list[dict]:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
@@ -208,6 +209,41 @@ def test_a_warm_stop_request_calls_handle_warm_shutdown_request(connection, sett
     assert called == [os.getpid()]
 
 
+# -- 8. the parent's wait for its work-horse ------------------------------------------------
+
+def test_wait_for_horse_is_the_parents_wait_called_again_after_each_monitoring_interval(connection, settings):
+    """``monitor_work_horse`` calls ``wait_for_horse`` in the worker process while the
+    horse runs; its alarm (``job_monitoring_interval``) interrupts a wait that has not
+    returned, and RQ calls it again; what it returns is what RQ acts on (a horse it
+    killed with ``kill_horse(SIGKILL)`` reaches ``handle_work_horse_killed``)."""
+    calls: list[tuple[int, int, float]] = []
+    killed: list[tuple[int, int]] = []
+
+    class Probe(Worker):
+        def wait_for_horse(self) -> Any:
+            calls.append((os.getpid(), self.horse_pid, time.monotonic()))
+            if len(calls) < 3:
+                while True:  # a polling wait: RQ's alarm ends it
+                    time.sleep(0.05)
+            self.kill_horse(signal.SIGKILL)
+            return super().wait_for_horse()
+
+        def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+            super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+            killed.append((retpid, ret_val))
+
+    queue = queue_of(connection, settings)
+    queue.enqueue("time.sleep", 60)
+    Probe([queue], connection=connection, serializer=JSONSerializer, job_monitoring_interval=1).work(burst=True)
+    assert len(calls) == 3
+    assert {pid for pid, *_ in calls} == {os.getpid()}  # the worker process, not the horse
+    horse = calls[0][1]
+    assert horse and horse != os.getpid() and {h for _, h, _ in calls} == {horse}
+    assert calls[2][2] - calls[0][2] >= 1.5  # called again once per interval (1 s)
+    ((retpid, ret_val),) = killed
+    assert retpid == horse and os.WIFSIGNALED(ret_val) and os.WTERMSIG(ret_val) == signal.SIGKILL
+
+
 # -- 6. what GuardedWorker overrides still exists, with the signatures it assumes ----------
 
 def test_the_overridden_rq_methods_exist_with_the_signatures_the_seam_uses():
@@ -218,12 +254,14 @@ def test_the_overridden_rq_methods_exist_with_the_signatures_the_seam_uses():
         "handle_work_horse_killed": ["self", "job", "retpid", "ret_val", "rusage"],
         "heartbeat": ["self", "timeout", "pipeline"],
         "handle_warm_shutdown_request": ["self"],
+        "wait_for_horse": ["self"],
     }
     for name, parameters in expected.items():
         assert list(inspect.signature(getattr(BaseWorker, name)).parameters) == parameters, name
         assert name in GuardedWorker.__dict__, name  # and the seam overrides each
     assert list(inspect.signature(Job.prepare_for_execution).parameters) == ["self", "worker_name", "pipeline"]
     assert isinstance(BaseWorker.__dict__["horse_pid"], property)
+    assert list(inspect.signature(Worker.kill_horse).parameters) == ["self", "sig"]
     assert {"maintenance_interval", "job_class", "serializer", "connection"} <= set(
         inspect.signature(BaseWorker.__init__).parameters)
     assert "log_result_lifespan" in vars(BaseWorker)
