@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -32,6 +32,7 @@ from .alert_events import Alert, tables_differ_alert
 from .beats import live_processes
 from .fingerprint import Description, describe, fingerprint
 from .keys import Keys
+from .lease import Lease
 from .outage import OutageLog
 from .redis_values import as_text
 from .scripts import lua_ms, scripts_for
@@ -39,8 +40,14 @@ from .settings import Settings
 from .table import TaskTable
 from .table_skew import differing_tables, lease_node, reference_of, tables_view
 
-if TYPE_CHECKING:
-    from .scheduler import DailyScheduler
+
+class Ticking(Protocol):
+    """What a tick hook reads of the scheduler (scheduler.DailyScheduler): named by shape,
+    not imported, so that status (which reads tables through this module) does not load
+    the leader loop."""
+
+    is_leader: bool
+    lease: Lease
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +150,7 @@ class TableWatch:
         self._outage = OutageLog(log, f"the table check on node {settings.node_name}")
         self._last_failure_log = 0.0
 
-    def on_tick(self, scheduler: "DailyScheduler") -> None:
+    def on_tick(self, scheduler: Ticking) -> None:
         """Check every ``every_s`` while leading. Never raises: runs inside the tick."""
         if not scheduler.is_leader:
             self._next_check = 0.0

@@ -31,6 +31,7 @@ PURE_MODULES = frozenset({
     "dailyq.alert_events",
     "dailyq.backfill",
     "dailyq.cli_support",
+    "dailyq.claim_watch",
     "dailyq.context",
     "dailyq.errors",
     "dailyq.fingerprint",
