@@ -1365,6 +1365,11 @@ class _Flagged:
     def script(self) -> str:
         return str(self.chosen().script)
 
+    @property
+    def sha(self) -> str:
+        """The SHA the chosen script is sent under (EVALSHA)."""
+        return str(self.chosen().sha)
+
     def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return self.chosen()(keys=keys, args=args)
 
