@@ -104,7 +104,8 @@ def trigger_range(connection_or_url: ConnectionOrUrl, start: DayLike, end: DayLi
 
 def _trigger_day(connection: Redis, settings: Settings, queue: Any, table: TaskTable, day: date,
                  names: list[str] | None, now: datetime) -> dict[str, Any]:
-    result = _trigger_command(connection, settings.keys, queue, table, day, names, settings.retention_s, now)
+    result = _trigger_command(connection, settings.keys, queue, table, day, names, settings.retention_s, now,
+                              wait_replicas=settings.wait_replicas)
     # Trigger enqueues each run's first job, whose id is the run id (runs.Run.job_id).
     by_job_id = {run.job_id(): run for run in result.runs}
     return {"date": day.isoformat(), "tasks": names or [task.name for task in table.tasks],
@@ -146,7 +147,8 @@ def rerun(connection_or_url: ConnectionOrUrl, task: str, params: Iterable[Any] =
     with _connection(connection_or_url, settings) as connection:
         day_ = parsed_day or default_day(table_, server_now(connection))
         report = _rerun_command(connection, settings.keys, make_queue(connection, settings.keys), table_,
-                                task_.name, wanted, day_, force, settings.retention_s, refresh_params)
+                                task_.name, wanted, day_, force, settings.retention_s, refresh_params,
+                                wait_replicas=settings.wait_replicas)
         groups = {"enqueued": report.enqueued, "finished": report.finished, "in_progress": report.in_progress}
         every = [run for runs in groups.values() for run in runs]
         # The job ids fan_out chose (a rerun's -rN) are in the records it just wrote.

@@ -57,8 +57,10 @@ def resume(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
 
 
 def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date,
-            task_names: Iterable[str] | None, retention_s: int, now: datetime | None = None) -> TriggerResult:
-    """Fan out every run of ``day`` now (ad-hoc or backfill). Idempotent.
+            task_names: Iterable[str] | None, retention_s: int, now: datetime | None = None,
+            wait_replicas: int = 0) -> TriggerResult:
+    """Fan out every run of ``day`` now (ad-hoc or backfill). Idempotent. ``wait_replicas``:
+    DAILYQ_WAIT_REPLICAS (fanout.py; ReplicasBehind when fewer acknowledged the runs).
 
     A computed task's runs are those of its stored list for each slot; with nothing (or
     only a failure) stored, its callable is called for that day now and the outcome
@@ -80,7 +82,7 @@ def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: 
             if not entry.ok:
                 failed.append(entry)
     runs.sort(key=lambda run: run.slot.fires_at)
-    result = fan_out(connection, keys, queue, runs, retention_s=retention_s)
+    result = fan_out(connection, keys, queue, runs, retention_s=retention_s, wait_replicas=wait_replicas)
     if result.waiting:  # their upstream runs may have finished already (a past day)
         release_ready(connection, keys, queue, table, day, retention_s=retention_s)
     return TriggerResult(enqueued=result.enqueued, already=result.already, waiting=result.waiting, runs=runs,
@@ -138,7 +140,7 @@ def rerun_candidates(connection: Redis, keys: Keys, task: Task, wanted: Sequence
 
 def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_name: str, params: Sequence[str],
           day: date, force: bool, retention_s: int, refresh_params: bool = False,
-          now: datetime | None = None) -> RerunReport:
+          now: datetime | None = None, wait_replicas: int = 0) -> RerunReport:
     """Run again. Without ``force``, finished runs and runs queued or running now are
     skipped and reported; with it, each selected run is enqueued again (the guard still
     keeps two copies of one run from executing at once). ``refresh_params``: a computed
@@ -178,7 +180,7 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
     if report.enqueued:
         connection.expire(keys.day_reruns(day), retention_s)
         result = fan_out(connection, keys, queue, report.enqueued, retention_s=retention_s, again=numbers,
-                         force=force)
+                         force=force, wait_replicas=wait_replicas)
         # Held runs may be ready at once; runs blocked by this task's failed runs are 'waiting' again.
         if result.waiting or task.name in downstream_of(table):
             release_ready(connection, keys, queue, table, day, retention_s=retention_s)

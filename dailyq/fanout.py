@@ -13,6 +13,11 @@ RQ itself writes its job hashes and queue entries, in whatever format RQ uses.
 
 Work is batched: one transaction per chunk of runs, not one round trip per run.
 
+With ``wait_replicas`` (DAILYQ_WAIT_REPLICAS, replicas.py) each chunk's EXEC is followed
+by a WAIT: a chunk fewer replicas acknowledged raises ``ReplicasBehind`` (a RedisError),
+so the leader does not move its cursor past the slot and fans it out again (a no-op for
+what the enqueued set already has) rather than count on runs a failover may lose.
+
 A run of a task with ``after`` is fanned out like any other (its job id enters the
 enqueued set, its record is written) but *held*: recorded ``waiting`` and parked in the
 day's waiting hash (``Held``) instead of the RQ queue, in the same MULTI/EXEC, so it
@@ -44,6 +49,7 @@ from rq import Queue, Retry
 from .errors import LeaseLost
 from .keys import Keys
 from .lease import Lease
+from .replicas import ReplicaAcks, all_members
 from .runs import QUEUED, WAITING, Run, day_slot_json, decode_day_slot
 from .schedule import Slot
 from .scripts import Requeued, Scripts, scripts_for
@@ -104,7 +110,8 @@ def retry_policy(retries: int, backoff_s: int) -> Retry | None:
 
 def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *, retention_s: int,
             fence: Lease | None = None, again: dict[str, Again] | None = None,
-            force: bool = False, at_front: bool = False, hold_dependent: bool = True) -> FanOutResult:
+            force: bool = False, at_front: bool = False, hold_dependent: bool = True,
+            wait_replicas: int = 0) -> FanOutResult:
     """Enqueue each run not enqueued before (per job id); return what was done.
 
     ``again`` maps run id -> how a run enqueued before is enqueued once more (a fresh job id).
@@ -112,6 +119,8 @@ def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *,
     ``at_front``: jump the queue (recovered runs must not wait behind a whole day).
     ``hold_dependent``: hold the runs of tasks with ``after`` (see the module docstring);
     recovery passes False: a run that was executing had been released already.
+    ``wait_replicas``: each chunk counts once that many replicas acknowledged it (else
+    ReplicasBehind is raised; see the module docstring).
     """
     again = again or {}
     result = FanOutResult()
@@ -119,6 +128,7 @@ def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *,
     for run in longest_first(connection, keys, runs):
         by_day[run.day].append(run)
     scripts = scripts_for(connection)
+    acks = ReplicaAcks(connection, keys, wait_replicas)
     for day, day_runs in by_day.items():
         for start in range(0, len(day_runs), CHUNK_SIZE):
             chunk = day_runs[start:start + CHUNK_SIZE]
@@ -126,8 +136,13 @@ def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *,
             # still fenced by its own WATCH of the lease).
             if fence is not None and start and not fence.renew():
                 raise LeaseLost(f"leader lease {fence.key} is no longer ours")
+            counts = len(result.enqueued), len(result.already)
             _fan_out_chunk(connection, keys, queue, day, chunk, retention_s, fence, again, force, at_front,
                            hold_dependent, scripts, result)
+            if acks.on:  # the chunk's jobs, whoever enqueued them, on this server and its replicas
+                job_ids = result.enqueued[counts[0]:] + result.already[counts[1]:]
+                acks.confirm(f"the fan-out of {len(job_ids)} run(s) of {day.isoformat()}",
+                             all_members(keys.day_enqueued(day), job_ids))
     return result
 
 

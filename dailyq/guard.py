@@ -32,6 +32,11 @@ work-horse, or the worker itself for a non-forking worker):
 
 The task sees its run through ``dailyq.current_run()`` (context.py).
 
+With ``DAILYQ_WAIT_REPLICAS=N`` (replicas.py) a claim, each renewal and a finish count
+only once N replicas acknowledged them (Redis WAIT): a copy does not start its task
+before its claim is on N replicas, a renewal they did not acknowledge does not push the
+watchdog's deadline, and a finish is sent again until they have it.
+
 What the guard cannot prevent: a process that dies after the task's side effect but
 before FINISH leaves the run unfinished, and it runs again; a copy frozen in the
 middle of its own external write may finish that write on resuming. Tasks must be
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import _thread
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -61,8 +67,9 @@ from .clock import Clock, iso, utc_now
 from .context import RunContext, running_as
 from .keys import Keys
 from .outage import OutageLog, through_outage
+from .replicas import ReplicaAcks
 from .runs import RunJob
-from .scripts import BeginReply, FailOutcome, ScriptCall, parse_begin, scripts_for
+from .scripts import BeginReply, FailOutcome, RenewOutcome, ScriptCall, parse_begin, scripts_for
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +101,12 @@ class PendingFinish:
     must still find the claim ours."""
 
     def __init__(self, finish: ScriptCall[bool], run_id: str, done: Callable[[], None],
-                 recorded: Callable[[], None] = lambda: None) -> None:
+                 recorded: Callable[[], None] = lambda: None, acks: ReplicaAcks | None = None) -> None:
         self.finish = finish
         self.run_id = run_id
         self._done = done
         self._recorded = recorded
+        self.acks = acks
 
     def queue_in(self, pipeline: Pipeline) -> None:
         self.finish.queue_in(pipeline)
@@ -119,12 +127,58 @@ class PendingFinish:
     def _ended(self, recorded: bool) -> None:
         # The claim is no longer renewed, whichever way FINISH was sent.
         self._done()
+        if recorded and self.acks is not None and self.acks.on and not self._acknowledged():
+            return  # the finish was lost with a failover (logged): not recorded after all
         if recorded:
             self._recorded()
         else:
             log.error("run %s: its function returned but this copy no longer held the claim; "
                       "not recorded as finished by this copy (another copy owns the run)", self.run_id,
                       extra={"run_id": self.run_id})
+
+    def _acknowledged(self) -> bool:
+        """FINISH counts once DAILYQ_WAIT_REPLICAS replicas have it. Until they do it is
+        sent again and waited for again. Every try sends FINISH with the WAIT, also the
+        first: it proves the server that answers has the finish (a reconnect may reach a
+        new primary), and there it either answers as the first call did, writing nothing
+        (the mark makes the WAIT cover the first call), or, on a new primary that lost
+        it, applies afresh while the claim there is still this copy's. False (logged)
+        when it cannot any more: the finish was lost, and the claim with it; the run will
+        execute again."""
+        acks = self.acks
+        assert acks is not None
+        outage = OutageLog(log, f"confirming that run {self.run_id} is recorded finished")
+        give_up_at = time.monotonic() + RECORD_OUTAGE_LIMIT_S
+        told = False
+        try:
+            while True:
+                replies, count = through_outage(functools.partial(acks.after, self.finish), outage,
+                                                RECORD_OUTAGE_LIMIT_S)
+                if not replies[0]:
+                    log.error("run %s: its finish was lost before %d replica(s) acknowledged it (a failover to a "
+                              "replica that lacked it?), and its claim with it: not recorded as finished by this "
+                              "copy; the run will execute again", self.run_id, acks.replicas,
+                              extra={"run_id": self.run_id})
+                    return False
+                if acks.acknowledged(count):
+                    if told:
+                        log.info("run %s: its finish is acknowledged by %d replica(s) now", self.run_id, count,
+                                 extra={"run_id": self.run_id})
+                    return True
+                if not told:
+                    log.warning("run %s: its finish was not acknowledged by %d replica(s) within %d ms (%d did); "
+                                "sending it again until they acknowledge it", self.run_id, acks.replicas,
+                                acks.timeout_ms, count, extra={"run_id": self.run_id})
+                    told = True
+                if time.monotonic() > give_up_at:
+                    log.error("run %s: its finish is still not acknowledged by %d replica(s) after %.0f s; it "
+                              "counts as recorded on the primary alone", self.run_id, acks.replicas,
+                              RECORD_OUTAGE_LIMIT_S, extra={"run_id": self.run_id})
+                    return True
+        except RedisError as exc:
+            log.error("run %s: could not confirm its finish with the replicas (%s); it counts as recorded on the "
+                      "primary alone", self.run_id, exc, extra={"run_id": self.run_id})
+            return True
 
 
 @dataclass
@@ -166,7 +220,8 @@ class Guard:
     """Runs one call under the run's claim; see the module docstring."""
 
     def __init__(self, connection: Redis, keys: Keys, node: str, claim_ttl_s: int, retention_s: int,
-                 clock: Clock = utc_now, claim_margin_s: float | None = None, stop_by_exit: bool = False) -> None:
+                 clock: Clock = utc_now, claim_margin_s: float | None = None, stop_by_exit: bool = False,
+                 wait_replicas: int = 0) -> None:
         self.connection = connection
         self.keys = keys
         self.node = node
@@ -174,9 +229,11 @@ class Guard:
         self.retention_s = retention_s
         self.clock = clock
         self.scripts = scripts_for(connection)
+        # DAILYQ_WAIT_REPLICAS (replicas.py): claims, renewals and finishes count once acknowledged.
+        self.acks = ReplicaAcks(connection, keys, wait_replicas)
         self.keeper = ClaimKeeper(connection, claim_ttl_s,
                                   default_claim_margin_s(claim_ttl_s) if claim_margin_s is None else claim_margin_s,
-                                  stop_by_exit=stop_by_exit)
+                                  stop_by_exit=stop_by_exit, acks=self.acks)
         # Called in the executing process once a run is recorded finished or failed for
         # good (the worker releases or blocks the runs waiting for it: dependencies.py).
         self.on_ended: Callable[[RunJob], None] | None = None
@@ -253,7 +310,7 @@ class Guard:
             retention_s=self.retention_s, series=run.series, duration_s=duration_s, node=self.node,
             now_iso=iso(self.clock()))
         pending = PendingFinish(finish, run.run_id, done=lambda: self.keeper.release(run.run_id),
-                                recorded=lambda: self.run_ended(run))
+                                recorded=lambda: self.run_ended(run), acks=self.acks)
         if defer_finish is not None:
             defer_finish(pending)
         else:
@@ -303,6 +360,9 @@ class Guard:
                 attempt.begin_sent_at = sent_at
                 attempt.keep_begin(reply)
                 outcome = attempt.begin_reply
+            if outcome == "claimed" and not self._claim_acknowledged(attempt):
+                outcome = None  # the claim was lost before the replicas had it (a failover): claim again
+                continue
             if outcome != "busy":
                 return outcome or "unreadable BEGIN reply"
             attempt.waited_busy = True
@@ -317,6 +377,46 @@ class Guard:
             if attempt.while_waiting is not None:
                 attempt.while_waiting()
             outcome = None
+
+    def _claim_acknowledged(self, attempt: Attempt) -> bool:
+        """True once DAILYQ_WAIT_REPLICAS replicas have this copy's claim, and with it its
+        fencing token: only then may the task start, since a failover to a replica that
+        lacks the claim lets another copy start beside it. Each try renews the claim and
+        WAITs in one round trip (the renewal is the write the WAIT covers, and it proves
+        the claim is still ours on the server that answers). False when the claim is gone
+        or taken: lost with a failover, or lapsed; the caller then claims the run again."""
+        acks = self.acks
+        if not acks.on:
+            return True
+        run = attempt.run
+        renew = self.scripts.renew_claim(claim_key=self.keys.claim(run.run_id),
+                                         series_key=self.keys.series_claim(run.series), owner=attempt.owner,
+                                         ttl_ms=self.claim_ttl_s * 1000, slots_key=attempt.slots_key)
+        outage = OutageLog(log, f"confirming the claim of run {run.run_id}")
+        told = False
+        while True:
+            sent_at = time.monotonic()
+            (reply,), count = through_outage(functools.partial(acks.after, renew, mark=False), outage,
+                                             RECORD_OUTAGE_LIMIT_S)
+            if reply != "ok":
+                log.warning("run %s: its claim is %s before %d replica(s) acknowledged it (a failover?); claiming "
+                            "the run again (job %s)", run.run_id, "taken" if reply == "taken" else "gone",
+                            acks.replicas, run.job_id, extra={"run_id": run.run_id})
+                return False
+            if acks.acknowledged(count):
+                # The replicas' copy of the claim lasts at least a TTL from this renewal.
+                attempt.begin_sent_at = sent_at
+                if told:
+                    log.info("run %s: its claim is acknowledged by %d replica(s) now; starting it", run.run_id, count,
+                             extra={"run_id": run.run_id})
+                return True
+            if not told:
+                log.warning("run %s: claimed, but the claim was not acknowledged by %d replica(s) within %d ms "
+                            "(%d did); not starting it until they acknowledge it (job %s)", run.run_id,
+                            acks.replicas, acks.timeout_ms, count, run.job_id, extra={"run_id": run.run_id})
+                told = True
+            if attempt.while_waiting is not None:
+                attempt.while_waiting()
 
     def _gave_up_waiting(self, run: RunJob, attempt: Attempt, exc: Exception, waited_s: float, rq_can_retry: bool,
                          cancel_retry: Callable[[], None]) -> None:
@@ -460,8 +560,12 @@ class ClaimKeeper:
     first look, within ``WATCHDOG_EVERY_S`` of resuming, finds the deadline passed.
     """
 
-    def __init__(self, connection: Redis, claim_ttl_s: float, margin_s: float, stop_by_exit: bool = False) -> None:
+    def __init__(self, connection: Redis, claim_ttl_s: float, margin_s: float, stop_by_exit: bool = False,
+                 acks: ReplicaAcks | None = None) -> None:
         self.renew_every_s = min(1.0, claim_ttl_s / 4)
+        # DAILYQ_WAIT_REPLICAS: a renewal counts as a confirmation once the replicas have it.
+        self.acks = acks
+        self._lagging = False
         self.margin_s = margin_s
         self.stop_after_s = claim_ttl_s - margin_s
         # A forked work-horse ends itself (os._exit) to stop its task; anything else
@@ -529,20 +633,52 @@ class ClaimKeeper:
             with self._lock:
                 runs = [h for h in self._held.values() if h.lost is None]
             try:
-                for held in runs:
-                    sent_at = time.monotonic()
-                    reply = self._scripts.renew_claim(claim_key=held.claim_key, series_key=held.series_key,
-                                                      owner=held.owner, ttl_ms=held.ttl_ms,
-                                                      slots_key=held.slots_key).run()
-                    if reply == "ok":
-                        held.confirmed_at = max(held.confirmed_at, sent_at)
-                    elif held.lost is None:
-                        held.lost = ("another copy holds its claim now" if reply == "taken"
-                                     else "its claim lapsed in Redis")
+                if self.acks is not None and self.acks.on:
+                    if runs:
+                        self._renew_acknowledged(runs)
+                else:
+                    for held in runs:
+                        sent_at = time.monotonic()
+                        self._renewed(held, self._renew_call(held).run(), sent_at)
             except RedisError as exc:
                 self._outage.failed(exc)
                 continue
             self._outage.recovered()
+
+    def _renew_call(self, held: HeldRun) -> ScriptCall[RenewOutcome]:
+        return self._scripts.renew_claim(claim_key=held.claim_key, series_key=held.series_key, owner=held.owner,
+                                         ttl_ms=held.ttl_ms, slots_key=held.slots_key)
+
+    @staticmethod
+    def _renewed(held: HeldRun, reply: str, confirmed_at: float | None) -> None:
+        """One renewal's reply; ``confirmed_at`` (when it was sent) if it counts as a
+        confirmation, None if the replicas did not acknowledge it."""
+        if reply == "ok":
+            if confirmed_at is not None:
+                held.confirmed_at = max(held.confirmed_at, confirmed_at)
+        elif held.lost is None:
+            held.lost = "another copy holds its claim now" if reply == "taken" else "its claim lapsed in Redis"
+
+    def _renew_acknowledged(self, runs: list[HeldRun]) -> None:
+        """Every claim renewed, then WAIT, in one round trip: a renewal the replicas did not
+        acknowledge leaves the watchdog's deadline where it was, so a copy stops before the
+        claim the replicas hold could lapse (a failover to one of them must not find it
+        gone while the copy still runs)."""
+        acks = self.acks
+        assert acks is not None
+        sent_at = time.monotonic()
+        replies, count = acks.after(*(self._renew_call(held) for held in runs), mark=False)
+        acknowledged = acks.acknowledged(count)
+        for held, reply in zip(runs, replies):
+            self._renewed(held, reply, sent_at if acknowledged else None)
+        if not acknowledged and not self._lagging and "ok" in replies:
+            log.warning("claim renewals not acknowledged by %d replica(s) within %d ms (%d did): runs %s stop %gs "
+                        "after their last acknowledged renewal unless the replicas catch up", acks.replicas,
+                        acks.timeout_ms, count, ", ".join(h.run_id for h in runs), self.stop_after_s)
+            self._lagging = True
+        elif acknowledged and self._lagging:
+            log.info("claim renewals acknowledged by %d replica(s) again", count)
+            self._lagging = False
 
     def _watch_forever(self) -> None:
         while True:

@@ -51,9 +51,16 @@ class Keys:
 
     @property
     def fence(self) -> str:
-        """Counter (INCR, never expires): the fencing token handed to each execution that
-        takes a run's claim. One counter for all runs, so a token is never reused."""
+        """String of digits (never expires): the last fencing token handed to an execution
+        that took a run's claim. One for all runs, so a token is never reused; BEGIN draws
+        the next from it and the server's clock (see scripts.BEGIN)."""
         return f"{self.prefix}:fence"
+
+    @property
+    def replica_mark(self) -> str:
+        """String (expires by itself): written just before each WAIT of DAILYQ_WAIT_REPLICAS,
+        so the WAIT covers every earlier write, whichever connection made it (replicas.py)."""
+        return f"{self.prefix}:replica-mark"
 
     @property
     def stranded(self) -> str:

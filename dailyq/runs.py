@@ -176,7 +176,9 @@ class RunRecord(TypedDict, total=False):
     job_id: str | None  # the one job of the run that may execute (older ones are superseded)
     # Set by the guard while and after the run executes.
     owner: str  # owner token of the claim of the last execution
-    fence: int  # its fencing token (context.RunContext.fence)
+    # Its fencing token (context.RunContext.fence), as decimal digits: a token has 16, and
+    # Redis's cjson writes numbers with 14 (older records hold a number).
+    fence: str
     duration_s: float  # of the execution that finished it
     # Set by a user's rerun: a new run, counted afresh from here.
     attempts_before: int

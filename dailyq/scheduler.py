@@ -259,7 +259,8 @@ class DailyScheduler:
                                        {run.day for _, runs in fired for run in runs if run.task.at is not None})
         fired = [(task, [_mapped(run, day_slots) for run in runs]) for task, runs in fired]
         result = fan_out(self.connection, self.keys, self.queue, [run for _, runs in fired for run in runs],
-                         retention_s=self.settings.retention_s, fence=self.lease)
+                         retention_s=self.settings.retention_s, fence=self.lease,
+                         wait_replicas=self.settings.wait_replicas)
         if result.waiting:
             self._waiting_look.now()
         pushed = set(result.enqueued)
@@ -296,7 +297,8 @@ class DailyScheduler:
                                          fence=self.lease)
                 if retried_runs:
                     result = fan_out(self.connection, self.keys, self.queue, retried_runs,
-                                     retention_s=self.settings.retention_s, fence=self.lease)
+                                     retention_s=self.settings.retention_s, fence=self.lease,
+                                     wait_replicas=self.settings.wait_replicas)
                     enqueued += len(result.enqueued)
                     if result.waiting:
                         self._waiting_look.now()
@@ -342,7 +344,8 @@ class DailyScheduler:
         if not fired:
             return enqueued
         result = fan_out(self.connection, self.keys, self.queue, [run for *_, runs in fired for run in runs],
-                         retention_s=self.settings.retention_s, fence=self.lease)
+                         retention_s=self.settings.retention_s, fence=self.lease,
+                         wait_replicas=self.settings.wait_replicas)
         self._firing = []  # fanned out: what follows is bookkeeping a refusal does not undo
         enqueued += len(result.enqueued)
         if result.waiting:

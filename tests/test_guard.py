@@ -246,28 +246,31 @@ def test_the_record_through_a_failure_a_retry_and_a_finish(connection, settings)
         pass
     first = record(connection, settings, rid("r1"))
     assert first.pop("owner").startswith("node-x:")  # the claim's owner token: internal
+    first_fence = int(first.pop("fence"))  # from the server's clock (scripts.BEGIN): only its order matters
     assert first == {
         "task": "t", "param_json": '"p"', "param": "p", "slot": slot_of("r1"), "state": "queued", "node": "node-x",
         "started_at": "2026-11-26T03:00:05+00:00", "ended_at": "2026-11-26T03:00:09+00:00", "attempts": 1,
-        "error": "ValueError: bad input", "job_id": rid("r1"), "fence": 1}
+        "error": "ValueError: bad input", "job_id": rid("r1")}
     attempt = g.attempt(identity("r1"))
     with connection.pipeline() as pipe:  # the retry claims in the worker's own transaction
         g.claim_in(attempt, pipe)
         attempt.keep_begin_reply(pipe.execute()[-1])
     retry = record(connection, settings, rid("r1"))
     assert retry.pop("owner") == attempt.owner
+    retry_fence = int(retry.pop("fence"))
+    assert retry_fence > first_fence
     assert retry == {
         "task": "t", "param_json": '"p"', "param": "p", "slot": slot_of("r1"), "state": "running", "node": "node-x",
-        "started_at": "2026-11-26T03:01:00+00:00", "ended_at": None, "attempts": 2, "error": None, "job_id": rid("r1"),
-        "fence": 2}
+        "started_at": "2026-11-26T03:01:00+00:00", "ended_at": None, "attempts": 2, "error": None, "job_id": rid("r1")}
     g.execute(identity("r1"), lambda: None, will_retry=lambda: False, attempt=attempt)
     finished = record(connection, settings, rid("r1"))
     assert isinstance(finished.pop("duration_s"), (int, float))
     assert finished.pop("owner") == attempt.owner
+    assert int(finished.pop("fence")) == retry_fence
     assert finished == {
         "task": "t", "param_json": '"p"', "param": "p", "slot": slot_of("r1"), "state": "finished", "node": "node-x",
         "started_at": "2026-11-26T03:01:00+00:00", "ended_at": "2026-11-26T03:01:07+00:00", "attempts": 2,
-        "error": None, "job_id": rid("r1"), "fence": 2}
+        "error": None, "job_id": rid("r1")}
     stored = connection.hget(settings.keys.day_runs(DAY), rid("r1")).decode()
     assert stored.count('"error":null') == 1  # null, not absent
 
@@ -345,7 +348,7 @@ def test_the_task_sees_its_run_and_each_execution_a_greater_fence(connection, se
     assert (first.task, first.param, first.day, first.run_id, first.node) == (
         "t", {"k": "値"}, DAY, run.run_id, "node-x")
     assert first.slot.isoformat() == "2026-11-26T09:00:00+08:00" and str(first.slot.tzinfo) == "Asia/Shanghai"
-    assert record(connection, settings, run.run_id)["fence"] == seen[2].fence
+    assert int(record(connection, settings, run.run_id)["fence"]) == seen[2].fence
 
 
 def test_a_copy_whose_claim_another_copy_took_is_interrupted_and_records_nothing(connection, settings):

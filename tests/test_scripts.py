@@ -148,13 +148,46 @@ def test_begin_claims_a_free_run_and_marks_it_running(scripts, connection, keys,
     assert connection.hget(keys.running, "r1") == DAY.encode()
     record = stored(connection, keys, "r1")
     assert record["state"] == "running" and record["node"] == "node-x" and record["attempts"] == 1
-    assert record["owner"] == "a" and record["fence"] == reply.fence and record["ended_at"] is None
+    # The fence is stored as digits: exact, where a JSON number from Redis's cjson keeps 14.
+    assert record["owner"] == "a" and record["fence"] == str(reply.fence) and record["ended_at"] is None
     assert 0 < connection.ttl(runs_key(keys)) <= RETENTION_S
 
 
 def test_begin_again_by_the_holder_answers_as_the_first_time(scripts, run) -> None:
     first = run.begin(scripts, "a").run()
     assert run.begin(scripts, "a").run() == first  # a retry after a lost reply: no second attempt, same fence
+
+
+def server_time_us(connection: Redis) -> int:
+    seconds, micros = connection.time()
+    return seconds * 1_000_000 + micros
+
+
+def test_fences_grow_by_the_counter_and_never_fall_below_the_server_clock(scripts, connection, keys, run) -> None:
+    before = server_time_us(connection)
+    first = run.begin(scripts, "a").run().fence
+    assert first >= before  # at least the server's clock, in microseconds
+    assert connection.get(keys.fence) == str(first).encode()
+    # A counter ahead of the clock (tokens drawn faster than one per microsecond, or a
+    # clock that stepped back) goes on from itself: + 1, never back to the clock.
+    connection.set(keys.fence, first + 10**9)
+    second = RunKeys(keys, "r2", "s2").begin(scripts, "b", job_id="r2").run().fence
+    assert second == first + 10**9 + 1 and connection.get(keys.fence) == str(second).encode()
+
+
+def test_a_fence_counter_lost_with_a_failover_restarts_above_every_earlier_token(scripts, connection, keys) -> None:
+    # One counter for every run: each claim (of any run) gets a greater token.
+    handed_out = [RunKeys(keys, f"r{i}", f"s{i}").begin(scripts, "a", job_id=f"r{i}").run().fence
+                  for i in range(5)]
+    assert handed_out == sorted(set(handed_out))
+    # The new primary lacks the last tokens (a replica that lagged; here the counter as
+    # it was long before, or as the old INCR counter left it): the next token is still
+    # greater than every one handed out.
+    connection.set(keys.fence, 7)
+    after = RunKeys(keys, "r5", "s5").begin(scripts, "a", job_id="r5").run().fence
+    assert after > max(handed_out)
+    connection.delete(keys.fence)  # lost altogether (a restart without data)
+    assert RunKeys(keys, "r6", "s6").begin(scripts, "a", job_id="r6").run().fence > after
 
 
 def test_begin_skips_a_finished_run_unless_forced(scripts, connection, keys, run) -> None:

@@ -1,0 +1,164 @@
+"""Failovers that lose writes (issue 19, item 2), with real processes: three nodes
+(scheduler + worker each) reach Redis through one address, a TCP proxy, which a
+failover moves from the primary to its replica. The replica stopped replicating 2 s
+before the primary was SIGKILLed (tests.redis_servers.LaggingReplica), so the new
+primary lacks the last 2 s of writes: claims and fencing tokens, finishes, RQ's own
+dequeues and results. A dozen runs of 2 s each, which tick into a Redis that does not
+fail over, so overlaps are measured. The first runs end during those 2 s (their
+finishes are lost), and one node's worker, held still (SIGSTOP) until the replica stops
+replicating, claims its first run during them (its claim is lost).
+
+* With ``DAILYQ_WAIT_REPLICAS=1``: every run finishes, none fails or is stuck, no two
+  copies of one run execute at the same moment, and each execution of a run carries a
+  greater fence than the one before.
+* Without it: fences still never go backwards; what ran twice is printed (run with -s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+
+from dailyq.keys import Keys
+from dailyq.redis_server import PrivateRedis
+from tests.helpers import (
+    ProcessGroup,
+    base_env,
+    executions,
+    max_concurrent_copies,
+    overlaps,
+    param_key,
+    quiet_sample_at,
+    run_cli,
+    starts_per_param,
+    wait_for,
+)
+from tests.redis_servers import DAY, Servers, start_lagging_replica
+from tests.tcp_proxy import TcpProxy
+
+NODES = ("n1", "n2", "n3")
+RUNS = 12
+
+
+@dataclass
+class Outcome:
+    events: list[dict[str, Any]]
+    runs: list[dict[str, Any]]  # status --json's runs, once every one had ended
+    logs: str  # every node's log
+    failed_over_at: float
+    alive: bool  # every node process still running at the end
+
+    def fences(self) -> dict[str, list[int]]:
+        """Per run (param), the fences of its executions in the order they started."""
+        starts: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        for event in self.events:
+            if event["event"] == "start":
+                starts[param_key(event["param"])].append((event["t"], event["context"]["fence"]))
+        return {param: [fence for _, fence in sorted(seen)] for param, seen in starts.items()}
+
+    def ran_twice(self) -> dict[str, int]:
+        return {param: n for param, n in starts_per_param(self.events).items() if n > 1}
+
+
+def lagging_failover(wait_replicas: int, processes: ProcessGroup, log_server: PrivateRedis) -> Outcome:
+    with Servers() as servers:
+        redis = start_lagging_replica(servers)
+        front = TcpProxy("127.0.0.1", redis.primary.port)  # the one address every node uses
+        try:
+            prefix = f"t{uuid.uuid4().hex[:10]}"
+            # A claim TTL that outlasts the failover (10 s; the copies that executed across
+            # it keep their claims), retries as a task's default (2).
+            env = base_env(front.url(), prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS=str(RUNS), SAMPLE_FUNC="progress",
+                           SAMPLE_SLEEP_S="2", SAMPLE_RETRIES="2", SAMPLE_AT=quiet_sample_at(),
+                           SAMPLE_LOG_URL=log_server.url, DAILYQ_CLAIM_TTL_S="10",
+                           DAILYQ_WAIT_REPLICAS=str(wait_replicas))
+            started = [processes.start(script, dict(env, NODE_NAME=node))
+                       for node in NODES for script in ("scheduler.py", "worker_entry.py")]
+            late_worker = started[-1]  # n3's
+            keys = Keys(prefix)
+            with Redis(port=redis.primary.port) as primary:
+                wait_for(lambda: primary.exists(keys.leader), timeout=20, what="a leader")
+                wait_for(lambda: all(primary.exists(keys.heartbeat("worker", node)) for node in NODES), timeout=20,
+                         what="every worker")
+            os.kill(late_worker.pid, signal.SIGSTOP)  # its first claim falls within the lag
+            triggered = run_cli(["trigger", "--date", DAY], env)
+            assert triggered.returncode == 0, triggered.stderr
+            with Redis.from_url(log_server.url) as log_client:
+                wait_for(lambda: sum(e["event"] == "start" for e in executions(log_client, prefix)) >= 2,
+                         timeout=30, what="the first runs to start")
+                time.sleep(0.5)  # mid-run: the first runs end during the lag
+                redis.stop_replicating()
+                os.kill(late_worker.pid, signal.SIGCONT)
+                time.sleep(2.0)
+                redis.fail_over()
+                front.switch(redis.replica.port)
+                failed_over_at = time.time()
+
+                last: dict[str, Any] = {}
+
+                def all_ended() -> bool:
+                    result = run_cli(["status", "--date", DAY, "--json"], env)
+                    if result.returncode != 0:
+                        return False
+                    last.update(json.loads(result.stdout))
+                    return {r["state"] for r in last["runs"]} <= {"finished", "failed"}
+
+                wait_for(all_ended, timeout=120, what="every run to end after the failover", every=0.5)
+                time.sleep(1.0)  # a copy stopped at the end still logs its last tick
+                events = executions(log_client, prefix)
+            alive = all(process.poll() is None for process in started)
+            logs = "\n".join(processes.log_of(process) for process in started)
+            return Outcome(events, last["runs"], logs, failed_over_at, alive)
+        finally:
+            processes.stop_all()  # before the servers stop: no node sees Redis vanish at teardown
+            front.close()
+            redis.close()
+
+
+def describe(outcome: Outcome) -> str:
+    return (f"ran twice: {outcome.ran_twice()}; overlaps: {overlaps(outcome.events)}; "
+            f"fences: {outcome.fences()}; states: {[r['state'] for r in outcome.runs]}")
+
+
+def test_with_wait_replicas_a_lagging_failover_runs_each_run_alone_with_growing_fences(
+        processes: ProcessGroup, redis_server: PrivateRedis) -> None:
+    outcome = lagging_failover(1, processes, redis_server)
+    print(describe(outcome))
+    assert [r["state"] for r in outcome.runs] == ["finished"] * RUNS, describe(outcome)
+    assert set(starts_per_param(outcome.events).values()) >= {1} and len(starts_per_param(outcome.events)) == RUNS
+    # Never two copies of one run at the same moment: neither two starts without an end
+    # between them, nor two copies seen ticking at once.
+    assert max_concurrent_copies(outcome.events) == 1, describe(outcome)
+    assert overlaps(outcome.events) == [], describe(outcome)
+    for param, fences in outcome.fences().items():
+        assert all(a < b for a, b in zip(fences, fences[1:])), (param, fences)
+    all_fences = [fence for fences in outcome.fences().values() for fence in fences]
+    assert len(all_fences) == len(set(all_fences)), f"a fence was handed out twice: {outcome.fences()}"
+    # The failover met a claim and finishes the replica had not acknowledged (else this
+    # proves nothing): the claim's copy waited, the finishes were confirmed again.
+    assert "the claim was not acknowledged" in outcome.logs, outcome.logs[-3000:]
+    assert "finish" in outcome.logs and "recorded finished" in outcome.logs, outcome.logs[-3000:]
+    assert outcome.alive, outcome.logs[-3000:]
+
+
+def test_without_wait_replicas_fences_still_never_go_backwards(processes: ProcessGroup,
+                                                               redis_server: PrivateRedis) -> None:
+    outcome = lagging_failover(0, processes, redis_server)
+    print(describe(outcome))
+    for param, fences in outcome.fences().items():
+        assert all(a < b for a, b in zip(fences, fences[1:])), (param, fences)
+    all_fences = [fence for fences in outcome.fences().values() for fence in fences]
+    assert len(all_fences) == len(set(all_fences)), f"a fence was handed out twice: {outcome.fences()}"
+    # What the lost writes cost without WAIT (docs/failure-semantics.md): runs executed
+    # again, some while the first copy still ran; every run still ends finished.
+    assert outcome.ran_twice(), f"the failover lost no run's writes: {describe(outcome)}"
+    assert [r["state"] for r in outcome.runs] == ["finished"] * RUNS, describe(outcome)
+    assert outcome.alive, outcome.logs[-3000:]
