@@ -7,6 +7,7 @@ the claim TTL while runs execute: every process must stay up, every executing ru
 its claim and record its end, and all go on once memory is raised).
 
     python bench/chaos.py [--runs 120] [--sleep 0.8] [--seed 7] [--kill-every 3]
+    python bench/chaos.py --failover [--wait-replicas 1]   # and one failover that loses writes
 
 Prints runs, finished, lost (must be 0), the longest overlap of two copies of a run
 (0 for cut-off nodes and kills; at most 2 s for a frozen worker, which stops within
@@ -15,6 +16,14 @@ and how many of each fault happened. A process manager is simulated: every kille
 process is started again after a second. The runs tick into a Redis of their own, which
 the proxies do not cut and which neither restarts nor fills up, every 0.1 s, so an
 overlap is measured, not inferred.
+
+With ``--failover`` Redis is a primary with a replica (itself replicated once more), and
+the last planned fault is a failover that loses writes: the replica stops replicating,
+2 s later the primary is SIGKILLed, the replica is promoted and every node's address
+moves to it (tests/test_failover.py in small). It also prints how many executions
+carried a fence not greater than an earlier execution's of the same run (must be 0),
+and overlaps that began around the failover; those must be 0 with
+``--wait-replicas 1`` (DAILYQ_WAIT_REPLICAS) and are reported, not failed, without.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ from tests.tcp_proxy import TcpProxy  # noqa: E402
 PREFIX = "chaos"
 NODES = ("node-1", "node-2", "node-3")
 FAULTS = ("redis", "memory", "cut", "freeze", "leader", "worker")
+# How long before the primary is killed the replica stops replicating (--failover).
+FAILOVER_LAG_S = 2.0
 
 
 @dataclass
@@ -48,7 +59,8 @@ class ChaosReport:
     runs: int
     finished: int = 0
     lost: int = 0
-    longest_overlap_s: dict[str, float] = field(default_factory=lambda: {"cut": 0.0, "freeze": 0.0, "other": 0.0})
+    longest_overlap_s: dict[str, float] = field(default_factory=lambda: {"cut": 0.0, "freeze": 0.0, "other": 0.0,
+                                                                          "failover": 0.0})
     reexecutions: int = 0
     midrun_kills: int = 0
     worker_kills: int = 0
@@ -63,11 +75,25 @@ class ChaosReport:
     longest_leader_gap_s: float = 0.0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # --failover: failovers done, the DAILYQ_WAIT_REPLICAS of the nodes, executions whose
+    # fence was not greater than an earlier execution's of the same run, runs executed
+    # again after the failover.
+    failovers: int = 0
+    wait_replicas: int = 0
+    fences_not_increasing: int = 0
+    rerun_after_failover: int = 0
 
     @property
     def concurrent_duplicates(self) -> int:
-        """Overlaps that must never happen (freezes may overlap for at most 2 s)."""
-        return int(self.longest_overlap_s["cut"] > 0) + int(self.longest_overlap_s["other"] > 0)
+        """Overlaps that must never happen (freezes may overlap for at most 2 s; around a
+        failover that lost writes, only without DAILYQ_WAIT_REPLICAS)."""
+        return (int(self.longest_overlap_s["cut"] > 0) + int(self.longest_overlap_s["other"] > 0)
+                + int(self.wait_replicas > 0 and self.longest_overlap_s["failover"] > 0))
+
+    @property
+    def ok(self) -> bool:
+        return (self.lost == 0 and self.concurrent_duplicates == 0 and self.longest_overlap_s["freeze"] <= 2.0
+                and self.fences_not_increasing == 0 and self.exits_while_full == 0)
 
     def lines(self) -> list[str]:
         overlap = self.longest_overlap_s
@@ -81,6 +107,12 @@ class ChaosReport:
                 f"({self.memory_full_s:.1f}s; processes that exited meanwhile: {self.exits_while_full})",
                 f"longest recovery (run killed -> restarted elsewhere): {self.longest_recovery_s:.1f}s",
                 f"longest time without a leader after a leader kill: {self.longest_leader_gap_s:.1f}s",
+                *([f"failovers losing {FAILOVER_LAG_S:g}s of writes: {self.failovers} "
+                   f"(DAILYQ_WAIT_REPLICAS={self.wait_replicas}); overlaps around them "
+                   f"{overlap['failover']:.2f}s; runs executed again after them: {self.rerun_after_failover}"]
+                  if self.failovers else []),
+                f"executions whose fence was not greater than an earlier one's of the run: "
+                f"{self.fences_not_increasing}",
                 f"wall time: {self.wall_s:.1f}s", *self.notes]
 
 
@@ -105,14 +137,18 @@ def fill_memory(connection: Redis, hold_s: float) -> None:
 
 def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s: float = 3.0,
               restart_redis: bool = True, timeout_s: float = 600.0, log_dir: Path | None = None,
-              claim_ttl_s: int = 6, memory_full: bool = True) -> ChaosReport:
+              claim_ttl_s: int = 6, memory_full: bool = True, failover: bool = False,
+              wait_replicas: int = 0) -> ChaosReport:
     """A cut, a freeze or Redis out of memory lasts claim_ttl_s + 3 s: past the claim, so
-    a cut or frozen run is taken over (and one on a full Redis must not be)."""
+    a cut or frozen run is taken over (and one on a full Redis must not be).
+    ``failover``: a primary and replicas, and one failover that loses writes (see above)."""
     rng = random.Random(seed)
     log_dir = log_dir or Path("/tmp/dailyq-chaos")
-    report = ChaosReport(runs=runs)
+    report = ChaosReport(runs=runs, wait_replicas=wait_replicas)
     server = PrivateRedis(appendonly=True, extra_args=["--maxmemory-policy", "noeviction"]).start()
-    log_server = PrivateRedis(appendonly=False).start()  # where the runs tick: never cut, restarted or full
+    replicas = Replicas.start(server) if failover else None
+    log_server = PrivateRedis(appendonly=False).start()  # where the runs tick: never cut, restarted, full or failed over
+    failed_over_at: float | None = None
     proxies = {node: TcpProxy("127.0.0.1", server.port) for node in NODES}
     group = ProcessGroup()
     started = time.monotonic()
@@ -124,7 +160,8 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
         # Every run may die many times here: a generous attempt budget (deaths count).
         env = base_env(server.url, PREFIX, SAMPLE_ONLY="1", SAMPLE_PARAMS=str(runs), SAMPLE_SLEEP_S=str(sleep_s),
                        SAMPLE_AT=slot_text, SAMPLE_TZ="UTC", SAMPLE_FUNC="progress", SAMPLE_RETRIES="100",
-                       SAMPLE_LOG_URL=log_server.url, DAILYQ_LEASE_TTL_S="3", DAILYQ_CLAIM_TTL_S=str(claim_ttl_s))
+                       SAMPLE_LOG_URL=log_server.url, DAILYQ_LEASE_TTL_S="3", DAILYQ_CLAIM_TTL_S=str(claim_ttl_s),
+                       DAILYQ_WAIT_REPLICAS=str(wait_replicas))
         node_env = {node: dict(env, NODE_NAME=node, REDIS_URL=proxies[node].url()) for node in NODES}
         connection = Redis.from_url(server.url, socket_timeout=5)
         procs = {}
@@ -141,6 +178,8 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
         leader_gaps: list[float] = []
         # Each fault at least once, first.
         to_do = [f for f in FAULTS if (restart_redis or f != "redis") and (memory_full or f != "memory")]
+        if replicas is not None:
+            to_do.append("failover")  # last: the Redis restart above is of the first primary
         next_fault = time.monotonic() + 6 + kill_every_s
 
         fault_log = open(log_dir / "faults.log", "a")  # noqa: SIM115 - closed below
@@ -186,6 +225,18 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
             healthy = [n for n in NODES if n not in faulty]
             planned = bool(to_do)
             fault = to_do.pop(0) if planned else rng.choice(("cut", "freeze", "leader", "worker", "worker"))
+            if fault == "failover" and replicas is not None:
+                note("replica stops replicating")
+                replicas.link.cut()
+                time.sleep(FAILOVER_LAG_S)
+                note("primary killed, replica promoted")
+                replicas.fail_over(server)
+                for proxy in proxies.values():
+                    proxy.switch(replicas.replica.port)
+                connection = Redis.from_url(replicas.replica.url, socket_timeout=5)
+                failed_over_at = time.time()
+                report.failovers += 1
+                continue
             if fault == "redis":
                 note("redis down")
                 server.kill()
@@ -267,10 +318,14 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
                 report.notes.append(f"not finished: {run_id.decode()} {record.get('state')} on "
                                     f"{record.get('node')}, attempts {record.get('attempts')}, "
                                     f"error {record.get('error')!r}")
-        events = executions(Redis.from_url(log_server.url), PREFIX)
-        report.longest_overlap_s = _overlaps(events, frozen_pids, cut_windows)
+        events = executions(Redis.from_url(log_server.url, socket_timeout=5), PREFIX)
+        around = (failed_over_at - FAILOVER_LAG_S, failed_over_at + claim_ttl_s + 5) if failed_over_at else None
+        report.longest_overlap_s = _overlaps(events, frozen_pids, cut_windows, around)
         report.reexecutions, report.longest_recovery_s = _reexecutions(events, kill_log)
         report.longest_leader_gap_s = max(leader_gaps, default=0.0)
+        report.fences_not_increasing = _fences_not_increasing(events)
+        if failed_over_at is not None:
+            report.rerun_after_failover = _rerun_after(events, failed_over_at - FAILOVER_LAG_S)
     finally:
         for proxy in proxies.values():
             proxy.heal()
@@ -281,7 +336,44 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
             proxy.close()
         server.cleanup()
         log_server.cleanup()
+        if replicas is not None:
+            replicas.cleanup()
     return report
+
+
+@dataclass
+class Replicas:
+    """The primary's replica, which reaches it through a proxy (``link``: cut, the replica
+    lags), and that replica's own replica, which follows it once it is promoted
+    (tests.redis_servers.LaggingReplica, with PrivateRedis servers)."""
+
+    link: TcpProxy
+    replica: PrivateRedis
+    sub_replica: PrivateRedis
+
+    @classmethod
+    def start(cls, primary: PrivateRedis) -> "Replicas":
+        link = TcpProxy("127.0.0.1", primary.port)
+        replica = PrivateRedis(appendonly=True, extra_args=["--replicaof", "127.0.0.1", str(link.port)]).start()
+        sub_replica = PrivateRedis(appendonly=True,
+                                   extra_args=["--replicaof", "127.0.0.1", str(replica.port)]).start()
+        for server in (replica, sub_replica):
+            client = Redis.from_url(server.url, decode_responses=True)
+            deadline = time.monotonic() + 30
+            while client.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"replica on port {server.port} did not sync")
+                time.sleep(0.05)
+        return cls(link, replica, sub_replica)
+
+    def fail_over(self, primary: PrivateRedis) -> None:
+        primary.kill()
+        Redis.from_url(self.replica.url, socket_timeout=5).execute_command("REPLICAOF", "NO", "ONE")
+
+    def cleanup(self) -> None:
+        self.link.close()
+        self.replica.cleanup()
+        self.sub_replica.cleanup()
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -291,12 +383,14 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _overlaps(events: list[dict], frozen: set[int], cuts: list[tuple[str, float, float]]) -> dict[str, float]:
+def _overlaps(events: list[dict], frozen: set[int], cuts: list[tuple[str, float, float]],
+              failover: tuple[float, float] | None = None) -> dict[str, float]:
     """Longest time two copies of one run were both seen working, by cause: a frozen copy
     that resumed, a copy on a node cut off from Redis (during the cut or within 2 s of
-    its healing), or anything else."""
+    its healing), a failover that lost writes (beginning within ``failover``: from the
+    replica's last write to the claim TTL after), or anything else."""
     node_of = {e["pid"]: e["node"] for e in events}
-    longest = {"cut": 0.0, "freeze": 0.0, "other": 0.0}
+    longest = {"cut": 0.0, "freeze": 0.0, "other": 0.0, "failover": 0.0}
     for pid, other, begin, seconds in overlaps(events):
         pids = {pid, other}
         if pids & frozen:
@@ -304,6 +398,8 @@ def _overlaps(events: list[dict], frozen: set[int], cuts: list[tuple[str, float,
         elif any(node_of.get(p) == node and cut_from <= begin + seconds and begin <= cut_to + 2
                  for p in pids for node, cut_from, cut_to in cuts):
             cause = "cut"
+        elif failover is not None and failover[0] <= begin <= failover[1]:
+            cause = "failover"
         else:
             cause = "other"
         longest[cause] = max(longest[cause], seconds)
@@ -327,6 +423,37 @@ def _reexecutions(events: list[dict], kills: dict[int, float]) -> tuple[int, flo
     return reexecutions, longest
 
 
+def _starts_by_run(events: list[dict]) -> dict[str, list[dict]]:
+    starts: dict[str, list[dict]] = {}
+    for event in events:
+        if event["event"] == "start":
+            starts.setdefault(param_key(event["param"]), []).append(event)
+    for param_starts in starts.values():
+        param_starts.sort(key=lambda e: e["t"])
+    return starts
+
+
+def _fences_not_increasing(events: list[dict]) -> int:
+    """Executions whose fence is not greater than every earlier execution's of the same run."""
+    found = 0
+    for param_starts in _starts_by_run(events).values():
+        highest = None
+        for event in param_starts:
+            fence = (event.get("context") or {}).get("fence")
+            if fence is None:
+                continue
+            if highest is not None and fence <= highest:
+                found += 1
+            highest = fence if highest is None else max(highest, fence)
+    return found
+
+
+def _rerun_after(events: list[dict], since: float) -> int:
+    """Runs that started once before ``since`` and again after it."""
+    return sum(1 for param_starts in _starts_by_run(events).values()
+               if param_starts[0]["t"] < since and any(e["t"] >= since for e in param_starts[1:]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=120)
@@ -335,13 +462,14 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=3.0, help="mean seconds between kills")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--claim-ttl", type=int, default=6, help="DAILYQ_CLAIM_TTL_S of the nodes (s)")
+    parser.add_argument("--failover", action="store_true",
+                        help="Redis with replicas, and one failover to a replica that stopped replicating 2 s before")
+    parser.add_argument("--wait-replicas", type=int, default=0, help="DAILYQ_WAIT_REPLICAS of the nodes")
     args = parser.parse_args()
     report = run_chaos(args.runs, args.sleep, args.seed, args.kill_every, timeout_s=args.timeout,
-                       claim_ttl_s=args.claim_ttl)
+                       claim_ttl_s=args.claim_ttl, failover=args.failover, wait_replicas=args.wait_replicas)
     print("\n".join(report.lines()))
-    ok = (report.lost == 0 and report.concurrent_duplicates == 0 and report.longest_overlap_s["freeze"] <= 2.0
-          and report.exits_while_full == 0)
-    return 0 if ok else 1
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """dailyq benchmarks. Every figure is printed next to a baseline measured in the same
 run (plain RQ, the naive SET NX script, the lower bound) or the issue's goal.
 
-    python bench/run.py                      # all seven
+    python bench/run.py                      # all eight
     python bench/run.py --only makespan,idle # some
     python bench/run.py --quick              # smaller sizes, for a smoke run
 
@@ -284,6 +284,116 @@ def bench_overhead(quick: bool, repeats: int = 5) -> dict:
     return out
 
 
+# -- 2b. the cost of DAILYQ_WAIT_REPLICAS --------------------------------------------
+
+class PrimaryWithReplica:
+    """A fresh primary and one replica of it, synced (both without persistence, as the
+    overhead case's server)."""
+
+    def __enter__(self) -> "PrimaryWithReplica":
+        self.server = PrivateRedis(appendonly=False).start()
+        self.replica = PrivateRedis(appendonly=False,
+                                    extra_args=["--replicaof", "127.0.0.1", str(self.server.port)]).start()
+        replica_client = Redis.from_url(self.replica.url, decode_responses=True)
+        deadline = time.monotonic() + 30
+        while replica_client.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replica did not sync within 30 s")
+            time.sleep(0.05)
+        self.clients = [Redis.from_url(self.server.url), replica_client]
+        return self
+
+    def cpu_seconds(self) -> float:
+        return sum(float(c.info("cpu")[f]) for c in self.clients for f in ("used_cpu_user", "used_cpu_sys"))
+
+    def __exit__(self, *_: object) -> None:
+        self.replica.cleanup()
+        self.server.cleanup()
+
+
+def wait_replicas_pass(wait_replicas: int, flags: list[str], n: int) -> dict:
+    """The overhead case's dailyq side against a primary with one replica: fan out n
+    no-op runs, then drain them with one burst worker, DAILYQ_WAIT_REPLICAS set to
+    ``wait_replicas`` for both. Seconds of each, and the CPU seconds of the drain (the
+    worker, its work-horses, both Redis servers)."""
+    with PrimaryWithReplica() as servers:
+        connection = Redis.from_url(servers.server.url)
+        prefix = f"wait{wait_replicas}"
+        keys = Keys(prefix)
+        env = env_for(servers.server, prefix, BENCH_NOOP=str(n), NODE_NAME="n1",
+                      DAILYQ_WAIT_REPLICAS=str(wait_replicas))
+        table = TaskTable([Task(name="noop", func="bench.noop.noop", params=list(range(n)), at="03:00")])
+        started = time.perf_counter()
+        trigger(connection, keys, make_queue(connection, keys), table, DAY_ONE, None, 7 * 86400,
+                wait_replicas=wait_replicas)
+        fan_out_s = time.perf_counter() - started
+        cpu_before = cpu_seconds(resource.RUSAGE_CHILDREN) + servers.cpu_seconds()
+        started = time.perf_counter()
+        run([PY, "worker_entry.py", "--burst", *flags], env)
+        drain_s = time.perf_counter() - started
+        cpu = cpu_seconds(resource.RUSAGE_CHILDREN) + servers.cpu_seconds() - cpu_before
+        finished = connection.scard(keys.day_finished(DAY_ONE))
+        if finished != n:
+            raise RuntimeError(f"DAILYQ_WAIT_REPLICAS={wait_replicas}: {finished} of {n} runs finished")
+        return {"fan_out_s": fan_out_s, "drain_s": drain_s, "cpu_s": cpu}
+
+
+def guard_latency_pass(wait_replicas: int, n: int) -> float:
+    """Seconds per run of the guard alone, in this process (no RQ, no fork): BEGIN, the
+    call of a no-op, FINISH, one after the other, against a primary with one replica.
+    The wall-clock difference between the two settings is what WAIT adds to each run's
+    latency, without the noise of forks and worker start-up."""
+    from dailyq.guard import Guard
+    from dailyq.runs import RunJob, runs_on
+
+    with PrimaryWithReplica() as servers:
+        connection = Redis.from_url(servers.server.url)
+        guard = Guard(connection, Keys(f"guard{wait_replicas}"), "bench", claim_ttl_s=30, retention_s=86400,
+                      wait_replicas=wait_replicas)
+        table = TaskTable([Task(name="g", func="bench.noop.noop", params=list(range(n)), at="03:00")])
+        jobs = [RunJob(run, run.job_id()) for run in runs_on(table, DAY_ONE)]
+        started = time.perf_counter()
+        for job in jobs:
+            guard.execute(job, lambda: None, will_retry=lambda: False)
+        return (time.perf_counter() - started) / n
+
+
+def bench_wait_replicas(quick: bool, repeats: int = 5) -> dict:
+    """DAILYQ_WAIT_REPLICAS=1 against 0, both with a replica: rounds of alternated passes,
+    ratios within a round, medians over rounds (as the overhead case). With 1, each run
+    adds two round trips that WAIT (after its claim, after its finish; the replica's
+    acknowledgement included), each claim renewal of a run longer than a second waits
+    too, and each fan-out chunk adds one."""
+    n = 300 if quick else 2000
+    out: dict = {"runs": n, "repeats": repeats}
+    median = statistics.median
+    for mode, flags in (("forking", []), ("non-forking", ["--simple"])):
+        rounds = []
+        for i in range(repeats):
+            order = (0, 1) if i % 2 == 0 else (1, 0)
+            rounds.append({w: wait_replicas_pass(w, flags, n) for w in order})
+        out[mode] = {
+            **{f"wait_{w}_runs_per_s": round(n / median(r[w]["drain_s"] for r in rounds), 1) for w in (0, 1)},
+            "throughput_ratio_wait_0_over_1": round(median(r[1]["drain_s"] / r[0]["drain_s"] for r in rounds), 3),
+            "throughput_ratio_each": [round(r[1]["drain_s"] / r[0]["drain_s"], 3) for r in rounds],
+            "wall_ms_per_run_added": round(1000 * median((r[1]["drain_s"] - r[0]["drain_s"]) / n for r in rounds), 3),
+            **{f"wait_{w}_cpu_ms_per_run": round(1000 * median(r[w]["cpu_s"] for r in rounds) / n, 3)
+               for w in (0, 1)},
+            "cpu_ratio_wait_1_over_0": round(median(r[1]["cpu_s"] / r[0]["cpu_s"] for r in rounds), 3),
+            **{f"fan_out_wait_{w}_s": round(median(r[w]["fan_out_s"] for r in rounds), 3) for w in (0, 1)},
+        }
+    latency = []
+    for i in range(repeats):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        latency.append({w: guard_latency_pass(w, n // 2) for w in order})
+    out["guard_alone"] = {
+        **{f"wait_{w}_ms_per_run": round(1000 * median(r[w] for r in latency), 3) for w in (0, 1)},
+        "ms_per_run_added": round(1000 * median(r[1] - r[0] for r in latency), 3),
+        "ratio_wait_1_over_0": round(median(r[1] / r[0] for r in latency), 3),
+    }
+    return out
+
+
 # -- 3. fan-out of 100k ------------------------------------------------------------
 
 def fan_out_probe(kind: str, n: int, url: str) -> None:
@@ -459,7 +569,8 @@ def bench_idle(quick: bool) -> dict:
 
 
 BENCHMARKS = {"makespan": bench_makespan, "workflow": bench_workflow, "overhead": bench_overhead,
-              "fanout": bench_fanout, "failover": bench_failover, "latency": bench_latency, "idle": bench_idle}
+              "wait_replicas": bench_wait_replicas, "fanout": bench_fanout, "failover": bench_failover,
+              "latency": bench_latency, "idle": bench_idle}
 
 
 def main() -> int:
@@ -470,7 +581,8 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--json", dest="json_out", help="also write all results to this file")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of alternated passes for 'overhead'")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds of alternated passes for 'overhead' and 'wait_replicas'")
     args = parser.parse_args()
     print(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.node()}: "
           f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}", flush=True)
@@ -478,6 +590,7 @@ def main() -> int:
     for name in args.only.split(","):
         started = time.perf_counter()
         results[name] = (bench_overhead(args.quick, args.repeats) if name == "overhead"
+                         else bench_wait_replicas(args.quick, args.repeats) if name == "wait_replicas"
                          else BENCHMARKS[name](args.quick))
         print(f"\n## {name} ({time.perf_counter() - started:.0f}s)\n{json.dumps(results[name], indent=2)}",
               flush=True)

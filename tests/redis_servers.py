@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -223,6 +223,12 @@ class SentinelSet:
     master: Server
     replica: Server
     sentinel: Server
+    # Replicas beyond the first (start_sentinel_set's ``replicas``).
+    more_replicas: list[Server] = field(default_factory=list)
+
+    @property
+    def replicas(self) -> list[Server]:
+        return [self.replica, *self.more_replicas]
 
     @property
     def url(self) -> str:
@@ -236,8 +242,10 @@ class SentinelSet:
             return int(client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)[1])
 
 
-def start_sentinel_set(servers: Servers) -> SentinelSet:
-    """A master, its replica (both AOF) and one Sentinel watching them (quorum 1)."""
+def start_sentinel_set(servers: Servers, replicas: int = 1) -> SentinelSet:
+    """A master, its replica (both AOF) and one Sentinel watching them (quorum 1); with
+    ``replicas`` = 2, a second replica, so that after a failover the new master has one
+    of its own (Sentinel points it there)."""
     master_port, replica_port, sentinel_port = free_port(), free_port(), free_port()
     # min-replicas-to-write on the first master: once Sentinel promotes the replica, the
     # old master refuses writes (NOREPLICAS) instead of taking writes that are lost
@@ -248,30 +256,36 @@ def start_sentinel_set(servers: Servers) -> SentinelSet:
                                       "--min-replicas-max-lag", "10"], _ping(port=master_port), master_port)
     replica = servers.start("replica", ["--port", str(replica_port), *REPLICATION, "--replicaof", "127.0.0.1",
                                         str(master_port)], _ping(port=replica_port), replica_port)
+    more = []
+    for i in range(2, replicas + 1):
+        port = free_port()
+        more.append(servers.start(f"replica{i}", ["--port", str(port), *REPLICATION, "--replicaof", "127.0.0.1",
+                                                 str(master_port)], _ping(port=port), port))
     conf = servers.root / "sentinel.conf"  # Sentinel rewrites its config file: a writable copy of our own
     conf.write_text(f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 1\n"
                     f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                     f"sentinel failover-timeout {SERVICE} 5000\n")
     sentinel = servers.start("sentinel", [str(conf), "--sentinel", "--port", str(sentinel_port)],
                              _ping(port=sentinel_port), sentinel_port)
-    found = SentinelSet(master, replica, sentinel)
-    _wait_until_replica_known(found)
+    found = SentinelSet(master, replica, sentinel, more)
+    for server in found.replicas:
+        _wait_until_replica_known(found, server)
     return found
 
 
-def _wait_until_replica_known(found: SentinelSet, timeout_s: float = 15.0) -> None:
+def _wait_until_replica_known(found: SentinelSet, server: Server, timeout_s: float = 15.0) -> None:
     """A failover needs the replica in sync and known to Sentinel (else NOGOODSLAVE)."""
     deadline = time.monotonic() + timeout_s
-    with Redis(host="127.0.0.1", port=found.replica.port, decode_responses=True) as replica, \
+    with Redis(host="127.0.0.1", port=server.port, decode_responses=True) as replica, \
             found.sentinel_client() as sentinel:
         while time.monotonic() < deadline:
             link_up = replica.info("replication").get("master_link_status") == "up"
             known = [r for r in sentinel.sentinel_slaves(SERVICE)
-                     if int(r["port"]) == found.replica.port and not r["is_sdown"] and not r["is_disconnected"]]
+                     if int(r["port"]) == server.port and not r["is_sdown"] and not r["is_disconnected"]]
             if link_up and known:
                 return
             time.sleep(0.1)
-    raise AssertionError(f"replica {found.replica.port} never became known to Sentinel: {found.sentinel.log()[-800:]}")
+    raise AssertionError(f"replica {server.port} never became known to Sentinel: {found.sentinel.log()[-800:]}")
 
 
 # -- end to end -----------------------------------------------------------------------

@@ -19,16 +19,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
+import pytest
 from redis import Redis
 
+from dailyq.guard import Guard
 from dailyq.keys import Keys
 from dailyq.redis_server import PrivateRedis
+from dailyq.settings import Settings
 from tests.helpers import (
     ProcessGroup,
     base_env,
@@ -41,8 +45,10 @@ from tests.helpers import (
     starts_per_param,
     wait_for,
 )
-from tests.redis_servers import DAY, Servers, start_lagging_replica
+from tests.redis_servers import DAY, LaggingReplica, Servers, start_lagging_replica
 from tests.tcp_proxy import TcpProxy
+from tests.test_guard import DAY as GUARD_DAY
+from tests.test_guard import identity, rid
 
 NODES = ("n1", "n2", "n3")
 RUNS = 12
@@ -162,3 +168,144 @@ def test_without_wait_replicas_fences_still_never_go_backwards(processes: Proces
     assert outcome.ran_twice(), f"the failover lost no run's writes: {describe(outcome)}"
     assert [r["state"] for r in outcome.runs] == ["finished"] * RUNS, describe(outcome)
     assert outcome.alive, outcome.logs[-3000:]
+
+
+# -- the mechanism, in-process: a replica that does not acknowledge ---------------------------
+
+
+@pytest.fixture
+def lagging() -> Iterator[LaggingReplica]:
+    with Servers() as servers:
+        found = start_lagging_replica(servers)
+        try:
+            yield found
+        finally:
+            found.close()
+
+
+def on_replica(lagging: LaggingReplica) -> Redis:
+    return Redis(port=lagging.replica.port)
+
+
+def test_a_claim_not_acknowledged_does_not_start_its_task_until_it_is(lagging: LaggingReplica) -> None:
+    keys = Keys(f"t{uuid.uuid4().hex[:10]}")
+    primary = Redis(port=lagging.primary.port)
+    guard = Guard(primary, keys, "node-x", claim_ttl_s=6, retention_s=600, wait_replicas=1)
+    started = threading.Event()
+    lagging.stop_replicating()
+    thread = threading.Thread(target=lambda: guard.execute(identity("r1"), started.set, lambda: False), daemon=True)
+    thread.start()
+    wait_for(lambda: primary.exists(keys.claim(rid("r1"))), timeout=10, what="the claim on the primary")
+    # Claimed on the primary, with its fence, but not on the replica: the task waits.
+    assert not started.wait(2.5)
+    assert not on_replica(lagging).exists(keys.claim(rid("r1")))
+    lagging.link.heal()  # the replica catches up and acknowledges
+    assert started.wait(10)
+    thread.join(10)
+    assert on_replica(lagging).sismember(keys.day_finished(GUARD_DAY), rid("r1"))
+
+
+def test_a_finish_not_acknowledged_is_confirmed_again_before_the_run_counts_as_done(
+        lagging: LaggingReplica) -> None:
+    keys = Keys(f"t{uuid.uuid4().hex[:10]}")
+    primary = Redis(port=lagging.primary.port)
+    guard = Guard(primary, keys, "node-x", claim_ttl_s=6, retention_s=600, wait_replicas=1)
+    ended: list[str] = []
+    guard.on_ended = lambda run: ended.append(run.run_id)  # what counts the run done (dependencies)
+    running, go = threading.Event(), threading.Event()
+
+    def task() -> None:
+        running.set()
+        go.wait(10)
+
+    thread = threading.Thread(target=lambda: guard.execute(identity("r1"), task, lambda: False), daemon=True)
+    thread.start()
+    assert running.wait(10)  # the claim was acknowledged: the replica works
+    lagging.stop_replicating()
+    go.set()
+    wait_for(lambda: primary.sismember(keys.day_finished(GUARD_DAY), rid("r1")), timeout=10,
+             what="FINISH on the primary")
+    time.sleep(2.0)
+    # Finished on the primary alone: the guard is still confirming it, and nothing counts it done.
+    assert thread.is_alive() and ended == []
+    assert not on_replica(lagging).sismember(keys.day_finished(GUARD_DAY), rid("r1"))
+    lagging.link.heal()
+    thread.join(10)
+    assert not thread.is_alive() and ended == [rid("r1")]
+    assert on_replica(lagging).sismember(keys.day_finished(GUARD_DAY), rid("r1"))
+
+
+def test_a_copy_whose_renewals_are_not_acknowledged_stops_before_the_replicas_claim_can_lapse(
+        lagging: LaggingReplica) -> None:
+    from dailyq.guard import RunStopped
+
+    keys = Keys(f"t{uuid.uuid4().hex[:10]}")
+    primary = Redis(port=lagging.primary.port)
+    # TTL 3 s, margin 1.5 s: a copy stops 1.5 s after its last acknowledged renewal.
+    guard = Guard(primary, keys, "node-x", claim_ttl_s=3, retention_s=600, wait_replicas=1)
+    outcome: dict[str, object] = {}
+    running = threading.Event()
+
+    def task() -> None:
+        running.set()
+        try:
+            for _ in range(400):  # short sleeps: the interruption reaches a thread between calls
+                time.sleep(0.05)
+        except RunStopped:
+            outcome["stopped_after_s"] = time.monotonic() - outcome["cut_at"]  # type: ignore[operator]
+            raise
+
+    def execute() -> None:
+        outcome["result"] = guard.execute(identity("r1"), task, lambda: False)
+
+    thread = threading.Thread(target=execute)  # not a daemon: the interrupt targets its thread
+    thread.start()
+    assert running.wait(10)
+    time.sleep(1.5)  # a few acknowledged renewals
+    outcome["cut_at"] = time.monotonic()
+    lagging.stop_replicating()
+    thread.join(15)
+    # Renewals still succeed on the primary, but unacknowledged they confirm nothing: the
+    # copy stopped (TTL - margin after its last acknowledged renewal), recording nothing.
+    assert outcome.get("result") == {"skipped": "claim lost"}, outcome
+    assert float(outcome["stopped_after_s"]) < 3.0, outcome  # type: ignore[arg-type]
+    assert not primary.sismember(keys.day_finished(GUARD_DAY), rid("r1"))
+
+
+def test_a_fan_out_chunk_not_acknowledged_raises_and_counts_once_it_is(lagging: LaggingReplica) -> None:
+    from dailyq.fanout import fan_out
+    from dailyq.replicas import ReplicasBehind
+    from dailyq.runs import runs_on
+    from dailyq.table import load_table
+    from dailyq.worker import make_queue
+
+    keys = Keys(f"t{uuid.uuid4().hex[:10]}")
+    primary = Redis(port=lagging.primary.port)
+    table = load_table("tests.sample_tasks")
+    runs = runs_on(table, GUARD_DAY)
+    lagging.stop_replicating()
+    with pytest.raises(ReplicasBehind, match="0 of 1 replicas acknowledged the fan-out"):
+        fan_out(primary, keys, make_queue(primary, keys), runs, retention_s=600, wait_replicas=1)
+    lagging.link.heal()
+    # The same fan-out again: nothing new to write, and now acknowledged.
+    again = fan_out(primary, keys, make_queue(primary, keys), runs, retention_s=600, wait_replicas=1)
+    assert again.enqueued == [] and len(again.already) == len(runs)
+    wait_for(lambda: on_replica(lagging).scard(keys.day_enqueued(GUARD_DAY)) == len(runs), timeout=5,
+             what="the replica to hold the runs")
+
+
+def test_a_trigger_no_replica_acknowledges_is_one_line_and_exit_3(redis_server: PrivateRedis) -> None:
+    # The tests' own server has no replica: WAIT 1 times out (1 s), and trigger says so.
+    env = base_env(redis_server.url, f"t{uuid.uuid4().hex[:10]}", SAMPLE_ONLY="1", DAILYQ_WAIT_REPLICAS="1")
+    result = run_cli(["trigger", "--date", DAY], env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 3 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "0 of 1 replicas acknowledged the fan-out" in lines[0] and "DAILYQ_WAIT_REPLICAS=1" in lines[0], lines
+
+
+@pytest.mark.parametrize("raw, complaint", [("x", "not a whole number"), ("-1", "must be at least 0")])
+def test_a_bad_wait_replicas_is_one_line_and_exit_2(raw: str, complaint: str) -> None:
+    result = run_cli(["status"], base_env("redis://127.0.0.1:1/0", "t", DAILYQ_WAIT_REPLICAS=raw))
+    assert result.returncode == 2 and complaint in result.stderr and "DAILYQ_WAIT_REPLICAS" in result.stderr, \
+        result.stderr
+    assert Settings.from_env({}).wait_replicas == 0

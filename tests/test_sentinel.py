@@ -1,7 +1,8 @@
 """Redis Sentinel: ``REDIS_URL=redis+sentinel://host:port/service/db`` against a master,
 a replica (both AOF) and a Sentinel started here; a ``SENTINEL FAILOVER`` in the
 middle of a batch run by a scheduler and two workers (separate OS processes) loses
-nothing and runs nothing twice."""
+nothing and runs nothing twice; so does a master SIGKILLed mid-batch, with two replicas
+and DAILYQ_WAIT_REPLICAS=1."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Iterator
 
 import pytest
 from redis import Redis
+from redis.exceptions import RedisError
 
 from dailyq.connection import connect
-from dailyq.redis_server import free_port
+from dailyq.redis_server import PrivateRedis, free_port
 from dailyq.settings import Settings
 from tests.helpers import (
     ProcessGroup,
@@ -124,3 +126,62 @@ def test_a_failover_mid_batch_loses_nothing_and_runs_nothing_twice(sentinel_set:
     with Redis(port=sentinel_set.master.port, decode_responses=True) as old_master:
         wait_for(lambda: old_master.info("replication")["role"] == "slave", timeout=30,
                  what="Sentinel to demote the old master")
+
+
+def test_a_sigkilled_master_fails_over_with_every_run_once_and_none_concurrent(redis_server: PrivateRedis,
+                                                                              processes: ProcessGroup) -> None:
+    """A real failover: the master SIGKILLed mid-batch, Sentinel notices (1 s) and promotes
+    the replica with the most data; the other replica follows the new master. With
+    DAILYQ_WAIT_REPLICAS=1 every claim and finish is on a replica before it counts, so the
+    promoted one has them all: each run executes once, never two copies at a time. (Without
+    it a SIGKILL may lose the last writes replication had not carried yet, and a run whose
+    finish was among them executes again: tests/test_failover.py.) The runs log their
+    executions to a Redis of their own, which does not fail over."""
+    with Servers() as servers:
+        found = start_sentinel_set(servers, replicas=2)
+        prefix = f"t{uuid.uuid4().hex[:10]}"
+        env = base_env(found.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="12", SAMPLE_SLEEP_S="1.0",
+                       SAMPLE_FUNC="progress", SAMPLE_AT=quiet_sample_at(), SAMPLE_LOG_URL=redis_server.url,
+                       DAILYQ_CLAIM_TTL_S="30", DAILYQ_WAIT_REPLICAS="1")
+        try:
+            started = [processes.start("scheduler.py", dict(env, NODE_NAME="n1"))]
+            started += [processes.start("worker_entry.py", dict(env, NODE_NAME=node)) for node in ("n1", "n2")]
+            with Redis(port=found.master.port) as master:
+                wait_for(lambda: master.exists(f"{prefix}:leader"), timeout=15, what="a leader")
+            triggered = run_cli(["trigger", "--date", DAY], env)
+            assert triggered.returncode == 0, triggered.stderr
+            with Redis.from_url(redis_server.url) as log_client:
+                wait_for(lambda: sum(e["event"] == "start" for e in executions(log_client, prefix)) >= 3,
+                         timeout=15, what="the batch to start")
+                found.master.process.kill()  # SIGKILL: no goodbye to the replicas
+                killed_at = time.time()
+                replica_ports = {server.port for server in found.replicas}
+                wait_for(lambda: _master_port_or_none(found) in replica_ports, timeout=30,
+                         what="Sentinel to promote a replica")
+
+                last: dict = {}
+
+                def done() -> bool:
+                    result = run_cli(["status", "--date", DAY, "--json"], env)
+                    if result.returncode != 0:
+                        return False
+                    last.update(json.loads(result.stdout))
+                    return {r["state"] for r in last["runs"]} == {"finished"}
+
+                wait_for(done, timeout=90, what="the batch to complete after the failover", every=0.5)
+                print(f"the batch finished {time.time() - killed_at:.1f}s after the master's SIGKILL")
+                recorded = executions(log_client, prefix)
+            assert sorted(starts_per_param(recorded).values()) == [1] * 12, recorded
+            assert max_concurrent_copies(recorded) == 1
+            assert any(e["event"] == "start" and e["t"] > killed_at for e in recorded), "the kill was not mid-batch"
+            for process in started:
+                assert process.poll() is None, f"a process died in the failover:\n{processes.log_of(process)}"
+        finally:
+            processes.stop_all()  # before the servers stop
+
+
+def _master_port_or_none(found: SentinelSet) -> int | None:
+    try:
+        return found.master_port()
+    except RedisError:
+        return None
