@@ -147,7 +147,7 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
     report = ChaosReport(runs=runs, wait_replicas=wait_replicas)
     server = PrivateRedis(appendonly=True, extra_args=["--maxmemory-policy", "noeviction"]).start()
     replicas = Replicas.start(server) if failover else None
-    log_server = PrivateRedis(appendonly=False).start()  # where the runs tick: never cut, restarted, full or failed over
+    log_server = PrivateRedis(appendonly=False).start()  # where runs tick: never cut, restarted, full or failed over
     failed_over_at: float | None = None
     proxies = {node: TcpProxy("127.0.0.1", server.port) for node in NODES}
     group = ProcessGroup()
