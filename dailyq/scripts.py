@@ -872,6 +872,38 @@ save_record(runs_key, run_id, record, retention_s)
 return 1
 """, RECORD_LUA)
 
+# -- learned durations (fanout.py, scheduler.py) ------------------------------------------
+
+TRIM_DURATIONS = _lua("""
+-- The learned durations are kept per series (task + param) across days; a series no day
+-- fanned out for the retention period goes (computed params that change daily would
+-- otherwise grow the hash forever). The fan-out notes each series' day in KEYS[2].
+-- KEYS[1] = durations hash, KEYS[2] = zset series -> ordinal of the last day fanned out
+-- ARGV[1] = oldest day kept (ordinal), ARGV[2] = today (ordinal), ARGV[3] = most removed per call
+-- Returns how many series were removed.
+local durations_key, seen_key = KEYS[1], KEYS[2]
+local oldest_kept, today, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', seen_key) == 0 then
+  -- Durations learned before series were noted (an upgrade): each counts as seen today,
+  -- once. unpack() takes a few thousand values at most: in parts.
+  local fields = redis.call('HKEYS', durations_key)
+  for i = 1, #fields, 1000 do
+    local part = {}
+    for j = i, math.min(i + 999, #fields) do
+      part[#part + 1] = today
+      part[#part + 1] = fields[j]
+    end
+    redis.call('ZADD', seen_key, unpack(part))
+  end
+end
+local stale = redis.call('ZRANGEBYSCORE', seen_key, '-inf', '(' .. oldest_kept, 'LIMIT', 0, batch)
+if #stale > 0 then
+  redis.call('HDEL', durations_key, unpack(stale))
+  redis.call('ZREM', seen_key, unpack(stale))
+end
+return #stale
+""")
+
 # -- rolling deploys (deploys.py) ----------------------------------------------------------
 
 LEAVE = _lua(f"""
@@ -1468,6 +1500,7 @@ class Scripts:
         self._touch_slot = register(TOUCH_SLOT)
         self._resume = register(RESUME)
         self._leave = register(LEAVE)
+        self._trim_durations = register(TRIM_DURATIONS)
         self._return_left = register(RETURN_LEFT)
         self._remove_left = register(REMOVE_LEFT)
         self._remove_waiting = register(REMOVE_WAITING)
@@ -1664,6 +1697,13 @@ class Scripts:
 
 
     # -- rolling deploys (deploys.py) --
+
+    def trim_durations(self, *, durations_key: str, seen_key: str, oldest_kept_ordinal: int, today_ordinal: int,
+                       batch: int) -> ScriptCall[int]:
+        """How many series' learned durations were dropped (not fanned out since before
+        ``oldest_kept_ordinal``)."""
+        return ScriptCall(self._trim_durations, [durations_key, seen_key],
+                          [oldest_kept_ordinal, today_ordinal, batch], int)
 
     def leave(self, *, left_key: str, left_info_key: str, intermediate_queue_key: str, runs_key: str, job_id: str,
               info_json: str, table: str, node: str, why: str, first_wait_ms: int, longest_wait_ms: int,

@@ -96,6 +96,12 @@ class Settings:
     # Claims (with their fencing tokens), finishes and fan-out chunks count only once this
     # many replicas acknowledged them (Redis WAIT, replicas.py); 0: no waiting.
     wait_replicas: int = 0
+    # How long RQ keeps a finished run's job hash and its result (the worker's RQ
+    # ``default_result_ttl``), for rq-dashboard and Job.return_value(); dailyq's own day
+    # record keeps the outcome for retention_days. A result in RQ is a Redis stream per run
+    # (about 5 KB), most of a run's memory, and nothing of dailyq reads it. 0 deletes the
+    # job as it finishes, which costs RQ more commands per run than letting it expire.
+    job_ttl_s: int = 60
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -124,6 +130,7 @@ class Settings:
             removed_grace_s=_int_env(env, "DAILYQ_REMOVED_GRACE_S", 600),
             table_skew_alert_s=_int_env(env, "DAILYQ_TABLE_SKEW_ALERT_S", 900),
             wait_replicas=_int_env(env, "DAILYQ_WAIT_REPLICAS", 0, minimum=0),
+            job_ttl_s=_int_env(env, "DAILYQ_JOB_TTL_S", 60, minimum=0),
         )
 
     @property

@@ -334,6 +334,8 @@ class _DailyWorkerMixin(GuardedWorker):
         # The guard is built now, before any fork (see WorkerContext).
         context = WorkerContext(settings, table, connection, stop_by_exit=self.stops_by_exit, generation=generation)
         MEMORY.name(f"worker on node {settings.node_name} (pid {os.getpid()})", describer(connection))
+        # Ours replaces the rq CLI's --results-ttl (RQ's 500 s): see Settings.job_ttl_s.
+        kwargs["default_result_ttl"] = settings.job_ttl_s
         super().__init__(queues, hooks=context, default_queue=settings.keys.queue_name,
                          connection=connection, **kwargs)
 
