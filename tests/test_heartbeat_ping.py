@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dailyq.heartbeat_ping import heartbeat_body, runs_per_state
-from dailyq.redis_server import free_port
+from dailyq.redis_server import PrivateRedis, free_port
 from dailyq.runs import BLOCKED, FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED
 from dailyq.timestamps import parse_iso
 from tests.helpers import noon_zone, run_cli, wait_for, wall_time_in
@@ -116,25 +116,66 @@ def test_only_the_leader_pings_none_while_no_node_leads_and_the_next_leader_resu
     assert "outside heartbeat to http://127.0.0.1:" in logs and SECRET not in logs
 
 
-def test_pings_stop_while_redis_is_cut_off_and_resume_within_a_period_once_it_is_back(
-        redis_server, node_env, processes, receiver):
+class CutOff:
+    """Redis made unreachable for a scheduler and back: ``cut``, through a TCP proxy that
+    holds every byte (reads hang, as on a partition), or ``killed``, a redis-server of the
+    test's own SIGKILLed and started again on its port, AOF on (reads fail at once)."""
+
+    def __init__(self, how: str, session_server: PrivateRedis) -> None:
+        self.how = how
+        self.own = PrivateRedis(appendonly=True).start() if how == "killed" else None
+        self.proxy = TcpProxy("127.0.0.1", session_server.port) if how == "cut" else None
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url() if self.proxy is not None else self.own.url  # type: ignore[union-attr]
+
+    def lose(self) -> None:
+        if self.proxy is not None:
+            self.proxy.cut()
+        else:
+            self.own.kill()  # type: ignore[union-attr]
+
+    def restore(self) -> None:
+        if self.proxy is not None:
+            self.proxy.heal()
+        else:
+            self.own.start()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+        if self.own is not None:
+            self.own.cleanup()
+
+
+@pytest.fixture(params=["cut", "killed"])
+def outage(request, redis_server):
+    found = CutOff(request.param, redis_server)
+    yield found
+    found.close()
+
+
+def test_pings_stop_while_redis_is_unreachable_and_resume_within_a_period_once_it_is_back(
+        outage, node_env, processes, receiver):
+    # 3 s: a scheduler that met Redis down tries again every 2 s at most (scheduler.MAX_BACKOFF_S),
+    # so a period of 3 s or more is resumed within one period (the default is 60 s).
     period_s = 3
-    with TcpProxy("127.0.0.1", redis_server.port) as proxy:
-        env = quiet_env(node_env, REDIS_URL=proxy.url(), DAILYQ_HEARTBEAT_URL=receiver.url,
-                        DAILYQ_HEARTBEAT_S=str(period_s))
-        scheduler = processes.start("scheduler.py", dict(env, NODE_NAME="node-a"))
-        wait_for(lambda: len(pings(receiver)) >= 2, timeout=30, what="two pings")
-        proxy.cut()
-        cut_at = time.time()
-        time.sleep(3 * period_s)  # three periods without Redis
-        healed_at = time.time()
-        proxy.heal()
-        wait_for(lambda: pings(receiver, after=healed_at), timeout=15, what="a ping after the cut healed")
-        resumed_at = pings(receiver, after=healed_at)[0][0]
-        log_text = processes.log_of(scheduler)
-    # A beat due just before the cut may still be under way; none after that.
-    assert pings(receiver, after=cut_at + 0.5, before=healed_at) == [], log_text
-    assert resumed_at - healed_at <= period_s, (resumed_at - healed_at, log_text)
+    env = quiet_env(node_env, REDIS_URL=outage.url, DAILYQ_HEARTBEAT_URL=receiver.url,
+                    DAILYQ_HEARTBEAT_S=str(period_s))
+    scheduler = processes.start("scheduler.py", dict(env, NODE_NAME="node-a"))
+    wait_for(lambda: len(pings(receiver)) >= 2, timeout=30, what="two pings")
+    outage.lose()
+    lost_at = time.time()
+    time.sleep(3 * period_s)  # three periods without Redis
+    outage.restore()
+    back_at = time.time()
+    wait_for(lambda: pings(receiver, after=back_at), timeout=15, what="a ping once Redis is back")
+    resumed_at = pings(receiver, after=back_at)[0][0]
+    log_text = processes.log_of(scheduler)
+    # A beat due just before Redis went may still be under way; none after that.
+    assert pings(receiver, after=lost_at + 0.5, before=back_at) == [], log_text
+    assert resumed_at - back_at <= period_s, (resumed_at - back_at, log_text)
     assert SECRET not in log_text
 
 
@@ -149,6 +190,23 @@ def test_a_failing_endpoint_is_logged_once_with_the_url_hidden_and_pings_go_on(n
     log_text = processes.log_of(scheduler)
     assert log_text.count("not delivered (HTTP 503)") == 1, log_text
     assert pings(receiver, after=answered) and SECRET not in log_text
+
+
+def test_an_endpoint_slower_than_the_lease_never_holds_the_leaders_tick(node_env, processes, receiver):
+    receiver.delay_s = 8.0  # past the sender's 5 s timeouts, and four times the 2 s lease
+    env = quiet_env(node_env, DAILYQ_HEARTBEAT_URL=receiver.url, DAILYQ_HEARTBEAT_S="1")
+    first = processes.start("scheduler.py", dict(env, NODE_NAME="node-a"))
+    wait_for(lambda: "node node-a is now the leader" in processes.log_of(first), timeout=20, what="node-a to lead")
+    second = processes.start("scheduler.py", dict(env, NODE_NAME="node-b"))
+    wait_for(lambda: len(pings(receiver)) >= 3, timeout=30, what="three slow pings")
+    logs = processes.log_of(first) + processes.log_of(second)
+    # A tick held by a POST would let the 2 s lease lapse: node-b would lead.
+    assert "lost the leader lease" not in logs and "node node-b is now the leader" not in logs, logs
+    assert {body["node"] for _, body in pings(receiver)} == {"node-a"}
+    # One POST at a time, each given up after its 5 s timeout: no pile-up of beats.
+    times = [at for at, _ in pings(receiver)]
+    assert all(later - earlier >= 4.0 for earlier, later in zip(times, times[1:])), times
+    assert "not delivered (no answer within 5s)" in logs
 
 
 def scrape_heartbeat(port: int) -> float | None:
