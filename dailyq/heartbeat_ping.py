@@ -66,19 +66,16 @@ class Beat:
     valid_until_s: float
 
 
-def heartbeat_body(node: str, leader_since: str | None, at: datetime, runs: Mapping[str, int]) -> dict[str, object]:
-    """The JSON POSTed: ``runs`` is state -> today's runs in that state (all tasks)."""
-    return {
-        "event": "heartbeat",
-        "node": node,
-        "leader_since": leader_since,
-        "at": iso(at),
-        "today": {
-            "done": sum(runs.get(state, 0) for state in DONE_STATES),
-            "total": sum(runs.values()),
-            "failed": runs.get(FAILED, 0),
-        },
+def heartbeat_body(node: str, leader_since: str | None, at: datetime,
+                   runs: Mapping[str, int] | None) -> dict[str, object]:
+    """The JSON POSTed: ``runs`` is state -> today's runs in that state (all tasks);
+    None when they could not be counted (``today`` is then null, the beat still goes)."""
+    today = None if runs is None else {
+        "done": sum(runs.get(state, 0) for state in DONE_STATES),
+        "total": sum(runs.values()),
+        "failed": runs.get(FAILED, 0),
     }
+    return {"event": "heartbeat", "node": node, "leader_since": leader_since, "at": iso(at), "today": today}
 
 
 def runs_per_state(counts: Mapping[tuple[str, str], int]) -> Counter:
@@ -121,6 +118,7 @@ class HeartbeatPing:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._failing = False
+        self._uncounted = False  # today's records could not be counted (logged once)
         self._outage = OutageLog(log, "the outside heartbeat")
 
     # -- in the scheduler's tick ------------------------------------------------------
@@ -183,16 +181,24 @@ class HeartbeatPing:
         True when the endpoint answered 2xx."""
         if time.monotonic() > beat.valid_until_s:
             return False  # the tick's lease may have lapsed since: this node may no longer lead
+        runs: Counter | None
         try:
             counts, _ = read_today(self.connection, self.settings.keys, self.table, beat.at)
+            runs = runs_per_state(counts)
+            self._uncounted = False
         except RedisError as exc:
             self._outage.failed(exc)
             return False  # Redis does not answer: no ping, the outside service alarms
+        except Exception:  # noqa: BLE001 - a record we cannot read: Redis answered and we lead, so ping
+            runs = None
+            if not self._uncounted:
+                self._uncounted = True
+                log.exception("the outside heartbeat could not count today's runs; it goes on with \"today\": null")
         self._outage.recovered()
         if time.monotonic() > beat.valid_until_s:
             return False
         assert self.url is not None
-        body = json.dumps(heartbeat_body(beat.node, beat.leader_since, beat.at, runs_per_state(counts)))
+        body = json.dumps(heartbeat_body(beat.node, beat.leader_since, beat.at, runs))
         delivery = post_json(self.url, body)
         if delivery.outcome == DELIVERED:
             self.last_beat_s = self._wall().timestamp()

@@ -10,16 +10,17 @@ import signal
 import time
 import urllib.request
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dailyq.heartbeat_ping import heartbeat_body, runs_per_state
+from dailyq.keys import Keys
 from dailyq.redis_server import PrivateRedis, free_port
 from dailyq.runs import BLOCKED, FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED
 from dailyq.timestamps import parse_iso
-from tests.helpers import noon_zone, run_cli, wait_for, wall_time_in
+from tests.helpers import noon_zone, run_cli, today_in, wait_for, wall_time_in
 from tests.tcp_proxy import TcpProxy
 from tests.webhook_receiver import WebhookReceiver
 
@@ -68,6 +69,11 @@ def test_the_body_counts_done_as_the_progress_line_does_and_every_state_in_total
 def test_the_body_of_a_day_with_no_runs_says_zero():
     body = heartbeat_body("n", None, datetime(2026, 12, 2, tzinfo=timezone.utc), {})
     assert body["today"] == {"done": 0, "total": 0, "failed": 0} and body["leader_since"] is None
+
+
+def test_the_body_of_runs_that_could_not_be_counted_says_null():
+    body = heartbeat_body("n", "2026-12-02T06:00:00+00:00", datetime(2026, 12, 2, tzinfo=timezone.utc), None)
+    assert body["today"] is None and body["node"] == "n"
 
 
 def test_runs_per_state_sums_the_tasks():
@@ -207,6 +213,16 @@ def test_an_endpoint_slower_than_the_lease_never_holds_the_leaders_tick(node_env
     times = [at for at, _ in pings(receiver)]
     assert all(later - earlier >= 4.0 for earlier, later in zip(times, times[1:])), times
     assert "not delivered (no answer within 5s)" in logs
+
+
+def test_a_record_that_cannot_be_read_still_pings_with_today_null(node_env, processes, receiver, connection, prefix):
+    env = quiet_env(node_env, DAILYQ_HEARTBEAT_URL=receiver.url, DAILYQ_HEARTBEAT_S="1")
+    day = date.fromisoformat(today_in(env["SAMPLE_TZ"]))
+    connection.hset(Keys(prefix).day_runs(day), "sample-garbage", b"{not json")
+    scheduler = processes.start("scheduler.py", dict(env, NODE_NAME="node-a"))
+    wait_for(lambda: len(pings(receiver)) >= 2, timeout=30, what="two pings")
+    assert all(body["today"] is None for _, body in pings(receiver))
+    assert processes.log_of(scheduler).count("could not count today's runs") == 1
 
 
 def scrape_heartbeat(port: int) -> float | None:
