@@ -27,8 +27,9 @@ path; ``/metrics`` by convention), from a thread of the scheduler process:
   figures are then left out rather than shown stale);
 * prometheus_client's ``process_*``, ``python_gc_*`` and ``python_info``.
 
-Everything but ``dailyq_leader`` and the heartbeat's time is the same cluster-wide figure on every node: it is
-read from Redis when scraped, by the ``Collector`` below, and kept for ``CACHE_S``
+Everything but ``dailyq_leader`` and the heartbeat's time is the same cluster-wide
+figure on every node: it is read from Redis when scraped, by the ``Collector`` below,
+and kept for ``CACHE_S``
 (longer on big days: a refresh that took t seconds is kept ``CACHE_DUTY * t``), so
 that scrapes from several Prometheus servers of a 100,000-run day cost Redis one
 HSCAN of the day every few seconds, not one per scrape.
