@@ -57,6 +57,7 @@ def _context(args: argparse.Namespace) -> tuple[Settings, TaskTable]:
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from .alerts import AlertService  # noqa: PLC0415 - keeps status/trigger start-up light
+    from .heartbeat_ping import HeartbeatPing  # noqa: PLC0415
     from .scheduler import DailyScheduler  # noqa: PLC0415
     from .table_watch import TableWatch  # noqa: PLC0415
 
@@ -68,12 +69,16 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     # The record of table differences is kept with alerts off too: status and health read it.
     tables = TableWatch(connection, settings, table, raise_alerts=alerts.raise_alerts if alerts.enabled else None)
     scheduler.tick_hooks.append(tables.on_tick)
+    # The outside heartbeat (dead-man's switch): due in the leader's tick, sent from its thread.
+    ping = HeartbeatPing(connection, settings, table)
+    scheduler.tick_hooks.append(ping.on_tick)
     metrics = None
     if settings.metrics_port is not None and not args.burst:
         from .metrics import serve_metrics  # noqa: PLC0415 - imports prometheus_client
 
         # Before logging starts: a port already taken is one line on stderr, like any bad setting.
-        metrics = serve_metrics(settings, connection, table, lambda: scheduler.is_leader)
+        metrics = serve_metrics(settings, connection, table, lambda: scheduler.is_leader,
+                                last_heartbeat=lambda: ping.last_beat_s)
     setup_logging(settings.node_name)
     log.info("connected to %s as node %s", settings.redacted_url(), settings.node_name)
     if metrics is not None:
@@ -81,9 +86,11 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     warn_about_server(connection, settings)
     if not args.burst:
         alerts.start()
+        ping.start()
     try:
         scheduler.run(burst=args.burst)
     finally:
+        ping.stop()
         alerts.stop()  # after run() released the lease: a POST under way may finish and be acked
         if metrics is not None:
             metrics.stop()
