@@ -20,6 +20,7 @@ from . import text_width
 from .render import STATE_COLOURS, paint
 from .runs import (
     BLOCKED,
+    CANCELLED,
     FAILED,
     FINISHED,
     MISSED,
@@ -36,10 +37,10 @@ from .table import encode_param
 from .table_skew import differing_nodes
 from .timestamps import parse_iso
 
-# Blocked runs wait for a rerun of a failed upstream run: like a failed run, nothing
-# more happens to them by itself. Waiting runs will run once their upstream runs finish;
+# Blocked runs wait for a rerun of a failed upstream run: like a failed (or cancelled)
+# run, nothing more happens to them by itself. Waiting runs will run once their upstream runs finish;
 # a paused run is still to do: --until-done waits for it (resume it, or stop watching).
-DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED, REMOVED)
+DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED, REMOVED, CANCELLED)
 PENDING_STATES = (SCHEDULED, QUEUED, RUNNING, WAITING, PAUSED)
 BAR_WIDTH = 24
 
