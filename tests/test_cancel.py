@@ -205,3 +205,23 @@ def test_bad_cancel_input_is_one_line_and_exit_2(redis_server, prefix):
         assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr, result.stderr
     result = run_cli(["cancel", "--task", "sample"], env)
     assert result.returncode == 2 and "--date" in result.stderr
+
+
+def test_a_cancelled_run_held_by_a_pause_never_starts_after_resume(redis_server, prefix, connection, processes):
+    env = base_env(redis_server.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_AT=quiet_sample_at(),
+                   NODE_NAME="node-a")
+    keys = Keys(prefix)
+    worker = processes.start("worker_entry.py", env)
+    wait_for(lambda: connection.exists(keys.heartbeat("worker", "node-a")), 30, "the worker")
+    assert run_cli(["pause", "sample"], env).returncode == 0
+    assert run_cli(["trigger", "--date", DAY], env).returncode == 0
+    wait_for(lambda: connection.llen(keys.held("sample")) == 1, 30, "the worker to set the run aside")
+    settings = Settings(redis_url=redis_server.url, prefix=prefix, node_name="node-ops",
+                        tasks_module="tests.sample_tasks")
+    assert [r["state"] for r in dailyq.cancel(connection, DAY, "sample", user="carol", settings=settings)
+            ["cancelled"]] == ["queued"]
+    assert run_cli(["resume", "sample"], env).returncode == 0  # its job goes back to the queue
+    wait_for(lambda: "not executed: cancelled" in processes.log_of(worker), 30, "the worker to refuse it")
+    assert not executions(connection, prefix)
+    (run,) = status_runs(env)
+    assert (run["state"], run["error"], run["attempts"]) == (CANCELLED, "cancelled by carol on node-ops", 0)
