@@ -25,6 +25,9 @@ work-horse, or the worker itself for a non-forking worker):
    shared memory and kills the horse once it passed (claim_watch.py). A non-forking
    worker has no such process: there a task that holds the GIL past ``claim_ttl_s -
    claim_margin_s`` can run beside the copy that takes its run over.
+   A ``cancel`` (cancel.py) renames the claim: the renewal answers 'cancelled', the copy
+   stops the same way, and releases the renamed claim once its task has stopped (the
+   worker parent does, for a work-horse that exited with ``CANCELLED_EXIT_CODE``).
 3. ``FINISH`` adds the run to the finished set and releases the claim atomically (on
    a worker, inside RQ's transaction that records the job's success); ``FAIL``
    releases the claim and records the error, or queues the run for its retry. Both

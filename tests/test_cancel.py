@@ -225,3 +225,26 @@ def test_a_cancelled_run_held_by_a_pause_never_starts_after_resume(redis_server,
     assert not executions(connection, prefix)
     (run,) = status_runs(env)
     assert (run["state"], run["error"], run["attempts"]) == (CANCELLED, "cancelled by carol on node-ops", 0)
+
+
+def test_the_cancelled_state_shows_in_the_watch_line_the_table_and_the_report():
+    from datetime import datetime, timezone
+
+    from dailyq.render import render_table, summary
+    from dailyq.report import render_report
+    from dailyq.watch import is_settled, progress, render_line
+
+    def run(param: str, state: str) -> dict:
+        return {"task": "sample", "param": param, "state": state, "node": "n1", "started_at": None,
+                "ended_at": None, "attempts": 1, "error": "cancelled by alice on ops" if state == CANCELLED else None,
+                "run_id": f"sample-{param}", "slot": "2026-11-20T03:00:00+00:00", "job_id": None, "duration_s": None}
+
+    status = {"date": DAY, "leader": None, "runs": [run("a", FINISHED), run("b", CANCELLED)], "nodes": [],
+              "generated_at": "2026-11-20T04:00:00+00:00"}
+    p = progress(status, {}, datetime(2026, 11, 20, 4, tzinfo=timezone.utc))
+    assert (p.done, p.cancelled, p.pending) == (2, 1, 0)  # final: --until-done does not wait for it
+    assert " 1 cancelled" in render_line(p) and is_settled(status)
+    assert summary(status) == {FINISHED: 1, CANCELLED: 1}
+    assert "\x1b[1;33mcancelled\x1b[0m" in render_table(status, colour=True)
+    html = render_report(status)
+    assert 'data-state="cancelled"' in html and "cancelled by alice on ops" in html
