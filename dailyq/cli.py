@@ -214,6 +214,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     settings, table = _context(args)
+    # Each cancel is logged (who, which run, what it was), in the format the nodes log in.
+    setup_logging(settings.node_name, level=logging.WARNING)
     result = api.cancel(settings.redis_url, args.date, args.task, args.param or [], args.run or None,
                         settings=settings, table=table)
     for run in result["cancelled"]:
