@@ -1,4 +1,4 @@
-"""Command line: ``python scheduler.py [status|trigger|rerun|pause|resume|doctor|demo]`` (also installed as
+"""Command line: ``python scheduler.py [status|trigger|rerun|cancel|pause|resume|doctor|demo]`` (also installed as
 the ``dailyq`` console script) and the worker.
 
 The commands' work is done by dailyq/api.py (over commands.py), which scripts call
@@ -219,6 +219,23 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    settings, table = _context(args)
+    # Each cancel is logged (who, which run, what it was), in the format the nodes log in.
+    setup_logging(settings.node_name, level=logging.WARNING)
+    result = api.cancel(settings.redis_url, args.date, args.task, args.param or [], args.run or None,
+                        settings=settings, table=table)
+    for run in result["cancelled"]:
+        how = f"was running on {run['node']}: its copy stops" if run["executing"] else f"was {run['state']}"
+        print(f"cancelled: {run['task']} {encode_param(run['param'])} slot {run['slot']} ({how})")
+    for run in result["ended"]:
+        print(f"not cancelled, already {run['state']}: {run['task']} {encode_param(run['param'])} slot {run['slot']}")
+    executing = sum(run["executing"] for run in result["cancelled"])
+    print(f"{result['date']}: {len(result['cancelled'])} cancelled ({executing} executing) by {result['by']}, "
+          f"{len(result['ended'])} had ended already; rerun runs a cancelled run again")
+    return 0
+
+
 def cmd_pause(args: argparse.Namespace) -> int:
     settings, table = _context(args)
     result = api.pause(settings.redis_url, args.task, all_tasks=args.all, settings=settings, table=table)
@@ -352,6 +369,17 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
                        help="a task with computed params: call its params callable again and use the new list "
                             "(default: the list stored when the slot fired)")
     again.set_defaults(handler=cmd_rerun)
+
+    stop = sub.add_parser("cancel", help="stop a day's runs: executing ones stop within seconds, queued or "
+                          "waiting ones never start; they show cancelled until a rerun")
+    stop.add_argument("--date", type=_parse_date, required=True)
+    stop.add_argument("--task", help="only this task's runs")
+    chosen = stop.add_mutually_exclusive_group()
+    chosen.add_argument("--param", action="append", help="with --task: only this param (repeatable); JSON text for "
+                        "non-strings")
+    chosen.add_argument("--run", action="append", metavar="RUN_ID",
+                        help="only this run (its run_id in status --json; repeatable)")
+    stop.set_defaults(handler=cmd_cancel)
 
     for name, handler, text in (
             ("pause", cmd_pause, "pause a task: its slots are not fanned out and its queued runs not started "
