@@ -19,6 +19,7 @@ from dailyq.commands import trigger
 from dailyq.errors import ConfigError
 from dailyq.fingerprint import describe, diff, fingerprint
 from dailyq.keys import Keys
+from dailyq.metrics import Collector
 from dailyq.render import render_pools
 from dailyq.scripts import LimitedTask, Scripts, scripts_for
 from dailyq.table import Task, TaskTable, load_table
@@ -216,6 +217,14 @@ def test_a_pool_of_two_shared_by_two_tasks_on_three_nodes(settings, processes: P
     wait_for(lambda: use()["running"] == 2 and use()["set_aside"] > 0, timeout=30,
              what="status to show the pool full with runs set aside")
     assert use()["size"] == 2
+    metrics = Collector(connection, keys, table, lambda: False, cache_s=0)
+
+    def gauge(name: str) -> float:
+        (family,) = [f for f in metrics.collect() if f.name == name]
+        return {s.labels["pool"]: s.value for s in family.samples}["warehouse"]
+
+    wait_for(lambda: gauge("dailyq_pool_running") == 2.0, timeout=10, what="dailyq_pool_running to say 2")
+    assert gauge("dailyq_pool_size") == 2.0
     prefix = settings.prefix
     wait_for(lambda: all(all_done(connection, prefix, 6, p) for p in ("W", "X", "O")), timeout=60,
              what="all 18 runs to finish")
