@@ -23,6 +23,8 @@ path; ``/metrics`` by convention), from a thread of the scheduler process:
   ``DAILYQ_HEARTBEAT_URL``, when it last would have. Absent until this process first
   did; kept (growing old) after it stops leading, and shown while Redis is down, so
   ``time() - max(...)`` over all nodes is the cluster's silence;
+* ``dailyq_pool_running{pool}`` / ``dailyq_pool_size{pool}`` -- per pool of the table's
+  POOLS, its runs executing now (live slots of its tasks, limits.pool_use) and its size;
 * ``dailyq_redis_up`` -- 0 when this scrape could not read Redis (the cluster-wide
   figures are then left out rather than shown stale);
 * prometheus_client's ``process_*``, ``python_gc_*`` and ``python_info``.
@@ -61,6 +63,7 @@ from .day_scan import DayRecords
 from .errors import ConfigError
 from .fingerprint import table_fingerprint
 from .keys import Keys
+from .limits import pool_use
 from .outage import OutageLog
 from .params_book import ParamsBook, placeholder_record
 from .rq_seam import make_queue
@@ -112,6 +115,7 @@ class ClusterView:
     outbox: tuple[int, int]  # pending, in flight
     tables: int = 0  # distinct tables the live processes name
     table_differs: tuple[tuple[str, str, str, bool], ...] = ()  # (node, role, table, differs from the reference)
+    pools: dict[str, dict[str, int]] = field(default_factory=dict)  # pool -> {"size", "running", "set_aside"}
 
 
 def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime,
@@ -207,6 +211,8 @@ class Collector:
         yield GaugeMetricFamily("dailyq_alert_outbox", "", labels=["state"])
         yield GaugeMetricFamily("dailyq_tables", "")
         yield GaugeMetricFamily("dailyq_table_differs", "", labels=["node", "role", "table"])
+        yield GaugeMetricFamily("dailyq_pool_running", "", labels=["pool"])
+        yield GaugeMetricFamily("dailyq_pool_size", "", labels=["pool"])
         yield HistogramMetricFamily("dailyq_run_duration_seconds", "", labels=["task"])
 
     def collect(self) -> Iterator[Metric]:
@@ -248,6 +254,14 @@ class Collector:
         for node, role, table, differ in view.table_differs:
             differs.add_metric([node, role, table], 1.0 if differ else 0.0)
         yield differs
+        running = GaugeMetricFamily("dailyq_pool_running", "Runs of the pool's tasks executing now", labels=["pool"])
+        size = GaugeMetricFamily("dailyq_pool_size", "How many runs of the pool's tasks may execute at once (POOLS)",
+                                 labels=["pool"])
+        for name, use in sorted(view.pools.items()):
+            running.add_metric([name], float(use["running"]))
+            size.add_metric([name], float(use["size"]))
+        yield running
+        yield size
         durations = HistogramMetricFamily("dailyq_run_duration_seconds", "Durations of finished runs seen since this "
                                           "scheduler started (and today's before)", labels=["task"])
         with self._lock:
@@ -300,7 +314,9 @@ class Collector:
             if moment is not None:
                 last_fired[name.decode() if isinstance(name, bytes) else str(name)] = moment.timestamp()
         tables, differs = self._tables(leader)
-        return ClusterView(dict(runs), int(queue_jobs), last_fired, (int(pending), int(in_flight)), tables, differs)
+        pools = pool_use(self.connection, self.keys, self.table, seconds * 1000 + micros // 1000)
+        return ClusterView(dict(runs), int(queue_jobs), last_fired, (int(pending), int(in_flight)), tables, differs,
+                           pools)
 
     def _tables(self, leader: bytes | None) -> tuple[int, tuple[tuple[str, str, str, bool], ...]]:
         """(distinct tables, per process naming one: node, role, table, differs): one read

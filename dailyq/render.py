@@ -69,8 +69,8 @@ def render_table(status: dict[str, Any], colour: bool = False) -> str:
     leader_line = f"leader: {one_line(str(leader['node']))} (since {leader.get('since')})" if leader else "leader: none"
     counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
     return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}",
-                      *render_paused(status), *render_tables(status, colour), *render_redis(status, colour),
-                      *render_nodes(status, colour), *render_data_loss(status)])
+                      *render_paused(status), *render_pools(status), *render_tables(status, colour),
+                      *render_redis(status, colour), *render_nodes(status, colour), *render_data_loss(status)])
 
 
 def render_data_loss(status: dict[str, Any]) -> list[str]:
@@ -87,6 +87,16 @@ def render_paused(status: dict[str, Any]) -> list[str]:
     shown = [f"{one_line(task)} (since {info.get('since') or '?'} by {one_line(str(info.get('by') or '?'))})"
              for task, info in sorted(paused.items())]
     return ["paused: " + ", ".join(shown)]
+
+
+def render_pools(status: dict[str, Any]) -> list[str]:
+    """One line with each pool's use: ``pools: warehouse 2/3 running, 5 set aside`` (none: no line)."""
+    pools = status.get("pools") or {}
+    if not pools:
+        return []
+    shown = [f"{one_line(name)} {use['running']}/{use['size']} running, {use['set_aside']} set aside"
+             for name, use in sorted(pools.items())]
+    return ["pools: " + "; ".join(shown)]
 
 
 def render_tables(status: dict[str, Any], colour: bool = False) -> list[str]:

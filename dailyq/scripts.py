@@ -13,7 +13,8 @@ runs no includes, so the helpers a script uses are prepended to it):
 * ``redis_now_ms``: the Redis server's clock, the one clock every node shares;
 * ``purge_slots`` / ``room`` / ``extend_slot`` / ``promote``: the slots of a task with
   limits and its held runs (limits.py), shared by ADMIT, RELEASE_SLOT, SWEEP_SLOTS,
-  TOUCH_SLOT, RESUME and RENEW_CLAIM.
+  TOUCH_SLOT, RESUME and RENEW_CLAIM; ``pool_room`` / ``promote_pool``: the same for
+  the tasks of one pool together (ADMIT, RELEASE_SLOT, SWEEP_SLOTS).
 
 A few scripts run on a Redis out of memory (``allow_oom``): the lease, the leadership
 mark, and what lets a run that executes now renew its claim and record its end. Each
@@ -188,6 +189,68 @@ local function promote(held_key, queue_key, n)
     redis.call('LPUSH', queue_key, moved[i])
   end
   return moved
+end
+-- A pool (limits.py) has no slots of its own: a run of a pool's task takes a slot of its
+-- task, and the pool counts the live slots of all its tasks against its size. So the one
+-- slot is both permits, taken and freed at once, and it lapses with the claim as any slot.
+-- ``members``: {slots_key, nodes_key} of each task of the pool.
+local function pool_room(size, members, now)
+  local used = 0
+  for _, member in ipairs(members) do
+    purge_slots(member[1], member[2], now)
+    used = used + redis.call('ZCARD', member[1])
+  end
+  return size - used
+end
+-- Moves held runs of a pool's tasks to the queue's front while the pool and each task have
+-- room (per-node room counted on ``nodes``), dealt one at a time in turn from member
+-- ``first`` on, so no task of the pool waits behind another's backlog; a paused task gets
+-- none. ``members``: {name, slots_key, nodes_key, held_key, max_running, max_per_node}
+-- (0: none) of each task of the pool. Returns the job ids moved.
+local function promote_pool(paused_key, queue_key, size, members, nodes, first, now)
+  local slot_keys, wants, counts = {}, {}, {}
+  for i, member in ipairs(members) do
+    slot_keys[i] = {member[2], member[3]}
+  end
+  local free = pool_room(size, slot_keys, now)
+  for i, member in ipairs(members) do
+    counts[i] = 0
+    wants[i] = 0
+    if redis.call('HEXISTS', paused_key, member[1]) == 0 then
+      wants[i] = math.min(redis.call('LLEN', member[4]), room(member[2], member[3], member[5], member[6], nodes))
+    end
+  end
+  local n, dealt = #members, true
+  while free > 0 and dealt do
+    dealt = false
+    for k = 0, n - 1 do
+      local i = (first - 1 + k) % n + 1
+      if free > 0 and counts[i] < wants[i] then
+        counts[i], free, dealt = counts[i] + 1, free - 1, true
+      end
+    end
+  end
+  -- The last in turn first: each promote puts its runs at the queue's front.
+  local moved = {}
+  for k = n - 1, 0, -1 do
+    local i = (first - 1 + k) % n + 1
+    if counts[i] > 0 then
+      for _, job_id in ipairs(promote(members[i][4], queue_key, counts[i])) do
+        moved[#moved + 1] = job_id
+      end
+    end
+  end
+  return moved
+end
+-- Pool members from KEYS (from ``k``, 3 keys each: slots, slot nodes, held list) and ARGV
+-- (from ``i``, 3 values each: name, max_running, max_per_node), ``n`` of them.
+local function pool_members(k, i, n)
+  local members = {}
+  for j = 0, n - 1 do
+    members[j + 1] = {ARGV[i + 3 * j], KEYS[k + 3 * j], KEYS[k + 3 * j + 1], KEYS[k + 3 * j + 2],
+                      tonumber(ARGV[i + 3 * j + 1]), tonumber(ARGV[i + 3 * j + 2])}
+  end
+  return members
 end
 """
 
@@ -778,22 +841,30 @@ ADMIT = _lua("""
 -- A worker asks, before it starts a run of a task with limits or a paused task, whether it
 -- may: if the task is paused or has no room, the job is held back -- off RQ's intermediate
 -- queue (so nothing takes it for stranded) and onto the task's held list, its RQ job left
--- queued -- else the run takes a slot (when the task has limits).
+-- queued -- else the run takes a slot (when the task has limits or a pool). A run of a
+-- pool's task needs room in its task and in its pool; its one slot counts for both.
 -- KEYS[1] = paused hash, KEYS[2] = the task's slots, KEYS[3] = slot nodes, KEYS[4] = held list,
--- KEYS[5] = RQ's intermediate queue
+-- KEYS[5] = RQ's intermediate queue, then per task of its pool (its own included): its
+-- slots, slot nodes
 -- ARGV[1] = task, ARGV[2] = owner (the attempt's claim owner token), ARGV[3] = node,
 -- ARGV[4] = job id, ARGV[5] = slot ttl (ms, the claim's), ARGV[6] = max_running (0: none),
--- ARGV[7] = max_per_node (0: none)
+-- ARGV[7] = max_per_node (0: none), ARGV[8] = the pool's size (0: in no pool)
 -- Returns 'admitted', 'paused' or 'held'.
 local paused_key, slots_key, nodes_key, held_key, intermediate_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local task, owner, node, job_id, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local max_running, max_per_node = tonumber(ARGV[6]), tonumber(ARGV[7])
+local max_running, max_per_node, pool_size = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = redis_now_ms()
 purge_slots(slots_key, nodes_key, now)
+local pool = {}
+for k = 6, #KEYS, 2 do
+  pool[#pool + 1] = {KEYS[k], KEYS[k + 1]}
+end
 local why = nil
 if redis.call('HEXISTS', paused_key, task) == 1 then
   why = 'paused'
 elseif room(slots_key, nodes_key, max_running, max_per_node, {node}) < 1 then
+  why = 'held'
+elseif pool_size > 0 and pool_room(pool_size, pool, now) < 1 then
   why = 'held'
 end
 if why then
@@ -802,7 +873,7 @@ if why then
   redis.call('RPUSH', held_key, job_id)
   return why
 end
-if max_running > 0 or max_per_node > 0 then
+if max_running > 0 or max_per_node > 0 or pool_size > 0 then
   redis.call('ZADD', slots_key, now + ttl_ms, owner)
   redis.call('HSET', nodes_key, owner, node)
 end
@@ -812,18 +883,26 @@ return 'admitted'
 RELEASE_SLOT = allow_oom(_lua("""
 -- An admitted execution ended (finished, failed, not executed after all, or its work-horse
 -- died): its slot frees, and held runs move to the queue's front while there is room --
--- in the same script as every hold, so no held run misses the wake-up.
+-- in the same script as every hold, so no held run misses the wake-up. For a pool's task,
+-- held runs of every task of the pool, starting with the task after this one (in turn).
 -- KEYS[1] = paused hash, KEYS[2] = the task's slots, KEYS[3] = slot nodes, KEYS[4] = held list,
--- KEYS[5] = queue
+-- KEYS[5] = queue, then per task of its pool (its own included): its slots, slot nodes, held list
 -- ARGV[1] = task, ARGV[2] = owner, ARGV[3] = node (whose room the freed slot is),
--- ARGV[4] = max_running (0: none), ARGV[5] = max_per_node (0: none)
+-- ARGV[4] = max_running (0: none), ARGV[5] = max_per_node (0: none), ARGV[6] = the pool's
+-- size (0: in no pool), ARGV[7] = the task's place among the pool's tasks (from 1), then per
+-- task of the pool: name, max_running (0: none), max_per_node (0: none)
 -- Returns the job ids moved to the queue.
 local paused_key, slots_key, nodes_key, held_key, queue_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local task, owner, node = ARGV[1], ARGV[2], ARGV[3]
-local max_running, max_per_node = tonumber(ARGV[4]), tonumber(ARGV[5])
+local max_running, max_per_node, pool_size = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now = redis_now_ms()
 redis.call('ZREM', slots_key, owner)
 redis.call('HDEL', nodes_key, owner)
-purge_slots(slots_key, nodes_key, redis_now_ms())
+purge_slots(slots_key, nodes_key, now)
+if pool_size > 0 then
+  local members = pool_members(6, 8, (#KEYS - 5) / 3)
+  return promote_pool(paused_key, queue_key, pool_size, members, {node}, tonumber(ARGV[7]) % #members + 1, now)
+end
 if redis.call('HEXISTS', paused_key, task) == 1 then
   return {}
 end
@@ -833,27 +912,44 @@ return promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_
 SWEEP_SLOTS = _lua("""
 -- The leader, every tick: drops lapsed slots (holders that died or were cut off) and moves
 -- held runs of tasks with limits to the queue's front while there is room. Per-node room
--- is counted on every node that beat within the last ``live_s`` seconds.
+-- is counted on every node that beat within the last ``live_s`` seconds. The tasks of a
+-- pool are moved together (promote_pool), while the pool has room.
 -- KEYS[1] = paused hash, KEYS[2] = queue, KEYS[3] = nodes registry (node -> last beat, s),
 -- then per task: its slots, slot nodes, held list
--- ARGV[1] = live_s, then per task: name, max_running (0: none), max_per_node (0: none)
+-- ARGV[1] = live_s, then per task: name, max_running (0: none), max_per_node (0: none),
+-- its pool ('' for none), the pool's size (0: none)
 -- Returns the job ids moved to the queue.
 local paused_key, queue_key, registry_key = KEYS[1], KEYS[2], KEYS[3]
 local now = redis_now_ms()
 local nodes = redis.call('ZRANGEBYSCORE', registry_key, now / 1000 - tonumber(ARGV[1]), '+inf')
+-- no node known: count one, so held runs are not stuck behind an empty registry
+local where = #nodes > 0 and nodes or {''}
 local moved = {}
-for i = 2, #ARGV, 3 do
-  local k = 4 + (i - 2)
+local pools, pool_names = {}, {}
+for i = 2, #ARGV, 5 do
+  local k = 4 + 3 * (i - 2) / 5
   local slots_key, nodes_key, held_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local task, max_running, max_per_node = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local pool, pool_size = ARGV[i + 3], tonumber(ARGV[i + 4])
   purge_slots(slots_key, nodes_key, now)
-  if redis.call('HEXISTS', paused_key, task) == 0 and redis.call('LLEN', held_key) > 0 then
-    -- no node known: count one, so held runs are not stuck behind an empty registry
-    local where = #nodes > 0 and nodes or {''}
+  if pool ~= '' then
+    if not pools[pool] then
+      pools[pool] = {size = pool_size, members = {}}
+      pool_names[#pool_names + 1] = pool
+    end
+    local members = pools[pool].members
+    members[#members + 1] = {task, slots_key, nodes_key, held_key, max_running, max_per_node}
+  elseif redis.call('HEXISTS', paused_key, task) == 0 and redis.call('LLEN', held_key) > 0 then
     for _, job_id in ipairs(promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node,
                                                             where))) do
       moved[#moved + 1] = job_id
     end
+  end
+end
+for _, pool in ipairs(pool_names) do
+  for _, job_id in ipairs(promote_pool(paused_key, queue_key, pools[pool].size, pools[pool].members, where, 1,
+                                       now)) do
+    moved[#moved + 1] = job_id
   end
 end
 return moved
@@ -1171,7 +1267,8 @@ AdmitOutcome = Literal["admitted", "paused", "held"]
 
 @dataclass(frozen=True)
 class LimitedTask:
-    """One task's limits and keys, for SWEEP_SLOTS."""
+    """One task's limits and keys, for SWEEP_SLOTS (and, for the tasks of a pool, ADMIT
+    and RELEASE_SLOT); ``pool`` and ``pool_size`` (0: in no pool) from the table's POOLS."""
 
     name: str
     max_running: int | None
@@ -1179,6 +1276,8 @@ class LimitedTask:
     slots_key: str
     slot_nodes_key: str
     held_key: str
+    pool: str | None = None
+    pool_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -1696,17 +1795,29 @@ class Scripts:
 
     def admit(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
               intermediate_queue_key: str, task: str, owner: str, node: str, job_id: str, ttl_ms: int,
-              max_running: int | None, max_per_node: int | None) -> ScriptCall[AdmitOutcome]:
-        return ScriptCall(self._admit, [paused_key, slots_key, slot_nodes_key, held_key, intermediate_queue_key],
-                          [task, owner, node, job_id, ttl_ms, max_running or 0, max_per_node or 0],
+              max_running: int | None, max_per_node: int | None, pool_size: int = 0,
+              pool: Sequence[LimitedTask] = ()) -> ScriptCall[AdmitOutcome]:
+        """``pool``: every task of the run's pool (its own included), of size ``pool_size``."""
+        keys = [paused_key, slots_key, slot_nodes_key, held_key, intermediate_queue_key]
+        for member in pool:
+            keys += [member.slots_key, member.slot_nodes_key]
+        return ScriptCall(self._admit, keys,
+                          [task, owner, node, job_id, ttl_ms, max_running or 0, max_per_node or 0, pool_size],
                           _text)  # type: ignore[arg-type]
 
     def release_slot(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str, queue_key: str,
                      task: str, owner: str, node: str, max_running: int | None,
-                     max_per_node: int | None) -> ScriptCall[list[str]]:
-        """The job ids it moved from the held list to the queue."""
-        return ScriptCall(self._release_slot, [paused_key, slots_key, slot_nodes_key, held_key, queue_key],
-                          [task, owner, node, max_running or 0, max_per_node or 0], _texts)
+                     max_per_node: int | None, pool_size: int = 0,
+                     pool: Sequence[LimitedTask] = ()) -> ScriptCall[list[str]]:
+        """The job ids it moved from the held list (for a pool's task: the pool's tasks'
+        held lists) to the queue. ``pool``: every task of the pool, ``task`` among them."""
+        keys = [paused_key, slots_key, slot_nodes_key, held_key, queue_key]
+        place = next((i + 1 for i, member in enumerate(pool) if member.name == task), 0)
+        args: list[Any] = [task, owner, node, max_running or 0, max_per_node or 0, pool_size if place else 0, place]
+        for member in pool if place else ():
+            keys += [member.slots_key, member.slot_nodes_key, member.held_key]
+            args += [member.name, member.max_running or 0, member.max_per_node or 0]
+        return ScriptCall(self._release_slot, keys, args, _texts)
 
     def sweep_slots(self, *, paused_key: str, queue_key: str, nodes_key: str, live_s: int,
                     tasks: Sequence[LimitedTask]) -> ScriptCall[list[str]]:
@@ -1715,7 +1826,8 @@ class Scripts:
         args: list[Any] = [live_s]
         for task in tasks:
             keys += [task.slots_key, task.slot_nodes_key, task.held_key]
-            args += [task.name, task.max_running or 0, task.max_per_node or 0]
+            args += [task.name, task.max_running or 0, task.max_per_node or 0, task.pool or "",
+                     task.pool_size if task.pool else 0]
         return ScriptCall(self._sweep_slots, keys, args, _texts)
 
     def touch_slot(self, *, slots_key: str, owner: str, ttl_ms: int) -> ScriptCall[bool]:

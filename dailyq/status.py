@@ -10,6 +10,8 @@ run there); ``clock_warnings`` names those more than 2 s off.
 a paused task shows ``paused``; a run held back by a limit of its task stays ``queued``.
 ``tables`` says which live process runs which task table and what differs from the
 leader's (table_skew.py's view, read by table_watch.read_tables).
+``pools`` maps each pool of the table's POOLS to ``{"size", "running", "set_aside"}``
+(limits.pool_use): its runs executing now, and its tasks' runs held back.
 ``redis_data_lost`` is ``{"since", "generation", "previous", "node", "last_seen"}`` when
 the mark of Redis's data was written after a loss (generation.py), else null.
 
@@ -35,6 +37,7 @@ from .clock import iso
 from .fingerprint import describe, fingerprint
 from .generation import read_data_loss
 from .keys import Keys
+from .limits import pool_use
 from .params_book import ParamsBook
 from .pause import paused_tasks
 from .redis_memory import redis_view
@@ -73,7 +76,8 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
                          own_table=fingerprint(description), own_description=description)
     status = {"date": day.isoformat(), "leader": leader, "runs": runs, "generated_at": iso(now), "nodes": nodes,
               "clock_warnings": clock_warnings(nodes), "paused": paused, "tables": tables, "redis": redis,
-              "late_slots": late_slots(connection, keys, day)}
+              "late_slots": late_slots(connection, keys, day),
+              "pools": pool_use(connection, keys, table, int(now.timestamp() * 1000))}
     # Since when Redis has lost dailyq's data, or None (generation.py): the records shown
     # may lack runs that did run before then.
     status["redis_data_lost"] = read_data_loss(connection, keys)

@@ -107,7 +107,7 @@ class WorkerContext:
         self.guard.on_ended = self.upstream_ended
         self.clock = RedisClock(self.connection)
         self.admissions = Admissions(self.connection, s.keys, s.node_name, s.claim_ttl_s,
-                                     PausedCache(self.connection, s.keys))
+                                     PausedCache(self.connection, s.keys), self.table)
         self.downstream = downstream_of(self.table)
         # Named by every beat; published once here, kept alive by the beats (fingerprint.py).
         self.table_fingerprint = table_fingerprint(self.table)
@@ -219,7 +219,8 @@ class WorkerContext:
         run = attempt.run
         outcome, slot = self.admissions.admit(run, attempt.owner, queue.intermediate_queue_key, queue.key)
         if outcome != "admitted":
-            why = "its task is paused" if outcome == "paused" else "its task is at its max_running/max_per_node limit"
+            why = ("its task is paused" if outcome == "paused"
+                   else "its task is at its max_running/max_per_node limit or its pool is full")
             log.info("run %s held back, not started: %s (job %s stays queued)", run.run_id, why, run.job_id,
                      extra={"run_id": run.run_id})
             return False

@@ -52,6 +52,8 @@ def test_bad_input_gives_one_clean_line(node_env, args, env_changes, code, fragm
     ("unknown_after", "task 'report': after names unknown task 'ingest'"),
     ("after_cycle", "tasks 'a' -> 'c' -> 'b' -> 'a': a cycle in after"),
     ("bad_limit", "task 'greedy': max_running must be a positive integer"),
+    ("unknown_pool", "task 'stray': pool 'wherehouse' is not in POOLS (known: warehouse)"),
+    ("bad_pool_size", "POOLS['warehouse'] must be a positive integer"),
     ("syntax", "cannot import task table module 'tests.bad_table'"),
 ])
 def test_a_bad_table_stops_every_entry_point_with_the_task_named(node_env, case, fragment):
