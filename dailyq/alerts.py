@@ -6,10 +6,12 @@ Three parts, each with one job:
   Under the lease it records the tick's Redis time as the latest held one; when the
   previous one is older than ``DAILYQ_ALERT_NO_LEADER_S``, nobody led in between and
   it raises ``no_leader`` (once: the alert's id is that previous time).
-* detection -- in the background thread, every ``DETECT_EVERY_S`` (more seldom on big
-  days), while this scheduler leads: reads today's and yesterday's run records of
-  each task's zone (HSCAN, day_scan.py) and the Redis time, and puts every alert
-  found (alert_events.py) into the outbox, where each id enters once.
+* detection -- in the background thread, every ``DETECT_EVERY_S`` while this scheduler
+  leads: takes the failure events that the scripts recording ``failed`` pushed (any day:
+  alert_digest.py, which also groups a task's failures into ``runs_failed`` digests), and
+  judges ``day_late`` / ``slot_missed`` once each, when a deadline or a slot's grace has
+  passed, from the records of just those runs. No pass reads a whole day. Every alert
+  found (alert_events.py) goes into the outbox, where each id enters once.
 * ``tables_differ`` -- found by table_watch.TableWatch (a tick hook of its own, every
   few seconds under the lease), handed to ``raise_alerts``.
 * delivery -- in the same thread: claims due alerts one at a time, POSTs each
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, Callable
 from redis import Redis
 from redis.exceptions import RedisError
 
+from .alert_digest import FailureAlerts
 from .alert_events import (
     DAY_LATE,
     SLOT_MISSED,
@@ -47,7 +50,6 @@ from .alert_events import (
     day_late_alert,
     deadline_at,
     encode_payload,
-    failed_run_alerts,
     fired_slots,
     lateness,
     missed_slot_alerts,
@@ -58,22 +60,23 @@ from .alert_events import (
 )
 from .alert_outbox import Claimed, Idle, Outbox
 from .alert_sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
-from .day_scan import DayRecords
+from .day_scan import read_records
 from .outage import OutageLog
 from .params_book import ParamsBook
 from .redis_memory import note_delivered
-from .runs import DaySlots
+from .runs import DaySlots, runs_of_slot, task_slots_on
+from .schedule import Slot
 from .settings import Settings
-from .table import TaskTable
+from .table import Task, TaskTable
 
 if TYPE_CHECKING:
     from .scheduler import DailyScheduler
 
 log = logging.getLogger(__name__)
 
-# How often the leader looks for new alerts, at least; a scan of a big day that took
-# t seconds waits DETECT_DUTY * t before the next, so detection takes at most 1/DETECT_DUTY
-# of the time (a 100k-run day is looked at every ~10 s instead of every 2 s).
+# How often the leader looks for new alerts, at least; a pass that took t seconds (a
+# judgment of a task of many runs, a backlog of failures) waits DETECT_DUTY * t before
+# the next, so detection takes at most 1/DETECT_DUTY of the time.
 DETECT_EVERY_S = 2.0
 DETECT_DUTY = 20
 # A sender's hold on an alert: far longer than one POST can take (connect and read
@@ -112,6 +115,7 @@ class AlertService:
         self.url = settings.alert_url
         self.shown_url = settings.redacted_alert_url()
         self.outbox = Outbox(connection, self.keys, settings.retention_s)
+        self.failures = FailureAlerts(connection, self.keys, settings.alert_group_s, self.outbox.remember_s)
         self.give_up_ms = int(give_up_s * 1000)
         self.claim_ms = int(claim_s * 1000)
         self.detect_every_s = detect_every_s
@@ -131,11 +135,10 @@ class AlertService:
         # node whose alerts are turned on later): idle Redis traffic is a budget.
         self.mark_every_s = (min(MARK_EVERY_S, max(1.0, settings.alert_no_leader_s / 4)) if self.enabled
                              else MARK_EVERY_WITHOUT_ALERTS_S)
-        # What this process already knows is in Redis, so each pass sends only news:
-        # alert ids raised, and what was judged for good (a task's day against its deadline,
-        # a slot past its grace). Per day, and only for the days still watched. A new
-        # leader starts empty; Redis's day sets keep it right.
-        self._known: dict[date, set[str]] = {}
+        # What this process already judged for good (a task's day against its deadline, a
+        # slot past its grace), so each is judged once. Per day, and only for the days still
+        # watched. A new leader starts empty (and judges again); Redis's day sets keep the
+        # alerts once.
         self._settled: dict[date, set[tuple[str, ...]]] = {}
         self._watched_since: datetime | None = None
         self._tick_outage = OutageLog(log, f"alert bookkeeping on node {settings.node_name}")
@@ -191,6 +194,16 @@ class AlertService:
             self._leader_until = 0.0
         else:
             self._next_mark = time.monotonic() + self.mark_every_s
+            if not self.enabled:
+                self._drop_failures()
+
+    def _drop_failures(self) -> None:
+        """Without alerts nobody takes the failure events (alert_digest.py): the leader
+        drops them, so the list does not grow for days."""
+        try:
+            self.connection.delete(self.keys.alert_failures)
+        except RedisError as exc:
+            self._tick_outage.failed(exc)
 
     def leading(self) -> bool:
         return time.monotonic() < self._leader_until
@@ -346,34 +359,39 @@ class AlertService:
         return raised
 
     def detect(self) -> list[str]:
-        """Look at the watched days once; put what is new into the outbox. Returns the ids
-        that entered it."""
+        """Take the failures recorded since the last look (alert_digest.py) and judge what
+        fell due on the watched days; put what is new into the outbox. Returns the ids
+        that entered it (or, for a digest, grew).
+
+        No day is read whole: a failure reaches the alerts as an event its script pushed;
+        ``day_late`` and ``slot_missed`` are judged once each, when a deadline or a slot's
+        grace passes, from the records of just the runs concerned (HMGET). A pass with
+        nothing due asks Redis for its time, the day's stored slots and the failures list."""
         seconds, micros = self.connection.time()
         now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
+        taken = self.failures.take()
+        for alert in taken:
+            log.warning("alert %s: %s", alert.event, alert.payload["text"])
+        if taken:
+            self._claim_at = 0.0
+            self._wake.set()
         if self._watched_since is None:  # set once for good by the first leader: read until known
             first_ms = self.outbox.first_held_ms()
             if first_ms is not None:
                 self._watched_since = datetime.fromtimestamp(first_ms / 1000, timezone.utc)
         watched_since = self._watched_since
         days = watched_days(self.table, now)
-        for memory in (self._known, self._settled):
-            for day in [d for d in memory if d not in days]:
-                del memory[day]
+        for day in [d for d in self._settled if d not in days]:
+            del self._settled[day]
         alerts: list[Alert] = []
         settled: list[tuple[date, tuple[str, ...]]] = []
         for day, tasks in days.items():
-            records = DayRecords.read(self.connection, self.keys.day_runs(day))
-            # Computed params (params_book.py): read only for a table that has any.
-            book = ParamsBook.read(self.connection, self.keys, day) \
-                if any(task.params_computed for task in tasks) else None
-            # Once-a-day tasks' slots as their day was fanned out (runs.DaySlots): an ``at`` moved
-            # after the slot ran is neither late nor missed at its new time.
+            # Once-a-day tasks' slots as their day was fanned out (runs.DaySlots, one field per
+            # task): an ``at`` moved after the slot ran is neither late nor missed at its new time.
             slots = DaySlots.read(self.connection, self.keys, day) if any(task.at for task in tasks) else None
-            known = self._known.get(day, set())
             done = self._settled.get(day, set())
-            alerts += [a for a in failed_run_alerts(day, records.containing(b"failed"), now)
-                       if a.alert_id not in known]
-            fired: set[tuple[str, str]] | None = None  # decoded only if a slot is to be judged
+            late_due: list[tuple[Task, datetime]] = []
+            overdue: dict[str, list[Slot]] = {}
             for task in tasks:
                 if (DAY_LATE, task.name) not in done:
                     deadline = deadline_at(task, day)
@@ -381,28 +399,42 @@ class AlertService:
                         # A deadline that passed before any dailyq leader ran here was not
                         # missed by dailyq: a fresh deployment is not late for yesterday.
                         if deadline is not None and watched_since is not None and deadline >= watched_since:
-                            found = lateness(task, day, records.all, deadline, book, slots)
-                            if found.late:
-                                alerts.append(day_late_alert(task, day, found))
+                            late_due.append((task, deadline))
                         settled.append((day, (DAY_LATE, task.name)))
                 # Each slot is judged once, when its grace has passed: fired by then, or missed.
                 # (Not a slot whose fan-out Redis refused: the leader fans it out once it can.)
-                overdue = [slot for slot in overdue_slots(task, day, now, slots)
-                           if (SLOT_MISSED, task.name, slot.label) not in done
-                           and (task.name, slot.label) not in self._held_slots]
-                if overdue:
-                    if fired is None:
-                        # A computed slot whose callable was called fired, runs or not.
-                        fired = fired_slots(records.all.values()) | (book.fired_slots() if book else set())
-                    alerts += missed_slot_alerts(task, overdue, fired, watched_since)
-                    settled += [(day, (SLOT_MISSED, task.name, slot.label)) for slot in overdue]
+                past = [slot for slot in overdue_slots(task, day, now, slots)
+                        if (SLOT_MISSED, task.name, slot.label) not in done
+                        and (task.name, slot.label) not in self._held_slots]
+                if past:
+                    overdue[task.name] = past
+                    settled += [(day, (SLOT_MISSED, task.name, slot.label)) for slot in past]
+            if not late_due and not overdue:
+                continue
+            judged = [task for task, _ in late_due] + [task for task in tasks if task.name in overdue]
+            # Computed params (params_book.py): read only when a computed task is judged.
+            book = ParamsBook.read(self.connection, self.keys, day) \
+                if any(task.params_computed for task in judged) else None
+            wanted = [run.run_id for task, deadline in late_due for slot in task_slots_on(task, day, slots)
+                      if slot.fires_at <= deadline for run in runs_of_slot(task, slot, book)]
+            wanted += [run.run_id for task in tasks for slot in overdue.get(task.name, ())
+                       for run in runs_of_slot(task, slot, book)]
+            records = read_records(self.connection, self.keys.day_runs(day), wanted)
+            for task, deadline in late_due:
+                found = lateness(task, day, records, deadline, book, slots)
+                if found.late:
+                    alerts.append(day_late_alert(task, day, found))
+            if overdue:
+                # A computed slot whose callable was called fired, runs or not.
+                fired = fired_slots(records.values()) | (book.fired_slots() if book else set())
+                for task in tasks:
+                    if task.name in overdue:
+                        alerts += missed_slot_alerts(task, overdue[task.name], fired, watched_since)
         raised = self._raise(alerts)
         # Only now that the alerts are in Redis: a pass that failed half-way is redone whole.
-        for alert in alerts:
-            self._known.setdefault(alert.day, set()).add(alert.alert_id)
         for day, what in settled:
             self._settled.setdefault(day, set()).add(what)
-        return raised
+        return [alert.alert_id for alert in taken] + raised
 
     def raise_alerts(self, alerts: list[Alert]) -> list[str]:
         """Put alerts found elsewhere (table_watch.py's ``tables_differ``) into the outbox,

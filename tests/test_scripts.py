@@ -126,9 +126,10 @@ class RunKeys:
              max_attempts: int = 0) -> ScriptCall[FailOutcome]:
         return scripts.fail(claim_key=self.keys.claim(self.run_id), runs_key=runs_key(self.keys),
                             running_key=self.keys.running, series_key=self.keys.series_claim(self.series),
-                            run_id=self.run_id, owner=owner, base_json=base_json(self.run_id),
-                            retention_s=RETENTION_S, rq_can_retry=rq_can_retry, max_attempts=max_attempts,
-                            node="node-y", now_iso="2026-11-26T10:02:00+00:00", error="ValueError: boom")
+                            failures_key=self.keys.alert_failures, run_id=self.run_id, owner=owner,
+                            base_json=base_json(self.run_id), retention_s=RETENTION_S, rq_can_retry=rq_can_retry,
+                            max_attempts=max_attempts, node="node-y", now_iso="2026-11-26T10:02:00+00:00",
+                            error="ValueError: boom", day=DAY)
 
     def renew(self, scripts: Scripts, owner: str) -> ScriptCall[RenewOutcome]:
         return scripts.renew_claim(claim_key=self.keys.claim(self.run_id),
@@ -344,6 +345,7 @@ def test_a_late_fail_of_an_execution_someone_else_ended_is_still_not_ours(script
     run.begin(scripts, "c", job_id="r1-r1").run()
     connection.delete(keys.claim("r1"))
     assert scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     failures_key=keys.alert_failures, day=DAY,
                                      run_id="r1", max_attempts=2, now_iso="2026-11-26T10:05:00+00:00",
                                      retention_s=RETENTION_S).run() == "failed"
     assert run.fail(scripts, "c").run() == "not-ours"
@@ -509,6 +511,7 @@ def test_hold_waiting_leaves_runs_no_longer_held_alone(scripts, connection, keys
 
 def take(scripts: Scripts, keys: Keys, max_attempts: int) -> str:
     return scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     failures_key=keys.alert_failures, day=DAY,
                                      run_id="r1", max_attempts=max_attempts, now_iso="2026-11-26T11:00:00+00:00",
                                      retention_s=RETENTION_S).run()
 
@@ -537,6 +540,7 @@ def test_take_if_abandoned_fails_a_dead_run_the_caller_cannot_requeue(scripts, c
     run.begin(scripts, "a").run()
     connection.delete(keys.claim("r1"))
     assert scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     failures_key=keys.alert_failures, day=DAY,
                                      run_id="r1", max_attempts=3, now_iso="2026-11-26T11:00:00+00:00",
                                      retention_s=RETENTION_S, cannot_requeue="its job is gone").run() == "failed"
     record = stored(connection, keys, "r1")
