@@ -297,6 +297,7 @@ def test_finish_queued_in_a_transaction_reads_its_reply(scripts, connection, run
 def test_fail_queues_a_run_with_attempts_left_for_its_retry(scripts, connection, keys, run) -> None:
     run.begin(scripts, "a").run()
     assert run.fail(scripts, "a", max_attempts=2).run() == "retry"
+    assert connection.llen(keys.alert_failures) == 0
     record = stored(connection, keys, "r1")
     assert record["state"] == "queued" and record["error"] == "ValueError: boom" and record["node"] == "node-y"
     assert not connection.exists(keys.claim("r1"), keys.series_claim("s1"))
@@ -307,6 +308,12 @@ def test_fail_records_failed_when_attempts_are_used_or_rq_will_not_retry(scripts
     run.begin(scripts, "a").run()
     assert run.fail(scripts, "a", max_attempts=1).run() == "failed"
     assert stored(connection, keys, "r1")["state"] == "failed"
+    # The alerts hear of it in the same step (alert_digest.py); a retry is no failure yet.
+    (event,) = [json.loads(raw) for raw in connection.lrange(keys.alert_failures, 0, -1)]
+    assert event == {"run_id": "r1", "day": DAY, "task": "t", "param_json": "\"p\"", "node": "node-y",
+                     "error": "ValueError: boom", "ended_at": "2026-11-26T10:02:00+00:00", "attempts": 1}
+    assert run.fail(scripts, "a", max_attempts=1).run() == "failed"  # a replay pushes nothing more
+    assert connection.llen(keys.alert_failures) == 1
     run.begin(scripts, "b", force=True).run()
     assert run.fail(scripts, "b", rq_can_retry=False).run() == "failed"
 
