@@ -17,8 +17,9 @@ Three parts, each with one job:
 * delivery -- in the same thread: claims due alerts one at a time, POSTs each
   (alert_sender.py), and acks, retries with backoff, or drops it (alert_outbox.py).
 * direct alerts (``send_direct``) -- for what Redis cannot keep: ``redis_full`` (Redis out
-  of memory refuses the outbox's writes). Held in this process's memory and POSTed by
-  the same thread, before it touches Redis, with the same backoff; once per id.
+  of memory refuses the outbox's writes). Held in this process's memory and POSTed by a
+  thread of their own (alert_direct.py, the one direct path, which ``redis_data_lost``
+  takes too), without Redis, with the outbox's backoff; once per id.
 
 Only the leader detects and sends, to keep the other nodes quiet; nothing depends on
 it. Two schedulers that both believe they lead (one paused past its lease) raise
@@ -35,7 +36,6 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
@@ -43,13 +43,13 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from .alert_digest import FailureAlerts
+from .alert_direct import DirectAlerts, backoff_s
 from .alert_events import (
     DAY_LATE,
     SLOT_MISSED,
     Alert,
     day_late_alert,
     deadline_at,
-    encode_payload,
     fired_slots,
     lateness,
     missed_slot_alerts,
@@ -94,17 +94,6 @@ MARK_EVERY_S = 5.0
 MARK_EVERY_WITHOUT_ALERTS_S = 30.0
 
 
-@dataclass
-class _Direct:
-    """An alert sent without the outbox (``AlertService.send_direct``), until delivered."""
-
-    alert: Alert
-    raised_at: float  # monotonic
-    on_delivered: Callable[[], None] | None = None
-    attempts: int = 0  # failed deliveries so far
-    due_at: float = 0.0  # monotonic
-
-
 class AlertService:
     def __init__(self, connection: Redis, settings: Settings, table: TaskTable, *, give_up_s: float = GIVE_UP_S,
                  claim_s: float = CLAIM_S, detect_every_s: float = DETECT_EVERY_S) -> None:
@@ -142,10 +131,8 @@ class AlertService:
         self._settled: dict[date, set[tuple[str, ...]]] = {}
         self._watched_since: datetime | None = None
         self._tick_outage = OutageLog(log, f"alert bookkeeping on node {settings.node_name}")
-        # Direct alerts (send_direct): waiting, and every id ever raised by this process.
-        self._direct: list[_Direct] = []
-        self._direct_ids: set[str] = set()
-        self._direct_lock = threading.Lock()
+        # Direct alerts (send_direct): POSTed by a thread of their own, no Redis asked.
+        self.direct = DirectAlerts(settings, give_up_s=give_up_s)
         # (task, slot label) of slots whose fan-out Redis refused and the leader still holds:
         # not judged missed while it does (it fans them out once writes work again).
         self._held_slots: set[tuple[str, str]] = set()
@@ -241,67 +228,15 @@ class AlertService:
     # -- direct alerts (no outbox) -----------------------------------------------------
 
     def send_direct(self, alert: Alert, on_delivered: Callable[[], None] | None = None) -> bool:
-        """Send ``alert`` to the webhook without the outbox: for what Redis cannot keep
-        (``redis_full``: a Redis out of memory refuses the outbox's writes; also a Redis that
-        lost its data). Kept in this process's memory and POSTed by the alert thread at once,
-        retried like an outbox alert (``DAILYQ_ALERT_RETRY_S`` doubling, at most
-        ``DAILYQ_ALERT_RETRY_MAX_S`` apart) until delivered, refused or GIVE_UP_S old;
-        ``on_delivered`` runs (in that thread) after a 2xx. Logged when raised, like every
-        alert. Each id once per process: False when it was raised before, or alerts are off.
-        Unlike the outbox, a leader that dies before delivering takes the alert with it (the
-        next leader raises its own, when it sees the same)."""
-        if not self.enabled:
-            return False
-        with self._direct_lock:
-            if alert.alert_id in self._direct_ids:
-                return False
-            self._direct_ids.add(alert.alert_id)
-            self._direct.append(_Direct(alert, time.monotonic(), on_delivered))
-        log.warning("alert %s: %s", alert.event, alert.payload["text"])
-        self._wake.set()
-        return True
+        """Send ``alert`` to the webhook without the outbox (alert_direct.py): for what Redis
+        cannot keep (``redis_full``: a Redis out of memory refuses the outbox's writes).
+        ``on_delivered`` runs (in the direct alerts' thread) after a 2xx. Each id once per
+        process: False when it was raised before, or alerts are off."""
+        def ended(how: str) -> None:
+            if how == "delivered" and on_delivered is not None:
+                on_delivered()
 
-    def deliver_direct(self) -> float:
-        """POST the direct alerts that are due; returns how long until the next one is."""
-        assert self.url is not None
-        with self._direct_lock:
-            due = [d for d in self._direct if d.due_at <= time.monotonic()]
-        for direct in due:
-            if self._stop.is_set():
-                break
-            alert = direct.alert
-            result = post_alert(self.url, encode_payload(alert.payload), alert.alert_id, lambda: None)
-            done = True
-            if result.outcome == DELIVERED:
-                log.info("alert %s delivered to %s (%s; sent directly, not through the outbox)", alert.alert_id,
-                         self.shown_url, result.reason)
-                if direct.on_delivered is not None:
-                    try:
-                        direct.on_delivered()
-                    except Exception:  # noqa: BLE001 - delivered is delivered
-                        log.exception("after delivering alert %s", alert.alert_id)
-            elif result.outcome == REFUSED:
-                log.error("alert %s (%s) dropped: %s refused it with %s, which a retry would not change",
-                          alert.alert_id, alert.event, self.shown_url, result.reason)
-            elif (time.monotonic() - direct.raised_at) * 1000 >= self.give_up_ms:
-                log.error("alert %s (%s) dropped: not delivered to %s within %s of being raised, %d attempts "
-                          "(last: %s)", alert.alert_id, alert.event, self.shown_url, _hours(self.give_up_ms),
-                          direct.attempts + 1, result.reason)
-            else:
-                done = False
-                direct.attempts += 1
-                wait_s = min(self.settings.alert_retry_max_s,
-                             self.settings.alert_retry_s * 2 ** min(direct.attempts - 1, 30))
-                if result.retry_after_s is not None:
-                    wait_s = max(wait_s, result.retry_after_s)
-                direct.due_at = time.monotonic() + wait_s
-                log.warning("alert %s (%s) not delivered to %s (%s), attempt %d; next in %.0fs", alert.alert_id,
-                            alert.event, self.shown_url, result.reason, direct.attempts, wait_s)
-            if done:
-                with self._direct_lock:
-                    self._direct.remove(direct)
-        with self._direct_lock:
-            return min((max(0.05, d.due_at - time.monotonic()) for d in self._direct), default=IDLE_WAIT_S)
+        return self.direct.send(alert, on_end=ended)
 
     # -- the background thread ---------------------------------------------------------
 
@@ -321,11 +256,11 @@ class AlertService:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        self.direct.stop(timeout_s)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            # First what needs no Redis: direct alerts (send_direct).
-            wait_s = min(IDLE_WAIT_S, self.deliver_direct())
+            wait_s = IDLE_WAIT_S
             try:
                 if self.leading():
                     self.detect_if_due()
@@ -509,9 +444,7 @@ class AlertService:
                       "(last: %s)", claimed.alert_id, event, self.shown_url, _hours(self.give_up_ms), attempts,
                       result.reason)
             return None
-        wait_s = min(self.settings.alert_retry_max_s, self.settings.alert_retry_s * 2 ** min(attempts - 1, 30))
-        if result.retry_after_s is not None:
-            wait_s = max(wait_s, result.retry_after_s)
+        wait_s = backoff_s(self.settings, attempts, result.retry_after_s)
         # The last attempt comes when the alert turns give_up_s old, not a backoff later.
         wait_s = max(0.0, min(wait_s, (self.give_up_ms - age_ms) / 1000))
         self.outbox.retry(claimed.alert_id, self.owner, int(wait_s * 1000))
