@@ -24,7 +24,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
-from .runs import FAILED, FINISHED, REMOVED, DaySlots, ParamsLookup, runs_of_slot, task_slots_on
+from .runs import FINISHED, REMOVED, DaySlots, ParamsLookup, runs_of_slot, task_slots_on
 from .schedule import Slot, parse_at
 from .table import Task, TaskTable, encode_param
 from .table_skew import difference_text
@@ -100,14 +100,10 @@ def span_text(seconds: float) -> str:
 
 # -- run_failed ------------------------------------------------------------------------
 
-def failed_run_alerts(day: date, records: Mapping[str, Mapping[str, Any]], now: datetime) -> list[Alert]:
-    """One alert per run recorded ``failed`` (it has used its retries). A run failed
-    again after a ``rerun`` has more attempts, hence a new alert."""
-    return [run_failed_alert(day, run_id, record, now) for run_id, record in records.items()
-            if record.get("state") == FAILED]
-
-
 def run_failed_alert(day: date, run_id: str, record: Mapping[str, Any], now: datetime) -> Alert:
+    """A run recorded ``failed`` (it has used its retries), from the fields of its record
+    (alert_digest.Failure.record). A run failed again after a ``rerun`` has more attempts,
+    hence a new id."""
     attempts = int(record.get("attempts") or 0)
     task = str(record.get("task"))
     param = record.get("param")
