@@ -1,7 +1,7 @@
 """dailyq benchmarks. Every figure is printed next to a baseline measured in the same
 run (plain RQ, the naive SET NX script, the lower bound) or the issue's goal.
 
-    python bench/run.py                      # all eight
+    python bench/run.py                      # all nine
     python bench/run.py --only makespan,idle # some
     python bench/run.py --quick              # smaller sizes, for a smoke run
 
@@ -282,6 +282,64 @@ def bench_overhead(quick: bool, repeats: int = 5) -> dict:
         }
     out["goal_ratio"] = 0.9
     return out
+
+
+# -- 2a. Redis memory per run ---------------------------------------------------------
+
+def kept_bytes(connection: Redis, longer_than_s: int) -> int:
+    """MEMORY USAGE summed over the keys that live longer than ``longer_than_s`` (or forever)."""
+    total = 0
+    for key in connection.scan_iter(count=1000):
+        ttl = connection.ttl(key)
+        if ttl == -1 or ttl > longer_than_s:
+            total += connection.memory_usage(key) or 0
+    return total
+
+
+def memory_pass(side: str, n: int, job_ttl_s: int) -> dict:
+    """One side in a Redis of its own: n no-op runs drained by one non-forking burst
+    worker. used_memory per run right after the day, and once dailyq's job TTL has passed
+    (plain RQ keeps its results for RQ's default 500 s), and the bytes per run in keys that
+    live longer than a day."""
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        env = env_for(server, side, BENCH_NOOP=str(n), NODE_NAME="n1", DAILYQ_JOB_TTL_S=str(job_ttl_s))
+        before = int(connection.info("memory")["used_memory"])
+        if side.startswith("plain"):
+            # plain: RQ's default result TTL (500 s); plain_same_ttl: dailyq's job TTL, so
+            # that what Redis itself keeps after keys expire is seen on both sides.
+            ttl = {"result_ttl": job_ttl_s} if side == "plain_same_ttl" else {}
+            queue = Queue("plain", connection=connection, serializer=JSONSerializer)
+            for lo in range(0, n, 1000):
+                queue.enqueue_many([Queue.prepare_data("bench.noop.noop", args=(i,), job_id=f"noop-{i}", **ttl)
+                                    for i in range(lo, min(n, lo + 1000))])
+            run([RQ, "worker", "--burst", "-w", "rq.SimpleWorker", "-S", "rq.serializers.JSONSerializer", "plain"], env)
+        else:
+            keys = Keys(side)
+            table = TaskTable([Task(name="noop", func="bench.noop.noop", params=list(range(n)), at="03:00")])
+            trigger(connection, keys, make_queue(connection, keys), table, DAY_ONE, None, 7 * 86400)
+            run([PY, "worker_entry.py", "--burst", "--simple"], env)
+        per_run = lambda: round((int(connection.info("memory")["used_memory"]) - before) / n)  # noqa: E731
+        after_day = per_run()
+        time.sleep(job_ttl_s + 2)
+        return {"after_day": after_day, "after_job_ttl": per_run(),
+                "kept_over_a_day": round(kept_bytes(connection, 86400) / n)}
+
+
+def bench_memory(quick: bool) -> dict:
+    """dailyq's Redis memory per run against plain RQ's for the same no-op jobs (JSON),
+    each side in a fresh Redis, in this run. ``--quick`` shortens DAILYQ_JOB_TTL_S to 5 s
+    (the default is 60 s) so as not to wait a minute."""
+    n = 500 if quick else 3000
+    job_ttl_s = 5 if quick else 60
+    plain, dailyq = memory_pass("plain", n, job_ttl_s), memory_pass("dailyq", n, job_ttl_s)
+    same_ttl = memory_pass("plain_same_ttl", n, job_ttl_s)
+    return {"runs": n, "DAILYQ_JOB_TTL_S": job_ttl_s,
+            "plain_rq_bytes_per_run": plain, "dailyq_bytes_per_run": dailyq,
+            "plain_rq_with_the_job_ttl_bytes_per_run": same_ttl,
+            "ratio_after_day": round(dailyq["after_day"] / plain["after_day"], 3),
+            "ratio_after_job_ttl": round(dailyq["after_job_ttl"] / max(1, plain["after_job_ttl"]), 3),
+            "goal": "after the day at most plain RQ's; at most 1000 bytes per run kept over a day"}
 
 
 # -- 2b. the cost of DAILYQ_WAIT_REPLICAS --------------------------------------------
@@ -569,6 +627,7 @@ def bench_idle(quick: bool) -> dict:
 
 
 BENCHMARKS = {"makespan": bench_makespan, "workflow": bench_workflow, "overhead": bench_overhead,
+              "memory": bench_memory,
               "wait_replicas": bench_wait_replicas, "fanout": bench_fanout, "failover": bench_failover,
               "latency": bench_latency, "idle": bench_idle}
 

@@ -35,6 +35,11 @@ class Keys:
         return f"{self.prefix}:durations"
 
     @property
+    def durations_seen(self) -> str:
+        """Zset series -> ordinal of the last day a fan-out had it: what bounds ``durations``."""
+        return f"{self.prefix}:durations:seen"
+
+    @property
     def scheduled_jobs(self) -> str:
         """Sorted set of delayed jobs (rq-scheduler's store, under our prefix)."""
         return f"{self.prefix}:scheduler:scheduled_jobs"

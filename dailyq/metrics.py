@@ -18,12 +18,18 @@ path; ``/metrics`` by convention), from a thread of the scheduler process:
 * ``dailyq_table_differs{node,role,table}`` -- per live process naming its table: 1 when
   that table differs from the reference (the leader's scheduler's, else this process's),
   else 0 (table_skew.py);
+* ``dailyq_leader_heartbeat_timestamp_seconds`` -- when this process, as the leader,
+  last sent the outside heartbeat and had a 2xx (heartbeat_ping.py); without
+  ``DAILYQ_HEARTBEAT_URL``, when it last would have. Absent until this process first
+  did; kept (growing old) after it stops leading, and shown while Redis is down, so
+  ``time() - max(...)`` over all nodes is the cluster's silence;
 * ``dailyq_redis_up`` -- 0 when this scrape could not read Redis (the cluster-wide
   figures are then left out rather than shown stale);
 * prometheus_client's ``process_*``, ``python_gc_*`` and ``python_info``.
 
-Everything but ``dailyq_leader`` is the same cluster-wide figure on every node: it is
-read from Redis when scraped, by the ``Collector`` below, and kept for ``CACHE_S``
+Everything but ``dailyq_leader`` and the heartbeat's time is the same cluster-wide
+figure on every node: it is read from Redis when scraped, by the ``Collector`` below,
+and kept for ``CACHE_S``
 (longer on big days: a refresh that took t seconds is kept ``CACHE_DUTY * t``), so
 that scrapes from several Prometheus servers of a 100,000-run day cost Redis one
 HSCAN of the day every few seconds, not one per scrape.
@@ -148,12 +154,34 @@ def _unrecorded(tasks: list[Task], records: dict[str, dict], recorded: Counter, 
     return counts
 
 
+def read_today(connection: Redis, keys: Keys, table: TaskTable,
+               now: datetime) -> tuple[Counter, dict[date, tuple[set[str], dict[str, dict]]]]:
+    """Today's runs (today in each task's zone) as ``runs_by_state`` counts them, and
+    per day read, its tasks' names and records. One HSCAN of each such day (day_scan.py):
+    there are no per-state counters to read instead, so callers read this seldom (a
+    scrape's cache, the outside heartbeat's period)."""
+    by_day: dict[date, list[Task]] = {}
+    for task in table.tasks:
+        by_day.setdefault(now.astimezone(ZoneInfo(task.tz)).date(), []).append(task)
+    runs: Counter = Counter()
+    read: dict[date, tuple[set[str], dict[str, dict]]] = {}
+    for day, tasks in by_day.items():
+        records = DayRecords.read(connection, keys.day_runs(day)).all
+        computed = any(task.params_computed for task in tasks)  # no read for a table of fixed lists
+        runs += runs_by_state(tasks, records, now,
+                              ParamsBook.read(connection, keys, day) if computed else None,
+                              DaySlots.read(connection, keys, day) if any(t.at for t in tasks) else None)
+        read[day] = ({t.name for t in tasks}, records)
+    return runs, read
+
+
 class Collector:
     """prometheus_client collector: the leader flag from this process, the rest from Redis."""
 
     def __init__(self, connection: Redis, keys: Keys, table: TaskTable, is_leader: Callable[[], bool],
-                 cache_s: float = CACHE_S) -> None:
+                 cache_s: float = CACHE_S, last_heartbeat: Callable[[], float | None] = lambda: None) -> None:
         self.connection = connection
+        self.last_heartbeat = last_heartbeat
         self.keys = keys
         self.table = table
         self.is_leader = is_leader
@@ -172,6 +200,7 @@ class Collector:
         # Names only (no Redis read when registering).
         yield GaugeMetricFamily("dailyq_leader", "")
         yield GaugeMetricFamily("dailyq_redis_up", "")
+        yield GaugeMetricFamily("dailyq_leader_heartbeat_timestamp_seconds", "")
         yield GaugeMetricFamily("dailyq_runs", "", labels=["task", "state"])
         yield GaugeMetricFamily("dailyq_queue_jobs", "")
         yield GaugeMetricFamily("dailyq_slot_last_fired_timestamp_seconds", "", labels=["task"])
@@ -183,6 +212,12 @@ class Collector:
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("dailyq_leader", "1 when this node's scheduler holds the leader lease, else 0",
                                 value=1.0 if self.is_leader() else 0.0)
+        # From this process, before Redis is read: it must show (and age) while Redis is down.
+        last_beat = self.last_heartbeat()
+        if last_beat is not None:
+            yield GaugeMetricFamily("dailyq_leader_heartbeat_timestamp_seconds",
+                                    "When this node, as the leader, last sent the outside heartbeat (answered 2xx), "
+                                    "or without DAILYQ_HEARTBEAT_URL last would have (Unix seconds)", value=last_beat)
         view = self.refresh()
         yield GaugeMetricFamily("dailyq_redis_up", "1 when this scrape read Redis, else 0 (then the cluster-wide "
                                 "figures are left out)", value=1.0 if view else 0.0)
@@ -254,18 +289,10 @@ class Collector:
             pipe.get(self.keys.leader)
             (seconds, micros), queue_jobs, cursor, pending, in_flight, leader = pipe.execute()
         now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
-        by_day: dict[date, list[Task]] = {}
-        for task in self.table.tasks:
-            by_day.setdefault(now.astimezone(ZoneInfo(task.tz)).date(), []).append(task)
-        runs: Counter = Counter()
-        for day, tasks in by_day.items():
-            records = DayRecords.read(self.connection, self.keys.day_runs(day)).all
-            computed = any(task.params_computed for task in tasks)  # no read for a table of fixed lists
-            runs += runs_by_state(tasks, records, now,
-                                  ParamsBook.read(self.connection, self.keys, day) if computed else None,
-                                  DaySlots.read(self.connection, self.keys, day) if any(t.at for t in tasks) else None)
-            self._observe(day, {t.name for t in tasks}, records)
-        for day in [d for d in self._observed if d not in by_day]:
+        runs, read = read_today(self.connection, self.keys, self.table, now)
+        for day, (names, records) in read.items():
+            self._observe(day, names, records)
+        for day in [d for d in self._observed if d not in read]:
             del self._observed[day]
         last_fired = {}
         for name, value in cursor.items():
@@ -311,13 +338,14 @@ class MetricsServer:
         self.server.server_close()
 
 
-def serve_metrics(settings: Settings, connection: Redis, table: TaskTable,
-                  is_leader: Callable[[], bool]) -> MetricsServer:
+def serve_metrics(settings: Settings, connection: Redis, table: TaskTable, is_leader: Callable[[], bool],
+                  last_heartbeat: Callable[[], float | None] = lambda: None) -> MetricsServer:
     """Start serving on ``DAILYQ_METRICS_BIND:DAILYQ_METRICS_PORT``; ConfigError (one line)
-    when that address cannot be bound."""
+    when that address cannot be bound. ``last_heartbeat``: heartbeat_ping.HeartbeatPing's
+    ``last_beat_s``."""
     assert settings.metrics_port is not None
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(connection, settings.keys, table, is_leader))
+    registry.register(Collector(connection, settings.keys, table, is_leader, last_heartbeat=last_heartbeat))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -29,7 +29,7 @@ def summary(status: dict[str, Any]) -> dict[str, int]:
 # ANSI SGR codes per state, for terminals only (see ``colour_wanted``).
 STATE_COLOURS = {"scheduled": "2", "queued": "33", "running": "1;36", "finished": "32", "failed": "1;31",
                  "skipped": "35", "missed": "31", "waiting": "34", "blocked": "1;35", "paused": "36",
-                 "removed": "2;37"}
+                 "removed": "2;37", "cancelled": "1;33"}
 
 
 def colour_wanted(is_tty: bool, environ: Mapping[str, str]) -> bool:

@@ -37,7 +37,7 @@ from .watch import format_duration
 STATE_STYLE = {"scheduled": ("#9aa0a6", "#111"), "queued": ("#f2c94c", "#111"), "running": ("#2d9cdb", "#fff"),
                "finished": ("#27ae60", "#fff"), "failed": ("#eb5757", "#fff"), "skipped": ("#bb6bd9", "#fff"),
                "missed": ("#8d3b38", "#fff"), "waiting": ("#c9d6e3", "#111"), "blocked": ("#6d2c91", "#fff"),
-               "paused": ("#56ccf2", "#111"), "removed": ("#d9d9d9", "#555")}
+               "paused": ("#56ccf2", "#111"), "removed": ("#d9d9d9", "#555"), "cancelled": ("#f2994a", "#111")}
 TICK_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 MAX_TICKS = 10
 ROW_HEIGHT_PX = 26

@@ -37,7 +37,11 @@ PAUSED = "paused"
 # took its task, param or function away (deploys.py). Final, like finished: not failed,
 # no alert, and its downstream runs go on as if it had finished.
 REMOVED = "removed"
-STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED, WAITING, BLOCKED, PAUSED, REMOVED)
+# A run stopped or kept from starting by ``cancel`` (cancel.py): final like failed (no
+# retry, its downstream runs blocked) until a ``rerun``; its error says who cancelled it.
+CANCELLED = "cancelled"
+STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED, WAITING, BLOCKED, PAUSED, REMOVED,
+          CANCELLED)
 
 META_KEY = "dailyq"  # the RQ job.meta entry that carries a run's identity
 

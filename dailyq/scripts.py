@@ -39,7 +39,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.commands.core import Script
 
-from .runs import BLOCKED, FAILED, FINISHED, QUEUED, REMOVED, RUNNING, SKIPPED, WAITING
+from .runs import BLOCKED, CANCELLED, FAILED, FINISHED, QUEUED, REMOVED, RUNNING, SKIPPED, WAITING
 
 T = TypeVar("T")
 
@@ -117,6 +117,34 @@ local function redis_now_ms()
 end
 """
 
+
+# -- cancel (cancel.py) --
+# ``cancel`` of an executing run renames its claim to owner .. CANCEL_MARK .. why (TTL
+# kept): the copy's next renewal answers 'cancelled' and it stops its task; nothing it
+# sends afterwards (FINISH, FAIL) holds the claim, so the record stays cancelled, and a
+# rerun's copy waits ('busy') until the stopped copy releases the claim (or it lapses).
+CANCEL_MARK = "|cancelled|"
+CANCELLED_CLAIM_LUA = f"""
+-- The claim of ``owner``'s copy as ``cancel`` renamed it: its text after the mark, else nil.
+local function cancelled_why(claim_key, owner)
+  local holder = redis.call('GET', claim_key)
+  local prefix = owner .. '{CANCEL_MARK}'
+  if holder and string.sub(holder, 1, #prefix) == prefix then
+    return string.sub(holder, #prefix + 1)
+  end
+  return nil
+end
+-- Releases what a cancelled copy held, once it stopped: its renamed claim and its series
+-- claim. Returns why it was cancelled, or nil (not a claim of this copy's that a cancel took).
+local function release_cancelled(claim_key, series_key, owner)
+  local why = cancelled_why(claim_key, owner)
+  if why then
+    redis.call('DEL', claim_key)
+    del_if_owner(series_key, owner)
+  end
+  return why
+end
+"""
 
 SLOTS_LUA = """
 -- Slots of a task with limits (limits.py): a sorted set owner -> expiry (ms, Redis clock)
@@ -279,7 +307,7 @@ BEGIN = _lua(f"""
 -- ARGV[5] = base record JSON, ARGV[6] = retention (s), ARGV[7] = day, ARGV[8] = overlap ('skip'|'wait'),
 -- ARGV[9] = node, ARGV[10] = now (ISO), ARGV[11] = job_id, ARGV[12] = max attempts (0 = no limit)
 -- Replies {{'claimed', attempt, fence}} | {{'finished'}} | {{'superseded'}} | {{'exhausted'}} | {{'busy'}}
---   | {{'skipped'}}.
+--   | {{'skipped'}} | {{'cancelled'}}.
 -- Fields are set from plain arguments (no JSON patch): a run costs the worker no JSON
 -- encoding beyond its base record.
 local finished_key, claim_key, runs_key, running_key, series_key, fence_key =
@@ -297,6 +325,12 @@ end
 local record = load_record(runs_key, run_id, base_json)  -- decoded once, for the checks and the update
 if type(record.job_id) == 'string' and record.job_id ~= job_id then
   return {{'superseded'}}  -- a later job of this run (recovery, rerun) is the one to execute
+end
+if record.state == '{CANCELLED}' then
+  -- cancel.py: never started; a rerun enqueues a new job. (A replay whose claim the cancel
+  -- took meanwhile releases it: that copy never started its task.)
+  release_cancelled(claim_key, series_key, owner)
+  return {{'cancelled'}}
 end
 -- A second queue entry of this very job (two movers of one retry can push it twice) after
 -- the job finished, or used every attempt: not executed again. Also for a forced rerun:
@@ -341,13 +375,14 @@ record.owner, record.fence = owner, fence_digits
 save_record(runs_key, run_id, record, retention_s)
 redis.call('HSET', running_key, run_id, day)
 return {{'claimed', run_attempts(record), fence}}
-""", OWNER_LUA, RECORD_LUA)
+""", OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA)
 
 # Releases what BEGIN took, only while the run's claim is ours: returns false, having
-# changed nothing, when it is not.
+# changed nothing else, when it is not (a claim a cancel took from this copy is released).
 RELEASE_RUN_LUA = """
 local function release_run(claim_key, series_key, running_key, run_id, owner)
   if del_if_owner(claim_key, owner) == 0 then
+    release_cancelled(claim_key, series_key, owner)  -- cancel.py: its end frees a cancelled claim
     return false
   end
   del_if_owner(series_key, owner)
@@ -384,7 +419,7 @@ record.duration_s = tonumber(duration_s)
 save_record(runs_key, run_id, record, retention_s)
 redis.call('HSET', durations_key, series, duration_s)
 return 1
-""", OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA))
+""", OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA, RELEASE_RUN_LUA))
 
 FAIL = allow_oom(_lua(f"""
 -- An execution that ended without finishing: the task raised (from the executing process)
@@ -424,7 +459,7 @@ if not retry then
   note_failed(KEYS[5], ARGV[10], run_id, record, retention_s)
 end
 return retry and 'retry' or 'failed'
-""", OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA, NOTE_FAILED_LUA))
+""", OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA, RELEASE_RUN_LUA, NOTE_FAILED_LUA))
 
 END_WAIT = _lua(f"""
 -- A copy that never got the run's claim stopped waiting for it: its job timed out (RQ's
@@ -461,10 +496,13 @@ RENEW_CLAIM = allow_oom(_lua("""
 -- A run of a task with limits also extends its slot (limits.py) in the same call.
 -- KEYS[1] = run claim, KEYS[2] = series claim, KEYS[3] = the task's slots (optional)
 -- ARGV[1] = owner, ARGV[2] = ttl (ms)
--- Returns 'ok', 'taken' (another copy holds it) or 'gone'.
+-- Returns 'ok', 'taken' (another copy holds it), 'gone' or 'cancelled' (cancel.py: stop).
 local claim_key, series_key, slots_key = KEYS[1], KEYS[2], KEYS[3]
 local owner, ttl_ms = ARGV[1], ARGV[2]
 if pexpire_if_owner(claim_key, owner, ttl_ms) == 0 then
+  if cancelled_why(claim_key, owner) then
+    return 'cancelled'
+  end
   return redis.call('EXISTS', claim_key) == 1 and 'taken' or 'gone'
 end
 pexpire_if_owner(series_key, owner, ttl_ms)
@@ -472,7 +510,7 @@ if slots_key then
   extend_slot(slots_key, owner, ttl_ms)
 end
 return 'ok'
-""", OWNER_LUA, NOW_LUA, SLOTS_LUA))
+""", OWNER_LUA, NOW_LUA, SLOTS_LUA, CANCELLED_CLAIM_LUA))
 
 TAKE_IF_ABANDONED = _lua(f"""
 -- The leader takes over a run listed as running: only if no live copy holds its claim.
@@ -562,7 +600,7 @@ return changed
 
 HOLD_WAITING = _lua(f"""
 -- Held runs of one task whose upstream runs have not all finished: 'blocked', with an
--- error naming the upstream run, while one of those is failed, skipped or blocked itself;
+-- error naming the upstream run, while one of those is failed, skipped, cancelled or blocked itself;
 -- 'waiting' again once none is (a rerun queued it). Checked and set in one step: only
 -- records now 'waiting' or 'blocked' change (a run released or begun meanwhile stays as
 -- it is), and a record already right is not rewritten.
@@ -581,7 +619,8 @@ if blocker ~= '' then
 end
 for i = 5, 4 + n do
   local upstream = load_record(runs_key, ARGV[i])
-  if upstream and (upstream.state == '{FAILED}' or upstream.state == '{SKIPPED}' or upstream.state == '{BLOCKED}') then
+  if upstream and (upstream.state == '{FAILED}' or upstream.state == '{SKIPPED}' or upstream.state == '{BLOCKED}'
+      or upstream.state == '{CANCELLED}') then
     blocker = ARGV[i]
     error_text = 'upstream run ' .. tostring(upstream.task) .. '(' .. tostring(upstream.param_json) .. ') ' ..
       upstream.state .. ': ' .. blocker
@@ -900,6 +939,38 @@ note_failed(KEYS[7], ARGV[6], run_id, record, retention_s)
 return 1
 """, RECORD_LUA, NOTE_FAILED_LUA)
 
+# -- learned durations (fanout.py, scheduler.py) ------------------------------------------
+
+TRIM_DURATIONS = _lua("""
+-- The learned durations are kept per series (task + param) across days; a series no day
+-- fanned out for the retention period goes (computed params that change daily would
+-- otherwise grow the hash forever). The fan-out notes each series' day in KEYS[2].
+-- KEYS[1] = durations hash, KEYS[2] = zset series -> ordinal of the last day fanned out
+-- ARGV[1] = oldest day kept (ordinal), ARGV[2] = today (ordinal), ARGV[3] = most removed per call
+-- Returns how many series were removed.
+local durations_key, seen_key = KEYS[1], KEYS[2]
+local oldest_kept, today, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', seen_key) == 0 then
+  -- Durations learned before series were noted (an upgrade): each counts as seen today,
+  -- once. unpack() takes a few thousand values at most: in parts.
+  local fields = redis.call('HKEYS', durations_key)
+  for i = 1, #fields, 1000 do
+    local part = {}
+    for j = i, math.min(i + 999, #fields) do
+      part[#part + 1] = today
+      part[#part + 1] = fields[j]
+    end
+    redis.call('ZADD', seen_key, unpack(part))
+  end
+end
+local stale = redis.call('ZRANGEBYSCORE', seen_key, '-inf', '(' .. oldest_kept, 'LIMIT', 0, batch)
+if #stale > 0 then
+  redis.call('HDEL', durations_key, unpack(stale))
+  redis.call('ZREM', seen_key, unpack(stale))
+end
+return #stale
+""")
+
 # -- rolling deploys (deploys.py) ----------------------------------------------------------
 
 LEAVE = _lua(f"""
@@ -1028,6 +1099,50 @@ return 'removed'
 """, RECORD_LUA)
 
 
+# -- cancel (cancel.py) ----------------------------------------------------------------------
+
+CANCEL = _lua(f"""
+-- ``cancel`` of one run: a run queued, running, waiting or blocked ends 'cancelled', its
+-- error saying who asked. An executing copy's claim is renamed (CANCEL_MARK): its next
+-- renewal tells it to stop, and it releases the claim once stopped. Out of the running
+-- hash (recovery leaves it alone) and the waiting hash (no release pushes it); a job of it
+-- still queued, held or due for a retry is refused by BEGIN.
+-- KEYS[1] = day runs hash, KEYS[2] = run claim, KEYS[3] = running hash, KEYS[4] = day waiting hash
+-- ARGV[1] = run_id, ARGV[2] = why (the record's error), ARGV[3] = now (ISO), ARGV[4] = retention (s)
+-- Returns {{'cancelled', state before, '1' when a copy executes it ('0' if not)}},
+--   {{'ended', state}} (nothing to cancel) or {{'none'}} (no record).
+local runs_key, claim_key, running_key, waiting_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local run_id, why, now, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local record = load_record(runs_key, run_id)
+if not record then
+  return {{'none'}}
+end
+local state = record.state
+if state ~= '{QUEUED}' and state ~= '{RUNNING}' and state ~= '{WAITING}' and state ~= '{BLOCKED}' then
+  return {{'ended', tostring(state)}}
+end
+local executing = '0'
+local holder = redis.call('GET', claim_key)
+if holder and not string.find(holder, '{CANCEL_MARK}', 1, true) then
+  redis.call('SET', claim_key, holder .. '{CANCEL_MARK}' .. why, 'KEEPTTL')
+  executing = '1'
+end
+redis.call('HDEL', running_key, run_id)
+redis.call('HDEL', waiting_key, run_id)
+record.state, record.error, record.ended_at = '{CANCELLED}', why, now
+save_record(runs_key, run_id, record, retention_s)
+return {{'cancelled', state, executing}}
+""", RECORD_LUA)
+
+RELEASE_CANCELLED = _lua("""
+-- A copy that stopped for a cancel releases its claim and series claim.
+-- KEYS[1] = run claim, KEYS[2] = series claim
+-- ARGV[1] = the copy's owner token
+-- Returns why the run was cancelled, or '' (the claim is not one a cancel took from this copy).
+return release_cancelled(KEYS[1], KEYS[2], ARGV[1]) or ''
+""", OWNER_LUA, CANCELLED_CLAIM_LUA)
+
+
 # -- Redis out of memory (redis_memory.py) ---------------------------------------------------
 
 MEMORY_FULL_MARK = allow_oom(_lua("""
@@ -1069,10 +1184,11 @@ return {tostring(mark.since_ms), mark.alerted and '1' or '0', raw}
 
 # MARK_HELD's answer: ('ok', None, now_ms), ('gap', last_ms, now_ms) or ('not-leader', None, None).
 HeldMark = tuple[str, "int | None", "int | None"]
-BeginOutcome = Literal["claimed", "finished", "superseded", "exhausted", "busy", "skipped"]
-BEGIN_OUTCOMES: tuple[BeginOutcome, ...] = ("claimed", "finished", "superseded", "exhausted", "busy", "skipped")
+BeginOutcome = Literal["claimed", "finished", "superseded", "exhausted", "busy", "skipped", "cancelled"]
+BEGIN_OUTCOMES: tuple[BeginOutcome, ...] = ("claimed", "finished", "superseded", "exhausted", "busy", "skipped",
+                                            "cancelled")
 FailOutcome = Literal["retry", "failed", "not-ours"]
-RenewOutcome = Literal["ok", "taken", "gone"]
+RenewOutcome = Literal["ok", "taken", "gone", "cancelled"]
 TakeOutcome = Literal["alive", "gone", "failed", "requeue"]
 AckOutcome = Literal["ours", "taken", "gone"]
 # HOLD_WAITING's answer: (the upstream run blocking the held runs or None, records changed).
@@ -1496,6 +1612,7 @@ class Scripts:
         self._touch_slot = register(TOUCH_SLOT)
         self._resume = register(RESUME)
         self._leave = register(LEAVE)
+        self._trim_durations = register(TRIM_DURATIONS)
         self._return_left = register(RETURN_LEFT)
         self._remove_left = register(REMOVE_LEFT)
         self._remove_waiting = register(REMOVE_WAITING)
@@ -1509,6 +1626,8 @@ class Scripts:
         self._restore_memory = register(RESTORE_MEMORY)
         self._data_lost_alert_claim = register(DATA_LOST_ALERT_CLAIM)
         self._memory_full_mark = register(MEMORY_FULL_MARK)
+        self._cancel = register(CANCEL)
+        self._release_cancelled = register(RELEASE_CANCELLED)
 
     def flags_supported(self) -> bool:
         """Whether this connection's server reads script flags (Redis >= 7); one INFO the
@@ -1696,6 +1815,13 @@ class Scripts:
 
     # -- rolling deploys (deploys.py) --
 
+    def trim_durations(self, *, durations_key: str, seen_key: str, oldest_kept_ordinal: int, today_ordinal: int,
+                       batch: int) -> ScriptCall[int]:
+        """How many series' learned durations were dropped (not fanned out since before
+        ``oldest_kept_ordinal``)."""
+        return ScriptCall(self._trim_durations, [durations_key, seen_key],
+                          [oldest_kept_ordinal, today_ordinal, batch], int)
+
     def leave(self, *, left_key: str, left_info_key: str, intermediate_queue_key: str, runs_key: str, job_id: str,
               info_json: str, table: str, node: str, why: str, first_wait_ms: int, longest_wait_ms: int,
               retention_s: int) -> ScriptCall[int]:
@@ -1817,6 +1943,38 @@ class Scripts:
     def data_lost_alert_claim(self, *, alert_key: str, generation: str, owner: str,
                               claim_ms: int) -> ScriptCall[str]:
         return ScriptCall(self._data_lost_alert_claim, [alert_key], [generation, owner, claim_ms], _text)
+
+    # -- cancel (cancel.py) --
+
+    def cancel(self, *, runs_key: str, claim_key: str, running_key: str, waiting_key: str, run_id: str, why: str,
+               now_iso: str, retention_s: int) -> ScriptCall["CancelReply"]:
+        return ScriptCall(self._cancel, [runs_key, claim_key, running_key, waiting_key],
+                          [run_id, why, now_iso, retention_s], _parse_cancel)
+
+    def release_cancelled(self, *, claim_key: str, series_key: str, owner: str) -> ScriptCall[str | None]:
+        """Why the run was cancelled, once this copy's renamed claim is released; None if
+        the claim is not one a cancel took from ``owner``."""
+        return ScriptCall(self._release_cancelled, [claim_key, series_key], [owner],
+                          lambda reply: _text(reply) or None)
+
+
+@dataclass(frozen=True)
+class CancelReply:
+    """CANCEL's answer: ``outcome`` 'cancelled' (``state`` before it; ``executing``: a copy
+    runs it now and stops), 'ended' (``state``: nothing to cancel) or 'none' (no record)."""
+
+    outcome: Literal["cancelled", "ended", "none"]
+    state: str | None = None
+    executing: bool = False
+
+
+def _parse_cancel(reply: Any) -> CancelReply:
+    items = _texts(reply)
+    if items[0] == "cancelled":
+        return CancelReply("cancelled", items[1], items[2] == "1")
+    if items[0] == "ended":
+        return CancelReply("ended", items[1])
+    return CancelReply("none")
 
 
 # One Scripts per connection object, dropped with it. A cache, not shared state: building

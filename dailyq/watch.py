@@ -20,6 +20,7 @@ from . import text_width
 from .render import STATE_COLOURS, paint
 from .runs import (
     BLOCKED,
+    CANCELLED,
     FAILED,
     FINISHED,
     MISSED,
@@ -36,10 +37,10 @@ from .table import encode_param
 from .table_skew import differing_nodes
 from .timestamps import parse_iso
 
-# Blocked runs wait for a rerun of a failed upstream run: like a failed run, nothing
-# more happens to them by itself. Waiting runs will run once their upstream runs finish;
+# Blocked runs wait for a rerun of a failed upstream run: like a failed (or cancelled)
+# run, nothing more happens to them by itself. Waiting runs will run once their upstream runs finish;
 # a paused run is still to do: --until-done waits for it (resume it, or stop watching).
-DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED, REMOVED)
+DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED, REMOVED, CANCELLED)
 PENDING_STATES = (SCHEDULED, QUEUED, RUNNING, WAITING, PAUSED)
 BAR_WIDTH = 24
 
@@ -50,7 +51,7 @@ class Progress:
 
     day: str
     total: int
-    done: int  # finished + failed + skipped + blocked: nothing more will happen to them by itself
+    done: int  # finished + failed + skipped + blocked + cancelled: nothing more happens to them by itself
     failed: int
     missed: int  # past the misfire grace: only ``trigger`` runs them, so not waited for
     pending: int  # scheduled + queued + running + waiting
@@ -61,6 +62,7 @@ class Progress:
     # Nodes running a task table other than the leader's (status' ``tables``): a deploy
     # under way, or one stuck.
     tables_differ: tuple[str, ...] = ()
+    cancelled: int = 0  # stopped or kept from starting by ``cancel``: like failed, until a rerun
 
 
 def series_of(run: Mapping[str, Any]) -> str:
@@ -106,7 +108,8 @@ def progress(status: Mapping[str, Any], durations: Mapping[str, float], now: dat
         failed=sum(run["state"] == FAILED for run in runs), missed=sum(run["state"] == MISSED for run in runs),
         pending=len(pending), running_per_node=dict(sorted(per_node.items())), workers=workers,
         eta_s=eta_seconds(runs, durations, now, workers), blocked=sum(run["state"] == BLOCKED for run in runs),
-        tables_differ=tuple(differing_nodes(status.get("tables"))))
+        tables_differ=tuple(differing_nodes(status.get("tables"))),
+        cancelled=sum(run["state"] == CANCELLED for run in runs))
 
 
 def eta_seconds(runs: list[Mapping[str, Any]], durations: Mapping[str, float], now: datetime,
@@ -152,6 +155,8 @@ def render_line(p: Progress, colour: bool = False, width: int | None = None) -> 
         (f"] {percent:3d}%", None)]
     if p.failed:
         segments.append((f" {p.failed} failed", STATE_COLOURS[FAILED]))
+    if p.cancelled:
+        segments.append((f" {p.cancelled} cancelled", STATE_COLOURS[CANCELLED]))
     if p.blocked:
         segments.append((f" {p.blocked} blocked", STATE_COLOURS[BLOCKED]))
     if p.missed:

@@ -39,7 +39,7 @@ from .deploys import Leaver
 from .errors import DailyqError
 from .fingerprint import table_fingerprint
 from .generation import GenerationWatch
-from .guard import CLAIM_LOST_EXIT_CODE, Guard
+from .guard import CANCELLED_EXIT_CODE, CLAIM_LOST_EXIT_CODE, Guard
 from .limits import Admissions
 from .outage import MEMORY, OutageLog, through_outage
 from .pause import PausedCache
@@ -233,9 +233,16 @@ class WorkerContext:
         """A dying task (os._exit, a segfault, the OOM killer) counts as an attempt:
         record it now, as queued for its retry or failed, instead of leaving the run
         'running' until its claim expires. A horse that stopped because it lost its
-        claim records nothing: the run is another copy's, or the leader's to take over."""
+        claim records nothing: the run is another copy's, or the leader's to take over.
+        One stopped by a cancel releases the claim the cancel took (its record says
+        cancelled already)."""
         attempt = execution.attempt
         run_id = attempt.run.run_id
+        if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == CANCELLED_EXIT_CODE:
+            # Stopped by ``cancel``: the record says cancelled already; the horse is gone, so
+            # its claim is free for a rerun (cancel.py).
+            self.guard.release_cancelled(attempt.run, attempt.owner)
+            return False
         if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == CLAIM_LOST_EXIT_CODE:
             log.warning("run %s: work-horse stopped after losing its claim; recorded nothing", run_id,
                         extra={"run_id": run_id})
@@ -334,6 +341,8 @@ class _DailyWorkerMixin(GuardedWorker):
         # The guard is built now, before any fork (see WorkerContext).
         context = WorkerContext(settings, table, connection, stop_by_exit=self.stops_by_exit, generation=generation)
         MEMORY.name(f"worker on node {settings.node_name} (pid {os.getpid()})", describer(connection))
+        # Ours replaces the rq CLI's --results-ttl (RQ's 500 s): see Settings.job_ttl_s.
+        kwargs["default_result_ttl"] = settings.job_ttl_s
         super().__init__(queues, hooks=context, default_queue=settings.keys.queue_name,
                          connection=connection, **kwargs)
 
