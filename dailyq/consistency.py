@@ -529,13 +529,15 @@ def repair(connection: Redis, keys: Keys, queue: Queue, day: date, problem: Prob
     if isinstance(fix, Requeue):
         outcome = scripts.doctor_requeue(
             runs_key=runs_key, queue_key=queue.key, intermediate_queue_key=queue.intermediate_queue_key,
-            job_key=DailyJob.key_for(fix.job_id), failed_registry_key=queue.failed_job_registry.key, run_id=run_id,
-            job_id=fix.job_id, error=fix.error, now_iso=now_iso, retention_s=retention_s).run()
+            job_key=DailyJob.key_for(fix.job_id), failed_registry_key=queue.failed_job_registry.key,
+            failures_key=keys.alert_failures, run_id=run_id, job_id=fix.job_id, error=fix.error, now_iso=now_iso,
+            retention_s=retention_s, day=day.isoformat()).run()
         return {"changed": CHANGED, "in-queue": "left alone: its job is in the queue now"}.get(outcome, outcome)
     if isinstance(fix, Settle):
         done = scripts.doctor_settle(runs_key=runs_key, waiting_key=waiting_key, finished_key=keys.day_finished(day),
-                                     run_id=run_id, state=state, job_id=job_id, new_state=fix.state, error=fix.error,
-                                     entry=fix.entry, now_iso=now_iso, retention_s=retention_s).run()
+                                     failures_key=keys.alert_failures, run_id=run_id, state=state, job_id=job_id,
+                                     new_state=fix.state, error=fix.error, entry=fix.entry, now_iso=now_iso,
+                                     retention_s=retention_s, day=day.isoformat()).run()
         return fix.state if done else CHANGED
     if isinstance(fix, Park):
         done = scripts.doctor_park(runs_key=runs_key, waiting_key=waiting_key, waiting_days_key=keys.waiting_days,

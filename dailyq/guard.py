@@ -458,9 +458,10 @@ class Guard:
         else:
             run_busy = series_busy = f"{type(exc).__name__}: {exc} (while claiming the run)"
         call = self.scripts.end_wait(
-            runs_key=self.keys.day_runs(run.day), claim_key=self.keys.claim(run.run_id), run_id=run.run_id,
-            job_id=run.job_id, base_json=run.base_record, retention_s=self.retention_s, rq_will_retry=rq_can_retry,
-            node=self.node, now_iso=iso(self.clock()), error_if_run_busy=run_busy, error_if_series_busy=series_busy)
+            runs_key=self.keys.day_runs(run.day), claim_key=self.keys.claim(run.run_id),
+            failures_key=self.keys.alert_failures, run_id=run.run_id, job_id=run.job_id, base_json=run.base_record,
+            retention_s=self.retention_s, rq_will_retry=rq_can_retry, node=self.node, now_iso=iso(self.clock()),
+            error_if_run_busy=run_busy, error_if_series_busy=series_busy, day=run.day.isoformat())
         try:
             decision = through_outage(call.run, OutageLog(log, f"recording that run {run.run_id} stopped waiting"),
                                       RECORD_OUTAGE_LIMIT_S)
@@ -493,9 +494,10 @@ class Guard:
         work-horse died, with the owner token it gave that work-horse."""
         return self.scripts.fail(
             claim_key=self.keys.claim(run.run_id), runs_key=self.keys.day_runs(run.day),
-            running_key=self.keys.running, series_key=self.keys.series_claim(run.series), run_id=run.run_id,
-            owner=owner, base_json=run.base_record, retention_s=self.retention_s, rq_can_retry=rq_can_retry,
-            max_attempts=run.max_attempts, node=self.node, now_iso=iso(self.clock()), error=error)
+            running_key=self.keys.running, series_key=self.keys.series_claim(run.series),
+            failures_key=self.keys.alert_failures, run_id=run.run_id, owner=owner, base_json=run.base_record,
+            retention_s=self.retention_s, rq_can_retry=rq_can_retry, max_attempts=run.max_attempts, node=self.node,
+            now_iso=iso(self.clock()), error=error, day=run.day.isoformat())
 
 
 

@@ -94,6 +94,19 @@ class Keys:
         """Hash alert id -> JSON: the payload to POST, created_ms, attempts, owner of the claim."""
         return f"{self.prefix}:alerts:entries"
 
+    @property
+    def alert_failures(self) -> str:
+        """List of JSON failure events (run id, day, task, param, node, error, attempts), one
+        pushed by every script that records a run ``failed``, in that same step; the
+        leader's alerts take them from the front (alert_digest.py)."""
+        return f"{self.prefix}:alerts:failures"
+
+    @property
+    def alert_groups(self) -> str:
+        """Hash task -> JSON of its open grouping window (start_ms, until_ms, runs so far):
+        failures within it go into one ``runs_failed`` digest (alert_digest.py)."""
+        return f"{self.prefix}:alerts:groups"
+
     def day_alerts(self, day: date) -> str:
         """Set of alert ids ever raised for that day: each alert enters the outbox once."""
         return f"{self.prefix}:day:{day.isoformat()}:alerts"

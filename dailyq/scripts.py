@@ -93,6 +93,23 @@ local function run_attempts(record)
 end
 """
 
+# At most this many failure events wait for the leader's alerts (keys.alert_failures):
+# a bound for a Redis that no leader reads for long; the oldest go first.
+FAILURE_EVENTS_MAX = 100_000
+
+NOTE_FAILED_LUA = f"""
+-- A run recorded failed tells the alerts in the same step (alert_digest.py): an event
+-- pushed onto the failures list, which the leader takes from the front. So a failure of
+-- any day (a backfill, a rerun of an old day) is alerted, and nothing scans days for it.
+local function note_failed(failures_key, day, run_id, record, retention_s)
+  redis.call('RPUSH', failures_key, cjson.encode({{run_id = run_id, day = day, task = record.task,
+    param_json = record.param_json, node = record.node, error = record.error, ended_at = record.ended_at,
+    attempts = tonumber(record.attempts) or 0}}))
+  redis.call('LTRIM', failures_key, -{FAILURE_EVENTS_MAX}, -1)
+  redis.call('EXPIRE', failures_key, retention_s)
+end
+"""
+
 NOW_LUA = """
 -- Milliseconds of the Redis server's clock.
 local function redis_now_ms()
@@ -470,10 +487,11 @@ return 1
 FAIL = allow_oom(_lua(f"""
 -- An execution that ended without finishing: the task raised (from the executing process)
 -- or its process died (from the worker parent, which saw its work-horse die).
--- KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash, KEYS[4] = series claim
+-- KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash, KEYS[4] = series claim,
+-- KEYS[5] = alert failures list
 -- ARGV[1] = run_id, ARGV[2] = claim owner, ARGV[3] = base record JSON, ARGV[4] = retention (s),
 -- ARGV[5] = RQ can retry ('1'|'0'), ARGV[6] = max attempts (0 = no limit), ARGV[7] = node,
--- ARGV[8] = now (ISO), ARGV[9] = error
+-- ARGV[8] = now (ISO), ARGV[9] = error, ARGV[10] = day (ISO)
 -- Returns 'retry' (recorded queued: RQ retries it), 'failed', or 'not-ours' (claim held by
 -- another copy or gone: nothing changed). Replay-safe: sent again with the same arguments
 -- after its reply was lost, it answers as the first call did.
@@ -500,8 +518,11 @@ local retry = rq_can_retry and (max_attempts == 0 or run_attempts(record) < max_
 record.state = retry and '{QUEUED}' or '{FAILED}'
 record.node, record.ended_at, record.error = node, now, error_text
 save_record(runs_key, run_id, record, retention_s)
+if not retry then
+  note_failed(KEYS[5], ARGV[10], run_id, record, retention_s)
+end
 return retry and 'retry' or 'failed'
-""", OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA, RELEASE_RUN_LUA))
+""", OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA, RELEASE_RUN_LUA, NOTE_FAILED_LUA))
 
 END_WAIT = _lua(f"""
 -- A copy that never got the run's claim stopped waiting for it: its job timed out (RQ's
@@ -509,11 +530,11 @@ END_WAIT = _lua(f"""
 -- slot's run of its task and param, held the claim. RQ then retries or fails the job
 -- outside the guard, so the record says which, now -- only while it still names this job
 -- and says queued (a record another copy or a later job moved on is left as it is).
--- KEYS[1] = day runs hash, KEYS[2] = run claim
+-- KEYS[1] = day runs hash, KEYS[2] = run claim, KEYS[3] = alert failures list
 -- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = base record JSON, ARGV[4] = retention (s),
 -- ARGV[5] = RQ will retry ('1'|'0'), ARGV[6] = node, ARGV[7] = now (ISO),
 -- ARGV[8] = error while the run's own claim is held (another copy of the run),
--- ARGV[9] = error otherwise (the series claim: the previous slot's run)
+-- ARGV[9] = error otherwise (the series claim: the previous slot's run), ARGV[10] = day (ISO)
 -- Returns 'retry' (recorded queued, with the error: RQ retries it), 'failed' or 'not-ours'.
 local runs_key, claim_key = KEYS[1], KEYS[2]
 local run_id, job_id, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -526,8 +547,11 @@ record.state = retry and '{QUEUED}' or '{FAILED}'
 record.node, record.ended_at = node, now
 record.error = redis.call('EXISTS', claim_key) == 1 and ARGV[8] or ARGV[9]
 save_record(runs_key, run_id, record, retention_s)
+if not retry then
+  note_failed(KEYS[3], ARGV[10], run_id, record, retention_s)
+end
 return retry and 'retry' or 'failed'
-""", RECORD_LUA)
+""", RECORD_LUA, NOTE_FAILED_LUA)
 
 RENEW_CLAIM = allow_oom(_lua("""
 -- Extends a run's claim and its series claim only while the run's claim is ours; never
@@ -557,9 +581,9 @@ TAKE_IF_ABANDONED = _lua(f"""
 -- requeue it (ARGV[5] says why). A run to requeue stays listed as running: the caller's
 -- requeue removes it in the same MULTI/EXEC that enqueues its new job (recovery.py), so
 -- a leader that dies or loses Redis in between leaves it listed for the next look.
--- KEYS[1] = running hash, KEYS[2] = the run's claim, KEYS[3] = day runs hash
+-- KEYS[1] = running hash, KEYS[2] = the run's claim, KEYS[3] = day runs hash, KEYS[4] = alert failures list
 -- ARGV[1] = run_id, ARGV[2] = max attempts (0 = no limit), ARGV[3] = now (ISO), ARGV[4] = retention (s),
--- ARGV[5] = why the caller cannot requeue it ('' = it can)
+-- ARGV[5] = why the caller cannot requeue it ('' = it can), ARGV[6] = day (ISO)
 -- Returns 'alive', 'gone' (someone else took it, or its day's records expired), 'failed' or 'requeue'.
 local running_key, claim_key, runs_key = KEYS[1], KEYS[2], KEYS[3]
 local run_id, max_attempts, now, retention_s, cannot = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5] or ''
@@ -593,8 +617,9 @@ end
 redis.call('HDEL', running_key, run_id)
 record.state, record.ended_at, record.error = '{FAILED}', now, lost
 save_record(runs_key, run_id, record, retention_s)
+note_failed(KEYS[4], ARGV[6], run_id, record, retention_s)
 return 'failed'
-""", RECORD_LUA)
+""", RECORD_LUA, NOTE_FAILED_LUA)
 
 REQUEUE_STRANDED = _lua(f"""
 -- Puts a job a worker took off the queue but never started back at the front of the
@@ -984,8 +1009,10 @@ SETTLE_FAILED = _lua(f"""
 -- run's claim, recovery does not list it as running (recovery takes those over), and no
 -- waiting entry or left job (deploys) stands behind it.
 -- KEYS[1] = day runs hash, KEYS[2] = the run's claim, KEYS[3] = running hash,
--- KEYS[4] = day waiting hash, KEYS[5] = RQ's job hash, KEYS[6] = left jobs (sorted set)
--- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = error, ARGV[4] = now (ISO), ARGV[5] = retention (s)
+-- KEYS[4] = day waiting hash, KEYS[5] = RQ's job hash, KEYS[6] = left jobs (sorted set),
+-- KEYS[7] = alert failures list
+-- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = error, ARGV[4] = now (ISO), ARGV[5] = retention (s),
+-- ARGV[6] = day (ISO)
 -- Returns 1 when it settled the run, else 0.
 local runs_key, claim_key, running_key, waiting_key, job_key, left_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
   KEYS[5], KEYS[6]
@@ -1004,8 +1031,9 @@ if redis.call('HGET', job_key, 'status') ~= 'failed' or redis.call('EXISTS', cla
 end
 record.state, record.error, record.ended_at = '{FAILED}', error_text, now
 save_record(runs_key, run_id, record, retention_s)
+note_failed(KEYS[7], ARGV[6], run_id, record, retention_s)
 return 1
-""", RECORD_LUA)
+""", RECORD_LUA, NOTE_FAILED_LUA)
 
 # -- learned durations (fanout.py, scheduler.py) ------------------------------------------
 
@@ -1770,20 +1798,20 @@ class Scripts:
                           [run_id, owner, base_json, retention_s, series, f"{duration_s:.3f}", node, now_iso],
                           _parse_finish)
 
-    def fail(self, *, claim_key: str, runs_key: str, running_key: str, series_key: str, run_id: str, owner: str,
-             base_json: str, retention_s: int, rq_can_retry: bool, max_attempts: int, node: str, now_iso: str,
-             error: str) -> ScriptCall[FailOutcome]:
-        return ScriptCall(self._fail, [claim_key, runs_key, running_key, series_key],
+    def fail(self, *, claim_key: str, runs_key: str, running_key: str, series_key: str, failures_key: str,
+             run_id: str, owner: str, base_json: str, retention_s: int, rq_can_retry: bool, max_attempts: int,
+             node: str, now_iso: str, error: str, day: str) -> ScriptCall[FailOutcome]:
+        return ScriptCall(self._fail, [claim_key, runs_key, running_key, series_key, failures_key],
                           [run_id, owner, base_json, retention_s, _flag(rq_can_retry), max_attempts, node, now_iso,
-                           error], _text)  # type: ignore[arg-type]
+                           error, day], _text)  # type: ignore[arg-type]
 
-    def end_wait(self, *, runs_key: str, claim_key: str, run_id: str, job_id: str, base_json: str,
-                 retention_s: int, rq_will_retry: bool, node: str, now_iso: str, error_if_run_busy: str,
-                 error_if_series_busy: str) -> ScriptCall[FailOutcome]:
+    def end_wait(self, *, runs_key: str, claim_key: str, failures_key: str, run_id: str, job_id: str,
+                 base_json: str, retention_s: int, rq_will_retry: bool, node: str, now_iso: str,
+                 error_if_run_busy: str, error_if_series_busy: str, day: str) -> ScriptCall[FailOutcome]:
         """'retry', 'failed' or 'not-ours' (the record no longer says queued for this job)."""
-        return ScriptCall(self._end_wait, [runs_key, claim_key],
+        return ScriptCall(self._end_wait, [runs_key, claim_key, failures_key],
                           [run_id, job_id, base_json, retention_s, _flag(rq_will_retry), node, now_iso,
-                           error_if_run_busy, error_if_series_busy], _text)  # type: ignore[arg-type]
+                           error_if_run_busy, error_if_series_busy, day], _text)  # type: ignore[arg-type]
 
     def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int,
                     slots_key: str | None = None) -> ScriptCall[RenewOutcome]:
@@ -1840,11 +1868,13 @@ class Scripts:
 
     # -- recovery (recovery.py) --
 
-    def take_if_abandoned(self, *, running_key: str, claim_key: str, runs_key: str, run_id: str, max_attempts: int,
-                          now_iso: str, retention_s: int, cannot_requeue: str = "") -> ScriptCall[TakeOutcome]:
+    def take_if_abandoned(self, *, running_key: str, claim_key: str, runs_key: str, failures_key: str, run_id: str,
+                          max_attempts: int, now_iso: str, retention_s: int, day: str,
+                          cannot_requeue: str = "") -> ScriptCall[TakeOutcome]:
         """``cannot_requeue``: why the caller could not requeue the run (it is failed then)."""
-        return ScriptCall(self._take_if_abandoned, [running_key, claim_key, runs_key],
-                          [run_id, max_attempts, now_iso, retention_s, cannot_requeue], _text)  # type: ignore[arg-type]
+        return ScriptCall(self._take_if_abandoned, [running_key, claim_key, runs_key, failures_key],
+                          [run_id, max_attempts, now_iso, retention_s, cannot_requeue, day],
+                          _text)  # type: ignore[arg-type]
 
     def requeue_stranded(self, *, intermediate_queue_key: str, queue_key: str, runs_key: str, job_id: str,
                          run_id: str) -> ScriptCall[bool]:
@@ -1852,11 +1882,12 @@ class Scripts:
                           bool)
 
     def settle_failed(self, *, runs_key: str, claim_key: str, running_key: str, waiting_key: str, job_key: str,
-                      left_key: str, run_id: str, job_id: str, error: str, now_iso: str,
-                      retention_s: int) -> ScriptCall[bool]:
+                      left_key: str, failures_key: str, run_id: str, job_id: str, error: str, now_iso: str,
+                      retention_s: int, day: str) -> ScriptCall[bool]:
         """True when the run's record was failed with ``error`` (settle.py)."""
-        return ScriptCall(self._settle_failed, [runs_key, claim_key, running_key, waiting_key, job_key, left_key],
-                          [run_id, job_id, error, now_iso, retention_s], bool)
+        return ScriptCall(self._settle_failed,
+                          [runs_key, claim_key, running_key, waiting_key, job_key, left_key, failures_key],
+                          [run_id, job_id, error, now_iso, retention_s, day], bool)
 
     # -- the alert outbox (alert_outbox.py) --
 
@@ -1946,19 +1977,19 @@ class Scripts:
     # -- doctor --repair (consistency.py): each acts only while the record is as doctor read it --
 
     def doctor_requeue(self, *, runs_key: str, queue_key: str, intermediate_queue_key: str, job_key: str,
-                       failed_registry_key: str, run_id: str, job_id: str, error: str, now_iso: str,
-                       retention_s: int) -> ScriptCall[RequeueOutcome]:
+                       failed_registry_key: str, failures_key: str, run_id: str, job_id: str, error: str,
+                       now_iso: str, retention_s: int, day: str) -> ScriptCall[RequeueOutcome]:
         """``error``: the record's, should RQ's job hash be gone."""
         return ScriptCall(self._doctor_requeue,
-                          [runs_key, queue_key, intermediate_queue_key, job_key, failed_registry_key],
-                          [run_id, job_id, error, now_iso, retention_s], _text)  # type: ignore[arg-type]
+                          [runs_key, queue_key, intermediate_queue_key, job_key, failed_registry_key, failures_key],
+                          [run_id, job_id, error, now_iso, retention_s, day], _text)  # type: ignore[arg-type]
 
-    def doctor_settle(self, *, runs_key: str, waiting_key: str, finished_key: str, run_id: str, state: str,
-                      job_id: str, new_state: str, error: str, entry: str, now_iso: str,
-                      retention_s: int) -> ScriptCall[bool]:
+    def doctor_settle(self, *, runs_key: str, waiting_key: str, finished_key: str, failures_key: str, run_id: str,
+                      state: str, job_id: str, new_state: str, error: str, entry: str, now_iso: str,
+                      retention_s: int, day: str) -> ScriptCall[bool]:
         """``state``/``job_id``: the record as read; ``entry``: its waiting entry to remove ('' = none)."""
-        return ScriptCall(self._doctor_settle, [runs_key, waiting_key, finished_key],
-                          [run_id, state, job_id, new_state, error, entry, now_iso, retention_s], bool)
+        return ScriptCall(self._doctor_settle, [runs_key, waiting_key, finished_key, failures_key],
+                          [run_id, state, job_id, new_state, error, entry, now_iso, retention_s, day], bool)
 
     def doctor_park(self, *, runs_key: str, waiting_key: str, waiting_days_key: str, run_id: str, job_id: str,
                     entry: str, old_entry: str, day: str, retention_s: int) -> ScriptCall[bool]:
@@ -2101,9 +2132,9 @@ DOCTOR_REQUEUE = _lua(f"""
 -- Only while the record still says queued with this job and the job is in neither the
 -- queue nor RQ's intermediate queue (pushed or taken meanwhile): never a second entry.
 -- KEYS[1] = day runs hash, KEYS[2] = queue, KEYS[3] = RQ's intermediate queue,
--- KEYS[4] = RQ's job hash of the job, KEYS[5] = RQ's failed job registry
+-- KEYS[4] = RQ's job hash of the job, KEYS[5] = RQ's failed job registry, KEYS[6] = alert failures list
 -- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = the error to record if RQ's job hash is gone,
--- ARGV[4] = now (ISO), ARGV[5] = retention (s)
+-- ARGV[4] = now (ISO), ARGV[5] = retention (s), ARGV[6] = day (ISO)
 -- Returns 'requeued', 'failed', 'in-queue' or 'changed' (the record; nothing done).
 local runs_key, queue_key, intermediate_key, job_key, failed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local run_id, job_id, error_text, now, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -2121,18 +2152,20 @@ if redis.call('EXISTS', job_key) == 1 then
 end
 record.state, record.ended_at, record.error = '{FAILED}', now, error_text
 save_record(runs_key, run_id, record, retention_s)
+note_failed(KEYS[6], ARGV[6], run_id, record, retention_s)
 return 'failed'
-""", RECORD_LUA, DOCTOR_LUA)
+""", RECORD_LUA, DOCTOR_LUA, NOTE_FAILED_LUA)
 
 DOCTOR_SETTLE = _lua(f"""
 -- A run's record set to what backs it: 'failed' with the reason (nothing can run it),
 -- 'queued' (a held run whose job is pushed already), or 'finished' (a queued run in the
 -- day's finished set, whose job BEGIN skips: only while it is in that set); its waiting
 -- entry, if given, removed in the same step.
--- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = day finished set
+-- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = day finished set, KEYS[4] = alert failures list
 -- ARGV[1] = run_id, ARGV[2] = its state as read, ARGV[3] = its job id as read ('' = none),
 -- ARGV[4] = the new state ('failed' | 'queued' | 'finished'), ARGV[5] = the error (for 'failed'),
--- ARGV[6] = its waiting entry to remove, as read ('' = none), ARGV[7] = now (ISO), ARGV[8] = retention (s)
+-- ARGV[6] = its waiting entry to remove, as read ('' = none), ARGV[7] = now (ISO), ARGV[8] = retention (s),
+-- ARGV[9] = day (ISO)
 -- Returns 1, or 0 when the record or the entry changed since (nothing done).
 local runs_key, waiting_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
 local run_id, state, job_id, new_state, error_text, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
@@ -2157,8 +2190,11 @@ else
   record.error = cjson.null
 end
 save_record(runs_key, run_id, record, retention_s)
+if new_state == '{FAILED}' then
+  note_failed(KEYS[4], ARGV[9], run_id, record, retention_s)
+end
 return 1
-""", RECORD_LUA, DOCTOR_LUA)
+""", RECORD_LUA, DOCTOR_LUA, NOTE_FAILED_LUA)
 
 DOCTOR_PARK = _lua(f"""
 -- A held run (waiting or blocked) parked again in the day's waiting hash, as fan-out

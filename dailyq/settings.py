@@ -85,6 +85,9 @@ class Settings:
     # alert_retry_max_s apart, until the alert is an hour old.
     alert_retry_s: int = 5
     alert_retry_max_s: int = 300
+    # Failures of one task within this long after its run_failed are sent as one
+    # runs_failed digest per window (alert_digest.py); 0: each failure its own run_failed.
+    alert_group_s: int = 60
     # Prometheus metrics of the scheduler process (metrics.py); None: not served.
     metrics_port: int | None = None
     metrics_bind: str = DEFAULT_METRICS_BIND
@@ -130,6 +133,7 @@ class Settings:
             alert_no_leader_s=_int_env(env, "DAILYQ_ALERT_NO_LEADER_S", 60),
             alert_retry_s=retry_s,
             alert_retry_max_s=_int_env(env, "DAILYQ_ALERT_RETRY_MAX_S", max(300, retry_s), minimum=retry_s),
+            alert_group_s=_int_env(env, "DAILYQ_ALERT_GROUP_S", 60, minimum=0),
             metrics_port=_port_env(env, "DAILYQ_METRICS_PORT"),
             metrics_bind=(env.get("DAILYQ_METRICS_BIND") or DEFAULT_METRICS_BIND).strip(),
             removed_grace_s=_int_env(env, "DAILYQ_REMOVED_GRACE_S", 600),

@@ -77,9 +77,10 @@ def test_cancel_renames_an_executing_claim_so_its_renewal_stops_and_its_end_rele
     connection.hset(keys.day_runs(DAY_DATE), "r1", json.dumps(record))
     # FAIL of the stopped copy records nothing, and frees the claim.
     fail = scripts.fail(claim_key=keys.claim("r1"), runs_key=keys.day_runs(DAY_DATE), running_key=keys.running,
-                        series_key=keys.series_claim("s"), run_id="r1", owner="copy-a", base_json="{}",
-                        retention_s=600, rq_can_retry=True, max_attempts=3, node="n1",
-                        now_iso="2026-11-20T01:00:02+00:00", error="RunStopped")
+                        series_key=keys.series_claim("s"), failures_key=keys.alert_failures, run_id="r1",
+                        owner="copy-a", base_json="{}", retention_s=600, rq_can_retry=True, max_attempts=3,
+                        node="n1", now_iso="2026-11-20T01:00:02+00:00", error="RunStopped",
+                        day=DAY_DATE.isoformat())
     assert fail.run() == "not-ours"
     assert json.loads(connection.hget(keys.day_runs(DAY_DATE), "r1"))["state"] == CANCELLED
     assert not connection.exists(keys.claim("r1")) and not connection.exists(keys.series_claim("s"))

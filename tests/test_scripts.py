@@ -126,9 +126,10 @@ class RunKeys:
              max_attempts: int = 0) -> ScriptCall[FailOutcome]:
         return scripts.fail(claim_key=self.keys.claim(self.run_id), runs_key=runs_key(self.keys),
                             running_key=self.keys.running, series_key=self.keys.series_claim(self.series),
-                            run_id=self.run_id, owner=owner, base_json=base_json(self.run_id),
-                            retention_s=RETENTION_S, rq_can_retry=rq_can_retry, max_attempts=max_attempts,
-                            node="node-y", now_iso="2026-11-26T10:02:00+00:00", error="ValueError: boom")
+                            failures_key=self.keys.alert_failures, run_id=self.run_id, owner=owner,
+                            base_json=base_json(self.run_id), retention_s=RETENTION_S, rq_can_retry=rq_can_retry,
+                            max_attempts=max_attempts, node="node-y", now_iso="2026-11-26T10:02:00+00:00",
+                            error="ValueError: boom", day=DAY)
 
     def renew(self, scripts: Scripts, owner: str) -> ScriptCall[RenewOutcome]:
         return scripts.renew_claim(claim_key=self.keys.claim(self.run_id),
@@ -296,6 +297,7 @@ def test_finish_queued_in_a_transaction_reads_its_reply(scripts, connection, run
 def test_fail_queues_a_run_with_attempts_left_for_its_retry(scripts, connection, keys, run) -> None:
     run.begin(scripts, "a").run()
     assert run.fail(scripts, "a", max_attempts=2).run() == "retry"
+    assert connection.llen(keys.alert_failures) == 0
     record = stored(connection, keys, "r1")
     assert record["state"] == "queued" and record["error"] == "ValueError: boom" and record["node"] == "node-y"
     assert not connection.exists(keys.claim("r1"), keys.series_claim("s1"))
@@ -306,6 +308,12 @@ def test_fail_records_failed_when_attempts_are_used_or_rq_will_not_retry(scripts
     run.begin(scripts, "a").run()
     assert run.fail(scripts, "a", max_attempts=1).run() == "failed"
     assert stored(connection, keys, "r1")["state"] == "failed"
+    # The alerts hear of it in the same step (alert_digest.py); a retry is no failure yet.
+    (event,) = [json.loads(raw) for raw in connection.lrange(keys.alert_failures, 0, -1)]
+    assert event == {"run_id": "r1", "day": DAY, "task": "t", "param_json": "\"p\"", "node": "node-y",
+                     "error": "ValueError: boom", "ended_at": "2026-11-26T10:02:00+00:00", "attempts": 1}
+    assert run.fail(scripts, "a", max_attempts=1).run() == "failed"  # a replay pushes nothing more
+    assert connection.llen(keys.alert_failures) == 1
     run.begin(scripts, "b", force=True).run()
     assert run.fail(scripts, "b", rq_can_retry=False).run() == "failed"
 
@@ -344,6 +352,7 @@ def test_a_late_fail_of_an_execution_someone_else_ended_is_still_not_ours(script
     run.begin(scripts, "c", job_id="r1-r1").run()
     connection.delete(keys.claim("r1"))
     assert scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     failures_key=keys.alert_failures, day=DAY,
                                      run_id="r1", max_attempts=2, now_iso="2026-11-26T10:05:00+00:00",
                                      retention_s=RETENTION_S).run() == "failed"
     assert run.fail(scripts, "c").run() == "not-ours"
@@ -509,6 +518,7 @@ def test_hold_waiting_leaves_runs_no_longer_held_alone(scripts, connection, keys
 
 def take(scripts: Scripts, keys: Keys, max_attempts: int) -> str:
     return scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     failures_key=keys.alert_failures, day=DAY,
                                      run_id="r1", max_attempts=max_attempts, now_iso="2026-11-26T11:00:00+00:00",
                                      retention_s=RETENTION_S).run()
 
@@ -537,6 +547,7 @@ def test_take_if_abandoned_fails_a_dead_run_the_caller_cannot_requeue(scripts, c
     run.begin(scripts, "a").run()
     connection.delete(keys.claim("r1"))
     assert scripts.take_if_abandoned(running_key=keys.running, claim_key=keys.claim("r1"), runs_key=runs_key(keys),
+                                     failures_key=keys.alert_failures, day=DAY,
                                      run_id="r1", max_attempts=3, now_iso="2026-11-26T11:00:00+00:00",
                                      retention_s=RETENTION_S, cannot_requeue="its job is gone").run() == "failed"
     record = stored(connection, keys, "r1")
