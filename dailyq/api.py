@@ -32,8 +32,8 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 from redis import Redis
 
 from .backfill import day_range, day_summary
-from .cancel import CancelledRun, asking_user
-from .cancel import cancel as _cancel_command
+from .cancelling import CancelledRun, asking_user
+from .cancelling import cancel as _cancel_command
 from .clock import iso, server_now
 from .commands import pause as _pause_command
 from .commands import rerun as _rerun_command
@@ -235,7 +235,7 @@ def pause(connection_or_url: ConnectionOrUrl, tasks: Iterable[str] | str | None 
           settings: Settings | None = None, table: TableLike = None) -> dict[str, Any]:
     """Pause ``tasks`` (a name or names), or with ``all_tasks`` every task, like
     ``scheduler.py pause``: their slots are not fanned out and their queued runs not
-    started until ``resume``; runs executing now finish (see dailyq/pause.py).
+    started until ``resume``; runs executing now finish (see dailyq/pausing.py).
 
     Returns ``{"paused": [{"task", "since", "by", "already"}, ...]}``: ``since`` (ISO,
     Redis's clock) and ``by`` (the node, ``NODE_NAME``) of the pause in force;

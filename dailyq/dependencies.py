@@ -53,7 +53,7 @@ Deviations from the brief, and edge cases
 * Recovery (recovery.py) requeues an abandoned run of a downstream task directly
   (``hold_dependent=False``): it was executing, so it had been released; holding it
   again would only add a round trip.
-* An upstream run ``skipped`` (overlap='skip') or ``cancelled`` (cancel.py) blocks like a
+* An upstream run ``skipped`` (overlap='skip') or ``cancelled`` (cancelling.py) blocks like a
   failed one: it will not run, and its output is missing. A rerun of it releases as for a
   failed one.
 * An upstream task with no slot on D has no runs on D: its downstream runs are not

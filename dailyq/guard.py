@@ -25,7 +25,7 @@ work-horse, or the worker itself for a non-forking worker):
    shared memory and kills the horse once it passed (claim_watch.py). A non-forking
    worker has no such process: there a task that holds the GIL past ``claim_ttl_s -
    claim_margin_s`` can run beside the copy that takes its run over.
-   A ``cancel`` (cancel.py) renames the claim: the renewal answers 'cancelled', the copy
+   A ``cancel`` (cancelling.py) renames the claim: the renewal answers 'cancelled', the copy
    stops the same way, and releases the renamed claim once its task has stopped (the
    worker parent does, for a work-horse that exited with ``CANCELLED_EXIT_CODE``).
 3. ``FINISH`` adds the run to the finished set and releases the claim atomically (on
@@ -71,7 +71,7 @@ from .context import RunContext, running_as
 from .keys import Keys
 from .outage import OutageLog, through_outage
 from .replicas import ReplicaAcks
-from .runs import RunJob
+from .runs import CLAIM_LOST_RESULT, RunJob
 from .scripts import BeginReply, FailOutcome, RenewOutcome, ScriptCall, parse_begin, scripts_for
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ RECORD_OUTAGE_LIMIT_S = 900.0
 # A forked work-horse that lost its claim exits with this code; its worker parent then
 # knows the run was not this copy's any more (worker.py) and records nothing for it.
 CLAIM_LOST_EXIT_CODE = 87
-# A forked work-horse stopped by ``cancel`` (cancel.py) exits with this code; its worker
+# A forked work-horse stopped by ``cancel`` (cancelling.py) exits with this code; its worker
 # parent then releases the claim the cancel renamed (worker.py), records nothing else.
 CANCELLED_EXIT_CODE = 88
 # The watchdog's period: how late, at most, it notices a missed deadline or a resume
@@ -343,7 +343,7 @@ class Guard:
             return {"skipped": "cancelled"}
         log.error("run %s stopped on node %s: %s; this copy records nothing (another copy may own the run)",
                   run.run_id, self.node, held.lost_because(), extra={"run_id": run.run_id})
-        return {"skipped": "claim lost"}
+        return CLAIM_LOST_RESULT
 
     def release_cancelled(self, run: RunJob, owner: str) -> None:
         """After ``owner``'s copy of ``run`` stopped for a cancel: release the claim the
@@ -685,7 +685,7 @@ class ClaimKeeper:
             if confirmed_at is not None:
                 held.confirmed_at = max(held.confirmed_at, confirmed_at)
         elif reply == "cancelled" and held.lost is None:
-            held.cancelled = True  # before ``lost``: the watchdog reads both (cancel.py)
+            held.cancelled = True  # before ``lost``: the watchdog reads both (cancelling.py)
             held.lost = "cancelled (scheduler.py cancel)"
         elif held.lost is None:
             held.lost = "another copy holds its claim now" if reply == "taken" else "its claim lapsed in Redis"

@@ -160,7 +160,7 @@ class Keys:
     @property
     def paused(self) -> str:
         """Hash task name -> JSON {since (ISO, Redis clock), by (node)} of every paused task
-        (pause.py)."""
+        (pausing.py)."""
         return f"{self.prefix}:paused"
 
     def limit_slots(self, task: str) -> str:

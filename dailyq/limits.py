@@ -72,7 +72,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from .keys import Keys
-from .pause import PausedCache
+from .pausing import PausedCache
 from .scripts import AdmitOutcome, LimitedTask, ScriptCall, scripts_for
 from .table import Task, TaskTable
 

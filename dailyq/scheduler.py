@@ -57,7 +57,7 @@ from .lease import Lease
 from .limits import SlotSweep
 from .outage import MEMORY, refused_for_memory
 from .params_book import next_retry_at, retried, retry_due, slot_runs
-from .pause import paused_names
+from .pausing import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
 from .redis_memory import RedisMemory, clear_mark, describer, mark_full, read_mark, read_memory, writes_accepted
 from .redis_values import as_text
@@ -330,7 +330,7 @@ class DailyScheduler:
         for task, slots in due:
             if task.name in paused:
                 # Neither fanned out nor its cursor moved: on resume, the slots that fell due
-                # meanwhile fire if within misfire_grace_s, older ones are missed (pause.py).
+                # meanwhile fire if within misfire_grace_s, older ones are missed (pausing.py).
                 continue
             for due_slot in slots:
                 slot = day_slots[due_slot.day].slot_of(task, due_slot) if due_slot.day in day_slots else due_slot

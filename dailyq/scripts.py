@@ -119,7 +119,7 @@ end
 """
 
 
-# -- cancel (cancel.py) --
+# -- cancel (cancelling.py) --
 # ``cancel`` of an executing run renames its claim to owner .. CANCEL_MARK .. why (TTL
 # kept): the copy's next renewal answers 'cancelled' and it stops its task; nothing it
 # sends afterwards (FINISH, FAIL) holds the claim, so the record stays cancelled, and a
@@ -390,7 +390,7 @@ if type(record.job_id) == 'string' and record.job_id ~= job_id then
   return {{'superseded'}}  -- a later job of this run (recovery, rerun) is the one to execute
 end
 if record.state == '{CANCELLED}' then
-  -- cancel.py: never started; a rerun enqueues a new job. (A replay whose claim the cancel
+  -- cancelling.py: never started; a rerun enqueues a new job. (A replay whose claim the cancel
   -- took meanwhile releases it: that copy never started its task.)
   release_cancelled(claim_key, series_key, owner)
   return {{'cancelled'}}
@@ -445,7 +445,7 @@ return {{'claimed', run_attempts(record), fence}}
 RELEASE_RUN_LUA = """
 local function release_run(claim_key, series_key, running_key, run_id, owner)
   if del_if_owner(claim_key, owner) == 0 then
-    release_cancelled(claim_key, series_key, owner)  -- cancel.py: its end frees a cancelled claim
+    release_cancelled(claim_key, series_key, owner)  -- cancelling.py: its end frees a cancelled claim
     return false
   end
   del_if_owner(series_key, owner)
@@ -559,7 +559,7 @@ RENEW_CLAIM = allow_oom(_lua("""
 -- A run of a task with limits also extends its slot (limits.py) in the same call.
 -- KEYS[1] = run claim, KEYS[2] = series claim, KEYS[3] = the task's slots (optional)
 -- ARGV[1] = owner, ARGV[2] = ttl (ms)
--- Returns 'ok', 'taken' (another copy holds it), 'gone' or 'cancelled' (cancel.py: stop).
+-- Returns 'ok', 'taken' (another copy holds it), 'gone' or 'cancelled' (cancelling.py: stop).
 local claim_key, series_key, slots_key = KEYS[1], KEYS[2], KEYS[3]
 local owner, ttl_ms = ARGV[1], ARGV[2]
 if pexpire_if_owner(claim_key, owner, ttl_ms) == 0 then
@@ -1035,6 +1035,50 @@ note_failed(KEYS[7], ARGV[6], run_id, record, retention_s)
 return 1
 """, RECORD_LUA, NOTE_FAILED_LUA)
 
+REQUEUE_ORPHANED = _lua(f"""
+-- A copy that stopped because its claim was gone (guard.py) records nothing: another copy
+-- owns the run, or the leader takes it over from the running hash. Unless Redis itself lost
+-- the claim with the rest of the run's start (a failover to a replica that lagged): then
+-- nothing backs the record any more, and the copy's worker puts the job back at the
+-- queue's front here, after RQ handled the job's end, so that the run is not lost.
+-- Only while the record names this job and says queued or running, no copy holds the
+-- claim, the run is not finished, not in the running hash (recovery's), not waiting and
+-- not left, and RQ still has the job's hash; a job still in the queue is not pushed twice.
+-- KEYS[1] = day runs hash, KEYS[2] = the run's claim, KEYS[3] = running hash,
+-- KEYS[4] = day finished set, KEYS[5] = day waiting hash, KEYS[6] = left jobs (sorted set),
+-- KEYS[7] = queue, KEYS[8] = RQ's intermediate queue, KEYS[9] = RQ's job hash,
+-- KEYS[10] = RQ's failed job registry
+-- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = retention (s)
+-- Returns 'requeued', 'in-queue' (made queued where it is), 'backed' or 'changed' (nothing done).
+local runs_key, claim_key, running_key, finished_key, waiting_key, left_key = KEYS[1], KEYS[2], KEYS[3],
+  KEYS[4], KEYS[5], KEYS[6]
+local queue_key, intermediate_key, job_key, failed_key = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local run_id, job_id, retention_s = ARGV[1], ARGV[2], ARGV[3]
+local record = load_record(runs_key, run_id)
+if not record or record.job_id ~= job_id or (record.state ~= '{QUEUED}' and record.state ~= '{RUNNING}') then
+  return 'changed'
+end
+if redis.call('EXISTS', claim_key) == 1 or redis.call('SISMEMBER', finished_key, run_id) == 1
+    or redis.call('HEXISTS', running_key, run_id) == 1 or redis.call('HEXISTS', waiting_key, run_id) == 1
+    or redis.call('ZSCORE', left_key, job_id) or redis.call('EXISTS', job_key) == 0 then
+  return 'backed'
+end
+redis.call('ZREM', failed_key, job_id)
+-- Queued again: as RQ keeps a queued job (a finished one would expire with its result TTL).
+redis.call('HSET', job_key, 'status', 'queued')
+redis.call('PERSIST', job_key)
+local outcome = 'in-queue'
+if not (redis.call('LPOS', queue_key, job_id) or redis.call('LPOS', intermediate_key, job_id)) then
+  redis.call('LPUSH', queue_key, job_id)
+  outcome = 'requeued'
+end
+if record.state ~= '{QUEUED}' then
+  record.state = '{QUEUED}'
+  save_record(runs_key, run_id, record, retention_s)
+end
+return outcome
+""", RECORD_LUA)
+
 # -- learned durations (fanout.py, scheduler.py) ------------------------------------------
 
 TRIM_DURATIONS = _lua("""
@@ -1195,7 +1239,7 @@ return 'removed'
 """, RECORD_LUA)
 
 
-# -- cancel (cancel.py) ----------------------------------------------------------------------
+# -- cancel (cancelling.py) ----------------------------------------------------------------------
 
 CANCEL = _lua(f"""
 -- ``cancel`` of one run: a run queued, running, waiting or blocked ends 'cancelled', its
@@ -1696,6 +1740,7 @@ class Scripts:
         self._take_if_abandoned = register(TAKE_IF_ABANDONED)
         self._requeue_stranded = register(REQUEUE_STRANDED)
         self._settle_failed = register(SETTLE_FAILED)
+        self._requeue_orphaned = register(REQUEUE_ORPHANED)
         self._outbox_enqueue = register(OUTBOX_ENQUEUE)
         self._outbox_claim = register(OUTBOX_CLAIM)
         self._outbox_ack = register(OUTBOX_ACK)
@@ -1819,7 +1864,7 @@ class Scripts:
         keys = [claim_key, series_key] + ([slots_key] if slots_key else [])
         return ScriptCall(self._renew_claim, keys, [owner, ttl_ms], _text)  # type: ignore[arg-type]
 
-    # -- limits and pause (limits.py, pause.py) --
+    # -- limits and pause (limits.py, pausing.py) --
 
     def admit(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
               intermediate_queue_key: str, task: str, owner: str, node: str, job_id: str, ttl_ms: int,
@@ -1888,6 +1933,16 @@ class Scripts:
         return ScriptCall(self._settle_failed,
                           [runs_key, claim_key, running_key, waiting_key, job_key, left_key, failures_key],
                           [run_id, job_id, error, now_iso, retention_s, day], bool)
+
+    def requeue_orphaned(self, *, runs_key: str, claim_key: str, running_key: str, finished_key: str,
+                         waiting_key: str, left_key: str, queue_key: str, intermediate_queue_key: str, job_key: str,
+                         failed_registry_key: str, run_id: str, job_id: str,
+                         retention_s: int) -> ScriptCall[str]:
+        """'requeued', 'in-queue', 'backed' or 'changed' (REQUEUE_ORPHANED)."""
+        return ScriptCall(self._requeue_orphaned,
+                          [runs_key, claim_key, running_key, finished_key, waiting_key, left_key, queue_key,
+                           intermediate_queue_key, job_key, failed_registry_key],
+                          [run_id, job_id, retention_s], _text)
 
     # -- the alert outbox (alert_outbox.py) --
 
@@ -2056,7 +2111,7 @@ class Scripts:
                               claim_ms: int) -> ScriptCall[str]:
         return ScriptCall(self._data_lost_alert_claim, [alert_key], [generation, owner, claim_ms], _text)
 
-    # -- cancel (cancel.py) --
+    # -- cancel (cancelling.py) --
 
     def cancel(self, *, runs_key: str, claim_key: str, running_key: str, waiting_key: str, run_id: str, why: str,
                now_iso: str, retention_s: int) -> ScriptCall["CancelReply"]:

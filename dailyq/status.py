@@ -6,7 +6,7 @@ than the task's misfire grace, then ``missed`` (only ``trigger`` runs it then).
 The live nodes are every scheduler and worker with a heartbeat (beats.py), each with
 its clock's offset from Redis's (and, for a node's worker, how many worker processes
 run there); ``clock_warnings`` names those more than 2 s off.
-``paused`` maps each paused task to ``{"since", "by"}`` (pause.py), and a queued run of
+``paused`` maps each paused task to ``{"since", "by"}`` (pausing.py), and a queued run of
 a paused task shows ``paused``; a run held back by a limit of its task stays ``queued``.
 ``tables`` says which live process runs which task table and what differs from the
 leader's (table_skew.py's view, read by table_watch.read_tables).
@@ -39,7 +39,7 @@ from .generation import read_data_loss
 from .keys import Keys
 from .limits import pool_use
 from .params_book import ParamsBook
-from .pause import paused_tasks
+from .pausing import paused_tasks
 from .redis_memory import redis_view
 from .redis_values import as_text
 from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, decode_record, runs_on

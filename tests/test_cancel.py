@@ -1,4 +1,4 @@
-"""``cancel`` (dailyq/cancel.py): an executing run stops, on both worker kinds, within the
+"""``cancel`` (dailyq/cancelling.py): an executing run stops, on both worker kinds, within the
 promise; queued and waiting runs never start; a cancelled run blocks its downstream runs
 until a rerun, which runs it again. Real processes: a scheduler and a worker per node."""
 

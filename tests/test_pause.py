@@ -1,4 +1,4 @@
-"""Pause and resume (pause.py): the leader's decisions with an injected clock, then real
+"""Pause and resume (pausing.py): the leader's decisions with an injected clock, then real
 node processes around a slot a few seconds ahead."""
 
 from __future__ import annotations

@@ -707,7 +707,7 @@ def test_mark_held_only_under_our_lease_and_reports_a_gap(scripts, connection, k
     assert int(connection.hget(keys.leadership, "first_ms")) == now  # the first held tick stays
 
 
-# -- limits and pause (limits.py, pause.py) ------------------------------------------------
+# -- limits and pause (limits.py, pausing.py) ------------------------------------------------
 
 @dataclass
 class LimitKeys:
