@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from .runs import PAUSED, QUEUED, RUNNING, SCHEDULED, WAITING, param_digest
 from .table import Task, encode_param
 from .timestamps import parse_iso
+
+START_PRECISION = timedelta(seconds=1)  # of a stored start (timestamps.iso)
 
 # The states of a run that still has to end; any other (finished, failed, blocked,
 # skipped, missed, removed, ...) needs no worker any more.
@@ -71,6 +73,12 @@ class Estimate:
     workers: int = 0
 
 
+def eta_iso(at: datetime) -> str:
+    """``eta`` as ``status --json`` shows it: ISO 8601 in UTC to the millisecond (stored
+    times have seconds; a day of short runs needs better than that)."""
+    return at.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
 def eta_tasks(tasks: Iterable[Task]) -> dict[str, EtaTask]:
     return {task.name: EtaTask(tuple(task.after), task.max_running) for task in tasks}
 
@@ -81,16 +89,19 @@ def series_id(task: str, param: Any) -> str:
 
 
 def eta_runs(runs: Iterable[Mapping[str, Any]]) -> list[EtaRun]:
-    """``status``' run entries (status.day_runs) as the simulation's input."""
+    """``status``' run entries (status.day_runs) as the simulation's input. A stored start
+    has second precision (timestamps.py): the run started within that second, so in its
+    middle as far as anyone knows (never after ``now``: the simulation sees to that)."""
     shown = []
     for run in runs:
         state = str(run.get("state"))
         duration = run.get("duration_s")
         pending = state in PENDING
+        started = parse_iso(run.get("started_at")) if state == RUNNING else None
         shown.append(EtaRun(
             task=str(run.get("task")), series=series_id(str(run.get("task")), run.get("param")), state=state,
             slot=parse_iso(run.get("slot")) if pending else None,
-            started_at=parse_iso(run.get("started_at")) if state == RUNNING else None,
+            started_at=None if started is None else started + START_PRECISION / 2,
             duration_s=float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None))
     return shown
 
@@ -191,7 +202,7 @@ class _Simulation:
             self.left[run.task] = self.left.get(run.task, 0) + 1
         for run in pending:
             if run.state == RUNNING:
-                started = run.started_at or self.now
+                started = min(run.started_at or self.now, self.now)
                 # Overdue (past its expected end): it may end any moment.
                 self._execute(run.task, max(0.0, (started - self.now).total_seconds() + self.expected[run.series]))
             elif run.state == WAITING:

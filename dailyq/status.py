@@ -37,7 +37,7 @@ from redis import Redis
 
 from .beats import clock_warnings, live_processes
 from .clock import iso
-from .eta import Estimate, estimate, eta_runs, eta_tasks, pending_series
+from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series
 from .fanout import DURATION_LOOKUP_CHUNK
 from .fingerprint import describe, fingerprint
 from .generation import read_data_loss
@@ -88,7 +88,7 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
     status["redis_data_lost"] = read_data_loss(connection, keys)
     # When every run of the day is expected to have ended (eta.py), null when unknown or done.
     expected_end = read_eta(connection, keys, table, runs, nodes, now).at
-    status["eta"] = None if expected_end is None else iso(expected_end)
+    status["eta"] = None if expected_end is None else eta_iso(expected_end)
     return status
 
 
@@ -148,7 +148,7 @@ def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: da
                       DaySlots.read(connection, keys, day), refused)
 
 
-def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, RunRecord],
+def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, Any],
                paused: Collection[str], book: ParamsBook | None, slots: DaySlots | None,
                refused: Collection[tuple[str, str]] = (), task_names: Iterable[str] | None = None,
                ) -> list[dict[str, Any]]:
