@@ -71,6 +71,17 @@ class Estimate:
     # Per task with pending runs: when its last one is expected to end (None: unknown).
     task_ends: dict[str, datetime | None] = field(default_factory=dict)
     workers: int = 0
+    # Each simulated run with its expected end (runs of unknown tasks are not there).
+    run_ends: tuple[tuple[EtaRun, datetime], ...] = ()
+
+    def end_of(self, task: str, slots_until: datetime | None = None) -> datetime | None:
+        """When ``task``'s pending runs whose slot is at or before ``slots_until`` (all when
+        None) are expected to have ended; None when unknown, or none is pending."""
+        if self.task_ends.get(task) is None:
+            return None
+        ends = [end for run, end in self.run_ends if run.task == task
+                and (slots_until is None or run.slot is None or run.slot <= slots_until)]
+        return max(ends, default=None)
 
 
 def eta_iso(at: datetime) -> str:
@@ -129,15 +140,20 @@ def estimate(runs: Sequence[EtaRun], durations: Mapping[str, float], workers: in
     unknown = _unknown_tasks(pending, tasks)
     # A running run holds a worker whatever the heartbeats say (a worker about to beat).
     sim = _Simulation(now, max(workers, len(running)), tasks, expected, set(durations))
-    ends = sim.run([run for run in pending if run.task not in unknown])
+    run_ends = tuple((run, now + timedelta(seconds=end_s))
+                     for run, end_s in sim.run([run for run in pending if run.task not in unknown]))
+    ends: dict[str, datetime] = {}
+    for run, end in run_ends:
+        ends[run.task] = max(end, ends.get(run.task, end))
     task_ends: dict[str, datetime | None] = {}
     for name in dict.fromkeys(run.task for run in pending):
         task_ends[name] = None if name in unknown else ends.get(name)
     if any(end is None for end in task_ends.values()):
         named = sorted(name for name, end in task_ends.items() if end is None)
         return Estimate(None, False, f"runs of {', '.join(named)} cannot start (paused, or after a paused task)",
-                        task_ends, workers)
-    return Estimate(max(end for end in task_ends.values() if end is not None), False, None, task_ends, workers)
+                        task_ends, workers, run_ends)
+    return Estimate(max(end for end in task_ends.values() if end is not None), False, None, task_ends, workers,
+                    run_ends)
 
 
 def _expected_durations(runs: Sequence[EtaRun], pending: list[EtaRun],
@@ -187,24 +203,24 @@ class _Simulation:
         self.learned = learned
         self.idle = workers
         self.seq = 0
-        self.ends: list[tuple[float, int, str]] = []  # (time, seq, task) per executing run
+        self.ends: list[tuple[float, int, EtaRun]] = []  # (time, seq, run) per executing run
         # (0 for the front, queued since, never timed first, longest first, seq, run, may start at)
         self.queue: list[tuple[int, float, bool, float, int, EtaRun, float]] = []
         self.held: dict[str, list[EtaRun]] = {}  # set aside over max_running, in queue order
         self.executing: dict[str, int] = {}
         self.left: dict[str, int] = {}  # runs of each task not ended yet
         self.waiting: dict[str, list[EtaRun]] = {}
-        self.last_end: dict[str, float] = {}
+        self.ended: list[tuple[EtaRun, float]] = []
 
-    def run(self, pending: list[EtaRun]) -> dict[str, datetime]:
-        """Task -> when its last pending run ends; a task missing never got to start."""
+    def run(self, pending: list[EtaRun]) -> list[tuple[EtaRun, float]]:
+        """Each run that got to start, with when it ends (seconds after now)."""
         for run in pending:
             self.left[run.task] = self.left.get(run.task, 0) + 1
         for run in pending:
             if run.state == RUNNING:
                 started = min(run.started_at or self.now, self.now)
                 # Overdue (past its expected end): it may end any moment.
-                self._execute(run.task, max(0.0, (started - self.now).total_seconds() + self.expected[run.series]))
+                self._execute(run, max(0.0, (started - self.now).total_seconds() + self.expected[run.series]))
             elif run.state == WAITING:
                 self.waiting.setdefault(run.task, []).append(run)
             else:
@@ -222,14 +238,14 @@ class _Simulation:
                 break
             clock = max(clock, min(next_times))
             while self.ends and self.ends[0][0] <= clock:
-                _, _, task = heapq.heappop(self.ends)
-                self._ended(task, clock)
-        return {task: self.now + timedelta(seconds=end) for task, end in self.last_end.items()}
+                _, _, ended = heapq.heappop(self.ends)
+                self._ended(ended, clock)
+        return self.ended
 
-    def _execute(self, task: str, end: float) -> None:
+    def _execute(self, run: EtaRun, end: float) -> None:
         self.seq += 1
-        heapq.heappush(self.ends, (end, self.seq, task))
-        self.executing[task] = self.executing.get(task, 0) + 1
+        heapq.heappush(self.ends, (end, self.seq, run))
+        self.executing[run.task] = self.executing.get(run.task, 0) + 1
         self.idle -= 1
 
     def _push(self, run: EtaRun, since: float, starts: float, front: bool = False) -> None:
@@ -252,13 +268,14 @@ class _Simulation:
             if limit is not None and self.executing.get(run.task, 0) >= limit:
                 self.held.setdefault(run.task, []).append(run)
                 continue
-            self._execute(run.task, clock + self.expected[run.series])
+            self._execute(run, clock + self.expected[run.series])
 
-    def _ended(self, task: str, clock: float) -> None:
+    def _ended(self, run: EtaRun, clock: float) -> None:
+        task = run.task
         self.idle += 1
         self.executing[task] -= 1
         self.left[task] -= 1
-        self.last_end[task] = clock
+        self.ended.append((run, clock))
         if self.held.get(task):
             self._push(self.held[task].pop(0), clock, clock, front=True)
         if self.left[task] == 0:

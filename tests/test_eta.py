@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import time
 from datetime import date, datetime, timedelta, timezone
 
+from dailyq.alert_events import (
+    PAYLOAD_KEYS,
+    PREDICTED_LATE_MARGIN_S,
+    encode_payload,
+    predicted_day_late_alert,
+    predicted_late,
+)
 from dailyq.eta import EtaRun, EtaTask, estimate, eta_runs, pending_series, series_id
 from dailyq.keys import Keys
 from dailyq.render import render_eta
 from dailyq.report import render_report
+from dailyq.table import Task, TaskTable
 from dailyq.watch import progress, render_line
-from tests.helpers import executions, quiet_sample_at, run_cli, wait_for
+from tests.helpers import executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
+from tests.webhook_receiver import WebhookReceiver
 
 NOW = datetime(2026, 12, 2, 6, 0, 0, tzinfo=timezone.utc)
 
@@ -198,3 +209,58 @@ def test_eta_is_within_20_percent_of_the_actual_end_on_a_learned_day(node_env, p
 def finished(connection, prefix: str, day: str) -> list[str]:
     raw = connection.hvals(Keys(prefix).day_runs(date.fromisoformat(day)))
     return [r for r in raw if json.loads(r)["state"] == "finished"]
+
+
+def test_a_day_expected_to_end_past_its_deadline_is_alerted_once_before_it(node_env, processes, connection,
+                                                                           prefix):
+    """The run is known to take 15 min (its learned duration); its deadline is 60 s after
+    it starts: the ETA passes the deadline by more than 5 min, so two schedulers raise
+    one ``day_late`` with ``predicted: true``, before the deadline."""
+    receiver = WebhookReceiver().start()
+    try:
+        zone = noon_zone()
+        deadline_ts = int(time.time()) + 60
+        deadline = wall_time_in(zone, deadline_ts - time.time())
+        env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_FUNC="record", SAMPLE_SLEEP_S="60", SAMPLE_PARAMS="1",
+                   SAMPLE_TZ=zone, SAMPLE_AT=wall_time_in(zone, 3), SAMPLE_DEADLINE=deadline,
+                   DAILYQ_ALERT_URL=receiver.url, DAILYQ_ALERT_RETRY_S="1", DAILYQ_ALERT_RETRY_MAX_S="2")
+        day = today_in(zone)
+        connection.hset(Keys(prefix).durations, series_id("sample", "任务参数0"), "900.000")  # what a day taught
+        for node in ("node-1", "node-2"):
+            processes.start("scheduler.py", dict(env, NODE_NAME=node))
+        worker = processes.start("worker_entry.py", dict(env, NODE_NAME="node-1"))
+        wait_for(lambda: receiver.events("day_late"), timeout=45, what="the predicted day_late")
+        time.sleep(5)  # a duplicate from the other scheduler, or from the next pass, would come by now
+        assert [a["event"] for a in receiver.received] == ["day_late"], receiver.received
+        alert = receiver.received[0]
+        assert receiver.times[0] < deadline_ts  # before the deadline
+        assert list(alert) == list(PAYLOAD_KEYS) and alert["predicted"] is True
+        assert alert["task"] == "sample" and alert["day"] == day and alert["run_id"] is None
+        assert f"sample is expected to be late for {day}" in alert["text"]
+        assert f"after its deadline {deadline}" in alert["text"]
+        assert receiver.headers[0]["X-Dailyq-Alert-Id"] == f"day_late:sample:{day}:predicted"
+        status = json.loads(run_cli(["status", "--date", day, "--json"], env).stdout)
+        assert datetime.fromisoformat(status["eta"]).timestamp() > deadline_ts + 300
+        os.killpg(worker.pid, signal.SIGKILL)  # rather than waiting out the 60 s run at teardown
+    finally:
+        receiver.stop()
+
+
+def test_a_day_late_is_predicted_only_past_the_margin_and_before_the_deadline():
+    deadline = after_s(600)
+    assert predicted_late(deadline, deadline + timedelta(seconds=PREDICTED_LATE_MARGIN_S + 1), NOW)
+    assert not predicted_late(deadline, deadline + timedelta(seconds=PREDICTED_LATE_MARGIN_S), NOW)
+    assert not predicted_late(deadline, None, NOW)  # unknown: nothing to say
+    assert not predicted_late(NOW, NOW + timedelta(hours=1), NOW)  # the deadline came: the real day_late's turn
+    task = Task(name="t", func="tests.sample_tasks.record", params=[1], at="05:00", tz="UTC", deadline="06:10")
+    TaskTable([task])  # validates, and parses the schedule
+    alert = predicted_day_late_alert(task, NOW.date(), deadline, deadline + timedelta(minutes=12), NOW)
+    assert alert.alert_id == "day_late:t:2026-12-02:predicted" and alert.payload["predicted"] is True
+    assert alert.payload["text"] == ("dailyq: t is expected to be late for 2026-12-02: its runs are expected to end "
+                                     "at 06:22:00 UTC, 12m00s after its deadline 06:10 (ETA from the learned "
+                                     "durations and the live workers)")
+    assert list(encode_payload_keys(alert)) == list(PAYLOAD_KEYS)
+
+
+def encode_payload_keys(alert) -> list[str]:
+    return list(json.loads(encode_payload(alert.payload)))
