@@ -23,8 +23,11 @@ The simulation follows what the cluster does with the runs:
   when a run of that task ends (limits.py).
 * A paused run ends only after a ``resume``: its task, and those after it, are unknown.
 
-Not modelled: ``max_per_node`` and which node runs what, retries of runs that will
-fail, and runs' own variance. Each worker process is one worker.
+Not modelled: ``max_per_node`` and which node runs what, runs of other days queued for
+the same workers (a backfill), retries of runs that will fail, runs' own variance, and
+what a worker spends per run around the task (dequeue, fork, BEGIN, FINISH), which the
+learned durations leave out: on a day of sub-second runs the estimate is early by
+about that cost times the runs left per worker. Each worker process is one worker.
 """
 
 from __future__ import annotations

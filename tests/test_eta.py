@@ -18,11 +18,13 @@ from dailyq.alert_events import (
 )
 from dailyq.eta import EtaRun, EtaTask, estimate, eta_runs, pending_series, series_id
 from dailyq.keys import Keys
+from dailyq.redis_server import free_port
 from dailyq.render import render_eta
 from dailyq.report import render_report
 from dailyq.table import Task, TaskTable
 from dailyq.watch import progress, render_line
 from tests.helpers import executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
+from tests.test_metrics import scrape
 from tests.webhook_receiver import WebhookReceiver
 
 NOW = datetime(2026, 12, 2, 6, 0, 0, tzinfo=timezone.utc)
@@ -215,7 +217,8 @@ def test_a_day_expected_to_end_past_its_deadline_is_alerted_once_before_it(node_
                                                                            prefix):
     """The run is known to take 15 min (its learned duration); its deadline is 60 s after
     it starts: the ETA passes the deadline by more than 5 min, so two schedulers raise
-    one ``day_late`` with ``predicted: true``, before the deadline."""
+    one ``day_late`` with ``predicted: true``, before the deadline. ``status --json`` and
+    ``/metrics`` show that ETA."""
     receiver = WebhookReceiver().start()
     try:
         zone = noon_zone()
@@ -226,8 +229,9 @@ def test_a_day_expected_to_end_past_its_deadline_is_alerted_once_before_it(node_
                    DAILYQ_ALERT_URL=receiver.url, DAILYQ_ALERT_RETRY_S="1", DAILYQ_ALERT_RETRY_MAX_S="2")
         day = today_in(zone)
         connection.hset(Keys(prefix).durations, series_id("sample", "任务参数0"), "900.000")  # what a day taught
-        for node in ("node-1", "node-2"):
-            processes.start("scheduler.py", dict(env, NODE_NAME=node))
+        port = free_port()
+        processes.start("scheduler.py", dict(env, NODE_NAME="node-1", DAILYQ_METRICS_PORT=str(port)))
+        processes.start("scheduler.py", dict(env, NODE_NAME="node-2"))
         worker = processes.start("worker_entry.py", dict(env, NODE_NAME="node-1"))
         wait_for(lambda: receiver.events("day_late"), timeout=45, what="the predicted day_late")
         time.sleep(5)  # a duplicate from the other scheduler, or from the next pass, would come by now
@@ -240,7 +244,12 @@ def test_a_day_expected_to_end_past_its_deadline_is_alerted_once_before_it(node_
         assert f"after its deadline {deadline}" in alert["text"]
         assert receiver.headers[0]["X-Dailyq-Alert-Id"] == f"day_late:sample:{day}:predicted"
         status = json.loads(run_cli(["status", "--date", day, "--json"], env).stdout)
-        assert datetime.fromisoformat(status["eta"]).timestamp() > deadline_ts + 300
+        eta = datetime.fromisoformat(status["eta"]).timestamp()
+        (run,) = status["runs"]
+        started = datetime.fromisoformat(run["started_at"]).timestamp()
+        assert started + 900 <= eta <= started + 901  # its start (mid-second) plus what it takes
+        # /metrics: the same estimate (cached for up to 5 s, so the run's own read of it).
+        assert abs(scrape(port)["dailyq_day_eta_timestamp_seconds"][()] - eta) < 0.01
         os.killpg(worker.pid, signal.SIGKILL)  # rather than waiting out the 60 s run at teardown
     finally:
         receiver.stop()
