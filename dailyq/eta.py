@@ -19,8 +19,9 @@ The simulation follows what the cluster does with the runs:
 * A scheduled run cannot start before its slot fires.
 * A waiting run (``after``) joins the back of the queue when every pending run of
   its upstream tasks has ended in the simulation (dependencies.py's release).
-* A task's ``max_running``: a run over it is set aside and goes to the queue's front
-  when a run of that task ends (limits.py).
+* A task's ``max_running``, and its pool's size (``Task(pool=...)``, the table's
+  POOLS): a run over either is set aside and goes to the queue's front when a run of
+  that task (or of that pool) ends (limits.py).
 * A paused run ends only after a ``resume``: its task, and those after it, are unknown.
 
 Not modelled: ``max_per_node`` and which node runs what, runs of other days queued for
@@ -64,6 +65,7 @@ class EtaTask:
 
     after: tuple[str, ...] = ()
     max_running: int | None = None
+    pool: str | None = None  # a name of the table's POOLS
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def eta_iso(at: datetime) -> str:
 
 
 def eta_tasks(tasks: Iterable[Task]) -> dict[str, EtaTask]:
-    return {task.name: EtaTask(tuple(task.after), task.max_running) for task in tasks}
+    return {task.name: EtaTask(tuple(task.after), task.max_running, getattr(task, "pool", None)) for task in tasks}
 
 
 def series_id(task: str, param: Any) -> str:
@@ -126,10 +128,10 @@ def pending_series(runs: Iterable[EtaRun]) -> list[str]:
 
 
 def estimate(runs: Sequence[EtaRun], durations: Mapping[str, float], workers: int, now: datetime,
-             tasks: Mapping[str, EtaTask] | None = None) -> Estimate:
+             tasks: Mapping[str, EtaTask] | None = None, pools: Mapping[str, int] | None = None) -> Estimate:
     """The day's expected end; see the module's docstring for the rules. ``durations``:
     the learned ones, of at least the pending runs' series (``pending_series``);
-    ``workers``: the live worker processes."""
+    ``workers``: the live worker processes; ``pools``: the table's POOLS (name -> size)."""
     tasks = tasks or {}
     pending = [run for run in runs if run.state in PENDING]
     if not pending:
@@ -142,7 +144,7 @@ def estimate(runs: Sequence[EtaRun], durations: Mapping[str, float], workers: in
         return Estimate(None, False, "no live worker", {run.task: None for run in pending}, workers)
     unknown = _unknown_tasks(pending, tasks)
     # A running run holds a worker whatever the heartbeats say (a worker about to beat).
-    sim = _Simulation(now, max(workers, len(running)), tasks, expected, set(durations))
+    sim = _Simulation(now, max(workers, len(running)), tasks, expected, set(durations), pools or {})
     run_ends = tuple((run, now + timedelta(seconds=end_s))
                      for run, end_s in sim.run([run for run in pending if run.task not in unknown]))
     ends: dict[str, datetime] = {}
@@ -199,7 +201,7 @@ class _Simulation:
     takes the head of the queue (a heap keyed by queue order) that it may start."""
 
     def __init__(self, now: datetime, workers: int, tasks: Mapping[str, EtaTask], expected: dict[str, float],
-                 learned: set[str]) -> None:
+                 learned: set[str], pools: Mapping[str, int]) -> None:
         self.now = now
         self.tasks = tasks
         self.expected = expected
@@ -209,8 +211,14 @@ class _Simulation:
         self.ends: list[tuple[float, int, EtaRun]] = []  # (time, seq, run) per executing run
         # (0 for the front, queued since, never timed first, longest first, seq, run, may start at)
         self.queue: list[tuple[int, float, bool, float, int, EtaRun, float]] = []
-        self.held: dict[str, list[EtaRun]] = {}  # set aside over max_running, in queue order
-        self.executing: dict[str, int] = {}
+        # Limits: ("task", name) -> max_running, ("pool", name) -> its size; per limit, the
+        # runs executing under it and those set aside over it (in queue order).
+        self.limits: dict[tuple[str, str], int] = {("pool", name): size for name, size in pools.items()}
+        for name, spec in tasks.items():
+            if spec.max_running is not None:
+                self.limits[("task", name)] = spec.max_running
+        self.held: dict[tuple[str, str], list[EtaRun]] = {}
+        self.executing: dict[tuple[str, str], int] = {}
         self.left: dict[str, int] = {}  # runs of each task not ended yet
         self.waiting: dict[str, list[EtaRun]] = {}
         self.ended: list[tuple[EtaRun, float]] = []
@@ -248,8 +256,13 @@ class _Simulation:
     def _execute(self, run: EtaRun, end: float) -> None:
         self.seq += 1
         heapq.heappush(self.ends, (end, self.seq, run))
-        self.executing[run.task] = self.executing.get(run.task, 0) + 1
+        for limit in self._limits_of(run):
+            self.executing[limit] = self.executing.get(limit, 0) + 1
         self.idle -= 1
+
+    def _limits_of(self, run: EtaRun) -> list[tuple[str, str]]:
+        spec = self.tasks.get(run.task, EtaTask())
+        return [limit for limit in (("task", run.task), ("pool", spec.pool or "")) if limit in self.limits]
 
     def _push(self, run: EtaRun, since: float, starts: float, front: bool = False) -> None:
         self.seq += 1
@@ -267,20 +280,21 @@ class _Simulation:
         only once every run ahead of it has been taken."""
         while self.idle > 0 and self.queue and self.queue[0][6] <= clock:
             run = heapq.heappop(self.queue)[5]
-            limit = self.tasks.get(run.task, EtaTask()).max_running
-            if limit is not None and self.executing.get(run.task, 0) >= limit:
-                self.held.setdefault(run.task, []).append(run)
+            full = [limit for limit in self._limits_of(run) if self.executing.get(limit, 0) >= self.limits[limit]]
+            if full:
+                self.held.setdefault(full[0], []).append(run)
                 continue
             self._execute(run, clock + self.expected[run.series])
 
     def _ended(self, run: EtaRun, clock: float) -> None:
         task = run.task
         self.idle += 1
-        self.executing[task] -= 1
         self.left[task] -= 1
         self.ended.append((run, clock))
-        if self.held.get(task):
-            self._push(self.held[task].pop(0), clock, clock, front=True)
+        for limit in self._limits_of(run):
+            self.executing[limit] -= 1
+            if self.held.get(limit):
+                self._push(self.held[limit].pop(0), clock, clock, front=True)
         if self.left[task] == 0:
             for name, spec in self.tasks.items():
                 if task in spec.after:

@@ -99,7 +99,7 @@ def read_eta(connection: Redis, keys: Keys, table: TaskTable, runs: list[dict[st
     day is one HMGET of the pending runs' learned durations."""
     shown = eta_runs(runs)
     return estimate(shown, learned_durations(connection, keys, pending_series(shown)), live_workers(nodes), now,
-                    eta_tasks(table.tasks))
+                    eta_tasks(table.tasks), getattr(table, "pools", None))
 
 
 def learned_durations(connection: Redis, keys: Keys, series: list[str]) -> dict[str, float]:

@@ -273,3 +273,13 @@ def test_a_day_late_is_predicted_only_past_the_margin_and_before_the_deadline():
 
 def encode_payload_keys(alert) -> list[str]:
     return list(json.loads(encode_payload(alert.payload)))
+
+
+def test_a_pool_sets_aside_runs_of_all_its_tasks():
+    tasks = {"a": EtaTask(pool="warehouse"), "b": EtaTask(pool="warehouse"), "c": EtaTask()}
+    runs = [queued("a", "a1"), queued("a", "a2"), queued("b", "b1"), queued("c", "c1")]
+    durations = {"a1": 10.0, "a2": 10.0, "b1": 10.0, "c1": 10.0}
+    est = estimate(runs, durations, 4, NOW, tasks, pools={"warehouse": 2})
+    # Two of the three pool runs at once (a's, first in the queue); b's once they end; c is not held up.
+    assert est.task_ends == {"a": after_s(10), "b": after_s(20), "c": after_s(10)}
+    assert estimate(runs, durations, 4, NOW, tasks).at == after_s(10)  # without POOLS: no limit
