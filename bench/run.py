@@ -1,7 +1,7 @@
 """dailyq benchmarks. Every figure is printed next to a baseline measured in the same
 run (plain RQ, the naive SET NX script, the lower bound) or the issue's goal.
 
-    python bench/run.py                      # all nine
+    python bench/run.py                      # all ten
     python bench/run.py --only makespan,idle # some
     python bench/run.py --quick              # smaller sizes, for a smoke run
 
@@ -190,6 +190,92 @@ def workflow_day(evts: list[dict], lower_bound: float) -> dict:
             "report started after the last ingest ended": first_report_start >= last_ingest_end,
             "release delay s (last ingest end -> first report start)": round(first_report_start - last_ingest_end, 3),
             "most heavy runs at once": max(sum(1 for s, e in heavy if s <= moment < e) for moment, _ in heavy)}
+
+
+# -- 1c. the ETA's error on a learned day ---------------------------------------------
+
+def status_json(env: dict[str, str], day: date) -> tuple[dict, float]:
+    """``status --json`` of ``day``, and when it was read (its second-precision
+    ``generated_at`` narrowed by the time around the call)."""
+    before = time.time()
+    done = subprocess.run([PY, "scheduler.py", "status", "--date", day.isoformat(), "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True, timeout=120)
+    after = time.time()
+    status = json.loads(done.stdout)
+    generated = datetime.fromisoformat(status["generated_at"]).timestamp()
+    return status, (max(before, generated) + min(after, generated + 1)) / 2
+
+
+def bench_eta(quick: bool) -> dict:
+    """The workflow case's day (uneven ingest, report after ingest, heavy limited to 2,
+    light) on 3 nodes x 2 workers: day one teaches the durations; on day two the ETA of
+    ``status --json`` is read early (after 3 runs ended) and at mid-day, and compared with
+    when the last run really ended, relative to the time left then. The baseline, read
+    from the same snapshot: the old ``status --watch`` estimate (expected work left /
+    workers, watch.eta_seconds)."""
+    from dailyq.watch import eta_seconds, parse_durations
+
+    rng = random.Random(7)
+    scale = 0.5 if quick else 1.0
+    flow = {"ingest": [round(rng.uniform(1.0, 3.0) * scale, 2) for _ in range(8)],
+            "report": [round(rng.uniform(0.5, 1.5) * scale, 2) for _ in range(4)],
+            "heavy": [round(rng.uniform(1.5, 2.5) * scale, 2) for _ in range(8)],
+            "light": [round(rng.uniform(0.3, 1.0) * scale, 2) for _ in range(12)],
+            "heavy_max_running": 2}
+    nodes, per_node = 3, 2
+    runs = sum(len(flow[n]) for n in ("ingest", "report", "heavy", "light"))
+    readings: dict[str, dict] = {}
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        prefix = "eta"
+        env = env_for(server, prefix, BENCH_WORKFLOW=json.dumps(flow))
+        group = ProcessGroup()
+        try:
+            for i in range(nodes):
+                node_env = dict(env, NODE_NAME=f"n{i}")
+                group.start("scheduler.py", node_env, log_dir=LOG_DIR)
+                group.start("worker_entry.py", node_env, "--concurrency", str(per_node), log_dir=LOG_DIR)
+            taken: list[tuple[str, dict, float]] = []
+            for day in (DAY_ONE, DAY_TWO):
+                connection.delete(f"{prefix}:bench:events")
+                run([PY, "scheduler.py", "trigger", "--date", day.isoformat()], env)
+                deadline = time.monotonic() + 300
+                marks = {"early (3 runs ended)": 3, "mid-day (half the runs ended)": runs // 2}
+                while True:
+                    ended = len([e for e in events(connection, prefix) if e["event"] == "end"])
+                    for label, count in list(marks.items()):
+                        if day == DAY_TWO and ended >= count:
+                            status, at = status_json(env, day)
+                            taken.append((label, status, at))
+                            del marks[label]
+                    if ended >= runs:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"eta day {day} did not finish within 300 s")
+                    time.sleep(0.1)
+            evts = events(connection, prefix)
+            actual_end = max(e["t"] for e in evts if e["event"] == "end")
+            durations = parse_durations(connection.hgetall(f"{prefix}:durations"))
+            for label, status, at in taken:
+                left_s = actual_end - at
+                eta = status["eta"] and datetime.fromisoformat(status["eta"]).timestamp()
+                naive = eta_seconds(status["runs"], durations, datetime.fromtimestamp(at, timezone.utc),
+                                    nodes * per_node)
+                readings[label] = {
+                    "time_left_s": round(left_s, 2),
+                    "eta_error_s": None if not eta else round(eta - actual_end, 2),
+                    "eta_error_pct": None if not eta else round(100 * (eta - actual_end) / left_s, 1),
+                    "baseline_work_over_workers_error_s": None if naive is None else round(at + naive - actual_end, 2),
+                    "baseline_error_pct": None if naive is None else round(100 * (at + naive - actual_end) / left_s, 1)}
+            starts = [e["t"] for e in evts if e["event"] == "start"]
+            ends = [e["t"] for e in evts if e["event"] == "end"]
+            worker_cost = (nodes * per_node * (max(ends) - min(starts)) - (sum(ends) - sum(starts))) / len(starts)
+        finally:
+            group.stop_all()
+    return {"runs": runs, "workers": nodes * per_node, "flow": flow, "goal_error_pct": 20,
+            "day_two_makespan_s": round(max(ends) - min(starts), 2),
+            "idle_worker_s_per_run (worker cost, waits for upstream and limits, the tail)": round(worker_cost, 3),
+            "readings": readings}
 
 
 # -- 2. per-run overhead -------------------------------------------------------------
@@ -626,7 +712,7 @@ def bench_idle(quick: bool) -> dict:
             "dailyq_by_command": dailyq_by_command}
 
 
-BENCHMARKS = {"makespan": bench_makespan, "workflow": bench_workflow, "overhead": bench_overhead,
+BENCHMARKS = {"makespan": bench_makespan, "workflow": bench_workflow, "eta": bench_eta, "overhead": bench_overhead,
               "memory": bench_memory,
               "wait_replicas": bench_wait_replicas, "fanout": bench_fanout, "failover": bench_failover,
               "latency": bench_latency, "idle": bench_idle}

@@ -5,7 +5,7 @@ The events (``EVENTS``); each alert is one JSON object with exactly ``PAYLOAD_KE
 Mattermost-style incoming webhook shows it as it is.
 
 Each alert has an id that names the event itself, not the moment it was seen
-(``run_failed:<run id>:<attempts>``, ``day_late:<task>:<day>``,
+(``run_failed:<run id>:<attempts>``, ``day_late:<task>:<day>``, ``day_late:<task>:<day>:predicted``,
 ``slot_missed:<task>:<slot>``, ``no_leader:<last held ms>``,
 ``tables_differ:<difference id>:<first seen ms>``, ``redis_full:<first refused ms>``,
 ``runs_failed:<task>:<window start ms>``): whichever leader sees
@@ -39,9 +39,12 @@ RUNS_FAILED = "runs_failed"
 REDIS_FULL = "redis_full"
 EVENTS: tuple[str, ...] = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER, TABLES_DIFFER, REDIS_FULL, RUNS_FAILED)
 # The payload's keys: a public contract (receivers parse them), exactly these. Added to
-# at the end, never renamed: ``tables`` (null but for tables_differ) came with it, and
-# ``runs`` and ``count`` (null but for runs_failed) with the digest.
-PAYLOAD_KEYS = ("event", "task", "param", "day", "run_id", "node", "error", "at", "text", "tables", "runs", "count")
+# at the end, never renamed: ``tables`` (null but for tables_differ) came with it,
+# ``runs`` and ``count`` (null but for runs_failed) with the digest, and ``predicted``
+# (true for a day_late raised before the deadline from the ETA, false for one raised at
+# the deadline, null for the other events) with the ETA.
+PAYLOAD_KEYS = ("event", "task", "param", "day", "run_id", "node", "error", "at", "text", "tables", "runs", "count",
+                "predicted")
 # A digest's runs: each with these keys (``error`` cut to DIGEST_ERROR_CHARS).
 DIGEST_RUN_KEYS = ("run_id", "param", "node", "error", "day", "at", "attempts")
 
@@ -71,11 +74,11 @@ class Alert:
 def _payload(event: str, text: str, at: datetime | str | None, *, task: str | None = None, param: Any = None,
              day: date | None = None, run_id: str | None = None, node: str | None = None,
              error: str | None = None, tables: dict[str, Any] | None = None, runs: list[dict[str, Any]] | None = None,
-             ) -> dict[str, Any]:
+             predicted: bool | None = None) -> dict[str, Any]:
     return {"event": event, "task": task, "param": param, "day": day.isoformat() if day else None,
             "run_id": run_id, "node": node, "error": _cut(error, PAYLOAD_ERROR_CHARS) if error is not None else None,
             "at": at if isinstance(at, str) or at is None else iso(at), "text": _line(text), "tables": tables,
-            "runs": runs, "count": None if runs is None else len(runs)}
+            "runs": runs, "count": None if runs is None else len(runs), "predicted": predicted}
 
 
 def _line(text: str) -> str:
@@ -231,7 +234,37 @@ def day_late_alert(task: Task, day: date, found: Lateness) -> Alert:
     text = (f"dailyq: {task.name} is late for {day.isoformat()}: {late} of {found.due} "
             f"run{'s' if found.due != 1 else ''} not finished by its deadline {shown} {task.tz} ({states})")
     return Alert(f"{DAY_LATE}:{task.name}:{day.isoformat()}", day,
-                 _payload(DAY_LATE, text, found.deadline, task=task.name, day=day))
+                 _payload(DAY_LATE, text, found.deadline, task=task.name, day=day, predicted=False))
+
+
+# A day_late is predicted only when the ETA is past the deadline by more than this: an
+# estimate a few seconds over is within its own error, not news worth a page.
+PREDICTED_LATE_MARGIN_S = 300
+
+
+def predicted_late(deadline: datetime, expected_end: datetime | None, now: datetime) -> bool:
+    """Whether to predict a day_late: before the deadline, the ETA of the task's runs due
+    by it is more than PREDICTED_LATE_MARGIN_S past it."""
+    return (expected_end is not None and now < deadline
+            and (expected_end - deadline).total_seconds() > PREDICTED_LATE_MARGIN_S)
+
+
+def predicted_day_late_alert(task: Task, day: date, deadline: datetime, expected_end: datetime,
+                             now: datetime) -> Alert:
+    """``day_late`` before the deadline, from the ETA (eta.py): once per task and day (its
+    own id, so the day_late at the deadline, if it comes to that, is still sent)."""
+    zone = ZoneInfo(task.tz)
+    local = deadline.astimezone(zone)
+    shown = local.strftime("%H:%M:%S" if local.second else "%H:%M")
+    if local.date() != day:
+        shown += f" on {local.date().isoformat()}"
+    end = expected_end.astimezone(zone)
+    text = (f"dailyq: {task.name} is expected to be late for {day.isoformat()}: its runs are expected to end at "
+            f"{end.strftime('%H:%M:%S')}{'' if end.date() == day else ' on ' + end.date().isoformat()} {task.tz}, "
+            f"{span_text((expected_end - deadline).total_seconds())} after its deadline {shown} (ETA from the learned "
+            "durations and the live workers)")
+    return Alert(f"{DAY_LATE}:{task.name}:{day.isoformat()}:predicted", day,
+                 _payload(DAY_LATE, text, now, task=task.name, day=day, predicted=True))
 
 
 # -- slot_missed -----------------------------------------------------------------------

@@ -10,8 +10,10 @@ Three parts, each with one job:
   leads: takes the failure events that the scripts recording ``failed`` pushed (any day:
   alert_digest.py, which also groups a task's failures into ``runs_failed`` digests), and
   judges ``day_late`` / ``slot_missed`` once each, when a deadline or a slot's grace has
-  passed, from the records of just those runs. No pass reads a whole day. Every alert
-  found (alert_events.py) goes into the outbox, where each id enters once.
+  passed, from the records of just those runs. No pass reads a whole day. A task with a
+  ``deadline`` still ahead gets, every PREDICT_EVERY_S, the ETA (eta.py) of its runs,
+  from their records: a predicted ``day_late``. Every alert found (alert_events.py) goes
+  into the outbox, where each id enters once.
 * ``tables_differ`` -- found by table_watch.TableWatch (a tick hook of its own, every
   few seconds under the lease), handed to ``raise_alerts``.
 * delivery -- in the same thread: claims due alerts one at a time, POSTs each
@@ -55,18 +57,23 @@ from .alert_events import (
     missed_slot_alerts,
     no_leader_alert,
     overdue_slots,
+    predicted_day_late_alert,
+    predicted_late,
     redis_full_alert,
     watched_days,
 )
 from .alert_outbox import Claimed, Idle, Outbox
 from .alert_sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
+from .beats import live_processes
 from .day_scan import read_records
 from .outage import OutageLog
 from .params_book import ParamsBook
+from .pause import paused_tasks
 from .redis_memory import note_delivered
 from .runs import DaySlots, runs_of_slot, task_slots_on
 from .schedule import Slot
 from .settings import Settings
+from .status import read_eta, shown_runs
 from .table import Task, TaskTable
 
 if TYPE_CHECKING:
@@ -92,11 +99,19 @@ IDLE_WAIT_S = 1.0
 OUTBOX_POLL_S = 30.0
 MARK_EVERY_S = 5.0
 MARK_EVERY_WITHOUT_ALERTS_S = 30.0
+# How often, at most, the leader looks at a day's ETA for a predicted day_late (alerts on,
+# a task with a deadline still ahead whose day has begun): an estimate moves slowly, and
+# each look reads the records of that task's runs.
+PREDICT_EVERY_S = 15.0
+# What ``_settled`` remembers for a task's day once its day_late was predicted, or its
+# deadline came (it is not predicted after the deadline: the day_late then is real).
+PREDICTED = "day_late_predicted"
 
 
 class AlertService:
     def __init__(self, connection: Redis, settings: Settings, table: TaskTable, *, give_up_s: float = GIVE_UP_S,
-                 claim_s: float = CLAIM_S, detect_every_s: float = DETECT_EVERY_S) -> None:
+                 claim_s: float = CLAIM_S, detect_every_s: float = DETECT_EVERY_S,
+                 predict_every_s: float = PREDICT_EVERY_S) -> None:
         self.connection = connection
         self.settings = settings
         self.table = table
@@ -108,6 +123,8 @@ class AlertService:
         self.give_up_ms = int(give_up_s * 1000)
         self.claim_ms = int(claim_s * 1000)
         self.detect_every_s = detect_every_s
+        self.predict_every_s = predict_every_s
+        self._next_predict: dict[date, float] = {}  # monotonic: when to look at a day's ETA again
         self.owner = f"{settings.node_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._leader_until = 0.0  # monotonic: on_tick saw us hold the lease until about then
         self._stop = threading.Event()
@@ -318,6 +335,8 @@ class AlertService:
         days = watched_days(self.table, now)
         for day in [d for d in self._settled if d not in days]:
             del self._settled[day]
+        for day in [d for d in self._next_predict if d not in days]:
+            del self._next_predict[day]
         alerts: list[Alert] = []
         settled: list[tuple[date, tuple[str, ...]]] = []
         for day, tasks in days.items():
@@ -344,6 +363,9 @@ class AlertService:
                 if past:
                     overdue[task.name] = past
                     settled += [(day, (SLOT_MISSED, task.name, slot.label)) for slot in past]
+            predict = [task for task in tasks if task.deadline is not None and (PREDICTED, task.name) not in done]
+            if predict:
+                alerts += self._predict_late(day, predict, slots, now, settled)
             if not late_due and not overdue:
                 continue
             judged = [task for task, _ in late_due] + [task for task in tasks if task.name in overdue]
@@ -370,6 +392,53 @@ class AlertService:
         for day, what in settled:
             self._settled.setdefault(day, set()).add(what)
         return [alert.alert_id for alert in taken] + raised
+
+    def _predict_late(self, day: date, tasks: list[Task], slots: DaySlots | None, now: datetime,
+                      settled: list[tuple[date, tuple[str, ...]]]) -> list[Alert]:
+        """``day_late`` with ``predicted: true`` for each of ``tasks`` whose runs due by its
+        deadline are expected (eta.py) to end more than PREDICTED_LATE_MARGIN_S after it,
+        while the deadline is still ahead; ``settled`` gets each task predicted late, or
+        whose deadline came. At most every ``predict_every_s``, and only for tasks whose
+        day has begun (a slot fired). What it reads: the records of those tasks' runs and of
+        the runs they come ``after`` (HMGET: not the day), the paused tasks, the heartbeats
+        and the pending runs' learned durations. The ETA is of those runs alone, on every
+        live worker: other tasks' runs would only make it later, so a day_late it predicts
+        is no false alarm, and one it misses still comes at the deadline."""
+        ahead: list[tuple[Task, datetime]] = []
+        for task in tasks:
+            deadline = deadline_at(task, day)
+            if deadline is None or now >= deadline:
+                settled.append((day, (PREDICTED, task.name)))
+                continue
+            fired = [slot for slot in task_slots_on(task, day, slots) if slot.fires_at <= now]
+            if fired:
+                ahead.append((task, deadline))
+        if not ahead or time.monotonic() < self._next_predict.get(day, 0.0):
+            return []
+        self._next_predict[day] = time.monotonic() + self.predict_every_s
+        names: set[str] = set()
+        todo = [task.name for task, _ in ahead]
+        while todo:  # the tasks and, transitively, those they come after
+            name = todo.pop()
+            if name not in names:
+                names.add(name)
+                todo += self.table.get(name).after
+        chosen = [self.table.get(name) for name in names]
+        book = ParamsBook.read(self.connection, self.keys, day) if any(t.params_computed for t in chosen) else None
+        wanted = [run.run_id for task in chosen for slot in task_slots_on(task, day, slots)
+                  for run in runs_of_slot(task, slot, book)]
+        records = read_records(self.connection, self.keys.day_runs(day), wanted)
+        runs = shown_runs(self.table, day, now, records, paused_tasks(self.connection, self.keys), book, slots,
+                          task_names=names)
+        estimate = read_eta(self.connection, self.keys, self.table, runs,
+                            live_processes(self.connection, self.keys, now), now)
+        found = []
+        for task, deadline in ahead:
+            end = estimate.end_of(task.name, slots_until=deadline)
+            if end is not None and predicted_late(deadline, end, now):
+                found.append(predicted_day_late_alert(task, day, deadline, end, now))
+                settled.append((day, (PREDICTED, task.name)))
+        return found
 
     def raise_alerts(self, alerts: list[Alert]) -> list[str]:
         """Put alerts found elsewhere (table_watch.py's ``tables_differ``) into the outbox,

@@ -25,6 +25,9 @@ path; ``/metrics`` by convention), from a thread of the scheduler process:
   ``time() - max(...)`` over all nodes is the cluster's silence;
 * ``dailyq_pool_running{pool}`` / ``dailyq_pool_size{pool}`` -- per pool of the table's
   POOLS, its runs executing now (live slots of its tasks, limits.pool_use) and its size;
+* ``dailyq_day_eta_timestamp_seconds`` -- when every run of today is expected to have
+  ended (Unix seconds; ``status --json``'s ``eta``, eta.py), over the tasks' todays
+  together; left out while that is unknown or nothing is pending;
 * ``dailyq_redis_up`` -- 0 when this scrape could not read Redis (the cluster-wide
   figures are then left out rather than shown stale);
 * prometheus_client's ``process_*``, ``python_gc_*`` and ``python_info``.
@@ -66,9 +69,11 @@ from .keys import Keys
 from .limits import pool_use
 from .outage import OutageLog
 from .params_book import ParamsBook, placeholder_record
+from .pause import paused_tasks
 from .rq_seam import make_queue
 from .runs import FINISHED, MISSED, SCHEDULED, STATES, DaySlots, task_slots_on
 from .settings import Settings
+from .status import read_eta, shown_runs
 from .table import Task, TaskTable
 from .table_skew import lease_node, reference_of
 
@@ -116,6 +121,7 @@ class ClusterView:
     tables: int = 0  # distinct tables the live processes name
     table_differs: tuple[tuple[str, str, str, bool], ...] = ()  # (node, role, table, differs from the reference)
     pools: dict[str, dict[str, int]] = field(default_factory=dict)  # pool -> {"size", "running", "set_aside"}
+    eta: float | None = None  # Unix time every run of today is expected to have ended; None: unknown or done
 
 
 def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime,
@@ -213,6 +219,7 @@ class Collector:
         yield GaugeMetricFamily("dailyq_table_differs", "", labels=["node", "role", "table"])
         yield GaugeMetricFamily("dailyq_pool_running", "", labels=["pool"])
         yield GaugeMetricFamily("dailyq_pool_size", "", labels=["pool"])
+        yield GaugeMetricFamily("dailyq_day_eta_timestamp_seconds", "")
         yield HistogramMetricFamily("dailyq_run_duration_seconds", "", labels=["task"])
 
     def collect(self) -> Iterator[Metric]:
@@ -262,6 +269,11 @@ class Collector:
             size.add_metric([name], float(use["size"]))
         yield running
         yield size
+        eta = GaugeMetricFamily("dailyq_day_eta_timestamp_seconds", "When every run of today is expected to have "
+                                "ended (Unix seconds); absent while unknown or when nothing is pending")
+        if view.eta is not None:
+            eta.add_metric([], view.eta)
+        yield eta
         durations = HistogramMetricFamily("dailyq_run_duration_seconds", "Durations of finished runs seen since this "
                                           "scheduler started (and today's before)", labels=["task"])
         with self._lock:
@@ -304,8 +316,15 @@ class Collector:
             (seconds, micros), queue_jobs, cursor, pending, in_flight, leader = pipe.execute()
         now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
         runs, read = read_today(self.connection, self.keys, self.table, now)
+        paused = paused_tasks(self.connection, self.keys)
+        shown: list[dict] = []  # today's runs as status shows them, for the ETA
         for day, (names, records) in read.items():
             self._observe(day, names, records)
+            tasks = [task for task in self.table.tasks if task.name in names]
+            # Small hashes, read only for tables that have computed params or once-a-day tasks.
+            book = ParamsBook.read(self.connection, self.keys, day) if any(t.params_computed for t in tasks) else None
+            slots = DaySlots.read(self.connection, self.keys, day) if any(t.at for t in tasks) else None
+            shown += shown_runs(self.table, day, now, dict(records), paused, book, slots, task_names=names)
         for day in [d for d in self._observed if d not in read]:
             del self._observed[day]
         last_fired = {}
@@ -313,15 +332,19 @@ class Collector:
             moment = parse_iso(value.decode() if isinstance(value, bytes) else value)
             if moment is not None:
                 last_fired[name.decode() if isinstance(name, bytes) else str(name)] = moment.timestamp()
-        tables, differs = self._tables(leader)
+        nodes = live_processes(self.connection, self.keys, now)
+        tables, differs = self._tables(leader, nodes)
         pools = pool_use(self.connection, self.keys, self.table, seconds * 1000 + micros // 1000)
+        # The same day's records, already read: the ETA adds one HMGET of the pending runs' durations.
+        expected_end = read_eta(self.connection, self.keys, self.table, shown, nodes, now).at
         return ClusterView(dict(runs), int(queue_jobs), last_fired, (int(pending), int(in_flight)), tables, differs,
-                           pools)
+                           pools, None if expected_end is None else expected_end.timestamp())
 
-    def _tables(self, leader: bytes | None) -> tuple[int, tuple[tuple[str, str, str, bool], ...]]:
-        """(distinct tables, per process naming one: node, role, table, differs): one read
-        of the heartbeats."""
-        processes = [p for p in live_processes(self.connection, self.keys, count_workers=False) if p.get("table")]
+    def _tables(self, leader: bytes | None,
+                nodes: list[dict]) -> tuple[int, tuple[tuple[str, str, str, bool], ...]]:
+        """(distinct tables, per process naming one: node, role, table, differs), from
+        ``nodes`` (beats.live_processes)."""
+        processes = [p for p in nodes if p.get("table")]
         reference, _ = reference_of(processes, lease_node(leader), self.table_fingerprint)
         differs = tuple((str(p["node"]), str(p["role"]), str(p["table"]), p["table"] != reference) for p in processes)
         return len({p["table"] for p in processes}), differs

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from .alert_events import loss_text
+from .alert_events import loss_text, span_text
+from .eta import PENDING
 from .offsets import OFFSET_WARN_S, format_offset
 from .runs import STATES
 from .table_skew import difference_text
 from .text_width import clip, one_line, pad, width
+from .timestamps import parse_iso
 
 ERROR_COLUMNS = 60  # the table shows the start of an error; --json has all of it
 
@@ -69,8 +71,21 @@ def render_table(status: dict[str, Any], colour: bool = False) -> str:
     leader_line = f"leader: {one_line(str(leader['node']))} (since {leader.get('since')})" if leader else "leader: none"
     counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
     return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}",
-                      *render_paused(status), *render_pools(status), *render_tables(status, colour),
-                      *render_redis(status, colour), *render_nodes(status, colour), *render_data_loss(status)])
+                      *render_eta(status), *render_paused(status), *render_pools(status),
+                      *render_tables(status, colour), *render_redis(status, colour), *render_nodes(status, colour),
+                      *render_data_loss(status)])
+
+
+def render_eta(status: dict[str, Any]) -> list[str]:
+    """When the day is expected to end (status's ``eta``), and how long from the status's
+    time; nothing for a status dict without ``eta`` or a day with nothing pending."""
+    if "eta" not in status or not any(run["state"] in PENDING for run in status["runs"]):
+        return []
+    if status["eta"] is None:
+        return ["eta: unknown (no duration learned for the day's runs, no live worker, or a paused task)"]
+    at, generated = parse_iso(status["eta"]), parse_iso(status.get("generated_at"))
+    left = f" (in {span_text((at - generated).total_seconds())})" if at is not None and generated is not None else ""
+    return [f"eta: {status['eta']}{left}"]
 
 
 def render_data_loss(status: dict[str, Any]) -> list[str]:

@@ -28,6 +28,7 @@ from datetime import date, datetime, timedelta, timezone
 from html import escape
 from typing import Any, Mapping
 
+from .render import render_eta
 from .runs import RUNNING, STATES
 from .table_skew import difference_text
 from .timestamps import parse_iso
@@ -146,6 +147,7 @@ def render_report(status: Mapping[str, Any], live: bool = False) -> str:
         *([_day_picker(str(status.get("date", "")))] if live else []),
         f'<p class="meta">{len(status["runs"])} runs: {escape(counts or "none")} · {escape(leader_text)}'
         f' · generated {escape(str(status.get("generated_at") or "-"))} · times in UTC{refresh_text}</p>',
+        _eta(status),
         _tables_banner(status.get("tables")),
         _legend(),
         _chart(line),
@@ -155,6 +157,13 @@ def render_report(status: Mapping[str, Any], live: bool = False) -> str:
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _eta(status: Mapping[str, Any]) -> str:
+    """status's ``eta`` (when every run is expected to have ended) as ``status`` prints it;
+    nothing once no run is pending."""
+    shown = render_eta(dict(status))
+    return f'<p class="eta">{escape(shown[0])}</p>' if shown else ""
 
 
 def _tables_banner(view: Mapping[str, Any] | None) -> str:

@@ -78,6 +78,7 @@ def test_two_schedulers_serve_the_same_cluster_figures_and_one_leader(node_env, 
         assert buckets["1.0"] == 2.0 and buckets["+Inf"] == 2.0
         assert samples["dailyq_alert_outbox"] == {(("state", "pending"),): 0.0, (("state", "in_flight"),): 0.0}
         assert "process_resident_memory_bytes" in samples
+        assert "dailyq_day_eta_timestamp_seconds" not in samples  # nothing pending: no estimate
     assert sorted(leaders()) == [0.0, 1.0]
 
 
