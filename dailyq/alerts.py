@@ -68,7 +68,7 @@ from .beats import live_processes
 from .day_scan import read_records
 from .outage import OutageLog
 from .params_book import ParamsBook
-from .pause import paused_tasks
+from .pausing import paused_tasks
 from .redis_memory import note_delivered
 from .runs import DaySlots, runs_of_slot, task_slots_on
 from .schedule import Slot

@@ -69,7 +69,7 @@ from .keys import Keys
 from .limits import pool_use
 from .outage import OutageLog
 from .params_book import ParamsBook, placeholder_record
-from .pause import paused_tasks
+from .pausing import paused_tasks
 from .rq_seam import make_queue
 from .runs import FINISHED, MISSED, SCHEDULED, STATES, DaySlots, task_slots_on
 from .settings import Settings
