@@ -96,6 +96,7 @@ def test_a_failed_run_is_alerted_once_by_three_nodes(node_env, processes, webhoo
     assert SECRET not in status.stdout + status.stderr
 
 
+@pytest.mark.slow
 def test_a_run_unfinished_at_the_deadline_is_alerted_once_as_day_late(node_env, processes, webhook, connection,
                                                                        prefix):
     webhook.start()
@@ -124,6 +125,7 @@ def test_a_run_unfinished_at_the_deadline_is_alerted_once_as_day_late(node_env, 
     kill_group(worker)  # rather than waiting out the 60 s run at teardown
 
 
+@pytest.mark.slow
 def test_an_alert_raised_while_the_endpoint_is_down_arrives_once_when_it_is_up(node_env, processes, webhook,
                                                                                connection, prefix):
     env, day = failing_env(node_env, webhook.url)  # the receiver's port is closed: connection refused

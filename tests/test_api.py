@@ -202,6 +202,7 @@ def run_script(args: list[str], env: dict) -> subprocess.CompletedProcess[str]:
     return subprocess.run([dailyq_script(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_the_dailyq_console_script_runs_the_same_commands(node_env, connection, settings):
     triggered = run_script(["trigger", "--date", DAY, "--task", "sample"], node_env)
     assert triggered.returncode == 0, triggered.stderr

@@ -140,6 +140,7 @@ def describe(outcome: Outcome) -> str:
             f"fences: {outcome.fences()}; states: {[r['state'] for r in outcome.runs]}; not finished: {unfinished}")
 
 
+@pytest.mark.slow
 def test_with_wait_replicas_a_lagging_failover_runs_each_run_alone_with_growing_fences(
         processes: ProcessGroup, redis_server: PrivateRedis) -> None:
     outcome = lagging_failover(1, processes, redis_server)
@@ -161,6 +162,7 @@ def test_with_wait_replicas_a_lagging_failover_runs_each_run_alone_with_growing_
     assert outcome.alive, outcome.logs[-3000:]
 
 
+@pytest.mark.slow
 def test_without_wait_replicas_fences_still_never_go_backwards(processes: ProcessGroup,
                                                                redis_server: PrivateRedis) -> None:
     outcome = lagging_failover(0, processes, redis_server)

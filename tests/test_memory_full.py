@@ -80,6 +80,7 @@ def fill_past_maxmemory(connection: Redis, extra_bytes: int) -> None:
                     1, "test:filler", size)
 
 
+@pytest.mark.slow
 def test_memory_full_mid_fan_out_on_three_nodes_is_survived_and_reported(processes, redis_server, webhook):
     prefix = "memfull"
     keys = Keys(prefix)

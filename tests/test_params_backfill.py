@@ -176,6 +176,7 @@ def test_a_retry_whose_fan_out_never_happened_is_fanned_out_by_the_next_look(env
     retried(connection, settings.keys, first)  # idempotent
 
 
+@pytest.mark.slow
 def test_rerun_keeps_the_stored_list_unless_refresh_params(env, connection, prefix):
     first = run_cli(["trigger", "--date", DAY.isoformat(), "--task", "computed"], env)
     assert "enqueued 2 runs, 0 were already enqueued" in first.stdout, first.stdout + first.stderr
@@ -209,6 +210,7 @@ def test_rerun_keeps_the_stored_list_unless_refresh_params(env, connection, pref
     assert_clean_error(failed, 1, "inventory for 2026-11-26 is not ready", "keeps its stored list of 2")
 
 
+@pytest.mark.slow
 def test_backfill_over_three_days_runs_see_their_own_days(env, connection, prefix):
     days = ["2026-11-24", "2026-11-25", "2026-11-26"]
     result = run_cli(["trigger", "--from", days[0], "--to", days[-1]], env)
