@@ -62,7 +62,7 @@ def of_task(runs: list[dict], task: str) -> list[dict]:
     return [run for run in runs if run["task"] == task]
 
 
-def test_a_params_callable_returning_a_list_is_called_once_at_the_slot(env, connection, settings, prefix):
+def test_a_params_callable_returning_a_list_is_called_once_at_the_slot(env, connection, settings, prefix, tmp_path):
     before, _ = leader_at(connection, settings, SLOT - timedelta(seconds=1))
     before.run_once()
     assert calls(connection, prefix) == 0  # not before the slot
@@ -90,7 +90,7 @@ def test_a_params_callable_returning_a_list_is_called_once_at_the_slot(env, conn
     assert {r["state"] for r in runs} == {"finished"}
     seen = {e["param"]: e["context"]["day"] for e in executions(connection, prefix) if e["event"] == "start"}
     assert seen["2026-11-26-a-v1"] == "2026-11-26"
-    report = run_cli(["report", "--date", DAY.isoformat(), "--out", "/tmp/dailyq-params-report.html"], env)
+    report = run_cli(["report", "--date", DAY.isoformat(), "--out", str(tmp_path / "report.html")], env)
     assert report.returncode == 0 and "(4 runs)" in report.stdout, report.stdout + report.stderr
 
 
