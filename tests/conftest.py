@@ -35,11 +35,24 @@ def pytest_runtest_makereport(item: pytest.Item,
     runs is one nobody runs. What a skip needs (Chromium, faketime, a TLS redis-server)
     .ci/run installs."""
     report = yield
+    _fail_a_skip_under_ci(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, pytest.CollectReport,
+                                                                           pytest.CollectReport]:
+    """The same for a whole module skipped while it is collected (``pytest.importorskip``)."""
+    report = yield
+    _fail_a_skip_under_ci(report)
+    return report
+
+
+def _fail_a_skip_under_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
     if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under CI, which must run every test: {reason}"
-    return report
 
 
 @pytest.fixture(scope="session")
