@@ -281,6 +281,7 @@ def at(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
 
+@pytest.mark.slow
 def test_a_chain_across_three_nodes_runs_downstream_only_after_upstream_with_the_leader_killed(
         node_env, processes, connection, prefix):
     # Runs of 8 s: the checks made while the upstream runs execute (a status command
