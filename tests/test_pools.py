@@ -165,7 +165,9 @@ def test_a_dead_holders_slot_frees_the_pool_at_the_leaders_sweep(scripts, connec
     a, b = member(keys, "a", 1), member(keys, "b", 1)
     outside = member(keys, "c", 0, max_running=1, pool=None)
     pool = [a, b]
-    assert admit(scripts, keys, a, pool, "dead", ttl_ms=50) == "admitted"
+    # A TTL of 1 s, not less: the first sweep must come before it ends, on a loaded machine too
+    # (with 50 ms it once came after, in a parallel run).
+    assert admit(scripts, keys, a, pool, "dead", ttl_ms=1000) == "admitted"
     assert admit(scripts, keys, b, pool, "b1") == "held"
 
     def sweep() -> list[str]:
@@ -173,7 +175,7 @@ def test_a_dead_holders_slot_frees_the_pool_at_the_leaders_sweep(scripts, connec
                                    live_s=600, tasks=[a, outside, b]).run()
 
     assert sweep() == []
-    time.sleep(0.1)  # a's holder died: its slot, and so its pool permit, lapses
+    time.sleep(1.1)  # a's holder died: its slot, and so its pool permit, lapses
     assert sweep() == ["job-b1"]
     assert slots(connection, a) == set()
 

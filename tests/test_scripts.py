@@ -781,9 +781,10 @@ def test_admit_holds_a_paused_task_and_takes_no_slot_without_limits(scripts, con
 
 
 def test_a_lapsed_slot_frees_at_the_next_check(scripts, connection, lim) -> None:
-    assert lim.admit(scripts, "dead", max_running=1, ttl_ms=50) == "admitted"
+    # A TTL of 1 s, not less: the next admit must come before it ends, on a loaded machine too.
+    assert lim.admit(scripts, "dead", max_running=1, ttl_ms=1000) == "admitted"
     assert lim.admit(scripts, "b", max_running=1) == "held"
-    time.sleep(0.1)  # the holder's claim TTL passes
+    time.sleep(1.1)  # the holder's claim TTL passes
     assert lim.admit(scripts, "c", max_running=1) == "admitted"
     assert lim.slots(connection) == {"c"}
 
@@ -841,10 +842,11 @@ def test_sweep_frees_lapsed_slots_and_counts_room_on_live_nodes(scripts, connect
     seconds, _ = connection.time()
     connection.zadd(keys.nodes, {"n1": seconds, "n2": seconds, "gone": seconds - 3600})
     assert lim.admit(scripts, "a", node="n1", max_running=None, max_per_node=1) == "admitted"
-    assert lim.admit(scripts, "b", node="n2", max_running=None, max_per_node=1, ttl_ms=50) == "admitted"
+    # A TTL of 1 s, not less: the first sweep must come before it ends, on a loaded machine too.
+    assert lim.admit(scripts, "b", node="n2", max_running=None, max_per_node=1, ttl_ms=1000) == "admitted"
     assert lim.admit(scripts, "c", node="n1", max_running=None, max_per_node=1) == "held"
     assert sweep() == []  # both live nodes full ("gone" beat an hour ago: not counted)
-    time.sleep(0.1)  # b's holder died: its slot lapses
+    time.sleep(1.1)  # b's holder died: its slot lapses
     assert sweep() == ["job-c"]
     assert lim.queued(connection) == ["job-c"] and lim.slots(connection) == {"a"}
     connection.hset(keys.paused, lim.task, "{}")
