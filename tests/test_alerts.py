@@ -207,6 +207,7 @@ def test_a_failed_run_of_a_backfilled_older_day_is_alerted(node_env, processes, 
     assert connection.llen(Keys(prefix).alert_failures) == 0  # taken, not left to pile up
 
 
+@pytest.mark.slow
 def test_thirty_failures_of_one_task_are_at_most_three_posts_naming_all_thirty(node_env, processes, webhook,
                                                                              connection, prefix):
     webhook.start()
@@ -245,6 +246,7 @@ def test_thirty_failures_of_one_task_are_at_most_three_posts_naming_all_thirty(n
     assert len(ids) == len(set(ids))  # each alert once, across three leaders-to-be
 
 
+@pytest.mark.slow
 def test_a_digest_waiting_for_its_window_survives_the_leader_being_killed(node_env, processes, webhook, connection,
                                                                          prefix):
     webhook.start()

@@ -153,6 +153,7 @@ def test_cancel_stops_an_executing_run_within_3s_and_it_is_not_retried(redis_ser
     wait_for(lambda: not connection.exists(keys.claim(run["run_id"])), 10, "the rerun's copy to stop")
 
 
+@pytest.mark.slow
 def test_cancelled_queued_and_waiting_runs_never_start_and_block_downstream_until_a_rerun(
         redis_server, prefix, connection, processes):
     env = base_env(redis_server.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="2", SAMPLE_DOWNSTREAM="2",
