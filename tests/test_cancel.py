@@ -165,7 +165,7 @@ def test_cancelled_queued_and_waiting_runs_never_start_and_block_downstream_unti
     assert result.returncode == 0, result.stderr
     assert 'cancelled: sample "任务参数1" slot' in result.stdout and "(was queued)" in result.stdout
     assert f"{DAY}: 1 cancelled (0 executing) by bob on node-ops" in result.stdout
-    assert "WARNING [node-ops] dailyq.cancel: run sample-" in result.stderr  # the cancel is logged
+    assert "WARNING [node-ops] dailyq.cancelling: run sample-" in result.stderr  # the cancel is logged
     assert "cancelled by bob on node-ops (it was queued)" in result.stderr
     waiting_id = by_param(env)["下游0"]["run_id"]
     result = run_cli(["cancel", "--date", DAY, "--run", waiting_id], ops)
