@@ -9,6 +9,8 @@ import signal
 import time
 from datetime import date, datetime, timedelta, timezone
 
+import pytest
+
 from dailyq.alert_events import (
     PAYLOAD_KEYS,
     PREDICTED_LATE_MARGIN_S,
@@ -173,6 +175,7 @@ def worker_cost_per_run_s(events: list[dict], workers: int) -> float:
     return (workers * (max(ends) - min(starts)) - (sum(ends) - sum(starts))) / max(1, len(starts))
 
 
+@pytest.mark.slow
 def test_eta_is_within_20_percent_of_the_actual_end_on_a_learned_day(node_env, processes, connection, prefix):
     """Day one teaches the durations; on day two, after a few runs ended, the ETA of
     ``status --json`` is compared with when the last run really ended, relative to the
