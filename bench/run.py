@@ -136,18 +136,31 @@ def workflow_lower_bound(flow: dict, workers: int) -> dict[str, float]:
             "heavy work / max_running": max(sum(flow["heavy"]) / flow["heavy_max_running"], max(flow["heavy"]))}
 
 
+def workflow_flow(quick: bool) -> dict:
+    """The workflow day's run durations (seconds), the same in every case that uses it."""
+    rng = random.Random(7)
+    scale = 0.5 if quick else 1.0
+    return {"ingest": [round(rng.uniform(1.0, 3.0) * scale, 2) for _ in range(8)],
+            "report": [round(rng.uniform(0.5, 1.5) * scale, 2) for _ in range(4)],
+            "heavy": [round(rng.uniform(1.5, 2.5) * scale, 2) for _ in range(8)],
+            "light": [round(rng.uniform(0.3, 1.0) * scale, 2) for _ in range(12)],
+            "heavy_max_running": 2}
+
+
+def start_nodes(group: ProcessGroup, env: dict[str, str], nodes: int, per_node: int) -> None:
+    """``nodes`` nodes as deployed: a scheduler and a ``per_node``-worker supervisor each."""
+    for i in range(nodes):
+        node_env = dict(env, NODE_NAME=f"n{i}")
+        group.start("scheduler.py", node_env, log_dir=LOG_DIR)
+        group.start("worker_entry.py", node_env, "--concurrency", str(per_node), log_dir=LOG_DIR)
+
+
 def bench_workflow(quick: bool) -> dict:
     """A day of four tasks on 3 nodes x 2 workers: ingest (uneven), report after ingest,
     heavy limited to max_running=2, light. Nodes run a scheduler and a 2-worker supervisor
     each, as deployed; each day is triggered and timed from its first start to its last
     end: a first day (no durations known) and the next (durations learned)."""
-    rng = random.Random(7)
-    scale = 0.5 if quick else 1.0
-    flow = {"ingest": [round(rng.uniform(1.0, 3.0) * scale, 2) for _ in range(8)],
-            "report": [round(rng.uniform(0.5, 1.5) * scale, 2) for _ in range(4)],
-            "heavy": [round(rng.uniform(1.5, 2.5) * scale, 2) for _ in range(8)],
-            "light": [round(rng.uniform(0.3, 1.0) * scale, 2) for _ in range(12)],
-            "heavy_max_running": 2}
+    flow = workflow_flow(quick)
     nodes, per_node = 3, 2
     bounds = workflow_lower_bound(flow, nodes * per_node)
     lower_bound = max(bounds.values())
@@ -159,10 +172,7 @@ def bench_workflow(quick: bool) -> dict:
         env = env_for(server, prefix, BENCH_WORKFLOW=json.dumps(flow))
         group = ProcessGroup()
         try:
-            for i in range(nodes):
-                node_env = dict(env, NODE_NAME=f"n{i}")
-                group.start("scheduler.py", node_env, log_dir=LOG_DIR)
-                group.start("worker_entry.py", node_env, "--concurrency", str(per_node), log_dir=LOG_DIR)
+            start_nodes(group, env, nodes, per_node)
             for day, label in ((DAY_ONE, "first day (nothing learned)"), (DAY_TWO, "after one learning day")):
                 connection.delete(f"{prefix}:bench:events")
                 run([PY, "scheduler.py", "trigger", "--date", day.isoformat()], env)
@@ -215,13 +225,7 @@ def bench_eta(quick: bool) -> dict:
     workers, watch.eta_seconds)."""
     from dailyq.watch import eta_seconds, parse_durations
 
-    rng = random.Random(7)
-    scale = 0.5 if quick else 1.0
-    flow = {"ingest": [round(rng.uniform(1.0, 3.0) * scale, 2) for _ in range(8)],
-            "report": [round(rng.uniform(0.5, 1.5) * scale, 2) for _ in range(4)],
-            "heavy": [round(rng.uniform(1.5, 2.5) * scale, 2) for _ in range(8)],
-            "light": [round(rng.uniform(0.3, 1.0) * scale, 2) for _ in range(12)],
-            "heavy_max_running": 2}
+    flow = workflow_flow(quick)
     nodes, per_node = 3, 2
     runs = sum(len(flow[n]) for n in ("ingest", "report", "heavy", "light"))
     readings: dict[str, dict] = {}
@@ -231,10 +235,7 @@ def bench_eta(quick: bool) -> dict:
         env = env_for(server, prefix, BENCH_WORKFLOW=json.dumps(flow))
         group = ProcessGroup()
         try:
-            for i in range(nodes):
-                node_env = dict(env, NODE_NAME=f"n{i}")
-                group.start("scheduler.py", node_env, log_dir=LOG_DIR)
-                group.start("worker_entry.py", node_env, "--concurrency", str(per_node), log_dir=LOG_DIR)
+            start_nodes(group, env, nodes, per_node)
             taken: list[tuple[str, dict, float]] = []
             for day in (DAY_ONE, DAY_TWO):
                 connection.delete(f"{prefix}:bench:events")

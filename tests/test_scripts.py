@@ -34,16 +34,6 @@ RETENTION_S = 600
 TTL_MS = 5000
 
 
-@pytest.fixture
-def scripts(connection: Redis) -> Scripts:
-    return scripts_for(connection)
-
-
-@pytest.fixture
-def keys(prefix: str) -> Keys:
-    return Keys(prefix)
-
-
 def base_json(run_id: str, job_id: str | None = None) -> str:
     return json.dumps(new_record("t", '"p"', "slot", job_id or run_id))
 
