@@ -86,7 +86,7 @@ from .redis_values import as_text
 from .runs import BLOCKED, FAILED, QUEUED, SKIPPED, DaySlots, Run, runs_on, task_slots_on
 from .schedule import Slot
 from .scripts import Scripts, scripts_for
-from .table import TaskTable
+from .table import Task, TaskTable
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,10 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                 ready: list[str] = []
                 book = ParamsBook.read(pipe, keys, day) if by_task else None
                 slots = DaySlots.read(pipe, keys, day) if by_task else None
-                for task_name, run_ids in sorted(by_task.items()):
+                # Upstream tasks first: a held run marked waiting again unblocks, in this same
+                # look, the held runs further down that it was blocking.
+                depth = _depths(table)
+                for task_name, run_ids in sorted(by_task.items(), key=lambda item: (depth.get(item[0], 0), item[0])):
                     unfinished = _unfinished_upstream(pipe, table, book, task_name, day, finished_key, slots)
                     if unfinished:
                         pending.append((task_name, run_ids, unfinished))
@@ -296,6 +299,20 @@ def _unfinished_upstream(pipe: Redis, table: TaskTable, book: ParamsBook | None,
         return []
     done = pipe.smismember(finished_key, upstream)
     return [run_id for run_id, is_done in zip(upstream, done) if not is_done]
+
+
+def _depths(table: TaskTable) -> dict[str, int]:
+    """Task -> its place in the ``after`` graph (0: depends on nothing; the table has no cycles)."""
+    depth: dict[str, int] = {}
+
+    def of(task: Task) -> int:
+        if task.name not in depth:
+            depth[task.name] = 1 + max((of(table.by_name[n]) for n in task.after if n in table.by_name), default=-1)
+        return depth[task.name]
+
+    for task in table.tasks:
+        of(task)
+    return depth
 
 
 def _held_hints(table: TaskTable, by_task: dict[str, list[str]], only: set[str] | None) -> dict[str, int]:
