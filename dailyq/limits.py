@@ -97,7 +97,8 @@ class SlotHold:
         task = self.task
         return self._scripts.release_slot(
             paused_key=self.keys.paused, slots_key=self.slots_key, slot_nodes_key=self.keys.limit_slot_nodes(task.name),
-            held_key=self.keys.held(task.name), queue_key=self.queue_key, task=task.name, owner=self.owner,
+            held_key=self.keys.held(task.name), held_index_key=self.keys.held_index(task.name),
+            queue_key=self.queue_key, task=task.name, owner=self.owner,
             node=self.node, max_running=task.max_running, max_per_node=task.max_per_node)
 
     def release(self) -> None:
@@ -137,7 +138,8 @@ class Admissions:
         outcome = self._scripts.admit(
             paused_key=keys.paused, slots_key=keys.limit_slots(task.name),
             slot_nodes_key=keys.limit_slot_nodes(task.name), held_key=keys.held(task.name),
-            intermediate_queue_key=intermediate_queue_key, task=task.name, owner=owner, node=self.node,
+            held_index_key=keys.held_index(task.name), intermediate_queue_key=intermediate_queue_key, task=task.name,
+            owner=owner, node=self.node,
             job_id=run.job_id, ttl_ms=self.ttl_ms, max_running=task.max_running,
             max_per_node=task.max_per_node).run()
         if outcome == "paused":
@@ -154,7 +156,7 @@ class SlotSweep:
         self.keys = keys
         self.queue_key = queue_key
         self.tasks = [LimitedTask(task.name, task.max_running, task.max_per_node, keys.limit_slots(task.name),
-                                  keys.limit_slot_nodes(task.name), keys.held(task.name))
+                                  keys.limit_slot_nodes(task.name), keys.held(task.name), keys.held_index(task.name))
                       for task in table.tasks if task.has_limits]
         self._scripts = scripts_for(connection)
 

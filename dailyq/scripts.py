@@ -158,14 +158,31 @@ local function extend_slot(slots_key, owner, ttl_ms)
   end
   return 0
 end
+-- Held runs: a list in the order held (promote pops its head) and a set of the same job
+-- ids (the index), so that holding a run is an SADD, not a scan of the list for it.
+-- A list an older version kept has no index: it is indexed once, at the first hold. A job
+-- the index names is looked for in the list (a scan, on this path only: a job held again
+-- while still held, which takes two queue entries of it), as an older version's promote
+-- may have taken it off the list without touching the index.
+local function hold(held_key, index_key, job_id)
+  if redis.call('EXISTS', index_key) == 0 then
+    for _, held in ipairs(redis.call('LRANGE', held_key, 0, -1)) do
+      redis.call('SADD', index_key, held)
+    end
+  end
+  if redis.call('SADD', index_key, job_id) == 1 or not redis.call('LPOS', held_key, job_id) then
+    redis.call('RPUSH', held_key, job_id)
+  end
+end
 -- Moves up to n held job ids to the front of the queue, the oldest held first in line.
-local function promote(held_key, queue_key, n)
+local function promote(held_key, index_key, queue_key, n)
   local moved = {}
   while #moved < n do
     local job_id = redis.call('LPOP', held_key)
     if not job_id then
       break
     end
+    redis.call('SREM', index_key, job_id)
     moved[#moved + 1] = job_id
   end
   for i = #moved, 1, -1 do
@@ -797,12 +814,13 @@ ADMIT = _lua("""
 -- queue (so nothing takes it for stranded) and onto the task's held list, its RQ job left
 -- queued -- else the run takes a slot (when the task has limits).
 -- KEYS[1] = paused hash, KEYS[2] = the task's slots, KEYS[3] = slot nodes, KEYS[4] = held list,
--- KEYS[5] = RQ's intermediate queue
+-- KEYS[5] = RQ's intermediate queue, KEYS[6] = the held list's index (a set, see hold)
 -- ARGV[1] = task, ARGV[2] = owner (the attempt's claim owner token), ARGV[3] = node,
 -- ARGV[4] = job id, ARGV[5] = slot ttl (ms, the claim's), ARGV[6] = max_running (0: none),
 -- ARGV[7] = max_per_node (0: none)
 -- Returns 'admitted', 'paused' or 'held'.
 local paused_key, slots_key, nodes_key, held_key, intermediate_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local index_key = KEYS[6]
 local task, owner, node, job_id, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local max_running, max_per_node = tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = redis_now_ms()
@@ -815,8 +833,7 @@ elseif room(slots_key, nodes_key, max_running, max_per_node, {node}) < 1 then
 end
 if why then
   redis.call('LREM', intermediate_key, 1, job_id)
-  redis.call('LREM', held_key, 0, job_id)  -- once in the list, however often held
-  redis.call('RPUSH', held_key, job_id)
+  hold(held_key, index_key, job_id)  -- once in the list, however often held
   return why
 end
 if max_running > 0 or max_per_node > 0 then
@@ -831,11 +848,12 @@ RELEASE_SLOT = allow_oom(_lua("""
 -- died): its slot frees, and held runs move to the queue's front while there is room --
 -- in the same script as every hold, so no held run misses the wake-up.
 -- KEYS[1] = paused hash, KEYS[2] = the task's slots, KEYS[3] = slot nodes, KEYS[4] = held list,
--- KEYS[5] = queue
+-- KEYS[5] = queue, KEYS[6] = the held list's index
 -- ARGV[1] = task, ARGV[2] = owner, ARGV[3] = node (whose room the freed slot is),
 -- ARGV[4] = max_running (0: none), ARGV[5] = max_per_node (0: none)
 -- Returns the job ids moved to the queue.
 local paused_key, slots_key, nodes_key, held_key, queue_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local index_key = KEYS[6]
 local task, owner, node = ARGV[1], ARGV[2], ARGV[3]
 local max_running, max_per_node = tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('ZREM', slots_key, owner)
@@ -844,7 +862,7 @@ purge_slots(slots_key, nodes_key, redis_now_ms())
 if redis.call('HEXISTS', paused_key, task) == 1 then
   return {}
 end
-return promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node, {node}))
+return promote(held_key, index_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node, {node}))
 """, NOW_LUA, SLOTS_LUA))
 
 SWEEP_SLOTS = _lua("""
@@ -852,7 +870,7 @@ SWEEP_SLOTS = _lua("""
 -- held runs of tasks with limits to the queue's front while there is room. Per-node room
 -- is counted on every node that beat within the last ``live_s`` seconds.
 -- KEYS[1] = paused hash, KEYS[2] = queue, KEYS[3] = nodes registry (node -> last beat, s),
--- then per task: its slots, slot nodes, held list
+-- then per task: its slots, slot nodes, held list, held list's index
 -- ARGV[1] = live_s, then per task: name, max_running (0: none), max_per_node (0: none)
 -- Returns the job ids moved to the queue.
 local paused_key, queue_key, registry_key = KEYS[1], KEYS[2], KEYS[3]
@@ -860,15 +878,15 @@ local now = redis_now_ms()
 local nodes = redis.call('ZRANGEBYSCORE', registry_key, now / 1000 - tonumber(ARGV[1]), '+inf')
 local moved = {}
 for i = 2, #ARGV, 3 do
-  local k = 4 + (i - 2)
-  local slots_key, nodes_key, held_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local k = 4 + (i - 2) / 3 * 4
+  local slots_key, nodes_key, held_key, index_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local task, max_running, max_per_node = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   purge_slots(slots_key, nodes_key, now)
   if redis.call('HEXISTS', paused_key, task) == 0 and redis.call('LLEN', held_key) > 0 then
     -- no node known: count one, so held runs are not stuck behind an empty registry
     local where = #nodes > 0 and nodes or {''}
-    for _, job_id in ipairs(promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node,
-                                                            where))) do
+    for _, job_id in ipairs(promote(held_key, index_key, queue_key,
+                                    room(slots_key, nodes_key, max_running, max_per_node, where))) do
       moved[#moved + 1] = job_id
     end
   end
@@ -888,12 +906,12 @@ return extend_slot(KEYS[1], ARGV[1], ARGV[2])
 RESUME = _lua("""
 -- Resumes a task: no longer paused, and every run held back (paused or over a limit) goes
 -- to the queue's front, in the order held; ADMIT holds again any still over a limit.
--- KEYS[1] = paused hash, KEYS[2] = held list, KEYS[3] = queue
+-- KEYS[1] = paused hash, KEYS[2] = held list, KEYS[3] = queue, KEYS[4] = the held list's index
 -- ARGV[1] = task
 -- Returns {1 if it was paused else 0, number of runs moved}.
-local paused_key, held_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
+local paused_key, held_key, queue_key, index_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local was_paused = redis.call('HDEL', paused_key, ARGV[1])
-local moved = promote(held_key, queue_key, redis.call('LLEN', held_key))
+local moved = promote(held_key, index_key, queue_key, redis.call('LLEN', held_key))
 return {was_paused, #moved}
 """, NOW_LUA, SLOTS_LUA)
 
@@ -1124,6 +1142,7 @@ class LimitedTask:
     slots_key: str
     slot_nodes_key: str
     held_key: str
+    held_index_key: str
 
 
 @dataclass(frozen=True)
@@ -1643,18 +1662,20 @@ class Scripts:
 
     # -- limits and pause (limits.py, pause.py) --
 
-    def admit(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
+    def admit(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str, held_index_key: str,
               intermediate_queue_key: str, task: str, owner: str, node: str, job_id: str, ttl_ms: int,
               max_running: int | None, max_per_node: int | None) -> ScriptCall[AdmitOutcome]:
-        return ScriptCall(self._admit, [paused_key, slots_key, slot_nodes_key, held_key, intermediate_queue_key],
+        return ScriptCall(self._admit, [paused_key, slots_key, slot_nodes_key, held_key, intermediate_queue_key,
+                                        held_index_key],
                           [task, owner, node, job_id, ttl_ms, max_running or 0, max_per_node or 0],
                           _text)  # type: ignore[arg-type]
 
-    def release_slot(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str, queue_key: str,
-                     task: str, owner: str, node: str, max_running: int | None,
+    def release_slot(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
+                     held_index_key: str, queue_key: str, task: str, owner: str, node: str, max_running: int | None,
                      max_per_node: int | None) -> ScriptCall[list[str]]:
         """The job ids it moved from the held list to the queue."""
-        return ScriptCall(self._release_slot, [paused_key, slots_key, slot_nodes_key, held_key, queue_key],
+        return ScriptCall(self._release_slot, [paused_key, slots_key, slot_nodes_key, held_key, queue_key,
+                                               held_index_key],
                           [task, owner, node, max_running or 0, max_per_node or 0], _texts)
 
     def sweep_slots(self, *, paused_key: str, queue_key: str, nodes_key: str, live_s: int,
@@ -1663,16 +1684,17 @@ class Scripts:
         keys = [paused_key, queue_key, nodes_key]
         args: list[Any] = [live_s]
         for task in tasks:
-            keys += [task.slots_key, task.slot_nodes_key, task.held_key]
+            keys += [task.slots_key, task.slot_nodes_key, task.held_key, task.held_index_key]
             args += [task.name, task.max_running or 0, task.max_per_node or 0]
         return ScriptCall(self._sweep_slots, keys, args, _texts)
 
     def touch_slot(self, *, slots_key: str, owner: str, ttl_ms: int) -> ScriptCall[bool]:
         return ScriptCall(self._touch_slot, [slots_key], [owner, ttl_ms], bool)
 
-    def resume(self, *, paused_key: str, held_key: str, queue_key: str, task: str) -> ScriptCall[tuple[bool, int]]:
+    def resume(self, *, paused_key: str, held_key: str, held_index_key: str, queue_key: str,
+               task: str) -> ScriptCall[tuple[bool, int]]:
         """(whether the task was paused, how many held runs went back to the queue)."""
-        return ScriptCall(self._resume, [paused_key, held_key, queue_key], [task],
+        return ScriptCall(self._resume, [paused_key, held_key, queue_key, held_index_key], [task],
                           lambda reply: (bool(int(reply[0])), int(reply[1])))
 
     # -- recovery (recovery.py) --

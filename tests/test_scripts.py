@@ -118,7 +118,8 @@ class RunKeys:
         return scripts.finish(finished_key=finished_key(self.keys), claim_key=self.keys.claim(self.run_id),
                               runs_key=runs_key(self.keys), durations_key=self.keys.durations,
                               running_key=self.keys.running, series_key=self.keys.series_claim(self.series),
-                              deps_key=self.keys.day_deps(date.fromisoformat(DAY)), run_id=self.run_id, owner=owner, base_json=base_json(self.run_id),
+                              deps_key=self.keys.day_deps(date.fromisoformat(DAY)), run_id=self.run_id, owner=owner,
+                              base_json=base_json(self.run_id),
                               retention_s=RETENTION_S, series=self.series, duration_s=1.25, node="node-x",
                               now_iso="2026-11-26T10:01:00+00:00")
 
@@ -715,7 +716,8 @@ class LimitKeys:
               max_running: int | None = 2, max_per_node: int | None = None, ttl_ms: int = TTL_MS) -> str:
         return scripts.admit(paused_key=self.keys.paused, slots_key=self.keys.limit_slots(self.task),
                              slot_nodes_key=self.keys.limit_slot_nodes(self.task), held_key=self.keys.held(self.task),
-                             intermediate_queue_key=self.intermediate, task=self.task, owner=owner, node=node,
+                             held_index_key=self.keys.held_index(self.task), intermediate_queue_key=self.intermediate,
+                             task=self.task, owner=owner, node=node,
                              job_id=job_id or f"job-{owner}", ttl_ms=ttl_ms, max_running=max_running,
                              max_per_node=max_per_node).run()
 
@@ -723,7 +725,8 @@ class LimitKeys:
                 max_per_node: int | None = None) -> list[str]:
         return scripts.release_slot(paused_key=self.keys.paused, slots_key=self.keys.limit_slots(self.task),
                                     slot_nodes_key=self.keys.limit_slot_nodes(self.task),
-                                    held_key=self.keys.held(self.task), queue_key=self.queue, task=self.task,
+                                    held_key=self.keys.held(self.task), held_index_key=self.keys.held_index(self.task),
+                                    queue_key=self.queue, task=self.task,
                                     owner=owner, node=node, max_running=max_running,
                                     max_per_node=max_per_node).run()
 
@@ -752,6 +755,34 @@ def test_admit_takes_slots_up_to_max_running_then_holds_off_the_intermediate_que
     assert lim.held(connection) == ["job-c"]
     assert connection.lrange(lim.intermediate, 0, -1) == [b"other"]  # never seen as stranded
     assert lim.slots(connection) == {"a", "b"}
+
+
+def calls_of(connection: Redis, command: str) -> int:
+    return int(connection.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_a_hold_checks_the_held_lists_index_not_the_list(scripts, connection, lim, keys) -> None:
+    connection.hset(keys.paused, lim.task, "{}")
+    for owner in range(200):
+        assert lim.admit(scripts, str(owner), max_running=None) == "paused"
+    lrem, lpos = calls_of(connection, "lrem"), calls_of(connection, "lpos")
+    assert lim.admit(scripts, "new", max_running=None) == "paused"
+    # One LREM: of RQ's intermediate queue (a job per worker), none of the held list.
+    assert (calls_of(connection, "lrem") - lrem, calls_of(connection, "lpos") - lpos) == (1, 0)
+    assert lim.held(connection)[-1] == "job-new" and len(lim.held(connection)) == 201
+    assert connection.scard(keys.held_index(lim.task)) == 201
+
+
+def test_a_held_list_an_older_version_kept_is_indexed_at_the_first_hold(scripts, connection, lim, keys) -> None:
+    connection.rpush(keys.held(lim.task), "job-x", "job-y")  # no index: an older version's hold
+    assert lim.admit(scripts, "a", max_running=1) == "admitted"
+    assert lim.admit(scripts, "y", max_running=1) == "held"
+    assert lim.held(connection) == ["job-x", "job-y"]  # listed once
+    connection.lpop(keys.held(lim.task))  # an older version's promote: the index still names job-x
+    assert lim.admit(scripts, "x", max_running=1) == "held"
+    assert lim.held(connection) == ["job-y", "job-x"]  # not lost behind a stale index
+    assert lim.release(scripts, "a", max_running=1) == ["job-y"]
+    assert {m.decode() for m in connection.smembers(keys.held_index(lim.task))} == {"job-x"}
 
 
 def test_admit_counts_per_node(scripts, connection, lim) -> None:
@@ -821,7 +852,7 @@ def test_sweep_frees_lapsed_slots_and_counts_room_on_live_nodes(scripts, connect
     from dailyq.scripts import LimitedTask
 
     task = LimitedTask(lim.task, None, 1, keys.limit_slots(lim.task), keys.limit_slot_nodes(lim.task),
-                       keys.held(lim.task))
+                       keys.held(lim.task), keys.held_index(lim.task))
 
     def sweep() -> list[str]:
         return scripts.sweep_slots(paused_key=keys.paused, queue_key=lim.queue, nodes_key=keys.nodes, live_s=600,
@@ -846,9 +877,11 @@ def test_resume_unpauses_and_puts_every_held_run_back_at_the_front(scripts, conn
     for owner in ("a", "b"):
         assert lim.admit(scripts, owner) == "paused"
     connection.rpush(lim.queue, "later")
-    assert scripts.resume(paused_key=keys.paused, held_key=keys.held(lim.task), queue_key=lim.queue,
+    assert scripts.resume(paused_key=keys.paused, held_key=keys.held(lim.task),
+                          held_index_key=keys.held_index(lim.task), queue_key=lim.queue,
                           task=lim.task).run() == (True, 2)
     assert lim.queued(connection) == ["job-a", "job-b", "later"]
     assert connection.hexists(keys.paused, lim.task) == 0
-    assert scripts.resume(paused_key=keys.paused, held_key=keys.held(lim.task), queue_key=lim.queue,
+    assert scripts.resume(paused_key=keys.paused, held_key=keys.held(lim.task),
+                          held_index_key=keys.held_index(lim.task), queue_key=lim.queue,
                           task=lim.task).run() == (False, 0)
