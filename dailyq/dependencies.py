@@ -15,7 +15,14 @@ worker never sits on a run that cannot start while other runs are queued.
 
 Release
 -------
-``release_ready`` looks at a day's held runs, task by task. A task's upstream runs are
+``release_after`` is the look made after each upstream run ended and at each leader
+tick: it reads the day's dependency counts (dependency_counts.py: per task, how many of
+its run ids are in the finished set, kept by FINISH in the same step; at least how many
+of its runs are held), a few commands whatever the day's size. A task with held runs
+whose upstream tasks have as many finished run ids as the table gives them runs *may* be
+ready: only then does it get ``release_ready``'s full look, which checks the run ids.
+``release_ready`` (that full look; also ``trigger``, ``rerun`` and a leader's first look
+at a day) looks at a day's held runs, task by task. A task's upstream runs are
 ready when every one of their run ids is in the day's finished set (FINISH adds it
 atomically with recording the run, and nothing removes it, so "ready" never turns
 false again). Ready runs are released in one WATCH/MULTI on the waiting hash: HDEL
@@ -29,7 +36,10 @@ chain); ``waiting`` again once none is -- a ``rerun`` of the upstream run queued
 its finishing releases them. The upstream records are read in chunks and the blocking
 run found is checked again by HOLD_WAITING (Lua), which sets the held records in the
 same step (``_mark_held`` says why not all in Lua). Blocked/waiting is for people to
-see; the release never depends on it, only on the finished set.
+see; the release never depends on it, only on the finished set. The full look marks
+upstream tasks first, so one look unblocks a whole chain; ``release_after`` marks only
+from an ended run (``ended``): a failed or skipped one blocks the held runs downstream
+of it, once (the counts keep the blocking run), and the chain below them.
 
 Who calls it, and why that keeps "released within 2 s of the last upstream run
 finishing", whatever dies:
@@ -39,8 +49,11 @@ a. the worker that recorded a run of an upstream task finished or failed, right 
    round trip more, only for tasks that have downstream tasks. Of two upstream runs
    finishing at once, the one whose FINISH came last sees both in the finished set.
 b. the leader, every tick, for each day in ``keys.waiting_days`` (``WaitingRuns``): the
-   backstop for a worker that died between its FINISH and its release, and for a
-   leader change (it keeps nothing in memory: a new leader's first tick does it).
+   backstop for a worker that died between its FINISH and its release (its FINISH
+   counted the run, so the counts show the task may be ready), and for a leader change
+   (a new leader's first tick gives each day one full look). Runs the leader records
+   failed itself (settle.py, recovery.py) block their downstream runs through
+   ``WaitingRuns.ended``.
 c. whoever fanned out held runs, right after (``FanOutResult.waiting``): the upstream
    runs may be finished already (a trigger, rerun or backfill of a past day). The
    leader does so in the tick that fanned out; ``commands.trigger``/``rerun`` at once.
@@ -75,7 +88,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Iterable
 
-from redis import Redis, WatchError
+from redis import Redis, RedisError, WatchError
 from rq import Queue
 
 from .dependency_counts import DayCounts, may_be_ready, upstream_runs
@@ -238,11 +251,16 @@ def _block_downstream(connection: Redis, keys: Keys, table: TaskTable, day: date
     those. One read of ``ended``'s record when it finished; the waiting hash is read only
     for a task whose held runs are not blocked already by a run that still blocks."""
     runs_key = keys.day_runs(day)
-    if not _blocking(connection.hget(runs_key, ended)):
+    raw = connection.hget(runs_key, ended)
+    if not _blocking(raw):
         return
+    # Only the tasks that name its task in ``after``: HOLD_WAITING checks the blocker's
+    # state, not that it is upstream of the held runs.
+    upstream_task = json.loads(raw).get("task")  # type: ignore[arg-type]
     scripts = scripts_for(connection)
     entries: dict[str, list[str]] | None = None
-    todo, seen = [(name, ended) for name in tasks], set()
+    todo = [(name, ended) for name in tasks if name in table.by_name and upstream_task in table.by_name[name].after]
+    seen: set[str] = set()
     downstream = downstream_of(table)
     while todo:
         name, upstream = todo.pop(0)
@@ -446,6 +464,17 @@ class WaitingRuns:
         # (day, run id) -> held run this table cannot rebuild, at the last look (deploys.py
         # decides whether no live table has them).
         self.unknown: dict[tuple[date, str], Held] = {}
+
+    def ended(self, runs: Iterable[tuple[date, str]]) -> None:
+        """Runs this leader recorded failed itself (RQ failed their job outside the guard,
+        settle.py; their process was lost with no attempt left, recovery.py): the held runs
+        downstream of them are marked ``blocked`` now, as a worker does after its FAIL."""
+        for day, run_id in runs:
+            try:
+                release_after(self.connection, self.keys, self.queue, self.table, day, retention_s=self.retention_s,
+                              ended=run_id)
+            except RedisError as exc:  # for people to see only; the next full look marks them too
+                log.warning("could not mark the runs waiting for run %s (%s)", run_id, exc)
 
     def release_all(self) -> list[str]:
         """Release what is ready on every day with held runs; returns the run ids released.

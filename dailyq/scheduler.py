@@ -381,6 +381,7 @@ class DailyScheduler:
             return
         self._next_recovery = now + max(0.5, min(RECOVERY_EVERY_S, self.settings.claim_ttl_s / 2))
         self.abandoned.requeue(fence=self.lease)
+        self.waiting.ended(self.abandoned.failed)
         self.stranded.requeue()
 
     def enqueue_jobs(self) -> None:
@@ -391,7 +392,8 @@ class DailyScheduler:
         self.fire_due_slots(now)
         self.slots.sweep()  # every tick: a dead holder's slot serves held runs within a tick of lapsing
         self.recover_abandoned_runs()
-        self.failed_jobs.settle()  # one command every few seconds when RQ failed nothing
+        settled = self.failed_jobs.settle()  # one command every few seconds when RQ failed nothing
+        self.waiting.ended([(s.day, s.run_id) for s in settled if s.day is not None])
         if self._waiting_look.due(now):
             self.waiting.release_all()
             self.left.settle_waiting(self.waiting.unknown)  # held runs no live table has (deploys.py)

@@ -178,3 +178,21 @@ def test_counts_that_disagree_with_the_finished_set_are_counted_again(connection
     assert result.released == []  # b runs again: down waits for it
     assert connection.hget(keys.day_deps(DAY), "done:up") == b"1"
     assert connection.hget(keys.day_deps(DAY), "held:gone") == b"1"
+
+
+def test_runs_the_leader_records_failed_block_the_runs_held_for_them_at_once(connection, keys):
+    # RQ failed the job outside the guard (settle.py) or its process was lost with no
+    # attempt left (recovery.py): no worker looks after those; the leader does.
+    table = chain_table()
+    queue = make_queue(connection, keys)
+    fan_out(connection, keys, queue, runs_on(table, DAY), retention_s=RETENTION_S)
+    leader = WaitingRuns(connection, keys, queue, table, RETENTION_S)
+    assert leader.release_all() == []  # its first, full look: every held run waiting
+    bad = ids(table, "up")[0]
+    fail(connection, keys, bad)
+    leader.release_all()
+    assert records(connection, keys)[ids(table, "mid")[0]]["state"] == "waiting"  # a tick reads only counts
+    leader.ended([(DAY, bad)])
+    assert {records(connection, keys)[run_id]["state"] for run_id in ids(table, "mid") + ids(table, "down")} == \
+        {"blocked"}
+    assert records(connection, keys)[ids(table, "other")[0]]["state"] == "queued"  # not downstream of up
