@@ -579,6 +579,12 @@ TASKS = [Task(name="up", func="bench.noop.noop", params=list(range(N)), at=AT, r
 """
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def deps_pass(root: Path, n: int, workers: int = 3) -> dict:
     """One day of an ``after`` chain: "down" (n runs) after "up" (n runs), on ``workers``
     non-forking workers and one scheduler (the leader) of the code in ``root``, in a Redis
@@ -611,6 +617,7 @@ def deps_pass(root: Path, n: int, workers: int = 3) -> dict:
             time.sleep(5)  # start-up traffic is not the day's
             redis_cpu = lambda: sum(connection.info("cpu")[f] for f in ("used_cpu_user", "used_cpu_sys"))  # noqa: E731
             calls_before, _ = total_calls(connection)
+            procs_before = [process_cpu_s(proc.pid) for proc in procs]
             cpu_before, started = redis_cpu(), time.perf_counter()
             subprocess.run([py, str(root / "scheduler.py"), "trigger", "--date", day], cwd=root,
                            env=dict(env, NODE_NAME="n0"), check=True, timeout=600,
@@ -623,6 +630,7 @@ def deps_pass(root: Path, n: int, workers: int = 3) -> dict:
             seconds = time.perf_counter() - started
             calls_after, _ = total_calls(connection)
             cpu = redis_cpu() - cpu_before
+            procs_cpu = [process_cpu_s(proc.pid) - before for proc, before in zip(procs, procs_before)]
         finally:
             for proc in procs:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -631,7 +639,9 @@ def deps_pass(root: Path, n: int, workers: int = 3) -> dict:
     runs = 2 * n
     return {"runs": runs, "seconds": round(seconds, 1),
             "commands_per_run": round((calls_after - calls_before) / runs, 1),
-            "redis_cpu_ms_per_run": round(cpu * 1000 / runs, 3)}
+            "redis_cpu_ms_per_run": round(cpu * 1000 / runs, 3),
+            "leader_cpu_ms_per_run": round(procs_cpu[0] * 1000 / runs, 3),
+            "workers_cpu_ms_per_run": round(sum(procs_cpu[1:]) * 1000 / runs, 3)}
 
 
 def bench_deps(quick: bool) -> dict:
@@ -648,7 +658,8 @@ def bench_deps(quick: bool) -> dict:
         small, large = deps_pass(root, n), deps_pass(root, 2 * n)
         out[name] = {f"N={n}": small, f"N={2 * n}": large,
                      "ratio_2N_over_N": {field: round(large[field] / small[field], 2)
-                                         for field in ("commands_per_run", "redis_cpu_ms_per_run")}}
+                                         for field in ("commands_per_run", "redis_cpu_ms_per_run",
+                                                       "leader_cpu_ms_per_run", "workers_cpu_ms_per_run")}}
     return out
 
 

@@ -44,7 +44,7 @@ from .params_book import ParamsBook
 from .redis_values import as_text
 from .runs import DaySlots, slot_params, task_slots_on
 from .scripts import scripts_for
-from .table import Task, TaskTable, encode_param
+from .table import Task, TaskTable
 
 COUNTED = "~counted"
 
@@ -111,7 +111,9 @@ def upstream_runs(table: TaskTable, task: Task, day: date, book: ParamsBook | No
                 entry = book.entry(upstream, slot) if book is not None else None
                 if entry is None or not entry.ok:
                     return None
-            n += len({encode_param(param) for param in slot_params(upstream, slot, book)})
+            # A slot's params are distinct (table.params_problem, for fixed and computed
+            # lists alike): their number is the slot's number of runs, and no id is built.
+            n += len(slot_params(upstream, slot, book))
         found[name] = n
     return found
 
