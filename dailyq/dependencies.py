@@ -465,6 +465,11 @@ class WaitingRuns:
         # decides whether no live table has them).
         self.unknown: dict[tuple[date, str], Held] = {}
 
+    def forget(self) -> None:
+        """A new term as leader: what others did meanwhile is unknown, so each day with held
+        runs gets one full look again (blocked/waiting marked from the records)."""
+        self.looked.clear()
+
     def ended(self, runs: Iterable[tuple[date, str]]) -> None:
         """Runs this leader recorded failed itself (RQ failed their job outside the guard,
         settle.py; their process was lost with no attempt left, recovery.py): the held runs

@@ -193,6 +193,7 @@ class DailyScheduler:
             log.info("node %s is now the leader", self.settings.node_name)
             self._load_cursors()
             self.failed_jobs.forget()  # go on from where the last leader stopped
+            self.waiting.forget()  # each day with held runs gets one full look again
             self._adopt_refused_slots()
         elif not held and self.is_leader:
             log.warning("node %s lost the leader lease (held by %s)", self.settings.node_name,

@@ -11,9 +11,11 @@ runs no includes, so the helpers a script uses are prepended to it):
   changes -- load it (or start from its base), set fields, save it; a brand-new
   record is stored as the JSON its writer sent;
 * ``redis_now_ms``: the Redis server's clock, the one clock every node shares;
-* ``purge_slots`` / ``room`` / ``extend_slot`` / ``promote``: the slots of a task with
-  limits and its held runs (limits.py), shared by ADMIT, RELEASE_SLOT, SWEEP_SLOTS,
-  TOUCH_SLOT, RESUME and RENEW_CLAIM.
+* ``purge_slots`` / ``room`` / ``extend_slot`` / ``hold`` / ``promote``: the slots of a
+  task with limits and its held runs (limits.py; a held list and its index set), shared
+  by ADMIT, RELEASE_SLOT, SWEEP_SLOTS, TOUCH_SLOT, RESUME and RENEW_CLAIM;
+* ``count_finished``: the day's dependency counts (dependency_counts.py), kept by every
+  script that adds a run id to a day's finished set (FINISH, REMOVE_LEFT, REMOVE_WAITING).
 
 A few scripts run on a Redis out of memory (``allow_oom``): the lease, the leadership
 mark, and what lets a run that executes now renew its claim and record its end. Each
