@@ -1,7 +1,7 @@
 """dailyq benchmarks. Every figure is printed next to a baseline measured in the same
 run (plain RQ, the naive SET NX script, the lower bound) or the issue's goal.
 
-    python bench/run.py                      # all nine
+    python bench/run.py                      # all eleven
     python bench/run.py --only makespan,idle # some
     python bench/run.py --quick              # smaller sizes, for a smoke run
 
@@ -192,6 +192,92 @@ def workflow_day(evts: list[dict], lower_bound: float) -> dict:
             "most heavy runs at once": max(sum(1 for s, e in heavy if s <= moment < e) for moment, _ in heavy)}
 
 
+# -- 1c. the ETA's error on a learned day ---------------------------------------------
+
+def status_json(env: dict[str, str], day: date) -> tuple[dict, float]:
+    """``status --json`` of ``day``, and when it was read (its second-precision
+    ``generated_at`` narrowed by the time around the call)."""
+    before = time.time()
+    done = subprocess.run([PY, "scheduler.py", "status", "--date", day.isoformat(), "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True, timeout=120)
+    after = time.time()
+    status = json.loads(done.stdout)
+    generated = datetime.fromisoformat(status["generated_at"]).timestamp()
+    return status, (max(before, generated) + min(after, generated + 1)) / 2
+
+
+def bench_eta(quick: bool) -> dict:
+    """The workflow case's day (uneven ingest, report after ingest, heavy limited to 2,
+    light) on 3 nodes x 2 workers: day one teaches the durations; on day two the ETA of
+    ``status --json`` is read early (after 3 runs ended) and at mid-day, and compared with
+    when the last run really ended, relative to the time left then. The baseline, read
+    from the same snapshot: the old ``status --watch`` estimate (expected work left /
+    workers, watch.eta_seconds)."""
+    from dailyq.watch import eta_seconds, parse_durations
+
+    rng = random.Random(7)
+    scale = 0.5 if quick else 1.0
+    flow = {"ingest": [round(rng.uniform(1.0, 3.0) * scale, 2) for _ in range(8)],
+            "report": [round(rng.uniform(0.5, 1.5) * scale, 2) for _ in range(4)],
+            "heavy": [round(rng.uniform(1.5, 2.5) * scale, 2) for _ in range(8)],
+            "light": [round(rng.uniform(0.3, 1.0) * scale, 2) for _ in range(12)],
+            "heavy_max_running": 2}
+    nodes, per_node = 3, 2
+    runs = sum(len(flow[n]) for n in ("ingest", "report", "heavy", "light"))
+    readings: dict[str, dict] = {}
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        prefix = "eta"
+        env = env_for(server, prefix, BENCH_WORKFLOW=json.dumps(flow))
+        group = ProcessGroup()
+        try:
+            for i in range(nodes):
+                node_env = dict(env, NODE_NAME=f"n{i}")
+                group.start("scheduler.py", node_env, log_dir=LOG_DIR)
+                group.start("worker_entry.py", node_env, "--concurrency", str(per_node), log_dir=LOG_DIR)
+            taken: list[tuple[str, dict, float]] = []
+            for day in (DAY_ONE, DAY_TWO):
+                connection.delete(f"{prefix}:bench:events")
+                run([PY, "scheduler.py", "trigger", "--date", day.isoformat()], env)
+                deadline = time.monotonic() + 300
+                marks = {"early (3 runs ended)": 3, "mid-day (half the runs ended)": runs // 2}
+                while True:
+                    ended = len([e for e in events(connection, prefix) if e["event"] == "end"])
+                    for label, count in list(marks.items()):
+                        if day == DAY_TWO and ended >= count:
+                            status, at = status_json(env, day)
+                            taken.append((label, status, at))
+                            del marks[label]
+                    if ended >= runs:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"eta day {day} did not finish within 300 s")
+                    time.sleep(0.1)
+            evts = events(connection, prefix)
+            actual_end = max(e["t"] for e in evts if e["event"] == "end")
+            durations = parse_durations(connection.hgetall(f"{prefix}:durations"))
+            for label, status, at in taken:
+                left_s = actual_end - at
+                eta = status["eta"] and datetime.fromisoformat(status["eta"]).timestamp()
+                naive = eta_seconds(status["runs"], durations, datetime.fromtimestamp(at, timezone.utc),
+                                    nodes * per_node)
+                readings[label] = {
+                    "time_left_s": round(left_s, 2),
+                    "eta_error_s": None if not eta else round(eta - actual_end, 2),
+                    "eta_error_pct": None if not eta else round(100 * (eta - actual_end) / left_s, 1),
+                    "baseline_work_over_workers_error_s": None if naive is None else round(at + naive - actual_end, 2),
+                    "baseline_error_pct": None if naive is None else round(100 * (at + naive - actual_end) / left_s, 1)}
+            starts = [e["t"] for e in evts if e["event"] == "start"]
+            ends = [e["t"] for e in evts if e["event"] == "end"]
+            worker_cost = (nodes * per_node * (max(ends) - min(starts)) - (sum(ends) - sum(starts))) / len(starts)
+        finally:
+            group.stop_all()
+    return {"runs": runs, "workers": nodes * per_node, "flow": flow, "goal_error_pct": 20,
+            "day_two_makespan_s": round(max(ends) - min(starts), 2),
+            "idle_worker_s_per_run (worker cost, waits for upstream and limits, the tail)": round(worker_cost, 3),
+            "readings": readings}
+
+
 # -- 2. per-run overhead -------------------------------------------------------------
 
 def enqueue_dailyq_jobs_with_plain_rq(connection: Redis, queue_name: str, task: Task, day: date) -> int:
@@ -282,6 +368,64 @@ def bench_overhead(quick: bool, repeats: int = 5) -> dict:
         }
     out["goal_ratio"] = 0.9
     return out
+
+
+# -- 2a. Redis memory per run ---------------------------------------------------------
+
+def kept_bytes(connection: Redis, longer_than_s: int) -> int:
+    """MEMORY USAGE summed over the keys that live longer than ``longer_than_s`` (or forever)."""
+    total = 0
+    for key in connection.scan_iter(count=1000):
+        ttl = connection.ttl(key)
+        if ttl == -1 or ttl > longer_than_s:
+            total += connection.memory_usage(key) or 0
+    return total
+
+
+def memory_pass(side: str, n: int, job_ttl_s: int) -> dict:
+    """One side in a Redis of its own: n no-op runs drained by one non-forking burst
+    worker. used_memory per run right after the day, and once dailyq's job TTL has passed
+    (plain RQ keeps its results for RQ's default 500 s), and the bytes per run in keys that
+    live longer than a day."""
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        env = env_for(server, side, BENCH_NOOP=str(n), NODE_NAME="n1", DAILYQ_JOB_TTL_S=str(job_ttl_s))
+        before = int(connection.info("memory")["used_memory"])
+        if side.startswith("plain"):
+            # plain: RQ's default result TTL (500 s); plain_same_ttl: dailyq's job TTL, so
+            # that what Redis itself keeps after keys expire is seen on both sides.
+            ttl = {"result_ttl": job_ttl_s} if side == "plain_same_ttl" else {}
+            queue = Queue("plain", connection=connection, serializer=JSONSerializer)
+            for lo in range(0, n, 1000):
+                queue.enqueue_many([Queue.prepare_data("bench.noop.noop", args=(i,), job_id=f"noop-{i}", **ttl)
+                                    for i in range(lo, min(n, lo + 1000))])
+            run([RQ, "worker", "--burst", "-w", "rq.SimpleWorker", "-S", "rq.serializers.JSONSerializer", "plain"], env)
+        else:
+            keys = Keys(side)
+            table = TaskTable([Task(name="noop", func="bench.noop.noop", params=list(range(n)), at="03:00")])
+            trigger(connection, keys, make_queue(connection, keys), table, DAY_ONE, None, 7 * 86400)
+            run([PY, "worker_entry.py", "--burst", "--simple"], env)
+        per_run = lambda: round((int(connection.info("memory")["used_memory"]) - before) / n)  # noqa: E731
+        after_day = per_run()
+        time.sleep(job_ttl_s + 2)
+        return {"after_day": after_day, "after_job_ttl": per_run(),
+                "kept_over_a_day": round(kept_bytes(connection, 86400) / n)}
+
+
+def bench_memory(quick: bool) -> dict:
+    """dailyq's Redis memory per run against plain RQ's for the same no-op jobs (JSON),
+    each side in a fresh Redis, in this run. ``--quick`` shortens DAILYQ_JOB_TTL_S to 5 s
+    (the default is 60 s) so as not to wait a minute."""
+    n = 500 if quick else 3000
+    job_ttl_s = 5 if quick else 60
+    plain, dailyq = memory_pass("plain", n, job_ttl_s), memory_pass("dailyq", n, job_ttl_s)
+    same_ttl = memory_pass("plain_same_ttl", n, job_ttl_s)
+    return {"runs": n, "DAILYQ_JOB_TTL_S": job_ttl_s,
+            "plain_rq_bytes_per_run": plain, "dailyq_bytes_per_run": dailyq,
+            "plain_rq_with_the_job_ttl_bytes_per_run": same_ttl,
+            "ratio_after_day": round(dailyq["after_day"] / plain["after_day"], 3),
+            "ratio_after_job_ttl": round(dailyq["after_job_ttl"] / max(1, plain["after_job_ttl"]), 3),
+            "goal": "after the day at most plain RQ's; at most 1000 bytes per run kept over a day"}
 
 
 # -- 2b. the cost of DAILYQ_WAIT_REPLICAS --------------------------------------------
@@ -568,7 +712,7 @@ def bench_idle(quick: bool) -> dict:
             "dailyq_by_command": dailyq_by_command}
 
 
-# -- 9. dependencies: cost per run at N and 2N ----------------------------------------
+# -- 7. dependencies: cost per run at N and 2N ----------------------------------------
 
 CHAIN_TASKS = """from dailyq.table import Task
 import os
@@ -677,7 +821,8 @@ def bench_deps(quick: bool) -> dict:
     return out
 
 
-BENCHMARKS = {"makespan": bench_makespan, "workflow": bench_workflow, "overhead": bench_overhead,
+BENCHMARKS = {"makespan": bench_makespan, "workflow": bench_workflow, "eta": bench_eta, "overhead": bench_overhead,
+              "memory": bench_memory,
               "wait_replicas": bench_wait_replicas, "fanout": bench_fanout, "failover": bench_failover,
               "latency": bench_latency, "idle": bench_idle, "deps": bench_deps}
 

@@ -14,6 +14,7 @@ and so are the commands, as functions returning data (see ``dailyq/api.py``)::
     dailyq.rerun(connection, "daily_report", params=["任务参数1"], force=True)
     dailyq.day_status(connection)["runs"]
     dailyq.pause(connection, "daily_report"); dailyq.resume(connection, "daily_report")
+    dailyq.cancel(connection, "2026-11-26", "daily_report")  # stops it; "cancelled" until a rerun
     dailyq.doctor(connection)["problems"]  # records that lie, and what repair=True does
 """
 
@@ -26,17 +27,17 @@ from .errors import ClaimLost, ConfigError, DailyqError
 from .table import Task
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ below imports them
-    from .api import day_status, days_status, doctor, pause, rerun, resume, trigger, trigger_range
+    from .api import cancel, day_status, days_status, doctor, pause, rerun, resume, trigger, trigger_range
 
 # The one version source: pyproject.toml reads it from here (setuptools' dynamic version).
 __version__ = "0.1.0"
 
-__all__ = ["ClaimLost", "ConfigError", "DailyqError", "RunContext", "Task", "__version__", "current_run",
+__all__ = ["ClaimLost", "ConfigError", "DailyqError", "RunContext", "Task", "__version__", "cancel", "current_run",
            "day_status", "days_status", "doctor", "pause", "rerun", "resume", "trigger", "trigger_range"]
 
 # Task modules import this package on every worker; redis and RQ come only with the
 # first use of a command function (PEP 562 module __getattr__).
-_LAZY = {"trigger", "trigger_range", "rerun", "day_status", "days_status", "pause", "resume", "doctor"}
+_LAZY = {"trigger", "trigger_range", "rerun", "cancel", "day_status", "days_status", "pause", "resume", "doctor"}
 
 
 def __getattr__(name: str) -> Any:

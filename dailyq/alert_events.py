@@ -1,13 +1,14 @@
 """What is worth an alert, and what it says: pure functions of run records and times.
 
-Six events (``EVENTS``); each alert is one JSON object with exactly ``PAYLOAD_KEYS``
+The events (``EVENTS``); each alert is one JSON object with exactly ``PAYLOAD_KEYS``
 (null where a key does not apply), whose ``text`` is one human line, so a Slack- or
 Mattermost-style incoming webhook shows it as it is.
 
 Each alert has an id that names the event itself, not the moment it was seen
-(``run_failed:<run id>:<attempts>``, ``day_late:<task>:<day>``,
+(``run_failed:<run id>:<attempts>``, ``day_late:<task>:<day>``, ``day_late:<task>:<day>:predicted``,
 ``slot_missed:<task>:<slot>``, ``no_leader:<last held ms>``,
-``tables_differ:<difference id>:<first seen ms>``, ``redis_full:<first refused ms>``): whichever leader sees
+``tables_differ:<difference id>:<first seen ms>``, ``redis_full:<first refused ms>``,
+``runs_failed:<task>:<window start ms>``): whichever leader sees
 it, however often, the outbox takes it once (alert_outbox.py).
 
 No Redis and no clock here: alerts.py reads the records and the Redis server's time
@@ -23,7 +24,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
-from .runs import FAILED, FINISHED, REMOVED, DaySlots, ParamsLookup, runs_of_slot, task_slots_on
+from .runs import FINISHED, REMOVED, DaySlots, ParamsLookup, runs_of_slot, task_slots_on
 from .schedule import Slot, parse_at
 from .table import Task, TaskTable, encode_param
 from .table_skew import difference_text
@@ -32,18 +33,31 @@ from .timestamps import iso, parse_iso
 
 RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER = "run_failed", "day_late", "slot_missed", "no_leader"
 TABLES_DIFFER = "tables_differ"
+# A task's failures after its run_failed, one digest per DAILYQ_ALERT_GROUP_S (alert_digest.py).
+RUNS_FAILED = "runs_failed"
 # Sent directly by the leader, not through the outbox (alerts.AlertService.send_direct).
 REDIS_FULL = "redis_full"
-EVENTS: tuple[str, ...] = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER, TABLES_DIFFER, REDIS_FULL)
+EVENTS: tuple[str, ...] = (RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER, TABLES_DIFFER, REDIS_FULL, RUNS_FAILED)
 # The payload's keys: a public contract (receivers parse them), exactly these. Added to
-# at the end, never renamed: ``tables`` (null but for tables_differ) came with it.
-PAYLOAD_KEYS = ("event", "task", "param", "day", "run_id", "node", "error", "at", "text", "tables")
+# at the end, never renamed: ``tables`` (null but for tables_differ) came with it,
+# ``runs`` and ``count`` (null but for runs_failed) with the digest, and ``predicted``
+# (true for a day_late raised before the deadline from the ETA, false for one raised at
+# the deadline, null for the other events) with the ETA.
+PAYLOAD_KEYS = ("event", "task", "param", "day", "run_id", "node", "error", "at", "text", "tables", "runs", "count",
+                "predicted")
+# A digest's runs: each with these keys (``error`` cut to DIGEST_ERROR_CHARS).
+DIGEST_RUN_KEYS = ("run_id", "param", "node", "error", "day", "at", "attempts")
 
 # A Slack message is meant to be read at a glance: the line shows the start of a long
 # error; the payload's ``error`` carries more of it (but not a whole log).
 TEXT_ERROR_CHARS = 300
 TEXT_PARAM_CHARS = 120
 PAYLOAD_ERROR_CHARS = 4000
+# A digest names every run; each run's error is cut shorter than a single alert's, so a
+# storm of a thousand failures stays one POST of a few hundred KB at most.
+DIGEST_ERROR_CHARS = 500
+# The runs a digest's text names before "and N more".
+DIGEST_TEXT_RUNS = 3
 
 
 @dataclass(frozen=True)
@@ -59,10 +73,12 @@ class Alert:
 
 def _payload(event: str, text: str, at: datetime | str | None, *, task: str | None = None, param: Any = None,
              day: date | None = None, run_id: str | None = None, node: str | None = None,
-             error: str | None = None, tables: dict[str, Any] | None = None) -> dict[str, Any]:
+             error: str | None = None, tables: dict[str, Any] | None = None, runs: list[dict[str, Any]] | None = None,
+             predicted: bool | None = None) -> dict[str, Any]:
     return {"event": event, "task": task, "param": param, "day": day.isoformat() if day else None,
             "run_id": run_id, "node": node, "error": _cut(error, PAYLOAD_ERROR_CHARS) if error is not None else None,
-            "at": at if isinstance(at, str) or at is None else iso(at), "text": _line(text), "tables": tables}
+            "at": at if isinstance(at, str) or at is None else iso(at), "text": _line(text), "tables": tables,
+            "runs": runs, "count": None if runs is None else len(runs), "predicted": predicted}
 
 
 def _line(text: str) -> str:
@@ -87,26 +103,49 @@ def span_text(seconds: float) -> str:
 
 # -- run_failed ------------------------------------------------------------------------
 
-def failed_run_alerts(day: date, records: Mapping[str, Mapping[str, Any]], now: datetime) -> list[Alert]:
-    """One alert per run recorded ``failed`` (it has used its retries). A run failed
-    again after a ``rerun`` has more attempts, hence a new alert."""
-    return [run_failed_alert(day, run_id, record, now) for run_id, record in records.items()
-            if record.get("state") == FAILED]
-
-
 def run_failed_alert(day: date, run_id: str, record: Mapping[str, Any], now: datetime) -> Alert:
+    """A run recorded ``failed`` (it has used its retries), from the fields of its record
+    (alert_digest.Failure.record). A run failed again after a ``rerun`` has more attempts,
+    hence a new id."""
     attempts = int(record.get("attempts") or 0)
     task = str(record.get("task"))
     param = record.get("param")
     node = record.get("node")
     error = record.get("error")
-    call = _cut(f"{task}({encode_param(param)})", TEXT_PARAM_CHARS) if _is_json(param) else task
+    call = _call(task, param)
     reason = _cut(_line(str(error or "no error recorded")), TEXT_ERROR_CHARS)
     text = (f"dailyq: run failed: {call} of {day.isoformat()} on {node or 'unknown node'} after "
             f"{attempts} attempt{'s' if attempts != 1 else ''}: {reason}")
     return Alert(f"{RUN_FAILED}:{run_id}:{attempts}", day,
                  _payload(RUN_FAILED, text, record.get("ended_at") or now, task=task, param=param, day=day,
                           run_id=run_id, node=node, error=None if error is None else str(error)))
+
+
+def runs_failed_alert(task: str, start_ms: int, until_ms: int, runs: list[Mapping[str, Any]]) -> Alert:
+    """The digest of ``task``'s failures in the window [start_ms, until_ms) (alert_digest.py):
+    ``runs`` each with DIGEST_RUN_KEYS. Its id names the task and the window, so however
+    often it grows before it is sent, it is sent once; ``at`` is the window's end."""
+    start = datetime.fromtimestamp(start_ms / 1000, timezone.utc)
+    until = datetime.fromtimestamp(until_ms / 1000, timezone.utc)
+    listed = [{key: run.get(key) for key in DIGEST_RUN_KEYS} for run in runs]
+    for run in listed:
+        if run["error"] is not None:
+            run["error"] = _cut(str(run["error"]), DIGEST_ERROR_CHARS)
+    days = sorted({str(run["day"]) for run in listed if run["day"]})
+    named = "; ".join(
+        f"{_call(task, run['param'])} of {run['day']} on {run['node'] or 'unknown node'}: "
+        f"{_cut(_line(str(run['error'] or 'no error recorded')), TEXT_ERROR_CHARS // DIGEST_TEXT_RUNS)}"
+        for run in listed[:DIGEST_TEXT_RUNS])
+    more = f"; and {len(listed) - DIGEST_TEXT_RUNS} more (see runs)" if len(listed) > DIGEST_TEXT_RUNS else ""
+    text = (f"dailyq: {len(listed)} more run{'s' if len(listed) != 1 else ''} of {task} failed within "
+            f"{span_text((until_ms - start_ms) / 1000)} (from {iso(start)} to {iso(until)}): {named}{more}")
+    day = date.fromisoformat(days[0]) if len(days) == 1 else None
+    return Alert(f"{RUNS_FAILED}:{task}:{start_ms}", start.date(),
+                 _payload(RUNS_FAILED, text, until, task=task, day=day, runs=listed))
+
+
+def _call(task: str, param: Any) -> str:
+    return _cut(f"{task}({encode_param(param)})", TEXT_PARAM_CHARS) if _is_json(param) else task
 
 
 def _is_json(value: Any) -> bool:
@@ -195,7 +234,37 @@ def day_late_alert(task: Task, day: date, found: Lateness) -> Alert:
     text = (f"dailyq: {task.name} is late for {day.isoformat()}: {late} of {found.due} "
             f"run{'s' if found.due != 1 else ''} not finished by its deadline {shown} {task.tz} ({states})")
     return Alert(f"{DAY_LATE}:{task.name}:{day.isoformat()}", day,
-                 _payload(DAY_LATE, text, found.deadline, task=task.name, day=day))
+                 _payload(DAY_LATE, text, found.deadline, task=task.name, day=day, predicted=False))
+
+
+# A day_late is predicted only when the ETA is past the deadline by more than this: an
+# estimate a few seconds over is within its own error, not news worth a page.
+PREDICTED_LATE_MARGIN_S = 300
+
+
+def predicted_late(deadline: datetime, expected_end: datetime | None, now: datetime) -> bool:
+    """Whether to predict a day_late: before the deadline, the ETA of the task's runs due
+    by it is more than PREDICTED_LATE_MARGIN_S past it."""
+    return (expected_end is not None and now < deadline
+            and (expected_end - deadline).total_seconds() > PREDICTED_LATE_MARGIN_S)
+
+
+def predicted_day_late_alert(task: Task, day: date, deadline: datetime, expected_end: datetime,
+                             now: datetime) -> Alert:
+    """``day_late`` before the deadline, from the ETA (eta.py): once per task and day (its
+    own id, so the day_late at the deadline, if it comes to that, is still sent)."""
+    zone = ZoneInfo(task.tz)
+    local = deadline.astimezone(zone)
+    shown = local.strftime("%H:%M:%S" if local.second else "%H:%M")
+    if local.date() != day:
+        shown += f" on {local.date().isoformat()}"
+    end = expected_end.astimezone(zone)
+    text = (f"dailyq: {task.name} is expected to be late for {day.isoformat()}: its runs are expected to end at "
+            f"{end.strftime('%H:%M:%S')}{'' if end.date() == day else ' on ' + end.date().isoformat()} {task.tz}, "
+            f"{span_text((expected_end - deadline).total_seconds())} after its deadline {shown} (ETA from the learned "
+            "durations and the live workers)")
+    return Alert(f"{DAY_LATE}:{task.name}:{day.isoformat()}:predicted", day,
+                 _payload(DAY_LATE, text, now, task=task.name, day=day, predicted=True))
 
 
 # -- slot_missed -----------------------------------------------------------------------

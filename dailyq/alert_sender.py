@@ -1,4 +1,5 @@
-"""One alert POSTed to the webhook: standard library only (``urllib.request``).
+"""One alert POSTed to the webhook (also one outside heartbeat, heartbeat_ping.py):
+standard library only (``urllib.request``).
 
 A POST is answered by one of three outcomes:
 
@@ -25,7 +26,7 @@ import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from . import __version__
 
@@ -53,17 +54,27 @@ def post_alert(url: str, body: str, alert_id: str, on_accepted: Callable[[], Non
                timeout_s: float = TIMEOUT_S) -> Delivery:
     """POST ``body`` (JSON) to ``url``; ``on_accepted()`` runs on a 2xx, before the
     response's body is read. Never raises for a network or HTTP problem."""
+    # For receivers that can drop repeats (the one duplicate window, see alert_outbox.py).
+    return post_json(url, body, {"X-Dailyq-Alert-Id": alert_id}, on_accepted, timeout_s)
+
+
+def post_json(url: str, body: str, headers: Mapping[str, str] | None = None,
+              on_accepted: Callable[[], None] | None = None, timeout_s: float = TIMEOUT_S) -> Delivery:
+    """POST ``body`` (JSON) to ``url`` with ``headers`` besides dailyq's own: the one
+    sender of alerts and of the outside heartbeat (heartbeat_ping.py). ``on_accepted()``
+    runs on a 2xx, before the response's body is read. Never raises for a network or
+    HTTP problem."""
     request = urllib.request.Request(url, data=body.encode("utf-8"), method="POST", headers={
         "Content-Type": "application/json; charset=utf-8",
         "User-Agent": f"dailyq/{__version__}",
-        # For receivers that can drop repeats (the one duplicate window, see alert_outbox.py).
-        "X-Dailyq-Alert-Id": alert_id,
+        **(headers or {}),
     })
     try:
         with _OPENER.open(request, timeout=timeout_s) as response:
             status = response.status
             if 200 <= status < 300:
-                on_accepted()
+                if on_accepted is not None:
+                    on_accepted()
                 return Delivery(DELIVERED, f"HTTP {status}")
             return Delivery(REFUSED, f"HTTP {status}")  # 1xx cannot end a request; anything else is odd
     except urllib.error.HTTPError as error:

@@ -6,17 +6,22 @@ Three parts, each with one job:
   Under the lease it records the tick's Redis time as the latest held one; when the
   previous one is older than ``DAILYQ_ALERT_NO_LEADER_S``, nobody led in between and
   it raises ``no_leader`` (once: the alert's id is that previous time).
-* detection -- in the background thread, every ``DETECT_EVERY_S`` (more seldom on big
-  days), while this scheduler leads: reads today's and yesterday's run records of
-  each task's zone (HSCAN, day_scan.py) and the Redis time, and puts every alert
-  found (alert_events.py) into the outbox, where each id enters once.
+* detection -- in the background thread, every ``DETECT_EVERY_S`` while this scheduler
+  leads: takes the failure events that the scripts recording ``failed`` pushed (any day:
+  alert_digest.py, which also groups a task's failures into ``runs_failed`` digests), and
+  judges ``day_late`` / ``slot_missed`` once each, when a deadline or a slot's grace has
+  passed, from the records of just those runs. No pass reads a whole day. A task with a
+  ``deadline`` still ahead gets, every PREDICT_EVERY_S, the ETA (eta.py) of its runs,
+  from their records: a predicted ``day_late``. Every alert found (alert_events.py) goes
+  into the outbox, where each id enters once.
 * ``tables_differ`` -- found by table_watch.TableWatch (a tick hook of its own, every
   few seconds under the lease), handed to ``raise_alerts``.
 * delivery -- in the same thread: claims due alerts one at a time, POSTs each
   (alert_sender.py), and acks, retries with backoff, or drops it (alert_outbox.py).
 * direct alerts (``send_direct``) -- for what Redis cannot keep: ``redis_full`` (Redis out
-  of memory refuses the outbox's writes). Held in this process's memory and POSTed by
-  the same thread, before it touches Redis, with the same backoff; once per id.
+  of memory refuses the outbox's writes). Held in this process's memory and POSTed by a
+  thread of their own (alert_direct.py, the one direct path, which ``redis_data_lost``
+  takes too), without Redis, with the outbox's backoff; once per id.
 
 Only the leader detects and sends, to keep the other nodes quiet; nothing depends on
 it. Two schedulers that both believe they lead (one paused past its lease) raise
@@ -33,47 +38,52 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
 from redis import Redis
 from redis.exceptions import RedisError
 
+from .alert_digest import FailureAlerts
+from .alert_direct import DirectAlerts, backoff_s
 from .alert_events import (
     DAY_LATE,
     SLOT_MISSED,
     Alert,
     day_late_alert,
     deadline_at,
-    encode_payload,
-    failed_run_alerts,
     fired_slots,
     lateness,
     missed_slot_alerts,
     no_leader_alert,
     overdue_slots,
+    predicted_day_late_alert,
+    predicted_late,
     redis_full_alert,
     watched_days,
 )
 from .alert_outbox import Claimed, Idle, Outbox
 from .alert_sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
-from .day_scan import DayRecords
+from .beats import live_processes
+from .day_scan import read_records
 from .outage import OutageLog
 from .params_book import ParamsBook
+from .pausing import paused_tasks
 from .redis_memory import note_delivered
-from .runs import DaySlots
+from .runs import DaySlots, runs_of_slot, task_slots_on
+from .schedule import Slot
 from .settings import Settings
-from .table import TaskTable
+from .status import read_eta, shown_runs
+from .table import Task, TaskTable
 
 if TYPE_CHECKING:
     from .scheduler import DailyScheduler
 
 log = logging.getLogger(__name__)
 
-# How often the leader looks for new alerts, at least; a scan of a big day that took
-# t seconds waits DETECT_DUTY * t before the next, so detection takes at most 1/DETECT_DUTY
-# of the time (a 100k-run day is looked at every ~10 s instead of every 2 s).
+# How often the leader looks for new alerts, at least; a pass that took t seconds (a
+# judgment of a task of many runs, a backlog of failures) waits DETECT_DUTY * t before
+# the next, so detection takes at most 1/DETECT_DUTY of the time.
 DETECT_EVERY_S = 2.0
 DETECT_DUTY = 20
 # A sender's hold on an alert: far longer than one POST can take (connect and read
@@ -89,22 +99,19 @@ IDLE_WAIT_S = 1.0
 OUTBOX_POLL_S = 30.0
 MARK_EVERY_S = 5.0
 MARK_EVERY_WITHOUT_ALERTS_S = 30.0
-
-
-@dataclass
-class _Direct:
-    """An alert sent without the outbox (``AlertService.send_direct``), until delivered."""
-
-    alert: Alert
-    raised_at: float  # monotonic
-    on_delivered: Callable[[], None] | None = None
-    attempts: int = 0  # failed deliveries so far
-    due_at: float = 0.0  # monotonic
+# How often, at most, the leader looks at a day's ETA for a predicted day_late (alerts on,
+# a task with a deadline still ahead whose day has begun): an estimate moves slowly, and
+# each look reads the records of that task's runs.
+PREDICT_EVERY_S = 15.0
+# What ``_settled`` remembers for a task's day once its day_late was predicted, or its
+# deadline came (it is not predicted after the deadline: the day_late then is real).
+PREDICTED = "day_late_predicted"
 
 
 class AlertService:
     def __init__(self, connection: Redis, settings: Settings, table: TaskTable, *, give_up_s: float = GIVE_UP_S,
-                 claim_s: float = CLAIM_S, detect_every_s: float = DETECT_EVERY_S) -> None:
+                 claim_s: float = CLAIM_S, detect_every_s: float = DETECT_EVERY_S,
+                 predict_every_s: float = PREDICT_EVERY_S) -> None:
         self.connection = connection
         self.settings = settings
         self.table = table
@@ -112,9 +119,12 @@ class AlertService:
         self.url = settings.alert_url
         self.shown_url = settings.redacted_alert_url()
         self.outbox = Outbox(connection, self.keys, settings.retention_s)
+        self.failures = FailureAlerts(connection, self.keys, settings.alert_group_s, self.outbox.remember_s)
         self.give_up_ms = int(give_up_s * 1000)
         self.claim_ms = int(claim_s * 1000)
         self.detect_every_s = detect_every_s
+        self.predict_every_s = predict_every_s
+        self._next_predict: dict[date, float] = {}  # monotonic: when to look at a day's ETA again
         self.owner = f"{settings.node_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._leader_until = 0.0  # monotonic: on_tick saw us hold the lease until about then
         self._stop = threading.Event()
@@ -131,18 +141,15 @@ class AlertService:
         # node whose alerts are turned on later): idle Redis traffic is a budget.
         self.mark_every_s = (min(MARK_EVERY_S, max(1.0, settings.alert_no_leader_s / 4)) if self.enabled
                              else MARK_EVERY_WITHOUT_ALERTS_S)
-        # What this process already knows is in Redis, so each pass sends only news:
-        # alert ids raised, and what was judged for good (a task's day against its deadline,
-        # a slot past its grace). Per day, and only for the days still watched. A new
-        # leader starts empty; Redis's day sets keep it right.
-        self._known: dict[date, set[str]] = {}
+        # What this process already judged for good (a task's day against its deadline, a
+        # slot past its grace), so each is judged once. Per day, and only for the days still
+        # watched. A new leader starts empty (and judges again); Redis's day sets keep the
+        # alerts once.
         self._settled: dict[date, set[tuple[str, ...]]] = {}
         self._watched_since: datetime | None = None
         self._tick_outage = OutageLog(log, f"alert bookkeeping on node {settings.node_name}")
-        # Direct alerts (send_direct): waiting, and every id ever raised by this process.
-        self._direct: list[_Direct] = []
-        self._direct_ids: set[str] = set()
-        self._direct_lock = threading.Lock()
+        # Direct alerts (send_direct): POSTed by a thread of their own, no Redis asked.
+        self.direct = DirectAlerts(settings, give_up_s=give_up_s)
         # (task, slot label) of slots whose fan-out Redis refused and the leader still holds:
         # not judged missed while it does (it fans them out once writes work again).
         self._held_slots: set[tuple[str, str]] = set()
@@ -191,6 +198,16 @@ class AlertService:
             self._leader_until = 0.0
         else:
             self._next_mark = time.monotonic() + self.mark_every_s
+            if not self.enabled:
+                self._drop_failures()
+
+    def _drop_failures(self) -> None:
+        """Without alerts nobody takes the failure events (alert_digest.py): the leader
+        drops them, so the list does not grow for days."""
+        try:
+            self.connection.delete(self.keys.alert_failures)
+        except RedisError as exc:
+            self._tick_outage.failed(exc)
 
     def leading(self) -> bool:
         return time.monotonic() < self._leader_until
@@ -228,67 +245,15 @@ class AlertService:
     # -- direct alerts (no outbox) -----------------------------------------------------
 
     def send_direct(self, alert: Alert, on_delivered: Callable[[], None] | None = None) -> bool:
-        """Send ``alert`` to the webhook without the outbox: for what Redis cannot keep
-        (``redis_full``: a Redis out of memory refuses the outbox's writes; also a Redis that
-        lost its data). Kept in this process's memory and POSTed by the alert thread at once,
-        retried like an outbox alert (``DAILYQ_ALERT_RETRY_S`` doubling, at most
-        ``DAILYQ_ALERT_RETRY_MAX_S`` apart) until delivered, refused or GIVE_UP_S old;
-        ``on_delivered`` runs (in that thread) after a 2xx. Logged when raised, like every
-        alert. Each id once per process: False when it was raised before, or alerts are off.
-        Unlike the outbox, a leader that dies before delivering takes the alert with it (the
-        next leader raises its own, when it sees the same)."""
-        if not self.enabled:
-            return False
-        with self._direct_lock:
-            if alert.alert_id in self._direct_ids:
-                return False
-            self._direct_ids.add(alert.alert_id)
-            self._direct.append(_Direct(alert, time.monotonic(), on_delivered))
-        log.warning("alert %s: %s", alert.event, alert.payload["text"])
-        self._wake.set()
-        return True
+        """Send ``alert`` to the webhook without the outbox (alert_direct.py): for what Redis
+        cannot keep (``redis_full``: a Redis out of memory refuses the outbox's writes).
+        ``on_delivered`` runs (in the direct alerts' thread) after a 2xx. Each id once per
+        process: False when it was raised before, or alerts are off."""
+        def ended(how: str) -> None:
+            if how == "delivered" and on_delivered is not None:
+                on_delivered()
 
-    def deliver_direct(self) -> float:
-        """POST the direct alerts that are due; returns how long until the next one is."""
-        assert self.url is not None
-        with self._direct_lock:
-            due = [d for d in self._direct if d.due_at <= time.monotonic()]
-        for direct in due:
-            if self._stop.is_set():
-                break
-            alert = direct.alert
-            result = post_alert(self.url, encode_payload(alert.payload), alert.alert_id, lambda: None)
-            done = True
-            if result.outcome == DELIVERED:
-                log.info("alert %s delivered to %s (%s; sent directly, not through the outbox)", alert.alert_id,
-                         self.shown_url, result.reason)
-                if direct.on_delivered is not None:
-                    try:
-                        direct.on_delivered()
-                    except Exception:  # noqa: BLE001 - delivered is delivered
-                        log.exception("after delivering alert %s", alert.alert_id)
-            elif result.outcome == REFUSED:
-                log.error("alert %s (%s) dropped: %s refused it with %s, which a retry would not change",
-                          alert.alert_id, alert.event, self.shown_url, result.reason)
-            elif (time.monotonic() - direct.raised_at) * 1000 >= self.give_up_ms:
-                log.error("alert %s (%s) dropped: not delivered to %s within %s of being raised, %d attempts "
-                          "(last: %s)", alert.alert_id, alert.event, self.shown_url, _hours(self.give_up_ms),
-                          direct.attempts + 1, result.reason)
-            else:
-                done = False
-                direct.attempts += 1
-                wait_s = min(self.settings.alert_retry_max_s,
-                             self.settings.alert_retry_s * 2 ** min(direct.attempts - 1, 30))
-                if result.retry_after_s is not None:
-                    wait_s = max(wait_s, result.retry_after_s)
-                direct.due_at = time.monotonic() + wait_s
-                log.warning("alert %s (%s) not delivered to %s (%s), attempt %d; next in %.0fs", alert.alert_id,
-                            alert.event, self.shown_url, result.reason, direct.attempts, wait_s)
-            if done:
-                with self._direct_lock:
-                    self._direct.remove(direct)
-        with self._direct_lock:
-            return min((max(0.05, d.due_at - time.monotonic()) for d in self._direct), default=IDLE_WAIT_S)
+        return self.direct.send(alert, on_end=ended)
 
     # -- the background thread ---------------------------------------------------------
 
@@ -308,11 +273,11 @@ class AlertService:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        self.direct.stop(timeout_s)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            # First what needs no Redis: direct alerts (send_direct).
-            wait_s = min(IDLE_WAIT_S, self.deliver_direct())
+            wait_s = IDLE_WAIT_S
             try:
                 if self.leading():
                     self.detect_if_due()
@@ -346,34 +311,41 @@ class AlertService:
         return raised
 
     def detect(self) -> list[str]:
-        """Look at the watched days once; put what is new into the outbox. Returns the ids
-        that entered it."""
+        """Take the failures recorded since the last look (alert_digest.py) and judge what
+        fell due on the watched days; put what is new into the outbox. Returns the ids
+        that entered it (or, for a digest, grew).
+
+        No day is read whole: a failure reaches the alerts as an event its script pushed;
+        ``day_late`` and ``slot_missed`` are judged once each, when a deadline or a slot's
+        grace passes, from the records of just the runs concerned (HMGET). A pass with
+        nothing due asks Redis for its time, the day's stored slots and the failures list."""
         seconds, micros = self.connection.time()
         now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
+        taken = self.failures.take()
+        for alert in taken:
+            log.warning("alert %s: %s", alert.event, alert.payload["text"])
+        if taken:
+            self._claim_at = 0.0
+            self._wake.set()
         if self._watched_since is None:  # set once for good by the first leader: read until known
             first_ms = self.outbox.first_held_ms()
             if first_ms is not None:
                 self._watched_since = datetime.fromtimestamp(first_ms / 1000, timezone.utc)
         watched_since = self._watched_since
         days = watched_days(self.table, now)
-        for memory in (self._known, self._settled):
-            for day in [d for d in memory if d not in days]:
-                del memory[day]
+        for day in [d for d in self._settled if d not in days]:
+            del self._settled[day]
+        for day in [d for d in self._next_predict if d not in days]:
+            del self._next_predict[day]
         alerts: list[Alert] = []
         settled: list[tuple[date, tuple[str, ...]]] = []
         for day, tasks in days.items():
-            records = DayRecords.read(self.connection, self.keys.day_runs(day))
-            # Computed params (params_book.py): read only for a table that has any.
-            book = ParamsBook.read(self.connection, self.keys, day) \
-                if any(task.params_computed for task in tasks) else None
-            # Once-a-day tasks' slots as their day was fanned out (runs.DaySlots): an ``at`` moved
-            # after the slot ran is neither late nor missed at its new time.
+            # Once-a-day tasks' slots as their day was fanned out (runs.DaySlots, one field per
+            # task): an ``at`` moved after the slot ran is neither late nor missed at its new time.
             slots = DaySlots.read(self.connection, self.keys, day) if any(task.at for task in tasks) else None
-            known = self._known.get(day, set())
             done = self._settled.get(day, set())
-            alerts += [a for a in failed_run_alerts(day, records.containing(b"failed"), now)
-                       if a.alert_id not in known]
-            fired: set[tuple[str, str]] | None = None  # decoded only if a slot is to be judged
+            late_due: list[tuple[Task, datetime]] = []
+            overdue: dict[str, list[Slot]] = {}
             for task in tasks:
                 if (DAY_LATE, task.name) not in done:
                     deadline = deadline_at(task, day)
@@ -381,28 +353,92 @@ class AlertService:
                         # A deadline that passed before any dailyq leader ran here was not
                         # missed by dailyq: a fresh deployment is not late for yesterday.
                         if deadline is not None and watched_since is not None and deadline >= watched_since:
-                            found = lateness(task, day, records.all, deadline, book, slots)
-                            if found.late:
-                                alerts.append(day_late_alert(task, day, found))
+                            late_due.append((task, deadline))
                         settled.append((day, (DAY_LATE, task.name)))
                 # Each slot is judged once, when its grace has passed: fired by then, or missed.
                 # (Not a slot whose fan-out Redis refused: the leader fans it out once it can.)
-                overdue = [slot for slot in overdue_slots(task, day, now, slots)
-                           if (SLOT_MISSED, task.name, slot.label) not in done
-                           and (task.name, slot.label) not in self._held_slots]
-                if overdue:
-                    if fired is None:
-                        # A computed slot whose callable was called fired, runs or not.
-                        fired = fired_slots(records.all.values()) | (book.fired_slots() if book else set())
-                    alerts += missed_slot_alerts(task, overdue, fired, watched_since)
-                    settled += [(day, (SLOT_MISSED, task.name, slot.label)) for slot in overdue]
+                past = [slot for slot in overdue_slots(task, day, now, slots)
+                        if (SLOT_MISSED, task.name, slot.label) not in done
+                        and (task.name, slot.label) not in self._held_slots]
+                if past:
+                    overdue[task.name] = past
+                    settled += [(day, (SLOT_MISSED, task.name, slot.label)) for slot in past]
+            predict = [task for task in tasks if task.deadline is not None and (PREDICTED, task.name) not in done]
+            if predict:
+                alerts += self._predict_late(day, predict, slots, now, settled)
+            if not late_due and not overdue:
+                continue
+            judged = [task for task, _ in late_due] + [task for task in tasks if task.name in overdue]
+            # Computed params (params_book.py): read only when a computed task is judged.
+            book = ParamsBook.read(self.connection, self.keys, day) \
+                if any(task.params_computed for task in judged) else None
+            wanted = [run.run_id for task, deadline in late_due for slot in task_slots_on(task, day, slots)
+                      if slot.fires_at <= deadline for run in runs_of_slot(task, slot, book)]
+            wanted += [run.run_id for task in tasks for slot in overdue.get(task.name, ())
+                       for run in runs_of_slot(task, slot, book)]
+            records = read_records(self.connection, self.keys.day_runs(day), wanted)
+            for task, deadline in late_due:
+                found = lateness(task, day, records, deadline, book, slots)
+                if found.late:
+                    alerts.append(day_late_alert(task, day, found))
+            if overdue:
+                # A computed slot whose callable was called fired, runs or not.
+                fired = fired_slots(records.values()) | (book.fired_slots() if book else set())
+                for task in tasks:
+                    if task.name in overdue:
+                        alerts += missed_slot_alerts(task, overdue[task.name], fired, watched_since)
         raised = self._raise(alerts)
         # Only now that the alerts are in Redis: a pass that failed half-way is redone whole.
-        for alert in alerts:
-            self._known.setdefault(alert.day, set()).add(alert.alert_id)
         for day, what in settled:
             self._settled.setdefault(day, set()).add(what)
-        return raised
+        return [alert.alert_id for alert in taken] + raised
+
+    def _predict_late(self, day: date, tasks: list[Task], slots: DaySlots | None, now: datetime,
+                      settled: list[tuple[date, tuple[str, ...]]]) -> list[Alert]:
+        """``day_late`` with ``predicted: true`` for each of ``tasks`` whose runs due by its
+        deadline are expected (eta.py) to end more than PREDICTED_LATE_MARGIN_S after it,
+        while the deadline is still ahead; ``settled`` gets each task predicted late, or
+        whose deadline came. At most every ``predict_every_s``, and only for tasks whose
+        day has begun (a slot fired). What it reads: the records of those tasks' runs and of
+        the runs they come ``after`` (HMGET: not the day), the paused tasks, the heartbeats
+        and the pending runs' learned durations. The ETA is of those runs alone, on every
+        live worker: other tasks' runs would only make it later, so a day_late it predicts
+        is no false alarm, and one it misses still comes at the deadline."""
+        ahead: list[tuple[Task, datetime]] = []
+        for task in tasks:
+            deadline = deadline_at(task, day)
+            if deadline is None or now >= deadline:
+                settled.append((day, (PREDICTED, task.name)))
+                continue
+            fired = [slot for slot in task_slots_on(task, day, slots) if slot.fires_at <= now]
+            if fired:
+                ahead.append((task, deadline))
+        if not ahead or time.monotonic() < self._next_predict.get(day, 0.0):
+            return []
+        self._next_predict[day] = time.monotonic() + self.predict_every_s
+        names: set[str] = set()
+        todo = [task.name for task, _ in ahead]
+        while todo:  # the tasks and, transitively, those they come after
+            name = todo.pop()
+            if name not in names:
+                names.add(name)
+                todo += self.table.get(name).after
+        chosen = [self.table.get(name) for name in names]
+        book = ParamsBook.read(self.connection, self.keys, day) if any(t.params_computed for t in chosen) else None
+        wanted = [run.run_id for task in chosen for slot in task_slots_on(task, day, slots)
+                  for run in runs_of_slot(task, slot, book)]
+        records = read_records(self.connection, self.keys.day_runs(day), wanted)
+        runs = shown_runs(self.table, day, now, records, paused_tasks(self.connection, self.keys), book, slots,
+                          task_names=names)
+        estimate = read_eta(self.connection, self.keys, self.table, runs,
+                            live_processes(self.connection, self.keys, now), now)
+        found = []
+        for task, deadline in ahead:
+            end = estimate.end_of(task.name, slots_until=deadline)
+            if end is not None and predicted_late(deadline, end, now):
+                found.append(predicted_day_late_alert(task, day, deadline, end, now))
+                settled.append((day, (PREDICTED, task.name)))
+        return found
 
     def raise_alerts(self, alerts: list[Alert]) -> list[str]:
         """Put alerts found elsewhere (table_watch.py's ``tables_differ``) into the outbox,
@@ -477,9 +513,7 @@ class AlertService:
                       "(last: %s)", claimed.alert_id, event, self.shown_url, _hours(self.give_up_ms), attempts,
                       result.reason)
             return None
-        wait_s = min(self.settings.alert_retry_max_s, self.settings.alert_retry_s * 2 ** min(attempts - 1, 30))
-        if result.retry_after_s is not None:
-            wait_s = max(wait_s, result.retry_after_s)
+        wait_s = backoff_s(self.settings, attempts, result.retry_after_s)
         # The last attempt comes when the alert turns give_up_s old, not a backoff later.
         wait_s = max(0.0, min(wait_s, (self.give_up_ms - age_ms) / 1000))
         self.outbox.retry(claimed.alert_id, self.owner, int(wait_s * 1000))

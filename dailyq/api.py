@@ -1,6 +1,6 @@
-"""The commands as functions, for scripts and web apps: ``trigger``, ``rerun``,
+"""The commands as functions, for scripts and web apps: ``trigger``, ``rerun``, ``cancel``,
 ``day_status``, ``pause``, ``resume`` and ``doctor`` do what ``scheduler.py
-trigger|rerun|status --json|pause|resume|doctor --json`` do, and ``trigger_range`` and
+trigger|rerun|cancel|status --json|pause|resume|doctor --json`` do, and ``trigger_range`` and
 ``days_status`` what ``trigger --from --to`` and ``status --from --to --json`` do; they
 return data instead of printing it.
 
@@ -32,6 +32,8 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 from redis import Redis
 
 from .backfill import day_range, day_summary
+from .cancelling import CancelledRun, asking_user
+from .cancelling import cancel as _cancel_command
 from .clock import iso, server_now
 from .commands import pause as _pause_command
 from .commands import rerun as _rerun_command
@@ -44,10 +46,10 @@ from .runs import Run, decode_record
 from .settings import Settings
 from .status import day_runs as _day_runs
 from .status import day_status as _day_status
-from .table import Task, TaskTable, default_day, load_table
+from .table import Task, TaskTable, default_day, encode_param, load_table
 
-__all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "day_status", "days_status", "default_day", "doctor", "pause",
-           "rerun", "resume", "trigger", "trigger_range"]
+__all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "cancel", "day_status", "days_status", "default_day", "doctor",
+           "pause", "rerun", "resume", "trigger", "trigger_range"]
 
 ConnectionOrUrl = Union[Redis, str]
 DayLike = Union[date, str, None]  # a date, "YYYY-MM-DD", or None for today in the tasks' zone
@@ -158,6 +160,40 @@ def rerun(connection_or_url: ConnectionOrUrl, task: str, params: Iterable[Any] =
             **{name: [_run_entry(run, job_ids[run.run_id]) for run in runs] for name, runs in groups.items()}}
 
 
+def cancel(connection_or_url: ConnectionOrUrl, day: DayLike, task: str | None = None, params: Iterable[Any] = (),
+           run_id: str | Iterable[str] | None = None, *, user: str | None = None, settings: Settings | None = None,
+           table: TableLike = None) -> dict[str, Any]:
+    """Cancel runs of ``day``, like ``scheduler.py cancel``: ``run_id`` (one or several run
+    ids, or a rerun's job id), or the runs of ``task`` (only ``params`` when given: values
+    or JSON text, as for ``rerun``), or every run of the day. A run executing stops within
+    about a second, on any node (its claim renewer is told); a queued, waiting or held run
+    never starts. Each ends ``cancelled``, its error "cancelled by USER on NODE" (``user``:
+    default the login name; the node is ``NODE_NAME``); ``rerun`` runs it again.
+
+    Returns ``{"date", "by", "cancelled": [run, ...], "ended": [run, ...]}``, each run
+    ``{"task", "param", "slot", "run_id", "state", "node", "executing"}``: ``cancelled``
+    with the state it had (``executing``: a copy was running it and stops), ``ended``
+    the runs chosen that had ended already (finished, failed, ...: nothing to cancel).
+    """
+    settings, table_ = _settings_and_table(settings, table)
+    parsed_day = _parse_day(day)
+    if parsed_day is None:
+        raise ConfigError("cancel needs a day: --date YYYY-MM-DD")
+    ids = [run_id] if isinstance(run_id, str) else list(run_id or [])
+    wanted = [params] if isinstance(params, str) else [p if isinstance(p, str) else encode_param(p) for p in params]
+    with _connection(connection_or_url, settings) as connection:
+        report = _cancel_command(connection, settings.keys, table_, parsed_day, task_name=task, params=wanted,
+                                 run_ids=ids, node=settings.node_name, user=user or asking_user(),
+                                 retention_s=settings.retention_s, now_iso=iso(server_now(connection)))
+
+    def entry(run: CancelledRun) -> dict[str, Any]:
+        return {"task": run.task, "param": run.param, "slot": run.slot, "run_id": run.run_id, "state": run.state,
+                "node": run.node, "executing": run.executing}
+
+    return {"date": parsed_day.isoformat(), "by": report.by, "cancelled": [entry(r) for r in report.cancelled],
+            "ended": [entry(r) for r in report.ended]}
+
+
 def day_status(connection_or_url: ConnectionOrUrl, day: DayLike = None, *, settings: Settings | None = None,
                table: TableLike = None) -> dict[str, Any]:
     """Every run of ``day`` with its state, the leader and the live nodes: the object
@@ -199,7 +235,7 @@ def pause(connection_or_url: ConnectionOrUrl, tasks: Iterable[str] | str | None 
           settings: Settings | None = None, table: TableLike = None) -> dict[str, Any]:
     """Pause ``tasks`` (a name or names), or with ``all_tasks`` every task, like
     ``scheduler.py pause``: their slots are not fanned out and their queued runs not
-    started until ``resume``; runs executing now finish (see dailyq/pause.py).
+    started until ``resume``; runs executing now finish (see dailyq/pausing.py).
 
     Returns ``{"paused": [{"task", "since", "by", "already"}, ...]}``: ``since`` (ISO,
     Redis's clock) and ``by`` (the node, ``NODE_NAME``) of the pause in force;

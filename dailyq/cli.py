@@ -1,4 +1,4 @@
-"""Command line: ``python scheduler.py [status|trigger|rerun|pause|resume|doctor|demo]`` (also installed as
+"""Command line: ``python scheduler.py [status|trigger|rerun|cancel|pause|resume|doctor|demo]`` (also installed as
 the ``dailyq`` console script) and the worker.
 
 The commands' work is done by dailyq/api.py (over commands.py), which scripts call
@@ -18,7 +18,7 @@ import shutil
 import sys
 from datetime import date
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -57,6 +57,7 @@ def _context(args: argparse.Namespace) -> tuple[Settings, TaskTable]:
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from .alerts import AlertService  # noqa: PLC0415 - keeps status/trigger start-up light
+    from .heartbeat_ping import HeartbeatPing  # noqa: PLC0415
     from .scheduler import DailyScheduler  # noqa: PLC0415
     from .table_watch import TableWatch  # noqa: PLC0415
 
@@ -68,12 +69,16 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     # The record of table differences is kept with alerts off too: status and health read it.
     tables = TableWatch(connection, settings, table, raise_alerts=alerts.raise_alerts if alerts.enabled else None)
     scheduler.tick_hooks.append(tables.on_tick)
+    # The outside heartbeat (dead-man's switch): due in the leader's tick, sent from its thread.
+    ping = HeartbeatPing(connection, settings, table)
+    scheduler.tick_hooks.append(ping.on_tick)
     metrics = None
     if settings.metrics_port is not None and not args.burst:
         from .metrics import serve_metrics  # noqa: PLC0415 - imports prometheus_client
 
         # Before logging starts: a port already taken is one line on stderr, like any bad setting.
-        metrics = serve_metrics(settings, connection, table, lambda: scheduler.is_leader)
+        metrics = serve_metrics(settings, connection, table, lambda: scheduler.is_leader,
+                                last_heartbeat=lambda: ping.last_beat_s)
     setup_logging(settings.node_name)
     log.info("connected to %s as node %s", settings.redacted_url(), settings.node_name)
     if metrics is not None:
@@ -81,9 +86,11 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     warn_about_server(connection, settings)
     if not args.burst:
         alerts.start()
+        ping.start()
     try:
         scheduler.run(burst=args.burst)
     finally:
+        ping.stop()
         alerts.stop()  # after run() released the lease: a POST under way may finish and be acked
         if metrics is not None:
             metrics.stop()
@@ -101,6 +108,16 @@ def _range_asked(args: argparse.Namespace) -> bool:
     return True
 
 
+def print_json(value: Any) -> None:
+    """``--json`` output: indented for a person at a terminal, one compact line for a pipe or
+    a file. The compact form goes through the json module's C encoder, which indenting
+    turns off: a 100k-run day's status is about 30 MB of JSON."""
+    if sys.stdout.isatty():
+        print(json.dumps(value, ensure_ascii=False, indent=2))
+    else:
+        print(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.json and (args.watch or args.until_done):
         raise ConfigError("--json prints one snapshot and cannot be watched; drop --json or --watch/--until-done")
@@ -109,7 +126,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise ConfigError("--from/--to prints one line per day and cannot be watched; drop --watch/--until-done")
         settings, table = _context(args)
         days = api.days_status(settings.redis_url, args.from_day, args.to_day, settings=settings, table=table)
-        print(json.dumps(days, ensure_ascii=False, indent=2) if args.json else render_days(days))
+        print_json(days) if args.json else print(render_days(days))
         return 0
     settings, table = _context(args)
     if args.watch or args.until_done:
@@ -120,7 +137,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = api.day_status(settings.redis_url, args.date, settings=settings, table=table)
     alerts = status["alerts"]
     if args.json:
-        print(json.dumps(status, ensure_ascii=False, indent=2))
+        print_json(status)
     else:
         print(render_table(status, colour=colour_wanted(sys.stdout.isatty(), os.environ)))
         if alerts["url"] or alerts["pending"] or alerts["in_flight"]:
@@ -212,6 +229,23 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    settings, table = _context(args)
+    # Each cancel is logged (who, which run, what it was), in the format the nodes log in.
+    setup_logging(settings.node_name, level=logging.WARNING)
+    result = api.cancel(settings.redis_url, args.date, args.task, args.param or [], args.run or None,
+                        settings=settings, table=table)
+    for run in result["cancelled"]:
+        how = f"was running on {run['node']}: its copy stops" if run["executing"] else f"was {run['state']}"
+        print(f"cancelled: {run['task']} {encode_param(run['param'])} slot {run['slot']} ({how})")
+    for run in result["ended"]:
+        print(f"not cancelled, already {run['state']}: {run['task']} {encode_param(run['param'])} slot {run['slot']}")
+    executing = sum(run["executing"] for run in result["cancelled"])
+    print(f"{result['date']}: {len(result['cancelled'])} cancelled ({executing} executing) by {result['by']}, "
+          f"{len(result['ended'])} had ended already; rerun runs a cancelled run again")
+    return 0
+
+
 def cmd_pause(args: argparse.Namespace) -> int:
     settings, table = _context(args)
     result = api.pause(settings.redis_url, args.task, all_tasks=args.all, settings=settings, table=table)
@@ -238,7 +272,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     settings, table = _context(args)
     report = api.doctor(settings.redis_url, args.date, repair=args.repair, settings=settings, table=table)
-    print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else render(report))
+    print_json(report) if args.json else print(render(report))
     return 1 if report["problems"] else 0
 
 
@@ -345,6 +379,17 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
                        help="a task with computed params: call its params callable again and use the new list "
                             "(default: the list stored when the slot fired)")
     again.set_defaults(handler=cmd_rerun)
+
+    stop = sub.add_parser("cancel", help="stop a day's runs: executing ones stop within seconds, queued or "
+                          "waiting ones never start; they show cancelled until a rerun")
+    stop.add_argument("--date", type=_parse_date, required=True)
+    stop.add_argument("--task", help="only this task's runs")
+    chosen = stop.add_mutually_exclusive_group()
+    chosen.add_argument("--param", action="append", help="with --task: only this param (repeatable); JSON text for "
+                        "non-strings")
+    chosen.add_argument("--run", action="append", metavar="RUN_ID",
+                        help="only this run (its run_id in status --json; repeatable)")
+    stop.set_defaults(handler=cmd_cancel)
 
     for name, handler, text in (
             ("pause", cmd_pause, "pause a task: its slots are not fanned out and its queued runs not started "

@@ -1,5 +1,5 @@
 """The ``trigger`` and ``rerun`` commands: which runs of a day to enqueue, and why; and
-``pause``/``resume``, which choose the tasks pause.py acts on.
+``pause``/``resume``, which choose the tasks pausing.py acts on.
 
 They choose runs and report on them; enqueueing itself, once per run under WATCH
 (and the leader's fencing), is fanout.py's ``fan_out``, which every path shares.
@@ -22,9 +22,9 @@ from .errors import ConfigError
 from .fanout import Again, FanOutResult, fan_out
 from .keys import Keys
 from .params_book import ParamsFailed, SlotParams, settle
-from .pause import PauseResult, ResumeResult, paused_names
-from .pause import pause as _pause
-from .pause import resume as _resume
+from .pausing import PauseResult, ResumeResult, paused_names
+from .pausing import pause as _pause
+from .pausing import resume as _resume
 from .runs import FINISHED, QUEUED, RUNNING, WAITING, DaySlots, Run, decode_record, runs_of_slot
 from .table import Task, TaskTable, encode_param
 

@@ -42,13 +42,15 @@ Kinds (a public contract, documented in README: added to, never renamed)
 ``waiting_entry_stale``  a waiting entry whose record is neither waiting nor blocked (a
                          run that ended, or is queued with its job pushed): its release
                          would push a second job. Repair: the entry removed.
-``left_stale``           a ``left`` job of the day whose run is finished, removed, has no
+``left_stale``           a ``left`` job of the day whose run is finished, removed, cancelled, has no
                          record, or whose record names another job: the leader would
                          put back a job nothing waits for. Repair: entry removed.
 
-Not reported, because nothing lies: a finished (failed, skipped) run whose job is still
-in a queue (BEGIN skips it), a queued run whose job waits in the waiting hash (the
-release pushes it), a waiting entry of a run with no record (its release runs it).
+Not reported, because nothing lies: a finished (failed, skipped, cancelled) run whose job is
+still in a queue (BEGIN skips it), a cancelled run whose stopped copy has not yet released
+its claim (it does within a second or two, or the claim lapses), a queued run whose job
+waits in the waiting hash (the release pushes it), a waiting entry of a run with no record
+(its release runs it).
 
 Reads and repairs
 -----------------
@@ -82,6 +84,7 @@ from .redis_values import as_text
 from .rq_seam import DailyJob
 from .runs import (
     BLOCKED,
+    CANCELLED,
     FAILED,
     FINISHED,
     META_KEY,
@@ -366,7 +369,7 @@ class Finder:
             record = snap.records.get(run_id)
             if record is None:
                 why = f"its run {run_id} has no record on {self.day}"
-            elif record.get("state") in (FINISHED, REMOVED):
+            elif record.get("state") in (FINISHED, REMOVED, CANCELLED):
                 why = f"its run is {record.get('state')}"
             elif _job_of(record) != job_id:
                 why = f"its run's record names job {_job_of(record) or 'none'}"
@@ -531,13 +534,15 @@ def repair(connection: Redis, keys: Keys, queue: Queue, day: date, problem: Prob
     if isinstance(fix, Requeue):
         outcome = scripts.doctor_requeue(
             runs_key=runs_key, queue_key=queue.key, intermediate_queue_key=queue.intermediate_queue_key,
-            job_key=DailyJob.key_for(fix.job_id), failed_registry_key=queue.failed_job_registry.key, run_id=run_id,
-            job_id=fix.job_id, error=fix.error, now_iso=now_iso, retention_s=retention_s).run()
+            job_key=DailyJob.key_for(fix.job_id), failed_registry_key=queue.failed_job_registry.key,
+            failures_key=keys.alert_failures, run_id=run_id, job_id=fix.job_id, error=fix.error, now_iso=now_iso,
+            retention_s=retention_s, day=day.isoformat()).run()
         return {"changed": CHANGED, "in-queue": "left alone: its job is in the queue now"}.get(outcome, outcome)
     if isinstance(fix, Settle):
         done = scripts.doctor_settle(runs_key=runs_key, waiting_key=waiting_key, finished_key=keys.day_finished(day),
-                                     run_id=run_id, state=state, job_id=job_id, new_state=fix.state, error=fix.error,
-                                     entry=fix.entry, now_iso=now_iso, retention_s=retention_s).run()
+                                     failures_key=keys.alert_failures, run_id=run_id, state=state, job_id=job_id,
+                                     new_state=fix.state, error=fix.error, entry=fix.entry, now_iso=now_iso,
+                                     retention_s=retention_s, day=day.isoformat()).run()
         return fix.state if done else CHANGED
     if isinstance(fix, Park):
         done = scripts.doctor_park(runs_key=runs_key, waiting_key=waiting_key, waiting_days_key=keys.waiting_days,

@@ -48,7 +48,24 @@ class DayRecords:
         return {run_id: _decode(value) for run_id, value in self.raw.items() if word in value}
 
 
-def _decode(raw: bytes) -> dict[str, Any]:
+def _decode(raw: bytes | str) -> dict[str, Any]:
     record = json.loads(raw)
     record["param"] = json.loads(record.get("param_json", "null"))
     return record
+
+
+# Fields per HMGET: a judgment of a task of many runs reads them in slices.
+HMGET_CHUNK = 1000
+
+
+def read_records(connection: Redis, key: str, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The records of ``run_ids`` that exist (decoded, with ``param``): the runs one
+    judgment needs, not the day."""
+    found: dict[str, dict[str, Any]] = {}
+    unique = list(dict.fromkeys(run_ids))
+    for at in range(0, len(unique), HMGET_CHUNK):
+        chunk = unique[at:at + HMGET_CHUNK]
+        for run_id, raw in zip(chunk, connection.hmget(key, chunk)):
+            if raw is not None:
+                found[run_id] = _decode(raw)
+    return found

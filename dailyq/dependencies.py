@@ -66,8 +66,9 @@ Deviations from the brief, and edge cases
 * Recovery (recovery.py) requeues an abandoned run of a downstream task directly
   (``hold_dependent=False``): it was executing, so it had been released; holding it
   again would only add a round trip.
-* An upstream run ``skipped`` (overlap='skip') blocks like a failed one: it will not
-  run, and its output is missing. A rerun of it releases as for a failed one.
+* An upstream run ``skipped`` (overlap='skip') or ``cancelled`` (cancelling.py) blocks like a
+  failed one: it will not run, and its output is missing. A rerun of it releases as for a
+  failed one.
 * An upstream task with no slot on D has no runs on D: its downstream runs are not
   held back by it.
 * An upstream run never fanned out (``scheduled``, or ``missed`` past its misfire grace)
@@ -96,7 +97,7 @@ from .fanout import Held, job_data, longest_first
 from .keys import Keys
 from .params_book import ParamsBook, params_run_id
 from .redis_values import as_text
-from .runs import BLOCKED, FAILED, QUEUED, SKIPPED, DaySlots, Run, runs_on, task_slots_on
+from .runs import BLOCKED, CANCELLED, FAILED, QUEUED, SKIPPED, DaySlots, Run, runs_on, task_slots_on
 from .schedule import Slot
 from .scripts import Scripts, scripts_for
 from .table import Task, TaskTable
@@ -104,8 +105,8 @@ from .table import Task, TaskTable
 log = logging.getLogger(__name__)
 
 # Upstream states that hold their downstream runs back for good, until a rerun
-# (HOLD_WAITING checks the same three).
-BLOCKING_STATES = (FAILED, SKIPPED, BLOCKED)
+# (HOLD_WAITING checks the same four).
+BLOCKING_STATES = (FAILED, SKIPPED, BLOCKED, CANCELLED)
 READ_CHUNK = 10_000
 LOOKED_MAX = 10_000
 

@@ -179,6 +179,24 @@ def longest_first(connection: Redis, keys: Keys, runs: Sequence[Run]) -> list[Ru
     return sorted(runs, key=rank)
 
 
+# Series whose durations one trim removes at most: a call stays short however many went stale.
+TRIM_BATCH = 1000
+
+
+def trim_durations(connection: Redis, keys: Keys, today: date, retention_days: int) -> int:
+    """Forget the learned durations of series that no day fanned out for ``retention_days``
+    (the fan-out notes each series' day in ``keys.durations_seen``). Returns how many went."""
+    scripts = scripts_for(connection)
+    removed = 0
+    while True:
+        gone = scripts.trim_durations(durations_key=keys.durations, seen_key=keys.durations_seen,
+                                      oldest_kept_ordinal=today.toordinal() - retention_days,
+                                      today_ordinal=today.toordinal(), batch=TRIM_BATCH).run()
+        removed += gone
+        if gone < TRIM_BATCH:
+            return removed
+
+
 def limited_backlog_s(runs: Sequence[Run], expected: dict[str, float]) -> dict[str, float]:
     """Task name -> its runs' expected work / max_running, for the limited tasks among
     ``runs``. A run never timed counts as its task's mean known duration, else 1 s: all
@@ -233,6 +251,8 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                 if fresh:
                     pipe.sadd(enqueued_key, *[job_id for _, job_id in fresh])
                     pipe.expire(enqueued_key, retention_s)
+                    # What keeps the learned durations bounded (scheduler.trim_durations).
+                    pipe.zadd(keys.durations_seen, {run.series_id: day.toordinal() for run, _ in fresh}, gt=True)
                     # A run's first job (no rerun number) has no record yet: it is written whole.
                     # A run enqueued once more keeps its record (attempts, history).
                     scripts.queue_records(
@@ -339,9 +359,10 @@ def job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool,
         args=(run.param,),
         job_id=job_id,
         timeout=task.timeout_s,
-        # Keep the job (and its result) as long as our own day records, so rq-dashboard
-        # and ``status`` tell the same story.
-        result_ttl=retention_s,
+        # No result_ttl: the worker's default applies (DAILYQ_JOB_TTL_S, worker.py), so a
+        # finished job lives as long as the node that ran it says, not as the day records.
+        # A failed job stays as long as the day records: rq-dashboard shows it beside
+        # ``status``, and the leader settles a run from RQ's failed registry (settle.py).
         failure_ttl=retention_s,
         description=f"{task.name}({run.param_json}) slot {run.slot.isoformat()}",
         meta=run.job(job_id, force=force, rerun_id=again.rerun_id if again else None).meta(),

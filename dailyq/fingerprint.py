@@ -9,8 +9,10 @@ has a given run (``has_run``): what the leader decides a run ``removed`` from
 
 A description is plain JSON: per task its function, its params (the canonical JSON of
 each fixed param, or the path of its params callable), its schedule, ``after`` and its
-limits. The fingerprint is a digest of that JSON, so equal tables have equal
-fingerprints on every node, and a published description never changes.
+limits, and for a task in a pool the pool's name and size (absent for a task in none,
+so that a table without pools keeps the fingerprint it had before pools). The
+fingerprint is a digest of that JSON, so equal tables have equal fingerprints on
+every node, and a published description never changes.
 
 Everything here is pure; the descriptions in Redis are table_store.py's.
 """
@@ -24,7 +26,12 @@ from typing import Any, Mapping, TypedDict
 from .table import Task, TaskTable, encode_param
 
 
-class TaskDescription(TypedDict):
+class _PoolFields(TypedDict, total=False):
+    pool: str  # the task's pool, only for a task in one
+    pool_size: int  # the pool's size (POOLS), only in a table's description (``describe``)
+
+
+class TaskDescription(_PoolFields):
     func: str
     params: list[str] | None  # canonical JSON of each fixed param; None: computed at the slot
     params_from: str | None  # the params callable's path, for a computed task
@@ -43,16 +50,24 @@ def schedule_text(task: Task) -> str:
     return f"cron {task.cron!r} {task.tz}"
 
 
-def describe_task(task: Task) -> TaskDescription:
-    return {"func": task.func_path,
-            "params": None if task.params_computed else [encode_param(p) for p in task.params],  # type: ignore[union-attr]
-            "params_from": task.params_path if task.params_computed else None,
-            "schedule": schedule_text(task), "after": list(task.after),
-            "max_running": task.max_running, "max_per_node": task.max_per_node}
+def describe_task(task: Task, pool_size: int | None = None) -> TaskDescription:
+    described: TaskDescription = {
+        "func": task.func_path,
+        "params": None if task.params_computed else [encode_param(p) for p in task.params],  # type: ignore[union-attr]
+        "params_from": task.params_path if task.params_computed else None,
+        "schedule": schedule_text(task), "after": list(task.after),
+        "max_running": task.max_running, "max_per_node": task.max_per_node}
+    if task.pool is not None:
+        described["pool"] = task.pool
+        if pool_size is not None:
+            described["pool_size"] = pool_size
+    return described
 
 
 def describe(table: TaskTable) -> Description:
-    return {task.name: describe_task(task) for task in table.tasks}
+    """Each task with its pool's size: a pool resized changes the description of each of its tasks."""
+    return {task.name: describe_task(task, table.pools.get(task.pool) if task.pool else None)
+            for task in table.tasks}
 
 
 def _digest(data: Any) -> str:
@@ -67,7 +82,8 @@ def fingerprint(description: Description) -> str:
 
 def task_digest(task: Task) -> str:
     """Names one task's definition: a leader whose table has another digest for a task
-    than the leader that fired it fans its slots within the grace out again (scheduler.py)."""
+    than the leader that fired it fans its slots within the grace out again (scheduler.py).
+    It names the task's pool but not the pool's size, which no firing depends on."""
     return _digest(describe_task(task))
 
 
@@ -109,7 +125,7 @@ def diff(base: Mapping[str, TaskDescription], other: Mapping[str, TaskDescriptio
             result["other"].setdefault(name, []).append("params")
         if old["schedule"] != new["schedule"]:
             result["schedules"][name] = {"from": old["schedule"], "to": new["schedule"]}
-        for field in ("func", "params_from", "after", "max_running", "max_per_node"):
+        for field in ("func", "params_from", "after", "max_running", "max_per_node", "pool", "pool_size"):
             if old.get(field) != new.get(field):
                 result["other"].setdefault(name, []).append(field)
     return result

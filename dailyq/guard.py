@@ -25,6 +25,9 @@ work-horse, or the worker itself for a non-forking worker):
    shared memory and kills the horse once it passed (claim_watch.py). A non-forking
    worker has no such process: there a task that holds the GIL past ``claim_ttl_s -
    claim_margin_s`` can run beside the copy that takes its run over.
+   A ``cancel`` (cancelling.py) renames the claim: the renewal answers 'cancelled', the copy
+   stops the same way, and releases the renamed claim once its task has stopped (the
+   worker parent does, for a work-horse that exited with ``CANCELLED_EXIT_CODE``).
 3. ``FINISH`` adds the run to the finished set and releases the claim atomically (on
    a worker, inside RQ's transaction that records the job's success); ``FAIL``
    releases the claim and records the error, or queues the run for its retry. Both
@@ -68,7 +71,7 @@ from .context import RunContext, running_as
 from .keys import Keys
 from .outage import OutageLog, through_outage
 from .replicas import ReplicaAcks
-from .runs import RunJob
+from .runs import CLAIM_LOST_RESULT, RunJob
 from .scripts import BeginReply, FailOutcome, RenewOutcome, ScriptCall, parse_begin, scripts_for
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,9 @@ RECORD_OUTAGE_LIMIT_S = 900.0
 # A forked work-horse that lost its claim exits with this code; its worker parent then
 # knows the run was not this copy's any more (worker.py) and records nothing for it.
 CLAIM_LOST_EXIT_CODE = 87
+# A forked work-horse stopped by ``cancel`` (cancelling.py) exits with this code; its worker
+# parent then releases the claim the cancel renamed (worker.py), records nothing else.
+CANCELLED_EXIT_CODE = 88
 # The watchdog's period: how late, at most, it notices a missed deadline or a resume
 # after a freeze. It only compares clock readings; it never waits on the network.
 WATCHDOG_EVERY_S = 0.2
@@ -333,9 +339,27 @@ class Guard:
     def _stopped(self, run: RunJob, held: "HeldRun", cancel_retry: Callable[[], None]) -> dict[str, str]:
         self.keeper.release(run.run_id)
         cancel_retry()
+        if held.cancelled:
+            self.release_cancelled(run, held.owner)
+            return {"skipped": "cancelled"}
         log.error("run %s stopped on node %s: %s; this copy records nothing (another copy may own the run)",
                   run.run_id, self.node, held.lost_because(), extra={"run_id": run.run_id})
-        return {"skipped": "claim lost"}
+        return CLAIM_LOST_RESULT
+
+    def release_cancelled(self, run: RunJob, owner: str) -> None:
+        """After ``owner``'s copy of ``run`` stopped for a cancel: release the claim the
+        cancel renamed, so that a rerun starts at once (else it lapses by its TTL)."""
+        call = self.scripts.release_cancelled(claim_key=self.keys.claim(run.run_id),
+                                              series_key=self.keys.series_claim(run.series), owner=owner)
+        try:
+            why = through_outage(call.run, OutageLog(log, f"releasing the claim of cancelled run {run.run_id}"),
+                                 RECORD_OUTAGE_LIMIT_S)
+        except RedisError as exc:
+            log.error("run %s: stopped for a cancel; could not release its claim (%s): it lapses by itself",
+                      run.run_id, exc, extra={"run_id": run.run_id})
+            return
+        log.warning("run %s stopped on node %s: %s; claim released", run.run_id, self.node,
+                    why or "cancelled (its claim had lapsed already)", extra={"run_id": run.run_id})
 
     def _begin_call(self, attempt: Attempt) -> ScriptCall[BeginReply]:
         run = attempt.run
@@ -435,9 +459,10 @@ class Guard:
         else:
             run_busy = series_busy = f"{type(exc).__name__}: {exc} (while claiming the run)"
         call = self.scripts.end_wait(
-            runs_key=self.keys.day_runs(run.day), claim_key=self.keys.claim(run.run_id), run_id=run.run_id,
-            job_id=run.job_id, base_json=run.base_record, retention_s=self.retention_s, rq_will_retry=rq_can_retry,
-            node=self.node, now_iso=iso(self.clock()), error_if_run_busy=run_busy, error_if_series_busy=series_busy)
+            runs_key=self.keys.day_runs(run.day), claim_key=self.keys.claim(run.run_id),
+            failures_key=self.keys.alert_failures, run_id=run.run_id, job_id=run.job_id, base_json=run.base_record,
+            retention_s=self.retention_s, rq_will_retry=rq_can_retry, node=self.node, now_iso=iso(self.clock()),
+            error_if_run_busy=run_busy, error_if_series_busy=series_busy, day=run.day.isoformat())
         try:
             decision = through_outage(call.run, OutageLog(log, f"recording that run {run.run_id} stopped waiting"),
                                       RECORD_OUTAGE_LIMIT_S)
@@ -470,9 +495,10 @@ class Guard:
         work-horse died, with the owner token it gave that work-horse."""
         return self.scripts.fail(
             claim_key=self.keys.claim(run.run_id), runs_key=self.keys.day_runs(run.day),
-            running_key=self.keys.running, series_key=self.keys.series_claim(run.series), run_id=run.run_id,
-            owner=owner, base_json=run.base_record, retention_s=self.retention_s, rq_can_retry=rq_can_retry,
-            max_attempts=run.max_attempts, node=self.node, now_iso=iso(self.clock()), error=error)
+            running_key=self.keys.running, series_key=self.keys.series_claim(run.series),
+            failures_key=self.keys.alert_failures, run_id=run.run_id, owner=owner, base_json=run.base_record,
+            retention_s=self.retention_s, rq_can_retry=rq_can_retry, max_attempts=run.max_attempts, node=self.node,
+            now_iso=iso(self.clock()), error=error, day=run.day.isoformat())
 
 
 
@@ -499,6 +525,8 @@ class HeldRun:
         self.ttl_ms = ttl_ms
         self.confirmed_at = confirmed_at
         self.lost: str | None = None
+        # The claim was renamed by ``cancel``: this copy stops and then releases it.
+        self.cancelled = False
         self.calling = False  # the task function is executing now
         self.thread_id = threading.get_ident()
         self.stop_sent = False
@@ -657,6 +685,9 @@ class ClaimKeeper:
         if reply == "ok":
             if confirmed_at is not None:
                 held.confirmed_at = max(held.confirmed_at, confirmed_at)
+        elif reply == "cancelled" and held.lost is None:
+            held.cancelled = True  # before ``lost``: the watchdog reads both (cancelling.py)
+            held.lost = "cancelled (scheduler.py cancel)"
         elif held.lost is None:
             held.lost = "another copy holds its claim now" if reply == "taken" else "its claim lapsed in Redis"
 
@@ -697,11 +728,15 @@ class ClaimKeeper:
             held.stop_sent = True
             reason = held.lost_because()
             if self.stop_by_exit:
-                log.error("run %s: stopping this work-horse: %s; it records nothing (another copy may own the run)",
-                          held.run_id, reason, extra={"run_id": held.run_id})
+                if held.cancelled:
+                    log.warning("run %s: stopping this work-horse: %s", held.run_id, reason,
+                                extra={"run_id": held.run_id})
+                else:
+                    log.error("run %s: stopping this work-horse: %s; it records nothing (another copy may own the "
+                              "run)", held.run_id, reason, extra={"run_id": held.run_id})
                 for handler in logging.getLogger().handlers:
                     handler.flush()
-                os._exit(CLAIM_LOST_EXIT_CODE)
+                os._exit(CANCELLED_EXIT_CODE if held.cancelled else CLAIM_LOST_EXIT_CODE)
             log.error("run %s: interrupting its task: %s", held.run_id, reason, extra={"run_id": held.run_id})
             if held.thread_id == threading.main_thread().ident and _interrupt_handler_installed():
                 signal.pthread_kill(held.thread_id, INTERRUPT_SIGNAL)

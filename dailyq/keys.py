@@ -35,6 +35,11 @@ class Keys:
         return f"{self.prefix}:durations"
 
     @property
+    def durations_seen(self) -> str:
+        """Zset series -> ordinal of the last day a fan-out had it: what bounds ``durations``."""
+        return f"{self.prefix}:durations:seen"
+
+    @property
     def scheduled_jobs(self) -> str:
         """Sorted set of delayed jobs (rq-scheduler's store, under our prefix)."""
         return f"{self.prefix}:scheduler:scheduled_jobs"
@@ -88,6 +93,19 @@ class Keys:
     def alert_entries(self) -> str:
         """Hash alert id -> JSON: the payload to POST, created_ms, attempts, owner of the claim."""
         return f"{self.prefix}:alerts:entries"
+
+    @property
+    def alert_failures(self) -> str:
+        """List of JSON failure events (run id, day, task, param, node, error, attempts), one
+        pushed by every script that records a run ``failed``, in that same step; the
+        leader's alerts take them from the front (alert_digest.py)."""
+        return f"{self.prefix}:alerts:failures"
+
+    @property
+    def alert_groups(self) -> str:
+        """Hash task -> JSON of its open grouping window (start_ms, until_ms, runs so far):
+        failures within it go into one ``runs_failed`` digest (alert_digest.py)."""
+        return f"{self.prefix}:alerts:groups"
 
     def day_alerts(self, day: date) -> str:
         """Set of alert ids ever raised for that day: each alert enters the outbox once."""
@@ -151,7 +169,7 @@ class Keys:
     @property
     def paused(self) -> str:
         """Hash task name -> JSON {since (ISO, Redis clock), by (node)} of every paused task
-        (pause.py)."""
+        (pausing.py)."""
         return f"{self.prefix}:paused"
 
     def limit_slots(self, task: str) -> str:
@@ -167,11 +185,6 @@ class Keys:
         """List of job ids of the task's runs a worker took off the queue but held back
         (over a limit, or the task paused), oldest first; put back at the queue's front."""
         return f"{self.prefix}:held:{task}"
-
-    def held_index(self, task: str) -> str:
-        """Set of the job ids in ``held(task)``: holding a run checks it here, not by a
-        scan of the list (scripts.SLOTS_LUA's ``hold``)."""
-        return f"{self.prefix}:held:{task}:ids"
 
     def table(self, fingerprint: str) -> str:
         """String JSON: the description of one task table (fingerprint.describe), named by

@@ -1,5 +1,7 @@
 """Per-task limits: ``Task(max_running=K)``, at most K runs of the task execute at the
-same moment across all nodes; ``Task(max_per_node=K)``, at most K on any one node.
+same moment across all nodes; ``Task(max_per_node=K)``, at most K on any one node;
+``Task(pool=P)`` with the table's ``POOLS = {P: K}``, at most K runs of all the tasks
+in pool P at once, across all nodes.
 
 Slots
 -----
@@ -14,6 +16,22 @@ A slot lapses with the claim: it is taken for the claim TTL and extended by the 
 RENEW_CLAIM that extends the claim (ClaimKeeper, every second, no extra round trip). So
 the slot of a holder that died or was cut off from Redis lapses when its claim would,
 and every check (ADMIT, RELEASE_SLOT, SWEEP_SLOTS) first drops lapsed members.
+
+Pools
+-----
+A pool has no slots of its own: a run of a pool's task takes a slot of its task, as a
+run of a task with ``max_running`` does, and the pool's use is the number of live slots
+of all its tasks. So a run needs room in both its task and its pool, and holds one slot
+that counts for both: the two permits are taken, renewed, freed and lapse together, and
+neither can leak without the other. ADMIT checks the pool's room beside the task's (it
+is given the slot keys of every task of the pool); a run held by a full pool waits on
+its own task's held list like any held run. When a slot of a pool's task frees,
+RELEASE_SLOT moves held runs of *every* task of the pool while there is room, dealt in
+turn starting with the task after the one that freed the slot, so that one task's
+backlog does not keep the pool from the others; SWEEP_SLOTS does the same for each pool.
+The pool's members and size come from the table of the process that asks: during a
+rolling deploy that changes a pool, nodes count by their own table (the fingerprint
+names the pool and its size, so table_skew shows the difference).
 
 Who holds and who releases
 --------------------------
@@ -54,7 +72,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from .keys import Keys
-from .pause import PausedCache
+from .pausing import PausedCache
 from .scripts import AdmitOutcome, LimitedTask, ScriptCall, scripts_for
 from .table import Task, TaskTable
 
@@ -68,17 +86,31 @@ log = logging.getLogger(__name__)
 LIVE_NODE_S = 600
 
 
+def limited_task(keys: Keys, table: TaskTable, task: Task) -> LimitedTask:
+    """A task's limits, pool and keys as the scripts take them."""
+    return LimitedTask(task.name, task.max_running, task.max_per_node, keys.limit_slots(task.name),
+                       keys.limit_slot_nodes(task.name), keys.held(task.name), task.pool,
+                       table.pools.get(task.pool, 0) if task.pool else 0)
+
+
+def pool_of(keys: Keys, table: TaskTable, task: Task) -> list[LimitedTask]:
+    """Every task of ``task``'s pool (itself included), in the table's order; [] when in none."""
+    return [limited_task(keys, table, member) for member in table.pool_tasks(task.pool)] if task.pool else []
+
+
 class SlotHold:
     """The slot one admitted execution holds (owner = its claim owner token)."""
 
     def __init__(self, connection: Redis, keys: Keys, task: Task, owner: str, node: str, queue_key: str,
-                 ttl_ms: int) -> None:
+                 ttl_ms: int, pool: list[LimitedTask] | None = None) -> None:
         self.keys = keys
         self.task = task
         self.owner = owner
         self.node = node
         self.queue_key = queue_key
         self.ttl_ms = ttl_ms
+        # Every task of the task's pool ([]: in none): a freed slot wakes held runs of them all.
+        self.pool = pool or []
         self.released = False
         self._scripts = scripts_for(connection)
 
@@ -97,9 +129,9 @@ class SlotHold:
         task = self.task
         return self._scripts.release_slot(
             paused_key=self.keys.paused, slots_key=self.slots_key, slot_nodes_key=self.keys.limit_slot_nodes(task.name),
-            held_key=self.keys.held(task.name), held_index_key=self.keys.held_index(task.name),
-            queue_key=self.queue_key, task=task.name, owner=self.owner,
-            node=self.node, max_running=task.max_running, max_per_node=task.max_per_node)
+            held_key=self.keys.held(task.name), queue_key=self.queue_key, task=task.name, owner=self.owner,
+            node=self.node, max_running=task.max_running, max_per_node=task.max_per_node,
+            pool_size=self.pool[0].pool_size if self.pool else 0, pool=self.pool)
 
     def release(self) -> None:
         """Free the slot now (idempotent). Redis failing: the slot lapses with its TTL
@@ -114,15 +146,19 @@ class SlotHold:
             return
         self.released = True
         if moved:
-            log.info("%s: a slot freed; %d held run(s) back at the front of the queue", self.task.name, len(moved))
+            log.info("%s: a slot freed; %d held run(s)%s back at the front of the queue", self.task.name, len(moved),
+                     f" of pool {self.task.pool}" if self.task.pool else "")
 
 
 class Admissions:
     """The worker's side: whether a run may start now (see the module docstring)."""
 
-    def __init__(self, connection: Redis, keys: Keys, node: str, claim_ttl_s: float, paused: PausedCache) -> None:
+    def __init__(self, connection: Redis, keys: Keys, node: str, claim_ttl_s: float, paused: PausedCache,
+                 table: TaskTable) -> None:
         self.connection = connection
         self.keys = keys
+        # The worker's table: which tasks share a pool, and the pool's size.
+        self.table = table
         self.node = node
         self.ttl_ms = int(claim_ttl_s * 1000)
         self.paused = paused
@@ -135,18 +171,18 @@ class Admissions:
         if not task.has_limits and not self.paused.contains(task.name):
             return "admitted", None  # no round trip: the common case
         keys = self.keys
+        pool = pool_of(keys, self.table, task)
         outcome = self._scripts.admit(
             paused_key=keys.paused, slots_key=keys.limit_slots(task.name),
             slot_nodes_key=keys.limit_slot_nodes(task.name), held_key=keys.held(task.name),
-            held_index_key=keys.held_index(task.name), intermediate_queue_key=intermediate_queue_key, task=task.name,
-            owner=owner, node=self.node,
+            intermediate_queue_key=intermediate_queue_key, task=task.name, owner=owner, node=self.node,
             job_id=run.job_id, ttl_ms=self.ttl_ms, max_running=task.max_running,
-            max_per_node=task.max_per_node).run()
+            max_per_node=task.max_per_node, pool_size=pool[0].pool_size if pool else 0, pool=pool).run()
         if outcome == "paused":
             self.paused.saw(task.name)
         if outcome != "admitted" or not task.has_limits:
             return outcome, None
-        return outcome, SlotHold(self.connection, keys, task, owner, self.node, queue_key, self.ttl_ms)
+        return outcome, SlotHold(self.connection, keys, task, owner, self.node, queue_key, self.ttl_ms, pool)
 
 
 class SlotSweep:
@@ -155,9 +191,7 @@ class SlotSweep:
     def __init__(self, connection: Redis, keys: Keys, queue_key: str, table: TaskTable) -> None:
         self.keys = keys
         self.queue_key = queue_key
-        self.tasks = [LimitedTask(task.name, task.max_running, task.max_per_node, keys.limit_slots(task.name),
-                                  keys.limit_slot_nodes(task.name), keys.held(task.name), keys.held_index(task.name))
-                      for task in table.tasks if task.has_limits]
+        self.tasks = [limited_task(keys, table, task) for task in table.tasks if task.has_limits]
         self._scripts = scripts_for(connection)
 
     def sweep(self) -> list[str]:
@@ -168,3 +202,26 @@ class SlotSweep:
         if moved:
             log.info("%d held run(s) back at the front of the queue (slots free)", len(moved))
         return moved
+
+
+def pool_use(connection: Redis, keys: Keys, table: TaskTable, now_ms: int) -> dict[str, dict[str, int]]:
+    """Per pool of the table: ``{"size", "running", "set_aside"}``, ``running`` the live
+    slots of its tasks (lapsed ones not counted) and ``set_aside`` the runs on their held
+    lists (over a limit, or paused). One round trip; none without pools."""
+    if not table.pools:
+        return {}
+    members = {pool: table.pool_tasks(pool) for pool in table.pools}
+    with connection.pipeline(transaction=False) as pipe:
+        for tasks in members.values():
+            for task in tasks:
+                pipe.zcount(keys.limit_slots(task.name), f"({now_ms}", "+inf")
+                pipe.llen(keys.held(task.name))
+        replies = iter(pipe.execute())
+    use = {}
+    for pool, tasks in members.items():
+        running = set_aside = 0
+        for _ in tasks:
+            running += int(next(replies))
+            set_aside += int(next(replies))
+        use[pool] = {"size": table.pools[pool], "running": running, "set_aside": set_aside}
+    return use

@@ -18,12 +18,23 @@ path; ``/metrics`` by convention), from a thread of the scheduler process:
 * ``dailyq_table_differs{node,role,table}`` -- per live process naming its table: 1 when
   that table differs from the reference (the leader's scheduler's, else this process's),
   else 0 (table_skew.py);
+* ``dailyq_leader_heartbeat_timestamp_seconds`` -- when this process, as the leader,
+  last sent the outside heartbeat and had a 2xx (heartbeat_ping.py); without
+  ``DAILYQ_HEARTBEAT_URL``, when it last would have. Absent until this process first
+  did; kept (growing old) after it stops leading, and shown while Redis is down, so
+  ``time() - max(...)`` over all nodes is the cluster's silence;
+* ``dailyq_pool_running{pool}`` / ``dailyq_pool_size{pool}`` -- per pool of the table's
+  POOLS, its runs executing now (live slots of its tasks, limits.pool_use) and its size;
+* ``dailyq_day_eta_timestamp_seconds`` -- when every run of today is expected to have
+  ended (Unix seconds; ``status --json``'s ``eta``, eta.py), over the tasks' todays
+  together; left out while that is unknown or nothing is pending;
 * ``dailyq_redis_up`` -- 0 when this scrape could not read Redis (the cluster-wide
   figures are then left out rather than shown stale);
 * prometheus_client's ``process_*``, ``python_gc_*`` and ``python_info``.
 
-Everything but ``dailyq_leader`` is the same cluster-wide figure on every node: it is
-read from Redis when scraped, by the ``Collector`` below, and kept for ``CACHE_S``
+Everything but ``dailyq_leader`` and the heartbeat's time is the same cluster-wide
+figure on every node: it is read from Redis when scraped, by the ``Collector`` below,
+and kept for ``CACHE_S``
 (longer on big days: a refresh that took t seconds is kept ``CACHE_DUTY * t``), so
 that scrapes from several Prometheus servers of a 100,000-run day cost Redis one
 HSCAN of the day every few seconds, not one per scrape.
@@ -55,11 +66,14 @@ from .day_scan import DayRecords
 from .errors import ConfigError
 from .fingerprint import table_fingerprint
 from .keys import Keys
+from .limits import pool_use
 from .outage import OutageLog
 from .params_book import ParamsBook, placeholder_record
+from .pausing import paused_tasks
 from .rq_seam import make_queue
 from .runs import FINISHED, MISSED, SCHEDULED, STATES, DaySlots, task_slots_on
 from .settings import Settings
+from .status import read_eta, shown_runs
 from .table import Task, TaskTable
 from .table_skew import lease_node, reference_of
 
@@ -106,6 +120,8 @@ class ClusterView:
     outbox: tuple[int, int]  # pending, in flight
     tables: int = 0  # distinct tables the live processes name
     table_differs: tuple[tuple[str, str, str, bool], ...] = ()  # (node, role, table, differs from the reference)
+    pools: dict[str, dict[str, int]] = field(default_factory=dict)  # pool -> {"size", "running", "set_aside"}
+    eta: float | None = None  # Unix time every run of today is expected to have ended; None: unknown or done
 
 
 def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime,
@@ -148,12 +164,34 @@ def _unrecorded(tasks: list[Task], records: dict[str, dict], recorded: Counter, 
     return counts
 
 
+def read_today(connection: Redis, keys: Keys, table: TaskTable,
+               now: datetime) -> tuple[Counter, dict[date, tuple[set[str], dict[str, dict]]]]:
+    """Today's runs (today in each task's zone) as ``runs_by_state`` counts them, and
+    per day read, its tasks' names and records. One HSCAN of each such day (day_scan.py):
+    there are no per-state counters to read instead, so callers read this seldom (a
+    scrape's cache, the outside heartbeat's period)."""
+    by_day: dict[date, list[Task]] = {}
+    for task in table.tasks:
+        by_day.setdefault(now.astimezone(ZoneInfo(task.tz)).date(), []).append(task)
+    runs: Counter = Counter()
+    read: dict[date, tuple[set[str], dict[str, dict]]] = {}
+    for day, tasks in by_day.items():
+        records = DayRecords.read(connection, keys.day_runs(day)).all
+        computed = any(task.params_computed for task in tasks)  # no read for a table of fixed lists
+        runs += runs_by_state(tasks, records, now,
+                              ParamsBook.read(connection, keys, day) if computed else None,
+                              DaySlots.read(connection, keys, day) if any(t.at for t in tasks) else None)
+        read[day] = ({t.name for t in tasks}, records)
+    return runs, read
+
+
 class Collector:
     """prometheus_client collector: the leader flag from this process, the rest from Redis."""
 
     def __init__(self, connection: Redis, keys: Keys, table: TaskTable, is_leader: Callable[[], bool],
-                 cache_s: float = CACHE_S) -> None:
+                 cache_s: float = CACHE_S, last_heartbeat: Callable[[], float | None] = lambda: None) -> None:
         self.connection = connection
+        self.last_heartbeat = last_heartbeat
         self.keys = keys
         self.table = table
         self.is_leader = is_leader
@@ -172,17 +210,27 @@ class Collector:
         # Names only (no Redis read when registering).
         yield GaugeMetricFamily("dailyq_leader", "")
         yield GaugeMetricFamily("dailyq_redis_up", "")
+        yield GaugeMetricFamily("dailyq_leader_heartbeat_timestamp_seconds", "")
         yield GaugeMetricFamily("dailyq_runs", "", labels=["task", "state"])
         yield GaugeMetricFamily("dailyq_queue_jobs", "")
         yield GaugeMetricFamily("dailyq_slot_last_fired_timestamp_seconds", "", labels=["task"])
         yield GaugeMetricFamily("dailyq_alert_outbox", "", labels=["state"])
         yield GaugeMetricFamily("dailyq_tables", "")
         yield GaugeMetricFamily("dailyq_table_differs", "", labels=["node", "role", "table"])
+        yield GaugeMetricFamily("dailyq_pool_running", "", labels=["pool"])
+        yield GaugeMetricFamily("dailyq_pool_size", "", labels=["pool"])
+        yield GaugeMetricFamily("dailyq_day_eta_timestamp_seconds", "")
         yield HistogramMetricFamily("dailyq_run_duration_seconds", "", labels=["task"])
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("dailyq_leader", "1 when this node's scheduler holds the leader lease, else 0",
                                 value=1.0 if self.is_leader() else 0.0)
+        # From this process, before Redis is read: it must show (and age) while Redis is down.
+        last_beat = self.last_heartbeat()
+        if last_beat is not None:
+            yield GaugeMetricFamily("dailyq_leader_heartbeat_timestamp_seconds",
+                                    "When this node, as the leader, last sent the outside heartbeat (answered 2xx), "
+                                    "or without DAILYQ_HEARTBEAT_URL last would have (Unix seconds)", value=last_beat)
         view = self.refresh()
         yield GaugeMetricFamily("dailyq_redis_up", "1 when this scrape read Redis, else 0 (then the cluster-wide "
                                 "figures are left out)", value=1.0 if view else 0.0)
@@ -213,6 +261,19 @@ class Collector:
         for node, role, table, differ in view.table_differs:
             differs.add_metric([node, role, table], 1.0 if differ else 0.0)
         yield differs
+        running = GaugeMetricFamily("dailyq_pool_running", "Runs of the pool's tasks executing now", labels=["pool"])
+        size = GaugeMetricFamily("dailyq_pool_size", "How many runs of the pool's tasks may execute at once (POOLS)",
+                                 labels=["pool"])
+        for name, use in sorted(view.pools.items()):
+            running.add_metric([name], float(use["running"]))
+            size.add_metric([name], float(use["size"]))
+        yield running
+        yield size
+        eta = GaugeMetricFamily("dailyq_day_eta_timestamp_seconds", "When every run of today is expected to have "
+                                "ended (Unix seconds); absent while unknown or when nothing is pending")
+        if view.eta is not None:
+            eta.add_metric([], view.eta)
+        yield eta
         durations = HistogramMetricFamily("dailyq_run_duration_seconds", "Durations of finished runs seen since this "
                                           "scheduler started (and today's before)", labels=["task"])
         with self._lock:
@@ -254,31 +315,36 @@ class Collector:
             pipe.get(self.keys.leader)
             (seconds, micros), queue_jobs, cursor, pending, in_flight, leader = pipe.execute()
         now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
-        by_day: dict[date, list[Task]] = {}
-        for task in self.table.tasks:
-            by_day.setdefault(now.astimezone(ZoneInfo(task.tz)).date(), []).append(task)
-        runs: Counter = Counter()
-        for day, tasks in by_day.items():
-            records = DayRecords.read(self.connection, self.keys.day_runs(day)).all
-            computed = any(task.params_computed for task in tasks)  # no read for a table of fixed lists
-            runs += runs_by_state(tasks, records, now,
-                                  ParamsBook.read(self.connection, self.keys, day) if computed else None,
-                                  DaySlots.read(self.connection, self.keys, day) if any(t.at for t in tasks) else None)
-            self._observe(day, {t.name for t in tasks}, records)
-        for day in [d for d in self._observed if d not in by_day]:
+        runs, read = read_today(self.connection, self.keys, self.table, now)
+        paused = paused_tasks(self.connection, self.keys)
+        shown: list[dict] = []  # today's runs as status shows them, for the ETA
+        for day, (names, records) in read.items():
+            self._observe(day, names, records)
+            tasks = [task for task in self.table.tasks if task.name in names]
+            # Small hashes, read only for tables that have computed params or once-a-day tasks.
+            book = ParamsBook.read(self.connection, self.keys, day) if any(t.params_computed for t in tasks) else None
+            slots = DaySlots.read(self.connection, self.keys, day) if any(t.at for t in tasks) else None
+            shown += shown_runs(self.table, day, now, dict(records), paused, book, slots, task_names=names)
+        for day in [d for d in self._observed if d not in read]:
             del self._observed[day]
         last_fired = {}
         for name, value in cursor.items():
             moment = parse_iso(value.decode() if isinstance(value, bytes) else value)
             if moment is not None:
                 last_fired[name.decode() if isinstance(name, bytes) else str(name)] = moment.timestamp()
-        tables, differs = self._tables(leader)
-        return ClusterView(dict(runs), int(queue_jobs), last_fired, (int(pending), int(in_flight)), tables, differs)
+        nodes = live_processes(self.connection, self.keys, now)
+        tables, differs = self._tables(leader, nodes)
+        pools = pool_use(self.connection, self.keys, self.table, seconds * 1000 + micros // 1000)
+        # The same day's records, already read: the ETA adds one HMGET of the pending runs' durations.
+        expected_end = read_eta(self.connection, self.keys, self.table, shown, nodes, now).at
+        return ClusterView(dict(runs), int(queue_jobs), last_fired, (int(pending), int(in_flight)), tables, differs,
+                           pools, None if expected_end is None else expected_end.timestamp())
 
-    def _tables(self, leader: bytes | None) -> tuple[int, tuple[tuple[str, str, str, bool], ...]]:
-        """(distinct tables, per process naming one: node, role, table, differs): one read
-        of the heartbeats."""
-        processes = [p for p in live_processes(self.connection, self.keys, count_workers=False) if p.get("table")]
+    def _tables(self, leader: bytes | None,
+                nodes: list[dict]) -> tuple[int, tuple[tuple[str, str, str, bool], ...]]:
+        """(distinct tables, per process naming one: node, role, table, differs), from
+        ``nodes`` (beats.live_processes)."""
+        processes = [p for p in nodes if p.get("table")]
         reference, _ = reference_of(processes, lease_node(leader), self.table_fingerprint)
         differs = tuple((str(p["node"]), str(p["role"]), str(p["table"]), p["table"] != reference) for p in processes)
         return len({p["table"] for p in processes}), differs
@@ -311,13 +377,14 @@ class MetricsServer:
         self.server.server_close()
 
 
-def serve_metrics(settings: Settings, connection: Redis, table: TaskTable,
-                  is_leader: Callable[[], bool]) -> MetricsServer:
+def serve_metrics(settings: Settings, connection: Redis, table: TaskTable, is_leader: Callable[[], bool],
+                  last_heartbeat: Callable[[], float | None] = lambda: None) -> MetricsServer:
     """Start serving on ``DAILYQ_METRICS_BIND:DAILYQ_METRICS_PORT``; ConfigError (one line)
-    when that address cannot be bound."""
+    when that address cannot be bound. ``last_heartbeat``: heartbeat_ping.HeartbeatPing's
+    ``last_beat_s``."""
     assert settings.metrics_port is not None
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(connection, settings.keys, table, is_leader))
+    registry.register(Collector(connection, settings.keys, table, is_leader, last_heartbeat=last_heartbeat))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -138,8 +138,9 @@ class AbandonedRuns:
             again = self._replacement(run_id, day, record) if record is not None else None
             outcome = self._scripts.take_if_abandoned(
                 running_key=self.keys.running, claim_key=self.keys.claim(run_id), runs_key=self.keys.day_runs(day),
-                run_id=run_id, max_attempts=again.max_attempts if isinstance(again, Replacement) else 0,
-                now_iso=iso(self.clock()), retention_s=self.retention_s,
+                failures_key=self.keys.alert_failures, run_id=run_id,
+                max_attempts=again.max_attempts if isinstance(again, Replacement) else 0,
+                now_iso=iso(self.clock()), retention_s=self.retention_s, day=day.isoformat(),
                 cannot_requeue=again if isinstance(again, str) else "").run()
             if outcome == "failed":
                 self.failed.append((day, run_id))

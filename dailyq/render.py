@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from .alert_events import loss_text
+from .alert_events import loss_text, span_text
+from .eta import PENDING
 from .offsets import OFFSET_WARN_S, format_offset
 from .runs import STATES
 from .table_skew import difference_text
 from .text_width import clip, one_line, pad, width
+from .timestamps import parse_iso
 
 ERROR_COLUMNS = 60  # the table shows the start of an error; --json has all of it
 
@@ -29,7 +31,7 @@ def summary(status: dict[str, Any]) -> dict[str, int]:
 # ANSI SGR codes per state, for terminals only (see ``colour_wanted``).
 STATE_COLOURS = {"scheduled": "2", "queued": "33", "running": "1;36", "finished": "32", "failed": "1;31",
                  "skipped": "35", "missed": "31", "waiting": "34", "blocked": "1;35", "paused": "36",
-                 "removed": "2;37"}
+                 "removed": "2;37", "cancelled": "1;33"}
 
 
 def colour_wanted(is_tty: bool, environ: Mapping[str, str]) -> bool:
@@ -69,8 +71,21 @@ def render_table(status: dict[str, Any], colour: bool = False) -> str:
     leader_line = f"leader: {one_line(str(leader['node']))} (since {leader.get('since')})" if leader else "leader: none"
     counts = ", ".join(f"{n} {state}" for state, n in summary(status).items()) or "no runs"
     return "\n".join([f"date: {status['date']}   {leader_line}", *lines, f"total {len(status['runs'])}: {counts}",
-                      *render_paused(status), *render_tables(status, colour), *render_redis(status, colour),
-                      *render_nodes(status, colour), *render_data_loss(status)])
+                      *render_eta(status), *render_paused(status), *render_pools(status),
+                      *render_tables(status, colour), *render_redis(status, colour), *render_nodes(status, colour),
+                      *render_data_loss(status)])
+
+
+def render_eta(status: dict[str, Any]) -> list[str]:
+    """When the day is expected to end (status's ``eta``), and how long from the status's
+    time; nothing for a status dict without ``eta`` or a day with nothing pending."""
+    if "eta" not in status or not any(run["state"] in PENDING for run in status["runs"]):
+        return []
+    if status["eta"] is None:
+        return ["eta: unknown (no duration learned for the day's runs, no live worker, or a paused task)"]
+    at, generated = parse_iso(status["eta"]), parse_iso(status.get("generated_at"))
+    left = f" (in {span_text((at - generated).total_seconds())})" if at is not None and generated is not None else ""
+    return [f"eta: {status['eta']}{left}"]
 
 
 def render_data_loss(status: dict[str, Any]) -> list[str]:
@@ -87,6 +102,16 @@ def render_paused(status: dict[str, Any]) -> list[str]:
     shown = [f"{one_line(task)} (since {info.get('since') or '?'} by {one_line(str(info.get('by') or '?'))})"
              for task, info in sorted(paused.items())]
     return ["paused: " + ", ".join(shown)]
+
+
+def render_pools(status: dict[str, Any]) -> list[str]:
+    """One line with each pool's use: ``pools: warehouse 2/3 running, 5 set aside`` (none: no line)."""
+    pools = status.get("pools") or {}
+    if not pools:
+        return []
+    shown = [f"{one_line(name)} {use['running']}/{use['size']} running, {use['set_aside']} set aside"
+             for name, use in sorted(pools.items())]
+    return ["pools: " + "; ".join(shown)]
 
 
 def render_tables(status: dict[str, Any], colour: bool = False) -> list[str]:

@@ -28,6 +28,7 @@ from datetime import date, datetime, timedelta, timezone
 from html import escape
 from typing import Any, Mapping
 
+from .render import render_eta
 from .runs import RUNNING, STATES
 from .table_skew import difference_text
 from .timestamps import parse_iso
@@ -37,7 +38,7 @@ from .watch import format_duration
 STATE_STYLE = {"scheduled": ("#9aa0a6", "#111"), "queued": ("#f2c94c", "#111"), "running": ("#2d9cdb", "#fff"),
                "finished": ("#27ae60", "#fff"), "failed": ("#eb5757", "#fff"), "skipped": ("#bb6bd9", "#fff"),
                "missed": ("#8d3b38", "#fff"), "waiting": ("#c9d6e3", "#111"), "blocked": ("#6d2c91", "#fff"),
-               "paused": ("#56ccf2", "#111"), "removed": ("#d9d9d9", "#555")}
+               "paused": ("#56ccf2", "#111"), "removed": ("#d9d9d9", "#555"), "cancelled": ("#f2994a", "#111")}
 TICK_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 MAX_TICKS = 10
 ROW_HEIGHT_PX = 26
@@ -146,6 +147,7 @@ def render_report(status: Mapping[str, Any], live: bool = False) -> str:
         *([_day_picker(str(status.get("date", "")))] if live else []),
         f'<p class="meta">{len(status["runs"])} runs: {escape(counts or "none")} · {escape(leader_text)}'
         f' · generated {escape(str(status.get("generated_at") or "-"))} · times in UTC{refresh_text}</p>',
+        _eta(status),
         _tables_banner(status.get("tables")),
         _legend(),
         _chart(line),
@@ -155,6 +157,13 @@ def render_report(status: Mapping[str, Any], live: bool = False) -> str:
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _eta(status: Mapping[str, Any]) -> str:
+    """status's ``eta`` (when every run is expected to have ended) as ``status`` prints it;
+    nothing once no run is pending."""
+    shown = render_eta(dict(status))
+    return f'<p class="eta">{escape(shown[0])}</p>' if shown else ""
 
 
 def _tables_banner(view: Mapping[str, Any] | None) -> str:

@@ -110,7 +110,7 @@ from .claim_watch import wait_watching
 from .keys import Keys
 from .logs import current_run_id
 from .outage import MEMORY, OutageLog, refused_for_memory, transient, wait_for_redis
-from .runs import META_KEY
+from .runs import CLAIM_LOST_RESULT, META_KEY
 
 if TYPE_CHECKING:  # the leader imports this module: no guard at run time
     from .guard import Attempt, Guard, PendingFinish
@@ -141,6 +141,10 @@ class RunExecution:
     # Set in the worker process when it killed the work-horse because the horse's claim
     # deadline passed (GuardedWorker.wait_for_horse): that copy records nothing.
     killed_because: str | None = None
+    # Set when this copy stopped because its claim was gone, and so recorded nothing (its
+    # work-horse exited for it, was killed for it, or the guard returned "claim lost"):
+    # the worker then checks that something still backs the run (WorkerHooks.stopped).
+    stopped_for_claim: bool = False
 
     def claim_in(self, pipeline: Pipeline) -> None:
         """BEGIN in RQ's preparation transaction, its reply handed to the attempt."""
@@ -208,6 +212,10 @@ class WorkerHooks(Protocol):
     def record_death(self, execution: RunExecution, wait_status: int, rq_can_retry: bool) -> bool:
         """Record that the work-horse executing ``execution`` died; True if RQ may retry it."""
 
+    def stopped(self, execution: RunExecution, queue: Queue) -> None:
+        """After RQ handled the end of an execution that stopped for its claim: put its job
+        back on the queue if nothing backs the run any more (Redis lost the claim)."""
+
     def beat(self, worker_pid: int, promise_s: float, pipeline: Pipeline | None) -> None:
         """Write this node's worker heartbeat, in ``pipeline`` when given."""
 
@@ -255,10 +263,13 @@ class DailyJob(Job):
         execution = self.take()
         if execution is None:  # an ad-hoc enqueue of a table function: run it as plain RQ would
             return super()._execute()
-        return execution.guard.execute(execution.attempt.run, super()._execute,
-                                       will_retry=lambda: bool(self.retries_left),
-                                       defer_finish=execution.defer_finish, attempt=execution.attempt,
-                                       cancel_retry=self._cancel_retry)
+        result = execution.guard.execute(execution.attempt.run, super()._execute,
+                                         will_retry=lambda: bool(self.retries_left),
+                                         defer_finish=execution.defer_finish, attempt=execution.attempt,
+                                         cancel_retry=self._cancel_retry)
+        if result == CLAIM_LOST_RESULT:
+            execution.stopped_for_claim = True  # seen by this process's worker when it does not fork
+        return result
 
     def _cancel_retry(self) -> None:
         # RQ reads the job's in-memory count when it handles the failure: no retry then.
@@ -346,6 +357,8 @@ class GuardedWorker(BaseWorker):
                 if execution is not None and not self.hooks.admit(execution, queue):
                     return  # held back: RQ's work loop goes on to the next job
             super().execute_job(job, queue)
+            if isinstance(job, DailyJob) and job.run_execution is not None and job.run_execution.stopped_for_claim:
+                self.hooks.stopped(job.run_execution, queue)
         except RedisError as error:
             # Away, or out of memory (RQ's heartbeats and records are refused; the horse
             # renews its claim and records its run with scripts that a full Redis runs).

@@ -31,15 +31,22 @@ SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED = (
 # A run of a task with ``after`` whose upstream runs have not all finished; ``blocked``:
 # one of them failed (dependencies.py).
 WAITING, BLOCKED = "waiting", "blocked"
-# A queued run of a paused task (pause.py): shown so by status, stored as queued.
+# A queued run of a paused task (pausing.py): shown so by status, stored as queued.
 PAUSED = "paused"
 # A run no live node's table has had for longer than DAILYQ_REMOVED_GRACE_S: a deploy
 # took its task, param or function away (deploys.py). Final, like finished: not failed,
 # no alert, and its downstream runs go on as if it had finished.
 REMOVED = "removed"
-STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED, WAITING, BLOCKED, PAUSED, REMOVED)
+# A run stopped or kept from starting by ``cancel`` (cancelling.py): final like failed (no
+# retry, its downstream runs blocked) until a ``rerun``; its error says who cancelled it.
+CANCELLED = "cancelled"
+STATES = (SCHEDULED, QUEUED, RUNNING, FINISHED, FAILED, SKIPPED, MISSED, WAITING, BLOCKED, PAUSED, REMOVED,
+          CANCELLED)
 
 META_KEY = "dailyq"  # the RQ job.meta entry that carries a run's identity
+# What an execution returns to RQ when its copy stopped because its claim was gone and
+# recorded nothing (guard.py; the worker then checks the run is not lost, rq_seam.py).
+CLAIM_LOST_RESULT = {"skipped": "claim lost"}
 
 
 def param_digest(param_json: str) -> str:

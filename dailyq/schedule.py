@@ -1,13 +1,25 @@
 """Schedule maths: when a task's slots fall, as pure functions of time passed in.
 
-A *slot* is a scheduled wall-clock time in the task's IANA zone. Its local date is
-the run's date, whatever moment it actually fires. Wall times are resolved to
-instants with Python's PEP 495 rule for ``fold=0``:
+A *slot* is a scheduled wall-clock time in the task's IANA zone, and the instant it
+fires. Its local date is the run's date, whatever moment it actually fires. On DST
+days cron's rule (Vixie/ISC cron) decides, by the kind of schedule:
 
-* spring-forward gap (e.g. 02:30 on the day New York skips 02:00-03:00): the time
-  does not exist; it resolves with the offset from before the change, i.e. it fires
-  the length of the gap later on the wall clock (02:30 -> 03:30 EDT), once;
-* fall-back repeat (e.g. 01:30 twice): fires at the first occurrence, once.
+* ``at``, and a cron with fixed hours (``0 2 * * *``, ``*/15 1-3 * * *``): a wall time
+  is a time of day, so it fires once a day. In a spring-forward gap (New York skips
+  02:00-03:00) it resolves with the offset from before the change (PEP 495
+  ``fold=0``), i.e. the gap's length later on the wall clock (02:30 -> 03:30 EDT);
+  at a fall-back repeat (01:30 twice) it fires at the first occurrence. A gap time
+  that so lands on the instant of another slot of the day is that slot (``0 2,3``
+  fires once at 03:00 EDT): never two slots at one instant.
+* a cron whose hour field is ``*`` or has a step (``0 * * * *``, ``*/15 */2 * * *``):
+  it means "every hour", so it follows real time. A wall time in the gap does not
+  happen and has no slot (23 hourly slots on a spring-forward day); a repeated one
+  fires at both instants (25: 01:00 EDT and 01:00 EST).
+
+A slot's identity (``label``, in run ids and keys; ``isoformat()``, in records) is its
+wall time; the second occurrence of a repeated wall time has ``fold == 1``, its label
+ends in ``_2`` and its ISO form carries the later offset. Every other slot is named as
+it always was.
 
 No clock is read here: callers pass ``after``/``until`` instants (see clock.py).
 """
@@ -87,6 +99,9 @@ class CronSpec:
     days_of_week: frozenset[int]  # 0 = Sunday
     dom_restricted: bool
     dow_restricted: bool
+    # The hour field is "*" or has a step: the cron means "every hour" and follows real
+    # time on DST days (module docstring). Vixie cron's HR_STAR, widened to any step.
+    hourly: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "CronSpec":
@@ -105,7 +120,8 @@ class CronSpec:
             raise ValueError(f"bad cron={text!r}: {exc}") from None
         return cls(minutes, hours, days_of_month, months, days_of_week,
                    dom_restricted=not fields[2].startswith("*"),
-                   dow_restricted=not fields[4].startswith("*"))
+                   dow_restricted=not fields[4].startswith("*"),
+                   hourly=any(part == "*" or "/" in part for part in fields[1].split(",")))
 
     def matches_day(self, day: date) -> bool:
         if day.month not in self.months:
@@ -134,14 +150,24 @@ class Slot:
         return self.local.date()
 
     @cached_property
+    def fold(self) -> int:
+        """1 for the second occurrence of a wall time repeated at fall-back, else 0
+        (PEP 495). Read from ``fires_at``, so a slot rebuilt from its ISO form keeps it;
+        an instant matching neither fold (a record from before a tzdata change) stays 0."""
+        tz = ZoneInfo(self.zone)
+        first, second = (self.local.replace(tzinfo=tz, fold=fold).astimezone(timezone.utc) for fold in (0, 1))
+        return 1 if self.fires_at != first and self.fires_at == second else 0
+
+    @cached_property
     def label(self) -> str:
-        """Compact, job-id-safe name of the slot: 20261126T093000."""
-        return self.local.strftime("%Y%m%dT%H%M%S")
+        """Compact, job-id-safe name of the slot: 20261126T093000; the second 01:00 of a
+        fall-back day is 20261101T010000_2 (the first keeps the plain name)."""
+        return self.local.strftime("%Y%m%dT%H%M%S") + ("_2" if self.fold else "")
 
     @cached_property
     def iso(self) -> str:
-        """The slot as ISO 8601 with its zone's offset."""
-        return self.local.replace(tzinfo=ZoneInfo(self.zone)).isoformat()
+        """The slot as ISO 8601 with its zone's offset (the later one for ``fold == 1``)."""
+        return self.in_zone.isoformat()
 
     def isoformat(self) -> str:
         return self.iso
@@ -149,7 +175,7 @@ class Slot:
     @property
     def in_zone(self) -> datetime:
         """The slot as an aware datetime in its zone (what a task sees)."""
-        return self.local.replace(tzinfo=ZoneInfo(self.zone))
+        return self.local.replace(tzinfo=ZoneInfo(self.zone), fold=self.fold)
 
     @classmethod
     def from_iso(cls, iso: str, zone: str) -> "Slot":
@@ -184,13 +210,31 @@ class Schedule:
         return self.cron.times() if self.cron.matches_day(day) else []
 
     def slots_on(self, day: date) -> list[Slot]:
-        """Every slot whose local date is ``day``, in firing order."""
+        """Every slot whose local date is ``day``, in firing order (DST rule: module docstring)."""
         tz = ZoneInfo(self.zone)
-        slots = []
+        hourly = self.cron is not None and self.cron.hourly
+        real: dict[datetime, Slot] = {}
+        shifted: list[Slot] = []
         for wall in self.wall_times(day):
             local = datetime.combine(day, wall)
-            fires_at = local.replace(tzinfo=tz, fold=0).astimezone(timezone.utc)
-            slots.append(Slot(local=local, zone=self.zone, fires_at=fires_at))
+            first = local.replace(tzinfo=tz, fold=0)
+            second = local.replace(tzinfo=tz, fold=1)
+            # PEP 495: both folds have one offset except at a change, where fold=0 has the
+            # offset from before it. The wall clock jumps forward (a gap: the time does not
+            # exist) when the offset grows, and back (a repeat) when it shrinks.
+            before, after = first.utcoffset(), second.utcoffset()
+            assert before is not None and after is not None
+            if before < after:
+                # In the gap: an hourly cron has no such hour; anything else fires the
+                # gap's length later (fold=0 keeps the offset from before it).
+                if not hourly:
+                    shifted.append(Slot(local=local, zone=self.zone, fires_at=first.astimezone(timezone.utc)))
+                continue
+            for moment in [first, second] if hourly and before != after else [first]:
+                fires_at = moment.astimezone(timezone.utc)
+                real[fires_at] = Slot(local=local, zone=self.zone, fires_at=fires_at)
+        # A shifted gap time landing on a real slot's instant is that slot: one run, not two.
+        slots = [*real.values(), *(slot for slot in shifted if slot.fires_at not in real)]
         return sorted(slots, key=lambda s: s.fires_at)
 
     def slots_between(self, after: datetime, until: datetime) -> list[Slot]:

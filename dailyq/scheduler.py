@@ -50,14 +50,14 @@ from .data_lost_alert import DataLostAlerts
 from .dependencies import WaitingRuns
 from .deploys import LeftJobs
 from .errors import LeaseLost
-from .fanout import fan_out, note_day_slot
+from .fanout import fan_out, note_day_slot, trim_durations
 from .fingerprint import table_fingerprint, task_digest
 from .generation import Generation, GenerationWatch, NodeMemory, data_loss_view
 from .lease import Lease
 from .limits import SlotSweep
 from .outage import MEMORY, refused_for_memory
 from .params_book import next_retry_at, retried, retry_due, slot_runs
-from .pause import paused_names
+from .pausing import paused_names
 from .recovery import AbandonedRuns, StrandedJobs
 from .redis_memory import RedisMemory, clear_mark, describer, mark_full, read_mark, read_memory, writes_accepted
 from .redis_values import as_text
@@ -90,6 +90,10 @@ OFFSET_CLEAR_S = OFFSET_WARN_S * 0.75
 # How often the leader looks for work that others may have left (runs held for upstream
 # runs by a trigger; params callables failed in a trigger) when its last look found none.
 LOOK_AGAIN_S = 10.0
+
+# How often the leader forgets the learned durations of series no day has had for the
+# retention period (fanout.trim_durations): the hash must not grow without bound.
+TRIM_DURATIONS_EVERY_S = 3600.0
 
 
 class Look:
@@ -141,6 +145,7 @@ class DailyScheduler:
         self._redis_down = False
         self._next_recovery = 0.0
         self._next_heartbeat = 0.0
+        self._next_durations_trim = 0.0
         self._params_look = Look()
         # This table's fingerprint, named by every heartbeat; its description is published
         # at the first heartbeat and again whenever its key is found gone (fingerprint.py).
@@ -326,7 +331,7 @@ class DailyScheduler:
         for task, slots in due:
             if task.name in paused:
                 # Neither fanned out nor its cursor moved: on resume, the slots that fell due
-                # meanwhile fire if within misfire_grace_s, older ones are missed (pause.py).
+                # meanwhile fire if within misfire_grace_s, older ones are missed (pausing.py).
                 continue
             for due_slot in slots:
                 slot = day_slots[due_slot.day].slot_of(task, due_slot) if due_slot.day in day_slots else due_slot
@@ -405,6 +410,9 @@ class DailyScheduler:
         self.retries.move_due(self.clock())
         self.delayed.move_due(self.clock())
         self.left.look_if_due()  # jobs workers left for another table (deploys.py)
+        if now.timestamp() >= self._next_durations_trim:
+            self._next_durations_trim = now.timestamp() + TRIM_DURATIONS_EVERY_S
+            trim_durations(self.connection, self.keys, now.date(), self.settings.retention_days)
 
     # -- the loop --------------------------------------------------------------------
 

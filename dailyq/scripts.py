@@ -11,9 +11,10 @@ runs no includes, so the helpers a script uses are prepended to it):
   changes -- load it (or start from its base), set fields, save it; a brand-new
   record is stored as the JSON its writer sent;
 * ``redis_now_ms``: the Redis server's clock, the one clock every node shares;
-* ``purge_slots`` / ``room`` / ``extend_slot`` / ``hold`` / ``promote``: the slots of a
-  task with limits and its held runs (limits.py; a held list and its index set), shared
-  by ADMIT, RELEASE_SLOT, SWEEP_SLOTS, TOUCH_SLOT, RESUME and RENEW_CLAIM;
+* ``purge_slots`` / ``room`` / ``extend_slot`` / ``promote``: the slots of a task with
+  limits and its held runs (limits.py), shared by ADMIT, RELEASE_SLOT, SWEEP_SLOTS,
+  TOUCH_SLOT, RESUME and RENEW_CLAIM; ``pool_room`` / ``promote_pool``: the same for
+  the tasks of one pool together (ADMIT, RELEASE_SLOT, SWEEP_SLOTS);
 * ``count_finished``: the day's dependency counts (dependency_counts.py), kept by every
   script that adds a run id to a day's finished set (FINISH, REMOVE_LEFT, REMOVE_WAITING).
 
@@ -41,7 +42,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.commands.core import Script
 
-from .runs import BLOCKED, FAILED, FINISHED, QUEUED, REMOVED, RUNNING, SKIPPED, WAITING
+from .runs import BLOCKED, CANCELLED, FAILED, FINISHED, QUEUED, REMOVED, RUNNING, SKIPPED, WAITING
 
 T = TypeVar("T")
 
@@ -94,6 +95,23 @@ local function run_attempts(record)
 end
 """
 
+# At most this many failure events wait for the leader's alerts (keys.alert_failures):
+# a bound for a Redis that no leader reads for long; the oldest go first.
+FAILURE_EVENTS_MAX = 100_000
+
+NOTE_FAILED_LUA = f"""
+-- A run recorded failed tells the alerts in the same step (alert_digest.py): an event
+-- pushed onto the failures list, which the leader takes from the front. So a failure of
+-- any day (a backfill, a rerun of an old day) is alerted, and nothing scans days for it.
+local function note_failed(failures_key, day, run_id, record, retention_s)
+  redis.call('RPUSH', failures_key, cjson.encode({{run_id = run_id, day = day, task = record.task,
+    param_json = record.param_json, node = record.node, error = record.error, ended_at = record.ended_at,
+    attempts = tonumber(record.attempts) or 0}}))
+  redis.call('LTRIM', failures_key, -{FAILURE_EVENTS_MAX}, -1)
+  redis.call('EXPIRE', failures_key, retention_s)
+end
+"""
+
 NOW_LUA = """
 -- Milliseconds of the Redis server's clock.
 local function redis_now_ms()
@@ -102,6 +120,34 @@ local function redis_now_ms()
 end
 """
 
+
+# -- cancel (cancelling.py) --
+# ``cancel`` of an executing run renames its claim to owner .. CANCEL_MARK .. why (TTL
+# kept): the copy's next renewal answers 'cancelled' and it stops its task; nothing it
+# sends afterwards (FINISH, FAIL) holds the claim, so the record stays cancelled, and a
+# rerun's copy waits ('busy') until the stopped copy releases the claim (or it lapses).
+CANCEL_MARK = "|cancelled|"
+CANCELLED_CLAIM_LUA = f"""
+-- The claim of ``owner``'s copy as ``cancel`` renamed it: its text after the mark, else nil.
+local function cancelled_why(claim_key, owner)
+  local holder = redis.call('GET', claim_key)
+  local prefix = owner .. '{CANCEL_MARK}'
+  if holder and string.sub(holder, 1, #prefix) == prefix then
+    return string.sub(holder, #prefix + 1)
+  end
+  return nil
+end
+-- Releases what a cancelled copy held, once it stopped: its renamed claim and its series
+-- claim. Returns why it was cancelled, or nil (not a claim of this copy's that a cancel took).
+local function release_cancelled(claim_key, series_key, owner)
+  local why = cancelled_why(claim_key, owner)
+  if why then
+    redis.call('DEL', claim_key)
+    del_if_owner(series_key, owner)
+  end
+  return why
+end
+"""
 
 DEPS_LUA = """
 -- The day's dependency counts (keys.day_deps, dependency_counts.py): one more run id of
@@ -160,37 +206,82 @@ local function extend_slot(slots_key, owner, ttl_ms)
   end
   return 0
 end
--- Held runs: a list in the order held (promote pops its head) and a set of the same job
--- ids (the index), so that holding a run is an SADD, not a scan of the list for it.
--- A list an older version kept has no index: it is indexed once, at the first hold. A job
--- the index names is looked for in the list (a scan, on this path only: a job held again
--- while still held, which takes two queue entries of it), as an older version's promote
--- may have taken it off the list without touching the index.
-local function hold(held_key, index_key, job_id)
-  if redis.call('EXISTS', index_key) == 0 then
-    for _, held in ipairs(redis.call('LRANGE', held_key, 0, -1)) do
-      redis.call('SADD', index_key, held)
-    end
-  end
-  if redis.call('SADD', index_key, job_id) == 1 or not redis.call('LPOS', held_key, job_id) then
-    redis.call('RPUSH', held_key, job_id)
-  end
-end
 -- Moves up to n held job ids to the front of the queue, the oldest held first in line.
-local function promote(held_key, index_key, queue_key, n)
+local function promote(held_key, queue_key, n)
   local moved = {}
   while #moved < n do
     local job_id = redis.call('LPOP', held_key)
     if not job_id then
       break
     end
-    redis.call('SREM', index_key, job_id)
     moved[#moved + 1] = job_id
   end
   for i = #moved, 1, -1 do
     redis.call('LPUSH', queue_key, moved[i])
   end
   return moved
+end
+-- A pool (limits.py) has no slots of its own: a run of a pool's task takes a slot of its
+-- task, and the pool counts the live slots of all its tasks against its size. So the one
+-- slot is both permits, taken and freed at once, and it lapses with the claim as any slot.
+-- ``members``: {slots_key, nodes_key} of each task of the pool.
+local function pool_room(size, members, now)
+  local used = 0
+  for _, member in ipairs(members) do
+    purge_slots(member[1], member[2], now)
+    used = used + redis.call('ZCARD', member[1])
+  end
+  return size - used
+end
+-- Moves held runs of a pool's tasks to the queue's front while the pool and each task have
+-- room (per-node room counted on ``nodes``), dealt one at a time in turn from member
+-- ``first`` on, so no task of the pool waits behind another's backlog; a paused task gets
+-- none. ``members``: {name, slots_key, nodes_key, held_key, max_running, max_per_node}
+-- (0: none) of each task of the pool. Returns the job ids moved.
+local function promote_pool(paused_key, queue_key, size, members, nodes, first, now)
+  local slot_keys, wants, counts = {}, {}, {}
+  for i, member in ipairs(members) do
+    slot_keys[i] = {member[2], member[3]}
+  end
+  local free = pool_room(size, slot_keys, now)
+  for i, member in ipairs(members) do
+    counts[i] = 0
+    wants[i] = 0
+    if redis.call('HEXISTS', paused_key, member[1]) == 0 then
+      wants[i] = math.min(redis.call('LLEN', member[4]), room(member[2], member[3], member[5], member[6], nodes))
+    end
+  end
+  local n, dealt = #members, true
+  while free > 0 and dealt do
+    dealt = false
+    for k = 0, n - 1 do
+      local i = (first - 1 + k) % n + 1
+      if free > 0 and counts[i] < wants[i] then
+        counts[i], free, dealt = counts[i] + 1, free - 1, true
+      end
+    end
+  end
+  -- The last in turn first: each promote puts its runs at the queue's front.
+  local moved = {}
+  for k = n - 1, 0, -1 do
+    local i = (first - 1 + k) % n + 1
+    if counts[i] > 0 then
+      for _, job_id in ipairs(promote(members[i][4], queue_key, counts[i])) do
+        moved[#moved + 1] = job_id
+      end
+    end
+  end
+  return moved
+end
+-- Pool members from KEYS (from ``k``, 3 keys each: slots, slot nodes, held list) and ARGV
+-- (from ``i``, 3 values each: name, max_running, max_per_node), ``n`` of them.
+local function pool_members(k, i, n)
+  local members = {}
+  for j = 0, n - 1 do
+    members[j + 1] = {ARGV[i + 3 * j], KEYS[k + 3 * j], KEYS[k + 3 * j + 1], KEYS[k + 3 * j + 2],
+                      tonumber(ARGV[i + 3 * j + 1]), tonumber(ARGV[i + 3 * j + 2])}
+  end
+  return members
 end
 """
 
@@ -293,7 +384,7 @@ BEGIN = _lua(f"""
 -- ARGV[5] = base record JSON, ARGV[6] = retention (s), ARGV[7] = day, ARGV[8] = overlap ('skip'|'wait'),
 -- ARGV[9] = node, ARGV[10] = now (ISO), ARGV[11] = job_id, ARGV[12] = max attempts (0 = no limit)
 -- Replies {{'claimed', attempt, fence}} | {{'finished'}} | {{'superseded'}} | {{'exhausted'}} | {{'busy'}}
---   | {{'skipped'}}.
+--   | {{'skipped'}} | {{'cancelled'}}.
 -- Fields are set from plain arguments (no JSON patch): a run costs the worker no JSON
 -- encoding beyond its base record.
 local finished_key, claim_key, runs_key, running_key, series_key, fence_key =
@@ -311,6 +402,12 @@ end
 local record = load_record(runs_key, run_id, base_json)  -- decoded once, for the checks and the update
 if type(record.job_id) == 'string' and record.job_id ~= job_id then
   return {{'superseded'}}  -- a later job of this run (recovery, rerun) is the one to execute
+end
+if record.state == '{CANCELLED}' then
+  -- cancelling.py: never started; a rerun enqueues a new job. (A replay whose claim the cancel
+  -- took meanwhile releases it: that copy never started its task.)
+  release_cancelled(claim_key, series_key, owner)
+  return {{'cancelled'}}
 end
 -- A second queue entry of this very job (two movers of one retry can push it twice) after
 -- the job finished, or used every attempt: not executed again. Also for a forced rerun:
@@ -355,13 +452,14 @@ record.owner, record.fence = owner, fence_digits
 save_record(runs_key, run_id, record, retention_s)
 redis.call('HSET', running_key, run_id, day)
 return {{'claimed', run_attempts(record), fence}}
-""", OWNER_LUA, RECORD_LUA)
+""", OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA)
 
 # Releases what BEGIN took, only while the run's claim is ours: returns false, having
-# changed nothing, when it is not.
+# changed nothing else, when it is not (a claim a cancel took from this copy is released).
 RELEASE_RUN_LUA = """
 local function release_run(claim_key, series_key, running_key, run_id, owner)
   if del_if_owner(claim_key, owner) == 0 then
+    release_cancelled(claim_key, series_key, owner)  -- cancelling.py: its end frees a cancelled claim
     return false
   end
   del_if_owner(series_key, owner)
@@ -401,15 +499,16 @@ record.duration_s = tonumber(duration_s)
 save_record(runs_key, run_id, record, retention_s)
 redis.call('HSET', durations_key, series, duration_s)
 return 1
-""", OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA, DEPS_LUA))
+""", OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA, RELEASE_RUN_LUA, DEPS_LUA))
 
 FAIL = allow_oom(_lua(f"""
 -- An execution that ended without finishing: the task raised (from the executing process)
 -- or its process died (from the worker parent, which saw its work-horse die).
--- KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash, KEYS[4] = series claim
+-- KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash, KEYS[4] = series claim,
+-- KEYS[5] = alert failures list
 -- ARGV[1] = run_id, ARGV[2] = claim owner, ARGV[3] = base record JSON, ARGV[4] = retention (s),
 -- ARGV[5] = RQ can retry ('1'|'0'), ARGV[6] = max attempts (0 = no limit), ARGV[7] = node,
--- ARGV[8] = now (ISO), ARGV[9] = error
+-- ARGV[8] = now (ISO), ARGV[9] = error, ARGV[10] = day (ISO)
 -- Returns 'retry' (recorded queued: RQ retries it), 'failed', or 'not-ours' (claim held by
 -- another copy or gone: nothing changed). Replay-safe: sent again with the same arguments
 -- after its reply was lost, it answers as the first call did.
@@ -436,8 +535,11 @@ local retry = rq_can_retry and (max_attempts == 0 or run_attempts(record) < max_
 record.state = retry and '{QUEUED}' or '{FAILED}'
 record.node, record.ended_at, record.error = node, now, error_text
 save_record(runs_key, run_id, record, retention_s)
+if not retry then
+  note_failed(KEYS[5], ARGV[10], run_id, record, retention_s)
+end
 return retry and 'retry' or 'failed'
-""", OWNER_LUA, RECORD_LUA, RELEASE_RUN_LUA))
+""", OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA, RELEASE_RUN_LUA, NOTE_FAILED_LUA))
 
 END_WAIT = _lua(f"""
 -- A copy that never got the run's claim stopped waiting for it: its job timed out (RQ's
@@ -445,11 +547,11 @@ END_WAIT = _lua(f"""
 -- slot's run of its task and param, held the claim. RQ then retries or fails the job
 -- outside the guard, so the record says which, now -- only while it still names this job
 -- and says queued (a record another copy or a later job moved on is left as it is).
--- KEYS[1] = day runs hash, KEYS[2] = run claim
+-- KEYS[1] = day runs hash, KEYS[2] = run claim, KEYS[3] = alert failures list
 -- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = base record JSON, ARGV[4] = retention (s),
 -- ARGV[5] = RQ will retry ('1'|'0'), ARGV[6] = node, ARGV[7] = now (ISO),
 -- ARGV[8] = error while the run's own claim is held (another copy of the run),
--- ARGV[9] = error otherwise (the series claim: the previous slot's run)
+-- ARGV[9] = error otherwise (the series claim: the previous slot's run), ARGV[10] = day (ISO)
 -- Returns 'retry' (recorded queued, with the error: RQ retries it), 'failed' or 'not-ours'.
 local runs_key, claim_key = KEYS[1], KEYS[2]
 local run_id, job_id, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -462,8 +564,11 @@ record.state = retry and '{QUEUED}' or '{FAILED}'
 record.node, record.ended_at = node, now
 record.error = redis.call('EXISTS', claim_key) == 1 and ARGV[8] or ARGV[9]
 save_record(runs_key, run_id, record, retention_s)
+if not retry then
+  note_failed(KEYS[3], ARGV[10], run_id, record, retention_s)
+end
 return retry and 'retry' or 'failed'
-""", RECORD_LUA)
+""", RECORD_LUA, NOTE_FAILED_LUA)
 
 RENEW_CLAIM = allow_oom(_lua("""
 -- Extends a run's claim and its series claim only while the run's claim is ours; never
@@ -471,10 +576,13 @@ RENEW_CLAIM = allow_oom(_lua("""
 -- A run of a task with limits also extends its slot (limits.py) in the same call.
 -- KEYS[1] = run claim, KEYS[2] = series claim, KEYS[3] = the task's slots (optional)
 -- ARGV[1] = owner, ARGV[2] = ttl (ms)
--- Returns 'ok', 'taken' (another copy holds it) or 'gone'.
+-- Returns 'ok', 'taken' (another copy holds it), 'gone' or 'cancelled' (cancelling.py: stop).
 local claim_key, series_key, slots_key = KEYS[1], KEYS[2], KEYS[3]
 local owner, ttl_ms = ARGV[1], ARGV[2]
 if pexpire_if_owner(claim_key, owner, ttl_ms) == 0 then
+  if cancelled_why(claim_key, owner) then
+    return 'cancelled'
+  end
   return redis.call('EXISTS', claim_key) == 1 and 'taken' or 'gone'
 end
 pexpire_if_owner(series_key, owner, ttl_ms)
@@ -482,7 +590,7 @@ if slots_key then
   extend_slot(slots_key, owner, ttl_ms)
 end
 return 'ok'
-""", OWNER_LUA, NOW_LUA, SLOTS_LUA))
+""", OWNER_LUA, NOW_LUA, SLOTS_LUA, CANCELLED_CLAIM_LUA))
 
 TAKE_IF_ABANDONED = _lua(f"""
 -- The leader takes over a run listed as running: only if no live copy holds its claim.
@@ -490,9 +598,9 @@ TAKE_IF_ABANDONED = _lua(f"""
 -- requeue it (ARGV[5] says why). A run to requeue stays listed as running: the caller's
 -- requeue removes it in the same MULTI/EXEC that enqueues its new job (recovery.py), so
 -- a leader that dies or loses Redis in between leaves it listed for the next look.
--- KEYS[1] = running hash, KEYS[2] = the run's claim, KEYS[3] = day runs hash
+-- KEYS[1] = running hash, KEYS[2] = the run's claim, KEYS[3] = day runs hash, KEYS[4] = alert failures list
 -- ARGV[1] = run_id, ARGV[2] = max attempts (0 = no limit), ARGV[3] = now (ISO), ARGV[4] = retention (s),
--- ARGV[5] = why the caller cannot requeue it ('' = it can)
+-- ARGV[5] = why the caller cannot requeue it ('' = it can), ARGV[6] = day (ISO)
 -- Returns 'alive', 'gone' (someone else took it, or its day's records expired), 'failed' or 'requeue'.
 local running_key, claim_key, runs_key = KEYS[1], KEYS[2], KEYS[3]
 local run_id, max_attempts, now, retention_s, cannot = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5] or ''
@@ -526,8 +634,9 @@ end
 redis.call('HDEL', running_key, run_id)
 record.state, record.ended_at, record.error = '{FAILED}', now, lost
 save_record(runs_key, run_id, record, retention_s)
+note_failed(KEYS[4], ARGV[6], run_id, record, retention_s)
 return 'failed'
-""", RECORD_LUA)
+""", RECORD_LUA, NOTE_FAILED_LUA)
 
 REQUEUE_STRANDED = _lua(f"""
 -- Puts a job a worker took off the queue but never started back at the front of the
@@ -571,7 +680,7 @@ return changed
 
 HOLD_WAITING = _lua(f"""
 -- Held runs of one task whose upstream runs have not all finished: 'blocked', with an
--- error naming the upstream run, while one of those is failed, skipped or blocked itself;
+-- error naming the upstream run, while one of those is failed, skipped, cancelled or blocked itself;
 -- 'waiting' again once none is (a rerun queued it). Checked and set in one step: only
 -- records now 'waiting' or 'blocked' change (a run released or begun meanwhile stays as
 -- it is), and a record already right is not rewritten.
@@ -590,7 +699,8 @@ if blocker ~= '' then
 end
 for i = 5, 4 + n do
   local upstream = load_record(runs_key, ARGV[i])
-  if upstream and (upstream.state == '{FAILED}' or upstream.state == '{SKIPPED}' or upstream.state == '{BLOCKED}') then
+  if upstream and (upstream.state == '{FAILED}' or upstream.state == '{SKIPPED}' or upstream.state == '{BLOCKED}'
+      or upstream.state == '{CANCELLED}') then
     blocker = ARGV[i]
     error_text = 'upstream run ' .. tostring(upstream.task) .. '(' .. tostring(upstream.param_json) .. ') ' ..
       upstream.state .. ': ' .. blocker
@@ -814,31 +924,39 @@ ADMIT = _lua("""
 -- A worker asks, before it starts a run of a task with limits or a paused task, whether it
 -- may: if the task is paused or has no room, the job is held back -- off RQ's intermediate
 -- queue (so nothing takes it for stranded) and onto the task's held list, its RQ job left
--- queued -- else the run takes a slot (when the task has limits).
+-- queued -- else the run takes a slot (when the task has limits or a pool). A run of a
+-- pool's task needs room in its task and in its pool; its one slot counts for both.
 -- KEYS[1] = paused hash, KEYS[2] = the task's slots, KEYS[3] = slot nodes, KEYS[4] = held list,
--- KEYS[5] = RQ's intermediate queue, KEYS[6] = the held list's index (a set, see hold)
+-- KEYS[5] = RQ's intermediate queue, then per task of its pool (its own included): its
+-- slots, slot nodes
 -- ARGV[1] = task, ARGV[2] = owner (the attempt's claim owner token), ARGV[3] = node,
 -- ARGV[4] = job id, ARGV[5] = slot ttl (ms, the claim's), ARGV[6] = max_running (0: none),
--- ARGV[7] = max_per_node (0: none)
+-- ARGV[7] = max_per_node (0: none), ARGV[8] = the pool's size (0: in no pool)
 -- Returns 'admitted', 'paused' or 'held'.
 local paused_key, slots_key, nodes_key, held_key, intermediate_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local index_key = KEYS[6]
 local task, owner, node, job_id, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local max_running, max_per_node = tonumber(ARGV[6]), tonumber(ARGV[7])
+local max_running, max_per_node, pool_size = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = redis_now_ms()
 purge_slots(slots_key, nodes_key, now)
+local pool = {}
+for k = 6, #KEYS, 2 do
+  pool[#pool + 1] = {KEYS[k], KEYS[k + 1]}
+end
 local why = nil
 if redis.call('HEXISTS', paused_key, task) == 1 then
   why = 'paused'
 elseif room(slots_key, nodes_key, max_running, max_per_node, {node}) < 1 then
   why = 'held'
+elseif pool_size > 0 and pool_room(pool_size, pool, now) < 1 then
+  why = 'held'
 end
 if why then
   redis.call('LREM', intermediate_key, 1, job_id)
-  hold(held_key, index_key, job_id)  -- once in the list, however often held
+  redis.call('LREM', held_key, 0, job_id)  -- once in the list, however often held
+  redis.call('RPUSH', held_key, job_id)
   return why
 end
-if max_running > 0 or max_per_node > 0 then
+if max_running > 0 or max_per_node > 0 or pool_size > 0 then
   redis.call('ZADD', slots_key, now + ttl_ms, owner)
   redis.call('HSET', nodes_key, owner, node)
 end
@@ -848,49 +966,73 @@ return 'admitted'
 RELEASE_SLOT = allow_oom(_lua("""
 -- An admitted execution ended (finished, failed, not executed after all, or its work-horse
 -- died): its slot frees, and held runs move to the queue's front while there is room --
--- in the same script as every hold, so no held run misses the wake-up.
+-- in the same script as every hold, so no held run misses the wake-up. For a pool's task,
+-- held runs of every task of the pool, starting with the task after this one (in turn).
 -- KEYS[1] = paused hash, KEYS[2] = the task's slots, KEYS[3] = slot nodes, KEYS[4] = held list,
--- KEYS[5] = queue, KEYS[6] = the held list's index
+-- KEYS[5] = queue, then per task of its pool (its own included): its slots, slot nodes, held list
 -- ARGV[1] = task, ARGV[2] = owner, ARGV[3] = node (whose room the freed slot is),
--- ARGV[4] = max_running (0: none), ARGV[5] = max_per_node (0: none)
+-- ARGV[4] = max_running (0: none), ARGV[5] = max_per_node (0: none), ARGV[6] = the pool's
+-- size (0: in no pool), ARGV[7] = the task's place among the pool's tasks (from 1), then per
+-- task of the pool: name, max_running (0: none), max_per_node (0: none)
 -- Returns the job ids moved to the queue.
 local paused_key, slots_key, nodes_key, held_key, queue_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local index_key = KEYS[6]
 local task, owner, node = ARGV[1], ARGV[2], ARGV[3]
-local max_running, max_per_node = tonumber(ARGV[4]), tonumber(ARGV[5])
+local max_running, max_per_node, pool_size = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now = redis_now_ms()
 redis.call('ZREM', slots_key, owner)
 redis.call('HDEL', nodes_key, owner)
-purge_slots(slots_key, nodes_key, redis_now_ms())
+purge_slots(slots_key, nodes_key, now)
+if pool_size > 0 then
+  local members = pool_members(6, 8, (#KEYS - 5) / 3)
+  return promote_pool(paused_key, queue_key, pool_size, members, {node}, tonumber(ARGV[7]) % #members + 1, now)
+end
 if redis.call('HEXISTS', paused_key, task) == 1 then
   return {}
 end
-return promote(held_key, index_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node, {node}))
+return promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node, {node}))
 """, NOW_LUA, SLOTS_LUA))
 
 SWEEP_SLOTS = _lua("""
 -- The leader, every tick: drops lapsed slots (holders that died or were cut off) and moves
 -- held runs of tasks with limits to the queue's front while there is room. Per-node room
--- is counted on every node that beat within the last ``live_s`` seconds.
+-- is counted on every node that beat within the last ``live_s`` seconds. The tasks of a
+-- pool are moved together (promote_pool), while the pool has room.
 -- KEYS[1] = paused hash, KEYS[2] = queue, KEYS[3] = nodes registry (node -> last beat, s),
--- then per task: its slots, slot nodes, held list, held list's index
--- ARGV[1] = live_s, then per task: name, max_running (0: none), max_per_node (0: none)
+-- then per task: its slots, slot nodes, held list
+-- ARGV[1] = live_s, then per task: name, max_running (0: none), max_per_node (0: none),
+-- its pool ('' for none), the pool's size (0: none)
 -- Returns the job ids moved to the queue.
 local paused_key, queue_key, registry_key = KEYS[1], KEYS[2], KEYS[3]
 local now = redis_now_ms()
 local nodes = redis.call('ZRANGEBYSCORE', registry_key, now / 1000 - tonumber(ARGV[1]), '+inf')
+-- no node known: count one, so held runs are not stuck behind an empty registry
+local where = #nodes > 0 and nodes or {''}
 local moved = {}
-for i = 2, #ARGV, 3 do
-  local k = 4 + (i - 2) / 3 * 4
-  local slots_key, nodes_key, held_key, index_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+local pools, pool_names = {}, {}
+for i = 2, #ARGV, 5 do
+  local k = 4 + 3 * (i - 2) / 5
+  local slots_key, nodes_key, held_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local task, max_running, max_per_node = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local pool, pool_size = ARGV[i + 3], tonumber(ARGV[i + 4])
   purge_slots(slots_key, nodes_key, now)
-  if redis.call('HEXISTS', paused_key, task) == 0 and redis.call('LLEN', held_key) > 0 then
-    -- no node known: count one, so held runs are not stuck behind an empty registry
-    local where = #nodes > 0 and nodes or {''}
-    for _, job_id in ipairs(promote(held_key, index_key, queue_key,
-                                    room(slots_key, nodes_key, max_running, max_per_node, where))) do
+  if pool ~= '' then
+    if not pools[pool] then
+      pools[pool] = {size = pool_size, members = {}}
+      pool_names[#pool_names + 1] = pool
+    end
+    local members = pools[pool].members
+    members[#members + 1] = {task, slots_key, nodes_key, held_key, max_running, max_per_node}
+  elseif redis.call('HEXISTS', paused_key, task) == 0 and redis.call('LLEN', held_key) > 0 then
+    for _, job_id in ipairs(promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node,
+                                                            where))) do
       moved[#moved + 1] = job_id
     end
+  end
+end
+for _, pool in ipairs(pool_names) do
+  for _, job_id in ipairs(promote_pool(paused_key, queue_key, pools[pool].size, pools[pool].members, where, 1,
+                                       now)) do
+    moved[#moved + 1] = job_id
   end
 end
 return moved
@@ -908,12 +1050,12 @@ return extend_slot(KEYS[1], ARGV[1], ARGV[2])
 RESUME = _lua("""
 -- Resumes a task: no longer paused, and every run held back (paused or over a limit) goes
 -- to the queue's front, in the order held; ADMIT holds again any still over a limit.
--- KEYS[1] = paused hash, KEYS[2] = held list, KEYS[3] = queue, KEYS[4] = the held list's index
+-- KEYS[1] = paused hash, KEYS[2] = held list, KEYS[3] = queue
 -- ARGV[1] = task
 -- Returns {1 if it was paused else 0, number of runs moved}.
-local paused_key, held_key, queue_key, index_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local paused_key, held_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
 local was_paused = redis.call('HDEL', paused_key, ARGV[1])
-local moved = promote(held_key, index_key, queue_key, redis.call('LLEN', held_key))
+local moved = promote(held_key, queue_key, redis.call('LLEN', held_key))
 return {was_paused, #moved}
 """, NOW_LUA, SLOTS_LUA)
 
@@ -925,8 +1067,10 @@ SETTLE_FAILED = _lua(f"""
 -- run's claim, recovery does not list it as running (recovery takes those over), and no
 -- waiting entry or left job (deploys) stands behind it.
 -- KEYS[1] = day runs hash, KEYS[2] = the run's claim, KEYS[3] = running hash,
--- KEYS[4] = day waiting hash, KEYS[5] = RQ's job hash, KEYS[6] = left jobs (sorted set)
--- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = error, ARGV[4] = now (ISO), ARGV[5] = retention (s)
+-- KEYS[4] = day waiting hash, KEYS[5] = RQ's job hash, KEYS[6] = left jobs (sorted set),
+-- KEYS[7] = alert failures list
+-- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = error, ARGV[4] = now (ISO), ARGV[5] = retention (s),
+-- ARGV[6] = day (ISO)
 -- Returns 1 when it settled the run, else 0.
 local runs_key, claim_key, running_key, waiting_key, job_key, left_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
   KEYS[5], KEYS[6]
@@ -945,8 +1089,85 @@ if redis.call('HGET', job_key, 'status') ~= 'failed' or redis.call('EXISTS', cla
 end
 record.state, record.error, record.ended_at = '{FAILED}', error_text, now
 save_record(runs_key, run_id, record, retention_s)
+note_failed(KEYS[7], ARGV[6], run_id, record, retention_s)
 return 1
+""", RECORD_LUA, NOTE_FAILED_LUA)
+
+REQUEUE_ORPHANED = _lua(f"""
+-- A copy that stopped because its claim was gone (guard.py) records nothing: another copy
+-- owns the run, or the leader takes it over from the running hash. Unless Redis itself lost
+-- the claim with the rest of the run's start (a failover to a replica that lagged): then
+-- nothing backs the record any more, and the copy's worker puts the job back at the
+-- queue's front here, after RQ handled the job's end, so that the run is not lost.
+-- Only while the record names this job and says queued or running, no copy holds the
+-- claim, the run is not finished, not in the running hash (recovery's), not waiting and
+-- not left, and RQ still has the job's hash; a job still in the queue is not pushed twice.
+-- KEYS[1] = day runs hash, KEYS[2] = the run's claim, KEYS[3] = running hash,
+-- KEYS[4] = day finished set, KEYS[5] = day waiting hash, KEYS[6] = left jobs (sorted set),
+-- KEYS[7] = queue, KEYS[8] = RQ's intermediate queue, KEYS[9] = RQ's job hash,
+-- KEYS[10] = RQ's failed job registry
+-- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = retention (s)
+-- Returns 'requeued', 'in-queue' (made queued where it is), 'backed' or 'changed' (nothing done).
+local runs_key, claim_key, running_key, finished_key, waiting_key, left_key = KEYS[1], KEYS[2], KEYS[3],
+  KEYS[4], KEYS[5], KEYS[6]
+local queue_key, intermediate_key, job_key, failed_key = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local run_id, job_id, retention_s = ARGV[1], ARGV[2], ARGV[3]
+local record = load_record(runs_key, run_id)
+if not record or record.job_id ~= job_id or (record.state ~= '{QUEUED}' and record.state ~= '{RUNNING}') then
+  return 'changed'
+end
+if redis.call('EXISTS', claim_key) == 1 or redis.call('SISMEMBER', finished_key, run_id) == 1
+    or redis.call('HEXISTS', running_key, run_id) == 1 or redis.call('HEXISTS', waiting_key, run_id) == 1
+    or redis.call('ZSCORE', left_key, job_id) or redis.call('EXISTS', job_key) == 0 then
+  return 'backed'
+end
+redis.call('ZREM', failed_key, job_id)
+-- Queued again: as RQ keeps a queued job (a finished one would expire with its result TTL).
+redis.call('HSET', job_key, 'status', 'queued')
+redis.call('PERSIST', job_key)
+local outcome = 'in-queue'
+if not (redis.call('LPOS', queue_key, job_id) or redis.call('LPOS', intermediate_key, job_id)) then
+  redis.call('LPUSH', queue_key, job_id)
+  outcome = 'requeued'
+end
+if record.state ~= '{QUEUED}' then
+  record.state = '{QUEUED}'
+  save_record(runs_key, run_id, record, retention_s)
+end
+return outcome
 """, RECORD_LUA)
+
+# -- learned durations (fanout.py, scheduler.py) ------------------------------------------
+
+TRIM_DURATIONS = _lua("""
+-- The learned durations are kept per series (task + param) across days; a series no day
+-- fanned out for the retention period goes (computed params that change daily would
+-- otherwise grow the hash forever). The fan-out notes each series' day in KEYS[2].
+-- KEYS[1] = durations hash, KEYS[2] = zset series -> ordinal of the last day fanned out
+-- ARGV[1] = oldest day kept (ordinal), ARGV[2] = today (ordinal), ARGV[3] = most removed per call
+-- Returns how many series were removed.
+local durations_key, seen_key = KEYS[1], KEYS[2]
+local oldest_kept, today, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', seen_key) == 0 then
+  -- Durations learned before series were noted (an upgrade): each counts as seen today,
+  -- once. unpack() takes a few thousand values at most: in parts.
+  local fields = redis.call('HKEYS', durations_key)
+  for i = 1, #fields, 1000 do
+    local part = {}
+    for j = i, math.min(i + 999, #fields) do
+      part[#part + 1] = today
+      part[#part + 1] = fields[j]
+    end
+    redis.call('ZADD', seen_key, unpack(part))
+  end
+end
+local stale = redis.call('ZRANGEBYSCORE', seen_key, '-inf', '(' .. oldest_kept, 'LIMIT', 0, batch)
+if #stale > 0 then
+  redis.call('HDEL', durations_key, unpack(stale))
+  redis.call('ZREM', seen_key, unpack(stale))
+end
+return #stale
+""")
 
 # -- rolling deploys (deploys.py) ----------------------------------------------------------
 
@@ -1081,6 +1302,50 @@ return 'removed'
 """, RECORD_LUA, DEPS_LUA)
 
 
+# -- cancel (cancelling.py) ----------------------------------------------------------------------
+
+CANCEL = _lua(f"""
+-- ``cancel`` of one run: a run queued, running, waiting or blocked ends 'cancelled', its
+-- error saying who asked. An executing copy's claim is renamed (CANCEL_MARK): its next
+-- renewal tells it to stop, and it releases the claim once stopped. Out of the running
+-- hash (recovery leaves it alone) and the waiting hash (no release pushes it); a job of it
+-- still queued, held or due for a retry is refused by BEGIN.
+-- KEYS[1] = day runs hash, KEYS[2] = run claim, KEYS[3] = running hash, KEYS[4] = day waiting hash
+-- ARGV[1] = run_id, ARGV[2] = why (the record's error), ARGV[3] = now (ISO), ARGV[4] = retention (s)
+-- Returns {{'cancelled', state before, '1' when a copy executes it ('0' if not)}},
+--   {{'ended', state}} (nothing to cancel) or {{'none'}} (no record).
+local runs_key, claim_key, running_key, waiting_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local run_id, why, now, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local record = load_record(runs_key, run_id)
+if not record then
+  return {{'none'}}
+end
+local state = record.state
+if state ~= '{QUEUED}' and state ~= '{RUNNING}' and state ~= '{WAITING}' and state ~= '{BLOCKED}' then
+  return {{'ended', tostring(state)}}
+end
+local executing = '0'
+local holder = redis.call('GET', claim_key)
+if holder and not string.find(holder, '{CANCEL_MARK}', 1, true) then
+  redis.call('SET', claim_key, holder .. '{CANCEL_MARK}' .. why, 'KEEPTTL')
+  executing = '1'
+end
+redis.call('HDEL', running_key, run_id)
+redis.call('HDEL', waiting_key, run_id)
+record.state, record.error, record.ended_at = '{CANCELLED}', why, now
+save_record(runs_key, run_id, record, retention_s)
+return {{'cancelled', state, executing}}
+""", RECORD_LUA)
+
+RELEASE_CANCELLED = _lua("""
+-- A copy that stopped for a cancel releases its claim and series claim.
+-- KEYS[1] = run claim, KEYS[2] = series claim
+-- ARGV[1] = the copy's owner token
+-- Returns why the run was cancelled, or '' (the claim is not one a cancel took from this copy).
+return release_cancelled(KEYS[1], KEYS[2], ARGV[1]) or ''
+""", OWNER_LUA, CANCELLED_CLAIM_LUA)
+
+
 # -- Redis out of memory (redis_memory.py) ---------------------------------------------------
 
 MEMORY_FULL_MARK = allow_oom(_lua("""
@@ -1122,10 +1387,11 @@ return {tostring(mark.since_ms), mark.alerted and '1' or '0', raw}
 
 # MARK_HELD's answer: ('ok', None, now_ms), ('gap', last_ms, now_ms) or ('not-leader', None, None).
 HeldMark = tuple[str, "int | None", "int | None"]
-BeginOutcome = Literal["claimed", "finished", "superseded", "exhausted", "busy", "skipped"]
-BEGIN_OUTCOMES: tuple[BeginOutcome, ...] = ("claimed", "finished", "superseded", "exhausted", "busy", "skipped")
+BeginOutcome = Literal["claimed", "finished", "superseded", "exhausted", "busy", "skipped", "cancelled"]
+BEGIN_OUTCOMES: tuple[BeginOutcome, ...] = ("claimed", "finished", "superseded", "exhausted", "busy", "skipped",
+                                            "cancelled")
 FailOutcome = Literal["retry", "failed", "not-ours"]
-RenewOutcome = Literal["ok", "taken", "gone"]
+RenewOutcome = Literal["ok", "taken", "gone", "cancelled"]
 TakeOutcome = Literal["alive", "gone", "failed", "requeue"]
 AckOutcome = Literal["ours", "taken", "gone"]
 # HOLD_WAITING's answer: (the upstream run blocking the held runs or None, records changed).
@@ -1136,7 +1402,8 @@ AdmitOutcome = Literal["admitted", "paused", "held"]
 
 @dataclass(frozen=True)
 class LimitedTask:
-    """One task's limits and keys, for SWEEP_SLOTS."""
+    """One task's limits and keys, for SWEEP_SLOTS (and, for the tasks of a pool, ADMIT
+    and RELEASE_SLOT); ``pool`` and ``pool_size`` (0: in no pool) from the table's POOLS."""
 
     name: str
     max_running: int | None
@@ -1144,7 +1411,8 @@ class LimitedTask:
     slots_key: str
     slot_nodes_key: str
     held_key: str
-    held_index_key: str
+    pool: str | None = None
+    pool_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -1535,6 +1803,7 @@ class Scripts:
         self._take_if_abandoned = register(TAKE_IF_ABANDONED)
         self._requeue_stranded = register(REQUEUE_STRANDED)
         self._settle_failed = register(SETTLE_FAILED)
+        self._requeue_orphaned = register(REQUEUE_ORPHANED)
         self._outbox_enqueue = register(OUTBOX_ENQUEUE)
         self._outbox_claim = register(OUTBOX_CLAIM)
         self._outbox_ack = register(OUTBOX_ACK)
@@ -1551,6 +1820,7 @@ class Scripts:
         self._touch_slot = register(TOUCH_SLOT)
         self._resume = register(RESUME)
         self._leave = register(LEAVE)
+        self._trim_durations = register(TRIM_DURATIONS)
         self._return_left = register(RETURN_LEFT)
         self._remove_left = register(REMOVE_LEFT)
         self._remove_waiting = register(REMOVE_WAITING)
@@ -1564,6 +1834,8 @@ class Scripts:
         self._restore_memory = register(RESTORE_MEMORY)
         self._data_lost_alert_claim = register(DATA_LOST_ALERT_CLAIM)
         self._memory_full_mark = register(MEMORY_FULL_MARK)
+        self._cancel = register(CANCEL)
+        self._release_cancelled = register(RELEASE_CANCELLED)
 
     def flags_supported(self) -> bool:
         """Whether this connection's server reads script flags (Redis >= 7); one INFO the
@@ -1641,20 +1913,20 @@ class Scripts:
                           [run_id, owner, base_json, retention_s, series, f"{duration_s:.3f}", node, now_iso],
                           _parse_finish)
 
-    def fail(self, *, claim_key: str, runs_key: str, running_key: str, series_key: str, run_id: str, owner: str,
-             base_json: str, retention_s: int, rq_can_retry: bool, max_attempts: int, node: str, now_iso: str,
-             error: str) -> ScriptCall[FailOutcome]:
-        return ScriptCall(self._fail, [claim_key, runs_key, running_key, series_key],
+    def fail(self, *, claim_key: str, runs_key: str, running_key: str, series_key: str, failures_key: str,
+             run_id: str, owner: str, base_json: str, retention_s: int, rq_can_retry: bool, max_attempts: int,
+             node: str, now_iso: str, error: str, day: str) -> ScriptCall[FailOutcome]:
+        return ScriptCall(self._fail, [claim_key, runs_key, running_key, series_key, failures_key],
                           [run_id, owner, base_json, retention_s, _flag(rq_can_retry), max_attempts, node, now_iso,
-                           error], _text)  # type: ignore[arg-type]
+                           error, day], _text)  # type: ignore[arg-type]
 
-    def end_wait(self, *, runs_key: str, claim_key: str, run_id: str, job_id: str, base_json: str,
-                 retention_s: int, rq_will_retry: bool, node: str, now_iso: str, error_if_run_busy: str,
-                 error_if_series_busy: str) -> ScriptCall[FailOutcome]:
+    def end_wait(self, *, runs_key: str, claim_key: str, failures_key: str, run_id: str, job_id: str,
+                 base_json: str, retention_s: int, rq_will_retry: bool, node: str, now_iso: str,
+                 error_if_run_busy: str, error_if_series_busy: str, day: str) -> ScriptCall[FailOutcome]:
         """'retry', 'failed' or 'not-ours' (the record no longer says queued for this job)."""
-        return ScriptCall(self._end_wait, [runs_key, claim_key],
+        return ScriptCall(self._end_wait, [runs_key, claim_key, failures_key],
                           [run_id, job_id, base_json, retention_s, _flag(rq_will_retry), node, now_iso,
-                           error_if_run_busy, error_if_series_busy], _text)  # type: ignore[arg-type]
+                           error_if_run_busy, error_if_series_busy, day], _text)  # type: ignore[arg-type]
 
     def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int,
                     slots_key: str | None = None) -> ScriptCall[RenewOutcome]:
@@ -1662,23 +1934,33 @@ class Scripts:
         keys = [claim_key, series_key] + ([slots_key] if slots_key else [])
         return ScriptCall(self._renew_claim, keys, [owner, ttl_ms], _text)  # type: ignore[arg-type]
 
-    # -- limits and pause (limits.py, pause.py) --
+    # -- limits and pause (limits.py, pausing.py) --
 
-    def admit(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str, held_index_key: str,
+    def admit(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
               intermediate_queue_key: str, task: str, owner: str, node: str, job_id: str, ttl_ms: int,
-              max_running: int | None, max_per_node: int | None) -> ScriptCall[AdmitOutcome]:
-        return ScriptCall(self._admit, [paused_key, slots_key, slot_nodes_key, held_key, intermediate_queue_key,
-                                        held_index_key],
-                          [task, owner, node, job_id, ttl_ms, max_running or 0, max_per_node or 0],
+              max_running: int | None, max_per_node: int | None, pool_size: int = 0,
+              pool: Sequence[LimitedTask] = ()) -> ScriptCall[AdmitOutcome]:
+        """``pool``: every task of the run's pool (its own included), of size ``pool_size``."""
+        keys = [paused_key, slots_key, slot_nodes_key, held_key, intermediate_queue_key]
+        for member in pool:
+            keys += [member.slots_key, member.slot_nodes_key]
+        return ScriptCall(self._admit, keys,
+                          [task, owner, node, job_id, ttl_ms, max_running or 0, max_per_node or 0, pool_size],
                           _text)  # type: ignore[arg-type]
 
-    def release_slot(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
-                     held_index_key: str, queue_key: str, task: str, owner: str, node: str, max_running: int | None,
-                     max_per_node: int | None) -> ScriptCall[list[str]]:
-        """The job ids it moved from the held list to the queue."""
-        return ScriptCall(self._release_slot, [paused_key, slots_key, slot_nodes_key, held_key, queue_key,
-                                               held_index_key],
-                          [task, owner, node, max_running or 0, max_per_node or 0], _texts)
+    def release_slot(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str, queue_key: str,
+                     task: str, owner: str, node: str, max_running: int | None,
+                     max_per_node: int | None, pool_size: int = 0,
+                     pool: Sequence[LimitedTask] = ()) -> ScriptCall[list[str]]:
+        """The job ids it moved from the held list (for a pool's task: the pool's tasks'
+        held lists) to the queue. ``pool``: every task of the pool, ``task`` among them."""
+        keys = [paused_key, slots_key, slot_nodes_key, held_key, queue_key]
+        place = next((i + 1 for i, member in enumerate(pool) if member.name == task), 0)
+        args: list[Any] = [task, owner, node, max_running or 0, max_per_node or 0, pool_size if place else 0, place]
+        for member in pool if place else ():
+            keys += [member.slots_key, member.slot_nodes_key, member.held_key]
+            args += [member.name, member.max_running or 0, member.max_per_node or 0]
+        return ScriptCall(self._release_slot, keys, args, _texts)
 
     def sweep_slots(self, *, paused_key: str, queue_key: str, nodes_key: str, live_s: int,
                     tasks: Sequence[LimitedTask]) -> ScriptCall[list[str]]:
@@ -1686,26 +1968,28 @@ class Scripts:
         keys = [paused_key, queue_key, nodes_key]
         args: list[Any] = [live_s]
         for task in tasks:
-            keys += [task.slots_key, task.slot_nodes_key, task.held_key, task.held_index_key]
-            args += [task.name, task.max_running or 0, task.max_per_node or 0]
+            keys += [task.slots_key, task.slot_nodes_key, task.held_key]
+            args += [task.name, task.max_running or 0, task.max_per_node or 0, task.pool or "",
+                     task.pool_size if task.pool else 0]
         return ScriptCall(self._sweep_slots, keys, args, _texts)
 
     def touch_slot(self, *, slots_key: str, owner: str, ttl_ms: int) -> ScriptCall[bool]:
         return ScriptCall(self._touch_slot, [slots_key], [owner, ttl_ms], bool)
 
-    def resume(self, *, paused_key: str, held_key: str, held_index_key: str, queue_key: str,
-               task: str) -> ScriptCall[tuple[bool, int]]:
+    def resume(self, *, paused_key: str, held_key: str, queue_key: str, task: str) -> ScriptCall[tuple[bool, int]]:
         """(whether the task was paused, how many held runs went back to the queue)."""
-        return ScriptCall(self._resume, [paused_key, held_key, queue_key, held_index_key], [task],
+        return ScriptCall(self._resume, [paused_key, held_key, queue_key], [task],
                           lambda reply: (bool(int(reply[0])), int(reply[1])))
 
     # -- recovery (recovery.py) --
 
-    def take_if_abandoned(self, *, running_key: str, claim_key: str, runs_key: str, run_id: str, max_attempts: int,
-                          now_iso: str, retention_s: int, cannot_requeue: str = "") -> ScriptCall[TakeOutcome]:
+    def take_if_abandoned(self, *, running_key: str, claim_key: str, runs_key: str, failures_key: str, run_id: str,
+                          max_attempts: int, now_iso: str, retention_s: int, day: str,
+                          cannot_requeue: str = "") -> ScriptCall[TakeOutcome]:
         """``cannot_requeue``: why the caller could not requeue the run (it is failed then)."""
-        return ScriptCall(self._take_if_abandoned, [running_key, claim_key, runs_key],
-                          [run_id, max_attempts, now_iso, retention_s, cannot_requeue], _text)  # type: ignore[arg-type]
+        return ScriptCall(self._take_if_abandoned, [running_key, claim_key, runs_key, failures_key],
+                          [run_id, max_attempts, now_iso, retention_s, cannot_requeue, day],
+                          _text)  # type: ignore[arg-type]
 
     def requeue_stranded(self, *, intermediate_queue_key: str, queue_key: str, runs_key: str, job_id: str,
                          run_id: str) -> ScriptCall[bool]:
@@ -1713,11 +1997,22 @@ class Scripts:
                           bool)
 
     def settle_failed(self, *, runs_key: str, claim_key: str, running_key: str, waiting_key: str, job_key: str,
-                      left_key: str, run_id: str, job_id: str, error: str, now_iso: str,
-                      retention_s: int) -> ScriptCall[bool]:
+                      left_key: str, failures_key: str, run_id: str, job_id: str, error: str, now_iso: str,
+                      retention_s: int, day: str) -> ScriptCall[bool]:
         """True when the run's record was failed with ``error`` (settle.py)."""
-        return ScriptCall(self._settle_failed, [runs_key, claim_key, running_key, waiting_key, job_key, left_key],
-                          [run_id, job_id, error, now_iso, retention_s], bool)
+        return ScriptCall(self._settle_failed,
+                          [runs_key, claim_key, running_key, waiting_key, job_key, left_key, failures_key],
+                          [run_id, job_id, error, now_iso, retention_s, day], bool)
+
+    def requeue_orphaned(self, *, runs_key: str, claim_key: str, running_key: str, finished_key: str,
+                         waiting_key: str, left_key: str, queue_key: str, intermediate_queue_key: str, job_key: str,
+                         failed_registry_key: str, run_id: str, job_id: str,
+                         retention_s: int) -> ScriptCall[str]:
+        """'requeued', 'in-queue', 'backed' or 'changed' (REQUEUE_ORPHANED)."""
+        return ScriptCall(self._requeue_orphaned,
+                          [runs_key, claim_key, running_key, finished_key, waiting_key, left_key, queue_key,
+                           intermediate_queue_key, job_key, failed_registry_key],
+                          [run_id, job_id, retention_s], _text)
 
     # -- the alert outbox (alert_outbox.py) --
 
@@ -1756,6 +2051,13 @@ class Scripts:
 
 
     # -- rolling deploys (deploys.py) --
+
+    def trim_durations(self, *, durations_key: str, seen_key: str, oldest_kept_ordinal: int, today_ordinal: int,
+                       batch: int) -> ScriptCall[int]:
+        """How many series' learned durations were dropped (not fanned out since before
+        ``oldest_kept_ordinal``)."""
+        return ScriptCall(self._trim_durations, [durations_key, seen_key],
+                          [oldest_kept_ordinal, today_ordinal, batch], int)
 
     def leave(self, *, left_key: str, left_info_key: str, intermediate_queue_key: str, runs_key: str, job_id: str,
               info_json: str, table: str, node: str, why: str, first_wait_ms: int, longest_wait_ms: int,
@@ -1800,19 +2102,19 @@ class Scripts:
     # -- doctor --repair (consistency.py): each acts only while the record is as doctor read it --
 
     def doctor_requeue(self, *, runs_key: str, queue_key: str, intermediate_queue_key: str, job_key: str,
-                       failed_registry_key: str, run_id: str, job_id: str, error: str, now_iso: str,
-                       retention_s: int) -> ScriptCall[RequeueOutcome]:
+                       failed_registry_key: str, failures_key: str, run_id: str, job_id: str, error: str,
+                       now_iso: str, retention_s: int, day: str) -> ScriptCall[RequeueOutcome]:
         """``error``: the record's, should RQ's job hash be gone."""
         return ScriptCall(self._doctor_requeue,
-                          [runs_key, queue_key, intermediate_queue_key, job_key, failed_registry_key],
-                          [run_id, job_id, error, now_iso, retention_s], _text)  # type: ignore[arg-type]
+                          [runs_key, queue_key, intermediate_queue_key, job_key, failed_registry_key, failures_key],
+                          [run_id, job_id, error, now_iso, retention_s, day], _text)  # type: ignore[arg-type]
 
-    def doctor_settle(self, *, runs_key: str, waiting_key: str, finished_key: str, run_id: str, state: str,
-                      job_id: str, new_state: str, error: str, entry: str, now_iso: str,
-                      retention_s: int) -> ScriptCall[bool]:
+    def doctor_settle(self, *, runs_key: str, waiting_key: str, finished_key: str, failures_key: str, run_id: str,
+                      state: str, job_id: str, new_state: str, error: str, entry: str, now_iso: str,
+                      retention_s: int, day: str) -> ScriptCall[bool]:
         """``state``/``job_id``: the record as read; ``entry``: its waiting entry to remove ('' = none)."""
-        return ScriptCall(self._doctor_settle, [runs_key, waiting_key, finished_key],
-                          [run_id, state, job_id, new_state, error, entry, now_iso, retention_s], bool)
+        return ScriptCall(self._doctor_settle, [runs_key, waiting_key, finished_key, failures_key],
+                          [run_id, state, job_id, new_state, error, entry, now_iso, retention_s, day], bool)
 
     def doctor_park(self, *, runs_key: str, waiting_key: str, waiting_days_key: str, deps_key: str, run_id: str,
                     job_id: str, entry: str, old_entry: str, day: str, retention_s: int,
@@ -1880,6 +2182,38 @@ class Scripts:
                               claim_ms: int) -> ScriptCall[str]:
         return ScriptCall(self._data_lost_alert_claim, [alert_key], [generation, owner, claim_ms], _text)
 
+    # -- cancel (cancelling.py) --
+
+    def cancel(self, *, runs_key: str, claim_key: str, running_key: str, waiting_key: str, run_id: str, why: str,
+               now_iso: str, retention_s: int) -> ScriptCall["CancelReply"]:
+        return ScriptCall(self._cancel, [runs_key, claim_key, running_key, waiting_key],
+                          [run_id, why, now_iso, retention_s], _parse_cancel)
+
+    def release_cancelled(self, *, claim_key: str, series_key: str, owner: str) -> ScriptCall[str | None]:
+        """Why the run was cancelled, once this copy's renamed claim is released; None if
+        the claim is not one a cancel took from ``owner``."""
+        return ScriptCall(self._release_cancelled, [claim_key, series_key], [owner],
+                          lambda reply: _text(reply) or None)
+
+
+@dataclass(frozen=True)
+class CancelReply:
+    """CANCEL's answer: ``outcome`` 'cancelled' (``state`` before it; ``executing``: a copy
+    runs it now and stops), 'ended' (``state``: nothing to cancel) or 'none' (no record)."""
+
+    outcome: Literal["cancelled", "ended", "none"]
+    state: str | None = None
+    executing: bool = False
+
+
+def _parse_cancel(reply: Any) -> CancelReply:
+    items = _texts(reply)
+    if items[0] == "cancelled":
+        return CancelReply("cancelled", items[1], items[2] == "1")
+    if items[0] == "ended":
+        return CancelReply("ended", items[1])
+    return CancelReply("none")
+
 
 # One Scripts per connection object, dropped with it. A cache, not shared state: building
 # one twice is harmless, so no lock.
@@ -1924,9 +2258,9 @@ DOCTOR_REQUEUE = _lua(f"""
 -- Only while the record still says queued with this job and the job is in neither the
 -- queue nor RQ's intermediate queue (pushed or taken meanwhile): never a second entry.
 -- KEYS[1] = day runs hash, KEYS[2] = queue, KEYS[3] = RQ's intermediate queue,
--- KEYS[4] = RQ's job hash of the job, KEYS[5] = RQ's failed job registry
+-- KEYS[4] = RQ's job hash of the job, KEYS[5] = RQ's failed job registry, KEYS[6] = alert failures list
 -- ARGV[1] = run_id, ARGV[2] = job_id, ARGV[3] = the error to record if RQ's job hash is gone,
--- ARGV[4] = now (ISO), ARGV[5] = retention (s)
+-- ARGV[4] = now (ISO), ARGV[5] = retention (s), ARGV[6] = day (ISO)
 -- Returns 'requeued', 'failed', 'in-queue' or 'changed' (the record; nothing done).
 local runs_key, queue_key, intermediate_key, job_key, failed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local run_id, job_id, error_text, now, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -1944,18 +2278,20 @@ if redis.call('EXISTS', job_key) == 1 then
 end
 record.state, record.ended_at, record.error = '{FAILED}', now, error_text
 save_record(runs_key, run_id, record, retention_s)
+note_failed(KEYS[6], ARGV[6], run_id, record, retention_s)
 return 'failed'
-""", RECORD_LUA, DOCTOR_LUA)
+""", RECORD_LUA, DOCTOR_LUA, NOTE_FAILED_LUA)
 
 DOCTOR_SETTLE = _lua(f"""
 -- A run's record set to what backs it: 'failed' with the reason (nothing can run it),
 -- 'queued' (a held run whose job is pushed already), or 'finished' (a queued run in the
 -- day's finished set, whose job BEGIN skips: only while it is in that set); its waiting
 -- entry, if given, removed in the same step.
--- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = day finished set
+-- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = day finished set, KEYS[4] = alert failures list
 -- ARGV[1] = run_id, ARGV[2] = its state as read, ARGV[3] = its job id as read ('' = none),
 -- ARGV[4] = the new state ('failed' | 'queued' | 'finished'), ARGV[5] = the error (for 'failed'),
--- ARGV[6] = its waiting entry to remove, as read ('' = none), ARGV[7] = now (ISO), ARGV[8] = retention (s)
+-- ARGV[6] = its waiting entry to remove, as read ('' = none), ARGV[7] = now (ISO), ARGV[8] = retention (s),
+-- ARGV[9] = day (ISO)
 -- Returns 1, or 0 when the record or the entry changed since (nothing done).
 local runs_key, waiting_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
 local run_id, state, job_id, new_state, error_text, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
@@ -1980,8 +2316,11 @@ else
   record.error = cjson.null
 end
 save_record(runs_key, run_id, record, retention_s)
+if new_state == '{FAILED}' then
+  note_failed(KEYS[4], ARGV[9], run_id, record, retention_s)
+end
 return 1
-""", RECORD_LUA, DOCTOR_LUA)
+""", RECORD_LUA, DOCTOR_LUA, NOTE_FAILED_LUA)
 
 DOCTOR_PARK = _lua(f"""
 -- A held run (waiting or blocked) parked again in the day's waiting hash, as fan-out

@@ -14,7 +14,7 @@ from typing import Mapping
 from .errors import ConfigError
 from .keys import Keys
 from .redact import redact_url
-from .webhook_url import check_alert_url, redact_webhook_url
+from .webhook_url import check_alert_url, check_heartbeat_url, redact_webhook_url
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_METRICS_BIND = "127.0.0.1"
@@ -85,6 +85,9 @@ class Settings:
     # alert_retry_max_s apart, until the alert is an hour old.
     alert_retry_s: int = 5
     alert_retry_max_s: int = 300
+    # Failures of one task within this long after its run_failed are sent as one
+    # runs_failed digest per window (alert_digest.py); 0: each failure its own run_failed.
+    alert_group_s: int = 60
     # Prometheus metrics of the scheduler process (metrics.py); None: not served.
     metrics_port: int | None = None
     metrics_bind: str = DEFAULT_METRICS_BIND
@@ -96,6 +99,16 @@ class Settings:
     # Claims (with their fencing tokens), finishes and fan-out chunks count only once this
     # many replicas acknowledged them (Redis WAIT, replicas.py); 0: no waiting.
     wait_replicas: int = 0
+    # How long RQ keeps a finished run's job hash and its result (the worker's RQ
+    # ``default_result_ttl``), for rq-dashboard and Job.return_value(); dailyq's own day
+    # record keeps the outcome for retention_days. A result in RQ is a Redis stream per run
+    # (about 5 KB), most of a run's memory, and nothing of dailyq reads it. 0 deletes the
+    # job as it finishes, which costs RQ more commands per run than letting it expire.
+    job_ttl_s: int = 60
+    # The outside heartbeat (heartbeat_ping.py): the leader POSTs to this URL every
+    # heartbeat_s while it leads and Redis answers; a secret like alert_url. None: off.
+    heartbeat_url: str | None = field(default=None, repr=False)
+    heartbeat_s: int = 60
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -106,6 +119,7 @@ class Settings:
         claim_ttl_s = _int_env(env, "DAILYQ_CLAIM_TTL_S", 30, minimum=3)
         raw_alert_url = env.get("DAILYQ_ALERT_URL") or ""
         retry_s = _int_env(env, "DAILYQ_ALERT_RETRY_S", 5)
+        raw_heartbeat_url = env.get("DAILYQ_HEARTBEAT_URL") or ""
         return cls(
             redis_url=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
             prefix=prefix,
@@ -119,11 +133,15 @@ class Settings:
             alert_no_leader_s=_int_env(env, "DAILYQ_ALERT_NO_LEADER_S", 60),
             alert_retry_s=retry_s,
             alert_retry_max_s=_int_env(env, "DAILYQ_ALERT_RETRY_MAX_S", max(300, retry_s), minimum=retry_s),
+            alert_group_s=_int_env(env, "DAILYQ_ALERT_GROUP_S", 60, minimum=0),
             metrics_port=_port_env(env, "DAILYQ_METRICS_PORT"),
             metrics_bind=(env.get("DAILYQ_METRICS_BIND") or DEFAULT_METRICS_BIND).strip(),
             removed_grace_s=_int_env(env, "DAILYQ_REMOVED_GRACE_S", 600),
             table_skew_alert_s=_int_env(env, "DAILYQ_TABLE_SKEW_ALERT_S", 900),
             wait_replicas=_int_env(env, "DAILYQ_WAIT_REPLICAS", 0, minimum=0),
+            job_ttl_s=_int_env(env, "DAILYQ_JOB_TTL_S", 60, minimum=0),
+            heartbeat_url=check_heartbeat_url(raw_heartbeat_url) if raw_heartbeat_url.strip() else None,
+            heartbeat_s=_int_env(env, "DAILYQ_HEARTBEAT_S", 60),
         )
 
     @property
@@ -140,3 +158,7 @@ class Settings:
     def redacted_alert_url(self) -> str | None:
         """The alert URL as it may be shown: ``scheme://host/…``."""
         return redact_webhook_url(self.alert_url) if self.alert_url else None
+
+    def redacted_heartbeat_url(self) -> str | None:
+        """The outside heartbeat's URL as it may be shown: ``scheme://host/…``."""
+        return redact_webhook_url(self.heartbeat_url) if self.heartbeat_url else None

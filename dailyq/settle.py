@@ -157,8 +157,8 @@ class FailedJobs:
         if not self._scripts.settle_failed(
                 runs_key=self.keys.day_runs(day), claim_key=self.keys.claim(run_id), running_key=self.keys.running,
                 waiting_key=self.keys.day_waiting(day), job_key=Job.key_for(job_id), left_key=self.keys.left,
-                run_id=run_id, job_id=job_id, error=error, now_iso=now_iso,
-                retention_s=self.retention_s).run():
+                failures_key=self.keys.alert_failures, run_id=run_id, job_id=job_id, error=error, now_iso=now_iso,
+                retention_s=self.retention_s, day=day.isoformat()).run():
             return None
         log.error("run %s: %s (job %s); failed", run_id, error, job_id, extra={"run_id": run_id})
         return Settled(run_id, job_id, error, day)

@@ -6,10 +6,12 @@ than the task's misfire grace, then ``missed`` (only ``trigger`` runs it then).
 The live nodes are every scheduler and worker with a heartbeat (beats.py), each with
 its clock's offset from Redis's (and, for a node's worker, how many worker processes
 run there); ``clock_warnings`` names those more than 2 s off.
-``paused`` maps each paused task to ``{"since", "by"}`` (pause.py), and a queued run of
+``paused`` maps each paused task to ``{"since", "by"}`` (pausing.py), and a queued run of
 a paused task shows ``paused``; a run held back by a limit of its task stays ``queued``.
 ``tables`` says which live process runs which task table and what differs from the
 leader's (table_skew.py's view, read by table_watch.read_tables).
+``pools`` maps each pool of the table's POOLS to ``{"size", "running", "set_aside"}``
+(limits.pool_use): its runs executing now, and its tasks' runs held back.
 ``redis_data_lost`` is ``{"since", "generation", "previous", "node", "last_seen"}`` when
 the mark of Redis's data was written after a loss (generation.py), else null.
 
@@ -17,6 +19,9 @@ the mark of Redis's data was written after a loss (generation.py), else null.
 ``full``...); while Redis refuses writes, a run of a slot whose fan-out it refused shows
 ``scheduled``, not ``missed``: the leader fans it out once writes work again, and
 ``late_slots`` lists those fanned out late for that reason.
+``eta`` is when every run of the day is expected to have ended (eta.py: the learned
+durations, the runs' states and the live worker processes, in the queue's order), null
+when unknown (nothing learned, no live worker, a paused task) or when nothing is pending.
 The ``--json`` shape is a public contract: keys are added, never renamed.
 
 This module reads Redis; the text table made from its dict is render.py's (pure).
@@ -26,17 +31,20 @@ from __future__ import annotations
 
 import json
 from datetime import date, datetime, timedelta
-from typing import Any, Collection
+from typing import Any, Collection, Iterable
 
 from redis import Redis
 
 from .beats import clock_warnings, live_processes
 from .clock import iso
+from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series
+from .fanout import DURATION_LOOKUP_CHUNK
 from .fingerprint import describe, fingerprint
 from .generation import read_data_loss
 from .keys import Keys
+from .limits import pool_use
 from .params_book import ParamsBook
-from .pause import paused_tasks
+from .pausing import paused_tasks
 from .redis_memory import redis_view
 from .redis_values import as_text
 from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, decode_record, runs_on
@@ -73,11 +81,46 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
                          own_table=fingerprint(description), own_description=description)
     status = {"date": day.isoformat(), "leader": leader, "runs": runs, "generated_at": iso(now), "nodes": nodes,
               "clock_warnings": clock_warnings(nodes), "paused": paused, "tables": tables, "redis": redis,
-              "late_slots": late_slots(connection, keys, day)}
+              "late_slots": late_slots(connection, keys, day),
+              "pools": pool_use(connection, keys, table, int(now.timestamp() * 1000))}
     # Since when Redis has lost dailyq's data, or None (generation.py): the records shown
     # may lack runs that did run before then.
     status["redis_data_lost"] = read_data_loss(connection, keys)
+    # When every run of the day is expected to have ended (eta.py), null when unknown or done.
+    expected_end = read_eta(connection, keys, table, runs, nodes, now).at
+    status["eta"] = None if expected_end is None else eta_iso(expected_end)
     return status
+
+
+def read_eta(connection: Redis, keys: Keys, table: TaskTable, runs: list[dict[str, Any]],
+             nodes: list[dict[str, Any]], now: datetime) -> Estimate:
+    """The estimate of eta.py for ``runs`` (status' run entries, already read) with the
+    live worker processes of ``nodes`` (beats.live_processes): what it adds to reading the
+    day is one HMGET of the pending runs' learned durations."""
+    shown = eta_runs(runs)
+    return estimate(shown, learned_durations(connection, keys, pending_series(shown)), live_workers(nodes), now,
+                    eta_tasks(table.tasks), getattr(table, "pools", None))
+
+
+def learned_durations(connection: Redis, keys: Keys, series: list[str]) -> dict[str, float]:
+    """Series -> the last duration the guard recorded for it (keys.durations), for ``series`` only."""
+    learned: dict[str, float] = {}
+    for start in range(0, len(series), DURATION_LOOKUP_CHUNK):
+        part = series[start:start + DURATION_LOOKUP_CHUNK]
+        for name, raw in zip(part, connection.hmget(keys.durations, part)):
+            try:
+                seconds = float(raw) if raw is not None else None
+            except ValueError:
+                continue
+            if seconds is not None and seconds >= 0:
+                learned[name] = seconds
+    return learned
+
+
+def live_workers(nodes: list[dict[str, Any]]) -> int:
+    """Worker processes alive across the nodes; a node's worker of a version that does not
+    count them is one."""
+    return sum(1 if p.get("workers") is None else int(p["workers"]) for p in nodes if p["role"] == "worker")
 
 
 def late_slots(connection: Redis, keys: Keys, day: date) -> list[dict[str, Any]]:
@@ -97,39 +140,56 @@ def late_slots(connection: Redis, keys: Keys, day: date) -> list[dict[str, Any]]
 def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,
              paused: dict[str, Any] | None = None,
              refused: Collection[tuple[str, str]] = ()) -> list[dict[str, Any]]:
-    """Every run of ``day`` as ``status --json`` shows it, in firing order.
-
-    A computed task's runs are those of the list stored for the slot (params_book.py);
-    a slot of it with no list yet is one entry (``params_book.placeholder_record``)."""
+    """Every run of ``day`` as ``status --json`` shows it, in firing order (``shown_runs``
+    of the day's records, read with one HGETALL)."""
     records = {as_text(k): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
     paused = paused_tasks(connection, keys) if paused is None else paused
+    return shown_runs(table, day, now, records, paused, ParamsBook.read(connection, keys, day),
+                      DaySlots.read(connection, keys, day), refused)
+
+
+def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, Any],
+               paused: Collection[str], book: ParamsBook | None, slots: DaySlots | None,
+               refused: Collection[tuple[str, str]] = (), task_names: Iterable[str] | None = None,
+               ) -> list[dict[str, Any]]:
+    """The runs of ``day`` as ``status`` shows them, from records already read (alerts and
+    metrics read theirs with HSCAN, day_scan.py); ``records`` is changed in place.
+
+    A computed task's runs are those of the list stored for the slot (params_book.py);
+    a slot of it with no list yet is one entry (``params_book.placeholder_record``).
+    ``book`` may be None for a table without computed params, ``slots`` for one
+    without once-a-day tasks; ``task_names`` keeps to those tasks (all when None)."""
+    names = None if task_names is None else set(task_names)
+    if names is not None and not names:
+        return []
     for stored in records.values():
         if stored.get("state") == QUEUED and stored.get("task") in paused:
             stored["state"] = PAUSED
-    book = ParamsBook.read(connection, keys, day)
     # A once-a-day task whose ``at`` or ``tz`` changed after its slot ran: its runs are
     # those of the slot first fanned out (runs.DaySlots), not new ones at the new time.
-    slots = DaySlots.read(connection, keys, day)
     shown: list[tuple[datetime, dict[str, Any]]] = []
-    for run in runs_on(table, day, book=book, slots=slots):
+    for run in runs_on(table, day, task_names=names, book=book, slots=slots):
         record = records.pop(run.run_id, None)
         if record is None:
             # A run not fanned out yet is fanned out when the table's slot comes (a new param
             # of a moved task: under the stored slot, at the new time), so it is missed only
             # past the grace of the later of the two; a slot whose fan-out Redis refused,
             # ``refused`` (task, slot ISO), is still to come.
-            overdue = (now - slots.due_at(run.task, run.slot) > timedelta(seconds=run.task.misfire_grace_s)
+            due_at = slots.due_at(run.task, run.slot) if slots is not None else run.slot.fires_at
+            overdue = (now - due_at > timedelta(seconds=run.task.misfire_grace_s)
                        and (run.task.name, run.slot.isoformat()) not in refused)
             record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
             record["param"] = run.param
         shown.append((run.slot.fires_at, _public(run.run_id, record)))
-    shown += [(slot.fires_at, _public(run_id, record))
-              for slot, run_id, record in book.placeholders(table, day, now, slots=slots)]
+    if book is not None:
+        shown += [(slot.fires_at, _public(run_id, record))
+                  for slot, run_id, record in book.placeholders(table, day, now, task_names=names, slots=slots)]
     shown.sort(key=lambda item: item[0])  # stable: each slot's runs keep their order
     runs = [run for _, run in shown]
     # Runs recorded but no longer in the table (a task renamed or params changed) still count:
     # a renamed task is a new task, the old name's records stay listed under it.
-    runs.extend(_public(run_id, record) for run_id, record in sorted(records.items()))
+    runs.extend(_public(run_id, record) for run_id, record in sorted(records.items())
+                if names is None or record.get("task") in names)
     return runs
 
 

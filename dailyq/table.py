@@ -1,8 +1,10 @@
 """The task table: what runs, with which params, when.
 
 The table is the attribute ``TASKS`` of the module named by ``DAILYQ_TASKS``
-(default ``jobs``): a list of ``Task``. It is validated once, when loaded, so a bad
-table stops a process at start with one line naming the task, not at 3 a.m.
+(default ``jobs``): a list of ``Task``, and optionally ``POOLS``, a dict pool name ->
+size that tasks name in ``Task(pool=...)`` (limits.py). It is validated once, when
+loaded, so a bad table stops a process at start with one line naming the task (or
+the pool), not at 3 a.m.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 from zoneinfo import ZoneInfo
 
 from .errors import ConfigError
@@ -53,6 +55,9 @@ class Task:
     # node (limits.py); None: no limit.
     max_running: int | None = None
     max_per_node: int | None = None
+    # A name from the table's POOLS: at most POOLS[pool] runs of all the pool's tasks
+    # execute at once across all nodes (limits.py); None: in no pool.
+    pool: str | None = None
     schedule: Schedule = field(init=False, repr=False, compare=False)
 
     @property
@@ -80,7 +85,8 @@ class Task:
 
     @property
     def has_limits(self) -> bool:
-        return self.max_running is not None or self.max_per_node is not None
+        """A run of it takes a slot (limits.py): the task has a limit of its own or a pool."""
+        return self.max_running is not None or self.max_per_node is not None or self.pool is not None
 
     def compute_params(self, day: date) -> list[Any]:
         """Call the params callable for ``day``; raise ValueError with a readable reason
@@ -140,6 +146,8 @@ def _first_problem(task: Task) -> str | None:
         value = getattr(task, attr)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             return f"{attr} must be a positive integer or None, got {value!r}"
+    if task.pool is not None and not isinstance(task.pool, str):
+        return f"pool must be a name from POOLS or None, got {task.pool!r}"
     if not callable(task.func) and not isinstance(task.func, str):
         return "func must be a callable or a dotted path 'module.function'"
     try:
@@ -185,16 +193,22 @@ def _import_callable(path: str) -> Callable[[Any], Any]:
     return target
 
 
+# One encoder, built once: json.dumps with options builds a new one per call, which was a
+# good part of reading a 100k-run day (every run's param is encoded for its run id).
+_PARAM_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
 def encode_param(param: Any) -> str:
     """Canonical JSON of a param: its identity in run ids and in Redis."""
-    return json.dumps(param, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _PARAM_ENCODER.encode(param)
 
 
 class TaskTable:
-    """The validated table, indexed by task name."""
+    """The validated table, indexed by task name; ``pools`` is the module's POOLS."""
 
-    def __init__(self, tasks: Iterable[Task]) -> None:
+    def __init__(self, tasks: Iterable[Task], pools: Mapping[str, int] | None = None) -> None:
         self.tasks: list[Task] = list(tasks)
+        self.pools: dict[str, int] = _checked_pools({} if pools is None else pools)
         self.by_name: dict[str, Task] = {}
         for task in self.tasks:
             if not isinstance(task, Task):
@@ -204,6 +218,11 @@ class TaskTable:
                 raise ConfigError(f"task {task.name!r}: name is used twice; task names must be unique")
             self.by_name[task.name] = task
         _check_dependencies(self.tasks, self.by_name)
+        for task in self.tasks:
+            if task.pool is not None and task.pool not in self.pools:
+                known = ", ".join(sorted(self.pools)) or "none"
+                raise ConfigError(f"task {task.name!r}: pool {task.pool!r} is not in POOLS (known: {known}); "
+                                  f"define it in the table module: POOLS = {{{task.pool!r}: N}}")
         # Workers refuse to execute anything else: a job naming os.system is not run.
         self.allowed_functions: frozenset[str] = frozenset(t.func_path for t in self.tasks)
 
@@ -213,6 +232,24 @@ class TaskTable:
         except KeyError:
             known = ", ".join(sorted(self.by_name)) or "none"
             raise ConfigError(f"unknown task {name!r} (known: {known})") from None
+
+    def pool_tasks(self, pool: str) -> list[Task]:
+        """The tasks in ``pool``, in the table's order."""
+        return [task for task in self.tasks if task.pool == pool]
+
+
+def _checked_pools(pools: Any) -> dict[str, int]:
+    """POOLS as a plain dict, or ConfigError on the first bad entry."""
+    if not isinstance(pools, Mapping):
+        raise ConfigError(f"POOLS must be a dict of pool name -> size, e.g. POOLS = {{'warehouse': 3}}; "
+                          f"got {type(pools).__name__}")
+    for name, size in pools.items():
+        if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+            raise ConfigError(f"POOLS: pool name {name!r} must match [A-Za-z0-9_-]+")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"POOLS[{name!r}] must be a positive integer (how many runs of the pool's tasks "
+                              f"may execute at once), got {size!r}")
+    return dict(pools)
 
 
 def _check_dependencies(tasks: list[Task], by_name: dict[str, Task]) -> None:
@@ -257,7 +294,7 @@ def load_table(module_name: str) -> TaskTable:
     tasks = getattr(module, "TASKS", None)
     if not isinstance(tasks, (list, tuple)):
         raise ConfigError(f"module {module_name!r} has no list TASKS; define TASKS = [Task(...), ...]")
-    return TaskTable(tasks)
+    return TaskTable(tasks, getattr(module, "POOLS", None))
 
 
 def default_day(table: TaskTable, now: datetime) -> date:

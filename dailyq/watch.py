@@ -4,7 +4,8 @@ Pure: everything here takes the status dict (status.day_status), the learned
 durations (the guard's ``keys.durations`` hash, already read) and ``now``, so the
 line can be tested with fixed values; the refresh loop lives in watch_loop.py.
 
-ETA = expected work left / workers. A run's expected duration is the last one the
+ETA: status' ``eta`` (eta.py simulates the queue on the live workers). For a status
+dict without it, expected work left / workers: a run's expected duration is the last one the
 guard recorded for its (task, param) series; a run never seen before counts as the
 mean of the known ones. Workers = distinct nodes seen running (during the watch),
 at least 1: a node that ran something is taken to be able to run the rest.
@@ -17,30 +18,29 @@ from datetime import datetime
 from typing import Any, Iterable, Mapping
 
 from . import text_width
+from .eta import PENDING
 from .render import STATE_COLOURS, paint
 from .runs import (
     BLOCKED,
+    CANCELLED,
     FAILED,
     FINISHED,
     MISSED,
-    PAUSED,
-    QUEUED,
     REMOVED,
     RUNNING,
     SCHEDULED,
     SKIPPED,
-    WAITING,
     param_digest,
 )
 from .table import encode_param
 from .table_skew import differing_nodes
 from .timestamps import parse_iso
 
-# Blocked runs wait for a rerun of a failed upstream run: like a failed run, nothing
-# more happens to them by itself. Waiting runs will run once their upstream runs finish;
+# Blocked runs wait for a rerun of a failed upstream run: like a failed (or cancelled)
+# run, nothing more happens to them by itself. Waiting runs will run once their upstream runs finish;
 # a paused run is still to do: --until-done waits for it (resume it, or stop watching).
-DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED, REMOVED)
-PENDING_STATES = (SCHEDULED, QUEUED, RUNNING, WAITING, PAUSED)
+DONE_STATES = (FINISHED, FAILED, SKIPPED, BLOCKED, REMOVED, CANCELLED)
+PENDING_STATES = PENDING  # eta.py's: a run in one of these states has still to end
 BAR_WIDTH = 24
 
 
@@ -50,7 +50,7 @@ class Progress:
 
     day: str
     total: int
-    done: int  # finished + failed + skipped + blocked: nothing more will happen to them by itself
+    done: int  # finished + failed + skipped + blocked + cancelled: nothing more happens to them by itself
     failed: int
     missed: int  # past the misfire grace: only ``trigger`` runs them, so not waited for
     pending: int  # scheduled + queued + running + waiting
@@ -61,6 +61,8 @@ class Progress:
     # Nodes running a task table other than the leader's (status' ``tables``): a deploy
     # under way, or one stuck.
     tables_differ: tuple[str, ...] = ()
+    cancelled: int = 0  # stopped or kept from starting by ``cancel``: like failed, until a rerun
+    eta_at: str | None = None  # status' ``eta``: when every run is expected to have ended
 
 
 def series_of(run: Mapping[str, Any]) -> str:
@@ -105,8 +107,20 @@ def progress(status: Mapping[str, Any], durations: Mapping[str, float], now: dat
         day=status["date"], total=len(runs), done=sum(run["state"] in DONE_STATES for run in runs),
         failed=sum(run["state"] == FAILED for run in runs), missed=sum(run["state"] == MISSED for run in runs),
         pending=len(pending), running_per_node=dict(sorted(per_node.items())), workers=workers,
-        eta_s=eta_seconds(runs, durations, now, workers), blocked=sum(run["state"] == BLOCKED for run in runs),
-        tables_differ=tuple(differing_nodes(status.get("tables"))))
+        eta_s=_eta_s(status, durations, now, workers), blocked=sum(run["state"] == BLOCKED for run in runs),
+        tables_differ=tuple(differing_nodes(status.get("tables"))),
+        cancelled=sum(run["state"] == CANCELLED for run in runs), eta_at=status.get("eta"))
+
+
+def _eta_s(status: Mapping[str, Any], durations: Mapping[str, float], now: datetime, workers: int) -> float | None:
+    """From status' ``eta`` (eta.py's simulation) when it has one; ``eta_seconds`` for a
+    status dict without that key."""
+    if "eta" not in status:
+        return eta_seconds(status["runs"], durations, now, workers)
+    if not any(run["state"] in PENDING_STATES for run in status["runs"]):
+        return 0.0
+    at = parse_iso(status["eta"])
+    return None if at is None else max(0.0, (at - now).total_seconds())
 
 
 def eta_seconds(runs: list[Mapping[str, Any]], durations: Mapping[str, float], now: datetime,
@@ -152,6 +166,8 @@ def render_line(p: Progress, colour: bool = False, width: int | None = None) -> 
         (f"] {percent:3d}%", None)]
     if p.failed:
         segments.append((f" {p.failed} failed", STATE_COLOURS[FAILED]))
+    if p.cancelled:
+        segments.append((f" {p.cancelled} cancelled", STATE_COLOURS[CANCELLED]))
     if p.blocked:
         segments.append((f" {p.blocked} blocked", STATE_COLOURS[BLOCKED]))
     if p.missed:
@@ -160,6 +176,8 @@ def render_line(p: Progress, colour: bool = False, width: int | None = None) -> 
         segments.append((" | all done", None))
     else:
         eta = "?" if p.eta_s is None else format_duration(p.eta_s)
+        if p.eta_at and p.eta_s is not None:
+            eta += f" (at {p.eta_at[11:19]})"
         plural = "s" if p.workers != 1 else ""
         segments.append((f" | ETA {eta} on {p.workers} node{plural}", None))
     if p.tables_differ:

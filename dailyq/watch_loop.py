@@ -19,7 +19,7 @@ from .clock import RedisClock
 from .settings import Settings
 from .status import day_status
 from .table import TaskTable
-from .watch import is_settled, parse_durations, progress, render_line, running_nodes
+from .watch import is_settled, progress, render_line, running_nodes
 
 WATCH_EVERY_S = 1.0
 
@@ -37,14 +37,14 @@ def watch_frames(connection: Redis, settings: Settings, table: TaskTable, day: d
 
     ``width`` is asked on every frame: a terminal may be resized during the watch.
     """
-    nodes_seen: set[str] = set()  # a node seen running once is counted as a worker for the ETA
+    nodes_seen: set[str] = set()  # a node seen running once is counted among the nodes shown
     # Redis's clock, not this host's: the one the leader fires slots by and heartbeats carry.
     clock = RedisClock(connection)
     while True:
         now = clock()
         status = day_status(connection, settings.keys, table, day, now)
-        durations = parse_durations(connection.hgetall(settings.keys.durations))
         nodes_seen |= running_nodes(status)
-        line = render_line(progress(status, durations, now, nodes_seen), colour=colour, width=width())
+        # status' ``eta`` is the ETA shown: no durations to pass (nor the whole hash to read).
+        line = render_line(progress(status, {}, now, nodes_seen), colour=colour, width=width())
         yield Frame(line, is_settled(status))
         sleep(every_s)

@@ -29,6 +29,7 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, Worker
 from rq.exceptions import DeserializationError
+from rq.job import Job
 
 from .beats import beat_value, register_node, register_worker, worker_member
 from .claim_watch import ClaimDeadline
@@ -39,13 +40,14 @@ from .deploys import Leaver
 from .errors import DailyqError
 from .fingerprint import table_fingerprint
 from .generation import GenerationWatch
-from .guard import CLAIM_LOST_EXIT_CODE, Guard
+from .guard import CANCELLED_EXIT_CODE, CLAIM_LOST_EXIT_CODE, Guard
 from .limits import Admissions
 from .outage import MEMORY, OutageLog, through_outage
-from .pause import PausedCache
+from .pausing import PausedCache
 from .redis_memory import describer, wait_for_writes
 from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
 from .runs import META_KEY, RunJob, StaleJob
+from .scripts import scripts_for
 from .settings import Settings
 from .table import TaskTable, encode_param, load_table
 from .table_store import keep_published
@@ -88,7 +90,7 @@ class WorkerContext:
     guard: Guard = field(init=False)
     # This host's offset from Redis's clock, for the heartbeat value (see beat).
     clock: RedisClock = field(init=False)
-    # Whether a run may start now: limits and pause (limits.py, pause.py). In the worker
+    # Whether a run may start now: limits and pause (limits.py, pausing.py). In the worker
     # process, before it forks, so its view of the paused tasks lasts across runs.
     admissions: Admissions = field(init=False)
     # (monotonic time, key expiry) of the last heartbeat key written.
@@ -107,7 +109,7 @@ class WorkerContext:
         self.guard.on_ended = self.upstream_ended
         self.clock = RedisClock(self.connection)
         self.admissions = Admissions(self.connection, s.keys, s.node_name, s.claim_ttl_s,
-                                     PausedCache(self.connection, s.keys))
+                                     PausedCache(self.connection, s.keys), self.table)
         self.downstream = downstream_of(self.table)
         # Named by every beat; published once here, kept alive by the beats (fingerprint.py).
         self.table_fingerprint = table_fingerprint(self.table)
@@ -211,6 +213,31 @@ class WorkerContext:
             return f"task {task.name!r} has no param {run.param_json}"
         return None
 
+    def stopped(self, execution: RunExecution, queue: Queue) -> None:
+        """Usually another copy holds the run, or the leader's recovery takes it over (its
+        running-hash entry). After a failover to a replica that lagged, Redis may have lost
+        the claim and the run's start with it: nothing would run it again, and RQ has just
+        failed (forking) or finished (non-forking) its job. Then the job goes back to the
+        queue's front (REQUEUE_ORPHANED)."""
+        run = execution.attempt.run
+        keys = self.settings.keys
+        call = scripts_for(self.connection).requeue_orphaned(
+            runs_key=keys.day_runs(run.day), claim_key=keys.claim(run.run_id), running_key=keys.running,
+            finished_key=keys.day_finished(run.day), waiting_key=keys.day_waiting(run.day), left_key=keys.left,
+            queue_key=queue.key, intermediate_queue_key=queue.intermediate_queue_key, job_key=Job.key_for(run.job_id),
+            failed_registry_key=queue.failed_job_registry.key, run_id=run.run_id, job_id=run.job_id,
+            retention_s=self.settings.retention_s)
+        try:
+            outcome = through_outage(call.run, OutageLog(log, f"checking that run {run.run_id} is not lost"),
+                                     RECORD_DEATH_OUTAGE_LIMIT_S)
+        except RedisError as exc:
+            log.error("run %s: could not check that its stopped copy left it to another (%s); the leader's "
+                      "clean-up (doctor) finds it if not", run.run_id, exc, extra={"run_id": run.run_id})
+            return
+        if outcome in ("requeued", "in-queue"):
+            log.warning("run %s: Redis had lost its claim and its start (a failover?); its job %s is back in "
+                        "the queue", run.run_id, run.job_id, extra={"run_id": run.run_id})
+
     def leave(self, job: DailyJob, queue: Queue) -> None:
         self.leaver.leave(job, queue.intermediate_queue_key, job.foreign_reason or "cannot run it")
 
@@ -219,7 +246,8 @@ class WorkerContext:
         run = attempt.run
         outcome, slot = self.admissions.admit(run, attempt.owner, queue.intermediate_queue_key, queue.key)
         if outcome != "admitted":
-            why = "its task is paused" if outcome == "paused" else "its task is at its max_running/max_per_node limit"
+            why = ("its task is paused" if outcome == "paused"
+                   else "its task is at its max_running/max_per_node limit or its pool is full")
             log.info("run %s held back, not started: %s (job %s stays queued)", run.run_id, why, run.job_id,
                      extra={"run_id": run.run_id})
             return False
@@ -233,18 +261,27 @@ class WorkerContext:
         """A dying task (os._exit, a segfault, the OOM killer) counts as an attempt:
         record it now, as queued for its retry or failed, instead of leaving the run
         'running' until its claim expires. A horse that stopped because it lost its
-        claim records nothing: the run is another copy's, or the leader's to take over."""
+        claim records nothing: the run is another copy's, or the leader's to take over.
+        One stopped by a cancel releases the claim the cancel took (its record says
+        cancelled already)."""
         attempt = execution.attempt
         run_id = attempt.run.run_id
+        if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == CANCELLED_EXIT_CODE:
+            # Stopped by ``cancel``: the record says cancelled already; the horse is gone, so
+            # its claim is free for a rerun (cancelling.py).
+            self.guard.release_cancelled(attempt.run, attempt.owner)
+            return False
         if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == CLAIM_LOST_EXIT_CODE:
             log.warning("run %s: work-horse stopped after losing its claim; recorded nothing", run_id,
                         extra={"run_id": run_id})
+            execution.stopped_for_claim = True
             return False
         if execution.killed_because is not None:
             # Killed by this process for its claim (rq_seam.GuardedWorker.wait_for_horse): as
             # for CLAIM_LOST_EXIT_CODE, the run is the leader's to take over once the claim lapses.
             log.warning("run %s: work-horse killed: %s; recorded nothing", run_id, execution.killed_because,
                         extra={"run_id": run_id})
+            execution.stopped_for_claim = True
             return False
         error = f"work-horse died ({describe_exit(wait_status)})"
         call = self.guard.fail_call(attempt.run, attempt.owner, error, rq_can_retry=rq_can_retry)
@@ -334,6 +371,8 @@ class _DailyWorkerMixin(GuardedWorker):
         # The guard is built now, before any fork (see WorkerContext).
         context = WorkerContext(settings, table, connection, stop_by_exit=self.stops_by_exit, generation=generation)
         MEMORY.name(f"worker on node {settings.node_name} (pid {os.getpid()})", describer(connection))
+        # Ours replaces the rq CLI's --results-ttl (RQ's 500 s): see Settings.job_ttl_s.
+        kwargs["default_result_ttl"] = settings.job_ttl_s
         super().__init__(queues, hooks=context, default_queue=settings.keys.queue_name,
                          connection=connection, **kwargs)
 

@@ -28,5 +28,11 @@ elif _CASE == "after_cycle":
     TASKS = [Task(name="a", after=["c"], **_OK), Task(name="b", after=["a"], **_OK), Task(name="c", after=["b"], **_OK)]
 elif _CASE == "bad_limit":
     TASKS = [Task(name="greedy", max_running=0, **_OK)]
+elif _CASE == "unknown_pool":
+    POOLS = {"warehouse": 3}
+    TASKS = [Task(name="loader", pool="warehouse", **_OK), Task(name="stray", pool="wherehouse", **_OK)]
+elif _CASE == "bad_pool_size":
+    POOLS = {"warehouse": 0}
+    TASKS = [Task(name="loader", pool="warehouse", **_OK)]
 elif _CASE == "syntax":
     raise SyntaxError("simulated broken table module")

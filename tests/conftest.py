@@ -1,10 +1,16 @@
 """Fixtures: one private redis-server for the session (started here, never a shared
-one), and a fresh key prefix per test so tests never see each other's keys."""
+one), and a fresh key prefix per test so tests never see each other's keys.
+
+The suite runs in parallel (pytest-xdist, ``-n`` in pyproject.toml's addopts): each
+xdist worker is a session of its own, so each has its own redis-server on its own free
+port. Also two hooks for the whole suite: tests marked ``slow`` start first, and under
+CI a skip is a failure."""
 
 from __future__ import annotations
 
+import os
 import uuid
-from typing import Iterator
+from typing import Generator, Iterator
 
 import pytest
 from redis import Redis
@@ -12,6 +18,41 @@ from redis import Redis
 from dailyq.redis_server import PrivateRedis
 from dailyq.settings import Settings
 from tests.helpers import ProcessGroup
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` (tens of seconds of waiting on real processes) first, the rest
+    in file order. xdist hands out tests one at a time (``--maxschedchunk 1``), so the slow
+    ones start at once, spread over every worker, instead of one of them ending the run
+    minutes after the others."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                               call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Under CI (``CI`` set, as .ci/run runs) a skipped test fails: a check that CI never
+    runs is one nobody runs. What a skip needs (Chromium, faketime, a TLS redis-server)
+    .ci/run installs."""
+    report = yield
+    _fail_a_skip_under_ci(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, pytest.CollectReport,
+                                                                           pytest.CollectReport]:
+    """The same for a whole module skipped while it is collected (``pytest.importorskip``)."""
+    report = yield
+    _fail_a_skip_under_ci(report)
+    return report
+
+
+def _fail_a_skip_under_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, which must run every test: {reason}"
 
 
 @pytest.fixture(scope="session")

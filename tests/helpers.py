@@ -133,12 +133,20 @@ def _signal_group(process: subprocess.Popen[str], sig: int) -> None:
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> None:
+    """Polls ``predicate`` until it holds, ``every`` seconds, or as long as the last try
+    took when that was longer: a predicate that runs a command (``status --json``, a
+    fresh interpreter of about 0.3 s CPU) then keeps at most half a core busy instead of
+    most of one, which the processes under test (and the other tests of a parallel
+    run) need more."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
+        began = time.monotonic()
         if predicate():
             return
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        now = time.monotonic()
+        if now >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(min(max(every, now - began), deadline - now))  # a last try at the deadline
 
 
 def executions(connection: Redis, prefix: str) -> list[dict]:

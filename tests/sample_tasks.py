@@ -1,6 +1,7 @@
 """Task table for the tests, shaped by environment variables so that separate node
 processes share it: SAMPLE_AT / SAMPLE_TZ / SAMPLE_PARAMS / SAMPLE_SLEEP_S / SAMPLE_ONLY /
-SAMPLE_RETRIES / SAMPLE_FUNC (record, progress, hold_gil, die, fail_first, explode, fail_some) /
+SAMPLE_RETRIES / SAMPLE_FUNC (record, progress, hold_gil, die, fail_first, explode, fail_some,
+uneven: SAMPLE_SLEEPS) /
 SAMPLE_FAIL (the params fail_some fails, comma-separated) / SAMPLE_DEADLINE (the sample
 task's deadline) / SAMPLE_LOG_URL (where the tasks log their executions; default
 REDIS_URL, which a test may route through a proxy) / SAMPLE_DOWNSTREAM (N: a task
@@ -108,6 +109,16 @@ def record(param: object) -> object:
     executions and overlaps."""
     _log("start", param, **_context_fields())
     time.sleep(float(os.environ.get("SAMPLE_SLEEP_S", "0.2")))
+    _log("end", param)
+    return param
+
+
+def uneven(param: object) -> object:
+    """Like ``record``, sleeping the param's own time: the i-th entry of SAMPLE_SLEEPS
+    (comma-separated seconds) for param 任务参数i."""
+    sleeps = [float(s) for s in os.environ["SAMPLE_SLEEPS"].split(",")]
+    _log("start", param, **_context_fields())
+    time.sleep(sleeps[int(str(param).removeprefix("任务参数")) % len(sleeps)])
     _log("end", param)
     return param
 

@@ -12,12 +12,13 @@ from dailyq.alert_events import (
     day_late_alert,
     deadline_at,
     encode_payload,
-    failed_run_alerts,
     fired_slots,
     lateness,
     missed_slot_alerts,
     no_leader_alert,
     overdue_slots,
+    run_failed_alert,
+    runs_failed_alert,
     span_text,
     watched_days,
 )
@@ -85,10 +86,7 @@ def test_a_failed_run_alert_has_exactly_the_payload_keys_and_one_line_of_text():
     run = runs_of_slot(report, report.schedule.slots_on(DAY)[0])[0]
     failed = dict(record_of(run, "failed", "2026-11-27T01:00:05+00:00"), node="node-2", attempts=3,
                   error="Traceback (most recent call last):\n  File x\nValueError: " + "x" * 5000)
-    finished = dict(record_of(run, "finished"))
-    alerts = failed_run_alerts(DAY, {run.run_id: failed, "other": finished}, utc("2026-11-27T02:00:00+00:00"))
-    assert len(alerts) == 1
-    alert = alerts[0]
+    alert = run_failed_alert(DAY, run.run_id, failed, utc("2026-11-27T02:00:00+00:00"))
     assert alert.alert_id == f"run_failed:{run.run_id}:3"
     assert list(alert.payload) == list(PAYLOAD_KEYS)
     payload = alert.payload
@@ -101,6 +99,26 @@ def test_a_failed_run_alert_has_exactly_the_payload_keys_and_one_line_of_text():
     assert text.startswith('dailyq: run failed: report("a") of 2026-11-27 on node-2 after 3 attempts: '
                            "Traceback (most recent call last): File x ValueError: xxx")
     assert list(__import__("json").loads(encode_payload(payload))) == list(PAYLOAD_KEYS)
+
+
+def test_a_digest_names_every_run_and_its_text_the_first_three():
+    runs = [{"run_id": f"r{n}", "param": n, "node": "node-1", "error": "E" * 900 + "\nmore", "day": "2026-11-27",
+             "at": "2026-11-27T01:00:05+00:00", "attempts": 1, "extra": "dropped"} for n in range(5)]
+    start_ms = int(utc("2026-11-27T01:00:00+00:00").timestamp() * 1000)
+    alert = runs_failed_alert("report", start_ms, start_ms + 60_000, runs)
+    payload = alert.payload
+    assert alert.alert_id == f"runs_failed:report:{start_ms}" and list(payload) == list(PAYLOAD_KEYS)
+    assert payload["count"] == 5 and [r["run_id"] for r in payload["runs"]] == ["r0", "r1", "r2", "r3", "r4"]
+    assert all(list(r) == ["run_id", "param", "node", "error", "day", "at", "attempts"] for r in payload["runs"])
+    assert all(len(r["error"]) == 500 for r in payload["runs"])
+    assert payload["day"] == "2026-11-27" and payload["at"] == "2026-11-27T01:01:00+00:00"
+    assert payload["run_id"] is None and payload["param"] is None and payload["tables"] is None
+    text = payload["text"]
+    assert text.startswith("dailyq: 5 more runs of report failed within 1m00s (from 2026-11-27T01:00:00+00:00 to ")
+    assert "report(0) of 2026-11-27 on node-1: EEE" in text and "report(2)" in text and "report(3)" not in text
+    assert text.endswith("; and 2 more (see runs)") and "\n" not in text and len(text) < 700
+    other_day = runs_failed_alert("report", start_ms, start_ms + 60_000, [runs[0], dict(runs[1], day="2026-11-20")])
+    assert other_day.payload["day"] is None  # runs of several days: no one day
 
 
 def test_missed_slots_are_those_past_their_grace_with_no_run_recorded():

@@ -202,6 +202,7 @@ def run_script(args: list[str], env: dict) -> subprocess.CompletedProcess[str]:
     return subprocess.run([dailyq_script(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_the_dailyq_console_script_runs_the_same_commands(node_env, connection, settings):
     triggered = run_script(["trigger", "--date", DAY, "--task", "sample"], node_env)
     assert triggered.returncode == 0, triggered.stderr
@@ -217,3 +218,17 @@ def test_the_dailyq_console_script_runs_the_same_commands(node_env, connection, 
     bad = run_script(["status", "--date", "2026-13-01"], node_env)
     assert bad.returncode == 2 and bad.stderr.startswith("dailyq status: error: argument --date: bad date")
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_the_command_functions_stay_functions_once_every_module_is_loaded():
+    """A submodule named like a command (``dailyq.pause``) would replace the function on
+    the package as soon as anything imported it: no module may share a command's name."""
+    import subprocess
+    import sys
+
+    code = ("import pkgutil, importlib, dailyq\n"
+            "for m in pkgutil.iter_modules(dailyq.__path__): importlib.import_module('dailyq.' + m.name)\n"
+            "bad = [n for n in sorted(dailyq._LAZY) if not callable(getattr(dailyq, n))]\n"
+            "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -34,6 +34,7 @@ PURE_MODULES = frozenset({
     "dailyq.claim_watch",
     "dailyq.context",
     "dailyq.errors",
+    "dailyq.eta",
     "dailyq.fingerprint",
     "dailyq.keys",
     "dailyq.logs",

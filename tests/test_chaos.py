@@ -1,9 +1,12 @@
 """A short version of bench/chaos.py: real kills of workers and leaders, nodes cut off
 from Redis, frozen workers, one Redis restart and Redis out of memory once."""
 
+import pytest
+
 from bench.chaos import run_chaos
 
 
+@pytest.mark.slow
 def test_short_chaos_run_loses_nothing_and_never_runs_two_copies(tmp_path):
     report = run_chaos(runs=18, sleep_s=1.5, seed=11, kill_every_s=2.0, timeout_s=240, log_dir=tmp_path)
     print("\n".join(report.lines()))

@@ -52,6 +52,8 @@ def test_bad_input_gives_one_clean_line(node_env, args, env_changes, code, fragm
     ("unknown_after", "task 'report': after names unknown task 'ingest'"),
     ("after_cycle", "tasks 'a' -> 'c' -> 'b' -> 'a': a cycle in after"),
     ("bad_limit", "task 'greedy': max_running must be a positive integer"),
+    ("unknown_pool", "task 'stray': pool 'wherehouse' is not in POOLS (known: warehouse)"),
+    ("bad_pool_size", "POOLS['warehouse'] must be a positive integer"),
     ("syntax", "cannot import task table module 'tests.bad_table'"),
 ])
 def test_a_bad_table_stops_every_entry_point_with_the_task_named(node_env, case, fragment):
@@ -103,6 +105,7 @@ def test_trigger_twice_runs_each_once(node_env, connection, prefix):
     assert all(r["started_at"] and r["ended_at"] and r["attempts"] == 1 for r in runs)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_unless_forced(node_env, connection, prefix):
     run_cli(["trigger", "--date", DAY, "--task", "sample"], node_env)
     burst_worker(node_env)
@@ -121,6 +124,7 @@ def test_rerun_skips_finished_runs_unless_forced(node_env, connection, prefix):
     assert rerun_record["state"] == "finished" and rerun_record["attempts"] == 2
 
 
+@pytest.mark.slow
 def test_rerun_runs_a_missed_or_failed_run_without_force(node_env, connection, prefix):
     result = run_cli(["rerun", "broken", "--date", DAY], node_env)
     assert "1 enqueued" in result.stdout
@@ -133,6 +137,7 @@ def test_rerun_runs_a_missed_or_failed_run_without_force(node_env, connection, p
     assert broken["attempts"] == 2 and "boom" in broken["error"]
 
 
+@pytest.mark.slow
 def test_rerun_without_force_runs_a_run_that_failed_after_a_forced_rerun(node_env, connection, prefix):
     """The run finished once (its id is in the day's finished set); a forced rerun failed; a
     plain rerun must run it, not leave it queued behind BEGIN's finished check."""

@@ -213,6 +213,7 @@ def test_the_alert_is_posted_directly_once_whichever_leaders_raise_it(own):
 
 # -- test (d): real processes, a Redis restarted empty mid-day ---------------------------
 
+@pytest.mark.slow
 def test_d_a_redis_restarted_empty_mid_day_is_told_and_fires_nothing_again(own_redis, redis_server, prefix,
                                                                              processes):
     """Two nodes (scheduler + worker each) on a Redis without persistence; a slot of

@@ -18,6 +18,8 @@ import urllib.request
 import venv
 from pathlib import Path
 
+import pytest
+
 from dailyq.redis_server import free_port
 from tests.helpers import ROOT, base_env, quiet_sample_at, wait_for
 
@@ -52,6 +54,7 @@ def pip(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_lowest_declared_dependencies_install_together_and_run_a_day(tmp_path, redis_server, prefix, processes):
     pins = declared_floors()
     assert any(pin.startswith("redis==") for pin in pins) and any(pin.startswith("rq==") for pin in pins)

@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from datetime import date, timedelta
 
+import pytest
+
 from dailyq.clock import utc_now
 from dailyq.keys import Keys
 from dailyq.runs import new_record
@@ -37,6 +39,7 @@ def leader_node(connection, keys: Keys) -> str | None:
     return json.loads(raw)["node"] if raw else None
 
 
+@pytest.mark.slow
 def test_nodes_on_two_tables_run_every_v2_run_once_on_a_node_whose_table_has_it(node_env, processes, connection,
                                                                                  prefix):
     """Issue 18 (a): node "new" (v2: hb gains p7, p8; task nt) leads and fires the slot while
@@ -104,6 +107,7 @@ def test_nodes_on_two_tables_run_every_v2_run_once_on_a_node_whose_table_has_it(
     assert "tables differ: new" in text and "task nd added; task nt added" in text
 
 
+@pytest.mark.slow
 def test_runs_no_live_table_has_end_removed_and_rerun_runs_them(node_env, processes, connection, prefix):
     """A deploy that takes p7, p8 and tasks nt, nd away: their runs (fanned out by a v2
     trigger: queued, and nd's held for hb) end 'removed' after DAILYQ_REMOVED_GRACE_S once no

@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 import zlib
-from datetime import date
+from datetime import date, timedelta
 from typing import Callable
 
 import pytest
@@ -15,7 +15,7 @@ from redis.client import Pipeline
 
 from dailyq.commands import trigger
 from dailyq.errors import LeaseLost
-from dailyq.fanout import fan_out
+from dailyq.fanout import fan_out, trim_durations
 from dailyq.lease import Lease
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
@@ -228,3 +228,30 @@ def test_a_lease_taken_between_the_check_and_exec_aborts_the_fan_out(connection,
     assert not connection.exists(settings.keys.day_enqueued(DAY))
     assert not connection.exists(settings.keys.day_runs(DAY))
     assert connection.get(settings.keys.leader) == b"new-leader"
+
+
+def test_learned_durations_of_series_no_day_fanned_out_for_the_retention_period_are_forgotten(connection, settings):
+    """The durations hash is kept across days; computed params that change daily would
+    grow it forever. A series goes once no fan-out had it for the retention period."""
+    keys = settings.keys
+    queue = make_queue(connection, keys)
+    old_day, new_day = date(2026, 11, 1), date(2026, 11, 20)
+    table_of = lambda params: TaskTable([Task(name="t", func="tests.sample_tasks.noop", params=params, at="03:00")])  # noqa: E731
+    fan_out(connection, keys, queue, runs_on(table_of(["gone", "kept"]), old_day), retention_s=60)
+    fan_out(connection, keys, queue, runs_on(table_of(["kept", "new"]), new_day), retention_s=60)
+    series = {run.param: run.series_id for run in runs_on(table_of(["gone", "kept", "new"]), new_day)}
+    connection.hset(keys.durations, mapping={s: "1.000" for s in series.values()})  # as FINISH learns them
+    assert trim_durations(connection, keys, new_day, retention_days=7) == 1
+    assert set(connection.hkeys(keys.durations)) == {series["kept"].encode(), series["new"].encode()}
+    assert trim_durations(connection, keys, new_day, retention_days=7) == 0
+
+
+def test_durations_learned_before_series_were_noted_count_as_seen_at_the_first_trim(connection, settings):
+    """An upgrade: a durations hash and no note of days yet. Nothing is dropped at once;
+    each series counts from the first trim."""
+    keys = settings.keys
+    connection.hset(keys.durations, mapping={f"s{i}": "2.0" for i in range(2500)})
+    assert trim_durations(connection, keys, DAY, retention_days=7) == 0
+    assert connection.zcard(keys.durations_seen) == 2500
+    assert trim_durations(connection, keys, DAY + timedelta(days=8), retention_days=7) == 2500
+    assert not connection.exists(keys.durations, keys.durations_seen)

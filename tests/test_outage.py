@@ -26,6 +26,7 @@ def own_redis():
         yield server
 
 
+@pytest.mark.slow
 def test_redis_killed_mid_batch_and_restarted_loses_nothing(own_redis, processes):
     prefix = "outage"
     # Default claim and lease TTLs: the guarantee is stated for the defaults.
@@ -74,6 +75,7 @@ def test_a_safe_server_gets_no_warning(own_redis):
     assert server_warnings(Redis.from_url(own_redis.url)) == []
 
 
+@pytest.mark.slow
 def test_a_retry_whose_backoff_ends_during_an_outage_is_back_in_the_queue_promptly(own_redis, processes):
     prefix = "retry-outage"
     backoff_s = 6

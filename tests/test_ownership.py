@@ -41,6 +41,7 @@ def run_record(env: dict, day: str = DAY) -> dict:
     return run
 
 
+@pytest.mark.slow
 def test_a_node_cut_off_from_redis_stops_its_copy_before_another_node_takes_the_run_over(
         redis_server, prefix, connection, processes):
     direct = node_env(redis_server.url, prefix, SAMPLE_SLEEP_S="11")
@@ -83,6 +84,7 @@ def test_a_node_cut_off_from_redis_stops_its_copy_before_another_node_takes_the_
         assert run_record(direct, "2026-11-21")["node"] == "node-a"
 
 
+@pytest.mark.slow
 def test_a_frozen_worker_stops_its_copy_on_resuming_and_records_nothing(redis_server, prefix, connection,
                                                                         processes):
     env = node_env(redis_server.url, prefix, SAMPLE_SLEEP_S="11")
@@ -128,6 +130,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_task_holding_the_gil_is_killed_by_its_worker_before_another_copy_starts(redis_server, prefix,
                                                                                    connection, processes):
     # The first attempt holds the GIL in one regular-expression call for 20 s or more (60 s

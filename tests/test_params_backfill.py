@@ -62,7 +62,7 @@ def of_task(runs: list[dict], task: str) -> list[dict]:
     return [run for run in runs if run["task"] == task]
 
 
-def test_a_params_callable_returning_a_list_is_called_once_at_the_slot(env, connection, settings, prefix):
+def test_a_params_callable_returning_a_list_is_called_once_at_the_slot(env, connection, settings, prefix, tmp_path):
     before, _ = leader_at(connection, settings, SLOT - timedelta(seconds=1))
     before.run_once()
     assert calls(connection, prefix) == 0  # not before the slot
@@ -90,7 +90,7 @@ def test_a_params_callable_returning_a_list_is_called_once_at_the_slot(env, conn
     assert {r["state"] for r in runs} == {"finished"}
     seen = {e["param"]: e["context"]["day"] for e in executions(connection, prefix) if e["event"] == "start"}
     assert seen["2026-11-26-a-v1"] == "2026-11-26"
-    report = run_cli(["report", "--date", DAY.isoformat(), "--out", "/tmp/dailyq-params-report.html"], env)
+    report = run_cli(["report", "--date", DAY.isoformat(), "--out", str(tmp_path / "report.html")], env)
     assert report.returncode == 0 and "(4 runs)" in report.stdout, report.stdout + report.stderr
 
 
@@ -176,6 +176,7 @@ def test_a_retry_whose_fan_out_never_happened_is_fanned_out_by_the_next_look(env
     retried(connection, settings.keys, first)  # idempotent
 
 
+@pytest.mark.slow
 def test_rerun_keeps_the_stored_list_unless_refresh_params(env, connection, prefix):
     first = run_cli(["trigger", "--date", DAY.isoformat(), "--task", "computed"], env)
     assert "enqueued 2 runs, 0 were already enqueued" in first.stdout, first.stdout + first.stderr
@@ -209,6 +210,7 @@ def test_rerun_keeps_the_stored_list_unless_refresh_params(env, connection, pref
     assert_clean_error(failed, 1, "inventory for 2026-11-26 is not ready", "keeps its stored list of 2")
 
 
+@pytest.mark.slow
 def test_backfill_over_three_days_runs_see_their_own_days(env, connection, prefix):
     days = ["2026-11-24", "2026-11-25", "2026-11-26"]
     result = run_cli(["trigger", "--from", days[0], "--to", days[-1]], env)

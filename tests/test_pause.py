@@ -1,4 +1,4 @@
-"""Pause and resume (pause.py): the leader's decisions with an injected clock, then real
+"""Pause and resume (pausing.py): the leader's decisions with an injected clock, then real
 node processes around a slot a few seconds ahead."""
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def test_the_status_table_says_which_tasks_are_paused(connection, settings):
     assert f"paused: t (since {status['paused']['t']['since']} by node-x)" in text
 
 
+@pytest.mark.slow
 def test_pause_before_a_slot_then_resume(settings, processes, connection):
     zone = noon_zone()
     keys = settings.keys

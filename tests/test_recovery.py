@@ -8,6 +8,7 @@ import signal
 import time
 from datetime import date, datetime, timezone
 
+import pytest
 from redis import Redis
 from rq import Queue
 
@@ -35,6 +36,7 @@ def kill(pid: int) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_node_death_mid_run_restarts_the_run_on_another_node_within_60s_by_default(node_env, processes, connection,
                                                                                       prefix):
     slot = slot_in(4)
@@ -95,6 +97,7 @@ def test_an_orphaned_work_horse_keeps_its_claim_and_no_second_copy_runs(node_env
     assert run["state"] == "finished" and run["attempts"] == 1 and run["node"] == "node-a"
 
 
+@pytest.mark.slow
 def test_a_task_that_kills_its_own_process_ends_failed_after_its_attempts(node_env, processes, connection, prefix):
     # retries=1: two executions in all, each ending its work-horse with os._exit(3).
     env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC="die", SAMPLE_RETRIES="1",

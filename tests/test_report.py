@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dailyq.report import LIVE_REFRESH_S, LIVE_SCRIPT, render_report, timeline
 from tests.browser import chromium, open_in_chromium
 from tests.helpers import ROOT, run_cli
@@ -125,6 +127,7 @@ def test_bad_out_path_is_one_line_and_exit_2(node_env, tmp_path):
 
 # --- in a real browser -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_real_day_renders_in_chromium(node_env, processes, tmp_path):
     browser = chromium()  # skip (or fail on CI) before doing any work
     assert browser

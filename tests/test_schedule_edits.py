@@ -13,6 +13,8 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from dailyq import consistency
 from dailyq.alert_events import missed_slot_alerts, overdue_slots
 from dailyq.alerts import AlertService
@@ -363,6 +365,7 @@ def wait_past(zone: str, at_text: str, day: str, extra_s: float) -> None:
     time.sleep(max(0.0, (moment - utc_now()).total_seconds() + extra_s))
 
 
+@pytest.mark.slow
 def test_live_an_at_or_tz_moved_after_the_slot_ran_does_not_run_the_day_again(node_env, processes, connection,
                                                                               prefix):
     zone = noon_zone()
@@ -403,6 +406,7 @@ def test_live_an_at_or_tz_moved_after_the_slot_ran_does_not_run_the_day_again(no
         assert {r["slot"][11:19] for r in runs} == {first_at}
 
 
+@pytest.mark.slow
 def test_live_an_at_moved_later_before_the_slot_fired_fires_once_at_the_new_time(node_env, processes, connection,
                                                                                  prefix):
     zone = noon_zone()

@@ -6,6 +6,8 @@ import signal
 import time
 from datetime import datetime, timedelta
 
+import pytest
+
 from dailyq.clock import utc_now
 from dailyq.keys import Keys
 from tests.helpers import executions, max_concurrent_copies, run_cli, starts_per_param, wait_for
@@ -46,6 +48,7 @@ def all_finished(env: dict, day: str) -> bool:
     return bool(runs) and all(r["state"] == "finished" for r in runs)
 
 
+@pytest.mark.slow
 def test_three_nodes_started_a_second_apart_run_every_run_once_over_several_nodes(node_env, processes, connection,
                                                                                     prefix):
     slot = slot_in(SETUP_S)
@@ -132,6 +135,7 @@ def leader_and_standby(processes, env, connection, keys: Keys, leader: str, stan
     return first, second
 
 
+@pytest.mark.slow
 def test_a_killed_leader_is_replaced_and_the_next_slot_fires_once(node_env, processes, connection, prefix):
     keys = Keys(prefix)
     slot = slot_in(SETUP_S)
@@ -149,6 +153,7 @@ def test_a_killed_leader_is_replaced_and_the_next_slot_fires_once(node_env, proc
     assert sum("fanned out sample" in line for line in processes.log_of(second).splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_paused_leader_enqueues_nothing_when_it_wakes(node_env, processes, connection, prefix):
     keys = Keys(prefix)
     slot = slot_in(SETUP_S)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from dailyq.redis_server import free_port
 from tests.helpers import quiet_sample_at, run_cli, wait_for
 from tests.test_alerts import FAST_RETRIES
@@ -23,6 +25,7 @@ def status_json(env: dict) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_different_tables_are_named_by_status_health_metrics_and_one_alert(node_env, processes):
     webhook = WebhookReceiver().start()
     try:

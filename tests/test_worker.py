@@ -88,6 +88,27 @@ def test_non_ascii_and_structured_params_round_trip(node_env, connection, settin
     assert shown == {key: "finished" for key in expected}
 
 
+def test_a_finished_runs_job_and_result_stay_in_rq_for_the_job_ttl_only(node_env, connection, settings, table):
+    """RQ's job hash and result stream of a finished run are most of a run's memory and
+    nothing of dailyq reads them: kept DAILYQ_JOB_TTL_S (60 s by default), not the
+    retention days of the day record, and deleted at once with 0. The day record says
+    finished either way."""
+    queue = make_queue(connection, settings.keys)
+    for day, env, most_s in ((DAY, node_env, 60), (DAY + timedelta(days=1), dict(node_env, DAILYQ_JOB_TTL_S="0"), 0)):
+        trigger(connection, settings.keys, queue, table, day, ["sample"], settings.retention_s)
+        job_ids = [job.id for job in queue.jobs]
+        assert job_ids and run_burst_worker(env).returncode == 0
+        for job_id in job_ids:
+            if most_s:
+                assert 0 < connection.ttl(f"rq:job:{job_id}") <= most_s
+                assert 0 < connection.ttl(f"rq:results:{job_id}") <= most_s
+            else:
+                assert not connection.exists(f"rq:job:{job_id}", f"rq:results:{job_id}")
+        states = {r["state"] for r in day_status(connection, settings.keys, table, day, utc_now())["runs"]
+                  if r["task"] == "sample"}
+        assert states == {"finished"}
+
+
 def test_rq_cli_worker_with_the_readme_flags_runs_guarded_jobs(node_env, connection, settings, table):
     trigger(connection, settings.keys, make_queue(connection, settings.keys), table, DAY, ["sample"],
             settings.retention_s)

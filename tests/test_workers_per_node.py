@@ -10,6 +10,8 @@ import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from dailyq.health import judge
 from dailyq.render import render_nodes
 from tests.helpers import ROOT, executions, quiet_sample_at, run_cli, wait_for
@@ -41,6 +43,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_health_and_status_count_each_nodes_workers(node_env, processes, connection, settings):
     env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_AT=quiet_sample_at())
     pool_env, pair_env = dict(env, NODE_NAME="node-pool"), dict(env, NODE_NAME="node-pair")

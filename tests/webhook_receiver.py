@@ -21,6 +21,7 @@ class WebhookReceiver:
         self.path = path
         self.status = 200  # what it answers; a test may set 404, 503...
         self.retry_after: str | None = None
+        self.delay_s = 0.0  # how long it waits before answering: a slow endpoint
         self.received: list[dict[str, Any]] = []  # the JSON bodies, as sent
         self.paths: list[str] = []
         self.headers: list[dict[str, str]] = []
@@ -44,6 +45,7 @@ class WebhookReceiver:
                     receiver.paths.append(self.path)
                     receiver.headers.append(dict(self.headers))
                     receiver.times.append(time.time())
+                time.sleep(receiver.delay_s)
                 self.send_response(receiver.status)
                 if receiver.retry_after is not None:
                     self.send_header("Retry-After", receiver.retry_after)

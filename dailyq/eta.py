@@ -1,0 +1,301 @@
+"""When the day is expected to end: a list-scheduling simulation of its pending runs.
+
+Pure: the runs (``EtaRun``, made from ``status``' run entries by ``eta_runs``), the
+learned durations of their series, the number of live worker processes and ``now`` go
+in; an ``Estimate`` comes out. status.py reads those from Redis (and puts
+``Estimate.at`` in ``status --json`` as ``eta``); alerts.py and metrics.py use the same.
+
+The simulation follows what the cluster does with the runs:
+
+* A run's expected duration is the last one recorded for its (task, param) series (the
+  durations the guard learns, fanout.longest_first's input); a run never timed counts
+  as the mean of its task's known durations on the day, else of all the day's. With no
+  duration known at all, the estimate is unknown.
+* A running run holds a worker until its start plus its expected duration (``now`` if
+  that has passed: it is overdue, its end cannot be told).
+* Queued runs are taken in the queue's order by each worker that frees up. Fan-out
+  pushes a slot's runs longest first, never-timed runs first of all (fanout.py), so
+  the order here is: slot time, then never timed first, then longest first.
+* A scheduled run cannot start before its slot fires.
+* A waiting run (``after``) joins the back of the queue when every pending run of
+  its upstream tasks has ended in the simulation (dependencies.py's release).
+* A task's ``max_running``, and its pool's size (``Task(pool=...)``, the table's
+  POOLS): a run over either is set aside and goes to the queue's front when a run of
+  that task (or of that pool) ends (limits.py).
+* A paused run ends only after a ``resume``: its task, and those after it, are unknown.
+
+Not modelled: ``max_per_node`` and which node runs what, runs of other days queued for
+the same workers (a backfill), retries of runs that will fail, runs' own variance, and
+what a worker spends per run around the task (dequeue, fork, BEGIN, FINISH), which the
+learned durations leave out: on a day of sub-second runs the estimate is early by
+about that cost times the runs left per worker. Each worker process is one worker.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable, Mapping, Sequence
+
+from .runs import PAUSED, QUEUED, RUNNING, SCHEDULED, WAITING, param_digest
+from .table import Task, encode_param
+from .timestamps import parse_iso
+
+START_PRECISION = timedelta(seconds=1)  # of a stored start (timestamps.iso)
+
+# The states of a run that still has to end; any other (finished, failed, blocked,
+# skipped, missed, removed, ...) needs no worker any more.
+PENDING = (SCHEDULED, QUEUED, RUNNING, WAITING, PAUSED)
+
+
+@dataclass(frozen=True)
+class EtaRun:
+    task: str
+    series: str  # (task, param) across days: the key of the learned durations
+    state: str
+    slot: datetime | None = None  # a scheduled run starts no sooner; earlier slots queue first
+    started_at: datetime | None = None  # a running run's start
+    duration_s: float | None = None  # a finished run's own duration (for the day's means)
+
+
+@dataclass(frozen=True)
+class EtaTask:
+    """What the table says about a task that matters to the simulation."""
+
+    after: tuple[str, ...] = ()
+    max_running: int | None = None
+    pool: str | None = None  # a name of the table's POOLS
+
+
+@dataclass(frozen=True)
+class Estimate:
+    at: datetime | None  # every pending run expected to have ended; None when unknown or done
+    done: bool  # no run is pending
+    why: str | None = None  # when ``at`` is None and not done: why it is unknown
+    # Per task with pending runs: when its last one is expected to end (None: unknown).
+    task_ends: dict[str, datetime | None] = field(default_factory=dict)
+    workers: int = 0
+    # Each simulated run with its expected end (runs of unknown tasks are not there).
+    run_ends: tuple[tuple[EtaRun, datetime], ...] = ()
+
+    def end_of(self, task: str, slots_until: datetime | None = None) -> datetime | None:
+        """When ``task``'s pending runs whose slot is at or before ``slots_until`` (all when
+        None) are expected to have ended; None when unknown, or none is pending."""
+        if self.task_ends.get(task) is None:
+            return None
+        ends = [end for run, end in self.run_ends if run.task == task
+                and (slots_until is None or run.slot is None or run.slot <= slots_until)]
+        return max(ends, default=None)
+
+
+def eta_iso(at: datetime) -> str:
+    """``eta`` as ``status --json`` shows it: ISO 8601 in UTC to the millisecond (stored
+    times have seconds; a day of short runs needs better than that)."""
+    return at.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def eta_tasks(tasks: Iterable[Task]) -> dict[str, EtaTask]:
+    return {task.name: EtaTask(tuple(task.after), task.max_running, getattr(task, "pool", None)) for task in tasks}
+
+
+def series_id(task: str, param: Any) -> str:
+    """As runs.Run.series_id builds it."""
+    return f"{task}-{param_digest(encode_param(param))}"
+
+
+def eta_runs(runs: Iterable[Mapping[str, Any]]) -> list[EtaRun]:
+    """``status``' run entries (status.day_runs) as the simulation's input. A stored start
+    has second precision (timestamps.py): the run started within that second, so in its
+    middle as far as anyone knows (never after ``now``: the simulation sees to that)."""
+    shown = []
+    for run in runs:
+        state = str(run.get("state"))
+        duration = run.get("duration_s")
+        pending = state in PENDING
+        started = parse_iso(run.get("started_at")) if state == RUNNING else None
+        shown.append(EtaRun(
+            task=str(run.get("task")), series=series_id(str(run.get("task")), run.get("param")), state=state,
+            slot=parse_iso(run.get("slot")) if pending else None,
+            started_at=None if started is None else started + START_PRECISION / 2,
+            duration_s=float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None))
+    return shown
+
+
+def pending_series(runs: Iterable[EtaRun]) -> list[str]:
+    """The series whose learned duration the estimate needs (what to read from Redis)."""
+    return list(dict.fromkeys(run.series for run in runs if run.state in PENDING))
+
+
+def estimate(runs: Sequence[EtaRun], durations: Mapping[str, float], workers: int, now: datetime,
+             tasks: Mapping[str, EtaTask] | None = None, pools: Mapping[str, int] | None = None) -> Estimate:
+    """The day's expected end; see the module's docstring for the rules. ``durations``:
+    the learned ones, of at least the pending runs' series (``pending_series``);
+    ``workers``: the live worker processes; ``pools``: the table's POOLS (name -> size)."""
+    tasks = tasks or {}
+    pending = [run for run in runs if run.state in PENDING]
+    if not pending:
+        return Estimate(None, True, workers=workers)
+    expected = _expected_durations(runs, pending, durations)
+    if expected is None:
+        return Estimate(None, False, "no duration learned for any run of the day", workers=workers)
+    running = [run for run in pending if run.state == RUNNING]
+    if workers == 0 and len(pending) > len(running):
+        return Estimate(None, False, "no live worker", {run.task: None for run in pending}, workers)
+    unknown = _unknown_tasks(pending, tasks)
+    # A running run holds a worker whatever the heartbeats say (a worker about to beat).
+    sim = _Simulation(now, max(workers, len(running)), tasks, expected, set(durations), pools or {})
+    run_ends = tuple((run, now + timedelta(seconds=end_s))
+                     for run, end_s in sim.run([run for run in pending if run.task not in unknown]))
+    ends: dict[str, datetime] = {}
+    for run, end in run_ends:
+        ends[run.task] = max(end, ends.get(run.task, end))
+    task_ends: dict[str, datetime | None] = {}
+    for name in dict.fromkeys(run.task for run in pending):
+        task_ends[name] = None if name in unknown else ends.get(name)
+    if any(end is None for end in task_ends.values()):
+        named = sorted(name for name, end in task_ends.items() if end is None)
+        return Estimate(None, False, f"runs of {', '.join(named)} cannot start (paused, or after a paused task)",
+                        task_ends, workers, run_ends)
+    return Estimate(max(end for end in task_ends.values() if end is not None), False, None, task_ends, workers,
+                    run_ends)
+
+
+def _expected_durations(runs: Sequence[EtaRun], pending: list[EtaRun],
+                        durations: Mapping[str, float]) -> dict[str, float] | None:
+    """Series -> expected seconds for every pending run's series; None when nothing is known."""
+    known: dict[str, list[float]] = {}
+    for run in runs:
+        seconds = durations.get(run.series) if run.state in PENDING else run.duration_s
+        if seconds is not None:
+            known.setdefault(run.task, []).append(seconds)
+    everything = [s for values in known.values() for s in values]
+    if not everything:
+        return None
+    day_mean = sum(everything) / len(everything)
+    expected: dict[str, float] = {}
+    for run in pending:
+        if run.series in durations:
+            expected[run.series] = durations[run.series]
+        elif run.series not in expected:
+            timed = known.get(run.task)
+            expected[run.series] = sum(timed) / len(timed) if timed else day_mean
+    return expected
+
+
+def _unknown_tasks(pending: list[EtaRun], tasks: Mapping[str, EtaTask]) -> set[str]:
+    """Tasks with a paused run, and the tasks after them (directly or not)."""
+    unknown = {run.task for run in pending if run.state == PAUSED}
+    grew = True
+    while grew:
+        grew = False
+        for name in {run.task for run in pending} - unknown:
+            if any(up in unknown for up in tasks.get(name, EtaTask()).after):
+                unknown.add(name)
+                grew = True
+    return unknown
+
+
+class _Simulation:
+    """Discrete events in seconds after ``now``: a run's end frees its worker, which
+    takes the head of the queue (a heap keyed by queue order) that it may start."""
+
+    def __init__(self, now: datetime, workers: int, tasks: Mapping[str, EtaTask], expected: dict[str, float],
+                 learned: set[str], pools: Mapping[str, int]) -> None:
+        self.now = now
+        self.tasks = tasks
+        self.expected = expected
+        self.learned = learned
+        self.idle = workers
+        self.seq = 0
+        self.ends: list[tuple[float, int, EtaRun]] = []  # (time, seq, run) per executing run
+        # (0 for the front, queued since, never timed first, longest first, seq, run, may start at)
+        self.queue: list[tuple[int, float, bool, float, int, EtaRun, float]] = []
+        # Limits: ("task", name) -> max_running, ("pool", name) -> its size; per limit, the
+        # runs executing under it and those set aside over it (in queue order).
+        self.limits: dict[tuple[str, str], int] = {("pool", name): size for name, size in pools.items()}
+        for name, spec in tasks.items():
+            if spec.max_running is not None:
+                self.limits[("task", name)] = spec.max_running
+        self.held: dict[tuple[str, str], list[EtaRun]] = {}
+        self.executing: dict[tuple[str, str], int] = {}
+        self.left: dict[str, int] = {}  # runs of each task not ended yet
+        self.waiting: dict[str, list[EtaRun]] = {}
+        self.ended: list[tuple[EtaRun, float]] = []
+
+    def run(self, pending: list[EtaRun]) -> list[tuple[EtaRun, float]]:
+        """Each run that got to start, with when it ends (seconds after now)."""
+        for run in pending:
+            self.left[run.task] = self.left.get(run.task, 0) + 1
+        for run in pending:
+            if run.state == RUNNING:
+                started = min(run.started_at or self.now, self.now)
+                # Overdue (past its expected end): it may end any moment.
+                self._execute(run, max(0.0, (started - self.now).total_seconds() + self.expected[run.series]))
+            elif run.state == WAITING:
+                self.waiting.setdefault(run.task, []).append(run)
+            else:
+                since = 0.0 if run.slot is None else (run.slot - self.now).total_seconds()
+                self._push(run, since, max(0.0, since))
+        for name in list(self.waiting):
+            self._release_if_ready(name, 0.0)
+        clock = 0.0
+        while True:
+            self._dispatch(clock)
+            next_times = [self.ends[0][0]] if self.ends else []
+            if self.idle > 0 and self.queue:
+                next_times.append(self.queue[0][6])
+            if not next_times:
+                break
+            clock = max(clock, min(next_times))
+            while self.ends and self.ends[0][0] <= clock:
+                _, _, ended = heapq.heappop(self.ends)
+                self._ended(ended, clock)
+        return self.ended
+
+    def _execute(self, run: EtaRun, end: float) -> None:
+        self.seq += 1
+        heapq.heappush(self.ends, (end, self.seq, run))
+        for limit in self._limits_of(run):
+            self.executing[limit] = self.executing.get(limit, 0) + 1
+        self.idle -= 1
+
+    def _limits_of(self, run: EtaRun) -> list[tuple[str, str]]:
+        spec = self.tasks.get(run.task, EtaTask())
+        return [limit for limit in (("task", run.task), ("pool", spec.pool or "")) if limit in self.limits]
+
+    def _push(self, run: EtaRun, since: float, starts: float, front: bool = False) -> None:
+        self.seq += 1
+        heapq.heappush(self.queue, (0 if front else 1, since, run.series in self.learned,
+                                    -self.expected[run.series], self.seq, run, starts))
+
+    def _release_if_ready(self, task: str, clock: float) -> None:
+        if task in self.waiting and all(self.left.get(up, 0) == 0 for up in self.tasks.get(task, EtaTask()).after):
+            for run in self.waiting.pop(task):
+                self._push(run, clock, clock)
+
+    def _dispatch(self, clock: float) -> None:
+        """Each idle worker takes the first run of the queue that may start now. The
+        queue is in order of joining it, so a run whose slot has not come is the head
+        only once every run ahead of it has been taken."""
+        while self.idle > 0 and self.queue and self.queue[0][6] <= clock:
+            run = heapq.heappop(self.queue)[5]
+            full = [limit for limit in self._limits_of(run) if self.executing.get(limit, 0) >= self.limits[limit]]
+            if full:
+                self.held.setdefault(full[0], []).append(run)
+                continue
+            self._execute(run, clock + self.expected[run.series])
+
+    def _ended(self, run: EtaRun, clock: float) -> None:
+        task = run.task
+        self.idle += 1
+        self.left[task] -= 1
+        self.ended.append((run, clock))
+        for limit in self._limits_of(run):
+            self.executing[limit] -= 1
+            if self.held.get(limit):
+                self._push(self.held[limit].pop(0), clock, clock, front=True)
+        if self.left[task] == 0:
+            for name, spec in self.tasks.items():
+                if task in spec.after:
+                    self._release_if_ready(name, clock)
