@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from redis import Redis
 
 from dailyq.commands import rerun
@@ -22,11 +21,6 @@ from tests.test_dependencies import DAY, RECORD, RETENTION_S, chain_table, fail,
 from tests.test_dependencies import finish as finish_as_an_older_version
 
 NOW = "2026-11-20T03:00:00+00:00"
-
-
-@pytest.fixture
-def keys(prefix: str) -> Keys:
-    return Keys(prefix)
 
 
 def chain(n: int) -> TaskTable:
