@@ -28,7 +28,7 @@ from dailyq.scripts import LimitedTask, scripts_for  # noqa: E402
 
 def member(keys: Keys, name: str, pool_size: int) -> LimitedTask:
     return LimitedTask(name, 1_000_000, None, keys.limit_slots(name), keys.limit_slot_nodes(name), keys.held(name),
-                       "p" if pool_size else None, pool_size)
+                       keys.held_index(name), "p" if pool_size else None, pool_size)
 
 
 def script_us(connection: Redis, keys: Keys, pool_tasks: int, pairs: int) -> float:
@@ -40,10 +40,11 @@ def script_us(connection: Redis, keys: Keys, pool_tasks: int, pairs: int) -> flo
     connection.config_resetstat()
     for i in range(pairs):
         common = dict(paused_key=keys.paused, slots_key=own.slots_key, slot_nodes_key=own.slot_nodes_key,
-                      held_key=own.held_key, task=own.name, owner=f"o{i}", node="n1", max_running=own.max_running,
+                      held_key=own.held_key, held_index_key=own.held_index_key, task=own.name, owner=f"o{i}",
+                      node="n1", max_running=own.max_running,
                       max_per_node=None, pool_size=own.pool_size, pool=pool)
         scripts.admit(intermediate_queue_key=f"{keys.prefix}:q:intermediate", job_id=f"j{i}", ttl_ms=60_000,
-                      **common).run()  # type: ignore[arg-type]
+                      held_ttl_s=86400, **common).run()  # type: ignore[arg-type]
         scripts.release_slot(queue_key=f"{keys.prefix}:q", **common).run()  # type: ignore[arg-type]
     return float(connection.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
 

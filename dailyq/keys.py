@@ -186,6 +186,13 @@ class Keys:
         (over a limit, or the task paused), oldest first; put back at the queue's front."""
         return f"{self.prefix}:held:{task}"
 
+    def held_index(self, task: str) -> str:
+        """Set of the job ids in ``held(task)``: holding a run checks it here, not by a
+        scan of the list (scripts.SLOTS_LUA's ``hold``). The list is what backs a held run
+        (doctor reads it); the set only spares the scan. Both expire ``retention_s`` after
+        the last hold, and the set goes when a promote empties the list."""
+        return f"{self.prefix}:held:{task}:ids"
+
     def table(self, fingerprint: str) -> str:
         """String JSON: the description of one task table (fingerprint.describe), named by
         its fingerprint, so it never changes once written. Each process publishes its own

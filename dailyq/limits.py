@@ -89,7 +89,7 @@ LIVE_NODE_S = 600
 def limited_task(keys: Keys, table: TaskTable, task: Task) -> LimitedTask:
     """A task's limits, pool and keys as the scripts take them."""
     return LimitedTask(task.name, task.max_running, task.max_per_node, keys.limit_slots(task.name),
-                       keys.limit_slot_nodes(task.name), keys.held(task.name), task.pool,
+                       keys.limit_slot_nodes(task.name), keys.held(task.name), keys.held_index(task.name), task.pool,
                        table.pools.get(task.pool, 0) if task.pool else 0)
 
 
@@ -129,7 +129,8 @@ class SlotHold:
         task = self.task
         return self._scripts.release_slot(
             paused_key=self.keys.paused, slots_key=self.slots_key, slot_nodes_key=self.keys.limit_slot_nodes(task.name),
-            held_key=self.keys.held(task.name), queue_key=self.queue_key, task=task.name, owner=self.owner,
+            held_key=self.keys.held(task.name), held_index_key=self.keys.held_index(task.name),
+            queue_key=self.queue_key, task=task.name, owner=self.owner,
             node=self.node, max_running=task.max_running, max_per_node=task.max_per_node,
             pool_size=self.pool[0].pool_size if self.pool else 0, pool=self.pool)
 
@@ -154,13 +155,16 @@ class Admissions:
     """The worker's side: whether a run may start now (see the module docstring)."""
 
     def __init__(self, connection: Redis, keys: Keys, node: str, claim_ttl_s: float, paused: PausedCache,
-                 table: TaskTable) -> None:
+                 table: TaskTable, *, held_ttl_s: int) -> None:
         self.connection = connection
         self.keys = keys
         # The worker's table: which tasks share a pool, and the pool's size.
         self.table = table
         self.node = node
         self.ttl_ms = int(claim_ttl_s * 1000)
+        # A held list (and its index) lives this long after its last hold: a list nothing
+        # promotes any more (its task gone from the table, or its limits) does not stay forever.
+        self.held_ttl_s = held_ttl_s
         self.paused = paused
         self._scripts = scripts_for(connection)
 
@@ -175,9 +179,10 @@ class Admissions:
         outcome = self._scripts.admit(
             paused_key=keys.paused, slots_key=keys.limit_slots(task.name),
             slot_nodes_key=keys.limit_slot_nodes(task.name), held_key=keys.held(task.name),
-            intermediate_queue_key=intermediate_queue_key, task=task.name, owner=owner, node=self.node,
-            job_id=run.job_id, ttl_ms=self.ttl_ms, max_running=task.max_running,
-            max_per_node=task.max_per_node, pool_size=pool[0].pool_size if pool else 0, pool=pool).run()
+            held_index_key=keys.held_index(task.name), intermediate_queue_key=intermediate_queue_key,
+            task=task.name, owner=owner, node=self.node, job_id=run.job_id, ttl_ms=self.ttl_ms,
+            max_running=task.max_running, max_per_node=task.max_per_node, held_ttl_s=self.held_ttl_s,
+            pool_size=pool[0].pool_size if pool else 0, pool=pool).run()
         if outcome == "paused":
             self.paused.saw(task.name)
         if outcome != "admitted" or not task.has_limits:

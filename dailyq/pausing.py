@@ -72,8 +72,8 @@ def resume(connection: Redis, keys: Keys, queue_key: str, task_names: Iterable[s
     scripts = scripts_for(connection)
     results = []
     for name in task_names:
-        was_paused, moved = scripts.resume(paused_key=keys.paused, held_key=keys.held(name), queue_key=queue_key,
-                                           task=name).run()
+        was_paused, moved = scripts.resume(paused_key=keys.paused, held_key=keys.held(name),
+                                           held_index_key=keys.held_index(name), queue_key=queue_key, task=name).run()
         results.append(ResumeResult(name, was_paused, moved))
     return results
 

@@ -11,8 +11,8 @@ runs no includes, so the helpers a script uses are prepended to it):
   changes -- load it (or start from its base), set fields, save it; a brand-new
   record is stored as the JSON its writer sent;
 * ``redis_now_ms``: the Redis server's clock, the one clock every node shares;
-* ``purge_slots`` / ``room`` / ``extend_slot`` / ``promote``: the slots of a task with
-  limits and its held runs (limits.py), shared by ADMIT, RELEASE_SLOT, SWEEP_SLOTS,
+* ``purge_slots`` / ``room`` / ``extend_slot`` / ``hold`` / ``promote``: the slots of a task
+  with limits and its held runs (limits.py), shared by ADMIT, RELEASE_SLOT, SWEEP_SLOTS,
   TOUCH_SLOT, RESUME and RENEW_CLAIM; ``pool_room`` / ``promote_pool``: the same for
   the tasks of one pool together (ADMIT, RELEASE_SLOT, SWEEP_SLOTS);
 * ``count_finished``: the day's dependency counts (dependency_counts.py), kept by every
@@ -206,15 +206,52 @@ local function extend_slot(slots_key, owner, ttl_ms)
   end
   return 0
 end
--- Moves up to n held job ids to the front of the queue, the oldest held first in line.
-local function promote(held_key, queue_key, n)
-  local moved = {}
+-- Held runs: a list in the order held (promote pops its head), which is what backs a held
+-- run, and a set of the same job ids (the index), so that holding a run is an SADD, not a
+-- scan of the list for it. An older version holds with LREM + RPUSH and promotes with LPOP,
+-- leaving the index as it was, so during a rolling deploy the two may differ:
+-- * a list with no index (an older version's, or every indexed id gone): indexed at the
+--   next hold, once;
+-- * an id the index names but the list lacks (an older promote took it): looked for in
+--   the list (LPOS, on this path only: a job held while the index names it) and pushed
+--   again, so it is never lost behind a stale index;
+-- * an id in the list but not the index (an older hold while the index existed): held
+--   again while still listed, it is listed twice; promote moves it once per call (a
+--   later copy it finds in the queue is refused by BEGIN: the claim, not the list, keeps
+--   a run from executing twice).
+-- Bounds: both keys expire ``ttl_s`` after the last hold (a list nothing promotes any
+-- more, say of a task gone from the table, goes), and the index goes when a promote
+-- empties the list (Redis deletes an empty list itself).
+local function hold(held_key, index_key, job_id, ttl_s)
+  if redis.call('EXISTS', index_key) == 0 then
+    local listed = redis.call('LRANGE', held_key, 0, -1)
+    for i = 1, #listed, 1000 do  -- SADD in chunks: unpack has a stack limit
+      redis.call('SADD', index_key, unpack(listed, i, math.min(i + 999, #listed)))
+    end
+  end
+  if redis.call('SADD', index_key, job_id) == 1 or not redis.call('LPOS', held_key, job_id) then
+    redis.call('RPUSH', held_key, job_id)
+  end
+  redis.call('EXPIRE', held_key, ttl_s)
+  redis.call('EXPIRE', index_key, ttl_s)
+end
+-- Moves up to n held job ids to the front of the queue, the oldest held first in line,
+-- each once (a second copy of an id in the list is dropped, see hold).
+local function promote(held_key, index_key, queue_key, n)
+  local moved, seen = {}, {}
   while #moved < n do
     local job_id = redis.call('LPOP', held_key)
     if not job_id then
       break
     end
-    moved[#moved + 1] = job_id
+    if not seen[job_id] then
+      seen[job_id] = true
+      redis.call('SREM', index_key, job_id)
+      moved[#moved + 1] = job_id
+    end
+  end
+  if n > 0 and redis.call('EXISTS', held_key) == 0 then
+    redis.call('DEL', index_key)  -- ids an older promote left in it go with the list
   end
   for i = #moved, 1, -1 do
     redis.call('LPUSH', queue_key, moved[i])
@@ -236,8 +273,8 @@ end
 -- Moves held runs of a pool's tasks to the queue's front while the pool and each task have
 -- room (per-node room counted on ``nodes``), dealt one at a time in turn from member
 -- ``first`` on, so no task of the pool waits behind another's backlog; a paused task gets
--- none. ``members``: {name, slots_key, nodes_key, held_key, max_running, max_per_node}
--- (0: none) of each task of the pool. Returns the job ids moved.
+-- none. ``members``: {name, slots_key, nodes_key, held_key, max_running, max_per_node,
+-- held index} (0: none) of each task of the pool. Returns the job ids moved.
 local function promote_pool(paused_key, queue_key, size, members, nodes, first, now)
   local slot_keys, wants, counts = {}, {}, {}
   for i, member in ipairs(members) do
@@ -266,20 +303,20 @@ local function promote_pool(paused_key, queue_key, size, members, nodes, first, 
   for k = n - 1, 0, -1 do
     local i = (first - 1 + k) % n + 1
     if counts[i] > 0 then
-      for _, job_id in ipairs(promote(members[i][4], queue_key, counts[i])) do
+      for _, job_id in ipairs(promote(members[i][4], members[i][7], queue_key, counts[i])) do
         moved[#moved + 1] = job_id
       end
     end
   end
   return moved
 end
--- Pool members from KEYS (from ``k``, 3 keys each: slots, slot nodes, held list) and ARGV
--- (from ``i``, 3 values each: name, max_running, max_per_node), ``n`` of them.
+-- Pool members from KEYS (from ``k``, 4 keys each: slots, slot nodes, held list, held
+-- index) and ARGV (from ``i``, 3 values each: name, max_running, max_per_node), ``n`` of them.
 local function pool_members(k, i, n)
   local members = {}
   for j = 0, n - 1 do
-    members[j + 1] = {ARGV[i + 3 * j], KEYS[k + 3 * j], KEYS[k + 3 * j + 1], KEYS[k + 3 * j + 2],
-                      tonumber(ARGV[i + 3 * j + 1]), tonumber(ARGV[i + 3 * j + 2])}
+    members[j + 1] = {ARGV[i + 3 * j], KEYS[k + 4 * j], KEYS[k + 4 * j + 1], KEYS[k + 4 * j + 2],
+                      tonumber(ARGV[i + 3 * j + 1]), tonumber(ARGV[i + 3 * j + 2]), KEYS[k + 4 * j + 3]}
   end
   return members
 end
@@ -927,19 +964,22 @@ ADMIT = _lua("""
 -- queued -- else the run takes a slot (when the task has limits or a pool). A run of a
 -- pool's task needs room in its task and in its pool; its one slot counts for both.
 -- KEYS[1] = paused hash, KEYS[2] = the task's slots, KEYS[3] = slot nodes, KEYS[4] = held list,
--- KEYS[5] = RQ's intermediate queue, then per task of its pool (its own included): its
--- slots, slot nodes
+-- KEYS[5] = RQ's intermediate queue, KEYS[6] = the held list's index (a set, see hold), then
+-- per task of its pool (its own included): its slots, slot nodes
 -- ARGV[1] = task, ARGV[2] = owner (the attempt's claim owner token), ARGV[3] = node,
 -- ARGV[4] = job id, ARGV[5] = slot ttl (ms, the claim's), ARGV[6] = max_running (0: none),
--- ARGV[7] = max_per_node (0: none), ARGV[8] = the pool's size (0: in no pool)
+-- ARGV[7] = max_per_node (0: none), ARGV[8] = the pool's size (0: in no pool),
+-- ARGV[9] = how long the held list lives after its last hold (s)
 -- Returns 'admitted', 'paused' or 'held'.
 local paused_key, slots_key, nodes_key, held_key, intermediate_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local index_key = KEYS[6]
 local task, owner, node, job_id, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local max_running, max_per_node, pool_size = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local held_ttl_s = tonumber(ARGV[9])
 local now = redis_now_ms()
 purge_slots(slots_key, nodes_key, now)
 local pool = {}
-for k = 6, #KEYS, 2 do
+for k = 7, #KEYS, 2 do
   pool[#pool + 1] = {KEYS[k], KEYS[k + 1]}
 end
 local why = nil
@@ -952,8 +992,7 @@ elseif pool_size > 0 and pool_room(pool_size, pool, now) < 1 then
 end
 if why then
   redis.call('LREM', intermediate_key, 1, job_id)
-  redis.call('LREM', held_key, 0, job_id)  -- once in the list, however often held
-  redis.call('RPUSH', held_key, job_id)
+  hold(held_key, index_key, job_id, held_ttl_s)  -- once in the list, however often held
   return why
 end
 if max_running > 0 or max_per_node > 0 or pool_size > 0 then
@@ -969,13 +1008,15 @@ RELEASE_SLOT = allow_oom(_lua("""
 -- in the same script as every hold, so no held run misses the wake-up. For a pool's task,
 -- held runs of every task of the pool, starting with the task after this one (in turn).
 -- KEYS[1] = paused hash, KEYS[2] = the task's slots, KEYS[3] = slot nodes, KEYS[4] = held list,
--- KEYS[5] = queue, then per task of its pool (its own included): its slots, slot nodes, held list
+-- KEYS[5] = queue, KEYS[6] = the held list's index, then per task of its pool (its own
+-- included): its slots, slot nodes, held list, held list's index
 -- ARGV[1] = task, ARGV[2] = owner, ARGV[3] = node (whose room the freed slot is),
 -- ARGV[4] = max_running (0: none), ARGV[5] = max_per_node (0: none), ARGV[6] = the pool's
 -- size (0: in no pool), ARGV[7] = the task's place among the pool's tasks (from 1), then per
 -- task of the pool: name, max_running (0: none), max_per_node (0: none)
 -- Returns the job ids moved to the queue.
 local paused_key, slots_key, nodes_key, held_key, queue_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local index_key = KEYS[6]
 local task, owner, node = ARGV[1], ARGV[2], ARGV[3]
 local max_running, max_per_node, pool_size = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = redis_now_ms()
@@ -983,13 +1024,13 @@ redis.call('ZREM', slots_key, owner)
 redis.call('HDEL', nodes_key, owner)
 purge_slots(slots_key, nodes_key, now)
 if pool_size > 0 then
-  local members = pool_members(6, 8, (#KEYS - 5) / 3)
+  local members = pool_members(7, 8, (#KEYS - 6) / 4)
   return promote_pool(paused_key, queue_key, pool_size, members, {node}, tonumber(ARGV[7]) % #members + 1, now)
 end
 if redis.call('HEXISTS', paused_key, task) == 1 then
   return {}
 end
-return promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node, {node}))
+return promote(held_key, index_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node, {node}))
 """, NOW_LUA, SLOTS_LUA))
 
 SWEEP_SLOTS = _lua("""
@@ -998,7 +1039,7 @@ SWEEP_SLOTS = _lua("""
 -- is counted on every node that beat within the last ``live_s`` seconds. The tasks of a
 -- pool are moved together (promote_pool), while the pool has room.
 -- KEYS[1] = paused hash, KEYS[2] = queue, KEYS[3] = nodes registry (node -> last beat, s),
--- then per task: its slots, slot nodes, held list
+-- then per task: its slots, slot nodes, held list, held list's index
 -- ARGV[1] = live_s, then per task: name, max_running (0: none), max_per_node (0: none),
 -- its pool ('' for none), the pool's size (0: none)
 -- Returns the job ids moved to the queue.
@@ -1010,8 +1051,8 @@ local where = #nodes > 0 and nodes or {''}
 local moved = {}
 local pools, pool_names = {}, {}
 for i = 2, #ARGV, 5 do
-  local k = 4 + 3 * (i - 2) / 5
-  local slots_key, nodes_key, held_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local k = 4 + 4 * (i - 2) / 5
+  local slots_key, nodes_key, held_key, index_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local task, max_running, max_per_node = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local pool, pool_size = ARGV[i + 3], tonumber(ARGV[i + 4])
   purge_slots(slots_key, nodes_key, now)
@@ -1021,10 +1062,10 @@ for i = 2, #ARGV, 5 do
       pool_names[#pool_names + 1] = pool
     end
     local members = pools[pool].members
-    members[#members + 1] = {task, slots_key, nodes_key, held_key, max_running, max_per_node}
+    members[#members + 1] = {task, slots_key, nodes_key, held_key, max_running, max_per_node, index_key}
   elseif redis.call('HEXISTS', paused_key, task) == 0 and redis.call('LLEN', held_key) > 0 then
-    for _, job_id in ipairs(promote(held_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node,
-                                                            where))) do
+    for _, job_id in ipairs(promote(held_key, index_key, queue_key,
+                                    room(slots_key, nodes_key, max_running, max_per_node, where))) do
       moved[#moved + 1] = job_id
     end
   end
@@ -1050,12 +1091,12 @@ return extend_slot(KEYS[1], ARGV[1], ARGV[2])
 RESUME = _lua("""
 -- Resumes a task: no longer paused, and every run held back (paused or over a limit) goes
 -- to the queue's front, in the order held; ADMIT holds again any still over a limit.
--- KEYS[1] = paused hash, KEYS[2] = held list, KEYS[3] = queue
+-- KEYS[1] = paused hash, KEYS[2] = held list, KEYS[3] = queue, KEYS[4] = the held list's index
 -- ARGV[1] = task
 -- Returns {1 if it was paused else 0, number of runs moved}.
-local paused_key, held_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
+local paused_key, held_key, queue_key, index_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local was_paused = redis.call('HDEL', paused_key, ARGV[1])
-local moved = promote(held_key, queue_key, redis.call('LLEN', held_key))
+local moved = promote(held_key, index_key, queue_key, redis.call('LLEN', held_key))
 return {was_paused, #moved}
 """, NOW_LUA, SLOTS_LUA)
 
@@ -1411,6 +1452,7 @@ class LimitedTask:
     slots_key: str
     slot_nodes_key: str
     held_key: str
+    held_index_key: str
     pool: str | None = None
     pool_size: int = 0
 
@@ -1936,29 +1978,30 @@ class Scripts:
 
     # -- limits and pause (limits.py, pausing.py) --
 
-    def admit(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
+    def admit(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str, held_index_key: str,
               intermediate_queue_key: str, task: str, owner: str, node: str, job_id: str, ttl_ms: int,
-              max_running: int | None, max_per_node: int | None, pool_size: int = 0,
+              max_running: int | None, max_per_node: int | None, held_ttl_s: int, pool_size: int = 0,
               pool: Sequence[LimitedTask] = ()) -> ScriptCall[AdmitOutcome]:
-        """``pool``: every task of the run's pool (its own included), of size ``pool_size``."""
-        keys = [paused_key, slots_key, slot_nodes_key, held_key, intermediate_queue_key]
+        """``pool``: every task of the run's pool (its own included), of size ``pool_size``;
+        ``held_ttl_s``: how long the held list (and its index) lives after its last hold."""
+        keys = [paused_key, slots_key, slot_nodes_key, held_key, intermediate_queue_key, held_index_key]
         for member in pool:
             keys += [member.slots_key, member.slot_nodes_key]
         return ScriptCall(self._admit, keys,
-                          [task, owner, node, job_id, ttl_ms, max_running or 0, max_per_node or 0, pool_size],
-                          _text)  # type: ignore[arg-type]
+                          [task, owner, node, job_id, ttl_ms, max_running or 0, max_per_node or 0, pool_size,
+                           held_ttl_s], _text)  # type: ignore[arg-type]
 
-    def release_slot(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str, queue_key: str,
-                     task: str, owner: str, node: str, max_running: int | None,
+    def release_slot(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
+                     held_index_key: str, queue_key: str, task: str, owner: str, node: str, max_running: int | None,
                      max_per_node: int | None, pool_size: int = 0,
                      pool: Sequence[LimitedTask] = ()) -> ScriptCall[list[str]]:
         """The job ids it moved from the held list (for a pool's task: the pool's tasks'
         held lists) to the queue. ``pool``: every task of the pool, ``task`` among them."""
-        keys = [paused_key, slots_key, slot_nodes_key, held_key, queue_key]
+        keys = [paused_key, slots_key, slot_nodes_key, held_key, queue_key, held_index_key]
         place = next((i + 1 for i, member in enumerate(pool) if member.name == task), 0)
         args: list[Any] = [task, owner, node, max_running or 0, max_per_node or 0, pool_size if place else 0, place]
         for member in pool if place else ():
-            keys += [member.slots_key, member.slot_nodes_key, member.held_key]
+            keys += [member.slots_key, member.slot_nodes_key, member.held_key, member.held_index_key]
             args += [member.name, member.max_running or 0, member.max_per_node or 0]
         return ScriptCall(self._release_slot, keys, args, _texts)
 
@@ -1968,7 +2011,7 @@ class Scripts:
         keys = [paused_key, queue_key, nodes_key]
         args: list[Any] = [live_s]
         for task in tasks:
-            keys += [task.slots_key, task.slot_nodes_key, task.held_key]
+            keys += [task.slots_key, task.slot_nodes_key, task.held_key, task.held_index_key]
             args += [task.name, task.max_running or 0, task.max_per_node or 0, task.pool or "",
                      task.pool_size if task.pool else 0]
         return ScriptCall(self._sweep_slots, keys, args, _texts)
@@ -1976,9 +2019,10 @@ class Scripts:
     def touch_slot(self, *, slots_key: str, owner: str, ttl_ms: int) -> ScriptCall[bool]:
         return ScriptCall(self._touch_slot, [slots_key], [owner, ttl_ms], bool)
 
-    def resume(self, *, paused_key: str, held_key: str, queue_key: str, task: str) -> ScriptCall[tuple[bool, int]]:
+    def resume(self, *, paused_key: str, held_key: str, held_index_key: str, queue_key: str,
+               task: str) -> ScriptCall[tuple[bool, int]]:
         """(whether the task was paused, how many held runs went back to the queue)."""
-        return ScriptCall(self._resume, [paused_key, held_key, queue_key], [task],
+        return ScriptCall(self._resume, [paused_key, held_key, queue_key, held_index_key], [task],
                           lambda reply: (bool(int(reply[0])), int(reply[1])))
 
     # -- recovery (recovery.py) --

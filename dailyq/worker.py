@@ -109,7 +109,7 @@ class WorkerContext:
         self.guard.on_ended = self.upstream_ended
         self.clock = RedisClock(self.connection)
         self.admissions = Admissions(self.connection, s.keys, s.node_name, s.claim_ttl_s,
-                                     PausedCache(self.connection, s.keys), self.table)
+                                     PausedCache(self.connection, s.keys), self.table, held_ttl_s=s.retention_s)
         self.downstream = downstream_of(self.table)
         # Named by every beat; published once here, kept alive by the beats (fingerprint.py).
         self.table_fingerprint = table_fingerprint(self.table)

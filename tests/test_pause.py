@@ -126,6 +126,9 @@ def test_pause_before_a_slot_then_resume(settings, processes, connection):
     # The worker took the queued runs off the queue and held them; the slot passed with a
     # leader ticking, and fanned out nothing.
     wait_for(lambda: connection.llen(keys.held("other")) == 2, timeout=30, what="the queued runs to be held")
+    # Bounded: the held list and its index expire a retention after the last hold.
+    for key in (keys.held("other"), keys.held_index("other")):
+        assert 0 < connection.ttl(key) <= settings.retention_s, key
     wait_for(lambda: connection.exists(keys.leader) and redis_now() > slot_at + timedelta(seconds=2),
              timeout=40, what="the slot to pass under a leader")
     today = date.fromisoformat(today_in(zone))
@@ -138,6 +141,7 @@ def test_pause_before_a_slot_then_resume(settings, processes, connection):
     resumed = run_cli(["resume", "--all"], env)
     assert resumed.returncode == 0, resumed.stderr
     assert "other: resumed, 2 held runs back in the queue" in resumed.stdout
+    assert connection.exists(keys.held("other"), keys.held_index("other")) == 0  # drained: both gone
 
     def states(day: date, task: str) -> set[str]:
         runs = json.loads(run_cli(["status", "--date", day.isoformat(), "--json"], env).stdout)["runs"]

@@ -31,6 +31,7 @@ from tests.test_limits import all_done, most_at_once, spans, start_workers
 DAY = date(2026, 11, 26)
 FUNC = "tests.sample_tasks.record"
 TTL_MS = 5000
+HELD_TTL_S = 3600
 
 
 # -- the table (pure) -------------------------------------------------------------------
@@ -92,20 +93,22 @@ def test_status_text_shows_each_pools_use():
 
 def member(keys: Keys, name: str, size: int, max_running: int | None = None, pool: str | None = "w") -> LimitedTask:
     return LimitedTask(name, max_running, None, keys.limit_slots(name), keys.limit_slot_nodes(name), keys.held(name),
-                       pool, size if pool else 0)
+                       keys.held_index(name), pool, size if pool else 0)
 
 
 def admit(scripts: Scripts, keys: Keys, task: LimitedTask, pool: list[LimitedTask], owner: str,
           ttl_ms: int = TTL_MS) -> str:
     return scripts.admit(paused_key=keys.paused, slots_key=task.slots_key, slot_nodes_key=task.slot_nodes_key,
-                         held_key=task.held_key, intermediate_queue_key=f"{keys.prefix}:q:intermediate",
-                         task=task.name, owner=owner, node="n1", job_id=f"job-{owner}", ttl_ms=ttl_ms,
-                         max_running=task.max_running, max_per_node=None, pool_size=task.pool_size, pool=pool).run()
+                         held_key=task.held_key, held_index_key=task.held_index_key,
+                         intermediate_queue_key=f"{keys.prefix}:q:intermediate", task=task.name, owner=owner,
+                         node="n1", job_id=f"job-{owner}", ttl_ms=ttl_ms, max_running=task.max_running,
+                         max_per_node=None, held_ttl_s=HELD_TTL_S, pool_size=task.pool_size, pool=pool).run()
 
 
 def release(scripts: Scripts, keys: Keys, task: LimitedTask, pool: list[LimitedTask], owner: str) -> list[str]:
     return scripts.release_slot(paused_key=keys.paused, slots_key=task.slots_key, slot_nodes_key=task.slot_nodes_key,
-                                held_key=task.held_key, queue_key=f"{keys.prefix}:q", task=task.name, owner=owner,
+                                held_key=task.held_key, held_index_key=task.held_index_key,
+                                queue_key=f"{keys.prefix}:q", task=task.name, owner=owner,
                                 node="n1", max_running=task.max_running, max_per_node=None,
                                 pool_size=task.pool_size, pool=pool).run()
 
@@ -116,6 +119,10 @@ def slots(connection: Redis, task: LimitedTask) -> set[str]:
 
 def held(connection: Redis, task: LimitedTask) -> list[str]:
     return [j.decode() for j in connection.lrange(task.held_key, 0, -1)]
+
+
+def indexed(connection: Redis, task: LimitedTask) -> set[str]:
+    return {j.decode() for j in connection.smembers(task.held_index_key)}
 
 
 def test_a_run_needs_room_in_its_task_and_its_pool_and_a_refused_one_takes_nothing(scripts, connection, keys):
@@ -139,6 +146,7 @@ def test_a_freed_slot_wakes_held_runs_of_the_pools_tasks_in_turn(scripts, connec
     for task, owner in ((a, "a3"), (b, "b1"), (b, "b2")):
         assert admit(scripts, keys, task, pool, owner) == "held"
     assert release(scripts, keys, a, pool, "a1") == ["job-b1"]  # the task after a's comes first
+    assert indexed(connection, b) == {"job-b2"}  # moved off b's list and its index, by a's release
     assert admit(scripts, keys, b, pool, "b1") == "admitted"
     assert release(scripts, keys, b, pool, "b1") == ["job-a3"]  # then a's again: no task waits behind another
     assert admit(scripts, keys, a, pool, "a3") == "admitted"
@@ -149,6 +157,8 @@ def test_a_freed_slot_wakes_held_runs_of_the_pools_tasks_in_turn(scripts, connec
     release(scripts, keys, a, pool, "a3")  # two free now, one held run
     assert [j.decode() for j in connection.lrange(f"{keys.prefix}:q", 0, -1)] == ["job-b2", "job-a3", "job-b1"]
     assert slots(connection, a) == set() and slots(connection, b) == set()
+    # Every held list drained: nothing of them, list or index, stays behind.
+    assert connection.exists(a.held_key, a.held_index_key, b.held_key, b.held_index_key) == 0
 
 
 def test_a_dead_holders_slot_frees_the_pool_at_the_leaders_sweep(scripts, connection, keys):
@@ -168,6 +178,7 @@ def test_a_dead_holders_slot_frees_the_pool_at_the_leaders_sweep(scripts, connec
     time.sleep(1.1)  # a's holder died: its slot, and so its pool permit, lapses
     assert sweep() == ["job-b1"]
     assert slots(connection, a) == set()
+    assert connection.exists(b.held_key, b.held_index_key) == 0  # the sweep's promote drained both
 
 
 # -- real node processes ------------------------------------------------------------------
@@ -236,7 +247,7 @@ def test_a_pool_of_two_shared_by_two_tasks_on_three_nodes(settings, processes: P
     for start in sorted(s for s, _, _ in pooled)[2:]:
         assert any(0 <= start - end <= 2.0 for end in ends), f"a held run waited too long ({start}, {ends})"
     for name in ("load", "export"):
-        assert connection.llen(keys.held(name)) == 0
+        assert connection.exists(keys.held(name), keys.held_index(name)) == 0  # drained: list and index gone
         assert connection.zcard(keys.limit_slots(name)) == 0  # every permit released
     assert use() == {"size": 2, "running": 0, "set_aside": 0}
 

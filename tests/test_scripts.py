@@ -713,24 +713,36 @@ class LimitKeys:
     def intermediate(self) -> str:
         return f"{self.keys.prefix}:q:intermediate"
 
+    @property
+    def index(self) -> str:
+        return self.keys.held_index(self.task)
+
     def admit(self, scripts: Scripts, owner: str, node: str = "n1", job_id: str | None = None,
               max_running: int | None = 2, max_per_node: int | None = None, ttl_ms: int = TTL_MS) -> str:
         return scripts.admit(paused_key=self.keys.paused, slots_key=self.keys.limit_slots(self.task),
                              slot_nodes_key=self.keys.limit_slot_nodes(self.task), held_key=self.keys.held(self.task),
-                             intermediate_queue_key=self.intermediate, task=self.task, owner=owner, node=node,
-                             job_id=job_id or f"job-{owner}", ttl_ms=ttl_ms, max_running=max_running,
-                             max_per_node=max_per_node).run()
+                             held_index_key=self.index, intermediate_queue_key=self.intermediate, task=self.task,
+                             owner=owner, node=node, job_id=job_id or f"job-{owner}", ttl_ms=ttl_ms,
+                             max_running=max_running, max_per_node=max_per_node, held_ttl_s=RETENTION_S).run()
 
     def release(self, scripts: Scripts, owner: str, node: str = "n1", max_running: int | None = 2,
                 max_per_node: int | None = None) -> list[str]:
         return scripts.release_slot(paused_key=self.keys.paused, slots_key=self.keys.limit_slots(self.task),
                                     slot_nodes_key=self.keys.limit_slot_nodes(self.task),
-                                    held_key=self.keys.held(self.task), queue_key=self.queue, task=self.task,
+                                    held_key=self.keys.held(self.task), held_index_key=self.index,
+                                    queue_key=self.queue, task=self.task,
                                     owner=owner, node=node, max_running=max_running,
                                     max_per_node=max_per_node).run()
 
     def held(self, connection: Redis) -> list[str]:
         return [j.decode() for j in connection.lrange(self.keys.held(self.task), 0, -1)]
+
+    def indexed(self, connection: Redis) -> set[str]:
+        return {j.decode() for j in connection.smembers(self.index)}
+
+    def resume(self, scripts: Scripts) -> tuple[bool, int]:
+        return scripts.resume(paused_key=self.keys.paused, held_key=self.keys.held(self.task),
+                              held_index_key=self.index, queue_key=self.queue, task=self.task).run()
 
     def queued(self, connection: Redis) -> list[str]:
         return [j.decode() for j in connection.lrange(self.queue, 0, -1)]
@@ -754,6 +766,74 @@ def test_admit_takes_slots_up_to_max_running_then_holds_off_the_intermediate_que
     assert lim.held(connection) == ["job-c"]
     assert connection.lrange(lim.intermediate, 0, -1) == [b"other"]  # never seen as stranded
     assert lim.slots(connection) == {"a", "b"}
+
+
+def calls_of(connection: Redis, command: str) -> int:
+    return int(connection.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+# What an older version (before keys.held_index) does to a held list, command for command:
+# its ADMIT held with LREM + RPUSH, its promote took the head with LPOP; neither touches the index.
+def older_hold(connection: Redis, lim: LimitKeys, job_id: str) -> None:
+    connection.lrem(lim.keys.held(lim.task), 0, job_id)
+    connection.rpush(lim.keys.held(lim.task), job_id)
+
+
+def older_promote(connection: Redis, lim: LimitKeys) -> None:
+    job_id = connection.lpop(lim.keys.held(lim.task))
+    connection.lpush(lim.queue, job_id)
+
+
+def test_a_hold_checks_the_held_lists_index_not_the_list(scripts, connection, lim) -> None:
+    connection.hset(lim.keys.paused, lim.task, "{}")
+    for owner in range(200):
+        assert lim.admit(scripts, str(owner), max_running=None) == "paused"
+    lrem, lpos, lrange = calls_of(connection, "lrem"), calls_of(connection, "lpos"), calls_of(connection, "lrange")
+    assert lim.admit(scripts, "new", max_running=None) == "paused"
+    # One LREM: of RQ's intermediate queue (a job per worker), none of the held list.
+    assert (calls_of(connection, "lrem") - lrem, calls_of(connection, "lpos") - lpos,
+            calls_of(connection, "lrange") - lrange) == (1, 0, 0)
+    assert lim.held(connection)[-1] == "job-new" and len(lim.held(connection)) == 201
+    assert len(lim.indexed(connection)) == 201
+
+
+def test_a_held_list_an_older_version_kept_is_indexed_at_the_first_hold(scripts, connection, lim) -> None:
+    connection.rpush(lim.keys.held(lim.task), "job-x", "job-y")  # no index: an older version's holds
+    assert lim.admit(scripts, "a", max_running=1) == "admitted"
+    assert lim.admit(scripts, "y", max_running=1) == "held"
+    assert lim.held(connection) == ["job-x", "job-y"]  # listed once
+    older_promote(connection, lim)  # the index still names job-x
+    assert lim.admit(scripts, "x", max_running=1) == "held"
+    assert lim.held(connection) == ["job-y", "job-x"]  # not lost behind a stale index
+    assert lim.release(scripts, "a", max_running=1) == ["job-y"]
+    assert lim.indexed(connection) == {"job-x"}
+
+
+def test_an_older_versions_hold_beside_the_index_is_moved_once(scripts, connection, lim) -> None:
+    assert lim.admit(scripts, "a", max_running=1) == "admitted"
+    assert lim.admit(scripts, "b", max_running=1) == "held"  # the index exists: {job-b}
+    older_hold(connection, lim, "job-c")  # listed, not indexed
+    older_hold(connection, lim, "job-d")
+    assert lim.admit(scripts, "c", max_running=1) == "held"  # job-c queued twice, held again while listed
+    assert lim.held(connection) == ["job-b", "job-c", "job-d", "job-c"]
+    connection.hset(lim.keys.paused, lim.task, "{}")
+    assert lim.resume(scripts) == (True, 3)  # each once, none lost
+    assert lim.queued(connection) == ["job-b", "job-c", "job-d"]
+    assert connection.exists(lim.keys.held(lim.task), lim.index) == 0
+
+
+def test_held_lists_expire_after_the_last_hold_and_go_when_drained(scripts, connection, lim) -> None:
+    held_key = lim.keys.held(lim.task)
+    assert lim.admit(scripts, "a", max_running=1) == "admitted"
+    assert lim.admit(scripts, "b", max_running=1) == "held"
+    for key in (held_key, lim.index):
+        assert 0 < connection.ttl(key) <= RETENTION_S, key
+        connection.expire(key, 5)
+    assert lim.admit(scripts, "c", max_running=1) == "held"
+    assert all(connection.ttl(key) > 5 for key in (held_key, lim.index))  # refreshed by the hold
+    older_promote(connection, lim)  # job-b: off the list, still in the index
+    assert lim.release(scripts, "a", max_running=1) == ["job-c"]
+    assert connection.exists(held_key, lim.index) == 0  # the stale id went with the drained list
 
 
 def test_admit_counts_per_node(scripts, connection, lim) -> None:
@@ -791,7 +871,7 @@ def test_release_frees_the_slot_and_moves_held_runs_to_the_front_in_order(script
     assert lim.slots(connection) == {"b"}
     assert lim.release(scripts, "b") == ["job-d", "job-e"]  # two free now
     assert lim.queued(connection) == ["job-d", "job-e", "job-c", "later"]
-    assert lim.held(connection) == []
+    assert lim.held(connection) == [] and connection.exists(lim.index) == 0
     assert lim.release(scripts, "b") == []  # idempotent
 
 
@@ -824,7 +904,7 @@ def test_sweep_frees_lapsed_slots_and_counts_room_on_live_nodes(scripts, connect
     from dailyq.scripts import LimitedTask
 
     task = LimitedTask(lim.task, None, 1, keys.limit_slots(lim.task), keys.limit_slot_nodes(lim.task),
-                       keys.held(lim.task))
+                       keys.held(lim.task), lim.index)
 
     def sweep() -> list[str]:
         return scripts.sweep_slots(paused_key=keys.paused, queue_key=lim.queue, nodes_key=keys.nodes, live_s=600,
@@ -840,6 +920,7 @@ def test_sweep_frees_lapsed_slots_and_counts_room_on_live_nodes(scripts, connect
     time.sleep(1.1)  # b's holder died: its slot lapses
     assert sweep() == ["job-c"]
     assert lim.queued(connection) == ["job-c"] and lim.slots(connection) == {"a"}
+    assert connection.exists(keys.held(lim.task), lim.index) == 0
     connection.hset(keys.paused, lim.task, "{}")
     assert lim.admit(scripts, "d", node="n2", max_running=None, max_per_node=1) == "paused"
     assert sweep() == []  # paused: held runs stay
@@ -850,9 +931,8 @@ def test_resume_unpauses_and_puts_every_held_run_back_at_the_front(scripts, conn
     for owner in ("a", "b"):
         assert lim.admit(scripts, owner) == "paused"
     connection.rpush(lim.queue, "later")
-    assert scripts.resume(paused_key=keys.paused, held_key=keys.held(lim.task), queue_key=lim.queue,
-                          task=lim.task).run() == (True, 2)
+    assert lim.resume(scripts) == (True, 2)
     assert lim.queued(connection) == ["job-a", "job-b", "later"]
     assert connection.hexists(keys.paused, lim.task) == 0
-    assert scripts.resume(paused_key=keys.paused, held_key=keys.held(lim.task), queue_key=lim.queue,
-                          task=lim.task).run() == (False, 0)
+    assert connection.exists(keys.held(lim.task), lim.index) == 0  # drained: the index went with the list
+    assert lim.resume(scripts) == (False, 0)
