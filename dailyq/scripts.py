@@ -238,10 +238,11 @@ end
 -- Moves up to n held job ids to the front of the queue, the oldest held first in line,
 -- each once (a second copy of an id in the list is dropped, see hold).
 local function promote(held_key, index_key, queue_key, n)
-  local moved, seen = {}, {}
+  local moved, seen, drained = {}, {}, false
   while #moved < n do
     local job_id = redis.call('LPOP', held_key)
     if not job_id then
+      drained = true
       break
     end
     if not seen[job_id] then
@@ -250,8 +251,10 @@ local function promote(held_key, index_key, queue_key, n)
       moved[#moved + 1] = job_id
     end
   end
-  if n > 0 and redis.call('EXISTS', held_key) == 0 then
-    redis.call('DEL', index_key)  -- ids an older promote left in it go with the list
+  -- Ids an older promote left in the index go with the list it emptied (checked only when
+  -- something moved: a release with nothing held costs its one LPOP, as before).
+  if #moved > 0 and (drained or redis.call('EXISTS', held_key) == 0) then
+    redis.call('DEL', index_key)
   end
   for i = #moved, 1, -1 do
     redis.call('LPUSH', queue_key, moved[i])
