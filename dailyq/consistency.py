@@ -16,7 +16,9 @@ Kinds (a public contract, documented in README: added to, never renamed)
 ``queued_unbacked``      record ``queued`` (``paused`` in status) whose job is in none of:
                          the queue, RQ's intermediate queue, its started and scheduled
                          (retry) registries, rq-scheduler's delayed jobs, the task's held
-                         list, ``left`` -- or is there but RQ's job hash is gone (RQ drops
+                         list (the list, not its index ``keys.held_index``, which only
+                         spares a hold the scan), ``left`` -- or is there but RQ's job
+                         hash is gone (RQ drops
                          such an entry unseen). Repair: the job id back at the queue's
                          front if RQ's job hash exists, else the record ``failed``, saying
                          what was missing.

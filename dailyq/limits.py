@@ -56,6 +56,19 @@ A copy that BEGIN answers "busy" (another copy of the run, or with overlap='wait
 previous slot's run, is executing) keeps its slot while it waits, renewed each poll
 (TOUCH_SLOT): releasing it and executing later without one could exceed the limit.
 
+Held lists
+----------
+A held run is a job id on its task's held list (``keys.held``, oldest first), which is
+what backs it (doctor reads the list). Beside the list, a set of the same ids
+(``keys.held_index``) lets ADMIT hold a run with an SADD instead of an LREM scan of the
+list for it, so a hold's cost does not grow with the list (BENCHMARKS.md). RELEASE_SLOT,
+SWEEP_SLOTS and RESUME take the ids off both. An older dailyq during a rolling deploy
+holds and promotes without the set: scripts.SLOTS_LUA's ``hold`` says how each
+difference is taken (nothing lost; a run listed twice is moved once per promote, and
+executed once, by its claim). Both keys expire ``DAILYQ_RETENTION_DAYS`` after the last
+hold (ADMIT refreshes it), with the run records they back, so the list of a task nothing
+promotes any more does not stay forever; the set goes when a promote empties the list.
+
 Latency: a held run goes back to the queue's front the moment a slot frees by a run's
 end, or within a leader tick (1 s) of a dead holder's slot lapsing, and starts as soon
 as a worker is free. A run moved to the queue can still be held again (a run dequeued
