@@ -1,5 +1,4 @@
-"""The naive approach from the user's article (shared/seed task_manager.py), as the
-baseline: every node walks the task list and takes each task whose per-task
+"""A naive approach, as the baseline: every node walks the task list and takes each task whose per-task
 ``SET NX`` lock it wins. Its bug is fixed (``sismember`` returns 0/1 with redis-py
 5+, so ``is False`` never matched and nothing ran); otherwise it is as written,
 including deleting the finished set at start. Each node runs ``start()`` once.

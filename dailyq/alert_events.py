@@ -380,7 +380,7 @@ def loss_text(view: Mapping[str, Any]) -> str:
     return (f"Redis lost dailyq's data: noticed at {view['since']} by {view.get('node') or 'a node'} "
             f"(generation {view['previous']} gone{seen}; now {view['generation']}); runs recorded, queued or "
             f"paused before then may be gone, and finished runs are not known as finished: rerun deliberately "
-            f"(scheduler.py trigger/rerun), see README 'When Redis loses its data'")
+            f"(scheduler.py trigger/rerun), see docs/operations.md 'When Redis loses its data'")
 
 
 def redis_data_lost_alert(view: Mapping[str, Any]) -> Alert:

@@ -50,7 +50,7 @@ def _parse_date(text: str) -> date:
         raise argparse.ArgumentTypeError(f"bad date {text!r}: use YYYY-MM-DD") from None
 
 
-def _context(args: argparse.Namespace) -> tuple[Settings, TaskTable]:
+def _context() -> tuple[Settings, TaskTable]:
     settings = Settings.from_env()
     return settings, load_table(settings.tasks_module)
 
@@ -61,7 +61,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     from .scheduler import DailyScheduler  # noqa: PLC0415
     from .table_watch import TableWatch  # noqa: PLC0415
 
-    settings, table = _context(args)
+    settings, table = _context()
     connection = connect(settings)
     scheduler = DailyScheduler(connection, settings, table)
     alerts = AlertService(connection, settings, table)
@@ -124,11 +124,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if _range_asked(args):
         if args.watch or args.until_done:
             raise ConfigError("--from/--to prints one line per day and cannot be watched; drop --watch/--until-done")
-        settings, table = _context(args)
+        settings, table = _context()
         days = api.days_status(settings.redis_url, args.from_day, args.to_day, settings=settings, table=table)
         print_json(days) if args.json else print(render_days(days))
         return 0
-    settings, table = _context(args)
+    settings, table = _context()
     if args.watch or args.until_done:
         connection = connect(settings)
         # Redis's clock, not this host's: the one the leader fires slots by and heartbeats carry.
@@ -184,7 +184,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                           "create it or choose another path")
     if out.is_dir():
         raise ConfigError(f"cannot write --out {str(out)!r}: it is a directory; give a file name like report.html")
-    settings, table = _context(args)
+    settings, table = _context()
     status = api.day_status(settings.redis_url, args.date, settings=settings, table=table)
     try:
         out.write_text(render_report(status), encoding="utf-8")
@@ -197,11 +197,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_trigger(args: argparse.Namespace) -> int:
     tasks = [args.task] if args.task else None
     if _range_asked(args):
-        settings, table = _context(args)
+        settings, table = _context()
         days = api.trigger_range(settings.redis_url, args.from_day, args.to_day, tasks, settings=settings,
                                  table=table)["days"]
     else:
-        settings, table = _context(args)
+        settings, table = _context()
         days = [api.trigger(settings.redis_url, args.date, tasks, settings=settings, table=table)]
     for result in days:
         print(f"{result['date']}: enqueued {len(result['enqueued'])} runs, "
@@ -217,7 +217,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    settings, table = _context(args)
+    settings, table = _context()
     report = api.rerun(settings.redis_url, args.task, args.param or [], args.date, args.force,
                        refresh_params=args.refresh_params, settings=settings, table=table)
     for label, key in (("enqueued", "enqueued"), ("skipped, already finished (use --force)", "finished"),
@@ -230,7 +230,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    settings, table = _context(args)
+    settings, table = _context()
     # Each cancel is logged (who, which run, what it was), in the format the nodes log in.
     setup_logging(settings.node_name, level=logging.WARNING)
     result = api.cancel(settings.redis_url, args.date, args.task, args.param or [], args.run or None,
@@ -247,7 +247,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    settings, table = _context(args)
+    settings, table = _context()
     result = api.pause(settings.redis_url, args.task, all_tasks=args.all, settings=settings, table=table)
     for entry in result["paused"]:
         print(f"{entry['task']}: {'already paused' if entry['already'] else 'paused'} "
@@ -256,7 +256,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    settings, table = _context(args)
+    settings, table = _context()
     result = api.resume(settings.redis_url, args.task, all_tasks=args.all, settings=settings, table=table)
     for entry in result["resumed"]:
         print(f"{entry['task']}: {'resumed' if entry['was_paused'] else 'was not paused'}, "
@@ -270,7 +270,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit 1 when any inconsistency was found (also when --repair repaired it), else 0."""
     from .consistency import render  # noqa: PLC0415
 
-    settings, table = _context(args)
+    settings, table = _context()
     report = api.doctor(settings.redis_url, args.date, repair=args.repair, settings=settings, table=table)
     print_json(report) if args.json else print(render(report))
     return 1 if report["problems"] else 0
@@ -419,7 +419,7 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
                         help="which process of this node to check (default: both)")
     health.add_argument("--max-age-s", type=_positive_seconds, default=None,
                         help="also require a heartbeat at most this old (default: any unexpired one; an idle "
-                             "worker beats about every 405 s, the scheduler every 5 s)")
+                             "worker beats only every few minutes (RQ's worker_ttl - 15 s), the scheduler every 5 s)")
     health.add_argument("--min-workers", type=_positive_int, default=None, metavar="N",
                         help="also require at least N live worker processes on this node (with --concurrency N "
                              "or N worker units; default: any live worker)")

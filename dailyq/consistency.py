@@ -11,7 +11,7 @@ each of those structures once and lists every place where they disagree -- a rec
 that lies, or an entry that would make the machinery act on a run that is not what the
 entry says -- with what ``--repair`` does about it.
 
-Kinds (a public contract, documented in README: added to, never renamed)
+Kinds (a public contract, documented in docs/commands.md, "Checking a day": added to, never renamed)
 ------------------------------------------------------------------------
 ``queued_unbacked``      record ``queued`` (``paused`` in status) whose job is in none of:
                          the queue, RQ's intermediate queue, its started and scheduled

@@ -61,8 +61,8 @@ c. whoever fanned out held runs, right after (``FanOutResult.waiting``): the ups
 Transitive chains need nothing more: a downstream task's upstream runs that are held
 themselves are not in the finished set.
 
-Deviations from the brief, and edge cases
------------------------------------------
+Edge cases
+----------
 * Recovery (recovery.py) requeues an abandoned run of a downstream task directly
   (``hold_dependent=False``): it was executing, so it had been released; holding it
   again would only add a round trip.

@@ -343,7 +343,7 @@ def _hold(pipe: Pipeline, keys: Keys, scripts: Scripts, day: date, held: list[tu
 def _requeued(run: Run, job_id: str, again: Again) -> Requeued:
     """A run enqueued once more: queued again under ``job_id``, the one job of the run
     that may execute (older ones are skipped as superseded)."""
-    base_json = json.dumps(run.new_record(job_id))
+    base_json = json.dumps(run.new_record(job_id), ensure_ascii=False)
     if again.new_run:
         return Requeued(run.run_id, base_json, job_id, attempts_before=again.attempts_before, rerun_id=again.rerun_id)
     return Requeued(run.run_id, base_json, job_id)

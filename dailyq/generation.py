@@ -21,7 +21,7 @@ the leader has its own, ``DailyScheduler._cursors``). On a loss it writes them b
 (``RESTORE_MEMORY``): a cursor only raised, a pause only where none is. The leader then
 goes on from the highest cursors known, so no slot that any node knew fired fires again.
 
-What no node can know after a loss is in README's "When Redis loses its data": which
+What no node can know after a loss is in docs/operations.md, "When Redis loses its data": which
 runs finished (records, attempts and the finished sets are gone), pauses and cursors
 changed in the 5 s before the loss, what a process that started after the loss never
 saw, and fences (the counter restarts).

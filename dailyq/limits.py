@@ -95,7 +95,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # SWEEP_SLOTS counts per-node room on nodes that beat this recently: an idle worker beats
-# about every 405 s (worker.WorkerContext.beat), so this is "alive", not "busy".
+# only once per RQ dequeue timeout, minutes apart (worker.WorkerContext.beat), so this is "alive", not "busy".
 LIVE_NODE_S = 600
 
 

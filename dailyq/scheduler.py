@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 # Short: after a Redis outage the leader is back within this, and with it the slots,
-# the recovery and the retries whose backoff passed meanwhile (issue: prompt retries).
+# the recovery and the retries whose backoff passed meanwhile: none waits for long.
 MAX_BACKOFF_S = 2.0
 # How often each scheduler refreshes its heartbeat keys (they live three times that).
 HEARTBEAT_EVERY_S = 5.0

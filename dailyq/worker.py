@@ -302,7 +302,7 @@ class WorkerContext:
         RQ passes its promise, "the next heartbeat comes before this". With RQ 3's
         defaults (worker_ttl 420 s, job_monitoring_interval 30 s):
 
-        * idle, the worker blocks in BLPOP for worker_ttl - 15 = 405 s between beats and
+        * idle, the worker blocks in BLMOVE (its dequeue) for worker_ttl - 15 = 405 s between beats and
           promises worker_ttl + 60 = 480 s;
         * while a forked work-horse runs, the parent beats every 30 s and promises 90 s;
         * a non-forking worker beats once before a run and promises the run's timeout

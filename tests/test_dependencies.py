@@ -245,7 +245,7 @@ UPSTREAM = [f"任务参数{i}" for i in range(3)]
 DOWNSTREAM = [f"下游{i}" for i in range(2)]
 # The promise is release within 2 s of the last upstream run finishing. What the
 # bound below adds to it: between the release (in the finishing work-horse, right after
-# FINISH) and the downstream run's started_at lie an idle worker's BLPOP wake-up, RQ's
+# FINISH) and the downstream run's started_at lie an idle worker's BLMOVE wake-up, RQ's
 # preparation and its fork of a work-horse, on a 2-core machine other tests share.
 # And records keep whole seconds (timestamps.iso): a difference of two of them is off
 # by less than one second.

@@ -58,13 +58,23 @@ def test_a_leader_that_lost_its_lease_enqueues_nothing(connection, settings, tab
     assert not connection.exists(settings.keys.day_enqueued(DAY))
 
 
-def test_large_fan_out_is_chunked_and_complete(connection, settings, table, monkeypatch):
+def exec_calls(connection: Redis) -> int:
+    """How many MULTI/EXEC transactions this test's redis-server has run so far."""
+    return int(connection.info("commandstats").get("cmdstat_exec", {}).get("calls", 0))
+
+
+def test_large_fan_out_is_chunked_and_complete(connection, settings, monkeypatch):
     import dailyq.fanout
 
     monkeypatch.setattr(dailyq.fanout, "CHUNK_SIZE", 3)  # force several transactions
+    runs = runs_on(TaskTable([Task(name="t", func=record, params=list(range(10)), at="09:00")]), DAY)
     queue = make_queue(connection, settings.keys)
-    result = trigger(connection, settings.keys, queue, table, DAY, None, settings.retention_s)
-    assert len(result.enqueued) == len(runs_on(table, DAY)) == queue.count
+    before = exec_calls(connection)
+    result = fan_out(connection, settings.keys, queue, runs, retention_s=60)
+    # One transaction per chunk of 3 (the fan-out makes no other): 10 runs are 4 chunks.
+    assert exec_calls(connection) - before == 4
+    assert sorted(result.enqueued) == sorted(run.job_id() for run in runs)
+    assert queue.count == 10 and connection.scard(settings.keys.day_enqueued(DAY)) == 10
 
 
 def test_racing_triggers_in_separate_processes_enqueue_each_run_once(node_env, connection, settings, table):

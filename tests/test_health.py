@@ -129,7 +129,7 @@ def test_health_of_live_processes_then_of_a_killed_worker(node_env, processes, c
     assert alive.stdout.startswith("ok: scheduler and worker of node-h alive, Redis answers"), alive.stdout
 
     # The worker's key names the worker process and outlives RQ's idle wait between
-    # beats (BLPOP for worker_ttl - 15 s), so an idle healthy worker stays present.
+    # beats (BLMOVE for worker_ttl - 15 s), so an idle healthy worker stays present.
     key = settings.keys.heartbeat("worker", "node-h")
     assert json.loads(connection.get(key))["pid"] == worker.pid
     assert connection.ttl(key) > DEFAULT_WORKER_TTL - 15

@@ -2,7 +2,7 @@
 
 The oracle knows nothing of PEP 495 folds or of schedule.py's code: it walks the UTC
 minutes around each change, turns each into the wall clock a person there reads, and
-applies cron's rule (README, "DST days"):
+applies cron's rule (docs/tasks.md, "DST days"):
 
 * an hourly cron (hour field ``*`` or a step) fires at every UTC minute whose wall clock
   matches it: a wall time in the gap never shows, a repeated one shows twice;

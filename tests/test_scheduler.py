@@ -10,6 +10,7 @@ import pytest
 
 from dailyq.clock import utc_now
 from dailyq.keys import Keys
+from dailyq.scheduler import TICK_S
 from tests.helpers import executions, max_concurrent_copies, run_cli, starts_per_param, wait_for
 
 # How far ahead of a test's start its slot lies. What must happen before the slot
@@ -145,7 +146,10 @@ def test_a_killed_leader_is_replaced_and_the_next_slot_fires_once(node_env, proc
     killed_at = time.monotonic()
     assert_before(slot, "electing a leader, starting a standby and killing the leader")
     wait_for(lambda: leader_node(connection, keys) == "second", timeout=10, what="a new leader")
-    assert time.monotonic() - killed_at < 10
+    # The documented bound (docs/failure-semantics.md, "The leader is SIGKILLed"): its lease
+    # expires within the lease TTL of its last renewal, and the standby takes it on its next
+    # tick; plus 0.5 s for the wait's poll and a tick that starts late on a loaded machine.
+    assert time.monotonic() - killed_at <= int(env["DAILYQ_LEASE_TTL_S"]) + TICK_S + 0.5
     wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 6, timeout=seconds_until(slot) + 20,
              what="the slot to fire")
     time.sleep(2)  # a second fan-out, if any, would come within a tick or two

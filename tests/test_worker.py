@@ -215,11 +215,20 @@ def test_the_guard_adds_no_round_trip_per_run_to_rqs_own(connection, settings):
         assert [r["state"] for r in statuses] == ["finished"] * runs
         return len(sent) - before
 
-    plain_per_20 = plain_round_trips(25) - plain_round_trips(5)
-    dailyq_per_20 = dailyq_round_trips(25, DAY) - dailyq_round_trips(5, DAY + timedelta(days=1))
-    assert plain_per_20 > 0
+    # Both workers also send what is due by the clock (heartbeat refreshes, the Redis clock's
+    # TIME every 5 s): on a loaded machine a slow pass meets more of them. What a run costs
+    # is what the quietest of three pairs shows (a per-run round trip shows in every pair).
+    tries = []
+    for i in range(3):
+        plain_per_20 = plain_round_trips(25) - plain_round_trips(5)
+        day = DAY + timedelta(days=2 * i)
+        dailyq_per_20 = dailyq_round_trips(25, day) - dailyq_round_trips(5, day + timedelta(days=1))
+        assert plain_per_20 > 0
+        tries.append((dailyq_per_20, plain_per_20))
+        if dailyq_per_20 <= plain_per_20:
+            break
     # (Seen: 400 for dailyq against 404 for plain RQ; one extra round trip per run would be +20.)
-    assert dailyq_per_20 <= plain_per_20
+    assert any(dailyq <= plain for dailyq, plain in tries), f"(dailyq, plain RQ) round trips per 20 runs: {tries}"
 
 
 def test_queue_keeping_reply_hands_over_a_reply_the_pipeline_owner_drops(connection, settings):
