@@ -1,7 +1,7 @@
 """dailyq benchmarks. Every figure is printed next to a baseline measured in the same
 run (plain RQ, the naive SET NX script, the lower bound) or the issue's goal.
 
-    python bench/run.py                      # all eleven
+    python bench/run.py                      # all twelve
     python bench/run.py --only makespan,idle # some
     python bench/run.py --quick              # smaller sizes, for a smoke run
 
@@ -723,6 +723,16 @@ TASKS = [Task(name="up", func="bench.noop.noop", params=list(range(N)), at=AT, r
          Task(name="down", func="bench.noop.noop", params=list(range(N)), at=AT, retries=0, after=["up"])]
 """
 
+# The same day without the dependency: N runs of one task.
+PLAIN_TASKS = """from dailyq.table import Task
+import os
+N = int(os.environ["BENCH_CHAIN"])
+AT = os.environ["BENCH_CHAIN_AT"]
+TASKS = [Task(name="plain", func="bench.noop.noop", params=list(range(N)), at=AT, retries=0)]
+"""
+
+DAY_TABLES = {"chain": (CHAIN_TASKS, 2), "plain": (PLAIN_TASKS, 1)}  # the table, and runs per N
+
 
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds so far of a process and its live descendants (Linux
@@ -743,20 +753,38 @@ def process_cpu_s(pid: int) -> float:
     return total
 
 
-def deps_pass(root: Path, n: int, workers: int = 3) -> dict:
-    """One day of an ``after`` chain: "down" (n runs) after "up" (n runs), on ``workers``
-    non-forking workers and one scheduler (the leader) of the code in ``root``, in a Redis
-    of its own. Counts every Redis command (INFO commandstats) and Redis CPU from the
-    trigger until every run finished."""
-    modules = LOG_DIR / "chain_tasks"
+def timed_status_s(root: Path, env: dict[str, str], day: str, repeats: int = 3) -> tuple[float, float]:
+    """Median wall seconds of ``scheduler.py status --date day --json`` of the code in
+    ``root``, as a user runs it (a fresh interpreter each time), and the median CPU
+    seconds of that process (user + system; less sensitive to a loaded machine)."""
+    seconds, cpu = [], []
+    for _ in range(repeats):
+        cpu_before, started = cpu_seconds(resource.RUSAGE_CHILDREN), time.perf_counter()
+        subprocess.run([PY, str(root / "scheduler.py"), "status", "--date", day, "--json"], cwd=root, env=env,
+                       check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds.append(time.perf_counter() - started)
+        cpu.append(cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before)
+    return statistics.median(seconds), statistics.median(cpu)
+
+
+def day_pass(root: Path, n: int, table: str = "chain", workers: int = 3, status: bool = False) -> dict:
+    """One day of ``table`` (DAY_TABLES: "chain", task "down" of n runs after "up" of n
+    runs; "plain", one task of n runs) on ``workers`` non-forking workers and one
+    scheduler (the leader) of the code in ``root``, in a Redis of its own. Counts every
+    Redis command (INFO commandstats) and Redis CPU from the trigger until every run
+    finished; with ``status``, then times ``status --json`` of the finished day."""
+    tasks_text, runs_per_n = DAY_TABLES[table]
+    module = f"bench_{table}_tasks"
+    modules = LOG_DIR / "day_tables"
     modules.mkdir(parents=True, exist_ok=True)
-    (modules / "bench_chain_tasks.py").write_text(CHAIN_TASKS)
+    (modules / f"{module}.py").write_text(tasks_text)
     # A slot half a day away: the leader fans out nothing of its own meanwhile.
     at = (datetime.now(timezone.utc) + timedelta(hours=12)).strftime("%H:%M")
     day = DAY_ONE.isoformat()
+    runs = runs_per_n * n
     with PrivateRedis(appendonly=False) as server:
         connection = Redis.from_url(server.url)
-        env = env_for(server, "deps", BENCH_CHAIN=str(n), BENCH_CHAIN_AT=at, DAILYQ_TASKS="bench_chain_tasks",
+        env = env_for(server, "deps", BENCH_CHAIN=str(n), BENCH_CHAIN_AT=at, DAILYQ_TASKS=module,
                       DAILYQ_TZ="UTC", PYTHONPATH=f"{root}{os.pathsep}{modules}")
         # This interpreter, the other tree's scripts: a script's own directory comes first on
         # sys.path, so its dailyq is imported (the installed packages are the same).
@@ -765,7 +793,7 @@ def deps_pass(root: Path, n: int, workers: int = 3) -> dict:
         procs: list[subprocess.Popen] = []
 
         def start(script: str, node: str, *args: str) -> None:
-            log = open(LOG_DIR / f"deps-{root.name}-{n}-{node}-{script}.log", "w")  # noqa: SIM115 - the child's
+            log = open(LOG_DIR / f"{table}-{root.name}-{n}-{node}-{script}.log", "w")  # noqa: SIM115 - the child's
             procs.append(subprocess.Popen([py, str(root / script), *args], cwd=root, env=dict(env, NODE_NAME=node),
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         try:
@@ -778,28 +806,45 @@ def deps_pass(root: Path, n: int, workers: int = 3) -> dict:
             procs_before = [process_cpu_s(proc.pid) for proc in procs]
             cpu_before, started = redis_cpu(), time.perf_counter()
             subprocess.run([py, str(root / "scheduler.py"), "trigger", "--date", day], cwd=root,
-                           env=dict(env, NODE_NAME="n0"), check=True, timeout=600,
+                           env=dict(env, NODE_NAME="n0"), check=True, timeout=1800,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            finished = f"deps:day:{day}:finished"
-            while connection.scard(finished) < 2 * n:
-                if time.perf_counter() - started > 1800:
-                    raise RuntimeError(f"deps bench: {connection.scard(finished)} of {2 * n} runs finished")
+            finished = Keys("deps").day_finished(DAY_ONE)
+            # A generous limit that grows with the day (a loaded 2-core machine drains
+            # 100-250 no-op runs a second).
+            limit_s = max(1800.0, runs / 20)
+            while connection.scard(finished) < runs:
+                if time.perf_counter() - started > limit_s:
+                    raise RuntimeError(f"{table} day: {connection.scard(finished)} of {runs} runs finished")
                 time.sleep(0.2)
             seconds = time.perf_counter() - started
             calls_after, _ = total_calls(connection)
             cpu = redis_cpu() - cpu_before
             procs_cpu = [process_cpu_s(proc.pid) - before for proc, before in zip(procs, procs_before)]
+            status_s = timed_status_s(root, dict(env, NODE_NAME="n0"), day) if status else None
         finally:
             for proc in procs:
                 os.killpg(proc.pid, signal.SIGTERM)
             for proc in procs:
                 proc.wait(timeout=60)
-    runs = 2 * n
-    return {"runs": runs, "seconds": round(seconds, 1),
-            "commands_per_run": round((calls_after - calls_before) / runs, 1),
-            "redis_cpu_ms_per_run": round(cpu * 1000 / runs, 3),
-            "leader_cpu_ms_per_run": round(procs_cpu[0] * 1000 / runs, 3),
-            "workers_cpu_ms_per_run": round(sum(procs_cpu[1:]) * 1000 / runs, 3)}
+    out = {"runs": runs, "seconds": round(seconds, 1),
+           "commands_per_run": round((calls_after - calls_before) / runs, 1),
+           "redis_cpu_ms_per_run": round(cpu * 1000 / runs, 3),
+           "leader_cpu_ms_per_run": round(procs_cpu[0] * 1000 / runs, 3),
+           "workers_cpu_ms_per_run": round(sum(procs_cpu[1:]) * 1000 / runs, 3)}
+    if status_s is not None:
+        out["status_json_s"], out["status_json_cpu_s"] = (round(x, 2) for x in status_s)
+    return out
+
+
+PER_RUN_FIELDS = ("commands_per_run", "redis_cpu_ms_per_run", "leader_cpu_ms_per_run", "workers_cpu_ms_per_run")
+
+
+def at_n_and_2n(small: dict, large: dict, n: int) -> dict:
+    """Both passes and the ratio 2N/N of each per-run figure."""
+    # None: nothing measurable at N (CPU is counted in clock ticks of 10 ms).
+    return {f"N={n}": small, f"N={2 * n}": large,
+            "ratio_2N_over_N": {field: round(large[field] / small[field], 2) if small[field] else None
+                                for field in PER_RUN_FIELDS}}
 
 
 def bench_deps(quick: bool) -> dict:
@@ -813,19 +858,60 @@ def bench_deps(quick: bool) -> dict:
         roots["baseline"] = Path(os.environ["DAILYQ_BENCH_BASELINE_ROOT"]).resolve()
     out: dict = {"n": n, "workers": "3 non-forking, 1 scheduler"}
     for name, root in roots.items():
-        small, large = deps_pass(root, n), deps_pass(root, 2 * n)
-        out[name] = {f"N={n}": small, f"N={2 * n}": large,
-                     # None: nothing measurable at N (CPU is counted in clock ticks of 10 ms).
-                     "ratio_2N_over_N": {field: round(large[field] / small[field], 2) if small[field] else None
-                                         for field in ("commands_per_run", "redis_cpu_ms_per_run",
-                                                       "leader_cpu_ms_per_run", "workers_cpu_ms_per_run")}}
+        out[name] = at_n_and_2n(day_pass(root, n), day_pass(root, 2 * n), n)
+    return out
+
+
+# -- 7b. growth: the cost per run of a day at N and 2N, and `status` of a big day ----
+
+def queued_day_status_s(root: Path, n: int) -> tuple[float, float]:
+    """``status --json`` (median of 3: wall and CPU seconds) of a day of n runs of one
+    task, fanned out here and not run (every run queued), in a Redis of its own."""
+    modules = LOG_DIR / "day_tables"
+    modules.mkdir(parents=True, exist_ok=True)
+    (modules / "bench_plain_tasks.py").write_text(PLAIN_TASKS)
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        keys = Keys("deps")
+        table = TaskTable([Task(name="plain", func="bench.noop.noop", params=list(range(n)), at="03:00", retries=0)])
+        trigger(connection, keys, make_queue(connection, keys), table, DAY_ONE, None, 7 * 86400)
+        env = env_for(server, "deps", BENCH_CHAIN=str(n), BENCH_CHAIN_AT="03:00", DAILYQ_TASKS="bench_plain_tasks",
+                      DAILYQ_TZ="UTC", PYTHONPATH=f"{root}{os.pathsep}{modules}", NODE_NAME="n0")
+        return timed_status_s(root, env, DAY_ONE.isoformat())
+
+
+def bench_growth(quick: bool) -> dict:
+    """Issue 20, item 3: a day of N plain runs and a day of an ``after`` chain (N runs
+    of "down" after N of "up"), each at N and 2N, on 3 non-forking workers and one
+    scheduler: Redis commands and CPU per run and the leader's CPU per run, and their
+    ratio 2N/N (goal <= 1.2). Then ``status --json`` of the finished chain days (2N and
+    4N runs) and of fanned-out days of 50,000 and 100,000 queued runs (goal <= 2 s at
+    100,000). DAILYQ_BENCH_BASELINE_ROOT measures another checkout too (as ``deps``),
+    which doubles the time."""
+    n = 2_000 if quick else 25_000
+    roots = {"this": ROOT}
+    if os.environ.get("DAILYQ_BENCH_BASELINE_ROOT"):
+        roots["baseline"] = Path(os.environ["DAILYQ_BENCH_BASELINE_ROOT"]).resolve()
+    out: dict = {"n": n, "workers": "3 non-forking, 1 scheduler", "goal_ratio_2N_over_N": 1.2,
+                 "goal_status_json_s_at_100000_runs": 2.0}
+    for name, root in roots.items():
+        out[name] = {table: at_n_and_2n(day_pass(root, n, table, status=table == "chain"),
+                                        day_pass(root, 2 * n, table, status=table == "chain"), n)
+                     for table in ("plain", "chain")}
+        queued = {size: queued_day_status_s(root, size) for size in (50_000, 100_000)}
+        out[name]["status_json_queued_day"] = {
+            **{f"{size}_runs_s": round(wall, 2) for size, (wall, _) in queued.items()},
+            **{f"{size}_runs_cpu_s": round(cpu, 2) for size, (_, cpu) in queued.items()},
+            "ratio_100000_over_50000": round(queued[100_000][0] / queued[50_000][0], 2),
+            "cpu_ratio_100000_over_50000": round(queued[100_000][1] / queued[50_000][1], 2),
+            "goal_met_at_100000": queued[100_000][0] <= 2.0}
     return out
 
 
 BENCHMARKS = {"makespan": bench_makespan, "workflow": bench_workflow, "eta": bench_eta, "overhead": bench_overhead,
               "memory": bench_memory,
               "wait_replicas": bench_wait_replicas, "fanout": bench_fanout, "failover": bench_failover,
-              "latency": bench_latency, "idle": bench_idle, "deps": bench_deps}
+              "latency": bench_latency, "idle": bench_idle, "deps": bench_deps, "growth": bench_growth}
 
 
 def main() -> int:
