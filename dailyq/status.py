@@ -37,6 +37,7 @@ from redis import Redis
 
 from .beats import clock_warnings, live_processes
 from .clock import iso
+from .day_feed import DayView
 from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series
 from .fanout import DURATION_LOOKUP_CHUNK
 from .fingerprint import describe, fingerprint
@@ -68,11 +69,14 @@ def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
     return info
 
 
-def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> dict[str, Any]:
+def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,
+               view: DayView | None = None) -> dict[str, Any]:
+    """``view``: the day's records kept by a caller that asks again and again (the
+    dashboard, ``status --watch``), refreshed from the change feed instead of read whole."""
     paused = paused_tasks(connection, keys)
     redis = redis_view(connection, keys)
     refused = {(entry["task"], entry["slot"]) for entry in redis["refused_slots"]}
-    runs = day_runs(connection, keys, table, day, now, paused, refused=refused)
+    runs = day_runs(connection, keys, table, day, now, paused, refused=refused, view=view)
     nodes = live_processes(connection, keys, now)
     leader = leader_info(connection, keys)
     description = describe(table)
@@ -139,10 +143,13 @@ def late_slots(connection: Redis, keys: Keys, day: date) -> list[dict[str, Any]]
 
 def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,
              paused: dict[str, Any] | None = None,
-             refused: Collection[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+             refused: Collection[tuple[str, str]] = (), view: DayView | None = None) -> list[dict[str, Any]]:
     """Every run of ``day`` as ``status --json`` shows it, in firing order (``shown_runs``
-    of the day's records, read with one HGETALL)."""
-    records = {as_text(k): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
+    of the day's records, read with one HGETALL, or what changed since ``view``'s last look)."""
+    if view is not None:
+        records = view.refresh()
+    else:
+        records = {as_text(k): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
     paused = paused_tasks(connection, keys) if paused is None else paused
     return shown_runs(table, day, now, records, paused, ParamsBook.read(connection, keys, day),
                       DaySlots.read(connection, keys, day), refused)
@@ -162,9 +169,9 @@ def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, An
     names = None if task_names is None else set(task_names)
     if names is not None and not names:
         return []
-    for stored in records.values():
+    for run_id, stored in list(records.items()):
         if stored.get("state") == QUEUED and stored.get("task") in paused:
-            stored["state"] = PAUSED
+            records[run_id] = {**stored, "state": PAUSED}  # a copy: a DayView's records stay as stored
     # A once-a-day task whose ``at`` or ``tz`` changed after its slot ran: its runs are
     # those of the slot first fanned out (runs.DaySlots), not new ones at the new time.
     shown: list[tuple[datetime, dict[str, Any]]] = []
