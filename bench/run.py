@@ -1,7 +1,7 @@
 """dailyq benchmarks. Every figure is printed next to a baseline measured in the same
 run (plain RQ, the naive SET NX script, the lower bound) or the issue's goal.
 
-    python bench/run.py                      # all ten
+    python bench/run.py                      # all eleven
     python bench/run.py --only makespan,idle # some
     python bench/run.py --quick              # smaller sizes, for a smoke run
 
@@ -136,18 +136,31 @@ def workflow_lower_bound(flow: dict, workers: int) -> dict[str, float]:
             "heavy work / max_running": max(sum(flow["heavy"]) / flow["heavy_max_running"], max(flow["heavy"]))}
 
 
+def workflow_flow(quick: bool) -> dict:
+    """The workflow day's run durations (seconds), the same in every case that uses it."""
+    rng = random.Random(7)
+    scale = 0.5 if quick else 1.0
+    return {"ingest": [round(rng.uniform(1.0, 3.0) * scale, 2) for _ in range(8)],
+            "report": [round(rng.uniform(0.5, 1.5) * scale, 2) for _ in range(4)],
+            "heavy": [round(rng.uniform(1.5, 2.5) * scale, 2) for _ in range(8)],
+            "light": [round(rng.uniform(0.3, 1.0) * scale, 2) for _ in range(12)],
+            "heavy_max_running": 2}
+
+
+def start_nodes(group: ProcessGroup, env: dict[str, str], nodes: int, per_node: int) -> None:
+    """``nodes`` nodes as deployed: a scheduler and a ``per_node``-worker supervisor each."""
+    for i in range(nodes):
+        node_env = dict(env, NODE_NAME=f"n{i}")
+        group.start("scheduler.py", node_env, log_dir=LOG_DIR)
+        group.start("worker_entry.py", node_env, "--concurrency", str(per_node), log_dir=LOG_DIR)
+
+
 def bench_workflow(quick: bool) -> dict:
     """A day of four tasks on 3 nodes x 2 workers: ingest (uneven), report after ingest,
     heavy limited to max_running=2, light. Nodes run a scheduler and a 2-worker supervisor
     each, as deployed; each day is triggered and timed from its first start to its last
     end: a first day (no durations known) and the next (durations learned)."""
-    rng = random.Random(7)
-    scale = 0.5 if quick else 1.0
-    flow = {"ingest": [round(rng.uniform(1.0, 3.0) * scale, 2) for _ in range(8)],
-            "report": [round(rng.uniform(0.5, 1.5) * scale, 2) for _ in range(4)],
-            "heavy": [round(rng.uniform(1.5, 2.5) * scale, 2) for _ in range(8)],
-            "light": [round(rng.uniform(0.3, 1.0) * scale, 2) for _ in range(12)],
-            "heavy_max_running": 2}
+    flow = workflow_flow(quick)
     nodes, per_node = 3, 2
     bounds = workflow_lower_bound(flow, nodes * per_node)
     lower_bound = max(bounds.values())
@@ -159,10 +172,7 @@ def bench_workflow(quick: bool) -> dict:
         env = env_for(server, prefix, BENCH_WORKFLOW=json.dumps(flow))
         group = ProcessGroup()
         try:
-            for i in range(nodes):
-                node_env = dict(env, NODE_NAME=f"n{i}")
-                group.start("scheduler.py", node_env, log_dir=LOG_DIR)
-                group.start("worker_entry.py", node_env, "--concurrency", str(per_node), log_dir=LOG_DIR)
+            start_nodes(group, env, nodes, per_node)
             for day, label in ((DAY_ONE, "first day (nothing learned)"), (DAY_TWO, "after one learning day")):
                 connection.delete(f"{prefix}:bench:events")
                 run([PY, "scheduler.py", "trigger", "--date", day.isoformat()], env)
@@ -215,13 +225,7 @@ def bench_eta(quick: bool) -> dict:
     workers, watch.eta_seconds)."""
     from dailyq.watch import eta_seconds, parse_durations
 
-    rng = random.Random(7)
-    scale = 0.5 if quick else 1.0
-    flow = {"ingest": [round(rng.uniform(1.0, 3.0) * scale, 2) for _ in range(8)],
-            "report": [round(rng.uniform(0.5, 1.5) * scale, 2) for _ in range(4)],
-            "heavy": [round(rng.uniform(1.5, 2.5) * scale, 2) for _ in range(8)],
-            "light": [round(rng.uniform(0.3, 1.0) * scale, 2) for _ in range(12)],
-            "heavy_max_running": 2}
+    flow = workflow_flow(quick)
     nodes, per_node = 3, 2
     runs = sum(len(flow[n]) for n in ("ingest", "report", "heavy", "light"))
     readings: dict[str, dict] = {}
@@ -231,10 +235,7 @@ def bench_eta(quick: bool) -> dict:
         env = env_for(server, prefix, BENCH_WORKFLOW=json.dumps(flow))
         group = ProcessGroup()
         try:
-            for i in range(nodes):
-                node_env = dict(env, NODE_NAME=f"n{i}")
-                group.start("scheduler.py", node_env, log_dir=LOG_DIR)
-                group.start("worker_entry.py", node_env, "--concurrency", str(per_node), log_dir=LOG_DIR)
+            start_nodes(group, env, nodes, per_node)
             taken: list[tuple[str, dict, float]] = []
             for day in (DAY_ONE, DAY_TWO):
                 connection.delete(f"{prefix}:bench:events")
@@ -712,10 +713,119 @@ def bench_idle(quick: bool) -> dict:
             "dailyq_by_command": dailyq_by_command}
 
 
+# -- 7. dependencies: cost per run at N and 2N ----------------------------------------
+
+CHAIN_TASKS = """from dailyq.table import Task
+import os
+N = int(os.environ["BENCH_CHAIN"])
+AT = os.environ["BENCH_CHAIN_AT"]
+TASKS = [Task(name="up", func="bench.noop.noop", params=list(range(N)), at=AT, retries=0),
+         Task(name="down", func="bench.noop.noop", params=list(range(N)), at=AT, retries=0, after=["up"])]
+"""
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds so far of a process and its live descendants (Linux
+    /proc; the scheduler command runs its loop in a child process)."""
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent pid, CPU seconds)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += stats.get(current, (0, 0.0))[1]
+        todo += [child for child, (parent, _) in stats.items() if parent == current]
+    return total
+
+
+def deps_pass(root: Path, n: int, workers: int = 3) -> dict:
+    """One day of an ``after`` chain: "down" (n runs) after "up" (n runs), on ``workers``
+    non-forking workers and one scheduler (the leader) of the code in ``root``, in a Redis
+    of its own. Counts every Redis command (INFO commandstats) and Redis CPU from the
+    trigger until every run finished."""
+    modules = LOG_DIR / "chain_tasks"
+    modules.mkdir(parents=True, exist_ok=True)
+    (modules / "bench_chain_tasks.py").write_text(CHAIN_TASKS)
+    # A slot half a day away: the leader fans out nothing of its own meanwhile.
+    at = (datetime.now(timezone.utc) + timedelta(hours=12)).strftime("%H:%M")
+    day = DAY_ONE.isoformat()
+    with PrivateRedis(appendonly=False) as server:
+        connection = Redis.from_url(server.url)
+        env = env_for(server, "deps", BENCH_CHAIN=str(n), BENCH_CHAIN_AT=at, DAILYQ_TASKS="bench_chain_tasks",
+                      DAILYQ_TZ="UTC", PYTHONPATH=f"{root}{os.pathsep}{modules}")
+        # This interpreter, the other tree's scripts: a script's own directory comes first on
+        # sys.path, so its dailyq is imported (the installed packages are the same).
+        py = PY
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        procs: list[subprocess.Popen] = []
+
+        def start(script: str, node: str, *args: str) -> None:
+            log = open(LOG_DIR / f"deps-{root.name}-{n}-{node}-{script}.log", "w")  # noqa: SIM115 - the child's
+            procs.append(subprocess.Popen([py, str(root / script), *args], cwd=root, env=dict(env, NODE_NAME=node),
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        try:
+            start("scheduler.py", "n0")
+            for i in range(workers):
+                start("worker_entry.py", f"n{i}", "--simple")
+            time.sleep(5)  # start-up traffic is not the day's
+            redis_cpu = lambda: sum(connection.info("cpu")[f] for f in ("used_cpu_user", "used_cpu_sys"))  # noqa: E731
+            calls_before, _ = total_calls(connection)
+            procs_before = [process_cpu_s(proc.pid) for proc in procs]
+            cpu_before, started = redis_cpu(), time.perf_counter()
+            subprocess.run([py, str(root / "scheduler.py"), "trigger", "--date", day], cwd=root,
+                           env=dict(env, NODE_NAME="n0"), check=True, timeout=600,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            finished = f"deps:day:{day}:finished"
+            while connection.scard(finished) < 2 * n:
+                if time.perf_counter() - started > 1800:
+                    raise RuntimeError(f"deps bench: {connection.scard(finished)} of {2 * n} runs finished")
+                time.sleep(0.2)
+            seconds = time.perf_counter() - started
+            calls_after, _ = total_calls(connection)
+            cpu = redis_cpu() - cpu_before
+            procs_cpu = [process_cpu_s(proc.pid) - before for proc, before in zip(procs, procs_before)]
+        finally:
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGTERM)
+            for proc in procs:
+                proc.wait(timeout=60)
+    runs = 2 * n
+    return {"runs": runs, "seconds": round(seconds, 1),
+            "commands_per_run": round((calls_after - calls_before) / runs, 1),
+            "redis_cpu_ms_per_run": round(cpu * 1000 / runs, 3),
+            "leader_cpu_ms_per_run": round(procs_cpu[0] * 1000 / runs, 3),
+            "workers_cpu_ms_per_run": round(sum(procs_cpu[1:]) * 1000 / runs, 3)}
+
+
+def bench_deps(quick: bool) -> dict:
+    """Issue 20, item 2: a day's cost per run should not grow with the day. The same chain
+    day at N and 2N; with DAILYQ_BENCH_BASELINE_ROOT (a checkout of the code to compare
+    against, e.g. a worktree of main with its own .venv) that code is measured too, in
+    the same run."""
+    n = 300 if quick else 1500
+    roots = {"this": ROOT}
+    if os.environ.get("DAILYQ_BENCH_BASELINE_ROOT"):
+        roots["baseline"] = Path(os.environ["DAILYQ_BENCH_BASELINE_ROOT"]).resolve()
+    out: dict = {"n": n, "workers": "3 non-forking, 1 scheduler"}
+    for name, root in roots.items():
+        small, large = deps_pass(root, n), deps_pass(root, 2 * n)
+        out[name] = {f"N={n}": small, f"N={2 * n}": large,
+                     # None: nothing measurable at N (CPU is counted in clock ticks of 10 ms).
+                     "ratio_2N_over_N": {field: round(large[field] / small[field], 2) if small[field] else None
+                                         for field in ("commands_per_run", "redis_cpu_ms_per_run",
+                                                       "leader_cpu_ms_per_run", "workers_cpu_ms_per_run")}}
+    return out
+
+
 BENCHMARKS = {"makespan": bench_makespan, "workflow": bench_workflow, "eta": bench_eta, "overhead": bench_overhead,
               "memory": bench_memory,
               "wait_replicas": bench_wait_replicas, "fanout": bench_fanout, "failover": bench_failover,
-              "latency": bench_latency, "idle": bench_idle}
+              "latency": bench_latency, "idle": bench_idle, "deps": bench_deps}
 
 
 def main() -> int:

@@ -400,6 +400,11 @@ def _entry_job(raw: str | None) -> str | None:
     return str(_json(raw).get("job_id") or "")
 
 
+def _entry_task(raw: str) -> str:
+    """The task a waiting entry (fanout.Held JSON) holds a run of ('~' if it names none)."""
+    return str(_json(raw).get("task") or "~")
+
+
 RERUN_SUFFIX = re.compile(r"-r(\d+)$")
 
 
@@ -541,8 +546,9 @@ def repair(connection: Redis, keys: Keys, queue: Queue, day: date, problem: Prob
         return fix.state if done else CHANGED
     if isinstance(fix, Park):
         done = scripts.doctor_park(runs_key=runs_key, waiting_key=waiting_key, waiting_days_key=keys.waiting_days,
-                                   run_id=run_id, job_id=job_id, entry=fix.entry, old_entry=fix.old,
-                                   day=day.isoformat(), retention_s=retention_s).run()
+                                   deps_key=keys.day_deps(day), run_id=run_id, job_id=job_id, entry=fix.entry,
+                                   old_entry=fix.old, day=day.isoformat(), retention_s=retention_s,
+                                   task=_entry_task(fix.entry)).run()
         return "parked" if done else CHANGED
     if isinstance(fix, ListRunning):
         done = scripts.doctor_list_running(runs_key=runs_key, running_key=keys.running, run_id=run_id,

@@ -15,7 +15,14 @@ worker never sits on a run that cannot start while other runs are queued.
 
 Release
 -------
-``release_ready`` looks at a day's held runs, task by task. A task's upstream runs are
+``release_after`` is the look made after each upstream run ended and at each leader
+tick: it reads the day's dependency counts (dependency_counts.py: per task, how many of
+its run ids are in the finished set, kept by FINISH in the same step; at least how many
+of its runs are held), a few commands whatever the day's size. A task with held runs
+whose upstream tasks have as many finished run ids as the table gives them runs *may* be
+ready: only then does it get ``release_ready``'s full look, which checks the run ids.
+``release_ready`` (that full look; also ``trigger``, ``rerun`` and a leader's first look
+at a day) looks at a day's held runs, task by task. A task's upstream runs are
 ready when every one of their run ids is in the day's finished set (FINISH adds it
 atomically with recording the run, and nothing removes it, so "ready" never turns
 false again). Ready runs are released in one WATCH/MULTI on the waiting hash: HDEL
@@ -29,7 +36,10 @@ chain); ``waiting`` again once none is -- a ``rerun`` of the upstream run queued
 its finishing releases them. The upstream records are read in chunks and the blocking
 run found is checked again by HOLD_WAITING (Lua), which sets the held records in the
 same step (``_mark_held`` says why not all in Lua). Blocked/waiting is for people to
-see; the release never depends on it, only on the finished set.
+see; the release never depends on it, only on the finished set. The full look marks
+upstream tasks first, so one look unblocks a whole chain; ``release_after`` marks only
+from an ended run (``ended``): a failed or skipped one blocks the held runs downstream
+of it, once (the counts keep the blocking run), and the chain below them.
 
 Who calls it, and why that keeps "released within 2 s of the last upstream run
 finishing", whatever dies:
@@ -39,8 +49,11 @@ a. the worker that recorded a run of an upstream task finished or failed, right 
    round trip more, only for tasks that have downstream tasks. Of two upstream runs
    finishing at once, the one whose FINISH came last sees both in the finished set.
 b. the leader, every tick, for each day in ``keys.waiting_days`` (``WaitingRuns``): the
-   backstop for a worker that died between its FINISH and its release, and for a
-   leader change (it keeps nothing in memory: a new leader's first tick does it).
+   backstop for a worker that died between its FINISH and its release (its FINISH
+   counted the run, so the counts show the task may be ready), and for a leader change
+   (a new leader's first tick gives each day one full look). Runs the leader records
+   failed itself (settle.py, recovery.py) block their downstream runs through
+   ``WaitingRuns.ended``.
 c. whoever fanned out held runs, right after (``FanOutResult.waiting``): the upstream
    runs may be finished already (a trigger, rerun or backfill of a past day). The
    leader does so in the tick that fanned out; ``commands.trigger``/``rerun`` at once.
@@ -76,9 +89,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Iterable
 
-from redis import Redis, WatchError
+from redis import Redis, RedisError, WatchError
 from rq import Queue
 
+from .dependency_counts import DayCounts, may_be_ready, upstream_runs
 from .fanout import Held, job_data, longest_first
 from .keys import Keys
 from .params_book import ParamsBook, params_run_id
@@ -86,7 +100,7 @@ from .redis_values import as_text
 from .runs import BLOCKED, CANCELLED, FAILED, QUEUED, SKIPPED, DaySlots, Run, runs_on, task_slots_on
 from .schedule import Slot
 from .scripts import Scripts, scripts_for
-from .table import TaskTable
+from .table import Task, TaskTable
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +108,7 @@ log = logging.getLogger(__name__)
 # (HOLD_WAITING checks the same four).
 BLOCKING_STATES = (FAILED, SKIPPED, BLOCKED, CANCELLED)
 READ_CHUNK = 10_000
+LOOKED_MAX = 10_000
 
 
 @dataclass
@@ -126,7 +141,7 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
     finished_key = keys.day_finished(day)
     scripts = scripts_for(connection)
     result = ReleaseResult()
-    pending: list[tuple[list[str], list[str]]] = []  # (held run ids of one task, its unfinished upstream)
+    pending: list[tuple[str, list[str], list[str]]] = []  # (task, its held run ids, its unfinished upstream)
     with connection.pipeline(transaction=True) as pipe:
         while True:
             result, pending = ReleaseResult(), []
@@ -140,24 +155,29 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                 ready: list[str] = []
                 book = ParamsBook.read(pipe, keys, day) if by_task else None
                 slots = DaySlots.read(pipe, keys, day) if by_task else None
-                for task_name, run_ids in sorted(by_task.items()):
+                # Upstream tasks first: a held run marked waiting again unblocks, in this same
+                # look, the held runs further down that it was blocking.
+                depth = _depths(table)
+                for task_name, run_ids in sorted(by_task.items(), key=lambda item: (depth.get(item[0], 0), item[0])):
                     unfinished = _unfinished_upstream(pipe, table, book, task_name, day, finished_key, slots)
                     if unfinished:
-                        pending.append((run_ids, unfinished))
+                        pending.append((task_name, run_ids, unfinished))
                     else:
                         ready.extend(run_ids)
+                hints = _held_hints(table, by_task, only)
                 if not ready:
+                    # Forget the day, unless a fan-out holds a run for it meanwhile (WATCH).
+                    pipe.multi()
+                    _write_hints(pipe, keys, day, retention_s, hints)
                     if not entries:
-                        # Forget the day, unless a fan-out holds a run for it meanwhile (WATCH).
-                        pipe.multi()
                         pipe.srem(keys.waiting_days, day.isoformat())
-                        pipe.execute()
-                    else:
-                        pipe.unwatch()
+                    pipe.execute()
                     break
                 runs, unknown = _rebuild(table, day, {run_id: entries[run_id] for run_id in ready}, slots)
                 if not runs:
-                    pipe.unwatch()
+                    pipe.multi()
+                    _write_hints(pipe, keys, day, retention_s, hints)
+                    pipe.execute()
                     _report_unknown(keys, day, unknown)
                     result.unknown = {run_id: entries[run_id] for run_id in unknown}
                     break
@@ -165,6 +185,9 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                 # Only what is enqueued now leaves the waiting hash: a held run this table
                 # cannot rebuild stays for a node whose table has its task (see _rebuild).
                 pipe.hdel(waiting_key, *[run.run_id for run in runs])
+                for run in runs:
+                    hints[run.task.name] -= 1
+                _write_hints(pipe, keys, day, retention_s, hints)
                 if len(runs) == len(entries):
                     pipe.srem(keys.waiting_days, day.isoformat())
                 scripts.set_run_state(runs_key=keys.day_runs(day), retention_s=retention_s, state=QUEUED,
@@ -188,6 +211,95 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
     return result
 
 
+def release_after(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date, *,
+                  retention_s: int, tasks: Iterable[str] | None = None, ended: str | None = None) -> ReleaseResult:
+    """The look after each upstream run ended (the worker) and at each leader tick: from
+    the day's counts (dependency_counts.py), a few reads whatever the day's size. Only a
+    task with held runs whose counts say it may be ready gets ``release_ready``'s full
+    look (which checks its upstream run ids and releases). ``tasks``: only these (None:
+    every task with held runs, including tasks this table lacks, whose runs
+    ``release_ready`` reports as unknown). ``ended``: the upstream run that just ended;
+    if it failed or was skipped, the held runs downstream of it are marked ``blocked``."""
+    only = set(tasks) if tasks is not None else None
+    counts = DayCounts.read(connection, keys, day, retention_s)
+    if counts.waiting == 0:
+        # Nothing held: the full look of an empty hash is a few commands, and forgets the day.
+        return release_ready(connection, keys, queue, table, day, retention_s=retention_s, tasks=only)
+    names = sorted(name for name, n in counts.held.items() if n > 0 and (only is None or name in only))
+    known = [table.by_name[name] for name in names if name in table.by_name]
+    if not names:
+        return ReleaseResult()
+    computed = any(up.params_computed for task in known for up in (table.by_name.get(n) for n in task.after) if up)
+    book = ParamsBook.read(connection, keys, day) if computed else None
+    slots = DaySlots.read(connection, keys, day)
+    candidates: list[str] = []
+    not_ready: list[str] = []
+    for name in names:
+        task = table.by_name.get(name)
+        expected = upstream_runs(table, task, day, book, slots) if task is not None else {}
+        (candidates if expected is not None and may_be_ready(counts, expected) else not_ready).append(name)
+    result = release_ready(connection, keys, queue, table, day, retention_s=retention_s, tasks=candidates) \
+        if candidates else ReleaseResult()
+    if ended is not None and not_ready:
+        _block_downstream(connection, keys, table, day, retention_s, ended, not_ready, counts, result)
+    return result
+
+
+def _block_downstream(connection: Redis, keys: Keys, table: TaskTable, day: date, retention_s: int, ended: str,
+                      tasks: list[str], counts: DayCounts, result: ReleaseResult) -> None:
+    """``ended`` failed or was skipped: the held runs of ``tasks`` (its downstream tasks,
+    not ready) are ``blocked`` by it, and so, further down, the held runs waiting for
+    those. One read of ``ended``'s record when it finished; the waiting hash is read only
+    for a task whose held runs are not blocked already by a run that still blocks."""
+    runs_key = keys.day_runs(day)
+    raw = connection.hget(runs_key, ended)
+    if not _blocking(raw):
+        return
+    # Only the tasks that name its task in ``after``: HOLD_WAITING checks the blocker's
+    # state, not that it is upstream of the held runs.
+    upstream_task = json.loads(raw).get("task")  # type: ignore[arg-type]
+    scripts = scripts_for(connection)
+    entries: dict[str, list[str]] | None = None
+    todo = [(name, ended) for name in tasks if name in table.by_name and upstream_task in table.by_name[name].after]
+    seen: set[str] = set()
+    downstream = downstream_of(table)
+    while todo:
+        name, upstream = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        current = counts.blocked.get(name)
+        if current and _blocking(connection.hget(runs_key, current)):
+            continue  # blocked already, and still for a reason
+        if entries is None:
+            entries = defaultdict(list)
+            for run_id, raw in connection.hgetall(keys.day_waiting(day)).items():
+                entries[Held.from_json(raw).task].append(as_text(run_id))
+        held = entries.get(name, [])
+        if not held:
+            continue
+        blocker, _ = scripts.hold_waiting(runs_key=runs_key, retention_s=retention_s,
+                                          unfinished_upstream=[upstream], held=held).run()
+        if blocker is None:
+            continue
+        result.blocked.update((run_id, blocker) for run_id in held)
+        _note_blocked(connection, keys, day, retention_s, name, blocker)
+        todo.extend((further, held[0]) for further in downstream.get(name, ()))
+
+
+def _blocking(raw: bytes | str | None) -> bool:
+    """The record (as stored) is failed, skipped or blocked: it holds downstream runs back."""
+    text = as_text(raw) if raw else ""
+    return any(state in text for state in BLOCKING_STATES) and json.loads(text).get("state") in BLOCKING_STATES
+
+
+def _note_blocked(connection: Redis, keys: Keys, day: date, retention_s: int, task: str, blocker: str) -> None:
+    with connection.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.day_deps(day), f"blocked:{task}", blocker)
+        pipe.expire(keys.day_deps(day), retention_s)
+        pipe.execute()
+
+
 def _unfinished_upstream(pipe: Redis, table: TaskTable, book: ParamsBook | None, task_name: str, day: date,
                          finished_key: str, slots: DaySlots | None = None) -> list[str]:
     """Run ids of the task's upstream runs on ``day`` not in the finished set (none for a
@@ -206,6 +318,36 @@ def _unfinished_upstream(pipe: Redis, table: TaskTable, book: ParamsBook | None,
         return []
     done = pipe.smismember(finished_key, upstream)
     return [run_id for run_id, is_done in zip(upstream, done) if not is_done]
+
+
+def _depths(table: TaskTable) -> dict[str, int]:
+    """Task -> its place in the ``after`` graph (0: depends on nothing; the table has no cycles)."""
+    depth: dict[str, int] = {}
+
+    def of(task: Task) -> int:
+        if task.name not in depth:
+            depth[task.name] = 1 + max((of(table.by_name[n]) for n in task.after if n in table.by_name), default=-1)
+        return depth[task.name]
+
+    for task in table.tasks:
+        of(task)
+    return depth
+
+
+def _held_hints(table: TaskTable, by_task: dict[str, list[str]], only: set[str] | None) -> dict[str, int]:
+    """The exact ``held:`` hints of what this look read (dependency_counts.py): each task
+    looked at, with none held for a task with ``after`` (or one asked about) that has none."""
+    hints = {task.name: 0 for task in table.tasks if task.after and (only is None or task.name in only)}
+    hints.update((name, 0) for name in only or ())
+    hints.update((name, len(run_ids)) for name, run_ids in by_task.items())
+    return hints
+
+
+def _write_hints(pipe: Any, keys: Keys, day: date, retention_s: int, hints: dict[str, int]) -> None:
+    """Queued in the look's MULTI, under its WATCH of the waiting hash: exact at EXEC."""
+    if hints:
+        pipe.hset(keys.day_deps(day), mapping={f"held:{name}": n for name, n in hints.items()})
+        pipe.expire(keys.day_deps(day), retention_s)
 
 
 # Held runs this process's table could not rebuild, already logged about: (prefix, day, run
@@ -269,7 +411,7 @@ def _failed_for_good(table: TaskTable, book: ParamsBook) -> dict[str, str]:
 
 
 def _mark_held(connection: Redis, scripts: Scripts, keys: Keys, day: date, retention_s: int,
-               pending: list[tuple[list[str], list[str]]], result: ReleaseResult,
+               pending: list[tuple[str, list[str], list[str]]], result: ReleaseResult,
                failed_for_good: dict[str, str]) -> None:
     """``blocked`` or ``waiting`` for the held runs not released.
 
@@ -280,7 +422,7 @@ def _mark_held(connection: Redis, scripts: Scripts, keys: Keys, day: date, reten
     this read and the script leaves the held runs ``waiting`` until the next look (its
     worker's own look right after its FAIL, or the leader's next tick)."""
     runs_key = keys.day_runs(day)
-    for run_ids, unfinished in pending:
+    for task_name, run_ids, unfinished in pending:
         dead = next((run_id for run_id in unfinished if run_id in failed_for_good), None)
         found = None if dead else _first_blocking(connection, runs_key, unfinished)
         blocker, _ = scripts.hold_waiting(runs_key=runs_key, retention_s=retention_s,
@@ -288,8 +430,10 @@ def _mark_held(connection: Redis, scripts: Scripts, keys: Keys, day: date, reten
                                           given_blocker=(dead, failed_for_good[dead]) if dead else None).run()
         if blocker is None:
             result.still_waiting.extend(run_ids)
+            connection.hdel(keys.day_deps(day), f"blocked:{task_name}")
         else:
             result.blocked.update((run_id, blocker) for run_id in run_ids)
+            _note_blocked(connection, keys, day, retention_s, task_name, blocker)
 
 
 def _first_blocking(connection: Redis, runs_key: str, run_ids: list[str]) -> str | None:
@@ -315,13 +459,35 @@ class WaitingRuns:
         self.table = table
         self.retention_s = retention_s
         self.days_held = 0
+        # Days this leader has given a full look (release_ready) since it started: later
+        # ticks look at their counts only (release_after).
+        self.looked: set[date] = set()
         # (day, run id) -> held run this table cannot rebuild, at the last look (deploys.py
         # decides whether no live table has them).
         self.unknown: dict[tuple[date, str], Held] = {}
 
+    def forget(self) -> None:
+        """A new term as leader: what others did meanwhile is unknown, so each day with held
+        runs gets one full look again (blocked/waiting marked from the records)."""
+        self.looked.clear()
+
+    def ended(self, runs: Iterable[tuple[date, str]]) -> None:
+        """Runs this leader recorded failed itself (RQ failed their job outside the guard,
+        settle.py; their process was lost with no attempt left, recovery.py): the held runs
+        downstream of them are marked ``blocked`` now, as a worker does after its FAIL."""
+        for day, run_id in runs:
+            try:
+                release_after(self.connection, self.keys, self.queue, self.table, day, retention_s=self.retention_s,
+                              ended=run_id)
+            except RedisError as exc:  # for people to see only; the next full look marks them too
+                log.warning("could not mark the runs waiting for run %s (%s)", run_id, exc)
+
     def release_all(self) -> list[str]:
         """Release what is ready on every day with held runs; returns the run ids released.
-        One SMEMBERS when nothing is held. ``days_held`` says how many days had held runs."""
+        One SMEMBERS when nothing is held; per day with held runs, its counts (a few reads),
+        and a full look the first time this leader sees the day (the backstop: blocked and
+        waiting marked from the records, whatever happened before it led).
+        ``days_held`` says how many days had held runs."""
         released: list[str] = []
         self.unknown = {}
         days = sorted(self.connection.smembers(self.keys.waiting_days))
@@ -332,8 +498,15 @@ class WaitingRuns:
             except ValueError:
                 self.connection.srem(self.keys.waiting_days, raw)
                 continue
-            result = release_ready(self.connection, self.keys, self.queue, self.table, day,
-                                   retention_s=self.retention_s)
+            if day in self.looked:
+                result = release_after(self.connection, self.keys, self.queue, self.table, day,
+                                       retention_s=self.retention_s)
+            else:
+                result = release_ready(self.connection, self.keys, self.queue, self.table, day,
+                                       retention_s=self.retention_s)
+                if len(self.looked) >= LOOKED_MAX:
+                    self.looked.clear()  # a bound, not a history: at worst a day gets one more full look
+                self.looked.add(day)
             released += result.released
             self.unknown.update(((day, run_id), held) for run_id, held in result.unknown.items())
         return released

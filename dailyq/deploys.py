@@ -259,7 +259,8 @@ class LeftJobs:
             day, run_id = fields[field]
             outcome = self._scripts.remove_waiting(
                 waiting_key=self.keys.day_waiting(day), runs_key=self.keys.day_runs(day),
-                finished_key=self.keys.day_finished(day), run_id=run_id, now_iso=iso(now), why=why,
+                finished_key=self.keys.day_finished(day), deps_key=self.keys.day_deps(day), run_id=run_id,
+                now_iso=iso(now), why=why,
                 retention_s=self.retention_s).run()
             if outcome == "removed":
                 removed.append(run_id)
@@ -286,5 +287,6 @@ class LeftJobs:
         day = date.fromisoformat(str(info.get("day") or "0001-01-01"))
         return self._scripts.remove_left(
             left_key=self.keys.left, left_info_key=self.keys.left_info, runs_key=self.keys.day_runs(day),
-            finished_key=self.keys.day_finished(day), job_id=job_id, run_id=str(info.get("run_id")),
+            finished_key=self.keys.day_finished(day), deps_key=self.keys.day_deps(day), job_id=job_id,
+            run_id=str(info.get("run_id")),
             now_iso=iso(self.clock()), why=why, retention_s=self.retention_s, remove=remove).run()

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import Any, Sequence
@@ -326,6 +326,13 @@ def _hold(pipe: Pipeline, keys: Keys, scripts: Scripts, day: date, held: list[tu
         run.run_id: Held(run.task.name, run.param_json, run.slot.isoformat(), job_id, force, at_front,
                          again.get(run.run_id)).to_json() for run, job_id in held})
     pipe.expire(waiting_key, retention_s)
+    # The hint a release reads instead of the waiting hash (dependency_counts.py): at least
+    # this many runs of the task are held. A run parked again counts twice; the release
+    # that finds fewer writes the exact number.
+    deps_key = keys.day_deps(day)
+    for task_name, n in Counter(run.task.name for run, _ in held).items():
+        pipe.hincrby(deps_key, f"held:{task_name}", n)
+    pipe.expire(deps_key, retention_s)
     pipe.sadd(keys.waiting_days, day.isoformat())
     requeued = [run.run_id for run, _ in held if run.run_id in again]
     if requeued:

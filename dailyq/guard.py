@@ -312,7 +312,8 @@ class Guard:
         finish = self.scripts.finish(
             finished_key=self.keys.day_finished(run.day), claim_key=held.claim_key,
             runs_key=self.keys.day_runs(run.day), durations_key=self.keys.durations, running_key=self.keys.running,
-            series_key=held.series_key, run_id=run.run_id, owner=attempt.owner, base_json=run.base_record,
+            series_key=held.series_key, deps_key=self.keys.day_deps(run.day), run_id=run.run_id, owner=attempt.owner,
+            base_json=run.base_record,
             retention_s=self.retention_s, series=run.series, duration_s=duration_s, node=self.node,
             now_iso=iso(self.clock()))
         pending = PendingFinish(finish, run.run_id, done=lambda: self.keeper.release(run.run_id),

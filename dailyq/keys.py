@@ -142,6 +142,15 @@ class Keys:
         (fanout.Held: what enqueueing it later needs). Not in any RQ queue meanwhile."""
         return f"{self.prefix}:day:{day.isoformat()}:waiting"
 
+    def day_deps(self, day: date) -> str:
+        """Hash, the day's dependency counts (dependency_counts.py): ``done:{task}`` -> how
+        many of the task's run ids are in ``day_finished`` (kept by the scripts that add
+        them), ``held:{task}`` -> at least how many of its runs ``day_waiting`` holds (a
+        hint, made exact at each release), ``blocked:{task}`` -> the upstream run its held
+        runs were last marked blocked by, ``~counted`` once the counts were made from the
+        whole day. What lets a release look at one task's counts, not the whole day."""
+        return f"{self.prefix}:day:{day.isoformat()}:deps"
+
     @property
     def waiting_days(self) -> str:
         """Set of ISO days whose ``day_waiting`` hash may hold runs: where the leader looks

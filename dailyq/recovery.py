@@ -117,6 +117,9 @@ class AbandonedRuns:
         self.retention_s = retention_s
         self.clock = clock
         self._scripts = scripts_for(connection)
+        # (day, run id) of the runs the last look recorded failed: the leader marks the
+        # runs held for them blocked (dependencies.WaitingRuns.ended).
+        self.failed: list[tuple[date, str]] = []
 
     def requeue(self, fence: Lease | None) -> list[str]:
         """Take over every run whose executing process is gone: enqueue it again, or
@@ -128,6 +131,7 @@ class AbandonedRuns:
                 pipe.exists(self.keys.claim(run_id))
             claimed = pipe.execute()
         requeued = []
+        self.failed = []
         for run_id in sorted(run_id for run_id, alive in zip(run_ids, claimed) if not alive):
             day = date.fromisoformat(listed[run_id])
             record = self._record(run_id, day)
@@ -139,6 +143,7 @@ class AbandonedRuns:
                 now_iso=iso(self.clock()), retention_s=self.retention_s, day=day.isoformat(),
                 cannot_requeue=again if isinstance(again, str) else "").run()
             if outcome == "failed":
+                self.failed.append((day, run_id))
                 log.error("run %s: its executing process was lost and it %s; failed", run_id,
                           f"cannot be requeued ({again})" if isinstance(again, str) else "has no attempts left",
                           extra={"run_id": run_id})

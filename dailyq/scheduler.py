@@ -198,6 +198,7 @@ class DailyScheduler:
             log.info("node %s is now the leader", self.settings.node_name)
             self._load_cursors()
             self.failed_jobs.forget()  # go on from where the last leader stopped
+            self.waiting.forget()  # each day with held runs gets one full look again
             self._adopt_refused_slots()
         elif not held and self.is_leader:
             log.warning("node %s lost the leader lease (held by %s)", self.settings.node_name,
@@ -386,6 +387,7 @@ class DailyScheduler:
             return
         self._next_recovery = now + max(0.5, min(RECOVERY_EVERY_S, self.settings.claim_ttl_s / 2))
         self.abandoned.requeue(fence=self.lease)
+        self.waiting.ended(self.abandoned.failed)
         self.stranded.requeue()
 
     def enqueue_jobs(self) -> None:
@@ -396,7 +398,8 @@ class DailyScheduler:
         self.fire_due_slots(now)
         self.slots.sweep()  # every tick: a dead holder's slot serves held runs within a tick of lapsing
         self.recover_abandoned_runs()
-        self.failed_jobs.settle()  # one command every few seconds when RQ failed nothing
+        settled = self.failed_jobs.settle()  # one command every few seconds when RQ failed nothing
+        self.waiting.ended([(s.day, s.run_id) for s in settled if s.day is not None])
         if self._waiting_look.due(now):
             self.waiting.release_all()
             self.left.settle_waiting(self.waiting.unknown)  # held runs no live table has (deploys.py)

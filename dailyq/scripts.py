@@ -14,7 +14,9 @@ runs no includes, so the helpers a script uses are prepended to it):
 * ``purge_slots`` / ``room`` / ``extend_slot`` / ``promote``: the slots of a task with
   limits and its held runs (limits.py), shared by ADMIT, RELEASE_SLOT, SWEEP_SLOTS,
   TOUCH_SLOT, RESUME and RENEW_CLAIM; ``pool_room`` / ``promote_pool``: the same for
-  the tasks of one pool together (ADMIT, RELEASE_SLOT, SWEEP_SLOTS).
+  the tasks of one pool together (ADMIT, RELEASE_SLOT, SWEEP_SLOTS);
+* ``count_finished``: the day's dependency counts (dependency_counts.py), kept by every
+  script that adds a run id to a day's finished set (FINISH, REMOVE_LEFT, REMOVE_WAITING).
 
 A few scripts run on a Redis out of memory (``allow_oom``): the lease, the leadership
 mark, and what lets a run that executes now renew its claim and record its end. Each
@@ -190,6 +192,18 @@ local function release_cancelled(claim_key, series_key, owner)
   return why
 end
 """
+
+DEPS_LUA = """
+-- The day's dependency counts (keys.day_deps, dependency_counts.py): one more run id of
+-- ``task`` in the day's finished set. Called in the same script as the SADD that added it,
+-- so the counts of a day only ever miss what an older version's scripts added (their sum
+-- then differs from the set's size, and the reader counts the day again).
+local function count_finished(deps_key, task, retention_s)
+  redis.call('HINCRBY', deps_key, 'done:' .. tostring(task), 1)
+  redis.call('EXPIRE', deps_key, retention_s)
+end
+"""
+
 
 SLOTS_LUA = """
 -- Slots of a task with limits (limits.py): a sorted set owner -> expiry (ms, Redis clock)
@@ -505,12 +519,13 @@ end
 FINISH = allow_oom(_lua(f"""
 -- The owner of a run's claim records it finished and releases the claim. Idempotent.
 -- KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash,
--- KEYS[4] = durations hash, KEYS[5] = running hash, KEYS[6] = series claim
+-- KEYS[4] = durations hash, KEYS[5] = running hash, KEYS[6] = series claim,
+-- KEYS[7] = day dependency counts (DEPS_LUA)
 -- ARGV[1] = run_id, ARGV[2] = claim owner, ARGV[3] = base record JSON, ARGV[4] = retention (s),
 -- ARGV[5] = series id, ARGV[6] = duration (s), ARGV[7] = node, ARGV[8] = now (ISO)
 -- Returns 1, or 0 (and changes nothing) when the claim is not this owner's any more.
-local finished_key, claim_key, runs_key, durations_key, running_key, series_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local finished_key, claim_key, runs_key, durations_key, running_key, series_key, deps_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local run_id, owner, base_json, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local series, duration_s, node, now = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 if not release_run(claim_key, series_key, running_key, run_id, owner) then
@@ -522,15 +537,17 @@ if not release_run(claim_key, series_key, running_key, run_id, owner) then
   end
   return 0
 end
-redis.call('SADD', finished_key, run_id)
-redis.call('EXPIRE', finished_key, retention_s)
 local record = load_record(runs_key, run_id, base_json)
+if redis.call('SADD', finished_key, run_id) == 1 then
+  count_finished(deps_key, record.task, retention_s)
+end
+redis.call('EXPIRE', finished_key, retention_s)
 record.state, record.node, record.ended_at, record.error = '{FINISHED}', node, now, cjson.null
 record.duration_s = tonumber(duration_s)
 save_record(runs_key, run_id, record, retention_s)
 redis.call('HSET', durations_key, series, duration_s)
 return 1
-""", OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA, RELEASE_RUN_LUA))
+""", OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA, RELEASE_RUN_LUA, DEPS_LUA))
 
 FAIL = allow_oom(_lua(f"""
 -- An execution that ended without finishing: the task raised (from the executing process)
@@ -806,6 +823,47 @@ for i = 5 + tonumber(ARGV[4]), #ARGV do
 end
 return {{blocker, changed}}
 """, RECORD_LUA)
+
+COUNT_DEPS = _lua("""
+-- The day's dependency counts made anew from what they count (dependency_counts.py): for
+-- each task, its run ids in the finished set ('done:' fields; a member without a record
+-- counts under 'done:~'), and its entries in the waiting hash ('held:' fields); then
+-- '~counted'. Once per day (a day an older version wrote, or whose counts a rerun's SREM
+-- or an older writer made disagree with the set): it reads the whole day, so it is the
+-- exception, never the path of a tick. Atomic, so no FINISH slips between read and write.
+-- KEYS[1] = day dependency counts, KEYS[2] = day finished set, KEYS[3] = day runs hash,
+-- KEYS[4] = day waiting hash
+-- ARGV[1] = retention (s)
+-- Returns the number of finished run ids counted.
+local deps_key, finished_key, runs_key, waiting_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local retention_s = ARGV[1]
+local counts = {}
+local function bump(field)
+  counts[field] = (counts[field] or 0) + 1
+end
+local members = redis.call('SMEMBERS', finished_key)
+for _, run_id in ipairs(members) do
+  local raw = redis.call('HGET', runs_key, run_id)
+  local ok, record = pcall(cjson.decode, raw or '')
+  bump('done:' .. ((ok and type(record) == 'table' and type(record.task) == 'string') and record.task or '~'))
+end
+local entries = redis.call('HGETALL', waiting_key)
+for i = 2, #entries, 2 do
+  local ok, held = pcall(cjson.decode, entries[i])
+  bump('held:' .. ((ok and type(held) == 'table' and type(held.task) == 'string') and held.task or '~'))
+end
+for _, field in ipairs(redis.call('HKEYS', deps_key)) do
+  if string.sub(field, 1, 5) == 'done:' or string.sub(field, 1, 5) == 'held:' then
+    redis.call('HDEL', deps_key, field)
+  end
+end
+for field, n in pairs(counts) do
+  redis.call('HSET', deps_key, field, n)
+end
+redis.call('HSET', deps_key, '~counted', '1')
+redis.call('EXPIRE', deps_key, retention_s)
+return #members
+""")
 
 OUTBOX_ENQUEUE = _lua("""
 -- Puts each alert not seen before into the outbox (due now), atomically with
@@ -1300,11 +1358,11 @@ REMOVE_LEFT = _lua(f"""
 -- downstream runs go on as if it had finished. A left job whose run no longer waits for
 -- it (finished, superseded by a later job, failed...) is just forgotten.
 -- KEYS[1] = left set, KEYS[2] = left info hash, KEYS[3] = day runs hash, KEYS[4] = day
--- finished set
+-- finished set, KEYS[5] = day dependency counts (DEPS_LUA)
 -- ARGV[1] = job id, ARGV[2] = run id, ARGV[3] = now (ISO), ARGV[4] = why (the record's
 -- error), ARGV[5] = retention (s), ARGV[6] = '1' to remove the run, '0' only to forget
 -- Returns 'removed' or 'forgotten'.
-local left_key, info_key, runs_key, finished_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local left_key, info_key, runs_key, finished_key, deps_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local job_id, run_id, now, why, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 redis.call('ZREM', left_key, job_id)
 redis.call('HDEL', info_key, job_id)
@@ -1314,19 +1372,22 @@ if ARGV[6] ~= '1' or not record or record.job_id ~= job_id or record.state ~= '{
 end
 record.state, record.ended_at, record.error = '{REMOVED}', now, why
 save_record(runs_key, run_id, record, retention_s)
-redis.call('SADD', finished_key, run_id)
+if redis.call('SADD', finished_key, run_id) == 1 then
+  count_finished(deps_key, record.task, retention_s)
+end
 redis.call('EXPIRE', finished_key, retention_s)
 return 'removed'
-""", RECORD_LUA)
+""", RECORD_LUA, DEPS_LUA)
 
 REMOVE_WAITING = _lua(f"""
 -- A held run (waiting for its upstream runs) that no live node's table has had for the
 -- grace ends 'removed', as REMOVE_LEFT does for a left job: out of the waiting hash, its
 -- run id in the day's finished set. Only while it is still held and waiting or blocked.
--- KEYS[1] = day waiting hash, KEYS[2] = day runs hash, KEYS[3] = day finished set
+-- KEYS[1] = day waiting hash, KEYS[2] = day runs hash, KEYS[3] = day finished set,
+-- KEYS[4] = day dependency counts (DEPS_LUA)
 -- ARGV[1] = run id, ARGV[2] = now (ISO), ARGV[3] = why (the record's error), ARGV[4] = retention (s)
 -- Returns 'removed' or 'kept'.
-local waiting_key, runs_key, finished_key = KEYS[1], KEYS[2], KEYS[3]
+local waiting_key, runs_key, finished_key, deps_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local run_id, now, why, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local record = load_record(runs_key, run_id)
 if redis.call('HEXISTS', waiting_key, run_id) == 0 or not record
@@ -1336,10 +1397,12 @@ end
 redis.call('HDEL', waiting_key, run_id)
 record.state, record.ended_at, record.error = '{REMOVED}', now, why
 save_record(runs_key, run_id, record, retention_s)
-redis.call('SADD', finished_key, run_id)
+if redis.call('SADD', finished_key, run_id) == 1 then
+  count_finished(deps_key, record.task, retention_s)
+end
 redis.call('EXPIRE', finished_key, retention_s)
 return 'removed'
-""", RECORD_LUA)
+""", RECORD_LUA, DEPS_LUA)
 
 
 # -- cancel (cancelling.py) ----------------------------------------------------------------------
@@ -1854,6 +1917,7 @@ class Scripts:
         self._params_store = register(PARAMS_STORE)
         self._set_run_state = register(SET_RUN_STATE)
         self._hold_waiting = register(HOLD_WAITING)
+        self._count_deps = register(COUNT_DEPS)
         self._admit = register(ADMIT)
         self._release_slot = register(RELEASE_SLOT)
         self._sweep_slots = register(SWEEP_SLOTS)
@@ -1935,6 +1999,11 @@ class Scripts:
 
     # -- the worker-side guard (guard.py) --
 
+    def count_deps(self, *, deps_key: str, finished_key: str, runs_key: str, waiting_key: str,
+                   retention_s: int) -> ScriptCall[int]:
+        """The day's dependency counts made anew; returns the finished run ids counted."""
+        return ScriptCall(self._count_deps, [deps_key, finished_key, runs_key, waiting_key], [retention_s], int)
+
     def begin(self, *, finished_key: str, claim_key: str, runs_key: str, running_key: str, series_key: str,
               fence_key: str, run_id: str, owner: str, claim_ttl_ms: int, force: bool, base_json: str,
               retention_s: int, day: str, overlap: str, node: str, now_iso: str, job_id: str,
@@ -1944,10 +2013,11 @@ class Scripts:
                            now_iso, job_id, max_attempts], parse_begin)
 
     def finish(self, *, finished_key: str, claim_key: str, runs_key: str, durations_key: str, running_key: str,
-               series_key: str, run_id: str, owner: str, base_json: str, retention_s: int, series: str,
+               series_key: str, deps_key: str, run_id: str, owner: str, base_json: str, retention_s: int, series: str,
                duration_s: float, node: str, now_iso: str) -> ScriptCall[bool]:
         """False (nothing changed) when the claim is not ``owner``'s any more."""
-        return ScriptCall(self._finish, [finished_key, claim_key, runs_key, durations_key, running_key, series_key],
+        return ScriptCall(self._finish, [finished_key, claim_key, runs_key, durations_key, running_key, series_key,
+                                         deps_key],
                           [run_id, owner, base_json, retention_s, series, f"{duration_s:.3f}", node, now_iso],
                           _parse_finish)
 
@@ -2115,15 +2185,15 @@ class Scripts:
         return ScriptCall(self._return_left, [left_key, queue_key], [keep_ms, len(runnable), *runnable, *kept],
                           parse)
 
-    def remove_left(self, *, left_key: str, left_info_key: str, runs_key: str, finished_key: str, job_id: str,
-                    run_id: str, now_iso: str, why: str, retention_s: int,
+    def remove_left(self, *, left_key: str, left_info_key: str, runs_key: str, finished_key: str, deps_key: str,
+                    job_id: str, run_id: str, now_iso: str, why: str, retention_s: int,
                     remove: bool) -> ScriptCall[Literal["removed", "forgotten"]]:
-        return ScriptCall(self._remove_left, [left_key, left_info_key, runs_key, finished_key],
+        return ScriptCall(self._remove_left, [left_key, left_info_key, runs_key, finished_key, deps_key],
                           [job_id, run_id, now_iso, why, retention_s, _flag(remove)], _text)  # type: ignore[arg-type]
 
-    def remove_waiting(self, *, waiting_key: str, runs_key: str, finished_key: str, run_id: str, now_iso: str,
-                       why: str, retention_s: int) -> ScriptCall[Literal["removed", "kept"]]:
-        return ScriptCall(self._remove_waiting, [waiting_key, runs_key, finished_key],
+    def remove_waiting(self, *, waiting_key: str, runs_key: str, finished_key: str, deps_key: str, run_id: str,
+                       now_iso: str, why: str, retention_s: int) -> ScriptCall[Literal["removed", "kept"]]:
+        return ScriptCall(self._remove_waiting, [waiting_key, runs_key, finished_key, deps_key],
                           [run_id, now_iso, why, retention_s], _text)  # type: ignore[arg-type]
 
     # -- computed params (params_book.py) --
@@ -2154,10 +2224,11 @@ class Scripts:
         return ScriptCall(self._doctor_settle, [runs_key, waiting_key, finished_key, failures_key],
                           [run_id, state, job_id, new_state, error, entry, now_iso, retention_s, day], bool)
 
-    def doctor_park(self, *, runs_key: str, waiting_key: str, waiting_days_key: str, run_id: str, job_id: str,
-                    entry: str, old_entry: str, day: str, retention_s: int) -> ScriptCall[bool]:
-        return ScriptCall(self._doctor_park, [runs_key, waiting_key, waiting_days_key],
-                          [run_id, job_id, entry, old_entry, day, retention_s], bool)
+    def doctor_park(self, *, runs_key: str, waiting_key: str, waiting_days_key: str, deps_key: str, run_id: str,
+                    job_id: str, entry: str, old_entry: str, day: str, retention_s: int,
+                    task: str) -> ScriptCall[bool]:
+        return ScriptCall(self._doctor_park, [runs_key, waiting_key, waiting_days_key, deps_key],
+                          [run_id, job_id, entry, old_entry, day, retention_s, task], bool)
 
     def doctor_list_running(self, *, runs_key: str, running_key: str, run_id: str, day: str, owner: str,
                             job_id: str) -> ScriptCall[bool]:
@@ -2362,11 +2433,13 @@ return 1
 DOCTOR_PARK = _lua(f"""
 -- A held run (waiting or blocked) parked again in the day's waiting hash, as fan-out
 -- parks it (fanout._hold): the leader releases it once its upstream runs have finished.
--- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = waiting days set
+-- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = waiting days set,
+-- KEYS[4] = day dependency counts (its held:<task> hint: the release looks only at tasks with some)
 -- ARGV[1] = run_id, ARGV[2] = its job id as read, ARGV[3] = the entry (fanout.Held JSON),
--- ARGV[4] = the entry it replaces, as read ('' = none), ARGV[5] = day (ISO), ARGV[6] = retention (s)
+-- ARGV[4] = the entry it replaces, as read ('' = none), ARGV[5] = day (ISO), ARGV[6] = retention (s),
+-- ARGV[7] = the run's task
 -- Returns 1, or 0 when the record or the entry changed since (nothing done).
-local runs_key, waiting_key, days_key = KEYS[1], KEYS[2], KEYS[3]
+local runs_key, waiting_key, days_key, deps_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local run_id, job_id, entry, old, day, retention_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if not still_as_read(load_record(runs_key, run_id), '{WAITING}', job_id) then
   return 0
@@ -2377,6 +2450,8 @@ if (old == '' and current) or (old ~= '' and current ~= old) then
 end
 redis.call('HSET', waiting_key, run_id, entry)
 redis.call('EXPIRE', waiting_key, retention_s)
+redis.call('HINCRBY', deps_key, 'held:' .. ARGV[7], 1)
+redis.call('EXPIRE', deps_key, retention_s)
 redis.call('SADD', days_key, day)
 return 1
 """, RECORD_LUA, DOCTOR_LUA)

@@ -64,6 +64,7 @@ class Settled:
     run_id: str
     job_id: str
     error: str
+    day: date | None = None  # the run's day (its downstream runs are marked blocked from it)
 
 
 class FailedJobs:
@@ -160,7 +161,7 @@ class FailedJobs:
                 retention_s=self.retention_s, day=day.isoformat()).run():
             return None
         log.error("run %s: %s (job %s); failed", run_id, error, job_id, extra={"run_id": run_id})
-        return Settled(run_id, job_id, error)
+        return Settled(run_id, job_id, error, day)
 
 
 def failure_text(job: Job) -> str:

@@ -35,7 +35,7 @@ from .beats import beat_value, register_node, register_worker, worker_member
 from .claim_watch import ClaimDeadline
 from .clock import RedisClock
 from .connection import connect
-from .dependencies import downstream_of, release_ready
+from .dependencies import downstream_of, release_after
 from .deploys import Leaver
 from .errors import DailyqError
 from .fingerprint import table_fingerprint
@@ -159,8 +159,8 @@ class WorkerContext:
         downstream = self.downstream.get(run.run.task.name)
         if downstream:
             s = self.settings
-            release_ready(self.connection, s.keys, make_queue(self.connection, s.keys), self.table, run.day,
-                          retention_s=s.retention_s, tasks=downstream)
+            release_after(self.connection, s.keys, make_queue(self.connection, s.keys), self.table, run.day,
+                          retention_s=s.retention_s, tasks=downstream, ended=run.run_id)
 
     def _allowed(self, job: DailyJob) -> bool:
         return job.instance is None and job.func_name in self.table.allowed_functions

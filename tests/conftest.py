@@ -15,7 +15,9 @@ from typing import Generator, Iterator
 import pytest
 from redis import Redis
 
+from dailyq.keys import Keys
 from dailyq.redis_server import PrivateRedis
+from dailyq.scripts import Scripts, scripts_for
 from dailyq.settings import Settings
 from tests.helpers import ProcessGroup
 
@@ -70,6 +72,16 @@ def prefix() -> str:
 def settings(redis_server: PrivateRedis, prefix: str) -> Settings:
     return Settings(redis_url=redis_server.url, prefix=prefix, node_name="test-node",
                     tasks_module="tests.sample_tasks", lease_ttl_s=2, claim_ttl_s=6)
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix)
+
+
+@pytest.fixture
+def scripts(connection: Redis) -> Scripts:
+    return scripts_for(connection)
 
 
 @pytest.fixture

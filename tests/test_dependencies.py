@@ -38,11 +38,6 @@ def chain_table() -> TaskTable:
     ])
 
 
-@pytest.fixture
-def keys(prefix: str) -> Keys:
-    return Keys(prefix)
-
-
 def ids(table: TaskTable, task: str, day: date = DAY) -> list[str]:
     return [run.run_id for run in runs_on(table, day, [task])]
 

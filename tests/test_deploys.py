@@ -211,7 +211,8 @@ def test_remove_left_removes_a_run_still_waiting_for_the_job_and_forgets_others(
     def remove(job_id: str, run_id: str, really: bool = True) -> str:
         return scripts_for(connection).remove_left(
             left_key=keys.left, left_info_key=keys.left_info, runs_key=runs, finished_key=keys.day_finished(day),
-            job_id=job_id, run_id=run_id, now_iso="2026-11-26T10:00:00+00:00", why="removed: because",
+            deps_key=keys.day_deps(day), job_id=job_id, run_id=run_id, now_iso="2026-11-26T10:00:00+00:00",
+            why="removed: because",
             retention_s=600, remove=really).run()
 
     assert remove("j2", "r2") == "forgotten"

@@ -223,7 +223,8 @@ def test_the_lease_the_leadership_mark_and_an_executing_runs_end_work_on_a_full_
                                ttl_ms=5000).run() == "ok"
     assert scripts.finish(finished_key=keys.day_finished(date(2026, 11, 26)), claim_key=keys.claim(run_id),
                           runs_key=day_runs, durations_key=keys.durations, running_key=keys.running,
-                          series_key=keys.series_claim("s"), run_id=run_id, owner=owner, base_json="{}",
+                          series_key=keys.series_claim("s"), deps_key=keys.day_deps(date(2026, 11, 26)),
+                          run_id=run_id, owner=owner, base_json="{}",
                           retention_s=60, series="s", duration_s=1.0, node="n1", now_iso="y").run()
     assert json.loads(connection.hget(day_runs, run_id))["state"] == "finished"
     # What adds a run's worth of data stays refused: a new run cannot start.

@@ -21,7 +21,7 @@ from dailyq.fingerprint import describe, diff, fingerprint
 from dailyq.keys import Keys
 from dailyq.metrics import Collector
 from dailyq.render import render_pools
-from dailyq.scripts import LimitedTask, Scripts, scripts_for
+from dailyq.scripts import LimitedTask, Scripts
 from dailyq.table import Task, TaskTable, load_table
 from dailyq.worker import make_queue
 from tests.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for
@@ -89,16 +89,6 @@ def test_status_text_shows_each_pools_use():
 
 
 # -- the scripts (the tests' redis-server) ------------------------------------------------
-
-@pytest.fixture
-def scripts(connection: Redis) -> Scripts:
-    return scripts_for(connection)
-
-
-@pytest.fixture
-def keys(prefix: str) -> Keys:
-    return Keys(prefix)
-
 
 def member(keys: Keys, name: str, size: int, max_running: int | None = None, pool: str | None = "w") -> LimitedTask:
     return LimitedTask(name, max_running, None, keys.limit_slots(name), keys.limit_slot_nodes(name), keys.held(name),

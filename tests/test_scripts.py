@@ -34,16 +34,6 @@ RETENTION_S = 600
 TTL_MS = 5000
 
 
-@pytest.fixture
-def scripts(connection: Redis) -> Scripts:
-    return scripts_for(connection)
-
-
-@pytest.fixture
-def keys(prefix: str) -> Keys:
-    return Keys(prefix)
-
-
 def base_json(run_id: str, job_id: str | None = None) -> str:
     return json.dumps(new_record("t", '"p"', "slot", job_id or run_id))
 
@@ -118,7 +108,8 @@ class RunKeys:
         return scripts.finish(finished_key=finished_key(self.keys), claim_key=self.keys.claim(self.run_id),
                               runs_key=runs_key(self.keys), durations_key=self.keys.durations,
                               running_key=self.keys.running, series_key=self.keys.series_claim(self.series),
-                              run_id=self.run_id, owner=owner, base_json=base_json(self.run_id),
+                              deps_key=self.keys.day_deps(date.fromisoformat(DAY)), run_id=self.run_id, owner=owner,
+                              base_json=base_json(self.run_id),
                               retention_s=RETENTION_S, series=self.series, duration_s=1.25, node="node-x",
                               now_iso="2026-11-26T10:01:00+00:00")
 
