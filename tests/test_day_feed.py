@@ -81,7 +81,7 @@ def test_counts_and_feed_follow_every_state_change(connection: Redis, keys: Keys
 
     def finish(run_id: str, owner: str) -> Any:
         return scripts.finish(finished_key=finished_key, claim_key=keys.claim(run_id), runs_key=runs_key,
-                              durations_key=keys.durations, running_key=keys.running,
+                              durations_key=keys.durations, running_key=keys.running, deps_key=keys.day_deps(DAY),
                               series_key=keys.series_claim(run_id), run_id=run_id, owner=owner,
                               base_json=record_json(run_id), retention_s=RETENTION_S, series=run_id,
                               duration_s=1.0, node="n", now_iso=NOW).run()
@@ -117,7 +117,7 @@ def test_counts_and_feed_follow_every_state_change(connection: Redis, keys: Keys
         ("rerun begins", lambda: begin("b", "o4", job_id="b-again"), {"b"}),
         ("rerun finishes", lambda: finish("b", "o4"), {"b"}),
         ("removed", lambda: (connection.hset(keys.day_waiting(DAY), "d", "{}"), scripts.remove_waiting(
-            waiting_key=keys.day_waiting(DAY), runs_key=runs_key, finished_key=finished_key, run_id="d", now_iso=NOW,
+            waiting_key=keys.day_waiting(DAY), runs_key=runs_key, finished_key=finished_key, deps_key=keys.day_deps(DAY), run_id="d", now_iso=NOW,
             why="gone", retention_s=RETENTION_S).run()), {"d"}),
         ("rerun of a removed run", lambda: scripts.queue_records(
             runs_key=runs_key, retention_s=RETENTION_S, fresh=[],
