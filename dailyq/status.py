@@ -48,7 +48,7 @@ from .params_book import ParamsBook
 from .pausing import paused_tasks
 from .redis_memory import redis_view
 from .redis_values import as_text
-from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, decode_record, runs_on
+from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, runs_on
 from .table import TaskTable
 from .table_watch import read_tables
 
@@ -149,7 +149,9 @@ def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: da
     if view is not None:
         records = view.refresh()
     else:
-        records = {as_text(k): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
+        # Decoded once; each param is set by shown_runs (from the table's run when it is a
+        # plain value, so a big day's params are not decoded a second time).
+        records = {as_text(k): json.loads(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
     paused = paused_tasks(connection, keys) if paused is None else paused
     return shown_runs(table, day, now, records, paused, ParamsBook.read(connection, keys, day),
                       DaySlots.read(connection, keys, day), refused)
@@ -160,7 +162,9 @@ def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, An
                refused: Collection[tuple[str, str]] = (), task_names: Iterable[str] | None = None,
                ) -> list[dict[str, Any]]:
     """The runs of ``day`` as ``status`` shows them, from records already read (alerts and
-    metrics read theirs with HSCAN, day_scan.py); ``records`` is changed in place.
+    metrics read theirs with HSCAN, day_scan.py); ``records`` is changed in place. A
+    record without ``param`` (raw JSON) gets it: its run's own for a plain value (the
+    one its ``param_json`` encodes), else decoded from ``param_json``.
 
     A computed task's runs are those of the list stored for the slot (params_book.py);
     a slot of it with no list yet is one entry (``params_book.placeholder_record``).
@@ -187,6 +191,8 @@ def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, An
                        and (run.task.name, run.slot.isoformat()) not in refused)
             record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
             record["param"] = run.param
+        elif "param" not in record:
+            record["param"] = run.param if type(run.param) in _PLAIN else _param_of(record)
         shown.append((run.slot.fires_at, _public(run.run_id, record)))
     if book is not None:
         shown += [(slot.fires_at, _public(run_id, record))
@@ -195,9 +201,20 @@ def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, An
     runs = [run for _, run in shown]
     # Runs recorded but no longer in the table (a task renamed or params changed) still count:
     # a renamed task is a new task, the old name's records stay listed under it.
-    runs.extend(_public(run_id, record) for run_id, record in sorted(records.items())
-                if names is None or record.get("task") in names)
+    for run_id, record in sorted(records.items()):
+        if names is None or record.get("task") in names:
+            if "param" not in record:
+                record["param"] = _param_of(record)
+            runs.append(_public(run_id, record))
     return runs
+
+
+# Params that JSON gives back as they were (a tuple comes back a list, an int key a str).
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _param_of(record: RunRecord) -> Any:
+    return json.loads(record.get("param_json", "null"))
 
 
 def _public(run_id: str, record: RunRecord) -> dict[str, Any]:

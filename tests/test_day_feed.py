@@ -117,8 +117,8 @@ def test_counts_and_feed_follow_every_state_change(connection: Redis, keys: Keys
         ("rerun begins", lambda: begin("b", "o4", job_id="b-again"), {"b"}),
         ("rerun finishes", lambda: finish("b", "o4"), {"b"}),
         ("removed", lambda: (connection.hset(keys.day_waiting(DAY), "d", "{}"), scripts.remove_waiting(
-            waiting_key=keys.day_waiting(DAY), runs_key=runs_key, finished_key=finished_key, deps_key=keys.day_deps(DAY), run_id="d", now_iso=NOW,
-            why="gone", retention_s=RETENTION_S).run()), {"d"}),
+            waiting_key=keys.day_waiting(DAY), runs_key=runs_key, finished_key=finished_key,
+            deps_key=keys.day_deps(DAY), run_id="d", now_iso=NOW, why="gone", retention_s=RETENTION_S).run()), {"d"}),
         ("rerun of a removed run", lambda: scripts.queue_records(
             runs_key=runs_key, retention_s=RETENTION_S, fresh=[],
             again=[Requeued(run_id="d", base_json=record_json("d"), job_id="d-again", attempts_before=0,
@@ -213,3 +213,18 @@ def _calls(connection: Redis) -> Counter:
     reads it with nothing else talking to its server)."""
     stats = connection.info("commandstats")
     return Counter({name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()})
+
+
+def test_a_run_entrys_series_is_read_off_its_run_id_as_its_param_would_give_it() -> None:
+    from dailyq.eta import run_series, series_id  # noqa: PLC0415
+    from dailyq.params_book import params_run_id  # noqa: PLC0415
+    from dailyq.runs import runs_on  # noqa: PLC0415
+    from dailyq.table import Task, TaskTable  # noqa: PLC0415
+
+    params = [1, "two", {"b": [3, 4], "a": None}, [5.5, True], "x-0123456789ab"]
+    task = Task(name="task-with-dashes", func="bench.noop.noop", params=params, at="03:00")
+    for run in runs_on(TaskTable([task]), DAY):
+        assert run_series(task.name, run.run_id, run.param) == run.series_id == series_id(task.name, run.param)
+    # A computed slot's placeholder has no digest in its id: its series comes from its param.
+    slot = runs_on(TaskTable([task]), DAY)[0].slot
+    assert run_series(task.name, params_run_id(task, slot), None) == series_id(task.name, None)
