@@ -34,6 +34,7 @@ about that cost times the runs left per worker. Each worker process is one worke
 from __future__ import annotations
 
 import heapq
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Sequence
@@ -104,7 +105,7 @@ def series_id(task: str, param: Any) -> str:
     return f"{task}-{param_digest(encode_param(param))}"
 
 
-_HEX = frozenset("0123456789abcdef")
+_DIGEST = re.compile(f"-[0-9a-f]{{{DIGEST_LENGTH}}}")
 
 
 def run_series(task: str, run_id: Any, param: Any) -> str:
@@ -113,10 +114,9 @@ def run_series(task: str, run_id: Any, param: Any) -> str:
     so a big day's params are not encoded again. Else (a computed slot's placeholder)
     from the param."""
     if isinstance(run_id, str) and run_id.startswith(task + "-"):
-        digest = run_id[-DIGEST_LENGTH:]
         has_slot = len(run_id) > len(task) + DIGEST_LENGTH + 1
-        if has_slot and run_id[-DIGEST_LENGTH - 1] == "-" and _HEX.issuperset(digest):
-            return f"{task}-{digest}"
+        if has_slot and _DIGEST.fullmatch(run_id, len(run_id) - DIGEST_LENGTH - 1):
+            return f"{task}-{run_id[-DIGEST_LENGTH:]}"
     return series_id(task, param)
 
 
