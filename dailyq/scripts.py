@@ -82,7 +82,7 @@ RECORD_LUA = f"""
 -- records of that slot, '_seq' -> the day's last change, and '_counted' = 1 while the
 -- counts cover every record (a new day's from its first; a day an older version began is
 -- counted once by day_feed.py); runs_key .. '{DAY_CHANGES_SUFFIX}', a sorted set run_id -> the
--- '_seq' of its last change. Both expire with the records.
+-- '_seq' of its last change. Both expire a retention after the day's last new run.
 local loaded = {{}}  -- runs_key .. ' ' .. run_id -> {{state, task}} as load_record found it, or false
 local function before_of(runs_key, run_id)
   local seen = loaded[runs_key .. ' ' .. run_id]
@@ -112,9 +112,15 @@ local function note_change(runs_key, run_id, before, record, retention_s)
       redis.call('HINCRBY', counts_key, 's|' .. state .. '|' .. task, 1)
     end
   end
-  redis.call('ZADD', changes_key, redis.call('HINCRBY', counts_key, '_seq', 1), run_id)
-  redis.call('EXPIRE', counts_key, retention_s)
-  redis.call('EXPIRE', changes_key, retention_s)
+  local seq = redis.call('HINCRBY', counts_key, '_seq', 1)
+  redis.call('ZADD', changes_key, seq, run_id)
+  if seq == 1 or not before then
+    -- Set when the run (or the day's counts) is new, not at every change: two commands
+    -- less per BEGIN and FINISH. Counts that expire before their records (a rerun days
+    -- later kept those alive) are counted again once (day_feed.py), then go on.
+    redis.call('EXPIRE', counts_key, retention_s)
+    redis.call('EXPIRE', changes_key, retention_s)
+  end
   loaded[runs_key .. ' ' .. run_id] = {{state, task}}
 end
 local function store_record(runs_key, run_id, record_json, retention_s, record)
