@@ -34,11 +34,12 @@ about that cost times the runs left per worker. Each worker process is one worke
 from __future__ import annotations
 
 import heapq
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
-from .runs import PAUSED, QUEUED, RUNNING, SCHEDULED, WAITING, param_digest
+from .runs import DIGEST_LENGTH, PAUSED, QUEUED, RUNNING, SCHEDULED, WAITING, param_digest
 from .table import Task, encode_param
 from .timestamps import parse_iso
 
@@ -104,6 +105,21 @@ def series_id(task: str, param: Any) -> str:
     return f"{task}-{param_digest(encode_param(param))}"
 
 
+_DIGEST = re.compile(f"-[0-9a-f]{{{DIGEST_LENGTH}}}")
+
+
+def run_series(task: str, run_id: Any, param: Any) -> str:
+    """``series_id`` of a run entry, read off its run id when that is a run's own
+    (``{task}-{slot label}-{param digest}``, runs.Run.run_id): the digest is the series',
+    so a big day's params are not encoded again. Else (a computed slot's placeholder)
+    from the param."""
+    if isinstance(run_id, str) and run_id.startswith(task + "-"):
+        has_slot = len(run_id) > len(task) + DIGEST_LENGTH + 1
+        if has_slot and _DIGEST.fullmatch(run_id, len(run_id) - DIGEST_LENGTH - 1):
+            return f"{task}-{run_id[-DIGEST_LENGTH:]}"
+    return series_id(task, param)
+
+
 def eta_runs(runs: Iterable[Mapping[str, Any]]) -> list[EtaRun]:
     """``status``' run entries (status.day_runs) as the simulation's input. A stored start
     has second precision (timestamps.py): the run started within that second, so in its
@@ -115,7 +131,8 @@ def eta_runs(runs: Iterable[Mapping[str, Any]]) -> list[EtaRun]:
         pending = state in PENDING
         started = parse_iso(run.get("started_at")) if state == RUNNING else None
         shown.append(EtaRun(
-            task=str(run.get("task")), series=series_id(str(run.get("task")), run.get("param")), state=state,
+            task=str(run.get("task")), series=run_series(str(run.get("task")), run.get("run_id"), run.get("param")),
+            state=state,
             slot=parse_iso(run.get("slot")) if pending else None,
             started_at=None if started is None else started + START_PRECISION / 2,
             duration_s=float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None))

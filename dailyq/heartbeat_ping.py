@@ -18,9 +18,8 @@ while it leads and Redis answers, and none otherwise.
   (``lease_ttl_s`` after it), and only if Redis answered its read of the counts.
 
 Today's counts (done/total/failed, as ``status --watch`` counts them: watch.DONE_STATES)
-come from metrics.read_today, one HSCAN of today's run records: dailyq keeps no
-per-state counters, so this is the cheapest summary there is; it runs once per period,
-in this thread.
+come from metrics.count_today: the day's counts that every record write keeps
+(day_feed.py), no read of the records, whatever the day's size.
 
 Any 2xx is a success (healthchecks.io answers ``200 OK``). The URL is a secret: logs
 show it redacted (webhook_url.redact_webhook_url). A failing endpoint is logged once
@@ -39,11 +38,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Mapping
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .alert_sender import DELIVERED, post_json
 from .clock import Clock, iso, utc_now
-from .metrics import read_today
+from .metrics import count_today
 from .outage import OutageLog
 from .runs import FAILED
 from .settings import Settings
@@ -176,6 +175,11 @@ class HeartbeatPing:
             except Exception:  # noqa: BLE001 - the thread must outlive one bad beat
                 log.exception("the outside heartbeat failed on node %s; going on", self.settings.node_name)
 
+    def _not_counted(self) -> None:
+        if not self._uncounted:
+            self._uncounted = True
+            log.exception("the outside heartbeat could not count today's runs; it goes on with \"today\": null")
+
     def send(self, beat: Beat) -> bool:
         """Read today's counts and POST the beat, if the lease of its tick still holds;
         True when the endpoint answered 2xx."""
@@ -183,17 +187,18 @@ class HeartbeatPing:
             return False  # the tick's lease may have lapsed since: this node may no longer lead
         runs: Counter | None
         try:
-            counts, _ = read_today(self.connection, self.settings.keys, self.table, beat.at)
+            counts = count_today(self.connection, self.settings.keys, self.table, beat.at)
             runs = runs_per_state(counts)
             self._uncounted = False
+        except ResponseError:  # Redis answered: a record its count cannot read (day_feed.read_counts)
+            runs = None
+            self._not_counted()
         except RedisError as exc:
             self._outage.failed(exc)
             return False  # Redis does not answer: no ping, the outside service alarms
         except Exception:  # noqa: BLE001 - a record we cannot read: Redis answered and we lead, so ping
             runs = None
-            if not self._uncounted:
-                self._uncounted = True
-                log.exception("the outside heartbeat could not count today's runs; it goes on with \"today\": null")
+            self._not_counted()
         self._outage.recovered()
         if time.monotonic() > beat.valid_until_s:
             return False

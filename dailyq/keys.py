@@ -9,6 +9,11 @@ the prefix so that separate deployments do not pull each other's jobs.
 from dataclasses import dataclass
 from datetime import date
 
+# A day's counts and change feed are named after its runs hash: the Lua helpers that write
+# a record (scripts.RECORD_LUA) derive them from the runs key they are given, so every
+# script that writes a record keeps them without taking more keys.
+DAY_COUNTS_SUFFIX = ":counts"
+DAY_CHANGES_SUFFIX = ":changes"
 
 @dataclass(frozen=True)
 class Keys:
@@ -114,6 +119,15 @@ class Keys:
     def day_runs(self, day: date) -> str:
         """Hash run id -> JSON run record (state, node, times, attempts, error)."""
         return f"{self.prefix}:day:{day.isoformat()}:runs"
+
+    def day_counts(self, day: date) -> str:
+        """Hash of the day's counts (day_feed.py): ``s|state|task`` -> runs, ``r|slot|task`` ->
+        records, ``_seq`` -> the day's last change, ``_counted`` while they cover every record."""
+        return self.day_runs(day) + DAY_COUNTS_SUFFIX
+
+    def day_changes(self, day: date) -> str:
+        """Sorted set run id -> the day's ``_seq`` at its record's last change (day_feed.py)."""
+        return self.day_runs(day) + DAY_CHANGES_SUFFIX
 
     def day_enqueued(self, day: date) -> str:
         """Set of job ids ever enqueued for that day: makes fan-out idempotent."""

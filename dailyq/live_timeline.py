@@ -23,6 +23,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from .clock import utc_now
+from .day_feed import DayViews
 from .errors import DailyqError
 from .report import LIVE_SCRIPT, render_report
 from .settings import Settings
@@ -85,10 +86,14 @@ def add_timeline(blueprint: Blueprint, settings: Settings, table: TaskTable, con
     """Serve ``/dailyq/`` from ``blueprint`` (before it is registered on the app)."""
     from flask import Response, request  # noqa: PLC0415 - the dashboard extra
 
+    # The days shown lately, kept here for every tab: a reload reads what changed since the
+    # last one (day_feed.py), not the whole day.
+    views = DayViews(connection, settings.keys)
+
     def view() -> Response:
         page = timeline_page(
             request.args.get("date"),
-            read_status=lambda day: day_status(connection, settings.keys, table, day, utc_now()),
+            read_status=lambda day: day_status(connection, settings.keys, table, day, utc_now(), view=views.of(day)),
             today=lambda: default_day(table, utc_now()),
             redis_shown=settings.redacted_url())
         response = Response(page.body, status=page.code, content_type=page.content_type)

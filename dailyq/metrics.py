@@ -62,6 +62,7 @@ from redis.exceptions import RedisError
 
 from .beats import live_processes
 from .clock import parse_iso
+from .day_feed import DayViews, read_counts
 from .day_scan import DayRecords
 from .errors import ConfigError
 from .fingerprint import table_fingerprint
@@ -132,18 +133,24 @@ def runs_by_state(tasks: list[Task], records: dict[str, dict], now: datetime,
     computed task's slot counts its stored list (``book``, that day's), or one entry
     while it has none (params_book.placeholder_record). ``slots``: that day's stored
     once-a-day slots (runs.DaySlots), which its runs use."""
-    names = {task.name for task in tasks}
     counts: Counter = Counter()
     recorded: Counter = Counter()
     for record in records.values():
-        task = record.get("task")
-        if task in names:
-            counts[(task, str(record.get("state")))] += 1
-            recorded[(task, record.get("slot"))] += 1
-    return counts + _unrecorded(tasks, records, recorded, now, book, slots)
+        counts[(record.get("task"), str(record.get("state")))] += 1
+        recorded[(record.get("task"), record.get("slot"))] += 1
+    return counts_by_state(tasks, counts, recorded, now, book, slots)
 
 
-def _unrecorded(tasks: list[Task], records: dict[str, dict], recorded: Counter, now: datetime,
+def counts_by_state(tasks: list[Task], states: Counter, recorded: Counter, now: datetime,
+                    book: ParamsBook | None = None, slots: DaySlots | None = None) -> Counter:
+    """``runs_by_state`` from counts instead of records (day_feed.DayCounts): ``states``
+    (task, state) -> runs recorded, ``recorded`` (task, slot ISO) -> records of that slot."""
+    names = {task.name for task in tasks}
+    counts = Counter({key: number for key, number in states.items() if key[0] in names})
+    return counts + _unrecorded(tasks, recorded, now, book, slots)
+
+
+def _unrecorded(tasks: list[Task], recorded: Counter, now: datetime,
                 book: ParamsBook | None, slots: DaySlots | None = None) -> Counter:
     counts: Counter = Counter()
     if not tasks:
@@ -164,19 +171,38 @@ def _unrecorded(tasks: list[Task], records: dict[str, dict], recorded: Counter, 
     return counts
 
 
-def read_today(connection: Redis, keys: Keys, table: TaskTable,
-               now: datetime) -> tuple[Counter, dict[date, tuple[set[str], dict[str, dict]]]]:
-    """Today's runs (today in each task's zone) as ``runs_by_state`` counts them, and
-    per day read, its tasks' names and records. One HSCAN of each such day (day_scan.py):
-    there are no per-state counters to read instead, so callers read this seldom (a
-    scrape's cache, the outside heartbeat's period)."""
+def _today(table: TaskTable, now: datetime) -> dict[date, list[Task]]:
+    """Today in each task's zone -> the tasks for which it is today."""
     by_day: dict[date, list[Task]] = {}
     for task in table.tasks:
         by_day.setdefault(now.astimezone(ZoneInfo(task.tz)).date(), []).append(task)
+    return by_day
+
+
+def count_today(connection: Redis, keys: Keys, table: TaskTable, now: datetime) -> Counter:
+    """Today's runs as ``runs_by_state`` counts them, from each day's counts
+    (day_feed.read_counts): no record is read, whatever the day's size."""
+    runs: Counter = Counter()
+    for day, tasks in _today(table, now).items():
+        counts = read_counts(connection, keys, day)
+        computed = any(task.params_computed for task in tasks)
+        runs += counts_by_state(tasks, counts.states, counts.slots, now,
+                                ParamsBook.read(connection, keys, day) if computed else None,
+                                DaySlots.read(connection, keys, day) if any(t.at for t in tasks) else None)
+    return runs
+
+
+def read_today(connection: Redis, keys: Keys, table: TaskTable, now: datetime,
+               views: DayViews | None = None) -> tuple[Counter, dict[date, tuple[set[str], dict[str, dict]]]]:
+    """Today's runs (today in each task's zone) as ``runs_by_state`` counts them, and
+    per day read, its tasks' names and records. With ``views`` (a scraper's, kept between
+    scrapes) the records changed since the last scrape are read (day_feed.py); without,
+    one HSCAN of each such day (day_scan.py)."""
     runs: Counter = Counter()
     read: dict[date, tuple[set[str], dict[str, dict]]] = {}
-    for day, tasks in by_day.items():
-        records = DayRecords.read(connection, keys.day_runs(day)).all
+    for day, tasks in _today(table, now).items():
+        records: dict[str, dict] = (views.of(day).refresh() if views is not None  # type: ignore[assignment]
+                                    else DayRecords.read(connection, keys.day_runs(day)).all)
         computed = any(task.params_computed for task in tasks)  # no read for a table of fixed lists
         runs += runs_by_state(tasks, records, now,
                               ParamsBook.read(connection, keys, day) if computed else None,
@@ -203,6 +229,7 @@ class Collector:
         self._fresh_until = 0.0
         self._durations: dict[str, _Histogram] = {task.name: _Histogram() for task in table.tasks}
         self._observed: dict[date, set[str]] = {}  # runs whose duration is in the histogram, per day
+        self._views = DayViews(connection, keys)  # today's records, kept between scrapes (day_feed.py)
         self._outage = OutageLog(log, "a metrics scrape")
         self._last_failure_log = 0.0
 
@@ -315,7 +342,7 @@ class Collector:
             pipe.get(self.keys.leader)
             (seconds, micros), queue_jobs, cursor, pending, in_flight, leader = pipe.execute()
         now = datetime.fromtimestamp(seconds + micros / 1e6, timezone.utc)
-        runs, read = read_today(self.connection, self.keys, self.table, now)
+        runs, read = read_today(self.connection, self.keys, self.table, now, self._views)
         paused = paused_tasks(self.connection, self.keys)
         shown: list[dict] = []  # today's runs as status shows them, for the ETA
         for day, (names, records) in read.items():

@@ -49,8 +49,12 @@ META_KEY = "dailyq"  # the RQ job.meta entry that carries a run's identity
 CLAIM_LOST_RESULT = {"skipped": "claim lost"}
 
 
+# Hex digits of a param's digest at the end of a run id (eta.run_series reads it back).
+DIGEST_LENGTH = 12
+
+
 def param_digest(param_json: str) -> str:
-    return hashlib.sha1(param_json.encode("utf-8")).hexdigest()[:12]
+    return hashlib.sha1(param_json.encode("utf-8")).hexdigest()[:DIGEST_LENGTH]
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.commands.core import Script
 
+from .keys import DAY_CHANGES_SUFFIX, DAY_COUNTS_SUFFIX
 from .runs import BLOCKED, CANCELLED, FAILED, FINISHED, QUEUED, REMOVED, RUNNING, SKIPPED, WAITING
 
 T = TypeVar("T")
@@ -73,20 +74,69 @@ local function pexpire_if_owner(key, owner, ttl_ms)
 end
 """
 
-RECORD_LUA = """
+RECORD_LUA = f"""
 -- Run records: JSON, one hash per day (``status`` reads a whole day with one HGETALL).
 -- Every change is load_record, set fields, save_record; a new record is stored whole.
-local function store_record(runs_key, run_id, record_json, retention_s)
+-- Each write also keeps, in the same step, the day's counts and change feed (day_feed.py):
+-- runs_key .. '{DAY_COUNTS_SUFFIX}', a hash 's|state|task' -> runs in that state, 'r|slot|task' ->
+-- records of that slot, '_seq' -> the day's last change, and '_counted' = 1 while the
+-- counts cover every record (a new day's from its first; a day an older version began is
+-- counted once by day_feed.py); runs_key .. '{DAY_CHANGES_SUFFIX}', a sorted set run_id -> the
+-- '_seq' of its last change. Both expire a retention after the day's last new run.
+local loaded = {{}}  -- runs_key .. ' ' .. run_id -> {{state, task}} as load_record found it, or false
+local function before_of(runs_key, run_id)
+  local seen = loaded[runs_key .. ' ' .. run_id]
+  if seen == nil then
+    local raw = redis.call('HGET', runs_key, run_id)
+    seen = raw and cjson.decode(raw) or false
+    seen = seen and {{tostring(seen.state), tostring(seen.task)}}
+  end
+  return seen
+end
+local function note_change(runs_key, run_id, before, record, retention_s)
+  local counts_key, changes_key = runs_key .. '{DAY_COUNTS_SUFFIX}', runs_key .. '{DAY_CHANGES_SUFFIX}'
+  local state, task = tostring(record.state), tostring(record.task)
+  local counted = redis.call('HEXISTS', counts_key, '_counted') == 1
+  if not counted and redis.call('EXISTS', runs_key) == 0 then
+    redis.call('HSET', counts_key, '_counted', 1)  -- a new day: counted from its first record
+    counted = true
+  end
+  if counted then
+    if not before then
+      redis.call('HINCRBY', counts_key, 'r|' .. tostring(record.slot) .. '|' .. task, 1)
+    end
+    if not before or before[1] ~= state or before[2] ~= task then
+      if before then
+        redis.call('HINCRBY', counts_key, 's|' .. before[1] .. '|' .. before[2], -1)
+      end
+      redis.call('HINCRBY', counts_key, 's|' .. state .. '|' .. task, 1)
+    end
+  end
+  local seq = redis.call('HINCRBY', counts_key, '_seq', 1)
+  redis.call('ZADD', changes_key, seq, run_id)
+  if seq == 1 or not before then
+    -- Set when the run (or the day's counts) is new, not at every change: two commands
+    -- less per BEGIN and FINISH. Counts that expire before their records (a rerun days
+    -- later kept those alive) are counted again once (day_feed.py), then go on.
+    redis.call('EXPIRE', counts_key, retention_s)
+    redis.call('EXPIRE', changes_key, retention_s)
+  end
+  loaded[runs_key .. ' ' .. run_id] = {{state, task}}
+end
+local function store_record(runs_key, run_id, record_json, retention_s, record)
+  note_change(runs_key, run_id, before_of(runs_key, run_id), record or cjson.decode(record_json), retention_s)
   redis.call('HSET', runs_key, run_id, record_json)
   redis.call('EXPIRE', runs_key, retention_s)
 end
 -- The stored record, else the one decoded from base_json (nil when neither exists).
 local function load_record(runs_key, run_id, base_json)
-  local raw = redis.call('HGET', runs_key, run_id) or base_json
-  return raw and cjson.decode(raw)
+  local stored = redis.call('HGET', runs_key, run_id)
+  local record = (stored or base_json) and cjson.decode(stored or base_json)
+  loaded[runs_key .. ' ' .. run_id] = stored and {{tostring(record.state), tostring(record.task)}} or false
+  return record
 end
 local function save_record(runs_key, run_id, record, retention_s)
-  store_record(runs_key, run_id, cjson.encode(record), retention_s)
+  store_record(runs_key, run_id, cjson.encode(record), retention_s, record)
 end
 -- Executions of the record's current run id: ``attempts`` counts every execution shown
 -- in ``status``; a user's rerun starts a new run id from ``attempts_before``.
@@ -393,8 +443,12 @@ local runs_key = KEYS[1]
 local retention_s, fresh = ARGV[1], tonumber(ARGV[2])
 local again_from = 3 + 2 * fresh
 if fresh > 0 then
-  -- one HSET and one EXPIRE for all of them, not two commands per run: a fan-out chunk
-  -- holds at most fanout.CHUNK_SIZE runs, 2 arguments each, well within unpack's limit
+  -- the day's counts and feed first (each record as it was, if any), then one HSET and one
+  -- EXPIRE for all of them, not two commands per run: a fan-out chunk holds at most
+  -- fanout.CHUNK_SIZE runs, 2 arguments each, well within unpack's limit
+  for i = 3, again_from - 1, 2 do
+    note_change(runs_key, ARGV[i], before_of(runs_key, ARGV[i]), cjson.decode(ARGV[i + 1]), retention_s)
+  end
   redis.call('HSET', runs_key, unpack(ARGV, 3, again_from - 1))
   redis.call('EXPIRE', runs_key, retention_s)
 end
@@ -717,6 +771,61 @@ for i = 3, #ARGV do
 end
 return changed
 """, RECORD_LUA)
+
+RECOUNT_DAY = _lua("""
+-- Counts a day's records afresh into its counts hash (day_feed.py): a day an older version
+-- began (no '_counted'), or counts that disagree with the records. In one step, so no
+-- record changes between the count and the counts written; '_seq' is kept. An HSCAN in
+-- slices inside the script (a field met twice counted once) rather than one HGETALL
+-- reply of the whole day in the script's memory.
+-- KEYS[1] = day runs hash, KEYS[2] = day counts hash
+-- Returns the number of records counted; an error, counting nothing, when a record is not JSON.
+local runs_key, counts_key = KEYS[1], KEYS[2]
+local seq = redis.call('HGET', counts_key, '_seq') or 0
+local counts, seen, n, cursor = {}, {}, 0, '0'
+repeat
+  local page = redis.call('HSCAN', runs_key, cursor, 'COUNT', 1000)
+  cursor = page[1]
+  for i = 1, #page[2], 2 do
+    local run_id = page[2][i]
+    if not seen[run_id] then
+      seen[run_id] = true
+      n = n + 1
+      local ok, record = pcall(cjson.decode, page[2][i + 1])
+      if not ok or type(record) ~= 'table' then
+        return redis.error_reply('unreadable run record ' .. run_id .. ' in ' .. runs_key)
+      end
+      local task = tostring(record.task)
+      local fields = {'s|' .. tostring(record.state) .. '|' .. task, 'r|' .. tostring(record.slot) .. '|' .. task}
+      for _, field in ipairs(fields) do
+        counts[field] = (counts[field] or 0) + 1
+      end
+    end
+  end
+until cursor == '0'
+redis.call('DEL', counts_key)
+if n == 0 then
+  return 0  -- no records: nothing to count (the day's first write starts its counts)
+end
+redis.call('HSET', counts_key, '_counted', 1, '_seq', seq)
+local flat = {}
+for field, number in pairs(counts) do
+  flat[#flat + 1] = field
+  flat[#flat + 1] = number
+  if #flat >= 1000 then  -- within unpack's limit, however many tasks and slots
+    redis.call('HSET', counts_key, unpack(flat))
+    flat = {}
+  end
+end
+if #flat > 0 then
+  redis.call('HSET', counts_key, unpack(flat))
+end
+local ttl_ms = redis.call('PTTL', runs_key)
+if ttl_ms > 0 then
+  redis.call('PEXPIRE', counts_key, ttl_ms)
+end
+return n
+""")
 
 HOLD_WAITING = _lua(f"""
 -- Held runs of one task whose upstream runs have not all finished: 'blocked', with an
@@ -1847,6 +1956,7 @@ class Scripts:
         self._renew_claim = register(RENEW_CLAIM)
         self._take_if_abandoned = register(TAKE_IF_ABANDONED)
         self._requeue_stranded = register(REQUEUE_STRANDED)
+        self._recount_day = register(RECOUNT_DAY)
         self._settle_failed = register(SETTLE_FAILED)
         self._requeue_orphaned = register(REQUEUE_ORPHANED)
         self._outbox_enqueue = register(OUTBOX_ENQUEUE)
@@ -1923,6 +2033,10 @@ class Scripts:
                       run_ids: Sequence[str]) -> ScriptCall[int]:
         """Returns how many of the runs had a record (and now have ``state``)."""
         return ScriptCall(self._set_run_state, [runs_key], [retention_s, state, *run_ids], int)
+
+    def recount_day(self, *, runs_key: str, counts_key: str) -> ScriptCall[int]:
+        """Counts the day's records afresh (day_feed.py); returns how many there are."""
+        return ScriptCall(self._recount_day, [runs_key, counts_key], [], int)
 
     def hold_waiting(self, *, runs_key: str, retention_s: int, unfinished_upstream: Sequence[str],
                      held: Sequence[str], given_blocker: tuple[str, str] | None = None) -> ScriptCall[HoldReply]:

@@ -37,6 +37,7 @@ from redis import Redis
 
 from .beats import clock_warnings, live_processes
 from .clock import iso
+from .day_feed import DayView
 from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series
 from .fanout import DURATION_LOOKUP_CHUNK
 from .fingerprint import describe, fingerprint
@@ -47,7 +48,7 @@ from .params_book import ParamsBook
 from .pausing import paused_tasks
 from .redis_memory import redis_view
 from .redis_values import as_text
-from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, decode_record, runs_on
+from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, runs_on
 from .table import TaskTable
 from .table_watch import read_tables
 
@@ -68,11 +69,14 @@ def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
     return info
 
 
-def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime) -> dict[str, Any]:
+def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,
+               view: DayView | None = None) -> dict[str, Any]:
+    """``view``: the day's records kept by a caller that asks again and again (the
+    dashboard, ``status --watch``), refreshed from the change feed instead of read whole."""
     paused = paused_tasks(connection, keys)
     redis = redis_view(connection, keys)
     refused = {(entry["task"], entry["slot"]) for entry in redis["refused_slots"]}
-    runs = day_runs(connection, keys, table, day, now, paused, refused=refused)
+    runs = day_runs(connection, keys, table, day, now, paused, refused=refused, view=view)
     nodes = live_processes(connection, keys, now)
     leader = leader_info(connection, keys)
     description = describe(table)
@@ -139,10 +143,15 @@ def late_slots(connection: Redis, keys: Keys, day: date) -> list[dict[str, Any]]
 
 def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: datetime,
              paused: dict[str, Any] | None = None,
-             refused: Collection[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+             refused: Collection[tuple[str, str]] = (), view: DayView | None = None) -> list[dict[str, Any]]:
     """Every run of ``day`` as ``status --json`` shows it, in firing order (``shown_runs``
-    of the day's records, read with one HGETALL)."""
-    records = {as_text(k): decode_record(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
+    of the day's records, read with one HGETALL, or what changed since ``view``'s last look)."""
+    if view is not None:
+        records = view.refresh()
+    else:
+        # Decoded once; each param is set by shown_runs (from the table's run when it is a
+        # plain value, so a big day's params are not decoded a second time).
+        records = {as_text(k): json.loads(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
     paused = paused_tasks(connection, keys) if paused is None else paused
     return shown_runs(table, day, now, records, paused, ParamsBook.read(connection, keys, day),
                       DaySlots.read(connection, keys, day), refused)
@@ -153,7 +162,9 @@ def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, An
                refused: Collection[tuple[str, str]] = (), task_names: Iterable[str] | None = None,
                ) -> list[dict[str, Any]]:
     """The runs of ``day`` as ``status`` shows them, from records already read (alerts and
-    metrics read theirs with HSCAN, day_scan.py); ``records`` is changed in place.
+    metrics read theirs with HSCAN, day_scan.py); ``records`` is changed in place. A
+    record without ``param`` (raw JSON) gets it: its run's own for a plain value (the
+    one its ``param_json`` encodes), else decoded from ``param_json``.
 
     A computed task's runs are those of the list stored for the slot (params_book.py);
     a slot of it with no list yet is one entry (``params_book.placeholder_record``).
@@ -162,9 +173,9 @@ def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, An
     names = None if task_names is None else set(task_names)
     if names is not None and not names:
         return []
-    for stored in records.values():
+    for run_id, stored in list(records.items()):
         if stored.get("state") == QUEUED and stored.get("task") in paused:
-            stored["state"] = PAUSED
+            records[run_id] = {**stored, "state": PAUSED}  # a copy: a DayView's records stay as stored
     # A once-a-day task whose ``at`` or ``tz`` changed after its slot ran: its runs are
     # those of the slot first fanned out (runs.DaySlots), not new ones at the new time.
     shown: list[tuple[datetime, dict[str, Any]]] = []
@@ -180,6 +191,8 @@ def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, An
                        and (run.task.name, run.slot.isoformat()) not in refused)
             record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
             record["param"] = run.param
+        elif "param" not in record:
+            record["param"] = run.param if type(run.param) in _PLAIN else _param_of(record)
         shown.append((run.slot.fires_at, _public(run.run_id, record)))
     if book is not None:
         shown += [(slot.fires_at, _public(run_id, record))
@@ -188,9 +201,20 @@ def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, An
     runs = [run for _, run in shown]
     # Runs recorded but no longer in the table (a task renamed or params changed) still count:
     # a renamed task is a new task, the old name's records stay listed under it.
-    runs.extend(_public(run_id, record) for run_id, record in sorted(records.items())
-                if names is None or record.get("task") in names)
+    for run_id, record in sorted(records.items()):
+        if names is None or record.get("task") in names:
+            if "param" not in record:
+                record["param"] = _param_of(record)
+            runs.append(_public(run_id, record))
     return runs
+
+
+# Params that JSON gives back as they were (a tuple comes back a list, an int key a str).
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _param_of(record: RunRecord) -> Any:
+    return json.loads(record.get("param_json", "null"))
 
 
 def _public(run_id: str, record: RunRecord) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``status --watch``'s refresh loop: the day read from Redis about every second,
+"""``status --watch``'s refresh loop: the day's changes read from Redis about every second,
 turned into watch.py's progress line.
 
 watch.py stays pure (the line from fixed values); this is the part that reads Redis
@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 from redis import Redis
 
 from .clock import RedisClock
+from .day_feed import DayView
 from .settings import Settings
 from .status import day_status
 from .table import TaskTable
@@ -40,9 +41,11 @@ def watch_frames(connection: Redis, settings: Settings, table: TaskTable, day: d
     nodes_seen: set[str] = set()  # a node seen running once is counted among the nodes shown
     # Redis's clock, not this host's: the one the leader fires slots by and heartbeats carry.
     clock = RedisClock(connection)
+    # The day read whole once, then only what changed since the last frame (day_feed.py).
+    view = DayView(connection, settings.keys, day)
     while True:
         now = clock()
-        status = day_status(connection, settings.keys, table, day, now)
+        status = day_status(connection, settings.keys, table, day, now, view=view)
         nodes_seen |= running_nodes(status)
         # status' ``eta`` is the ETA shown: no durations to pass (nor the whole hash to read).
         line = render_line(progress(status, {}, now, nodes_seen), colour=colour, width=width())
