@@ -23,7 +23,7 @@ import hashlib
 import json
 from typing import Any, Mapping, TypedDict
 
-from .table import Task, TaskTable, encode_param
+from .table import Task, TaskTable
 
 
 class _PoolFields(TypedDict, total=False):
@@ -53,7 +53,7 @@ def schedule_text(task: Task) -> str:
 def describe_task(task: Task, pool_size: int | None = None) -> TaskDescription:
     described: TaskDescription = {
         "func": task.func_path,
-        "params": None if task.params_computed else [encode_param(p) for p in task.params],  # type: ignore[union-attr]
+        "params": None if task.params_computed else list(task.encoded_params),
         "params_from": task.params_path if task.params_computed else None,
         "schedule": schedule_text(task), "after": list(task.after),
         "max_running": task.max_running, "max_per_node": task.max_per_node}

@@ -325,13 +325,19 @@ def runs_on(table: TaskTable, day: date, task_names: Iterable[str] | None = None
     """Every run whose slot falls on ``day`` (each task's own zone), in firing order.
     ``slots``: the day's stored once-a-day slots (``DaySlots``), which the runs then use."""
     tasks = [table.get(n) for n in task_names] if task_names else table.tasks
-    runs = [Run(task, param, slot) for task in tasks for slot in task_slots_on(task, day, slots)
-            for param in slot_params(task, slot, book)]
+    runs = [run for task in tasks for slot in task_slots_on(task, day, slots) for run in runs_of_slot(task, slot, book)]
     return sorted(runs, key=lambda r: r.slot.fires_at)
 
 
 def runs_of_slot(task: Task, slot: Slot, book: ParamsLookup | None = None) -> list[Run]:
-    return [Run(task, param, slot) for param in slot_params(task, slot, book)]
+    if task.params_computed:
+        return [Run(task, param, slot) for param in slot_params(task, slot, book)]
+    runs = []
+    for param, encoded in zip(task.params, task.encoded_params):  # type: ignore[arg-type]
+        run = Run(task, param, slot)
+        run.__dict__["param_json"] = encoded  # what its cached_property would compute, encoded once per task
+        runs.append(run)
+    return runs
 
 
 def decode_record(raw: bytes | str) -> RunRecord:
