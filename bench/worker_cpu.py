@@ -1,25 +1,43 @@
-"""CPU per run of one burst worker draining N no-op runs, for the checkout it is run in.
+"""Cost per run of one burst worker draining N no-op runs, for the checkout it is run in.
 
 For an A/B of two versions of dailyq: run it from the root of each checkout (each with
 its own venv), alternating, e.g. ``.venv/bin/python bench/worker_cpu.py 3000 --simple``
 (``--simple``: the non-forking worker; without it, the forking one). Prints wall time,
-the worker's CPU (rusage of the worker process and its work-horses) and Redis's CPU
-(INFO) per run. The fan-out before it is not timed. Also imports from checkouts older
+the worker's CPU (rusage of the worker process and its work-horses), Redis's CPU (INFO),
+and the Redis commands (INFO stats: those run inside scripts count too) and bytes each
+way per run. The fan-out before it is not measured. Also imports from checkouts older
 than the commands / rq_seam modules, so that a new version can be set against an old one.
+
+``--side`` picks what drains the queue, for the profile against plain RQ (BENCHMARKS.md):
+
+* ``dailyq`` (default): dailyq's worker, runs fanned out by dailyq;
+* ``plain``: ``rq worker`` (``rq.Worker``/``rq.SimpleWorker``) on minimal JSON jobs;
+* ``plain_dailyq_jobs``: ``rq worker`` on the jobs dailyq's fan-out makes (meta, description);
+* ``adhoc``: dailyq's worker on minimal jobs of a table function (no run identity, so no
+  guard: what the worker costs around RQ's job without the run's claim and record).
+
+``--callgrind FILE`` runs the worker under ``valgrind --tool=callgrind`` (instructions
+are counted, so the figure holds on a loaded machine; the work-horses of a forking worker
+are not counted); ``--profile FILE`` under cProfile, timed by CPU time, not wall time.
+Per run, take the difference of two sizes (say 300 and 1): the start-up cancels out.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import subprocess
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
 
 from redis import Redis  # noqa: E402
+from rq import Queue  # noqa: E402
+from rq.serializers import JSONSerializer  # noqa: E402
 
 from dailyq.keys import Keys  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
@@ -34,6 +52,21 @@ try:
 except ImportError:  # before the RQ seam
     from dailyq.worker import make_queue  # type: ignore[no-redef]
 
+SIDES = ("dailyq", "plain", "plain_dailyq_jobs", "adhoc")
+# Runs the worker's entry point under cProfile with CPU time as its clock (the default,
+# wall time, charges each Redis round trip's wait to the function that waits).
+CPU_PROFILE = "\n".join([
+    "import cProfile, runpy, sys, time",
+    "out = sys.argv[1]; sys.argv = sys.argv[2:]",
+    "p = cProfile.Profile(time.process_time)",
+    "p.enable()",
+    "try:",
+    "    runpy.run_path(sys.argv[0], run_name='__main__')",
+    "except SystemExit:",
+    "    pass",
+    "finally:",
+    "    p.disable(); p.dump_stats(out)"])
+
 
 def redis_cpu_s(connection: Redis) -> float:
     info = connection.info("cpu")
@@ -45,23 +78,58 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def enqueue_minimal(connection: Redis, queue_name: str, runs: int) -> None:
+    queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
+    for lo in range(0, runs, 1000):
+        queue.enqueue_many([Queue.prepare_data("bench.noop.noop", args=(i,), job_id=f"noop-{i}")
+                            for i in range(lo, min(runs, lo + 1000))])
+
+
 def main() -> None:
-    runs, flags = int(sys.argv[1]), sys.argv[2:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=int)
+    parser.add_argument("--simple", action="store_true", help="the non-forking worker")
+    parser.add_argument("--side", choices=SIDES, default="dailyq")
+    parser.add_argument("--callgrind", metavar="FILE")
+    parser.add_argument("--profile", metavar="FILE")
+    args = parser.parse_args()
+    runs = args.runs
+    rq_cli = str(Path(sys.executable).with_name("rq"))
     with PrivateRedis(appendonly=False) as server:
         connection = Redis.from_url(server.url)
         keys = Keys("p")
         table = TaskTable([Task(name="noop", func="bench.noop.noop", params=list(range(runs)), at="03:00", retries=0)])
-        trigger(connection, keys, make_queue(connection, keys), table, date(2026, 1, 5), None, 7 * 86400)
         env = dict(os.environ, REDIS_URL=server.url, DAILYQ_PREFIX="p", DAILYQ_TASKS="bench.bench_tasks",
                    BENCH_NOOP=str(runs), NODE_NAME="n1", PYTHONPATH=os.getcwd())
+        worker = ["worker_entry.py", "--burst"] + (["--simple"] if args.simple else [])
+        if args.side == "dailyq":
+            trigger(connection, keys, make_queue(connection, keys), table, date(2026, 1, 5), None, 7 * 86400)
+        elif args.side == "adhoc":
+            enqueue_minimal(connection, keys.queue_name, runs)
+        else:
+            if args.side == "plain":
+                enqueue_minimal(connection, "plain", runs)
+            else:
+                from bench.run import enqueue_dailyq_jobs_with_plain_rq
+
+                enqueue_dailyq_jobs_with_plain_rq(connection, "plain", table.tasks[0], date(2026, 1, 5))
+            worker = [rq_cli, "worker", "--burst", "-w", "rq.SimpleWorker" if args.simple else "rq.Worker",
+                      "-S", "rq.serializers.JSONSerializer", "plain"]
+        command = [sys.executable, *(["-c", CPU_PROFILE, args.profile] if args.profile else []), *worker]
+        if args.callgrind:
+            command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={args.callgrind}", *command]
+        connection.config_resetstat()
         worker_before, redis_before, started = children_cpu_s(), redis_cpu_s(connection), time.perf_counter()
-        subprocess.run([sys.executable, "worker_entry.py", "--burst", *flags], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall_s = time.perf_counter() - started
         worker_s, redis_s = children_cpu_s() - worker_before, redis_cpu_s(connection) - redis_before
+        stats = connection.info("stats")
     per_run = {"wall": wall_s, "worker cpu": worker_s, "redis cpu": redis_s}
     shown = ", ".join(f"{name} {seconds / runs * 1000:.3f} ms/run" for name, seconds in per_run.items())
-    print(f"{os.path.basename(os.getcwd())} {' '.join(flags) or 'forking'}: {shown}")
+    counts = (f"{stats['total_commands_processed'] / runs:.1f} commands, {stats['total_net_input_bytes'] / runs:.0f} B "
+              f"in, {stats['total_net_output_bytes'] / runs:.0f} B out per run")
+    kind = "non-forking" if args.simple else "forking"
+    print(f"{os.path.basename(os.getcwd())} {args.side} {kind}: {shown}; {counts}")
 
 
 if __name__ == "__main__":
