@@ -11,28 +11,17 @@ from collections import Counter
 from datetime import date
 from typing import Any, Callable
 
-import pytest
 from redis import Redis
 
 from dailyq.day_feed import DayView, parse_counts, read_counts
 from dailyq.keys import Keys
 from dailyq.runs import new_record
-from dailyq.scripts import Requeued, Scripts, scripts_for
+from dailyq.scripts import Requeued, Scripts
 
 DAY = date(2026, 11, 26)
 RETENTION_S = 600
 TTL_MS = 5000
 NOW = "2026-11-26T10:00:00+00:00"
-
-
-@pytest.fixture
-def scripts(connection: Redis) -> Scripts:
-    return scripts_for(connection)
-
-
-@pytest.fixture
-def keys(prefix: str) -> Keys:
-    return Keys(prefix)
 
 
 def record_json(run_id: str, task: str = "t", slot: str = "2026-11-26T09:00:00+00:00") -> str:
