@@ -162,24 +162,27 @@ def slow_batch(node_env: dict[str, str], params: int, sleep_s: float) -> dict[st
     return env
 
 
-def busy_workers(base: str) -> dict[str, dict]:
+def busy_workers(base: str, queue: str) -> dict[str, dict]:
     """workers.json, which must answer 200 (rq-dashboard 0.9.0 alone answers 500 while a
-    worker executes one of our JSON jobs): {worker name: its current job} of busy ones."""
+    worker executes one of our JSON jobs): {worker name: its current job} of busy ones on
+    ``queue`` (the test's prefix). RQ's worker registry is not prefixed: the session's
+    Redis may still list a worker an earlier test killed mid-run until its key expires."""
     status, body = get(f"{base}/0/data/workers.json", AUTH)
     assert status == 200, body[:500]
-    return {w["name"]: w["current_job"] for w in json.loads(body)["workers"] if w["current_job"] != "idle"}
+    return {w["name"]: w["current_job"] for w in json.loads(body)["workers"]
+            if w["current_job"] != "idle" and queue in w["queues"]}
 
 
 def test_workers_json_shows_each_busy_workers_run_while_runs_execute(node_env, processes, tmp_path):
     env = slow_batch(node_env, params=2, sleep_s=3)
     with running_dashboard(env, tmp_path) as base:
-        assert busy_workers(base) == {}
+        assert busy_workers(base, env["DAILYQ_PREFIX"]) == {}
         for node in ("node-a", "node-b"):
             processes.start("worker_entry.py", dict(env, NODE_NAME=node), "--burst", log_dir=tmp_path)
         seen: dict[str, dict] = {}
 
         def both_busy() -> bool:
-            busy = busy_workers(base)
+            busy = busy_workers(base, env["DAILYQ_PREFIX"])
             seen.update(busy)
             return len(busy) == 2
 
@@ -200,7 +203,7 @@ def test_the_workers_page_shows_the_busy_worker_in_chromium(node_env, processes,
     env = slow_batch(node_env, params=1, sleep_s=60)
     with running_dashboard(env, tmp_path) as base:
         worker = processes.start("worker_entry.py", dict(env, NODE_NAME="node-a"), "--burst", log_dir=tmp_path)
-        wait_for(lambda: bool(busy_workers(base)), timeout=60, what="the worker to start its run")
+        wait_for(lambda: bool(busy_workers(base, env["DAILYQ_PREFIX"])), timeout=60, what="the worker to start its run")
         try:
             with Browser(tmp_path / "profile", tmp_path / "chromium.log") as browser:
                 page = browser.open(f"{base}/0/view/workers", headers={"Authorization": basic_auth(*AUTH)})
