@@ -267,7 +267,7 @@ class DailyJob(Job):
                                          will_retry=lambda: bool(self.retries_left),
                                          defer_finish=execution.defer_finish, attempt=execution.attempt,
                                          cancel_retry=self._cancel_retry)
-        if result == CLAIM_LOST_RESULT:
+        if result is CLAIM_LOST_RESULT:  # the guard's own object: a task returning an equal dict is not a stop
             execution.stopped_for_claim = True  # seen by this process's worker when it does not fork
         return result
 
