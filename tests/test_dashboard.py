@@ -207,8 +207,12 @@ def test_the_workers_page_shows_the_busy_worker_in_chromium(node_env, processes,
         try:
             with Browser(tmp_path / "profile", tmp_path / "chromium.log") as browser:
                 page = browser.open(f"{base}/0/view/workers", headers={"Authorization": basic_auth(*AUTH)})
+                # This test's worker: its queue is the test's prefix (RQ's worker registry is
+                # shared by every test on this Redis, and another test's worker may be listed).
+                mine = json.dumps(env["DAILYQ_PREFIX"])
                 row = page.wait_for(
-                    bool, "(document.querySelector('#workers tr[data-role=worker]') || {}).innerText",
+                    bool, "([...document.querySelectorAll('#workers tr[data-role=worker]')]"
+                          f".find(tr => tr.innerText.includes({mine})) || {{}}).innerText",
                     timeout=30, what="the Workers page to list the worker")
                 ARTIFACTS.mkdir(exist_ok=True)
                 page.screenshot(ARTIFACTS / "dashboard-workers.png")
