@@ -290,6 +290,12 @@ class WorkerContext:
                                  RECORD_DEATH_OUTAGE_LIMIT_S)
         if outcome == "failed":
             self.guard.run_ended(attempt.run)
+        elif outcome == "not-ours":
+            # Another copy holds the run, recovery took it over, or Redis lost the claim with
+            # the run's start (a failover to a replica that lagged): then nothing backs the
+            # run and the leader would settle RQ's failed job as a failure. The same check
+            # as for a copy stopped for its claim, once RQ has failed the job (``stopped``).
+            execution.stopped_for_claim = True
         log.warning("run %s: %s on node %s; %s", run_id, error, self.guard.node,
                     {"retry": "will retry", "failed": "failed (no attempts left)"}.get(
                         outcome, "not recorded (its claim had passed on)"),

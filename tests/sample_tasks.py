@@ -1,7 +1,7 @@
 """Task table for the tests, shaped by environment variables so that separate node
 processes share it: SAMPLE_AT / SAMPLE_TZ / SAMPLE_PARAMS / SAMPLE_SLEEP_S / SAMPLE_ONLY /
-SAMPLE_RETRIES / SAMPLE_FUNC (record, progress, hold_gil, die, fail_first, explode, fail_some,
-uneven: SAMPLE_SLEEPS) /
+SAMPLE_RETRIES / SAMPLE_FUNC (record, progress, hold_gil, die, die_when_told, fail_first, explode,
+fail_some, uneven: SAMPLE_SLEEPS) /
 SAMPLE_FAIL (the params fail_some fails, comma-separated) / SAMPLE_DEADLINE (the sample
 task's deadline) / SAMPLE_LOG_URL (where the tasks log their executions; default
 REDIS_URL, which a test may route through a proxy) / SAMPLE_DOWNSTREAM (N: a task
@@ -90,6 +90,23 @@ def die(param: object) -> None:
     """Ends its own process, as a segfault or the OOM killer would."""
     _log("start", param, **_context_fields())
     os._exit(3)
+
+
+def die_when_told(param: object) -> object:
+    """Ticks like ``progress``; when a test sets the key ``{prefix}:test:die``, takes it
+    and ends its own process with exit code 1 (as a work-horse does whose Redis vanished
+    under RQ's feet). The next execution, finding no key, runs to its end."""
+    _log("start", param, **_context_fields())
+    connection = connect(Settings(redis_url=os.environ["REDIS_URL"]), check=False)
+    key = f"{os.environ.get('DAILYQ_PREFIX', 'dailyq')}:test:die"
+    deadline = time.monotonic() + float(os.environ.get("SAMPLE_SLEEP_S", "0.2"))
+    while time.monotonic() < deadline:
+        if connection.delete(key):
+            os._exit(1)
+        _log("tick", param)
+        time.sleep(0.1)
+    _log("end", param)
+    return param
 
 
 def fail_first(param: object) -> object:
