@@ -181,8 +181,10 @@ def cancel(connection_or_url: ConnectionOrUrl, day: DayLike, task: str | None = 
         raise ConfigError("cancel needs a day: --date YYYY-MM-DD")
     ids = [run_id] if isinstance(run_id, str) else list(run_id or [])
     wanted = [params] if isinstance(params, str) else [p if isinstance(p, str) else encode_param(p) for p in params]
+    from .rq_seam import make_queue  # noqa: PLC0415
     with _connection(connection_or_url, settings) as connection:
-        report = _cancel_command(connection, settings.keys, table_, parsed_day, task_name=task, params=wanted,
+        report = _cancel_command(connection, settings.keys, make_queue(connection, settings.keys), table_,
+                                 parsed_day, task_name=task, params=wanted,
                                  run_ids=ids, node=settings.node_name, user=user or asking_user(),
                                  retention_s=settings.retention_s, now_iso=iso(server_now(connection)))
 

@@ -38,7 +38,9 @@ from datetime import date
 from typing import Any, Mapping, Sequence
 
 from redis import Redis
+from rq import Queue
 
+from .dependencies import downstream_of, release_after
 from .errors import ConfigError
 from .keys import Keys
 from .redis_values import as_text
@@ -79,13 +81,14 @@ def asking_user() -> str:
         return "an unknown user"
 
 
-def cancel(connection: Redis, keys: Keys, table: TaskTable, day: date, *, task_name: str | None = None,
-           params: Sequence[str] = (), run_ids: Sequence[str] = (), node: str, user: str, retention_s: int,
-           now_iso: str) -> CancelReport:
+def cancel(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date, *,
+           task_name: str | None = None, params: Sequence[str] = (), run_ids: Sequence[str] = (), node: str,
+           user: str, retention_s: int, now_iso: str) -> CancelReport:
     """Cancel the chosen runs of ``day``: ``run_ids`` (a run id or a rerun's job id), or the
     runs of ``task_name`` (only ``params``, matched by value or JSON text, when given), or
     every run of the day. An unknown task, param or run id is a ConfigError before
-    anything is cancelled."""
+    anything is cancelled. The held runs downstream of a cancelled run are marked
+    ``blocked`` at once (``queue``: where a release would push runs found ready)."""
     chosen = _choose(connection, keys, table, day, task_name, params, run_ids)
     report = CancelReport(day, f"{user} on {node}")
     why = f"cancelled by {report.by}"
@@ -103,7 +106,21 @@ def cancel(connection: Redis, keys: Keys, table: TaskTable, day: date, *, task_n
                         extra={"run_id": run_id})
         elif reply.outcome == "ended":
             report.ended.append(entry)
+    _block_downstream_of(connection, keys, queue, table, day, retention_s, report.cancelled)
     return report
+
+
+def _block_downstream_of(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date,
+                         retention_s: int, cancelled: Sequence[CancelledRun]) -> None:
+    """As a worker does after its FAIL: a cancelled run blocks the held runs of its
+    downstream tasks now. Nothing else would mark them while no upstream run ends: the
+    leader's tick looks at counts only, once it gave the day its full look (a cancelled
+    run that never started is skipped by its worker without recording an end)."""
+    downstream = downstream_of(table)
+    for run in cancelled:
+        if downstream.get(run.task):
+            release_after(connection, keys, queue, table, day, retention_s=retention_s,
+                          tasks=downstream[run.task], ended=run.run_id)
 
 
 def _choose(connection: Redis, keys: Keys, table: TaskTable, day: date, task_name: str | None,

@@ -198,6 +198,22 @@ def test_cancelled_queued_and_waiting_runs_never_start_and_block_downstream_unti
     assert len(events_of(connection, prefix, "任务参数1", "start")) == 1
 
 
+def test_a_cancel_blocks_the_runs_downstream_at_once_without_a_leader(redis_server, prefix, connection):
+    """Nothing else would: once the leader gave the day its full look, its ticks read the
+    day's counts only, and a cancelled run that never started records no end for a
+    worker's look (CI saw the downstream run stay ``waiting`` for good under load)."""
+    env = base_env(redis_server.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="2", SAMPLE_DOWNSTREAM="2",
+                   SAMPLE_AT=quiet_sample_at(), NODE_NAME="node-ops")
+    assert run_cli(["trigger", "--date", DAY], env).returncode == 0  # no leader, no worker
+    assert {r["state"] for r in status_runs(env) if r["task"] == "downstream"} == {"waiting"}
+    result = run_cli(["cancel", "--date", DAY, "--task", "sample", "--param", "任务参数1"], env)
+    assert result.returncode == 0, result.stderr
+    runs = by_param(env)
+    cancelled_id = runs["任务参数1"]["run_id"]
+    assert [(runs[p]["state"], runs[p]["error"]) for p in ("下游0", "下游1")] == \
+        [("blocked", f'upstream run sample("任务参数1") cancelled: {cancelled_id}')] * 2
+
+
 def test_bad_cancel_input_is_one_line_and_exit_2(redis_server, prefix):
     env = base_env(redis_server.url, prefix, SAMPLE_ONLY="1")
     for args, says in ((["--param", "x"], "--param needs --task"),
