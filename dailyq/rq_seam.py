@@ -338,6 +338,9 @@ class GuardedWorker(BaseWorker):
                    for name in queue_names(queues, default_queue)]
         self.hooks = hooks
         self.shutdown_requested = False
+        # The last dequeue found every queue empty: RQ's loop ends on that in burst mode,
+        # but also, saying nothing to its caller, on a Redis timeout or any error it logs.
+        self.drained = False
         # The execution whose work-horse runs now, if its claim is watched (wait_for_horse).
         self._watched: RunExecution | None = None
         super().__init__(rebuilt, connection=connection, job_class=job_class, serializer=JSONSerializer, **kwargs)
@@ -422,10 +425,13 @@ class GuardedWorker(BaseWorker):
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         """RQ's; a refusal for memory (of its state, its heartbeat, the dequeue itself)
         waits until Redis accepts writes again, then dequeues. None when asked to stop
-        meanwhile (RQ's loop then ends as for an empty burst)."""
+        meanwhile (RQ's loop then ends as for an empty burst). Notes whether the queues were
+        empty (``drained``)."""
         while True:
             try:
-                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                self.drained = result is None
+                return result
             except RedisError as error:
                 if not refused_for_memory(error):
                     raise
