@@ -1,7 +1,7 @@
 """Entry point for this node's worker, and an RQ config module.
 
 * ``python worker_entry.py [--burst] [--simple] [--concurrency N]`` starts a dailyq
-  worker (N of them, supervised by this process: dailyq/worker_pool.py).
+  worker (N of them, supervised by this process: dailyq/worker/pool.py).
 * ``rq worker -c worker_entry -w dailyq.worker.DailyWorker -S rq.serializers.JSONSerializer --with-scheduler``
   does the same through RQ's own CLI, which reads the settings below.
 """

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis import Redis  # noqa: E402
 
-from dailyq.alerts import AlertService  # noqa: E402
+from dailyq.alerts.alerter import AlertService  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
 from dailyq.runs import new_record, runs_on  # noqa: E402
 from dailyq.settings import Settings  # noqa: E402

@@ -36,11 +36,11 @@ from bench.run import DAY_ONE, PY, ROOT, env_for  # noqa: E402
 from dailyq.commands import trigger  # noqa: E402
 from dailyq.day_feed import DayView  # noqa: E402
 from dailyq.keys import Keys  # noqa: E402
-from dailyq.metrics import count_today  # noqa: E402
+from dailyq.ops.metrics import count_today  # noqa: E402
+from dailyq.ops.status import day_status  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
 from dailyq.rq_seam import make_queue  # noqa: E402
 from dailyq.scripts import scripts_for  # noqa: E402
-from dailyq.status import day_status  # noqa: E402
 from dailyq.table import Task, TaskTable  # noqa: E402
 
 PREFIX = "feed"

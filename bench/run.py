@@ -36,7 +36,7 @@ from dailyq.commands import trigger  # noqa: E402
 from dailyq.keys import Keys  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
 from dailyq.table import Task, TaskTable  # noqa: E402
-from dailyq.worker import make_queue  # noqa: E402
+from dailyq.worker.workers import make_queue  # noqa: E402
 from tests.helpers import ProcessGroup  # noqa: E402
 
 PY = sys.executable
@@ -69,7 +69,7 @@ def bytecode_env() -> dict[str, str]:
 def warm_bytecode(root: Path = ROOT) -> None:
     """Compile what the worker sides import, before any timed pass."""
     env = dict(os.environ, **bytecode_env(), PYTHONPATH=str(root))
-    subprocess.run([PY, "-c", "import dailyq.cli, dailyq.worker_supervisor, bench.bench_tasks, rq.cli, rq.worker"],
+    subprocess.run([PY, "-c", "import dailyq.cli, dailyq.worker.supervisor, bench.bench_tasks, rq.cli, rq.worker"],
                    cwd=root, env=env, check=True, timeout=300)
 
 
@@ -243,7 +243,7 @@ def bench_eta(quick: bool) -> dict:
     when the last run really ended, relative to the time left then. The baseline, read
     from the same snapshot: the old ``status --watch`` estimate (expected work left /
     workers, watch.eta_seconds)."""
-    from dailyq.watch import eta_seconds, parse_durations
+    from dailyq.ops.watch import eta_seconds, parse_durations
 
     flow = workflow_flow(quick)
     nodes, per_node = 3, 2
@@ -521,8 +521,8 @@ def guard_latency_pass(wait_replicas: int, n: int) -> float:
     call of a no-op, FINISH, one after the other, against a primary with one replica.
     The wall-clock difference between the two settings is what WAIT adds to each run's
     latency, without the noise of forks and worker start-up."""
-    from dailyq.guard import Guard
     from dailyq.runs import RunJob, runs_on
+    from dailyq.worker.guard import Guard
 
     with PrimaryWithReplica() as servers:
         connection = Redis.from_url(servers.server.url)
@@ -597,7 +597,7 @@ def fan_out_probe(kind: str, n: int, url: str) -> None:
     report = {"seconds": seconds, "enqueued": enqueued,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if kind == "dailyq":  # and how long `status` takes for that day
-        from dailyq.status import day_status
+        from dailyq.ops.status import day_status
 
         started = time.perf_counter()
         status = day_status(connection, settings.keys, table, utc_now().date(), utc_now())

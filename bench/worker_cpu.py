@@ -50,7 +50,7 @@ except ImportError:  # before the commands module
 try:
     from dailyq.rq_seam import make_queue
 except ImportError:  # before the RQ seam
-    from dailyq.worker import make_queue  # type: ignore[no-redef]
+    from dailyq.worker.workers import make_queue  # type: ignore[no-redef]
 
 SIDES = ("dailyq", "plain", "plain_dailyq_jobs", "adhoc")
 # Runs the worker's entry point under cProfile with CPU time as its clock (the default,

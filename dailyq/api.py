@@ -42,10 +42,10 @@ from .commands import select_params
 from .commands import trigger as _trigger_command
 from .connection import connect
 from .errors import ConfigError
+from .ops.status import day_runs as _day_runs
+from .ops.status import day_status as _day_status
 from .runs import Run, decode_record
 from .settings import Settings
-from .status import day_runs as _day_runs
-from .status import day_status as _day_status
 from .table import Task, TaskTable, default_day, encode_param, load_table
 
 __all__ = ["ConnectionOrUrl", "DayLike", "TableLike", "cancel", "day_status", "days_status", "default_day", "doctor",
@@ -74,7 +74,7 @@ def trigger(connection_or_url: ConnectionOrUrl, day: DayLike = None, tasks: Iter
     settings, table_ = _settings_and_table(settings, table)
     names = _task_names(table_, tasks)
     parsed_day = _parse_day(day)
-    from .worker import make_queue  # noqa: PLC0415 - RQ's worker machinery only where a queue is needed
+    from .worker.workers import make_queue  # noqa: PLC0415 - RQ's worker machinery only where a queue is needed
 
     with _connection(connection_or_url, settings) as connection:
         now = server_now(connection)
@@ -94,7 +94,7 @@ def trigger_range(connection_or_url: ConnectionOrUrl, start: DayLike, end: DayLi
     settings, table_ = _settings_and_table(settings, table)
     names = _task_names(table_, tasks)
     days = _range(start, end)
-    from .worker import make_queue  # noqa: PLC0415
+    from .worker.workers import make_queue  # noqa: PLC0415
 
     with _connection(connection_or_url, settings) as connection:
         now = server_now(connection)
@@ -144,7 +144,7 @@ def rerun(connection_or_url: ConnectionOrUrl, task: str, params: Iterable[Any] =
     if not task_.params_computed:  # a computed task's params are known only from Redis
         select_params(task_, wanted)  # an unknown param: a clear error before Redis is asked anything
     parsed_day = _parse_day(day)
-    from .worker import make_queue  # noqa: PLC0415
+    from .worker.workers import make_queue  # noqa: PLC0415
 
     with _connection(connection_or_url, settings) as connection:
         day_ = parsed_day or default_day(table_, server_now(connection))
@@ -214,14 +214,14 @@ def doctor(connection_or_url: ConnectionOrUrl, day: DayLike = None, *, repair: b
     """Every inconsistency between ``day``'s run records and what should back them (the
     queue, RQ's registries, rq-scheduler's delayed jobs, claims, the running hash, the
     day's waiting hash, held lists, left jobs), like ``scheduler.py doctor --json``
-    (the kinds: dailyq/consistency.py).
+    (the kinds: dailyq/ops/consistency.py).
 
     Returns ``{"date", "problems": [{"run_id", "kind", "state", "job_id", "detail",
     "repair"}, ...], "repaired"}``. With ``repair`` each problem's repair is applied, in
     a check-and-set that leaves a record changed since it was read alone, and the
     problem has an ``"outcome"`` saying what happened; ``repaired`` is then true.
     """
-    from .consistency import examine  # noqa: PLC0415 - RQ's queue only where one is needed
+    from .ops.consistency import examine  # noqa: PLC0415 - RQ's queue only where one is needed
     from .rq_seam import make_queue  # noqa: PLC0415
 
     settings, table_ = _settings_and_table(settings, table)
@@ -262,7 +262,7 @@ def resume(connection_or_url: ConnectionOrUrl, tasks: Iterable[str] | str | None
     """
     settings, table_ = _settings_and_table(settings, table)
     names = _chosen_tasks(table_, tasks, all_tasks)
-    from .worker import make_queue  # noqa: PLC0415
+    from .worker.workers import make_queue  # noqa: PLC0415
 
     with _connection(connection_or_url, settings) as connection:
         results = _resume_command(connection, settings.keys, make_queue(connection, settings.keys), table_, names)
@@ -300,7 +300,7 @@ def _chosen_tasks(table: TaskTable, tasks: Iterable[str] | str | None, all_tasks
 def _alert_summary(connection: Redis, settings: Settings) -> dict[str, object]:
     """Where alerts go (the URL redacted: it holds a token) and how many wait (the
     outbox is cluster-wide, not per day)."""
-    from .alert_outbox import Outbox  # noqa: PLC0415
+    from .alerts.outbox import Outbox  # noqa: PLC0415
 
     pending, in_flight = Outbox(connection, settings.keys, settings.retention_s).counts()
     return {"url": settings.redacted_alert_url(), "pending": pending, "in_flight": in_flight}

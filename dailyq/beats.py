@@ -35,7 +35,7 @@ from .clock import iso, server_now
 from .keys import Keys
 
 # Pure, and shown by render.py too; kept importable from here.
-from .offsets import OFFSET_WARN_S, clock_is_off, describe_offset, format_offset, offset_warning  # noqa: F401
+from .ops.offsets import OFFSET_WARN_S, clock_is_off, describe_offset, format_offset, offset_warning  # noqa: F401
 from .redis_values import as_text
 
 ROLES = ("scheduler", "worker")

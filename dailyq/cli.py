@@ -29,8 +29,8 @@ from .clock import server_now
 from .connection import connect
 from .errors import ConfigError, DailyqError, RedisUnavailable
 from .logs import setup_logging
+from .ops.render import colour_wanted, render_table
 from .redact import redact_url
-from .render import colour_wanted, render_table
 from .server_checks import warn_about_server
 from .settings import Settings
 from .table import TaskTable, default_day, encode_param, load_table
@@ -56,8 +56,8 @@ def _context() -> tuple[Settings, TaskTable]:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    from .alerts import AlertService  # noqa: PLC0415 - keeps status/trigger start-up light
-    from .heartbeat_ping import HeartbeatPing  # noqa: PLC0415
+    from .alerts.alerter import AlertService  # noqa: PLC0415 - keeps status/trigger start-up light
+    from .alerts.heartbeat_ping import HeartbeatPing  # noqa: PLC0415
     from .scheduler import DailyScheduler  # noqa: PLC0415
     from .table_watch import TableWatch  # noqa: PLC0415
 
@@ -74,7 +74,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     scheduler.tick_hooks.append(ping.on_tick)
     metrics = None
     if settings.metrics_port is not None and not args.burst:
-        from .metrics import serve_metrics  # noqa: PLC0415 - imports prometheus_client
+        from .ops.metrics import serve_metrics  # noqa: PLC0415 - imports prometheus_client
 
         # Before logging starts: a port already taken is one line on stderr, like any bad setting.
         metrics = serve_metrics(settings, connection, table, lambda: scheduler.is_leader,
@@ -149,7 +149,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _watch_status(connection: Redis, settings: Settings, table: TaskTable, day: date, until_done: bool) -> int:
     """Redraw the day's progress line about every second until Ctrl-C, or with
     ``until_done`` until no run is scheduled, queued, running or waiting."""
-    from .watch_loop import watch_frames  # noqa: PLC0415
+    from .ops.watch_loop import watch_frames  # noqa: PLC0415
 
     tty = sys.stdout.isatty()
     last_line = ""
@@ -175,7 +175,7 @@ def _watch_status(connection: Redis, settings: Settings, table: TaskTable, day: 
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import render_report  # noqa: PLC0415
+    from .ops.report import render_report  # noqa: PLC0415
 
     out: Path = args.out
     # Checked before Redis is asked anything: a typo in --out should not cost a query.
@@ -268,7 +268,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit 1 when any inconsistency was found (also when --repair repaired it), else 0."""
-    from .consistency import render  # noqa: PLC0415
+    from .ops.consistency import render  # noqa: PLC0415
 
     settings, table = _context()
     report = api.doctor(settings.redis_url, args.date, repair=args.repair, settings=settings, table=table)
@@ -279,7 +279,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when this node's heartbeats are fresh and Redis answers, else 1; one line
     either way. Redis problems are 1 too (not 3): probes understand only 0 and 1."""
-    from .health import judge, read_beats, read_worker_count, redis_down, roles_of  # noqa: PLC0415
+    from .ops.health import judge, read_beats, read_worker_count, redis_down, roles_of  # noqa: PLC0415
     from .redis_memory import redis_view  # noqa: PLC0415
     from .table_watch import read_node_tables  # noqa: PLC0415
 
@@ -329,7 +329,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo  # noqa: PLC0415
+    from .ops.demo import run_demo  # noqa: PLC0415
 
     return run_demo(timeout_s=args.timeout)
 
@@ -471,7 +471,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
-        from .worker_supervisor import supervise_worker  # noqa: PLC0415 - RQ's worker only in the worker
+        from .worker.supervisor import supervise_worker  # noqa: PLC0415 - RQ's worker only in the worker
 
         settings = Settings.from_env()
         table = load_table(settings.tasks_module)
@@ -480,7 +480,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         warn_about_server(connection, settings)
         if args.concurrency == 1:
             return supervise_worker(connection, settings, table, simple=args.simple, burst=args.burst)
-        from .worker_pool import supervise_pool  # noqa: PLC0415
+        from .worker.pool import supervise_pool  # noqa: PLC0415
 
         def child() -> int:  # in a forked child: a connection of its own
             return guarded(lambda: supervise_worker(connect(settings), settings, table, simple=args.simple,

@@ -174,7 +174,7 @@ def read_jobs_as_json(web: ModuleType) -> None:
 
 
 def run_dashboard(environ: Mapping[str, str]) -> int:
-    from .live_timeline import PATH, add_timeline  # noqa: PLC0415 - imports Flask
+    from .ops.live_timeline import PATH, add_timeline  # noqa: PLC0415 - imports Flask
 
     settings = Settings.from_env(environ)
     # A malformed REDIS_URL: one line now, not a 500 on every page. This client serves

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 from redis import Redis
 from redis.client import Pipeline
 
-from .alert_events import loss_text
+from .alerts.events import loss_text
 from .keys import Keys
 from .redis_values import as_text
 from .scripts import scripts_for

@@ -39,8 +39,8 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from .keys import Keys
+from .ops.render import human_bytes
 from .outage import refused_for_memory, transient
-from .render import human_bytes
 from .scripts import scripts_for
 
 # With noeviction, writes resume once this much of maxmemory is free (see the docstring),

@@ -106,15 +106,14 @@ from rq.worker import BaseWorker
 from rq_scheduler import Scheduler
 from rq_scheduler.utils import to_unix
 
-from .claim_watch import wait_watching
 from .keys import Keys
 from .logs import current_run_id
 from .outage import MEMORY, OutageLog, refused_for_memory, transient, wait_for_redis
 from .runs import CLAIM_LOST_RESULT, META_KEY
 
 if TYPE_CHECKING:  # the leader imports this module: no guard at run time
-    from .guard import Attempt, Guard, PendingFinish
     from .limits import SlotHold
+    from .worker.guard import Attempt, Guard, PendingFinish
 
 log = logging.getLogger(__name__)
 
@@ -503,6 +502,9 @@ class GuardedWorker(BaseWorker):
                       "holding the GIL?), so the horse could not stop itself; this copy records nothing",
                       run_id, horse_pid, execution.killed_because, extra={"run_id": run_id})
             self.kill_horse(signal.SIGKILL)
+
+        # Here, not at the top: the leader imports this module and loads no worker code.
+        from .worker.claim_watch import wait_watching  # noqa: PLC0415
 
         return wait_watching(horse_pid, deadline, kill)
 

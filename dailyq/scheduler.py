@@ -43,10 +43,10 @@ from typing import Callable, cast
 from redis import Redis
 from redis.exceptions import RedisError
 
+from .alerts.data_lost import GIVE_UP_S as DATA_LOST_ALERT_S
+from .alerts.data_lost import DataLostAlerts
 from .beats import OFFSET_WARN_S, beat_value, describe_offset, forget_silent_nodes, format_offset, register_node
 from .clock import Clock, RedisClock, iso
-from .data_lost_alert import GIVE_UP_S as DATA_LOST_ALERT_S
-from .data_lost_alert import DataLostAlerts
 from .dependencies import WaitingRuns
 from .deploys import LeftJobs
 from .errors import LeaseLost

@@ -11,10 +11,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from .alerts.webhook_url import check_alert_url, check_heartbeat_url, redact_webhook_url
 from .errors import ConfigError
 from .keys import Keys
 from .redact import redact_url
-from .webhook_url import check_alert_url, check_heartbeat_url, redact_webhook_url
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_METRICS_BIND = "127.0.0.1"

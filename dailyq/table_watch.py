@@ -28,17 +28,17 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .alert_events import Alert, tables_differ_alert
+from .alerts.events import Alert, tables_differ_alert
 from .beats import live_processes
 from .fingerprint import Description, describe, fingerprint
 from .keys import Keys
 from .lease import Lease
+from .ops.table_skew import differing_tables, lease_node, reference_of, tables_view
 from .outage import OutageLog
 from .redis_values import as_text
 from .scripts import lua_ms, scripts_for
 from .settings import Settings
 from .table import TaskTable
-from .table_skew import differing_tables, lease_node, reference_of, tables_view
 
 
 class Ticking(Protocol):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from datetime import date
 
-from dailyq.alert_digest import Failure as F
-from dailyq.alert_digest import FailureAlerts, Window, digest_id, plan
+from dailyq.alerts.digest import Failure as F
+from dailyq.alerts.digest import FailureAlerts, Window, digest_id, plan
 
 DAY = date(2026, 11, 26)
 G = 60_000  # the window, ms

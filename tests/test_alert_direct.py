@@ -8,9 +8,9 @@ from dataclasses import replace
 
 from redis import Redis
 
-from dailyq.alert_events import PAYLOAD_KEYS, redis_full_alert
-from dailyq.alerts import AlertService
-from dailyq.data_lost_alert import DataLostAlerts
+from dailyq.alerts.alerter import AlertService
+from dailyq.alerts.data_lost import DataLostAlerts
+from dailyq.alerts.events import PAYLOAD_KEYS, redis_full_alert
 from dailyq.redis_server import free_port
 from dailyq.settings import Settings
 from dailyq.table import TaskTable

@@ -7,7 +7,7 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from dailyq.alert_events import (
+from dailyq.alerts.events import (
     PAYLOAD_KEYS,
     day_late_alert,
     deadline_at,
@@ -22,10 +22,10 @@ from dailyq.alert_events import (
     span_text,
     watched_days,
 )
+from dailyq.alerts.webhook_url import check_alert_url, redact_webhook_url
 from dailyq.errors import ConfigError
 from dailyq.runs import runs_of_slot
 from dailyq.table import Task, TaskTable
-from dailyq.webhook_url import check_alert_url, redact_webhook_url
 from tests.sample_tasks import record
 
 DAY = date(2026, 11, 27)

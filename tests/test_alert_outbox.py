@@ -12,9 +12,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from dailyq.alert_events import Alert, no_leader_alert
-from dailyq.alert_outbox import Claimed, Idle, Outbox
-from dailyq.alerts import AlertService
+from dailyq.alerts.alerter import AlertService
+from dailyq.alerts.events import Alert, no_leader_alert
+from dailyq.alerts.outbox import Claimed, Idle, Outbox
 from dailyq.lease import Lease
 from dailyq.runs import FAILED, new_record, runs_of_slot
 from dailyq.settings import Settings

@@ -28,41 +28,54 @@ REDIS_PACKAGES = frozenset({"redis", "rq", "rq_scheduler"})
 # modules of this list, and never a Redis client, directly or through another module.
 PURE_MODULES = frozenset({
     "dailyq",  # the package: task modules import it on every worker; commands load lazily
-    "dailyq.alert_events",
+    # The subpackages' __init__: docstrings, and dailyq.worker's lazy re-exports.
+    "dailyq.alerts",
+    "dailyq.ops",
+    "dailyq.worker",
+    "dailyq.alerts.events",
     "dailyq.backfill",
-    "dailyq.cli_support",
-    "dailyq.claim_watch",
+    "dailyq.worker.claim_watch",
     "dailyq.context",
     "dailyq.errors",
-    "dailyq.eta",
+    "dailyq.ops.eta",
     "dailyq.fingerprint",
     "dailyq.keys",
     "dailyq.logs",
-    "dailyq.offsets",
+    "dailyq.ops.offsets",
     "dailyq.redact",
-    "dailyq.render",
-    "dailyq.report",
+    "dailyq.ops.render",
+    "dailyq.ops.report",
     "dailyq.runs",
     "dailyq.schedule",
     "dailyq.settings",
     "dailyq.table",
-    "dailyq.table_skew",
-    "dailyq.text_width",
+    "dailyq.ops.table_skew",
+    "dailyq.ops.text_width",
     "dailyq.timestamps",
-    "dailyq.watch",
-    "dailyq.webhook_url",
+    "dailyq.ops.watch",
+    "dailyq.alerts.webhook_url",
 })
 # Read statically, not imported: the package's module __getattr__ imports api.py on
 # first use of a command function, by design (see dailyq/__init__.py).
-LAZY_BY_DESIGN = {"dailyq": {"dailyq.api"}}
+LAZY_BY_DESIGN = {"dailyq": {"dailyq.api"},
+                  # ``rq worker -w dailyq.worker.DailyWorker``: the classes load on first use.
+                  "dailyq.worker": {"dailyq.worker.workers"}}
 
 
 def module_name(path: Path) -> str:
-    return PACKAGE if path.stem == "__init__" else f"{PACKAGE}.{path.stem}"
+    """dailyq/worker/guard.py -> dailyq.worker.guard; a package's __init__ -> the package."""
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(tree: ast.AST, known: set[str]) -> tuple[set[str], set[str]]:
-    """(dailyq modules, other top-level packages) that a module's source imports."""
+def package_of(name: str, path: Path) -> str:
+    """The package a module's relative imports start from."""
+    return name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+
+
+def imports_of(tree: ast.AST, known: set[str], package: str = PACKAGE) -> tuple[set[str], set[str]]:
+    """(dailyq modules, other top-level packages) that a module's source imports;
+    ``package``: the one its relative imports start from."""
     ours: set[str] = set()
     others: set[str] = set()
 
@@ -80,9 +93,13 @@ def imports_of(tree: ast.AST, known: set[str]) -> tuple[set[str], set[str]]:
             for alias in node.names:
                 add(alias.name, [])
         elif isinstance(node, ast.ImportFrom):
-            if node.level > 1:
-                raise AssertionError("dailyq is one flat package: no '..' imports expected")
-            base = PACKAGE if node.level == 1 else ""
+            if node.level:
+                up = package.split(".")
+                if node.level - 1 >= len(up):
+                    raise AssertionError(f"a relative import above {PACKAGE}: level {node.level} in {package}")
+                base = ".".join(up[:len(up) - (node.level - 1)])
+            else:
+                base = ""
             dotted = ".".join(part for part in (base, node.module or "") if part)
             add(dotted, [alias.name for alias in node.names])
     return ours, others
@@ -90,12 +107,13 @@ def imports_of(tree: ast.AST, known: set[str]) -> tuple[set[str], set[str]]:
 
 def import_graph(package_dir: Path = PACKAGE_DIR) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """{module: dailyq modules it imports}, {module: other packages it imports}."""
-    paths = {module_name(path): path for path in sorted(package_dir.glob("*.py"))}
+    paths = {module_name(path): path for path in sorted(package_dir.rglob("*.py"))}
     known = set(paths)
     graph: dict[str, set[str]] = {}
     external: dict[str, set[str]] = {}
     for name, path in paths.items():
-        ours, others = imports_of(ast.parse(path.read_text(encoding="utf-8"), str(path)), known)
+        ours, others = imports_of(ast.parse(path.read_text(encoding="utf-8"), str(path)), known,
+                                  package_of(name, path))
         graph[name] = {dep for dep in ours if dep in known and dep != name}
         external[name] = others
     return graph, external
@@ -174,6 +192,22 @@ def test_importing_a_pure_module_loads_no_redis_client(module: str) -> None:
 # -- the checks can fail -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("module", ["scheduler", "dailyq.scheduler", "dailyq.api", "dailyq.cli"])
+def test_the_leader_and_the_commands_load_no_worker_code(module: str) -> None:
+    """The workers' subpackage is theirs: the scheduler (the leader), the commands and
+    their API load none of it; what both sides share (rq_seam, limits, beats) is on top."""
+    assert [name for name in loaded_after_import(module) if name.startswith("dailyq.worker.")] == []
+
+
+def test_the_worker_classes_load_on_first_use_through_the_package() -> None:
+    """``rq worker -w dailyq.worker.DailyWorker``: RQ imports the package and takes the
+    attribute, which loads the worker classes then, not before."""
+    code = ("import sys, dailyq.worker as w; before = 'dailyq.worker.workers' in sys.modules; "
+            "print(before, w.DailyWorker.__module__, w.DailySimpleWorker.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["False", "dailyq.worker.workers", "DailySimpleWorker"], done.stderr
+
+
 def test_find_cycle_names_the_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
@@ -181,12 +215,12 @@ def test_find_cycle_names_the_cycle() -> None:
 
 def test_the_graph_sees_lazy_and_relative_imports() -> None:
     graph, external = import_graph()
-    assert "dailyq.demo" in graph["dailyq.cli"]  # cmd_demo's import inside the function
+    assert "dailyq.ops.demo" in graph["dailyq.cli"]  # cmd_demo's import inside the function
     assert "dailyq.api" in graph["dailyq"]  # ``from . import api`` in the package's __getattr__
-    assert "dailyq.text_width" in graph["dailyq.watch"]  # ``from . import text_width``
-    assert "redis" in external["dailyq.status"]
+    assert "dailyq.ops.text_width" in graph["dailyq.ops.watch"]  # ``from . import text_width``
+    assert "redis" in external["dailyq.ops.status"]
 
 
 def test_the_runtime_check_sees_a_redis_client() -> None:
-    bad = impurities(loaded_after_import("dailyq.status"))
+    bad = impurities(loaded_after_import("dailyq.ops.status"))
     assert "redis" in bad and "dailyq.beats" in bad

@@ -250,9 +250,9 @@ def test_a_cancelled_run_held_by_a_pause_never_starts_after_resume(redis_server,
 def test_the_cancelled_state_shows_in_the_watch_line_the_table_and_the_report():
     from datetime import datetime, timezone
 
-    from dailyq.render import render_table, summary
-    from dailyq.report import render_report
-    from dailyq.watch import is_settled, progress, render_line
+    from dailyq.ops.render import render_table, summary
+    from dailyq.ops.report import render_report
+    from dailyq.ops.watch import is_settled, progress, render_line
 
     def run(param: str, state: str) -> dict:
         return {"task": "sample", "param": param, "state": state, "node": "n1", "started_at": None,

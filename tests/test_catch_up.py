@@ -3,10 +3,10 @@
 from datetime import date, datetime, timedelta, timezone
 
 from dailyq.commands import trigger
+from dailyq.ops.status import day_status
 from dailyq.scheduler import DailyScheduler
-from dailyq.status import day_status
 from dailyq.table import Task, TaskTable
-from dailyq.worker import make_queue
+from dailyq.worker.workers import make_queue
 from tests.sample_tasks import record
 
 UTC = timezone.utc

@@ -1,4 +1,4 @@
-"""The worker parent's watch of its work-horse's claim deadline (dailyq/claim_watch.py),
+"""The worker parent's watch of its work-horse's claim deadline (dailyq/worker/claim_watch.py),
 against real child processes: a horse that holds no claim, or keeps confirming it, is
 left alone; one whose deadline passed and stayed passed is killed."""
 
@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from dailyq.claim_watch import ClaimDeadline, wait_watching
+from dailyq.worker.claim_watch import ClaimDeadline, wait_watching
 
 
 def child(seconds: float) -> subprocess.Popen[bytes]:

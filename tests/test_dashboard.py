@@ -28,10 +28,10 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from dailyq.clock import utc_now
 from dailyq.commands import trigger
-from dailyq.live_timeline import timeline_page
+from dailyq.ops.live_timeline import timeline_page
 from dailyq.runs import META_KEY
 from dailyq.table import default_day
-from dailyq.worker import make_queue
+from dailyq.worker.workers import make_queue
 from tests.browser import Browser, chromium
 from tests.helpers import ROOT, children_of, run_cli, wait_for
 

@@ -14,15 +14,15 @@ from typing import Iterator
 import pytest
 from redis import Redis
 
-from dailyq.alert_events import PAYLOAD_KEYS
+from dailyq.alerts.data_lost import DataLostAlerts
+from dailyq.alerts.events import PAYLOAD_KEYS
 from dailyq.commands import pause
-from dailyq.data_lost_alert import DataLostAlerts
 from dailyq.generation import GenerationWatch, NodeMemory, parse_generation, read_data_loss
+from dailyq.ops.render import render_table
+from dailyq.ops.status import day_status
 from dailyq.redis_server import PrivateRedis
-from dailyq.render import render_table
 from dailyq.scheduler import DailyScheduler
 from dailyq.settings import Settings
-from dailyq.status import day_status
 from dailyq.table import Task, TaskTable
 from tests.helpers import base_env, executions, noon_zone, run_cli, today_in, wait_for, wall_time_in
 from tests.sample_tasks import record

@@ -205,7 +205,7 @@ def _calls(connection: Redis) -> Counter:
 
 
 def test_a_run_entrys_series_is_read_off_its_run_id_as_its_param_would_give_it() -> None:
-    from dailyq.eta import run_series, series_id  # noqa: PLC0415
+    from dailyq.ops.eta import run_series, series_id  # noqa: PLC0415
     from dailyq.params_book import params_run_id  # noqa: PLC0415
     from dailyq.runs import runs_on  # noqa: PLC0415
     from dailyq.table import Task, TaskTable  # noqa: PLC0415

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").glob("*.md")])
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 # A table row of docs/architecture.md: | [dailyq/x.py](../dailyq/x.py) | pure or nothing | what |
-MODULE_ROW = re.compile(r"^\| \[[^]]+\]\(\.\./dailyq/(\w+)\.py\) \| (pure)? *\|")
+MODULE_ROW = re.compile(r"^\| \[[^]]+\]\(\.\./dailyq/([\w/]+)\.py\) \| (pure)? *\|")
 
 
 def outside_code(text: str) -> list[str]:
@@ -58,14 +58,15 @@ def architecture_rows() -> list[tuple[str, bool]]:
 
 def test_the_architecture_page_lists_every_module_once() -> None:
     listed = Counter(name for name, _ in architecture_rows())
-    tree = {path.stem for path in (ROOT / "dailyq").glob("*.py")}
+    tree = {str(path.relative_to(ROOT / "dailyq").with_suffix("")) for path in (ROOT / "dailyq").rglob("*.py")}
     assert sorted(set(listed) - tree) == [], "listed in docs/architecture.md, not in dailyq/"
     assert sorted(tree - set(listed)) == [], "in dailyq/, missing from docs/architecture.md"
     assert [name for name, count in listed.items() if count > 1] == []
 
 
 def test_the_architecture_page_marks_pure_exactly_the_pure_modules() -> None:
-    marked = {"dailyq" if name == "__init__" else f"dailyq.{name}" for name, pure in architecture_rows() if pure}
+    marked = {"dailyq" if name == "__init__" else f"dailyq.{name.replace('/', '.')}".removesuffix(".__init__")
+              for name, pure in architecture_rows() if pure}
     assert sorted(marked - PURE_MODULES) == [], "marked pure, not pure in tests/test_boundaries.py"
     assert sorted(PURE_MODULES - marked) == [], "pure in tests/test_boundaries.py, not marked pure"
 
@@ -88,7 +89,7 @@ def test_every_relative_link_and_anchor_resolves(doc: Path) -> None:
 
 def test_every_environment_variable_is_in_the_settings_table() -> None:
     read = set()
-    for path in (ROOT / "dailyq").glob("*.py"):
+    for path in (ROOT / "dailyq").rglob("*.py"):
         read |= set(re.findall(r"\"((?:DAILYQ|DASHBOARD)_[A-Z_]+|REDIS_URL|NODE_NAME)\"", path.read_text()))
     deploy = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
     table = deploy.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]

@@ -14,7 +14,7 @@ from dailyq.fanout import Held
 from dailyq.recovery import AbandonedRuns
 from dailyq.rq_seam import DailyJob
 from dailyq.runs import new_record, runs_on
-from dailyq.worker import DailySimpleWorker, make_queue
+from dailyq.worker.workers import DailySimpleWorker, make_queue
 from tests.helpers import executions, run_cli, starts_per_param
 from tests.test_cli import assert_clean_error
 

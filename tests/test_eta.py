@@ -11,20 +11,20 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from dailyq.alert_events import (
+from dailyq.alerts.events import (
     PAYLOAD_KEYS,
     PREDICTED_LATE_MARGIN_S,
     encode_payload,
     predicted_day_late_alert,
     predicted_late,
 )
-from dailyq.eta import EtaRun, EtaTask, estimate, eta_runs, pending_series, series_id
 from dailyq.keys import Keys
+from dailyq.ops.eta import EtaRun, EtaTask, estimate, eta_runs, pending_series, series_id
+from dailyq.ops.render import render_eta
+from dailyq.ops.report import render_report
+from dailyq.ops.watch import progress, render_line
 from dailyq.redis_server import free_port
-from dailyq.render import render_eta
-from dailyq.report import render_report
 from dailyq.table import Task, TaskTable
-from dailyq.watch import progress, render_line
 from tests.helpers import executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
 from tests.test_metrics import scrape
 from tests.webhook_receiver import WebhookReceiver

@@ -32,10 +32,10 @@ from typing import Any, Iterator
 import pytest
 from redis import Redis
 
-from dailyq.guard import Guard
 from dailyq.keys import Keys
 from dailyq.redis_server import PrivateRedis
 from dailyq.settings import Settings
+from dailyq.worker.guard import Guard
 from tests.helpers import (
     ROOT,
     ProcessGroup,
@@ -245,7 +245,7 @@ def test_a_finish_not_acknowledged_is_confirmed_again_before_the_run_counts_as_d
 
 def test_a_copy_whose_renewals_are_not_acknowledged_stops_before_the_replicas_claim_can_lapse(
         lagging: LaggingReplica) -> None:
-    from dailyq.guard import RunStopped
+    from dailyq.worker.guard import RunStopped
 
     keys = Keys(f"t{uuid.uuid4().hex[:10]}")
     primary = Redis(port=lagging.primary.port)
@@ -285,7 +285,7 @@ def test_a_fan_out_chunk_not_acknowledged_raises_and_counts_once_it_is(lagging: 
     from dailyq.replicas import ReplicasBehind
     from dailyq.runs import runs_on
     from dailyq.table import load_table
-    from dailyq.worker import make_queue
+    from dailyq.worker.workers import make_queue
 
     keys = Keys(f"t{uuid.uuid4().hex[:10]}")
     primary = Redis(port=lagging.primary.port)
@@ -333,7 +333,7 @@ def test_a_copy_whose_claim_redis_lost_with_the_runs_start_puts_the_run_back(fla
     had recorded its job finished)."""
     from dailyq.commands import trigger
     from dailyq.table import Task, TaskTable
-    from dailyq.worker import make_queue
+    from dailyq.worker.workers import make_queue
 
     env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC="progress", SAMPLE_SLEEP_S="3")
     # The nodes' table with these settings (tests.sample_tasks reads them at import).
@@ -374,7 +374,7 @@ def test_a_work_horse_that_dies_after_redis_lost_its_claim_and_start_puts_the_ru
     the run's (seen in a lossy failover under load: the run ended failed)."""
     from dailyq.commands import trigger
     from dailyq.table import Task, TaskTable
-    from dailyq.worker import make_queue
+    from dailyq.worker.workers import make_queue
 
     env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC="die_when_told", SAMPLE_SLEEP_S="3")
     table = TaskTable([Task(name="sample", func="tests.sample_tasks.die_when_told", params=["任务参数0"],

@@ -19,7 +19,7 @@ from dailyq.fanout import fan_out, trim_durations
 from dailyq.lease import Lease
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
-from dailyq.worker import make_queue
+from dailyq.worker.workers import make_queue
 from tests.helpers import ROOT
 from tests.sample_tasks import record
 

@@ -14,11 +14,11 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
-from dailyq.guard import Guard
 from dailyq.runs import Run, RunJob, decode_record
 from dailyq.schedule import Slot
 from dailyq.scripts import scripts_for
 from dailyq.table import Task, TaskTable
+from dailyq.worker.guard import Guard
 from tests.helpers import wait_for
 from tests.sample_tasks import record as sample_record
 
@@ -87,7 +87,7 @@ class _WaitingSeen(logging.Handler):
 def when_waiting(run_id: str) -> Iterator[threading.Event]:
     """An event set once a copy of ``run_id`` says it waits for another copy (the guard's
     INFO line): the moment a test can let the other copy end, with no sleep."""
-    logger = logging.getLogger("dailyq.guard")
+    logger = logging.getLogger("dailyq.worker.guard")
     handler = _WaitingSeen(run_id)
     level = logger.level
     logger.setLevel(logging.INFO)
@@ -519,7 +519,7 @@ def test_the_claim_deadline_shared_with_a_worker_parent_follows_the_claim_from_b
     """What a forking worker's parent reads (claim_watch.py): nothing while the copy waits
     for a busy claim, then the keeper's own deadline (the last confirmation + TTL - margin),
     moved on by each renewal, and nothing again once FINISH released the claim."""
-    from dailyq.claim_watch import ClaimDeadline
+    from dailyq.worker.claim_watch import ClaimDeadline
 
     g = guard(connection, settings)
     deadline = ClaimDeadline(g.keeper.margin_s)

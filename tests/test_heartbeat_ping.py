@@ -15,7 +15,7 @@ from datetime import date, datetime, timezone
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dailyq.heartbeat_ping import heartbeat_body, runs_per_state
+from dailyq.alerts.heartbeat_ping import heartbeat_body, runs_per_state
 from dailyq.keys import Keys
 from dailyq.redis_server import PrivateRedis, free_port
 from dailyq.runs import BLOCKED, FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED

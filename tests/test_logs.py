@@ -14,15 +14,15 @@ from dailyq.commands import trigger
 from dailyq.errors import ConfigError
 from dailyq.logs import JsonFormatter, OncePerOutage, log_format, make_formatter, setup_logging
 from dailyq.runs import runs_on
-from dailyq.worker import make_queue
+from dailyq.worker.workers import make_queue
 from tests.helpers import ROOT
 
 DAY = date(2026, 11, 26)
 
 
 def record(message: str, *args: object, **extra: object) -> logging.LogRecord:
-    made = logging.getLogger("dailyq.guard").makeRecord("dailyq.guard", logging.INFO, __file__, 1, message, args,
-                                                       None, extra=extra or None)
+    made = logging.getLogger("dailyq.worker.guard").makeRecord("dailyq.worker.guard", logging.INFO, __file__, 1,
+                                                                message, args, None, extra=extra or None)
     made.created = 1795770000.25  # 2026-11-27T09:00:00.250Z: fixed, not the clock
     return made
 
@@ -30,7 +30,7 @@ def record(message: str, *args: object, **extra: object) -> logging.LogRecord:
 def test_json_lines_carry_node_and_run_id():
     line = JsonFormatter("node-1").format(record("run %s started on node %s", "r-1", "node-1", run_id="r-1"))
     assert "\n" not in line
-    assert json.loads(line) == {"ts": "2026-11-27T09:00:00.250+00:00", "level": "INFO", "logger": "dailyq.guard",
+    assert json.loads(line) == {"ts": "2026-11-27T09:00:00.250+00:00", "level": "INFO", "logger": "dailyq.worker.guard",
                                 "node": "node-1", "message": "run r-1 started on node node-1", "run_id": "r-1"}
 
 
@@ -53,7 +53,7 @@ def test_text_stays_the_default_format():
     assert log_format({}) == "text" and log_format({"DAILYQ_LOG_FORMAT": ""}) == "text"
     assert log_format({"DAILYQ_LOG_FORMAT": "JSON"}) == "json"
     line = make_formatter("node-1", "text").format(record("leader changed"))
-    assert line.endswith(" INFO [node-1] dailyq.guard: leader changed")
+    assert line.endswith(" INFO [node-1] dailyq.worker.guard: leader changed")
 
 
 def test_an_unknown_format_is_a_config_error():

@@ -329,8 +329,8 @@ def test_memory_notice_logs_one_line_per_episode_naming_the_memory(caplog) -> No
 
 
 def test_health_and_status_text_name_redis_memory() -> None:
-    from dailyq.health import judge
-    from dailyq.render import render_redis
+    from dailyq.ops.health import judge
+    from dailyq.ops.render import render_redis
 
     redis = {"used_memory": 21_100_000, "maxmemory": 20_971_520, "maxmemory_policy": "noeviction", "full": True,
              "full_since": "2026-11-26T12:00:03+00:00", "seen_by": "n2", "refused_slots": [{"task": "t", "slot": "x"}]}
@@ -350,7 +350,7 @@ def test_health_and_status_text_name_redis_memory() -> None:
 
 
 def test_the_redis_full_alert_has_the_payload_keys_and_names_the_memory() -> None:
-    from dailyq.alert_events import PAYLOAD_KEYS, REDIS_FULL, encode_payload, redis_full_alert
+    from dailyq.alerts.events import PAYLOAD_KEYS, REDIS_FULL, encode_payload, redis_full_alert
 
     alert = redis_full_alert(1796160191258, "n3", "used 3.9 MiB of maxmemory 3.6 MiB, maxmemory-policy noeviction")
     assert alert.alert_id == "redis_full:1796160191258" and alert.event == REDIS_FULL

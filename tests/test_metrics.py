@@ -11,11 +11,11 @@ from zoneinfo import ZoneInfo
 from prometheus_client.parser import text_string_to_metric_families
 
 from dailyq.keys import Keys
-from dailyq.metrics import runs_by_state
+from dailyq.ops.metrics import runs_by_state
+from dailyq.ops.render import summary
+from dailyq.ops.status import day_status
 from dailyq.redis_server import free_port
-from dailyq.render import summary
 from dailyq.runs import STATES
-from dailyq.status import day_status
 from tests.helpers import noon_zone, run_cli, today_in, wait_for, wall_time_in
 
 
@@ -100,7 +100,7 @@ def test_a_port_already_taken_is_one_line_and_exit_2(node_env):
 
 def test_runs_by_state_counts_as_status_does(connection, settings, table):
     from dailyq.commands import trigger
-    from dailyq.worker import make_queue
+    from dailyq.worker.workers import make_queue
 
     day = date(2026, 11, 26)
     trigger(connection, settings.keys, make_queue(connection, settings.keys), table, day, ["sample"],
@@ -119,7 +119,7 @@ def test_runs_by_state_counts_as_status_does(connection, settings, table):
 def test_the_grafana_dashboard_is_json_and_queries_only_metrics_we_serve():
     import re
 
-    from dailyq.metrics import Collector
+    from dailyq.ops.metrics import Collector
     from tests.helpers import ROOT
 
     dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ from dailyq.backfill import MAX_RANGE_DAYS, day_summary, render_days
 from dailyq.params_book import ParamsBook
 from dailyq.scheduler import DailyScheduler
 from dailyq.table import TaskTable, load_table
-from dailyq.worker import make_queue
+from dailyq.worker.workers import make_queue
 from tests.helpers import executions, run_cli
 from tests.test_cli import assert_clean_error, burst_worker
 
@@ -263,8 +263,8 @@ def test_day_summary_and_its_line():
 
 
 def test_alerts_and_metrics_count_a_computed_slot_by_its_stored_list():
-    from dailyq.alert_events import lateness
-    from dailyq.metrics import runs_by_state
+    from dailyq.alerts.events import lateness
+    from dailyq.ops.metrics import runs_by_state
     from dailyq.params_book import ParamsBook, SlotParams, field_of
 
     task = load_table("tests.computed_tasks").get("computed")

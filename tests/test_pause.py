@@ -12,11 +12,11 @@ import pytest
 from dailyq import api
 from dailyq.commands import pause, resume, trigger
 from dailyq.errors import ConfigError
-from dailyq.render import render_table
+from dailyq.ops.render import render_table
+from dailyq.ops.status import day_status
 from dailyq.scheduler import DailyScheduler
-from dailyq.status import day_status
 from dailyq.table import Task, TaskTable
-from dailyq.worker import make_queue
+from dailyq.worker.workers import make_queue
 from tests.helpers import base_env, executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
 from tests.sample_tasks import record
 

@@ -19,11 +19,11 @@ from dailyq.commands import trigger
 from dailyq.errors import ConfigError
 from dailyq.fingerprint import describe, diff, fingerprint
 from dailyq.keys import Keys
-from dailyq.metrics import Collector
-from dailyq.render import render_pools
+from dailyq.ops.metrics import Collector
+from dailyq.ops.render import render_pools
 from dailyq.scripts import LimitedTask, Scripts
 from dailyq.table import Task, TaskTable, load_table
-from dailyq.worker import make_queue
+from dailyq.worker.workers import make_queue
 from tests.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for
 from tests.sample_tasks import record
 from tests.test_limits import all_done, most_at_once, spans, start_workers

@@ -13,13 +13,13 @@ from redis import Redis
 from rq import Queue
 
 from dailyq.fanout import fan_out
-from dailyq.guard import Guard
 from dailyq.keys import Keys
 from dailyq.recovery import AbandonedRuns
 from dailyq.rq_seam import make_queue
 from dailyq.runs import Run, runs_on
 from dailyq.table import Task, TaskTable
-from dailyq.worker import DailySimpleWorker
+from dailyq.worker.guard import Guard
+from dailyq.worker.workers import DailySimpleWorker
 from tests.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
 from tests.test_scheduler import all_finished, live_env, slot_in, status_of
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from dailyq.report import LIVE_REFRESH_S, LIVE_SCRIPT, render_report, timeline
+from dailyq.ops.report import LIVE_REFRESH_S, LIVE_SCRIPT, render_report, timeline
 from tests.browser import chromium, open_in_chromium
 from tests.helpers import ROOT, run_cli
 

@@ -294,8 +294,8 @@ def test_rq_scheduler_stores_and_moves_delayed_jobs_under_our_keys(connection, s
 # -- 8. the leader does not load the worker stack ------------------------------------------
 
 def test_the_leader_imports_no_worker_code():
-    probe = ("import sys, dailyq.scheduler, dailyq.metrics\n"
-             "print(sorted(m for m in ('dailyq.worker', 'dailyq.guard') if m in sys.modules))")
+    probe = ("import sys, dailyq.scheduler, dailyq.ops.metrics\n"
+             "print(sorted(m for m in ('dailyq.worker', 'dailyq.worker.guard') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

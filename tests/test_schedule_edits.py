@@ -16,18 +16,18 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from dailyq import consistency
-from dailyq.alert_events import missed_slot_alerts, overdue_slots
-from dailyq.alerts import AlertService
+from dailyq.alerts.alerter import AlertService
+from dailyq.alerts.events import missed_slot_alerts, overdue_slots
 from dailyq.commands import rerun, trigger
 from dailyq.dependencies import release_ready
 from dailyq.fanout import fan_out
 from dailyq.fingerprint import task_digest
 from dailyq.keys import Keys
+from dailyq.ops.status import day_status
 from dailyq.runs import DaySlots, Run, day_slot_json, runs_on
 from dailyq.scheduler import DailyScheduler
-from dailyq.status import day_status
 from dailyq.table import Task, TaskTable
-from dailyq.worker import make_queue
+from dailyq.worker.workers import make_queue
 from tests.helpers import executions, noon_zone, run_cli, starts_per_param, today_in, utc_now, wait_for, wall_time_in
 from tests.sample_tasks import record
 

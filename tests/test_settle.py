@@ -16,11 +16,11 @@ from rq.job_lifecycle import record_job_failure
 from dailyq import settle
 from dailyq.clock import utc_now
 from dailyq.fanout import fan_out
-from dailyq.guard import Guard
 from dailyq.rq_seam import make_queue
 from dailyq.runs import Run, runs_on
 from dailyq.settle import FailedJobs
 from dailyq.table import Task, TaskTable
+from dailyq.worker.guard import Guard
 from tests.helpers import children_of, executions, quiet_sample_at, run_cli, wait_for
 from tests.test_scheduler import status_of
 

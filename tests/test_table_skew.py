@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from dailyq.alert_events import PAYLOAD_KEYS, TABLES_DIFFER, encode_payload, tables_differ_alert
+from dailyq.alerts.events import PAYLOAD_KEYS, TABLES_DIFFER, encode_payload, tables_differ_alert
 from dailyq.fingerprint import describe, fingerprint
-from dailyq.health import judge
-from dailyq.render import render_table, render_tables
-from dailyq.report import render_report
+from dailyq.ops.health import judge
+from dailyq.ops.render import render_table, render_tables
+from dailyq.ops.report import render_report
+from dailyq.ops.table_skew import LEADER, THIS_PROCESS, difference_id, differing_tables, lease_node, tables_view, who
+from dailyq.ops.watch import progress, render_line
 from dailyq.table import Task, TaskTable
-from dailyq.table_skew import LEADER, THIS_PROCESS, difference_id, differing_tables, lease_node, tables_view, who
-from dailyq.watch import progress, render_line
 
 NOW = datetime(2026, 11, 27, 1, 0, tzinfo=timezone.utc)
 NOW_MS = int(NOW.timestamp() * 1000)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from dailyq.alert_outbox import Outbox
+from dailyq.alerts.outbox import Outbox
 from dailyq.beats import beat_value, register_node
 from dailyq.clock import server_now
 from dailyq.fingerprint import describe
 from dailyq.lease import Lease
+from dailyq.ops.table_skew import difference_id
 from dailyq.table import Task, TaskTable
-from dailyq.table_skew import difference_id
 from dailyq.table_store import publish
 from dailyq.table_watch import TableWatch, read_tables
 

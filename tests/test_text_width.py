@@ -1,5 +1,5 @@
 """Tables and the progress line line up by display width: wide CJK characters and emoji
-take two terminal columns, combining marks none (dailyq/text_width.py, with wcwidth).
+take two terminal columns, combining marks none (dailyq/ops/text_width.py, with wcwidth).
 
 Column positions are measured here with wcwidth itself, on the text as printed."""
 
@@ -10,9 +10,9 @@ import re
 
 from wcwidth import wcswidth
 
-from dailyq.render import render_table
-from dailyq.text_width import clip, one_line, pad, width
-from dailyq.watch import Progress, render_line
+from dailyq.ops.render import render_table
+from dailyq.ops.text_width import clip, one_line, pad, width
+from dailyq.ops.watch import Progress, render_line
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 

@@ -1,4 +1,4 @@
-"""``status`` on a terminal: the watch line (dailyq/watch.py, pure, with fixed values),
+"""``status`` on a terminal: the watch line (dailyq/ops/watch.py, pure, with fixed values),
 state colours in the table, and the CLI in a pipe and in a real pseudo-terminal."""
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from dailyq.keys import Keys
-from dailyq.render import colour_wanted, render_table
-from dailyq.runs import runs_on
-from dailyq.watch import (
+from dailyq.ops.render import colour_wanted, render_table
+from dailyq.ops.watch import (
     Progress,
     eta_seconds,
     format_duration,
@@ -27,6 +26,7 @@ from dailyq.watch import (
     running_nodes,
     series_of,
 )
+from dailyq.runs import runs_on
 from tests.helpers import ROOT, run_cli
 
 NOW = datetime(2026, 11, 27, 10, 0, 0, tzinfo=timezone.utc)

@@ -18,10 +18,10 @@ from rq.serializers import JSONSerializer
 from dailyq.clock import utc_now
 from dailyq.commands import trigger
 from dailyq.fanout import fan_out
+from dailyq.ops.status import day_status
 from dailyq.runs import runs_on
-from dailyq.status import day_status
 from dailyq.table import Task, TaskTable
-from dailyq.worker import DailySimpleWorker, make_queue, queue_keeping_reply
+from dailyq.worker.workers import DailySimpleWorker, make_queue, queue_keeping_reply
 from tests import sample_tasks
 from tests.helpers import ROOT, executions, param_key, starts_per_param, wait_for
 from tests.sample_tasks import explode
@@ -237,16 +237,20 @@ def test_the_guard_adds_no_round_trip_per_run_to_rqs_own(connection, settings):
     # TIME every 5 s): on a loaded machine a slow pass meets more of them. What a run costs
     # is what the quietest of three pairs shows (a per-run round trip shows in every pair).
     tries = []
+    PER_RUN_TRIP_SHOWS_AS = 20  # noqa: N806 - one round trip more per run, over the 20 runs compared
     for i in range(3):
         plain_per_20 = plain_round_trips(25) - plain_round_trips(5)
         day = DAY + timedelta(days=2 * i)
         dailyq_per_20 = dailyq_round_trips(25, day) - dailyq_round_trips(5, day + timedelta(days=1))
         assert plain_per_20 > 0
         tries.append((dailyq_per_20, plain_per_20))
-        if dailyq_per_20 <= plain_per_20:
+        if dailyq_per_20 < plain_per_20 + PER_RUN_TRIP_SHOWS_AS // 2:
             break
-    # (Seen: 400 for dailyq against 404 for plain RQ; one extra round trip per run would be +20.)
-    assert any(dailyq <= plain for dailyq, plain in tries), f"(dailyq, plain RQ) round trips per 20 runs: {tries}"
+    # (Seen: 400 for dailyq against 404 for plain RQ, and under heavy load 401 against 400 at
+    # best: a clocked TIME or heartbeat refresh more in the slower pass. One extra round trip
+    # per run would be +20 in every pair, so fewer than +10 in the quietest pair rules it out.)
+    assert any(dailyq < plain + PER_RUN_TRIP_SHOWS_AS // 2 for dailyq, plain in tries), \
+        f"(dailyq, plain RQ) round trips per 20 runs: {tries}"
 
 
 def test_queue_keeping_reply_hands_over_a_reply_the_pipeline_owner_drops(connection, settings):

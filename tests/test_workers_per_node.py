@@ -12,8 +12,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from dailyq.health import judge
-from dailyq.render import render_nodes
+from dailyq.ops.health import judge
+from dailyq.ops.render import render_nodes
 from tests.helpers import ROOT, executions, quiet_sample_at, run_cli, wait_for
 
 DAY = "2026-11-26"

@@ -35,22 +35,22 @@ from typing import Any, Collection, Iterable
 
 from redis import Redis
 
-from .beats import clock_warnings, live_processes
-from .clock import iso
-from .day_feed import DayView
+from ..beats import clock_warnings, live_processes
+from ..clock import iso
+from ..day_feed import DayView
+from ..fanout import DURATION_LOOKUP_CHUNK
+from ..fingerprint import describe, fingerprint
+from ..generation import read_data_loss
+from ..keys import Keys
+from ..limits import pool_use
+from ..params_book import ParamsBook
+from ..pausing import paused_tasks
+from ..redis_memory import redis_view
+from ..redis_values import as_text
+from ..runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, runs_on
+from ..table import TaskTable
+from ..table_watch import read_tables
 from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series
-from .fanout import DURATION_LOOKUP_CHUNK
-from .fingerprint import describe, fingerprint
-from .generation import read_data_loss
-from .keys import Keys
-from .limits import pool_use
-from .params_book import ParamsBook
-from .pausing import paused_tasks
-from .redis_memory import redis_view
-from .redis_values import as_text
-from .runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, runs_on
-from .table import TaskTable
-from .table_watch import read_tables
 
 
 def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:

@@ -28,10 +28,10 @@ from datetime import date, datetime, timedelta, timezone
 from html import escape
 from typing import Any, Mapping
 
+from ..runs import RUNNING, STATES
+from ..timestamps import parse_iso
 from .render import render_eta
-from .runs import RUNNING, STATES
 from .table_skew import difference_text
-from .timestamps import parse_iso
 from .watch import format_duration
 
 # Fill colour and text colour of each state (bars, legend, list).

@@ -24,12 +24,12 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
-from .runs import FINISHED, REMOVED, DaySlots, ParamsLookup, runs_of_slot, task_slots_on
-from .schedule import Slot, parse_at
-from .table import Task, TaskTable, encode_param
-from .table_skew import difference_text
-from .text_width import one_line
-from .timestamps import iso, parse_iso
+from ..ops.table_skew import difference_text
+from ..ops.text_width import one_line
+from ..runs import FINISHED, REMOVED, DaySlots, ParamsLookup, runs_of_slot, task_slots_on
+from ..schedule import Slot, parse_at
+from ..table import Task, TaskTable, encode_param
+from ..timestamps import iso, parse_iso
 
 RUN_FAILED, DAY_LATE, SLOT_MISSED, NO_LEADER = "run_failed", "day_late", "slot_missed", "no_leader"
 TABLES_DIFFER = "tables_differ"

@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from . import __version__
+from .. import __version__
 
 TIMEOUT_S = 5.0
 DELIVERED, RETRY, REFUSED = "delivered", "retry", "refused"

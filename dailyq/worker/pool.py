@@ -41,9 +41,9 @@ from typing import Callable, NoReturn
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .beats import forget_worker, worker_member
-from .settings import Settings
-from .worker import describe_exit
+from ..beats import forget_worker, worker_member
+from ..settings import Settings
+from .workers import describe_exit
 
 log = logging.getLogger(__name__)
 

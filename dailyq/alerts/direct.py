@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from .alert_events import Alert, encode_payload
-from .alert_sender import DELIVERED, REFUSED, post_alert
-from .settings import Settings
+from ..settings import Settings
+from .events import Alert, encode_payload
+from .sender import DELIVERED, REFUSED, post_alert
 
 log = logging.getLogger(__name__)
 

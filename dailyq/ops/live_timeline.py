@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .clock import utc_now
-from .day_feed import DayViews
-from .errors import DailyqError
+from ..clock import utc_now
+from ..day_feed import DayViews
+from ..errors import DailyqError
+from ..settings import Settings
+from ..table import TaskTable, default_day
 from .report import LIVE_SCRIPT, render_report
-from .settings import Settings
 from .status import day_status
-from .table import TaskTable, default_day
 
 if TYPE_CHECKING:
     from flask import Blueprint

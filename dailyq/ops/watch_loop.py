@@ -15,11 +15,11 @@ from typing import Callable, Iterator
 
 from redis import Redis
 
-from .clock import RedisClock
-from .day_feed import DayView
-from .settings import Settings
+from ..clock import RedisClock
+from ..day_feed import DayView
+from ..settings import Settings
+from ..table import TaskTable
 from .status import day_status
-from .table import TaskTable
 from .watch import is_settled, progress, render_line, running_nodes
 
 WATCH_EVERY_S = 1.0

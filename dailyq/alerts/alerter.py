@@ -44,9 +44,20 @@ from typing import TYPE_CHECKING, Callable
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .alert_digest import FailureAlerts
-from .alert_direct import DirectAlerts, backoff_s
-from .alert_events import (
+from ..beats import live_processes
+from ..day_scan import read_records
+from ..ops.status import read_eta, shown_runs
+from ..outage import OutageLog
+from ..params_book import ParamsBook
+from ..pausing import paused_tasks
+from ..redis_memory import note_delivered
+from ..runs import DaySlots, runs_of_slot, task_slots_on
+from ..schedule import Slot
+from ..settings import Settings
+from ..table import Task, TaskTable
+from .digest import FailureAlerts
+from .direct import DirectAlerts, backoff_s
+from .events import (
     DAY_LATE,
     SLOT_MISSED,
     Alert,
@@ -62,22 +73,11 @@ from .alert_events import (
     redis_full_alert,
     watched_days,
 )
-from .alert_outbox import Claimed, Idle, Outbox
-from .alert_sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
-from .beats import live_processes
-from .day_scan import read_records
-from .outage import OutageLog
-from .params_book import ParamsBook
-from .pausing import paused_tasks
-from .redis_memory import note_delivered
-from .runs import DaySlots, runs_of_slot, task_slots_on
-from .schedule import Slot
-from .settings import Settings
-from .status import read_eta, shown_runs
-from .table import Task, TaskTable
+from .outbox import Claimed, Idle, Outbox
+from .sender import DELIVERED, REFUSED, TIMEOUT_S, post_alert
 
 if TYPE_CHECKING:
-    from .scheduler import DailyScheduler
+    from ..scheduler import DailyScheduler
 
 log = logging.getLogger(__name__)
 

@@ -80,11 +80,11 @@ from redis import Redis
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 
-from .fanout import Again, Held
-from .keys import Keys
-from .redis_values import as_text
-from .rq_seam import DailyJob
-from .runs import (
+from ..fanout import Again, Held
+from ..keys import Keys
+from ..redis_values import as_text
+from ..rq_seam import DailyJob
+from ..runs import (
     BLOCKED,
     CANCELLED,
     FAILED,
@@ -99,8 +99,8 @@ from .runs import (
     Run,
     task_slots_on,
 )
-from .scripts import scripts_for
-from .table import TaskTable
+from ..scripts import scripts_for
+from ..table import TaskTable
 
 QUEUED_UNBACKED, QUEUED_FINISHED, RUNNING_UNCLAIMED, RUNNING_UNLISTED, WAITING_UNBACKED = (
     "queued_unbacked", "queued_finished", "running_unclaimed", "running_unlisted", "waiting_unbacked")

@@ -65,14 +65,14 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq.timeouts import BaseTimeoutException
 
+from ..clock import Clock, iso, utc_now
+from ..context import RunContext, running_as
+from ..keys import Keys
+from ..outage import OutageLog, through_outage
+from ..replicas import ReplicaAcks
+from ..runs import CLAIM_LOST_RESULT, RunJob
+from ..scripts import BeginReply, FailOutcome, RenewOutcome, ScriptCall, parse_begin, scripts_for
 from .claim_watch import ClaimDeadline
-from .clock import Clock, iso, utc_now
-from .context import RunContext, running_as
-from .keys import Keys
-from .outage import OutageLog, through_outage
-from .replicas import ReplicaAcks
-from .runs import CLAIM_LOST_RESULT, RunJob
-from .scripts import BeginReply, FailOutcome, RenewOutcome, ScriptCall, parse_begin, scripts_for
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 ALERT_SCHEMES = ("http", "https")
 _FORM = "use http(s)://host/path, e.g. a Slack incoming webhook's https://hooks.slack.com/services/..."

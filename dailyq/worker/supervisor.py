@@ -17,13 +17,13 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq.exceptions import StopRequested
 
-from .beats import forget_worker, worker_member
-from .generation import GenerationWatch
-from .outage import MEMORY, OutageLog, refused_for_memory, transient, wait_for_redis
-from .redis_memory import wait_for_writes
-from .settings import Settings
-from .table import TaskTable
-from .worker import DailySimpleWorker, DailyWorker, worker_name
+from ..beats import forget_worker, worker_member
+from ..generation import GenerationWatch
+from ..outage import MEMORY, OutageLog, refused_for_memory, transient, wait_for_redis
+from ..redis_memory import wait_for_writes
+from ..settings import Settings
+from ..table import TaskTable
+from .workers import DailySimpleWorker, DailyWorker, worker_name
 
 # The logger these lines had when the loop lived in cli.py: log filters (and the JSON
 # logs' "logger" field) may match on it.

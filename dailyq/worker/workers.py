@@ -31,27 +31,27 @@ from rq import Queue, SimpleWorker, Worker
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
-from .beats import beat_value, register_node, register_worker, worker_member
+from ..beats import beat_value, register_node, register_worker, worker_member
+from ..clock import RedisClock
+from ..connection import connect
+from ..dependencies import downstream_of, release_after
+from ..deploys import Leaver
+from ..errors import DailyqError
+from ..fingerprint import table_fingerprint
+from ..generation import GenerationWatch
+from ..limits import Admissions
+from ..outage import MEMORY, OutageLog, through_outage
+from ..pausing import PausedCache
+from ..redis_memory import describer, wait_for_writes
+from ..rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
+from ..runs import META_KEY, RunJob, StaleJob
+from ..scripts import scripts_for
+from ..settings import Settings
+from ..table import TaskTable, encode_param, load_table
+from ..table_store import keep_published
+from ..table_store import publish as publish_table
 from .claim_watch import ClaimDeadline
-from .clock import RedisClock
-from .connection import connect
-from .dependencies import downstream_of, release_after
-from .deploys import Leaver
-from .errors import DailyqError
-from .fingerprint import table_fingerprint
-from .generation import GenerationWatch
 from .guard import CANCELLED_EXIT_CODE, CLAIM_LOST_EXIT_CODE, Guard
-from .limits import Admissions
-from .outage import MEMORY, OutageLog, through_outage
-from .pausing import PausedCache
-from .redis_memory import describer, wait_for_writes
-from .rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
-from .runs import META_KEY, RunJob, StaleJob
-from .scripts import scripts_for
-from .settings import Settings
-from .table import TaskTable, encode_param, load_table
-from .table_store import keep_published
-from .table_store import publish as publish_table
 
 # Re-exported: ``dailyq.worker.DailyJob`` and ``make_queue`` are where users found them.
 __all__ = ["DailyJob", "DailySimpleWorker", "DailyWorker", "RefusedJob", "WorkerContext", "describe_exit",
@@ -290,11 +290,15 @@ class WorkerContext:
                                  RECORD_DEATH_OUTAGE_LIMIT_S)
         if outcome == "failed":
             self.guard.run_ended(attempt.run)
-        elif outcome == "not-ours":
-            # Another copy holds the run, recovery took it over, or Redis lost the claim with
-            # the run's start (a failover to a replica that lagged): then nothing backs the
-            # run and the leader would settle RQ's failed job as a failure. The same check
-            # as for a copy stopped for its claim, once RQ has failed the job (``stopped``).
+        elif outcome == "not-ours" and attempt.shared_deadline is not None and attempt.shared_deadline.get() > 0:
+            # The horse held the claim when it died (its deadline is set from BEGIN until the
+            # claim is released), yet FAIL finds it not ours: another copy holds the run,
+            # recovery took it over, or Redis lost the claim with the run's start (a failover
+            # to a replica that lagged). In the last case nothing backs the run and the
+            # leader would settle RQ's failed job as a failure: the same check as for a copy
+            # stopped for its claim, once RQ has failed the job (``stopped``). A horse that
+            # never held the claim (killed while waiting for the previous slot's run) is
+            # RQ's failure, settled by the leader as before.
             execution.stopped_for_claim = True
         log.warning("run %s: %s on node %s; %s", run_id, error, self.guard.node,
                     {"retry": "will retry", "failed": "failed (no attempts left)"}.get(

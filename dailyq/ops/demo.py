@@ -17,22 +17,27 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
-from .cli_support import project_root
-from .clock import utc_now
-from .commands import trigger
-from .connection import connect
-from .errors import DailyqError
-from .redis_server import PrivateRedis
+from ..clock import utc_now
+from ..commands import trigger
+from ..connection import connect
+from ..errors import DailyqError
+from ..redis_server import PrivateRedis
+from ..settings import Settings
+from ..table import default_day, load_table
 from .render import render_table, summary
-from .settings import Settings
 from .status import day_status
-from .table import default_day, load_table
 
 NODES = ("node-1", "node-2", "node-3")
 
 
+
+def project_root() -> Path:
+    """The folder holding scheduler.py, worker_entry.py and jobs/ (where a node's
+    processes start)."""
+    return Path(__file__).resolve().parents[2]
+
 def run_demo(timeout_s: float = 120.0) -> int:
-    from .worker import make_queue  # noqa: PLC0415
+    from ..worker.workers import make_queue  # noqa: PLC0415
 
     with ExitStack() as stack:
         env = dict(os.environ)

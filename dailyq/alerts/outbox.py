@@ -28,11 +28,11 @@ from typing import Iterable
 
 from redis import Redis
 
-from .alert_events import Alert, encode_payload
-from .keys import Keys
+from ..keys import Keys
 
 # Claimed and Idle are the outbox's public reply types (alerts.py imports them from here).
-from .scripts import Claimed, Idle, OutboxAlert, lua_ms, scripts_for
+from ..scripts import Claimed, Idle, OutboxAlert, lua_ms, scripts_for
+from .events import Alert, encode_payload
 
 __all__ = ["Claimed", "Idle", "Outbox"]
 

@@ -40,9 +40,9 @@ from typing import Any, Mapping, Sequence
 
 from redis import Redis
 
-from .alert_events import Alert, encode_payload, run_failed_alert, runs_failed_alert
-from .keys import Keys
-from .scripts import NOW_LUA, compact
+from ..keys import Keys
+from ..scripts import NOW_LUA, compact
+from .events import Alert, encode_payload, run_failed_alert, runs_failed_alert
 
 # Events taken per script call; a pass takes batches until the list is empty (at most
 # MAX_BATCHES, so one pass of a long backlog does not hold the thread for long).

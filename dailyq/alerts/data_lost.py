@@ -21,10 +21,10 @@ from typing import Any, Mapping
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .alert_direct import GIVE_UP_S, ClaimAnswer, DirectAlerts, Ended
-from .alert_events import redis_data_lost_alert
-from .scripts import scripts_for
-from .settings import Settings
+from ..scripts import scripts_for
+from ..settings import Settings
+from .direct import GIVE_UP_S, ClaimAnswer, DirectAlerts, Ended
+from .events import redis_data_lost_alert
 
 log = logging.getLogger(__name__)
 

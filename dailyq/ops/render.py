@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from .alert_events import loss_text, span_text
+from ..alerts.events import loss_text, span_text
+from ..runs import STATES
+from ..timestamps import parse_iso
 from .eta import PENDING
 from .offsets import OFFSET_WARN_S, format_offset
-from .runs import STATES
 from .table_skew import difference_text
 from .text_width import clip, one_line, pad, width
-from .timestamps import parse_iso
 
 ERROR_COLUMNS = 60  # the table shows the start of an error; --json has all of it
 

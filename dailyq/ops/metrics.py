@@ -60,22 +60,22 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .beats import live_processes
-from .clock import parse_iso
-from .day_feed import DayViews, read_counts
-from .day_scan import DayRecords
-from .errors import ConfigError
-from .fingerprint import table_fingerprint
-from .keys import Keys
-from .limits import pool_use
-from .outage import OutageLog
-from .params_book import ParamsBook, placeholder_record
-from .pausing import paused_tasks
-from .rq_seam import make_queue
-from .runs import FINISHED, MISSED, SCHEDULED, STATES, DaySlots, task_slots_on
-from .settings import Settings
+from ..beats import live_processes
+from ..clock import parse_iso
+from ..day_feed import DayViews, read_counts
+from ..day_scan import DayRecords
+from ..errors import ConfigError
+from ..fingerprint import table_fingerprint
+from ..keys import Keys
+from ..limits import pool_use
+from ..outage import OutageLog
+from ..params_book import ParamsBook, placeholder_record
+from ..pausing import paused_tasks
+from ..rq_seam import make_queue
+from ..runs import FINISHED, MISSED, SCHEDULED, STATES, DaySlots, task_slots_on
+from ..settings import Settings
+from ..table import Task, TaskTable
 from .status import read_eta, shown_runs
-from .table import Task, TaskTable
 from .table_skew import lease_node, reference_of
 
 log = logging.getLogger(__name__)

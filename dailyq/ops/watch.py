@@ -17,10 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
-from . import text_width
-from .eta import PENDING
-from .render import STATE_COLOURS, paint
-from .runs import (
+from ..runs import (
     BLOCKED,
     CANCELLED,
     FAILED,
@@ -32,9 +29,12 @@ from .runs import (
     SKIPPED,
     param_digest,
 )
-from .table import encode_param
+from ..table import encode_param
+from ..timestamps import parse_iso
+from . import text_width
+from .eta import PENDING
+from .render import STATE_COLOURS, paint
 from .table_skew import differing_nodes
-from .timestamps import parse_iso
 
 # Blocked runs wait for a rerun of a failed upstream run: like a failed (or cancelled)
 # run, nothing more happens to them by itself. Waiting runs will run once their upstream runs finish;

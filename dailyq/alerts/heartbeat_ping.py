@@ -40,17 +40,17 @@ from typing import TYPE_CHECKING, Mapping
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from .alert_sender import DELIVERED, post_json
-from .clock import Clock, iso, utc_now
-from .metrics import count_today
-from .outage import OutageLog
-from .runs import FAILED
-from .settings import Settings
-from .table import TaskTable
-from .watch import DONE_STATES
+from ..clock import Clock, iso, utc_now
+from ..ops.metrics import count_today
+from ..ops.watch import DONE_STATES
+from ..outage import OutageLog
+from ..runs import FAILED
+from ..settings import Settings
+from ..table import TaskTable
+from .sender import DELIVERED, post_json
 
 if TYPE_CHECKING:
-    from .scheduler import DailyScheduler
+    from ..scheduler import DailyScheduler
 
 log = logging.getLogger(__name__)
 

@@ -47,12 +47,12 @@ from typing import Any, Mapping, Sequence
 
 from redis import Redis
 
-from .beats import ROLES, Beat, clock_is_off, count_live_workers, format_offset, offset_warning, parse_beat
-from .keys import Keys
-from .redis_values import as_bytes
+from ..beats import ROLES, Beat, clock_is_off, count_live_workers, format_offset, offset_warning, parse_beat
+from ..keys import Keys
+from ..redis_values import as_bytes
+from ..timestamps import parse_iso
 from .render import human_bytes
 from .table_skew import difference_text
-from .timestamps import parse_iso
 
 __all__ = ["ROLES", "Beat", "Verdict", "judge", "parse_beat", "read_beats", "read_worker_count", "redis_down",
            "roles_of", "table_findings"]

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
-from .runs import DIGEST_LENGTH, PAUSED, QUEUED, RUNNING, SCHEDULED, WAITING, param_digest
-from .table import Task, encode_param
-from .timestamps import parse_iso
+from ..runs import DIGEST_LENGTH, PAUSED, QUEUED, RUNNING, SCHEDULED, WAITING, param_digest
+from ..table import Task, encode_param
+from ..timestamps import parse_iso
 
 START_PRECISION = timedelta(seconds=1)  # of a stored start (timestamps.iso)
 

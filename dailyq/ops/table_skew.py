@@ -30,8 +30,8 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
-from .fingerprint import Description, diff, diff_text
-from .timestamps import iso
+from ..fingerprint import Description, diff, diff_text
+from ..timestamps import iso
 
 LEADER, THIS_PROCESS = "leader", "this process"
 
