@@ -38,7 +38,10 @@ from .table import TaskTable, default_day, encode_param, load_table
 log = logging.getLogger(__name__)
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with dailyq's usage errors: one line naming --help, exit code 2 (every
+    entry point's parser: these commands, the worker's, the dashboard's)."""
+
     def error(self, message: str) -> NoReturn:  # one line, not usage + error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -341,11 +344,11 @@ def _add_range(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="dailyq: each day's runs once, over every node. "
+    parser = OneLineParser(prog=prog, description="dailyq: each day's runs once, over every node. "
                      "With no command, run this node's scheduler (one node at a time leads).")
     parser.add_argument("--burst", action="store_true", help="one scheduler pass, then exit")
     parser.set_defaults(handler=cmd_scheduler)
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
     status = sub.add_parser("status", help="every run of a day and the current leader")
     status.add_argument("--date", type=_parse_date, help="YYYY-MM-DD (default: today in the tasks' zone)")
@@ -462,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="worker_entry.py", description="Run this node's dailyq worker (an RQ worker).")
+    parser = OneLineParser(prog="worker_entry.py", description="Run this node's dailyq worker (an RQ worker).")
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--simple", action="store_true",
                         help="non-forking worker: faster for short tasks, but a crashing task takes the worker down")

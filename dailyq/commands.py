@@ -19,7 +19,7 @@ from rq import Queue
 from .clock import server_now
 from .dependencies import downstream_of, release_ready
 from .errors import ConfigError
-from .fanout import Again, FanOutResult, fan_out
+from .fanout import Again, FanOutOptions, FanOutResult, fan_out
 from .keys import Keys
 from .params_book import ParamsFailed, SlotParams, settle
 from .pausing import PauseResult, ResumeResult, paused_names
@@ -82,7 +82,7 @@ def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: 
             if not entry.ok:
                 failed.append(entry)
     runs.sort(key=lambda run: run.slot.fires_at)
-    result = fan_out(connection, keys, queue, runs, retention_s=retention_s, wait_replicas=wait_replicas)
+    result = fan_out(connection, keys, queue, runs, FanOutOptions(retention_s, wait_replicas=wait_replicas))
     if result.waiting:  # their upstream runs may have finished already (a past day)
         release_ready(connection, keys, queue, table, day, retention_s=retention_s)
     return TriggerResult(enqueued=result.enqueued, already=result.already, waiting=result.waiting, runs=runs,
@@ -179,8 +179,8 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
         connection.srem(keys.day_finished(day), *unfinished)
     if report.enqueued:
         connection.expire(keys.day_reruns(day), retention_s)
-        result = fan_out(connection, keys, queue, report.enqueued, retention_s=retention_s, again=numbers,
-                         force=force, wait_replicas=wait_replicas)
+        result = fan_out(connection, keys, queue, report.enqueued,
+                         FanOutOptions(retention_s, again=numbers, force=force, wait_replicas=wait_replicas))
         # Held runs may be ready at once; runs blocked by this task's failed runs are 'waiting' again.
         if result.waiting or task.name in downstream_of(table):
             release_ready(connection, keys, queue, table, day, retention_s=retention_s)

@@ -201,11 +201,11 @@ def run_dashboard(environ: Mapping[str, str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import _Parser, guarded  # noqa: PLC0415 - the CLI's one-line errors and exit codes
+    from .cli import OneLineParser, guarded  # noqa: PLC0415 - the CLI's one-line errors and exit codes
 
-    _Parser(prog="python -m dailyq.dashboard",
-            description="rq-dashboard for this deployment's queue; configured by DASHBOARD_BIND, DASHBOARD_PORT, "
-                        "DASHBOARD_USER, DASHBOARD_PASSWORD and REDIS_URL.").parse_args(argv)
+    OneLineParser(prog="python -m dailyq.dashboard",
+                  description="rq-dashboard for this deployment's queue; configured by DASHBOARD_BIND, DASHBOARD_PORT, "
+                              "DASHBOARD_USER, DASHBOARD_PASSWORD and REDIS_URL.").parse_args(argv)
     return guarded(lambda: run_dashboard(os.environ))
 
 

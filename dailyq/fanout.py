@@ -40,7 +40,7 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import date
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from redis import Redis, WatchError
 from redis.client import Pipeline
@@ -108,37 +108,47 @@ def retry_policy(retries: int, backoff_s: int) -> Retry | None:
     return Retry(max=retries, interval=[backoff_s * (2 ** i) for i in range(retries)])
 
 
-def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], *, retention_s: int,
-            fence: Lease | None = None, again: dict[str, Again] | None = None,
-            force: bool = False, at_front: bool = False, hold_dependent: bool = True,
-            wait_replicas: int = 0) -> FanOutResult:
-    """Enqueue each run not enqueued before (per job id); return what was done.
+@dataclass(frozen=True)
+class FanOutOptions:
+    """How one fan-out enqueues its runs: what ``fan_out`` hands down to each chunk and job.
 
-    ``again`` maps run id -> how a run enqueued before is enqueued once more (a fresh job id).
+    ``retention_s``: how long the day's records, sets and failed jobs live.
     ``fence``: enqueue only while this lease is held (raises LeaseLost otherwise).
+    ``again`` maps run id -> how a run enqueued before is enqueued once more (a fresh job id).
+    ``force``: the jobs run even if their run finished (a forced rerun).
     ``at_front``: jump the queue (recovered runs must not wait behind a whole day).
     ``hold_dependent``: hold the runs of tasks with ``after`` (see the module docstring);
     recovery passes False: a run that was executing had been released already.
     ``wait_replicas``: each chunk counts once that many replicas acknowledged it (else
     ReplicasBehind is raised; see the module docstring).
     """
-    again = again or {}
+
+    retention_s: int
+    fence: Lease | None = None
+    again: Mapping[str, Again] = field(default_factory=dict)
+    force: bool = False
+    at_front: bool = False
+    hold_dependent: bool = True
+    wait_replicas: int = 0
+
+
+def fan_out(connection: Redis, keys: Keys, queue: Queue, runs: Sequence[Run], options: FanOutOptions) -> FanOutResult:
+    """Enqueue each run not enqueued before (per job id), as ``options`` say; return what was done."""
     result = FanOutResult()
     by_day: dict[date, list[Run]] = defaultdict(list)
     for run in longest_first(connection, keys, runs):
         by_day[run.day].append(run)
     scripts = scripts_for(connection)
-    acks = ReplicaAcks(connection, keys, wait_replicas)
+    acks = ReplicaAcks(connection, keys, options.wait_replicas)
     for day, day_runs in by_day.items():
         for start in range(0, len(day_runs), CHUNK_SIZE):
             chunk = day_runs[start:start + CHUNK_SIZE]
             # A big fan-out outlasts the lease TTL: renew between chunks (each chunk is
             # still fenced by its own WATCH of the lease).
-            if fence is not None and start and not fence.renew():
-                raise LeaseLost(f"leader lease {fence.key} is no longer ours")
+            if options.fence is not None and start and not options.fence.renew():
+                raise LeaseLost(f"leader lease {options.fence.key} is no longer ours")
             counts = len(result.enqueued), len(result.already)
-            _fan_out_chunk(connection, keys, queue, day, chunk, retention_s, fence, again, force, at_front,
-                           hold_dependent, scripts, result)
+            _fan_out_chunk(connection, keys, queue, day, chunk, options, scripts, result)
             if acks.on:  # the chunk's jobs, whoever enqueued them, on this server and its replicas
                 job_ids = result.enqueued[counts[0]:] + result.already[counts[1]:]
                 acks.confirm(f"the fan-out of {len(job_ids)} run(s) of {day.isoformat()}",
@@ -215,13 +225,13 @@ def limited_backlog_s(runs: Sequence[Run], expected: dict[str, float]) -> dict[s
 
 
 def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk: list[Run],
-                   retention_s: int, fence: Lease | None, again: dict[str, Again], force: bool, at_front: bool,
-                   hold_dependent: bool, scripts: Scripts, result: FanOutResult) -> None:
+                   options: FanOutOptions, scripts: Scripts, result: FanOutResult) -> None:
+    retention_s, fence, force, at_front = options.retention_s, options.fence, options.force, options.at_front
     enqueued_key = keys.day_enqueued(day)
     runs_key = keys.day_runs(day)
     slots_key = keys.day_slots(day)
     once_names = list(dict.fromkeys(run.task.name for run in chunk if run.task.at is not None))
-    given, given_again = chunk, again
+    given, given_again = chunk, options.again
     with connection.pipeline(transaction=True) as pipe:
         while True:
             try:
@@ -235,7 +245,7 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                 job_ids = [run.job_id(again[run.run_id].number if run.run_id in again else 0) for run in chunk]
                 present = pipe.smismember(enqueued_key, job_ids)
                 fresh = [(run, job_id) for run, job_id, seen in zip(chunk, job_ids, present) if not seen]
-                held = {run.run_id for run, _ in fresh if hold_dependent and run.task.after}
+                held = {run.run_id for run, _ in fresh if options.hold_dependent and run.task.after}
                 pipe.multi()
                 # Written only when a task has no entry yet, or runs are added (the hash lives as
                 # long as the day's records): a chunk that adds nothing writes nothing.
@@ -287,8 +297,8 @@ def note_day_slot(connection: Redis, keys: Keys, slot: Slot, task_name: str, ret
         pipe.execute()
 
 
-def _follow_day_slots(day: date, chunk: list[Run], again: dict[str, Again],
-                      stored: dict[str, Slot | None]) -> tuple[list[Run], dict[str, Again]]:
+def _follow_day_slots(day: date, chunk: list[Run], again: Mapping[str, Again],
+                      stored: dict[str, Slot | None]) -> tuple[list[Run], Mapping[str, Again]]:
     """The chunk with each once-a-day task's runs moved onto the slot stored for the day
     (when one is, and it differs), and ``again`` keyed by the moved runs' ids. Callers
     map slots themselves (runs.DaySlots): this is the net for one that raced another
@@ -301,24 +311,24 @@ def _follow_day_slots(day: date, chunk: list[Run], again: dict[str, Again],
     if not moved:  # the usual case: the caller mapped (or nothing is stored yet)
         return chunk, again
     out: dict[str, Run] = {}  # by run id: a run given on both slots is fanned out once
-    again = dict(again)
+    followed = dict(again)
     for run in chunk:
         slot = target(run)
         if slot is None:
             out.setdefault(run.run_id, run)
             continue
         follower = Run(run.task, run.param, slot)
-        if run.run_id in again:
-            again.setdefault(follower.run_id, again[run.run_id])
+        if run.run_id in followed:
+            followed.setdefault(follower.run_id, followed[run.run_id])
         out.setdefault(follower.run_id, follower)
     for name in sorted({run.task.name for run in moved}):
         log.warning("task %s: %s's runs use slot %s (fanned out first that day); runs for another slot of it "
                     "were mapped onto it", name, day.isoformat(), stored[name].isoformat())  # type: ignore[union-attr]
-    return list(out.values()), again
+    return list(out.values()), followed
 
 
 def _hold(pipe: Pipeline, keys: Keys, scripts: Scripts, day: date, held: list[tuple[Run, str]], retention_s: int,
-          again: dict[str, Again], force: bool, at_front: bool) -> None:
+          again: Mapping[str, Again], force: bool, at_front: bool) -> None:
     """Park held runs in the day's waiting hash (queued in the chunk's MULTI). A run
     enqueued before keeps its record, which QUEUE_RECORDS just marked queued: 'waiting' now."""
     waiting_key = keys.day_waiting(day)

@@ -50,7 +50,7 @@ from .clock import Clock, RedisClock, iso
 from .dependencies import WaitingRuns
 from .deploys import LeftJobs
 from .errors import LeaseLost
-from .fanout import fan_out, note_day_slot, trim_durations
+from .fanout import FanOutOptions, fan_out, note_day_slot, trim_durations
 from .fingerprint import table_fingerprint, task_digest
 from .generation import Generation, GenerationWatch, NodeMemory, data_loss_view
 from .lease import Lease
@@ -183,6 +183,11 @@ class DailyScheduler:
         self._firing: list[tuple[Task, Slot]] = []
         MEMORY.name(f"scheduler on node {settings.node_name}", describer(connection))
 
+    @property
+    def _fan_out_options(self) -> FanOutOptions:
+        """The leader's fan-outs: fenced by its lease, WAITing for replicas when asked."""
+        return FanOutOptions(self.settings.retention_s, fence=self.lease, wait_replicas=self.settings.wait_replicas)
+
     # -- leadership ------------------------------------------------------------------
 
     def _new_owner(self) -> str:
@@ -265,8 +270,7 @@ class DailyScheduler:
                                        {run.day for _, runs in fired for run in runs if run.task.at is not None})
         fired = [(task, [_mapped(run, day_slots) for run in runs]) for task, runs in fired]
         result = fan_out(self.connection, self.keys, self.queue, [run for _, runs in fired for run in runs],
-                         retention_s=self.settings.retention_s, fence=self.lease,
-                         wait_replicas=self.settings.wait_replicas)
+                         self._fan_out_options)
         if result.waiting:
             self._waiting_look.now()
         pushed = set(result.enqueued)
@@ -303,8 +307,7 @@ class DailyScheduler:
                                          fence=self.lease)
                 if retried_runs:
                     result = fan_out(self.connection, self.keys, self.queue, retried_runs,
-                                     retention_s=self.settings.retention_s, fence=self.lease,
-                                     wait_replicas=self.settings.wait_replicas)
+                                     self._fan_out_options)
                     enqueued += len(result.enqueued)
                     if result.waiting:
                         self._waiting_look.now()
@@ -350,8 +353,7 @@ class DailyScheduler:
         if not fired:
             return enqueued
         result = fan_out(self.connection, self.keys, self.queue, [run for *_, runs in fired for run in runs],
-                         retention_s=self.settings.retention_s, fence=self.lease,
-                         wait_replicas=self.settings.wait_replicas)
+                         self._fan_out_options)
         self._firing = []  # fanned out: what follows is bookkeeping a refusal does not undo
         enqueued += len(result.enqueued)
         if result.waiting:

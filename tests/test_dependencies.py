@@ -16,7 +16,7 @@ from redis import Redis
 
 from dailyq.commands import rerun, trigger
 from dailyq.dependencies import WaitingRuns, release_ready
-from dailyq.fanout import fan_out
+from dailyq.fanout import FanOutOptions, fan_out
 from dailyq.keys import Keys
 from dailyq.rq_seam import make_queue
 from dailyq.runs import Run, decode_record, runs_on
@@ -73,7 +73,7 @@ def release(connection: Redis, keys: Keys, table: TaskTable, day: date = DAY, **
 def test_held_runs_take_no_queue_entry_and_are_released_once_when_every_upstream_run_finished(connection, keys):
     table = chain_table()
     queue = make_queue(connection, keys)
-    result = fan_out(connection, keys, queue, runs_on(table, DAY), retention_s=RETENTION_S)
+    result = fan_out(connection, keys, queue, runs_on(table, DAY), FanOutOptions(RETENTION_S))
     held = ids(table, "mid") + ids(table, "down")
     assert sorted(result.waiting) == sorted(held)
     assert set(queued_job_ids(connection, keys)) == set(ids(table, "up") + ids(table, "other"))
@@ -103,7 +103,7 @@ def test_a_failed_upstream_run_blocks_its_downstream_runs_until_a_rerun_of_it_fi
     table = TaskTable([Task(name="up", func=RECORD, params=["a", "b"], at="03:00", retries=0),
                        Task(name="down", func=RECORD, params=["x"], at="03:00", after=["up"])])
     queue = make_queue(connection, keys)
-    fan_out(connection, keys, queue, runs_on(table, DAY), retention_s=RETENTION_S)
+    fan_out(connection, keys, queue, runs_on(table, DAY), FanOutOptions(RETENTION_S))
     good, bad = ids(table, "up")
     (down,) = ids(table, "down")
     finish(connection, keys, [good])
@@ -126,7 +126,7 @@ def test_held_runs_of_a_task_the_leaders_table_lacks_stay_held_for_a_table_that_
                      Task(name="down", func=RECORD, params=["x"], at="03:00", after=["up"])])
     new = TaskTable([*old.tasks, Task(name="nd", func=RECORD, params=["n"], at="03:00", after=["up"])])
     queue = make_queue(connection, keys)
-    fan_out(connection, keys, queue, runs_on(new, DAY), retention_s=RETENTION_S)  # the new leader fanned out
+    fan_out(connection, keys, queue, runs_on(new, DAY), FanOutOptions(RETENTION_S))  # the new leader fanned out
     finish(connection, keys, ids(new, "up"))
     (held,) = ids(new, "nd")
     old_leader = WaitingRuns(connection, keys, queue, old, RETENTION_S)
@@ -149,7 +149,7 @@ def test_concurrent_callers_enqueue_each_held_run_exactly_once(connection, keys,
     days = [DAY + timedelta(days=i) for i in range(rounds)]
     for day in days:
         fan_out(connection, keys, make_queue(connection, keys), runs_on(table, day, ["up", "mid"]),
-                retention_s=RETENTION_S)
+                FanOutOptions(RETENTION_S))
         finish(connection, keys, ids(table, "up", day), day)
     clients = [Redis.from_url(settings.redis_url) for _ in range(2)]
     released: list[list[str]] = [[], []]
@@ -176,7 +176,7 @@ def test_concurrent_callers_enqueue_each_held_run_exactly_once(connection, keys,
 def test_trigger_of_a_past_day_whose_upstream_runs_finished_releases_at_once(connection, keys):
     table = chain_table()
     queue = make_queue(connection, keys)
-    fan_out(connection, keys, queue, runs_on(table, DAY, ["up"]), retention_s=RETENTION_S)
+    fan_out(connection, keys, queue, runs_on(table, DAY, ["up"]), FanOutOptions(RETENTION_S))
     finish(connection, keys, ids(table, "up"))
     trigger(connection, keys, queue, table, DAY, ["mid"], RETENTION_S)
     assert records(connection, keys)[ids(table, "mid")[0]]["state"] == "queued"
@@ -187,8 +187,8 @@ def test_a_recovered_downstream_run_is_enqueued_directly(connection, keys):
     # Recovery requeues a run that was executing, so released already (recovery.py).
     table = chain_table()
     (run,) = runs_on(table, DAY, ["mid"])
-    result = fan_out(connection, keys, make_queue(connection, keys), [run], retention_s=RETENTION_S,
-                     hold_dependent=False)
+    result = fan_out(connection, keys, make_queue(connection, keys), [run],
+                     FanOutOptions(RETENTION_S, hold_dependent=False))
     assert result.waiting == [] and queued_job_ids(connection, keys)[run.run_id] == 1
 
 
@@ -202,7 +202,7 @@ def test_a_computed_upstream_slot_without_its_list_holds_downstream_runs_until_i
     table = TaskTable([Task(name="up", func=RECORD, params="tests.test_dependencies.computed_regions", at="03:00"),
                        Task(name="down", func=RECORD, params=["x"], at="03:00", after=["up"])])
     queue = make_queue(connection, keys)
-    fan_out(connection, keys, queue, runs_on(table, DAY, ["down"]), retention_s=RETENTION_S)
+    fan_out(connection, keys, queue, runs_on(table, DAY, ["down"]), FanOutOptions(RETENTION_S))
     # No list stored for up's slot: its runs are unknown, so nothing is released (not "no runs").
     assert release(connection, keys, table).released == []
     (slot,) = table.get("up").schedule.slots_on(DAY)
@@ -210,7 +210,7 @@ def test_a_computed_upstream_slot_without_its_list_holds_downstream_runs_until_i
     assert settle(connection, keys, table.get("up"), slot, now, RETENTION_S, when="failed").params == ["eu", "us"]
     up_ids = [Run(table.get("up"), region, slot).run_id for region in ("eu", "us")]
     fan_out(connection, keys, queue, [Run(table.get("up"), region, slot) for region in ("eu", "us")],
-            retention_s=RETENTION_S)
+            FanOutOptions(RETENTION_S))
     finish(connection, keys, up_ids[:1])
     assert release(connection, keys, table).released == []
     finish(connection, keys, up_ids[1:])
@@ -227,7 +227,7 @@ def test_downstream_runs_of_a_computed_slot_whose_callable_failed_for_good_are_b
     table = TaskTable([Task(name="up", func=RECORD, params="tests.test_dependencies.failing_regions", at="03:00",
                             retries=0),
                        Task(name="down", func=RECORD, params=["x"], at="03:00", after=["up"])])
-    fan_out(connection, keys, make_queue(connection, keys), runs_on(table, DAY, ["down"]), retention_s=RETENTION_S)
+    fan_out(connection, keys, make_queue(connection, keys), runs_on(table, DAY, ["down"]), FanOutOptions(RETENTION_S))
     (slot,) = table.get("up").schedule.slots_on(DAY)
     now = datetime(2026, 11, 20, 3, 0, tzinfo=slot.fires_at.tzinfo)
     assert settle(connection, keys, table.get("up"), slot, now, RETENTION_S, when="failed").next_try_at is None

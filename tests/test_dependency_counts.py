@@ -11,7 +11,7 @@ from redis import Redis
 
 from dailyq.commands import rerun
 from dailyq.dependencies import WaitingRuns, release_after
-from dailyq.fanout import fan_out
+from dailyq.fanout import FanOutOptions, fan_out
 from dailyq.keys import Keys
 from dailyq.rq_seam import make_queue
 from dailyq.runs import Run, runs_on
@@ -68,7 +68,7 @@ def test_a_look_after_an_upstream_run_ended_costs_the_same_whatever_the_days_siz
         day_keys = Keys(f"{keys.prefix}-{n}")
         table = chain(n)
         queue = make_queue(connection, day_keys)
-        fan_out(connection, day_keys, queue, runs_on(table, DAY), retention_s=RETENTION_S)
+        fan_out(connection, day_keys, queue, runs_on(table, DAY), FanOutOptions(RETENTION_S))
         up = runs_on(table, DAY, ["up"])
         finish(connection, day_keys, up[:-1])
         release_after(connection, day_keys, queue, table, DAY, retention_s=RETENTION_S, tasks=["down"])  # counted
@@ -92,7 +92,7 @@ def test_a_look_after_an_upstream_run_ended_costs_the_same_whatever_the_days_siz
 def test_the_leader_releases_from_the_counts_what_a_worker_that_died_after_its_finish_left(connection, keys):
     table = chain_table()
     queue = make_queue(connection, keys)
-    fan_out(connection, keys, queue, runs_on(table, DAY), retention_s=RETENTION_S)
+    fan_out(connection, keys, queue, runs_on(table, DAY), FanOutOptions(RETENTION_S))
     leader = WaitingRuns(connection, keys, queue, table, RETENTION_S)
     assert leader.release_all() == []
     # The workers recorded every upstream run finished, and died before their own look.
@@ -106,7 +106,7 @@ def test_the_leader_releases_from_the_counts_what_a_worker_that_died_after_its_f
 def test_a_day_an_older_version_wrote_is_counted_once_and_then_released_from_its_counts(connection, keys):
     table = chain_table()
     queue = make_queue(connection, keys)
-    fan_out(connection, keys, queue, runs_on(table, DAY), retention_s=RETENTION_S)
+    fan_out(connection, keys, queue, runs_on(table, DAY), FanOutOptions(RETENTION_S))
     connection.delete(keys.day_deps(DAY))  # the older version kept no counts, no held hints
     finish_as_an_older_version(connection, keys, ids(table, "up")[:2])  # its FINISH counted nothing
     first = release_after(connection, keys, queue, table, DAY, retention_s=RETENTION_S)
@@ -129,7 +129,7 @@ def test_a_failed_upstream_run_blocks_the_chain_below_it_once_and_its_rerun_make
                        Task(name="mid", func=RECORD, params=["m"], at="03:00", after=["up"]),
                        Task(name="down", func=RECORD, params=["x"], at="03:00", after=["mid"])])
     queue = make_queue(connection, keys)
-    fan_out(connection, keys, queue, runs_on(table, DAY), retention_s=RETENTION_S)
+    fan_out(connection, keys, queue, runs_on(table, DAY), FanOutOptions(RETENTION_S))
     a, b, c = runs_on(table, DAY, ["up"])
     finish(connection, keys, [a])
     fail(connection, keys, b.run_id)  # recorded failed for good, as FAIL does
@@ -158,7 +158,7 @@ def test_counts_that_disagree_with_the_finished_set_are_counted_again(connection
     table = TaskTable([Task(name="up", func=RECORD, params=["a", "b"], at="03:00", retries=0),
                        Task(name="down", func=RECORD, params=["x"], at="03:00", after=["up"])])
     queue = make_queue(connection, keys)
-    fan_out(connection, keys, queue, runs_on(table, DAY), retention_s=RETENTION_S)
+    fan_out(connection, keys, queue, runs_on(table, DAY), FanOutOptions(RETENTION_S))
     a, b = runs_on(table, DAY, ["up"])
     finish(connection, keys, [a, b])
     runs_key = keys.day_runs(DAY)
@@ -179,7 +179,7 @@ def test_runs_the_leader_records_failed_block_the_runs_held_for_them_at_once(con
     # attempt left (recovery.py): no worker looks after those; the leader does.
     table = chain_table()
     queue = make_queue(connection, keys)
-    fan_out(connection, keys, queue, runs_on(table, DAY), retention_s=RETENTION_S)
+    fan_out(connection, keys, queue, runs_on(table, DAY), FanOutOptions(RETENTION_S))
     leader = WaitingRuns(connection, keys, queue, table, RETENTION_S)
     assert leader.release_all() == []  # its first, full look: every held run waiting
     bad = ids(table, "up")[0]

@@ -281,7 +281,7 @@ def test_a_copy_whose_renewals_are_not_acknowledged_stops_before_the_replicas_cl
 
 
 def test_a_fan_out_chunk_not_acknowledged_raises_and_counts_once_it_is(lagging: LaggingReplica) -> None:
-    from dailyq.fanout import fan_out
+    from dailyq.fanout import FanOutOptions, fan_out
     from dailyq.replicas import ReplicasBehind
     from dailyq.runs import runs_on
     from dailyq.table import load_table
@@ -293,10 +293,10 @@ def test_a_fan_out_chunk_not_acknowledged_raises_and_counts_once_it_is(lagging: 
     runs = runs_on(table, GUARD_DAY)
     lagging.stop_replicating()
     with pytest.raises(ReplicasBehind, match="0 of 1 replicas acknowledged the fan-out"):
-        fan_out(primary, keys, make_queue(primary, keys), runs, retention_s=600, wait_replicas=1)
+        fan_out(primary, keys, make_queue(primary, keys), runs, FanOutOptions(600, wait_replicas=1))
     lagging.link.heal()
     # The same fan-out again: nothing new to write, and now acknowledged.
-    again = fan_out(primary, keys, make_queue(primary, keys), runs, retention_s=600, wait_replicas=1)
+    again = fan_out(primary, keys, make_queue(primary, keys), runs, FanOutOptions(600, wait_replicas=1))
     assert again.enqueued == [] and len(again.already) == len(runs)
     wait_for(lambda: on_replica(lagging).scard(keys.day_enqueued(GUARD_DAY)) == len(runs), timeout=5,
              what="the replica to hold the runs")

@@ -15,7 +15,7 @@ from redis.client import Pipeline
 
 from dailyq.commands import trigger
 from dailyq.errors import LeaseLost
-from dailyq.fanout import fan_out, trim_durations
+from dailyq.fanout import FanOutOptions, fan_out, trim_durations
 from dailyq.lease import Lease
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
@@ -53,7 +53,7 @@ def test_a_leader_that_lost_its_lease_enqueues_nothing(connection, settings, tab
     assert stale.acquire_or_renew()
     connection.set(settings.keys.leader, "new-leader")  # the lease passed on while the old one slept
     with pytest.raises(LeaseLost):
-        fan_out(connection, settings.keys, queue, runs_on(table, DAY), retention_s=60, fence=stale)
+        fan_out(connection, settings.keys, queue, runs_on(table, DAY), FanOutOptions(60, fence=stale))
     assert queue.count == 0
     assert not connection.exists(settings.keys.day_enqueued(DAY))
 
@@ -70,7 +70,7 @@ def test_large_fan_out_is_chunked_and_complete(connection, settings, monkeypatch
     runs = runs_on(TaskTable([Task(name="t", func=record, params=list(range(10)), at="09:00")]), DAY)
     queue = make_queue(connection, settings.keys)
     before = exec_calls(connection)
-    result = fan_out(connection, settings.keys, queue, runs, retention_s=60)
+    result = fan_out(connection, settings.keys, queue, runs, FanOutOptions(60))
     # One transaction per chunk of 3 (the fan-out makes no other): 10 runs are 4 chunks.
     assert exec_calls(connection) - before == 4
     assert sorted(result.enqueued) == sorted(run.job_id() for run in runs)
@@ -95,7 +95,7 @@ def test_runs_are_enqueued_longest_expected_first_and_unknown_first_of_all(conne
     connection.hset(settings.keys.durations,
                     mapping={r.series_id: learned[r.param] for r in runs if r.param in learned})
     queue = make_queue(connection, settings.keys)
-    fan_out(connection, settings.keys, queue, runs, retention_s=60)
+    fan_out(connection, settings.keys, queue, runs, FanOutOptions(60))
     assert [job.args[0] for job in queue.jobs] == ["new", "long", "mid", "short"]
 
 
@@ -119,7 +119,7 @@ def test_a_fan_out_longer_than_the_lease_keeps_renewing_it(connection, settings,
 
     monkeypatch.setattr(slow_queue, "enqueue_many", slow_enqueue_many)
     started = time.monotonic()
-    result = fan_out(connection, settings.keys, slow_queue, runs, retention_s=60, fence=lease)
+    result = fan_out(connection, settings.keys, slow_queue, runs, FanOutOptions(60, fence=lease))
     assert time.monotonic() - started >= 4.0  # it did outlast the lease
     assert len(result.enqueued) == len(runs)
     assert lease.holder() == "leader"
@@ -184,8 +184,8 @@ def test_fan_outs_whose_transactions_overlap_enqueue_each_run_once(connection, s
         hook_transactions(client, meet_the_others, count_abort)
         fence = Lease(client, settings.keys.leader, "leader", 60_000) if i == 0 else None
         try:
-            results[i] = fan_out(client, settings.keys, make_queue(client, settings.keys), runs, retention_s=60,
-                                 fence=fence)
+            results[i] = fan_out(client, settings.keys, make_queue(client, settings.keys), runs,
+                                 FanOutOptions(60, fence=fence))
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             results[i] = exc
 
@@ -230,7 +230,7 @@ def test_a_lease_taken_between_the_check_and_exec_aborts_the_fan_out(connection,
     queue = make_queue(client, settings.keys)
     try:
         with pytest.raises(LeaseLost):
-            fan_out(client, settings.keys, queue, runs_on(table, DAY), retention_s=60, fence=lease)
+            fan_out(client, settings.keys, queue, runs_on(table, DAY), FanOutOptions(60, fence=lease))
     finally:
         client.close()
     assert taken == [True]  # the lease changed hands inside the transaction window
@@ -247,8 +247,8 @@ def test_learned_durations_of_series_no_day_fanned_out_for_the_retention_period_
     queue = make_queue(connection, keys)
     old_day, new_day = date(2026, 11, 1), date(2026, 11, 20)
     table_of = lambda params: TaskTable([Task(name="t", func="tests.sample_tasks.noop", params=params, at="03:00")])  # noqa: E731
-    fan_out(connection, keys, queue, runs_on(table_of(["gone", "kept"]), old_day), retention_s=60)
-    fan_out(connection, keys, queue, runs_on(table_of(["kept", "new"]), new_day), retention_s=60)
+    fan_out(connection, keys, queue, runs_on(table_of(["gone", "kept"]), old_day), FanOutOptions(60))
+    fan_out(connection, keys, queue, runs_on(table_of(["kept", "new"]), new_day), FanOutOptions(60))
     series = {run.param: run.series_id for run in runs_on(table_of(["gone", "kept", "new"]), new_day)}
     connection.hset(keys.durations, mapping={s: "1.000" for s in series.values()})  # as FINISH learns them
     assert trim_durations(connection, keys, new_day, retention_days=7) == 1

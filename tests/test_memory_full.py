@@ -49,14 +49,15 @@ def bytes_per_day(env: dict[str, str]) -> int:
     """What one day of memory_tasks costs Redis, measured by fanning it out into a
     throwaway redis-server of the same binary (the same encodings)."""
     code = ("import sys; from datetime import date; from redis import Redis\n"
-            "from dailyq.fanout import fan_out; from dailyq.keys import Keys; from dailyq.rq_seam import make_queue\n"
+            "from dailyq.fanout import FanOutOptions, fan_out; from dailyq.keys import Keys\n"
+            "from dailyq.rq_seam import make_queue\n"
             "from dailyq.redis_server import PrivateRedis; from dailyq.runs import runs_on; from dailyq.table import "
             "load_table; import tests.memory_tasks as mt\n"
             "table = load_table('tests.memory_tasks')\n"
             "with PrivateRedis(appendonly=False) as s:\n"
             "    r = Redis.from_url(s.url); k = Keys('m'); before = r.info('memory')['used_memory']\n"
             "    fan_out(r, k, make_queue(r, k), runs_on(table, date.fromisoformat(mt.day_of(mt.EAST)), ['east']),"
-            " retention_s=60)\n"
+            " FanOutOptions(60))\n"
             "    print(r.info('memory')['used_memory'] - before)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60, check=True)

@@ -12,7 +12,7 @@ import pytest
 from redis import Redis
 from rq import Queue
 
-from dailyq.fanout import fan_out
+from dailyq.fanout import FanOutOptions, fan_out
 from dailyq.keys import Keys
 from dailyq.recovery import AbandonedRuns
 from dailyq.rq_seam import make_queue
@@ -172,7 +172,7 @@ def died_mid_run(connection, settings, table: TaskTable, task: str) -> Run:
     record says running, it is listed as running, and its claim has lapsed."""
     (run,) = [r for r in runs_on(table, DAY) if r.task.name == task]
     queue = make_queue(connection, settings.keys)
-    fan_out(connection, settings.keys, queue, [run], retention_s=settings.retention_s)
+    fan_out(connection, settings.keys, queue, [run], FanOutOptions(settings.retention_s))
     assert connection.lpop(queue.key) == run.job_id().encode()  # a worker took the job...
     guard = Guard(connection, settings.keys, "node-dead", settings.claim_ttl_s, settings.retention_s)
     attempt = guard.attempt(run.job(run.job_id()))

@@ -20,7 +20,7 @@ from dailyq.alerts.alerter import AlertService
 from dailyq.alerts.events import missed_slot_alerts, overdue_slots
 from dailyq.commands import rerun, trigger
 from dailyq.dependencies import release_ready
-from dailyq.fanout import fan_out
+from dailyq.fanout import FanOutOptions, fan_out
 from dailyq.fingerprint import task_digest
 from dailyq.keys import Keys
 from dailyq.ops.status import day_status
@@ -312,9 +312,9 @@ def test_a_fan_out_of_another_slot_of_a_once_a_day_task_follows_the_stored_one(c
     keys = settings.keys
     queue = make_queue(connection, keys)
     v1, v2 = TaskTable([task(at="03:00")]), TaskTable([task(at="05:00", params=["a", "b", "c"])])
-    fan_out(connection, keys, queue, runs_on(v1, DAY), retention_s=settings.retention_s)
+    fan_out(connection, keys, queue, runs_on(v1, DAY), FanOutOptions(settings.retention_s))
     with caplog.at_level(logging.WARNING, logger="dailyq.fanout"):
-        result = fan_out(connection, keys, queue, runs_on(v2, DAY), retention_s=settings.retention_s)
+        result = fan_out(connection, keys, queue, runs_on(v2, DAY), FanOutOptions(settings.retention_s))
     (three,) = v1.get("t").schedule.slots_on(DAY)
     assert result.enqueued == [Run(v2.get("t"), "c", three).run_id] and len(result.already) == 2
     assert sorted(queue.job_ids) == sorted(Run(v2.get("t"), p, three).run_id for p in ("a", "b", "c"))

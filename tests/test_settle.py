@@ -15,7 +15,7 @@ from rq.job_lifecycle import record_job_failure
 
 from dailyq import settle
 from dailyq.clock import utc_now
-from dailyq.fanout import fan_out
+from dailyq.fanout import FanOutOptions, fan_out
 from dailyq.rq_seam import make_queue
 from dailyq.runs import Run, runs_on
 from dailyq.settle import FailedJobs
@@ -55,7 +55,7 @@ class Counting(Redis):
 
 def queued(connection, settings, n: int = 1) -> list[Run]:
     runs = runs_on(TABLE, DAY)[:n]
-    fan_out(connection, settings.keys, make_queue(connection, settings.keys), runs, retention_s=settings.retention_s)
+    fan_out(connection, settings.keys, make_queue(connection, settings.keys), runs, FanOutOptions(settings.retention_s))
     return runs
 
 

@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 
 from dailyq.clock import utc_now
 from dailyq.commands import trigger
-from dailyq.fanout import fan_out
+from dailyq.fanout import FanOutOptions, fan_out
 from dailyq.ops.status import day_status
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
@@ -184,7 +184,7 @@ def test_sigterm_lets_the_worker_finish_its_run_then_exit(node_env, processes, c
     worker = processes.start("worker_entry.py", dict(node_env, NODE_NAME="node-t", SAMPLE_SLEEP_S="3"))
     sample = TaskTable([table.get("sample")])
     one = runs_on(sample, DAY)[:1]
-    fan_out(connection, settings.keys, make_queue(connection, settings.keys), one, retention_s=settings.retention_s)
+    fan_out(connection, settings.keys, make_queue(connection, settings.keys), one, FanOutOptions(settings.retention_s))
     wait_for(lambda: any(e["event"] == "start" and e["param"] == one[0].param
                          for e in executions(connection, settings.prefix)), timeout=30, what="the run to start")
     worker.send_signal(signal.SIGTERM)
