@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from . import text_width
 from .eta import PENDING
+from .redis_values import as_text
 from .render import STATE_COLOURS, paint
 from .runs import (
     BLOCKED,
@@ -74,7 +75,7 @@ def parse_durations(raw: Mapping[bytes | str, bytes | str]) -> dict[str, float]:
     """The durations hash as read from Redis (bytes) -> {series: seconds}; junk is skipped."""
     durations: dict[str, float] = {}
     for key, value in raw.items():
-        name = key.decode() if isinstance(key, bytes) else key
+        name = as_text(key)
         try:
             seconds = float(value)
         except (TypeError, ValueError):

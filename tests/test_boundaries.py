@@ -40,6 +40,7 @@ PURE_MODULES = frozenset({
     "dailyq.logs",
     "dailyq.offsets",
     "dailyq.redact",
+    "dailyq.redis_values",
     "dailyq.render",
     "dailyq.report",
     "dailyq.runs",
