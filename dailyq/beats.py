@@ -70,7 +70,7 @@ def parse_beat(raw: bytes | str | None) -> Beat | None:
     """A heartbeat value, any form; None when absent. Raises ValueError if unreadable."""
     if raw is None:
         return None
-    text = raw.decode() if isinstance(raw, bytes) else raw
+    text = as_text(raw)
     if text.lstrip().startswith("{"):
         data = json.loads(text)
         pid, offset, table = data.get("pid"), data.get("offset_s"), data.get("table")

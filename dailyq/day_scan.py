@@ -18,6 +18,8 @@ from typing import Any
 
 from redis import Redis
 
+from .redis_values import as_text
+
 SCAN_COUNT = 1000
 
 
@@ -29,7 +31,7 @@ class DayRecords:
     def read(cls, connection: Redis, key: str) -> "DayRecords":
         raw: dict[str, bytes] = {}
         for field, value in connection.hscan_iter(key, count=SCAN_COUNT):
-            raw[field.decode() if isinstance(field, bytes) else str(field)] = value
+            raw[as_text(field)] = value
         return cls(raw)
 
     def __len__(self) -> int:

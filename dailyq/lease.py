@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from redis import Redis
 
+from .redis_values import as_optional_text
 from .scripts import scripts_for
 
 
@@ -35,4 +36,4 @@ class Lease:
 
     def holder(self) -> str | None:
         value = self.connection.get(self.key)
-        return value.decode() if isinstance(value, bytes) else value
+        return as_optional_text(value)

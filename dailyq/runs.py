@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence, TypedDict
 
 from .errors import ConfigError
 from .keys import Keys
+from .redis_values import as_text
 from .schedule import Slot, parse_zone
 from .table import Task, TaskTable, encode_param
 
@@ -272,7 +273,7 @@ class DaySlots:
             slot = decode_day_slot(value)
             # An entry that does not name a slot of this very day is not ours to follow.
             if slot is not None and slot.day == day:
-                stored[name.decode() if isinstance(name, bytes) else str(name)] = slot
+                stored[as_text(name)] = slot
         return cls(day, stored)
 
     def slot_of(self, task: Task, slot: Slot) -> Slot:

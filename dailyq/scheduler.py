@@ -232,8 +232,8 @@ class DailyScheduler:
             pipe.hgetall(self.keys.cursor)
             pipe.hgetall(self.keys.fired)
             stored, fired = cast("tuple[dict[bytes, bytes], dict[bytes, bytes]]", pipe.execute())
-        self._cursors = {k.decode(): datetime.fromisoformat(v.decode()) for k, v in stored.items()}
-        self._fired_digests = {k.decode(): v.decode() for k, v in fired.items()}
+        self._cursors = {as_text(k): datetime.fromisoformat(as_text(v)) for k, v in stored.items()}
+        self._fired_digests = {as_text(k): as_text(v) for k, v in fired.items()}
         self._refire_due = True  # done in the term's first fan-out pass (fire_due_slots), fenced
 
     def _window_start(self, task: Task, now: datetime) -> datetime:

@@ -43,6 +43,7 @@ from redis.client import Pipeline
 from redis.commands.core import Script
 
 from .keys import DAY_CHANGES_SUFFIX, DAY_COUNTS_SUFFIX
+from .redis_values import reply_text
 from .runs import BLOCKED, CANCELLED, FAILED, FINISHED, QUEUED, REMOVED, RUNNING, SKIPPED, WAITING
 
 T = TypeVar("T")
@@ -1624,17 +1625,13 @@ class OutboxAlert:
     payload_json: str
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _texts(reply: Any) -> list[str]:
-    return [_text(item) for item in reply or []]
+    return [reply_text(item) for item in reply or []]
 
 
 def lua_ms(value: Any) -> int:
     """Milliseconds as Lua wrote them (``tostring`` of a number: digits, maybe a float form)."""
-    return int(float(_text(value)))
+    return int(float(reply_text(value)))
 
 
 def _flag(value: bool) -> str:
@@ -1644,7 +1641,7 @@ def _flag(value: bool) -> str:
 def parse_begin(reply: Any) -> BeginReply:
     if not isinstance(reply, (list, tuple)) or not reply:
         return BeginReply(None)
-    outcome = _text(reply[0])
+    outcome = reply_text(reply[0])
     if outcome not in BEGIN_OUTCOMES:
         return BeginReply(None)
     numbers = [int(n) for n in reply[1:3]] + [0, 0]
@@ -1654,7 +1651,7 @@ def parse_begin(reply: Any) -> BeginReply:
 def _parse_finish(reply: Any) -> bool:
     # Only FINISH's 0 means "refused"; anything else a pipeline hands back is not read
     # as a refusal (FINISH is idempotent: the worker applies it again on its own).
-    return _text(reply) != "0"
+    return reply_text(reply) != "0"
 
 
 def _parse_claim(reply: Any) -> Claimed | Idle:
@@ -1662,18 +1659,18 @@ def _parse_claim(reply: Any) -> Claimed | Idle:
     if len(reply) == 2:
         next_ms = lua_ms(reply[1])
         return Idle(now_ms, next_ms if next_ms >= 0 else None)
-    entry = json.loads(_text(reply[2]))
-    return Claimed(_text(reply[1]), str(entry["payload"]), lua_ms(entry["created_ms"]),
+    entry = json.loads(reply_text(reply[2]))
+    return Claimed(reply_text(reply[1]), str(entry["payload"]), lua_ms(entry["created_ms"]),
                    int(entry.get("attempts") or 0), now_ms)
 
 
 def _parse_hold(reply: Any) -> HoldReply:
-    blocker = _text(reply[0])
+    blocker = reply_text(reply[0])
     return (blocker or None), int(reply[1])
 
 
 def _parse_mark_held(reply: Any) -> HeldMark:
-    outcome = _text(reply[0])
+    outcome = reply_text(reply[0])
     if outcome == "gap":
         return outcome, lua_ms(reply[1]), lua_ms(reply[2])
     if outcome == "ok":
@@ -1760,11 +1757,11 @@ return reply
 def _parse_table_skew(reply: Any) -> tuple[int, dict[str, int]] | None:
     if not reply:
         return None
-    return lua_ms(reply[0]), {_text(reply[i]): lua_ms(reply[i + 1]) for i in range(1, len(reply), 2)}
+    return lua_ms(reply[0]), {reply_text(reply[i]): lua_ms(reply[i + 1]) for i in range(1, len(reply), 2)}
 
 
 def _parse_params_store(reply: Any) -> tuple[bool, str]:
-    return bool(int(reply[0])), _text(reply[1])
+    return bool(int(reply[0])), reply_text(reply[1])
 
 
 # -- the generation mark and what a node remembers past a loss (generation.py) -----------
@@ -2077,7 +2074,7 @@ class Scripts:
              node: str, now_iso: str, error: str, day: str) -> ScriptCall[FailOutcome]:
         return ScriptCall(self._fail, [claim_key, runs_key, running_key, series_key, failures_key],
                           [run_id, owner, base_json, retention_s, _flag(rq_can_retry), max_attempts, node, now_iso,
-                           error, day], _text)  # type: ignore[arg-type]
+                           error, day], reply_text)  # type: ignore[arg-type]
 
     def end_wait(self, *, runs_key: str, claim_key: str, failures_key: str, run_id: str, job_id: str,
                  base_json: str, retention_s: int, rq_will_retry: bool, node: str, now_iso: str,
@@ -2085,13 +2082,13 @@ class Scripts:
         """'retry', 'failed' or 'not-ours' (the record no longer says queued for this job)."""
         return ScriptCall(self._end_wait, [runs_key, claim_key, failures_key],
                           [run_id, job_id, base_json, retention_s, _flag(rq_will_retry), node, now_iso,
-                           error_if_run_busy, error_if_series_busy, day], _text)  # type: ignore[arg-type]
+                           error_if_run_busy, error_if_series_busy, day], reply_text)  # type: ignore[arg-type]
 
     def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int,
                     slots_key: str | None = None) -> ScriptCall[RenewOutcome]:
         """``slots_key``: the task's slots, for a run of a task with limits (extended too)."""
         keys = [claim_key, series_key] + ([slots_key] if slots_key else [])
-        return ScriptCall(self._renew_claim, keys, [owner, ttl_ms], _text)  # type: ignore[arg-type]
+        return ScriptCall(self._renew_claim, keys, [owner, ttl_ms], reply_text)  # type: ignore[arg-type]
 
     # -- limits and pause (limits.py, pausing.py) --
 
@@ -2106,7 +2103,7 @@ class Scripts:
             keys += [member.slots_key, member.slot_nodes_key]
         return ScriptCall(self._admit, keys,
                           [task, owner, node, job_id, ttl_ms, max_running or 0, max_per_node or 0, pool_size,
-                           held_ttl_s], _text)  # type: ignore[arg-type]
+                           held_ttl_s], reply_text)  # type: ignore[arg-type]
 
     def release_slot(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
                      held_index_key: str, queue_key: str, task: str, owner: str, node: str, max_running: int | None,
@@ -2150,7 +2147,7 @@ class Scripts:
         """``cannot_requeue``: why the caller could not requeue the run (it is failed then)."""
         return ScriptCall(self._take_if_abandoned, [running_key, claim_key, runs_key, failures_key],
                           [run_id, max_attempts, now_iso, retention_s, cannot_requeue, day],
-                          _text)  # type: ignore[arg-type]
+                          reply_text)  # type: ignore[arg-type]
 
     def requeue_stranded(self, *, intermediate_queue_key: str, queue_key: str, runs_key: str, job_id: str,
                          run_id: str) -> ScriptCall[bool]:
@@ -2173,7 +2170,7 @@ class Scripts:
         return ScriptCall(self._requeue_orphaned,
                           [runs_key, claim_key, running_key, finished_key, waiting_key, left_key, queue_key,
                            intermediate_queue_key, job_key, failed_registry_key],
-                          [run_id, job_id, retention_s], _text)
+                          [run_id, job_id, retention_s], reply_text)
 
     # -- the alert outbox (alert_outbox.py) --
 
@@ -2186,7 +2183,7 @@ class Scripts:
                 day_keys.append(alert.day_key)
             args += [3 + day_keys.index(alert.day_key), alert.alert_id, alert.payload_json]
         return ScriptCall(self._outbox_enqueue, [outbox_key, entries_key, *day_keys], args,
-                          lambda reply: [_text(alert_id) for alert_id in reply])
+                          lambda reply: [reply_text(alert_id) for alert_id in reply])
 
     def outbox_claim(self, *, outbox_key: str, in_flight_key: str, entries_key: str, claim_ms: int,
                      owner: str) -> ScriptCall[Claimed | Idle]:
@@ -2196,7 +2193,7 @@ class Scripts:
     def outbox_ack(self, *, outbox_key: str, in_flight_key: str, entries_key: str, alert_id: str,
                    owner: str) -> ScriptCall[AckOutcome]:
         return ScriptCall(self._outbox_ack, [outbox_key, in_flight_key, entries_key], [alert_id, owner],
-                          _text)  # type: ignore[arg-type]
+                          reply_text)  # type: ignore[arg-type]
 
     def outbox_retry(self, *, outbox_key: str, in_flight_key: str, entries_key: str, alert_id: str, owner: str,
                      wait_ms: int) -> ScriptCall[bool]:
@@ -2242,12 +2239,12 @@ class Scripts:
                     job_id: str, run_id: str, now_iso: str, why: str, retention_s: int,
                     remove: bool) -> ScriptCall[Literal["removed", "forgotten"]]:
         return ScriptCall(self._remove_left, [left_key, left_info_key, runs_key, finished_key, deps_key],
-                          [job_id, run_id, now_iso, why, retention_s, _flag(remove)], _text)  # type: ignore[arg-type]
+                          [job_id, run_id, now_iso, why, retention_s, _flag(remove)], reply_text)  # type: ignore[arg-type]
 
     def remove_waiting(self, *, waiting_key: str, runs_key: str, finished_key: str, deps_key: str, run_id: str,
                        now_iso: str, why: str, retention_s: int) -> ScriptCall[Literal["removed", "kept"]]:
         return ScriptCall(self._remove_waiting, [waiting_key, runs_key, finished_key, deps_key],
-                          [run_id, now_iso, why, retention_s], _text)  # type: ignore[arg-type]
+                          [run_id, now_iso, why, retention_s], reply_text)  # type: ignore[arg-type]
 
     # -- computed params (params_book.py) --
 
@@ -2268,7 +2265,7 @@ class Scripts:
         """``error``: the record's, should RQ's job hash be gone."""
         return ScriptCall(self._doctor_requeue,
                           [runs_key, queue_key, intermediate_queue_key, job_key, failed_registry_key, failures_key],
-                          [run_id, job_id, error, now_iso, retention_s, day], _text)  # type: ignore[arg-type]
+                          [run_id, job_id, error, now_iso, retention_s, day], reply_text)  # type: ignore[arg-type]
 
     def doctor_settle(self, *, runs_key: str, waiting_key: str, finished_key: str, failures_key: str, run_id: str,
                       state: str, job_id: str, new_state: str, error: str, entry: str, now_iso: str,
@@ -2304,7 +2301,7 @@ class Scripts:
         return ScriptCall(self._memory_full_mark, [marker_key],
                           [node, ttl_ms, used_memory, maxmemory, "" if slots_json is None else slots_json,
                            "" if delivered_since_ms is None else delivered_since_ms],
-                          lambda reply: (lua_ms(reply[0]), _text(reply[1]) == "1", _text(reply[2])))
+                          lambda reply: (lua_ms(reply[0]), reply_text(reply[1]) == "1", reply_text(reply[2])))
 
     # -- table differences (table_watch.py) --
 
@@ -2322,7 +2319,7 @@ class Scripts:
                           last_seen_ms: int | None) -> ScriptCall[str]:
         """The mark in force afterwards (its JSON)."""
         return ScriptCall(self._generation_ensure, [generation_key],
-                          [token, remembered or "", node, "" if last_seen_ms is None else last_seen_ms], _text)
+                          [token, remembered or "", node, "" if last_seen_ms is None else last_seen_ms], reply_text)
 
     def restore_memory(self, *, cursor_key: str, paused_key: str, cursors: Sequence[tuple[str, str]],
                        paused: Sequence[tuple[str, str]]) -> ScriptCall[tuple[dict[str, str], list[str]]]:
@@ -2341,7 +2338,7 @@ class Scripts:
 
     def data_lost_alert_claim(self, *, alert_key: str, generation: str, owner: str,
                               claim_ms: int) -> ScriptCall[str]:
-        return ScriptCall(self._data_lost_alert_claim, [alert_key], [generation, owner, claim_ms], _text)
+        return ScriptCall(self._data_lost_alert_claim, [alert_key], [generation, owner, claim_ms], reply_text)
 
     # -- cancel (cancelling.py) --
 
@@ -2354,7 +2351,7 @@ class Scripts:
         """Why the run was cancelled, once this copy's renamed claim is released; None if
         the claim is not one a cancel took from ``owner``."""
         return ScriptCall(self._release_cancelled, [claim_key, series_key], [owner],
-                          lambda reply: _text(reply) or None)
+                          lambda reply: reply_text(reply) or None)
 
 
 @dataclass(frozen=True)

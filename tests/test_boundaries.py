@@ -45,6 +45,7 @@ PURE_MODULES = frozenset({
     "dailyq.redact",
     "dailyq.ops.render",
     "dailyq.ops.report",
+    "dailyq.redis_values",
     "dailyq.runs",
     "dailyq.schedule",
     "dailyq.settings",

@@ -41,6 +41,7 @@ from typing import Any, Mapping, Sequence
 from redis import Redis
 
 from ..keys import Keys
+from ..redis_values import as_text
 from ..scripts import NOW_LUA, compact
 from .events import Alert, encode_payload, run_failed_alert, runs_failed_alert
 
@@ -138,7 +139,7 @@ class Failure:
 
     @classmethod
     def decode(cls, raw: bytes | str) -> "Failure":
-        text = raw.decode() if isinstance(raw, bytes) else raw
+        text = as_text(raw)
         event = json.loads(text)
         try:
             param = json.loads(event.get("param_json") or "null")
@@ -274,7 +275,7 @@ class FailureAlerts:
 
 
 def _text(raw: bytes | str | None) -> str:
-    return "" if raw is None else raw.decode() if isinstance(raw, bytes) else raw
+    return "" if raw is None else as_text(raw)
 
 
 def _encoded(window: Window | None) -> str:

@@ -71,6 +71,7 @@ from ..limits import pool_use
 from ..outage import OutageLog
 from ..params_book import ParamsBook, placeholder_record
 from ..pausing import paused_tasks
+from ..redis_values import as_text
 from ..rq_seam import make_queue
 from ..runs import FINISHED, MISSED, SCHEDULED, STATES, DaySlots, task_slots_on
 from ..settings import Settings
@@ -356,9 +357,9 @@ class Collector:
             del self._observed[day]
         last_fired = {}
         for name, value in cursor.items():
-            moment = parse_iso(value.decode() if isinstance(value, bytes) else value)
+            moment = parse_iso(as_text(value))
             if moment is not None:
-                last_fired[name.decode() if isinstance(name, bytes) else str(name)] = moment.timestamp()
+                last_fired[as_text(name)] = moment.timestamp()
         nodes = live_processes(self.connection, self.keys, now)
         tables, differs = self._tables(leader, nodes)
         pools = pool_use(self.connection, self.keys, self.table, seconds * 1000 + micros // 1000)

@@ -63,7 +63,7 @@ def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
     try:
         info = json.loads(raw)
     except ValueError:
-        info = {"node": raw.decode(errors="replace")}
+        info = {"node": as_text(raw, errors="replace")}
     info.pop("token", None)
     info["lease_expires_in_s"] = round(ttl_ms / 1000, 1) if ttl_ms and ttl_ms > 0 else None
     return info

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
+from ..redis_values import as_text
 from ..runs import (
     BLOCKED,
     CANCELLED,
@@ -74,7 +75,7 @@ def parse_durations(raw: Mapping[bytes | str, bytes | str]) -> dict[str, float]:
     """The durations hash as read from Redis (bytes) -> {series: seconds}; junk is skipped."""
     durations: dict[str, float] = {}
     for key, value in raw.items():
-        name = key.decode() if isinstance(key, bytes) else key
+        name = as_text(key)
         try:
             seconds = float(value)
         except (TypeError, ValueError):
