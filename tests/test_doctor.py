@@ -8,9 +8,9 @@ import json
 from datetime import date
 
 import dailyq
-from dailyq import consistency as doctor
 from dailyq.dependencies import release_ready
 from dailyq.fanout import Held
+from dailyq.ops import consistency as doctor
 from dailyq.recovery import AbandonedRuns
 from dailyq.rq_seam import DailyJob
 from dailyq.runs import new_record, runs_on

@@ -15,7 +15,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from dailyq import consistency
 from dailyq.alerts.alerter import AlertService
 from dailyq.alerts.events import missed_slot_alerts, overdue_slots
 from dailyq.commands import rerun, trigger
@@ -23,6 +22,7 @@ from dailyq.dependencies import release_ready
 from dailyq.fanout import FanOutOptions, fan_out
 from dailyq.fingerprint import task_digest
 from dailyq.keys import Keys
+from dailyq.ops import consistency
 from dailyq.ops.status import day_status
 from dailyq.runs import DaySlots, Run, day_slot_json, runs_on
 from dailyq.scheduler import DailyScheduler
