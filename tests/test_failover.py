@@ -331,34 +331,8 @@ def test_a_copy_whose_claim_redis_lost_with_the_runs_start_puts_the_run_back(fla
     back on the queue, so the run executes again and ends finished, not failed (the leader
     would have settled RQ's failed job as a failure) or lost (a non-forking worker's RQ
     had recorded its job finished)."""
-    from dailyq.commands import trigger
-    from dailyq.table import Task, TaskTable
-    from dailyq.worker.workers import make_queue
 
-    env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC="progress", SAMPLE_SLEEP_S="3")
-    # The nodes' table with these settings (tests.sample_tasks reads them at import).
-    table = TaskTable([Task(name="sample", func="tests.sample_tasks.progress", params=["任务参数0"], at="03:00",
-                            timeout_s=60)])
-    keys = settings.keys
-    day = date.fromisoformat(DAY)
-    trigger(connection, keys, make_queue(connection, keys), table, day, None, settings.retention_s)
-    (run_id,) = [raw.decode() for raw in connection.hkeys(keys.day_runs(day))]
-    worker = subprocess_worker(env, flags)
-    try:
-        wait_for(lambda: json.loads(connection.hget(keys.day_runs(day), run_id))["state"] == "running", timeout=30,
-                 what="the run running")
-        record = json.loads(connection.hget(keys.day_runs(day), run_id))
-        lost = dict(record, state="queued", attempts=0, node=None, owner=None, started_at=None, fence=None)
-        with connection.pipeline() as pipe:  # the run's start, as a replica that lagged never had it
-            pipe.delete(keys.claim(run_id))
-            pipe.hdel(keys.running, run_id)
-            pipe.hset(keys.day_runs(day), run_id, json.dumps(lost))
-            pipe.execute()
-        output, _ = worker.communicate(timeout=60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-    final = json.loads(connection.hget(keys.day_runs(day), run_id))
+    final, output = run_losing_the_start(node_env, connection, settings, "progress", flags)
     assert final["state"] == "finished", (final, output[-3000:])
     starts = [e for e in executions(connection, settings.prefix) if e["event"] == "start"]
     assert len(starts) == 2, starts
@@ -372,39 +346,52 @@ def test_a_work_horse_that_dies_after_redis_lost_its_claim_and_start_puts_the_ru
     death is not this copy's to record, and RQ fails the job. Nothing backs the run, so
     the worker puts the job back rather than leaving the leader to settle RQ's failure as
     the run's (seen in a lossy failover under load: the run ended failed)."""
-    from dailyq.commands import trigger
-    from dailyq.table import Task, TaskTable
-    from dailyq.worker.workers import make_queue
 
-    env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC="die_when_told", SAMPLE_SLEEP_S="3")
-    table = TaskTable([Task(name="sample", func="tests.sample_tasks.die_when_told", params=["任务参数0"],
-                            at="03:00", timeout_s=60)])
-    keys = settings.keys
-    day = date.fromisoformat(DAY)
-    trigger(connection, keys, make_queue(connection, keys), table, day, None, settings.retention_s)
-    (run_id,) = [raw.decode() for raw in connection.hkeys(keys.day_runs(day))]
-    worker = subprocess_worker(env, [])
-    try:
-        wait_for(lambda: json.loads(connection.hget(keys.day_runs(day), run_id))["state"] == "running", timeout=30,
-                 what="the run running")
-        record = json.loads(connection.hget(keys.day_runs(day), run_id))
-        lost = dict(record, state="queued", attempts=0, node=None, owner=None, started_at=None, fence=None)
-        with connection.pipeline() as pipe:  # the run's start lost, then the horse dies
-            pipe.delete(keys.claim(run_id))
-            pipe.hdel(keys.running, run_id)
-            pipe.hset(keys.day_runs(day), run_id, json.dumps(lost))
-            pipe.set(f"{settings.prefix}:test:die", 1)
-            pipe.execute()
-        output, _ = worker.communicate(timeout=60)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-    final = json.loads(connection.hget(keys.day_runs(day), run_id))
+    # The run's start lost, then the horse dies.
+    final, output = run_losing_the_start(node_env, connection, settings, "die_when_told", [],
+                                         also=lambda pipe: pipe.set(f"{settings.prefix}:test:die", 1))
     assert final["state"] == "finished", (final, output[-3000:])
     assert final["attempts"] == 1, final  # the lost start was no attempt of the record's
     starts = [e for e in executions(connection, settings.prefix) if e["event"] == "start"]
     assert len(starts) == 2, starts
     assert "not recorded (its claim had passed on)" in output and "is back in the queue" in output, output[-3000:]
+
+
+def run_losing_the_start(node_env: dict[str, str], connection: Any, settings: Any, func: str, flags: list[str],
+                         also: Any = None) -> tuple[dict[str, Any], str]:
+    """One run of ``func`` on a burst worker, whose start Redis loses while it executes, as
+    a replica that lagged never had it: no claim, no running entry, the record back at
+    queued (``also`` adds to that step). Returns the final record and the worker's output."""
+    from dailyq.commands import trigger
+    from dailyq.table import Task, TaskTable
+    from dailyq.worker.workers import make_queue
+
+    env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC=func, SAMPLE_SLEEP_S="3")
+    # The nodes' table with these settings (tests.sample_tasks reads them at import).
+    table = TaskTable([Task(name="sample", func=f"tests.sample_tasks.{func}", params=["任务参数0"], at="03:00",
+                            timeout_s=60)])
+    keys = settings.keys
+    day = date.fromisoformat(DAY)
+    trigger(connection, keys, make_queue(connection, keys), table, day, None, settings.retention_s)
+    (run_id,) = [raw.decode() for raw in connection.hkeys(keys.day_runs(day))]
+    worker = subprocess_worker(env, flags)
+    try:
+        wait_for(lambda: json.loads(connection.hget(keys.day_runs(day), run_id))["state"] == "running", timeout=30,
+                 what="the run running")
+        record = json.loads(connection.hget(keys.day_runs(day), run_id))
+        lost = dict(record, state="queued", attempts=0, node=None, owner=None, started_at=None, fence=None)
+        with connection.pipeline() as pipe:
+            pipe.delete(keys.claim(run_id))
+            pipe.hdel(keys.running, run_id)
+            pipe.hset(keys.day_runs(day), run_id, json.dumps(lost))
+            if also is not None:
+                also(pipe)
+            pipe.execute()
+        output, _ = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    return json.loads(connection.hget(keys.day_runs(day), run_id)), output
 
 
 def subprocess_worker(env: dict[str, str], flags: list[str]) -> Any:
