@@ -117,10 +117,13 @@ def _block_downstream_of(connection: Redis, keys: Keys, queue: Queue, table: Tas
     leader's tick looks at counts only, once it gave the day its full look (a cancelled
     run that never started is skipped by its worker without recording an end)."""
     downstream = downstream_of(table)
-    for run in cancelled:
-        if downstream.get(run.task):
+    # One look per upstream task: its first cancelled run blocks the held runs below it,
+    # and a later look would find them blocked already.
+    first_of_task = {run.task: run.run_id for run in reversed(cancelled)}
+    for task, run_id in first_of_task.items():
+        if downstream.get(task):
             release_after(connection, keys, queue, table, day, retention_s=retention_s,
-                          tasks=downstream[run.task], ended=run.run_id)
+                          tasks=downstream[task], ended=run_id)
 
 
 def _choose(connection: Redis, keys: Keys, table: TaskTable, day: date, task_name: str | None,

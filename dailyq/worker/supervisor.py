@@ -4,8 +4,9 @@ node is up.
 RQ's work loop quits on an unexpected error (typically Redis going away between
 jobs); a node's worker must stay up, so a fresh RQ worker (a new generation, so a
 new name) starts once Redis answers again. It stops for good only when RQ was asked
-to stop (SIGTERM/SIGINT) or, in burst mode, once a dequeue found the queue empty. cli.py's ``worker_main`` parses the
-arguments and sets the process up; worker.py is the RQ worker itself.
+to stop (SIGTERM/SIGINT) or, in burst mode, once a dequeue found the queue empty.
+cli.py's ``worker_main`` parses the arguments and sets the process up; workers.py is the
+RQ worker itself.
 """
 
 from __future__ import annotations
