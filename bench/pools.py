@@ -22,8 +22,9 @@ sys.path.insert(0, str(ROOT))
 from redis import Redis  # noqa: E402
 
 from dailyq.keys import Keys  # noqa: E402
+from dailyq.limits import LimitedTask  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
-from dailyq.scripts import LimitedTask, scripts_for  # noqa: E402
+from dailyq.scripts import scripts_for  # noqa: E402
 
 
 def member(keys: Keys, name: str, pool_size: int) -> LimitedTask:

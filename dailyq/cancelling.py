@@ -1,11 +1,11 @@
 """``cancel``: stop a run that executes, and keep runs that have not started from starting.
 
 ``scheduler.py cancel --date D [--task T] [--param P | --run RUN_ID]`` picks runs of day D
-from their records and hands each to CANCEL (Lua, scripts.py), which ends a run queued,
+from their records and hands each to CANCEL (Lua, scripts/lifecycle.py), which ends a run queued,
 running, waiting or blocked as ``cancelled``, its error naming who asked ("cancelled by
 alice on node-1"), in one step:
 
-* **executing**: its claim is renamed (``scripts.CANCEL_MARK``), keeping its TTL. The
+* **executing**: its claim is renamed (``scripts.lifecycle.CANCEL_MARK``), keeping its TTL. The
   copy's claim renewer (guard.ClaimKeeper, every second already) gets 'cancelled' instead
   of 'ok' and the copy stops its task as it stops a copy that lost its claim: a forked
   work-horse ends itself (``guard.CANCELLED_EXIT_CODE``), a non-forking worker interrupts

@@ -19,7 +19,7 @@ from rq import Queue
 from .clock import server_now
 from .dependencies import downstream_of, release_ready
 from .errors import ConfigError
-from .fanout import Again, FanOutOptions, FanOutResult, fan_out
+from .fanout import FanOutOptions, FanOutResult, Requeued, fan_out
 from .keys import Keys
 from .params_book import ParamsFailed, SlotParams, settle
 from .pausing import PauseResult, ResumeResult, paused_names
@@ -152,7 +152,7 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
     raw_records = connection.hmget(keys.day_runs(day), [run.run_id for run in runs])
     seen_before = connection.smismember(keys.day_enqueued(day), [run.job_id() for run in runs])
     report = RerunReport()
-    numbers: dict[str, Again] = {}
+    numbers: dict[str, Requeued] = {}
     unfinished: list[str] = []
     for run, raw, seen in zip(runs, raw_records, seen_before):
         record = decode_record(raw) if raw else {}
@@ -166,7 +166,7 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
             # One enqueued before is run again as a new run, with a run id of its own.
             if seen:
                 number = int(connection.hincrby(keys.day_reruns(day), run.run_id, 1))
-                numbers[run.run_id] = Again(number, rerun_id=run.job_id(number), new_run=True,
+                numbers[run.run_id] = Requeued(number, rerun_id=run.job_id(number), new_run=True,
                                             attempts_before=int(record.get("attempts") or 0))
             report.enqueued.append(run)
             if state != FINISHED:

@@ -12,7 +12,7 @@ the right day's data. ``run_id`` and ``fence`` are keys to be idempotent on:
 * ``fence`` is a fencing token: every execution that takes this run's claim gets a
   strictly greater number than any earlier one (a 64-bit integer, at least the Redis
   server's clock in microseconds, so also after a failover that lost the last tokens:
-  scripts.BEGIN). A store that remembers the largest
+  scripts.lifecycle.BEGIN). A store that remembers the largest
   token it has seen and rejects writes carrying a smaller one can never be written
   by a copy that lost its claim while frozen (see docs/failure-semantics.md).
 

@@ -1,6 +1,6 @@
 """A day's counts and change feed: what readers on a timer read instead of the whole day.
 
-Every record write (the Lua helpers of scripts.RECORD_LUA) keeps, in the same step,
+Every record write (the Lua helpers of scripts.shared.RECORD_LUA) keeps, in the same step,
 
 * ``keys.day_counts(day)``: runs per (task, state), records per (task, slot), and the
   day's sequence number ``_seq``, bumped by every write;

@@ -8,7 +8,7 @@ tick: a cost that grows with the day, per run. The counts answer most looks at o
 
 * ``done:{task}``: how many of the task's run ids are in the finished set. The scripts
   that add a run id to the set (FINISH, REMOVE_LEFT, REMOVE_WAITING) count it in the same
-  step (scripts.DEPS_LUA), only when the SADD added it. Fewer counted run ids of an
+  step (scripts.shared.DEPS_LUA), only when the SADD added it. Fewer counted run ids of an
   upstream task than it has runs that day (``upstream_runs``) proves one is unfinished:
   the release then reads nothing more. As many or more only *may* mean ready (the set can
   hold ids a table no longer has, a removed run's, say): the release then checks the run

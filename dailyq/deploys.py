@@ -9,7 +9,7 @@ table no longer has, or a function the deploy replaced).
 Leaving
 -------
 Such a worker *leaves* the job (``Leaver``, from ``GuardedWorker.execute_job`` before
-anything else, LEAVE in scripts.py): off RQ's intermediate queue, into ``keys.left``
+anything else, LEAVE in scripts/deploys.py): off RQ's intermediate queue, into ``keys.left``
 (due back after a wait that doubles with each leave, 1 s up to 10 s, so the worker
 never spins on it) with what the leader needs to know in ``keys.left_info``; the RQ
 job stays queued, and the run's record stays ``queued`` with an error saying which

@@ -52,7 +52,7 @@ from .lease import Lease
 from .replicas import ReplicaAcks, all_members
 from .runs import QUEUED, WAITING, Run, day_slot_json, decode_day_slot
 from .schedule import Slot
-from .scripts import Requeued, Scripts, scripts_for
+from .scripts import Scripts, scripts_for
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,14 @@ DURATION_LOOKUP_CHUNK = 10_000
 
 
 @dataclass(frozen=True)
-class Again:
-    """How a run that was enqueued before is enqueued once more."""
+class Requeued:
+    """How a run enqueued before is enqueued once more, under a fresh job id: by recovery
+    (the same run goes on) or by a user's rerun (``new_run``). Its record keeps its history
+    (QUEUE_RECORDS)."""
 
     number: int  # gives the job a fresh id, {run_id}-r{number}
-    rerun_id: str | None  # the run id the task sees (context.py): a user's rerun has its own
-    new_run: bool  # a user's rerun: its attempts count from 1 again
+    rerun_id: str | None = None  # the run id the task sees (context.py): a user's rerun has its own
+    new_run: bool = False  # a user's rerun: its attempts count from 1 again
     attempts_before: int = 0  # a user's rerun: the run's executions so far (``status`` goes on counting)
     retries: int | None = None  # RQ retries left for this job (recovery: what the attempt budget allows)
 
@@ -89,7 +91,7 @@ class Held:
     job_id: str
     force: bool = False
     at_front: bool = False
-    again: Again | None = None
+    again: Requeued | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -98,7 +100,7 @@ class Held:
     def from_json(cls, raw: bytes | str) -> "Held":
         data = json.loads(raw)
         again = data.pop("again", None)
-        return cls(**data, again=Again(**again) if again else None)
+        return cls(**data, again=Requeued(**again) if again else None)
 
 
 def retry_policy(retries: int, backoff_s: int) -> Retry | None:
@@ -125,7 +127,7 @@ class FanOutOptions:
 
     retention_s: int
     fence: Lease | None = None
-    again: Mapping[str, Again] = field(default_factory=dict)
+    again: Mapping[str, Requeued] = field(default_factory=dict)
     force: bool = False
     at_front: bool = False
     hold_dependent: bool = True
@@ -297,8 +299,8 @@ def note_day_slot(connection: Redis, keys: Keys, slot: Slot, task_name: str, ret
         pipe.execute()
 
 
-def _follow_day_slots(day: date, chunk: list[Run], again: Mapping[str, Again],
-                      stored: dict[str, Slot | None]) -> tuple[list[Run], Mapping[str, Again]]:
+def _follow_day_slots(day: date, chunk: list[Run], again: Mapping[str, Requeued],
+                      stored: dict[str, Slot | None]) -> tuple[list[Run], Mapping[str, Requeued]]:
     """The chunk with each once-a-day task's runs moved onto the slot stored for the day
     (when one is, and it differs), and ``again`` keyed by the moved runs' ids. Callers
     map slots themselves (runs.DaySlots): this is the net for one that raced another
@@ -328,7 +330,7 @@ def _follow_day_slots(day: date, chunk: list[Run], again: Mapping[str, Again],
 
 
 def _hold(pipe: Pipeline, keys: Keys, scripts: Scripts, day: date, held: list[tuple[Run, str]], retention_s: int,
-          again: Mapping[str, Again], force: bool, at_front: bool) -> None:
+          again: Mapping[str, Requeued], force: bool, at_front: bool) -> None:
     """Park held runs in the day's waiting hash (queued in the chunk's MULTI). A run
     enqueued before keeps its record, which QUEUE_RECORDS just marked queued: 'waiting' now."""
     waiting_key = keys.day_waiting(day)
@@ -350,17 +352,14 @@ def _hold(pipe: Pipeline, keys: Keys, scripts: Scripts, day: date, held: list[tu
                               run_ids=requeued).queue_in(pipe)
 
 
-def _requeued(run: Run, job_id: str, again: Again) -> Requeued:
-    """A run enqueued once more: queued again under ``job_id``, the one job of the run
-    that may execute (older ones are skipped as superseded)."""
-    base_json = json.dumps(run.new_record(job_id), ensure_ascii=False)
-    if again.new_run:
-        return Requeued(run.run_id, base_json, job_id, attempts_before=again.attempts_before, rerun_id=again.rerun_id)
-    return Requeued(run.run_id, base_json, job_id)
+def _requeued(run: Run, job_id: str, again: Requeued) -> tuple[str, str, str, Requeued]:
+    """A run enqueued once more as QUEUE_RECORDS takes it: queued again under ``job_id``,
+    the one job of the run that may execute (older ones are skipped as superseded)."""
+    return run.run_id, json.dumps(run.new_record(job_id), ensure_ascii=False), job_id, again
 
 
 def job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool, at_front: bool,
-             again: Again | None = None) -> Any:
+             again: Requeued | None = None) -> Any:
     """What ``Queue.enqueue_many`` takes for one run's job (also dependencies.py's, at release)."""
     task = run.task
     retries = task.retries if again is None or again.retries is None else again.retries

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import date
 
 # A day's counts and change feed are named after its runs hash: the Lua helpers that write
-# a record (scripts.RECORD_LUA) derive them from the runs key they are given, so every
+# a record (scripts.shared.RECORD_LUA) derive them from the runs key they are given, so every
 # script that writes a record keeps them without taking more keys.
 DAY_COUNTS_SUFFIX = ":counts"
 DAY_CHANGES_SUFFIX = ":changes"
@@ -63,7 +63,7 @@ class Keys:
     def fence(self) -> str:
         """String of digits (never expires): the last fencing token handed to an execution
         that took a run's claim. One for all runs, so a token is never reused; BEGIN draws
-        the next from it and the server's clock (see scripts.BEGIN)."""
+        the next from it and the server's clock (see scripts.lifecycle.BEGIN)."""
         return f"{self.prefix}:fence"
 
     @property
@@ -202,7 +202,7 @@ class Keys:
 
     def held_index(self, task: str) -> str:
         """Set of the job ids in ``held(task)``: holding a run checks it here, not by a
-        scan of the list (scripts.SLOTS_LUA's ``hold``). The list is what backs a held run
+        scan of the list (scripts.permits.SLOTS_LUA's ``hold``). The list is what backs a held run
         (doctor reads it); the set only spares the scan. Both expire ``retention_s`` after
         the last hold, and the set goes when a promote empties the list."""
         return f"{self.prefix}:held:{task}:ids"

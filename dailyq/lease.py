@@ -1,7 +1,7 @@
 """Owner-token leases in Redis: the leader lock and the per-run claims.
 
 A lease is a key whose value names its owner and which expires unless the owner
-renews it. Every check-and-set is one Lua script (scripts.py), so a holder that
+renews it. Every check-and-set is one Lua script (scripts/lease.py), so a holder that
 paused past its TTL can neither renew nor delete a lease that has since passed to
 someone else (rq-scheduler's stock lock deletes without checking, which is what we
 replace).

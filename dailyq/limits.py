@@ -35,7 +35,7 @@ names the pool and its size, so table_skew shows the difference).
 
 Who holds and who releases
 --------------------------
-* ``ADMIT`` (scripts.py), by the worker in ``execute_job``, before it forks or sends
+* ``ADMIT`` (scripts/permits.py), by the worker in ``execute_job``, before it forks or sends
   BEGIN, only for runs of tasks with limits and of tasks it believes paused
   (pause.PausedCache): a run of any other task costs no round trip more. Over a limit
   (or paused) the job is *held*: taken off RQ's intermediate queue and put on the
@@ -63,7 +63,7 @@ what backs it (doctor reads the list). Beside the list, a set of the same ids
 (``keys.held_index``) lets ADMIT hold a run with an SADD instead of an LREM scan of the
 list for it, so a hold's cost does not grow with the list (BENCHMARKS.md). RELEASE_SLOT,
 SWEEP_SLOTS and RESUME take the ids off both. An older dailyq during a rolling deploy
-holds and promotes without the set: scripts.SLOTS_LUA's ``hold`` says how each
+holds and promotes without the set: scripts.permits.SLOTS_LUA's ``hold`` says how each
 difference is taken (nothing lost; a run listed twice is moved once per promote, and
 executed once, by its claim). Both keys expire ``DAILYQ_RETENTION_DAYS`` after the last
 hold (ADMIT refreshes it), with the run records they back, so the list of a task nothing
@@ -79,6 +79,7 @@ by the next release or sweep.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from redis import Redis
@@ -86,7 +87,8 @@ from redis.exceptions import RedisError
 
 from .keys import Keys
 from .pausing import PausedCache
-from .scripts import AdmitOutcome, LimitedTask, ScriptCall, scripts_for
+from .scripts import ScriptCall, scripts_for
+from .scripts.permits import AdmitOutcome
 from .table import Task, TaskTable
 
 if TYPE_CHECKING:
@@ -97,6 +99,22 @@ log = logging.getLogger(__name__)
 # SWEEP_SLOTS counts per-node room on nodes that beat this recently: an idle worker beats
 # only once per RQ dequeue timeout, minutes apart (worker.WorkerContext.beat), so this is "alive", not "busy".
 LIVE_NODE_S = 600
+
+
+@dataclass(frozen=True)
+class LimitedTask:
+    """One task's limits and keys, for SWEEP_SLOTS (and, for the tasks of a pool, ADMIT
+    and RELEASE_SLOT); ``pool`` and ``pool_size`` (0: in no pool) from the table's POOLS."""
+
+    name: str
+    max_running: int | None
+    max_per_node: int | None
+    slots_key: str
+    slot_nodes_key: str
+    held_key: str
+    held_index_key: str
+    pool: str | None = None
+    pool_size: int = 0
 
 
 def limited_task(keys: Keys, table: TaskTable, task: Task) -> LimitedTask:

@@ -18,7 +18,7 @@ When the callable is called:
 * by ``rerun --refresh-params``, always: the new list replaces the stored one (a
   refresh that fails keeps the old list and says why).
 
-Every write is one Lua check-and-set (``scripts.PARAMS_STORE``): a stored list is replaced only by
+Every write is one Lua check-and-set (``scripts.params.PARAMS_STORE``): a stored list is replaced only by
 a refresh, a failure only by a later attempt or by a list. Two callers racing (the
 leader at the slot and a user's ``trigger``) thus end with one stored list and both
 fan out that one; the callable may have been called by both (only what is stored is

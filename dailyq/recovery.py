@@ -36,12 +36,12 @@ from rq.job import Job
 
 from .clock import Clock, iso, utc_now
 from .errors import LeaseLost
-from .fanout import Again, job_data
+from .fanout import Requeued, job_data
 from .keys import Keys
 from .lease import Lease
 from .redis_values import as_text
 from .runs import META_KEY, Run, new_record
-from .scripts import Requeued, scripts_for
+from .scripts import scripts_for
 from .table import TaskTable
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,9 @@ class AbandonedRuns:
                     pipe.sadd(enqueued_key, job_id)
                     pipe.expire(enqueued_key, self.retention_s)
                     # The same run: its record and attempts go on (QUEUE_RECORDS' "again" entry).
-                    self._scripts.queue_records(runs_key=self.keys.day_runs(day), retention_s=self.retention_s,
-                                                fresh=[], again=[Requeued(run_id, base_json, job_id)]).queue_in(pipe)
+                    self._scripts.queue_records(
+                        runs_key=self.keys.day_runs(day), retention_s=self.retention_s, fresh=[],
+                        again=[(run_id, base_json, job_id, Requeued(0))]).queue_in(pipe)
                     self.queue.enqueue_many([again.job_data(self.queue, job_id, self.retention_s)], pipeline=pipe)
                     pipe.hdel(self.keys.running, run_id)
                     pipe.execute()
@@ -255,7 +256,7 @@ class Replacement:
         """``Queue.enqueue_many``'s entry for the new job, at the front of the queue."""
         if self.run is not None:
             return job_data(queue, self.run, job_id, retention_s, force=False, at_front=True,
-                            again=Again(0, rerun_id=self.rerun_id, new_run=False, retries=self.retries))
+                            again=Requeued(0, rerun_id=self.rerun_id, new_run=False, retries=self.retries))
         job = self.job
         assert job is not None
         intervals = list(job.retry_intervals or [0])

@@ -171,7 +171,7 @@ class RunJob:
 class RunRecord(TypedDict, total=False):
     """A run's record: JSON, one field of the day's runs hash (keys.day_runs), so a
     whole day is one HGETALL. The one schema of it: ``new_record`` starts every record
-    with the first group; the Lua in scripts.py (fan-out, guard, recovery) sets only
+    with the first group; the Lua in scripts/ (fan-out, guard, recovery) sets only
     these fields (tests/test_runs.py reads the field names out of the scripts);
     ``status`` shows ``PUBLIC_RUN_FIELDS`` of it."""
 

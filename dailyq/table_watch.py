@@ -36,7 +36,8 @@ from .lease import Lease
 from .ops.table_skew import differing_tables, lease_node, reference_of, tables_view
 from .outage import OutageLog
 from .redis_values import as_text
-from .scripts import lua_ms, scripts_for
+from .scripts import scripts_for
+from .scripts.shared import lua_ms
 from .settings import Settings
 from .table import TaskTable
 

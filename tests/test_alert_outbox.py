@@ -172,7 +172,7 @@ def test_detection_raises_each_alert_once_whichever_leader_looks(connection, set
     failed = dict(new_record("late", '"a"', slot.isoformat(), run_id, FAILED), attempts=1, node="n1",
                   error="RuntimeError: boom", ended_at=slot.fires_at.isoformat())
     connection.hset(keys.day_runs(today), run_id, json.dumps(failed))
-    # As FAIL records it: the failure event beside the record (scripts.NOTE_FAILED_LUA).
+    # As FAIL records it: the failure event beside the record (scripts.shared.NOTE_FAILED_LUA).
     connection.rpush(keys.alert_failures, json.dumps(dict(run_id=run_id, day=today.isoformat(), task="late",
                                                           param_json='"a"', node="n1", error="RuntimeError: boom",
                                                           ended_at=failed["ended_at"], attempts=1)))

@@ -14,14 +14,20 @@ from typing import Any, Callable
 from redis import Redis
 
 from dailyq.day_feed import DayView, parse_counts, read_counts
+from dailyq.fanout import Requeued
 from dailyq.keys import Keys
 from dailyq.runs import new_record
-from dailyq.scripts import Requeued, Scripts
+from dailyq.scripts import Scripts
 
 DAY = date(2026, 11, 26)
 RETENTION_S = 600
 TTL_MS = 5000
 NOW = "2026-11-26T10:00:00+00:00"
+
+
+def rerun(attempts_before: int, rerun_id: str) -> Requeued:
+    """How a user's rerun enqueues a run once more: a new run, its attempts counted afresh."""
+    return Requeued(1, rerun_id=rerun_id, new_run=True, attempts_before=attempts_before)
 
 
 def record_json(run_id: str, task: str = "t", slot: str = "2026-11-26T09:00:00+00:00") -> str:
@@ -101,8 +107,7 @@ def test_counts_and_feed_follow_every_state_change(connection: Redis, keys: Keys
                                           now_iso=NOW, retention_s=RETENTION_S).run(), {"c"}),
         ("rerun", lambda: scripts.queue_records(
             runs_key=runs_key, retention_s=RETENTION_S, fresh=[],
-            again=[Requeued(run_id="b", base_json=record_json("b"), job_id="b-again", attempts_before=1,
-                            rerun_id="rr")]).run(), {"b"}),
+            again=[("b", record_json("b"), "b-again", rerun(1, "rr"))]).run(), {"b"}),
         ("rerun begins", lambda: begin("b", "o4", job_id="b-again"), {"b"}),
         ("rerun finishes", lambda: finish("b", "o4"), {"b"}),
         ("removed", lambda: (connection.hset(keys.day_waiting(DAY), "d", "{}"), scripts.remove_waiting(
@@ -110,8 +115,7 @@ def test_counts_and_feed_follow_every_state_change(connection: Redis, keys: Keys
             deps_key=keys.day_deps(DAY), run_id="d", now_iso=NOW, why="gone", retention_s=RETENTION_S).run()), {"d"}),
         ("rerun of a removed run", lambda: scripts.queue_records(
             runs_key=runs_key, retention_s=RETENTION_S, fresh=[],
-            again=[Requeued(run_id="d", base_json=record_json("d"), job_id="d-again", attempts_before=0,
-                            rerun_id="rd")]).run(), {"d"}),
+            again=[("d", record_json("d"), "d-again", rerun(0, "rd"))]).run(), {"d"}),
         ("waiting again, then released", lambda: [scripts.set_run_state(
             runs_key=runs_key, retention_s=RETENTION_S, state=state, run_ids=["d"]).run()
             for state in ("waiting", "queued")], {"d"}),

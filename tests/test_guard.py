@@ -17,6 +17,7 @@ from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from dailyq.runs import Run, RunJob, decode_record
 from dailyq.schedule import Slot
 from dailyq.scripts import scripts_for
+from dailyq.scripts.lifecycle import FAIL, FINISH
 from dailyq.table import Task, TaskTable
 from dailyq.worker.guard import Guard
 from tests.helpers import wait_for
@@ -246,7 +247,7 @@ def test_the_record_through_a_failure_a_retry_and_a_finish(connection, settings)
         pass
     first = record(connection, settings, rid("r1"))
     assert first.pop("owner").startswith("node-x:")  # the claim's owner token: internal
-    first_fence = int(first.pop("fence"))  # from the server's clock (scripts.BEGIN): only its order matters
+    first_fence = int(first.pop("fence"))  # from the server's clock (scripts.lifecycle.BEGIN): only its order matters
     assert first == {
         "task": "t", "param_json": '"p"', "param": "p", "slot": slot_of("r1"), "state": "queued", "node": "node-x",
         "started_at": "2026-11-26T03:00:05+00:00", "ended_at": "2026-11-26T03:00:09+00:00", "attempts": 1,
@@ -478,14 +479,14 @@ class LosesAReply(Redis):
         return reply
 
 
-def losing_the_reply_of(settings, script: str) -> LosesAReply:
+def losing_the_reply_of(settings, lua: str) -> LosesAReply:
     client = LosesAReply.from_url(settings.redis_url)
-    client.lose_sha = getattr(scripts_for(client), script).sha
+    client.lose_sha = scripts_for(client).script(lua).sha
     return client
 
 
 def test_a_failure_whose_reply_was_lost_is_recorded_once_and_rq_still_retries(settings):
-    client = losing_the_reply_of(settings, "_fail")
+    client = losing_the_reply_of(settings, FAIL)
     cancelled = []
 
     def boom():
@@ -502,7 +503,7 @@ def test_a_failure_whose_reply_was_lost_is_recorded_once_and_rq_still_retries(se
 
 
 def test_a_finish_whose_reply_was_lost_is_recorded_and_releases_its_downstream(settings):
-    client = losing_the_reply_of(settings, "_finish")
+    client = losing_the_reply_of(settings, FINISH)
     g = guard(client, settings)
     ended = []
     g.on_ended = ended.append

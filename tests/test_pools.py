@@ -19,9 +19,10 @@ from dailyq.commands import trigger
 from dailyq.errors import ConfigError
 from dailyq.fingerprint import describe, diff, fingerprint
 from dailyq.keys import Keys
+from dailyq.limits import LimitedTask
 from dailyq.ops.metrics import Collector
 from dailyq.ops.render import render_pools
-from dailyq.scripts import LimitedTask, Scripts
+from dailyq.scripts import Scripts
 from dailyq.table import Task, TaskTable, load_table
 from dailyq.worker.workers import make_queue
 from tests.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for

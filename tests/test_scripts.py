@@ -12,22 +12,12 @@ from typing import Any
 import pytest
 from redis import Redis
 
+from dailyq.alerts.outbox import Claimed, Idle, OutboxAlert, parse_claim
+from dailyq.fanout import Requeued
 from dailyq.keys import Keys
 from dailyq.runs import new_record
-from dailyq.scripts import (
-    OVERLAP_SKIPPED,
-    BeginReply,
-    Claimed,
-    FailOutcome,
-    Idle,
-    OutboxAlert,
-    RenewOutcome,
-    Requeued,
-    ScriptCall,
-    Scripts,
-    parse_begin,
-    scripts_for,
-)
+from dailyq.scripts import ScriptCall, Scripts, scripts_for
+from dailyq.scripts.lifecycle import OVERLAP_SKIPPED, BeginReply, FailOutcome, RenewOutcome, parse_begin
 
 DAY = "2026-11-26"
 RETENTION_S = 600
@@ -36,6 +26,11 @@ TTL_MS = 5000
 
 def base_json(run_id: str, job_id: str | None = None) -> str:
     return json.dumps(new_record("t", '"p"', "slot", job_id or run_id))
+
+
+def rerun(attempts_before: int, rerun_id: str) -> Requeued:
+    """How a user's rerun enqueues a run once more: a new run, its attempts counted afresh."""
+    return Requeued(1, rerun_id=rerun_id, new_run=True, attempts_before=attempts_before)
 
 
 def runs_key(keys: Keys) -> str:
@@ -337,7 +332,7 @@ def test_a_late_fail_of_an_execution_someone_else_ended_is_still_not_ours(script
     assert first.run() == "retry"
     # Recovery or a rerun enqueued the run again: its record is queued, ended_at cleared.
     scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[],
-                          again=[Requeued("r1", base_json("r1", "r1-r1"), "r1-r1")]).run()
+                          again=[("r1", base_json("r1", "r1-r1"), "r1-r1", Requeued(1))]).run()
     assert first.run() == "not-ours"
     # The leader failed a run whose copy it found dead: its own end time and error.
     run.begin(scripts, "c", job_id="r1-r1").run()
@@ -357,7 +352,7 @@ def test_finish_sent_again_after_a_lost_reply_answers_1(scripts, connection, key
     assert finish.run() is True  # a replay of this owner's finish, not "no longer held the claim"
     # A forced rerun executes the run again: the old owner's FINISH is refused.
     scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[], again=[
-        Requeued("r1", base_json("r1", "r1-r1"), "r1-r1", attempts_before=1, rerun_id="r1-r1")]).run()
+        ("r1", base_json("r1", "r1-r1"), "r1-r1", rerun(1, "r1-r1"))]).run()
     assert run.finish(scripts, "a").run() is False  # the rerun cleared ended_at: not a replay
     assert run.begin(scripts, "b", job_id="r1-r1", force=True).run().outcome == "claimed"
     assert finish.run() is False
@@ -395,7 +390,7 @@ def test_queue_records_requeues_a_recovered_run_keeping_its_history(scripts, con
                   error=None, ended_at=None, started_at="2026-11-26T10:00:00+00:00")
     connection.hset(runs_key(keys), "r1", json.dumps(record))
     scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[],
-                          again=[Requeued("r1", base_json("r1", "r1-r1"), "r1-r1")]).run()
+                          again=[("r1", base_json("r1", "r1-r1"), "r1-r1", Requeued(1))]).run()
     after = stored(connection, keys, "r1")
     assert after == dict(record, state="queued", job_id="r1-r1")
     assert "attempts_before" not in after and "rerun_id" not in after
@@ -406,8 +401,8 @@ def test_queue_records_starts_a_rerun_from_the_record_or_its_base(scripts, conne
                   ended_at="2026-11-26T10:02:00+00:00")
     connection.hset(runs_key(keys), "r1", json.dumps(record))
     scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[], again=[
-        Requeued("r1", base_json("r1", "r1-r1"), "r1-r1", attempts_before=2, rerun_id="r1-r1"),
-        Requeued("r2", base_json("r2", "r2-r1"), "r2-r1", attempts_before=0, rerun_id="r2-r1"),
+        ("r1", base_json("r1", "r1-r1"), "r1-r1", rerun(2, "r1-r1")),
+        ("r2", base_json("r2", "r2-r1"), "r2-r1", rerun(0, "r2-r1")),
     ]).run()
     assert stored(connection, keys, "r1") == dict(record, state="queued", job_id="r1-r1", error=None, ended_at=None,
                                                   attempts_before=2, rerun_id="r1-r1")
@@ -421,7 +416,7 @@ def test_a_rerun_supersedes_the_old_job_and_gets_a_new_attempt_budget(scripts, c
     assert run.begin(scripts, "b", max_attempts=1).run() == BeginReply("exhausted")
     with connection.pipeline(transaction=True) as pipe:  # as fan-out does: inside its MULTI/EXEC
         scripts.queue_records(runs_key=runs_key(keys), retention_s=RETENTION_S, fresh=[], again=[
-            Requeued("r1", base_json("r1", "r1-r1"), "r1-r1", attempts_before=1, rerun_id="r1-r1")]).queue_in(pipe)
+            ("r1", base_json("r1", "r1-r1"), "r1-r1", rerun(1, "r1-r1"))]).queue_in(pipe)
         pipe.execute()
     assert run.begin(scripts, "c", job_id="r1", max_attempts=1).run() == BeginReply("superseded")
     reply = run.begin(scripts, "c", job_id="r1-r1", max_attempts=1).run()
@@ -636,18 +631,18 @@ def test_outbox_enqueue_takes_each_alert_once(scripts, connection, keys, prefix)
 
 def test_outbox_claim_ack_retry_drop_by_the_holder(scripts, connection, keys, prefix) -> None:
     named = OutboxKeys(keys).named()
-    empty = scripts.outbox_claim(**named, claim_ms=30_000, owner="s1").run()
+    empty = scripts.outbox_claim(**named, claim_ms=30_000, owner="s1", read=parse_claim).run()
     assert isinstance(empty, Idle) and empty.next_ms is None
     enqueue(scripts, keys, OutboxAlert(f"{prefix}:day", "a1", '{"n": 1}'))
-    claimed = scripts.outbox_claim(**named, claim_ms=30_000, owner="s1").run()
+    claimed = scripts.outbox_claim(**named, claim_ms=30_000, owner="s1", read=parse_claim).run()
     assert isinstance(claimed, Claimed) and claimed.alert_id == "a1" and claimed.payload == {"n": 1}
-    idle = scripts.outbox_claim(**named, claim_ms=30_000, owner="s2").run()
+    idle = scripts.outbox_claim(**named, claim_ms=30_000, owner="s2", read=parse_claim).run()
     assert isinstance(idle, Idle) and idle.next_ms is not None and 29_000 <= idle.next_ms - idle.now_ms <= 30_000
 
     assert scripts.outbox_retry(**named, alert_id="a1", owner="s2", wait_ms=0).run() is False
     assert scripts.outbox_drop(**named, alert_id="a1", owner="s2").run() is False
     assert scripts.outbox_retry(**named, alert_id="a1", owner="s1", wait_ms=0).run() is True
-    again = scripts.outbox_claim(**named, claim_ms=30_000, owner="s2").run()
+    again = scripts.outbox_claim(**named, claim_ms=30_000, owner="s2", read=parse_claim).run()
     assert isinstance(again, Claimed) and again.attempts == 1
     assert scripts.outbox_retry(**named, alert_id="a1", owner="s1", wait_ms=0).run() is False  # s2's now
     assert scripts.outbox_ack(**named, alert_id="a1", owner="s1").run() == "taken"  # delivered all the same
@@ -655,10 +650,10 @@ def test_outbox_claim_ack_retry_drop_by_the_holder(scripts, connection, keys, pr
     assert scripts.outbox_ack(**named, alert_id="a1", owner="s2").run() == "gone"
 
     enqueue(scripts, keys, OutboxAlert(f"{prefix}:day", "a2", "{}"))
-    scripts.outbox_claim(**named, claim_ms=30_000, owner="s1").run()
+    scripts.outbox_claim(**named, claim_ms=30_000, owner="s1", read=parse_claim).run()
     assert scripts.outbox_ack(**named, alert_id="a2", owner="s1").run() == "ours"
     enqueue(scripts, keys, OutboxAlert(f"{prefix}:day", "a3", "{}"))
-    scripts.outbox_claim(**named, claim_ms=30_000, owner="s1").run()
+    scripts.outbox_claim(**named, claim_ms=30_000, owner="s1", read=parse_claim).run()
     assert scripts.outbox_drop(**named, alert_id="a3", owner="s1").run() is True
     assert connection.hget(keys.alert_entries, "a3") is None
 
@@ -666,8 +661,8 @@ def test_outbox_claim_ack_retry_drop_by_the_holder(scripts, connection, keys, pr
 def test_outbox_claim_takes_back_an_entry_whose_sender_lapsed(scripts, connection, keys, prefix) -> None:
     named = OutboxKeys(keys).named()
     enqueue(scripts, keys, OutboxAlert(f"{prefix}:day", "a1", "{}"))
-    assert isinstance(scripts.outbox_claim(**named, claim_ms=0, owner="dead").run(), Claimed)
-    taken = scripts.outbox_claim(**named, claim_ms=30_000, owner="s2").run()
+    assert isinstance(scripts.outbox_claim(**named, claim_ms=0, owner="dead", read=parse_claim).run(), Claimed)
+    taken = scripts.outbox_claim(**named, claim_ms=30_000, owner="s2", read=parse_claim).run()
     assert isinstance(taken, Claimed) and taken.alert_id == "a1"
     assert scripts.outbox_retry(**named, alert_id="a1", owner="dead", wait_ms=0).run() is False
 
@@ -675,7 +670,7 @@ def test_outbox_claim_takes_back_an_entry_whose_sender_lapsed(scripts, connectio
 def test_outbox_claim_removes_an_id_without_its_entry(scripts, connection, keys) -> None:
     named = OutboxKeys(keys).named()
     connection.zadd(keys.alert_outbox, {"orphan": 0})
-    idle = scripts.outbox_claim(**named, claim_ms=30_000, owner="s1").run()
+    idle = scripts.outbox_claim(**named, claim_ms=30_000, owner="s1", read=parse_claim).run()
     assert isinstance(idle, Idle) and idle.next_ms is None and connection.zcard(keys.alert_outbox) == 0
 
 
@@ -901,7 +896,7 @@ def test_renew_claim_extends_a_live_slot_only(scripts, connection, keys, run, li
 
 
 def test_sweep_frees_lapsed_slots_and_counts_room_on_live_nodes(scripts, connection, keys, lim) -> None:
-    from dailyq.scripts import LimitedTask
+    from dailyq.limits import LimitedTask
 
     task = LimitedTask(lim.task, None, 1, keys.limit_slots(lim.task), keys.limit_slot_nodes(lim.task),
                        keys.held(lim.task), lim.index)

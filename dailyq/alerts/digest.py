@@ -1,9 +1,9 @@
 """Failed runs into alerts, without floods: ``run_failed`` for a task's first failure,
 then one ``runs_failed`` digest per ``DAILYQ_ALERT_GROUP_S`` window while it keeps failing.
 
-Every script that records a run ``failed`` (scripts.FAIL, END_WAIT, TAKE_IF_ABANDONED,
+Every script that records a run ``failed`` (scripts.lifecycle.FAIL, END_WAIT, TAKE_IF_ABANDONED,
 SETTLE_FAILED, DOCTOR_REQUEUE, DOCTOR_SETTLE) pushes a failure event onto
-``keys.alert_failures`` in that same step (scripts.NOTE_FAILED_LUA). The leader's alert
+``keys.alert_failures`` in that same step (scripts.shared.NOTE_FAILED_LUA). The leader's alert
 thread takes the events from the front of that list, in order, a batch at a time
 (``FailureAlerts.take``): nothing reads a day's records for them, so a run of any day
 (a backfill, a rerun of an old day) is alerted, and an idle day costs one LRANGE of an
@@ -42,7 +42,7 @@ from redis import Redis
 
 from ..keys import Keys
 from ..redis_values import as_text
-from ..scripts import NOW_LUA, compact
+from ..scripts.shared import NOW_LUA, compact
 from .events import Alert, encode_payload, run_failed_alert, runs_failed_alert
 
 # Events taken per script call; a pass takes batches until the list is empty (at most
@@ -125,7 +125,7 @@ return 'ok'
 
 @dataclass(frozen=True)
 class Failure:
-    """One failure event as a script pushed it (scripts.NOTE_FAILED_LUA)."""
+    """One failure event as a script pushed it (scripts.shared.NOTE_FAILED_LUA)."""
 
     raw: str
     run_id: str

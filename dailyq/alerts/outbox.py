@@ -24,17 +24,62 @@ read, before its body), plus any Redis outage in that moment.
 
 from __future__ import annotations
 
-from typing import Iterable
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 from redis import Redis
 
 from ..keys import Keys
-
-# Claimed and Idle are the outbox's public reply types (alerts.py imports them from here).
-from ..scripts import Claimed, Idle, OutboxAlert, lua_ms, scripts_for
+from ..redis_values import reply_text
+from ..scripts import scripts_for
+from ..scripts.shared import lua_ms
 from .events import Alert, encode_payload
 
-__all__ = ["Claimed", "Idle", "Outbox"]
+__all__ = ["Claimed", "Idle", "Outbox", "OutboxAlert"]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An outbox entry a sender holds: deliver it, then ack, retry or drop it."""
+
+    alert_id: str
+    payload_json: str
+    created_ms: int
+    attempts: int  # failed deliveries so far
+    now_ms: int  # the Redis clock when it was claimed
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return dict(json.loads(self.payload_json))
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Nothing due: the Redis time, and when something may be (None: the outbox is empty)."""
+
+    now_ms: int
+    next_ms: int | None
+
+
+@dataclass(frozen=True)
+class OutboxAlert:
+    """One alert for OUTBOX_ENQUEUE."""
+
+    day_key: str  # keys.day_alerts(day)
+    alert_id: str
+    payload_json: str
+
+
+def parse_claim(reply: Any) -> Claimed | Idle:
+    """OUTBOX_CLAIM's reply (scripts/outbox.py)."""
+    now_ms = lua_ms(reply[0])
+    if len(reply) == 2:
+        next_ms = lua_ms(reply[1])
+        return Idle(now_ms, next_ms if next_ms >= 0 else None)
+    entry = json.loads(reply_text(reply[2]))
+    return Claimed(reply_text(reply[1]), str(entry["payload"]), lua_ms(entry["created_ms"]),
+                   int(entry.get("attempts") or 0), now_ms)
 
 
 class Outbox:
@@ -58,7 +103,8 @@ class Outbox:
     def claim(self, owner: str, claim_ms: int) -> Claimed | Idle:
         """The oldest due entry, now held by ``owner``; or, when none is due, when one may be."""
         return self._scripts.outbox_claim(outbox_key=self.keys.alert_outbox, in_flight_key=self.keys.alert_in_flight,
-                                          entries_key=self.keys.alert_entries, claim_ms=claim_ms, owner=owner).run()
+                                          entries_key=self.keys.alert_entries, claim_ms=claim_ms, owner=owner,
+                                          read=parse_claim).run()
 
     def ack(self, alert_id: str, owner: str) -> str:
         return self._scripts.outbox_ack(outbox_key=self.keys.alert_outbox, in_flight_key=self.keys.alert_in_flight,
@@ -82,7 +128,7 @@ class Outbox:
         return int(waiting), int(in_flight)
 
     def mark_held(self, lease_key: str, owner: str, gap_ms: int) -> tuple[str, int | None, int | None]:
-        """This tick held the lease (see scripts.MARK_HELD): ('ok', None, now), ('gap', last, now)
+        """This tick held the lease (see scripts.lease.MARK_HELD): ('ok', None, now), ('gap', last, now)
         or ('not-leader', None, None)."""
         return self._scripts.mark_held(lease_key=lease_key, leadership_key=self.keys.leadership, owner=owner,
                                        gap_ms=gap_ms).run()

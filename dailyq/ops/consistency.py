@@ -62,7 +62,7 @@ absent from both; then one pipeline asks for the claims of running runs and for 
 job hashes. A problem found is looked for again at once and kept only if seen twice
 (``confirmed``: a mover that is not atomic leaves a job nowhere for a moment).
 ``find_problems`` is pure: plain sets and dicts in, problems out. Each repair is a Lua
-check-and-set (scripts.py, "doctor" section) that acts only while the record (state and
+check-and-set (scripts/doctor.py) that acts only while the record (state and
 job id) and the entry are still as read: a repair never overwrites a record that
 changed meanwhile, it is left alone and says so. Stale entries are removed first
 (that changes no record, which another repair of the same run then checks).
@@ -80,7 +80,7 @@ from redis import Redis
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 
-from ..fanout import Again, Held
+from ..fanout import Held, Requeued
 from ..keys import Keys
 from ..redis_values import as_text
 from ..rq_seam import DailyJob
@@ -139,7 +139,7 @@ class Snapshot:
     forced: AbstractSet[str] = frozenset()  # job ids whose job is forced (a ``rerun --force``; of those asked)
 
 
-# -- what --repair does: one script call each (scripts.py, "doctor" section) -------------------
+# -- what --repair does: one script call each (scripts/doctor.py) ----------------------------------
 
 @dataclass(frozen=True)
 class Requeue:
@@ -433,7 +433,7 @@ def table_rebuild(table: TaskTable, day: date, slots: DaySlots | None = None) ->
         again = None
         if number and job_id == run.job_id(int(number.group(1))):
             rerun_id = record.get("rerun_id")
-            again = Again(int(number.group(1)), rerun_id=rerun_id if isinstance(rerun_id, str) else None,
+            again = Requeued(int(number.group(1)), rerun_id=rerun_id if isinstance(rerun_id, str) else None,
                           new_run=bool(rerun_id), attempts_before=int(record.get("attempts_before") or 0))
         elif job_id != run.job_id():
             return None

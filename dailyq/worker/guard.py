@@ -4,7 +4,7 @@ finished, and only the copy that holds the run's claim may record it.
 It wraps the call of a task function inside the process that executes it (RQ's
 work-horse, or the worker itself for a non-forking worker):
 
-1. ``BEGIN`` (one Lua script; all are in scripts.py): if the run is in the day's finished set, skip it; if a
+1. ``BEGIN`` (one Lua script, scripts/lifecycle.py): if the run is in the day's finished set, skip it; if a
    newer job of the same run was enqueued since this one (a recovery, a rerun),
    skip this stale one; else take the run's claim (an owner-token lease), draw a
    fencing token and mark the record running. On a dailyq worker it rides in RQ's
@@ -71,7 +71,8 @@ from ..keys import Keys
 from ..outage import OutageLog, through_outage
 from ..replicas import ReplicaAcks
 from ..runs import CLAIM_LOST_RESULT, RunJob
-from ..scripts import BeginReply, FailOutcome, RenewOutcome, ScriptCall, parse_begin, scripts_for
+from ..scripts import ScriptCall, scripts_for
+from ..scripts.lifecycle import BeginReply, FailOutcome, RenewOutcome, parse_begin
 from .claim_watch import ClaimDeadline
 
 log = logging.getLogger(__name__)
