@@ -16,7 +16,7 @@ from dailyq.clock import utc_now
 from dailyq.table import Task
 
 # 12 h from import time; each process computes its own, so tests that start several
-# set LIMIT_AT and OTHER_AT (tests.helpers.quiet_sample_at) for them all to agree.
+# set LIMIT_AT and OTHER_AT (tests.support.helpers.quiet_sample_at) for them all to agree.
 _QUIET = (utc_now() + timedelta(hours=12)).strftime("%H:%M")
 
 

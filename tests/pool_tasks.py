@@ -8,7 +8,7 @@ variables so that separate node processes share it:
 
 All run tests.sample_tasks.record (SAMPLE_SLEEP_S long), which logs each execution's
 start and end with its node and pid, at POOL_AT (UTC): tests set it to a quiet time
-(tests.helpers.quiet_sample_at) so that a live scheduler fires nothing by itself."""
+(tests.support.helpers.quiet_sample_at) so that a live scheduler fires nothing by itself."""
 
 import os
 

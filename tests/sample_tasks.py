@@ -12,7 +12,7 @@ on which attempts it makes it).
 
 A test that starts a live ``scheduler.py`` sets SAMPLE_AT: with the default 03:00 UTC the
 scheduler fans out that day's slot by itself from 03:00 to 04:00 UTC (the misfire
-grace), beside whatever the test triggers. ``tests.helpers.quiet_sample_at()`` gives a
+grace), beside whatever the test triggers. ``tests.support.helpers.quiet_sample_at()`` gives a
 slot 12 h away; tests of firing use a slot a few seconds ahead."""
 
 import json

@@ -19,7 +19,7 @@ from dailyq.errors import ConfigError
 from dailyq.redis_server import free_port
 from dailyq.runs import runs_on
 from dailyq.worker.workers import DailySimpleWorker, make_queue
-from tests.helpers import ROOT, executions, run_cli, starts_per_param
+from tests.support.helpers import ROOT, executions, run_cli, starts_per_param
 
 DAY = "2026-11-26"  # long past: with no scheduler then, a run nobody triggered shows as missed
 

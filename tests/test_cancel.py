@@ -15,7 +15,7 @@ from dailyq.keys import Keys
 from dailyq.runs import CANCELLED, FINISHED, RUNNING
 from dailyq.scripts import scripts_for
 from dailyq.settings import Settings
-from tests.helpers import base_env, executions, quiet_sample_at, run_cli, wait_for
+from tests.support.helpers import base_env, executions, quiet_sample_at, run_cli, wait_for
 
 DAY = "2026-11-20"
 DAY_DATE = date.fromisoformat(DAY)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dailyq.redis_server import free_port
-from tests.helpers import ROOT, executions, run_cli, starts_per_param
+from tests.support.helpers import ROOT, executions, run_cli, starts_per_param
 
 DAY = "2026-11-26"
 

@@ -24,9 +24,9 @@ from dailyq.redis_server import PrivateRedis
 from dailyq.scheduler import DailyScheduler
 from dailyq.settings import Settings
 from dailyq.table import Task, TaskTable
-from tests.helpers import base_env, executions, noon_zone, run_cli, today_in, wait_for, wall_time_in
 from tests.sample_tasks import record
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.helpers import base_env, executions, noon_zone, run_cli, today_in, wait_for, wall_time_in
+from tests.support.webhook_receiver import WebhookReceiver
 
 UTC = timezone.utc
 DAY = date(2026, 11, 26)

@@ -13,7 +13,7 @@ import pytest
 from dailyq.clock import utc_now
 from dailyq.keys import Keys
 from dailyq.runs import new_record
-from tests.helpers import executions, run_cli, wait_for
+from tests.support.helpers import executions, run_cli, wait_for
 
 V2_ONLY = {"p7", "p8", "n1", "n2", "n3", "d1"}  # d1: task nd, after hb
 ALL_V2 = {f"p{i}" for i in range(1, 9)} | {"n1", "n2", "n3", "d1"}

@@ -1,7 +1,7 @@
 """Failovers that lose writes (issue 19, item 2), with real processes: three nodes
 (scheduler + worker each) reach Redis through one address, a TCP proxy, which a
 failover moves from the primary to its replica. The replica stopped replicating 2 s
-before the primary was SIGKILLed (tests.redis_servers.LaggingReplica), so the new
+before the primary was SIGKILLed (tests.support.redis_servers.LaggingReplica), so the new
 primary lacks the last 2 s of writes: claims and fencing tokens, finishes, RQ's own
 dequeues and results. A dozen runs of 2 s each, which tick into a Redis that does not
 fail over, so overlaps are measured. The first runs end during those 2 s (their
@@ -36,7 +36,7 @@ from dailyq.keys import Keys
 from dailyq.redis_server import PrivateRedis
 from dailyq.settings import Settings
 from dailyq.worker.guard import Guard
-from tests.helpers import (
+from tests.support.helpers import (
     ROOT,
     ProcessGroup,
     base_env,
@@ -49,8 +49,8 @@ from tests.helpers import (
     starts_per_param,
     wait_for,
 )
-from tests.redis_servers import DAY, LaggingReplica, Servers, start_lagging_replica
-from tests.tcp_proxy import TcpProxy
+from tests.support.redis_servers import DAY, LaggingReplica, Servers, start_lagging_replica
+from tests.support.tcp_proxy import TcpProxy
 from tests.test_guard import DAY as GUARD_DAY
 from tests.test_guard import identity, rid
 

@@ -20,8 +20,8 @@ from dailyq.lease import Lease
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.worker.workers import make_queue
-from tests.helpers import ROOT
 from tests.sample_tasks import record
+from tests.support.helpers import ROOT
 
 DAY = date(2026, 11, 26)
 

@@ -16,7 +16,7 @@ from dailyq.commands import trigger
 from dailyq.keys import Keys
 from dailyq.table import load_table
 from dailyq.worker.workers import make_queue
-from tests.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for
+from tests.support.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for
 
 DAY = date(2026, 11, 26)
 

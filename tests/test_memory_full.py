@@ -28,9 +28,9 @@ from redis import Redis
 from dailyq.keys import Keys
 from dailyq.redis_memory import read_memory
 from dailyq.redis_server import PrivateRedis
-from tests.helpers import ROOT, base_env, executions, run_cli, wait_for
 from tests.memory_tasks import EAST, WEST
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.helpers import ROOT, base_env, executions, run_cli, wait_for
+from tests.support.webhook_receiver import WebhookReceiver
 
 NODES = ("n1", "n2", "n3")
 PARAMS = 80

@@ -19,7 +19,7 @@ from dailyq.params_book import ParamsBook
 from dailyq.scheduler import DailyScheduler
 from dailyq.table import TaskTable, load_table
 from dailyq.worker.workers import make_queue
-from tests.helpers import executions, run_cli
+from tests.support.helpers import executions, run_cli
 from tests.test_cli import assert_clean_error, burst_worker
 
 UTC = timezone.utc

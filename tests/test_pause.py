@@ -17,8 +17,17 @@ from dailyq.ops.status import day_status
 from dailyq.scheduler import DailyScheduler
 from dailyq.table import Task, TaskTable
 from dailyq.worker.workers import make_queue
-from tests.helpers import base_env, executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
 from tests.sample_tasks import record
+from tests.support.helpers import (
+    base_env,
+    executions,
+    noon_zone,
+    quiet_sample_at,
+    run_cli,
+    today_in,
+    wait_for,
+    wall_time_in,
+)
 
 UTC = timezone.utc
 DAY = date(2026, 11, 26)

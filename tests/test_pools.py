@@ -24,8 +24,8 @@ from dailyq.ops.render import render_pools
 from dailyq.scripts import LimitedTask, Scripts
 from dailyq.table import Task, TaskTable, load_table
 from dailyq.worker.workers import make_queue
-from tests.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for
 from tests.sample_tasks import record
+from tests.support.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for
 from tests.test_limits import all_done, most_at_once, spans, start_workers
 
 DAY = date(2026, 11, 26)

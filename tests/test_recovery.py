@@ -20,7 +20,7 @@ from dailyq.runs import Run, runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.worker.guard import Guard
 from dailyq.worker.workers import DailySimpleWorker
-from tests.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
+from tests.support.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
 from tests.test_scheduler import all_finished, live_env, slot_in, status_of
 
 

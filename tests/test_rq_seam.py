@@ -23,7 +23,7 @@ from rq.worker import BaseWorker
 from rq_scheduler import Scheduler
 
 from dailyq.rq_seam import DailyJob, DelayedJobs, GuardedWorker
-from tests.helpers import ROOT
+from tests.support.helpers import ROOT
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from dailyq.runs import Run, runs_on
 from dailyq.settle import FailedJobs
 from dailyq.table import Task, TaskTable
 from dailyq.worker.guard import Guard
-from tests.helpers import children_of, executions, quiet_sample_at, run_cli, wait_for
+from tests.support.helpers import children_of, executions, quiet_sample_at, run_cli, wait_for
 from tests.test_scheduler import status_of
 
 DAY = date(2026, 11, 26)

@@ -80,7 +80,7 @@ def test_missing_module_or_tasks_attribute():
     with pytest.raises(ConfigError, match="cannot import task table module"):
         load_table("no_such_tasks_module")
     with pytest.raises(ConfigError, match="has no list TASKS"):
-        load_table("tests.helpers")
+        load_table("tests.support.helpers")
 
 
 def test_after_names_tasks_of_the_table_without_cycles():

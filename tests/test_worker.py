@@ -23,8 +23,8 @@ from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.worker.workers import DailySimpleWorker, make_queue, queue_keeping_reply
 from tests import sample_tasks
-from tests.helpers import ROOT, executions, param_key, starts_per_param, wait_for
 from tests.sample_tasks import explode
+from tests.support.helpers import ROOT, executions, param_key, starts_per_param, wait_for
 
 DAY = date(2026, 11, 26)
 

@@ -20,7 +20,7 @@ from redis import Redis
 
 from dailyq.clock import utc_now
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: tests/support/helpers.py is 2 deep
 
 
 def base_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
