@@ -71,7 +71,7 @@ def prefix() -> str:
 @pytest.fixture
 def settings(redis_server: PrivateRedis, prefix: str) -> Settings:
     return Settings(redis_url=redis_server.url, prefix=prefix, node_name="test-node",
-                    tasks_module="tests.sample_tasks", lease_ttl_s=2, claim_ttl_s=6)
+                    tasks_module="tests.tables.sample_tasks", lease_ttl_s=2, claim_ttl_s=6)
 
 
 @pytest.fixture

@@ -244,7 +244,7 @@ def test_the_dashboard_never_unpickles_a_job(dashboard, connection, settings, tm
     marker = tmp_path / "unpickled"
     planted = pickle.dumps(Planted(marker))
     queue = make_queue(connection, settings.keys)
-    job = queue.enqueue("tests.sample_tasks.noop", 1, job_id=f"planted-{queue.name}")
+    job = queue.enqueue("tests.tables.sample_tasks.noop", 1, job_id=f"planted-{queue.name}")
     # The job's data and meta replaced by pickles, as RQ would store them (data compressed).
     connection.hset(job.key, mapping={"data": zlib.compress(planted), "meta": planted})
     for registry in (StartedJobRegistry, FailedJobRegistry):  # listed there too, as if it had run

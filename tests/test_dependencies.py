@@ -25,7 +25,7 @@ from tests.support.helpers import executions, quiet_sample_at, run_cli, starts_p
 
 DAY = date(2026, 11, 20)
 RETENTION_S = 3600
-RECORD = "tests.sample_tasks.record"
+RECORD = "tests.tables.sample_tasks.record"
 
 
 def chain_table() -> TaskTable:

@@ -264,7 +264,7 @@ def test_a_day_late_is_predicted_only_past_the_margin_and_before_the_deadline():
     assert not predicted_late(deadline, deadline + timedelta(seconds=PREDICTED_LATE_MARGIN_S), NOW)
     assert not predicted_late(deadline, None, NOW)  # unknown: nothing to say
     assert not predicted_late(NOW, NOW + timedelta(hours=1), NOW)  # the deadline came: the real day_late's turn
-    task = Task(name="t", func="tests.sample_tasks.record", params=[1], at="05:00", tz="UTC", deadline="06:10")
+    task = Task(name="t", func="tests.tables.sample_tasks.record", params=[1], at="05:00", tz="UTC", deadline="06:10")
     TaskTable([task])  # validates, and parses the schedule
     alert = predicted_day_late_alert(task, NOW.date(), deadline, deadline + timedelta(minutes=12), NOW)
     assert alert.alert_id == "day_late:t:2026-12-02:predicted" and alert.payload["predicted"] is True

@@ -289,7 +289,7 @@ def test_a_fan_out_chunk_not_acknowledged_raises_and_counts_once_it_is(lagging: 
 
     keys = Keys(f"t{uuid.uuid4().hex[:10]}")
     primary = Redis(port=lagging.primary.port)
-    table = load_table("tests.sample_tasks")
+    table = load_table("tests.tables.sample_tasks")
     runs = runs_on(table, GUARD_DAY)
     lagging.stop_replicating()
     with pytest.raises(ReplicasBehind, match="0 of 1 replicas acknowledged the fan-out"):
@@ -367,8 +367,8 @@ def run_losing_the_start(node_env: dict[str, str], connection: Any, settings: An
     from dailyq.worker.workers import make_queue
 
     env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC=func, SAMPLE_SLEEP_S="3")
-    # The nodes' table with these settings (tests.sample_tasks reads them at import).
-    table = TaskTable([Task(name="sample", func=f"tests.sample_tasks.{func}", params=["任务参数0"], at="03:00",
+    # The nodes' table with these settings (tests.tables.sample_tasks reads them at import).
+    table = TaskTable([Task(name="sample", func=f"tests.tables.sample_tasks.{func}", params=["任务参数0"], at="03:00",
                             timeout_s=60)])
     keys = settings.keys
     day = date.fromisoformat(DAY)

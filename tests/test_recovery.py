@@ -151,8 +151,8 @@ def test_a_job_whose_worker_died_between_dequeue_and_start_is_put_back(node_env,
 # -- the leader's recovery, in-process ------------------------------------------------------
 
 DAY = date(2026, 11, 26)
-HB = Task(name="hb", func="tests.sample_tasks.noop", params=["p1"], at="09:00", retries=2)
-NT = Task(name="nt", func="tests.sample_tasks.noop", params=["n1"], at="09:00", retries=2, timeout_s=77,
+HB = Task(name="hb", func="tests.tables.sample_tasks.noop", params=["p1"], at="09:00", retries=2)
+NT = Task(name="nt", func="tests.tables.sample_tasks.noop", params=["n1"], at="09:00", retries=2, timeout_s=77,
           retry_backoff_s=3)
 V1 = TaskTable([HB])  # an old table: no task nt
 V2 = TaskTable([HB, NT])

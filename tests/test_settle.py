@@ -25,7 +25,7 @@ from tests.support.helpers import children_of, executions, quiet_sample_at, run_
 from tests.test_scheduler import status_of
 
 DAY = date(2026, 11, 26)
-TABLE = TaskTable([Task(name="t", func="tests.sample_tasks.noop", params=list("abcde"), at="09:00", retries=0)])
+TABLE = TaskTable([Task(name="t", func="tests.tables.sample_tasks.noop", params=list("abcde"), at="09:00", retries=0)])
 TRACEBACK = ("Traceback (most recent call last):\n  File \"rq/job.py\", line 1, in _execute\n"
              "dailyq.runs.StaleJob: job x: its run is not one of the task table's (unknown task 't')\n")
 

@@ -1,5 +1,5 @@
 """Tables compared, end to end: two nodes as separate processes running different task
-tables (tests/sample_tasks.py with 6 params on node-new, 4 on node-old), a real
+tables (tests/tables/sample_tasks.py with 6 params on node-new, 4 on node-old), a real
 redis-server, a real webhook endpoint. ``status`` (text and --json), ``health``,
 ``/metrics`` and the ``tables_differ`` alert name node-old and what its table lacks."""
 

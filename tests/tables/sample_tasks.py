@@ -162,7 +162,7 @@ def fail_some(param: object) -> object:
 PARAMS = [f"任务参数{i}" for i in range(int(os.environ.get("SAMPLE_PARAMS", "4")))]
 
 TASKS = [
-    Task(name="sample", func=f"tests.sample_tasks.{os.environ.get('SAMPLE_FUNC', 'record')}", params=PARAMS,
+    Task(name="sample", func=f"tests.tables.sample_tasks.{os.environ.get('SAMPLE_FUNC', 'record')}", params=PARAMS,
          at=os.environ.get("SAMPLE_AT", "03:00"), tz=os.environ.get("SAMPLE_TZ", "UTC"),
          retries=int(os.environ.get("SAMPLE_RETRIES", "0")),
          retry_backoff_s=int(os.environ.get("SAMPLE_BACKOFF_S", "1")),
