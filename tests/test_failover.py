@@ -51,8 +51,8 @@ from tests.support.helpers import (
 )
 from tests.support.redis_servers import DAY, LaggingReplica, Servers, start_lagging_replica
 from tests.support.tcp_proxy import TcpProxy
-from tests.test_guard import DAY as GUARD_DAY
-from tests.test_guard import identity, rid
+from tests.worker.test_guard import DAY as GUARD_DAY
+from tests.worker.test_guard import identity, rid
 
 NODES = ("n1", "n2", "n3")
 RUNS = 12

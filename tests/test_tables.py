@@ -11,10 +11,10 @@ import time
 import pytest
 
 from dailyq.redis_server import free_port
+from tests.alerts.test_alerts import FAST_RETRIES
+from tests.ops.test_metrics import scrape
 from tests.support.helpers import quiet_sample_at, run_cli, wait_for
 from tests.support.webhook_receiver import WebhookReceiver
-from tests.test_alerts import FAST_RETRIES
-from tests.test_metrics import scrape
 
 MISSING = ['"任务参数4"', '"任务参数5"']  # node-old's table lacks these params of "sample"
 

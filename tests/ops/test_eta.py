@@ -25,9 +25,9 @@ from dailyq.ops.report import render_report
 from dailyq.ops.watch import progress, render_line
 from dailyq.redis_server import free_port
 from dailyq.table import Task, TaskTable
+from tests.ops.test_metrics import scrape
 from tests.support.helpers import executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
 from tests.support.webhook_receiver import WebhookReceiver
-from tests.test_metrics import scrape
 
 NOW = datetime(2026, 12, 2, 6, 0, 0, tzinfo=timezone.utc)
 
