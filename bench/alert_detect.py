@@ -28,7 +28,7 @@ from dailyq.redis_server import PrivateRedis  # noqa: E402
 from dailyq.runs import new_record, runs_on  # noqa: E402
 from dailyq.settings import Settings  # noqa: E402
 from dailyq.table import Task, TaskTable  # noqa: E402
-from tests.sample_tasks import record  # noqa: E402
+from tests.tables.sample_tasks import record  # noqa: E402
 
 
 def redis_figures(connection: Redis) -> tuple[int, int, float]:

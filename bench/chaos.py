@@ -44,8 +44,8 @@ from redis import Redis  # noqa: E402
 
 from dailyq.clock import utc_now  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
-from tests.helpers import ProcessGroup, base_env, children_of, executions, overlaps, param_key  # noqa: E402
-from tests.tcp_proxy import TcpProxy  # noqa: E402
+from tests.support.helpers import ProcessGroup, base_env, children_of, executions, overlaps, param_key  # noqa: E402
+from tests.support.tcp_proxy import TcpProxy  # noqa: E402
 
 PREFIX = "chaos"
 NODES = ("node-1", "node-2", "node-3")
@@ -345,7 +345,7 @@ def run_chaos(runs: int = 120, sleep_s: float = 0.8, seed: int = 7, kill_every_s
 class Replicas:
     """The primary's replica, which reaches it through a proxy (``link``: cut, the replica
     lags), and that replica's own replica, which follows it once it is promoted
-    (tests.redis_servers.LaggingReplica, with PrivateRedis servers)."""
+    (tests.support.redis_servers.LaggingReplica, with PrivateRedis servers)."""
 
     link: TcpProxy
     replica: PrivateRedis

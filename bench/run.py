@@ -37,7 +37,7 @@ from dailyq.keys import Keys  # noqa: E402
 from dailyq.redis_server import PrivateRedis  # noqa: E402
 from dailyq.table import Task, TaskTable  # noqa: E402
 from dailyq.worker.workers import make_queue  # noqa: E402
-from tests.helpers import ProcessGroup  # noqa: E402
+from tests.support.helpers import ProcessGroup  # noqa: E402
 
 PY = sys.executable
 RQ = str(Path(PY).with_name("rq"))

@@ -19,7 +19,7 @@ from dailyq.keys import Keys
 from dailyq.redis_server import PrivateRedis
 from dailyq.scripts import Scripts, scripts_for
 from dailyq.settings import Settings
-from tests.helpers import ProcessGroup
+from tests.support.helpers import ProcessGroup
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -71,7 +71,7 @@ def prefix() -> str:
 @pytest.fixture
 def settings(redis_server: PrivateRedis, prefix: str) -> Settings:
     return Settings(redis_url=redis_server.url, prefix=prefix, node_name="test-node",
-                    tasks_module="tests.sample_tasks", lease_ttl_s=2, claim_ttl_s=6)
+                    tasks_module="tests.tables.sample_tasks", lease_ttl_s=2, claim_ttl_s=6)
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def table(settings: Settings):
 @pytest.fixture
 def node_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Environment for this test's nodes (also set here, for in-process workers)."""
-    from tests.helpers import base_env
+    from tests.support.helpers import base_env
 
     env = base_env(settings.redis_url, settings.prefix)
     for name in ("REDIS_URL", "DAILYQ_PREFIX", "DAILYQ_TASKS"):

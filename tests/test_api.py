@@ -19,7 +19,7 @@ from dailyq.errors import ConfigError
 from dailyq.redis_server import free_port
 from dailyq.runs import runs_on
 from dailyq.worker.workers import DailySimpleWorker, make_queue
-from tests.helpers import ROOT, executions, run_cli, starts_per_param
+from tests.support.helpers import ROOT, executions, run_cli, starts_per_param
 
 DAY = "2026-11-26"  # long past: with no scheduler then, a run nobody triggered shows as missed
 
@@ -86,7 +86,7 @@ def test_trigger_with_a_url_reads_prefix_and_table_from_the_environment(node_env
 
 
 def test_trigger_with_a_list_of_tasks_as_the_table(connection, settings):
-    tasks = [dailyq.Task(name="adhoc", func="tests.sample_tasks.noop", params=[1, 2], at="07:30",
+    tasks = [dailyq.Task(name="adhoc", func="tests.tables.sample_tasks.noop", params=[1, 2], at="07:30",
                          tz="Asia/Shanghai")]
     result = dailyq.trigger(connection, DAY, settings=settings, table=tasks)
     assert [(r["task"], r["param"], r["slot"]) for r in result["enqueued"]] == [
@@ -180,7 +180,8 @@ def test_day_status_defaults_to_today_in_the_tasks_zone(settings):
     from dailyq.clock import utc_now
     from dailyq.table import TaskTable
 
-    table = [dailyq.Task(name="east", func="tests.sample_tasks.noop", params=[1], at="09:00", tz="Pacific/Kiritimati")]
+    table = [dailyq.Task(name="east", func="tests.tables.sample_tasks.noop", params=[1], at="09:00",
+                         tz="Pacific/Kiritimati")]
     before = default_day(TaskTable(table), utc_now()).isoformat()
     status = dailyq.day_status(settings.redis_url, table=table, settings=settings)
     after = default_day(TaskTable(table), utc_now()).isoformat()

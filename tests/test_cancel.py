@@ -15,7 +15,7 @@ from dailyq.keys import Keys
 from dailyq.runs import CANCELLED, FINISHED, RUNNING
 from dailyq.scripts import scripts_for
 from dailyq.settings import Settings
-from tests.helpers import base_env, executions, quiet_sample_at, run_cli, wait_for
+from tests.support.helpers import base_env, executions, quiet_sample_at, run_cli, wait_for
 
 DAY = "2026-11-20"
 DAY_DATE = date.fromisoformat(DAY)
@@ -123,7 +123,7 @@ def test_cancel_stops_an_executing_run_within_3s_and_it_is_not_retried(redis_ser
     assert run["state"] == RUNNING and run["node"] == "node-b"
 
     settings = Settings(redis_url=redis_server.url, prefix=prefix, node_name="node-ops",
-                        tasks_module="tests.sample_tasks", claim_ttl_s=6)
+                        tasks_module="tests.tables.sample_tasks", claim_ttl_s=6)
     asked_at, asked_wall = time.monotonic(), time.time()
     result = dailyq.cancel(connection, DAY, "sample", user="alice", settings=settings)
     wait_for(lambda: not connection.exists(keys.claim(run["run_id"])), 10, "the stopped copy to release its claim",
@@ -237,7 +237,7 @@ def test_a_cancelled_run_held_by_a_pause_never_starts_after_resume(redis_server,
     assert run_cli(["trigger", "--date", DAY], env).returncode == 0
     wait_for(lambda: connection.llen(keys.held("sample")) == 1, 30, "the worker to set the run aside")
     settings = Settings(redis_url=redis_server.url, prefix=prefix, node_name="node-ops",
-                        tasks_module="tests.sample_tasks")
+                        tasks_module="tests.tables.sample_tasks")
     assert [r["state"] for r in dailyq.cancel(connection, DAY, "sample", user="carol", settings=settings)
             ["cancelled"]] == ["queued"]
     assert run_cli(["resume", "sample"], env).returncode == 0  # its job goes back to the queue

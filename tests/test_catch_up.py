@@ -7,7 +7,7 @@ from dailyq.ops.status import day_status
 from dailyq.scheduler import DailyScheduler
 from dailyq.table import Task, TaskTable
 from dailyq.worker.workers import make_queue
-from tests.sample_tasks import record
+from tests.tables.sample_tasks import record
 
 UTC = timezone.utc
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dailyq.redis_server import free_port
-from tests.helpers import ROOT, executions, run_cli, starts_per_param
+from tests.support.helpers import ROOT, executions, run_cli, starts_per_param
 
 DAY = "2026-11-26"
 
@@ -54,10 +54,10 @@ def test_bad_input_gives_one_clean_line(node_env, args, env_changes, code, fragm
     ("bad_limit", "task 'greedy': max_running must be a positive integer"),
     ("unknown_pool", "task 'stray': pool 'wherehouse' is not in POOLS (known: warehouse)"),
     ("bad_pool_size", "POOLS['warehouse'] must be a positive integer"),
-    ("syntax", "cannot import task table module 'tests.bad_table'"),
+    ("syntax", "cannot import task table module 'tests.tables.bad_table'"),
 ])
 def test_a_bad_table_stops_every_entry_point_with_the_task_named(node_env, case, fragment):
-    env = dict(node_env, DAILYQ_TASKS="tests.bad_table", BAD_TABLE=case)
+    env = dict(node_env, DAILYQ_TASKS="tests.tables.bad_table", BAD_TABLE=case)
     assert_clean_error(run_cli(["status"], env), 2, fragment)
     assert_clean_error(run_cli(["--burst"], env), 2, fragment)
     worker = subprocess.run([sys.executable, "worker_entry.py", "--burst"], cwd=ROOT, env=env, capture_output=True,

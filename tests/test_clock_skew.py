@@ -14,7 +14,7 @@ import pytest
 
 from dailyq.clock import server_now
 from dailyq.keys import Keys
-from tests.helpers import faketime_library, quiet_sample_at, run_cli, wait_for, with_clock_off
+from tests.support.helpers import faketime_library, quiet_sample_at, run_cli, wait_for, with_clock_off
 
 # The slot is this far ahead of Redis's clock when the scheduler starts: room for the
 # process to start (about 1 s here) before it.

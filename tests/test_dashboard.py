@@ -1,7 +1,7 @@
 """The Procfile's ``dashboard:`` line, run as written: rq-dashboard on loopback, basic
 auth, JSON mode (it can read our jobs, also a busy worker's, and never unpickles),
 the day's timeline at /dailyq/ behind the same login, and a refusal to serve beyond
-loopback without a login. The browser tests drive headless Chromium (tests/browser.py)
+loopback without a login. The browser tests drive headless Chromium (tests/support/browser.py)
 and keep screenshots in test-artifacts/."""
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from dailyq.ops.live_timeline import timeline_page
 from dailyq.runs import META_KEY
 from dailyq.table import default_day
 from dailyq.worker.workers import make_queue
-from tests.browser import Browser, chromium
-from tests.helpers import ROOT, children_of, run_cli, wait_for
+from tests.support.browser import Browser, chromium
+from tests.support.helpers import ROOT, children_of, run_cli, wait_for
 
 USER, PASSWORD = "ops", "s3cret-ä"
 AUTH = (USER, PASSWORD)
@@ -244,7 +244,7 @@ def test_the_dashboard_never_unpickles_a_job(dashboard, connection, settings, tm
     marker = tmp_path / "unpickled"
     planted = pickle.dumps(Planted(marker))
     queue = make_queue(connection, settings.keys)
-    job = queue.enqueue("tests.sample_tasks.noop", 1, job_id=f"planted-{queue.name}")
+    job = queue.enqueue("tests.tables.sample_tasks.noop", 1, job_id=f"planted-{queue.name}")
     # The job's data and meta replaced by pickles, as RQ would store them (data compressed).
     connection.hset(job.key, mapping={"data": zlib.compress(planted), "meta": planted})
     for registry in (StartedJobRegistry, FailedJobRegistry):  # listed there too, as if it had run

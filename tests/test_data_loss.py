@@ -24,9 +24,9 @@ from dailyq.redis_server import PrivateRedis
 from dailyq.scheduler import DailyScheduler
 from dailyq.settings import Settings
 from dailyq.table import Task, TaskTable
-from tests.helpers import base_env, executions, noon_zone, run_cli, today_in, wait_for, wall_time_in
-from tests.sample_tasks import record
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.helpers import base_env, executions, noon_zone, run_cli, today_in, wait_for, wall_time_in
+from tests.support.webhook_receiver import WebhookReceiver
+from tests.tables.sample_tasks import record
 
 UTC = timezone.utc
 DAY = date(2026, 11, 26)
@@ -55,7 +55,7 @@ def own_redis() -> Iterator[PrivateRedis]:
 @pytest.fixture
 def own(own_redis: PrivateRedis, prefix: str) -> tuple[Settings, Redis]:
     settings = Settings(redis_url=own_redis.url, prefix=prefix, node_name="node-a",
-                        tasks_module="tests.sample_tasks", lease_ttl_s=2, claim_ttl_s=6)
+                        tasks_module="tests.tables.sample_tasks", lease_ttl_s=2, claim_ttl_s=6)
     client = Redis.from_url(own_redis.url)
     return settings, client
 
@@ -222,7 +222,7 @@ def test_d_a_redis_restarted_empty_mid_day_is_told_and_fires_nothing_again(own_r
     webhook = WebhookReceiver().start()
     zone = noon_zone()
     slot = wall_time_in(zone, 10)
-    env = base_env(own_redis.url, prefix, DAILYQ_TASKS="tests.limit_tasks", LIMIT_AT=slot, LIMIT_TZ=zone,
+    env = base_env(own_redis.url, prefix, DAILYQ_TASKS="tests.tables.limit_tasks", LIMIT_AT=slot, LIMIT_TZ=zone,
                    OTHER_AT=slot, OTHER_TZ=zone, LIMIT_PARAMS="2", OTHER_PARAMS="2", SAMPLE_SLEEP_S="0.2",
                    SAMPLE_LOG_URL=redis_server.url, DAILYQ_ALERT_URL=webhook.url,
                    DAILYQ_ALERT_RETRY_S="1", DAILYQ_ALERT_RETRY_MAX_S="2")

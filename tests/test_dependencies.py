@@ -21,11 +21,11 @@ from dailyq.keys import Keys
 from dailyq.rq_seam import make_queue
 from dailyq.runs import Run, decode_record, runs_on
 from dailyq.table import Task, TaskTable
-from tests.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
+from tests.support.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
 
 DAY = date(2026, 11, 20)
 RETENTION_S = 3600
-RECORD = "tests.sample_tasks.record"
+RECORD = "tests.tables.sample_tasks.record"
 
 
 def chain_table() -> TaskTable:

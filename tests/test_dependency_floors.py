@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from dailyq.redis_server import free_port
-from tests.helpers import ROOT, base_env, quiet_sample_at, wait_for
+from tests.support.helpers import ROOT, base_env, quiet_sample_at, wait_for
 
 WHEELS = Path("/tmp/dailyq-floor-wheels")
 DAY = "2026-11-26"

@@ -1,4 +1,4 @@
-"""Rolling deploys with real processes: nodes on two task tables (tests/deploy_tables.py)."""
+"""Rolling deploys with real processes: nodes on two task tables (tests/tables/deploy_tables.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import pytest
 from dailyq.clock import utc_now
 from dailyq.keys import Keys
 from dailyq.runs import new_record
-from tests.helpers import executions, run_cli, wait_for
+from tests.support.helpers import executions, run_cli, wait_for
 
 V2_ONLY = {"p7", "p8", "n1", "n2", "n3", "d1"}  # d1: task nd, after hb
 ALL_V2 = {f"p{i}" for i in range(1, 9)} | {"n1", "n2", "n3", "d1"}
 
 
 def deploy_env(node_env: dict, version: str, node: str, **extra: str) -> dict:
-    return dict(node_env, DAILYQ_TASKS="tests.deploy_tables", DEPLOY_TABLE=version, NODE_NAME=node,
+    return dict(node_env, DAILYQ_TASKS="tests.tables.deploy_tables", DEPLOY_TABLE=version, NODE_NAME=node,
                 SAMPLE_SLEEP_S="0.2", **extra)
 
 

@@ -15,7 +15,7 @@ from dailyq.recovery import AbandonedRuns
 from dailyq.rq_seam import DailyJob
 from dailyq.runs import new_record, runs_on
 from dailyq.worker.workers import DailySimpleWorker, make_queue
-from tests.helpers import executions, run_cli, starts_per_param
+from tests.support.helpers import executions, run_cli, starts_per_param
 from tests.test_cli import assert_clean_error
 
 DAY = "2026-11-26"

@@ -1,7 +1,7 @@
 """Failovers that lose writes (issue 19, item 2), with real processes: three nodes
 (scheduler + worker each) reach Redis through one address, a TCP proxy, which a
 failover moves from the primary to its replica. The replica stopped replicating 2 s
-before the primary was SIGKILLed (tests.redis_servers.LaggingReplica), so the new
+before the primary was SIGKILLed (tests.support.redis_servers.LaggingReplica), so the new
 primary lacks the last 2 s of writes: claims and fencing tokens, finishes, RQ's own
 dequeues and results. A dozen runs of 2 s each, which tick into a Redis that does not
 fail over, so overlaps are measured. The first runs end during those 2 s (their
@@ -36,7 +36,7 @@ from dailyq.keys import Keys
 from dailyq.redis_server import PrivateRedis
 from dailyq.settings import Settings
 from dailyq.worker.guard import Guard
-from tests.helpers import (
+from tests.support.helpers import (
     ROOT,
     ProcessGroup,
     base_env,
@@ -49,10 +49,10 @@ from tests.helpers import (
     starts_per_param,
     wait_for,
 )
-from tests.redis_servers import DAY, LaggingReplica, Servers, start_lagging_replica
-from tests.tcp_proxy import TcpProxy
-from tests.test_guard import DAY as GUARD_DAY
-from tests.test_guard import identity, rid
+from tests.support.redis_servers import DAY, LaggingReplica, Servers, start_lagging_replica
+from tests.support.tcp_proxy import TcpProxy
+from tests.worker.test_guard import DAY as GUARD_DAY
+from tests.worker.test_guard import identity, rid
 
 NODES = ("n1", "n2", "n3")
 RUNS = 12
@@ -289,7 +289,7 @@ def test_a_fan_out_chunk_not_acknowledged_raises_and_counts_once_it_is(lagging: 
 
     keys = Keys(f"t{uuid.uuid4().hex[:10]}")
     primary = Redis(port=lagging.primary.port)
-    table = load_table("tests.sample_tasks")
+    table = load_table("tests.tables.sample_tasks")
     runs = runs_on(table, GUARD_DAY)
     lagging.stop_replicating()
     with pytest.raises(ReplicasBehind, match="0 of 1 replicas acknowledged the fan-out"):
@@ -367,8 +367,8 @@ def run_losing_the_start(node_env: dict[str, str], connection: Any, settings: An
     from dailyq.worker.workers import make_queue
 
     env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC=func, SAMPLE_SLEEP_S="3")
-    # The nodes' table with these settings (tests.sample_tasks reads them at import).
-    table = TaskTable([Task(name="sample", func=f"tests.sample_tasks.{func}", params=["任务参数0"], at="03:00",
+    # The nodes' table with these settings (tests.tables.sample_tasks reads them at import).
+    table = TaskTable([Task(name="sample", func=f"tests.tables.sample_tasks.{func}", params=["任务参数0"], at="03:00",
                             timeout_s=60)])
     keys = settings.keys
     day = date.fromisoformat(DAY)

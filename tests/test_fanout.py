@@ -20,8 +20,8 @@ from dailyq.lease import Lease
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.worker.workers import make_queue
-from tests.helpers import ROOT
-from tests.sample_tasks import record
+from tests.support.helpers import ROOT
+from tests.tables.sample_tasks import record
 
 DAY = date(2026, 11, 26)
 
@@ -40,7 +40,7 @@ def test_jobs_are_json_and_name_the_table_function(connection, settings, table):
     queue = make_queue(connection, settings.keys)
     trigger(connection, settings.keys, queue, table, DAY, ["sample"], settings.retention_s)
     job = queue.jobs[0]
-    assert job.func_name == "tests.sample_tasks.record"
+    assert job.func_name == "tests.tables.sample_tasks.record"
     # RQ zlib-compresses the payload; inside it is JSON, not a pickle.
     payload = json.loads(zlib.decompress(connection.hget(job.key, "data")))
     assert "任务参数0" in json.dumps(payload, ensure_ascii=False)
@@ -246,7 +246,8 @@ def test_learned_durations_of_series_no_day_fanned_out_for_the_retention_period_
     keys = settings.keys
     queue = make_queue(connection, keys)
     old_day, new_day = date(2026, 11, 1), date(2026, 11, 20)
-    table_of = lambda params: TaskTable([Task(name="t", func="tests.sample_tasks.noop", params=params, at="03:00")])  # noqa: E731
+    table_of = lambda params: TaskTable(  # noqa: E731
+        [Task(name="t", func="tests.tables.sample_tasks.noop", params=params, at="03:00")])
     fan_out(connection, keys, queue, runs_on(table_of(["gone", "kept"]), old_day), FanOutOptions(60))
     fan_out(connection, keys, queue, runs_on(table_of(["kept", "new"]), new_day), FanOutOptions(60))
     series = {run.param: run.series_id for run in runs_on(table_of(["gone", "kept", "new"]), new_day)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dailyq.fingerprint import describe, diff, diff_text, fingerprint, has_run, is_empty, task_digest
 from dailyq.table import Task, TaskTable
 
-FUNC = "tests.sample_tasks.record"
+FUNC = "tests.tables.sample_tasks.record"
 
 
 def table(*tasks: Task) -> TaskTable:
@@ -26,7 +26,7 @@ def test_equal_tables_have_equal_fingerprints_and_any_change_changes_it():
 
 def test_has_run_names_what_the_table_lacks():
     description = describe(table(Task("hb", FUNC, ["p1"], at="03:00"),
-                                 Task("computed", FUNC, "tests.computed_tasks.day_params", at="03:00")))
+                                 Task("computed", FUNC, "tests.tables.computed_tasks.day_params", at="03:00")))
     assert has_run(description, "hb", '"p1"', FUNC) is None
     assert has_run(description, "hb", '"p1"', None) is None
     assert has_run(description, "nt", '"n1"', FUNC) == "no task 'nt'"

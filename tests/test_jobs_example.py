@@ -8,7 +8,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from dailyq.keys import Keys
-from tests.helpers import ROOT, base_env, run_cli
+from tests.support.helpers import ROOT, base_env, run_cli
 
 
 def test_a_backfill_of_the_example_task_works_on_its_own_day(redis_server, prefix, connection):

@@ -1,6 +1,6 @@
 """Per-task limits (limits.py) with real node processes: ``max_running`` across nodes,
 ``max_per_node`` on each node, and a SIGKILLed holder whose slot frees when its claim
-lapses. Concurrency is read from what tests.sample_tasks.record logged (start and end
+lapses. Concurrency is read from what tests.tables.sample_tasks.record logged (start and end
 of each execution, with its node)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dailyq.commands import trigger
 from dailyq.keys import Keys
 from dailyq.table import load_table
 from dailyq.worker.workers import make_queue
-from tests.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for
+from tests.support.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for
 
 DAY = date(2026, 11, 26)
 
@@ -24,7 +24,7 @@ DAY = date(2026, 11, 26)
 def limits_env(settings, **extra: str) -> dict[str, str]:
     # One quiet slot for every process of the test (the scheduler fires nothing by itself).
     quiet = quiet_sample_at()
-    return base_env(settings.redis_url, settings.prefix, DAILYQ_TASKS="tests.limit_tasks", LIMIT_AT=quiet,
+    return base_env(settings.redis_url, settings.prefix, DAILYQ_TASKS="tests.tables.limit_tasks", LIMIT_AT=quiet,
                     OTHER_AT=quiet, **extra)
 
 
@@ -45,10 +45,10 @@ def enqueue(connection: Redis, settings, env: dict[str, str], tasks: list[str]) 
     try:
         import importlib
 
-        import tests.limit_tasks
+        import tests.tables.limit_tasks
 
-        importlib.reload(tests.limit_tasks)
-        table = load_table("tests.limit_tasks")
+        importlib.reload(tests.tables.limit_tasks)
+        table = load_table("tests.tables.limit_tasks")
     finally:
         for k, v in saved.items():
             if v is None:

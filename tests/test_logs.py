@@ -15,7 +15,7 @@ from dailyq.errors import ConfigError
 from dailyq.logs import JsonFormatter, OncePerOutage, log_format, make_formatter, setup_logging
 from dailyq.runs import runs_on
 from dailyq.worker.workers import make_queue
-from tests.helpers import ROOT
+from tests.support.helpers import ROOT
 
 DAY = date(2026, 11, 26)
 

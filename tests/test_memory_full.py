@@ -2,7 +2,7 @@
 scheduler and a worker each, a private redis-server, and a webhook receiver in the test.
 
 Issue 19, item 1 and test (a): memory is reached in the middle of the leader's fan-out
-(tests/memory_tasks.py: two days, two transactions; the first fits, the second is
+(tests/tables/memory_tasks.py: two days, two transactions; the first fits, the second is
 refused), then Redis stays full while the first day's runs execute. No process exits,
 each logs one line naming Redis's memory, a leader is held, ``health`` fails naming the
 memory, ``status --json`` says ``redis.full``, ``redis_full`` reaches the webhook; once
@@ -28,9 +28,9 @@ from redis import Redis
 from dailyq.keys import Keys
 from dailyq.redis_memory import read_memory
 from dailyq.redis_server import PrivateRedis
-from tests.helpers import ROOT, base_env, executions, run_cli, wait_for
-from tests.memory_tasks import EAST, WEST
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.helpers import ROOT, base_env, executions, run_cli, wait_for
+from tests.support.webhook_receiver import WebhookReceiver
+from tests.tables.memory_tasks import EAST, WEST
 
 NODES = ("n1", "n2", "n3")
 PARAMS = 80
@@ -52,8 +52,8 @@ def bytes_per_day(env: dict[str, str]) -> int:
             "from dailyq.fanout import FanOutOptions, fan_out; from dailyq.keys import Keys\n"
             "from dailyq.rq_seam import make_queue\n"
             "from dailyq.redis_server import PrivateRedis; from dailyq.runs import runs_on; from dailyq.table import "
-            "load_table; import tests.memory_tasks as mt\n"
-            "table = load_table('tests.memory_tasks')\n"
+            "load_table; import tests.tables.memory_tasks as mt\n"
+            "table = load_table('tests.tables.memory_tasks')\n"
             "with PrivateRedis(appendonly=False) as s:\n"
             "    r = Redis.from_url(s.url); k = Keys('m'); before = r.info('memory')['used_memory']\n"
             "    fan_out(r, k, make_queue(r, k), runs_on(table, date.fromisoformat(mt.day_of(mt.EAST)), ['east']),"
@@ -90,7 +90,7 @@ def test_memory_full_mid_fan_out_on_three_nodes_is_survived_and_reported(process
     # (with 10 s the slot once came before the leader did, and both days got in).
     fire_at = time.time() + 25
     with PrivateRedis(appendonly=False, extra_args=["--maxmemory-policy", "noeviction"]) as own:
-        env = base_env(own.url, prefix, DAILYQ_TASKS="tests.memory_tasks", MEM_FIRE_AT=str(round(fire_at)),
+        env = base_env(own.url, prefix, DAILYQ_TASKS="tests.tables.memory_tasks", MEM_FIRE_AT=str(round(fire_at)),
                        MEM_PARAMS=str(PARAMS), MEM_PARAM_BYTES=str(PARAM_BYTES), MEM_GRACE_S="3",
                        SAMPLE_SLEEP_S="0.1", SAMPLE_LOG_URL=redis_server.url, DAILYQ_ALERT_URL=webhook.url,
                        DAILYQ_ALERT_RETRY_S="1", DAILYQ_ALERT_RETRY_MAX_S="2")
@@ -280,7 +280,7 @@ def test_a_slot_falling_due_while_redis_is_full_is_fanned_out_past_its_grace_onc
     from dailyq.table import Task, TaskTable
 
     settings = Settings(redis_url=full_redis.url, prefix="grace", node_name="n1", lease_ttl_s=2, claim_ttl_s=6)
-    table = TaskTable([Task(name="t", func="tests.sample_tasks.record", params=[1, 2, 3], at="12:00", tz="UTC",
+    table = TaskTable([Task(name="t", func="tests.tables.sample_tasks.record", params=[1, 2, 3], at="12:00", tz="UTC",
                             misfire_grace_s=60)])
     connection = Redis.from_url(full_redis.url)
     clock = [datetime(2026, 11, 26, 11, 59, 50, tzinfo=timezone.utc)]

@@ -9,7 +9,7 @@ from redis import Redis
 
 from dailyq.redis_server import PrivateRedis
 from dailyq.server_checks import server_warnings
-from tests.helpers import (
+from tests.support.helpers import (
     base_env,
     executions,
     max_concurrent_copies,

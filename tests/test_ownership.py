@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from tests.helpers import base_env, children_of, executions, longest_overlap, quiet_sample_at, run_cli, wait_for
-from tests.tcp_proxy import TcpProxy
+from tests.support.helpers import base_env, children_of, executions, longest_overlap, quiet_sample_at, run_cli, wait_for
+from tests.support.tcp_proxy import TcpProxy
 
 DAY = "2026-11-20"
 

@@ -17,8 +17,17 @@ from dailyq.ops.status import day_status
 from dailyq.scheduler import DailyScheduler
 from dailyq.table import Task, TaskTable
 from dailyq.worker.workers import make_queue
-from tests.helpers import base_env, executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
-from tests.sample_tasks import record
+from tests.support.helpers import (
+    base_env,
+    executions,
+    noon_zone,
+    quiet_sample_at,
+    run_cli,
+    today_in,
+    wait_for,
+    wall_time_in,
+)
+from tests.tables.sample_tasks import record
 
 UTC = timezone.utc
 DAY = date(2026, 11, 26)
@@ -104,7 +113,7 @@ def test_the_status_table_says_which_tasks_are_paused(connection, settings):
 def test_pause_before_a_slot_then_resume(settings, processes, connection):
     zone = noon_zone()
     keys = settings.keys
-    env = base_env(settings.redis_url, settings.prefix, DAILYQ_TASKS="tests.limit_tasks", NODE_NAME="n1",
+    env = base_env(settings.redis_url, settings.prefix, DAILYQ_TASKS="tests.tables.limit_tasks", NODE_NAME="n1",
                    LIMIT_AT=wall_time_in(zone, 12), LIMIT_TZ=zone, LIMIT_PARAMS="2", OTHER_PARAMS="2",
                    OTHER_AT=quiet_sample_at(),
                    SAMPLE_SLEEP_S="0.3")

@@ -1,7 +1,7 @@
 """Pools across tasks (``POOLS`` and ``Task(pool=...)``, limits.py): the table's checks
 and descriptions (pure), the scripts' pool branches against the tests' own
 redis-server, and real node processes sharing one pool. Concurrency is read from what
-tests.sample_tasks.record logged (start and end of each execution, with its node)."""
+tests.tables.sample_tasks.record logged (start and end of each execution, with its node)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from dailyq.ops.render import render_pools
 from dailyq.scripts import Scripts
 from dailyq.table import Task, TaskTable, load_table
 from dailyq.worker.workers import make_queue
-from tests.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for
-from tests.sample_tasks import record
+from tests.support.helpers import ProcessGroup, base_env, children_of, executions, quiet_sample_at, wait_for
+from tests.tables.sample_tasks import record
 from tests.test_limits import all_done, most_at_once, spans, start_workers
 
 DAY = date(2026, 11, 26)
-FUNC = "tests.sample_tasks.record"
+FUNC = "tests.tables.sample_tasks.record"
 TTL_MS = 5000
 HELD_TTL_S = 3600
 
@@ -47,8 +47,8 @@ def test_a_table_loads_its_pools_and_lists_each_pools_tasks():
     assert [t.name for t in table.pool_tasks("w")] == ["a", "c"]
     assert table.pool_tasks("unused") == []
     assert all(t.has_limits for t in table.pool_tasks("w"))  # a pool alone makes a run take a slot
-    assert load_table("tests.pool_tasks").pools == {"warehouse": 2}
-    assert load_table("tests.sample_tasks").pools == {}  # no POOLS: none
+    assert load_table("tests.tables.pool_tasks").pools == {"warehouse": 2}
+    assert load_table("tests.tables.sample_tasks").pools == {}  # no POOLS: none
 
 
 @pytest.mark.parametrize("tasks, pools, message", [
@@ -185,8 +185,8 @@ def test_a_dead_holders_slot_frees_the_pool_at_the_leaders_sweep(scripts, connec
 # -- real node processes ------------------------------------------------------------------
 
 def pools_env(settings, **extra: str) -> dict[str, str]:
-    return base_env(settings.redis_url, settings.prefix, DAILYQ_TASKS="tests.pool_tasks", POOL_AT=quiet_sample_at(),
-                    **extra)
+    return base_env(settings.redis_url, settings.prefix, DAILYQ_TASKS="tests.tables.pool_tasks",
+                    POOL_AT=quiet_sample_at(), **extra)
 
 
 def enqueue(connection: Redis, settings, env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
@@ -197,10 +197,10 @@ def enqueue(connection: Redis, settings, env: dict[str, str], monkeypatch: pytes
             monkeypatch.setenv(name, env[name])
         else:
             monkeypatch.delenv(name, raising=False)
-    import tests.pool_tasks
+    import tests.tables.pool_tasks
 
-    importlib.reload(tests.pool_tasks)
-    table = load_table("tests.pool_tasks")
+    importlib.reload(tests.tables.pool_tasks)
+    table = load_table("tests.tables.pool_tasks")
     trigger(connection, settings.keys, make_queue(connection, settings.keys), table, DAY, tasks, settings.retention_s)
     return table
 

@@ -20,7 +20,7 @@ from dailyq.runs import Run, runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.worker.guard import Guard
 from dailyq.worker.workers import DailySimpleWorker
-from tests.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
+from tests.support.helpers import executions, quiet_sample_at, run_cli, starts_per_param, wait_for
 from tests.test_scheduler import all_finished, live_env, slot_in, status_of
 
 
@@ -151,8 +151,8 @@ def test_a_job_whose_worker_died_between_dequeue_and_start_is_put_back(node_env,
 # -- the leader's recovery, in-process ------------------------------------------------------
 
 DAY = date(2026, 11, 26)
-HB = Task(name="hb", func="tests.sample_tasks.noop", params=["p1"], at="09:00", retries=2)
-NT = Task(name="nt", func="tests.sample_tasks.noop", params=["n1"], at="09:00", retries=2, timeout_s=77,
+HB = Task(name="hb", func="tests.tables.sample_tasks.noop", params=["p1"], at="09:00", retries=2)
+NT = Task(name="nt", func="tests.tables.sample_tasks.noop", params=["n1"], at="09:00", retries=2, timeout_s=77,
           retry_backoff_s=3)
 V1 = TaskTable([HB])  # an old table: no task nt
 V2 = TaskTable([HB, NT])

@@ -12,8 +12,8 @@ from typing import Iterator
 import pytest
 from redis import Redis
 
-from tests.helpers import run_cli
-from tests.redis_servers import (
+from tests.support.helpers import run_cli
+from tests.support.redis_servers import (
     ACL_USER,
     DAY,
     Certs,

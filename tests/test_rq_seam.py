@@ -23,7 +23,7 @@ from rq.worker import BaseWorker
 from rq_scheduler import Scheduler
 
 from dailyq.rq_seam import DailyJob, DelayedJobs, GuardedWorker
-from tests.helpers import ROOT
+from tests.support.helpers import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def test_prepare_for_execution_is_called_inside_the_transaction_that_marks_the_j
             pipeline.set(f"{settings.prefix}:rode-along", self.id)
 
     queue = queue_of(connection, settings, Probe)
-    job = queue.enqueue("tests.sample_tasks.noop", 1)
+    job = queue.enqueue("tests.tables.sample_tasks.noop", 1)
     SimpleWorker([queue], connection=connection, job_class=Probe, serializer=JSONSerializer).work(burst=True)
     (call,) = seen
     assert call["transaction"] and call["queued"] > 0  # a MULTI/EXEC pipeline RQ fills and executes
@@ -79,7 +79,7 @@ def test_cleanup_execution_gets_the_success_transaction_before_it_is_executed(co
             pipeline.set(f"{settings.prefix}:finish-rode-along", job.id)
 
     queue = queue_of(connection, settings)
-    job = queue.enqueue("tests.sample_tasks.noop", 1)
+    job = queue.enqueue("tests.tables.sample_tasks.noop", 1)
     Probe([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
     (call,) = seen
     assert call["job"] == job.id and call["in_multi"]
@@ -159,7 +159,7 @@ def test_job_execute_is_the_call_inside_the_timeout_and_before_the_function_is_i
     queue = queue_of(connection, settings, Probe)
     refused = queue.enqueue("no_such_module.f", 1)
     slow = queue.enqueue("time.sleep", 5, job_timeout=1)
-    ok = queue.enqueue("tests.sample_tasks.noop", 7)
+    ok = queue.enqueue("tests.tables.sample_tasks.noop", 7)
     SimpleWorker([queue], connection=connection, job_class=Probe, serializer=JSONSerializer).work(burst=True)
     refused_result = Job.fetch(refused.id, connection=connection, serializer=JSONSerializer).latest_result()
     assert refused_result is not None and "LookupError: refused before import" in refused_result.exc_string
@@ -182,7 +182,7 @@ def test_heartbeat_takes_a_promise_and_a_pipeline_rq_executes(connection, settin
                 pipeline.incr(f"{settings.prefix}:beats-in-rq-pipelines")
 
     queue = queue_of(connection, settings)
-    queue.enqueue("tests.sample_tasks.noop", 1, job_timeout=100)
+    queue.enqueue("tests.tables.sample_tasks.noop", 1, job_timeout=100)
     worker = Probe([queue], connection=connection, serializer=JSONSerializer)
     worker.work(burst=True)
     # Before a run, RQ beats in its preparation transaction, promising the job's timeout + 60.
@@ -280,13 +280,13 @@ def test_rq_scheduler_stores_and_moves_delayed_jobs_under_our_keys(connection, s
     stock.redis_scheduler_namespace_prefix = keys.scheduler_instance_prefix
     stock.scheduled_jobs_key = keys.scheduled_jobs
     now = datetime.now(timezone.utc)
-    due = stock.enqueue_at(now - timedelta(seconds=5), "tests.sample_tasks.noop", 1)
-    later = stock.enqueue_at(now + timedelta(hours=1), "tests.sample_tasks.noop", 2)
+    due = stock.enqueue_at(now - timedelta(seconds=5), "tests.tables.sample_tasks.noop", 1)
+    later = stock.enqueue_at(now + timedelta(hours=1), "tests.tables.sample_tasks.noop", 2)
     assert connection.zcard(keys.scheduled_jobs) == 2
     assert [j.id for j in delayed.move_due(now)] == [due.id]
     assert connection.lrange(f"rq:queue:{keys.queue_name}", 0, -1) == [due.id.encode()]
     assert connection.zrange(keys.scheduled_jobs, 0, -1) == [later.id.encode()]
-    assert DailyJob.fetch(due.id, connection=connection).func_name == "tests.sample_tasks.noop"  # JSON
+    assert DailyJob.fetch(due.id, connection=connection).func_name == "tests.tables.sample_tasks.noop"  # JSON
     delayed.register_death()
     assert connection.hexists(delayed.key, "death")
 

@@ -13,7 +13,7 @@ from rq.serializers import JSONSerializer
 import dailyq.scripts
 from dailyq.runs import PUBLIC_RUN_FIELDS, RECORD_FIELDS, RunJob, StaleJob, new_record, runs_on
 from dailyq.table import Task, TaskTable
-from tests.sample_tasks import record
+from tests.tables.sample_tasks import record
 
 DAY = date(2026, 3, 29)  # Europe/Berlin springs forward: slot offsets differ within the day
 
@@ -51,7 +51,7 @@ def test_a_job_the_table_no_longer_describes_is_refused_by_name(connection):
 
 
 def test_an_ad_hoc_job_has_no_run(connection):
-    job = Job.create("tests.sample_tasks.record", args=("a",), connection=connection, serializer=JSONSerializer)
+    job = Job.create("tests.tables.sample_tasks.record", args=("a",), connection=connection, serializer=JSONSerializer)
     assert RunJob.from_job(job, table()) is None
 
 

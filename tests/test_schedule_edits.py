@@ -28,8 +28,17 @@ from dailyq.runs import DaySlots, Run, day_slot_json, runs_on
 from dailyq.scheduler import DailyScheduler
 from dailyq.table import Task, TaskTable
 from dailyq.worker.workers import make_queue
-from tests.helpers import executions, noon_zone, run_cli, starts_per_param, today_in, utc_now, wait_for, wall_time_in
-from tests.sample_tasks import record
+from tests.support.helpers import (
+    executions,
+    noon_zone,
+    run_cli,
+    starts_per_param,
+    today_in,
+    utc_now,
+    wait_for,
+    wall_time_in,
+)
+from tests.tables.sample_tasks import record
 
 UTC = timezone.utc
 DAY = date(2026, 11, 26)

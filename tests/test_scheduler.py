@@ -11,7 +11,7 @@ import pytest
 from dailyq.clock import utc_now
 from dailyq.keys import Keys
 from dailyq.scheduler import TICK_S
-from tests.helpers import executions, max_concurrent_copies, run_cli, starts_per_param, wait_for
+from tests.support.helpers import executions, max_concurrent_copies, run_cli, starts_per_param, wait_for
 
 # How far ahead of a test's start its slot lies. What must happen before the slot
 # (processes started, a leader elected, killed or paused) takes one to four seconds on an

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from dailyq.connection import connect
 from dailyq.redis_server import PrivateRedis, free_port
 from dailyq.settings import Settings
-from tests.helpers import (
+from tests.support.helpers import (
     ProcessGroup,
     base_env,
     executions,
@@ -28,7 +28,7 @@ from tests.helpers import (
     starts_per_param,
     wait_for,
 )
-from tests.redis_servers import (
+from tests.support.redis_servers import (
     DAY,
     SERVICE,
     SentinelSet,

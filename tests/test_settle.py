@@ -21,11 +21,11 @@ from dailyq.runs import Run, runs_on
 from dailyq.settle import FailedJobs
 from dailyq.table import Task, TaskTable
 from dailyq.worker.guard import Guard
-from tests.helpers import children_of, executions, quiet_sample_at, run_cli, wait_for
+from tests.support.helpers import children_of, executions, quiet_sample_at, run_cli, wait_for
 from tests.test_scheduler import status_of
 
 DAY = date(2026, 11, 26)
-TABLE = TaskTable([Task(name="t", func="tests.sample_tasks.noop", params=list("abcde"), at="09:00", retries=0)])
+TABLE = TaskTable([Task(name="t", func="tests.tables.sample_tasks.noop", params=list("abcde"), at="09:00", retries=0)])
 TRACEBACK = ("Traceback (most recent call last):\n  File \"rq/job.py\", line 1, in _execute\n"
              "dailyq.runs.StaleJob: job x: its run is not one of the task table's (unknown task 't')\n")
 

@@ -4,7 +4,7 @@ import pytest
 
 from dailyq.errors import ConfigError
 from dailyq.table import Task, TaskTable, load_table
-from tests.sample_tasks import record
+from tests.tables.sample_tasks import record
 
 
 def table_of(**overrides) -> TaskTable:
@@ -14,13 +14,13 @@ def table_of(**overrides) -> TaskTable:
 
 
 def test_a_valid_table_loads_and_lists_its_functions():
-    table = load_table("tests.sample_tasks")
-    assert "tests.sample_tasks.record" in table.allowed_functions
-    assert table.get("sample").func_path == "tests.sample_tasks.record"
+    table = load_table("tests.tables.sample_tasks")
+    assert "tests.tables.sample_tasks.record" in table.allowed_functions
+    assert table.get("sample").func_path == "tests.tables.sample_tasks.record"
 
 
 def test_func_may_be_a_dotted_path():
-    assert table_of(func="tests.sample_tasks.record").get("t").resolve() is record
+    assert table_of(func="tests.tables.sample_tasks.record").get("t").resolve() is record
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -34,7 +34,7 @@ def test_func_may_be_a_dotted_path():
     (dict(params=[{1: "a"}]), "JSON round trip"),
     (dict(params=["a", "a"]), "listed twice"),
     (dict(params="abc"), "cannot import params 'abc'"),
-    (dict(params="tests.sample_tasks.missing_params"), "has no attribute"),
+    (dict(params="tests.tables.sample_tasks.missing_params"), "has no attribute"),
     (dict(params=42), "params must be a list or a callable"),
     (dict(after="ingest"), "after must be a list of task names"),
     (dict(after=["t"]), "after names the task itself"),
@@ -42,7 +42,7 @@ def test_func_may_be_a_dotted_path():
     (dict(max_running=0), "max_running must be a positive integer"),
     (dict(max_per_node=True), "max_per_node must be a positive integer"),
     (dict(func="no_such_module.fn"), "cannot import func"),
-    (dict(func="tests.sample_tasks.missing"), "has no attribute"),
+    (dict(func="tests.tables.sample_tasks.missing"), "has no attribute"),
     (dict(timeout_s=0), "timeout_s"),
     (dict(retries=-1), "retries"),
     (dict(overlap="sometimes"), "overlap"),
@@ -80,7 +80,7 @@ def test_missing_module_or_tasks_attribute():
     with pytest.raises(ConfigError, match="cannot import task table module"):
         load_table("no_such_tasks_module")
     with pytest.raises(ConfigError, match="has no list TASKS"):
-        load_table("tests.helpers")
+        load_table("tests.support.helpers")
 
 
 def test_after_names_tasks_of_the_table_without_cycles():

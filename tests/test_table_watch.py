@@ -17,7 +17,7 @@ from dailyq.table import Task, TaskTable
 from dailyq.table_store import publish
 from dailyq.table_watch import TableWatch, read_tables
 
-FUNC = "tests.sample_tasks.record"
+FUNC = "tests.tables.sample_tasks.record"
 NEW = TaskTable([Task(name="hb", func=FUNC, params=["p1", "p2", "p7"], at="03:00")])
 OLD = TaskTable([Task(name="hb", func=FUNC, params=["p1", "p2"], at="03:00")])
 

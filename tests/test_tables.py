@@ -1,5 +1,5 @@
 """Tables compared, end to end: two nodes as separate processes running different task
-tables (tests/sample_tasks.py with 6 params on node-new, 4 on node-old), a real
+tables (tests/tables/sample_tasks.py with 6 params on node-new, 4 on node-old), a real
 redis-server, a real webhook endpoint. ``status`` (text and --json), ``health``,
 ``/metrics`` and the ``tables_differ`` alert name node-old and what its table lacks."""
 
@@ -11,10 +11,10 @@ import time
 import pytest
 
 from dailyq.redis_server import free_port
-from tests.helpers import quiet_sample_at, run_cli, wait_for
-from tests.test_alerts import FAST_RETRIES
-from tests.test_metrics import scrape
-from tests.webhook_receiver import WebhookReceiver
+from tests.alerts.test_alerts import FAST_RETRIES
+from tests.ops.test_metrics import scrape
+from tests.support.helpers import quiet_sample_at, run_cli, wait_for
+from tests.support.webhook_receiver import WebhookReceiver
 
 MISSING = ['"任务参数4"', '"任务参数5"']  # node-old's table lacks these params of "sample"
 

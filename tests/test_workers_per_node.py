@@ -14,7 +14,7 @@ import pytest
 
 from dailyq.ops.health import judge
 from dailyq.ops.render import render_nodes
-from tests.helpers import ROOT, executions, quiet_sample_at, run_cli, wait_for
+from tests.support.helpers import ROOT, executions, quiet_sample_at, run_cli, wait_for
 
 DAY = "2026-11-26"
 

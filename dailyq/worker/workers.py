@@ -8,7 +8,7 @@ so that ``rq worker -w dailyq.worker.DailyWorker`` gets them too:
   (the check happens before the function's module is even imported);
 * a job that carries a run identity executes under the dedup guard (guard.py),
   whose claim and finish ride in RQ's own transactions: a run costs the same number
-  of Redis round trips as a plain RQ job (tests/test_worker.py counts them); with
+  of Redis round trips as a plain RQ job (tests/worker/test_worker.py counts them); with
   DAILYQ_WAIT_REPLICAS two more, each a WAIT for the replicas (replicas.py).
 
 How RQ is extended (which hooks, which internals) is all in rq_seam.py; this module is

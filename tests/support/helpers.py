@@ -20,12 +20,12 @@ from redis import Redis
 
 from dailyq.clock import utc_now
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: tests/support/helpers.py is 2 deep
 
 
 def base_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAILYQ_", "SAMPLE_")) and k != "REDIS_URL"}
-    env.update(REDIS_URL=redis_url, DAILYQ_PREFIX=prefix, DAILYQ_TASKS="tests.sample_tasks",
+    env.update(REDIS_URL=redis_url, DAILYQ_PREFIX=prefix, DAILYQ_TASKS="tests.tables.sample_tasks",
                PYTHONUNBUFFERED="1", DAILYQ_LEASE_TTL_S="2", DAILYQ_CLAIM_TTL_S="6")
     env.update(extra)
     return env
@@ -150,7 +150,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: fl
 
 
 def executions(connection: Redis, prefix: str) -> list[dict]:
-    """What tests.sample_tasks.record wrote: one 'start' and one 'end' event per execution."""
+    """What tests.tables.sample_tasks.record wrote: one 'start' and one 'end' event per execution."""
     return [json.loads(raw) for raw in connection.lrange(f"{prefix}:test:executions", 0, -1)]
 
 
@@ -198,7 +198,7 @@ def activity(events: list[dict], gap_s: float = 0.5) -> dict[tuple[str, int], li
 
 def overlaps(events: list[dict], gap_s: float = 0.5) -> list[tuple[int, int, float, float]]:
     """Every moment two copies of one param were both seen working (tasks that tick,
-    like tests.sample_tasks.progress), as (pid, other pid, from, seconds)."""
+    like tests.tables.sample_tasks.progress), as (pid, other pid, from, seconds)."""
     spans = activity(events, gap_s)
     found = []
     copies = sorted(spans)

@@ -12,8 +12,8 @@ import json
 import pytest
 
 from dailyq.ops.report import LIVE_REFRESH_S, LIVE_SCRIPT, render_report, timeline
-from tests.browser import chromium, open_in_chromium
-from tests.helpers import ROOT, run_cli
+from tests.support.browser import chromium, open_in_chromium
+from tests.support.helpers import ROOT, run_cli
 
 DAY = "2024-06-03"  # long past: runs nobody triggered show as "missed"
 ARTIFACTS = ROOT / "test-artifacts"

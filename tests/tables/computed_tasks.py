@@ -1,5 +1,5 @@
 """Task table with computed params, for tests/test_params_backfill.py (DAILYQ_TASKS=
-tests.computed_tasks), shared by the test and its node processes.
+tests.tables.computed_tasks), shared by the test and its node processes.
 
 ``computed`` takes its params from ``day_params``, called with the run's day. What it
 does is steered through Redis, so a test can change it while processes run:
@@ -39,7 +39,7 @@ def day_params(day: date) -> list[str]:
 
 
 TASKS = [
-    Task(name="computed", func="tests.sample_tasks.record", params="tests.computed_tasks.day_params", at="03:00",
-         retries=2, retry_backoff_s=10, timeout_s=60),
-    Task(name="fixed", func="tests.sample_tasks.record", params=["x", "y"], at="03:00", retries=0, timeout_s=60),
+    Task(name="computed", func="tests.tables.sample_tasks.record", params="tests.tables.computed_tasks.day_params",
+         at="03:00", retries=2, retry_backoff_s=10, timeout_s=60),
+    Task(name="fixed", func="tests.tables.sample_tasks.record", params=["x", "y"], at="03:00", retries=0, timeout_s=60),
 ]

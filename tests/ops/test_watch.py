@@ -27,7 +27,7 @@ from dailyq.ops.watch import (
     series_of,
 )
 from dailyq.runs import runs_on
-from tests.helpers import ROOT, run_cli
+from tests.support.helpers import ROOT, run_cli
 
 NOW = datetime(2026, 11, 27, 10, 0, 0, tzinfo=timezone.utc)
 DAY = "2024-06-03"  # long past: runs nobody triggered are "missed", so the day can settle

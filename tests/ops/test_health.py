@@ -12,7 +12,7 @@ from rq.defaults import DEFAULT_WORKER_TTL
 
 from dailyq.beats import beat_value
 from dailyq.ops.health import Beat, judge, parse_beat, roles_of
-from tests.helpers import quiet_sample_at, run_cli, wait_for
+from tests.support.helpers import quiet_sample_at, run_cli, wait_for
 
 NOW = datetime(2026, 11, 27, 9, 0, 0, tzinfo=timezone.utc)
 

@@ -7,7 +7,7 @@ transactions (fanout.py fans out one day at a time), and a Redis that fills up w
 first day refuses the second: memory is reached in the middle of the fan-out. MEM_PARAMS
 runs each, every param MEM_PARAM_BYTES long (big-ish: each run costs Redis a few KB);
 ``west`` (fanned out second) has a misfire grace of MEM_GRACE_S, shorter than the test keeps Redis full.
-The runs are tests.sample_tasks.record, logging to SAMPLE_LOG_URL (another Redis, which
+The runs are tests.tables.sample_tasks.record, logging to SAMPLE_LOG_URL (another Redis, which
 does not fill up)."""
 
 import os
@@ -31,8 +31,8 @@ def day_of(zone: str) -> str:
 
 
 TASKS = [
-    Task(name="east", func="tests.sample_tasks.record", params=PARAMS, at=_at(EAST), tz=EAST, retries=0,
+    Task(name="east", func="tests.tables.sample_tasks.record", params=PARAMS, at=_at(EAST), tz=EAST, retries=0,
          timeout_s=60),
-    Task(name="west", func="tests.sample_tasks.record", params=PARAMS, at=_at(WEST), tz=WEST, retries=0,
+    Task(name="west", func="tests.tables.sample_tasks.record", params=PARAMS, at=_at(WEST), tz=WEST, retries=0,
          timeout_s=60, misfire_grace_s=int(os.environ.get("MEM_GRACE_S", "5"))),
 ]

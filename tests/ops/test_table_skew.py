@@ -16,7 +16,7 @@ from dailyq.table import Task, TaskTable
 
 NOW = datetime(2026, 11, 27, 1, 0, tzinfo=timezone.utc)
 NOW_MS = int(NOW.timestamp() * 1000)
-FUNC = "tests.sample_tasks.record"
+FUNC = "tests.tables.sample_tasks.record"
 
 
 def described(*tasks: Task):

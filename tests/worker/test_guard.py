@@ -20,8 +20,8 @@ from dailyq.scripts import scripts_for
 from dailyq.scripts.lifecycle import FAIL, FINISH
 from dailyq.table import Task, TaskTable
 from dailyq.worker.guard import Guard
-from tests.helpers import wait_for
-from tests.sample_tasks import record as sample_record
+from tests.support.helpers import wait_for
+from tests.tables.sample_tasks import record as sample_record
 
 DAY = date(2026, 11, 26)
 # Bounds on waits for events that take milliseconds; reached only when something is broken.

@@ -22,9 +22,9 @@ from dailyq.ops.status import day_status
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.worker.workers import DailySimpleWorker, make_queue, queue_keeping_reply
-from tests import sample_tasks
-from tests.helpers import ROOT, executions, param_key, starts_per_param, wait_for
-from tests.sample_tasks import explode
+from tests.support.helpers import ROOT, executions, param_key, starts_per_param, wait_for
+from tests.tables import sample_tasks
+from tests.tables.sample_tasks import explode
 
 DAY = date(2026, 11, 26)
 
@@ -52,7 +52,7 @@ def test_a_burst_worker_whose_rq_loop_stops_early_goes_on_until_the_queue_is_emp
     found the queue empty, so the jobs after it still run (they stayed queued behind an
     exit code 0: seen in CI as a burst that ran 4 of 8 runs)."""
     queue = Queue(settings.keys.queue_name, connection=connection, serializer=JSONSerializer)
-    jobs = [queue.enqueue("tests.sample_tasks.record", f"p{i}") for i in range(3)]
+    jobs = [queue.enqueue("tests.tables.sample_tasks.record", f"p{i}") for i in range(3)]
     connection.hset(jobs[1].key, "created_at", "not a time")  # RQ's Job.fetch raises on it
     finished = run_burst_worker(node_env)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -77,7 +77,7 @@ def test_a_pickled_job_is_not_unpickled(node_env, connection, settings, tmp_path
     marker = tmp_path / "unpickled"
     queue = Queue(settings.keys.queue_name, connection=connection)  # RQ's default: pickle
     # A function of the table: only refusing to unpickle stands between this job and the node.
-    job = queue.enqueue("tests.sample_tasks.record", LeavesAMark(marker))
+    job = queue.enqueue("tests.tables.sample_tasks.record", LeavesAMark(marker))
     payload = connection.hget(job.key, "data")
     assert not marker.exists()  # pickling it left nothing
     finished = run_burst_worker(node_env)
@@ -140,7 +140,7 @@ def test_rq_cli_worker_with_the_readme_flags_runs_guarded_jobs(node_env, connect
     sample = [r for r in runs if r["task"] == "sample"]
     assert {r["state"] for r in sample} == {"finished"}
     assert {r["node"] for r in sample} == {"rq-cli-node"}
-    # The task saw its run there too (tests.sample_tasks.record logs current_run()).
+    # The task saw its run there too (tests.tables.sample_tasks.record logs current_run()).
     contexts = [e["context"] for e in executions(connection, settings.prefix) if e["event"] == "start"]
     assert len(contexts) == len(sample)
     assert {c["day"] for c in contexts} == {DAY.isoformat()} and {c["node"] for c in contexts} == {"rq-cli-node"}
@@ -168,9 +168,9 @@ def test_a_failing_run_is_retried_then_failed_with_its_error_while_others_go_on(
 
 
 def test_a_run_past_its_timeout_fails_with_the_timeout_as_its_error(node_env, connection, settings):
-    # The param is one of the burst worker's own table (tests.sample_tasks): a worker leaves a
+    # The param is one of the burst worker's own table (tests.tables.sample_tasks): a worker leaves a
     # job of a param its table lacks (deploys.py).
-    quick = TaskTable([Task(name="sample", func="tests.sample_tasks.record", params=[sample_tasks.PARAMS[0]],
+    quick = TaskTable([Task(name="sample", func="tests.tables.sample_tasks.record", params=[sample_tasks.PARAMS[0]],
                             at="03:00", timeout_s=1, retries=0)])
     trigger(connection, settings.keys, make_queue(connection, settings.keys), quick, DAY, None, settings.retention_s)
     assert run_burst_worker(dict(node_env, SAMPLE_SLEEP_S="5")).returncode == 0
@@ -218,13 +218,14 @@ def test_the_guard_adds_no_round_trip_per_run_to_rqs_own(connection, settings):
     plain_queue = Queue(f"{settings.prefix}-plain", connection=client, serializer=JSONSerializer)
 
     def plain_round_trips(runs: int) -> int:
-        plain_queue.enqueue_many([Queue.prepare_data("tests.sample_tasks.noop", args=(i,)) for i in range(runs)])
+        plain_queue.enqueue_many([Queue.prepare_data("tests.tables.sample_tasks.noop", args=(i,)) for i in range(runs)])
         before = len(sent)
         SimpleWorker([plain_queue], connection=client, serializer=JSONSerializer).work(burst=True)
         return len(sent) - before
 
     def dailyq_round_trips(runs: int, day: date) -> int:
-        table = TaskTable([Task(name="quick", func="tests.sample_tasks.noop", params=list(range(runs)), at="03:00")])
+        table = TaskTable([Task(name="quick", func="tests.tables.sample_tasks.noop", params=list(range(runs)),
+                                at="03:00")])
         trigger(connection, settings.keys, make_queue(connection, settings.keys), table, day, None,
                 settings.retention_s)
         before = len(sent)

@@ -19,9 +19,9 @@ from dailyq.lease import Lease
 from dailyq.runs import FAILED, new_record, runs_of_slot
 from dailyq.settings import Settings
 from dailyq.table import Task, TaskTable
-from tests.helpers import noon_zone
-from tests.sample_tasks import record
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.helpers import noon_zone
+from tests.support.webhook_receiver import WebhookReceiver
+from tests.tables.sample_tasks import record
 
 DAY = date(2026, 11, 27)
 

@@ -14,8 +14,8 @@ from dailyq.alerts.events import PAYLOAD_KEYS, redis_full_alert
 from dailyq.redis_server import free_port
 from dailyq.settings import Settings
 from dailyq.table import TaskTable
-from tests.helpers import wait_for
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.helpers import wait_for
+from tests.support.webhook_receiver import WebhookReceiver
 
 VIEW = {"since": "2026-11-27T01:00:04+00:00", "generation": "g2", "previous": "g1", "node": "n1", "last_seen": None}
 

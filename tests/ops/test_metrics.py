@@ -16,7 +16,7 @@ from dailyq.ops.render import summary
 from dailyq.ops.status import day_status
 from dailyq.redis_server import free_port
 from dailyq.runs import STATES
-from tests.helpers import noon_zone, run_cli, today_in, wait_for, wall_time_in
+from tests.support.helpers import noon_zone, run_cli, today_in, wait_for, wall_time_in
 
 
 def scrape(port: int) -> dict[str, dict[tuple, float]]:
@@ -120,7 +120,7 @@ def test_the_grafana_dashboard_is_json_and_queries_only_metrics_we_serve():
     import re
 
     from dailyq.ops.metrics import Collector
-    from tests.helpers import ROOT
+    from tests.support.helpers import ROOT
 
     dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text(encoding="utf-8"))
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]

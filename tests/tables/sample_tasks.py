@@ -12,7 +12,7 @@ on which attempts it makes it).
 
 A test that starts a live ``scheduler.py`` sets SAMPLE_AT: with the default 03:00 UTC the
 scheduler fans out that day's slot by itself from 03:00 to 04:00 UTC (the misfire
-grace), beside whatever the test triggers. ``tests.helpers.quiet_sample_at()`` gives a
+grace), beside whatever the test triggers. ``tests.support.helpers.quiet_sample_at()`` gives a
 slot 12 h away; tests of firing use a slot a few seconds ahead."""
 
 import json
@@ -162,7 +162,7 @@ def fail_some(param: object) -> object:
 PARAMS = [f"任务参数{i}" for i in range(int(os.environ.get("SAMPLE_PARAMS", "4")))]
 
 TASKS = [
-    Task(name="sample", func=f"tests.sample_tasks.{os.environ.get('SAMPLE_FUNC', 'record')}", params=PARAMS,
+    Task(name="sample", func=f"tests.tables.sample_tasks.{os.environ.get('SAMPLE_FUNC', 'record')}", params=PARAMS,
          at=os.environ.get("SAMPLE_AT", "03:00"), tz=os.environ.get("SAMPLE_TZ", "UTC"),
          retries=int(os.environ.get("SAMPLE_RETRIES", "0")),
          retry_backoff_s=int(os.environ.get("SAMPLE_BACKOFF_S", "1")),

@@ -3,7 +3,7 @@
 import os
 
 from dailyq.table import Task
-from tests.sample_tasks import record
+from tests.tables.sample_tasks import record
 
 _CASE = os.environ.get("BAD_TABLE", "duplicate")
 _OK = dict(func=record, params=["a"], at="09:00")

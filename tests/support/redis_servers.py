@@ -28,8 +28,8 @@ from redis.exceptions import RedisError
 
 from dailyq.errors import DailyqError
 from dailyq.redis_server import find_redis_server, free_port
-from tests.helpers import ROOT, base_env, executions, run_cli, starts_per_param
-from tests.tcp_proxy import TcpProxy
+from tests.support.helpers import ROOT, base_env, executions, run_cli, starts_per_param
+from tests.support.tcp_proxy import TcpProxy
 
 ACL_USER = "dailyq"
 # What RQ and dailyq need: every command (RQ uses many), every key and channel.

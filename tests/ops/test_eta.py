@@ -25,9 +25,9 @@ from dailyq.ops.report import render_report
 from dailyq.ops.watch import progress, render_line
 from dailyq.redis_server import free_port
 from dailyq.table import Task, TaskTable
-from tests.helpers import executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
-from tests.test_metrics import scrape
-from tests.webhook_receiver import WebhookReceiver
+from tests.ops.test_metrics import scrape
+from tests.support.helpers import executions, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
+from tests.support.webhook_receiver import WebhookReceiver
 
 NOW = datetime(2026, 12, 2, 6, 0, 0, tzinfo=timezone.utc)
 
@@ -264,7 +264,7 @@ def test_a_day_late_is_predicted_only_past_the_margin_and_before_the_deadline():
     assert not predicted_late(deadline, deadline + timedelta(seconds=PREDICTED_LATE_MARGIN_S), NOW)
     assert not predicted_late(deadline, None, NOW)  # unknown: nothing to say
     assert not predicted_late(NOW, NOW + timedelta(hours=1), NOW)  # the deadline came: the real day_late's turn
-    task = Task(name="t", func="tests.sample_tasks.record", params=[1], at="05:00", tz="UTC", deadline="06:10")
+    task = Task(name="t", func="tests.tables.sample_tasks.record", params=[1], at="05:00", tz="UTC", deadline="06:10")
     TaskTable([task])  # validates, and parses the schedule
     alert = predicted_day_late_alert(task, NOW.date(), deadline, deadline + timedelta(minutes=12), NOW)
     assert alert.alert_id == "day_late:t:2026-12-02:predicted" and alert.payload["predicted"] is True

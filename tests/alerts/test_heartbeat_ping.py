@@ -20,9 +20,9 @@ from dailyq.keys import Keys
 from dailyq.redis_server import PrivateRedis, free_port
 from dailyq.runs import BLOCKED, FAILED, FINISHED, MISSED, QUEUED, RUNNING, SCHEDULED, SKIPPED
 from dailyq.timestamps import parse_iso
-from tests.helpers import noon_zone, run_cli, today_in, wait_for, wall_time_in
-from tests.tcp_proxy import TcpProxy
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.helpers import noon_zone, run_cli, today_in, wait_for, wall_time_in
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.webhook_receiver import WebhookReceiver
 
 SECRET = "SECRET-CHECK-UUID"  # in the receiver's path: must show in no log
 

@@ -26,7 +26,7 @@ from dailyq.alerts.webhook_url import check_alert_url, redact_webhook_url
 from dailyq.errors import ConfigError
 from dailyq.runs import runs_of_slot
 from dailyq.table import Task, TaskTable
-from tests.sample_tasks import record
+from tests.tables.sample_tasks import record
 
 DAY = date(2026, 11, 27)
 

@@ -16,8 +16,8 @@ import pytest
 
 from dailyq.alerts.events import PAYLOAD_KEYS
 from dailyq.keys import Keys
-from tests.helpers import ROOT, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.helpers import ROOT, noon_zone, quiet_sample_at, run_cli, today_in, wait_for, wall_time_in
+from tests.support.webhook_receiver import WebhookReceiver
 
 # Retries of a failed delivery after 1 s, then at most 2 s apart (defaults: 5 s, 300 s).
 FAST_RETRIES = dict(DAILYQ_ALERT_RETRY_S="1", DAILYQ_ALERT_RETRY_MAX_S="2")

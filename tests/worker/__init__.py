@@ -1,0 +1,1 @@
+"""Tests of dailyq/worker/: the guard, the claim watch, workers as processes."""
