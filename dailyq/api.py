@@ -166,7 +166,7 @@ def cancel(connection_or_url: ConnectionOrUrl, day: DayLike, task: str | None = 
     """Cancel runs of ``day``, like ``scheduler.py cancel``: ``run_id`` (one or several run
     ids, or a rerun's job id), or the runs of ``task`` (only ``params`` when given: values
     or JSON text, as for ``rerun``), or every run of the day. A run executing stops within
-    about a second, on any node (its claim renewer is told); a queued, waiting or held run
+    about a second, on any node (its claim renewer is told); a queued, waiting or set-aside run
     never starts. Each ends ``cancelled``, its error "cancelled by USER on NODE" (``user``:
     default the login name; the node is ``NODE_NAME``); ``rerun`` runs it again.
 
@@ -213,7 +213,7 @@ def doctor(connection_or_url: ConnectionOrUrl, day: DayLike = None, *, repair: b
            settings: Settings | None = None, table: TableLike = None) -> dict[str, Any]:
     """Every inconsistency between ``day``'s run records and what should back them (the
     queue, RQ's registries, rq-scheduler's delayed jobs, claims, the running hash, the
-    day's waiting hash, held lists, left jobs), like ``scheduler.py doctor --json``
+    day's waiting hash, set-aside lists, left jobs), like ``scheduler.py doctor --json``
     (the kinds: dailyq/ops/consistency.py).
 
     Returns ``{"date", "problems": [{"run_id", "kind", "state", "job_id", "detail",
@@ -254,11 +254,11 @@ def resume(connection_or_url: ConnectionOrUrl, tasks: Iterable[str] | str | None
            settings: Settings | None = None, table: TableLike = None) -> dict[str, Any]:
     """Resume ``tasks`` (a name or names), or with ``all_tasks`` every paused task, like
     ``scheduler.py resume``: slots that fell due while paused fire if within the task's
-    ``misfire_grace_s`` (older ones are missed), and its held runs go back to the front
+    ``misfire_grace_s`` (older ones are missed), and its set-aside runs go back to the front
     of the queue.
 
     Returns ``{"resumed": [{"task", "was_paused", "requeued"}, ...]}``: ``requeued`` is
-    the number of held runs put back in the queue.
+    the number of set-aside runs put back in the queue.
     """
     settings, table_ = _settings_and_table(settings, table)
     names = _chosen_tasks(table_, tasks, all_tasks)

@@ -87,7 +87,7 @@ def cancel(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: d
     """Cancel the chosen runs of ``day``: ``run_ids`` (a run id or a rerun's job id), or the
     runs of ``task_name`` (only ``params``, matched by value or JSON text, when given), or
     every run of the day. An unknown task, param or run id is a ConfigError before
-    anything is cancelled. The held runs downstream of a cancelled run are marked
+    anything is cancelled. The parked runs downstream of a cancelled run are marked
     ``blocked`` at once (``queue``: where a release would push runs found ready)."""
     chosen = _choose(connection, keys, table, day, task_name, params, run_ids)
     report = CancelReport(day, f"{user} on {node}")
@@ -112,12 +112,12 @@ def cancel(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: d
 
 def _block_downstream_of(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date,
                          retention_s: int, cancelled: Sequence[CancelledRun]) -> None:
-    """As a worker does after its FAIL: a cancelled run blocks the held runs of its
+    """As a worker does after its FAIL: a cancelled run blocks the parked runs of its
     downstream tasks now. Nothing else would mark them while no upstream run ends: the
     leader's tick looks at counts only, once it gave the day its full look (a cancelled
     run that never started is skipped by its worker without recording an end)."""
     downstream = downstream_of(table)
-    # One look per upstream task: its first cancelled run blocks the held runs below it,
+    # One look per upstream task: its first cancelled run blocks the parked runs below it,
     # and a later look would find them blocked already.
     first_of_task = {run.task: run.run_id for run in reversed(cancelled)}
     for task, run_id in first_of_task.items():

@@ -263,7 +263,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     result = api.resume(settings.redis_url, args.task, all_tasks=args.all, settings=settings, table=table)
     for entry in result["resumed"]:
         print(f"{entry['task']}: {'resumed' if entry['was_paused'] else 'was not paused'}, "
-              f"{entry['requeued']} held runs back in the queue")
+              f"{entry['requeued']} set-aside runs back in the queue")
     if not result["resumed"]:
         print("no task was paused")
     return 0
@@ -397,7 +397,7 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
     for name, handler, text in (
             ("pause", cmd_pause, "pause a task: its slots are not fanned out and its queued runs not started "
                                  "(runs executing now finish)"),
-            ("resume", cmd_resume, "resume a paused task: slots within misfire_grace_s fire, its held runs "
+            ("resume", cmd_resume, "resume a paused task: slots within misfire_grace_s fire, its set-aside runs "
                                    "go back to the queue")):
         hold = sub.add_parser(name, help=text)
         hold.add_argument("task", nargs="?", help="the task's name")
@@ -405,7 +405,7 @@ def build_parser(prog: str = "scheduler.py") -> argparse.ArgumentParser:
         hold.set_defaults(handler=handler)
 
     doctor = sub.add_parser("doctor", help="list every run record of a day that its queue, registries, claims, "
-                            "waiting and held lists do not back (exit 1 if any), and what --repair does")
+                            "waiting and set-aside lists do not back (exit 1 if any), and what --repair does")
     doctor.add_argument("--date", type=_parse_date, help="YYYY-MM-DD (default: today in the tasks' zone)")
     doctor.add_argument("--repair", action="store_true",
                         help="apply each repair (a check-and-set: a record changed since it was read is left alone)")

@@ -47,7 +47,7 @@ def pause(connection: Redis, keys: Keys, table: TaskTable, task_names: Sequence[
 def resume(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
            task_names: Sequence[str] | None) -> list[ResumeResult]:
     """Resume the named tasks (None: every task of the table, and any paused task the
-    table no longer has, so that its held runs are not stranded)."""
+    table no longer has, so that its parked runs are not stranded)."""
     if task_names is not None:
         names = [table.get(name).name for name in task_names]
     else:
@@ -73,7 +73,7 @@ def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: 
     # A once-a-day task's runs of the day use the slot it was first fanned out under (runs.DaySlots).
     day_slots = DaySlots.read(connection, keys, day)
     for task in tasks:
-        for slot in day_slots.slots_on(task):
+        for slot in day_slots.permits_on(task):
             if not task.params_computed:
                 runs += runs_of_slot(task, slot)
                 continue
@@ -119,7 +119,7 @@ def rerun_candidates(connection: Redis, keys: Keys, task: Task, wanted: Sequence
     calls it again and stores the new list first. Nothing or a failure stored: called
     now (the same once-only rule as ``trigger``); still failing raises ParamsFailed."""
     # A once-a-day task's runs of the day use the slot it was first fanned out under (runs.DaySlots).
-    slots = DaySlots.read(connection, keys, day).slots_on(task)
+    slots = DaySlots.read(connection, keys, day).permits_on(task)
     if not slots:
         raise ConfigError(f"task {task.name!r} has no slot on {day.isoformat()}")
     if not task.params_computed:
@@ -181,7 +181,7 @@ def rerun(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, task_na
         connection.expire(keys.day_reruns(day), retention_s)
         result = fan_out(connection, keys, queue, report.enqueued,
                          FanOutOptions(retention_s, again=numbers, force=force, wait_replicas=wait_replicas))
-        # Held runs may be ready at once; runs blocked by this task's failed runs are 'waiting' again.
+        # Parked runs may be ready at once; runs blocked by this task's failed runs are 'waiting' again.
         if result.waiting or task.name in downstream_of(table):
             release_ready(connection, keys, queue, table, day, retention_s=retention_s)
     return report

@@ -1,7 +1,7 @@
 """The leader settles runs whose job RQ failed outside the guard.
 
 A record says ``queued``, ``running`` or ``waiting`` only while something backs it (a
-queue entry, a retry, a held list, a waiting entry, a claim). RQ can take that away
+queue entry, a retry, a set-aside list, a waiting entry, a claim). RQ can take that away
 without the guard seeing it: a job whose worker could not run it (its table lacked the
 task), a work-horse killed while it waited for a busy claim, a job RQ's own clean-up of
 abandoned jobs failed. Such a job lands in RQ's failed job registry of our queue, and

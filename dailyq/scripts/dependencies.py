@@ -93,7 +93,7 @@ return n
 
 
 HOLD_WAITING = _lua(f"""
--- Held runs of one task whose upstream runs have not all finished: 'blocked', with an
+-- Parked runs of one task whose upstream runs have not all finished: 'blocked', with an
 -- error naming the upstream run, while one of those is failed, skipped, cancelled or blocked itself;
 -- 'waiting' again once none is (a rerun queued it). Checked and set in one step: only
 -- records now 'waiting' or 'blocked' change (a run released or begun meanwhile stays as
@@ -102,7 +102,7 @@ HOLD_WAITING = _lua(f"""
 -- ARGV[1] = retention (s), ARGV[2] = a blocker the caller found ('' = none: an upstream
 --   slot with no run record, whose params callable failed for good), ARGV[3] = its error,
 --   ARGV[4] = n, then n upstream run ids (those not in the day's finished set), then the
---   held run ids
+--   parked run ids
 -- Returns {{blocking upstream run id or '', number of records changed}}.
 local runs_key = KEYS[1]
 local retention_s, n = ARGV[1], tonumber(ARGV[4])
@@ -178,7 +178,7 @@ return #members
 """)
 
 
-# HOLD_WAITING's answer: (the upstream run blocking the held runs or None, records changed).
+# HOLD_WAITING's answer: (the upstream run blocking the parked runs or None, records changed).
 HoldReply = tuple["str | None", int]
 
 

@@ -128,7 +128,7 @@ return 'removed'
 
 
 REMOVE_WAITING = _lua(f"""
--- A held run (waiting for its upstream runs) that no live node's table has had for the
+-- A parked run (waiting for its upstream runs) that no live node's table has had for the
 -- grace ends 'removed', as REMOVE_LEFT does for a left job: out of the waiting hash, its
 -- run id in the day's finished set. Only while it is still held and waiting or blocked.
 -- KEYS[1] = day waiting hash, KEYS[2] = day runs hash, KEYS[3] = day finished set,

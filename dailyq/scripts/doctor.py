@@ -23,7 +23,7 @@ from .shared import (
 # that changed meanwhile.
 
 DOCTOR_LUA = f"""
--- The leader turns held runs waiting <-> blocked as their upstream runs change: one
+-- The leader turns parked runs waiting <-> blocked as their upstream runs change: one
 -- state for this check.
 local function held_state(state)
   return state == '{WAITING}' or state == '{BLOCKED}'
@@ -41,7 +41,7 @@ end
 
 
 DOCTOR_REQUEUE = _lua(f"""
--- A queued run whose job is in no queue, registry, held list or left: its job id back at
+-- A queued run whose job is in no queue, registry, set-aside list or left: its job id back at
 -- the queue's front while RQ still has the job's hash (and off RQ's failed registry, so
 -- that RQ's registries do not call a waiting job failed), else the run recorded failed.
 -- Only while the record still says queued with this job and the job is in neither the
@@ -74,7 +74,7 @@ return 'failed'
 
 DOCTOR_SETTLE = _lua(f"""
 -- A run's record set to what backs it: 'failed' with the reason (nothing can run it),
--- 'queued' (a held run whose job is pushed already), or 'finished' (a queued run in the
+-- 'queued' (a parked run whose job is pushed already), or 'finished' (a queued run in the
 -- day's finished set, whose job BEGIN skips: only while it is in that set); its waiting
 -- entry, if given, removed in the same step.
 -- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = day finished set, KEYS[4] = alert failures list
@@ -114,11 +114,11 @@ return 1
 
 
 DOCTOR_PARK = _lua(f"""
--- A held run (waiting or blocked) parked again in the day's waiting hash, as fan-out
+-- A parked run (waiting or blocked) parked again in the day's waiting hash, as fan-out
 -- parks it (fanout._hold): the leader releases it once its upstream runs have finished.
 -- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = waiting days set,
 -- KEYS[4] = day dependency counts (its held:<task> hint: the release looks only at tasks with some)
--- ARGV[1] = run_id, ARGV[2] = its job id as read, ARGV[3] = the entry (fanout.Held JSON),
+-- ARGV[1] = run_id, ARGV[2] = its job id as read, ARGV[3] = the entry (fanout.Parked JSON),
 -- ARGV[4] = the entry it replaces, as read ('' = none), ARGV[5] = day (ISO), ARGV[6] = retention (s),
 -- ARGV[7] = the run's task
 -- Returns 1, or 0 when the record or the entry changed since (nothing done).

@@ -53,7 +53,7 @@ return del_if_owner(KEYS[1], ARGV[1])
 """, OWNER_LUA))
 
 
-MARK_HELD = allow_oom(_lua("""
+MARK_LEADERSHIP = allow_oom(_lua("""
 -- Under our lease only: records this scheduler tick as the latest held one. When the
 -- previous one is older than the gap, it is left as is and reported: the caller enqueues
 -- the no_leader alert, then calls again with gap 0 (so an alert that could not be
@@ -81,11 +81,11 @@ return {'ok', tostring(now)}
 """, OWNER_LUA, NOW_LUA))
 
 
-# MARK_HELD's answer: ('ok', None, now_ms), ('gap', last_ms, now_ms) or ('not-leader', None, None).
-HeldMark = tuple[str, "int | None", "int | None"]
+# MARK_LEADERSHIP's answer: ('ok', None, now_ms), ('gap', last_ms, now_ms) or ('not-leader', None, None).
+LeadershipMark = tuple[str, "int | None", "int | None"]
 
 
-def _parse_mark_held(reply: Any) -> HeldMark:
+def _parse_mark_leadership(reply: Any) -> LeadershipMark:
     outcome = reply_text(reply[0])
     if outcome == "gap":
         return outcome, lua_ms(reply[1]), lua_ms(reply[2])
@@ -106,5 +106,7 @@ class LeaseScripts(ScriptSet):
     def lease_release(self, *, lease_key: str, owner: str) -> ScriptCall[bool]:
         return ScriptCall(self.script(LEASE_RELEASE), [lease_key], [owner], bool)
 
-    def mark_held(self, *, lease_key: str, leadership_key: str, owner: str, gap_ms: int) -> ScriptCall[HeldMark]:
-        return ScriptCall(self.script(MARK_HELD), [lease_key, leadership_key], [owner, gap_ms], _parse_mark_held)
+    def mark_leadership(self, *, lease_key: str, leadership_key: str, owner: str,
+                        gap_ms: int) -> ScriptCall[LeadershipMark]:
+        return ScriptCall(self.script(MARK_LEADERSHIP), [lease_key, leadership_key], [owner, gap_ms],
+                          _parse_mark_leadership)

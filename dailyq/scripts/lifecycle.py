@@ -9,7 +9,7 @@ from typing import Any, Literal, Protocol, Sequence
 
 from ..redis_values import reply_text
 from ..runs import BLOCKED, CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SKIPPED, WAITING
-from .permits import SLOTS_LUA
+from .permits import PERMITS_LUA
 from .shared import (
     DEPS_LUA,
     NOTE_FAILED_LUA,
@@ -305,7 +305,7 @@ RENEW_CLAIM = allow_oom(_lua("""
 -- KEYS[1] = run claim, KEYS[2] = series claim, KEYS[3] = the task's slots (optional)
 -- ARGV[1] = owner, ARGV[2] = ttl (ms)
 -- Returns 'ok', 'taken' (another copy holds it), 'gone' or 'cancelled' (cancelling.py: stop).
-local claim_key, series_key, slots_key = KEYS[1], KEYS[2], KEYS[3]
+local claim_key, series_key, permits_key = KEYS[1], KEYS[2], KEYS[3]
 local owner, ttl_ms = ARGV[1], ARGV[2]
 if pexpire_if_owner(claim_key, owner, ttl_ms) == 0 then
   if cancelled_why(claim_key, owner) then
@@ -314,11 +314,11 @@ if pexpire_if_owner(claim_key, owner, ttl_ms) == 0 then
   return redis.call('EXISTS', claim_key) == 1 and 'taken' or 'gone'
 end
 pexpire_if_owner(series_key, owner, ttl_ms)
-if slots_key then
-  extend_slot(slots_key, owner, ttl_ms)
+if permits_key then
+  extend_permit(permits_key, owner, ttl_ms)
 end
 return 'ok'
-""", OWNER_LUA, NOW_LUA, SLOTS_LUA, CANCELLED_CLAIM_LUA))
+""", OWNER_LUA, NOW_LUA, PERMITS_LUA, CANCELLED_CLAIM_LUA))
 
 
 TRIM_DURATIONS = _lua("""
@@ -515,9 +515,9 @@ class RunScripts(ScriptSet):
                            error_if_run_busy, error_if_series_busy, day], reply_text)  # type: ignore[arg-type]
 
     def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int,
-                    slots_key: str | None = None) -> ScriptCall[RenewOutcome]:
-        """``slots_key``: the task's slots, for a run of a task with limits (extended too)."""
-        keys = [claim_key, series_key] + ([slots_key] if slots_key else [])
+                    permits_key: str | None = None) -> ScriptCall[RenewOutcome]:
+        """``permits_key``: the task's slots, for a run of a task with limits (extended too)."""
+        keys = [claim_key, series_key] + ([permits_key] if permits_key else [])
         return ScriptCall(self.script(RENEW_CLAIM), keys, [owner, ttl_ms], reply_text)  # type: ignore[arg-type]
 
     def trim_durations(self, *, durations_key: str, seen_key: str, oldest_kept_ordinal: int, today_ordinal: int,

@@ -14,7 +14,7 @@ Redis runs no includes, so the helpers a script uses are prepended to it (``_lua
 * ``count_finished`` (DEPS_LUA): the day's dependency counts (dependency_counts.py), kept by
   every script that adds a run id to a day's finished set.
 
-The helpers of one concern live with it: the permits' in permits.py (SLOTS_LUA), the
+The helpers of one concern live with it: the permits' in permits.py (PERMITS_LUA), the
 cancelled claim's in lifecycle.py, doctor's in doctor.py.
 """
 
