@@ -20,7 +20,8 @@ What is here
   after interval + 10 s), heartbeat and loop would all be replaced, so it is not
   subclassed; from rq-scheduler we use its scheduler registration and the moving of
   jobs stored through its API (``enqueue_at``/``enqueue_in``), under our prefix.
-* ``make_queue``.
+* ``make_queue``; ``RQKeys``, ``ScheduledRetries`` and ``job_entry``: RQ's data layout
+  (below).
 
 Run-time imports are RQ, rq-scheduler, redis-py and leaf modules of dailyq only (the
 guard is named for type checking alone): the leader process imports ``DailyJob`` and
@@ -84,6 +85,33 @@ c. ``Queue.intermediate_queue_key``: RQ 3 dequeues (BLMOVE, one queue, Redis >= 
 d. rq-scheduler's ``redis_scheduler_namespace_prefix`` and ``scheduled_jobs_key``:
    class attributes, not constructor arguments; set on our instance to move its keys
    under our prefix.
+
+RQ's data layout relied on
+--------------------------
+Outside RQ's API, dailyq reads and writes RQ's keys itself, mostly in Lua scripts that
+must change our records and RQ's lists in one step. Every key name comes from
+``RQKeys`` (no module spells ``rq:...``), and what the scripts do with them is:
+
+* the queue's list (``RQKeys.queue``): a job id LPUSHed is next to be dequeued (RQ's
+  ``at_front``), which is how a run goes back to the queue's front without RQ's
+  ``enqueue_job`` -- RELEASE_SLOT, SWEEP_SLOTS and RESUME (through the ``promote`` and
+  ``promote_pool`` helpers, SLOTS_LUA), RETURN_LEFT, REQUEUE_STRANDED, REQUEUE_ORPHANED,
+  DOCTOR_REQUEUE; REQUEUE_ORPHANED and DOCTOR_REQUEUE also LPOS it (never push twice);
+* the intermediate queue (``RQKeys.intermediate``, internal c): ADMIT and LEAVE LREM a
+  job they take over, REQUEUE_STRANDED moves a stranded one back to the queue,
+  REQUEUE_ORPHANED and DOCTOR_REQUEUE LPOS it; recovery.StrandedJobs reads it;
+* the job hash (``RQKeys.job``): SETTLE_FAILED reads its ``status`` field ('failed');
+  REQUEUE_ORPHANED checks that it exists, sets ``status`` to 'queued' and PERSISTs it;
+  DOCTOR_REQUEUE checks that it exists;
+* the failed registry (``RQKeys.failed``, a sorted set of job ids scored by expiry):
+  REQUEUE_ORPHANED and DOCTOR_REQUEUE ZREM a job they put back; settle.FailedJobs reads
+  it; doctor (ops/consistency.py) reads every registry and both lists in one MULTI;
+* the scheduled registry: RQ's retries waiting for their backoff, moved by
+  ``ScheduledRetries`` (retries.py's leader-side mover) as RQ's own scheduler does;
+* ``Queue.prepare_data``: the entry ``Queue.enqueue_many`` takes, built by ``job_entry``
+  (fanout.job_data, which dependencies.py uses too, and recovery's replacement jobs).
+
+(scripts.py holds the Lua; each script's header names the RQ keys it takes.)
 """
 
 from __future__ import annotations
@@ -282,6 +310,51 @@ def bind_job_class(hooks: WorkerHooks) -> type[DailyJob]:
 
 def make_queue(connection: Redis, keys: Keys, job_class: type[Job] = DailyJob) -> Queue:
     return Queue(keys.queue_name, connection=connection, job_class=job_class, serializer=JSONSerializer)
+
+
+class RQKeys:
+    """RQ's Redis keys of one queue, as our Lua scripts and doctor's reads name them (the
+    layout listed in the module docstring). The one place dailyq takes them from RQ: no
+    other module spells ``rq:...`` or asks a queue for them. Read when asked (a worker
+    asks for two per job), so nothing is built that the caller does not use."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+
+    @property
+    def queue(self) -> str:
+        """The queue's list of job ids; RQ pops its left end, so LPUSH is "at the front"."""
+        return str(self._queue.key)
+
+    @property
+    def intermediate(self) -> str:
+        """RQ 3's list of job ids dequeued but not started yet (internal c)."""
+        return str(self._queue.intermediate_queue_key)
+
+    # RQ's registries: sorted sets of job ids (the started one's members are
+    # "{job id}:{execution id}").
+    @property
+    def started(self) -> str:
+        return str(self._queue.started_job_registry.key)
+
+    @property
+    def scheduled(self) -> str:
+        return str(self._queue.scheduled_job_registry.key)
+
+    @property
+    def failed(self) -> str:
+        return str(self._queue.failed_job_registry.key)
+
+    @property
+    def finished(self) -> str:
+        return str(self._queue.finished_job_registry.key)
+
+    @staticmethod
+    def job(job_id: str) -> str:
+        """RQ's hash of one job (its ``status`` field, its existence)."""
+        return str(Job.key_for(job_id))
 
 
 def queue_keeping_reply(pipeline: Pipeline, queue: Callable[[Pipeline], None], keep: Callable[[Any], None]) -> None:
