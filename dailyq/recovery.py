@@ -40,7 +40,7 @@ from .fanout import Again, job_data
 from .keys import Keys
 from .lease import Lease
 from .redis_values import as_text
-from .rq_seam import RQKeys
+from .rq_seam import RQKeys, job_entry
 from .runs import META_KEY, Run, new_record
 from .scripts import Requeued, scripts_for
 from .table import TaskTable
@@ -265,7 +265,7 @@ class Replacement:
         # the new job's retries go on with the backoffs the dead job had still ahead.
         retry = Retry(max=self.retries, interval=intervals) if self.retries > 0 else None
         timeout = int(job.timeout) if job.timeout is not None else None
-        return queue.prepare_data(str(job.func_name), args=job.args, kwargs=job.kwargs, timeout=timeout,
-                                  result_ttl=job.result_ttl, failure_ttl=job.failure_ttl,
-                                  description=job.description, job_id=job_id, at_front=True,
-                                  meta=dict(job.meta or {}), retry=retry)
+        return job_entry(queue, str(job.func_name), args=job.args, kwargs=job.kwargs, timeout=timeout,
+                         result_ttl=job.result_ttl, failure_ttl=job.failure_ttl,
+                         description=job.description, job_id=job_id, at_front=True,
+                         meta=dict(job.meta or {}), retry=retry)

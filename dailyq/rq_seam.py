@@ -129,6 +129,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.executions import Execution
 from rq.job import Job
+from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
 from rq_scheduler import Scheduler
@@ -355,6 +356,39 @@ class RQKeys:
     def job(job_id: str) -> str:
         """RQ's hash of one job (its ``status`` field, its existence)."""
         return str(Job.key_for(job_id))
+
+
+class ScheduledRetries:
+    """RQ's ScheduledJobRegistry of one queue: where RQ keeps a retry until its backoff
+    has passed, and the move RQ's own scheduler makes out of it (retries.py's mover)."""
+
+    def __init__(self, connection: Redis, queue: Queue) -> None:
+        self.connection = connection
+        self.queue = queue
+        self._registry = ScheduledJobRegistry(queue=queue)
+
+    @property
+    def key(self) -> str:
+        """The registry's sorted set: job ids scored by when they are due (s)."""
+        return str(self._registry.key)
+
+    def enqueue_in(self, job_ids: Sequence[str], pipeline: Pipeline) -> None:
+        """Read the jobs now (``pipeline`` may be watching), then ``pipeline.multi()`` and
+        queue, per job, its removal from the registry and its enqueue, front or back as
+        the job asks (RQ's scheduler does the same); a job whose hash is gone is only removed."""
+        jobs = self.queue.job_class.fetch_many(list(job_ids), connection=self.connection,
+                                               serializer=self.queue.serializer)
+        pipeline.multi()
+        for job_id, job in zip(job_ids, jobs):
+            self._registry.remove(job_id, pipeline=pipeline)
+            if job is not None:
+                self.queue.enqueue_job(job, pipeline=pipeline, at_front=job.should_enqueue_at_front())
+
+
+def job_entry(queue: Queue, func: str, **options: Any) -> Any:
+    """``Queue.prepare_data``: one entry of what ``Queue.enqueue_many`` takes (options as
+    ``prepare_data``'s keyword arguments)."""
+    return queue.prepare_data(func, **options)
 
 
 def queue_keeping_reply(pipeline: Pipeline, queue: Callable[[Pipeline], None], keep: Callable[[Any], None]) -> None:
