@@ -1,5 +1,11 @@
 """The one seam between dailyq and RQ / rq-scheduler: everything dailyq overrides in
-them lives here, and no other dailyq module subclasses an RQ or rq-scheduler class.
+them, and every use of RQ's data layout (its keys, its job data), lives here or is
+named here (tests/test_boundaries.py checks the imports, key names and scripts). Two
+modules subclass RQ's classes besides: ``dailyq.worker`` combines ``GuardedWorker``
+with RQ's ``Worker``/``SimpleWorker`` (its constructor builds the hooks and sets RQ's
+``default_result_ttl``, nothing more), and dashboard.py's JSON-only job, queue and
+worker classes (and its refusal to unpickle) are the seam to rq-dashboard, for the
+dashboard's process alone (explained there).
 
 What is here
 ------------
