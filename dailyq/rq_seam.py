@@ -117,7 +117,7 @@ must change our records and RQ's lists in one step. Every key name comes from
 * ``Queue.prepare_data``: the entry ``Queue.enqueue_many`` takes, built by ``job_entry``
   (fanout.job_data, which dependencies.py uses too, and recovery's replacement jobs).
 
-(scripts.py holds the Lua; each script's header names the RQ keys it takes.)
+(scripts.py holds the Lua; each script's header lists the KEYS it takes.)
 """
 
 from __future__ import annotations
