@@ -1,4 +1,4 @@
-"""The cost of holding a run (limits, pause) as its task's held list grows: server-side
+"""The cost of holding a run (limits, pause) as its task's set-aside list grows: server-side
 time of one ADMIT that holds a run of a paused task, with L runs held already, at
 growing L; beside it, in the same run on the same redis-server, the hold an older
 version did (LREM of the job id from the whole list, then RPUSH), as the baseline.
@@ -26,7 +26,7 @@ from dailyq.redis_server import PrivateRedis  # noqa: E402
 from dailyq.scripts import scripts_for  # noqa: E402
 
 # The older version's hold, as its ADMIT did it: a scan of the list for the job id.
-# KEYS[1] = held list; ARGV[1] = job id
+# KEYS[1] = set-aside list; ARGV[1] = job id
 OLDER_HOLD = """
 redis.call('LREM', KEYS[1], 0, ARGV[1])
 redis.call('RPUSH', KEYS[1], ARGV[1])
@@ -36,9 +36,9 @@ redis.call('RPUSH', KEYS[1], ARGV[1])
 def fill(connection: Redis, keys: Keys, task: str, size: int, index: bool) -> None:
     ids = [f"held-{i}" for i in range(size)]
     for start in range(0, size, 10_000):
-        connection.rpush(keys.held(task), *ids[start:start + 10_000])
+        connection.rpush(keys.set_aside(task), *ids[start:start + 10_000])
         if index:
-            connection.sadd(keys.held_index(task), *ids[start:start + 10_000])
+            connection.sadd(keys.set_aside_index(task), *ids[start:start + 10_000])
 
 
 def hold_us(connection: Redis, keys: Keys, size: int, holds: int) -> float:
@@ -49,11 +49,11 @@ def hold_us(connection: Redis, keys: Keys, size: int, holds: int) -> float:
     scripts = scripts_for(connection)
     connection.config_resetstat()
     for i in range(holds):
-        scripts.admit(paused_key=keys.paused, slots_key=keys.limit_slots(task),
-                      slot_nodes_key=keys.limit_slot_nodes(task), held_key=keys.held(task),
-                      held_index_key=keys.held_index(task),
+        scripts.admit(paused_key=keys.paused, permits_key=keys.limit_permits(task),
+                      permit_nodes_key=keys.limit_permit_nodes(task), set_aside_key=keys.set_aside(task),
+                      set_aside_index_key=keys.set_aside_index(task),
                       intermediate_queue_key=f"{keys.prefix}:q:intermediate", task=task, owner=f"o{i}", node="n1",
-                      job_id=f"j{i}", ttl_ms=60_000, max_running=None, max_per_node=None, held_ttl_s=86400).run()
+                      job_id=f"j{i}", ttl_ms=60_000, max_running=None, max_per_node=None, set_aside_ttl_s=86400).run()
     return float(connection.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
 
 
@@ -63,7 +63,7 @@ def older_hold_us(connection: Redis, keys: Keys, size: int, holds: int) -> float
     script = connection.register_script(OLDER_HOLD)
     connection.config_resetstat()
     for i in range(holds):
-        script(keys=[keys.held(task)], args=[f"j{i}"])
+        script(keys=[keys.set_aside(task)], args=[f"j{i}"])
     return float(connection.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
 
 

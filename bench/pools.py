@@ -1,4 +1,4 @@
-"""The cost of pools in Redis: server-side time of one ADMIT or RELEASE_SLOT for a run of
+"""The cost of pools in Redis: server-side time of one ADMIT or RELEASE_PERMIT for a run of
 a pool's task (the pool counts the live slots of each of its tasks), against a task with
 ``max_running`` only, measured in the same run on the same redis-server.
 
@@ -27,8 +27,8 @@ from dailyq.scripts import LimitedTask, scripts_for  # noqa: E402
 
 
 def member(keys: Keys, name: str, pool_size: int) -> LimitedTask:
-    return LimitedTask(name, 1_000_000, None, keys.limit_slots(name), keys.limit_slot_nodes(name), keys.held(name),
-                       keys.held_index(name), "p" if pool_size else None, pool_size)
+    return LimitedTask(name, 1_000_000, None, keys.limit_permits(name), keys.limit_permit_nodes(name), keys.set_aside(name),
+                       keys.set_aside_index(name), "p" if pool_size else None, pool_size)
 
 
 def script_us(connection: Redis, keys: Keys, pool_tasks: int, pairs: int) -> float:
@@ -39,13 +39,13 @@ def script_us(connection: Redis, keys: Keys, pool_tasks: int, pairs: int) -> flo
     scripts = scripts_for(connection)
     connection.config_resetstat()
     for i in range(pairs):
-        common = dict(paused_key=keys.paused, slots_key=own.slots_key, slot_nodes_key=own.slot_nodes_key,
-                      held_key=own.held_key, held_index_key=own.held_index_key, task=own.name, owner=f"o{i}",
+        common = dict(paused_key=keys.paused, permits_key=own.permits_key, permit_nodes_key=own.permit_nodes_key,
+                      set_aside_key=own.set_aside_key, set_aside_index_key=own.set_aside_index_key, task=own.name, owner=f"o{i}",
                       node="n1", max_running=own.max_running,
                       max_per_node=None, pool_size=own.pool_size, pool=pool)
         scripts.admit(intermediate_queue_key=f"{keys.prefix}:q:intermediate", job_id=f"j{i}", ttl_ms=60_000,
-                      held_ttl_s=86400, **common).run()  # type: ignore[arg-type]
-        scripts.release_slot(queue_key=f"{keys.prefix}:q", **common).run()  # type: ignore[arg-type]
+                      set_aside_ttl_s=86400, **common).run()  # type: ignore[arg-type]
+        scripts.release_permit(queue_key=f"{keys.prefix}:q", **common).run()  # type: ignore[arg-type]
     return float(connection.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
 
 

@@ -309,7 +309,7 @@ def enqueue_dailyq_jobs_with_plain_rq(connection: Redis, queue_name: str, task: 
     from dailyq.runs import runs_of_slot
 
     queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
-    (slot,) = task.schedule.slots_on(day)
+    (slot,) = task.schedule.permits_on(day)
     runs = runs_of_slot(task, slot)
     for lo in range(0, len(runs), 1000):
         with connection.pipeline() as pipe:
@@ -591,7 +591,7 @@ def fan_out_probe(kind: str, n: int, url: str) -> None:
     else:
         settings = Settings(redis_url=url, prefix="dailyq", node_name="bench")
         scheduler = DailyScheduler(connection, settings, table)
-        assert scheduler.acquire_lock()
+        assert scheduler.take_lease()
         enqueued = scheduler.fire_due_slots(utc_now())
     seconds = time.perf_counter() - started
     report = {"seconds": seconds, "enqueued": enqueued,

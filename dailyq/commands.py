@@ -74,7 +74,7 @@ def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: 
     # A once-a-day task's runs of the day use the slot it was first fanned out under (runs.DaySlots).
     day_slots = DaySlots.read(connection, keys, day)
     for task in tasks:
-        for slot in day_slots.slots_on(task):
+        for slot in day_slots.permits_on(task):
             if not task.params_computed:
                 runs += runs_of_slot(task, slot)
                 continue
@@ -120,7 +120,7 @@ def rerun_candidates(connection: Redis, keys: Keys, task: Task, wanted: Sequence
     calls it again and stores the new list first. Nothing or a failure stored: called
     now (the same once-only rule as ``trigger``); still failing raises ParamsFailed."""
     # A once-a-day task's runs of the day use the slot it was first fanned out under (runs.DaySlots).
-    slots = DaySlots.read(connection, keys, day).slots_on(task)
+    slots = DaySlots.read(connection, keys, day).permits_on(task)
     if not slots:
         raise ConfigError(f"task {task.name!r} has no slot on {day.isoformat()}")
     if not task.params_computed:

@@ -5,10 +5,10 @@ A run of a task with ``after`` for day D executes only once every run of each na
 (``runs.runs_on``: each task's slots on D in its own zone, times its params -- for
 computed params, the list stored for the slot, params_book.py).
 
-Held runs
+Parked runs
 ---------
 fan_out (fanout.py) writes such a run's record as ``waiting`` and parks the run in the
-day's waiting hash (``keys.day_waiting``: run id -> ``fanout.Held``, what enqueueing it
+day's waiting hash (``keys.day_waiting``: run id -> ``fanout.Parked``, what enqueueing it
 later takes), in the same MULTI/EXEC that adds its job id to the enqueued set; the day
 enters ``keys.waiting_days``. The run is in no RQ queue, so it holds no worker: a
 worker never sits on a run that cannot start while other runs are queued.
@@ -18,27 +18,27 @@ Release
 ``release_after`` is the look made after each upstream run ended and at each leader
 tick: it reads the day's dependency counts (dependency_counts.py: per task, how many of
 its run ids are in the finished set, kept by FINISH in the same step; at least how many
-of its runs are held), a few commands whatever the day's size. A task with held runs
+of its runs are held), a few commands whatever the day's size. A task with parked runs
 whose upstream tasks have as many finished run ids as the table gives them runs *may* be
 ready: only then does it get ``release_ready``'s full look, which checks the run ids.
 ``release_ready`` (that full look; also ``trigger``, ``rerun`` and a leader's first look
-at a day) looks at a day's held runs, task by task. A task's upstream runs are
+at a day) looks at a day's parked runs, task by task. A task's upstream runs are
 ready when every one of their run ids is in the day's finished set (FINISH adds it
 atomically with recording the run, and nothing removes it, so "ready" never turns
 false again). Ready runs are released in one WATCH/MULTI on the waiting hash: HDEL
 them, records ``queued`` (SET_RUN_STATE), and their jobs pushed through
 ``fanout.job_data``, the path fan_out itself uses (RQ writes its own job hashes).
 Two callers racing over one day: the second one's EXEC fails on the WATCH, it looks
-again and finds the runs gone, so each held run is enqueued exactly once. Held runs
+again and finds the runs gone, so each parked run is enqueued exactly once. Parked runs
 that are not ready are ``blocked``, with the upstream run named in ``error``, while an
 unfinished upstream run is ``failed`` or ``skipped`` (or ``blocked`` itself, further up a
 chain); ``waiting`` again once none is -- a ``rerun`` of the upstream run queued it, and
 its finishing releases them. The upstream records are read in chunks and the blocking
 run found is checked again by HOLD_WAITING (Lua), which sets the held records in the
-same step (``_mark_held`` says why not all in Lua). Blocked/waiting is for people to
+same step (``_mark_parked`` says why not all in Lua). Blocked/waiting is for people to
 see; the release never depends on it, only on the finished set. The full look marks
 upstream tasks first, so one look unblocks a whole chain; ``release_after`` marks only
-from an ended run (``ended``): a failed or skipped one blocks the held runs downstream
+from an ended run (``ended``): a failed or skipped one blocks the parked runs downstream
 of it, once (the counts keep the blocking run), and the chain below them.
 
 Who calls it, and why that keeps "released within 2 s of the last upstream run
@@ -54,7 +54,7 @@ b. the leader, every tick, for each day in ``keys.waiting_days`` (``WaitingRuns`
    (a new leader's first tick gives each day one full look). Runs the leader records
    failed itself (settle.py, recovery.py) block their downstream runs through
    ``WaitingRuns.ended``.
-c. whoever fanned out held runs, right after (``FanOutResult.waiting``): the upstream
+c. whoever fanned out parked runs, right after (``FanOutResult.waiting``): the upstream
    runs may be finished already (a trigger, rerun or backfill of a past day). The
    leader does so in the tick that fanned out; ``commands.trigger``/``rerun`` at once.
 
@@ -74,7 +74,7 @@ Edge cases
 * An upstream run never fanned out (``scheduled``, or ``missed`` past its misfire grace)
   keeps its downstream runs ``waiting``; ``trigger`` runs it, and its finishing
   releases them.
-* A held run whose task is not in the caller's table, or whose slot is not one of its
+* A parked run whose task is not in the caller's table, or whose slot is not one of its
   task's on D, stays in the waiting hash (logged once per process): during a rolling
   deploy another node's table has it, and that node releases it (a worker after an
   upstream FINISH, or a leader with the new table). It is never dropped here.
@@ -93,7 +93,7 @@ from redis import Redis, RedisError, WatchError
 from rq import Queue
 
 from .dependency_counts import DayCounts, may_be_ready, upstream_runs
-from .fanout import Held, job_data, longest_first
+from .fanout import Parked, job_data, longest_first
 from .keys import Keys
 from .params_book import ParamsBook, params_run_id
 from .redis_values import as_text
@@ -114,11 +114,11 @@ LOOKED_MAX = 10_000
 @dataclass
 class ReleaseResult:
     released: list[str] = field(default_factory=list)  # run ids enqueued now
-    blocked: dict[str, str] = field(default_factory=dict)  # held run id -> the upstream run blocking it
-    still_waiting: list[str] = field(default_factory=list)  # held run ids whose upstream runs are not done
-    # Held runs this table cannot rebuild (a rolling deploy): left held; whether no live
+    blocked: dict[str, str] = field(default_factory=dict)  # parked run id -> the upstream run blocking it
+    still_waiting: list[str] = field(default_factory=list)  # parked run ids whose upstream runs are not done
+    # Parked runs this table cannot rebuild (a rolling deploy): left held; whether no live
     # table has them, and they end ``removed``, is the leader's to decide (deploys.py).
-    unknown: dict[str, Held] = field(default_factory=dict)
+    unknown: dict[str, Parked] = field(default_factory=dict)
 
 
 def downstream_of(table: TaskTable) -> dict[str, list[str]]:
@@ -132,22 +132,22 @@ def downstream_of(table: TaskTable) -> dict[str, list[str]]:
 
 def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date, *,
                   retention_s: int, tasks: Iterable[str] | None = None) -> ReleaseResult:
-    """Release the held runs of ``day`` whose upstream runs have all finished, and mark
+    """Release the parked runs of ``day`` whose upstream runs have all finished, and mark
     the others ``blocked`` or ``waiting`` (see the module docstring). ``tasks``: only
-    the held runs of these tasks (a worker that just finished a run of their upstream).
-    Safe to call from any process at any time, concurrently: each held run is enqueued once."""
+    the parked runs of these tasks (a worker that just finished a run of their upstream).
+    Safe to call from any process at any time, concurrently: each parked run is enqueued once."""
     only = set(tasks) if tasks is not None else None
     waiting_key = keys.day_waiting(day)
     finished_key = keys.day_finished(day)
     scripts = scripts_for(connection)
     result = ReleaseResult()
-    pending: list[tuple[str, list[str], list[str]]] = []  # (task, its held run ids, its unfinished upstream)
+    pending: list[tuple[str, list[str], list[str]]] = []  # (task, its parked run ids, its unfinished upstream)
     with connection.pipeline(transaction=True) as pipe:
         while True:
             result, pending = ReleaseResult(), []
             try:
                 pipe.watch(waiting_key)
-                entries = {as_text(run_id): Held.from_json(raw) for run_id, raw in pipe.hgetall(waiting_key).items()}
+                entries = {as_text(run_id): Parked.from_json(raw) for run_id, raw in pipe.hgetall(waiting_key).items()}
                 by_task: dict[str, list[str]] = defaultdict(list)
                 for run_id, held in entries.items():
                     if only is None or held.task in only:
@@ -155,8 +155,8 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                 ready: list[str] = []
                 book = ParamsBook.read(pipe, keys, day) if by_task else None
                 slots = DaySlots.read(pipe, keys, day) if by_task else None
-                # Upstream tasks first: a held run marked waiting again unblocks, in this same
-                # look, the held runs further down that it was blocking.
+                # Upstream tasks first: a parked run marked waiting again unblocks, in this same
+                # look, the parked runs further down that it was blocking.
                 depth = _depths(table)
                 for task_name, run_ids in sorted(by_task.items(), key=lambda item: (depth.get(item[0], 0), item[0])):
                     unfinished = _unfinished_upstream(pipe, table, book, task_name, day, finished_key, slots)
@@ -182,7 +182,7 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                     result.unknown = {run_id: entries[run_id] for run_id in unknown}
                     break
                 pipe.multi()
-                # Only what is enqueued now leaves the waiting hash: a held run this table
+                # Only what is enqueued now leaves the waiting hash: a parked run this table
                 # cannot rebuild stays for a node whose table has its task (see _rebuild).
                 pipe.hdel(waiting_key, *[run.run_id for run in runs])
                 for run in runs:
@@ -206,7 +206,7 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
     if result.released:
         log.info("released %d run%s of %s whose upstream runs have finished", len(result.released),
                  "" if len(result.released) == 1 else "s", day.isoformat())
-    _mark_held(connection, scripts, keys, day, retention_s, pending, result,
+    _mark_parked(connection, scripts, keys, day, retention_s, pending, result,
                _failed_for_good(table, book) if pending and book is not None else {})
     return result
 
@@ -215,11 +215,11 @@ def release_after(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                   retention_s: int, tasks: Iterable[str] | None = None, ended: str | None = None) -> ReleaseResult:
     """The look after each upstream run ended (the worker) and at each leader tick: from
     the day's counts (dependency_counts.py), a few reads whatever the day's size. Only a
-    task with held runs whose counts say it may be ready gets ``release_ready``'s full
+    task with parked runs whose counts say it may be ready gets ``release_ready``'s full
     look (which checks its upstream run ids and releases). ``tasks``: only these (None:
-    every task with held runs, including tasks this table lacks, whose runs
+    every task with parked runs, including tasks this table lacks, whose runs
     ``release_ready`` reports as unknown). ``ended``: the upstream run that just ended;
-    if it failed or was skipped, the held runs downstream of it are marked ``blocked``."""
+    if it failed or was skipped, the parked runs downstream of it are marked ``blocked``."""
     only = set(tasks) if tasks is not None else None
     counts = DayCounts.read(connection, keys, day, retention_s)
     if counts.waiting == 0:
@@ -247,16 +247,16 @@ def release_after(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
 
 def _block_downstream(connection: Redis, keys: Keys, table: TaskTable, day: date, retention_s: int, ended: str,
                       tasks: list[str], counts: DayCounts, result: ReleaseResult) -> None:
-    """``ended`` failed or was skipped: the held runs of ``tasks`` (its downstream tasks,
-    not ready) are ``blocked`` by it, and so, further down, the held runs waiting for
+    """``ended`` failed or was skipped: the parked runs of ``tasks`` (its downstream tasks,
+    not ready) are ``blocked`` by it, and so, further down, the parked runs waiting for
     those. One read of ``ended``'s record when it finished; the waiting hash is read only
-    for a task whose held runs are not blocked already by a run that still blocks."""
+    for a task whose parked runs are not blocked already by a run that still blocks."""
     runs_key = keys.day_runs(day)
     raw = connection.hget(runs_key, ended)
     if not _blocking(raw):
         return
     # Only the tasks that name its task in ``after``: HOLD_WAITING checks the blocker's
-    # state, not that it is upstream of the held runs.
+    # state, not that it is upstream of the parked runs.
     upstream_task = json.loads(raw).get("task")  # type: ignore[arg-type]
     scripts = scripts_for(connection)
     entries: dict[str, list[str]] | None = None
@@ -274,7 +274,7 @@ def _block_downstream(connection: Redis, keys: Keys, table: TaskTable, day: date
         if entries is None:
             entries = defaultdict(list)
             for run_id, raw in connection.hgetall(keys.day_waiting(day)).items():
-                entries[Held.from_json(raw).task].append(as_text(run_id))
+                entries[Parked.from_json(raw).task].append(as_text(run_id))
         held = entries.get(name, [])
         if not held:
             continue
@@ -303,7 +303,7 @@ def _note_blocked(connection: Redis, keys: Keys, day: date, retention_s: int, ta
 def _unfinished_upstream(pipe: Redis, table: TaskTable, book: ParamsBook | None, task_name: str, day: date,
                          finished_key: str, slots: DaySlots | None = None) -> list[str]:
     """Run ids of the task's upstream runs on ``day`` not in the finished set (none for a
-    task not in the table: its held runs then stay held, see ``_rebuild``). A
+    task not in the table: its parked runs then stay held, see ``_rebuild``). A
     computed upstream slot with no list stored yet (or only a failure) counts as one
     unfinished run, under the id ``status`` shows it by: its runs are not known yet.
     ``slots``: the day's stored once-a-day slots (runs.DaySlots), which the upstream runs use."""
@@ -350,7 +350,7 @@ def _write_hints(pipe: Any, keys: Keys, day: date, retention_s: int, hints: dict
         pipe.expire(keys.day_deps(day), retention_s)
 
 
-# Held runs this process's table could not rebuild, already logged about: (prefix, day, run
+# Parked runs this process's table could not rebuild, already logged about: (prefix, day, run
 # id). Such a run is looked at every leader tick while it waits; one line per run is enough.
 _reported_unknown: set[tuple[str, str, str]] = set()
 REPORTED_UNKNOWN_MAX = 100_000
@@ -364,12 +364,12 @@ def _report_unknown(keys: Keys, day: date, run_ids: list[str]) -> None:
         if len(_reported_unknown) >= REPORTED_UNKNOWN_MAX:
             _reported_unknown.clear()  # a bound, not a history: at worst a line is logged again
         _reported_unknown.add(seen)
-        log.warning("run %s of %s is held for its upstream runs, but this node's task table has no such run (its "
+        log.warning("run %s of %s is parked for its upstream runs, but this node's task table has no such run (its "
                     "task, or its slot that day); left waiting for a node whose table has it", run_id,
                     day.isoformat(), extra={"run_id": run_id})
 
 
-def _rebuild(table: TaskTable, day: date, held: dict[str, Held],
+def _rebuild(table: TaskTable, day: date, held: dict[str, Parked],
              slots: DaySlots | None = None) -> tuple[list[Run], list[str]]:
     """The runs to enqueue, rebuilt from the table (task and slot, as the day's stored
     once-a-day slots map it) and the held param; and the run ids that cannot be rebuilt:
@@ -389,7 +389,7 @@ def _rebuild(table: TaskTable, day: date, held: dict[str, Held],
     return runs, dropped
 
 
-def _job_of(queue: Queue, run: Run, held: Held, retention_s: int) -> Any:
+def _job_of(queue: Queue, run: Run, held: Parked, retention_s: int) -> Any:
     return job_data(queue, run, held.job_id, retention_s, held.force, held.at_front, held.again)
 
 
@@ -410,16 +410,16 @@ def _failed_for_good(table: TaskTable, book: ParamsBook) -> dict[str, str]:
     return dead
 
 
-def _mark_held(connection: Redis, scripts: Scripts, keys: Keys, day: date, retention_s: int,
+def _mark_parked(connection: Redis, scripts: Scripts, keys: Keys, day: date, retention_s: int,
                pending: list[tuple[str, list[str], list[str]]], result: ReleaseResult,
                failed_for_good: dict[str, str]) -> None:
-    """``blocked`` or ``waiting`` for the held runs not released.
+    """``blocked`` or ``waiting`` for the parked runs not released.
 
     The upstream records are read here, in chunks, and only the blocking run found (if
     any) goes to HOLD_WAITING, which checks it again and sets the held records in one
     step. Reading them all inside the script would hold Redis for the whole day's
     upstream runs on every leader tick. The price: an upstream run that fails between
-    this read and the script leaves the held runs ``waiting`` until the next look (its
+    this read and the script leaves the parked runs ``waiting`` until the next look (its
     worker's own look right after its FAIL, or the leader's next tick)."""
     runs_key = keys.day_runs(day)
     for task_name, run_ids, unfinished in pending:
@@ -450,7 +450,7 @@ def _first_blocking(connection: Redis, runs_key: str, run_ids: list[str]) -> str
 
 
 class WaitingRuns:
-    """The leader's look, every tick, at each day with held runs (caller b above)."""
+    """The leader's look, every tick, at each day with parked runs (caller b above)."""
 
     def __init__(self, connection: Redis, keys: Keys, queue: Queue, table: TaskTable, retention_s: int) -> None:
         self.connection = connection
@@ -462,9 +462,9 @@ class WaitingRuns:
         # Days this leader has given a full look (release_ready) since it started: later
         # ticks look at their counts only (release_after).
         self.looked: set[date] = set()
-        # (day, run id) -> held run this table cannot rebuild, at the last look (deploys.py
+        # (day, run id) -> parked run this table cannot rebuild, at the last look (deploys.py
         # decides whether no live table has them).
-        self.unknown: dict[tuple[date, str], Held] = {}
+        self.unknown: dict[tuple[date, str], Parked] = {}
 
     def forget(self) -> None:
         """A new term as leader: what others did meanwhile is unknown, so each day with held
@@ -473,7 +473,7 @@ class WaitingRuns:
 
     def ended(self, runs: Iterable[tuple[date, str]]) -> None:
         """Runs this leader recorded failed itself (RQ failed their job outside the guard,
-        settle.py; their process was lost with no attempt left, recovery.py): the held runs
+        settle.py; their process was lost with no attempt left, recovery.py): the parked runs
         downstream of them are marked ``blocked`` now, as a worker does after its FAIL."""
         for day, run_id in runs:
             try:
@@ -483,11 +483,11 @@ class WaitingRuns:
                 log.warning("could not mark the runs waiting for run %s (%s)", run_id, exc)
 
     def release_all(self) -> list[str]:
-        """Release what is ready on every day with held runs; returns the run ids released.
-        One SMEMBERS when nothing is held; per day with held runs, its counts (a few reads),
+        """Release what is ready on every day with parked runs; returns the run ids released.
+        One SMEMBERS when nothing is held; per day with parked runs, its counts (a few reads),
         and a full look the first time this leader sees the day (the backstop: blocked and
         waiting marked from the records, whatever happened before it led).
-        ``days_held`` says how many days had held runs."""
+        ``days_held`` says how many days had parked runs."""
         released: list[str] = []
         self.unknown = {}
         days = sorted(self.connection.smembers(self.keys.waiting_days))

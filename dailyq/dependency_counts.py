@@ -1,7 +1,7 @@
-"""The day's dependency counts (``keys.day_deps``): what a release of held runs reads
+"""The day's dependency counts (``keys.day_deps``): what a release of parked runs reads
 instead of the whole day.
 
-A task's held runs may be released once every upstream run of the day is in the day's
+A task's parked runs may be released once every upstream run of the day is in the day's
 finished set (dependencies.py). Asking that of the set itself means rebuilding every
 upstream run and asking the set about each, on every upstream finish and every leader
 tick: a cost that grows with the day, per run. The counts answer most looks at once:
@@ -19,7 +19,7 @@ tick: a cost that grows with the day, per run. The counts answer most looks at o
   the waiting hash is read only when a task may be released. A hint is never lower than
   what is held, but may be higher (a run parked again, or removed by a deploy or doctor):
   that costs one more look, which corrects it.
-* ``blocked:{task}``: the upstream run its held runs were last marked ``blocked`` by, so
+* ``blocked:{task}``: the upstream run its parked runs were last marked ``blocked`` by, so
   that each further failure upstream does not mark them again.
 * ``~counted``: the counts were made from the whole day (COUNT_DEPS).
 
@@ -53,7 +53,7 @@ COUNTED = "~counted"
 class DayCounts:
     done: Mapping[str, int]  # task -> its run ids in the day's finished set
     held: Mapping[str, int]  # task -> at least how many of its runs the waiting hash holds
-    blocked: Mapping[str, str]  # task -> the upstream run its held runs were last marked blocked by
+    blocked: Mapping[str, str]  # task -> the upstream run its parked runs were last marked blocked by
     counted: bool
     finished: int  # size of the day's finished set, read with the counts
     waiting: int  # fields of the day's waiting hash, read with the counts

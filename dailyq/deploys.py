@@ -60,7 +60,7 @@ from .scripts import scripts_for
 from .table_store import Descriptions
 
 if TYPE_CHECKING:
-    from .fanout import Held
+    from .fanout import Parked
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,8 @@ class LeftJobs:
                      len(moved))
         return bool(entries)
 
-    def settle_waiting(self, unknown: Mapping[tuple[date, str], Held]) -> list[str]:
-        """Held runs (``after``) that this leader's table cannot rebuild stay held for a node
+    def settle_waiting(self, unknown: Mapping[tuple[date, str], Parked]) -> list[str]:
+        """Parked runs (``after``) that this leader's table cannot rebuild stay held for a node
         whose table has them; one that no live table has had for the grace ends ``removed``.
         ``unknown``: what the leader's last release look found (dependencies.WaitingRuns).
         Returns the run ids removed."""

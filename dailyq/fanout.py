@@ -20,9 +20,9 @@ what the enqueued set already has) rather than count on runs a failover may lose
 
 A run of a task with ``after`` is fanned out like any other (its job id enters the
 enqueued set, its record is written) but *held*: recorded ``waiting`` and parked in the
-day's waiting hash (``Held``) instead of the RQ queue, in the same MULTI/EXEC, so it
+day's waiting hash (``Parked``) instead of the RQ queue, in the same MULTI/EXEC, so it
 occupies no worker. dependencies.py releases it (``job_data`` below) once its upstream
-runs have finished; the caller of a fan-out that held runs asks it at once
+runs have finished; the caller of a fan-out that parked runs asks it at once
 (``FanOutResult.waiting``), as the upstream runs may be done already.
 
 The slot a once-a-day task (``Task.at``) is fanned out under on a day is recorded in the
@@ -76,12 +76,12 @@ class Again:
 class FanOutResult:
     enqueued: list[str] = field(default_factory=list)  # job ids pushed now (or held, see ``waiting``)
     already: list[str] = field(default_factory=list)  # job ids some earlier call pushed
-    waiting: list[str] = field(default_factory=list)  # of ``enqueued``: held for their upstream runs
+    waiting: list[str] = field(default_factory=list)  # of ``enqueued``: parked for their upstream runs
 
 
 @dataclass(frozen=True)
-class Held:
-    """A run held for its upstream runs: what enqueueing it later needs (one entry of
+class Parked:
+    """A run parked for its upstream runs: what enqueueing it later needs (one entry of
     ``keys.day_waiting``). The run itself is rebuilt from the table by task and slot."""
 
     task: str
@@ -96,7 +96,7 @@ class Held:
         return json.dumps(asdict(self), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "Held":
+    def from_json(cls, raw: bytes | str) -> "Parked":
         data = json.loads(raw)
         again = data.pop("again", None)
         return cls(**data, again=Again(**again) if again else None)
@@ -230,17 +230,17 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
     retention_s, fence, force, at_front = options.retention_s, options.fence, options.force, options.at_front
     enqueued_key = keys.day_enqueued(day)
     runs_key = keys.day_runs(day)
-    slots_key = keys.day_slots(day)
+    permits_key = keys.day_slots(day)
     once_names = list(dict.fromkeys(run.task.name for run in chunk if run.task.at is not None))
     given, given_again = chunk, options.again
     with connection.pipeline(transaction=True) as pipe:
         while True:
             try:
-                watched = [enqueued_key] + ([slots_key] if once_names else []) + ([fence.key] if fence else [])
+                watched = [enqueued_key] + ([permits_key] if once_names else []) + ([fence.key] if fence else [])
                 pipe.watch(*watched)
                 if fence is not None and pipe.get(fence.key) != fence.owner.encode():
                     raise LeaseLost(f"leader lease {fence.key} is no longer ours")
-                stored = dict(zip(once_names, (decode_day_slot(raw) for raw in pipe.hmget(slots_key, once_names)))) \
+                stored = dict(zip(once_names, (decode_day_slot(raw) for raw in pipe.hmget(permits_key, once_names)))) \
                     if once_names else {}
                 chunk, again = _follow_day_slots(day, given, given_again, stored) if stored else (given, given_again)
                 job_ids = [run.job_id(again[run.run_id].number if run.run_id in again else 0) for run in chunk]
@@ -257,8 +257,8 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                         if run.task.name in unset:
                             first_slots.setdefault(run.task.name, day_slot_json(run.slot))
                     for name, entry in first_slots.items():
-                        pipe.hsetnx(slots_key, name, entry)
-                    pipe.expire(slots_key, retention_s)
+                        pipe.hsetnx(permits_key, name, entry)
+                    pipe.expire(permits_key, retention_s)
                 if fresh:
                     pipe.sadd(enqueued_key, *[job_id for _, job_id in fresh])
                     pipe.expire(enqueued_key, retention_s)
@@ -330,11 +330,11 @@ def _follow_day_slots(day: date, chunk: list[Run], again: Mapping[str, Again],
 
 def _hold(pipe: Pipeline, keys: Keys, scripts: Scripts, day: date, held: list[tuple[Run, str]], retention_s: int,
           again: Mapping[str, Again], force: bool, at_front: bool) -> None:
-    """Park held runs in the day's waiting hash (queued in the chunk's MULTI). A run
+    """Park parked runs in the day's waiting hash (queued in the chunk's MULTI). A run
     enqueued before keeps its record, which QUEUE_RECORDS just marked queued: 'waiting' now."""
     waiting_key = keys.day_waiting(day)
     pipe.hset(waiting_key, mapping={
-        run.run_id: Held(run.task.name, run.param_json, run.slot.isoformat(), job_id, force, at_front,
+        run.run_id: Parked(run.task.name, run.param_json, run.slot.isoformat(), job_id, force, at_front,
                          again.get(run.run_id)).to_json() for run, job_id in held})
     pipe.expire(waiting_key, retention_s)
     # The hint a release reads instead of the waiting hash (dependency_counts.py): at least

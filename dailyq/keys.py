@@ -139,7 +139,7 @@ class Keys:
 
     def day_waiting(self, day: date) -> str:
         """Hash run id -> JSON of a run held back until its upstream runs have finished
-        (fanout.Held: what enqueueing it later needs). Not in any RQ queue meanwhile."""
+        (fanout.Parked: what enqueueing it later needs). Not in any RQ queue meanwhile."""
         return f"{self.prefix}:day:{day.isoformat()}:waiting"
 
     def day_deps(self, day: date) -> str:
@@ -186,23 +186,23 @@ class Keys:
         (pausing.py)."""
         return f"{self.prefix}:paused"
 
-    def limit_slots(self, task: str) -> str:
+    def limit_permits(self, task: str) -> str:
         """Sorted set: claim owner token -> until when (ms, Redis clock) that execution holds
         one of the task's slots (limits.py); lapsed members are dropped at every check."""
         return f"{self.prefix}:limit:{task}:slots"
 
-    def limit_slot_nodes(self, task: str) -> str:
-        """Hash claim owner token -> node of each member of ``limit_slots(task)``."""
+    def limit_permit_nodes(self, task: str) -> str:
+        """Hash claim owner token -> node of each member of ``limit_permits(task)``."""
         return f"{self.prefix}:limit:{task}:nodes"
 
-    def held(self, task: str) -> str:
+    def set_aside(self, task: str) -> str:
         """List of job ids of the task's runs a worker took off the queue but held back
         (over a limit, or the task paused), oldest first; put back at the queue's front."""
         return f"{self.prefix}:held:{task}"
 
-    def held_index(self, task: str) -> str:
+    def set_aside_index(self, task: str) -> str:
         """Set of the job ids in ``held(task)``: holding a run checks it here, not by a
-        scan of the list (scripts.SLOTS_LUA's ``hold``). The list is what backs a held run
+        scan of the list (scripts.PERMITS_LUA's ``hold``). The list is what backs a held run
         (doctor reads it); the set only spares the scan. Both expire ``retention_s`` after
         the last hold, and the set goes when a promote empties the list."""
         return f"{self.prefix}:held:{task}:ids"

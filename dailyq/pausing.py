@@ -7,7 +7,7 @@ A paused task is an entry in the ``keys.paused`` hash: task -> JSON ``{"since", 
   (scheduler.fire_due_slots): on resume, the slots that fell due meanwhile fire if
   they are within the task's ``misfire_grace_s``; older ones show ``missed``;
 * a worker that takes one of its queued runs off the queue holds it back instead of
-  starting it (ADMIT, limits.py): the job goes onto the task's held list, its RQ job
+  starting it (ADMIT, limits.py): the job goes onto the task's set-aside list, its RQ job
   stays queued, and ``status`` shows the run ``paused``. Runs already executing finish.
 
 Workers learn which tasks are paused from Redis at most once a second
@@ -15,7 +15,7 @@ Workers learn which tasks are paused from Redis at most once a second
 and ADMIT checks the hash again atomically. So a run taken off the queue more than a
 second after ``pause`` returned is held; one taken within that second may still start.
 
-``resume`` removes the entry and puts every held run of the task back at the front of
+``resume`` removes the entry and puts every set-aside run of the task back at the front of
 the queue, in one script (RESUME), so no run held meanwhile is left behind; runs still
 over a limit of the task are held again by ADMIT.
 """
@@ -51,7 +51,7 @@ class PauseResult:
 class ResumeResult:
     task: str
     was_paused: bool
-    requeued: int  # held runs put back at the front of the queue
+    requeued: int  # set-aside runs put back at the front of the queue
 
 
 def pause(connection: Redis, keys: Keys, task_names: Iterable[str], node: str) -> list[PauseResult]:
@@ -72,8 +72,8 @@ def resume(connection: Redis, keys: Keys, queue_key: str, task_names: Iterable[s
     scripts = scripts_for(connection)
     results = []
     for name in task_names:
-        was_paused, moved = scripts.resume(paused_key=keys.paused, held_key=keys.held(name),
-                                           held_index_key=keys.held_index(name), queue_key=queue_key, task=name).run()
+        was_paused, moved = scripts.resume(paused_key=keys.paused, set_aside_key=keys.set_aside(name),
+                                           set_aside_index_key=keys.set_aside_index(name), queue_key=queue_key, task=name).run()
         results.append(ResumeResult(name, was_paused, moved))
     return results
 

@@ -223,7 +223,7 @@ class AbandonedRuns:
         if task is None:
             return None
         param = json.loads(record["param_json"])
-        for slot in task.schedule.slots_on(day):
+        for slot in task.schedule.permits_on(day):
             run = Run(task, param, slot)
             if run.run_id == run_id:
                 return run

@@ -86,7 +86,7 @@ b. redis-py ``Pipeline.execute`` of RQ's preparation and success transactions, w
    and we need BEGIN's and FINISH's.
 c. ``Queue.intermediate_queue_key``: RQ 3 dequeues (BLMOVE, one queue, Redis >= 6.2) by
    moving the job id from the queue into this list, and the work-horse removes it in
-   its preparation transaction. A held run never gets there, so ADMIT removes it, or
+   its preparation transaction. A set-aside run never gets there, so ADMIT removes it, or
    RQ's clean-up and ours (recovery.StrandedJobs) would take it for stranded.
 d. rq-scheduler's ``redis_scheduler_namespace_prefix`` and ``scheduled_jobs_key``:
    class attributes, not constructor arguments; set on our instance to move its keys
@@ -100,8 +100,8 @@ must change our records and RQ's lists in one step. Every key name comes from
 
 * the queue's list (``RQKeys.queue``): a job id LPUSHed is next to be dequeued (RQ's
   ``at_front``), which is how a run goes back to the queue's front without RQ's
-  ``enqueue_job`` -- RELEASE_SLOT, SWEEP_SLOTS and RESUME (through the ``promote`` and
-  ``promote_pool`` helpers, SLOTS_LUA), RETURN_LEFT, REQUEUE_STRANDED, REQUEUE_ORPHANED,
+  ``enqueue_job`` -- RELEASE_PERMIT, SWEEP_PERMITS and RESUME (through the ``promote`` and
+  ``promote_pool`` helpers, PERMITS_LUA), RETURN_LEFT, REQUEUE_STRANDED, REQUEUE_ORPHANED,
   DOCTOR_REQUEUE; REQUEUE_ORPHANED and DOCTOR_REQUEUE also LPOS it (never push twice);
 * the intermediate queue (``RQKeys.intermediate``, internal c): ADMIT and LEAVE LREM a
   job they take over, REQUEUE_STRANDED moves a stranded one back to the queue,
@@ -147,7 +147,7 @@ from .outage import MEMORY, OutageLog, refused_for_memory, transient, wait_for_r
 from .runs import CLAIM_LOST_RESULT, META_KEY
 
 if TYPE_CHECKING:  # the leader imports this module: no guard at run time
-    from .limits import SlotHold
+    from .limits import PermitHold
     from .worker.guard import Attempt, Guard, PendingFinish
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class RunExecution:
     finish_committed: bool = False
     # The slot ADMIT gave a run of a task with limits (limits.py); released when the
     # execution ends, whichever way.
-    slot: SlotHold | None = None
+    slot: PermitHold | None = None
     # Set in the worker process when it killed the work-horse because the horse's claim
     # deadline passed (GuardedWorker.wait_for_horse): that copy records nothing.
     killed_because: str | None = None
@@ -193,12 +193,12 @@ class RunExecution:
         if pending is None or self.finish_committed:
             return
 
-        slot = self.slot if self.slot is not None and not self.slot.released else None
+        slot = self.permit if self.permit is not None and not self.permit.released else None
 
         def committed(reply: Any) -> None:
             self.finish_committed = True
             if slot is not None:
-                slot.released = True  # RELEASE_SLOT rode in the same transaction
+                slot.released = True  # RELEASE_PERMIT rode in the same transaction
             pending.replied(reply)
 
         queue_keeping_reply(pipeline, pending.queue_in, committed)
@@ -218,11 +218,11 @@ class RunExecution:
         try:
             self.finish_if_not_committed()
         finally:
-            self.release_slot()
+            self.release_permit()
 
-    def release_slot(self) -> None:
-        if self.slot is not None:
-            self.slot.release()
+    def release_permit(self) -> None:
+        if self.permit is not None:
+            self.permit.release()
 
 
 class WorkerHooks(Protocol):
@@ -239,7 +239,7 @@ class WorkerHooks(Protocol):
         for a node whose table has it (deploys.py): off the queue, not executed, not failed."""
 
     def admit(self, execution: RunExecution, queue: Queue) -> bool:
-        """Before the run starts (before any fork): False when it is held back, over a
+        """Before the run starts (before any fork): False when it is set aside, over a
         limit of its task or the task paused (limits.py); the job is then off the queue,
         held, and the worker goes on without executing it."""
 
@@ -470,7 +470,7 @@ class GuardedWorker(BaseWorker):
                     self.hooks.leave(job, queue)
                     return  # left for a node whose table has its run: the work loop goes on
                 if execution is not None and not self.hooks.admit(execution, queue):
-                    return  # held back: RQ's work loop goes on to the next job
+                    return  # set aside: RQ's work loop goes on to the next job
             super().execute_job(job, queue)
             if isinstance(job, DailyJob) and job.run_execution is not None and job.run_execution.stopped_for_claim:
                 self.hooks.stopped(job.run_execution, queue)
@@ -595,7 +595,7 @@ class GuardedWorker(BaseWorker):
             if not self.hooks.record_death(job.run_execution, ret_val, rq_can_retry=bool(job.retries_left)):
                 job.retries_left = 0  # not RQ's to retry: failed, or the leader's to take over
         finally:
-            job.run_execution.release_slot()  # the horse is gone: its slot with it
+            job.run_execution.release_permit()  # the horse is gone: its slot with it
 
     def wait_for_horse(self) -> tuple[Any, Any, Any]:
         """RQ's wait for the work-horse (behaviour 8), watching the horse's claim: a horse

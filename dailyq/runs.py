@@ -240,7 +240,7 @@ class DaySlots:
     moving ``at`` from 03:00 to 05:00 (or changing ``tz``) after 03:00 ran would make the
     05:00 slot a new set of runs and run the day again. fan_out records the slot it
     used (HSETNX: the first stays); every path that builds a day's runs from the table
-    maps the task's slot on D through ``slot_of`` (or ``slots_on``): the leader at the
+    maps the task's slot on D through ``slot_of`` (or ``permits_on``): the leader at the
     new slot time (which then finds every run enqueued), trigger, rerun, status,
     alerts, dependencies, metrics, params_book. Cron tasks (several slots a day) are
     never mapped: each slot is its own set of runs."""
@@ -290,11 +290,11 @@ class DaySlots:
         which the leader maps onto the stored one when it comes."""
         if task.at is None or slot.day != self.day or self.stored.get(task.name) != slot:
             return slot.fires_at
-        return max([slot.fires_at] + [own.fires_at for own in task.schedule.slots_on(self.day)])
+        return max([slot.fires_at] + [own.fires_at for own in task.schedule.permits_on(self.day)])
 
-    def slots_on(self, task: Task) -> list[Slot]:
+    def permits_on(self, task: Task) -> list[Slot]:
         """The task's slots on this day, each as ``slot_of`` maps it."""
-        return [self.slot_of(task, slot) for slot in task.schedule.slots_on(self.day)]
+        return [self.slot_of(task, slot) for slot in task.schedule.permits_on(self.day)]
 
 
 def day_slot_json(slot: Slot) -> str:
@@ -317,8 +317,8 @@ def decode_day_slot(raw: bytes | str | None) -> Slot | None:
 def task_slots_on(task: Task, day: date, slots: DaySlots | None = None) -> list[Slot]:
     """``task``'s slots on ``day``, mapped through the day's stored slots when given."""
     if slots is None or slots.day != day:
-        return task.schedule.slots_on(day)
-    return slots.slots_on(task)
+        return task.schedule.permits_on(day)
+    return slots.permits_on(task)
 
 
 def runs_on(table: TaskTable, day: date, task_names: Iterable[str] | None = None,

@@ -209,7 +209,7 @@ class Schedule:
         assert self.cron is not None
         return self.cron.times() if self.cron.matches_day(day) else []
 
-    def slots_on(self, day: date) -> list[Slot]:
+    def permits_on(self, day: date) -> list[Slot]:
         """Every slot whose local date is ``day``, in firing order (DST rule: module docstring)."""
         tz = ZoneInfo(self.zone)
         hourly = self.cron is not None and self.cron.hourly
@@ -245,7 +245,7 @@ class Schedule:
         last_day = until.astimezone(tz).date() + timedelta(days=1)
         found: list[Slot] = []
         while day <= last_day:
-            found.extend(s for s in self.slots_on(day) if after < s.fires_at <= until)
+            found.extend(s for s in self.permits_on(day) if after < s.fires_at <= until)
             day += timedelta(days=1)
         return sorted(found, key=lambda s: s.fires_at)
 
@@ -254,7 +254,7 @@ class Schedule:
         tz = ZoneInfo(self.zone)
         day = after.astimezone(tz).date() - timedelta(days=1)
         for _ in range(_SEARCH_HORIZON_DAYS):
-            for slot in self.slots_on(day):
+            for slot in self.permits_on(day):
                 if slot.fires_at > after:
                     return slot
             day += timedelta(days=1)

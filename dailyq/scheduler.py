@@ -54,7 +54,7 @@ from .fanout import FanOutOptions, fan_out, note_day_slot, trim_durations
 from .fingerprint import table_fingerprint, task_digest
 from .generation import Generation, GenerationWatch, NodeMemory, data_loss_view
 from .lease import Lease
-from .limits import SlotSweep
+from .limits import PermitSweep
 from .outage import MEMORY, refused_for_memory
 from .params_book import next_retry_at, retried, retry_due, slot_runs
 from .pausing import paused_names
@@ -156,7 +156,7 @@ class DailyScheduler:
         self.retries = DueRetries(connection, self.queue)
         self.stranded = StrandedJobs(connection, keys, self.queue, stuck_after_s=settings.claim_ttl_s)
         self.waiting = WaitingRuns(connection, keys, self.queue, table, settings.retention_s)
-        self.slots = SlotSweep(connection, keys, RQKeys(self.queue).queue, table)
+        self.permits = PermitSweep(connection, keys, RQKeys(self.queue).queue, table)
         # Runs of jobs RQ failed outside the guard (settle.py): by Redis's clock, which
         # RQ's scores follow, also when slots fall due by an injected clock.
         self.failed_jobs = FailedJobs(connection, keys, self.queue, settings.retention_s, self.redis_clock)
@@ -194,7 +194,7 @@ class DailyScheduler:
         return json.dumps({"node": self.settings.node_name, "pid": os.getpid(), "since": iso(self.clock()),
                            "token": uuid.uuid4().hex}, sort_keys=True)
 
-    def acquire_lock(self) -> bool:
+    def take_lease(self) -> bool:
         """Take or renew the leader lease; log every change of leadership."""
         if not self.is_leader:
             self.lease.owner = self._new_owner()  # fresh token and "since" for each term
@@ -211,7 +211,7 @@ class DailyScheduler:
         self.is_leader = held
         return held
 
-    def remove_lock(self) -> None:
+    def release_lease(self) -> None:
         if self.is_leader:
             try:
                 if self.lease.release():
@@ -392,13 +392,13 @@ class DailyScheduler:
         self.waiting.ended(self.abandoned.failed)
         self.stranded.requeue()
 
-    def enqueue_jobs(self) -> None:
+    def leader_pass(self) -> None:
         """The leader's pass: slots, recovery, runs held for upstream runs that finished
         (dependencies.py; also those this pass held), retries, and rq-scheduler's delayed
         jobs, each "due" by our clock (Redis's), not the host's."""
         now = self.clock()
         self.fire_due_slots(now)
-        self.slots.sweep()  # every tick: a dead holder's slot serves held runs within a tick of lapsing
+        self.permits.sweep()  # every tick: a dead holder's slot serves held runs within a tick of lapsing
         self.recover_abandoned_runs()
         settled = self.failed_jobs.settle()  # one command every few seconds when RQ failed nothing
         self.waiting.ended([(s.day, s.run_id) for s in settled if s.day is not None])
@@ -514,12 +514,12 @@ class DailyScheduler:
 
     def run_once(self) -> None:
         self._refusable(self.heartbeat)
-        if self.acquire_lock():
+        if self.take_lease():
             try:
                 if not self._writes_work():
                     self._hold_due_slots()
                 else:
-                    self.enqueue_jobs()
+                    self.leader_pass()
                     if self._clear_mark:
                         # Only now: a leader that died before the refused slots went out left
                         # them in the marker for the next one.
@@ -697,7 +697,7 @@ class DailyScheduler:
                     break
                 self._stop.wait(wait_s)
         finally:
-            self.remove_lock()
+            self.release_lease()
             self.data_lost.stop()
             try:
                 self.delayed.register_death()

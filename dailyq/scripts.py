@@ -11,10 +11,10 @@ runs no includes, so the helpers a script uses are prepended to it):
   changes -- load it (or start from its base), set fields, save it; a brand-new
   record is stored as the JSON its writer sent;
 * ``redis_now_ms``: the Redis server's clock, the one clock every node shares;
-* ``purge_slots`` / ``room`` / ``extend_slot`` / ``hold`` / ``promote``: the slots of a task
-  with limits and its held runs (limits.py), shared by ADMIT, RELEASE_SLOT, SWEEP_SLOTS,
-  TOUCH_SLOT, RESUME and RENEW_CLAIM; ``pool_room`` / ``promote_pool``: the same for
-  the tasks of one pool together (ADMIT, RELEASE_SLOT, SWEEP_SLOTS);
+* ``purge_permits`` / ``room`` / ``extend_permit`` / ``hold`` / ``promote``: the slots of a task
+  with limits and its held runs (limits.py), shared by ADMIT, RELEASE_PERMIT, SWEEP_PERMITS,
+  TOUCH_PERMIT, RESUME and RENEW_CLAIM; ``pool_room`` / ``promote_pool``: the same for
+  the tasks of one pool together (ADMIT, RELEASE_PERMIT, SWEEP_PERMITS);
 * ``count_finished``: the day's dependency counts (dependency_counts.py), kept by every
   script that adds a run id to a day's finished set (FINISH, REMOVE_LEFT, REMOVE_WAITING).
 
@@ -212,17 +212,17 @@ end
 """
 
 
-SLOTS_LUA = """
+PERMITS_LUA = """
 -- Slots of a task with limits (limits.py): a sorted set owner -> expiry (ms, Redis clock)
 -- and a hash owner -> node. A member whose expiry passed is a dead or cut-off holder's:
 -- every check drops those first, so its slot frees when its claim would lapse.
-local function purge_slots(slots_key, nodes_key, now)
-  for _, owner in ipairs(redis.call('ZRANGEBYSCORE', slots_key, '-inf', now)) do
-    redis.call('ZREM', slots_key, owner)
+local function purge_permits(permits_key, nodes_key, now)
+  for _, owner in ipairs(redis.call('ZRANGEBYSCORE', permits_key, '-inf', now)) do
+    redis.call('ZREM', permits_key, owner)
     redis.call('HDEL', nodes_key, owner)
   end
 end
-local function slots_on(nodes_key, node)
+local function permits_on(nodes_key, node)
   local n = 0
   for _, holder in ipairs(redis.call('HVALS', nodes_key)) do
     if holder == node then
@@ -233,26 +233,26 @@ local function slots_on(nodes_key, node)
 end
 -- How many more runs may start: by the task-wide limit, and by the per-node one on
 -- ``nodes`` (each node's room added up; a huge number when a limit is not set).
-local function room(slots_key, nodes_key, max_running, max_per_node, nodes)
+local function room(permits_key, nodes_key, max_running, max_per_node, nodes)
   local free = 1000000000
   if max_running > 0 then
-    free = max_running - redis.call('ZCARD', slots_key)
+    free = max_running - redis.call('ZCARD', permits_key)
   end
   if max_per_node > 0 then
     local on_nodes = 0
     for _, node in ipairs(nodes) do
-      on_nodes = on_nodes + math.max(0, max_per_node - slots_on(nodes_key, node))
+      on_nodes = on_nodes + math.max(0, max_per_node - permits_on(nodes_key, node))
     end
     free = math.min(free, on_nodes)
   end
   return free
 end
 -- Extends a live slot only: a released or lapsed one is not taken back by a late renewal.
-local function extend_slot(slots_key, owner, ttl_ms)
+local function extend_permit(permits_key, owner, ttl_ms)
   local now = redis_now_ms()
-  local expiry = tonumber(redis.call('ZSCORE', slots_key, owner))
+  local expiry = tonumber(redis.call('ZSCORE', permits_key, owner))
   if expiry and expiry > now then
-    redis.call('ZADD', slots_key, 'XX', now + ttl_ms, owner)
+    redis.call('ZADD', permits_key, 'XX', now + ttl_ms, owner)
     return 1
   end
   return 0
@@ -273,25 +273,25 @@ end
 -- Bounds: both keys expire ``ttl_s`` after the last hold (a list nothing promotes any
 -- more, say of a task gone from the table, goes), and the index goes when a promote
 -- empties the list (Redis deletes an empty list itself).
-local function hold(held_key, index_key, job_id, ttl_s)
+local function hold(set_aside_key, index_key, job_id, ttl_s)
   if redis.call('EXISTS', index_key) == 0 then
-    local listed = redis.call('LRANGE', held_key, 0, -1)
+    local listed = redis.call('LRANGE', set_aside_key, 0, -1)
     for i = 1, #listed, 1000 do  -- SADD in chunks: unpack has a stack limit
       redis.call('SADD', index_key, unpack(listed, i, math.min(i + 999, #listed)))
     end
   end
-  if redis.call('SADD', index_key, job_id) == 1 or not redis.call('LPOS', held_key, job_id) then
-    redis.call('RPUSH', held_key, job_id)
+  if redis.call('SADD', index_key, job_id) == 1 or not redis.call('LPOS', set_aside_key, job_id) then
+    redis.call('RPUSH', set_aside_key, job_id)
   end
-  redis.call('EXPIRE', held_key, ttl_s)
+  redis.call('EXPIRE', set_aside_key, ttl_s)
   redis.call('EXPIRE', index_key, ttl_s)
 end
 -- Moves up to n held job ids to the front of the queue, the oldest held first in line,
 -- each once (a second copy of an id in the list is dropped, see hold).
-local function promote(held_key, index_key, queue_key, n)
+local function promote(set_aside_key, index_key, queue_key, n)
   local moved, seen, drained = {}, {}, false
   while #moved < n do
-    local job_id = redis.call('LPOP', held_key)
+    local job_id = redis.call('LPOP', set_aside_key)
     if not job_id then
       drained = true
       break
@@ -304,7 +304,7 @@ local function promote(held_key, index_key, queue_key, n)
   end
   -- Ids an older promote left in the index go with the list it emptied (checked only when
   -- something moved: a release with nothing held costs its one LPOP, as before).
-  if #moved > 0 and (drained or redis.call('EXISTS', held_key) == 0) then
+  if #moved > 0 and (drained or redis.call('EXISTS', set_aside_key) == 0) then
     redis.call('DEL', index_key)
   end
   for i = #moved, 1, -1 do
@@ -315,11 +315,11 @@ end
 -- A pool (limits.py) has no slots of its own: a run of a pool's task takes a slot of its
 -- task, and the pool counts the live slots of all its tasks against its size. So the one
 -- slot is both permits, taken and freed at once, and it lapses with the claim as any slot.
--- ``members``: {slots_key, nodes_key} of each task of the pool.
+-- ``members``: {permits_key, nodes_key} of each task of the pool.
 local function pool_room(size, members, now)
   local used = 0
   for _, member in ipairs(members) do
-    purge_slots(member[1], member[2], now)
+    purge_permits(member[1], member[2], now)
     used = used + redis.call('ZCARD', member[1])
   end
   return size - used
@@ -327,7 +327,7 @@ end
 -- Moves held runs of a pool's tasks to the queue's front while the pool and each task have
 -- room (per-node room counted on ``nodes``), dealt one at a time in turn from member
 -- ``first`` on, so no task of the pool waits behind another's backlog; a paused task gets
--- none. ``members``: {name, slots_key, nodes_key, held_key, max_running, max_per_node,
+-- none. ``members``: {name, permits_key, nodes_key, set_aside_key, max_running, max_per_node,
 -- held index} (0: none) of each task of the pool. Returns the job ids moved.
 local function promote_pool(paused_key, queue_key, size, members, nodes, first, now)
   local slot_keys, wants, counts = {}, {}, {}
@@ -672,7 +672,7 @@ RENEW_CLAIM = allow_oom(_lua("""
 -- KEYS[1] = run claim, KEYS[2] = series claim, KEYS[3] = the task's slots (optional)
 -- ARGV[1] = owner, ARGV[2] = ttl (ms)
 -- Returns 'ok', 'taken' (another copy holds it), 'gone' or 'cancelled' (cancelling.py: stop).
-local claim_key, series_key, slots_key = KEYS[1], KEYS[2], KEYS[3]
+local claim_key, series_key, permits_key = KEYS[1], KEYS[2], KEYS[3]
 local owner, ttl_ms = ARGV[1], ARGV[2]
 if pexpire_if_owner(claim_key, owner, ttl_ms) == 0 then
   if cancelled_why(claim_key, owner) then
@@ -681,11 +681,11 @@ if pexpire_if_owner(claim_key, owner, ttl_ms) == 0 then
   return redis.call('EXISTS', claim_key) == 1 and 'taken' or 'gone'
 end
 pexpire_if_owner(series_key, owner, ttl_ms)
-if slots_key then
-  extend_slot(slots_key, owner, ttl_ms)
+if permits_key then
+  extend_permit(permits_key, owner, ttl_ms)
 end
 return 'ok'
-""", OWNER_LUA, NOW_LUA, SLOTS_LUA, CANCELLED_CLAIM_LUA))
+""", OWNER_LUA, NOW_LUA, PERMITS_LUA, CANCELLED_CLAIM_LUA))
 
 TAKE_IF_ABANDONED = _lua(f"""
 -- The leader takes over a run listed as running: only if no live copy holds its claim.
@@ -1042,7 +1042,7 @@ redis.call('HDEL', entries_key, id)
 return 1
 """, OUTBOX_HELD_LUA)
 
-MARK_HELD = allow_oom(_lua("""
+MARK_LEADERSHIP = allow_oom(_lua("""
 -- Under our lease only: records this scheduler tick as the latest held one. When the
 -- previous one is older than the gap, it is left as is and reported: the caller enqueues
 -- the no_leader alert, then calls again with gap 0 (so an alert that could not be
@@ -1084,13 +1084,13 @@ ADMIT = _lua("""
 -- ARGV[7] = max_per_node (0: none), ARGV[8] = the pool's size (0: in no pool),
 -- ARGV[9] = how long the held list lives after its last hold (s)
 -- Returns 'admitted', 'paused' or 'held'.
-local paused_key, slots_key, nodes_key, held_key, intermediate_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local paused_key, permits_key, nodes_key, set_aside_key, intermediate_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local index_key = KEYS[6]
 local task, owner, node, job_id, ttl_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local max_running, max_per_node, pool_size = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local held_ttl_s = tonumber(ARGV[9])
+local set_aside_ttl_s = tonumber(ARGV[9])
 local now = redis_now_ms()
-purge_slots(slots_key, nodes_key, now)
+purge_permits(permits_key, nodes_key, now)
 local pool = {}
 for k = 7, #KEYS, 2 do
   pool[#pool + 1] = {KEYS[k], KEYS[k + 1]}
@@ -1098,24 +1098,24 @@ end
 local why = nil
 if redis.call('HEXISTS', paused_key, task) == 1 then
   why = 'paused'
-elseif room(slots_key, nodes_key, max_running, max_per_node, {node}) < 1 then
+elseif room(permits_key, nodes_key, max_running, max_per_node, {node}) < 1 then
   why = 'held'
 elseif pool_size > 0 and pool_room(pool_size, pool, now) < 1 then
   why = 'held'
 end
 if why then
   redis.call('LREM', intermediate_key, 1, job_id)
-  hold(held_key, index_key, job_id, held_ttl_s)  -- once in the list, however often held
+  hold(set_aside_key, index_key, job_id, set_aside_ttl_s)  -- once in the list, however often held
   return why
 end
 if max_running > 0 or max_per_node > 0 or pool_size > 0 then
-  redis.call('ZADD', slots_key, now + ttl_ms, owner)
+  redis.call('ZADD', permits_key, now + ttl_ms, owner)
   redis.call('HSET', nodes_key, owner, node)
 end
 return 'admitted'
-""", NOW_LUA, SLOTS_LUA)
+""", NOW_LUA, PERMITS_LUA)
 
-RELEASE_SLOT = allow_oom(_lua("""
+RELEASE_PERMIT = allow_oom(_lua("""
 -- An admitted execution ended (finished, failed, not executed after all, or its work-horse
 -- died): its slot frees, and held runs move to the queue's front while there is room --
 -- in the same script as every hold, so no held run misses the wake-up. For a pool's task,
@@ -1128,14 +1128,14 @@ RELEASE_SLOT = allow_oom(_lua("""
 -- size (0: in no pool), ARGV[7] = the task's place among the pool's tasks (from 1), then per
 -- task of the pool: name, max_running (0: none), max_per_node (0: none)
 -- Returns the job ids moved to the queue.
-local paused_key, slots_key, nodes_key, held_key, queue_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local paused_key, permits_key, nodes_key, set_aside_key, queue_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local index_key = KEYS[6]
 local task, owner, node = ARGV[1], ARGV[2], ARGV[3]
 local max_running, max_per_node, pool_size = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = redis_now_ms()
-redis.call('ZREM', slots_key, owner)
+redis.call('ZREM', permits_key, owner)
 redis.call('HDEL', nodes_key, owner)
-purge_slots(slots_key, nodes_key, now)
+purge_permits(permits_key, nodes_key, now)
 if pool_size > 0 then
   local members = pool_members(7, 8, (#KEYS - 6) / 4)
   return promote_pool(paused_key, queue_key, pool_size, members, {node}, tonumber(ARGV[7]) % #members + 1, now)
@@ -1143,10 +1143,10 @@ end
 if redis.call('HEXISTS', paused_key, task) == 1 then
   return {}
 end
-return promote(held_key, index_key, queue_key, room(slots_key, nodes_key, max_running, max_per_node, {node}))
-""", NOW_LUA, SLOTS_LUA))
+return promote(set_aside_key, index_key, queue_key, room(permits_key, nodes_key, max_running, max_per_node, {node}))
+""", NOW_LUA, PERMITS_LUA))
 
-SWEEP_SLOTS = _lua("""
+SWEEP_PERMITS = _lua("""
 -- The leader, every tick: drops lapsed slots (holders that died or were cut off) and moves
 -- held runs of tasks with limits to the queue's front while there is room. Per-node room
 -- is counted on every node that beat within the last ``live_s`` seconds. The tasks of a
@@ -1165,20 +1165,20 @@ local moved = {}
 local pools, pool_names = {}, {}
 for i = 2, #ARGV, 5 do
   local k = 4 + 4 * (i - 2) / 5
-  local slots_key, nodes_key, held_key, index_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local permits_key, nodes_key, set_aside_key, index_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local task, max_running, max_per_node = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local pool, pool_size = ARGV[i + 3], tonumber(ARGV[i + 4])
-  purge_slots(slots_key, nodes_key, now)
+  purge_permits(permits_key, nodes_key, now)
   if pool ~= '' then
     if not pools[pool] then
       pools[pool] = {size = pool_size, members = {}}
       pool_names[#pool_names + 1] = pool
     end
     local members = pools[pool].members
-    members[#members + 1] = {task, slots_key, nodes_key, held_key, max_running, max_per_node, index_key}
-  elseif redis.call('HEXISTS', paused_key, task) == 0 and redis.call('LLEN', held_key) > 0 then
-    for _, job_id in ipairs(promote(held_key, index_key, queue_key,
-                                    room(slots_key, nodes_key, max_running, max_per_node, where))) do
+    members[#members + 1] = {task, permits_key, nodes_key, set_aside_key, max_running, max_per_node, index_key}
+  elseif redis.call('HEXISTS', paused_key, task) == 0 and redis.call('LLEN', set_aside_key) > 0 then
+    for _, job_id in ipairs(promote(set_aside_key, index_key, queue_key,
+                                    room(permits_key, nodes_key, max_running, max_per_node, where))) do
       moved[#moved + 1] = job_id
     end
   end
@@ -1190,16 +1190,16 @@ for _, pool in ipairs(pool_names) do
   end
 end
 return moved
-""", NOW_LUA, SLOTS_LUA)
+""", NOW_LUA, PERMITS_LUA)
 
-TOUCH_SLOT = allow_oom(_lua("""
+TOUCH_PERMIT = allow_oom(_lua("""
 -- Keeps the slot of an admitted run alive while it waits for another copy of the run
 -- (BEGIN said busy): it has no claim yet for RENEW_CLAIM to extend the slot with.
 -- KEYS[1] = the task's slots
 -- ARGV[1] = owner, ARGV[2] = ttl (ms)
 -- Returns 1, or 0 when the slot is gone.
-return extend_slot(KEYS[1], ARGV[1], ARGV[2])
-""", NOW_LUA, SLOTS_LUA))
+return extend_permit(KEYS[1], ARGV[1], ARGV[2])
+""", NOW_LUA, PERMITS_LUA))
 
 RESUME = _lua("""
 -- Resumes a task: no longer paused, and every run held back (paused or over a limit) goes
@@ -1207,11 +1207,11 @@ RESUME = _lua("""
 -- KEYS[1] = paused hash, KEYS[2] = held list, KEYS[3] = queue, KEYS[4] = the held list's index
 -- ARGV[1] = task
 -- Returns {1 if it was paused else 0, number of runs moved}.
-local paused_key, held_key, queue_key, index_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local paused_key, set_aside_key, queue_key, index_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local was_paused = redis.call('HDEL', paused_key, ARGV[1])
-local moved = promote(held_key, index_key, queue_key, redis.call('LLEN', held_key))
+local moved = promote(set_aside_key, index_key, queue_key, redis.call('LLEN', set_aside_key))
 return {was_paused, #moved}
-""", NOW_LUA, SLOTS_LUA)
+""", NOW_LUA, PERMITS_LUA)
 
 
 SETTLE_FAILED = _lua(f"""
@@ -1539,8 +1539,8 @@ return {tostring(mark.since_ms), mark.alerted and '1' or '0', raw}
 
 # -- parsed replies -----------------------------------------------------------------------
 
-# MARK_HELD's answer: ('ok', None, now_ms), ('gap', last_ms, now_ms) or ('not-leader', None, None).
-HeldMark = tuple[str, "int | None", "int | None"]
+# MARK_LEADERSHIP's answer: ('ok', None, now_ms), ('gap', last_ms, now_ms) or ('not-leader', None, None).
+LeadershipMark = tuple[str, "int | None", "int | None"]
 BeginOutcome = Literal["claimed", "finished", "superseded", "exhausted", "busy", "skipped", "cancelled"]
 BEGIN_OUTCOMES: tuple[BeginOutcome, ...] = ("claimed", "finished", "superseded", "exhausted", "busy", "skipped",
                                             "cancelled")
@@ -1556,16 +1556,16 @@ AdmitOutcome = Literal["admitted", "paused", "held"]
 
 @dataclass(frozen=True)
 class LimitedTask:
-    """One task's limits and keys, for SWEEP_SLOTS (and, for the tasks of a pool, ADMIT
-    and RELEASE_SLOT); ``pool`` and ``pool_size`` (0: in no pool) from the table's POOLS."""
+    """One task's limits and keys, for SWEEP_PERMITS (and, for the tasks of a pool, ADMIT
+    and RELEASE_PERMIT); ``pool`` and ``pool_size`` (0: in no pool) from the table's POOLS."""
 
     name: str
     max_running: int | None
     max_per_node: int | None
-    slots_key: str
-    slot_nodes_key: str
-    held_key: str
-    held_index_key: str
+    permits_key: str
+    permit_nodes_key: str
+    set_aside_key: str
+    set_aside_index_key: str
     pool: str | None = None
     pool_size: int = 0
 
@@ -1669,7 +1669,7 @@ def _parse_hold(reply: Any) -> HoldReply:
     return (blocker or None), int(reply[1])
 
 
-def _parse_mark_held(reply: Any) -> HeldMark:
+def _parse_mark_leadership(reply: Any) -> LeadershipMark:
     outcome = reply_text(reply[0])
     if outcome == "gap":
         return outcome, lua_ms(reply[1]), lua_ms(reply[2])
@@ -1961,15 +1961,15 @@ class Scripts:
         self._outbox_ack = register(OUTBOX_ACK)
         self._outbox_retry = register(OUTBOX_RETRY)
         self._outbox_drop = register(OUTBOX_DROP)
-        self._mark_held = register(MARK_HELD)
+        self._mark_parked = register(MARK_LEADERSHIP)
         self._params_store = register(PARAMS_STORE)
         self._set_run_state = register(SET_RUN_STATE)
         self._hold_waiting = register(HOLD_WAITING)
         self._count_deps = register(COUNT_DEPS)
         self._admit = register(ADMIT)
-        self._release_slot = register(RELEASE_SLOT)
-        self._sweep_slots = register(SWEEP_SLOTS)
-        self._touch_slot = register(TOUCH_SLOT)
+        self._release_slot = register(RELEASE_PERMIT)
+        self._sweep_slots = register(SWEEP_PERMITS)
+        self._touch_slot = register(TOUCH_PERMIT)
         self._resume = register(RESUME)
         self._leave = register(LEAVE)
         self._trim_durations = register(TRIM_DURATIONS)
@@ -2085,58 +2085,58 @@ class Scripts:
                            error_if_run_busy, error_if_series_busy, day], reply_text)  # type: ignore[arg-type]
 
     def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int,
-                    slots_key: str | None = None) -> ScriptCall[RenewOutcome]:
-        """``slots_key``: the task's slots, for a run of a task with limits (extended too)."""
-        keys = [claim_key, series_key] + ([slots_key] if slots_key else [])
+                    permits_key: str | None = None) -> ScriptCall[RenewOutcome]:
+        """``permits_key``: the task's slots, for a run of a task with limits (extended too)."""
+        keys = [claim_key, series_key] + ([permits_key] if permits_key else [])
         return ScriptCall(self._renew_claim, keys, [owner, ttl_ms], reply_text)  # type: ignore[arg-type]
 
     # -- limits and pause (limits.py, pausing.py) --
 
-    def admit(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str, held_index_key: str,
+    def admit(self, *, paused_key: str, permits_key: str, permit_nodes_key: str, set_aside_key: str, set_aside_index_key: str,
               intermediate_queue_key: str, task: str, owner: str, node: str, job_id: str, ttl_ms: int,
-              max_running: int | None, max_per_node: int | None, held_ttl_s: int, pool_size: int = 0,
+              max_running: int | None, max_per_node: int | None, set_aside_ttl_s: int, pool_size: int = 0,
               pool: Sequence[LimitedTask] = ()) -> ScriptCall[AdmitOutcome]:
         """``pool``: every task of the run's pool (its own included), of size ``pool_size``;
-        ``held_ttl_s``: how long the held list (and its index) lives after its last hold."""
-        keys = [paused_key, slots_key, slot_nodes_key, held_key, intermediate_queue_key, held_index_key]
+        ``set_aside_ttl_s``: how long the held list (and its index) lives after its last hold."""
+        keys = [paused_key, permits_key, permit_nodes_key, set_aside_key, intermediate_queue_key, set_aside_index_key]
         for member in pool:
-            keys += [member.slots_key, member.slot_nodes_key]
+            keys += [member.permits_key, member.permit_nodes_key]
         return ScriptCall(self._admit, keys,
                           [task, owner, node, job_id, ttl_ms, max_running or 0, max_per_node or 0, pool_size,
-                           held_ttl_s], reply_text)  # type: ignore[arg-type]
+                           set_aside_ttl_s], reply_text)  # type: ignore[arg-type]
 
-    def release_slot(self, *, paused_key: str, slots_key: str, slot_nodes_key: str, held_key: str,
-                     held_index_key: str, queue_key: str, task: str, owner: str, node: str, max_running: int | None,
+    def release_permit(self, *, paused_key: str, permits_key: str, permit_nodes_key: str, set_aside_key: str,
+                     set_aside_index_key: str, queue_key: str, task: str, owner: str, node: str, max_running: int | None,
                      max_per_node: int | None, pool_size: int = 0,
                      pool: Sequence[LimitedTask] = ()) -> ScriptCall[list[str]]:
         """The job ids it moved from the held list (for a pool's task: the pool's tasks'
         held lists) to the queue. ``pool``: every task of the pool, ``task`` among them."""
-        keys = [paused_key, slots_key, slot_nodes_key, held_key, queue_key, held_index_key]
+        keys = [paused_key, permits_key, permit_nodes_key, set_aside_key, queue_key, set_aside_index_key]
         place = next((i + 1 for i, member in enumerate(pool) if member.name == task), 0)
         args: list[Any] = [task, owner, node, max_running or 0, max_per_node or 0, pool_size if place else 0, place]
         for member in pool if place else ():
-            keys += [member.slots_key, member.slot_nodes_key, member.held_key, member.held_index_key]
+            keys += [member.permits_key, member.permit_nodes_key, member.set_aside_key, member.set_aside_index_key]
             args += [member.name, member.max_running or 0, member.max_per_node or 0]
         return ScriptCall(self._release_slot, keys, args, _texts)
 
-    def sweep_slots(self, *, paused_key: str, queue_key: str, nodes_key: str, live_s: int,
+    def sweep_permits(self, *, paused_key: str, queue_key: str, nodes_key: str, live_s: int,
                     tasks: Sequence[LimitedTask]) -> ScriptCall[list[str]]:
         """The job ids it moved from held lists to the queue."""
         keys = [paused_key, queue_key, nodes_key]
         args: list[Any] = [live_s]
         for task in tasks:
-            keys += [task.slots_key, task.slot_nodes_key, task.held_key, task.held_index_key]
+            keys += [task.permits_key, task.permit_nodes_key, task.set_aside_key, task.set_aside_index_key]
             args += [task.name, task.max_running or 0, task.max_per_node or 0, task.pool or "",
                      task.pool_size if task.pool else 0]
         return ScriptCall(self._sweep_slots, keys, args, _texts)
 
-    def touch_slot(self, *, slots_key: str, owner: str, ttl_ms: int) -> ScriptCall[bool]:
-        return ScriptCall(self._touch_slot, [slots_key], [owner, ttl_ms], bool)
+    def touch_permit(self, *, permits_key: str, owner: str, ttl_ms: int) -> ScriptCall[bool]:
+        return ScriptCall(self._touch_slot, [permits_key], [owner, ttl_ms], bool)
 
-    def resume(self, *, paused_key: str, held_key: str, held_index_key: str, queue_key: str,
+    def resume(self, *, paused_key: str, set_aside_key: str, set_aside_index_key: str, queue_key: str,
                task: str) -> ScriptCall[tuple[bool, int]]:
         """(whether the task was paused, how many held runs went back to the queue)."""
-        return ScriptCall(self._resume, [paused_key, held_key, queue_key, held_index_key], [task],
+        return ScriptCall(self._resume, [paused_key, set_aside_key, queue_key, set_aside_index_key], [task],
                           lambda reply: (bool(int(reply[0])), int(reply[1])))
 
     # -- recovery (recovery.py) --
@@ -2204,8 +2204,8 @@ class Scripts:
                     owner: str) -> ScriptCall[bool]:
         return ScriptCall(self._outbox_drop, [outbox_key, in_flight_key, entries_key], [alert_id, owner], bool)
 
-    def mark_held(self, *, lease_key: str, leadership_key: str, owner: str, gap_ms: int) -> ScriptCall[HeldMark]:
-        return ScriptCall(self._mark_held, [lease_key, leadership_key], [owner, gap_ms], _parse_mark_held)
+    def mark_leadership(self, *, lease_key: str, leadership_key: str, owner: str, gap_ms: int) -> ScriptCall[LeadershipMark]:
+        return ScriptCall(self._mark_parked, [lease_key, leadership_key], [owner, gap_ms], _parse_mark_leadership)
 
 
     # -- rolling deploys (deploys.py) --
@@ -2485,7 +2485,7 @@ DOCTOR_PARK = _lua(f"""
 -- parks it (fanout._hold): the leader releases it once its upstream runs have finished.
 -- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = waiting days set,
 -- KEYS[4] = day dependency counts (its held:<task> hint: the release looks only at tasks with some)
--- ARGV[1] = run_id, ARGV[2] = its job id as read, ARGV[3] = the entry (fanout.Held JSON),
+-- ARGV[1] = run_id, ARGV[2] = its job id as read, ARGV[3] = the entry (fanout.Parked JSON),
 -- ARGV[4] = the entry it replaces, as read ('' = none), ARGV[5] = day (ISO), ARGV[6] = retention (s),
 -- ARGV[7] = the run's task
 -- Returns 1, or 0 when the record or the entry changed since (nothing done).

@@ -60,7 +60,7 @@ def record_of(run, state: str, ended_at: str | None = None) -> dict:
 def test_lateness_counts_runs_not_finished_by_the_deadline_whenever_it_is_judged():
     report = task(params=["a", "b", "c", "d"])
     deadline = deadline_at(report, DAY)
-    a, b, c, d = runs_of_slot(report, report.schedule.slots_on(DAY)[0])
+    a, b, c, d = runs_of_slot(report, report.schedule.permits_on(DAY)[0])
     records = {a.run_id: record_of(a, "finished", "2026-11-27T03:59:59+00:00"),
                b.run_id: record_of(b, "finished", "2026-11-27T04:00:01+00:00"),
                c.run_id: record_of(c, "running")}
@@ -83,7 +83,7 @@ def test_slots_after_the_deadline_are_not_due_by_it():
 
 def test_a_failed_run_alert_has_exactly_the_payload_keys_and_one_line_of_text():
     report = task()
-    run = runs_of_slot(report, report.schedule.slots_on(DAY)[0])[0]
+    run = runs_of_slot(report, report.schedule.permits_on(DAY)[0])[0]
     failed = dict(record_of(run, "failed", "2026-11-27T01:00:05+00:00"), node="node-2", attempts=3,
                   error="Traceback (most recent call last):\n  File x\nValueError: " + "x" * 5000)
     alert = run_failed_alert(DAY, run.run_id, failed, utc("2026-11-27T02:00:00+00:00"))
@@ -123,7 +123,7 @@ def test_a_digest_names_every_run_and_its_text_the_first_three():
 
 def test_missed_slots_are_those_past_their_grace_with_no_run_recorded():
     report = task(at=None, cron="0 8,10 * * *", misfire_grace_s=600)
-    eight, ten = report.schedule.slots_on(DAY)
+    eight, ten = report.schedule.permits_on(DAY)
     watched = utc("2026-11-26T00:00:00+00:00")
     now = utc("2026-11-27T10:05:00+08:00")
     assert overdue_slots(report, DAY, now) == [eight]

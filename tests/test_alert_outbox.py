@@ -86,16 +86,16 @@ def test_a_failed_delivery_waits_its_backoff_with_one_more_attempt(outbox):
 def test_the_leadership_record_reports_a_gap_once_and_only_under_the_lease(outbox, connection, settings):
     keys = settings.keys
     lease = Lease(connection, keys.leader, "me", 5000)
-    assert outbox.mark_held(keys.leader, "me", 60_000) == ("not-leader", None, None)
+    assert outbox.mark_leadership(keys.leader, "me", 60_000) == ("not-leader", None, None)
     assert lease.acquire_or_renew()
-    outcome, _, now_ms = outbox.mark_held(keys.leader, "me", 60_000)
+    outcome, _, now_ms = outbox.mark_leadership(keys.leader, "me", 60_000)
     assert outcome == "ok" and outbox.first_held_ms() == now_ms
     connection.hset(keys.leadership, "last_ms", now_ms - 61_000)  # as if nobody led for 61 s
-    outcome, last_ms, later_ms = outbox.mark_held(keys.leader, "me", 60_000)
+    outcome, last_ms, later_ms = outbox.mark_leadership(keys.leader, "me", 60_000)
     assert (outcome, last_ms) == ("gap", now_ms - 61_000) and later_ms >= now_ms
-    assert outbox.mark_held(keys.leader, "me", 60_000)[0] == "gap"  # until the caller has raised it
-    assert outbox.mark_held(keys.leader, "me", 0)[0] == "ok"
-    assert outbox.mark_held(keys.leader, "me", 60_000)[0] == "ok"
+    assert outbox.mark_leadership(keys.leader, "me", 60_000)[0] == "gap"  # until the caller has raised it
+    assert outbox.mark_leadership(keys.leader, "me", 0)[0] == "ok"
+    assert outbox.mark_leadership(keys.leader, "me", 60_000)[0] == "ok"
     assert outbox.first_held_ms() == now_ms
 
 
@@ -167,7 +167,7 @@ def test_detection_raises_each_alert_once_whichever_leader_looks(connection, set
     now = datetime.fromtimestamp(connection.time()[0], timezone.utc)
     today = now.astimezone(ZoneInfo(zone)).date()
     connection.hset(keys.leadership, "first_ms", int((now - timedelta(days=3)).timestamp() * 1000))
-    (slot,) = late.schedule.slots_on(today)
+    (slot,) = late.schedule.permits_on(today)
     run_id = runs_of_slot(late, slot)[0].run_id
     failed = dict(new_record("late", '"a"', slot.isoformat(), run_id, FAILED), attempts=1, node="n1",
                   error="RuntimeError: boom", ended_at=slot.fires_at.isoformat())
@@ -181,7 +181,7 @@ def test_detection_raises_each_alert_once_whichever_leader_looks(connection, set
     # Today: the failed run, so the day is late too. Yesterday: the slot never fired,
     # so the day is late as well.
     yesterday = today - timedelta(days=1)
-    (old_slot,) = late.schedule.slots_on(yesterday)
+    (old_slot,) = late.schedule.permits_on(yesterday)
     assert sorted(raised) == sorted([f"run_failed:{run_id}:1", f"day_late:late:{today}", f"day_late:late:{yesterday}",
                                      f"slot_missed:late:{old_slot.label}"])
     assert first.detect() == []

@@ -321,4 +321,4 @@ def test_the_rq_check_sees_private_imports_layout_and_key_names() -> None:
                      "from rq_scheduler import Scheduler", ".intermediate_queue_key (line 8)", ".key_for (line 8)",
                      "'rq:queue:' (line 8)", "'rq:job:' (line 8)"]
     assert RQ_KEYS_IN_LUA.search("redis.call('LPUSH', queue_key, id)")
-    assert not RQ_KEYS_IN_LUA.search("redis.call('LPUSH', held_key, id)")
+    assert not RQ_KEYS_IN_LUA.search("redis.call('LPUSH', set_aside_key, id)")

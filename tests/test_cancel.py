@@ -235,7 +235,7 @@ def test_a_cancelled_run_held_by_a_pause_never_starts_after_resume(redis_server,
     wait_for(lambda: connection.exists(keys.heartbeat("worker", "node-a")), 30, "the worker")
     assert run_cli(["pause", "sample"], env).returncode == 0
     assert run_cli(["trigger", "--date", DAY], env).returncode == 0
-    wait_for(lambda: connection.llen(keys.held("sample")) == 1, 30, "the worker to set the run aside")
+    wait_for(lambda: connection.llen(keys.set_aside("sample")) == 1, 30, "the worker to set the run aside")
     settings = Settings(redis_url=redis_server.url, prefix=prefix, node_name="node-ops",
                         tasks_module="tests.sample_tasks")
     assert [r["state"] for r in dailyq.cancel(connection, DAY, "sample", user="carol", settings=settings)

@@ -132,13 +132,13 @@ def test_a_leader_fires_nothing_again_after_a_flush_and_keeps_the_pause(own):
     clock = FakeClock(at(8, 59))
     scheduler = DailyScheduler(connection, settings, table, clock=clock)
     pause(connection, keys, table, ["u"], "node-x")
-    assert scheduler.acquire_lock()
+    assert scheduler.take_lease()
     scheduler.heartbeat()  # reads the mark and the paused tasks
     clock.now = at(9, 0, 30)
     assert scheduler.fire_due_slots(clock()) == 2  # t's two runs; u is paused
     connection.flushall()
     clock.now = at(9, 0, 40)
-    assert scheduler.acquire_lock()  # the lease was gone: taken again, still the same term
+    assert scheduler.take_lease()  # the lease was gone: taken again, still the same term
     assert scheduler.fire_due_slots(clock()) == 0  # u was due: the mark was read, the pause written back
     assert connection.hget(keys.cursor, "t") is not None
     assert json.loads(connection.hget(keys.paused, "u"))["by"] == "node-x"  # type: ignore[arg-type]
@@ -152,14 +152,14 @@ def test_a_new_term_after_a_restart_goes_on_from_the_cursors_the_leader_had(own,
     table = two_tasks()
     clock = FakeClock(at(8, 59))
     scheduler = DailyScheduler(connection, settings, table, clock=clock)
-    assert scheduler.acquire_lock()
+    assert scheduler.take_lease()
     scheduler.heartbeat()
     clock.now = at(9, 0, 30)
     assert scheduler.fire_due_slots(clock()) == 3
     own_redis.restart()  # empty: no persistence
     scheduler.is_leader = False  # as the scheduler's loop does on the connection error
     clock.now = at(9, 1)
-    assert scheduler.acquire_lock()  # a new term loads the (empty) cursors ...
+    assert scheduler.take_lease()  # a new term loads the (empty) cursors ...
     assert scheduler.fire_due_slots(clock()) == 0  # ... but notices the loss before it fires
     assert {k.decode() for k in connection.hkeys(settings.keys.cursor)} == {"t", "u"}
 
@@ -171,8 +171,8 @@ def test_a_scheduler_that_never_led_remembers_the_cursors_it_read(own):
     leader = DailyScheduler(connection, settings, table, clock=clock)
     standby = DailyScheduler(connection, replace(settings, node_name="node-b"), table,
                              clock=clock)
-    assert leader.acquire_lock()
-    assert not standby.acquire_lock()
+    assert leader.take_lease()
+    assert not standby.take_lease()
     standby.heartbeat()
     clock.now = at(9, 0, 30)
     assert leader.fire_due_slots(clock()) == 3
@@ -180,7 +180,7 @@ def test_a_scheduler_that_never_led_remembers_the_cursors_it_read(own):
     standby.heartbeat()  # a standby's beat reads the cursors too
     connection.flushall()  # and the leader is gone with the lease
     clock.now = at(9, 1)
-    assert standby.acquire_lock()
+    assert standby.take_lease()
     assert standby.fire_due_slots(clock()) == 0
 
 

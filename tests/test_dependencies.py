@@ -1,4 +1,4 @@
-"""Task dependencies (``Task(after=[...])``, dependencies.py): held runs, their release
+"""Task dependencies (``Task(after=[...])``, dependencies.py): parked runs, their release
 against the tests' redis-server (no mocks), and chains across real node processes."""
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def test_a_computed_upstream_slot_without_its_list_holds_downstream_runs_until_i
     fan_out(connection, keys, queue, runs_on(table, DAY, ["down"]), FanOutOptions(RETENTION_S))
     # No list stored for up's slot: its runs are unknown, so nothing is released (not "no runs").
     assert release(connection, keys, table).released == []
-    (slot,) = table.get("up").schedule.slots_on(DAY)
+    (slot,) = table.get("up").schedule.permits_on(DAY)
     now = datetime(2026, 11, 20, 3, 0, tzinfo=slot.fires_at.tzinfo)
     assert settle(connection, keys, table.get("up"), slot, now, RETENTION_S, when="failed").params == ["eu", "us"]
     up_ids = [Run(table.get("up"), region, slot).run_id for region in ("eu", "us")]
@@ -228,7 +228,7 @@ def test_downstream_runs_of_a_computed_slot_whose_callable_failed_for_good_are_b
                             retries=0),
                        Task(name="down", func=RECORD, params=["x"], at="03:00", after=["up"])])
     fan_out(connection, keys, make_queue(connection, keys), runs_on(table, DAY, ["down"]), FanOutOptions(RETENTION_S))
-    (slot,) = table.get("up").schedule.slots_on(DAY)
+    (slot,) = table.get("up").schedule.permits_on(DAY)
     now = datetime(2026, 11, 20, 3, 0, tzinfo=slot.fires_at.tzinfo)
     assert settle(connection, keys, table.get("up"), slot, now, RETENTION_S, when="failed").next_try_at is None
     assert release(connection, keys, table).released == []

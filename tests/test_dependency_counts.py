@@ -80,7 +80,7 @@ def test_a_look_after_an_upstream_run_ended_costs_the_same_whatever_the_days_siz
         leader_tick, released = commands_of(connection, leader.release_all)
         assert released == []
         costs[n] = (worker_look, leader_tick)
-        # The last upstream run finishing releases every held run, once.
+        # The last upstream run finishing releases every parked run, once.
         finish(connection, day_keys, up[-1:])
         assert sorted(release_after(connection, day_keys, queue, table, DAY, retention_s=RETENTION_S,
                                     tasks=["down"], ended=up[-1].run_id).released) == sorted(ids(table, "down"))
@@ -181,7 +181,7 @@ def test_runs_the_leader_records_failed_block_the_runs_held_for_them_at_once(con
     queue = make_queue(connection, keys)
     fan_out(connection, keys, queue, runs_on(table, DAY), FanOutOptions(RETENTION_S))
     leader = WaitingRuns(connection, keys, queue, table, RETENTION_S)
-    assert leader.release_all() == []  # its first, full look: every held run waiting
+    assert leader.release_all() == []  # its first, full look: every parked run waiting
     bad = ids(table, "up")[0]
     fail(connection, keys, bad)
     leader.release_all()

@@ -9,7 +9,7 @@ from datetime import date
 
 import dailyq
 from dailyq.dependencies import release_ready
-from dailyq.fanout import Held
+from dailyq.fanout import Parked
 from dailyq.ops import consistency as doctor
 from dailyq.recovery import AbandonedRuns
 from dailyq.rq_seam import DailyJob
@@ -77,7 +77,7 @@ def test_doctor_finds_a_planted_inconsistency_of_each_kind_and_repair_settles_ea
     # Stale entries: running (a queued run), waiting (a queued run whose job is queued),
     # left (a job its run's record no longer names).
     connection.hset(keys.running, listed_by_mistake, DAY)
-    connection.hset(keys.day_waiting(day), broken.run_id, Held("broken", '"x"', broken.slot.isoformat(),
+    connection.hset(keys.day_waiting(day), broken.run_id, Parked("broken", '"x"', broken.slot.isoformat(),
                                                                 broken.run_id).to_json())
     stale_left = f"{left_behind}-r5"
     connection.zadd(keys.left, {stale_left: 0})
@@ -183,7 +183,7 @@ def rec(state: str, job: str | None, task: str = "t", **extra) -> dict:
 
 
 def entry(job: str) -> str:
-    return Held("t", '"p"', "2026-11-26T03:00:00+00:00", job).to_json()
+    return Parked("t", '"p"', "2026-11-26T03:00:00+00:00", job).to_json()
 
 
 def test_the_core_names_each_kind_from_plain_data_and_leaves_backed_runs_alone():

@@ -329,7 +329,7 @@ def test_the_task_sees_its_run_and_each_execution_a_greater_fence(connection, se
     g = guard(connection, settings)
     zoned = Task(name="t", func=sample_record, params=[{"k": "値"}], at="09:00", tz="Asia/Shanghai")
     task = TaskTable([zoned]).get("t")
-    slot = task.schedule.slots_on(DAY)[0]
+    slot = task.schedule.permits_on(DAY)[0]
     run = RunJob(Run(task, {"k": "値"}, slot), "job-1", force=True, max_attempts=3)
     def task() -> None:  # fails twice, then succeeds: three executions of one job
         seen.append(current_run())

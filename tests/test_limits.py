@@ -82,7 +82,7 @@ def all_done(connection: Redis, prefix: str, count: int, param_prefix: str) -> b
 def test_max_running_holds_across_nodes_and_other_tasks_are_not_held_up(settings, processes, connection):
     env = limits_env(settings, LIMIT_MAX_RUNNING="2", SAMPLE_SLEEP_S="2")
     keys = settings.keys
-    # No scheduler: the held runs must be woken by the releases alone (the leader's sweep
+    # No scheduler: the set-aside runs must be woken by the releases alone (the leader's sweep
     # is for dead holders).
     start_workers(processes, env, ["n1", "n2", "n3"], 2, connection, keys)
     enqueue(connection, settings, env, ["limited", "other"])
@@ -93,12 +93,12 @@ def test_max_running_holds_across_nodes_and_other_tasks_are_not_held_up(settings
     assert most_at_once([(s, e) for s, e, _ in limited.values()]) == 2
     # The other task's runs went on beside the limited task's backlog, not behind it.
     assert max(s for s, _, _ in other.values()) < max(s for s, _, _ in limited.values())
-    # Each held run started within 2 s of a limited run ending (a slot freeing).
+    # Each set-aside run started within 2 s of a limited run ending (a slot freeing).
     ends = sorted(e for _, e, _ in limited.values())
     for start in sorted(s for s, _, _ in limited.values())[2:]:
-        assert any(0 <= start - end <= 2.0 for end in ends), f"a held run waited too long ({start}, {ends})"
-    assert connection.exists(keys.held("limited"), keys.held_index("limited")) == 0  # drained: list and index gone
-    assert connection.zcard(keys.limit_slots("limited")) == 0  # every slot released
+        assert any(0 <= start - end <= 2.0 for end in ends), f"a set-aside run waited too long ({start}, {ends})"
+    assert connection.exists(keys.set_aside("limited"), keys.set_aside_index("limited")) == 0  # drained: list and index gone
+    assert connection.zcard(keys.limit_permits("limited")) == 0  # every slot released
 
 
 def test_max_per_node_never_runs_two_on_one_node(settings, processes, connection):
@@ -124,7 +124,7 @@ def test_a_sigkilled_holders_slot_frees_when_its_claim_lapses(settings, processe
     def starts() -> list[dict]:
         return [e for e in executions(connection, settings.prefix) if e["event"] == "start"]
 
-    wait_for(lambda: len(starts()) == 1 and connection.llen(keys.held("limited")) == 1, timeout=30,
+    wait_for(lambda: len(starts()) == 1 and connection.llen(keys.set_aside("limited")) == 1, timeout=30,
              what="one run executing and the other held")
     horse = starts()[0]["pid"]
     (holder,) = [w for w in workers if horse in children_of(w.pid)]
@@ -133,10 +133,10 @@ def test_a_sigkilled_holders_slot_frees_when_its_claim_lapses(settings, processe
     os.killpg(holder.pid, signal.SIGKILL)
     os.kill(horse, signal.SIGKILL)
     killed_at = time.time()
-    wait_for(lambda: len(starts()) == 2, timeout=25, what="the held run to start")
+    wait_for(lambda: len(starts()) == 2, timeout=25, what="the set-aside run to start")
     waited_s = starts()[1]["t"] - killed_at
     # Claim TTL 6 s (base_env), renewed every second: the slot lapses 5 to 6 s after the
-    # kill, and the leader's next tick (1 s) moves the held run; slack for a loaded machine.
+    # kill, and the leader's next tick (1 s) moves the set-aside run; slack for a loaded machine.
     assert 4.0 <= waited_s <= 12.0, waited_s
     # The second run sleeps 30 s: end its work-horse now, so that the teardown's warm stop
     # of its worker does not wait for it (15 s of suite time).

@@ -216,7 +216,7 @@ def test_the_lease_the_leadership_mark_and_an_executing_runs_end_work_on_a_full_
     # The lease: taken, renewed, released; the leadership mark; the memory-full marker.
     assert scripts.lease_acquire_or_renew(lease_key=keys.leader, owner="me", ttl_ms=3000).run()
     assert scripts.lease_acquire_or_renew(lease_key=keys.leader, owner="me", ttl_ms=3000).run()
-    assert scripts.mark_held(lease_key=keys.leader, leadership_key=keys.leadership, owner="me", gap_ms=0).run()[0] \
+    assert scripts.mark_leadership(lease_key=keys.leader, leadership_key=keys.leadership, owner="me", gap_ms=0).run()[0] \
         == "ok"
     assert scripts.lease_release(lease_key=keys.leader, owner="me").run()
     # A run executing now renews its claim and records its end.

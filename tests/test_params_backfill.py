@@ -74,7 +74,7 @@ def test_a_params_callable_returning_a_list_is_called_once_at_the_slot(env, conn
     before.run_once()
     assert calls(connection, prefix) == 1
     computed = before.table.get("computed")
-    stored = ParamsBook.read(connection, settings.keys, DAY).params_of(computed, computed.schedule.slots_on(DAY)[0])
+    stored = ParamsBook.read(connection, settings.keys, DAY).params_of(computed, computed.schedule.permits_on(DAY)[0])
     assert stored == ["2026-11-26-a-v1", "2026-11-26-b-v1"]
     # A new leader firing the same slot again (its cursor lost) reuses the stored list.
     connection.delete(settings.keys.leader, settings.keys.cursor)
@@ -268,7 +268,7 @@ def test_alerts_and_metrics_count_a_computed_slot_by_its_stored_list():
     from dailyq.params_book import ParamsBook, SlotParams, field_of
 
     task = load_table("tests.computed_tasks").get("computed")
-    slot = task.schedule.slots_on(DAY)[0]
+    slot = task.schedule.permits_on(DAY)[0]
     after = SLOT + timedelta(minutes=5)  # within the misfire grace
     nothing = ParamsBook(DAY, {})
     failed = ParamsBook(DAY, {field_of(task, slot): SlotParams("computed", slot.isoformat(), error="boom",

@@ -38,7 +38,7 @@ def at(hour: int, minute: int, second: int = 0) -> datetime:
 
 def leader(connection, settings, table, clock: FakeClock) -> DailyScheduler:
     scheduler = DailyScheduler(connection, settings, table, clock=clock)
-    assert scheduler.acquire_lock()
+    assert scheduler.take_lease()
     return scheduler
 
 
@@ -125,9 +125,9 @@ def test_pause_before_a_slot_then_resume(settings, processes, connection):
 
     # The worker took the queued runs off the queue and held them; the slot passed with a
     # leader ticking, and fanned out nothing.
-    wait_for(lambda: connection.llen(keys.held("other")) == 2, timeout=30, what="the queued runs to be held")
-    # Bounded: the held list and its index expire a retention after the last hold.
-    for key in (keys.held("other"), keys.held_index("other")):
+    wait_for(lambda: connection.llen(keys.set_aside("other")) == 2, timeout=30, what="the queued runs to be held")
+    # Bounded: the set-aside list and its index expire a retention after the last hold.
+    for key in (keys.set_aside("other"), keys.set_aside_index("other")):
         assert 0 < connection.ttl(key) <= settings.retention_s, key
     wait_for(lambda: connection.exists(keys.leader) and redis_now() > slot_at + timedelta(seconds=2),
              timeout=40, what="the slot to pass under a leader")
@@ -140,12 +140,12 @@ def test_pause_before_a_slot_then_resume(settings, processes, connection):
 
     resumed = run_cli(["resume", "--all"], env)
     assert resumed.returncode == 0, resumed.stderr
-    assert "other: resumed, 2 held runs back in the queue" in resumed.stdout
-    assert connection.exists(keys.held("other"), keys.held_index("other")) == 0  # drained: both gone
+    assert "other: resumed, 2 set-aside runs back in the queue" in resumed.stdout
+    assert connection.exists(keys.set_aside("other"), keys.set_aside_index("other")) == 0  # drained: both gone
 
     def states(day: date, task: str) -> set[str]:
         runs = json.loads(run_cli(["status", "--date", day.isoformat(), "--json"], env).stdout)["runs"]
         return {r["state"] for r in runs if r["task"] == task}
 
     wait_for(lambda: states(today, "limited") == {"finished"} and states(DAY, "other") == {"finished"},
-             timeout=30, what="the slot's runs (within grace) and the held runs to finish", every=0.5)
+             timeout=30, what="the slot's runs (within grace) and the set-aside runs to finish", every=0.5)

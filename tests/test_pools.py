@@ -92,46 +92,46 @@ def test_status_text_shows_each_pools_use():
 # -- the scripts (the tests' redis-server) ------------------------------------------------
 
 def member(keys: Keys, name: str, size: int, max_running: int | None = None, pool: str | None = "w") -> LimitedTask:
-    return LimitedTask(name, max_running, None, keys.limit_slots(name), keys.limit_slot_nodes(name), keys.held(name),
-                       keys.held_index(name), pool, size if pool else 0)
+    return LimitedTask(name, max_running, None, keys.limit_permits(name), keys.limit_permit_nodes(name), keys.set_aside(name),
+                       keys.set_aside_index(name), pool, size if pool else 0)
 
 
 def admit(scripts: Scripts, keys: Keys, task: LimitedTask, pool: list[LimitedTask], owner: str,
           ttl_ms: int = TTL_MS) -> str:
-    return scripts.admit(paused_key=keys.paused, slots_key=task.slots_key, slot_nodes_key=task.slot_nodes_key,
-                         held_key=task.held_key, held_index_key=task.held_index_key,
+    return scripts.admit(paused_key=keys.paused, permits_key=task.permits_key, permit_nodes_key=task.permit_nodes_key,
+                         set_aside_key=task.set_aside_key, set_aside_index_key=task.set_aside_index_key,
                          intermediate_queue_key=f"{keys.prefix}:q:intermediate", task=task.name, owner=owner,
                          node="n1", job_id=f"job-{owner}", ttl_ms=ttl_ms, max_running=task.max_running,
-                         max_per_node=None, held_ttl_s=HELD_TTL_S, pool_size=task.pool_size, pool=pool).run()
+                         max_per_node=None, set_aside_ttl_s=HELD_TTL_S, pool_size=task.pool_size, pool=pool).run()
 
 
 def release(scripts: Scripts, keys: Keys, task: LimitedTask, pool: list[LimitedTask], owner: str) -> list[str]:
-    return scripts.release_slot(paused_key=keys.paused, slots_key=task.slots_key, slot_nodes_key=task.slot_nodes_key,
-                                held_key=task.held_key, held_index_key=task.held_index_key,
+    return scripts.release_permit(paused_key=keys.paused, permits_key=task.permits_key, permit_nodes_key=task.permit_nodes_key,
+                                set_aside_key=task.set_aside_key, set_aside_index_key=task.set_aside_index_key,
                                 queue_key=f"{keys.prefix}:q", task=task.name, owner=owner,
                                 node="n1", max_running=task.max_running, max_per_node=None,
                                 pool_size=task.pool_size, pool=pool).run()
 
 
 def slots(connection: Redis, task: LimitedTask) -> set[str]:
-    return {m.decode() for m in connection.zrange(task.slots_key, 0, -1)}
+    return {m.decode() for m in connection.zrange(task.permits_key, 0, -1)}
 
 
 def held(connection: Redis, task: LimitedTask) -> list[str]:
-    return [j.decode() for j in connection.lrange(task.held_key, 0, -1)]
+    return [j.decode() for j in connection.lrange(task.set_aside_key, 0, -1)]
 
 
 def indexed(connection: Redis, task: LimitedTask) -> set[str]:
-    return {j.decode() for j in connection.smembers(task.held_index_key)}
+    return {j.decode() for j in connection.smembers(task.set_aside_index_key)}
 
 
 def test_a_run_needs_room_in_its_task_and_its_pool_and_a_refused_one_takes_nothing(scripts, connection, keys):
     a, b = member(keys, "a", 2, max_running=1), member(keys, "b", 2)
     pool = [a, b]
     assert admit(scripts, keys, a, pool, "a1") == "admitted"
-    assert admit(scripts, keys, a, pool, "a2") == "held"  # a's own limit; the pool had room
+    assert admit(scripts, keys, a, pool, "a2") == "set_aside"  # a's own limit; the pool had room
     assert admit(scripts, keys, b, pool, "b1") == "admitted"
-    assert admit(scripts, keys, b, pool, "b2") == "held"  # b has no limit; the pool is full
+    assert admit(scripts, keys, b, pool, "b2") == "set_aside"  # b has no limit; the pool is full
     assert slots(connection, a) == {"a1"} and slots(connection, b) == {"b1"}  # no permit taken by a refusal
     assert held(connection, a) == ["job-a2"] and held(connection, b) == ["job-b2"]
     outside = member(keys, "c", 0, max_running=5, pool=None)
@@ -144,7 +144,7 @@ def test_a_freed_slot_wakes_held_runs_of_the_pools_tasks_in_turn(scripts, connec
     for owner in ("a1", "a2"):
         assert admit(scripts, keys, a, pool, owner) == "admitted"
     for task, owner in ((a, "a3"), (b, "b1"), (b, "b2")):
-        assert admit(scripts, keys, task, pool, owner) == "held"
+        assert admit(scripts, keys, task, pool, owner) == "set_aside"
     assert release(scripts, keys, a, pool, "a1") == ["job-b1"]  # the task after a's comes first
     assert indexed(connection, b) == {"job-b2"}  # moved off b's list and its index, by a's release
     assert admit(scripts, keys, b, pool, "b1") == "admitted"
@@ -154,11 +154,11 @@ def test_a_freed_slot_wakes_held_runs_of_the_pools_tasks_in_turn(scripts, connec
     assert release(scripts, keys, a, pool, "a2") == []  # b paused, a has nothing held
     assert held(connection, b) == ["job-b2"]
     connection.hdel(keys.paused, "b")
-    release(scripts, keys, a, pool, "a3")  # two free now, one held run
+    release(scripts, keys, a, pool, "a3")  # two free now, one set-aside run
     assert [j.decode() for j in connection.lrange(f"{keys.prefix}:q", 0, -1)] == ["job-b2", "job-a3", "job-b1"]
     assert slots(connection, a) == set() and slots(connection, b) == set()
-    # Every held list drained: nothing of them, list or index, stays behind.
-    assert connection.exists(a.held_key, a.held_index_key, b.held_key, b.held_index_key) == 0
+    # Every set-aside list drained: nothing of them, list or index, stays behind.
+    assert connection.exists(a.set_aside_key, a.set_aside_index_key, b.set_aside_key, b.set_aside_index_key) == 0
 
 
 def test_a_dead_holders_slot_frees_the_pool_at_the_leaders_sweep(scripts, connection, keys):
@@ -168,17 +168,17 @@ def test_a_dead_holders_slot_frees_the_pool_at_the_leaders_sweep(scripts, connec
     # A TTL of 1 s, not less: the first sweep must come before it ends, on a loaded machine too
     # (with 50 ms it once came after, in a parallel run).
     assert admit(scripts, keys, a, pool, "dead", ttl_ms=1000) == "admitted"
-    assert admit(scripts, keys, b, pool, "b1") == "held"
+    assert admit(scripts, keys, b, pool, "b1") == "set_aside"
 
     def sweep() -> list[str]:
-        return scripts.sweep_slots(paused_key=keys.paused, queue_key=f"{keys.prefix}:q", nodes_key=keys.nodes,
+        return scripts.sweep_permits(paused_key=keys.paused, queue_key=f"{keys.prefix}:q", nodes_key=keys.nodes,
                                    live_s=600, tasks=[a, outside, b]).run()
 
     assert sweep() == []
     time.sleep(1.1)  # a's holder died: its slot, and so its pool permit, lapses
     assert sweep() == ["job-b1"]
     assert slots(connection, a) == set()
-    assert connection.exists(b.held_key, b.held_index_key) == 0  # the sweep's promote drained both
+    assert connection.exists(b.set_aside_key, b.set_aside_index_key) == 0  # the sweep's promote drained both
 
 
 # -- real node processes ------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_a_pool_of_two_shared_by_two_tasks_on_three_nodes(settings, processes: P
     # load also has max_running=1: its runs need both permits.
     env = pools_env(settings, POOL_SIZE="2", LOAD_MAX_RUNNING="1", SAMPLE_SLEEP_S="1.5")
     keys = settings.keys
-    # No scheduler: held runs must be woken by the releases alone (the leader's sweep is
+    # No scheduler: set-aside runs must be woken by the releases alone (the leader's sweep is
     # for dead holders).
     start_workers(processes, env, ["n1", "n2", "n3"], 2, connection, keys)
     table = enqueue(connection, settings, env, monkeypatch, ["load", "export", "other"])
@@ -242,13 +242,13 @@ def test_a_pool_of_two_shared_by_two_tasks_on_three_nodes(settings, processes: P
     # Neither task of the pool waited behind the other's backlog.
     assert min(s for s, _, _ in export.values()) < max(s for s, _, _ in load.values())
     assert min(s for s, _, _ in load.values()) < max(s for s, _, _ in export.values())
-    # Each held run started within 2 s of a pool's run ending (a permit freeing).
+    # Each set-aside run started within 2 s of a pool's run ending (a permit freeing).
     ends = sorted(e for _, e, _ in pooled)
     for start in sorted(s for s, _, _ in pooled)[2:]:
-        assert any(0 <= start - end <= 2.0 for end in ends), f"a held run waited too long ({start}, {ends})"
+        assert any(0 <= start - end <= 2.0 for end in ends), f"a set-aside run waited too long ({start}, {ends})"
     for name in ("load", "export"):
-        assert connection.exists(keys.held(name), keys.held_index(name)) == 0  # drained: list and index gone
-        assert connection.zcard(keys.limit_slots(name)) == 0  # every permit released
+        assert connection.exists(keys.set_aside(name), keys.set_aside_index(name)) == 0  # drained: list and index gone
+        assert connection.zcard(keys.limit_permits(name)) == 0  # every permit released
     assert use() == {"size": 2, "running": 0, "set_aside": 0}
 
 
@@ -264,7 +264,7 @@ def test_a_sigkilled_holders_permit_lapses_and_a_run_of_the_other_task_starts(se
         return [e for e in executions(connection, settings.prefix) if e["event"] == "start"]
 
     def held_runs() -> int:
-        return connection.llen(keys.held("load")) + connection.llen(keys.held("export"))
+        return connection.llen(keys.set_aside("load")) + connection.llen(keys.set_aside("export"))
 
     wait_for(lambda: len(starts()) == 1 and held_runs() == 1, timeout=30,
              what="one run of the pool executing and the other held")
@@ -276,12 +276,12 @@ def test_a_sigkilled_holders_permit_lapses_and_a_run_of_the_other_task_starts(se
     os.killpg(holder.pid, signal.SIGKILL)
     os.kill(horse, signal.SIGKILL)
     killed_at = time.time()
-    wait_for(lambda: len(starts()) == 2, timeout=25, what="the held run to start")
+    wait_for(lambda: len(starts()) == 2, timeout=25, what="the set-aside run to start")
     second = starts()[1]
     assert second["param"][0] != first["param"][0]  # the other task's run: the pool, not a task limit
     waited_s = second["t"] - killed_at
     # Claim TTL 6 s (base_env), renewed every second: the slot lapses 5 to 6 s after the
-    # kill, and the leader's next tick (1 s) moves the held run; slack for a loaded machine.
+    # kill, and the leader's next tick (1 s) moves the set-aside run; slack for a loaded machine.
     assert 4.0 <= waited_s <= 12.0, waited_s
     # End the second run's work-horse now, so the teardown's warm stop does not wait 30 s.
     os.kill(second["pid"], signal.SIGKILL)

@@ -34,7 +34,7 @@ def test_daily_at_fires_once_per_local_day_in_its_zone():
 def test_run_date_is_the_slot_date_in_the_task_zone_not_utc():
     # Kiritimati is UTC+14: its 01:00 on the 26th is 11:00 UTC on the 25th.
     schedule = Schedule.parse("01:00", None, "Pacific/Kiritimati")
-    (slot,) = schedule.slots_on(date(2026, 11, 26))
+    (slot,) = schedule.permits_on(date(2026, 11, 26))
     assert slot.fires_at == utc(2026, 11, 25, 11, 0)
     assert slot.day == date(2026, 11, 26)
 
@@ -96,7 +96,7 @@ def test_cron_sunday_is_0_and_7():
 
 def test_cron_in_a_zone_far_from_the_host():
     schedule = Schedule.parse(None, "0 6 * * *", "Pacific/Auckland")
-    (slot,) = schedule.slots_on(date(2026, 11, 26))
+    (slot,) = schedule.permits_on(date(2026, 11, 26))
     assert slot.fires_at == utc(2026, 11, 25, 17, 0)  # NZDT is UTC+13
 
 

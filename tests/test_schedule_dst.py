@@ -92,7 +92,7 @@ def label_of(local: datetime, occurrence: int) -> str:
 
 def oracle(schedule: Schedule, zone: str, day: date, *, hourly: bool) -> list[Expected]:
     walked = minutes_of(zone, day)
-    # The oracle reads the table's wall times, not how slots_on turns them into instants.
+    # The oracle reads the table's wall times, not how permits_on turns them into instants.
     walls = [datetime.combine(day, t) for t in schedule.wall_times(day)]
     wanted = set(walls)
     out: list[Expected] = []
@@ -134,7 +134,7 @@ def test_every_dst_day_matches_the_minute_by_minute_oracle(zone, at, cron, hourl
     assert schedule.cron is None or schedule.cron.hourly == hourly
     for day in dst_days(zone):
         expected = oracle(schedule, zone, day, hourly=hourly)
-        slots = schedule.slots_on(day)
+        slots = schedule.permits_on(day)
         assert got(slots) == expected, (zone, day)
         assert len({s.fires_at for s in slots}) == len(slots), "two slots at one instant"
         assert len({s.label for s in slots}) == len(slots), "two slots with one identity"
@@ -165,10 +165,10 @@ def utc(*args: int) -> datetime:
 
 def test_hourly_cron_in_new_york_has_23_slots_in_spring_and_25_in_autumn():
     schedule = Schedule.parse(None, "0 * * * *", "America/New_York")
-    spring = schedule.slots_on(date(2026, 3, 8))
+    spring = schedule.permits_on(date(2026, 3, 8))
     assert len(spring) == len({s.fires_at for s in spring}) == 23
     assert "20260308T020000" not in [s.label for s in spring]
-    autumn = schedule.slots_on(date(2026, 11, 1))
+    autumn = schedule.permits_on(date(2026, 11, 1))
     assert len(autumn) == len({s.fires_at for s in autumn}) == 25
     one_am = [s for s in autumn if s.local.hour == 1]
     assert [(s.label, s.isoformat(), s.fires_at) for s in one_am] == [
@@ -180,21 +180,21 @@ def test_hourly_cron_in_new_york_has_23_slots_in_spring_and_25_in_autumn():
 @pytest.mark.parametrize("at, cron", [("01:30", None), (None, "30 1 * * *")])
 def test_fixed_hours_and_at_fire_at_the_first_of_a_repeated_time(at, cron):
     schedule = Schedule.parse(at, cron, "America/New_York")
-    assert [(s.label, s.fires_at) for s in schedule.slots_on(date(2026, 11, 1))] == [
+    assert [(s.label, s.fires_at) for s in schedule.permits_on(date(2026, 11, 1))] == [
         ("20261101T013000", utc(2026, 11, 1, 5, 30))]
 
 
 @pytest.mark.parametrize("at, cron", [("02:30", None), (None, "30 2 * * *")])
 def test_fixed_hours_and_at_fire_a_gap_time_the_gap_later(at, cron):
     schedule = Schedule.parse(at, cron, "America/New_York")
-    (slot,) = schedule.slots_on(date(2026, 3, 8))
+    (slot,) = schedule.permits_on(date(2026, 3, 8))
     assert (slot.label, slot.fires_at, slot.isoformat()) == (
         "20260308T023000", utc(2026, 3, 8, 7, 30), "2026-03-08T02:30:00-05:00")  # 03:30 EDT
 
 
 def test_a_gap_time_landing_on_another_slot_is_that_slot():
     schedule = Schedule.parse(None, "0 2,3 * * *", "America/New_York")
-    assert [(s.label, s.fires_at) for s in schedule.slots_on(date(2026, 3, 8))] == [
+    assert [(s.label, s.fires_at) for s in schedule.permits_on(date(2026, 3, 8))] == [
         ("20260308T030000", utc(2026, 3, 8, 7))]
 
 
@@ -202,7 +202,7 @@ def test_labels_of_ordinary_days_keep_their_format():
     # Stored keys and run ids name slots by these labels: a day without a change keeps them.
     for zone in ZONES:
         for cron in HOURLY_CRONS[:2]:
-            slots = Schedule.parse(None, cron, zone).slots_on(date(2026, 12, 2))
+            slots = Schedule.parse(None, cron, zone).permits_on(date(2026, 12, 2))
             assert [s.label for s in slots] == [s.local.strftime("%Y%m%dT%H%M%S") for s in slots]
             assert all(s.fold == 0 for s in slots)
 

@@ -69,7 +69,7 @@ def enqueued(connection, settings, day: date = DAY) -> set[str]:
 # -- the mapping, pure ------------------------------------------------------------------
 
 def slot_at(at_text: str, tz: str = "UTC", day: date = DAY):
-    (slot,) = TaskTable([task(at=at_text, tz=tz)]).get("t").schedule.slots_on(day)
+    (slot,) = TaskTable([task(at=at_text, tz=tz)]).get("t").schedule.permits_on(day)
     return slot
 
 
@@ -78,13 +78,13 @@ def test_a_once_a_day_task_maps_onto_the_stored_slot_and_a_cron_task_never_does(
     t, c = moved.get("t"), moved.get("c")
     three = slot_at("03:00")
     slots = DaySlots.decode(DAY, {b"t": day_slot_json(three).encode(), b"c": day_slot_json(three).encode()})
-    (five,) = t.schedule.slots_on(DAY)
-    assert slots.slot_of(t, five) == three and slots.slots_on(t) == [three]
-    assert slots.slots_on(c) == c.schedule.slots_on(DAY)  # several slots a day: one run per slot
+    (five,) = t.schedule.permits_on(DAY)
+    assert slots.slot_of(t, five) == three and slots.permits_on(t) == [three]
+    assert slots.permits_on(c) == c.schedule.permits_on(DAY)  # several slots a day: one run per slot
     # Another day, or a day with nothing stored, keeps the table's slot.
-    (next_five,) = t.schedule.slots_on(DAY + timedelta(days=1))
+    (next_five,) = t.schedule.permits_on(DAY + timedelta(days=1))
     assert slots.slot_of(t, next_five) == next_five
-    assert DaySlots(DAY).slots_on(t) == [five]
+    assert DaySlots(DAY).permits_on(t) == [five]
     # The day's runs are those of the stored slot: the ids the records have.
     assert [r.run_id for r in runs_on(moved, DAY, ["t"], slots=slots)] == [Run(t, p, three).run_id for p in ("a", "b")]
     assert {r.slot for r in runs_on(moved, DAY, ["t"])} == {five}
@@ -94,7 +94,7 @@ def test_a_tz_change_keeps_the_stored_zone_and_bad_entries_are_ignored():
     tokyo = TaskTable([task(at="03:00", tz="Asia/Tokyo")]).get("t")
     utc_slot = slot_at("03:00")
     slots = DaySlots.decode(DAY, {"t": day_slot_json(utc_slot)})
-    (mapped,) = slots.slots_on(tokyo)
+    (mapped,) = slots.permits_on(tokyo)
     assert mapped.zone == "UTC" and mapped.fires_at == at(3) and mapped.isoformat() == "2026-11-26T03:00:00+00:00"
     other_day = slot_at("03:00", day=DAY - timedelta(days=1))
     bad = {"t": day_slot_json(other_day), "u": "not json", "v": json.dumps({"slot": "2026-11-26T03:00:00+00:00",
@@ -105,7 +105,7 @@ def test_a_tz_change_keeps_the_stored_zone_and_bad_entries_are_ignored():
 def test_a_slot_moved_after_it_ran_is_not_reported_missed():
     old = TaskTable([task(at="03:00", misfire_grace_s=60)]).get("t")
     new = TaskTable([task(at="05:00", misfire_grace_s=60, tz="America/New_York")]).get("t")
-    (ran,) = old.schedule.slots_on(DAY)
+    (ran,) = old.schedule.permits_on(DAY)
     fired = {("t", ran.isoformat())}
     slots = DaySlots(DAY, {"t": ran})
     now = at(12)
@@ -154,7 +154,7 @@ def test_a_param_added_with_the_move_is_scheduled_until_the_new_time_then_joins_
     assert states == {"a": "queued", "b": "queued", "c": "scheduled"}  # not missed: it fans out at 05:00
     second, _ = leader(connection, settings, v2, at(5, 0, 1))
     second.run_once()
-    (three,) = v1.get("t").schedule.slots_on(DAY)
+    (three,) = v1.get("t").schedule.permits_on(DAY)
     assert sorted(enqueued(connection, settings)) == sorted(Run(v2.get("t"), p, three).run_id for p in "abc")
     late = {r["param"]: r["state"] for r in day_status(connection, keys, v2, DAY, at(6, 0, 2))["runs"]}
     assert late == {"a": "queued", "b": "queued", "c": "queued"}
@@ -315,7 +315,7 @@ def test_a_fan_out_of_another_slot_of_a_once_a_day_task_follows_the_stored_one(c
     fan_out(connection, keys, queue, runs_on(v1, DAY), FanOutOptions(settings.retention_s))
     with caplog.at_level(logging.WARNING, logger="dailyq.fanout"):
         result = fan_out(connection, keys, queue, runs_on(v2, DAY), FanOutOptions(settings.retention_s))
-    (three,) = v1.get("t").schedule.slots_on(DAY)
+    (three,) = v1.get("t").schedule.permits_on(DAY)
     assert result.enqueued == [Run(v2.get("t"), "c", three).run_id] and len(result.already) == 2
     assert sorted(queue.job_ids) == sorted(Run(v2.get("t"), p, three).run_id for p in ("a", "b", "c"))
     assert any("were mapped onto it" in m for m in caplog.messages)

@@ -681,7 +681,7 @@ def test_outbox_claim_removes_an_id_without_its_entry(scripts, connection, keys)
 
 def test_mark_held_only_under_our_lease_and_reports_a_gap(scripts, connection, keys) -> None:
     def mark(owner: str, gap_ms: int) -> tuple[str, int | None, int | None]:
-        return scripts.mark_held(lease_key=keys.leader, leadership_key=keys.leadership, owner=owner,
+        return scripts.mark_leadership(lease_key=keys.leader, leadership_key=keys.leadership, owner=owner,
                                  gap_ms=gap_ms).run()
 
     assert mark("a", 0) == ("not-leader", None, None)
@@ -715,40 +715,40 @@ class LimitKeys:
 
     @property
     def index(self) -> str:
-        return self.keys.held_index(self.task)
+        return self.keys.set_aside_index(self.task)
 
     def admit(self, scripts: Scripts, owner: str, node: str = "n1", job_id: str | None = None,
               max_running: int | None = 2, max_per_node: int | None = None, ttl_ms: int = TTL_MS) -> str:
-        return scripts.admit(paused_key=self.keys.paused, slots_key=self.keys.limit_slots(self.task),
-                             slot_nodes_key=self.keys.limit_slot_nodes(self.task), held_key=self.keys.held(self.task),
-                             held_index_key=self.index, intermediate_queue_key=self.intermediate, task=self.task,
+        return scripts.admit(paused_key=self.keys.paused, permits_key=self.keys.limit_permits(self.task),
+                             permit_nodes_key=self.keys.limit_permit_nodes(self.task), set_aside_key=self.keys.set_aside(self.task),
+                             set_aside_index_key=self.index, intermediate_queue_key=self.intermediate, task=self.task,
                              owner=owner, node=node, job_id=job_id or f"job-{owner}", ttl_ms=ttl_ms,
-                             max_running=max_running, max_per_node=max_per_node, held_ttl_s=RETENTION_S).run()
+                             max_running=max_running, max_per_node=max_per_node, set_aside_ttl_s=RETENTION_S).run()
 
     def release(self, scripts: Scripts, owner: str, node: str = "n1", max_running: int | None = 2,
                 max_per_node: int | None = None) -> list[str]:
-        return scripts.release_slot(paused_key=self.keys.paused, slots_key=self.keys.limit_slots(self.task),
-                                    slot_nodes_key=self.keys.limit_slot_nodes(self.task),
-                                    held_key=self.keys.held(self.task), held_index_key=self.index,
+        return scripts.release_permit(paused_key=self.keys.paused, permits_key=self.keys.limit_permits(self.task),
+                                    permit_nodes_key=self.keys.limit_permit_nodes(self.task),
+                                    set_aside_key=self.keys.set_aside(self.task), set_aside_index_key=self.index,
                                     queue_key=self.queue, task=self.task,
                                     owner=owner, node=node, max_running=max_running,
                                     max_per_node=max_per_node).run()
 
     def held(self, connection: Redis) -> list[str]:
-        return [j.decode() for j in connection.lrange(self.keys.held(self.task), 0, -1)]
+        return [j.decode() for j in connection.lrange(self.keys.set_aside(self.task), 0, -1)]
 
     def indexed(self, connection: Redis) -> set[str]:
         return {j.decode() for j in connection.smembers(self.index)}
 
     def resume(self, scripts: Scripts) -> tuple[bool, int]:
-        return scripts.resume(paused_key=self.keys.paused, held_key=self.keys.held(self.task),
-                              held_index_key=self.index, queue_key=self.queue, task=self.task).run()
+        return scripts.resume(paused_key=self.keys.paused, set_aside_key=self.keys.set_aside(self.task),
+                              set_aside_index_key=self.index, queue_key=self.queue, task=self.task).run()
 
     def queued(self, connection: Redis) -> list[str]:
         return [j.decode() for j in connection.lrange(self.queue, 0, -1)]
 
     def slots(self, connection: Redis) -> set[str]:
-        return {m.decode() for m in connection.zrange(self.keys.limit_slots(self.task), 0, -1)}
+        return {m.decode() for m in connection.zrange(self.keys.limit_permits(self.task), 0, -1)}
 
 
 @pytest.fixture
@@ -772,15 +772,15 @@ def calls_of(connection: Redis, command: str) -> int:
     return int(connection.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
-# What an older version (before keys.held_index) does to a held list, command for command:
+# What an older version (before keys.set_aside_index) does to a held list, command for command:
 # its ADMIT held with LREM + RPUSH, its promote took the head with LPOP; neither touches the index.
 def older_hold(connection: Redis, lim: LimitKeys, job_id: str) -> None:
-    connection.lrem(lim.keys.held(lim.task), 0, job_id)
-    connection.rpush(lim.keys.held(lim.task), job_id)
+    connection.lrem(lim.keys.set_aside(lim.task), 0, job_id)
+    connection.rpush(lim.keys.set_aside(lim.task), job_id)
 
 
 def older_promote(connection: Redis, lim: LimitKeys) -> None:
-    job_id = connection.lpop(lim.keys.held(lim.task))
+    job_id = connection.lpop(lim.keys.set_aside(lim.task))
     connection.lpush(lim.queue, job_id)
 
 
@@ -798,7 +798,7 @@ def test_a_hold_checks_the_held_lists_index_not_the_list(scripts, connection, li
 
 
 def test_a_held_list_an_older_version_kept_is_indexed_at_the_first_hold(scripts, connection, lim) -> None:
-    connection.rpush(lim.keys.held(lim.task), "job-x", "job-y")  # no index: an older version's holds
+    connection.rpush(lim.keys.set_aside(lim.task), "job-x", "job-y")  # no index: an older version's holds
     assert lim.admit(scripts, "a", max_running=1) == "admitted"
     assert lim.admit(scripts, "y", max_running=1) == "held"
     assert lim.held(connection) == ["job-x", "job-y"]  # listed once
@@ -819,21 +819,21 @@ def test_an_older_versions_hold_beside_the_index_is_moved_once(scripts, connecti
     connection.hset(lim.keys.paused, lim.task, "{}")
     assert lim.resume(scripts) == (True, 3)  # each once, none lost
     assert lim.queued(connection) == ["job-b", "job-c", "job-d"]
-    assert connection.exists(lim.keys.held(lim.task), lim.index) == 0
+    assert connection.exists(lim.keys.set_aside(lim.task), lim.index) == 0
 
 
 def test_held_lists_expire_after_the_last_hold_and_go_when_drained(scripts, connection, lim) -> None:
-    held_key = lim.keys.held(lim.task)
+    set_aside_key = lim.keys.set_aside(lim.task)
     assert lim.admit(scripts, "a", max_running=1) == "admitted"
     assert lim.admit(scripts, "b", max_running=1) == "held"
-    for key in (held_key, lim.index):
+    for key in (set_aside_key, lim.index):
         assert 0 < connection.ttl(key) <= RETENTION_S, key
         connection.expire(key, 5)
     assert lim.admit(scripts, "c", max_running=1) == "held"
-    assert all(connection.ttl(key) > 5 for key in (held_key, lim.index))  # refreshed by the hold
+    assert all(connection.ttl(key) > 5 for key in (set_aside_key, lim.index))  # refreshed by the hold
     older_promote(connection, lim)  # job-b: off the list, still in the index
     assert lim.release(scripts, "a", max_running=1) == ["job-c"]
-    assert connection.exists(held_key, lim.index) == 0  # the stale id went with the drained list
+    assert connection.exists(set_aside_key, lim.index) == 0  # the stale id went with the drained list
 
 
 def test_admit_counts_per_node(scripts, connection, lim) -> None:
@@ -884,30 +884,30 @@ def test_release_moves_nothing_while_the_task_is_paused(scripts, connection, lim
 
 
 def test_renew_claim_extends_a_live_slot_only(scripts, connection, keys, run, lim) -> None:
-    slots = keys.limit_slots(lim.task)
+    slots = keys.limit_permits(lim.task)
     assert lim.admit(scripts, "a", ttl_ms=1000) == "admitted"
     connection.set(keys.claim(run.run_id), "a")
     before = connection.zscore(slots, "a")
     assert scripts.renew_claim(claim_key=keys.claim(run.run_id), series_key=keys.series_claim(run.series),
-                               owner="a", ttl_ms=60_000, slots_key=slots).run() == "ok"
+                               owner="a", ttl_ms=60_000, permits_key=slots).run() == "ok"
     assert connection.zscore(slots, "a") > before + 50_000
     lim.release(scripts, "a")
     assert scripts.renew_claim(claim_key=keys.claim(run.run_id), series_key=keys.series_claim(run.series),
-                               owner="a", ttl_ms=60_000, slots_key=slots).run() == "ok"
+                               owner="a", ttl_ms=60_000, permits_key=slots).run() == "ok"
     assert connection.zscore(slots, "a") is None  # a released slot is not taken back
-    assert scripts.touch_slot(slots_key=slots, owner="a", ttl_ms=1000).run() is False
+    assert scripts.touch_permit(permits_key=slots, owner="a", ttl_ms=1000).run() is False
     assert lim.admit(scripts, "b", ttl_ms=1000) == "admitted"
-    assert scripts.touch_slot(slots_key=slots, owner="b", ttl_ms=60_000).run() is True
+    assert scripts.touch_permit(permits_key=slots, owner="b", ttl_ms=60_000).run() is True
 
 
 def test_sweep_frees_lapsed_slots_and_counts_room_on_live_nodes(scripts, connection, keys, lim) -> None:
     from dailyq.scripts import LimitedTask
 
-    task = LimitedTask(lim.task, None, 1, keys.limit_slots(lim.task), keys.limit_slot_nodes(lim.task),
-                       keys.held(lim.task), lim.index)
+    task = LimitedTask(lim.task, None, 1, keys.limit_permits(lim.task), keys.limit_permit_nodes(lim.task),
+                       keys.set_aside(lim.task), lim.index)
 
     def sweep() -> list[str]:
-        return scripts.sweep_slots(paused_key=keys.paused, queue_key=lim.queue, nodes_key=keys.nodes, live_s=600,
+        return scripts.sweep_permits(paused_key=keys.paused, queue_key=lim.queue, nodes_key=keys.nodes, live_s=600,
                                    tasks=[task]).run()
 
     seconds, _ = connection.time()
@@ -920,7 +920,7 @@ def test_sweep_frees_lapsed_slots_and_counts_room_on_live_nodes(scripts, connect
     time.sleep(1.1)  # b's holder died: its slot lapses
     assert sweep() == ["job-c"]
     assert lim.queued(connection) == ["job-c"] and lim.slots(connection) == {"a"}
-    assert connection.exists(keys.held(lim.task), lim.index) == 0
+    assert connection.exists(keys.set_aside(lim.task), lim.index) == 0
     connection.hset(keys.paused, lim.task, "{}")
     assert lim.admit(scripts, "d", node="n2", max_running=None, max_per_node=1) == "paused"
     assert sweep() == []  # paused: held runs stay
@@ -934,5 +934,5 @@ def test_resume_unpauses_and_puts_every_held_run_back_at_the_front(scripts, conn
     assert lim.resume(scripts) == (True, 2)
     assert lim.queued(connection) == ["job-a", "job-b", "later"]
     assert connection.hexists(keys.paused, lim.task) == 0
-    assert connection.exists(keys.held(lim.task), lim.index) == 0  # drained: the index went with the list
+    assert connection.exists(keys.set_aside(lim.task), lim.index) == 0  # drained: the index went with the list
     assert lim.resume(scripts) == (False, 0)

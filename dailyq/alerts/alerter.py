@@ -135,7 +135,7 @@ class AlertService:
         # after a failed delivery when the endpoint's rest ends, at once for a new alert.
         self._claim_at = 0.0
         self._next_mark = 0.0
-        # How often the leader notes that it leads (MARK_HELD): a few times within the
+        # How often the leader notes that it leads (MARK_LEADERSHIP): a few times within the
         # no_leader threshold, so a leader that ticks never looks absent, and at most every
         # MARK_EVERY_S. Without alerts only seldom (the record is then kept only for a
         # node whose alerts are turned on later): idle Redis traffic is a budget.
@@ -183,10 +183,10 @@ class AlertService:
             return
         gap_ms = self.settings.alert_no_leader_s * 1000 if self.enabled else 0
         try:
-            outcome, last_ms, now_ms = self.outbox.mark_held(scheduler.lease.key, scheduler.lease.owner, gap_ms)
+            outcome, last_ms, now_ms = self.outbox.mark_leadership(scheduler.lease.key, scheduler.lease.owner, gap_ms)
             if outcome == "gap" and last_ms is not None and now_ms is not None:
                 self._raise([no_leader_alert(last_ms, now_ms, self.settings.node_name)])
-                outcome, _, _ = self.outbox.mark_held(scheduler.lease.key, scheduler.lease.owner, 0)
+                outcome, _, _ = self.outbox.mark_leadership(scheduler.lease.key, scheduler.lease.owner, 0)
             self._tick_outage.recovered()
         except RedisError as exc:
             self._tick_outage.failed(exc)

@@ -165,7 +165,7 @@ def deadline_at(task: Task, day: date) -> datetime | None:
     deadline or without slots that day."""
     if task.deadline is None:
         return None
-    slots = task.schedule.slots_on(day)
+    slots = task.schedule.permits_on(day)
     if not slots:
         return None
     zone = ZoneInfo(task.tz)

@@ -81,10 +81,10 @@ class Outbox:
             waiting, in_flight = pipe.execute()
         return int(waiting), int(in_flight)
 
-    def mark_held(self, lease_key: str, owner: str, gap_ms: int) -> tuple[str, int | None, int | None]:
-        """This tick held the lease (see scripts.MARK_HELD): ('ok', None, now), ('gap', last, now)
+    def mark_leadership(self, lease_key: str, owner: str, gap_ms: int) -> tuple[str, int | None, int | None]:
+        """This tick held the lease (see scripts.MARK_LEADERSHIP): ('ok', None, now), ('gap', last, now)
         or ('not-leader', None, None)."""
-        return self._scripts.mark_held(lease_key=lease_key, leadership_key=self.keys.leadership, owner=owner,
+        return self._scripts.mark_leadership(lease_key=lease_key, leadership_key=self.keys.leadership, owner=owner,
                                        gap_ms=gap_ms).run()
 
     def first_held_ms(self) -> int | None:

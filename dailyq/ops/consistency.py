@@ -16,7 +16,7 @@ Kinds (a public contract, documented in docs/commands.md, "Checking a day": adde
 ``queued_unbacked``      record ``queued`` (``paused`` in status) whose job is in none of:
                          the queue, RQ's intermediate queue, its started and scheduled
                          (retry) registries, rq-scheduler's delayed jobs, the task's held
-                         list (the list, not its index ``keys.held_index``, which only
+                         list (the list, not its index ``keys.set_aside_index``, which only
                          spares a hold the scan), ``left`` -- or is there but RQ's job
                          hash is gone (RQ drops
                          such an entry unseen). Repair: the job id back at the queue's
@@ -80,7 +80,7 @@ from redis import Redis
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 
-from ..fanout import Again, Held
+from ..fanout import Again, Parked
 from ..keys import Keys
 from ..redis_values import as_text
 from ..rq_seam import DailyJob, RQKeys
@@ -132,7 +132,7 @@ class Snapshot:
     left_info: Mapping[str, str] = field(default_factory=dict)  # job id -> raw JSON (keys.left_info)
     claims: AbstractSet[str] = frozenset()  # run ids whose claim key exists
     running: Mapping[str, str] = field(default_factory=dict)  # keys.running: run id -> day (every day's)
-    waiting: Mapping[str, str] = field(default_factory=dict)  # keys.day_waiting: run id -> raw fanout.Held
+    waiting: Mapping[str, str] = field(default_factory=dict)  # keys.day_waiting: run id -> raw fanout.Parked
     jobs: AbstractSet[str] = frozenset()  # job ids whose RQ job hash exists (of those asked about)
     paused: AbstractSet[str] = frozenset()  # paused task names (a queued run of one shows ``paused``)
     finished_runs: AbstractSet[str] = frozenset()  # run ids in the day's finished set (keys.day_finished)
@@ -162,7 +162,7 @@ class Settle:
 
 @dataclass(frozen=True)
 class Park:
-    """A held run's waiting entry written again (replacing ``old``, as read; '' = none)."""
+    """A parked run's waiting entry written again (replacing ``old``, as read; '' = none)."""
 
     entry: str
     old: str = ""
@@ -206,14 +206,14 @@ class Problem:
                 "detail": self.detail, "repair": self.repair}
 
 
-# Rebuilds a held run's waiting entry (fanout.Held JSON) from a task table, or None.
+# Rebuilds a parked run's waiting entry (fanout.Parked JSON) from a task table, or None.
 Rebuild = Callable[[str, Mapping[str, Any]], Union[str, None]]
 
 
 # -- the pure core ------------------------------------------------------------------------------
 
 def find_problems(snap: Snapshot, rebuild: Rebuild | None = None) -> list[Problem]:
-    """Every inconsistency in ``snap``, by kind then run id. ``rebuild``: how a held run
+    """Every inconsistency in ``snap``, by kind then run id. ``rebuild``: how a parked run
     whose waiting entry is gone is parked again (None: such runs are failed)."""
     found = Finder(snap, rebuild or (lambda run_id, record: None))
     for run_id, record in snap.records.items():
@@ -331,7 +331,7 @@ class Finder:
                      "park it again in the waiting hash, rebuilt from this node's task table: the leader releases "
                      "it once its upstream runs have finished", Park(parked, old=entry or ""))
             return
-        error = (f"doctor: held for its upstream runs, but {missing}, and this node's task table cannot park "
+        error = (f"doctor: parked for its upstream runs, but {missing}, and this node's task table cannot park "
                  f"it again (no task {task} with slot {record.get('slot')} on {self.day}); rerun it to run it")
         self.add(run_id, WAITING_UNBACKED, record, job_id or None, detail, f"record it failed ({error!r})",
                  Settle(FAILED, error, entry=entry or ""))
@@ -396,14 +396,14 @@ def _json(raw: str | None) -> dict[str, Any]:
 
 
 def _entry_job(raw: str | None) -> str | None:
-    """The job id a waiting entry (fanout.Held JSON) would push; None without an entry."""
+    """The job id a waiting entry (fanout.Parked JSON) would push; None without an entry."""
     if raw is None:
         return None
     return str(_json(raw).get("job_id") or "")
 
 
 def _entry_task(raw: str) -> str:
-    """The task a waiting entry (fanout.Held JSON) holds a run of ('~' if it names none)."""
+    """The task a waiting entry (fanout.Parked JSON) holds a run of ('~' if it names none)."""
     return str(_json(raw).get("task") or "~")
 
 
@@ -411,7 +411,7 @@ RERUN_SUFFIX = re.compile(r"-r(\d+)$")
 
 
 def table_rebuild(table: TaskTable, day: date, slots: DaySlots | None = None) -> Rebuild:
-    """A held run's waiting entry rebuilt from ``table``, as dependencies.py rebuilds the
+    """A parked run's waiting entry rebuilt from ``table``, as dependencies.py rebuilds the
     run at release: its task, one of the task's slots on ``day`` and its param must give
     the same run id. A rerun's job ({run_id}-rN) keeps its number and rerun id (force: a
     rerun's own job, so BEGIN does not skip it for the run's earlier finish)."""
@@ -437,7 +437,7 @@ def table_rebuild(table: TaskTable, day: date, slots: DaySlots | None = None) ->
                           new_run=bool(rerun_id), attempts_before=int(record.get("attempts_before") or 0))
         elif job_id != run.job_id():
             return None
-        return Held(task.name, run.param_json, run.slot.isoformat(), job_id, force=again is not None and bool(
+        return Parked(task.name, run.param_json, run.slot.isoformat(), job_id, force=again is not None and bool(
             again.rerun_id), again=again).to_json()
 
     return rebuild
@@ -488,7 +488,7 @@ def _read_atomically(connection: Redis, keys: Keys, queue: Queue, day: date, tas
         for key in registries:
             pipe.zrange(key, 0, -1)
         for task in tasks:
-            pipe.lrange(keys.held(task), 0, -1)
+            pipe.lrange(keys.set_aside(task), 0, -1)
         pipe.hgetall(keys.left_info)
         pipe.hgetall(keys.running)
         pipe.hgetall(keys.day_waiting(day))

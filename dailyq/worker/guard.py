@@ -203,7 +203,7 @@ class Attempt:
     begin_sent_at: float = 0.0
     # A run of a task with limits (limits.py): the slots key its claim renewals also
     # extend, and what keeps its slot while BEGIN says busy (it has no claim yet).
-    slots_key: str | None = None
+    permits_key: str | None = None
     while_waiting: Callable[[], None] | None = None
     # BEGIN said busy at least once: this copy waited for another one (guard._gave_up_waiting).
     waited_busy: bool = False
@@ -282,7 +282,7 @@ class Guard:
         ttl_ms = self.claim_ttl_s * 1000
         held = self.keeper.hold(run.run_id, self.keys.claim(run.run_id), self.keys.series_claim(run.series),
                                 attempt.owner, ttl_ms, confirmed_at=attempt.begin_sent_at,
-                                slots_key=attempt.slots_key, shared_deadline=attempt.shared_deadline)
+                                permits_key=attempt.permits_key, shared_deadline=attempt.shared_deadline)
         context = RunContext(task=run.run.task.name, param=run.run.param, day=run.day, slot=run.run.slot.in_zone,
                              run_id=run.context_run_id, attempt=attempt.attempt, node=self.node,
                              fence=attempt.fence, _lost_because=held.lost_because)
@@ -336,7 +336,7 @@ class Guard:
             log.exception("run %s: could not look at the runs waiting for it; the leader will",
                           run.run_id, extra={"run_id": run.run_id})
 
-    def _stopped(self, run: RunJob, held: "HeldRun", cancel_retry: Callable[[], None]) -> dict[str, str]:
+    def _stopped(self, run: RunJob, held: "KeptClaim", cancel_retry: Callable[[], None]) -> dict[str, str]:
         self.keeper.release(run.run_id)
         cancel_retry()
         if held.cancelled:
@@ -416,7 +416,7 @@ class Guard:
         run = attempt.run
         renew = self.scripts.renew_claim(claim_key=self.keys.claim(run.run_id),
                                          series_key=self.keys.series_claim(run.series), owner=attempt.owner,
-                                         ttl_ms=self.claim_ttl_s * 1000, slots_key=attempt.slots_key)
+                                         ttl_ms=self.claim_ttl_s * 1000, permits_key=attempt.permits_key)
         outage = OutageLog(log, f"confirming the claim of run {run.run_id}")
         told = False
         while True:
@@ -509,15 +509,15 @@ def default_claim_margin_s(claim_ttl_s: float) -> float:
     return min(max(2.0, claim_ttl_s / 5), claim_ttl_s / 2)
 
 
-class HeldRun:
+class KeptClaim:
     """One run executing in this process under a claim, as the keeper sees it."""
 
     def __init__(self, keeper: "ClaimKeeper", run_id: str, claim_key: str, series_key: str, owner: str,
-                 ttl_ms: int, confirmed_at: float, slots_key: str | None = None,
+                 ttl_ms: int, confirmed_at: float, permits_key: str | None = None,
                  shared_deadline: ClaimDeadline | None = None) -> None:
         self.keeper = keeper
         self.shared_deadline = shared_deadline
-        self.slots_key = slots_key
+        self.permits_key = permits_key
         self.run_id = run_id
         self.claim_key = claim_key
         self.series_key = series_key
@@ -561,7 +561,7 @@ class HeldRun:
 class _Calling:
     """Marks the span in which the task function runs: only then is it stopped."""
 
-    def __init__(self, held: HeldRun) -> None:
+    def __init__(self, held: KeptClaim) -> None:
         self.held = held
 
     def __enter__(self) -> None:
@@ -606,19 +606,19 @@ class ClaimKeeper:
 
     def _start_afresh(self) -> None:
         self._pid = os.getpid()
-        self._held: dict[str, HeldRun] = {}
+        self._held: dict[str, KeptClaim] = {}
         # Reentrant: the interrupt handler runs in the main thread between any two
         # bytecodes, possibly while that thread already holds the lock.
         self._lock = threading.RLock()
         self._threads_started = False
 
     def hold(self, run_id: str, claim_key: str, series_key: str, owner: str, ttl_ms: int,
-             confirmed_at: float, slots_key: str | None = None,
-             shared_deadline: ClaimDeadline | None = None) -> HeldRun:
+             confirmed_at: float, permits_key: str | None = None,
+             shared_deadline: ClaimDeadline | None = None) -> KeptClaim:
         if self._pid != os.getpid():
             # A fork: the parent's runs, lock state and threads are not this process's.
             self._start_afresh()
-        held = HeldRun(self, run_id, claim_key, series_key, owner, ttl_ms, confirmed_at, slots_key,
+        held = KeptClaim(self, run_id, claim_key, series_key, owner, ttl_ms, confirmed_at, permits_key,
                        shared_deadline)
         with self._lock:
             self._held[run_id] = held
@@ -639,17 +639,17 @@ class ClaimKeeper:
         if held is not None and held.shared_deadline is not None:
             held.shared_deadline.clear()  # no claim held: the worker parent stops watching
 
-    def held_in_thread(self, thread_id: int) -> HeldRun | None:
+    def held_in_thread(self, thread_id: int) -> KeptClaim | None:
         with self._lock:
             return next((h for h in self._held.values() if h.thread_id == thread_id and h.calling), None)
 
-    def enter_call(self, held: HeldRun) -> None:
+    def enter_call(self, held: KeptClaim) -> None:
         with self._lock:
             held.calling = True
         if held.lost_because() is not None:  # lost before the call began (a freeze right after BEGIN)
             self._stop(held)
 
-    def leave_call(self, held: HeldRun) -> None:
+    def leave_call(self, held: KeptClaim) -> None:
         with self._lock:
             held.calling = False
             if held.stop_sent and not self.stop_by_exit and held.thread_id != threading.main_thread().ident:
@@ -674,12 +674,12 @@ class ClaimKeeper:
                 continue
             self._outage.recovered()
 
-    def _renew_call(self, held: HeldRun) -> ScriptCall[RenewOutcome]:
+    def _renew_call(self, held: KeptClaim) -> ScriptCall[RenewOutcome]:
         return self._scripts.renew_claim(claim_key=held.claim_key, series_key=held.series_key, owner=held.owner,
-                                         ttl_ms=held.ttl_ms, slots_key=held.slots_key)
+                                         ttl_ms=held.ttl_ms, permits_key=held.permits_key)
 
     @staticmethod
-    def _renewed(held: HeldRun, reply: str, confirmed_at: float | None) -> None:
+    def _renewed(held: KeptClaim, reply: str, confirmed_at: float | None) -> None:
         """One renewal's reply; ``confirmed_at`` (when it was sent) if it counts as a
         confirmation, None if the replicas did not acknowledge it."""
         if reply == "ok":
@@ -691,7 +691,7 @@ class ClaimKeeper:
         elif held.lost is None:
             held.lost = "another copy holds its claim now" if reply == "taken" else "its claim lapsed in Redis"
 
-    def _renew_acknowledged(self, runs: list[HeldRun]) -> None:
+    def _renew_acknowledged(self, runs: list[KeptClaim]) -> None:
         """Every claim renewed, then WAIT, in one round trip: a renewal the replicas did not
         acknowledge leaves the watchdog's deadline where it was, so a copy stops before the
         claim the replicas hold could lapse (a failover to one of them must not find it
@@ -721,7 +721,7 @@ class ClaimKeeper:
                 if held.calling and not held.stop_sent and held.lost_because() is not None:
                     self._stop(held)
 
-    def _stop(self, held: HeldRun) -> None:
+    def _stop(self, held: KeptClaim) -> None:
         with self._lock:
             if held.stop_sent or not held.calling:
                 return

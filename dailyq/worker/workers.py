@@ -108,7 +108,7 @@ class WorkerContext:
         self.guard.on_ended = self.upstream_ended
         self.clock = RedisClock(self.connection)
         self.admissions = Admissions(self.connection, s.keys, s.node_name, s.claim_ttl_s,
-                                     PausedCache(self.connection, s.keys), self.table, held_ttl_s=s.retention_s)
+                                     PausedCache(self.connection, s.keys), self.table, set_aside_ttl_s=s.retention_s)
         self.downstream = downstream_of(self.table)
         # Named by every beat; published once here, kept alive by the beats (fingerprint.py).
         self.table_fingerprint = table_fingerprint(self.table)
@@ -248,12 +248,12 @@ class WorkerContext:
         if outcome != "admitted":
             why = ("its task is paused" if outcome == "paused"
                    else "its task is at its max_running/max_per_node limit or its pool is full")
-            log.info("run %s held back, not started: %s (job %s stays queued)", run.run_id, why, run.job_id,
+            log.info("run %s set aside, not started: %s (job %s stays queued)", run.run_id, why, run.job_id,
                      extra={"run_id": run.run_id})
             return False
         if slot is not None:
-            execution.slot = slot
-            attempt.slots_key = slot.slots_key
+            execution.permit = slot
+            attempt.permits_key = slot.permits_key
             attempt.while_waiting = slot.touch
         return True
 
