@@ -74,7 +74,7 @@ def trigger(connection_or_url: ConnectionOrUrl, day: DayLike = None, tasks: Iter
     settings, table_ = _settings_and_table(settings, table)
     names = _task_names(table_, tasks)
     parsed_day = _parse_day(day)
-    from .worker.workers import make_queue  # noqa: PLC0415 - RQ's worker machinery only where a queue is needed
+    from .rq_seam import make_queue  # noqa: PLC0415 - RQ only where a queue is needed
 
     with _connection(connection_or_url, settings) as connection:
         now = server_now(connection)
@@ -94,7 +94,7 @@ def trigger_range(connection_or_url: ConnectionOrUrl, start: DayLike, end: DayLi
     settings, table_ = _settings_and_table(settings, table)
     names = _task_names(table_, tasks)
     days = _range(start, end)
-    from .worker.workers import make_queue  # noqa: PLC0415
+    from .rq_seam import make_queue  # noqa: PLC0415
 
     with _connection(connection_or_url, settings) as connection:
         now = server_now(connection)
@@ -144,7 +144,7 @@ def rerun(connection_or_url: ConnectionOrUrl, task: str, params: Iterable[Any] =
     if not task_.params_computed:  # a computed task's params are known only from Redis
         select_params(task_, wanted)  # an unknown param: a clear error before Redis is asked anything
     parsed_day = _parse_day(day)
-    from .worker.workers import make_queue  # noqa: PLC0415
+    from .rq_seam import make_queue  # noqa: PLC0415
 
     with _connection(connection_or_url, settings) as connection:
         day_ = parsed_day or default_day(table_, server_now(connection))
@@ -262,7 +262,7 @@ def resume(connection_or_url: ConnectionOrUrl, tasks: Iterable[str] | str | None
     """
     settings, table_ = _settings_and_table(settings, table)
     names = _chosen_tasks(table_, tasks, all_tasks)
-    from .worker.workers import make_queue  # noqa: PLC0415
+    from .rq_seam import make_queue  # noqa: PLC0415
 
     with _connection(connection_or_url, settings) as connection:
         results = _resume_command(connection, settings.keys, make_queue(connection, settings.keys), table_, names)

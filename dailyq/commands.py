@@ -25,6 +25,7 @@ from .params_book import ParamsFailed, SlotParams, settle
 from .pausing import PauseResult, ResumeResult, paused_names
 from .pausing import pause as _pause
 from .pausing import resume as _resume
+from .rq_seam import RQKeys
 from .runs import FINISHED, QUEUED, RUNNING, WAITING, DaySlots, Run, decode_record, runs_of_slot
 from .table import Task, TaskTable, encode_param
 
@@ -53,7 +54,7 @@ def resume(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
     else:
         names = [task.name for task in table.tasks]
         names += sorted(paused_names(connection, keys) - set(names))
-    return _resume(connection, keys, queue.key, names)
+    return _resume(connection, keys, RQKeys(queue).queue, names)
 
 
 def trigger(connection: Redis, keys: Keys, queue: Queue, table: TaskTable, day: date,

@@ -54,6 +54,7 @@ from .clock import iso
 from .fingerprint import Description, has_run
 from .keys import Keys
 from .redis_values import as_text
+from .rq_seam import RQKeys
 from .runs import META_KEY, QUEUED
 from .scripts import scripts_for
 from .table_store import Descriptions
@@ -231,8 +232,9 @@ class LeftJobs:
                 log.warning("run %s %s", info.get("run_id"), why, extra={"run_id": info.get("run_id")})
             removed.add(job_id)
         _, moved = self._scripts.return_left(
-            left_key=self.keys.left, queue_key=self.queue.key, runnable=[j for j in runnable if j not in removed],
-            kept=[j for j in kept if j not in removed], keep_ms=int(LOOK_AGAIN_S * 1000)).run()
+            left_key=self.keys.left, queue_key=RQKeys(self.queue).queue,
+            runnable=[j for j in runnable if j not in removed], kept=[j for j in kept if j not in removed],
+            keep_ms=int(LOOK_AGAIN_S * 1000)).run()
         if moved:
             log.info("%d left job(s) back at the front of the queue, for a worker whose table has their runs",
                      len(moved))

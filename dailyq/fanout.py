@@ -50,6 +50,7 @@ from .errors import LeaseLost
 from .keys import Keys
 from .lease import Lease
 from .replicas import ReplicaAcks, all_members
+from .rq_seam import job_entry
 from .runs import QUEUED, WAITING, Run, day_slot_json, decode_day_slot
 from .schedule import Slot
 from .scripts import Scripts, scripts_for
@@ -363,7 +364,8 @@ def job_data(queue: Queue, run: Run, job_id: str, retention_s: int, force: bool,
     """What ``Queue.enqueue_many`` takes for one run's job (also dependencies.py's, at release)."""
     task = run.task
     retries = task.retries if again is None or again.retries is None else again.retries
-    return queue.prepare_data(
+    return job_entry(
+        queue,
         task.func_path,
         args=(run.param,),
         job_id=job_id,

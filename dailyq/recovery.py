@@ -40,6 +40,7 @@ from .fanout import Requeued, job_data
 from .keys import Keys
 from .lease import Lease
 from .redis_values import as_text
+from .rq_seam import RQKeys, job_entry
 from .runs import META_KEY, Run, new_record
 from .scripts import scripts_for
 from .table import TaskTable
@@ -64,7 +65,7 @@ class StrandedJobs:
         self._scripts = scripts_for(connection)
 
     def requeue(self) -> list[str]:
-        waiting = [as_text(j) for j in self.connection.lrange(self.queue.intermediate_queue_key, 0, -1)]
+        waiting = [as_text(j) for j in self.connection.lrange(RQKeys(self.queue).intermediate, 0, -1)]
         seen = {as_text(k): float(v) for k, v in self.connection.hgetall(self.keys.stranded).items()}
         gone = [job_id for job_id in seen if job_id not in waiting]
         if gone:
@@ -85,8 +86,9 @@ class StrandedJobs:
             if not meta:
                 continue  # not a run of ours (an ad-hoc job): RQ's own clean-up handles it
             day = date.fromisoformat(meta["day"])
-            if self._scripts.requeue_stranded(intermediate_queue_key=self.queue.intermediate_queue_key,
-                                              queue_key=self.queue.key, runs_key=self.keys.day_runs(day),
+            rq_keys = RQKeys(self.queue)
+            if self._scripts.requeue_stranded(intermediate_queue_key=rq_keys.intermediate,
+                                              queue_key=rq_keys.queue, runs_key=self.keys.day_runs(day),
                                               job_id=job_id, run_id=meta["run_id"]).run():
                 self.connection.hdel(self.keys.stranded, job_id)
                 log.warning("run %s: its job %s was taken off the queue by a worker that never started it; "
@@ -264,7 +266,7 @@ class Replacement:
         # the new job's retries go on with the backoffs the dead job had still ahead.
         retry = Retry(max=self.retries, interval=intervals) if self.retries > 0 else None
         timeout = int(job.timeout) if job.timeout is not None else None
-        return queue.prepare_data(str(job.func_name), args=job.args, kwargs=job.kwargs, timeout=timeout,
-                                  result_ttl=job.result_ttl, failure_ttl=job.failure_ttl,
-                                  description=job.description, job_id=job_id, at_front=True,
-                                  meta=dict(job.meta or {}), retry=retry)
+        return job_entry(queue, str(job.func_name), args=job.args, kwargs=job.kwargs, timeout=timeout,
+                         result_ttl=job.result_ttl, failure_ttl=job.failure_ttl,
+                         description=job.description, job_id=job_id, at_front=True,
+                         meta=dict(job.meta or {}), retry=retry)

@@ -19,9 +19,9 @@ from datetime import datetime
 
 from redis import Redis, WatchError
 from rq import Queue
-from rq.registry import ScheduledJobRegistry
 
 from .redis_values import as_text
+from .rq_seam import ScheduledRetries
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class DueRetries:
     def __init__(self, connection: Redis, queue: Queue) -> None:
         self.connection = connection
         self.queue = queue
-        self.registry = ScheduledJobRegistry(queue=queue)
+        self.registry = ScheduledRetries(connection, queue)  # RQ's registry and move: the seam's
 
     def move_due(self, now: datetime) -> int:
         """Enqueue every scheduled job of our queue due at ``now`` (the scheduler's clock,
@@ -48,13 +48,7 @@ class DueRetries:
                     due = [as_text(j) for j in pipe.zrangebyscore(self.registry.key, 0, now_s, start=0, num=CHUNK_SIZE)]
                     if not due:
                         return moved
-                    jobs = self.queue.job_class.fetch_many(due, connection=self.connection,
-                                                           serializer=self.queue.serializer)
-                    pipe.multi()
-                    for job_id, job in zip(due, jobs):
-                        self.registry.remove(job_id, pipeline=pipe)
-                        if job is not None:
-                            self.queue.enqueue_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
+                    self.registry.enqueue_in(due, pipe)
                     pipe.execute()
                 except WatchError:
                     continue  # RQ's scheduler (or a previous leader) moved some meanwhile: look again

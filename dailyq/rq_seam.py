@@ -1,5 +1,11 @@
 """The one seam between dailyq and RQ / rq-scheduler: everything dailyq overrides in
-them lives here, and no other dailyq module subclasses an RQ or rq-scheduler class.
+them, and every use of RQ's data layout (its keys, its job data), lives here or is
+named here (tests/test_boundaries.py checks the imports, key names and scripts). Two
+modules subclass RQ's classes besides: ``dailyq.worker`` combines ``GuardedWorker``
+with RQ's ``Worker``/``SimpleWorker`` (its constructor builds the hooks and sets RQ's
+``default_result_ttl``, nothing more), and dashboard.py's JSON-only job, queue and
+worker classes (and its refusal to unpickle) are the seam to rq-dashboard, for the
+dashboard's process alone (explained there).
 
 What is here
 ------------
@@ -20,7 +26,8 @@ What is here
   after interval + 10 s), heartbeat and loop would all be replaced, so it is not
   subclassed; from rq-scheduler we use its scheduler registration and the moving of
   jobs stored through its API (``enqueue_at``/``enqueue_in``), under our prefix.
-* ``make_queue``.
+* ``make_queue``; ``RQKeys``, ``ScheduledRetries`` and ``job_entry``: RQ's data layout
+  (below).
 
 Run-time imports are RQ, rq-scheduler, redis-py and leaf modules of dailyq only (the
 guard is named for type checking alone): the leader process imports ``DailyJob`` and
@@ -84,6 +91,33 @@ c. ``Queue.intermediate_queue_key``: RQ 3 dequeues (BLMOVE, one queue, Redis >= 
 d. rq-scheduler's ``redis_scheduler_namespace_prefix`` and ``scheduled_jobs_key``:
    class attributes, not constructor arguments; set on our instance to move its keys
    under our prefix.
+
+RQ's data layout relied on
+--------------------------
+Outside RQ's API, dailyq reads and writes RQ's keys itself, mostly in Lua scripts that
+must change our records and RQ's lists in one step. Every key name comes from
+``RQKeys`` (no module spells ``rq:...``), and what the scripts do with them is:
+
+* the queue's list (``RQKeys.queue``): a job id LPUSHed is next to be dequeued (RQ's
+  ``at_front``), which is how a run goes back to the queue's front without RQ's
+  ``enqueue_job`` -- RELEASE_PERMIT, SWEEP_PERMITS and RESUME (through the ``promote`` and
+  ``promote_pool`` helpers, PERMITS_LUA), RETURN_LEFT, REQUEUE_STRANDED, REQUEUE_ORPHANED,
+  DOCTOR_REQUEUE; REQUEUE_ORPHANED and DOCTOR_REQUEUE also LPOS it (never push twice);
+* the intermediate queue (``RQKeys.intermediate``, internal c): ADMIT and LEAVE LREM a
+  job they take over, REQUEUE_STRANDED moves a stranded one back to the queue,
+  REQUEUE_ORPHANED and DOCTOR_REQUEUE LPOS it; recovery.StrandedJobs reads it;
+* the job hash (``RQKeys.job``): SETTLE_FAILED reads its ``status`` field ('failed');
+  REQUEUE_ORPHANED checks that it exists, sets ``status`` to 'queued' and PERSISTs it;
+  DOCTOR_REQUEUE checks that it exists;
+* the failed registry (``RQKeys.failed``, a sorted set of job ids scored by expiry):
+  REQUEUE_ORPHANED and DOCTOR_REQUEUE ZREM a job they put back; settle.FailedJobs reads
+  it; doctor (ops/consistency.py) reads every registry and both lists in one MULTI;
+* the scheduled registry: RQ's retries waiting for their backoff, moved by
+  ``ScheduledRetries`` (retries.py's leader-side mover) as RQ's own scheduler does;
+* ``Queue.prepare_data``: the entry ``Queue.enqueue_many`` takes, built by ``job_entry``
+  (fanout.job_data, which dependencies.py uses too, and recovery's replacement jobs).
+
+(scripts.py holds the Lua; each script's header lists the KEYS it takes.)
 """
 
 from __future__ import annotations
@@ -101,6 +135,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.executions import Execution
 from rq.job import Job
+from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
 from rq_scheduler import Scheduler
@@ -282,6 +317,84 @@ def bind_job_class(hooks: WorkerHooks) -> type[DailyJob]:
 
 def make_queue(connection: Redis, keys: Keys, job_class: type[Job] = DailyJob) -> Queue:
     return Queue(keys.queue_name, connection=connection, job_class=job_class, serializer=JSONSerializer)
+
+
+class RQKeys:
+    """RQ's Redis keys of one queue, as our Lua scripts and doctor's reads name them (the
+    layout listed in the module docstring). The one place dailyq takes them from RQ: no
+    other module spells ``rq:...`` or asks a queue for them. Read when asked (a worker
+    asks for two per job), so nothing is built that the caller does not use."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+
+    @property
+    def queue(self) -> str:
+        """The queue's list of job ids; RQ pops its left end, so LPUSH is "at the front"."""
+        return str(self._queue.key)
+
+    @property
+    def intermediate(self) -> str:
+        """RQ 3's list of job ids dequeued but not started yet (internal c)."""
+        return str(self._queue.intermediate_queue_key)
+
+    # RQ's registries: sorted sets of job ids (the started one's members are
+    # "{job id}:{execution id}").
+    @property
+    def started(self) -> str:
+        return str(self._queue.started_job_registry.key)
+
+    @property
+    def scheduled(self) -> str:
+        return str(self._queue.scheduled_job_registry.key)
+
+    @property
+    def failed(self) -> str:
+        return str(self._queue.failed_job_registry.key)
+
+    @property
+    def finished(self) -> str:
+        return str(self._queue.finished_job_registry.key)
+
+    @staticmethod
+    def job(job_id: str) -> str:
+        """RQ's hash of one job (its ``status`` field, its existence)."""
+        return str(Job.key_for(job_id))
+
+
+class ScheduledRetries:
+    """RQ's ScheduledJobRegistry of one queue: where RQ keeps a retry until its backoff
+    has passed, and the move RQ's own scheduler makes out of it (retries.py's mover)."""
+
+    def __init__(self, connection: Redis, queue: Queue) -> None:
+        self.connection = connection
+        self.queue = queue
+        self._registry = ScheduledJobRegistry(queue=queue)
+
+    @property
+    def key(self) -> str:
+        """The registry's sorted set: job ids scored by when they are due (s)."""
+        return str(self._registry.key)
+
+    def enqueue_in(self, job_ids: Sequence[str], pipeline: Pipeline) -> None:
+        """Read the jobs now (``pipeline`` may be watching), then ``pipeline.multi()`` and
+        queue, per job, its removal from the registry and its enqueue, front or back as
+        the job asks (RQ's scheduler does the same); a job whose hash is gone is only removed."""
+        jobs = self.queue.job_class.fetch_many(list(job_ids), connection=self.connection,
+                                               serializer=self.queue.serializer)
+        pipeline.multi()
+        for job_id, job in zip(job_ids, jobs):
+            self._registry.remove(job_id, pipeline=pipeline)
+            if job is not None:
+                self.queue.enqueue_job(job, pipeline=pipeline, at_front=job.should_enqueue_at_front())
+
+
+def job_entry(queue: Queue, func: str, **options: Any) -> Any:
+    """``Queue.prepare_data``: one entry of what ``Queue.enqueue_many`` takes (options as
+    ``prepare_data``'s keyword arguments)."""
+    return queue.prepare_data(func, **options)
 
 
 def queue_keeping_reply(pipeline: Pipeline, queue: Callable[[Pipeline], None], keep: Callable[[Any], None]) -> None:

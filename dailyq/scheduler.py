@@ -62,7 +62,7 @@ from .recovery import AbandonedRuns, StrandedJobs
 from .redis_memory import RedisMemory, clear_mark, describer, mark_full, read_mark, read_memory, writes_accepted
 from .redis_values import as_text
 from .retries import DueRetries
-from .rq_seam import DelayedJobs, make_queue
+from .rq_seam import DelayedJobs, RQKeys, make_queue
 from .runs import DaySlots, Run, runs_of_slot
 from .schedule import Slot
 from .settings import Settings
@@ -156,7 +156,7 @@ class DailyScheduler:
         self.retries = DueRetries(connection, self.queue)
         self.stranded = StrandedJobs(connection, keys, self.queue, stuck_after_s=settings.claim_ttl_s)
         self.waiting = WaitingRuns(connection, keys, self.queue, table, settings.retention_s)
-        self.permits = PermitSweep(connection, keys, self.queue.key, table)
+        self.permits = PermitSweep(connection, keys, RQKeys(self.queue).queue, table)
         # Runs of jobs RQ failed outside the guard (settle.py): by Redis's clock, which
         # RQ's scores follow, also when slots fall due by an injected clock.
         self.failed_jobs = FailedJobs(connection, keys, self.queue, settings.retention_s, self.redis_clock)

@@ -34,11 +34,11 @@ from typing import Any
 from redis import Redis
 from rq import Queue
 from rq.job import Job
-from rq.registry import FailedJobRegistry
 
 from .clock import Clock, iso
 from .keys import Keys
 from .redis_values import as_text
+from .rq_seam import RQKeys
 from .runs import META_KEY
 from .scripts import scripts_for
 
@@ -76,7 +76,7 @@ class FailedJobs:
         self.queue = queue
         self.retention_s = retention_s
         self.clock = clock  # Redis's time (the scheduler's RedisClock): what RQ's scores are near
-        self.registry_key = FailedJobRegistry(queue=queue).key
+        self.registry_key = RQKeys(queue).failed
         self._scripts = scripts_for(connection)
         self.forget()
 
@@ -156,7 +156,7 @@ class FailedJobs:
         error = f"RQ failed the job: {last_line(failure_text(job))}"
         if not self._scripts.settle_failed(
                 runs_key=self.keys.day_runs(day), claim_key=self.keys.claim(run_id), running_key=self.keys.running,
-                waiting_key=self.keys.day_waiting(day), job_key=Job.key_for(job_id), left_key=self.keys.left,
+                waiting_key=self.keys.day_waiting(day), job_key=RQKeys.job(job_id), left_key=self.keys.left,
                 failures_key=self.keys.alert_failures, run_id=run_id, job_id=job_id, error=error, now_iso=now_iso,
                 retention_s=self.retention_s, day=day.isoformat()).run():
             return None

@@ -1,5 +1,6 @@
-"""Module boundaries: no import cycles among dailyq's modules, and the pure modules
-import nothing that talks to Redis.
+"""Module boundaries: no import cycles among dailyq's modules, the pure modules import
+nothing that talks to Redis, and RQ's internals and data layout are used in
+dailyq/rq_seam.py only (or named in its docstring).
 
 Imports are read from the source with ``ast`` (every ``import`` and ``from ... import``,
 also those inside functions and under ``TYPE_CHECKING``), so a lazy import made to
@@ -11,7 +12,10 @@ the source alone cannot (an import hidden in a third module).
 from __future__ import annotations
 
 import ast
+import importlib
 import json
+import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +169,68 @@ def impurities(loaded: list[str]) -> list[str]:
     return sorted(bad)  # redis itself, not its fifty submodules
 
 
+# -- RQ's seam ----------------------------------------------------------------------------
+RQ_SEAM = "dailyq.rq_seam"
+# What a module outside the seam may import from RQ: its public classes and errors.
+# Anything else (rq.worker, rq.executions, rq.registry, rq.utils, rq-scheduler, a
+# private name) is the seam's; so is ``import rq`` (it reaches everything).
+RQ_PUBLIC: dict[str, frozenset[str] | None] = {
+    "rq": frozenset({"Queue", "Retry", "Worker", "SimpleWorker"}),
+    "rq.exceptions": None,  # any of its errors
+    "rq.job": frozenset({"Job"}),
+    "rq.serializers": frozenset({"JSONSerializer", "DefaultSerializer"}),
+    "rq.timeouts": frozenset({"BaseTimeoutException"}),
+}
+# RQ's data layout, as attributes: where a module would ask RQ for a key or build its data.
+RQ_LAYOUT_ATTRIBUTES = frozenset({
+    "intermediate_queue_key", "key_for", "prepare_data", "redis_queue_namespace_prefix",
+    "redis_job_namespace_prefix", "started_job_registry", "scheduled_job_registry", "failed_job_registry",
+    "finished_job_registry", "deferred_job_registry", "canceled_job_registry",
+})
+RQ_PACKAGES = ("rq", "rq_scheduler")
+
+
+def rq_outside_the_seam(tree: ast.AST) -> list[str]:
+    """What a module's source uses of RQ that only the seam may: private imports, layout
+    attributes, ``rq:...`` key names (also in f-strings). Cheap: names, not types."""
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] in RQ_PACKAGES]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module \
+                and node.module.split(".")[0] in RQ_PACKAGES:
+            allowed = RQ_PUBLIC.get(node.module, frozenset())
+            found += [f"from {node.module} import {a.name}" for a in node.names
+                      if a.name.startswith("_") or (allowed is not None and a.name not in allowed)]
+        elif isinstance(node, ast.Attribute) and node.attr in RQ_LAYOUT_ATTRIBUTES:
+            found.append(f".{node.attr} (line {node.lineno})")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("rq:"):
+            found.append(f"{node.value!r} (line {node.lineno})")
+    return found
+
+
+def lua_scripts() -> dict[str, str]:
+    """Every Lua script of dailyq.scripts (a package's submodules too, should it be split),
+    by name, without the shared helpers prepended to it (``*_LUA``)."""
+    package = importlib.import_module(f"{PACKAGE}.scripts")
+    modules = [package] + [importlib.import_module(info.name) for info in
+                           pkgutil.walk_packages(getattr(package, "__path__", []), f"{package.__name__}.")]
+    texts = {name: value for module in modules for name, value in vars(module).items()
+             if isinstance(value, str) and name.isupper() and "redis.call" in value}
+    helpers = [text for name, text in texts.items() if name.endswith("_LUA")]
+    scripts = {}
+    for name, text in texts.items():
+        if not name.endswith("_LUA"):
+            for helper in helpers:
+                text = text.replace(helper, "")
+            scripts[name] = text
+    return scripts
+
+
+# A script's Lua locals for RQ's keys (RQKeys), and the helpers that push onto RQ's queue.
+RQ_KEYS_IN_LUA = re.compile(r"\b(queue_key|intermediate_key|job_key|failed_key)\b|\bpromote(_pool)?\(")
+
+
 # -- the checks ---------------------------------------------------------------------------
 
 
@@ -225,3 +291,34 @@ def test_the_graph_sees_lazy_and_relative_imports() -> None:
 def test_the_runtime_check_sees_a_redis_client() -> None:
     bad = impurities(loaded_after_import("dailyq.ops.status"))
     assert "redis" in bad and "dailyq.beats" in bad
+
+
+def test_only_the_seam_uses_rqs_internals_and_data_layout() -> None:
+    used = {}
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        name = module_name(path)
+        if name != RQ_SEAM:
+            found = rq_outside_the_seam(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+            if found:
+                used[name] = found
+    assert not used, f"RQ's internals or data layout outside {RQ_SEAM} (go through it): {used}"
+
+
+def test_every_lua_script_that_touches_rqs_keys_is_named_in_the_seams_docstring() -> None:
+    doc = importlib.import_module(RQ_SEAM).__doc__ or ""
+    touching = sorted(name for name, text in lua_scripts().items() if RQ_KEYS_IN_LUA.search(text))
+    assert "REQUEUE_STRANDED" in touching, "found no script that touches RQ's keys: does lua_scripts see them?"
+    missing = [name for name in touching if not re.search(rf"\b{name}\b", doc)]
+    assert not missing, f"scripts that read or write RQ's keys, not named in {RQ_SEAM}'s docstring: {missing}"
+
+
+def test_the_rq_check_sees_private_imports_layout_and_key_names() -> None:
+    source = ("import rq\nfrom rq.worker import BaseWorker\nfrom rq.job import Job, _private\n"
+              "from rq import Queue\nfrom rq.exceptions import NoSuchJobError\nfrom rq_scheduler import Scheduler\n"
+              "def f(q, i):\n    return q.intermediate_queue_key, Job.key_for(i), f'rq:queue:{i}', 'rq:job:' + i\n")
+    found = rq_outside_the_seam(ast.parse(source))
+    assert found == ["import rq", "from rq.worker import BaseWorker", "from rq.job import _private",
+                     "from rq_scheduler import Scheduler", ".intermediate_queue_key (line 8)", ".key_for (line 8)",
+                     "'rq:queue:' (line 8)", "'rq:job:' (line 8)"]
+    assert RQ_KEYS_IN_LUA.search("redis.call('LPUSH', queue_key, id)")
+    assert not RQ_KEYS_IN_LUA.search("redis.call('LPUSH', set_aside_key, id)")

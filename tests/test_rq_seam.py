@@ -22,7 +22,8 @@ from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
 from rq_scheduler import Scheduler
 
-from dailyq.rq_seam import DailyJob, DelayedJobs, GuardedWorker
+from dailyq.retries import DueRetries
+from dailyq.rq_seam import DailyJob, DelayedJobs, GuardedWorker, RQKeys, ScheduledRetries
 from tests.support.helpers import ROOT
 
 
@@ -289,6 +290,35 @@ def test_rq_scheduler_stores_and_moves_delayed_jobs_under_our_keys(connection, s
     assert DailyJob.fetch(due.id, connection=connection).func_name == "tests.tables.sample_tasks.noop"  # JSON
     delayed.register_death()
     assert connection.hexists(delayed.key, "death")
+
+
+# -- 7b. RQ's data layout (RQKeys, ScheduledRetries) -----------------------------------------
+
+def test_rq_keys_are_the_keys_rq_uses_for_the_queue_its_registries_and_a_job(connection, settings):
+    queue = queue_of(connection, settings, DailyJob)
+    rq_keys = RQKeys(queue)
+    job = queue.enqueue("tests.tables.sample_tasks.noop", 1)
+    assert connection.lrange(rq_keys.queue, 0, -1) == [job.id.encode()]
+    assert connection.hget(rq_keys.job(job.id), "status") == b"queued"
+    assert (rq_keys.started, rq_keys.scheduled, rq_keys.failed, rq_keys.finished) == (
+        queue.started_job_registry.key, queue.scheduled_job_registry.key, queue.failed_job_registry.key,
+        queue.finished_job_registry.key)
+    assert rq_keys.intermediate == queue.intermediate_queue_key
+
+
+def test_a_retry_waiting_in_rqs_scheduled_registry_is_moved_back_to_the_queue_when_due(connection, settings):
+    queue = queue_of(connection, settings, DailyJob)
+    now = datetime.now(timezone.utc)
+    due = queue.create_job("tests.tables.sample_tasks.noop", args=(1,))
+    later = queue.create_job("tests.tables.sample_tasks.noop", args=(2,))
+    queue.schedule_job(due, now - timedelta(seconds=5))
+    queue.schedule_job(later, now + timedelta(hours=1))
+    retries = ScheduledRetries(connection, queue)
+    assert connection.zcard(retries.key) == 2  # where RQ keeps them (behaviour relied on)
+    assert DueRetries(connection, queue).move_due(now) == 1
+    assert queue.job_ids == [due.id]
+    assert connection.zrange(retries.key, 0, -1) == [later.id.encode()]
+    assert DueRetries(connection, queue).move_due(now) == 0
 
 
 # -- 8. the leader does not load the worker stack ------------------------------------------

@@ -83,7 +83,7 @@ from rq.exceptions import NoSuchJobError
 from ..fanout import Parked, Requeued
 from ..keys import Keys
 from ..redis_values import as_text
-from ..rq_seam import DailyJob
+from ..rq_seam import DailyJob, RQKeys
 from ..runs import (
     BLOCKED,
     CANCELLED,
@@ -461,7 +461,7 @@ def read(connection: Redis, keys: Keys, queue: Queue, day: date, tasks: Iterable
     asked = sorted({job for r in snap.records.values() if r.get("state") in (QUEUED, *HELD_STATES)
                     if (job := _job_of(r))})
     claims = _existing(connection, [keys.claim(run_id) for run_id in running_ids], running_ids)
-    jobs = _existing(connection, [DailyJob.key_for(job_id) for job_id in asked], asked)
+    jobs = _existing(connection, [RQKeys.job(job_id) for job_id in asked], asked)
     # Queued runs that finished before: only a forced job (rerun --force) of one executes.
     again = [job for run_id, r in snap.records.items() if run_id in snap.finished_runs and r.get("state") == QUEUED
              and (job := _job_of(r)) in jobs]
@@ -480,12 +480,12 @@ def _forced(connection: Redis, job_id: str) -> bool:
 
 
 def _read_atomically(connection: Redis, keys: Keys, queue: Queue, day: date, tasks: list[str]) -> Snapshot:
-    registries = (queue.started_job_registry.key, queue.scheduled_job_registry.key, keys.scheduled_jobs,
-                  queue.failed_job_registry.key, queue.finished_job_registry.key, keys.left)
+    rq_keys = RQKeys(queue)
+    registries = (rq_keys.started, rq_keys.scheduled, keys.scheduled_jobs, rq_keys.failed, rq_keys.finished, keys.left)
     with connection.pipeline(transaction=True) as pipe:
         pipe.hgetall(keys.day_runs(day))
-        pipe.lrange(queue.key, 0, -1)
-        pipe.lrange(queue.intermediate_queue_key, 0, -1)
+        pipe.lrange(rq_keys.queue, 0, -1)
+        pipe.lrange(rq_keys.intermediate, 0, -1)
         for key in registries:
             pipe.zrange(key, 0, -1)
         for task in tasks:
@@ -531,13 +531,14 @@ def repair(connection: Redis, keys: Keys, queue: Queue, day: date, problem: Prob
            now_iso: str) -> str:
     """Apply one problem's fix; returns what happened, in a word or a short phrase."""
     scripts = scripts_for(connection)
+    rq_keys = RQKeys(queue)
     fix = problem.fix
     runs_key, waiting_key = keys.day_runs(day), keys.day_waiting(day)
     run_id, state, job_id = problem.run_id, problem.read_state, problem.read_job
     if isinstance(fix, Requeue):
         outcome = scripts.doctor_requeue(
-            runs_key=runs_key, queue_key=queue.key, intermediate_queue_key=queue.intermediate_queue_key,
-            job_key=DailyJob.key_for(fix.job_id), failed_registry_key=queue.failed_job_registry.key,
+            runs_key=runs_key, queue_key=rq_keys.queue, intermediate_queue_key=rq_keys.intermediate,
+            job_key=rq_keys.job(fix.job_id), failed_registry_key=rq_keys.failed,
             failures_key=keys.alert_failures, run_id=run_id, job_id=fix.job_id, error=fix.error, now_iso=now_iso,
             retention_s=retention_s, day=day.isoformat()).run()
         return {"changed": CHANGED, "in-queue": "left alone: its job is in the queue now"}.get(outcome, outcome)

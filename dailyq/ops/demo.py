@@ -37,7 +37,7 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 def run_demo(timeout_s: float = 120.0) -> int:
-    from ..worker.workers import make_queue  # noqa: PLC0415
+    from ..rq_seam import make_queue  # noqa: PLC0415
 
     with ExitStack() as stack:
         env = dict(os.environ)

@@ -72,7 +72,7 @@ from ..outage import OutageLog
 from ..params_book import ParamsBook, placeholder_record
 from ..pausing import paused_tasks
 from ..redis_values import as_text
-from ..rq_seam import make_queue
+from ..rq_seam import RQKeys, make_queue
 from ..runs import FINISHED, MISSED, SCHEDULED, STATES, DaySlots, task_slots_on
 from ..settings import Settings
 from ..table import Task, TaskTable
@@ -223,7 +223,7 @@ class Collector:
         self.table = table
         self.is_leader = is_leader
         self.cache_s = cache_s
-        self.queue_key = make_queue(connection, keys).key
+        self.queue_key = RQKeys(make_queue(connection, keys)).queue
         self.table_fingerprint = table_fingerprint(table)
         self._lock = threading.Lock()
         self._view: ClusterView | None = None

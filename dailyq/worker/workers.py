@@ -29,7 +29,6 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, Worker
 from rq.exceptions import DeserializationError
-from rq.job import Job
 
 from ..beats import beat_value, register_node, register_worker, worker_member
 from ..clock import RedisClock
@@ -43,7 +42,7 @@ from ..limits import Admissions
 from ..outage import MEMORY, OutageLog, through_outage
 from ..pausing import PausedCache
 from ..redis_memory import describer, wait_for_writes
-from ..rq_seam import DailyJob, GuardedWorker, RunExecution, make_queue, queue_keeping_reply
+from ..rq_seam import DailyJob, GuardedWorker, RQKeys, RunExecution, make_queue, queue_keeping_reply
 from ..runs import META_KEY, RunJob, StaleJob
 from ..scripts import scripts_for
 from ..settings import Settings
@@ -220,12 +219,12 @@ class WorkerContext:
         failed (forking) or finished (non-forking) its job. Then the job goes back to the
         queue's front (REQUEUE_ORPHANED)."""
         run = execution.attempt.run
-        keys = self.settings.keys
+        keys, rq_keys = self.settings.keys, RQKeys(queue)
         call = scripts_for(self.connection).requeue_orphaned(
             runs_key=keys.day_runs(run.day), claim_key=keys.claim(run.run_id), running_key=keys.running,
             finished_key=keys.day_finished(run.day), waiting_key=keys.day_waiting(run.day), left_key=keys.left,
-            queue_key=queue.key, intermediate_queue_key=queue.intermediate_queue_key, job_key=Job.key_for(run.job_id),
-            failed_registry_key=queue.failed_job_registry.key, run_id=run.run_id, job_id=run.job_id,
+            queue_key=rq_keys.queue, intermediate_queue_key=rq_keys.intermediate, job_key=rq_keys.job(run.job_id),
+            failed_registry_key=rq_keys.failed, run_id=run.run_id, job_id=run.job_id,
             retention_s=self.settings.retention_s)
         try:
             outcome = through_outage(call.run, OutageLog(log, f"checking that run {run.run_id} is not lost"),
@@ -239,12 +238,13 @@ class WorkerContext:
                         "the queue", run.run_id, run.job_id, extra={"run_id": run.run_id})
 
     def leave(self, job: DailyJob, queue: Queue) -> None:
-        self.leaver.leave(job, queue.intermediate_queue_key, job.foreign_reason or "cannot run it")
+        self.leaver.leave(job, RQKeys(queue).intermediate, job.foreign_reason or "cannot run it")
 
     def admit(self, execution: RunExecution, queue: Queue) -> bool:
         attempt = execution.attempt
         run = attempt.run
-        outcome, permit = self.admissions.admit(run, attempt.owner, queue.intermediate_queue_key, queue.key)
+        rq_keys = RQKeys(queue)
+        outcome, permit = self.admissions.admit(run, attempt.owner, rq_keys.intermediate, rq_keys.queue)
         if outcome != "admitted":
             why = ("its task is paused" if outcome == "paused"
                    else "its task is at its max_running/max_per_node limit or its pool is full")
