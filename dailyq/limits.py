@@ -203,7 +203,7 @@ class Admissions:
     def admit(self, run: RunJob, owner: str, intermediate_queue_key: str,
               queue_key: str) -> tuple[AdmitOutcome, PermitHold | None]:
         """'admitted' (with the permit taken, for a task with limits), 'set_aside' or 'paused'."""
-        task = run.run.task  # the worker's table's (RunJob.from_job)
+        task = run.task  # the worker's table's (RunJob.from_job)
         if not task.has_limits and not self.paused.contains(task.name):
             return "admitted", None  # no round trip: the common case
         keys = self.keys

@@ -147,6 +147,18 @@ class RunJob:
         return self.run.run_id
 
     @property
+    def task(self) -> Task:
+        return self.run.task
+
+    @property
+    def param(self) -> Any:
+        return self.run.param
+
+    @property
+    def slot(self) -> Slot:
+        return self.run.slot
+
+    @property
     def day(self) -> date:
         return self.run.day
 

@@ -197,7 +197,7 @@ class Attempt:
     run: RunJob
     owner: str
     begin_reply: str | None = None
-    attempt: int = 0
+    number: int = 0  # which execution of the run this is (BEGIN counts them), from 1
     fence: int = 0
     # time.monotonic() just before BEGIN was sent: the claim's TTL on the server starts
     # no earlier, so the local deadline computed from it is never later than the server's.
@@ -220,7 +220,7 @@ class Attempt:
         # Anything but one of BEGIN's own answers is ignored: the guard then asks again.
         self.begin_reply = reply.outcome
         if reply.outcome == "claimed":
-            self.attempt, self.fence = reply.attempt, reply.fence
+            self.number, self.fence = reply.attempt, reply.fence
 
 
 class Guard:
@@ -278,14 +278,14 @@ class Guard:
         # DEBUG: RQ already logs each job's start at INFO (the job's description names the
         # task, param and slot; its id is the run id).
         log.debug("run %s started on node %s (job %s, attempt %d, fence %d)", run.run_id, self.node, run.job_id,
-                  attempt.attempt, attempt.fence, extra={"run_id": run.run_id})
+                  attempt.number, attempt.fence, extra={"run_id": run.run_id})
         started = time.monotonic()
         ttl_ms = self.claim_ttl_s * 1000
         held = self.keeper.hold(run.run_id, self.keys.claim(run.run_id), self.keys.series_claim(run.series),
                                 attempt.owner, ttl_ms, confirmed_at=attempt.begin_sent_at,
                                 permits_key=attempt.permits_key, shared_deadline=attempt.shared_deadline)
-        context = RunContext(task=run.run.task.name, param=run.run.param, day=run.day, slot=run.run.slot.in_zone,
-                             run_id=run.context_run_id, attempt=attempt.attempt, node=self.node,
+        context = RunContext(task=run.task.name, param=run.param, day=run.day, slot=run.slot.in_zone,
+                             run_id=run.context_run_id, attempt=attempt.number, node=self.node,
                              fence=attempt.fence, _lost_because=held.lost_because)
         try:
             with held.executing(), running_as(context):
@@ -369,7 +369,7 @@ class Guard:
             runs_key=self.keys.day_runs(run.day), running_key=self.keys.running,
             series_key=self.keys.series_claim(run.series), fence_key=self.keys.fence, run_id=run.run_id,
             owner=attempt.owner, claim_ttl_ms=self.claim_ttl_s * 1000, force=run.force, base_json=run.base_record,
-            retention_s=self.retention_s, day=run.day.isoformat(), overlap=run.run.task.overlap, node=self.node,
+            retention_s=self.retention_s, day=run.day.isoformat(), overlap=run.task.overlap, node=self.node,
             now_iso=iso(self.clock()), job_id=run.job_id, max_attempts=run.max_attempts)
 
     def _wait_for_claim(self, attempt: Attempt) -> str:

@@ -155,7 +155,7 @@ class WorkerContext:
         """A run was recorded finished or failed: release (or block) the runs of its
         downstream tasks now, not at the leader's next tick. A few round trips more, only for
         a task that some task names in ``after``."""
-        downstream = self.downstream.get(run.run.task.name)
+        downstream = self.downstream.get(run.task.name)
         if downstream:
             s = self.settings
             release_after(self.connection, s.keys, make_queue(self.connection, s.keys), self.table, run.day,
@@ -204,7 +204,7 @@ class WorkerContext:
     def _lacks(self, run: RunJob, func_name: str | None) -> str | None:
         """Why this worker's table cannot run ``run`` (its job names ``func_name``), or None.
         A set lookup: the common case costs no round trip and no JSON."""
-        task = run.run.task
+        task = run.task
         if func_name != task.func_path:
             return f"task {task.name!r} runs {task.func_path}, not {func_name}"
         fixed = self.fixed_params.get(task.name)
