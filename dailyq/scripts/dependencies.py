@@ -11,10 +11,10 @@ from .shared import (
     RECORD_LUA,
     ScriptCall,
     ScriptSet,
-    _lua,
+    with_helpers,
 )
 
-SET_RUN_STATE = _lua("""
+SET_RUN_STATE = with_helpers("""
 -- Sets the state of runs held back for their upstream runs (dependencies.py): 'waiting'
 -- when a fan-out holds a run enqueued before (its record kept), 'queued' when released.
 -- The error goes (a released run was maybe 'blocked'). A run without a record is left alone.
@@ -36,7 +36,7 @@ return changed
 """, RECORD_LUA)
 
 
-RECOUNT_DAY = _lua("""
+RECOUNT_DAY = with_helpers("""
 -- Counts a day's records afresh into its counts hash (day_feed.py): a day an older version
 -- began (no '_counted'), or counts that disagree with the records. In one step, so no
 -- record changes between the count and the counts written; '_seq' is kept. An HSCAN in
@@ -92,7 +92,7 @@ return n
 """)
 
 
-HOLD_WAITING = _lua(f"""
+HOLD_WAITING = with_helpers(f"""
 -- Parked runs of one task whose upstream runs have not all finished: 'blocked', with an
 -- error naming the upstream run, while one of those is failed, skipped, cancelled or blocked itself;
 -- 'waiting' again once none is (a rerun queued it). Checked and set in one step: only
@@ -136,7 +136,7 @@ return {{blocker, changed}}
 """, RECORD_LUA)
 
 
-COUNT_DEPS = _lua("""
+COUNT_DEPS = with_helpers("""
 -- The day's dependency counts made anew from what they count (dependency_counts.py): for
 -- each task, its run ids in the finished set ('done:' fields; a member without a record
 -- counts under 'done:~'), and its entries in the waiting hash ('held:' fields); then

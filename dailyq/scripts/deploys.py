@@ -13,13 +13,13 @@ from .shared import (
     RECORD_LUA,
     ScriptCall,
     ScriptSet,
-    _flag,
-    _lua,
-    _texts,
+    lua_flag,
     lua_ms,
+    reply_texts,
+    with_helpers,
 )
 
-LEAVE = _lua(f"""
+LEAVE = with_helpers(f"""
 -- A worker whose table lacks a job's task, param or function leaves the job for a node
 -- whose table has it: off RQ's intermediate queue (so no clean-up takes it for stranded)
 -- and into the left set, due back in the queue after a wait that doubles with each leave
@@ -64,7 +64,7 @@ return wait
 """, NOW_LUA, RECORD_LUA)
 
 
-RETURN_LEFT = _lua("""
+RETURN_LEFT = with_helpers("""
 -- The leader puts left jobs whose wait has passed back at the front of the queue: those
 -- some live worker's table can run; the others wait once more (nothing would run them).
 -- KEYS[1] = left set, KEYS[2] = queue
@@ -99,7 +99,7 @@ return reply
 """, NOW_LUA)
 
 
-REMOVE_LEFT = _lua(f"""
+REMOVE_LEFT = with_helpers(f"""
 -- A left job's run that no live node's table has had for the grace ends 'removed': final,
 -- not failed; its run id joins the day's finished set, so no copy executes it and its
 -- downstream runs go on as if it had finished. A left job whose run no longer waits for
@@ -127,7 +127,7 @@ return 'removed'
 """, RECORD_LUA, DEPS_LUA)
 
 
-REMOVE_WAITING = _lua(f"""
+REMOVE_WAITING = with_helpers(f"""
 -- A parked run (waiting for its upstream runs) that no live node's table has had for the
 -- grace ends 'removed', as REMOVE_LEFT does for a left job: out of the waiting hash, its
 -- run id in the day's finished set. Only while it is still held and waiting or blocked.
@@ -169,7 +169,7 @@ class DeployScripts(ScriptSet):
         """(when the next left job is due, ms, or None when none is left; the job ids moved)."""
         def parse(reply: Any) -> tuple[int | None, list[str]]:
             next_ms = lua_ms(reply[0])
-            return (next_ms if next_ms >= 0 else None), _texts(reply[1:])
+            return (next_ms if next_ms >= 0 else None), reply_texts(reply[1:])
 
         return ScriptCall(self.script(RETURN_LEFT), [left_key, queue_key], [keep_ms, len(runnable), *runnable, *kept],
                           parse)
@@ -178,7 +178,7 @@ class DeployScripts(ScriptSet):
                     job_id: str, run_id: str, now_iso: str, why: str, retention_s: int,
                     remove: bool) -> ScriptCall[Literal["removed", "forgotten"]]:
         return ScriptCall(self.script(REMOVE_LEFT), [left_key, left_info_key, runs_key, finished_key, deps_key],
-                          [job_id, run_id, now_iso, why, retention_s, _flag(remove)], reply_text)  # type: ignore[arg-type]
+                          [job_id, run_id, now_iso, why, retention_s, lua_flag(remove)], reply_text)  # type: ignore[arg-type]
 
     def remove_waiting(self, *, waiting_key: str, runs_key: str, finished_key: str, deps_key: str, run_id: str,
                        now_iso: str, why: str, retention_s: int) -> ScriptCall[Literal["removed", "kept"]]:

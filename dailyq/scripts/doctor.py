@@ -14,7 +14,7 @@ from .shared import (
     RECORD_LUA,
     ScriptCall,
     ScriptSet,
-    _lua,
+    with_helpers,
 )
 
 # doctor reads a day, decides, and only then repairs: each script first checks that the
@@ -40,7 +40,7 @@ end
 """
 
 
-DOCTOR_REQUEUE = _lua(f"""
+DOCTOR_REQUEUE = with_helpers(f"""
 -- A queued run whose job is in no queue, registry, set-aside list or left: its job id back at
 -- the queue's front while RQ still has the job's hash (and off RQ's failed registry, so
 -- that RQ's registries do not call a waiting job failed), else the run recorded failed.
@@ -72,7 +72,7 @@ return 'failed'
 """, RECORD_LUA, DOCTOR_LUA, NOTE_FAILED_LUA)
 
 
-DOCTOR_SETTLE = _lua(f"""
+DOCTOR_SETTLE = with_helpers(f"""
 -- A run's record set to what backs it: 'failed' with the reason (nothing can run it),
 -- 'queued' (a parked run whose job is pushed already), or 'finished' (a queued run in the
 -- day's finished set, whose job BEGIN skips: only while it is in that set); its waiting
@@ -113,7 +113,7 @@ return 1
 """, RECORD_LUA, DOCTOR_LUA, NOTE_FAILED_LUA)
 
 
-DOCTOR_PARK = _lua(f"""
+DOCTOR_PARK = with_helpers(f"""
 -- A parked run (waiting or blocked) parked again in the day's waiting hash, as fan-out
 -- parks it (fanout._hold): the leader releases it once its upstream runs have finished.
 -- KEYS[1] = day runs hash, KEYS[2] = day waiting hash, KEYS[3] = waiting days set,
@@ -140,7 +140,7 @@ return 1
 """, RECORD_LUA, DOCTOR_LUA)
 
 
-DOCTOR_LIST_RUNNING = _lua(f"""
+DOCTOR_LIST_RUNNING = with_helpers(f"""
 -- A running run listed in the running hash, where recovery looks for runs whose copy died
 -- (BEGIN lists every run it claims; this one is missing): only while its record still says
 -- running with the same job and claim owner.
@@ -162,7 +162,7 @@ return 1
 """, RECORD_LUA, DOCTOR_LUA)
 
 
-DOCTOR_DROP_ENTRY = _lua("""
+DOCTOR_DROP_ENTRY = with_helpers("""
 -- A stale entry removed: a field of the running hash, of a day's waiting hash, or of
 -- left's info hash together with its member of left -- only while the field still holds
 -- the value read and the run's record is still as read.

@@ -11,12 +11,12 @@ from .shared import (
     OWNER_LUA,
     ScriptCall,
     ScriptSet,
-    _lua,
     allow_oom,
     lua_ms,
+    with_helpers,
 )
 
-LEASE_ACQUIRE_OR_RENEW = allow_oom(_lua("""
+LEASE_ACQUIRE_OR_RENEW = allow_oom(with_helpers("""
 -- Takes a free lease or extends our own. Returns 1 when we hold it afterwards, else 0.
 -- KEYS[1] = lease key
 -- ARGV[1] = owner token, ARGV[2] = ttl (ms)
@@ -37,7 +37,7 @@ return 1
 """))
 
 
-LEASE_RENEW = allow_oom(_lua("""
+LEASE_RENEW = allow_oom(with_helpers("""
 -- Extends the lease only while we own it; never takes a free one. Returns 1 or 0.
 -- KEYS[1] = lease key
 -- ARGV[1] = owner token, ARGV[2] = ttl (ms)
@@ -45,7 +45,7 @@ return pexpire_if_owner(KEYS[1], ARGV[1], ARGV[2])
 """, OWNER_LUA))
 
 
-LEASE_RELEASE = allow_oom(_lua("""
+LEASE_RELEASE = allow_oom(with_helpers("""
 -- Deletes the lease only while we own it. Returns 1 when deleted, else 0.
 -- KEYS[1] = lease key
 -- ARGV[1] = owner token
@@ -53,7 +53,7 @@ return del_if_owner(KEYS[1], ARGV[1])
 """, OWNER_LUA))
 
 
-MARK_LEADERSHIP = allow_oom(_lua("""
+MARK_LEADERSHIP = allow_oom(with_helpers("""
 -- Under our lease only: records this scheduler tick as the latest held one. When the
 -- previous one is older than the gap, it is left as is and reported: the caller enqueues
 -- the no_leader alert, then calls again with gap 0 (so an alert that could not be

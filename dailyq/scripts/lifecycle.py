@@ -18,10 +18,10 @@ from .shared import (
     RECORD_LUA,
     ScriptCall,
     ScriptSet,
-    _flag,
-    _lua,
-    _texts,
     allow_oom,
+    lua_flag,
+    reply_texts,
+    with_helpers,
 )
 
 # The error a run skipped by overlap='skip' shows in its record.
@@ -58,7 +58,7 @@ end
 """
 
 
-QUEUE_RECORDS = _lua(f"""
+QUEUE_RECORDS = with_helpers(f"""
 -- The records of runs a fan-out enqueues (one call per chunk, in its MULTI/EXEC).
 -- KEYS[1] = day runs hash
 -- ARGV[1] = retention (s), ARGV[2] = n, the number of new records, then
@@ -96,7 +96,7 @@ return 1
 """, RECORD_LUA)
 
 
-BEGIN = _lua(f"""
+BEGIN = with_helpers(f"""
 -- A copy of a run asks to execute it: takes the run's claim and its series claim, draws a
 -- fencing token and marks the record running -- unless the run is finished, superseded
 -- by a later job, out of attempts, or executing elsewhere.
@@ -193,7 +193,7 @@ end
 """
 
 
-FINISH = allow_oom(_lua(f"""
+FINISH = allow_oom(with_helpers(f"""
 -- The owner of a run's claim records it finished and releases the claim. Idempotent.
 -- KEYS[1] = day finished set, KEYS[2] = run claim, KEYS[3] = day runs hash,
 -- KEYS[4] = durations hash, KEYS[5] = running hash, KEYS[6] = series claim,
@@ -227,7 +227,7 @@ return 1
 """, OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA, RELEASE_RUN_LUA, DEPS_LUA))
 
 
-FAIL = allow_oom(_lua(f"""
+FAIL = allow_oom(with_helpers(f"""
 -- An execution that ended without finishing: the task raised (from the executing process)
 -- or its process died (from the worker parent, which saw its work-horse die).
 -- KEYS[1] = run claim, KEYS[2] = day runs hash, KEYS[3] = running hash, KEYS[4] = series claim,
@@ -268,7 +268,7 @@ return retry and 'retry' or 'failed'
 """, OWNER_LUA, RECORD_LUA, CANCELLED_CLAIM_LUA, RELEASE_RUN_LUA, NOTE_FAILED_LUA))
 
 
-END_WAIT = _lua(f"""
+END_WAIT = with_helpers(f"""
 -- A copy that never got the run's claim stopped waiting for it: its job timed out (RQ's
 -- death penalty) while another copy of the run, or with overlap='wait' the previous
 -- slot's run of its task and param, held the claim. RQ then retries or fails the job
@@ -298,7 +298,7 @@ return retry and 'retry' or 'failed'
 """, RECORD_LUA, NOTE_FAILED_LUA)
 
 
-RENEW_CLAIM = allow_oom(_lua("""
+RENEW_CLAIM = allow_oom(with_helpers("""
 -- Extends a run's claim and its series claim only while the run's claim is ours; never
 -- re-takes one that lapsed: a copy that lost its claim must stop, whoever holds it now.
 -- A run of a task with limits also extends its slot (limits.py) in the same call.
@@ -321,7 +321,7 @@ return 'ok'
 """, OWNER_LUA, NOW_LUA, PERMITS_LUA, CANCELLED_CLAIM_LUA))
 
 
-TRIM_DURATIONS = _lua("""
+TRIM_DURATIONS = with_helpers("""
 -- The learned durations are kept per series (task + param) across days; a series no day
 -- fanned out for the retention period goes (computed params that change daily would
 -- otherwise grow the hash forever). The fan-out notes each series' day in KEYS[2].
@@ -352,7 +352,7 @@ return #stale
 """)
 
 
-CANCEL = _lua(f"""
+CANCEL = with_helpers(f"""
 -- ``cancel`` of one run: a run queued, running, waiting or blocked ends 'cancelled', its
 -- error saying who asked. An executing copy's claim is renamed (CANCEL_MARK): its next
 -- renewal tells it to stop, and it releases the claim once stopped. Out of the running
@@ -386,7 +386,7 @@ return {{'cancelled', state, executing}}
 """, RECORD_LUA)
 
 
-RELEASE_CANCELLED = _lua("""
+RELEASE_CANCELLED = with_helpers("""
 -- A copy that stopped for a cancel releases its claim and series claim.
 -- KEYS[1] = run claim, KEYS[2] = series claim
 -- ARGV[1] = the copy's owner token
@@ -445,7 +445,7 @@ class CancelReply:
 
 
 def _parse_cancel(reply: Any) -> CancelReply:
-    items = _texts(reply)
+    items = reply_texts(reply)
     if items[0] == "cancelled":
         return CancelReply("cancelled", items[1], items[2] == "1")
     if items[0] == "ended":
@@ -487,7 +487,7 @@ class RunScripts(ScriptSet):
               retention_s: int, day: str, overlap: str, node: str, now_iso: str, job_id: str,
               max_attempts: int) -> ScriptCall[BeginReply]:
         return ScriptCall(self.script(BEGIN), [finished_key, claim_key, runs_key, running_key, series_key, fence_key],
-                          [run_id, owner, claim_ttl_ms, _flag(force), base_json, retention_s, day, overlap, node,
+                          [run_id, owner, claim_ttl_ms, lua_flag(force), base_json, retention_s, day, overlap, node,
                            now_iso, job_id, max_attempts], parse_begin)
 
     def finish(self, *, finished_key: str, claim_key: str, runs_key: str, durations_key: str, running_key: str,
@@ -503,7 +503,7 @@ class RunScripts(ScriptSet):
              run_id: str, owner: str, base_json: str, retention_s: int, rq_can_retry: bool, max_attempts: int,
              node: str, now_iso: str, error: str, day: str) -> ScriptCall[FailOutcome]:
         return ScriptCall(self.script(FAIL), [claim_key, runs_key, running_key, series_key, failures_key],
-                          [run_id, owner, base_json, retention_s, _flag(rq_can_retry), max_attempts, node, now_iso,
+                          [run_id, owner, base_json, retention_s, lua_flag(rq_can_retry), max_attempts, node, now_iso,
                            error, day], reply_text)  # type: ignore[arg-type]
 
     def end_wait(self, *, runs_key: str, claim_key: str, failures_key: str, run_id: str, job_id: str,
@@ -511,7 +511,7 @@ class RunScripts(ScriptSet):
                  error_if_run_busy: str, error_if_series_busy: str, day: str) -> ScriptCall[FailOutcome]:
         """'retry', 'failed' or 'not-ours' (the record no longer says queued for this job)."""
         return ScriptCall(self.script(END_WAIT), [runs_key, claim_key, failures_key],
-                          [run_id, job_id, base_json, retention_s, _flag(rq_will_retry), node, now_iso,
+                          [run_id, job_id, base_json, retention_s, lua_flag(rq_will_retry), node, now_iso,
                            error_if_run_busy, error_if_series_busy, day], reply_text)  # type: ignore[arg-type]
 
     def renew_claim(self, *, claim_key: str, series_key: str, owner: str, ttl_ms: int,

@@ -10,10 +10,10 @@ from .shared import (
     NOW_LUA,
     ScriptCall,
     ScriptSet,
-    _lua,
+    with_helpers,
 )
 
-OUTBOX_ENQUEUE = _lua("""
+OUTBOX_ENQUEUE = with_helpers("""
 -- Puts each alert not seen before into the outbox (due now), atomically with
 -- remembering its id in its day's alert set: an alert enters once, however often raised.
 -- KEYS[1] = outbox, KEYS[2] = entries, KEYS[3..] = the alerts' day sets
@@ -36,7 +36,7 @@ return added
 """, NOW_LUA)
 
 
-OUTBOX_CLAIM = _lua("""
+OUTBOX_CLAIM = with_helpers("""
 -- First, entries whose sender's claim ran out go back to the outbox; then the oldest due
 -- entry moves to the in-flight set until now + claim, marked with the sender's token.
 -- KEYS[1] = outbox, KEYS[2] = in-flight, KEYS[3] = entries
@@ -112,7 +112,7 @@ end
 """
 
 
-OUTBOX_RETRY = _lua("""
+OUTBOX_RETRY = with_helpers("""
 -- Back to the outbox with its next due time and one more attempt; only by the sender
 -- still holding the claim.
 -- KEYS[1] = outbox, KEYS[2] = in-flight, KEYS[3] = entries
@@ -133,7 +133,7 @@ return 1
 """, NOW_LUA, OUTBOX_HELD_LUA)
 
 
-OUTBOX_DROP = _lua("""
+OUTBOX_DROP = with_helpers("""
 -- Gives an entry up (deleted); only by the sender still holding the claim.
 -- KEYS[1] = outbox, KEYS[2] = in-flight, KEYS[3] = entries
 -- ARGV[1] = id, ARGV[2] = owner token

@@ -11,12 +11,12 @@ from .shared import (
     OWNER_LUA,
     ScriptCall,
     ScriptSet,
-    _flag,
-    _lua,
+    lua_flag,
     lua_ms,
+    with_helpers,
 )
 
-PARAMS_STORE = _lua("""
+PARAMS_STORE = with_helpers("""
 -- The one write of a computed task's params for a slot (params_book.py): a list, or a
 -- failure of its params callable. A stored list is replaced only by a refresh; a stored
 -- failure only by a list or by a failure of a later attempt. The retry schedule follows
@@ -56,7 +56,7 @@ return {1, entry}
 """, OWNER_LUA)
 
 
-TABLE_SKEW_SYNC = _lua("""
+TABLE_SKEW_SYNC = with_helpers("""
 -- The leader's record of the table differences it sees (table_watch.py): each current
 -- one keeps the time it was first seen, any other is dropped. Under the lease only, so
 -- a leader that lost it (paused past it) does not undo its successor's record.
@@ -111,7 +111,7 @@ class ParamScripts(ScriptSet):
         """(stored, entry): whether ``entry_json`` was stored, and the entry stored now
         (``'lease'`` when ``fence_owner`` no longer holds the lease)."""
         return ScriptCall(self.script(PARAMS_STORE), [params_key, retries_key, lease_key],
-                          [field, entry_json, retention_s, _flag(replace), retry_member,
+                          [field, entry_json, retention_s, lua_flag(replace), retry_member,
                            "" if next_try_ms is None else next_try_ms, fence_owner or ""], _parse_params_store)
 
     def table_skew_sync(self, *, skew_key: str, lease_key: str, owner: str, ttl_s: int,

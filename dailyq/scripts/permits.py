@@ -10,9 +10,9 @@ from .shared import (
     NOW_LUA,
     ScriptCall,
     ScriptSet,
-    _lua,
-    _texts,
     allow_oom,
+    reply_texts,
+    with_helpers,
 )
 
 PERMITS_LUA = """
@@ -180,7 +180,7 @@ end
 """
 
 
-ADMIT = _lua("""
+ADMIT = with_helpers("""
 -- A worker asks, before it starts a run of a task with limits or a paused task, whether it
 -- may: if the task is paused or has no room, the job is set aside -- off RQ's intermediate
 -- queue (so nothing takes it for stranded) and onto the task's set-aside list, its RQ job left
@@ -226,7 +226,7 @@ return 'admitted'
 """, NOW_LUA, PERMITS_LUA)
 
 
-RELEASE_PERMIT = allow_oom(_lua("""
+RELEASE_PERMIT = allow_oom(with_helpers("""
 -- An admitted execution ended (finished, failed, not executed after all, or its work-horse
 -- died): its permit frees, and set-aside runs move to the queue's front while there is room --
 -- in the same script as every hold, so no set-aside run misses the wake-up. For a pool's task,
@@ -258,7 +258,7 @@ return promote(set_aside_key, index_key, queue_key, room(permits_key, nodes_key,
 """, NOW_LUA, PERMITS_LUA))
 
 
-SWEEP_PERMITS = _lua("""
+SWEEP_PERMITS = with_helpers("""
 -- The leader, every tick: drops lapsed permits (holders that died or were cut off) and moves
 -- set-aside runs of tasks with limits to the queue's front while there is room. Per-node room
 -- is counted on every node that beat within the last ``live_s`` seconds. The tasks of a
@@ -305,7 +305,7 @@ return moved
 """, NOW_LUA, PERMITS_LUA)
 
 
-TOUCH_PERMIT = allow_oom(_lua("""
+TOUCH_PERMIT = allow_oom(with_helpers("""
 -- Keeps the permit of an admitted run alive while it waits for another copy of the run
 -- (BEGIN said busy): it has no claim yet for RENEW_CLAIM to extend the permit with.
 -- KEYS[1] = the task's permits
@@ -315,7 +315,7 @@ return extend_permit(KEYS[1], ARGV[1], ARGV[2])
 """, NOW_LUA, PERMITS_LUA))
 
 
-RESUME = _lua("""
+RESUME = with_helpers("""
 -- Resumes a task: no longer paused, and every run set aside (paused or over a limit) goes
 -- to the queue's front, in the order held; ADMIT holds again any still over a limit.
 -- KEYS[1] = paused hash, KEYS[2] = set-aside list, KEYS[3] = queue, KEYS[4] = the set-aside list's index
@@ -386,7 +386,7 @@ class PermitScripts(ScriptSet):
         for member in pool if place else ():
             keys += [member.permits_key, member.permit_nodes_key, member.set_aside_key, member.set_aside_index_key]
             args += [member.name, member.max_running or 0, member.max_per_node or 0]
-        return ScriptCall(self.script(RELEASE_PERMIT), keys, args, _texts)
+        return ScriptCall(self.script(RELEASE_PERMIT), keys, args, reply_texts)
 
     def sweep_permits(self, *, paused_key: str, queue_key: str, nodes_key: str, live_s: int,
                     tasks: Sequence[TaskLimits]) -> ScriptCall[list[str]]:
@@ -397,7 +397,7 @@ class PermitScripts(ScriptSet):
             keys += [task.permits_key, task.permit_nodes_key, task.set_aside_key, task.set_aside_index_key]
             args += [task.name, task.max_running or 0, task.max_per_node or 0, task.pool or "",
                      task.pool_size if task.pool else 0]
-        return ScriptCall(self.script(SWEEP_PERMITS), keys, args, _texts)
+        return ScriptCall(self.script(SWEEP_PERMITS), keys, args, reply_texts)
 
     def touch_permit(self, *, permits_key: str, owner: str, ttl_ms: int) -> ScriptCall[bool]:
         return ScriptCall(self.script(TOUCH_PERMIT), [permits_key], [owner, ttl_ms], bool)

@@ -12,10 +12,10 @@ from .shared import (
     RECORD_LUA,
     ScriptCall,
     ScriptSet,
-    _lua,
+    with_helpers,
 )
 
-TAKE_IF_ABANDONED = _lua(f"""
+TAKE_IF_ABANDONED = with_helpers(f"""
 -- The leader takes over a run listed as running: only if no live copy holds its claim.
 -- It records the run failed when it has no attempts left, or when the caller cannot
 -- requeue it (ARGV[5] says why). A run to requeue stays listed as running: the caller's
@@ -62,7 +62,7 @@ return 'failed'
 """, RECORD_LUA, NOTE_FAILED_LUA)
 
 
-REQUEUE_STRANDED = _lua(f"""
+REQUEUE_STRANDED = with_helpers(f"""
 -- Puts a job a worker took off the queue but never started back at the front of the
 -- queue, once, if its run still waits for exactly this job (queued, not begun since).
 -- KEYS[1] = RQ's intermediate queue, KEYS[2] = our queue, KEYS[3] = day runs hash
@@ -82,7 +82,7 @@ return 1
 """, RECORD_LUA)
 
 
-SETTLE_FAILED = _lua(f"""
+SETTLE_FAILED = with_helpers(f"""
 -- The leader settles the run of a job RQ failed outside the guard (settle.py): the record
 -- is failed with RQ's reason, only while nothing else backs what it says -- it names this
 -- job and says queued, running or waiting, RQ still has the job failed, no copy holds the
@@ -116,7 +116,7 @@ return 1
 """, RECORD_LUA, NOTE_FAILED_LUA)
 
 
-REQUEUE_ORPHANED = _lua(f"""
+REQUEUE_ORPHANED = with_helpers(f"""
 -- A copy that stopped because its claim was gone (guard.py) records nothing: another copy
 -- owns the run, or the leader takes it over from the running hash. Unless Redis itself lost
 -- the claim with the rest of the run's start (a failover to a replica that lagged): then

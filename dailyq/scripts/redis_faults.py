@@ -11,13 +11,13 @@ from .shared import (
     NOW_LUA,
     ScriptCall,
     ScriptSet,
-    _lua,
-    _texts,
     allow_oom,
     lua_ms,
+    reply_texts,
+    with_helpers,
 )
 
-MEMORY_FULL_MARK = allow_oom(_lua("""
+MEMORY_FULL_MARK = allow_oom(with_helpers("""
 -- A scheduler saw Redis refuse a write for memory: keeps the one small key that says so
 -- (status, health and the leader read it), since the episode's first sighting. Allowed on
 -- a full Redis: it is what a full Redis must still be able to tell.
@@ -52,7 +52,7 @@ return {tostring(mark.since_ms), mark.alerted and '1' or '0', raw}
 """, NOW_LUA))
 
 
-GENERATION_ENSURE = _lua("""
+GENERATION_ENSURE = with_helpers("""
 -- dailyq's mark in this Redis: read it, and write it where it is gone or not ours.
 -- KEYS[1] = generation key
 -- ARGV[1] = a fresh token, ARGV[2] = the token this process remembers ('' at its start),
@@ -93,7 +93,7 @@ return raw
 """, NOW_LUA)
 
 
-RESTORE_MEMORY = _lua("""
+RESTORE_MEMORY = with_helpers("""
 -- After a loss of Redis's data: writes back what one process remembers.
 -- KEYS[1] = cursor hash, KEYS[2] = paused hash
 -- ARGV[1] = n, then n pairs (task, ISO cursor), then pairs (task, pause JSON)
@@ -120,7 +120,7 @@ return {redis.call('HGETALL', cursor_key), restored}
 """)
 
 
-DATA_LOST_ALERT_CLAIM = _lua("""
+DATA_LOST_ALERT_CLAIM = with_helpers("""
 -- The redis_data_lost alert of one generation: one leader POSTs it at a time.
 -- KEYS[1] = the alert's key
 -- ARGV[1] = generation token, ARGV[2] = sender (owner), ARGV[3] = claim (ms)
@@ -173,8 +173,8 @@ class RedisFaultScripts(ScriptSet):
             args += [task, entry]
 
         def parse(reply: Any) -> tuple[dict[str, str], list[str]]:
-            flat = _texts(reply[0])
-            return dict(zip(flat[::2], flat[1::2])), _texts(reply[1])
+            flat = reply_texts(reply[0])
+            return dict(zip(flat[::2], flat[1::2])), reply_texts(reply[1])
 
         return ScriptCall(self.script(RESTORE_MEMORY), [cursor_key, paused_key], args, parse)
 

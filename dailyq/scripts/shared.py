@@ -1,7 +1,7 @@
 """What every script shares: the Lua helpers they are built from, the call of one script
 (``ScriptCall``), and the base of the concern classes that make up ``Scripts``.
 
-Redis runs no includes, so the helpers a script uses are prepended to it (``_lua``):
+Redis runs no includes, so the helpers a script uses are prepended to it (``with_helpers``):
 
 * ``holds`` / ``del_if_owner`` / ``pexpire_if_owner`` (OWNER_LUA): the one compare-and-delete
   and the one extend-if-owner of an owner-token lease (the leader lease, a run's claim and
@@ -168,7 +168,8 @@ end
 """
 
 
-def _lua(body: str, *helpers: str) -> str:
+def with_helpers(body: str, *helpers: str) -> str:
+    """A script: the Lua helpers it calls, then its body (Redis runs no includes)."""
     return "".join(helpers) + body
 
 
@@ -186,7 +187,8 @@ def allow_oom(script: str) -> str:
     return ALLOW_OOM + script
 
 
-def _texts(reply: Any) -> list[str]:
+def reply_texts(reply: Any) -> list[str]:
+    """A script's list reply as text."""
     return [reply_text(item) for item in reply or []]
 
 
@@ -195,7 +197,8 @@ def lua_ms(value: Any) -> int:
     return int(float(reply_text(value)))
 
 
-def _flag(value: bool) -> str:
+def lua_flag(value: bool) -> str:
+    """A boolean argument as the scripts read it ('1' / '0')."""
     return "1" if value else "0"
 
 
