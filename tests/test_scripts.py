@@ -932,3 +932,52 @@ def test_resume_unpauses_and_puts_every_held_run_back_at_the_front(scripts, conn
     assert connection.hexists(keys.paused, lim.task) == 0
     assert connection.exists(keys.set_aside(lim.task), lim.index) == 0  # drained: the index went with the list
     assert lim.resume(scripts) == (False, 0)
+
+
+# -- the package's own rules ------------------------------------------------------------------
+
+def script_modules() -> list[Any]:
+    import importlib
+    import pkgutil
+
+    import dailyq.scripts
+
+    return [importlib.import_module(f"dailyq.scripts.{info.name}")
+            for info in pkgutil.iter_modules(dailyq.scripts.__path__)]
+
+
+def rule_breakers(modules: list[Any]) -> tuple[list[str], list[str]]:
+    """(scripts whose own body uses KEYS or ARGV without a ``-- KEYS[`` / ``-- ARGV[``
+    header, scripts not called by exactly one ``self.script(NAME)`` wrapper) of ``modules``."""
+    import inspect
+
+    texts = {name: (module, value) for module in modules for name, value in vars(module).items()
+             if name.isupper() and isinstance(value, str) and "redis.call" in value}
+    helpers = [value for name, (_, value) in texts.items() if name.endswith("_LUA")]
+    undocumented, unwrapped = [], []
+    for name, (module, lua) in texts.items():
+        if name.endswith("_LUA"):
+            continue
+        body = lua
+        for helper in helpers:
+            body = body.replace(helper, "")
+        if ("KEYS[" in body and "-- KEYS[" not in body) or ("ARGV[" in body and "-- ARGV[" not in body):
+            undocumented.append(name)
+        if inspect.getsource(module).count(f"self.script({name})") != 1:
+            unwrapped.append(name)
+    return undocumented, unwrapped
+
+
+def test_every_script_documents_its_keys_and_argv_and_has_one_typed_wrapper() -> None:
+    modules = script_modules()
+    assert len(modules) >= 10
+    assert rule_breakers(modules) == ([], [])
+
+
+def test_the_rule_check_catches_an_undocumented_unwrapped_script() -> None:
+    import types
+
+    planted = types.ModuleType("planted")
+    planted.LOST = "return redis.call('GET', KEYS[1])"  # type: ignore[attr-defined]
+    planted.__file__ = __file__  # getsource reads this file, which wraps no LOST
+    assert rule_breakers([planted]) == (["LOST"], ["LOST"])
