@@ -117,7 +117,7 @@ must change our records and RQ's lists in one step. Every key name comes from
 * ``Queue.prepare_data``: the entry ``Queue.enqueue_many`` takes, built by ``job_entry``
   (fanout.job_data, which dependencies.py uses too, and recovery's replacement jobs).
 
-(scripts.py holds the Lua; each script's header lists the KEYS it takes.)
+(dailyq/scripts/ holds the Lua; each script's header lists the KEYS it takes.)
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ class RQKeys:
 
     @property
     def intermediate(self) -> str:
-        """RQ 3's list of job ids dequeued but not started yet (internal c)."""
+        """RQ 3's list of job ids dequeued but not started yet (BLMOVE moves them here)."""
         return str(self._queue.intermediate_queue_key)
 
     # RQ's registries: sorted sets of job ids (the started one's members are
