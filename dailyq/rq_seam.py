@@ -103,8 +103,9 @@ must change our records and RQ's lists in one step. Every key name comes from
   ``enqueue_job`` -- RELEASE_PERMIT, SWEEP_PERMITS and RESUME (through the ``promote`` and
   ``promote_pool`` helpers, PERMITS_LUA), RETURN_LEFT, REQUEUE_STRANDED, REQUEUE_ORPHANED,
   DOCTOR_REQUEUE; REQUEUE_ORPHANED and DOCTOR_REQUEUE also LPOS it (never push twice);
-* the intermediate queue (``RQKeys.intermediate``, where a dequeued job waits until it starts): ADMIT and LEAVE LREM a
-  job they take over, REQUEUE_STRANDED moves a stranded one back to the queue,
+* the intermediate queue (``RQKeys.intermediate``, where a dequeued job waits until it
+  starts): ADMIT and LEAVE LREM a job they take over, REQUEUE_STRANDED moves a stranded
+  one back to the queue,
   REQUEUE_ORPHANED and DOCTOR_REQUEUE LPOS it; recovery.StrandedJobs reads it;
 * the job hash (``RQKeys.job``): SETTLE_FAILED reads its ``status`` field ('failed');
   REQUEUE_ORPHANED checks that it exists, sets ``status`` to 'queued' and PERSISTs it;
