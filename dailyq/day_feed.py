@@ -4,7 +4,9 @@ Every record write (the Lua helpers of scripts.shared.RECORD_LUA) keeps, in the 
 
 * ``keys.day_counts(day)``: runs per (task, state), records per (task, slot), and the
   day's sequence number ``_seq``, bumped by every write;
-* ``keys.day_changes(day)``: run id -> the ``_seq`` of its record's last write.
+* ``keys.day_changes(day)``: run id -> the ``_seq`` of its record's last write; it
+  names every record of the day until it expires, two days after the last run it took in
+  (scripts.shared.CHANGES_KEPT_S), and a reader that finds it short reads the day whole.
 
 ``read_counts`` is one HGETALL of a hash of a few fields per task and slot, whatever the
 day's size (the outside heartbeat, metrics). ``DayView`` keeps a day's records in this
@@ -126,10 +128,15 @@ class DayView:
             pipe.hget(self.keys.day_counts(self.day), "_seq")
             pipe.hlen(self.keys.day_runs(self.day))
             pipe.zrangebyscore(self.keys.day_changes(self.day), f"({self.seq}", "+inf")
-            seq, stored, changed = pipe.execute()
+            pipe.zcard(self.keys.day_changes(self.day))
+            seq, stored, changed, in_feed = pipe.execute()
         now_seq = int(seq or 0)
         if now_seq < self.seq:
             return False  # the day's counts were lost or expired: its sequence started again
+        if in_feed != stored:
+            # The feed expired (CHANGES_KEPT_S after its last new run) and names only the
+            # runs written since, or an older version wrote records without it.
+            return False
         run_ids = [as_text(run_id) for run_id in changed]
         for at in range(0, len(run_ids), FETCH_CHUNK):
             chunk = run_ids[at:at + FETCH_CHUNK]

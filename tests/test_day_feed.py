@@ -176,11 +176,12 @@ def test_a_view_fetches_exactly_the_changed_runs_and_nothing_when_nothing_change
         assert len(records) == 201
         assert records == {k.decode(): {**json.loads(v), "param": json.loads(json.loads(v)["param_json"])}
                            for k, v in connection.hgetall(runs_key).items()}
-        # Nothing changed since: one MULTI of three O(1) reads, whatever the day's size.
+        # Nothing changed since: one MULTI of four O(1) reads, whatever the day's size.
         calls_before = _calls(watcher)
         view.refresh()
         calls = _calls(watcher) - calls_before
-        assert calls == Counter({"multi": 1, "hget": 1, "hlen": 1, "zrangebyscore": 1, "exec": 1, "info": 1})
+        assert calls == Counter({"multi": 1, "hget": 1, "hlen": 1, "zrangebyscore": 1, "zcard": 1, "exec": 1,
+                                 "info": 1})
         assert view.full_reads == 1
         assert sent_before > 0
     finally:
@@ -199,6 +200,26 @@ def test_a_view_reads_the_day_again_when_the_feed_cannot_tell(connection: Redis,
     scripts.queue_records(runs_key=runs_key, retention_s=RETENTION_S, again=[],
                           fresh=[("r2", record_json("r2"))]).run()
     assert set(view.refresh()) == {"r2"} and view.full_reads == 3
+
+
+def test_the_feed_lives_two_days_after_its_last_new_run_and_a_view_reads_past_its_end(
+        connection: Redis, keys: Keys, scripts: Scripts) -> None:
+    from dailyq.scripts.shared import CHANGES_KEPT_S  # noqa: PLC0415
+
+    runs_key, changes_key = keys.day_runs(DAY), keys.day_changes(DAY)
+    long_retention_s = 7 * 86400
+    scripts.queue_records(runs_key=runs_key, retention_s=long_retention_s, again=[],
+                          fresh=[(f"r{i}", record_json(f"r{i}")) for i in range(3)]).run()
+    assert CHANGES_KEPT_S - 5 < connection.ttl(changes_key) <= CHANGES_KEPT_S  # not the records' week
+    assert connection.ttl(runs_key) > CHANGES_KEPT_S
+    view = DayView(connection, keys, DAY)
+    assert len(view.refresh()) == 3 and view.full_reads == 1
+    connection.delete(changes_key)  # as it expires, two days after its last new run
+    scripts.set_run_state(runs_key=runs_key, retention_s=long_retention_s, state="waiting", run_ids=["r1"]).run()
+    # Taken in again, with its TTL: it now names one run of three, and the view reads the day whole.
+    assert connection.zcard(changes_key) == 1 and 0 < connection.ttl(changes_key) <= CHANGES_KEPT_S
+    records = view.refresh()
+    assert records["r1"]["state"] == "waiting" and len(records) == 3 and view.full_reads == 2
 
 
 def _calls(connection: Redis) -> Counter:

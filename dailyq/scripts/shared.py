@@ -56,6 +56,11 @@ end
 """
 
 
+# How long a day's change feed outlives the last run it took in (day_feed.py): its readers
+# look every few seconds, and a reader that finds it gone or short reads the day whole.
+# Two days, not the retention: the feed was about 130 bytes per run of the retention's.
+CHANGES_KEPT_S = 2 * 86400
+
 RECORD_LUA = f"""
 -- Run records: JSON, one hash per day (``status`` reads a whole day with one HGETALL).
 -- Every change is load_record, set fields, save_record; a new record is stored whole.
@@ -64,7 +69,11 @@ RECORD_LUA = f"""
 -- records of that slot, '_seq' -> the day's last change, and '_counted' = 1 while the
 -- counts cover every record (a new day's from its first; a day an older version began is
 -- counted once by day_feed.py); runs_key .. '{DAY_CHANGES_SUFFIX}', a sorted set run_id -> the
--- '_seq' of its last change. Both expire a retention after the day's last new run.
+-- '_seq' of its last change. The counts expire a retention after the day's last new run;
+-- the feed CHANGES_KEPT_S after the last run it took in, as it only serves readers that
+-- look every few seconds. Until then it names every record of the day (ZCARD = HLEN);
+-- one taken in again after that names only those written since, and a reader that
+-- finds it short reads the day whole (day_feed.DayView).
 local loaded = {{}}  -- runs_key .. ' ' .. run_id -> {{state, task}} as load_record found it, or false
 local function before_of(runs_key, run_id)
   local seen = loaded[runs_key .. ' ' .. run_id]
@@ -95,13 +104,16 @@ local function note_change(runs_key, run_id, before, record, retention_s)
     end
   end
   local seq = redis.call('HINCRBY', counts_key, '_seq', 1)
-  redis.call('ZADD', changes_key, seq, run_id)
+  local taken_in = redis.call('ZADD', changes_key, seq, run_id) == 1
   if seq == 1 or not before then
     -- Set when the run (or the day's counts) is new, not at every change: two commands
     -- less per BEGIN and FINISH. Counts that expire before their records (a rerun days
     -- later kept those alive) are counted again once (day_feed.py), then go on.
     redis.call('EXPIRE', counts_key, retention_s)
-    redis.call('EXPIRE', changes_key, retention_s)
+  end
+  if taken_in then
+    -- A run new to the feed: a new run, or any run once the feed expired and starts again.
+    redis.call('EXPIRE', changes_key, math.min(tonumber(retention_s), {CHANGES_KEPT_S}))
   end
   loaded[runs_key .. ' ' .. run_id] = {{state, task}}
 end
