@@ -5,7 +5,7 @@ Every record write (the Lua helpers of scripts.shared.RECORD_LUA) keeps, in the 
 * ``keys.day_counts(day)``: runs per (task, state), records per (task, slot), and the
   day's sequence number ``_seq``, bumped by every write;
 * ``keys.day_changes(day)``: run id -> the ``_seq`` of its record's last write; it
-  names every record of the day until it expires, two days after the last run it took in
+  names every record of the day until it expires, a day after the last run it took in
   (scripts.shared.CHANGES_KEPT_S), and a reader that finds it short reads the day whole.
 
 ``read_counts`` is one HGETALL of a hash of a few fields per task and slot, whatever the

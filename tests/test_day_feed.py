@@ -202,7 +202,7 @@ def test_a_view_reads_the_day_again_when_the_feed_cannot_tell(connection: Redis,
     assert set(view.refresh()) == {"r2"} and view.full_reads == 3
 
 
-def test_the_feed_lives_two_days_after_its_last_new_run_and_a_view_reads_past_its_end(
+def test_the_feed_lives_a_day_after_its_last_new_run_and_a_view_reads_past_its_end(
         connection: Redis, keys: Keys, scripts: Scripts) -> None:
     from dailyq.scripts.shared import CHANGES_KEPT_S  # noqa: PLC0415
 
@@ -214,7 +214,7 @@ def test_the_feed_lives_two_days_after_its_last_new_run_and_a_view_reads_past_it
     assert connection.ttl(runs_key) > CHANGES_KEPT_S
     view = DayView(connection, keys, DAY)
     assert len(view.refresh()) == 3 and view.full_reads == 1
-    connection.delete(changes_key)  # as it expires, two days after its last new run
+    connection.delete(changes_key)  # as it expires, a day after its last new run
     scripts.set_run_state(runs_key=runs_key, retention_s=long_retention_s, state="waiting", run_ids=["r1"]).run()
     # Taken in again, with its TTL: it now names one run of three, and the view reads the day whole.
     assert connection.zcard(changes_key) == 1 and 0 < connection.ttl(changes_key) <= CHANGES_KEPT_S

@@ -58,8 +58,8 @@ end
 
 # How long a day's change feed outlives the last run it took in (day_feed.py): its readers
 # look every few seconds, and a reader that finds it gone or short reads the day whole.
-# Two days, not the retention: the feed was about 130 bytes per run of the retention's.
-CHANGES_KEPT_S = 2 * 86400
+# A day, not the retention: the feed was about 130 bytes per run of what outlived a day.
+CHANGES_KEPT_S = 86400
 
 RECORD_LUA = f"""
 -- Run records: JSON, one hash per day (``status`` reads a whole day with one HGETALL).
