@@ -50,7 +50,7 @@ from ..redis_values import as_text
 from ..runs import MISSED, PAUSED, QUEUED, SCHEDULED, DaySlots, RunRecord, slot_runs_on
 from ..table import TaskTable
 from ..table_watch import read_tables
-from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series
+from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series, waits_for_a_worker
 
 
 def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
@@ -91,9 +91,20 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
     # may lack runs that did run before then.
     status["redis_data_lost"] = read_data_loss(connection, keys)
     # When every run of the day is expected to have ended (eta.py), null when unknown or done.
-    expected_end = read_eta(connection, keys, table, runs, nodes, now).at
-    status["eta"] = None if expected_end is None else eta_iso(expected_end)
+    status["eta"] = day_eta(connection, keys, table, runs, nodes, now)
     return status
+
+
+def day_eta(connection: Redis, keys: Keys, table: TaskTable, runs: list[dict[str, Any]],
+            nodes: list[dict[str, Any]], now: datetime) -> str | None:
+    """``eta`` of ``status`` (``read_eta``'s ``at`` as eta_iso writes it), null when unknown
+    or when nothing is pending. With no live worker and a run waiting for one it is
+    unknown whatever else is known (eta.estimate), so the estimate is not made: on a day
+    of 100k queued runs and no worker it was a tenth of status' time."""
+    if live_workers(nodes) == 0 and waits_for_a_worker(runs):
+        return None
+    expected_end = read_eta(connection, keys, table, runs, nodes, now).at
+    return None if expected_end is None else eta_iso(expected_end)
 
 
 def read_eta(connection: Redis, keys: Keys, table: TaskTable, runs: list[dict[str, Any]],
