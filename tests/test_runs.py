@@ -11,7 +11,16 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 import dailyq.scripts
-from dailyq.runs import PUBLIC_RUN_FIELDS, RECORD_FIELDS, RunJob, StaleJob, new_record, runs_on, slot_runs_on
+from dailyq.runs import (
+    PUBLIC_RUN_FIELDS,
+    RECORD_FIELDS,
+    RunJob,
+    StaleJob,
+    decode_records,
+    new_record,
+    runs_on,
+    slot_runs_on,
+)
 from dailyq.table import Task, TaskTable
 from tests.tables.sample_tasks import record
 
@@ -106,3 +115,18 @@ def test_status_shows_a_run_without_a_record_as_its_new_record_with_its_param():
     assert shown == expected
     assert {state for state in (entry["state"] for entry in shown)} == {"missed", "scheduled"}
     assert all(list(entry) == [*PUBLIC_RUN_FIELDS, "run_id"] for entry in shown)
+
+
+def test_a_days_records_decode_as_one_array_as_they_would_one_by_one():
+    import json
+
+    records = {f"t-{i}".encode(): json.dumps(new_record("t", json.dumps(i), "2026-03-29T01:30:00+02:00", None),
+                                             ensure_ascii=False).encode()
+               for i in range(5)}
+    records[b"t-k"] = json.dumps({"task": "t", "param_json": '{"k":"値"}', "note": "a,b]"}, ensure_ascii=False).encode()
+    one_by_one = {key.decode(): json.loads(value) for key, value in records.items()}
+    assert decode_records(records) == one_by_one and decode_records({}) == {}
+    # A field that is not one JSON object is decoded on its own: what parses stays, what does not raises.
+    assert decode_records({**records, b"odd": b"[1, 2]"}) == {**one_by_one, "odd": [1, 2]}
+    with pytest.raises(ValueError):
+        decode_records({**records, b"bad": b'{"x": 1}, {"y": 2}'})

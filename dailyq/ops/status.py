@@ -47,7 +47,7 @@ from ..params_book import ParamsBook
 from ..pausing import paused_tasks
 from ..redis_memory import redis_view
 from ..redis_values import as_text
-from ..runs import MISSED, PAUSED, QUEUED, SCHEDULED, DaySlots, RunRecord, slot_runs_on
+from ..runs import MISSED, PAUSED, QUEUED, SCHEDULED, DaySlots, RunRecord, decode_records, slot_runs_on
 from ..table import TaskTable
 from ..table_watch import read_tables
 from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series, waits_for_a_worker
@@ -162,7 +162,7 @@ def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: da
     else:
         # Decoded once; each param is set by shown_runs (from the table's run when it is a
         # plain value, so a big day's params are not decoded a second time).
-        records = {as_text(k): json.loads(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
+        records = decode_records(connection.hgetall(keys.day_runs(day)))
     paused = paused_tasks(connection, keys) if paused is None else paused
     return shown_runs(table, day, now, records, paused, ParamsBook.read(connection, keys, day),
                       DaySlots.read(connection, keys, day), refused)
