@@ -130,3 +130,25 @@ def test_a_days_records_decode_as_one_array_as_they_would_one_by_one():
     assert decode_records({**records, b"odd": b"[1, 2]"}) == {**one_by_one, "odd": [1, 2]}
     with pytest.raises(ValueError):
         decode_records({**records, b"bad": b'{"x": 1}, {"y": 2}'})
+
+
+def test_status_shows_a_recorded_run_as_the_public_fields_of_its_record():
+    import json
+    from datetime import datetime, timezone
+
+    from dailyq.ops.status import _public, shown_runs
+
+    table_ = mixed_table()
+    runs = runs_on(table_, DAY)
+    records = {}
+    for index, run in enumerate(runs):
+        stored = dict(run.new_record(job_id=run.run_id, state="finished" if index % 2 else "queued"))
+        stored.update(attempts=None if index % 3 == 0 else index, duration_s=index / 4, extra="not shown")
+        records[run.run_id] = json.loads(json.dumps(stored))  # as status reads them: no param yet
+    records["gone-20260329T013000-0123456789ab"] = {**records[runs[0].run_id], "task": "gone"}
+    expected = [_public(run.run_id, dict(records[run.run_id], param=run.param)) for run in runs]
+    expected.append(_public("gone-20260329T013000-0123456789ab",
+                            dict(records["gone-20260329T013000-0123456789ab"], param=runs[0].param)))
+    shown = shown_runs(table_, DAY, datetime(2026, 3, 29, 12, 0, tzinfo=timezone.utc), records, (), None, None)
+    assert shown == expected
+    assert {type(entry["param"]) for entry in shown} == {str, dict, int, list, bool, float, type(None)}

@@ -216,7 +216,11 @@ def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, An
                 continue
             if "param" not in record:
                 record["param"] = param if type(param) in _PLAIN else _param_of(record)
-            add(_public(run_id, record))
+            get = record.get  # _public(run_id, record), written out: this loop runs once per run of the day
+            add({"task": get("task"), "param": get("param"), "state": get("state"), "node": get("node"),
+                 "started_at": get("started_at"), "ended_at": get("ended_at"), "attempts": int(get("attempts") or 0),
+                 "error": get("error"), "slot": get("slot"), "job_id": get("job_id"), "duration_s": get("duration_s"),
+                 "run_id": run_id})
         groups.append((slot.fires_at, shown))
     if book is not None:
         groups += [(slot.fires_at, [_public(run_id, record)])
