@@ -392,14 +392,16 @@ def decode_records(raw: Mapping[Any, Any]) -> dict[str, Any]:
     not give one object per field (a field holding something else), each is decoded on
     its own, as before (what does not parse raises)."""
     values = list(raw.values())
-    run_ids = [as_text(run_id) for run_id in raw]
-    if values and all(type(value) is bytes for value in values):
+    if values and all(type(value) is bytes for value in values) and all(type(name) is bytes for name in raw):
+        # The run ids too in one call ([A-Za-z0-9_-]: a field with a newline splits apart and
+        # is decoded on its own below).
+        run_ids = b"\n".join(raw).decode().split("\n")
         try:
             decoded = json.loads(b"[" + b",".join(values) + b"]")
         except ValueError:
             decoded = None
-        if (isinstance(decoded, list) and len(decoded) == len(values)
+        if (len(run_ids) == len(values) and isinstance(decoded, list) and len(decoded) == len(values)
                 and all(type(record) is dict for record in decoded)):
             return dict(zip(run_ids, decoded))
-    return {run_id: json.loads(value) for run_id, value in zip(run_ids, values)}
+    return {as_text(run_id): json.loads(value) for run_id, value in raw.items()}
 

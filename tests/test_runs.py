@@ -152,3 +152,8 @@ def test_status_shows_a_recorded_run_as_the_public_fields_of_its_record():
     shown = shown_runs(table_, DAY, datetime(2026, 3, 29, 12, 0, tzinfo=timezone.utc), records, (), None, None)
     assert shown == expected
     assert {type(entry["param"]) for entry in shown} == {str, dict, int, list, bool, float, type(None)}
+
+
+def test_run_ids_that_do_not_join_are_decoded_one_by_one():
+    assert decode_records({b"a\nb": b'{"x": 1}', b"c": b'{"y": 2}'}) == {"a\nb": {"x": 1}, "c": {"y": 2}}
+    assert decode_records({"a": '{"x": 1}'}) == {"a": {"x": 1}}
