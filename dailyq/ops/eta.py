@@ -250,6 +250,7 @@ class _Simulation:
         for name, spec in tasks.items():
             if spec.max_running is not None:
                 self.limits[("task", name)] = spec.max_running
+        self.task_limits: dict[str, list[tuple[str, str]]] = {}  # _limits_of's answers
         self.held: dict[tuple[str, str], list[EtaRun]] = {}
         self.executing: dict[tuple[str, str], int] = {}
         self.left: dict[str, int] = {}  # runs of each task not ended yet
@@ -294,8 +295,13 @@ class _Simulation:
         self.idle -= 1
 
     def _limits_of(self, run: EtaRun) -> list[tuple[str, str]]:
-        spec = self.tasks.get(run.task, EtaTask())
-        return [limit for limit in (("task", run.task), ("pool", spec.pool or "")) if limit in self.limits]
+        # Per task, once: the limits are set in __init__, and this is asked three times per run.
+        found = self.task_limits.get(run.task)
+        if found is None:
+            spec = self.tasks.get(run.task, EtaTask())
+            found = self.task_limits[run.task] = [limit for limit in (("task", run.task), ("pool", spec.pool or ""))
+                                                  if limit in self.limits]
+        return found
 
     def _push(self, run: EtaRun, since: float, starts: float, front: bool = False) -> None:
         self.seq += 1
