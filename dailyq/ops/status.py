@@ -100,7 +100,7 @@ def day_eta(connection: Redis, keys: Keys, table: TaskTable, runs: list[dict[str
     """``eta`` of ``status`` (``read_eta``'s ``at`` as eta_iso writes it), null when unknown
     or when nothing is pending. With no live worker and a run waiting for one it is
     unknown whatever else is known (eta.estimate), so the estimate is not made: on a day
-    of 100k queued runs and no worker it was a tenth of status' time."""
+    of 100k queued runs and no worker it was a fifth of status' time (BENCHMARKS.md, growth)."""
     if live_workers(nodes) == 0 and waits_for_a_worker(runs):
         return None
     expected_end = read_eta(connection, keys, table, runs, nodes, now).at
