@@ -9,6 +9,7 @@ the pool), not at 3 a.m.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import re
@@ -89,7 +90,13 @@ class Task:
         """A fixed list's params as canonical JSON, in order, encoded once per process: every
         run of every day needs its param's (its run id), and a 100k-param table spent
         seconds of each ``status`` encoding them again. Empty for computed params."""
-        return () if self.params_computed else tuple(encode_param(param) for param in self.params)  # type: ignore[union-attr]
+        return () if self.params_computed else tuple(map(encode_param, self.params))  # type: ignore[arg-type]
+
+    @cached_property
+    def param_digests(self) -> tuple[str, ...]:
+        """``param_digest`` of each of ``encoded_params``, in order: the last part of each
+        of its runs' ids (runs.Run.run_id), hashed once per process, not once per run."""
+        return tuple(param_digest(encoded) for encoded in self.encoded_params)
 
     @property
     def has_limits(self) -> bool:
@@ -218,7 +225,18 @@ _PARAM_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators
 
 def encode_param(param: Any) -> str:
     """Canonical JSON of a param: its identity in run ids and in Redis."""
+    if type(param) is int:
+        return repr(param)  # what the encoder writes for an int (int.__repr__), without its set-up per call
     return _PARAM_ENCODER.encode(param)
+
+
+# Hex digits of a param's digest at the end of a run id (eta.run_series reads it back).
+DIGEST_LENGTH = 12
+
+
+def param_digest(param_json: str) -> str:
+    """The digest of a param's canonical JSON that names it in run and series ids."""
+    return hashlib.sha1(param_json.encode("utf-8")).hexdigest()[:DIGEST_LENGTH]
 
 
 class TaskTable:

@@ -125,18 +125,34 @@ def eta_runs(runs: Iterable[Mapping[str, Any]]) -> list[EtaRun]:
     has second precision (timestamps.py): the run started within that second, so in its
     middle as far as anyone knows (never after ``now``: the simulation sees to that)."""
     shown = []
+    slots: dict[str, datetime | None] = {}  # a day has few slots and many runs: each parsed once
     for run in runs:
-        state = str(run.get("state"))
-        duration = run.get("duration_s")
-        pending = state in PENDING
-        started = parse_iso(run.get("started_at")) if state == RUNNING else None
+        get = run.get
+        state = str(get("state"))
+        task = str(get("task"))
+        duration = get("duration_s")
+        slot = None
+        if state in PENDING:
+            text = get("slot")
+            if type(text) is not str:
+                slot = parse_iso(text)
+            elif text in slots:
+                slot = slots[text]
+            else:
+                slot = slots[text] = parse_iso(text)
+        started = parse_iso(get("started_at")) if state == RUNNING else None
         shown.append(EtaRun(
-            task=str(run.get("task")), series=run_series(str(run.get("task")), run.get("run_id"), run.get("param")),
-            state=state,
-            slot=parse_iso(run.get("slot")) if pending else None,
+            task=task, series=run_series(task, get("run_id"), get("param")), state=state, slot=slot,
             started_at=None if started is None else started + START_PRECISION / 2,
             duration_s=float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None))
     return shown
+
+
+def waits_for_a_worker(runs: Iterable[Mapping[str, Any]]) -> bool:
+    """True when some run entry (as ``eta_runs`` takes them) is pending and not running:
+    with no live worker ``estimate`` then says unknown ("no live worker") whatever the
+    durations, so a caller that wants only ``Estimate.at`` need not build its input."""
+    return any(state in PENDING and state != RUNNING for state in (str(run.get("state")) for run in runs))
 
 
 def pending_series(runs: Iterable[EtaRun]) -> list[str]:
@@ -234,6 +250,7 @@ class _Simulation:
         for name, spec in tasks.items():
             if spec.max_running is not None:
                 self.limits[("task", name)] = spec.max_running
+        self.task_limits: dict[str, list[tuple[str, str]]] = {}  # _limits_of's answers
         self.held: dict[tuple[str, str], list[EtaRun]] = {}
         self.executing: dict[tuple[str, str], int] = {}
         self.left: dict[str, int] = {}  # runs of each task not ended yet
@@ -278,8 +295,13 @@ class _Simulation:
         self.idle -= 1
 
     def _limits_of(self, run: EtaRun) -> list[tuple[str, str]]:
-        spec = self.tasks.get(run.task, EtaTask())
-        return [limit for limit in (("task", run.task), ("pool", spec.pool or "")) if limit in self.limits]
+        # Per task, once: the limits are set in __init__, and this is asked three times per run.
+        found = self.task_limits.get(run.task)
+        if found is None:
+            spec = self.tasks.get(run.task, EtaTask())
+            found = self.task_limits[run.task] = [limit for limit in (("task", run.task), ("pool", spec.pool or ""))
+                                                  if limit in self.limits]
+        return found
 
     def _push(self, run: EtaRun, since: float, starts: float, front: bool = False) -> None:
         self.seq += 1

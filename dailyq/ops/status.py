@@ -47,10 +47,10 @@ from ..params_book import ParamsBook
 from ..pausing import paused_tasks
 from ..redis_memory import redis_view
 from ..redis_values import as_text
-from ..runs import MISSED, PAUSED, PUBLIC_RUN_FIELDS, QUEUED, SCHEDULED, DaySlots, RunRecord, runs_on
+from ..runs import MISSED, PAUSED, QUEUED, SCHEDULED, DaySlots, RunRecord, decode_records, slot_runs_on
 from ..table import TaskTable
 from ..table_watch import read_tables
-from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series
+from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series, waits_for_a_worker
 
 
 def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
@@ -91,9 +91,20 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
     # may lack runs that did run before then.
     status["redis_data_lost"] = read_data_loss(connection, keys)
     # When every run of the day is expected to have ended (eta.py), null when unknown or done.
-    expected_end = read_eta(connection, keys, table, runs, nodes, now).at
-    status["eta"] = None if expected_end is None else eta_iso(expected_end)
+    status["eta"] = day_eta(connection, keys, table, runs, nodes, now)
     return status
+
+
+def day_eta(connection: Redis, keys: Keys, table: TaskTable, runs: list[dict[str, Any]],
+            nodes: list[dict[str, Any]], now: datetime) -> str | None:
+    """``eta`` of ``status`` (``read_eta``'s ``at`` as eta_iso writes it), null when unknown
+    or when nothing is pending. With no live worker and a run waiting for one it is
+    unknown whatever else is known (eta.estimate), so the estimate is not made: on a day
+    of 100k queued runs and no worker it was a fifth of status' time (BENCHMARKS.md, growth)."""
+    if live_workers(nodes) == 0 and waits_for_a_worker(runs):
+        return None
+    expected_end = read_eta(connection, keys, table, runs, nodes, now).at
+    return None if expected_end is None else eta_iso(expected_end)
 
 
 def read_eta(connection: Redis, keys: Keys, table: TaskTable, runs: list[dict[str, Any]],
@@ -151,7 +162,7 @@ def day_runs(connection: Redis, keys: Keys, table: TaskTable, day: date, now: da
     else:
         # Decoded once; each param is set by shown_runs (from the table's run when it is a
         # plain value, so a big day's params are not decoded a second time).
-        records = {as_text(k): json.loads(v) for k, v in connection.hgetall(keys.day_runs(day)).items()}
+        records = decode_records(connection.hgetall(keys.day_runs(day)))
     paused = paused_tasks(connection, keys) if paused is None else paused
     return shown_runs(table, day, now, records, paused, ParamsBook.read(connection, keys, day),
                       DaySlots.read(connection, keys, day), refused)
@@ -173,32 +184,49 @@ def shown_runs(table: TaskTable, day: date, now: datetime, records: dict[str, An
     names = None if task_names is None else set(task_names)
     if names is not None and not names:
         return []
-    for run_id, stored in list(records.items()):
-        if stored.get("state") == QUEUED and stored.get("task") in paused:
-            records[run_id] = {**stored, "state": PAUSED}  # a copy: a DayView's records stay as stored
+    if paused:
+        for run_id, stored in list(records.items()):
+            if stored.get("state") == QUEUED and stored.get("task") in paused:
+                records[run_id] = {**stored, "state": PAUSED}  # a copy: a DayView's records stay as stored
     # A once-a-day task whose ``at`` or ``tz`` changed after its slot ran: its runs are
     # those of the slot first fanned out (runs.DaySlots), not new ones at the new time.
-    shown: list[tuple[datetime, dict[str, Any]]] = []
-    for run in runs_on(table, day, task_names=names, book=book, slots=slots):
-        record = records.pop(run.run_id, None)
-        if record is None:
-            # A run not fanned out yet is fanned out when the table's slot comes (a new param
-            # of a moved task: under the stored slot, at the new time), so it is missed only
-            # past the grace of the later of the two; a slot whose fan-out Redis refused,
-            # ``refused`` (task, slot ISO), is still to come.
-            due_at = slots.due_at(run.task, run.slot) if slots is not None else run.slot.fires_at
-            overdue = (now - due_at > timedelta(seconds=run.task.misfire_grace_s)
-                       and (run.task.name, run.slot.isoformat()) not in refused)
-            record = run.new_record(job_id=None, state=MISSED if overdue else SCHEDULED)
-            record["param"] = run.param
-        elif "param" not in record:
-            record["param"] = run.param if type(run.param) in _PLAIN else _param_of(record)
-        shown.append((run.slot.fires_at, _public(run.run_id, record)))
+    # One group per (task, slot), in firing order: a slot's runs share their time, so the
+    # groups are sorted, not the runs (a stable sort of either gives the same order).
+    groups: list[tuple[datetime, list[dict[str, Any]]]] = []
+    pop = records.pop
+    for group in slot_runs_on(table, day, task_names=names, book=book, slots=slots):
+        task, slot = group.task, group.slot
+        name, slot_iso = task.name, slot.isoformat()
+        # A run not fanned out yet is fanned out when the table's slot comes (a new param
+        # of a moved task: under the stored slot, at the new time), so it is missed only
+        # past the grace of the later of the two; a slot whose fan-out Redis refused,
+        # ``refused`` (task, slot ISO), is still to come. The same for every run of the slot.
+        due_at = slots.due_at(task, slot) if slots is not None else slot.fires_at
+        overdue = now - due_at > timedelta(seconds=task.misfire_grace_s) and (name, slot_iso) not in refused
+        state = MISSED if overdue else SCHEDULED
+        shown: list[dict[str, Any]] = []
+        add = shown.append
+        for run_id, param in zip(group.run_ids, group.params):
+            record = pop(run_id, None)
+            if record is None:
+                # Run.new_record(job_id=None, state=state) with the run's param, as _public shows it.
+                add({"task": name, "param": param, "state": state, "node": None, "started_at": None,
+                     "ended_at": None, "attempts": 0, "error": None, "slot": slot_iso, "job_id": None,
+                     "duration_s": None, "run_id": run_id})
+                continue
+            if "param" not in record:
+                record["param"] = param if type(param) in _PLAIN else _param_of(record)
+            get = record.get  # _public(run_id, record), written out: this loop runs once per run of the day
+            add({"task": get("task"), "param": get("param"), "state": get("state"), "node": get("node"),
+                 "started_at": get("started_at"), "ended_at": get("ended_at"), "attempts": int(get("attempts") or 0),
+                 "error": get("error"), "slot": get("slot"), "job_id": get("job_id"), "duration_s": get("duration_s"),
+                 "run_id": run_id})
+        groups.append((slot.fires_at, shown))
     if book is not None:
-        shown += [(slot.fires_at, _public(run_id, record))
-                  for slot, run_id, record in book.placeholders(table, day, now, task_names=names, slots=slots)]
-    shown.sort(key=lambda item: item[0])  # stable: each slot's runs keep their order
-    runs = [run for _, run in shown]
+        groups += [(slot.fires_at, [_public(run_id, record)])
+                   for slot, run_id, record in book.placeholders(table, day, now, task_names=names, slots=slots)]
+    groups.sort(key=lambda item: item[0])  # stable: each slot's runs keep their order
+    runs = [run for _, shown in groups for run in shown]
     # Runs recorded but no longer in the table (a task renamed or params changed) still count:
     # a renamed task is a new task, the old name's records stay listed under it.
     for run_id, record in sorted(records.items()):
@@ -218,7 +246,11 @@ def _param_of(record: RunRecord) -> Any:
 
 
 def _public(run_id: str, record: RunRecord) -> dict[str, Any]:
-    shown: dict[str, Any] = {name: record.get(name) for name in PUBLIC_RUN_FIELDS}
-    shown["attempts"] = int(shown["attempts"] or 0)
-    shown["run_id"] = run_id
-    return shown
+    """The run's entry in ``status``: PUBLIC_RUN_FIELDS of its record, in that order, then
+    its run id (written out rather than looped over: it is made once per run of the day;
+    tests/test_runs.py checks the keys against PUBLIC_RUN_FIELDS)."""
+    get = record.get
+    return {"task": get("task"), "param": get("param"), "state": get("state"), "node": get("node"),
+            "started_at": get("started_at"), "ended_at": get("ended_at"), "attempts": int(record.get("attempts") or 0),
+            "error": get("error"), "slot": get("slot"), "job_id": get("job_id"), "duration_s": get("duration_s"),
+            "run_id": run_id}

@@ -19,7 +19,7 @@ from dailyq.alerts.events import (
     predicted_late,
 )
 from dailyq.keys import Keys
-from dailyq.ops.eta import EtaRun, EtaTask, estimate, eta_runs, pending_series, series_id
+from dailyq.ops.eta import EtaRun, EtaTask, estimate, eta_runs, pending_series, series_id, waits_for_a_worker
 from dailyq.ops.render import render_eta
 from dailyq.ops.report import render_report
 from dailyq.ops.watch import progress, render_line
@@ -109,6 +109,23 @@ def test_unknown_when_nothing_is_learned_no_worker_lives_or_a_task_is_paused():
     paused = estimate([queued("a", "x", state="paused"), EtaRun("down", "d", "waiting"), queued("c", "c")],
                       {"x": 1.0, "d": 1.0, "c": 1.0}, 2, NOW, tasks)
     assert paused.at is None and paused.task_ends == {"a": None, "down": None, "c": after_s(1)}
+
+
+def test_a_run_waiting_for_a_worker_with_none_live_is_unknown_whatever_the_durations():
+    # status skips the estimate when waits_for_a_worker says so: it must be unknown then.
+    entries = [[{"task": "a", "state": state, "run_id": "a-x", "slot": "2026-12-02T03:00:00+00:00",
+                 "started_at": "2026-12-02T05:59:00+00:00", "duration_s": 2.0}
+                for state in states]
+               for states in (["queued"], ["scheduled", "finished"], ["running"], ["running", "waiting"],
+                              ["paused"], ["finished", "failed"], [], [None])]
+    for runs in entries:
+        for durations in ({}, {"a-x": 1.0}):
+            est = estimate(eta_runs(runs), durations, 0, NOW)
+            if waits_for_a_worker(runs):
+                assert est.at is None and not est.done, runs
+            else:
+                assert all(run["state"] not in ("queued", "scheduled", "waiting", "paused") for run in runs)
+    assert [waits_for_a_worker(runs) for runs in entries] == [True, True, False, True, True, False, False, False]
 
 
 def test_done_when_nothing_is_pending():
