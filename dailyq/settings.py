@@ -105,6 +105,10 @@ class Settings:
     # (about 5 KB), most of a run's memory, and nothing of dailyq reads it. 0 deletes the
     # job as it finishes, which costs RQ more commands per run than letting it expire.
     job_ttl_s: int = 60
+    # How often each RQ worker does its maintenance (RQ's ``maintenance_interval``: cleans
+    # its registries, restarts its retry scheduler after an outage). RQ's default is 600 s,
+    # too long for retries with backoff (rq_seam.py).
+    worker_maintenance_s: int = 60
     # The outside heartbeat (heartbeat_ping.py): the leader POSTs to this URL every
     # heartbeat_s while it leads and Redis answers; a secret like alert_url. None: off.
     heartbeat_url: str | None = field(default=None, repr=False)
@@ -140,6 +144,7 @@ class Settings:
             table_skew_alert_s=_int_env(env, "DAILYQ_TABLE_SKEW_ALERT_S", 900),
             wait_replicas=_int_env(env, "DAILYQ_WAIT_REPLICAS", 0, minimum=0),
             job_ttl_s=_int_env(env, "DAILYQ_JOB_TTL_S", 60, minimum=0),
+            worker_maintenance_s=_int_env(env, "DAILYQ_WORKER_MAINTENANCE_S", 60),
             heartbeat_url=check_heartbeat_url(raw_heartbeat_url) if raw_heartbeat_url.strip() else None,
             heartbeat_s=_int_env(env, "DAILYQ_HEARTBEAT_S", 60),
         )

@@ -100,8 +100,10 @@ def test_an_orphaned_work_horse_keeps_its_claim_and_no_second_copy_runs(node_env
 @pytest.mark.slow
 def test_a_task_that_kills_its_own_process_ends_failed_after_its_attempts(node_env, processes, connection, prefix):
     # retries=1: two executions in all, each ending its work-horse with os._exit(3).
+    # Each worker's RQ maintenance (which settles jobs whose work-horse vanished) every 3 s,
+    # not the default 60 s: the wait below spans four passes of it.
     env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC="die", SAMPLE_RETRIES="1",
-               SAMPLE_BACKOFF_S="1", SAMPLE_AT=quiet_sample_at())
+               SAMPLE_BACKOFF_S="1", SAMPLE_AT=quiet_sample_at(), DAILYQ_WORKER_MAINTENANCE_S="3")
     for node in ("node-a", "node-b"):
         processes.start("scheduler.py", dict(env, NODE_NAME=node))
         processes.start("worker_entry.py", dict(env, NODE_NAME=node))
@@ -116,7 +118,9 @@ def test_a_task_that_kills_its_own_process_ends_failed_after_its_attempts(node_e
     starts = [e for e in executions(connection, prefix) if e["event"] == "start"]
     assert len(starts) == 2
     assert [s["context"]["attempt"] for s in starts] == [1, 2]
-    time.sleep(60)  # neither recovery nor RQ runs it again
+    # Neither recovery (the leader looks every claim TTL / 2 = 3 s) nor RQ's maintenance
+    # (3 s here) nor RQ's retry scheduler runs it again: four passes of each.
+    time.sleep(12)
     assert len([e for e in executions(connection, prefix) if e["event"] == "start"]) == 2
     assert status_of(env, "2026-11-20")["runs"][0]["state"] == "failed"
 

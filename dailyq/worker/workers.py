@@ -383,6 +383,7 @@ class _DailyWorkerMixin(GuardedWorker):
         MEMORY.name(f"worker on node {settings.node_name} (pid {os.getpid()})", describer(connection))
         # Ours replaces the rq CLI's --results-ttl (RQ's 500 s): see Settings.job_ttl_s.
         kwargs["default_result_ttl"] = settings.job_ttl_s
+        kwargs.setdefault("maintenance_interval", settings.worker_maintenance_s)
         super().__init__(queues, hooks=context, default_queue=settings.keys.queue_name,
                          connection=connection, **kwargs)
 

@@ -265,3 +265,12 @@ def test_queue_keeping_reply_hands_over_a_reply_the_pipeline_owner_drops(connect
         pipe.incrby(f"{settings.prefix}:b", 1)  # a reused pipeline is the owner's alone
         assert pipe.execute() == [42]
     assert kept == [41]
+
+
+def test_the_workers_rq_maintenance_runs_as_often_as_the_setting_says(connection, settings) -> None:
+    from dataclasses import replace
+
+    table = TaskTable([Task(name="t", func="tests.tables.sample_tasks.noop", params=[1], at="03:00")])
+    assert DailySimpleWorker(connection=connection, settings=settings, table=table).maintenance_interval == 60
+    quick = replace(settings, worker_maintenance_s=3)
+    assert DailySimpleWorker(connection=connection, settings=quick, table=table).maintenance_interval == 3
