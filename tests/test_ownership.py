@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tests.support.helpers import base_env, children_of, executions, longest_overlap, quiet_sample_at, run_cli, wait_for
+from tests.support.helpers import (base_env, children_of, executions, longest_overlap, quiet_sample_at, run_cli,
+                                  wait_for, wall_time_in)
 from tests.support.tcp_proxy import TcpProxy
 
 DAY = "2026-11-20"
@@ -189,8 +190,11 @@ def contexts(connection, prefix: str) -> list[dict]:
 @pytest.mark.parametrize("worker_args", [(), ("--simple",)], ids=["forking", "non-forking"])
 def test_the_run_context_across_a_backfill_a_retry_and_a_forced_rerun(redis_server, prefix, connection, processes,
                                                                       worker_args):
+    # The slot 12 h from now in Shanghai: the live leader fires no run of today by itself
+    # (a fixed 07:30 did, from 23:30 UTC, in its misfire grace), so every context is the backfill's.
+    at = wall_time_in("Asia/Shanghai", 12 * 3600)[:5]
     env = base_env(redis_server.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_FUNC="fail_first",
-                   SAMPLE_RETRIES="1", SAMPLE_BACKOFF_S="1", SAMPLE_AT="07:30", SAMPLE_TZ="Asia/Shanghai",
+                   SAMPLE_RETRIES="1", SAMPLE_BACKOFF_S="1", SAMPLE_AT=at, SAMPLE_TZ="Asia/Shanghai",
                    NODE_NAME="node-a")
     processes.start("scheduler.py", env)  # the leader moves the retry back when its backoff passed
     processes.start("worker_entry.py", env, *worker_args)
@@ -201,7 +205,7 @@ def test_the_run_context_across_a_backfill_a_retry_and_a_forced_rerun(redis_serv
     first, retry = contexts(connection, prefix)
     for context in (first, retry):  # a backfill: the day asked for, not today
         assert context["day"] == DAY and context["task"] == "sample" and context["param"] == "任务参数0"
-        assert context["slot"] == "2026-11-20T07:30:00+08:00" and context["slot_tz"] == "Asia/Shanghai"
+        assert context["slot"] == f"{DAY}T{at}:00+08:00" and context["slot_tz"] == "Asia/Shanghai"
         assert context["run_id"] == run_id and context["node"] == "node-a"
     assert (first["attempt"], retry["attempt"]) == (1, 2)
     assert retry["fence"] > first["fence"] >= 1
