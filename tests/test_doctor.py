@@ -103,7 +103,7 @@ def test_doctor_finds_a_planted_inconsistency_of_each_kind_and_repair_settles_ea
     code, report = doctor_json(node_env)
     assert code == 1 and report["date"] == DAY and report["repaired"] is False
     found = kinds_of(report)
-    assert set(found) == expected
+    assert set(found) == expected, (text.stdout, report["problems"])  # both calls' findings, should this fail
     assert all(set(p) == {"run_id", "kind", "state", "job_id", "detail", "repair"} for p in report["problems"])
     assert found[(lost, "queued_unbacked")]["repair"] == f"push job {lost} back to the front of the queue"
     assert "RQ's job hash is gone" in found[(jobless, "queued_unbacked")]["repair"]

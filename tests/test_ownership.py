@@ -14,8 +14,16 @@ import time
 
 import pytest
 
-from tests.support.helpers import (base_env, children_of, executions, longest_overlap, quiet_sample_at, run_cli,
-                                  wait_for, wall_time_in)
+from tests.support.helpers import (
+    base_env,
+    children_of,
+    executions,
+    longest_overlap,
+    quiet_sample_at,
+    run_cli,
+    wait_for,
+    wall_time_in,
+)
 from tests.support.tcp_proxy import TcpProxy
 
 DAY = "2026-11-20"

@@ -97,7 +97,7 @@ def test_three_runs_at_once_on_a_node_with_concurrency_3(node_env, connection, s
     assert worker.returncode == 0, worker.stderr[-2000:]
 
     runs = json.loads(run_cli(["status", "--date", DAY, "--json"], env).stdout)["runs"]
-    assert len(runs) == 6 and {r["state"] for r in runs} == {"finished"}
+    assert len(runs) == 6 and {r["state"] for r in runs} == {"finished"}, (runs, worker.stderr[-8000:])
     assert {r["node"] for r in runs} == {"node-c3"}
     spans = [(datetime.fromisoformat(r["started_at"]), datetime.fromisoformat(r["ended_at"])) for r in runs]
     most_at_once = max(sum(1 for start, end in spans if start <= moment < end) for moment, _ in spans)
