@@ -16,7 +16,8 @@ duration for every run's series, so the ETA simulates the day instead of stoppin
 Then each checkout's output with the clock fixed (``api.server_now`` patched to one
 moment), compared as JSON text minus ``redis.used_memory`` (Redis's own memory,
 which moves between calls): the outputs must be the same. ``--profile``: cProfile of
-this checkout's command in-process (top functions by own time, to stderr).
+this checkout's command in-process (top functions by own time, to stderr; PROFILE_SORT=cumulative
+and PROFILE_N=40 change the order and the count).
 
     .venv/bin/python -m bench.status_day [--n 100000] [--repeats 3] [--baseline /work/main] [--mixed] [--worker]
 """
@@ -64,13 +65,14 @@ at = datetime.fromisoformat(sys.argv[1])
 dailyq.api.server_now = lambda connection: at
 sys.exit(main(sys.argv[2:]))
 """
-PROFILED = """import cProfile, pstats, sys
+PROFILED = """import cProfile, os, pstats, sys
 from dailyq.cli import main
 profile = cProfile.Profile()
 profile.enable()
 main(sys.argv[1:])
 profile.disable()
-pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+stats = pstats.Stats(profile, stream=sys.stderr).sort_stats(os.environ.get("PROFILE_SORT", "tottime"))
+stats.print_stats(int(os.environ.get("PROFILE_N", "25")))
 """
 
 

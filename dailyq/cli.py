@@ -20,6 +20,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
+import orjson
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -117,10 +118,22 @@ def print_json(value: Any) -> None:
     turns off: a 100k-run day's status is about 30 MB of JSON."""
     if sys.stdout.isatty():
         print(json.dumps(value, ensure_ascii=False, indent=2))
-    else:
-        # check_circular off: status' objects are trees, and the check is a dict operation
-        # per object (100k runs); the text is the same.
-        print(json.dumps(value, ensure_ascii=False, separators=(",", ":"), check_circular=False))
+        return
+    try:
+        # orjson: about a tenth of the json module's time for a big day (0.9 s of a 100k-run
+        # status). The same JSON: compact, UTF-8, keys in order; it writes a float's shortest
+        # form as json does, but 1e-05 as 1e-5 (the same number).
+        text = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        # What orjson does not take and json does (an int beyond 64 bits in a param).
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    out = getattr(sys.stdout, "buffer", None)  # None for a text-only stream (io.StringIO)
+    if out is None:
+        print(text.decode("utf-8"))
+        return
+    sys.stdout.flush()  # anything printed before stays before
+    out.write(text + b"\n")
+    out.flush()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
