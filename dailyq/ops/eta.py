@@ -261,8 +261,9 @@ class _Simulation:
         self.waiting: dict[str, list[EtaRun]] = {}
         self.ended: list[tuple[EtaRun, float]] = []
 
-    def run(self, pending: list[EtaRun]) -> list[tuple[EtaRun, float]]:
-        """Each run that got to start, with when it ends (seconds after now)."""
+    def run(self, pending: list[EtaRun], shortcut: bool = True) -> list[tuple[EtaRun, float]]:
+        """Each run that got to start, with when it ends (seconds after now). ``shortcut``:
+        take ``_in_order``'s way when it gives the same ends (tests compare the two)."""
         for run in pending:
             self.left[run.task] = self.left.get(run.task, 0) + 1
         for run in pending:
@@ -278,6 +279,8 @@ class _Simulation:
         # Made a heap once (linear) rather than by a push per run; the order it pops in is
         # the same, as every entry's key is distinct (its seq).
         heapq.heapify(self.queue)
+        if shortcut and not self.waiting and not any(self._limits_of(entry[5]) for entry in self.queue):
+            return self._in_order()
         for name in list(self.waiting):
             self._release_if_ready(name, 0.0)
         clock = 0.0
@@ -293,6 +296,26 @@ class _Simulation:
                 _, _, ended = heapq.heappop(self.ends)
                 self._ended(ended, clock)
         return self.ended
+
+    def _in_order(self) -> list[tuple[EtaRun, float]]:
+        """The event loop's answer when no run can be set aside (no limit applies to a
+        queued run) and none waits for upstream runs: then each run of the queue, in its
+        order, starts when the earliest worker frees up, or at its slot if that is later
+        (the queue is in slot order, so a run's slot never holds back one behind it).
+        A heap of the workers' free times instead of an event per run: a 100k-run day's
+        estimate in a tenth of the time."""
+        ended = [(run, end) for end, _, run in self.ends]  # the running runs
+        free = [end for end, _, _ in self.ends] + [0.0] * self.idle
+        heapq.heapify(free)
+        expected = self.expected
+        replace = heapq.heapreplace
+        for entry in sorted(self.queue):
+            run, starts = entry[5], entry[6]
+            earliest = free[0]
+            end = (earliest if earliest >= starts else starts) + expected[run.series]
+            replace(free, end)
+            ended.append((run, end))
+        return ended
 
     def _execute(self, run: EtaRun, end: float) -> None:
         self.seq += 1

@@ -19,7 +19,17 @@ from dailyq.alerts.events import (
     predicted_late,
 )
 from dailyq.keys import Keys
-from dailyq.ops.eta import EtaRun, EtaTask, estimate, eta_runs, pending_series, series_id, waits_for_a_worker
+from dailyq.ops.eta import (
+    EtaRun,
+    EtaTask,
+    _expected_durations,
+    _Simulation,
+    estimate,
+    eta_runs,
+    pending_series,
+    series_id,
+    waits_for_a_worker,
+)
 from dailyq.ops.render import render_eta
 from dailyq.ops.report import render_report
 from dailyq.ops.watch import progress, render_line
@@ -98,6 +108,47 @@ def test_max_running_sets_runs_aside_until_a_run_of_the_task_ends():
     runs = [queued("limited", f"l{i}") for i in range(3)] + [queued("free", "f")]
     est = estimate(runs, {"l0": 10.0, "l1": 10.0, "l2": 10.0, "f": 5.0}, 4, NOW, tasks)
     assert est.task_ends == {"limited": after_s(30), "free": after_s(5)}
+
+
+def test_the_in_order_shortcut_gives_the_event_loops_ends_on_random_days():
+    # _Simulation._in_order replaces the event loop when no limit applies and nothing
+    # waits: on random days of running, queued and scheduled runs (ties in durations and
+    # slots included, learned and not) both give every run the same end.
+    rng = random.Random(20261203)
+    for _ in range(300):
+        runs, durations = [], {}
+        for i in range(rng.randint(1, 40)):
+            task = rng.choice(("a", "b", "c"))
+            state = rng.choice(("queued", "queued", "scheduled", "running"))
+            extra = {}
+            if state == "scheduled":
+                extra["slot"] = after_s(rng.choice((-30, 0, 5, 5, 60, 600)))
+            if state == "running":
+                extra["started_at"] = after_s(-rng.choice((0, 3, 40, 900)))
+            if rng.random() < 0.8:
+                durations[f"s{i}"] = float(rng.choice((1, 1, 2.5, 7, 30, 120)))
+            runs.append(queued(task, f"s{i}", state=state, **extra))
+        if not durations:
+            durations["s0"] = 1.0
+        workers = rng.randint(1, 6)
+        expected = _expected_durations(runs, runs, durations)
+        assert expected is not None
+        both = []
+        for shortcut in (True, False):
+            simulation = _Simulation(NOW, max(workers, sum(r.state == "running" for r in runs)), {}, expected,
+                                     set(durations), {})
+            both.append(sorted((run.series, end) for run, end in simulation.run(runs, shortcut=shortcut)))
+        assert both[0] == both[1]
+
+
+def test_a_limit_or_a_waiting_run_keeps_the_event_loop():
+    # What the shortcut cannot do: a run set aside by max_running, one released by its upstream.
+    limited = estimate([queued("a", "x"), queued("a", "y")], {"x": 10.0, "y": 10.0}, 2, NOW,
+                       {"a": EtaTask(max_running=1)})
+    assert limited.at == after_s(20)
+    after = estimate([queued("up", "u"), EtaRun("down", "d", "waiting")], {"u": 10.0, "d": 5.0}, 2, NOW,
+                     {"down": EtaTask(after=("up",))})
+    assert after.at == after_s(15)
 
 
 def test_unknown_when_nothing_is_learned_no_worker_lives_or_a_task_is_paused():
