@@ -9,7 +9,8 @@ RUSAGE_CHILDREN) and wall seconds, medians.
 
 ``--mixed``: some records are changed first (finished with a duration, running,
 failed, one of a task no longer in the table), so the comparison covers more than
-queued runs. ``--worker``: a live worker's heartbeat (one process) and a learned
+queued runs. ``--finished``: every record finished first (a day's status once it ran).
+``--worker``: a live worker's heartbeat (one process) and a learned
 duration for every run's series, so the ETA simulates the day instead of stopping at
 "no live worker".
 
@@ -20,6 +21,7 @@ this checkout's command in-process (top functions by own time, to stderr; PROFIL
 and PROFILE_N=40 change the order and the count).
 
     .venv/bin/python -m bench.status_day [--n 100000] [--repeats 3] [--baseline /work/main] [--mixed] [--worker]
+        [--finished]
 """
 
 from __future__ import annotations
@@ -81,9 +83,19 @@ def python_of(root: Path) -> str:
     return str(own) if own.exists() else sys.executable
 
 
-def make_day(connection: Redis, keys: Keys, table: TaskTable, mixed: bool, worker: bool) -> None:
+def make_day(connection: Redis, keys: Keys, table: TaskTable, mixed: bool, worker: bool,
+             finished: bool = False) -> None:
     trigger(connection, keys, make_queue(connection, keys), table, DAY_ONE, None, 7 * 86400)
     runs = runs_on(table, DAY_ONE)
+    if finished:
+        for start in range(0, len(runs), 10_000):
+            done = {}
+            for index, run in enumerate(runs[start:start + 10_000], start):
+                record = run.new_record(job_id=run.run_id)
+                record.update(state="finished", node=f"n{index % 3}", started_at="2026-01-05T03:00:01+00:00",
+                              ended_at="2026-01-05T03:00:03+00:00", attempts=1, duration_s=1.5 + index % 97 / 100)
+                done[run.run_id] = json.dumps(record)
+            connection.hset(keys.day_runs(DAY_ONE), mapping=done)  # type: ignore[arg-type]
     if mixed:
         changed: dict[str, str] = {}
         for index, run in enumerate(runs[:5000]):
@@ -141,6 +153,7 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="another checkout (with its own .venv) to time and compare")
     parser.add_argument("--mixed", action="store_true", help="finished, failed, running and stale records too")
     parser.add_argument("--worker", action="store_true", help="a live worker and learned durations (the ETA runs)")
+    parser.add_argument("--finished", action="store_true", help="every run finished (the day after it ran)")
     parser.add_argument("--profile", action="store_true", help="cProfile of this checkout's command, to stderr")
     args = parser.parse_args()
     roots = {"this": ROOT}
@@ -155,7 +168,7 @@ def main() -> int:
         keys = Keys(PREFIX)
         table = TaskTable([Task(name="plain", func="bench.noop.noop", params=list(range(args.n)), at="03:00",
                                 retries=0)])
-        make_day(connection, keys, table, args.mixed, args.worker)
+        make_day(connection, keys, table, args.mixed, args.worker, args.finished)
         envs = {name: env_for(server, PREFIX, BENCH_STATUS_N=str(args.n), DAILYQ_TASKS="bench_status_tasks",
                               DAILYQ_TZ="UTC", PYTHONPATH=f"{root}{os.pathsep}{work}", NODE_NAME="n0")
                 for name, root in roots.items()}
@@ -166,7 +179,7 @@ def main() -> int:
                 seconds = timed(python_of(root), root, envs[name], work / f"{name}.json")
                 cpu[name].append(seconds[0])
                 wall[name].append(seconds[1])
-        results: dict = {"n": args.n, "mixed": args.mixed, "worker": args.worker,
+        results: dict = {"n": args.n, "mixed": args.mixed, "worker": args.worker, "finished": args.finished,
                          "load_average": [round(x, 2) for x in os.getloadavg()]}
         for name in roots:
             results[name] = {"cpu_s": [round(x, 2) for x in cpu[name]], "wall_s": [round(x, 2) for x in wall[name]],
