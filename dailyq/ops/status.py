@@ -50,7 +50,16 @@ from ..redis_values import as_text
 from ..runs import MISSED, PAUSED, QUEUED, SCHEDULED, DaySlots, RunRecord, decode_records, slot_runs_on
 from ..table import TaskTable
 from ..table_watch import read_tables
-from .eta import Estimate, estimate, eta_iso, eta_runs, eta_tasks, pending_series, waits_for_a_worker
+from .eta import (
+    Estimate,
+    estimate,
+    eta_iso,
+    eta_runs,
+    eta_tasks,
+    nothing_pending,
+    pending_series,
+    waits_for_a_worker,
+)
 
 
 def leader_info(connection: Redis, keys: Keys) -> dict[str, Any] | None:
@@ -100,8 +109,9 @@ def day_eta(connection: Redis, keys: Keys, table: TaskTable, runs: list[dict[str
     """``eta`` of ``status`` (``read_eta``'s ``at`` as eta_iso writes it), null when unknown
     or when nothing is pending. With no live worker and a run waiting for one it is
     unknown whatever else is known (eta.estimate), so the estimate is not made: on a day
-    of 100k queued runs and no worker it was a fifth of status' time (BENCHMARKS.md, growth)."""
-    if live_workers(nodes) == 0 and waits_for_a_worker(runs):
+    of 100k queued runs and no worker it was a fifth of status' time (BENCHMARKS.md, growth);
+    nor when nothing is pending (a finished day's: a third)."""
+    if nothing_pending(runs) or (live_workers(nodes) == 0 and waits_for_a_worker(runs)):
         return None
     expected_end = read_eta(connection, keys, table, runs, nodes, now).at
     return None if expected_end is None else eta_iso(expected_end)

@@ -26,6 +26,7 @@ from dailyq.ops.eta import (
     _Simulation,
     estimate,
     eta_runs,
+    nothing_pending,
     pending_series,
     series_id,
     waits_for_a_worker,
@@ -183,6 +184,13 @@ def test_done_when_nothing_is_pending():
     est = estimate([EtaRun("a", "x", "finished", duration_s=3.0), EtaRun("a", "y", "failed"),
                     EtaRun("a", "z", "blocked"), EtaRun("a", "w", "missed")], {"x": 3.0}, 2, NOW)
     assert est.done and est.at is None
+    # status skips the estimate when nothing_pending says so: it must be done then.
+    for states in (["finished", "failed", "blocked", "missed", "skipped", "cancelled"], [], ["finished", "queued"],
+                   ["running"], ["waiting"], ["paused"], ["scheduled"]):
+        entries = [{"task": "a", "state": state, "run_id": f"a-{i}", "slot": "2026-12-02T03:00:00+00:00",
+                    "started_at": "2026-12-02T05:59:00+00:00", "duration_s": 2.0} for i, state in enumerate(states)]
+        assert nothing_pending(entries) == estimate(eta_runs(entries), {"a-0": 1.0}, 2, NOW).done, states
+    assert nothing_pending([{"state": "finished"}]) and not nothing_pending([{"state": "queued"}])
 
 
 def test_status_entries_become_runs_under_the_guards_series_ids():
