@@ -244,6 +244,10 @@ class WorkerHooks(Protocol):
         limit of its task or the task paused (limits.py); the job is then off the queue,
         held, and the worker goes on without executing it."""
 
+    def put_back(self, job: DailyJob, queue: Queue) -> None:
+        """Redis failed during ``execute_job``: put the job back on the queue if it never
+        started and its run still waits for it (it would sit in RQ's intermediate queue)."""
+
     def record_death(self, execution: RunExecution, wait_status: int, rq_can_retry: bool) -> bool:
         """Record that the work-horse executing ``execution`` died; True if RQ may retry it."""
 
@@ -485,6 +489,8 @@ class GuardedWorker(BaseWorker):
             wait_for_redis(self.connection.ping, outage)
             if self.horse_pid:
                 self.wait_for_horse()  # still watching its claim
+            if isinstance(job, DailyJob):
+                self.hooks.put_back(job, queue)  # if it never started: else a no-op
         finally:
             watched, self._watched = self._watched, None
             if watched is not None and watched.attempt.shared_deadline is not None:

@@ -2,6 +2,8 @@
 warnings about servers that may lose our keys."""
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,6 +12,7 @@ from redis import Redis
 from dailyq.redis_server import PrivateRedis
 from dailyq.server_checks import server_warnings
 from tests.support.helpers import (
+    ROOT,
     base_env,
     executions,
     max_concurrent_copies,
@@ -18,6 +21,7 @@ from tests.support.helpers import (
     starts_per_param,
     wait_for,
 )
+from tests.support.tcp_proxy import TcpProxy
 
 
 @pytest.fixture
@@ -105,3 +109,30 @@ def test_a_retry_whose_backoff_ends_during_an_outage_is_back_in_the_queue_prompt
 
     wait_for(finished, timeout=30, what="the retry to run", every=0.5)
     assert [e["context"]["attempt"] for e in executions(connection, prefix) if e["event"] == "start"] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("worker_args", [(), ("--simple",)], ids=["forking", "non-forking"])
+def test_redis_failing_between_a_jobs_dequeue_and_its_start_puts_the_job_back(own_redis, worker_args):
+    # The fault at one chosen moment: RQ has moved the job to its intermediate queue (the
+    # dequeue) and the worker writes RQ's execution record, before any fork. That request
+    # is dropped and Redis refuses connections for longer than redis-py's retries, so the
+    # error reaches the worker. A burst worker used to go on, find the queue empty and
+    # exit 0 with the run queued behind RQ's intermediate queue.
+    prefix = "stranded"
+    env = base_env(own_redis.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_AT=quiet_sample_at(),
+                   NODE_NAME="n1")
+    assert run_cli(["trigger", "--date", "2026-11-20"], env).returncode == 0
+    (run,) = json.loads(run_cli(["status", "--date", "2026-11-20", "--json"], env).stdout)["runs"]
+    assert run["state"] == "queued" and run["job_id"]
+    with TcpProxy("127.0.0.1", own_redis.port) as proxy:
+        proxy.refuse_on(f"rq:execution:{run['job_id']}".encode(), for_s=12.0)
+        worker = subprocess.run([sys.executable, "worker_entry.py", "--burst", *worker_args], cwd=ROOT,
+                                env=dict(env, REDIS_URL=proxy.url()), capture_output=True, text=True, timeout=120)
+    assert proxy.refused_at is not None, "the fault never happened: " + worker.stderr[-3000:]
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    (after,) = json.loads(run_cli(["status", "--date", "2026-11-20", "--json"], env).stdout)["runs"]
+    assert after["state"] == "finished" and after["attempts"] == 1, (after, worker.stderr[-3000:])
+    assert f"Redis failed before its job {run['job_id']} started on this worker; put back" in worker.stderr
+    connection = Redis.from_url(own_redis.url)
+    assert connection.llen(f"rq:queue:{prefix}:intermediate") == 0

@@ -22,6 +22,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Callable, Sequence
 
 from redis import Redis
@@ -236,6 +237,30 @@ class WorkerContext:
         if outcome in ("requeued", "in-queue"):
             log.warning("run %s: Redis had lost its claim and its start (a failover?); its job %s is back in "
                         "the queue", run.run_id, run.job_id, extra={"run_id": run.run_id})
+
+    def put_back(self, job: DailyJob, queue: Queue) -> None:
+        """Redis failed while this worker held ``job`` between RQ's dequeue, which moved it
+        to RQ's intermediate queue, and its start (RQ's execution record, before any fork):
+        the job goes back to the queue's front if its run still waits for it, queued
+        (REQUEUE_STRANDED, a check-and-set: a job that started, ended, or was set aside
+        meanwhile stays where it is). Otherwise only the leader's stranded-job sweep would
+        put it back, a claim TTL later, and a burst worker would end with the run queued."""
+        meta = _run_meta(job)
+        if not meta.get("run_id") or not meta.get("day"):
+            return  # not a run of ours (an ad-hoc job): RQ's own clean-up of that queue handles it
+        rq_keys, run_id = RQKeys(queue), str(meta["run_id"])
+        call = scripts_for(self.connection).requeue_stranded(
+            intermediate_queue_key=rq_keys.intermediate, queue_key=rq_keys.queue,
+            runs_key=self.settings.keys.day_runs(date.fromisoformat(str(meta["day"]))), job_id=job.id, run_id=run_id)
+        try:
+            put = through_outage(call.run, OutageLog(log, f"putting job {job.id} back"), RECORD_DEATH_OUTAGE_LIMIT_S)
+        except RedisError as exc:
+            log.error("run %s: could not put its job %s back after Redis failed before it started (%s); the "
+                      "leader's stranded-job sweep does", run_id, job.id, exc, extra={"run_id": run_id})
+            return
+        if put:
+            log.warning("run %s: Redis failed before its job %s started on this worker; put back at the front of "
+                        "the queue", run_id, job.id, extra={"run_id": run_id})
 
     def leave(self, job: DailyJob, queue: Queue) -> None:
         self.leaver.leave(job, RQKeys(queue).intermediate, job.foreign_reason or "cannot run it")

@@ -6,6 +6,11 @@ A cut behaves like a network that drops packets: connections stay open, bytes se
 either way are held (not refused, not reset), new connections are accepted but
 carry nothing. When the cut heals, what was held is delivered, as TCP retransmission
 would. It runs in threads of the test process, on 127.0.0.1 only.
+
+``refuse_on(pattern, for_s)`` is a fault at one chosen moment: the first request that
+carries ``pattern`` is dropped, and for ``for_s`` seconds every connection is closed and
+every new one refused, as when Redis goes away right then (a client sees its command
+fail, then its reconnects refused).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
 
 
 class TcpProxy:
@@ -25,6 +31,9 @@ class TcpProxy:
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._trigger: tuple[bytes, float] | None = None  # refuse_on's pattern and seconds, until it fires
+        self._refusing = threading.Event()
+        self.refused_at: float | None = None  # time.monotonic() when refuse_on fired
         threading.Thread(target=self._accept_forever, daemon=True).start()
 
     def url(self, db: int = 0) -> str:
@@ -37,16 +46,19 @@ class TcpProxy:
     def heal(self) -> None:
         self._forwarding.set()
 
-    @property
-    def is_cut(self) -> bool:
-        return not self._forwarding.is_set()
-
-    def switch(self, target_port: int, target_host: str = "127.0.0.1") -> None:
-        """Send new connections to another server from now on, and end the open ones (both
-        sides closed), as a failover that moves the address does: a client finds its
-        connection gone and reconnects, reaching the new server."""
+    def refuse_on(self, pattern: bytes, for_s: float) -> None:
+        """Arm the one-shot fault described in the module's docstring."""
         with self._lock:
-            self.target = (target_host, target_port)
+            self._trigger = (pattern, for_s)
+
+    def _refuse_now(self, for_s: float) -> None:
+        self.refused_at = time.monotonic()
+        self._refusing.set()
+        self._close_open()
+        threading.Timer(for_s, self._refusing.clear).start()
+
+    def _close_open(self) -> None:
+        with self._lock:
             opened, self._sockets = self._sockets, []
         for sock in opened:
             try:
@@ -57,6 +69,18 @@ class TcpProxy:
                 sock.close()
             except OSError:
                 pass
+
+    @property
+    def is_cut(self) -> bool:
+        return not self._forwarding.is_set()
+
+    def switch(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        """Send new connections to another server from now on, and end the open ones (both
+        sides closed), as a failover that moves the address does: a client finds its
+        connection gone and reconnects, reaching the new server."""
+        with self._lock:
+            self.target = (target_host, target_port)
+        self._close_open()
 
     def close(self) -> None:
         self._closed.set()
@@ -80,6 +104,9 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._refusing.is_set():
+                client.close()
+                continue
             with self._lock:
                 target = self.target
             try:
@@ -113,6 +140,13 @@ class TcpProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    trigger = self._trigger
+                    if trigger is not None and sock is client and trigger[0] in data:
+                        with self._lock:
+                            fired, self._trigger = self._trigger is not None, None
+                        if fired:
+                            self._refuse_now(trigger[1])  # the request is dropped, not forwarded
+                            return
                     peers[sock].sendall(data)
         except OSError:
             return
