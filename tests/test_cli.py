@@ -163,3 +163,15 @@ def test_demo_runs_on_a_machine_without_redis_url(tmp_path):
     assert "4/4 done" in result.stdout
     assert result.stdout.count("finished") >= 4
     assert "任务参数1" in result.stdout
+
+
+def test_json_output_to_a_pipe_is_the_json_modules_text_and_takes_what_orjson_refuses(capsys):
+    from dailyq.cli import print_json
+
+    value = {"runs": [{"param": "任务参数0", "duration_s": 1.5, "node": None, "attempts": 2}], "eta": None}
+    print_json(value)  # capsys' stdout is no terminal: the compact form
+    assert capsys.readouterr().out == json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n"
+    # An int param beyond 64 bits (a table allows it: it round-trips) and an int key: json's text.
+    for odd in ({"param": 2 ** 70}, {1: "a"}):
+        print_json(odd)
+        assert capsys.readouterr().out == json.dumps(odd, ensure_ascii=False, separators=(",", ":")) + "\n"
