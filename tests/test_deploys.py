@@ -115,7 +115,8 @@ def test_runs_no_live_table_has_end_removed_and_rerun_runs_them(node_env, proces
     (v2) runs a removed run again."""
     keys = Keys(prefix)
     far = (utc_now() + timedelta(hours=12)).strftime("%H:%M")
-    day = utc_now().date().isoformat()
+    today = utc_now().date()  # read once: the test may cross midnight (UTC)
+    day = today.isoformat()
     v2_cli = deploy_env(node_env, "v2", "cli", DEPLOY_AT=far)
     assert run_cli(["trigger", "--date", day], v2_cli).returncode == 0
     old_env = deploy_env(node_env, "v1", "old", DEPLOY_AT=far, DAILYQ_REMOVED_GRACE_S="2")
@@ -129,9 +130,9 @@ def test_runs_no_live_table_has_end_removed_and_rerun_runs_them(node_env, proces
     assert all("no live node's table has had this run" in runs[p]["error"] for p in V2_ONLY)
     assert "no task 'nt'" in runs["n1"]["error"] and "has no param \"p7\"" in runs["p7"]["error"]
     assert "no task 'nd'" in runs["d1"]["error"]  # held for hb, never queued: removed from waiting
-    assert not connection.hexists(keys.day_waiting(utc_now().date()), runs["d1"]["run_id"])
+    assert not connection.hexists(keys.day_waiting(today), runs["d1"]["run_id"])
     assert not any(e["param"] in V2_ONLY for e in executions(connection, prefix))
-    finished_ids = {m.decode() for m in connection.smembers(keys.day_finished(utc_now().date()))}
+    finished_ids = {m.decode() for m in connection.smembers(keys.day_finished(today))}
     assert {runs[p]["run_id"] for p in V2_ONLY} <= finished_ids  # downstream runs go on as if it finished
 
     # Rerun asks for it again: with a v2 worker up, it runs.
