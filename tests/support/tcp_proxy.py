@@ -55,7 +55,9 @@ class TcpProxy:
         self.refused_at = time.monotonic()
         self._refusing.set()
         self._close_open()
-        threading.Timer(for_s, self._refusing.clear).start()
+        timer = threading.Timer(for_s, self._refusing.clear)
+        timer.daemon = True  # the test process need not wait for it to end
+        timer.start()
 
     def _close_open(self) -> None:
         with self._lock:
