@@ -97,6 +97,7 @@ from .fanout import Parked, job_data, longest_first
 from .keys import Keys
 from .params_book import ParamsBook, params_run_id
 from .redis_values import as_text
+from .rq_seam import enqueue_fresh
 from .runs import BLOCKED, CANCELLED, FAILED, QUEUED, SKIPPED, DaySlots, Run, runs_on, task_slots_on
 from .schedule import Slot
 from .scripts import Scripts, scripts_for
@@ -194,8 +195,7 @@ def release_ready(connection: Redis, keys: Keys, queue: Queue, table: TaskTable,
                                       run_ids=[run.run_id for run in runs]).queue_in(pipe)
                 # Longest expected first, as at fan-out (fanout.longest_first).
                 ordered = longest_first(connection, keys, runs)
-                queue.enqueue_many([_job_of(queue, run, entries[run.run_id], retention_s) for run in ordered],
-                                   pipeline=pipe)
+                enqueue_fresh(queue, [_job_of(queue, run, entries[run.run_id], retention_s) for run in ordered], pipe)
                 pipe.execute()
             except WatchError:
                 continue  # another caller released (or a fan-out held) runs of this day meanwhile: look again

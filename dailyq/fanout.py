@@ -50,7 +50,7 @@ from .errors import LeaseLost
 from .keys import Keys
 from .lease import Lease
 from .replicas import ReplicaAcks, all_members
-from .rq_seam import job_entry
+from .rq_seam import enqueue_fresh, job_entry
 from .runs import QUEUED, WAITING, Run, day_slot_json, decode_day_slot
 from .schedule import Slot
 from .scripts import Scripts, scripts_for
@@ -275,9 +275,9 @@ def _fan_out_chunk(connection: Redis, keys: Keys, queue: Queue, day: date, chunk
                                for run, job_id in fresh if run.run_id not in again],
                         again=[_requeued(run, job_id, again[run.run_id]) for run, job_id in fresh
                                if run.run_id in again]).queue_in(pipe)
-                    queue.enqueue_many([job_data(queue, run, job_id, retention_s, force, at_front,
-                                                 again.get(run.run_id)) for run, job_id in fresh
-                                        if run.run_id not in held], pipeline=pipe)
+                    enqueue_fresh(queue, [job_data(queue, run, job_id, retention_s, force, at_front,
+                                                   again.get(run.run_id)) for run, job_id in fresh
+                                          if run.run_id not in held], pipe)
                     if held:
                         _hold(pipe, keys, scripts, day, [(run, job_id) for run, job_id in fresh if run.run_id in held],
                               retention_s, again, force, at_front)

@@ -40,7 +40,7 @@ from .fanout import Requeued, job_data
 from .keys import Keys
 from .lease import Lease
 from .redis_values import as_text
-from .rq_seam import RQKeys, job_entry
+from .rq_seam import RQKeys, enqueue_fresh, job_entry
 from .runs import META_KEY, Run, new_record
 from .scripts import scripts_for
 from .table import TaskTable
@@ -209,7 +209,7 @@ class AbandonedRuns:
                     self._scripts.queue_records(
                         runs_key=self.keys.day_runs(day), retention_s=self.retention_s, fresh=[],
                         again=[(run_id, base_json, job_id, Requeued(0))]).queue_in(pipe)
-                    self.queue.enqueue_many([again.job_data(self.queue, job_id, self.retention_s)], pipeline=pipe)
+                    enqueue_fresh(self.queue, [again.job_data(self.queue, job_id, self.retention_s)], pipe)
                     pipe.hdel(self.keys.running, run_id)
                     pipe.execute()
                 except WatchError:

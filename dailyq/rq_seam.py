@@ -116,7 +116,9 @@ must change our records and RQ's lists in one step. Every key name comes from
 * the scheduled registry: RQ's retries waiting for their backoff, moved by
   ``ScheduledRetries`` (retries.py's leader-side mover) as RQ's own scheduler does;
 * ``Queue.prepare_data``: the entry ``Queue.enqueue_many`` takes, built by ``job_entry``
-  (fanout.job_data, which dependencies.py uses too, and recovery's replacement jobs).
+  (fanout.job_data, which dependencies.py uses too, and recovery's replacement jobs);
+  ``enqueue_fresh`` enqueues them, each job hash (``RQKeys.job``) deleted first, as RQ's
+  save is an HSET that would keep a leftover hash's expiry.
 
 (dailyq/scripts/ holds the Lua; each script's header lists the KEYS it takes.)
 """
@@ -400,6 +402,18 @@ def job_entry(queue: Queue, func: str, **options: Any) -> Any:
     """``Queue.prepare_data``: one entry of what ``Queue.enqueue_many`` takes (options as
     ``prepare_data``'s keyword arguments)."""
     return queue.prepare_data(func, **options)
+
+
+def enqueue_fresh(queue: Queue, entries: Sequence[Any], pipeline: Pipeline) -> None:
+    """``Queue.enqueue_many`` of ``job_entry``s in ``pipeline`` (a transaction), each job's
+    hash deleted first, so that it is written whole. RQ's save is an HSET: a hash left under
+    the same job id (an earlier job of that id, kept for RQ's result TTL) would keep its
+    expiry and its old fields, and once it expired RQ would drop the queued job unseen.
+    Every caller enqueues a job id that nothing else uses (a run's first job, or a fresh
+    ``-rN``), so what is deleted can only be such a leftover."""
+    for entry in entries:
+        pipeline.delete(RQKeys.job(str(entry.job_id)))
+    queue.enqueue_many(list(entries), pipeline=pipeline)
 
 
 def queue_keeping_reply(pipeline: Pipeline, queue: Callable[[Pipeline], None], keep: Callable[[Any], None]) -> None:

@@ -17,6 +17,7 @@ from dailyq.commands import trigger
 from dailyq.errors import LeaseLost
 from dailyq.fanout import FanOutOptions, fan_out, trim_durations
 from dailyq.lease import Lease
+from dailyq.rq_seam import RQKeys
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.worker.workers import make_queue
@@ -75,6 +76,22 @@ def test_large_fan_out_is_chunked_and_complete(connection, settings, monkeypatch
     assert exec_calls(connection) - before == 4
     assert sorted(result.enqueued) == sorted(run.job_id() for run in runs)
     assert queue.count == 10 and connection.scard(settings.keys.day_enqueued(DAY)) == 10
+
+
+def test_a_job_hash_left_under_the_same_id_does_not_outlive_or_taint_the_new_job(connection, settings):
+    # RQ keeps a finished job's hash for its result TTL; RQ's save is an HSET. A job id used
+    # again meanwhile (another deployment's job of the same id, or a test of the same day
+    # before this one on a shared server) kept the leftover's expiry and its fields: the
+    # queued job's hash expired, and RQ dropped the job unseen (the run stayed queued).
+    runs = runs_on(TaskTable([Task(name="t", func=record, params=[1, 2], at="09:00")]), DAY)
+    leftover = RQKeys.job(runs[0].job_id())
+    connection.hset(leftover, mapping={"status": "finished", "exc_info": "old", "ended_at": "2026-11-26T09:00:01Z"})
+    connection.expire(leftover, 60)
+    fan_out(connection, settings.keys, make_queue(connection, settings.keys), runs, FanOutOptions(60))
+    assert connection.ttl(leftover) == -1  # no expiry: the job lives until it is run
+    assert connection.hget(leftover, "status") == b"queued"
+    assert not connection.hexists(leftover, "exc_info")
+    assert connection.hget(leftover, "ended_at") != b"2026-11-26T09:00:01Z"
 
 
 def test_racing_triggers_in_separate_processes_enqueue_each_run_once(node_env, connection, settings, table):
