@@ -411,8 +411,8 @@ def enqueue_fresh(queue: Queue, entries: Sequence[Any], pipeline: Pipeline) -> N
     expiry and its old fields, and once it expired RQ would drop the queued job unseen.
     Every caller enqueues a job id that nothing else uses (a run's first job, or a fresh
     ``-rN``), so what is deleted can only be such a leftover."""
-    for entry in entries:
-        pipeline.delete(RQKeys.job(str(entry.job_id)))
+    if entries:  # one DEL for the lot: a command per job cost 16 us per run in redis-py
+        pipeline.delete(*(RQKeys.job(str(entry.job_id)) for entry in entries))
     queue.enqueue_many(list(entries), pipeline=pipeline)
 
 
