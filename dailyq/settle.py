@@ -9,6 +9,11 @@ from there the leader records its run ``failed`` with RQ's reason ("RQ failed th
 ..."), within a look or two (``SETTLE_EVERY_S``), through SETTLE_FAILED (Lua), which
 checks that nothing else backs the record any more.
 
+One reason is not the run's: RQ fails a job whose start Redis refused for memory (a
+work-horse's start transaction, BEGIN in it, refused on a full Redis). Nothing ran, so
+that job goes back to the queue's front instead (REQUEUE_ORPHANED: only while nothing
+else backs the record), and the run is run once Redis accepts writes again.
+
 It learns of them from what changed, not by re-reading days: RQ scores a failed entry
 by its expiry, the worker host's clock + the job's ``failure_ttl``, and every job of a
 run is enqueued with ``failure_ttl`` = retention (fanout.job_data, rq/registry.py
@@ -37,6 +42,7 @@ from rq.job import Job
 
 from .clock import Clock, iso
 from .keys import Keys
+from .outage import OOM_TEXT
 from .redis_values import as_text
 from .rq_seam import RQKeys
 from .runs import META_KEY
@@ -153,7 +159,10 @@ class FailedJobs:
         if not meta:
             return None  # an ad-hoc job: no run of ours
         run_id, day = str(meta["run_id"]), date.fromisoformat(meta["day"])
-        error = f"RQ failed the job: {last_line(failure_text(job))}"
+        reason = failure_text(job)
+        if OOM_TEXT in reason and self._requeue_refused(run_id, job_id, day):
+            return None
+        error = f"RQ failed the job: {last_line(reason)}"
         if not self._scripts.settle_failed(
                 runs_key=self.keys.day_runs(day), claim_key=self.keys.claim(run_id), running_key=self.keys.running,
                 waiting_key=self.keys.day_waiting(day), job_key=RQKeys.job(job_id), left_key=self.keys.left,
@@ -162,6 +171,21 @@ class FailedJobs:
             return None
         log.error("run %s: %s (job %s); failed", run_id, error, job_id, extra={"run_id": run_id})
         return Settled(run_id, job_id, error, day)
+
+    def _requeue_refused(self, run_id: str, job_id: str, day: date) -> bool:
+        """RQ failed the job because Redis refused its start for memory: back at the
+        queue's front if nothing else backs the run (True), else left to SETTLE_FAILED."""
+        rq_keys = RQKeys(self.queue)
+        outcome = self._scripts.requeue_orphaned(
+            runs_key=self.keys.day_runs(day), claim_key=self.keys.claim(run_id), running_key=self.keys.running,
+            finished_key=self.keys.day_finished(day), waiting_key=self.keys.day_waiting(day), left_key=self.keys.left,
+            queue_key=rq_keys.queue, intermediate_queue_key=rq_keys.intermediate, job_key=rq_keys.job(job_id),
+            failed_registry_key=rq_keys.failed, run_id=run_id, job_id=job_id, retention_s=self.retention_s).run()
+        if outcome not in ("requeued", "in-queue"):
+            return False
+        log.warning("run %s: RQ failed its job %s because Redis refused its start for memory; nothing ran, so the "
+                    "job is back at the front of the queue", run_id, job_id, extra={"run_id": run_id})
+        return True
 
 
 def failure_text(job: Job) -> str:

@@ -94,6 +94,26 @@ def test_a_queued_run_whose_job_rq_failed_is_failed_with_rqs_reason(connection, 
     assert float(connection.get(settings.keys.rq_failed_seen)) > 0  # the next leader goes on from there
 
 
+def test_a_job_rq_failed_because_redis_refused_its_start_for_memory_goes_back_to_the_queue(connection, settings):
+    # Seen in the memory-full test: a work-horse's start transaction (BEGIN in it) refused
+    # on a full Redis, and RQ failed the job. Nothing ran: the run is not failed but queued
+    # again, at the queue's front, and runs once Redis takes writes.
+    refused, other = queued(connection, settings, 2)
+    oom = ("Traceback (most recent call last):\n  File \"rq/worker/base.py\", line 1, in perform_job\n"
+           "redis.exceptions.OutOfMemoryError: Command # 1 (HSET rq:worker:n1.1 last_heartbeat x) of pipeline "
+           "caused error: command not allowed when used memory > 'maxmemory'.\n")
+    rq_fails(connection, settings, refused.job_id(), oom)
+    rq_fails(connection, settings, other.job_id())  # any other reason: failed, as before
+    settled = failed_jobs(connection, settings, Clock()).settle()
+    assert [s.run_id for s in settled] == [other.run_id]
+    assert record(connection, settings, refused.run_id)["state"] == "queued"
+    assert record(connection, settings, other.run_id)["state"] == "failed"
+    queue = make_queue(connection, settings.keys)
+    assert queue.job_ids == [refused.job_id()]
+    assert queue.fetch_job(refused.job_id()).get_status() == "queued"
+    assert connection.zscore(f"rq:failed:{settings.keys.queue_name}", refused.job_id()) is None
+
+
 def test_records_that_something_else_backs_are_left_as_they_are(connection, settings):
     alive, dead, superseded, left = queued(connection, settings, 4)
     guard = Guard(connection, settings.keys, "node-x", settings.claim_ttl_s, settings.retention_s)
