@@ -42,10 +42,33 @@ from .lease import Lease
 from .redis_values import as_text
 from .rq_seam import RQKeys, enqueue_fresh, job_entry
 from .runs import META_KEY, Run, new_record
-from .scripts import scripts_for
+from .scripts import ScriptCall, scripts_for
 from .table import TaskTable
 
 log = logging.getLogger(__name__)
+
+def requeue_stranded_job(connection: Redis, keys: Keys, queue: Queue, run_id: str, job_id: str,
+                         day: date) -> ScriptCall[bool]:
+    """REQUEUE_STRANDED for one job of ``run_id`` (of ``day``), every key built here: the
+    leader's sweep below and a worker that lost Redis before the job started (worker.py)."""
+    rq_keys = RQKeys(queue)
+    return scripts_for(connection).requeue_stranded(intermediate_queue_key=rq_keys.intermediate,
+                                                    queue_key=rq_keys.queue, runs_key=keys.day_runs(day),
+                                                    job_id=job_id, run_id=run_id)
+
+
+def requeue_orphaned_job(connection: Redis, keys: Keys, queue: Queue, run_id: str, job_id: str, day: date,
+                         retention_s: int) -> ScriptCall[str]:
+    """REQUEUE_ORPHANED for one job of ``run_id`` (of ``day``), its ten keys built here: a
+    worker whose copy stopped for its claim (worker.py) and the leader's settle of a job RQ
+    failed when Redis refused its start for memory (settle.py)."""
+    rq_keys = RQKeys(queue)
+    return scripts_for(connection).requeue_orphaned(
+        runs_key=keys.day_runs(day), claim_key=keys.claim(run_id), running_key=keys.running,
+        finished_key=keys.day_finished(day), waiting_key=keys.day_waiting(day), left_key=keys.left,
+        queue_key=rq_keys.queue, intermediate_queue_key=rq_keys.intermediate, job_key=rq_keys.job(job_id),
+        failed_registry_key=rq_keys.failed, run_id=run_id, job_id=job_id, retention_s=retention_s)
+
 
 class StrandedJobs:
     """Jobs a worker took off the queue but never started: it died (or froze) between
@@ -86,10 +109,7 @@ class StrandedJobs:
             if not meta:
                 continue  # not a run of ours (an ad-hoc job): RQ's own clean-up handles it
             day = date.fromisoformat(meta["day"])
-            rq_keys = RQKeys(self.queue)
-            if self._scripts.requeue_stranded(intermediate_queue_key=rq_keys.intermediate,
-                                              queue_key=rq_keys.queue, runs_key=self.keys.day_runs(day),
-                                              job_id=job_id, run_id=meta["run_id"]).run():
+            if requeue_stranded_job(self.connection, self.keys, self.queue, meta["run_id"], job_id, day).run():
                 self.connection.hdel(self.keys.stranded, job_id)
                 log.warning("run %s: its job %s was taken off the queue by a worker that never started it; "
                             "put back at the front of the queue", meta["run_id"], job_id,

@@ -43,6 +43,7 @@ from rq.job import Job
 from .clock import Clock, iso
 from .keys import Keys
 from .outage import OOM_TEXT
+from .recovery import requeue_orphaned_job
 from .redis_values import as_text
 from .rq_seam import RQKeys
 from .runs import META_KEY
@@ -175,12 +176,8 @@ class FailedJobs:
     def _requeue_refused(self, run_id: str, job_id: str, day: date) -> bool:
         """RQ failed the job because Redis refused its start for memory: back at the
         queue's front if nothing else backs the run (True), else left to SETTLE_FAILED."""
-        rq_keys = RQKeys(self.queue)
-        outcome = self._scripts.requeue_orphaned(
-            runs_key=self.keys.day_runs(day), claim_key=self.keys.claim(run_id), running_key=self.keys.running,
-            finished_key=self.keys.day_finished(day), waiting_key=self.keys.day_waiting(day), left_key=self.keys.left,
-            queue_key=rq_keys.queue, intermediate_queue_key=rq_keys.intermediate, job_key=rq_keys.job(job_id),
-            failed_registry_key=rq_keys.failed, run_id=run_id, job_id=job_id, retention_s=self.retention_s).run()
+        outcome = requeue_orphaned_job(self.connection, self.keys, self.queue, run_id, job_id, day,
+                                       self.retention_s).run()
         if outcome not in ("requeued", "in-queue"):
             return False
         log.warning("run %s: RQ failed its job %s because Redis refused its start for memory; nothing ran, so the "

@@ -283,11 +283,11 @@ class _Simulation:
             else:
                 since = 0.0 if run.slot is None else (run.slot - self.now).total_seconds()
                 self._push(run, since, max(0.0, since), heap=False)
+        if shortcut and not self.waiting and not any(self._limits_of(entry[5]) for entry in self.queue):
+            return self._in_order()
         # Made a heap once (linear) rather than by a push per run; the order it pops in is
         # the same, as every entry's key is distinct (its seq).
         heapq.heapify(self.queue)
-        if shortcut and not self.waiting and not any(self._limits_of(entry[5]) for entry in self.queue):
-            return self._in_order()
         for name in list(self.waiting):
             self._release_if_ready(name, 0.0)
         clock = 0.0

@@ -42,10 +42,10 @@ from ..generation import GenerationWatch
 from ..limits import Admissions
 from ..outage import MEMORY, OutageLog, through_outage
 from ..pausing import PausedCache
+from ..recovery import requeue_orphaned_job, requeue_stranded_job
 from ..redis_memory import describer, wait_for_writes
 from ..rq_seam import DailyJob, GuardedWorker, RQKeys, RunExecution, make_queue, queue_keeping_reply
 from ..runs import META_KEY, RunJob, StaleJob
-from ..scripts import scripts_for
 from ..settings import Settings
 from ..table import TaskTable, encode_param, load_table
 from ..table_store import keep_published
@@ -220,13 +220,8 @@ class WorkerContext:
         failed (forking) or finished (non-forking) its job. Then the job goes back to the
         queue's front (REQUEUE_ORPHANED)."""
         run = execution.attempt.run
-        keys, rq_keys = self.settings.keys, RQKeys(queue)
-        call = scripts_for(self.connection).requeue_orphaned(
-            runs_key=keys.day_runs(run.day), claim_key=keys.claim(run.run_id), running_key=keys.running,
-            finished_key=keys.day_finished(run.day), waiting_key=keys.day_waiting(run.day), left_key=keys.left,
-            queue_key=rq_keys.queue, intermediate_queue_key=rq_keys.intermediate, job_key=rq_keys.job(run.job_id),
-            failed_registry_key=rq_keys.failed, run_id=run.run_id, job_id=run.job_id,
-            retention_s=self.settings.retention_s)
+        call = requeue_orphaned_job(self.connection, self.settings.keys, queue, run.run_id, run.job_id, run.day,
+                                    self.settings.retention_s)
         try:
             outcome = through_outage(call.run, OutageLog(log, f"checking that run {run.run_id} is not lost"),
                                      RECORD_DEATH_OUTAGE_LIMIT_S)
@@ -248,10 +243,9 @@ class WorkerContext:
         meta = _run_meta(job)
         if not meta.get("run_id") or not meta.get("day"):
             return  # not a run of ours (an ad-hoc job): RQ's own clean-up of that queue handles it
-        rq_keys, run_id = RQKeys(queue), str(meta["run_id"])
-        call = scripts_for(self.connection).requeue_stranded(
-            intermediate_queue_key=rq_keys.intermediate, queue_key=rq_keys.queue,
-            runs_key=self.settings.keys.day_runs(date.fromisoformat(str(meta["day"]))), job_id=job.id, run_id=run_id)
+        run_id = str(meta["run_id"])
+        call = requeue_stranded_job(self.connection, self.settings.keys, queue, run_id, job.id,
+                                    date.fromisoformat(str(meta["day"])))
         try:
             put = through_outage(call.run, OutageLog(log, f"putting job {job.id} back"), RECORD_DEATH_OUTAGE_LIMIT_S)
         except RedisError as exc:
