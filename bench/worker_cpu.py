@@ -78,6 +78,13 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def children_split() -> tuple[float, float, int]:
+    """The children's user and system CPU seconds and minor page faults (a fork's
+    copy-on-write shows in the last two)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime, usage.ru_stime, usage.ru_minflt
+
+
 def enqueue_minimal(connection: Redis, queue_name: str, runs: int) -> None:
     queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
     for lo in range(0, runs, 1000):
@@ -92,6 +99,8 @@ def main() -> None:
     parser.add_argument("--side", choices=SIDES, default="dailyq")
     parser.add_argument("--callgrind", metavar="FILE")
     parser.add_argument("--profile", metavar="FILE")
+    parser.add_argument("--commands", action="store_true",
+                        help="also each Redis command's calls per run (INFO commandstats), most first")
     args = parser.parse_args()
     runs = args.runs
     rq_cli = str(Path(sys.executable).with_name("rq"))
@@ -119,17 +128,26 @@ def main() -> None:
         if args.callgrind:
             command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={args.callgrind}", *command]
         connection.config_resetstat()
+        split_before = children_split()
         worker_before, redis_before, started = children_cpu_s(), redis_cpu_s(connection), time.perf_counter()
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall_s = time.perf_counter() - started
         worker_s, redis_s = children_cpu_s() - worker_before, redis_cpu_s(connection) - redis_before
+        split = [after - before for after, before in zip(children_split(), split_before)]
         stats = connection.info("stats")
+        command_stats = connection.info("commandstats")
     per_run = {"wall": wall_s, "worker cpu": worker_s, "redis cpu": redis_s}
     shown = ", ".join(f"{name} {seconds / runs * 1000:.3f} ms/run" for name, seconds in per_run.items())
     counts = (f"{stats['total_commands_processed'] / runs:.1f} commands, {stats['total_net_input_bytes'] / runs:.0f} B "
               f"in, {stats['total_net_output_bytes'] / runs:.0f} B out per run")
+    counts += (f"; worker user {split[0] / runs * 1000:.3f} / system {split[1] / runs * 1000:.3f} ms/run, "
+               f"{split[2] / runs:.0f} minor faults/run")
     kind = "non-forking" if args.simple else "forking"
     print(f"{os.path.basename(os.getcwd())} {args.side} {kind}: {shown}; {counts}")
+    if args.commands:
+        calls = sorted(((int(v["calls"]), name.removeprefix("cmdstat_")) for name, v in command_stats.items()),
+                       reverse=True)
+        print("  " + ", ".join(f"{name} {count / runs:.2f}" for count, name in calls))
 
 
 if __name__ == "__main__":

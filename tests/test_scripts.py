@@ -981,3 +981,24 @@ def test_the_rule_check_catches_an_undocumented_unwrapped_script() -> None:
     planted.LOST = "return redis.call('GET', KEYS[1])"  # type: ignore[attr-defined]
     planted.__file__ = __file__  # getsource reads this file, which wraps no LOST
     assert rule_breakers([planted]) == (["LOST"], ["LOST"])
+
+
+def test_a_worker_registers_the_execution_scripts_before_it_forks_so_work_horses_inherit_them(connection) -> None:
+    # A forked work-horse shares its parent's Scripts (the same connection object): once
+    # registered there, BEGIN and FINISH cost a horse no compacting or hashing of their own.
+    from dailyq.scripts.lifecycle import BEGIN, END_WAIT, FAIL, FINISH, RENEW_CLAIM
+    from dailyq.scripts.shared import compact
+
+    scripts = Scripts(connection)
+    scripts.register_execution_scripts()
+    registered = dict(scripts._registered)
+    assert set(registered) == {BEGIN, FINISH, FAIL, END_WAIT, RENEW_CLAIM}
+    before = compact.cache_info()
+    for lua in registered:
+        assert scripts.script(lua) is registered[lua]  # the same objects: nothing registered again
+    assert compact.cache_info() == before
+    # And a fresh connection's set (a horse of a worker that did not register) compacts from the cache.
+    compact(BEGIN)
+    hits = compact.cache_info().hits
+    Scripts(connection).script(BEGIN)
+    assert compact.cache_info().hits == hits + 1

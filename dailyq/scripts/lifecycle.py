@@ -482,6 +482,14 @@ class RunScripts(ScriptSet):
             args += [run_id, base_json, job_id, how.attempts_before if how.new_run else "", how.rerun_id or ""]
         return ScriptCall(self.script(QUEUE_RECORDS), [runs_key], args, lambda reply: None)
 
+    def register_execution_scripts(self) -> None:
+        """Register the scripts every run's execution sends (BEGIN, FINISH, FAIL, the
+        claim's renewal) now: a worker does so before it forks, so that each work-horse
+        inherits them registered instead of compacting and registering them afresh (see
+        compact); registering sends nothing."""
+        for lua in (BEGIN, FINISH, FAIL, END_WAIT, RENEW_CLAIM):
+            self.script(lua)
+
     def begin(self, *, finished_key: str, claim_key: str, runs_key: str, running_key: str, series_key: str,
               fence_key: str, run_id: str, owner: str, claim_ttl_ms: int, force: bool, base_json: str,
               retention_s: int, day: str, overlap: str, node: str, now_iso: str, job_id: str,

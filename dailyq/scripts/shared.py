@@ -20,6 +20,7 @@ cancelled claim's in lifecycle.py, doctor's in doctor.py.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
@@ -262,10 +263,13 @@ class ScriptCall(Generic[T]):
         pipeline.eval(self.script.script, len(self.keys), *self.keys, *self.args)  # type: ignore[arg-type]
 
 
+@functools.cache
 def compact(lua: str) -> str:
     """The script as sent: without its comment lines and indentation. BEGIN and FINISH
     travel as EVAL bodies with every run (ScriptCall.queue_in), and their documentation
-    would otherwise more than double what each run sends."""
+    would otherwise more than double what each run sends. Cached: every forked work-horse
+    opens its own connection and registers its scripts on it afresh, and compacting
+    them again was a tenth of a no-op horse's own CPU (BENCHMARKS.md)."""
     kept = (line.strip() for line in lua.splitlines())
     # (A flags line, "#!lua flags=...", is no comment: it stays, and stays first.)
     return "\n".join(line for line in kept if line and not (line.startswith("--") and not line.startswith("--[[")))

@@ -130,6 +130,7 @@ class WorkerContext:
             self.guard.scripts.flags_supported()
         except RedisError:
             pass  # asked again at the first script that needs it
+        self.guard.scripts.register_execution_scripts()  # inherited by the work-horses too
 
     def _saw_generation(self, raw: bytes | None, read: bool = False) -> None:
         """One read of the mark (``read``: make it now): a loss is logged once by the watch.
