@@ -1,6 +1,7 @@
 """``cancel`` (dailyq/cancelling.py): an executing run stops, on both worker kinds, within the
-promise; queued and waiting runs never start; a cancelled run blocks its downstream runs
-until a rerun, which runs it again. Real processes: a scheduler and a worker per node."""
+promise; queued, waiting and set-aside runs (by a pause, ``max_running`` or a pool) and runs
+waiting for an RQ retry never start; a cancelled run blocks its downstream runs until a
+rerun, which runs it again. Real processes: a scheduler and a worker per node."""
 
 from __future__ import annotations
 
@@ -245,6 +246,108 @@ def test_a_cancelled_run_held_by_a_pause_never_starts_after_resume(redis_server,
     assert not executions(connection, prefix)
     (run,) = status_runs(env)
     assert (run["state"], run["error"], run["attempts"]) == (CANCELLED, "cancelled by carol on node-ops", 0)
+
+
+def cancel_run(env: dict, run_id: str) -> str:
+    """``cancel --run`` from an operator's node; its stdout (the confirmation)."""
+    result = run_cli(["cancel", "--date", DAY, "--run", run_id], dict(env, NODE_NAME="node-ops", LOGNAME="dave",
+                                                                       USER="dave"))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def blocked_by(env: dict, param: str, cancelled_id: str) -> None:
+    """The downstream run is blocked by the cancelled upstream run, as by a failed one."""
+    (down,) = [r for r in status_runs(env) if r["task"] == "downstream"]
+    assert (down["state"], down["error"]) == ("blocked", f'upstream run sample("{param}") cancelled: {cancelled_id}')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit", [{"SAMPLE_MAX_RUNNING": "1"}, {"SAMPLE_POOL": "1"}], ids=["max_running", "pool"])
+def test_a_cancelled_run_set_aside_by_a_limit_never_starts_when_the_permit_frees(redis_server, prefix, connection,
+                                                                              processes, limit):
+    """Two runs, room for one (the task's ``max_running``, or a pool of 1): the second is
+    set aside while the first executes, then cancelled. The first one's end puts the
+    held job back on the queue; BEGIN refuses it, so it never starts and takes no permit."""
+    env = base_env(redis_server.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="2", SAMPLE_DOWNSTREAM="1",
+                   SAMPLE_FUNC="progress", SAMPLE_SLEEP_S="5", SAMPLE_AT=quiet_sample_at(), NODE_NAME="node-a", **limit)
+    keys = Keys(prefix)
+    processes.start("scheduler.py", env)
+    workers = [processes.start("worker_entry.py", dict(env, NODE_NAME="node-b")) for _ in range(2)]
+    wait_for(lambda: connection.exists(keys.heartbeat("worker", "node-b")), 30, "the workers")
+    assert run_cli(["trigger", "--date", DAY], env).returncode == 0
+    wait_for(lambda: connection.llen(keys.set_aside("sample")) == 1, 30, "one run executing, the other set aside")
+    (executing,) = {e["param"] for e in executions(connection, prefix) if e["event"] == "start"}
+    (held,) = {"任务参数0", "任务参数1"} - {executing}
+    runs = by_param(env)
+    if "SAMPLE_POOL" in limit:  # held by the pool's room, not a limit of the task's own
+        assert json.loads(run_cli(["status", "--date", DAY, "--json"], env).stdout)["pools"] == \
+            {"shared": {"size": 1, "running": 1, "set_aside": 1}}
+    held_id = runs[held]["run_id"]
+    assert runs[held]["state"] == "queued"
+
+    assert "(was queued)" in cancel_run(env, held_id)
+    assert not events_of(connection, prefix, executing, "end"), "the first run ended before the cancel: no test"
+    blocked_by(env, held, held_id)
+    wait_for(lambda: events_of(connection, prefix, executing, "end"), 30, "the first run to end")
+
+    def refused() -> bool:
+        return any(f"run {held_id} not executed: cancelled" in processes.log_of(w) for w in workers)
+
+    # The freed permit sends the held job to a worker: it is refused, or (were BEGIN not to
+    # look at the record) it starts.
+    wait_for(lambda: refused() or events_of(connection, prefix, held, "start"), 30, "a worker to take the held job")
+    assert not events_of(connection, prefix, held, "start")
+    assert refused()
+    assert not [e for e in executions(connection, prefix) if e["param"] == "下游0"]
+    runs = by_param(env)
+    assert (runs[held]["state"], runs[held]["error"], runs[held]["attempts"]) == \
+        (CANCELLED, "cancelled by dave on node-ops", 0)
+    assert runs[executing]["state"] == FINISHED
+    blocked_by(env, held, held_id)
+    # The refused job took no permit for good and left nothing set aside.
+    wait_for(lambda: connection.zcard(keys.limit_permits("sample")) == 0, 10, "every permit released")
+    assert connection.exists(keys.set_aside("sample"), keys.set_aside_index("sample")) == 0
+
+
+@pytest.mark.slow
+def test_a_cancelled_run_waiting_for_its_retry_is_not_retried(redis_server, prefix, connection, processes):
+    """Both runs' first attempts fail; RQ keeps their retries in the ScheduledJobRegistry
+    for the backoff, and one run is cancelled meanwhile. When the backoff ends both retries
+    are moved to the queue: the other run's executes, the cancelled run's is refused by
+    BEGIN (no second attempt), and the downstream run is blocked by it."""
+    backoff_s = 5
+    env = base_env(redis_server.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="2", SAMPLE_DOWNSTREAM="1",
+                   SAMPLE_FUNC="fail_first", SAMPLE_RETRIES="1", SAMPLE_BACKOFF_S=str(backoff_s),
+                   SAMPLE_AT=quiet_sample_at(), NODE_NAME="node-a")
+    processes.start("scheduler.py", env)  # its leader moves RQ retries back, as RQ's scheduler does
+    worker = processes.start("worker_entry.py", dict(env, NODE_NAME="node-b"))
+    scheduled = f"rq:scheduled:{prefix}"  # RQ's ScheduledJobRegistry of our queue
+    assert run_cli(["trigger", "--date", DAY], env).returncode == 0
+    wait_for(lambda: connection.zcard(scheduled) == 2, 30, "both first attempts to fail and their retries to wait")
+    run = by_param(env)["任务参数1"]
+    assert (run["state"], run["attempts"]) == ("queued", 1) and "first attempt" in run["error"], run
+
+    assert "(was queued)" in cancel_run(env, run["run_id"])
+    assert connection.zcard(scheduled) == 2, "a retry left its wait before the cancel: no test"
+    blocked_by(env, "任务参数1", run["run_id"])
+
+    def refused() -> bool:
+        return f"run {run['run_id']} not executed: cancelled" in processes.log_of(worker)
+
+    # After the backoff the retry is moved to the queue: refused, or (were BEGIN not to look
+    # at the record) its second attempt starts.
+    wait_for(lambda: refused() or len(events_of(connection, prefix, "任务参数1", "start")) > 1, backoff_s + 30,
+             "the retry to be moved to the queue and taken by the worker")
+    assert len(events_of(connection, prefix, "任务参数1", "start")) == 1  # the failed attempt only
+    assert refused()
+    wait_for(lambda: by_param(env)["任务参数0"]["state"] == FINISHED, 30, "the other run's retry to finish")
+    assert connection.zcard(scheduled) == 0
+    assert len(events_of(connection, prefix, "任务参数0", "start")) == 2  # the movers did move the retries
+    after = by_param(env)["任务参数1"]
+    assert (after["state"], after["error"], after["attempts"]) == (CANCELLED, "cancelled by dave on node-ops", 1)
+    blocked_by(env, "任务参数1", run["run_id"])
+    assert not [e for e in executions(connection, prefix) if e["param"] == "下游0"]
 
 
 def test_the_cancelled_state_shows_in_the_watch_line_the_table_and_the_report():

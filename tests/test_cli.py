@@ -63,6 +63,13 @@ def test_a_bad_table_stops_every_entry_point_with_the_task_named(node_env, case,
     worker = subprocess.run([sys.executable, "worker_entry.py", "--burst"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=60)
     assert_clean_error(worker, 2, fragment)
+    # The dashboard loads the table too (its /dailyq/ timeline lists the table's runs). A
+    # port of its own: were the table not checked, it would start serving (and time out here).
+    dashboard_env = {k: v for k, v in env.items() if not k.startswith(("DASHBOARD_", "RQ_DASHBOARD_"))}
+    dashboard = subprocess.run([sys.executable, "-m", "dailyq.dashboard"], cwd=ROOT,
+                               env=dict(dashboard_env, DASHBOARD_PORT=str(free_port())), capture_output=True,
+                               text=True, timeout=30)
+    assert_clean_error(dashboard, 2, fragment)
 
 
 def test_worker_and_scheduler_refuse_to_start_without_redis(node_env):

@@ -1,7 +1,7 @@
 """The docs agree with the tree: the architecture page lists every module (and marks pure
 exactly the modules tests/test_boundaries.py holds pure), every relative link and anchor
-resolves, every environment variable is in the settings table, the README names every run
-state, and CI runs the README's test command."""
+resolves, every test a doc cites exists, every environment variable is in the settings table,
+the README names every run state, and CI runs the README's test command."""
 
 from __future__ import annotations
 
@@ -85,6 +85,44 @@ def test_every_relative_link_and_anchor_resolves(doc: Path) -> None:
             elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
                 broken.append(f"{target}: no heading #{anchor} in {linked.relative_to(ROOT)}")
     assert broken == []
+
+
+# A test a doc cites: `test_x.py::test_name` (its path under tests/; "…" stands for the
+# rest of a long name, a trailing [id] for one parametrization), or `::test_name` for
+# another test of the file cited before it on the same line.
+CITED_TEST = re.compile(r"`((?:tests/)?(?:\w+/)*test_\w+\.py)?::([\w…]+)(?:\[[^\]`]*\])?`")
+
+
+def cited_tests(text: str) -> list[tuple[str | None, str]]:
+    """(path under tests/ or None, name pattern) of each test the text cites."""
+    cited = []
+    for line in outside_code(text):
+        path = None  # a `::name` follows a file cited earlier on its own line (a table row)
+        for named_path, name in CITED_TEST.findall(line):
+            path = named_path.removeprefix("tests/") or path
+            cited.append((path, name))
+    return cited
+
+
+def test_a_cited_test_is_read_with_its_file_and_its_ellipsis() -> None:
+    line = "| x | `test_a.py::test_one_…`, `::test_two`, `worker/test_b.py::test_three[fork]` |"
+    assert cited_tests(line) == [("test_a.py", "test_one_…"), ("test_a.py", "test_two"),
+                                 ("worker/test_b.py", "test_three")]
+    assert cited_tests("`::test_alone`") == [(None, "test_alone")]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_cited_test_exists(doc: Path) -> None:
+    missing = []
+    for path, name in cited_tests(doc.read_text(encoding="utf-8")):
+        source = ROOT / "tests" / path if path else None
+        if source is None or not source.is_file():
+            missing.append(f"{path}::{name}: no file tests/{path}")
+            continue
+        pattern = r"\w*".join(map(re.escape, name.split("…")))
+        if not re.search(rf"^(?:async )?def {pattern}\(", source.read_text(encoding="utf-8"), re.MULTILINE):
+            missing.append(f"{path}::{name}: no such test in tests/{path}")
+    assert missing == []
 
 
 def test_every_environment_variable_is_in_the_settings_table() -> None:

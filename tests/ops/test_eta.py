@@ -236,12 +236,12 @@ DAY_ONE, DAY_TWO = "2024-06-03", "2024-06-04"  # long past: only what the test t
 
 
 def uneven_sleeps(n: int) -> list[float]:
-    """0.5-2.0 s, uneven, the same every time (a fixed seed). Not shorter: what a worker
+    """2-4 s, uneven, the same every time (a fixed seed). Not shorter: what a worker
     spends per run around the task (dequeue, fork, BEGIN, FINISH) is not in the learned
-    durations, and on a loaded 2-core machine it reaches 0.1-0.15 s a run; the runs'
-    own sleeps must dominate it for the estimate to be judged, not the machine."""
+    durations, and a loaded machine multiplies it; runs this long keep it a few per cent
+    of the day, so the 20 % judges the estimate, not the machine."""
     rng = random.Random(22)
-    return [round(rng.uniform(0.5, 2.0), 2) for _ in range(n)]
+    return [round(rng.uniform(2.0, 4.0), 2) for _ in range(n)]
 
 
 def worker_cost_per_run_s(events: list[dict], workers: int) -> float:
@@ -253,11 +253,10 @@ def worker_cost_per_run_s(events: list[dict], workers: int) -> float:
 
 @pytest.mark.slow
 def test_eta_is_within_20_percent_of_the_actual_end_on_a_learned_day(node_env, processes, connection, prefix):
-    """Day one teaches the durations; on day two, after a few runs ended, the ETA of
-    ``status --json`` is compared with when the last run really ended, relative to the
-    time that was left (plus, on the early side, the workers' own measured cost for the
-    runs pending then). 2 workers, 16 runs whose own sleeps (0.5-2 s) make the day."""
-    sleeps = uneven_sleeps(16)
+    """Day one teaches the durations; on day two, once its first run ended, the ETA of
+    ``status --json`` must be within 20 % of the time that was left of when the last run
+    really ended, early or late. 2 workers, 8 runs whose own sleeps (2-4 s) make the day."""
+    sleeps = uneven_sleeps(8)
     env = dict(node_env, SAMPLE_ONLY="1", SAMPLE_FUNC="uneven", SAMPLE_PARAMS=str(len(sleeps)),
                SAMPLE_SLEEPS=",".join(map(str, sleeps)), SAMPLE_AT=quiet_sample_at(), NODE_NAME="node-1")
     processes.start("worker_entry.py", env, "--concurrency", "2")
@@ -267,7 +266,7 @@ def test_eta_is_within_20_percent_of_the_actual_end_on_a_learned_day(node_env, p
             wait_for(lambda: len(finished(connection, prefix, DAY_ONE)) == len(sleeps), timeout=90,
                      what="day one to finish")
             connection.delete(f"{prefix}:test:executions")
-    wait_for(lambda: len(finished(connection, prefix, DAY_TWO)) >= 3, timeout=60, what="a few runs of day two")
+    wait_for(lambda: len(finished(connection, prefix, DAY_TWO)) >= 1, timeout=60, what="day two's first run")
     before = time.time()
     status = json.loads(run_cli(["status", "--date", DAY_TWO, "--json"], env).stdout)
     after = time.time()
@@ -279,18 +278,12 @@ def test_eta_is_within_20_percent_of_the_actual_end_on_a_learned_day(node_env, p
              what="day two to finish")
     actual_end = max(e["t"] for e in executions(connection, prefix) if e["event"] == "end")
     left_s = actual_end - measured
-    assert left_s > 1.0, "too little of the day was left to judge the estimate"
-    # The ETA knows the tasks' learned durations, not what the workers spend around each
-    # run (dequeue, fork, BEGIN, FINISH), which a loaded machine multiplies: a day that
-    # ends later by that, for the runs still pending at the reading, is not the ETA's error.
-    cost_s = worker_cost_per_run_s(executions(connection, prefix), 2)
-    pending = sum(1 for run in status["runs"] if run["state"] != "finished")
-    early_allowance_s = max(0.0, cost_s) * pending / 2
+    assert left_s > 2.0, "too little of the day was left to judge the estimate"
     error_s = eta - actual_end
-    assert -(0.2 * left_s + early_allowance_s) <= error_s <= 0.2 * left_s, (
+    assert abs(error_s) <= 0.2 * left_s, (
         f"ETA {eta - measured:+.2f}s from the reading, the day ended {left_s:.2f}s after it "
-        f"(error {100 * error_s / left_s:+.0f}%; the workers' own cost per run, {cost_s:.3f}s here, is not in "
-        f"the learned durations: {early_allowance_s:.2f}s allowed for it, {pending} runs pending)")
+        f"(error {100 * error_s / left_s:+.0f}%; the workers' own cost per run, not in the learned "
+        f"durations, was {worker_cost_per_run_s(executions(connection, prefix), 2):.3f}s here)")
     # Done: nothing pending, no estimate.
     assert json.loads(run_cli(["status", "--date", DAY_TWO, "--json"], env).stdout)["eta"] is None
 

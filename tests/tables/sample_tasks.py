@@ -8,7 +8,8 @@ REDIS_URL, which a test may route through a proxy) / SAMPLE_DOWNSTREAM (N: a tas
 "downstream" with N params and ``after=["sample"]``, also with SAMPLE_ONLY) /
 SAMPLE_MARKER (fail_until_marker fails the SAMPLE_FAIL params while this file is absent) /
 SAMPLE_GIL_N, SAMPLE_GIL_ATTEMPTS (hold_gil: the input size of its GIL-holding call, and
-on which attempts it makes it).
+on which attempts it makes it) / SAMPLE_MAX_RUNNING (the sample task's ``max_running``) /
+SAMPLE_POOL (N: ``POOLS = {"shared": N}`` with the sample task in it).
 
 A test that starts a live ``scheduler.py`` sets SAMPLE_AT: with the default 03:00 UTC the
 scheduler fans out that day's slot by itself from 03:00 to 04:00 UTC (the misfire
@@ -166,8 +167,12 @@ TASKS = [
          at=os.environ.get("SAMPLE_AT", "03:00"), tz=os.environ.get("SAMPLE_TZ", "UTC"),
          retries=int(os.environ.get("SAMPLE_RETRIES", "0")),
          retry_backoff_s=int(os.environ.get("SAMPLE_BACKOFF_S", "1")),
-         timeout_s=60, deadline=os.environ.get("SAMPLE_DEADLINE") or None),
+         timeout_s=60, deadline=os.environ.get("SAMPLE_DEADLINE") or None,
+         max_running=int(os.environ["SAMPLE_MAX_RUNNING"]) if os.environ.get("SAMPLE_MAX_RUNNING") else None,
+         pool="shared" if os.environ.get("SAMPLE_POOL") else None),
 ]
+if os.environ.get("SAMPLE_POOL"):
+    POOLS = {"shared": int(os.environ["SAMPLE_POOL"])}
 if os.environ.get("SAMPLE_DOWNSTREAM"):
     DOWNSTREAM_PARAMS = [f"下游{i}" for i in range(int(os.environ["SAMPLE_DOWNSTREAM"]))]
     TASKS.append(Task(name="downstream", func=record, params=DOWNSTREAM_PARAMS,
