@@ -21,7 +21,7 @@ from dailyq.generation import GenerationWatch, NodeMemory, parse_generation, rea
 from dailyq.ops.render import render_table
 from dailyq.ops.status import day_status
 from dailyq.redis_server import PrivateRedis
-from dailyq.scheduler import DailyScheduler
+from dailyq.scheduler import HEARTBEAT_EVERY_S, MAX_BACKOFF_S, TICK_S, DailyScheduler
 from dailyq.settings import Settings
 from dailyq.table import Task, TaskTable
 from tests.support.helpers import base_env, executions, noon_zone, run_cli, today_in, wait_for, wall_time_in
@@ -31,6 +31,19 @@ from tests.tables.sample_tasks import record
 UTC = timezone.utc
 DAY = date(2026, 11, 26)
 LOSS_LINE = "Redis lost dailyq's data"
+# Test (d)'s bounds, from Redis answering again after its restart (docs/failure-semantics.md).
+# A pass's own round trips on a loaded machine: the one allowance that is not a setting.
+PASS_S = 1.0
+# Every scheduler reads the mark in its heartbeat, due HEARTBEAT_EVERY_S after its last try
+# (made before Redis was back) and run by the first pass at or after that, which comes at
+# most MAX_BACKOFF_S late when the loop is waiting out its outage backoff.
+SCHEDULER_NOTICES_S = HEARTBEAT_EVERY_S + MAX_BACKOFF_S + PASS_S
+# The first pass after Redis is back (within MAX_BACKOFF_S) takes the lease, which went with
+# the data. With a slot within its grace due (after a loss the new term's cursors are empty,
+# and the paused task's slot stays due), each leader tick reads the mark with the paused
+# tasks, so the leader alerts in that pass, or at the next tick when the pass's heartbeat
+# saw the loss before it took the lease. The alert is POSTed at once (alerts/direct.py).
+ALERT_S = MAX_BACKOFF_S + TICK_S + PASS_S
 
 
 class FakeClock:
@@ -213,6 +226,12 @@ def test_the_alert_is_posted_directly_once_whichever_leaders_raise_it(own):
 
 # -- test (d): real processes, a Redis restarted empty mid-day ---------------------------
 
+def told_at(log: str) -> float:
+    """When a process logged the loss (its log line's time, this host's clock)."""
+    line = next(line for line in log.splitlines() if LOSS_LINE in line)
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # logging's asctime: local time
+
+
 @pytest.mark.slow
 def test_d_a_redis_restarted_empty_mid_day_is_told_and_fires_nothing_again(own_redis, redis_server, prefix,
                                                                              processes):
@@ -244,10 +263,18 @@ def test_d_a_redis_restarted_empty_mid_day_is_told_and_fires_nothing_again(own_r
         assert [e["param"] for e in executions(logs, prefix) if e["event"] == "start"].count("L0") == 1
 
         own_redis.restart()  # the same port, empty: every client reconnects
+        back_at = time.time()  # restart() returns once the new server answers PING
         data = Redis.from_url(own_redis.url)
         wait_for(lambda: all(LOSS_LINE in processes.log_of(p) for p in started), timeout=40,
                  what="every process to tell of the loss")
         wait_for(lambda: webhook.events("redis_data_lost"), timeout=20, what="the redis_data_lost alert")
+        told_s = [told_at(processes.log_of(p)) - back_at for p in started]  # scheduler, worker, per node
+        alerted_s = next(t for body, t in zip(webhook.received, webhook.times)
+                         if body["event"] == "redis_data_lost") - back_at
+        print(f"after the restart: loss told by the schedulers in {told_s[0]:.2f}s and {told_s[2]:.2f}s, "
+              f"the workers in {told_s[1]:.2f}s and {told_s[3]:.2f}s; alert delivered in {alerted_s:.2f}s")
+        assert max(told_s[0::2]) <= SCHEDULER_NOTICES_S, told_s
+        assert alerted_s <= ALERT_S, alerted_s
         wait_for(lambda: data.exists(f"{prefix}:leader"), timeout=10, what="a leader after the restart")
         time.sleep(4)  # a re-fired slot, or the paused task's, would have run by now
 

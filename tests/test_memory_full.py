@@ -8,6 +8,9 @@ each logs one line naming Redis's memory, a leader is held, ``health`` fails nam
 memory, ``status --json`` says ``redis.full``, ``redis_full`` reaches the webhook; once
 maxmemory is raised every run of both days finishes, once, and the refused slot is
 fanned out past its misfire grace and says so.
+
+Then one run of a worker process executing when Redis fills up: it is recorded ``finished``
+while Redis is still full. Then the mechanisms in process, against a Redis made full.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from redis import Redis
+from redis.exceptions import RedisError
 
 from dailyq.keys import Keys
 from dailyq.redis_memory import read_memory
 from dailyq.redis_server import PrivateRedis
-from tests.support.helpers import ROOT, base_env, executions, run_cli, wait_for
+from tests.support.helpers import ROOT, base_env, executions, quiet_sample_at, run_cli, wait_for
 from tests.support.webhook_receiver import WebhookReceiver
 from tests.tables.memory_tasks import EAST, WEST
 
@@ -178,6 +182,79 @@ def test_memory_full_mid_fan_out_on_three_nodes_is_survived_and_reported(process
         assert sum(body["event"] == "redis_full" for body in webhook.received) == 1
         full = next(body for body in webhook.received if body["event"] == "redis_full")
         assert "maxmemory" in full["error"] and full["node"] in NODES
+
+
+# A day no live scheduler fires by itself (SAMPLE_AT is 12 h away): the test's trigger is its only work.
+EXECUTING_DAY = "2026-11-20"
+TASK_S = 3.0  # long enough to fill Redis while the run executes
+
+
+@pytest.mark.slow
+def test_a_run_executing_when_redis_fills_is_recorded_finished_while_redis_is_still_full(processes, redis_server,
+                                                                                         prefix):
+    """One node (a scheduler and a forking worker); its one run starts, then Redis is
+    filled past maxmemory. The run's FINISH (flagged allow-oom) records it ``finished``
+    while Redis still refuses a plain write; once memory is raised, nothing runs it again
+    (neither the leader's recovery nor RQ). Executions are logged in the session's Redis,
+    which is not full.
+
+    What this guards is FINISH's ``allow-oom`` flag: a flags line without it makes Redis
+    refuse the whole script on a full Redis. (With no flags line at all FINISH would still
+    get through on Redis 7, as on Redis 6: its first write, the claim's DEL, adds no data,
+    and Redis does not stop a script after its first write.)"""
+    from dailyq.outage import refused_for_memory
+
+    keys = Keys(prefix)
+    day = date.fromisoformat(EXECUTING_DAY)
+    with PrivateRedis(appendonly=False, extra_args=["--maxmemory-policy", "noeviction"]) as own:
+        env = base_env(own.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="1", SAMPLE_SLEEP_S=str(TASK_S),
+                       SAMPLE_AT=quiet_sample_at(), SAMPLE_LOG_URL=redis_server.url, NODE_NAME="n1")
+        connection = Redis.from_url(own.url)
+        log = Redis.from_url(redis_server.url)
+
+        def plain_write_refused() -> bool:
+            try:
+                connection.set("test:plain-write", "x")
+            except RedisError as exc:
+                return refused_for_memory(exc)
+            return False
+
+        def record() -> dict:
+            ((run_id, raw),) = connection.hgetall(keys.day_runs(day)).items()
+            return dict(json.loads(raw), run_id=run_id.decode())
+
+        assert run_cli(["trigger", "--date", EXECUTING_DAY], env).returncode == 0
+        started = [processes.start("scheduler.py", env), processes.start("worker_entry.py", env)]
+        wait_for(lambda: any(e["event"] == "start" for e in executions(log, prefix)), timeout=20,
+                 what="the run to start", every=0.05)
+        connection.config_set("maxmemory", read_memory(connection).used_memory + 1024 * 1024)
+        fill_past_maxmemory(connection, 256 * 1024)
+        assert plain_write_refused(), "Redis is not full"
+        running = record()
+        # Filled before the run ended: whatever records it from here on did so on a full Redis.
+        assert running["state"] == "running", running
+        assert not connection.sismember(keys.day_finished(day), running["run_id"])
+
+        def finished() -> bool:
+            return record()["state"] == "finished"
+
+        wait_for(finished, timeout=TASK_S + 10, what="the run to be recorded finished on a full Redis", every=0.1)
+        memory = read_memory(connection)
+        assert memory.used_memory >= memory.maxmemory > 0 and memory.over, memory  # still full ...
+        assert plain_write_refused(), "Redis took a plain write: it was not full when the run finished"
+        assert connection.sismember(keys.day_finished(day), running["run_id"])
+        assert record()["attempts"] == 1
+        assert all(p.poll() is None for p in started), "a process exited"
+
+        connection.config_set("maxmemory", "0")  # memory raised
+        # Long enough for the leader to requeue the run if it still looked executing: the
+        # claim TTL (6 s, base_env) and a recovery check (every claim TTL / 2) after it.
+        time.sleep(6 + 3 + 1)
+        starts = [e for e in executions(log, prefix) if e["event"] == "start"]
+        assert len(starts) == 1, starts  # nothing ran twice
+        final = record()
+        assert final["state"] == "finished" and final["attempts"] == 1, final
+        assert all(p.poll() is None for p in started), "a process exited"
 
 
 # -- the mechanisms, against a private Redis made full (maxmemory 1 byte) ---------------------
