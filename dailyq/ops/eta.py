@@ -211,9 +211,9 @@ def estimate(runs: Sequence[EtaRun], durations: Mapping[str, float], workers: in
 def _expected_durations(runs: Sequence[EtaRun], pending: list[EtaRun],
                         durations: Mapping[str, float]) -> dict[str, float] | None:
     """Series -> expected seconds for every pending run's series; None when nothing is known."""
-    if all(run.series in durations for run in pending):
+    if pending and all(run.series in durations for run in pending):
         # Every pending series learned (a day like yesterday's): the means are not needed.
-        return {run.series: durations[run.series] for run in pending} if pending else None
+        return {run.series: durations[run.series] for run in pending}
     known: dict[str, list[float]] = {}
     for run in runs:
         seconds = durations.get(run.series) if run.state in PENDING else run.duration_s

@@ -92,8 +92,8 @@ def day_status(connection: Redis, keys: Keys, table: TaskTable, day: date, now: 
 def _cycle_collection_paused() -> Iterator[None]:
     """A big day's status builds a few hundred thousand dicts and lists that form no
     cycles (refcounting frees them), and CPython's cycle collector would walk the
-    growing heap again and again meanwhile: a fifth of a 100k-run day's status. It runs
-    again once the status is built."""
+    growing heap again and again meanwhile: about a sixth of a 100k-run day's status
+    (0.5 of 2.9 s measured). It runs again once the status is built."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

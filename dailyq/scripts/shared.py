@@ -267,9 +267,9 @@ class ScriptCall(Generic[T]):
 def compact(lua: str) -> str:
     """The script as sent: without its comment lines and indentation. BEGIN and FINISH
     travel as EVAL bodies with every run (ScriptCall.queue_in), and their documentation
-    would otherwise more than double what each run sends. Cached: every forked work-horse
-    opens its own connection and registers its scripts on it afresh, and compacting
-    them again was a tenth of a no-op horse's own CPU (BENCHMARKS.md)."""
+    would otherwise more than double what each run sends. Cached per process: a forked
+    work-horse inherits what its worker compacted, and a horse compacting BEGIN and
+    FINISH for itself was a tenth of a no-op run's CPU in it (BENCHMARKS.md)."""
     kept = (line.strip() for line in lua.splitlines())
     # (A flags line, "#!lua flags=...", is no comment: it stays, and stays first.)
     return "\n".join(line for line in kept if line and not (line.startswith("--") and not line.startswith("--[[")))
