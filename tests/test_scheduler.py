@@ -117,6 +117,9 @@ def test_one_leader_at_a_time_and_sigterm_hands_over_at_once(node_env, processes
     wait_for(lambda: (connection.get(keys.leader) or b"").find(b'"second"') >= 0, timeout=10, what="handover")
     # Released, not expired: the handover takes about one tick, well inside the 2 s TTL.
     assert time.monotonic() - started < 2
+    # The "now the leader" line follows the lease's write, which the wait saw: wait for it rather than race it.
+    wait_for(lambda: "now the leader" in processes.log_of(second), timeout=10,
+             what="the new leader's log line")
     assert "now the leader" in processes.log_of(second)
 
 
