@@ -99,6 +99,20 @@ return reply
 """, NOW_LUA)
 
 
+# How REMOVE_LEFT and REMOVE_WAITING end a run: 'removed', final (not failed), its run id in
+# the day's finished set so that no copy executes it and its downstream runs go on.
+END_REMOVED_LUA = f"""
+local function end_removed(runs_key, finished_key, deps_key, run_id, record, now, why, retention_s)
+  record.state, record.ended_at, record.error = '{REMOVED}', now, why
+  save_record(runs_key, run_id, record, retention_s)
+  if redis.call('SADD', finished_key, run_id) == 1 then
+    count_finished(deps_key, record.task, retention_s)
+  end
+  redis.call('EXPIRE', finished_key, retention_s)
+end
+"""
+
+
 REMOVE_LEFT = with_helpers(f"""
 -- A left job's run that no live node's table has had for the grace ends 'removed': final,
 -- not failed; its run id joins the day's finished set, so no copy executes it and its
@@ -117,14 +131,9 @@ local record = load_record(runs_key, run_id)
 if ARGV[6] ~= '1' or not record or record.job_id ~= job_id or record.state ~= '{QUEUED}' then
   return 'forgotten'
 end
-record.state, record.ended_at, record.error = '{REMOVED}', now, why
-save_record(runs_key, run_id, record, retention_s)
-if redis.call('SADD', finished_key, run_id) == 1 then
-  count_finished(deps_key, record.task, retention_s)
-end
-redis.call('EXPIRE', finished_key, retention_s)
+end_removed(runs_key, finished_key, deps_key, run_id, record, now, why, retention_s)
 return 'removed'
-""", RECORD_LUA, DEPS_LUA)
+""", RECORD_LUA, DEPS_LUA, END_REMOVED_LUA)
 
 
 REMOVE_WAITING = with_helpers(f"""
@@ -143,14 +152,9 @@ if redis.call('HEXISTS', waiting_key, run_id) == 0 or not record
   return 'kept'
 end
 redis.call('HDEL', waiting_key, run_id)
-record.state, record.ended_at, record.error = '{REMOVED}', now, why
-save_record(runs_key, run_id, record, retention_s)
-if redis.call('SADD', finished_key, run_id) == 1 then
-  count_finished(deps_key, record.task, retention_s)
-end
-redis.call('EXPIRE', finished_key, retention_s)
+end_removed(runs_key, finished_key, deps_key, run_id, record, now, why, retention_s)
 return 'removed'
-""", RECORD_LUA, DEPS_LUA)
+""", RECORD_LUA, DEPS_LUA, END_REMOVED_LUA)
 
 
 class DeployScripts(ScriptSet):

@@ -56,16 +56,21 @@ def _context_fields() -> dict[str, Any]:
                         "node": run.node, "fence": run.fence}}
 
 
-def progress(param: object) -> object:
-    """Logs its run context, then a tick every 0.1 s for SAMPLE_SLEEP_S: a copy's span is
-    its first to its last tick, even when the copy is stopped without a word."""
-    _log("start", param, **_context_fields())
+def _tick_for_the_sleep(param: object) -> object:
+    """A tick every 0.1 s for SAMPLE_SLEEP_S, then the end."""
     deadline = time.monotonic() + float(os.environ.get("SAMPLE_SLEEP_S", "0.2"))
     while time.monotonic() < deadline:
         _log("tick", param)
         time.sleep(0.1)
     _log("end", param)
     return param
+
+
+def progress(param: object) -> object:
+    """Logs its run context, then a tick every 0.1 s for SAMPLE_SLEEP_S: a copy's span is
+    its first to its last tick, even when the copy is stopped without a word."""
+    _log("start", param, **_context_fields())
+    return _tick_for_the_sleep(param)
 
 
 def hold_gil(param: object) -> object:
@@ -79,12 +84,7 @@ def hold_gil(param: object) -> object:
     if run is None or run.attempt <= int(os.environ.get("SAMPLE_GIL_ATTEMPTS", "1")):
         re.match(r"(a|aa)+$", "a" * int(os.environ.get("SAMPLE_GIL_N", "42")) + "b")
         _log("held", param)
-    deadline = time.monotonic() + float(os.environ.get("SAMPLE_SLEEP_S", "0.2"))
-    while time.monotonic() < deadline:
-        _log("tick", param)
-        time.sleep(0.1)
-    _log("end", param)
-    return param
+    return _tick_for_the_sleep(param)
 
 
 def die(param: object) -> None:
