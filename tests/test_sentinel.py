@@ -120,6 +120,10 @@ def test_a_failover_mid_batch_loses_nothing_and_runs_nothing_twice(sentinel_set:
     for process in started:
         assert process.poll() is None, f"a process died in the failover:\n{processes.log_of(process)}"
     # The scheduler's next write to the old master was refused, and it moved on to the new one.
+    # Its "Redis reachable again" line ends its first pass on the new master, after that
+    # pass's lease write (which the wait may have seen): wait for it rather than race it.
+    wait_for(lambda: "Redis reachable again" in processes.log_of(started[0]), timeout=10,
+             what="the scheduler's reconnection log line")
     scheduler_log = processes.log_of(started[0])
     assert "NOREPLICAS" in scheduler_log and "Redis reachable again" in scheduler_log, scheduler_log
     # The old master is demoted to a replica of the new one (so it cannot take writes).
