@@ -148,6 +148,9 @@ def main() -> None:
         calls = sorted(((int(v["calls"]), name.removeprefix("cmdstat_")) for name, v in command_stats.items()),
                        reverse=True)
         print("  " + ", ".join(f"{name} {count / runs:.2f}" for count, name in calls))
+        usec = sorted(((float(v["usec"]), name.removeprefix("cmdstat_")) for name, v in command_stats.items()),
+                      reverse=True)
+        print("  Redis µs per run: " + ", ".join(f"{name} {spent / runs:.1f}" for spent, name in usec[:12]))
 
 
 if __name__ == "__main__":
