@@ -90,6 +90,9 @@ def test_two_schedulers_racing_for_one_slot_enqueue_it_once(node_env, processes,
     assert_before(slot, "starting two schedulers")
     wait_for(lambda: connection.scard(keys.day_enqueued(day)) == 12, timeout=seconds_until(slot) + 30,
              what="the slot's fan-out")
+    # Its log line follows the fan-out's transaction: wait for it, then for a second one's chance.
+    wait_for(lambda: any("fanned out sample" in processes.log_of(p) for p in schedulers), timeout=10,
+             what="the fan-out's log line")
     time.sleep(2)  # give a second fan-out every chance to happen
     assert connection.scard(keys.day_enqueued(day)) == 12
     assert connection.llen(f"rq:queue:{keys.queue_name}") == 12
@@ -155,6 +158,8 @@ def test_a_killed_leader_is_replaced_and_the_next_slot_fires_once(node_env, proc
     assert time.monotonic() - killed_at <= int(env["DAILYQ_LEASE_TTL_S"]) + TICK_S + 0.5
     wait_for(lambda: connection.scard(keys.day_enqueued(slot.date())) == 6, timeout=seconds_until(slot) + 20,
              what="the slot to fire")
+    wait_for(lambda: "fanned out sample" in processes.log_of(second), timeout=10,
+             what="the fan-out's log line (it follows the transaction)")
     time.sleep(2)  # a second fan-out, if any, would come within a tick or two
     assert connection.llen(f"rq:queue:{keys.queue_name}") == 6
     assert sum("fanned out sample" in line for line in processes.log_of(second).splitlines()) == 1
@@ -179,6 +184,7 @@ def test_a_paused_leader_enqueues_nothing_when_it_wakes(node_env, processes, con
     time.sleep(2)  # and a tick or two more, in which it must not fan out either
     old_log = processes.log_of(old)
     assert "fanned out" not in old_log
-    assert "fanned out sample" in processes.log_of(new)
+    wait_for(lambda: "fanned out sample" in processes.log_of(new), timeout=10,
+             what="the new leader's fan-out log line (it follows the transaction)")
     assert connection.llen(f"rq:queue:{keys.queue_name}") == 6
     assert leader_node(connection, keys) == "new"

@@ -271,7 +271,8 @@ def test_a_digest_waiting_for_its_window_survives_the_leader_being_killed(node_e
     (digest,) = webhook.events("runs_failed")
     named = {webhook.events("run_failed")[0]["run_id"]} | {run["run_id"] for run in digest["runs"]}
     assert named == set(records(connection, prefix, day)) and digest["count"] == 11
-    assert "delivered to" in processes.log_of(second)
+    # Logged once the webhook has answered, after it has the digest: waited for, not raced.
+    wait_for(lambda: "delivered to" in processes.log_of(second), timeout=10, what="the delivery's log line")
 
 
 @pytest.mark.parametrize("url, problem", [
