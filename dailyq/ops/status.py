@@ -155,17 +155,7 @@ def learned_durations(connection: Redis, keys: Keys, series: list[str]) -> dict[
     learned: dict[str, float] = {}
     for start in range(0, len(series), DURATION_LOOKUP_CHUNK):
         part = series[start:start + DURATION_LOOKUP_CHUNK]
-        values = connection.hmget(keys.durations, part)
-        if None not in values:
-            try:
-                seconds_each = [float(raw) for raw in values if raw is not None]  # (none is: for mypy)
-            except ValueError:
-                pass
-            else:
-                if all(seconds >= 0 for seconds in seconds_each):  # every one learned and sound (no NaN)
-                    learned.update(zip(part, seconds_each))
-                    continue
-        for name, raw in zip(part, values):
+        for name, raw in zip(part, connection.hmget(keys.durations, part)):
             try:
                 seconds = float(raw) if raw is not None else None
             except ValueError:

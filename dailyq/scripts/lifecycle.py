@@ -483,8 +483,8 @@ class RunScripts(ScriptSet):
         return ScriptCall(self.script(QUEUE_RECORDS), [runs_key], args, lambda reply: None)
 
     def register_execution_scripts(self) -> None:
-        """Register the scripts every run's execution sends (BEGIN, FINISH, FAIL, the
-        claim's renewal) now: a worker does so before it forks, so that each work-horse
+        """Register the scripts a run's execution sends (BEGIN, FINISH, FAIL, END_WAIT,
+        the claim's renewal) now: a worker does so before it forks, so that each work-horse
         inherits them registered instead of compacting and registering them afresh (see
         compact); registering sends nothing."""
         for lua in (BEGIN, FINISH, FAIL, END_WAIT, RENEW_CLAIM):
