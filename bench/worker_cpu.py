@@ -73,11 +73,6 @@ def redis_cpu_s(connection: Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def children_split() -> tuple[float, float, int]:
     """The children's user and system CPU seconds and minor page faults (a fork's
     copy-on-write shows in the last two)."""
@@ -128,12 +123,11 @@ def main() -> None:
         if args.callgrind:
             command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={args.callgrind}", *command]
         connection.config_resetstat()
-        split_before = children_split()
-        worker_before, redis_before, started = children_cpu_s(), redis_cpu_s(connection), time.perf_counter()
+        split_before, redis_before, started = children_split(), redis_cpu_s(connection), time.perf_counter()
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall_s = time.perf_counter() - started
-        worker_s, redis_s = children_cpu_s() - worker_before, redis_cpu_s(connection) - redis_before
         split = [after - before for after, before in zip(children_split(), split_before)]
+        worker_s, redis_s = split[0] + split[1], redis_cpu_s(connection) - redis_before
         stats = connection.info("stats")
         command_stats = connection.info("commandstats")
     per_run = {"wall": wall_s, "worker cpu": worker_s, "redis cpu": redis_s}

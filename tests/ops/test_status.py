@@ -14,8 +14,8 @@ from dailyq.table import Task, TaskTable
 
 
 def test_learned_durations_keep_sound_values_in_every_chunk_whether_or_not_it_has_a_bad_one(connection, keys):
-    # One chunk all sound (read at once), one with a missing, a negative, a NaN and a
-    # non-number among sound ones (read one by one): the same rule for both.
+    # One chunk all sound, one with a missing, a negative, a NaN and a non-number among
+    # sound ones: the same rule for both.
     sound = {f"t-{i:012x}": str(i / 10) for i in range(DURATION_LOOKUP_CHUNK)}
     mixed = {"t-bad-negative": "-1", "t-bad-nan": "nan", "t-bad-text": "abc", "t-inf": "inf", "t-zero": "0"}
     connection.hset(keys.durations, mapping={**sound, **mixed})
