@@ -134,7 +134,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Protocol, S
 
 from redis import Redis
 from redis.client import Pipeline
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from rq import Queue
 from rq.executions import Execution
 from rq.job import Job
@@ -419,7 +419,13 @@ def enqueue_fresh(queue: Queue, entries: Sequence[Any], pipeline: Pipeline) -> N
 def queue_keeping_reply(pipeline: Pipeline, queue: Callable[[Pipeline], None], keep: Callable[[Any], None]) -> None:
     """``queue(pipeline)`` adds one command to a pipeline someone else executes; ``keep``
     gets that command's reply once they do. RQ executes its transactions itself and
-    drops the replies, so this wraps that one pipeline's ``execute`` (internal b)."""
+    drops the replies, so this wraps that one pipeline's ``execute`` (internal b).
+
+    The command may be an EVALSHA (ScriptCall.queue_in's ``by_sha``): a NOSCRIPT reply to it
+    (Redis lost its script cache: a restart, a failover) is then neither kept nor raised, so
+    the owner's transaction goes on as if the command had not been queued, and the caller,
+    which got no reply, sends it on its own (the guard's BEGIN and FINISH do). Any other
+    error is raised, as redis-py would, before ``keep`` sees a reply."""
     index = len(pipeline.command_stack)
     queue(pipeline)
     if len(pipeline.command_stack) != index + 1:
@@ -428,8 +434,17 @@ def queue_keeping_reply(pipeline: Pipeline, queue: Callable[[Pipeline], None], k
 
     def execute_and_keep(raise_on_error: bool = True) -> list[Any]:
         del pipeline.__dict__["execute"]  # once only: a later execute of a reused pipeline is not ours
-        replies = execute(raise_on_error)
-        keep(replies[index])
+        commands = [args for args, _options in pipeline.command_stack]
+        replies = execute(False)
+        ours = replies[index]
+        not_sent = isinstance(ours, NoScriptError)
+        if raise_on_error:
+            for number, reply in enumerate(replies):
+                if isinstance(reply, ResponseError) and not (number == index and not_sent):
+                    pipeline.annotate_exception(reply, number + 1, commands[number])
+                    raise reply
+        if not not_sent:
+            keep(ours)
         return replies
 
     # An instance attribute shadows the method for this one pipeline object.

@@ -993,6 +993,11 @@ def test_a_worker_registers_the_execution_scripts_before_it_forks_so_work_horses
     scripts.register_execution_scripts()
     registered = dict(scripts._registered)
     assert set(registered) == {BEGIN, FINISH, FAIL, END_WAIT, RENEW_CLAIM}
+    # BEGIN and FINISH, which ride in RQ's transactions, are in Redis's script cache too,
+    # under the SHA their calls then carry instead of their body (ScriptCall.queue_in).
+    loaded = [scripts.loaded_sha(BEGIN), scripts.loaded_sha(FINISH)]
+    assert None not in loaded and connection.script_exists(*loaded) == [True, True]
+    assert scripts.loaded_sha(FAIL) is None
     before = compact.cache_info()
     for lua in registered:
         assert scripts.script(lua) is registered[lua]  # the same objects: nothing registered again

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Sequence
 
+from redis.exceptions import RedisError
+
 from ..redis_values import reply_text
 from ..runs import BLOCKED, CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SKIPPED, WAITING
 from .permits import PERMITS_LUA
@@ -486,9 +488,16 @@ class RunScripts(ScriptSet):
         """Register the scripts a run's execution sends (BEGIN, FINISH, FAIL, END_WAIT,
         the claim's renewal) now: a worker does so before it forks, so that each work-horse
         inherits them registered instead of compacting and registering them afresh (see
-        compact); registering sends nothing."""
+        compact); registering sends nothing. BEGIN and FINISH, which ride in RQ's
+        transactions with every run, are also loaded into Redis (ScriptSet.load), so that
+        they travel by SHA there; if Redis does not answer now, they travel with their body."""
         for lua in (BEGIN, FINISH, FAIL, END_WAIT, RENEW_CLAIM):
             self.script(lua)
+        try:
+            for lua in (BEGIN, FINISH):
+                self.load(lua)
+        except RedisError:
+            pass
 
     def begin(self, *, finished_key: str, claim_key: str, runs_key: str, running_key: str, series_key: str,
               fence_key: str, run_id: str, owner: str, claim_ttl_ms: int, force: bool, base_json: str,
@@ -496,7 +505,7 @@ class RunScripts(ScriptSet):
               max_attempts: int) -> ScriptCall[BeginReply]:
         return ScriptCall(self.script(BEGIN), [finished_key, claim_key, runs_key, running_key, series_key, fence_key],
                           [run_id, owner, claim_ttl_ms, lua_flag(force), base_json, retention_s, day, overlap, node,
-                           now_iso, job_id, max_attempts], parse_begin)
+                           now_iso, job_id, max_attempts], parse_begin, self.loaded_sha(BEGIN))
 
     def finish(self, *, finished_key: str, claim_key: str, runs_key: str, durations_key: str, running_key: str,
                series_key: str, deps_key: str, run_id: str, owner: str, base_json: str, retention_s: int, series: str,
@@ -505,7 +514,7 @@ class RunScripts(ScriptSet):
         return ScriptCall(self.script(FINISH),
                           [finished_key, claim_key, runs_key, durations_key, running_key, series_key, deps_key],
                           [run_id, owner, base_json, retention_s, series, f"{duration_s:.3f}", node, now_iso],
-                          _parse_finish)
+                          _parse_finish, self.loaded_sha(FINISH))
 
     def fail(self, *, claim_key: str, runs_key: str, running_key: str, series_key: str, failures_key: str,
              run_id: str, owner: str, base_json: str, retention_s: int, rq_can_retry: bool, max_attempts: int,

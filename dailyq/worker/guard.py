@@ -116,7 +116,9 @@ class PendingFinish:
         self.acks = acks
 
     def queue_in(self, pipeline: Pipeline) -> None:
-        self.finish.queue_in(pipeline)
+        """FINISH in a transaction that ``rq_seam.queue_keeping_reply`` watches (by SHA: a
+        NOSCRIPT reply is not kept, and FINISH is then applied on its own)."""
+        self.finish.queue_in(pipeline, by_sha=True)
 
     def apply(self) -> None:
         try:
@@ -252,9 +254,11 @@ class Guard:
         """Queue the attempt's first BEGIN in ``pipeline`` (RQ's preparation transaction),
         so claiming costs no round trip of its own. The caller hands the reply back via
         ``attempt.keep_begin_reply``; if it never arrives, ``execute`` sends BEGIN
-        again, which answers as the first one did when it had claimed for this owner."""
+        again, which answers as the first one did when it had claimed for this owner.
+        Queued by SHA: ``rq_seam.queue_keeping_reply`` drops a NOSCRIPT reply, which then
+        counts as no reply."""
         attempt.begin_sent_at = time.monotonic()
-        self._begin_call(attempt).queue_in(pipeline)
+        self._begin_call(attempt).queue_in(pipeline, by_sha=True)
 
     def execute(self, run: RunJob, call: Callable[[], Any], will_retry: Callable[[], bool],
                 defer_finish: Callable[["PendingFinish"], None] | None = None,

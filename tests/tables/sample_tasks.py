@@ -110,6 +110,15 @@ def die_when_told(param: object) -> object:
     return param
 
 
+def flush_scripts(param: object) -> object:
+    """Records its start, then empties Redis's script cache (as a restart or a failover to
+    a replica would): the FINISH of this very run, and the next run's BEGIN, find no script
+    under the SHA the worker loaded them with."""
+    _log("start", param, **_context_fields())
+    connect(Settings(redis_url=os.environ["REDIS_URL"]), check=False).script_flush()
+    return param
+
+
 def fail_first(param: object) -> object:
     """Raises on the run's first attempt, then works like ``record``."""
     run = current_run()

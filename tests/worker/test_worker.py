@@ -1,5 +1,6 @@
 """Workers as separate processes: only table functions run, JSON only, params round-trip."""
 
+import json
 import pickle
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import zlib
 from datetime import date, timedelta
 from pathlib import Path
 
+import pytest
 from redis import ConnectionPool, Redis
 from redis.connection import Connection
+from redis.exceptions import ResponseError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -19,10 +22,11 @@ from dailyq.clock import utc_now
 from dailyq.commands import trigger
 from dailyq.fanout import FanOutOptions, fan_out
 from dailyq.ops.status import day_status
+from dailyq.redis_server import PrivateRedis
 from dailyq.runs import runs_on
 from dailyq.table import Task, TaskTable
 from dailyq.worker.workers import DailySimpleWorker, make_queue, queue_keeping_reply
-from tests.support.helpers import ROOT, executions, param_key, starts_per_param, wait_for
+from tests.support.helpers import ROOT, base_env, executions, param_key, run_cli, starts_per_param, wait_for
 from tests.tables import sample_tasks
 from tests.tables.sample_tasks import explode
 
@@ -265,6 +269,51 @@ def test_queue_keeping_reply_hands_over_a_reply_the_pipeline_owner_drops(connect
         pipe.incrby(f"{settings.prefix}:b", 1)  # a reused pipeline is the owner's alone
         assert pipe.execute() == [42]
     assert kept == [41]
+
+
+def test_queue_keeping_reply_takes_a_noscript_reply_as_not_sent_and_lets_the_transaction_commit(connection,
+                                                                                                    settings):
+    # BEGIN and FINISH ride in RQ's transactions by SHA: after Redis lost its script cache,
+    # that command's NOSCRIPT must neither fail RQ's transaction nor count as a reply.
+    a, b = f"{settings.prefix}:a", f"{settings.prefix}:b"
+    kept: list = []
+    with connection.pipeline() as pipe:
+        pipe.set(a, "1")
+        queue_keeping_reply(pipe, lambda p: p.evalsha("0" * 40, 0), kept.append)
+        pipe.incr(b)
+        replies = pipe.execute()
+    assert kept == [] and replies[0] is True and replies[2] == 1
+    assert connection.get(a) == b"1" and connection.get(b) == b"1"
+    # Any other error is raised as redis-py raises it, and is not kept either.
+    with connection.pipeline() as pipe:
+        pipe.incr(a)
+        queue_keeping_reply(pipe, lambda p: p.incr(b), kept.append)
+        pipe.lpush(a, "x")  # a string, not a list
+        with pytest.raises(ResponseError, match=r"Command # 3 \(LPUSH"):
+            pipe.execute()
+    assert kept == [] and connection.get(b) == b"2"
+
+
+@pytest.mark.parametrize("kind", ["simple", "forking"])
+def test_runs_finish_once_when_redis_loses_its_script_cache_between_runs(kind, prefix):
+    """The worker loads BEGIN and FINISH at start and sends them by SHA in RQ's transactions;
+    each run here empties the script cache (SCRIPT FLUSH, as a restart or a failover does),
+    so its own FINISH and the next run's BEGIN meet NOSCRIPT. Each run executes once and
+    ends finished, and the worker logs no error."""
+    with PrivateRedis(appendonly=False) as server:
+        client = Redis.from_url(server.url)
+        env = base_env(server.url, prefix, SAMPLE_ONLY="1", SAMPLE_PARAMS="3", SAMPLE_FUNC="flush_scripts")
+        assert run_cli(["trigger", "--date", DAY.isoformat(), "--task", "sample"], env).returncode == 0
+        finished = run_burst_worker(env, "node-a", *(["--simple"] if kind == "simple" else []))
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        starts = starts_per_param(executions(client, prefix))
+        assert sorted(starts.values()) == [1, 1, 1], (starts, finished.stderr[-3000:])
+        states = json.loads(run_cli(["status", "--date", DAY.isoformat(), "--json"], env).stdout)["runs"]
+        assert sorted(run["state"] for run in states) == ["finished"] * 3, finished.stderr[-3000:]
+        # The SHA path was taken, and met the emptied cache.
+        assert int(client.info("errorstats").get("errorstat_NOSCRIPT", {}).get("count", 0)) >= 3
+        assert "Traceback" not in finished.stderr and "NOSCRIPT" not in finished.stderr, finished.stderr[-3000:]
+        client.close()
 
 
 def test_the_workers_rq_maintenance_runs_as_often_as_the_setting_says(connection, settings) -> None:
