@@ -16,6 +16,9 @@ than the commands / rq_seam modules, so that a new version can be set against an
 * ``adhoc``: dailyq's worker on minimal jobs of a table function (no run identity, so no
   guard: what the worker costs around RQ's job without the run's claim and record).
 
+``--guard RUNG`` (with ``--side dailyq``) cuts the worker's BEGIN and FINISH down to one
+rung of bench/guard_ladder.py: what each of the run's guarantees costs.
+
 ``--callgrind FILE`` runs the worker under ``valgrind --tool=callgrind`` (instructions
 are counted, so the figure holds on a loaded machine; the work-horses of a forking worker
 are not counted); ``--profile FILE`` under cProfile, timed by CPU time, not wall time.
@@ -51,6 +54,12 @@ try:
     from dailyq.rq_seam import make_queue
 except ImportError:  # before the RQ seam
     from dailyq.worker.workers import make_queue  # type: ignore[no-redef]
+
+try:
+    from bench.guard_ladder import RUNGS
+    from bench.guard_ladder import RUNNER as GUARD_RUNNER
+except ImportError:  # a checkout from before the ladder
+    RUNGS, GUARD_RUNNER = ("full",), ""
 
 SIDES = ("dailyq", "plain", "plain_dailyq_jobs", "adhoc")
 # Runs the worker's entry point under cProfile with CPU time as its clock (the default,
@@ -96,7 +105,12 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE")
     parser.add_argument("--commands", action="store_true",
                         help="also each Redis command's calls per run (INFO commandstats), most first")
+    parser.add_argument("--guard", choices=RUNGS, default="full",
+                        help="with --side dailyq: the worker's BEGIN and FINISH cut down to this rung of "
+                             "bench/guard_ladder.py (default: the real ones)")
     args = parser.parse_args()
+    if args.guard != "full" and (args.side != "dailyq" or args.profile or args.callgrind):
+        parser.error("--guard is for --side dailyq, without --profile or --callgrind")
     runs = args.runs
     rq_cli = str(Path(sys.executable).with_name("rq"))
     with PrivateRedis(appendonly=False) as server:
@@ -120,6 +134,8 @@ def main() -> None:
             worker = [rq_cli, "worker", "--burst", "-w", "rq.SimpleWorker" if args.simple else "rq.Worker",
                       "-S", "rq.serializers.JSONSerializer", "plain"]
         command = [sys.executable, *(["-c", CPU_PROFILE, args.profile] if args.profile else []), *worker]
+        if args.guard != "full":
+            command = [sys.executable, "-c", GUARD_RUNNER, args.guard, *worker]
         if args.callgrind:
             command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={args.callgrind}", *command]
         connection.config_resetstat()
@@ -137,7 +153,8 @@ def main() -> None:
     counts += (f"; worker user {split[0] / runs * 1000:.3f} / system {split[1] / runs * 1000:.3f} ms/run, "
                f"{split[2] / runs:.0f} minor faults/run")
     kind = "non-forking" if args.simple else "forking"
-    print(f"{os.path.basename(os.getcwd())} {args.side} {kind}: {shown}; {counts}")
+    side = args.side if args.guard == "full" else f"{args.side}[{args.guard}]"
+    print(f"{os.path.basename(os.getcwd())} {side} {kind}: {shown}; {counts}")
     if args.commands:
         calls = sorted(((int(v["calls"]), name.removeprefix("cmdstat_")) for name, v in command_stats.items()),
                        reverse=True)
