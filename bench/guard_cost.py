@@ -47,12 +47,86 @@ def one_pass(side: str, runs: int, forking: bool) -> tuple[float, float, float]:
     return wall, worker, redis
 
 
+def python_pieces(repeat: int = 20_000) -> dict[str, float]:
+    """Microseconds per run of each piece of the guard's Python side, each timed alone in a
+    warm loop (a lower bound: in a worker, between RQ's own work, the same code runs with
+    cold caches and costs a few times as much; the passes above measure the whole)."""
+    import timeit
+    from types import SimpleNamespace
+
+    from redis import Redis
+    from redis.connection import Connection
+
+    from dailyq.context import RunContext, running_as
+    from dailyq.keys import Keys
+    from dailyq.runs import Run, RunJob
+    from dailyq.schedule import Slot
+    from dailyq.scripts.lifecycle import BEGIN, FINISH, parse_begin
+    from dailyq.table import Task, TaskTable
+    from dailyq.timestamps import iso
+    from dailyq.worker.guard import Guard
+
+    connection, keys = Redis(port=1), Keys("p")  # nothing here talks to Redis
+    task = Task(name="noop", func="bench.noop.noop", params=list(range(100)), at="03:00", retries=0)
+    table = TaskTable([task])
+    run = Run(task, 7, Slot.from_iso("2026-01-05T03:00:00+00:00", "UTC")).job("noop-2026-01-05T0300-x")
+    job = SimpleNamespace(meta=run.meta(), args=[7], id=run.job_id)
+    guard = Guard(connection, keys, "n1", 30, 7 * 86400)
+    guard.scripts._flags = True  # as a worker knows it before its first run
+    guard.scripts._loaded.update({BEGIN: "a" * 40, FINISH: "b" * 40})
+    attempt = guard.attempt(run)
+    begin = guard._begin_call(attempt)
+    finish = guard.scripts.finish(
+        finished_key=keys.day_finished(run.day), claim_key=keys.claim(run.run_id), runs_key=keys.day_runs(run.day),
+        durations_key=keys.durations, running_key=keys.running, series_key=keys.series_claim(run.series),
+        deps_key=keys.day_deps(run.day), run_id=run.run_id, owner=attempt.owner, base_json=run.base_record,
+        retention_s=7 * 86400, series=run.series, duration_s=0.001, node="n1", now_iso=iso(guard.clock()))
+    packer = Connection()
+    commands = [("EVALSHA", call.loaded_sha, len(call.keys), *call.keys, *call.args) for call in (begin, finish)]
+
+    def hold_and_release() -> None:
+        guard.keeper.hold(run.run_id, begin.keys[1], begin.keys[4], attempt.owner, 30_000, confirmed_at=0.0)
+        guard.keeper.release(run.run_id)
+
+    def run_context() -> None:
+        context = RunContext(task=task.name, param=7, day=run.day, slot=run.slot.in_zone, run_id=run.run_id,
+                             attempt=1, node="n1", fence=1)
+        with running_as(context):
+            pass
+
+    pieces = {
+        "the run's identity rebuilt from the job and checked (RunJob.from_job)": lambda: RunJob.from_job(job, table),
+        "the owner token (guard.attempt)": lambda: guard.attempt(run),
+        "BEGIN's and FINISH's arguments (guard._begin_call, scripts.finish)": lambda: (
+            guard._begin_call(attempt), guard.scripts.finish(
+                finished_key=keys.day_finished(run.day), claim_key=keys.claim(run.run_id),
+                runs_key=keys.day_runs(run.day), durations_key=keys.durations, running_key=keys.running,
+                series_key=keys.series_claim(run.series), deps_key=keys.day_deps(run.day), run_id=run.run_id,
+                owner=attempt.owner, base_json=run.base_record, retention_s=7 * 86400, series=run.series,
+                duration_s=0.001, node="n1", now_iso=iso(guard.clock()))),
+        "redis-py packing them (39 arguments)": lambda: packer.pack_commands(commands),
+        "the claim keeper: hold and release": hold_and_release,
+        "the run context (current_run)": run_context,
+        "reading the replies": lambda: (parse_begin([b"claimed", 1, 1]), finish.parse(1)),
+    }
+    hold_and_release()  # starts the keeper's threads once, as a worker's first run does
+    return {name: min(timeit.repeat(piece, number=repeat, repeat=3)) / repeat * 1e6 for name, piece in pieces.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--forking", action="store_true", help="the forking worker (default: non-forking)")
+    parser.add_argument("--python-pieces", action="store_true",
+                        help="only time each piece of the guard's Python side in a warm loop")
     args = parser.parse_args()
+    if args.python_pieces:
+        pieces = python_pieces()
+        for name, micros in pieces.items():
+            print(f"{micros:7.1f} us  {name}")
+        print(f"{sum(pieces.values()):7.1f} us  in all, per run (warm loops: a lower bound)")
+        return
     for side in ("plain", "full"):  # fills the bytecode cache; not measured
         one_pass(side, 10, args.forking)
     rounds: list[dict[str, tuple[float, float, float]]] = []
