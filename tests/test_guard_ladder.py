@@ -7,8 +7,7 @@ import pytest
 from bench.guard_ladder import RUNGS, scripts
 from dailyq.runs import Run
 from dailyq.schedule import Slot
-from dailyq.scripts import Scripts
-from dailyq.scripts import lifecycle
+from dailyq.scripts import Scripts, lifecycle
 from dailyq.table import Task
 from dailyq.worker.guard import Guard
 
