@@ -274,9 +274,10 @@ class ScriptCall(Generic[T]):
 
 @functools.cache
 def compact(lua: str) -> str:
-    """The script as sent: without its comment lines and indentation. BEGIN and FINISH
-    travel as EVAL bodies with every run (ScriptCall.queue_in), and their documentation
-    would otherwise more than double what each run sends. Cached per process: a forked
+    """The script as sent: without its comment lines and indentation. Scripts queued in
+    pipelines travel as EVAL bodies (ScriptCall.queue_in; BEGIN and FINISH by SHA once
+    loaded), and their documentation would otherwise more than double what each call
+    sends. Cached per process: a forked
     work-horse inherits what its worker compacted, and a horse compacting BEGIN and
     FINISH for itself was a tenth of a no-op run's CPU in it (BENCHMARKS.md)."""
     kept = (line.strip() for line in lua.splitlines())
