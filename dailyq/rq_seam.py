@@ -159,6 +159,13 @@ log = logging.getLogger(__name__)
 # every 600 s by default: too long for retries with backoff.
 MAINTENANCE_INTERVAL_S = 60
 
+# How long RQ's pubsub thread (a worker's command channel: stop-job, shutdown) waits for a
+# message at a time; RQ's own is 60 s. At the worker's exit RQ unsubscribes, then stops the
+# thread, and redis-py 8's stop() waits for it: a thread that saw the unsubscribe before the
+# stop waits out its whole wait first, so a burst worker, or one told to stop by SIGTERM,
+# took up to 60 s more to exit (seen under load in CI, a burst of 3 runs exiting a minute late).
+PUBSUB_WAIT_S = 1
+
 
 # -- the job ---------------------------------------------------------------------------
 
@@ -656,6 +663,16 @@ class GuardedWorker(BaseWorker):
         from .worker.claim_watch import wait_watching  # noqa: PLC0415
 
         return wait_watching(horse_pid, deadline, kill)
+
+    def subscribe(self) -> None:
+        """RQ's, with its pubsub thread waiting PUBSUB_WAIT_S at a time (no Redis command
+        when nothing comes): the worker's exit waits for that thread at most that long."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        # (RQ declares the attribute with a bare None, hence the ignore.)
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
+            sleep_time=PUBSUB_WAIT_S, daemon=True, exception_handler=self._pubsub_exception_handler)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         """RQ's heartbeat, plus this node's worker heartbeat key (``WorkerHooks.beat``).

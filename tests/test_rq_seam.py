@@ -36,6 +36,13 @@ def keep_signal_handlers() -> Iterator[None]:
         signal.signal(number, handler)
 
 
+@pytest.fixture(autouse=True)
+def rq_workers_exit_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain RQ workers these tests probe subscribe as dailyq's do (rq_seam.PUBSUB_WAIT_S):
+    with RQ's own 60 s wait, a burst often took a minute to exit (the last test below)."""
+    monkeypatch.setattr(BaseWorker, "subscribe", GuardedWorker.subscribe)
+
+
 def queue_of(connection, settings, job_class: type[Job] = Job) -> Queue:
     return Queue(f"{settings.prefix}-pin", connection=connection, job_class=job_class, serializer=JSONSerializer)
 
@@ -329,3 +336,27 @@ def test_the_leader_imports_no_worker_code():
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_exits_at_once_when_its_pubsub_thread_saw_the_unsubscribe_before_the_stop(connection, settings):
+    """RQ's exit unsubscribes the worker's command channel, then stops the pubsub thread,
+    and redis-py 8's stop() waits for that thread. A thread that handled the unsubscribe
+    first waits for a new subscription for its whole wait: 60 s with RQ's own subscribe
+    (a burst worker seen exiting a minute late in CI). Here that order is forced."""
+    from dailyq.rq_seam import PUBSUB_WAIT_S
+    from dailyq.table import Task, TaskTable
+    from dailyq.worker.workers import DailySimpleWorker
+
+    table = TaskTable([Task(name="t", func="tests.tables.sample_tasks.noop", params=[1], at="03:00")])
+    worker = DailySimpleWorker(connection=connection, settings=settings, table=table)
+    worker.subscribe()
+    assert worker.pubsub is not None
+    worker.pubsub.unsubscribe()  # what RQ's unsubscribe() sends first ...
+    deadline = time.monotonic() + 5
+    while worker.pubsub.subscribed and time.monotonic() < deadline:  # ... handled by the thread
+        time.sleep(0.01)
+    assert not worker.pubsub.subscribed
+    time.sleep(0.2)  # the thread loops into its wait for a subscription
+    started = time.monotonic()
+    worker.unsubscribe()
+    assert time.monotonic() - started < PUBSUB_WAIT_S + 2
