@@ -150,7 +150,7 @@ class TcpProxy:
                             self._refuse_now(trigger[1])  # the request is dropped, not forwarded
                             return
                     peers[sock].sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select() on a socket another thread closed (fd -1)
             return
         finally:
             for sock in peers:
