@@ -92,6 +92,18 @@ def connection(settings: Settings) -> Iterator[Redis]:
 
 
 @pytest.fixture
+def rq_workers_exit_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain RQ workers a test runs in-process subscribe as dailyq's do (rq_seam.PUBSUB_WAIT_S):
+    with RQ's own 60 s wait, a burst often took a minute to exit
+    (tests/test_rq_seam.py::test_a_worker_exits_at_once_when_its_pubsub_thread_saw_...)."""
+    from rq.worker import BaseWorker
+
+    from dailyq.rq_seam import GuardedWorker
+
+    monkeypatch.setattr(BaseWorker, "subscribe", GuardedWorker.subscribe)
+
+
+@pytest.fixture
 def processes() -> Iterator[ProcessGroup]:
     group = ProcessGroup()
     yield group

@@ -26,6 +26,9 @@ from dailyq.retries import DueRetries
 from dailyq.rq_seam import DailyJob, DelayedJobs, GuardedWorker, RQKeys, ScheduledRetries
 from tests.support.helpers import ROOT
 
+# The plain RQ workers these tests probe exit without RQ's 60 s pubsub wait (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("rq_workers_exit_at_once")
+
 
 @pytest.fixture(autouse=True)
 def keep_signal_handlers() -> Iterator[None]:
@@ -34,13 +37,6 @@ def keep_signal_handlers() -> Iterator[None]:
     yield
     for number, handler in saved.items():
         signal.signal(number, handler)
-
-
-@pytest.fixture(autouse=True)
-def rq_workers_exit_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The plain RQ workers these tests probe subscribe as dailyq's do (rq_seam.PUBSUB_WAIT_S):
-    with RQ's own 60 s wait, a burst often took a minute to exit (the last test below)."""
-    monkeypatch.setattr(BaseWorker, "subscribe", GuardedWorker.subscribe)
 
 
 def queue_of(connection, settings, job_class: type[Job] = Job) -> Queue:

@@ -214,7 +214,7 @@ def counting_client(url: str) -> tuple[Redis, list[int]]:
     return Redis(connection_pool=ConnectionPool.from_url(url, connection_class=CountingConnection)), sent
 
 
-def test_the_guard_adds_no_round_trip_per_run_to_rqs_own(connection, settings):
+def test_the_guard_adds_no_round_trip_per_run_to_rqs_own(connection, settings, rq_workers_exit_at_once):
     """BEGIN rides in RQ's preparation transaction and FINISH in its success transaction,
     so a dailyq run costs exactly the round trips of a plain RQ job: compare the growth
     from 5 to 25 runs (start-up costs cancel out) of both workers."""
