@@ -8,8 +8,8 @@ The sides run in alternating order per round (this machine's speed drifts within
 minutes), each ratio to plain RQ is taken within its round, then the median over rounds;
 a rung's cost is the median over rounds of its wall time per run minus the rung's below.
 
-    .venv/bin/python bench/guard_cost.py                      # non-forking, 2,000 runs, 5 rounds
-    .venv/bin/python bench/guard_cost.py --forking --runs 800
+    .venv/bin/python -m bench.guard_cost                      # non-forking, 2,000 runs, 5 rounds
+    .venv/bin/python -m bench.guard_cost --forking --runs 800
 """
 
 from __future__ import annotations
