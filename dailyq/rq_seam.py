@@ -211,7 +211,11 @@ class RunExecution:
                 permit.released = True  # RELEASE_PERMIT rode in the same transaction
             pending.replied(reply)
 
-        queue_keeping_reply(pipeline, pending.queue_in, committed)
+        # By SHA unless a permit rides along: its release must never commit without FINISH
+        # (after a NOSCRIPT, FINISH would follow on its own, a few round trips later, and a
+        # run the freed permit let in meanwhile, often this run's next slot, would find the
+        # series claim still held: skipped with overlap='skip').
+        queue_keeping_reply(pipeline, lambda p: pending.queue_in(p, by_sha=permit is None), committed)
         if permit is not None:
             # The permit frees with FINISH, in RQ's transaction: no round trip of its own.
             permit.release_call().queue_in(pipeline)

@@ -356,3 +356,41 @@ def test_a_worker_exits_at_once_when_its_pubsub_thread_saw_the_unsubscribe_befor
     started = time.monotonic()
     worker.unsubscribe()
     assert time.monotonic() - started < PUBSUB_WAIT_S + 2
+
+
+def test_finish_rides_by_sha_unless_a_permit_is_released_in_the_same_transaction(connection, keys):
+    """After a NOSCRIPT, a FINISH queued by SHA is sent again on its own, a few round trips
+    after RQ's success transaction committed: a permit released in that transaction would
+    let the task's next run in while this run still holds its series claim (overlap='skip'
+    would skip it). So with a permit riding along, FINISH goes with its body."""
+    from types import SimpleNamespace
+
+    from dailyq.rq_seam import RunExecution
+    from dailyq.runs import Run
+    from dailyq.schedule import Slot
+    from dailyq.scripts.shared import ScriptCall
+    from dailyq.table import Task
+    from dailyq.worker.guard import Guard, PendingFinish
+
+    guard = Guard(connection, keys, "n1", claim_ttl_s=30, retention_s=3600)
+    guard.scripts.register_execution_scripts()  # BEGIN and FINISH loaded: they may go by SHA
+    task = Task(name="t", func="tests.tables.sample_tasks.noop", params=[1], at="03:00", max_running=1)
+    run = Run(task, 1, Slot.from_iso("2026-01-05T03:00:00+00:00", "UTC")).job("job-1")
+    attempt = guard.attempt(run)
+    finish = guard.scripts.finish(
+        finished_key=keys.day_finished(run.day), claim_key=keys.claim(run.run_id), runs_key=keys.day_runs(run.day),
+        durations_key=keys.durations, running_key=keys.running, series_key=keys.series_claim(run.series),
+        deps_key=keys.day_deps(run.day), run_id=run.run_id, owner=attempt.owner, base_json=run.base_record,
+        retention_s=3600, series=run.series, duration_s=0.01, node="n1", now_iso="2026-01-05T03:00:01+00:00")
+    assert finish.loaded_sha is not None
+    release = SimpleNamespace(released=False, release_call=lambda: ScriptCall(guard.scripts.script("return 1"), [], [],
+                                                                               int))
+    sent = {}
+    for label, permit in (("alone", None), ("with a permit", release)):
+        execution = RunExecution(guard, attempt, pending_finish=PendingFinish(finish, run.run_id, done=lambda: None),
+                                 permit=permit)  # type: ignore[arg-type]
+        with connection.pipeline() as pipe:
+            execution.finish_in(pipe)
+            sent[label] = [args[0] for args, _options in pipe.command_stack]
+            pipe.reset()
+    assert sent == {"alone": ["EVALSHA"], "with a permit": ["EVAL", "EVAL"]}

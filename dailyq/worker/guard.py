@@ -115,10 +115,11 @@ class PendingFinish:
         self._recorded = recorded
         self.acks = acks
 
-    def queue_in(self, pipeline: Pipeline) -> None:
+    def queue_in(self, pipeline: Pipeline, by_sha: bool = True) -> None:
         """FINISH in a transaction that ``rq_seam.queue_keeping_reply`` watches (by SHA: a
-        NOSCRIPT reply is not kept, and FINISH is then applied on its own)."""
-        self.finish.queue_in(pipeline, by_sha=True)
+        NOSCRIPT reply is not kept, and FINISH is then applied on its own; ``by_sha`` False
+        when what rides with it must not commit without it)."""
+        self.finish.queue_in(pipeline, by_sha=by_sha)
 
     def apply(self) -> None:
         try:
