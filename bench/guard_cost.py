@@ -63,7 +63,6 @@ def python_pieces(repeat: int = 20_000) -> dict[str, float]:
     from dailyq.schedule import Slot
     from dailyq.scripts.lifecycle import BEGIN, FINISH, parse_begin
     from dailyq.table import Task, TaskTable
-    from dailyq.timestamps import iso
     from dailyq.worker.guard import Guard
 
     connection, keys = Redis(port=1), Keys("p")  # nothing here talks to Redis
@@ -76,11 +75,7 @@ def python_pieces(repeat: int = 20_000) -> dict[str, float]:
     guard.scripts._loaded.update({BEGIN: "a" * 40, FINISH: "b" * 40})
     attempt = guard.attempt(run)
     begin = guard._begin_call(attempt)
-    finish = guard.scripts.finish(
-        finished_key=keys.day_finished(run.day), claim_key=keys.claim(run.run_id), runs_key=keys.day_runs(run.day),
-        durations_key=keys.durations, running_key=keys.running, series_key=keys.series_claim(run.series),
-        deps_key=keys.day_deps(run.day), run_id=run.run_id, owner=attempt.owner, base_json=run.base_record,
-        retention_s=7 * 86400, series=run.series, duration_s=0.001, node="n1", now_iso=iso(guard.clock()))
+    finish = guard._finish_call(attempt, 0.001)
     packer = Connection()
     commands = [("EVALSHA", call.loaded_sha, len(call.keys), *call.keys, *call.args) for call in (begin, finish)]
 
@@ -97,13 +92,8 @@ def python_pieces(repeat: int = 20_000) -> dict[str, float]:
     pieces = {
         "the run's identity rebuilt from the job and checked (RunJob.from_job)": lambda: RunJob.from_job(job, table),
         "the owner token (guard.attempt)": lambda: guard.attempt(run),
-        "BEGIN's and FINISH's arguments (guard._begin_call, scripts.finish)": lambda: (
-            guard._begin_call(attempt), guard.scripts.finish(
-                finished_key=keys.day_finished(run.day), claim_key=keys.claim(run.run_id),
-                runs_key=keys.day_runs(run.day), durations_key=keys.durations, running_key=keys.running,
-                series_key=keys.series_claim(run.series), deps_key=keys.day_deps(run.day), run_id=run.run_id,
-                owner=attempt.owner, base_json=run.base_record, retention_s=7 * 86400, series=run.series,
-                duration_s=0.001, node="n1", now_iso=iso(guard.clock()))),
+        "BEGIN's and FINISH's arguments (guard._begin_call, guard._finish_call)": lambda: (
+            guard._begin_call(attempt), guard._finish_call(attempt, 0.001)),
         "redis-py packing them (39 arguments)": lambda: packer.pack_commands(commands),
         "the claim keeper: hold and release": hold_and_release,
         "the run context (current_run)": run_context,

@@ -24,12 +24,7 @@ def test_each_rung_claims_finishes_and_refuses_a_second_copy(rung, connection, k
     first, second = guard.attempt(run), guard.attempt(run)
     assert guard._begin_call(first).run().outcome == "claimed"
     assert guard._begin_call(second).run().outcome == "busy"  # one copy at a time, on every rung
-    finish = guard.scripts.finish(
-        finished_key=keys.day_finished(run.day), claim_key=keys.claim(run.run_id), runs_key=keys.day_runs(run.day),
-        durations_key=keys.durations, running_key=keys.running, series_key=keys.series_claim(run.series),
-        deps_key=keys.day_deps(run.day), run_id=run.run_id, owner=first.owner, base_json=run.base_record,
-        retention_s=3600, series=run.series, duration_s=0.01, node="n1", now_iso="2026-01-05T03:00:01+00:00")
-    assert finish.run() is True
+    assert guard._finish_call(first, 0.01).run() is True
     assert connection.exists(keys.claim(run.run_id)) == 0
     again = guard._begin_call(guard.attempt(run)).run().outcome
     assert again == ("claimed" if rung == "claim" else "finished")  # dedup from the second rung on

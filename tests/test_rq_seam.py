@@ -377,11 +377,7 @@ def test_finish_rides_by_sha_unless_a_permit_is_released_in_the_same_transaction
     task = Task(name="t", func="tests.tables.sample_tasks.noop", params=[1], at="03:00", max_running=1)
     run = Run(task, 1, Slot.from_iso("2026-01-05T03:00:00+00:00", "UTC")).job("job-1")
     attempt = guard.attempt(run)
-    finish = guard.scripts.finish(
-        finished_key=keys.day_finished(run.day), claim_key=keys.claim(run.run_id), runs_key=keys.day_runs(run.day),
-        durations_key=keys.durations, running_key=keys.running, series_key=keys.series_claim(run.series),
-        deps_key=keys.day_deps(run.day), run_id=run.run_id, owner=attempt.owner, base_json=run.base_record,
-        retention_s=3600, series=run.series, duration_s=0.01, node="n1", now_iso="2026-01-05T03:00:01+00:00")
+    finish = guard._finish_call(attempt, 0.01)
     assert finish.loaded_sha is not None
     release = SimpleNamespace(released=False, release_call=lambda: ScriptCall(guard.scripts.script("return 1"), [], [],
                                                                                int))

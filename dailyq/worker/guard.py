@@ -315,15 +315,9 @@ class Guard:
             # The claim was lost while the call was returning: it is another copy's run now.
             return self._stopped(run, held, cancel_retry)
         duration_s = time.monotonic() - started
-        finish = self.scripts.finish(
-            finished_key=self.keys.day_finished(run.day), claim_key=held.claim_key,
-            runs_key=self.keys.day_runs(run.day), durations_key=self.keys.durations, running_key=self.keys.running,
-            series_key=held.series_key, deps_key=self.keys.day_deps(run.day), run_id=run.run_id, owner=attempt.owner,
-            base_json=run.base_record,
-            retention_s=self.retention_s, series=run.series, duration_s=duration_s, node=self.node,
-            now_iso=iso(self.clock()))
-        pending = PendingFinish(finish, run.run_id, done=lambda: self.keeper.release(run.run_id),
-                                recorded=lambda: self.run_ended(run), acks=self.acks)
+        pending = PendingFinish(self._finish_call(attempt, duration_s), run.run_id,
+                                done=lambda: self.keeper.release(run.run_id), recorded=lambda: self.run_ended(run),
+                                acks=self.acks)
         if defer_finish is not None:
             defer_finish(pending)
         else:
@@ -366,6 +360,15 @@ class Guard:
             return
         log.warning("run %s stopped on node %s: %s; claim released", run.run_id, self.node,
                     why or "cancelled (its claim had lapsed already)", extra={"run_id": run.run_id})
+
+    def _finish_call(self, attempt: Attempt, duration_s: float) -> ScriptCall[bool]:
+        run = attempt.run
+        return self.scripts.finish(
+            finished_key=self.keys.day_finished(run.day), claim_key=self.keys.claim(run.run_id),
+            runs_key=self.keys.day_runs(run.day), durations_key=self.keys.durations, running_key=self.keys.running,
+            series_key=self.keys.series_claim(run.series), deps_key=self.keys.day_deps(run.day), run_id=run.run_id,
+            owner=attempt.owner, base_json=run.base_record, retention_s=self.retention_s, series=run.series,
+            duration_s=duration_s, node=self.node, now_iso=iso(self.clock()))
 
     def _begin_call(self, attempt: Attempt) -> ScriptCall[BeginReply]:
         run = attempt.run
